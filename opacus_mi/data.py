@@ -1,0 +1,266 @@
+"""Where the training data comes from.
+
+Every data set the monitor can train on is built here, behind one function,
+``load_dataset``.  The default, ``"digits"``, ships inside scikit-learn so the
+package works offline with real images; CIFAR-10 and CelebA are read from a
+local torchvision layout and are never downloaded, so a missing folder fails
+loudly with a message that says exactly what to put where.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "celeba", "fake")
+
+# Per-channel statistics of the CIFAR-10 training set (the usual published values).
+_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# CelebA is centred to [-1, 1]; its exact statistics hardly matter for a 32x32 smile classifier.
+_CELEBA_MEAN = (0.5, 0.5, 0.5)
+_CELEBA_STD = (0.5, 0.5, 0.5)
+# Index of the "Smiling" attribute in list_attr_celeba.txt; balanced enough for a binary task.
+CELEBA_SMILING_ATTR = 31
+
+_CIFAR10_FOLDER = "cifar-10-batches-py"
+_CIFAR10_FILES = (
+    "data_batch_1",
+    "data_batch_2",
+    "data_batch_3",
+    "data_batch_4",
+    "data_batch_5",
+    "test_batch",
+    "batches.meta",
+)
+_CIFAR10_LAYOUT = "<data-root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}"
+
+_CELEBA_FOLDER = "celeba"
+_CELEBA_FILES = (
+    "list_attr_celeba.txt",
+    "list_eval_partition.txt",
+    "identity_CelebA.txt",
+    "list_bbox_celeba.txt",
+    "list_landmarks_align_celeba.txt",
+)
+_CELEBA_LAYOUT = (
+    "<data-root>/celeba/{img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt, "
+    "identity_CelebA.txt, list_bbox_celeba.txt, list_landmarks_align_celeba.txt}"
+)
+
+
+class DataRootError(FileNotFoundError):
+    """A data set that needs local files was asked for, but the files are not there.
+
+    A subclass of ``FileNotFoundError`` so callers can treat it as the missing-file
+    problem it is, while the CLI can still catch it specifically and print its message.
+    """
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """A train/test pair plus the facts a model builder needs (classes, input shape)."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    name: str
+
+
+class _SelectAttribute:
+    """Pick one binary CelebA attribute as the label.
+
+    A class rather than a lambda so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __call__(self, attrs: torch.Tensor) -> int:
+        return int(attrs[self.index])
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_root: str | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    fake_size: int = 256,
+) -> DatasetSplit:
+    """Build the train/test split for data set ``name``.
+
+    ``seed`` fixes the digits split and the fake images; ``test_fraction`` only
+    applies to digits (CIFAR-10 and CelebA come with their own official splits);
+    ``fake_size`` is the number of fake training images (the fake test set gets a quarter).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
+    if name == "digits":
+        return _load_digits(seed=seed, test_fraction=test_fraction)
+    if name == "cifar10":
+        return _load_cifar10(data_root)
+    if name == "celeba":
+        return _load_celeba(data_root)
+    if name == "fake":
+        return _load_fake(seed=seed, size=fake_size)
+    raise ValueError(
+        f"unknown data set {name!r} (argument name / --dataset); "
+        f"valid choices: {', '.join(DATASETS)}"
+    )
+
+
+def _load_digits(*, seed: int, test_fraction: float) -> DatasetSplit:
+    """scikit-learn's 1,797 real 8x8 digits: small, real, and available offline."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32) / 16.0  # pixels are 0..16
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    # Statistics come from the training split only, so the test set never leaks into training.
+    mean = float(x_train.mean())
+    std = float(x_train.std())
+    x_train = (x_train - mean) / std
+    x_test = (x_test - mean) / std
+
+    def to_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        features = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).unsqueeze(1)
+        return TensorDataset(features, torch.from_numpy(np.ascontiguousarray(y)))
+
+    return DatasetSplit(
+        train=to_dataset(x_train, y_train),
+        test=to_dataset(x_test, y_test),
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        name="digits",
+    )
+
+
+def _data_root_message(dataset: str, data_root: str | None, layout: str, problem: str) -> str:
+    """One message for every way a local data set can be absent, so users see the same hint."""
+    where = "no --data-root was given" if data_root is None else f"--data-root {data_root!r}: "
+    return (
+        f"data set {dataset!r} is not available ({where}{problem}). Nothing is downloaded: "
+        f"pass --data-root pointing at a folder with the torchvision layout {layout}"
+    )
+
+
+def _check_layout(
+    dataset: str,
+    data_root: str | None,
+    folder: str,
+    files: tuple[str, ...],
+    dirs: tuple[str, ...],
+    layout: str,
+) -> str:
+    """Return the data root if it holds the expected files, else raise ``DataRootError``."""
+    if data_root is None:
+        raise DataRootError(_data_root_message(dataset, None, layout, ""))
+    base = os.path.join(data_root, folder)
+    if not os.path.isdir(base):
+        missing = [f"folder {folder}/"]
+    else:
+        missing = [f"{folder}/{f}" for f in files if not os.path.isfile(os.path.join(base, f))]
+        missing += [f"{folder}/{d}/" for d in dirs if not os.path.isdir(os.path.join(base, d))]
+    if missing:
+        problem = f"missing {', '.join(missing)}"
+        raise DataRootError(_data_root_message(dataset, data_root, layout, problem))
+    return data_root
+
+
+def _load_cifar10(data_root: str | None) -> DatasetSplit:
+    """CIFAR-10 from a local torchvision layout, normalised with its usual channel statistics."""
+    from torchvision import datasets, transforms
+
+    root = _check_layout("cifar10", data_root, _CIFAR10_FOLDER, _CIFAR10_FILES, (), _CIFAR10_LAYOUT)
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(_CIFAR10_MEAN, _CIFAR10_STD)]
+    )
+    try:
+        train = datasets.CIFAR10(root=root, train=True, download=False, transform=transform)
+        test = datasets.CIFAR10(root=root, train=False, download=False, transform=transform)
+    except RuntimeError as err:  # torchvision: files present but corrupted / wrong checksum
+        raise DataRootError(
+            _data_root_message(
+                "cifar10", root, _CIFAR10_LAYOUT, f"torchvision could not read it: {err}"
+            )
+        ) from err
+    return DatasetSplit(
+        train=train, test=test, num_classes=10, input_shape=(3, 32, 32), name="cifar10"
+    )
+
+
+def _load_celeba(data_root: str | None) -> DatasetSplit:
+    """CelebA at 32x32 with the binary "Smiling" attribute as the label."""
+    from torchvision import datasets, transforms
+
+    root = _check_layout(
+        "celeba", data_root, _CELEBA_FOLDER, _CELEBA_FILES, ("img_align_celeba",), _CELEBA_LAYOUT
+    )
+    transform = transforms.Compose(
+        [
+            transforms.Resize(32),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(_CELEBA_MEAN, _CELEBA_STD),
+        ]
+    )
+    target_transform = _SelectAttribute(CELEBA_SMILING_ATTR)
+    try:
+        splits = {
+            split: datasets.CelebA(
+                root=root,
+                split=split,
+                target_type="attr",
+                download=False,
+                transform=transform,
+                target_transform=target_transform,
+            )
+            for split in ("train", "test")
+        }
+    except RuntimeError as err:  # torchvision: files present but corrupted / wrong checksum
+        raise DataRootError(
+            _data_root_message(
+                "celeba", root, _CELEBA_LAYOUT, f"torchvision could not read it: {err}"
+            )
+        ) from err
+    return DatasetSplit(
+        train=splits["train"],
+        test=splits["test"],
+        num_classes=2,
+        input_shape=(3, 32, 32),
+        name="celeba",
+    )
+
+
+def _load_fake(*, seed: int, size: int) -> DatasetSplit:
+    """Random 3x32x32 images with random labels: a stand-in for CLI tests, nothing to learn."""
+    from torchvision import datasets, transforms
+
+    if size < 4:
+        raise ValueError(f"fake_size must be at least 4 so the test split is not empty, got {size}")
+    to_tensor = transforms.ToTensor()
+    # FakeData seeds image i with i + random_offset; offsetting the test set by the train
+    # size keeps the two sets disjoint.
+    train = datasets.FakeData(
+        size=size, image_size=(3, 32, 32), num_classes=10, transform=to_tensor, random_offset=seed
+    )
+    test = datasets.FakeData(
+        size=size // 4,
+        image_size=(3, 32, 32),
+        num_classes=10,
+        transform=to_tensor,
+        random_offset=seed + size,
+    )
+    return DatasetSplit(
+        train=train, test=test, num_classes=10, input_shape=(3, 32, 32), name="fake"
+    )

@@ -1,0 +1,87 @@
+"""Critics ``T(features, token)`` for the variational MI bounds.
+
+A separable critic ``T(x, y) = <phi(x), psi(y)> / sqrt(e)`` scores all n x n pairs with one
+matrix product, so every batch yields n matched and n(n-1) mismatched pairs for free. It can
+represent the Bayes-optimal critic of a Gaussian channel exactly (a bilinear term plus terms in x
+or y alone, through a constant coordinate), which is the private view's noise model.
+
+Parameters are initialised from the monitor's own ``torch.Generator``: building a critic never
+touches the global RNG the user's training draws from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _linear(d_in: int, d_out: int, generator: torch.Generator, device) -> nn.Linear:
+    layer = torch.nn.utils.skip_init(nn.Linear, d_in, d_out, device=device)
+    bound = 1.0 / math.sqrt(d_in)
+    with torch.no_grad():
+        # Values are drawn on the generator's device, then moved: same numbers on every device.
+        w = torch.empty((d_out, d_in), device=generator.device).uniform_(
+            -bound, bound, generator=generator
+        )
+        b = torch.empty((d_out,), device=generator.device).uniform_(
+            -bound, bound, generator=generator
+        )
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    return layer
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, generator: torch.Generator, device) -> nn.Sequential:
+    return nn.Sequential(
+        _linear(d_in, hidden, generator, device),
+        nn.ELU(),
+        _linear(hidden, hidden, generator, device),
+        nn.ELU(),
+        _linear(hidden, d_out, generator, device),
+    )
+
+
+class SeparableCritic(nn.Module):
+    """``T(x, y) = <phi(x), psi(y)> / sqrt(embed)`` with per-side standardisation."""
+
+    def __init__(
+        self,
+        x_dim: int,
+        y_dim: int,
+        *,
+        hidden: int = 128,
+        embed: int = 32,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__()
+        self.x_dim, self.y_dim = x_dim, y_dim
+        self.phi = _mlp(x_dim, hidden, embed, generator, device)
+        self.psi = _mlp(y_dim, hidden, embed, generator, device)
+        self.scale = 1.0 / math.sqrt(embed)
+        for name, dim in (("x", x_dim), ("y", y_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim, device=device))
+            self.register_buffer(f"{name}_std", torch.ones(dim, device=device))
+
+    @torch.no_grad()
+    def fit_scaler(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Standardise inputs with statistics of the training pairs (tokens can be ~1e-4)."""
+        for name, v in (("x", x), ("y", y)):
+            mean = v.mean(0)
+            std = v.std(0, unbiased=False) if v.shape[0] > 1 else torch.ones_like(mean)
+            getattr(self, f"{name}_mean").copy_(mean)
+            getattr(self, f"{name}_std").copy_(
+                std.clamp_min(1e-12) + 1e-3 * std.max().clamp_min(1e-12)
+            )
+
+    def embed_x(self, x: torch.Tensor) -> torch.Tensor:
+        return self.phi((x - self.x_mean) / self.x_std)
+
+    def embed_y(self, y: torch.Tensor) -> torch.Tensor:
+        return self.psi((y - self.y_mean) / self.y_std)
+
+    def scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(n, n)`` matrix of ``T(x_i, y_j)``."""
+        return self.embed_x(x) @ self.embed_y(y).T * self.scale

@@ -1,0 +1,182 @@
+"""Online critic for the monitor: evaluate each batch first, then learn from it.
+
+Each monitored batch is scored by the current critic BEFORE the critic ever trains on it, so the
+recorded bound is held out (an honest lower bound, not memorisation). The batch then joins a
+bounded window of recent pairs, and on a schedule the critic takes a few optimizer steps on
+minibatches drawn from that window with its own Adam and its own generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .bounds import BOUNDS, MineLoss, bootstrap_bound, bootstrap_counts, bound, percentile_interval
+from .critics import SeparableCritic
+
+
+@dataclass(frozen=True)
+class BatchEstimate:
+    """Held-out bound on one batch: matched pairs, shuffled pairs, and their difference."""
+
+    matched: float
+    mismatched: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    @property
+    def difference(self) -> float:
+        return self.matched - self.mismatched
+
+
+class OnlineEstimator:
+    """A critic trained online on a window of (feature, token) pairs.
+
+    Args:
+        kind: ``"mine"`` or ``"infonce"``.
+        window: pairs kept for training (oldest dropped first).
+        train_every: train after every n-th observed batch (a critic update costs about as much
+            as a small DP step, so the default does not train on every step).
+        train_iters: optimizer steps per training round.
+        batch_size: pairs per critic minibatch.
+        generator: the monitor's generator; minibatch draws and initialisation come from it.
+    """
+
+    def __init__(
+        self,
+        kind: str = "mine",
+        *,
+        window: int = 4096,
+        train_every: int = 2,
+        train_iters: int = 8,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        hidden: int = 128,
+        embed: int = 32,
+        bootstrap: int = 200,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+    ):
+        if kind not in BOUNDS:
+            raise ValueError(f"estimator must be one of {BOUNDS}, got {kind!r}")
+        self.kind = kind
+        self.window = window
+        self.train_every = max(1, train_every)
+        self.train_iters = train_iters
+        self.batch_size = batch_size
+        self.lr = lr
+        self.hidden, self.embed = hidden, embed
+        self.bootstrap = bootstrap
+        self.generator = generator
+        self.device = torch.device(device)
+        self.critic: SeparableCritic | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.loss = MineLoss()
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self.batches_seen = 0
+        self.updates = 0
+
+    def _build(self, x_dim: int, y_dim: int) -> None:
+        self.critic = SeparableCritic(
+            x_dim,
+            y_dim,
+            hidden=self.hidden,
+            embed=self.embed,
+            generator=self.generator,
+            device=self.device,
+        )
+        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr)
+        self.loss = MineLoss()
+        self._x = self._y = None
+        self.updates = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.critic is not None and self.updates > 0
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> BatchEstimate | None:
+        """Held-out bound on this batch; None before the critic has trained or if n < 2."""
+        n = x.shape[0]
+        if (
+            not self.ready
+            or n < 2
+            or x.shape[1] != self.critic.x_dim
+            or y.shape[1] != self.critic.y_dim
+        ):
+            return None
+        self.critic.eval()
+        scores = self.critic.scores(x.to(self.device).float(), y.to(self.device).float())
+        matched = float(bound(self.kind, scores))
+        shuffle = torch.randperm(n, generator=self.generator, device=self.generator.device)
+        mismatched = float(bound(self.kind, scores[:, shuffle.to(scores.device)]))
+        counts = bootstrap_counts(n, self.bootstrap, self.generator, scores.device)
+        lo, hi = percentile_interval(bootstrap_bound(self.kind, scores, counts))
+        return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch of pairs to the window and train if the schedule says so."""
+        x, y = x.detach().to(self.device).float(), y.detach().to(self.device).float()
+        if x.shape[0] == 0:
+            return
+        if (
+            self.critic is None
+            or x.shape[1] != self.critic.x_dim
+            or y.shape[1] != self.critic.y_dim
+        ):
+            self._build(x.shape[1], y.shape[1])
+        self._x = x if self._x is None else torch.cat([self._x, x])[-self.window :]
+        self._y = y if self._y is None else torch.cat([self._y, y])[-self.window :]
+        self.batches_seen += 1
+        if self.batches_seen % self.train_every == 0 and self._x.shape[0] >= 4:
+            self.train()
+
+    def train(self) -> float:
+        """A few critic steps on minibatches of the window; returns the last training bound."""
+        assert self.critic is not None and self.optimizer is not None
+        self.critic.train()
+        self.critic.fit_scaler(self._x, self._y)
+        n = self._x.shape[0]
+        bs = min(self.batch_size, n)
+        last = math.nan
+        with torch.enable_grad():
+            for _ in range(self.train_iters):
+                pick = torch.randperm(n, generator=self.generator, device=self.generator.device)[
+                    :bs
+                ]
+                pick = pick.to(self.device)
+                scores = self.critic.scores(self._x[pick], self._y[pick])
+                loss = self.loss(scores) if self.kind == "mine" else -bound("infonce", scores)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                last = -float(loss)
+        self.updates += 1
+        return last
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "critic": None if self.critic is None else self.critic.state_dict(),
+            "dims": None if self.critic is None else (self.critic.x_dim, self.critic.y_dim),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "log_ma": self.loss.log_ma,
+            "x": self._x,
+            "y": self._y,
+            "batches_seen": self.batches_seen,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dims"] is not None:
+            self._build(*state["dims"])
+            self.critic.load_state_dict(state["critic"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.log_ma = state["log_ma"]
+        self._x, self._y = state["x"], state["y"]
+        self.batches_seen = state["batches_seen"]
+        self.updates = state["updates"]

@@ -1,0 +1,90 @@
+"""White-box oracle for the private view: the exact Bayes posterior over who produced a release.
+
+Let ``g_1..g_B`` be the clipped per-sample gradients of a batch, J uniform on the batch and
+``Y = g_J + s xi`` with ``s = sigma * C`` (the private view). The Bayes posterior is
+``p(J = i | y) ∝ exp((2 <y, g_i> - |g_i|^2) / (2 s^2))`` and
+``I(J; Y) = ln B + E[log p(J | Y)]`` (the InfoNCE bound with the optimal critic, so <= ln B).
+
+Only inner products are needed: with ``y_j = g_j + s xi_j``,
+``<y_j, g_i> = G_ji + s z_j(i)`` where ``G`` is the B x B Gram matrix and ``z_j ~ N(0, G)``.
+So the noise is drawn in B dimensions with covariance G, never in P dimensions, and the result is
+exact for the full gradient (a k-dim sketch would keep only ~k/P of the signal energy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class OracleResult:
+    """Per-example contributions ``ln B + log p(J=j | y_j)`` averaged over noise draws."""
+
+    terms: torch.Tensor  # (B,) float64
+    batch_size: int
+
+    @property
+    def nats(self) -> float:
+        return float(self.terms.mean()) if self.batch_size else float("nan")
+
+
+def _psd_sqrt_factor(gram: torch.Tensor) -> torch.Tensor:
+    """L with L L^T = G for a PSD (possibly singular) Gram matrix, via eigh."""
+    sym = (gram + gram.T) / 2
+    vals, vecs = torch.linalg.eigh(sym)
+    return vecs * vals.clamp_min(0).sqrt()
+
+
+def gram_oracle(
+    gram: torch.Tensor,
+    noise_std: float,
+    *,
+    draws: int = 8,
+    generator: torch.Generator,
+) -> OracleResult:
+    """Monte Carlo of I(J; Y) from the Gram matrix of the clipped gradients.
+
+    Args:
+        gram: ``(B, B)`` Gram matrix of clipped per-sample gradients (float64 recommended).
+        noise_std: ``sigma * C``, the std of Opacus's noise per coordinate.
+        draws: noise draws per example (each costs a B x B matrix product).
+        generator: the monitor's own generator (on the Gram matrix's device).
+    """
+    b = gram.shape[0]
+    if b == 0:
+        return OracleResult(terms=torch.zeros(0, dtype=torch.float64), batch_size=0)
+    g = gram.to(torch.float64)
+    sq = g.diagonal()
+    if noise_std <= 0:
+        # Noise-free release: Y identifies J up to examples with identical clipped gradients.
+        dist2 = sq[:, None] + sq[None, :] - 2 * g
+        tol = 1e-12 * sq.max().clamp_min(1e-30)
+        same = (dist2 <= tol).sum(dim=1).to(torch.float64)
+        return OracleResult(terms=math.log(b) - torch.log(same), batch_size=b)
+    factor = _psd_sqrt_factor(g)
+    var2 = 2.0 * noise_std**2
+    terms = torch.zeros(b, dtype=torch.float64, device=g.device)
+    for _ in range(draws):
+        eps = torch.randn((b, b), generator=generator, device=generator.device, dtype=torch.float64)
+        z = eps.to(g.device) @ factor.T  # row j ~ N(0, G)
+        inner = g + noise_std * z  # inner[j, i] = <y_j, g_i>
+        logits = (2 * inner - sq[None, :]) / var2
+        terms += logits.diagonal() - torch.logsumexp(logits, dim=1)
+    return OracleResult(terms=terms / draws + math.log(b), batch_size=b)
+
+
+def gaussian_channel_bound(noise_multiplier: float, dim: int | None = None) -> float:
+    """Per-step leakage bound of one example's private view, in nats.
+
+    A release ``g + N(0, sigma^2 C^2 I_k)`` with ``|g| <= C`` carries at most
+    ``(k/2) ln(1 + 1/(k sigma^2)) <= 1/(2 sigma^2)`` nats (Gaussian channel capacity under the
+    clipping power constraint); ``dim=None`` gives the dimension-free limit.
+    """
+    if noise_multiplier <= 0:
+        return math.inf
+    if dim is None:
+        return 1.0 / (2.0 * noise_multiplier**2)
+    return dim / 2.0 * math.log1p(1.0 / (dim * noise_multiplier**2))

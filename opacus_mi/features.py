@@ -1,0 +1,183 @@
+"""Data features: the "data" side of I(data; gradient), captured on the user's own forward pass.
+
+Everything here is read-only: hooks detach and copy what the model already computed, so the
+monitor adds no forward pass and no autograd edge. Captures happen only for training forwards
+with grad enabled (the ones Opacus computes per-sample gradients for), mirroring Opacus's own
+activation hooks, so evaluation passes in between do not confuse the pairing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_FEATURES = 1024
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pool_features(x: torch.Tensor, max_dim: int = MAX_FEATURES) -> torch.Tensor:
+    """Flatten a batch to ``(B, d)`` with ``d <= max_dim``, average-pooling when larger.
+
+    Images ``(B, C, H, W)`` are pooled spatially first (keeps channels and layout meaningful),
+    anything else is pooled along the flattened axis.
+    """
+    x = x.detach()
+    if not torch.is_floating_point(x):
+        x = x.float()
+    batch = x.shape[0]
+    if x.ndim == 4 and x[0].numel() > max_dim:
+        c, h, w = x.shape[1:]
+        scale = math.sqrt(max_dim / max(c, 1) / (h * w))
+        oh, ow = max(1, int(h * scale)), max(1, int(w * scale))
+        x = F.adaptive_avg_pool2d(x.float(), (oh, ow))
+    flat = x.reshape(batch, -1).float()
+    if flat.shape[1] > max_dim:
+        flat = F.adaptive_avg_pool1d(flat.unsqueeze(1), max_dim).squeeze(1)
+    return flat
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+@dataclass
+class Capture:
+    """What one training forward showed: its input, named activations and (optional) labels."""
+
+    inputs: torch.Tensor | None = None
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    num_classes: int | None = None
+
+
+class FeatureCapture:
+    """Forward hooks on the Opacus-wrapped module that record the batch each chunk saw.
+
+    Args:
+        module: the module returned by ``make_private`` (a GradSampleModule).
+        layers: names (as in ``module._module.named_modules()``) of intermediate layers whose
+            outputs become features.
+        fn: optional callable ``inputs -> (B, d)`` features, computed without autograd.
+        use_input: whether the (pooled) input batch is a feature.
+        active: callable telling whether the current forward is worth capturing (the monitor
+            only pays for copies on monitored steps).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        layers: Sequence[str] = (),
+        fn: FeatureFn | None = None,
+        use_input: bool = True,
+        active: Callable[[], bool] = lambda: True,
+    ):
+        self.module = module
+        self.fn = fn
+        self.use_input = use_input
+        self.layer_names = tuple(layers)
+        self._active = active
+        self.pending: list[Capture] = []
+        inner = getattr(module, "_module", module)
+        named = dict(inner.named_modules())
+        missing = [n for n in self.layer_names if n not in named]
+        if missing:
+            raise ValueError(
+                f"features names layers {missing} that the model does not have; valid names "
+                f"are {sorted(k for k in named if k)[:20]}"
+            )
+        self._handles = [module.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        for name in self.layer_names:
+            self._handles.append(named[name].register_forward_hook(self._layer_hook(name)))
+
+    def _capturing(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and self._active()
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._capturing(module):
+            return
+        x = _first_tensor(args, kwargs)
+        # Each training forward adds rows to the per-sample gradients of the coming step (Opacus
+        # concatenates repeated forwards); labels arrive later through the criterion.
+        self.pending.append(Capture(inputs=None if x is None else x.detach()))
+
+    def _layer_hook(self, name: str):
+        def hook(mod: nn.Module, args: tuple, output) -> None:
+            if not self._capturing(mod):
+                return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(out, torch.Tensor) and self.pending:
+                self.pending[-1].layers[name] = out.detach()
+
+        return hook
+
+    def record_labels(self, labels: torch.Tensor, num_classes: int | None) -> None:
+        """Attach the labels the loss saw to the current chunk."""
+        if self._active() and self.pending:
+            self.pending[-1].labels = labels.detach()
+            self.pending[-1].num_classes = num_classes
+
+    def take(self) -> list[Capture]:
+        """Hand over the captures since the last optimizer step and start afresh."""
+        captured, self.pending = self.pending, []
+        return captured
+
+    def features(self, captures: Sequence[Capture], batch: int) -> torch.Tensor | None:
+        """The ``(B, d)`` features of the forwards behind one step's per-sample gradients.
+
+        Returns None when the captured rows do not add up to ``batch`` (features and gradients
+        cannot be paired, so the monitor flags the step instead of guessing).
+        """
+        rows = [self._features_of(c) for c in captures]
+        rows = [r for r in rows if r is not None]
+        if not rows or sum(r.shape[0] for r in rows) != batch:
+            return None
+        if len({r.shape[1] for r in rows}) != 1:
+            return None
+        return torch.cat(rows, dim=0)
+
+    def _features_of(self, capture: Capture) -> torch.Tensor | None:
+        if capture.inputs is None:
+            return None
+        batch = capture.inputs.shape[0]
+        parts: list[torch.Tensor] = []
+        if capture.inputs is not None and capture.inputs.shape[0] == batch:
+            if self.use_input:
+                parts.append(pool_features(capture.inputs))
+            if self.fn is not None:
+                with torch.no_grad():
+                    user = self.fn(capture.inputs)
+                if not isinstance(user, torch.Tensor) or user.shape[0] != batch:
+                    raise ValueError(
+                        "features callable must return a tensor with one row per example "
+                        f"(expected {batch} rows)"
+                    )
+                parts.append(pool_features(user))
+        for name in self.layer_names:
+            act = capture.layers.get(name)
+            if act is not None and act.shape[0] == batch:
+                parts.append(pool_features(act))
+        if capture.labels is not None and capture.labels.shape[0] == batch:
+            labels = capture.labels
+            if labels.ndim == 1 and not torch.is_floating_point(labels):
+                k = capture.num_classes or (int(labels.max().item()) + 1 if batch else 1)
+                parts.append(F.one_hot(labels.long(), num_classes=k).float())
+            else:
+                parts.append(pool_features(labels.reshape(batch, -1)))
+        if not parts:
+            return None
+        device = parts[0].device
+        return torch.cat([p.to(device) for p in parts], dim=1)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

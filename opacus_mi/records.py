@@ -1,0 +1,115 @@
+"""Records: one row per monitored DP step, and the sinks that keep them.
+
+A record is plain data (floats, ints, strings) so it serialises to JSON without custom encoders
+and can be re-read by ``opacus-mi report``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class MIValue:
+    """One MI series value in nats: the (held-out) bound and its confidence interval."""
+
+    nats: float
+    ci_low: float
+    ci_high: float
+    n: int
+    mismatched: float | None = None  # the same critic on shuffled pairs (estimator bias floor)
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.mismatched is None else self.nats - self.mismatched
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["difference"] = self.difference
+        return d
+
+
+@dataclass
+class LeakageRecord:
+    """Everything known about one monitored logical step."""
+
+    step: int
+    batch_size: int
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    epsilon: float
+    delta: float
+    mi: dict[str, MIValue] = field(default_factory=dict)  # key: "view/estimator"
+    mi_bound: float | None = None  # per-step Gaussian channel bound of the private view
+    chunks: int = 1
+    monitor_seconds: float = 0.0
+    flags: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mi"] = {k: v.as_dict() for k, v in self.mi.items()}
+        return _finite_or_none(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LeakageRecord:
+        d = dict(d)
+        mi = {
+            k: MIValue(**{f: v.get(f) for f in ("nats", "ci_low", "ci_high", "n", "mismatched")})
+            for k, v in d.pop("mi", {}).items()
+        }
+        return cls(mi=mi, **d)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN/Inf: store them as null rather than emit invalid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+class JsonlSink:
+    """Appends one JSON line per record and flushes it to the OS at once.
+
+    Opened in append mode so a resumed run continues the same file; a killed process loses at
+    most the record it was writing.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+        self.fsync = fsync
+
+    def __call__(self, record: LeakageRecord) -> None:
+        self._fh.write(json.dumps(record.as_dict()) + "\n")
+        self._fh.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[LeakageRecord]:
+    """Records written by :class:`JsonlSink` (a torn last line from a killed run is skipped)."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(LeakageRecord.from_dict(json.loads(line)))
+            except json.JSONDecodeError:
+                continue
+    return out

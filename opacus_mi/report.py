@@ -1,0 +1,81 @@
+"""Reports: records -> readable tables (more sinks and plots live here as they arrive)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .records import LeakageRecord
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float, float]:
+    from .monitor import mean_with_ci
+
+    return mean_with_ci(values)
+
+
+def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: int = 110) -> str:
+    """Render the leakage table: one row per MI series, averaged over the last records.
+
+    ``last`` value is the latest held-out estimate with its bootstrap CI; ``mean`` averages the
+    last ``last`` records with a 95% interval across steps; ``shuffled`` is the same critic on
+    mismatched pairs (what the estimator reports when there is nothing to find).
+    """
+    if not records:
+        return "no monitored steps yet"
+    tail = list(records)[-last:]
+    final = records[-1]
+    keys: dict[str, None] = {}
+    for r in records:
+        for k in r.mi:
+            keys.setdefault(k, None)
+    table = Table(
+        title=(
+            f"opacus-mi leakage after step {final.step} - epsilon {final.epsilon:.3f} at "
+            f"delta {final.delta:g} (sigma {final.noise_multiplier:g}, C {final.max_grad_norm:g}, "
+            f"q {final.sample_rate:.4g})"
+        ),
+        title_justify="left",
+    )
+    for col in (
+        "view / estimator",
+        "last [95% CI]",
+        f"mean of last {len(tail)} [95% CI]",
+        "shuffled",
+        "ln B",
+        "bound/step",
+    ):
+        table.add_column(col, justify="left" if col.startswith("view") else "right")
+    for key in keys:
+        latest = next((r for r in reversed(records) if key in r.mi), None)
+        v = latest.mi[key]
+        mean, lo, hi = _mean_ci([r.mi[key].nats for r in tail if key in r.mi])
+        mism = [
+            r.mi[key].mismatched for r in tail if key in r.mi and r.mi[key].mismatched is not None
+        ]
+        table.add_row(
+            key,
+            f"{_fmt(v.nats)} [{_fmt(v.ci_low)}, {_fmt(v.ci_high)}]",
+            f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]",
+            _fmt(_mean_ci(mism)[0]) if mism else "-",
+            _fmt(math.log(v.n)) if v.n > 0 else "-",
+            _fmt(latest.mi_bound) if key.startswith("private") else "-",
+        )
+    flagged = sorted({f for r in records for f in r.flags})
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
+    text = buf.getvalue().rstrip()
+    text += "\nnats; lower bounds from held-out pairs (never trained on)."
+    if flagged:
+        text += f"\nflags seen: {', '.join(flagged)}"
+    return text

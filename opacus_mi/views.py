@@ -1,0 +1,104 @@
+"""Gradient views: what each party sees of one example's gradient in a DP-SGD step.
+
+``raw``      the per-sample gradient ``g_i`` (what a non-private step would leak),
+``clipped``  ``c_i * g_i`` with Opacus's exact clip factor (what enters ``p.summed_grad``),
+``private``  ``c_i * g_i + N(0, sigma^2 C^2 I)``: the release an attacker sees when the example is
+             alone in a step (any larger batch only adds other examples' gradients, leaking less).
+
+The private view is never materialised in parameter space: the noise is drawn in token space or
+through the Gram matrix (see :mod:`opacus_mi.tokens` and :mod:`opacus_mi.estimators.oracle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+VIEWS = ("raw", "clipped", "private")
+
+# Opacus adds this to per-sample norms before dividing (optimizer.py, perlayeroptimizer.py).
+_OPACUS_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """Per-sample clip factors, shaped ``(B,)`` for flat clipping or ``(B, L)`` per layer."""
+
+    factors: torch.Tensor
+    norms: torch.Tensor
+    per_layer: bool
+
+    def for_layer(self, layer: int) -> torch.Tensor:
+        """Clip factor of every example for parameter ``layer`` (shape ``(B,)``)."""
+        return self.factors[:, layer] if self.per_layer else self.factors
+
+
+def clip_factors(
+    grad_samples: Sequence[torch.Tensor],
+    max_grad_norm: float | Sequence[float],
+) -> ClipInfo:
+    """Recompute Opacus's clip factors from per-sample gradients, with Opacus's own arithmetic.
+
+    ``max_grad_norm`` is a float for flat clipping and one float per parameter for per-layer
+    clipping (``DPPerLayerOptimizer.max_grad_norms``). The factors are local variables inside
+    ``clip_and_accumulate``; recomputing them reads ``grad_sample`` and writes nothing.
+    """
+    if len(grad_samples) == 0:
+        raise ValueError("clip_factors needs at least one per-sample gradient tensor")
+    batch = len(grad_samples[0])
+    device = grad_samples[0].device
+    if isinstance(max_grad_norm, (int, float)):
+        if batch == 0:
+            empty = torch.zeros((0,), device=device)
+            return ClipInfo(factors=empty, norms=empty, per_layer=False)
+        per_param = [g.reshape(len(g), -1).norm(2, dim=-1).to(device) for g in grad_samples]
+        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
+        factors = (float(max_grad_norm) / (norms + _OPACUS_EPS)).clamp(max=1.0)
+        return ClipInfo(factors=factors, norms=norms, per_layer=False)
+    bounds = list(max_grad_norm)
+    if len(bounds) != len(grad_samples):
+        raise ValueError(
+            f"max_grad_norm has {len(bounds)} entries but there are {len(grad_samples)} "
+            "parameters: per-layer clipping needs one bound per trainable parameter"
+        )
+    if batch == 0:
+        empty = torch.zeros((0, len(bounds)), device=device)
+        return ClipInfo(factors=empty, norms=empty, per_layer=True)
+    norms = torch.stack(
+        [g.norm(2, dim=tuple(range(1, g.ndim))).to(device) for g in grad_samples], dim=1
+    )
+    bound_t = torch.tensor(bounds, dtype=norms.dtype, device=device)
+    factors = (bound_t / (norms + _OPACUS_EPS)).clamp(max=1.0)
+    return ClipInfo(factors=factors, norms=norms, per_layer=True)
+
+
+def clipped_grad_samples(
+    grad_samples: Sequence[torch.Tensor], clip: ClipInfo
+) -> list[torch.Tensor]:
+    """The clipped view in parameter space (``c_i * g_i``), one tensor per parameter.
+
+    Summing over the batch gives exactly what Opacus accumulates into ``p.summed_grad``.
+    Allocates B x P memory: the monitor itself works on tokens and the Gram matrix instead.
+    """
+    out = []
+    for layer, g in enumerate(grad_samples):
+        c = clip.for_layer(layer).to(device=g.device, dtype=g.dtype)
+        out.append(c.view(-1, *([1] * (g.ndim - 1))) * g)
+    return out
+
+
+def clipped_gram(grad_samples: Sequence[torch.Tensor], clip: ClipInfo) -> torch.Tensor:
+    """``G[i, j] = <clipped g_i, clipped g_j>`` over all parameters, shape ``(B, B)``, float64.
+
+    Full-dimensional and exact; costs one GEMM per parameter and never forms a noisy gradient.
+    """
+    batch = len(grad_samples[0])
+    device = clip.factors.device
+    gram = torch.zeros((batch, batch), dtype=torch.float64, device=device)
+    for layer, g in enumerate(grad_samples):
+        flat = g.reshape(batch, -1).to(device=device, dtype=torch.float64)
+        c = clip.for_layer(layer).to(torch.float64)
+        gram += (c[:, None] * c[None, :]) * (flat @ flat.T)
+    return gram

@@ -1,0 +1,300 @@
+"""Data sets and DP-ready models: real shapes, real splits, real Opacus steps."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader
+
+from opacus_mi.data import DATASETS, DataRootError, DatasetSplit, load_dataset
+from opacus_mi.models import (
+    MLP,
+    MODELS,
+    DigitsCNN,
+    SmallCNN,
+    build_model,
+    resnet18_groupnorm,
+)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DatasetSplit:
+    return load_dataset("digits")
+
+
+def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    return ds.tensors[0], ds.tensors[1]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_constants() -> None:
+    assert DATASETS == ("digits", "cifar10", "celeba", "fake")
+    assert MODELS == ("auto", "cnn", "mlp", "resnet18")
+
+
+def test_digits_split_sizes_shapes_and_classes(digits: DatasetSplit) -> None:
+    x_train, y_train = _tensors(digits.train)
+    x_test, y_test = _tensors(digits.test)
+    assert len(digits.train) + len(digits.test) == 1797
+    assert len(digits.test) == pytest.approx(0.2 * 1797, abs=1)
+    assert digits.name == "digits"
+    assert digits.num_classes == 10
+    assert digits.input_shape == (1, 8, 8)
+    assert x_train.shape[1:] == (1, 8, 8) and x_test.shape[1:] == (1, 8, 8)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    assert set(y_train.tolist()) == set(range(10))
+    assert set(y_test.tolist()) == set(range(10))
+    # Stratified: each class's share of the test set is close to its share overall.
+    y_all = torch.cat([y_train, y_test])
+    for c in range(10):
+        share_all = (y_all == c).float().mean().item()
+        share_test = (y_test == c).float().mean().item()
+        assert abs(share_all - share_test) < 0.01
+
+
+def test_digits_normalised_with_train_statistics(digits: DatasetSplit) -> None:
+    x_train, _ = _tensors(digits.train)
+    x_test, _ = _tensors(digits.test)
+    assert x_train.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert x_train.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    # The test split uses the train statistics, so it is close to but not exactly standardised.
+    assert abs(x_test.mean().item()) < 0.1
+    assert x_test.mean().item() != pytest.approx(0.0, abs=1e-6)
+
+
+def test_digits_split_is_deterministic_per_seed(digits: DatasetSplit) -> None:
+    again = load_dataset("digits", seed=0)
+    for a, b in zip(_tensors(digits.train), _tensors(again.train), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(_tensors(digits.test), _tensors(again.test), strict=True):
+        assert torch.equal(a, b)
+    other = load_dataset("digits", seed=1)
+    assert not torch.equal(_tensors(digits.test)[0], _tensors(other.test)[0])
+
+
+def test_digits_test_fraction() -> None:
+    split = load_dataset("digits", test_fraction=0.5)
+    assert abs(len(split.train) - len(split.test)) <= 1
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_bad_test_fraction(fraction: float) -> None:
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_dataset("digits", test_fraction=fraction)
+
+
+def test_unknown_dataset_names_argument_and_choices() -> None:
+    with pytest.raises(ValueError, match="--dataset") as info:
+        load_dataset("mnist")
+    for choice in DATASETS:
+        assert choice in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"), [("cifar10", "cifar-10-batches-py"), ("celeba", "celeba")]
+)
+def test_missing_data_root(name: str, folder: str, tmp_path) -> None:
+    for root in (None, str(tmp_path)):
+        with pytest.raises(DataRootError) as info:
+            load_dataset(name, data_root=root)
+        message = str(info.value)
+        assert "--data-root" in message
+        assert folder in message
+        assert isinstance(info.value, FileNotFoundError)
+
+
+def test_incomplete_cifar10_names_missing_file(tmp_path) -> None:
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    (base / "data_batch_1").write_bytes(b"")
+    with pytest.raises(DataRootError, match="data_batch_2"):
+        load_dataset("cifar10", data_root=str(tmp_path))
+
+
+def test_incomplete_celeba_names_missing_images(tmp_path) -> None:
+    base = tmp_path / "celeba"
+    base.mkdir()
+    for f in (
+        "list_attr_celeba.txt",
+        "list_eval_partition.txt",
+        "identity_CelebA.txt",
+        "list_bbox_celeba.txt",
+        "list_landmarks_align_celeba.txt",
+    ):
+        (base / f).write_text("")
+    with pytest.raises(DataRootError, match="img_align_celeba"):
+        load_dataset("celeba", data_root=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "files", "dirs"),
+    [
+        (
+            "cifar10",
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"],
+            [],
+        ),
+        (
+            "celeba",
+            "celeba",
+            [
+                "list_attr_celeba.txt",
+                "list_eval_partition.txt",
+                "identity_CelebA.txt",
+                "list_bbox_celeba.txt",
+                "list_landmarks_align_celeba.txt",
+            ],
+            ["img_align_celeba"],
+        ),
+    ],
+)
+def test_corrupt_files_become_data_root_error(name, folder, files, dirs, tmp_path) -> None:
+    """Files present but wrong: torchvision's RuntimeError is re-raised as our error."""
+    base = tmp_path / folder
+    base.mkdir()
+    for f in files:
+        (base / f).write_bytes(b"not the real file")
+    for d in dirs:
+        (base / d).mkdir()
+    with pytest.raises(DataRootError, match="--data-root") as info:
+        load_dataset(name, data_root=str(tmp_path))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_fake_dataset_shapes_and_determinism() -> None:
+    split = load_dataset("fake", fake_size=16, seed=3)
+    assert len(split.train) == 16 and len(split.test) == 4
+    assert split.input_shape == (3, 32, 32) and split.num_classes == 10
+    x, y = split.train[0]
+    assert tuple(x.shape) == split.input_shape and x.dtype == torch.float32
+    assert 0 <= int(y) < 10
+    x_test, _ = split.test[0]
+    assert not torch.equal(x, x_test)
+    again = load_dataset("fake", fake_size=16, seed=3)
+    assert torch.equal(again.train[0][0], x)
+    xb, yb = next(iter(DataLoader(split.train, batch_size=8)))
+    assert xb.shape == (8, 3, 32, 32) and yb.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "classes"),
+    [
+        (lambda: DigitsCNN(10), (1, 8, 8), 10),
+        (lambda: SmallCNN(3, 10, 32), (3, 32, 32), 10),
+        (lambda: SmallCNN(3, 2, (32, 32)), (3, 32, 32), 2),
+        (lambda: MLP(64, 10), (1, 8, 8), 10),
+        (lambda: MLP(3 * 32 * 32, 7, hidden=(32,)), (3, 32, 32), 7),
+        (lambda: resnet18_groupnorm(10), (3, 32, 32), 10),
+    ],
+    ids=["digits_cnn", "small_cnn", "small_cnn_2", "mlp", "mlp_1hidden", "resnet18"],
+)
+def test_models_are_dp_ready_and_emit_logits(model, shape, classes) -> None:
+    torch.manual_seed(0)
+    net = model()
+    assert ModuleValidator.validate(net, strict=True) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, *shape))
+    assert out.shape == (2, classes)
+
+
+def test_digits_cnn_parameter_count() -> None:
+    n = sum(p.numel() for p in DigitsCNN(10).parameters())
+    assert 8_000 <= n <= 12_000
+
+
+def test_small_cnn_parameter_count() -> None:
+    assert sum(p.numel() for p in SmallCNN(3, 10, 32).parameters()) < 100_000
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "classes", "kind"),
+    [
+        ("auto", (1, 8, 8), 10, DigitsCNN),
+        ("auto", (3, 32, 32), 10, SmallCNN),
+        ("cnn", (3, 32, 32), 2, SmallCNN),
+        ("cnn", (1, 8, 8), 10, SmallCNN),
+        ("mlp", (1, 8, 8), 10, MLP),
+        ("mlp", (3, 32, 32), 10, MLP),
+    ],
+)
+def test_build_model(name, shape, classes, kind) -> None:
+    net = build_model(name, shape, classes)
+    assert isinstance(net, kind)
+    assert ModuleValidator.validate(net, strict=True) == []
+    with torch.no_grad():
+        assert net(torch.randn(3, *shape)).shape == (3, classes)
+
+
+def test_build_model_resnet18_single_channel() -> None:
+    net = build_model("resnet18", (1, 8, 8), 10)
+    assert ModuleValidator.validate(net, strict=True) == []
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_build_model_unknown_name() -> None:
+    with pytest.raises(ValueError, match="model") as info:
+        build_model("vit", (1, 8, 8), 10)
+    for choice in MODELS:
+        assert choice in str(info.value)
+
+
+def test_models_follow_global_rng() -> None:
+    torch.manual_seed(123)
+    a = build_model("auto", (1, 8, 8), 10).state_dict()
+    torch.manual_seed(123)
+    b = build_model("auto", (1, 8, 8), 10).state_dict()
+    c = build_model("auto", (1, 8, 8), 10).state_dict()  # RNG moved on: different weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# -------------------------------------------------------------------------- opacus
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_one_private_step_on_digits(digits: DatasetSplit) -> None:
+    torch.manual_seed(0)
+    model = DigitsCNN(digits.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(digits.train, batch_size=64, shuffle=True)
+    engine = PrivacyEngine()
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(p.grad_sample is not None for p in model.parameters())
+    optimizer.step()
+    after = list(model.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert torch.isfinite(loss)
+    assert engine.get_epsilon(delta=1e-5) > 0
+
+
+def test_failed_load_creates_nothing(tmp_path) -> None:
+    """A failed load must not create anything under the data root (nothing is downloaded)."""
+    with pytest.raises(DataRootError):
+        load_dataset("cifar10", data_root=str(tmp_path))
+    assert os.listdir(tmp_path) == []
