@@ -23,6 +23,7 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         super().__init__(accountant=accountant, secure_mode=secure_mode)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: LeakageMonitor | None = None
+        self._target_delta: float | None = None
 
     def _attach(self, result: tuple, delta: float | None) -> tuple:
         kwargs = dict(self.monitor_kwargs)
@@ -40,8 +41,12 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         return result
 
     def make_private(self, *args: Any, **kwargs: Any):
-        return self._attach(super().make_private(*args, **kwargs), None)
+        # make_private_with_epsilon calls this too, after setting _target_delta.
+        return self._attach(super().make_private(*args, **kwargs), self._target_delta)
 
     def make_private_with_epsilon(self, *args: Any, target_delta: float, **kwargs: Any):
-        result = super().make_private_with_epsilon(*args, target_delta=target_delta, **kwargs)
-        return self._attach(result, target_delta)
+        self._target_delta = target_delta
+        try:
+            return super().make_private_with_epsilon(*args, target_delta=target_delta, **kwargs)
+        finally:
+            self._target_delta = None

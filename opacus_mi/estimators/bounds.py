@@ -15,11 +15,22 @@ import torch
 BOUNDS = ("mine", "infonce")
 
 
+# exp() arguments are floored at -60 below the maximum: terms that small change a log-sum by
+# < e^-60, while letting them underflow into denormal floats made CPU training steps ~8x slower.
+_FLOOR = -60.0
+
+
 def _offdiag_logmeanexp(scores: torch.Tensor) -> torch.Tensor:
     n = scores.shape[0]
-    mask = torch.eye(n, dtype=torch.bool, device=scores.device)
-    off = scores.masked_fill(mask, float("-inf"))
-    return torch.logsumexp(off.reshape(-1), dim=0) - math.log(n * (n - 1))
+    off = ~torch.eye(n, dtype=torch.bool, device=scores.device)
+    m = scores.masked_fill(~off, float("-inf")).max().detach()
+    total = (torch.exp((scores - m).clamp_min(_FLOOR)) * off).sum()
+    return torch.log(total) + m - math.log(n * (n - 1))
+
+
+def _row_logsumexp(scores: torch.Tensor) -> torch.Tensor:
+    m = scores.amax(dim=1, keepdim=True).detach()
+    return torch.log(torch.exp((scores - m).clamp_min(_FLOOR)).sum(dim=1)) + m.squeeze(1)
 
 
 def dv_bound(scores: torch.Tensor) -> torch.Tensor:
@@ -30,7 +41,7 @@ def dv_bound(scores: torch.Tensor) -> torch.Tensor:
 def infonce_bound(scores: torch.Tensor) -> torch.Tensor:
     """InfoNCE: ``E_i[T_ii - logsumexp_j T_ij] + ln n``; can never exceed ``ln n``."""
     n = scores.shape[0]
-    return (scores.diagonal() - torch.logsumexp(scores, dim=1)).mean() + math.log(n)
+    return (scores.diagonal() - _row_logsumexp(scores)).mean() + math.log(n)
 
 
 def bound(kind: str, scores: torch.Tensor) -> torch.Tensor:

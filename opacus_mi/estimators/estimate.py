@@ -58,7 +58,23 @@ def _as_2d_float(name: str, v) -> torch.Tensor:
     return t
 
 
-def estimate_mi(
+def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
+    """Estimate I(x; y) in nats from paired samples (rows of ``x`` and ``y`` are pairs).
+
+    Args:
+        x, y: arrays or tensors of shape ``(n,)`` or ``(n, d)`` with the same n (n >= 8).
+        estimator: ``"mine"`` (Donsker-Varadhan with MINE's moving-average gradient) or
+            ``"infonce"`` (bounded by ``ln n_eval``).
+        eval_fraction: share of pairs held out for the reported figure (capped at ``max_eval``).
+        max_steps, batch_size, lr, hidden, embed, patience, check_every: critic training.
+        bootstrap, confidence: the percentile bootstrap interval over evaluation pairs.
+        seed: seeds this call's own generator; the global RNG is never touched.
+        device: where the critic trains.
+    """
+    return _estimate_mi(x, y, estimator, **kwargs)
+
+
+def _estimate_mi(
     x,
     y,
     estimator: str = "mine",
@@ -77,15 +93,6 @@ def estimate_mi(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> MIEstimate:
-    """Estimate I(x; y) in nats from paired samples (rows of ``x`` and ``y`` are pairs).
-
-    Args:
-        x, y: arrays or tensors of shape ``(n,)`` or ``(n, d)`` with the same n (n >= 8).
-        estimator: ``"mine"`` (Donsker-Varadhan with MINE's moving-average gradient) or
-            ``"infonce"`` (bounded by ``ln n_eval``).
-        eval_fraction: share of pairs held out for the reported figure (capped at ``max_eval``).
-        seed: seeds this call's own generator; the global RNG is never touched.
-    """
     if estimator not in BOUNDS:
         raise ValueError(f"estimator must be one of {BOUNDS}, got {estimator!r}")
     xt, yt = _as_2d_float("x", x), _as_2d_float("y", y)

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny real Opacus setups built from tensors the tests make themselves."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+# Small tensors: one intra-op thread avoids oversubscription on a loaded 2-core CI box.
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", module="opacus")
+warnings.filterwarnings("ignore", message=".*Secure RNG.*")
+warnings.filterwarnings("ignore", message=".*full backward hook.*")
+
+
+class TinyCNN(nn.Module):
+    """Small conv net on 1x6x6 inputs: conv + linear layers, ~600 parameters."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+def make_data(n: int = 96, classes: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 1, 6, 6, generator=g) + y.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, y)
+
+
+def make_private(
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+    noise: float = 1.0,
+    clip: float | list[float] = 1.0,
+    clipping: str = "flat",
+    mode: str = "hooks",
+    accountant: str = "rdp",
+    poisson: bool = True,
+    n: int = 96,
+    engine_cls=PrivacyEngine,
+    **engine_kwargs,
+):
+    """Seed everything, build model/optimizer/loader and make them private."""
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(make_data(n), batch_size=batch_size)
+    engine = engine_cls(accountant=accountant, **engine_kwargs)
+    if clipping == "per_layer" and not isinstance(clip, list):
+        clip = [clip] * len([p for p in model.parameters() if p.requires_grad])
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=noise,
+        max_grad_norm=clip,
+        clipping=clipping,
+        grad_sample_mode=mode,
+        poisson_sampling=poisson,
+    )
+    return engine, model, opt, loader
+
+
+def train(model, opt, loader, *, epochs: int = 1, criterion=None, after_step=None):
+    criterion = criterion or nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+
+
+@pytest.fixture
+def private_setup():
+    return make_private

@@ -1,0 +1,135 @@
+"""MI estimators against closed forms and brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_private, train
+
+from opacus_mi import LeakageMonitor, estimate_mi, gaussian_channel_bound
+from opacus_mi.estimators.bounds import bootstrap_bound, bootstrap_counts, dv_bound, infonce_bound
+from opacus_mi.estimators.oracle import gram_oracle
+
+
+def correlated_gaussians(n: int, d: int, mi: float, seed: int):
+    """d independent coordinate pairs with correlation rho: I = -d/2 ln(1 - rho^2)."""
+    rho = math.sqrt(1 - math.exp(-2 * mi / d))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = rho * x + math.sqrt(1 - rho**2) * torch.randn(n, d, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("estimator", ["mine", "infonce"])
+@pytest.mark.parametrize("d,mi", [(1, 0.5), (4, 1.0), (10, 2.0)])
+def test_estimate_mi_recovers_closed_form_gaussian_mi(estimator, d, mi):
+    x, y = correlated_gaussians(5000, d, mi, seed=d)
+    est = estimate_mi(x, y, estimator, seed=1)
+    # a lower bound: not above the truth beyond its CI, and within 15% of it
+    assert est.ci_low <= mi + 0.02
+    assert abs(est.nats - mi) <= 0.15 * mi, est
+    assert est.ci_low < est.nats < est.ci_high
+    assert est.shuffled < 0.1
+
+
+def test_estimate_mi_independent_pairs_is_near_zero():
+    g = torch.Generator().manual_seed(0)
+    est = estimate_mi(torch.randn(3000, 3, generator=g), torch.randn(3000, 2, generator=g))
+    assert abs(est.nats) < 0.05 and est.ci_low < 0.02
+
+
+def test_estimate_mi_accepts_numpy_and_1d_and_rejects_bad_input():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=400)
+    est = estimate_mi(x, x + 0.1 * rng.normal(size=400), max_steps=200)
+    assert est.nats > 1.0
+    with pytest.raises(ValueError, match="same number of rows"):
+        estimate_mi(np.zeros((10, 2)), np.zeros((11, 2)))
+    with pytest.raises(ValueError, match="estimator"):
+        estimate_mi(x, x, "kde")
+    with pytest.raises(ValueError, match="NaN"):
+        estimate_mi(np.full(50, np.nan), x[:50])
+
+
+def test_bounds_and_bootstrap_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    off = [s[i, j] for i in range(7) for j in range(7) if i != j]
+    dv = s.diagonal().mean() - torch.log(torch.stack(off).exp().mean())
+    torch.testing.assert_close(dv_bound(s), dv)
+    nce = sum(s[i, i] - torch.logsumexp(s[i], 0) for i in range(7)) / 7 + math.log(7)
+    torch.testing.assert_close(infonce_bound(s), nce)
+    counts = bootstrap_counts(7, 5, g)
+    got = bootstrap_bound("mine", s, counts)
+    for r in range(5):  # explicit resample: expand multiplicities, skip same-pair draws
+        idx = [i for i in range(7) for _ in range(int(counts[r, i]))]
+        joint = torch.stack([s[i, i] for i in idx]).mean()
+        marg = [s[a, b] for a in idx for b in idx if a != b]
+        torch.testing.assert_close(got[r], joint - torch.log(torch.stack(marg).exp().mean()))
+
+
+def _brute_force_oracle(g: torch.Tensor, std: float, draws: int, seed: int) -> float:
+    """Draw the P-dimensional noisy release and compute the Bayes posterior directly."""
+    gen = torch.Generator().manual_seed(seed)
+    b = g.shape[0]
+    total = 0.0
+    for _ in range(draws):
+        y = g + std * torch.randn(g.shape, generator=gen, dtype=g.dtype)
+        logits = -(torch.cdist(y, g) ** 2) / (2 * std**2)  # [j, i] = log N(y_j; g_i)
+        total += float((logits.diagonal() - torch.logsumexp(logits, 1)).mean())
+    return total / draws + math.log(b)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.2, 1.0])
+def test_gram_oracle_agrees_with_brute_force_p_dim_noise(sigma):
+    _, model, opt, loader = make_private(clip=1.0, poisson=False, batch_size=16)
+    x, y = next(iter(loader))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    from opacus_mi.views import clip_factors, clipped_grad_samples, clipped_gram
+
+    gs = opt.grad_samples
+    clip = clip_factors(gs, 1.0)
+    dense = torch.cat([v.flatten(1) for v in clipped_grad_samples(gs, clip)], 1).double()
+    gen = torch.Generator().manual_seed(0)
+    fast = gram_oracle(clipped_gram(gs, clip), sigma, draws=400, generator=gen).nats
+    slow = _brute_force_oracle(dense, sigma, draws=400, seed=1)
+    assert fast == pytest.approx(slow, abs=0.03 + 0.03 * slow)
+    assert fast <= math.log(16) + 1e-9
+
+
+def test_gram_oracle_noise_free_and_duplicates():
+    g = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    res = gram_oracle(g @ g.T, 0.0, generator=torch.Generator())
+    expected = math.log(4) - (2 * math.log(2)) / 4  # two examples share a gradient
+    assert res.nats == pytest.approx(expected)
+
+
+def test_gaussian_channel_bound_closed_form():
+    assert gaussian_channel_bound(2.0) == pytest.approx(1 / 8)
+    assert gaussian_channel_bound(1.0, dim=1) == pytest.approx(0.5 * math.log(2))
+    assert gaussian_channel_bound(1.0, dim=10**6) == pytest.approx(0.5, rel=1e-5)
+    assert gaussian_channel_bound(0.0) == math.inf
+
+
+def _oracle_mean(sigma: float) -> tuple[float, float, float]:
+    engine, model, opt, loader = make_private(noise=sigma, poisson=False, batch_size=32, n=256)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, views=("private",), estimator=None)
+    train(model, opt, loader, epochs=1)
+    vals = [r.mi["private/oracle"] for r in monitor.history]
+    mean = sum(v.nats for v in vals) / len(vals)
+    return mean, max(v.ci_low for v in vals), vals[0].n
+
+
+def test_private_view_mi_falls_with_noise_and_respects_bounds():
+    means = []
+    for sigma in (0.1, 0.3, 1.0, 3.0):
+        mean, max_ci_low, n = _oracle_mean(sigma)
+        means.append(mean)
+        # never above ln B nor the per-step Gaussian channel bound beyond its CI
+        assert max_ci_low <= min(math.log(n), gaussian_channel_bound(sigma)) + 1e-9
+    assert all(a > b for a, b in zip(means, means[1:])), means
+    assert means[0] > 1.0 and means[-1] < 0.06

@@ -1,0 +1,210 @@
+"""The monitor is a guest: training, accounting and the optimizer are unchanged by it.
+
+References are Opacus itself: the same run without a monitor (bit-for-bit), the engine's own
+``get_epsilon``, and the optimizer's attributes before attaching.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_private, train
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+
+from opacus_mi import LeakageMonitor, MonitoredPrivacyEngine
+
+
+def _run(monitored: bool, *, epochs=2, monitor_kwargs=None, **setup):
+    engine, model, opt, loader = make_private(**setup)
+    monitor = None
+    criterion = nn.CrossEntropyLoss()
+    if monitored:
+        kwargs = {"delta": 1e-5, "views": ("raw", "clipped", "private"), "train_every": 1}
+        kwargs.update(monitor_kwargs or {})
+        monitor = LeakageMonitor(engine, model, opt, **kwargs)
+        criterion = monitor.wrap_criterion(criterion)
+    train(model, opt, loader, epochs=epochs, criterion=criterion)
+    params = [p.detach().clone() for p in model.parameters()]
+    return engine, monitor, params, torch.get_rng_state()
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        {"mode": "hooks"},
+        {"mode": "functorch"},
+        {"mode": "ew", "poisson": False},
+        {"mode": "hooks", "clipping": "per_layer"},
+        {"mode": "hooks", "accountant": "prv"},
+        {"mode": "hooks", "accountant": "gdp"},
+    ],
+    ids=lambda s: "-".join(str(v) for v in s.values()),
+)
+def test_bit_identical_training_and_identical_epsilon(setup):
+    e0, _, p0, rng0 = _run(False, **setup)
+    e1, monitor, p1, rng1 = _run(True, **setup)
+    for a, b in zip(p0, p1, strict=True):
+        assert torch.equal(a, b), "the monitor changed the model parameters"
+    assert torch.equal(rng0, rng1), "the monitor consumed the global RNG"
+    assert e0.accountant.history == e1.accountant.history
+    assert e0.get_epsilon(1e-5) == e1.get_epsilon(1e-5)
+    assert monitor.history and monitor.history[-1].epsilon == e1.get_epsilon(1e-5)
+    # the learned critics trained, and were evaluated on batches they had not seen
+    assert any("clipped/mine" in r.mi for r in monitor.history)
+    assert all("private/oracle" in r.mi for r in monitor.history if r.batch_size > 1)
+
+
+def test_record_epsilon_equals_engine_epsilon_at_every_step():
+    for accountant in ("rdp", "prv"):
+        engine, model, opt, loader = make_private(accountant=accountant, n=64)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+        expected = []
+        train(
+            model,
+            opt,
+            loader,
+            epochs=2,
+            after_step=lambda: expected.append(engine.get_epsilon(1e-5)),
+        )
+        assert [r.epsilon for r in monitor.history] == expected
+        assert [r.step for r in monitor.history] == list(range(len(expected)))
+
+
+def test_accountant_hook_untouched_and_detach_restores_optimizer():
+    engine, model, opt, loader = make_private()
+    before = dict(vars(opt))
+    hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    conv_hooks = dict(model._module.conv._forward_hooks)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=["input", "conv"])
+    assert opt.step_hook is before["step_hook"]
+    train(model, opt, loader)
+    monitor.detach()
+    after = vars(opt)
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before if k not in ("_step_skip_queue",))
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
+    assert dict(model._module.conv._forward_hooks) == conv_hooks
+    steps = monitor.steps
+    train(model, opt, loader)
+    assert monitor.steps == steps  # detached: sees nothing more
+    assert len(engine.accountant.history) and engine.get_epsilon(1e-5) > 0
+
+
+def test_every_monitors_one_step_in_n():
+    engine, model, opt, loader = make_private(poisson=False, batch_size=8)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=3, estimator=None)
+    train(model, opt, loader)
+    assert [r.step for r in monitor.history] == [0, 3, 6, 9]
+    assert monitor.steps == 12
+
+
+def test_batch_memory_manager_every_chunk_seen_and_paired():
+    """Logical batch 32 in physical chunks of 8: records cover all chunks, features paired."""
+    engine, model, opt, loader = make_private(poisson=False, batch_size=32, n=96)
+    seen = []
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, sinks=[seen.append], train_every=1)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    for _ in range(2):
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=opt) as mm:
+            for x, y in mm:
+                opt.zero_grad()
+                criterion(model(x), y).backward()
+                opt.step()
+    assert len(seen) == len(engine.accountant.history and monitor.history) == 6
+    for r in monitor.history:
+        assert r.chunks == 4 and r.batch_size == 32 and not r.flags
+        assert r.mi["private/oracle"].n == 32
+    assert any(r.mi.get("clipped/mine") and r.mi["clipped/mine"].n == 32 for r in monitor.history)
+    assert monitor.steps == 6 == sum(h[2] for h in engine.accountant.history)
+
+
+def test_empty_and_size_one_batches():
+    """Poisson sampling with a tiny rate gives B = 0 and B = 1 steps; both are recorded."""
+    engine, model, opt, loader = make_private(batch_size=1, n=40, poisson=True, seed=2)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    train(model, opt, loader, epochs=3)
+    sizes = [r.batch_size for r in monitor.history]
+    assert 0 in sizes and 1 in sizes
+    for r in monitor.history:
+        if r.batch_size == 0:
+            assert "empty_batch" in r.flags and not r.mi
+        if r.batch_size == 1:
+            # one candidate: I(J; Y) = ln 1 = 0 exactly
+            assert r.mi["private/oracle"].nats == 0.0
+    assert len(monitor.history) == monitor.steps == sum(h[2] for h in engine.accountant.history)
+
+
+def test_monitored_privacy_engine_is_drop_in():
+    engine, model, opt, loader = make_private(
+        engine_cls=MonitoredPrivacyEngine, delta=1e-5, views=("private",), estimator=None
+    )
+    assert isinstance(engine.monitor, LeakageMonitor)
+    train(model, opt, loader)
+    assert engine.monitor.history[-1].epsilon == engine.get_epsilon(1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        make_private(engine_cls=MonitoredPrivacyEngine)
+
+
+def test_monitored_engine_with_epsilon_uses_target_delta():
+    torch.manual_seed(0)
+    from conftest import TinyCNN, make_data
+    from torch.utils.data import DataLoader
+
+    model = TinyCNN()
+    engine = MonitoredPrivacyEngine(accountant="rdp", estimator=None)
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(make_data(64), batch_size=16),
+        target_epsilon=3.0,
+        target_delta=1e-4,
+        epochs=2,
+        max_grad_norm=1.0,
+    )
+    train(model, opt, loader, epochs=2)
+    assert engine.monitor.delta == 1e-4
+    assert engine.monitor.history[-1].epsilon == pytest.approx(engine.get_epsilon(1e-4))
+    assert engine.get_epsilon(1e-4) <= 3.0 + 0.05
+
+
+def test_attach_errors_name_the_argument():
+    engine, model, opt, _ = make_private()
+    with pytest.raises(TypeError, match="optimizer"):
+        LeakageMonitor(engine, model, torch.optim.SGD(model.parameters(), lr=0.1), delta=1e-5)
+    with pytest.raises(TypeError, match="module"):
+        LeakageMonitor(engine, model._module, opt, delta=1e-5)
+    for kwargs, word in [
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1e-5, "every": 0}, "every"),
+        ({"delta": 1e-5, "token_dim": -3}, "token_dim"),
+        ({"delta": 1e-5, "views": ("noisy",)}, "views"),
+        ({"delta": 1e-5, "estimator": "kde"}, "estimator"),
+        ({"delta": 1e-5, "features": ["no_such_layer"]}, "no_such_layer"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            LeakageMonitor(engine, model, opt, **kwargs)
+    LeakageMonitor(engine, model, opt, delta=1e-5)
+    with pytest.raises(ValueError, match="already has a monitor"):
+        LeakageMonitor(engine, model, opt, delta=1e-5)
+
+
+def test_ghost_mode_is_a_clear_error():
+    torch.manual_seed(0)
+    from conftest import TinyCNN, make_data
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    model = TinyCNN()
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, criterion, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(make_data(32), batch_size=8),
+        criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode="ghost",
+    )
+    with pytest.raises(ValueError, match="ghost"):
+        LeakageMonitor(engine, model, opt, delta=1e-5)

@@ -1,0 +1,94 @@
+"""Gradient views and privacy tokens against Opacus itself and dense linear algebra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_private
+
+from opacus_mi.tokens import CountSketchTokenizer
+from opacus_mi.views import clip_factors, clipped_grad_samples, clipped_gram
+
+
+def _one_backward(opt, model, loader):
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    return x
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("clip", [0.05, 1.0, 100.0])
+def test_clipped_view_sums_to_opacus_summed_grad(clipping, clip):
+    _, model, opt, loader = make_private(clipping=clipping, clip=clip, poisson=False)
+    _one_backward(opt, model, loader)
+    gs = [g.clone() for g in opt.grad_samples]
+    bound = opt.max_grad_norms if clipping == "per_layer" else opt.max_grad_norm
+    views = clipped_grad_samples(gs, clip_factors(gs, bound))
+    opt.clip_and_accumulate()  # Opacus's own clipping, the reference
+    for p, v in zip(opt.params, views, strict=True):
+        torch.testing.assert_close(v.sum(0), p.summed_grad, rtol=1e-5, atol=1e-7)
+    # every clipped per-sample gradient respects its bound (flat: whole vector, per layer: each)
+    if clipping == "flat":
+        norms = torch.stack([v.flatten(1).norm(dim=1) for v in views], 1).norm(dim=1)
+        assert (norms <= clip * (1 + 1e-5)).all()
+    else:
+        for v in views:
+            assert (v.flatten(1).norm(dim=1) <= clip * (1 + 1e-5)).all()
+
+
+def test_gram_matches_dense_clipped_gradients():
+    _, model, opt, loader = make_private(clip=0.1, poisson=False)
+    _one_backward(opt, model, loader)
+    gs = opt.grad_samples
+    clip = clip_factors(gs, opt.max_grad_norm)
+    dense = torch.cat([v.flatten(1) for v in clipped_grad_samples(gs, clip)], 1).double()
+    torch.testing.assert_close(clipped_gram(gs, clip), dense @ dense.T, rtol=1e-5, atol=1e-9)
+
+
+def test_empty_batch_clip_factors():
+    gs = [torch.zeros(0, 3, 2), torch.zeros(0, 2)]
+    assert clip_factors(gs, 1.0).factors.shape == (0,)
+    assert clip_factors(gs, [1.0, 1.0]).factors.shape == (0, 2)
+    with pytest.raises(ValueError, match="one bound per trainable parameter"):
+        clip_factors(gs, [1.0])
+
+
+@pytest.mark.parametrize("numel,k", [(1000, 64), (64, 64), (10, 64), (130, 7)])
+def test_sketch_rows_are_orthonormal_and_match_dense(numel, k):
+    tok = CountSketchTokenizer([(numel,)], k, seed=3)
+    s = tok.dense_matrix(0)
+    assert s.shape == (min(k, numel), numel)
+    torch.testing.assert_close(s @ s.T, torch.eye(s.shape[0], dtype=torch.float64))
+    g = torch.randn(5, numel, dtype=torch.float64)
+    torch.testing.assert_close(tok.sketch_layer(0, g), g @ s.T)
+
+
+def test_sketch_of_isotropic_noise_is_isotropic():
+    """Orthonormal rows: S xi ~ N(0, I_k), the fact the private view's token noise relies on."""
+    tok = CountSketchTokenizer([(500,)], 16, seed=0)
+    xi = torch.randn(20000, 500, generator=torch.Generator().manual_seed(1))
+    cov = torch.cov(tok.sketch_layer(0, xi).T)
+    torch.testing.assert_close(cov, torch.eye(16), atol=0.05, rtol=0)
+
+
+def test_sketch_deterministic_per_seed_and_state_linear_in_params():
+    shapes = [(32, 16, 3, 3), (32,), (10, 512)]
+    a, b, c = (CountSketchTokenizer(shapes, 64, seed=s) for s in (5, 5, 6))
+    g = [torch.randn(4, *s) for s in shapes]
+    for x, y in zip(a.sketch(g), b.sketch(g), strict=True):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.sketch(g)[0], c.sketch(g)[0])
+    params = sum(torch.Size(s).numel() for s in shapes)
+    small = CountSketchTokenizer(shapes, 8).state_bytes()
+    big = CountSketchTokenizer(shapes, 512).state_bytes()
+    assert small == big <= 16 * params  # O(P) state whatever token_dim is: no P x k matrix
+
+
+def test_sketch_is_linear_so_clipped_token_is_scaled_raw_token():
+    tok = CountSketchTokenizer([(7, 9)], 16, seed=0)
+    g = torch.randn(6, 7, 9, dtype=torch.float64)
+    c = torch.rand(6, dtype=torch.float64)
+    torch.testing.assert_close(
+        tok.sketch_layer(0, c.view(-1, 1, 1) * g), c[:, None] * tok.sketch_layer(0, g)
+    )
