@@ -24,7 +24,7 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
     return mean_with_ci(values)
 
 
-def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: int = 110) -> str:
+def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: int = 132) -> str:
     """Render the leakage table: one row per MI series, averaged over the last records.
 
     ``last`` value is the latest held-out estimate with its bootstrap CI; ``mean`` averages the
@@ -47,27 +47,32 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
         ),
         title_justify="left",
     )
-    for col in (
+    columns = (
         "view / estimator",
         "last [95% CI]",
         f"mean of last {len(tail)} [95% CI]",
         "shuffled",
+        "detected",
         "ln B",
         "bound/step",
-    ):
+    )
+    for col in columns:
         table.add_column(col, justify="left" if col.startswith("view") else "right")
     for key in keys:
-        latest = next((r for r in reversed(records) if key in r.mi), None)
+        latest = next(r for r in reversed(records) if key in r.mi)
         v = latest.mi[key]
         mean, lo, hi = _mean_ci([r.mi[key].nats for r in tail if key in r.mi])
-        mism = [
-            r.mi[key].mismatched for r in tail if key in r.mi and r.mi[key].mismatched is not None
-        ]
+        mism = [r.mi[key].mismatched for r in tail if key in r.mi]
+        mism_mean = _mean_ci([m for m in mism if m is not None])[0]
+        # Leakage is only claimed when the interval clears zero and the shuffled control.
+        floor = max(0.0, mism_mean) if math.isfinite(mism_mean) else 0.0
+        detected = "yes" if math.isfinite(lo) and lo > floor else "no"
         table.add_row(
             key,
             f"{_fmt(v.nats)} [{_fmt(v.ci_low)}, {_fmt(v.ci_high)}]",
             f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]",
-            _fmt(_mean_ci(mism)[0]) if mism else "-",
+            _fmt(mism_mean),
+            detected,
             _fmt(math.log(v.n)) if v.n > 0 else "-",
             _fmt(latest.mi_bound) if key.startswith("private") else "-",
         )
@@ -75,7 +80,11 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
     text = buf.getvalue().rstrip()
-    text += "\nnats; lower bounds from held-out pairs (never trained on)."
+    text += (
+        "\nnats per example per step; learned rows are lower bounds on pairs the critic never"
+        "\ntrained on; 'detected' needs the CI over steps above 0 and above the shuffled control;"
+        "\nbound/step = 1/(2 sigma^2), the Gaussian channel limit of one private release."
+    )
     if flagged:
         text += f"\nflags seen: {', '.join(flagged)}"
     return text

@@ -51,7 +51,7 @@ class OnlineEstimator:
         *,
         window: int = 4096,
         train_every: int = 2,
-        train_iters: int = 8,
+        train_iters: int = 4,
         batch_size: int = 256,
         lr: float = 1e-3,
         hidden: int = 128,
@@ -89,7 +89,7 @@ class OnlineEstimator:
             generator=self.generator,
             device=self.device,
         )
-        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr)
+        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr, foreach=True)
         self.loss = MineLoss()
         self._x = self._y = None
         self.updates = 0
@@ -139,7 +139,8 @@ class OnlineEstimator:
         """A few critic steps on minibatches of the window; returns the last training bound."""
         assert self.critic is not None and self.optimizer is not None
         self.critic.train()
-        self.critic.fit_scaler(self._x, self._y)
+        # Standardise with the most recent pairs: gradient scales drift as training goes on.
+        self.critic.fit_scaler(self._x[-1024:], self._y[-1024:])
         n = self._x.shape[0]
         bs = min(self.batch_size, n)
         last = math.nan

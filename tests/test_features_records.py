@@ -1,0 +1,141 @@
+"""Data features, labels, records and sinks: paired with the right gradients, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from conftest import make_private, train
+from torch import nn
+
+from opacus_mi import LeakageMonitor, LeakageRecord, read_jsonl
+from opacus_mi.features import pool_features
+
+
+def test_pool_features_caps_dimension_and_keeps_small_inputs():
+    x = torch.randn(3, 3, 64, 64)
+    pooled = pool_features(x)
+    assert pooled.shape[0] == 3 and pooled.shape[1] <= 1024
+    # spatial average pooling: a constant image stays constant
+    torch.testing.assert_close(
+        pool_features(torch.ones(2, 3, 64, 64)), torch.ones(2, pooled.shape[1])
+    )
+    small = torch.randn(4, 1, 6, 6)
+    assert torch.equal(pool_features(small), small.reshape(4, 36))
+    assert pool_features(torch.randn(2, 5000)).shape == (2, 1024)
+
+
+def _capture_features(monitor, model, opt, loader, criterion):
+    got = []
+    original = monitor._capture.features
+
+    def spy(captures, batch):
+        out = original(captures, batch)
+        got.append((captures, out))
+        return out
+
+    monitor._capture.features = spy
+    train(model, opt, loader, criterion=criterion)
+    return got
+
+
+def test_default_features_are_inputs_plus_one_hot_labels():
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    got = _capture_features(
+        monitor, model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss())
+    )
+    x, y = next(iter(loader))
+    captures, feats = got[0]
+    assert feats.shape == (16, 36 + 3)
+    assert torch.equal(feats[:, :36], x.reshape(16, 36))
+    assert torch.equal(feats[:, 36:], nn.functional.one_hot(y, 3).float())
+
+
+def test_named_layers_and_callable_features_come_from_the_same_forward():
+    engine, model, opt, loader = make_private(poisson=False)
+    calls = []
+    model._module.conv.register_forward_hook(lambda *a: calls.append(1))
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, features=["conv"])
+    got = _capture_features(monitor, model, opt, loader, nn.CrossEntropyLoss())
+    assert len(calls) == len(loader)  # no extra forward pass
+    x, _ = next(iter(loader))
+    with torch.no_grad():
+        expected = model._module.conv.__class__.forward(model._module.conv, x)  # reference
+    assert got[0][1].shape == (16, 4 * 4 * 4)
+    assert got[0][1].shape == expected.flatten(1).shape
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        estimator=None,
+        features=lambda x: x.mean(dim=(1, 2, 3))[:, None],
+    )
+    got = _capture_features(monitor, model, opt, loader, nn.CrossEntropyLoss())
+    x, _ = next(iter(loader))
+    torch.testing.assert_close(got[0][1], x.mean(dim=(1, 2, 3))[:, None])
+
+
+def test_jsonl_sink_appends_and_flushes_every_record(tmp_path):
+    path = tmp_path / "records.jsonl"
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=str(path), train_every=1)
+    lines_seen = []
+    train(
+        model,
+        opt,
+        loader,
+        epochs=2,
+        after_step=lambda: lines_seen.append(len(path.read_text().splitlines())),
+    )
+    assert lines_seen == list(range(1, len(lines_seen) + 1))  # on disk right after each step
+    back = read_jsonl(path)
+    assert [r.as_dict() for r in back] == [r.as_dict() for r in monitor.history]
+    for line in path.read_text().splitlines():
+        d = json.loads(line)  # strict JSON: NaN/Inf are stored as null
+        assert {"step", "epsilon", "mi", "noise_multiplier", "monitor_seconds"} <= d.keys()
+
+
+def test_record_contents_and_summary():
+    engine, model, opt, loader = make_private(poisson=False, noise=0.5, clip=2.0)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    train(model, opt, loader, epochs=3, criterion=criterion)
+    r = monitor.history[-1]
+    assert isinstance(r, LeakageRecord)
+    assert (r.batch_size, r.noise_multiplier, r.max_grad_norm) == (16, 0.5, 2.0)
+    assert r.sample_rate == engine.accountant.history[-1][1]
+    assert r.mi_bound == 1 / (2 * 0.5**2)
+    assert r.monitor_seconds > 0
+    for key in ("clipped/mine", "private/mine", "private/oracle"):
+        v = r.mi[key]
+        assert v.ci_low <= v.nats <= v.ci_high and v.n == 16
+    assert r.mi["private/oracle"].nats <= math.log(16)
+    text = monitor.summary()
+    for word in ("private/oracle", "clipped/mine", "epsilon", f"{r.epsilon:.3f}"):
+        assert word in text
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(split: bool):
+        engine, model, opt, loader = make_private(poisson=False)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+        crit = monitor.wrap_criterion(nn.CrossEntropyLoss())
+        train(model, opt, loader, criterion=crit)
+        if split:
+            state = monitor.state_dict()
+            monitor.detach()
+            monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+            monitor.load_state_dict(state)
+            crit = monitor.wrap_criterion(nn.CrossEntropyLoss())
+        train(model, opt, loader, criterion=crit)
+        return [r.as_dict() for r in monitor.history]
+
+    a, b = run(False), run(True)
+    for ra, rb in zip(a, b, strict=True):
+        ra.pop("monitor_seconds"), rb.pop("monitor_seconds")
+        assert ra == rb
