@@ -33,10 +33,10 @@ import torch
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
-from .accounting import EpsilonTracker, sample_rate_of
+from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
 from .estimators.bounds import BOUNDS, bootstrap_counts, percentile_interval
 from .estimators.online import OnlineEstimator
-from .estimators.oracle import gaussian_channel_bound, gram_oracle
+from .estimators.oracle import gram_oracle
 from .features import FeatureCapture, FeatureFn
 from .records import JsonlSink, LeakageRecord, MIValue
 from .tokens import CountSketchTokenizer
@@ -170,6 +170,7 @@ class LeakageMonitor:
                     device=self.device,
                 )
         self.epsilon = EpsilonTracker(engine.accountant, self.delta)
+        self.mi_accountant = MIAccountant(engine.accountant)
         self.history: list[LeakageRecord] = []
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
         self._jsonl = JsonlSink(jsonl) if jsonl else None
@@ -325,6 +326,7 @@ class LeakageMonitor:
             epsilon=self.epsilon.epsilon(),
             delta=self.delta,
             mi_bound=gaussian_channel_bound(sigma) if "private" in self.views else None,
+            mi_upper_bound=self.mi_accountant.bound(),
             chunks=len(chunks),
             flags=flags,
         )
@@ -356,6 +358,11 @@ class LeakageMonitor:
             record.mi["private/oracle"] = MIValue(
                 nats=float(all_terms.mean()), ci_low=lo, ci_high=hi, n=n
             )
+        for key, value in record.mi.items():
+            # A per-step private-view estimate above the channel bound beyond its CI is a bug.
+            if key.startswith("private/") and record.mi_bound is not None:
+                if value.ci_low > record.mi_bound + 1e-9:
+                    record.flags.append(f"exceeds_bound:{key}")
         record.monitor_seconds = self._chunk_seconds + (time.perf_counter() - t0)
         self.history.append(record)
         for sink in self.sinks:

@@ -47,6 +47,7 @@ class LeakageRecord:
     delta: float
     mi: dict[str, MIValue] = field(default_factory=dict)  # key: "view/estimator"
     mi_bound: float | None = None  # per-step Gaussian channel bound of the private view
+    mi_upper_bound: float | None = None  # MI accountant: cumulative bound for one example
     chunks: int = 1
     monitor_seconds: float = 0.0
     flags: list[str] = field(default_factory=list)

@@ -44,6 +44,11 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
             f"opacus-mi leakage after step {final.step} - epsilon {final.epsilon:.3f} at "
             f"delta {final.delta:g} (sigma {final.noise_multiplier:g}, C {final.max_grad_norm:g}, "
             f"q {final.sample_rate:.4g})"
+            + (
+                f"; MI accountant: any one example has leaked <= {final.mi_upper_bound:.4g} nats"
+                if final.mi_upper_bound is not None
+                else ""
+            )
         ),
         title_justify="left",
     )
@@ -77,6 +82,8 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
             _fmt(latest.mi_bound) if key.startswith("private") else "-",
         )
     flagged = sorted({f for r in records for f in r.flags})
+    if any(f.startswith("exceeds_bound") for f in flagged):
+        flagged.insert(0, "BUG? an estimate exceeded its bound beyond its CI")
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
     text = buf.getvalue().rstrip()

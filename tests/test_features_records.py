@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from conftest import make_private, train
 from torch import nn
 
-from opacus_mi import LeakageMonitor, LeakageRecord, read_jsonl
+from opacus_mi import LeakageMonitor, LeakageRecord, mi_upper_bound, read_jsonl
 from opacus_mi.features import pool_features
 
 
@@ -110,6 +111,7 @@ def test_record_contents_and_summary():
     assert (r.batch_size, r.noise_multiplier, r.max_grad_norm) == (16, 0.5, 2.0)
     assert r.sample_rate == engine.accountant.history[-1][1]
     assert r.mi_bound == 1 / (2 * 0.5**2)
+    assert r.mi_upper_bound == pytest.approx(mi_upper_bound(0.5, r.sample_rate, r.step + 1))
     assert r.monitor_seconds > 0
     for key in ("clipped/mine", "private/mine", "private/oracle"):
         v = r.mi[key]

@@ -3,7 +3,7 @@
 from .bounds import BOUNDS, dv_bound, infonce_bound
 from .estimate import MIEstimate, estimate_mi
 from .online import OnlineEstimator
-from .oracle import gaussian_channel_bound, gram_oracle
+from .oracle import gram_oracle
 
 __all__ = [
     "BOUNDS",
@@ -11,7 +11,6 @@ __all__ = [
     "OnlineEstimator",
     "dv_bound",
     "estimate_mi",
-    "gaussian_channel_bound",
     "gram_oracle",
     "infonce_bound",
 ]

@@ -74,17 +74,3 @@ def gram_oracle(
         logits = (2 * inner - sq[None, :]) / var2
         terms += logits.diagonal() - torch.logsumexp(logits, dim=1)
     return OracleResult(terms=terms / draws + math.log(b), batch_size=b)
-
-
-def gaussian_channel_bound(noise_multiplier: float, dim: int | None = None) -> float:
-    """Per-step leakage bound of one example's private view, in nats.
-
-    A release ``g + N(0, sigma^2 C^2 I_k)`` with ``|g| <= C`` carries at most
-    ``(k/2) ln(1 + 1/(k sigma^2)) <= 1/(2 sigma^2)`` nats (Gaussian channel capacity under the
-    clipping power constraint); ``dim=None`` gives the dimension-free limit.
-    """
-    if noise_multiplier <= 0:
-        return math.inf
-    if dim is None:
-        return 1.0 / (2.0 * noise_multiplier**2)
-    return dim / 2.0 * math.log1p(1.0 / (dim * noise_multiplier**2))

@@ -1,0 +1,88 @@
+"""MI accountant and epsilon tracking against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from opacus_mi import MIAccountant, gaussian_channel_bound, mi_upper_bound, pure_dp_mi_bound
+from opacus_mi.accounting import EpsilonTracker, step_kl
+
+
+def _kl_trapezoid(s: float, q: float) -> float:
+    """Reference: KL(P || Q) = int p log(p/q) on a fine grid, written independently."""
+    x = np.linspace(-12 * s - 1, 12 * s + 2, 400_001)
+    norm = lambda mu: np.exp(-((x - mu) ** 2) / (2 * s * s)) / (s * math.sqrt(2 * math.pi))  # noqa: E731
+    p = (1 - q) * norm(0.0) + q * norm(1.0)
+    qd = norm(0.0)
+    integrand = np.where(p > 0, p * (np.log(p) - np.log(qd)), 0.0)
+    return float(np.trapezoid(integrand, x))
+
+
+def _kl_monte_carlo(s: float, q: float, n: int = 2_000_000) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, s, n) + (rng.random(n) < q)
+    lr = np.logaddexp(math.log1p(-q), math.log(q) + (2 * x - 1) / (2 * s * s))
+    return float(lr.mean()), float(lr.std() / math.sqrt(n))
+
+
+@pytest.mark.parametrize("s,q", [(1.0, 0.005), (1.0, 0.1), (0.5, 0.05), (2.0, 0.3), (0.8, 0.9)])
+def test_step_kl_matches_quadrature_and_monte_carlo(s, q):
+    got = step_kl(s, q)
+    assert got == pytest.approx(_kl_trapezoid(s, q), rel=1e-4, abs=1e-9)
+    mc, se = _kl_monte_carlo(s, q)
+    assert abs(got - mc) <= 5 * se + 1e-7
+
+
+def test_step_kl_limits():
+    assert step_kl(1.7, 1.0) == pytest.approx(1 / (2 * 1.7**2))
+    assert step_kl(1.0, 0.0) == 0.0
+    assert step_kl(0.0, 0.01) == math.inf  # no noise: no finite bound
+    assert mi_upper_bound(0.0, 0.01, 10) == math.inf
+    # small q: chi-square approximation (q^2 / 2)(e^{1/s^2} - 1)
+    s, q = 1.5, 1e-3
+    assert step_kl(s, q) == pytest.approx(q * q / 2 * math.expm1(1 / s**2), rel=0.01)
+    # KL of the mixture never exceeds the q = 1 Gaussian shift (convexity)
+    for q in (0.01, 0.3, 0.99):
+        assert step_kl(0.7, q) <= 1 / (2 * 0.7**2)
+    with pytest.raises(ValueError, match="sample_rate"):
+        step_kl(1.0, 1.5)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        step_kl(-1.0, 0.5)
+
+
+def test_mi_upper_bound_composes_over_steps_and_follows_changing_history():
+    assert mi_upper_bound(1.0, 0.01, 500) == pytest.approx(500 * step_kl(1.0, 0.01))
+    acc = RDPAccountant()
+    for _ in range(30):
+        acc.step(noise_multiplier=1.0, sample_rate=0.02)
+    for _ in range(20):
+        acc.step(noise_multiplier=2.0, sample_rate=0.05)
+    expected = 30 * _kl_trapezoid(1.0, 0.02) + 20 * _kl_trapezoid(2.0, 0.05)
+    assert MIAccountant(acc).bound() == pytest.approx(expected, rel=1e-4)
+    standalone = MIAccountant()
+    for _ in range(3):
+        standalone.step(noise_multiplier=1.0, sample_rate=0.02)
+    assert standalone.history == [(1.0, 0.02, 3)]
+    assert standalone.bound() == pytest.approx(3 * step_kl(1.0, 0.02))
+
+
+def test_pure_dp_and_gaussian_channel_bounds():
+    assert pure_dp_mi_bound(0.5) == 0.125 and pure_dp_mi_bound(3.0) == 3.0
+    assert gaussian_channel_bound(1.0, dim=4) == pytest.approx(2 * math.log(1.25))
+    # the k-dim channel bound increases with k towards 1/(2 sigma^2)
+    vals = [gaussian_channel_bound(0.8, dim=k) for k in (1, 10, 1000)]
+    assert vals == sorted(vals) and vals[-1] < gaussian_channel_bound(0.8)
+
+
+def test_epsilon_tracker_equals_opacus_with_changing_noise():
+    acc = RDPAccountant()
+    tracker = EpsilonTracker(acc, 1e-5)
+    for step in range(60):
+        acc.step(noise_multiplier=1.0 if step < 30 else 1.3, sample_rate=0.03)
+        if step % 7 == 0:
+            assert tracker.epsilon() == acc.get_epsilon(1e-5)
+    assert tracker.epsilon() == acc.get_epsilon(1e-5)
