@@ -1,0 +1,281 @@
+"""``opacus-mi``: train with DP-SGD and watch the measured leakage next to epsilon.
+
+Subcommands:
+
+* ``opacus-mi run``: one monitored run; prints the leakage table, accuracy and epsilon, and
+  writes records, CSV, plots and ``report.html`` into ``--out``.
+* ``opacus-mi sweep --noise-multipliers 0.5 1 2 4`` (or ``--target-epsilons``): one run per
+  setting in ``<out>/sigma_<v>/`` (``eps_<v>/``) plus ``sweep.csv``, ``sweep.png`` and a report.
+* ``opacus-mi report OUTDIR``: re-render a run (``records.jsonl``) or sweep (``sweep.csv``).
+
+Errors in arguments, data or output folders end in one ``opacus-mi: error: ...`` line on stderr
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .data import DATASETS, DataRootError
+from .models import MODELS
+from .training import (
+    ACCOUNTANTS,
+    ESTIMATORS,
+    VIEW_CHOICES,
+    MissingDependencyError,
+    RunConfig,
+)
+
+PROG = "opacus-mi"
+_DEFAULTS = RunConfig()
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    data = p.add_argument_group("data and model")
+    data.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data set")
+    data.add_argument(
+        "--data-root",
+        default=d.data_root,
+        metavar="DIR",
+        help="folder with the torchvision layout (cifar10, celeba); nothing is downloaded",
+    )
+    data.add_argument(
+        "--fake-size",
+        type=int,
+        default=d.fake_size,
+        metavar="N",
+        help="number of training images of --dataset fake",
+    )
+    data.add_argument("--model", choices=MODELS, default=d.model, help="model architecture")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    train.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="expected (Poisson) batch size"
+    )
+    train.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    train.add_argument(
+        "--max-grad-norm", type=float, default=d.max_grad_norm, help="per-sample clipping bound C"
+    )
+    train.add_argument("--delta", type=float, default=d.delta, help="delta of (epsilon, delta)")
+    train.add_argument(
+        "--accountant", choices=ACCOUNTANTS, default=d.accountant, help="Opacus accountant"
+    )
+    train.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
+    train.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="CPU threads for torch (default: 1 for small models on CPU, else torch's default)",
+    )
+
+    mon = p.add_argument_group("leakage monitor")
+    mon.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default=d.estimator,
+        help="learned MI estimator per view ('none': only the private-view oracle)",
+    )
+    mon.add_argument(
+        "--views",
+        nargs="+",
+        choices=VIEW_CHOICES,
+        default=list(d.views),
+        help="gradient views to measure",
+    )
+    mon.add_argument(
+        "--token-dim", type=int, default=d.token_dim, help="count-sketch dimensions per tensor"
+    )
+    mon.add_argument("--every", type=int, default=d.every, help="monitor one step in EVERY")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
+    out.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log TensorBoard scalars to <out>/tensorboard (needs tensorboard)",
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``opacus-mi`` argument parser (subcommands run, sweep, report)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Measure, live, how much each DP-SGD step of an Opacus training run leaks "
+            "(mutual information in nats), next to the accountant's epsilon."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="train once with the leakage monitor",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train once with DP-SGD and the leakage monitor attached.",
+    )
+    noise = run.add_mutually_exclusive_group()
+    noise.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=_DEFAULTS.noise_multiplier,
+        help="noise multiplier sigma",
+    )
+    noise.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help="calibrate sigma to reach this epsilon after --epochs",
+    )
+    _add_training_options(run)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="one run per noise multiplier or target epsilon",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="One monitored run per setting; tabulates MI and accuracy against epsilon.",
+    )
+    grid = sweep.add_mutually_exclusive_group(required=True)
+    grid.add_argument(
+        "--noise-multipliers", type=float, nargs="+", metavar="SIGMA", help="noise multipliers"
+    )
+    grid.add_argument(
+        "--target-epsilons", type=float, nargs="+", metavar="EPS", help="target epsilons"
+    )
+    _add_training_options(sweep)
+
+    report = sub.add_parser(
+        "report",
+        help="re-render table, plots and report.html of a run or sweep folder",
+        description="Re-render from OUTDIR/records.jsonl (a run) or OUTDIR/sweep.csv (a sweep).",
+    )
+    report.add_argument("outdir", metavar="OUTDIR", help="folder written by run or sweep")
+    return parser
+
+
+def _config(args: argparse.Namespace, **overrides) -> RunConfig:
+    cfg = RunConfig(
+        dataset=args.dataset,
+        data_root=args.data_root,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        noise_multiplier=getattr(args, "noise_multiplier", _DEFAULTS.noise_multiplier),
+        target_epsilon=getattr(args, "target_epsilon", None),
+        max_grad_norm=args.max_grad_norm,
+        delta=args.delta,
+        accountant=args.accountant,
+        estimator=args.estimator,
+        views=tuple(args.views),
+        token_dim=args.token_dim,
+        every=args.every,
+        device=args.device,
+        seed=args.seed,
+        out=args.out,
+        tensorboard=args.tensorboard,
+        fake_size=args.fake_size,
+        threads=args.threads,
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg.validate()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .training import train_and_monitor
+
+    cfg = _config(args)
+    result = train_and_monitor(cfg, progress=not args.no_progress)
+    print(result.summary)
+    print(f"files written to {result.out_dir}/:")
+    extra = ("records.jsonl", "config.json", "result.json")
+    for f in [result.out_dir / name for name in extra] + result.files:
+        print(f"  {f.name}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .training import run_sweep
+
+    cfg = _config(args)
+    rows, table, files = run_sweep(
+        cfg,
+        noise_multipliers=args.noise_multipliers,
+        target_epsilons=args.target_epsilons,
+        progress=not args.no_progress,
+    )
+    print(table)
+    out = Path(cfg.out)
+    print(f"files written to {out}/: " + ", ".join(f.name for f in files))
+    print("runs: " + ", ".join(f"{r['setting']}/" for r in rows))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .training import prepare_out_dir, rerender_run, rerender_sweep
+
+    out = Path(args.outdir)
+    if not out.is_dir():
+        raise ValueError(f"OUTDIR {str(out)!r} is not a folder")
+    if (out / "records.jsonl").is_file():
+        prepare_out_dir(out)
+        text, files = rerender_run(out)
+    elif (out / "sweep.csv").is_file():
+        prepare_out_dir(out)
+        text, files = rerender_sweep(out)
+    else:
+        raise ValueError(
+            f"OUTDIR {str(out)!r} has neither records.jsonl (a run) nor sweep.csv (a sweep)"
+        )
+    print(text)
+    print(f"re-rendered in {out}/: " + ", ".join(f.name for f in files))
+    return 0
+
+
+def _error(message: str) -> int:
+    line = " ".join(str(message).split())
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``opacus-mi`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage and its one-line error
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    commands = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report}
+    with warnings.catch_warnings():
+        # Opacus and torch are chatty (secure RNG, non-full backward hooks, optimal RDP order);
+        # the monitor's own RuntimeWarnings stay visible.
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            return commands[args.command](args)
+        except DataRootError as err:
+            return _error(err)
+        except MissingDependencyError as err:
+            return _error(err)
+        except (ValueError, TypeError) as err:
+            return _error(err)
+        except PermissionError as err:
+            return _error(f"permission denied: {err}")
+        except OSError as err:
+            return _error(err)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""A single self-contained ``report.html``: settings, results, the summary table, embedded plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+EXPLANATION = """
+<ul>
+<li><b>Units.</b> Every mutual-information (MI) figure is in <b>nats</b> (1 nat = 1.443 bits),
+measured per DP-SGD step: how much one step's gradient view tells about which example of the
+batch produced it, paired with that example's data.</li>
+<li><b>view / estimator.</b> <code>raw</code> = per-sample gradients before clipping,
+<code>clipped</code> = after clipping to the max grad norm, <code>private</code> = clipped plus
+Opacus's Gaussian noise (what DP-SGD releases). <code>mine</code> / <code>infonce</code> are
+learned critics; <code>private/oracle</code> is the white-box Bayes oracle for the private view,
+computed exactly from the Gram matrix of the clipped gradients.</li>
+<li><b>last / mean [95% CI].</b> Learned estimates are <b>lower bounds evaluated on held-out
+pairs</b> the critic never trained on, with bootstrap intervals; the mean averages the last records
+with an interval across steps.</li>
+<li><b>shuffled.</b> The same critic on <b>shuffled (mismatched) pairs</b>: a control showing
+what the estimator reports when there is nothing to find. A real signal sits well above it.</li>
+<li><b>detected.</b> Where shown: "yes" when the interval over steps lies above 0 and above the
+shuffled control.</li>
+<li><b>ln B.</b> The log of the batch size: no batch-contrastive bound can exceed it.</li>
+<li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats, the capacity-style bound of one use of the
+Gaussian channel with noise multiplier sigma (signal norm at most C, noise std sigma*C). The
+private view's MI per step cannot exceed it; epsilon composes the whole run instead.</li>
+</ul>
+"""
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
+table.kv { border-collapse: collapse; }
+table.kv td, table.kv th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }
+table.kv th { background: #f3f3f3; font-weight: 600; }
+pre { background: #f7f7f7; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto;
+      font-size: 0.85em; line-height: 1.25; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+footer { margin-top: 2em; color: #777; font-size: 0.85em; }
+"""
+
+
+def _kv_table(items: Mapping[str, Any]) -> str:
+    rows = "\n".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_show(v))}</td></tr>"
+        for k, v in items.items()
+    )
+    return f'<table class="kv">\n{rows}\n</table>'
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v)
+    return str(v)
+
+
+def image_data_uri(path: str | os.PathLike) -> str:
+    """``data:image/png;base64,...`` for a PNG file."""
+    data = Path(path).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def write_html(
+    out_dir: str | os.PathLike,
+    *,
+    title: str,
+    settings: Mapping[str, Any],
+    table: str | None = None,
+    table_html: str | None = None,
+    images: Sequence[str | os.PathLike] = (),
+    results: Mapping[str, Any] | None = None,
+    filename: str = "report.html",
+) -> Path:
+    """Write a self-contained ``<out_dir>/report.html`` and return its path.
+
+    ``table`` is a text table (escaped, shown preformatted); ``table_html`` is trusted HTML used
+    as is. ``images`` are PNG files embedded as base64 data URIs, so the file needs nothing else.
+    """
+    out = Path(out_dir)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if results:
+        parts += ["<h2>Results</h2>", _kv_table(results)]
+    parts.append("<h2>Leakage summary</h2>")
+    if table_html is not None:
+        parts.append(table_html)
+    if table is not None:
+        parts.append(f"<pre>{html.escape(table)}</pre>")
+    if table is None and table_html is None:
+        parts.append("<p>No table.</p>")
+    parts += ["<h2>What the columns mean</h2>", EXPLANATION]
+    if images:
+        parts.append("<h2>Plots</h2>")
+        for img in images:
+            name = html.escape(Path(img).name)
+            parts.append(f'<figure><img alt="{name}" src="{image_data_uri(img)}">')
+            parts.append(f"<figcaption>{name}</figcaption></figure>")
+    if settings:
+        parts += ["<h2>Settings</h2>", _kv_table(settings)]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    parts.append(f"<footer>Generated by opacus-mi on {html.escape(stamp)}.</footer>")
+    parts.append("</body></html>")
+    path = out / filename
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path

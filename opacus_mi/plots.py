@@ -1,0 +1,207 @@
+"""PNG plots of leakage records and sweeps (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .records import LeakageRecord  # noqa: E402
+
+
+def _finite(x: Any) -> float:
+    if x is None:
+        return math.nan
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return x if math.isfinite(x) else math.nan
+
+
+def _keys(records: Sequence[LeakageRecord]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records:
+        for k in r.mi:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
+    """MI (nats) per series against step, with its 95% CI band, the per-step bound and ln B.
+
+    The bound ``1/(2 sigma^2)`` (``LeakageRecord.mi_bound``) is dashed when present; ``ln B``
+    (log of the batch size, the ceiling of any batch-contrastive bound) is dotted.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in _keys(records):
+        pts = [(r.step, r.mi[key]) for r in records if key in r.mi]
+        steps = [s for s, _ in pts]
+        nats = [_finite(v.nats) for _, v in pts]
+        lo = [_finite(v.ci_low) for _, v in pts]
+        hi = [_finite(v.ci_high) for _, v in pts]
+        (line,) = ax.plot(steps, nats, label=key, linewidth=1.3)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    bound = [(r.step, _finite(r.mi_bound)) for r in records if r.mi_bound is not None]
+    if bound:
+        ax.plot(
+            [s for s, _ in bound],
+            [b for _, b in bound],
+            linestyle="--",
+            color="black",
+            linewidth=1.2,
+            label="bound/step 1/(2 sigma^2)",
+        )
+    ln_b = [(r.step, math.log(r.batch_size)) for r in records if r.batch_size > 0]
+    if ln_b:
+        ax.plot(
+            [s for s, _ in ln_b],
+            [v for _, v in ln_b],
+            linestyle=":",
+            color="gray",
+            linewidth=1.2,
+            label="ln B (batch ceiling)",
+        )
+    _robust_ylim(ax, records)
+    ax.axhline(0.0, color="lightgray", linewidth=0.8, zorder=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mutual information (nats)")
+    ax.set_title("Measured leakage per DP-SGD step (held-out lower bounds, 95% CI)")
+    if not records:
+        ax.text(0.5, 0.5, "no monitored steps", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _robust_ylim(ax, records: Sequence[LeakageRecord]) -> None:
+    """Keep the informative range in view: learned lower bounds can dip far below zero.
+
+    Values below ``-max(1, top / 4)`` nats (they only say "nothing detected") are cut off,
+    with a note, so that a few very negative estimates do not flatten every other line.
+    """
+    values = [
+        _finite(x) for r in records for v in r.mi.values() for x in (v.nats, v.ci_low, v.ci_high)
+    ]
+    values += [_finite(r.mi_bound) for r in records]
+    values += [math.log(r.batch_size) for r in records if r.batch_size > 0]
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return
+    top = max(max(values), 0.1)
+    floor = -max(1.0, top / 4)
+    low = min(values)
+    pad = 0.05 * (top - max(low, floor))
+    if low < floor:
+        ax.set_ylim(floor, top + pad)
+        ax.text(
+            0.01,
+            0.01,
+            f"axis cut at {floor:.2f} nats; lower values mean nothing detected",
+            transform=ax.transAxes,
+            fontsize="x-small",
+            color="gray",
+            va="bottom",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+        )
+    else:
+        ax.set_ylim(low - pad, top + pad)
+
+
+def plot_epsilon(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
+    """Epsilon (at each record's delta) against step."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    steps = [r.step for r in records]
+    ax.plot(steps, [_finite(r.epsilon) for r in records], color="tab:red", linewidth=1.5)
+    ax.set_xlabel("step")
+    delta = records[-1].delta if records else math.nan
+    ax.set_ylabel(f"epsilon (delta {delta:g})")
+    ax.set_title("Privacy budget spent (accountant)")
+    if not records:
+        ax.text(0.5, 0.5, "no monitored steps", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _errorbar(ax, xs, mids, los, his, **kw) -> None:
+    pts = [
+        (x, m, lo, hi)
+        for x, m, lo, hi in zip(xs, mids, los, his, strict=True)
+        if math.isfinite(x) and math.isfinite(m)
+    ]
+    if not pts:
+        return
+    pts.sort()
+    x = [p[0] for p in pts]
+    m = [p[1] for p in pts]
+    lower = [m_ - lo if math.isfinite(lo) else 0.0 for _, m_, lo, _ in pts]
+    upper = [hi - m_ if math.isfinite(hi) else 0.0 for _, m_, _, hi in pts]
+    ax.errorbar(x, m, yerr=[lower, upper], marker="o", capsize=3, **kw)
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Two panels against epsilon: MI (oracle, clipped, per-step bound) and test accuracy."""
+    fig, (ax_mi, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    eps = [_finite(r.get("epsilon")) for r in rows]
+
+    def col(name: str) -> list[float]:
+        return [_finite(r.get(name)) for r in rows]
+
+    _errorbar(
+        ax_mi,
+        eps,
+        col("oracle_mi"),
+        col("oracle_ci_low"),
+        col("oracle_ci_high"),
+        label="private/oracle",
+    )
+    _errorbar(
+        ax_mi,
+        eps,
+        col("clipped_mi"),
+        col("clipped_ci_low"),
+        col("clipped_ci_high"),
+        label="clipped (learned)",
+    )
+    bound = sorted(
+        (e, b) for e, b in zip(eps, col("bound_per_step"), strict=True) if math.isfinite(e)
+    )
+    if bound:
+        ax_mi.plot(
+            [e for e, _ in bound],
+            [b for _, b in bound],
+            linestyle="--",
+            color="black",
+            marker="x",
+            label="bound/step 1/(2 sigma^2)",
+        )
+    ax_mi.set_xlabel("epsilon")
+    ax_mi.set_ylabel("MI per step (nats, mean of last records)")
+    ax_mi.set_title("Leakage vs epsilon")
+    ax_mi.grid(alpha=0.3)
+    if rows:
+        ax_mi.legend(loc="best", fontsize="small")
+    acc = sorted((e, a) for e, a in zip(eps, col("test_accuracy"), strict=True) if math.isfinite(e))
+    ax_acc.plot([e for e, _ in acc], [a for _, a in acc], marker="o", color="tab:green")
+    ax_acc.set_xlabel("epsilon")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_title("Accuracy vs epsilon")
+    ax_acc.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,275 @@
+"""The ``opacus-mi`` command line, end to end, with tiny real runs (fake 3x32x32 images)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opacus_mi import cli
+from opacus_mi.records import read_jsonl
+
+TINY = [
+    "--dataset",
+    "fake",
+    "--fake-size",
+    "64",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--accountant",
+    "rdp",
+    "--no-progress",
+]
+RUN_FILES = (
+    "records.jsonl",
+    "records.csv",
+    "config.json",
+    "result.json",
+    "summary.txt",
+    "mi.png",
+    "epsilon.png",
+    "report.html",
+)
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc, stdout, stderr = _main(["run", *TINY, "--out", str(out)])
+    assert rc == 0, stderr
+    return out, stdout
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("cli") / "sweep"
+    argv = ["sweep", "--noise-multipliers", "0.5", "2", *TINY, "--estimator", "none"]
+    rc, stdout, stderr = _main([*argv, "--out", str(out)])
+    assert rc == 0, stderr
+    return out, stdout
+
+
+# ------------------------------------------------------------------------------ run
+def test_run_prints_table_and_writes_files(run_dir):
+    out, stdout = run_dir
+    assert "private/oracle" in stdout
+    assert "epsilon" in stdout
+    assert "clipped/mine" in stdout
+    assert "test accuracy" in stdout
+    assert str(out) in stdout
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_run_records_csv_matches_jsonl(run_dir):
+    out, _ = run_dir
+    records = read_jsonl(out / "records.jsonl")
+    assert records
+    with open(out / "records.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(records)
+    for col in (
+        "step",
+        "epsilon",
+        "mi_bound",
+        "private/oracle_nats",
+        "private/oracle_ci_low",
+        "private/oracle_ci_high",
+        "clipped/mine_mismatched",
+    ):
+        assert col in rows[0], col
+    assert float(rows[-1]["private/oracle_nats"]) == pytest.approx(
+        records[-1].mi["private/oracle"].nats
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "fake" and config["views"] == ["clipped", "private"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["epsilon"] > 0 and 0 <= result["test_accuracy"] <= 1
+
+
+def test_report_html_is_self_contained(run_dir):
+    out, _ = run_dir
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert "private/oracle" in html
+    assert "1/(2 sigma^2)" in html
+    assert "<script" not in html and 'src="http' not in html
+
+
+def test_report_subcommand_rerenders_a_run(run_dir):
+    out, _ = run_dir
+    for name in ("report.html", "mi.png", "records.csv", "summary.txt"):
+        (out / name).unlink()
+    rc, stdout, stderr = _main(["report", str(out)])
+    assert rc == 0, stderr
+    assert "private/oracle" in stdout and "epsilon" in stdout
+    for name in ("report.html", "mi.png", "records.csv", "summary.txt"):
+        assert (out / name).is_file(), name
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_rerun_starts_a_fresh_records_file(tmp_path):
+    out = tmp_path / "again"
+    argv = ["run", *TINY, "--estimator", "none", "--out", str(out)]
+    assert _main(argv)[0] == 0
+    first = len(read_jsonl(out / "records.jsonl"))
+    assert _main(argv)[0] == 0
+    assert len(read_jsonl(out / "records.jsonl")) == first
+
+
+# ------------------------------------------------------------------------------ sweep
+def test_sweep_writes_rows_and_noise_lowers_epsilon(sweep_dir):
+    out, stdout = sweep_dir
+    with open(out / "sweep.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    by_sigma = {float(r["noise_multiplier"]): r for r in rows}
+    assert set(by_sigma) == {0.5, 2.0}
+    assert float(by_sigma[2.0]["epsilon"]) < float(by_sigma[0.5]["epsilon"])
+    assert float(by_sigma[2.0]["bound_per_step"]) == pytest.approx(1 / (2 * 2.0**2))
+    assert float(by_sigma[2.0]["oracle_mi"]) < float(by_sigma[0.5]["oracle_mi"])
+    for name in ("sweep.png", "report.html", "sigma_0.5/records.jsonl", "sigma_2/report.html"):
+        assert (out / name).is_file(), name
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert "epsilon" in stdout and "private/oracle" in stdout
+
+
+def test_report_subcommand_rerenders_a_sweep(sweep_dir):
+    out, _ = sweep_dir
+    (out / "sweep.png").unlink()
+    rc, stdout, stderr = _main(["report", str(out)])
+    assert rc == 0, stderr
+    assert (out / "sweep.png").is_file()
+    assert "private/oracle" in stdout
+
+
+# ------------------------------------------------------------------------------ errors
+def _assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:
+    assert rc == 2
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("opacus-mi: error:"), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, stderr)
+
+
+def test_bad_delta_is_one_clear_line(tmp_path, capsys):
+    rc = cli.main(["run", *TINY, "--delta", "2", "--out", str(tmp_path / "x")])
+    captured = capsys.readouterr()
+    _assert_one_line_error(rc, captured.err, "--delta")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--noise-multiplier", "-1"], "--noise-multiplier"),
+        (["--epochs", "0"], "--epochs"),
+        (["--max-grad-norm", "0"], "--max-grad-norm"),
+        (["--every", "0"], "--every"),
+        (["--target-epsilon", "-3"], "--target-epsilon"),
+    ],
+)
+def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
+    rc = cli.main(["run", *TINY, *args, "--out", str(tmp_path / "x")])
+    _assert_one_line_error(rc, capsys.readouterr().err, flag)
+
+
+def test_missing_data_root(tmp_path, capsys):
+    argv = ["run", "--dataset", "cifar10", "--data-root", "/nonexistent", "--no-progress"]
+    rc = cli.main([*argv, "--out", str(tmp_path / "x")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--data-root")
+
+
+def test_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rc = cli.main(["run", *TINY, "--out", str(blocker / "sub")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--out")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--noise-multiplier", "1", "--target-epsilon", "3"],  # mutually exclusive
+        ["run", "--accountant", "moments"],
+        ["run", "--views", "gradients"],
+        ["sweep", "--epochs", "1"],  # needs --noise-multipliers or --target-epsilons
+        [],
+    ],
+)
+def test_parse_errors_exit_2(argv, capsys):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err and "error:" in err
+
+
+def test_sweep_rejects_bad_values(tmp_path, capsys):
+    rc = cli.main(["sweep", "--noise-multipliers", "1", "-2", *TINY, "--out", str(tmp_path)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--noise-multipliers")
+
+
+def test_report_of_a_folder_without_records(tmp_path, capsys):
+    rc = cli.main(["report", str(tmp_path)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")
+
+
+def test_tensorboard_missing_says_how_to_install(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed")
+    rc = cli.main(["run", *TINY, "--tensorboard", "--out", str(tmp_path / "x")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "pip install tensorboard")
+
+
+# ------------------------------------------------------------------------------ console script
+def test_console_script(tmp_path):
+    script = Path(sys.executable).parent / "opacus-mi"
+    if not script.exists():
+        pytest.skip("opacus-mi console script not installed in this environment")
+    out = tmp_path / "script"
+    argv = [str(script), "run", *TINY, "--fake-size", "32", "--estimator", "none"]
+    proc = subprocess.run(
+        [*argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "private/oracle" in proc.stdout and "epsilon" in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr  # Opacus's chatter is filtered
+    assert (out / "report.html").is_file()
+
+    bad = subprocess.run(
+        [str(script), "run", "--delta", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("opacus-mi: error:") and "--delta" in bad.stderr
