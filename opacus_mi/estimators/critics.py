@@ -53,10 +53,12 @@ class SeparableCritic(nn.Module):
         *,
         hidden: int = 128,
         embed: int = 32,
+        bound: float | None = 10.0,
         generator: torch.Generator,
         device: torch.device | str = "cpu",
     ):
         super().__init__()
+        self.bound = bound
         self.x_dim, self.y_dim = x_dim, y_dim
         self.phi = _mlp(x_dim, hidden, embed, generator, device)
         self.psi = _mlp(y_dim, hidden, embed, generator, device)
@@ -83,5 +85,11 @@ class SeparableCritic(nn.Module):
         return self.psi((y - self.y_mean) / self.y_std)
 
     def scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``(n, n)`` matrix of ``T(x_i, y_j)``."""
-        return self.embed_x(x) @ self.embed_y(y).T * self.scale
+        """``(n, n)`` matrix of ``T(x_i, y_j)``, softly bounded to ``(-bound, bound)``.
+
+        Unbounded DV/MINE critics drift to ever larger scores online; one unseen pair with a
+        large score then dominates ``log E[exp T]`` and the held-out estimate collapses (seen:
+        +2 nats falling to -12 over 180 steps). A soft bound keeps every estimate finite.
+        """
+        raw = self.embed_x(x) @ self.embed_y(y).T * self.scale
+        return self.bound * torch.tanh(raw / self.bound) if self.bound else raw
