@@ -40,8 +40,9 @@ from .estimators.oracle import gram_oracle
 from .features import FeatureCapture, FeatureFn
 from .records import JsonlSink, LeakageRecord, MIValue
 from .tokens import CountSketchTokenizer
-from .views import VIEWS, clip_factors, clipped_gram
+from .views import VIEWS, ClipInfo, clip_factors, clipped_gram
 
+_HALF = (torch.float16, torch.bfloat16)
 _GHOST_HINT = (
     "grad_sample_mode='ghost' never materialises per-sample gradients, which this monitor reads; "
     "use grad_sample_mode='hooks' (default), 'functorch' or 'ew' for now"
@@ -276,12 +277,32 @@ class LeakageMonitor:
         chunk = _Chunk(batch=batch)
         if batch == 0:
             return chunk
+        feats = self._chunk_features(captures, batch, chunk)
         bound = opt.max_grad_norms if isinstance(opt, DPPerLayerOptimizer) else opt.max_grad_norm
         clip = clip_factors(grad_samples, bound)
-        # A norm is finite iff every entry is: one check (one host sync) instead of one per param.
-        if not bool(torch.isfinite(clip.norms).all()):
-            chunk.flags.append("nonfinite_grad_sample")
+        # A norm is finite iff every entry is: one check per example, not one per parameter.
+        norms = clip.norms if clip.norms.ndim == 1 else clip.norms.norm(dim=1)
+        grads_ok = torch.isfinite(norms)
+        keep = grads_ok if feats is None else grads_ok & torch.isfinite(feats).all(dim=1)
+        kept = int(keep.sum())  # the one host sync of a monitored chunk
+        if kept < batch:
+            if not bool(grads_ok.all()):
+                chunk.flags.append("nonfinite_grad_sample")
+            if feats is not None and not bool(torch.isfinite(feats).all()):
+                chunk.flags.append("nonfinite_features")
+            self._warn_once(
+                "nonfinite",
+                f"{batch - kept} of {batch} examples had NaN/Inf per-sample gradients or features; "
+                "they are excluded from MI estimation and the record is flagged",
+            )
+            idx = keep.nonzero().squeeze(1)
+            grad_samples = [g.index_select(0, idx.to(g.device)) for g in grad_samples]
+            clip = ClipInfo(clip.factors[idx], clip.norms[idx], clip.per_layer)
+            feats = None if feats is None else feats[idx.to(feats.device)]
+        if kept == 0:
             return chunk
+        # Half-precision gradients are sketched in float32 (Opacus's clip factors are kept as is).
+        grad_samples = [g.float() if g.dtype in _HALF else g for g in grad_samples]
         raw = self.tokenizer.sketch(grad_samples)
         if "raw" in self.views:
             chunk.tokens["raw"] = torch.cat(raw, dim=1).float()
@@ -301,14 +322,20 @@ class LeakageMonitor:
                 chunk.oracle_terms = gram_oracle(
                     gram, std, draws=self.oracle_draws, generator=self.generator
                 ).terms
-        feats = self._capture.features(captures, batch)
+        chunk.features = feats
+        return chunk
+
+    def _chunk_features(self, captures, batch: int, chunk: _Chunk) -> torch.Tensor | None:
+        """Features paired with this chunk's gradients, or None (flagged) if they cannot be."""
+        try:
+            feats = self._capture.features(captures, batch)
+        except Exception as exc:  # a user feature callable failed: keep the oracle going
+            self._warn_once(f"features:{type(exc).__name__}", f"feature extraction failed: {exc!r}")
+            chunk.flags.append("features_error")
+            return None
         if feats is None:
             chunk.flags.append("features_unpaired")
-        elif not bool(torch.isfinite(feats).all()):
-            chunk.flags.append("nonfinite_features")
-        else:
-            chunk.features = feats
-        return chunk
+        return feats
 
     def _finish_step(self) -> None:
         t0 = time.perf_counter()
@@ -338,7 +365,7 @@ class LeakageMonitor:
             for view, est in self.estimators.items():
                 tokens = torch.cat([c.tokens[view] for c in usable])
                 value = est.evaluate(feats, tokens)
-                if value is not None:
+                if value is not None and math.isfinite(value.matched):
                     record.mi[f"{view}/{est.kind}"] = MIValue(
                         nats=value.matched,
                         ci_low=value.ci_low,
@@ -346,7 +373,14 @@ class LeakageMonitor:
                         n=value.n,
                         mismatched=value.mismatched,
                     )
-                est.observe(feats, tokens)
+                elif value is not None:
+                    record.flags.append(f"estimate_nonfinite:{view}")
+                if est.observe(feats, tokens):
+                    record.flags.append(f"critic_reset:{view}")
+                    self._warn_once(
+                        f"reset:{view}",
+                        f"the {view}-view critic diverged (non-finite loss) and was reset",
+                    )
         terms = [
             c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
         ]

@@ -81,6 +81,10 @@ class OnlineEstimator:
         self.updates = 0
 
     def _build(self, x_dim: int, y_dim: int) -> None:
+        self._new_critic(x_dim, y_dim)
+        self._x = self._y = None
+
+    def _new_critic(self, x_dim: int, y_dim: int) -> None:
         self.critic = SeparableCritic(
             x_dim,
             y_dim,
@@ -91,7 +95,6 @@ class OnlineEstimator:
         )
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr, foreach=True)
         self.loss = MineLoss()
-        self._x = self._y = None
         self.updates = 0
 
     @property
@@ -118,11 +121,15 @@ class OnlineEstimator:
         lo, hi = percentile_interval(bootstrap_bound(self.kind, scores, counts))
         return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
 
-    def observe(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a batch of pairs to the window and train if the schedule says so."""
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Add a batch of pairs to the window and train if the schedule says so.
+
+        Returns True if training diverged (non-finite loss) and the critic was reset: a fresh
+        critic restarts from the window rather than a NaN propagating into every later estimate.
+        """
         x, y = x.detach().to(self.device).float(), y.detach().to(self.device).float()
         if x.shape[0] == 0:
-            return
+            return False
         if (
             self.critic is None
             or x.shape[1] != self.critic.x_dim
@@ -133,7 +140,10 @@ class OnlineEstimator:
         self._y = y if self._y is None else torch.cat([self._y, y])[-self.window :]
         self.batches_seen += 1
         if self.batches_seen % self.train_every == 0 and self._x.shape[0] >= 4:
-            self.train()
+            if not math.isfinite(self.train()):
+                self._new_critic(self.critic.x_dim, self.critic.y_dim)
+                return True
+        return False
 
     def train(self) -> float:
         """A few critic steps on minibatches of the window; returns the last training bound."""
@@ -151,7 +161,9 @@ class OnlineEstimator:
                 ]
                 pick = pick.to(self.device)
                 scores = self.critic.scores(self._x[pick], self._y[pick])
-                loss = self.loss(scores) if self.kind == "mine" else -bound("infonce", scores)
+                loss = self.loss(scores) if self.kind == "mine" else -bound(self.kind, scores)
+                if not torch.isfinite(loss):
+                    return math.nan  # never step on a NaN: the caller resets the critic
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

@@ -1,0 +1,214 @@
+"""Faults, checkpoints and durability: the monitor never kills a job or loses a record."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_private, train
+from torch import nn
+
+from opacus_mi import LeakageMonitor, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records_without_timing(monitor):
+    out = []
+    for r in monitor.history:
+        d = r.as_dict()
+        d.pop("monitor_seconds")
+        out.append(d)
+    return out
+
+
+def test_nan_per_sample_gradient_is_flagged_excluded_and_warned_once():
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, (x, y) in enumerate(loader):
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            if step == 1:  # simulate a fault in one example's per-sample gradient
+                with torch.no_grad():
+                    model._module.fc.weight.grad_sample[3, 0, 0] = float("nan")
+            opt.step()
+            if step == 2:  # Opacus's update was NaN at step 1: every gradient is NaN now
+                break
+    ours = [w for w in caught if "opacus-mi" in str(w.message)]
+    assert len(ours) == 1 and "NaN/Inf" in str(ours[0].message)
+    r0, r1, r2 = monitor.history
+    assert not r0.flags
+    assert "nonfinite_grad_sample" in r1.flags
+    assert r1.mi["private/oracle"].n == 15  # the bad example is excluded, the rest measured
+    assert "nonfinite_grad_sample" in r2.flags and not r2.mi  # nothing finite left to measure
+
+
+def test_nan_features_exclude_only_the_bad_pairs():
+    def feature(x):
+        f = x.mean(dim=(1, 2, 3))[:, None].clone()
+        f[0] = float("nan")
+        return f
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=feature, train_every=1)
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        train(model, opt, loader, epochs=2)
+    assert all("nonfinite_features" in r.flags for r in monitor.history)
+    learned = [r.mi["clipped/mine"] for r in monitor.history if "clipped/mine" in r.mi]
+    assert learned and all(v.n == 15 for v in learned)
+
+
+def test_failing_feature_callable_does_not_stop_training_or_the_oracle():
+    def broken(x):
+        raise RuntimeError("user bug")
+
+    e0, m0, o0, l0 = make_private(poisson=False)
+    train(m0, o0, l0)
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=broken)
+    with pytest.warns(RuntimeWarning, match="feature extraction failed"):
+        train(model, opt, loader)
+    for a, b in zip(m0.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all("features_error" in r.flags and "private/oracle" in r.mi for r in monitor.history)
+
+
+def test_frozen_parameters_and_half_precision_inputs():
+    class HalfInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(36, 8)
+            self.head = nn.Linear(8, 3)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.frozen(x.float().flatten(1))))
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 6, 6).to(torch.float16)
+    y = torch.randint(0, 3, (64,))
+    model = HalfInput()
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    assert monitor.tokenizer.dims == [8 * 3 if 8 * 3 < 64 else 64, 3]
+    train(model, opt, loader, epochs=2, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    assert all(not r.flags for r in monitor.history)
+    assert any("clipped/mine" in r.mi for r in monitor.history)
+
+
+def test_diverging_critic_is_reset_and_flagged_not_propagated():
+    engine, model, opt, loader = make_private(poisson=False, n=160)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, views=("clipped",), train_every=1)
+    est = monitor.estimators["clipped"]
+    poisoned = {"done": False}
+
+    def poison():
+        if est.critic is not None and not poisoned["done"] and monitor.steps == 3:
+            with torch.no_grad():
+                next(est.critic.parameters()).fill_(float("nan"))
+            poisoned["done"] = True
+
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        train(model, opt, loader, epochs=2, after_step=poison)
+    flags = [f for r in monitor.history for f in r.flags]
+    assert "critic_reset:clipped" in flags
+    later = [r.mi["clipped/mine"].nats for r in monitor.history[6:] if "clipped/mine" in r.mi]
+    assert later and all(v == v for v in later)  # finite again after the reset
+
+
+def test_checkpoint_resume_gives_identical_following_records(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+
+    def run(resume: bool):
+        engine, model, opt, loader = make_private(poisson=False, seed=0)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+        train(model, opt, loader, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+        if resume:
+            engine.save_checkpoint(
+                path=ckpt,
+                module=model,
+                optimizer=opt,
+                checkpoint_dict={"monitor": monitor.state_dict(), "rng": torch.get_rng_state()},
+            )
+            monitor.detach()
+            del engine, model, opt, monitor
+            # a new process: fresh objects with different initial weights, then restore
+            engine, model, opt, loader = make_private(poisson=False, seed=123)
+            extra = engine.load_checkpoint(path=ckpt, module=model, optimizer=opt)
+            torch.set_rng_state(extra["rng"])
+            monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+            monitor.load_state_dict(extra["monitor"])
+        train(model, opt, loader, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+        return _records_without_timing(monitor), [p.detach().clone() for p in model.parameters()]
+
+    (a, pa), (b, pb) = run(False), run(True)
+    assert len(a) == len(b) == 12
+    assert a == b
+    for x, y in zip(pa, pb, strict=True):
+        assert torch.equal(x, y)
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, warnings
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, sys.argv[2])
+    from conftest import make_private
+    from opacus_mi import LeakageMonitor
+    engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=4)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=sys.argv[1])
+    for epoch in range(1000):
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            print("step", monitor.steps - 1, flush=True)
+    """
+)
+
+
+def test_sigkill_mid_run_loses_no_completed_record(tmp_path):
+    path = tmp_path / "records.jsonl"
+    script = tmp_path / "job.py"
+    script.write_text(_KILL_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), str(ROOT / "tests")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    completed = -1
+    try:
+        for line in proc.stdout:
+            completed = int(line.split()[1])
+            if completed >= 25:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    records = read_jsonl(path)
+    steps = [r.step for r in records]
+    assert steps[: completed + 1] == list(range(completed + 1))
