@@ -35,7 +35,7 @@ from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
 from .estimators.bounds import BOUNDS, bootstrap_counts, percentile_interval
-from .estimators.online import OnlineEstimator
+from .estimators.online import MIN_CI_PAIRS, OnlineEstimator
 from .estimators.oracle import gram_oracle
 from .features import FeatureCapture, FeatureFn
 from .records import JsonlSink, LeakageRecord, MIValue
@@ -387,16 +387,16 @@ class LeakageMonitor:
         if terms:
             all_terms = torch.cat(terms)
             n = all_terms.numel()
-            counts = bootstrap_counts(n, 200, self.generator, all_terms.device)
-            lo, hi = percentile_interval((counts @ all_terms.double()) / n)
+            lo = hi = math.nan
+            if n >= MIN_CI_PAIRS:
+                counts = bootstrap_counts(n, 200, self.generator, all_terms.device)
+                lo, hi = percentile_interval((counts @ all_terms.double()) / n)
             record.mi["private/oracle"] = MIValue(
                 nats=float(all_terms.mean()), ci_low=lo, ci_high=hi, n=n
             )
         for key, value in record.mi.items():
-            # A per-step private-view estimate above the channel bound beyond its CI is a bug.
-            if key.startswith("private/") and record.mi_bound is not None:
-                if value.ci_low > record.mi_bound + 1e-9:
-                    record.flags.append(f"exceeds_bound:{key}")
+            if key.startswith("private/") and _exceeds(value, record.mi_bound):
+                record.flags.append(f"exceeds_bound:{key}")
         record.monitor_seconds = self._chunk_seconds + (time.perf_counter() - t0)
         self.history.append(record)
         for sink in self.sinks:
@@ -448,6 +448,19 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={len(self.history)}, attached={self.attached})"
         )
+
+
+def _exceeds(value: MIValue, bound: float | None) -> bool:
+    """Whether an estimate lies above a proven bound beyond any plausible noise (a bug).
+
+    The displayed CIs are 95%: over hundreds of steps some would miss a true value near the
+    bound by chance. The bug check asks for 3.29 standard errors (99.9%, two-sided) instead,
+    with the standard error read off the 95% interval.
+    """
+    if bound is None or not (math.isfinite(value.ci_low) and math.isfinite(value.ci_high)):
+        return False
+    se = (value.ci_high - value.ci_low) / (2 * 1.959963984540054)
+    return value.nats - 3.2905 * se > bound + 1e-9
 
 
 def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:

@@ -16,6 +16,8 @@ import torch
 from .bounds import BOUNDS, MineLoss, bootstrap_bound, bootstrap_counts, bound, percentile_interval
 from .critics import SeparableCritic
 
+MIN_CI_PAIRS = 8
+
 
 @dataclass(frozen=True)
 class BatchEstimate:
@@ -117,8 +119,10 @@ class OnlineEstimator:
         matched = float(bound(self.kind, scores))
         shuffle = torch.randperm(n, generator=self.generator, device=self.generator.device)
         mismatched = float(bound(self.kind, scores[:, shuffle.to(scores.device)]))
-        counts = bootstrap_counts(n, self.bootstrap, self.generator, scores.device)
-        lo, hi = percentile_interval(bootstrap_bound(self.kind, scores, counts))
+        lo = hi = math.nan  # a bootstrap over fewer than MIN_CI_PAIRS pairs is no interval
+        if n >= MIN_CI_PAIRS:
+            counts = bootstrap_counts(n, self.bootstrap, self.generator, scores.device)
+            lo, hi = percentile_interval(bootstrap_bound(self.kind, scores, counts))
         return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> bool:
