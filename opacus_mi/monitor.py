@@ -318,7 +318,7 @@ class LeakageMonitor:
                     clipped.shape, generator=self.generator, device=self.generator.device
                 )
                 chunk.tokens["private"] = clipped + std * noise.to(clipped.device)
-                gram = clipped_gram(grad_samples, clip)
+                gram = clipped_gram(grad_samples, clip, exact=opt.noise_multiplier < 0.01)
                 chunk.oracle_terms = gram_oracle(
                     gram, std, draws=self.oracle_draws, generator=self.generator
                 ).terms

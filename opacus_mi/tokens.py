@@ -60,20 +60,21 @@ class CountSketchTokenizer:
             self._weights.append(weights.to(self.device))
             self.dims.append(k)
         self.total_dim = sum(self.dims)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, device: torch.device | str) -> CountSketchTokenizer:
         """Move the hash tables to ``device`` (in place; returns self)."""
         self.device = torch.device(device)
         self._buckets = [b.to(self.device) for b in self._buckets]
         self._weights = [w.to(self.device) for w in self._weights]
+        self._cache = {}
         return self
 
     def sketch_layer(self, layer: int, grad_sample: torch.Tensor) -> torch.Tensor:
         """Token of parameter ``layer`` for each example: ``(B, *shape) -> (B, k_layer)``."""
         batch = grad_sample.shape[0]
         flat = grad_sample.reshape(batch, -1)
-        buckets = self._buckets[layer].to(flat.device)
-        weights = self._weights[layer].to(device=flat.device, dtype=flat.dtype)
+        buckets, weights = self._tables(layer, flat.device, flat.dtype)
         if flat.shape[1] != buckets.numel():
             raise ValueError(
                 f"parameter {layer} has {flat.shape[1]} entries per example but the sketch was "
@@ -81,6 +82,15 @@ class CountSketchTokenizer:
             )
         out = torch.zeros((batch, self.dims[layer]), dtype=flat.dtype, device=flat.device)
         return out.index_add_(1, buckets, flat * weights)
+
+    def _tables(self, layer: int, device: torch.device, dtype: torch.dtype):
+        """Hash tables on the gradient's device and dtype, converted once and then cached."""
+        key = (layer, device, dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = (self._buckets[layer].to(device), self._weights[layer].to(device, dtype))
+            self._cache[key] = hit
+        return hit
 
     def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-layer tokens of the raw per-sample gradients, a list of ``(B, k_l)`` tensors."""

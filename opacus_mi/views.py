@@ -89,16 +89,21 @@ def clipped_grad_samples(
     return out
 
 
-def clipped_gram(grad_samples: Sequence[torch.Tensor], clip: ClipInfo) -> torch.Tensor:
+def clipped_gram(
+    grad_samples: Sequence[torch.Tensor], clip: ClipInfo, *, exact: bool = True
+) -> torch.Tensor:
     """``G[i, j] = <clipped g_i, clipped g_j>`` over all parameters, shape ``(B, B)``, float64.
 
-    Full-dimensional and exact; costs one GEMM per parameter and never forms a noisy gradient.
+    Full-dimensional; one GEMM per parameter, never a noisy gradient. ``exact=False`` runs the
+    GEMMs in float32 (about 2x faster on CPU) and accumulates in float64: relative error ~1e-7,
+    which the oracle's logits amplify by 1/(2 sigma^2), so it is meant for sigma >= 0.01.
     """
     batch = len(grad_samples[0])
     device = clip.factors.device
     gram = torch.zeros((batch, batch), dtype=torch.float64, device=device)
     for layer, g in enumerate(grad_samples):
-        flat = g.reshape(batch, -1).to(device=device, dtype=torch.float64)
+        flat = g.reshape(batch, -1).to(device)
+        flat = flat.to(torch.float64) if exact else flat.float()
         c = clip.for_layer(layer).to(torch.float64)
-        gram += (c[:, None] * c[None, :]) * (flat @ flat.T)
+        gram += (c[:, None] * c[None, :]) * (flat @ flat.T).to(torch.float64)
     return gram
