@@ -432,6 +432,8 @@ def _tb_record(writer, record: LeakageRecord) -> None:
     writer.add_scalar("privacy/epsilon", record.epsilon, record.step)
     if record.mi_bound is not None:
         writer.add_scalar("mi/bound_per_step", record.mi_bound, record.step)
+    if record.mi_upper_bound is not None and math.isfinite(record.mi_upper_bound):
+        writer.add_scalar("mi/accountant_upper_bound", record.mi_upper_bound, record.step)
     for key, value in record.mi.items():
         if value.nats is not None and math.isfinite(value.nats):
             writer.add_scalar(f"mi/{key}", value.nats, record.step)

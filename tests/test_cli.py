@@ -233,15 +233,28 @@ def test_report_of_a_folder_without_records(tmp_path, capsys):
     _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")
 
 
-def test_tensorboard_missing_says_how_to_install(tmp_path, capsys):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("tensorboard is installed")
+def test_tensorboard_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
+    # simulate a machine without tensorboard: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
     rc = cli.main(["run", *TINY, "--tensorboard", "--out", str(tmp_path / "x")])
     _assert_one_line_error(rc, capsys.readouterr().err, "pip install tensorboard")
+
+
+def test_tensorboard_scalars_for_epsilon_and_every_mi_series(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert cli.main(["run", *TINY, "--tensorboard", "--out", str(out)]) == 0
+    records = read_jsonl(out / "records.jsonl")
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"privacy/epsilon", "mi/private/oracle", "mi/accountant_upper_bound"} <= tags
+    eps = acc.Scalars("privacy/epsilon")
+    assert [e.step for e in eps] == [r.step for r in records]
+    assert [e.value for e in eps] == pytest.approx([r.epsilon for r in records], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------ console script
