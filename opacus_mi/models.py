@@ -9,8 +9,10 @@ weights from the global torch RNG; callers seed it, nothing here does.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 MODELS: tuple[str, ...] = ("auto", "cnn", "mlp", "resnet18")
@@ -86,11 +88,29 @@ def resnet18_groupnorm(num_classes: int = 10, *, in_channels: int = 3) -> nn.Mod
     """
     from opacus.validators import ModuleValidator
     from torchvision.models import resnet18
+    from torchvision.models.resnet import BasicBlock
 
     model = resnet18(weights=None, num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return ModuleValidator.fix(model)
+    model = ModuleValidator.fix(model)
+    # torchvision modifies layer outputs in place (ReLU(inplace=True), out += identity); the full
+    # backward hooks Opacus puts on every trainable layer forbid that ("Output 0 of
+    # BackwardHookFunction is a view and is being modified inplace"). Same layers, out of place.
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+        if isinstance(m, BasicBlock):
+            m.forward = types.MethodType(_basic_block_forward, m)
+    return model
+
+
+def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``BasicBlock.forward`` with ``out + identity`` instead of ``+=``."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return self.relu(out + identity)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -298,3 +298,26 @@ def test_failed_load_creates_nothing(tmp_path) -> None:
     with pytest.raises(DataRootError):
         load_dataset("cifar10", data_root=str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+def test_resnet18_groupnorm_trains_one_dp_step_with_hooks() -> None:
+    """torchvision's in-place ReLU/add break Opacus's backward hooks unless made out of place."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = resnet18_groupnorm(10)
+    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=2),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    x, y = next(iter(loader))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad_sample.shape[0] == 2 for p in model.parameters() if p.requires_grad)
+    opt.step()
