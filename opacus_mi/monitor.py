@@ -37,6 +37,7 @@ from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sa
 from .estimators.bounds import BOUNDS, bootstrap_counts, percentile_interval
 from .estimators.online import MIN_CI_PAIRS, OnlineEstimator
 from .estimators.oracle import gram_oracle
+from .estimators.semi_oracle import SemiOracleEstimator
 from .features import FeatureCapture, FeatureFn
 from .records import JsonlSink, LeakageRecord, MIValue
 from .tokens import CountSketchTokenizer
@@ -106,6 +107,8 @@ class LeakageMonitor:
         sinks: callables receiving each record.
         train_every, train_iters, window: schedule and memory of the learned critic.
         oracle_draws: noise draws per example for the oracle.
+        semi_oracle: also report ``private/semi``: a learned ``features -> clean token`` model
+            scored with the known Gaussian noise (needs "private" in views).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class LeakageMonitor:
         train_iters: int = 4,
         window: int = 4096,
         oracle_draws: int = 4,
+        semi_oracle: bool = False,
     ):
         _check_attach(engine, module, optimizer)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
@@ -170,6 +174,15 @@ class LeakageMonitor:
                     generator=self.generator,
                     device=self.device,
                 )
+        self.semi_oracle: SemiOracleEstimator | None = None
+        if semi_oracle and "private" in views:
+            self.semi_oracle = SemiOracleEstimator(
+                window=window,
+                train_every=train_every,
+                train_iters=train_iters,
+                generator=self.generator,
+                device=self.device,
+            )
         self.epsilon = EpsilonTracker(engine.accountant, self.delta)
         self.mi_accountant = MIAccountant(engine.accountant)
         self.history: list[LeakageRecord] = []
@@ -310,7 +323,7 @@ class LeakageMonitor:
             clipped = torch.cat(
                 [t * clip.for_layer(i).to(t.dtype)[:, None] for i, t in enumerate(raw)], dim=1
             ).float()
-            if "clipped" in self.views:
+            if "clipped" in self.views or self.semi_oracle is not None:
                 chunk.tokens["clipped"] = clipped
             if "private" in self.views:
                 std = float(opt.noise_multiplier) * float(opt.max_grad_norm)
@@ -360,7 +373,9 @@ class LeakageMonitor:
         if batch == 0:
             record.flags.append("empty_batch")
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
-        if usable and len({c.features.shape[1] for c in usable}) == 1:
+        if len({c.features.shape[1] for c in usable}) > 1:
+            usable = []  # features changed shape mid-step: cannot be stacked into one batch
+        if usable:
             feats = torch.cat([c.features for c in usable])
             for view, est in self.estimators.items():
                 tokens = torch.cat([c.tokens[view] for c in usable])
@@ -381,6 +396,8 @@ class LeakageMonitor:
                         f"reset:{view}",
                         f"the {view}-view critic diverged (non-finite loss) and was reset",
                     )
+        if self.semi_oracle is not None and usable:
+            self._semi_oracle_step(record, usable, sigma * float(opt.max_grad_norm))
         terms = [
             c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
         ]
@@ -401,6 +418,23 @@ class LeakageMonitor:
         self.history.append(record)
         for sink in self.sinks:
             sink(record)
+
+    def _semi_oracle_step(self, record: LeakageRecord, usable: list[_Chunk], std: float) -> None:
+        """Score the private tokens with the learned clean-token model, then learn from them."""
+        feats = torch.cat([c.features for c in usable])
+        value = self.semi_oracle.evaluate(
+            feats, torch.cat([c.tokens["private"] for c in usable]), std
+        )
+        if value is not None and math.isfinite(value.matched):
+            record.mi["private/semi"] = MIValue(
+                nats=value.matched,
+                ci_low=value.ci_low,
+                ci_high=value.ci_high,
+                n=value.n,
+                mismatched=value.mismatched,
+            )
+        if self.semi_oracle.observe(feats, torch.cat([c.tokens["clipped"] for c in usable])):
+            record.flags.append("critic_reset:semi")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -433,6 +467,7 @@ class LeakageMonitor:
             "steps": self.steps,
             "generator": self.generator.get_state(),
             "estimators": {k: e.state_dict() for k, e in self.estimators.items()},
+            "semi_oracle": None if self.semi_oracle is None else self.semi_oracle.state_dict(),
             "history": [r.as_dict() for r in self.history],
         }
 
@@ -440,6 +475,8 @@ class LeakageMonitor:
         self.steps = int(state["steps"])
         for k, est_state in state["estimators"].items():
             self.estimators[k].load_state_dict(est_state)
+        if self.semi_oracle is not None and state.get("semi_oracle") is not None:
+            self.semi_oracle.load_state_dict(state["semi_oracle"])
         self.generator.set_state(state["generator"])
         self.history = [LeakageRecord.from_dict(d) for d in state["history"]]
 

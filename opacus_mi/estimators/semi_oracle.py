@@ -1,0 +1,170 @@
+"""Semi-oracle for the private view: learn the clean token, use the known noise exactly.
+
+A learned critic on noisy tokens has to discover the Gaussian noise model from data and, at
+realistic noise, finds nothing. But the noise is known: the private token is
+``t = S(clipped g) + N(0, s^2 I_k)`` with ``s = sigma * C`` (orthonormal sketch rows). So only
+the data-dependent part is learned: a regressor ``mu(f) ~ E[clean token | features]`` trained on
+(features, clipped token) pairs, and the private token is scored with the exact likelihood
+``log N(t; mu(f), s^2 I)``. InfoNCE over the batch with this critic is a valid lower bound for
+any ``mu`` (and the Bayes-optimal one when ``mu`` is exact), evaluated before training on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .bounds import bootstrap_bound, bootstrap_counts, infonce_bound, percentile_interval
+from .critics import _mlp
+from .online import MIN_CI_PAIRS, BatchEstimate
+
+
+def _floored_std(v: torch.Tensor) -> torch.Tensor:
+    std = v.std(0, unbiased=False)
+    return std.clamp_min(0.1 * float(std.mean()) + 1e-12)
+
+
+class SemiOracleEstimator:
+    """Online ``features -> clean token`` regressor scored with the known Gaussian noise."""
+
+    kind = "semi"
+
+    def __init__(
+        self,
+        *,
+        window: int = 4096,
+        train_every: int = 2,
+        train_iters: int = 4,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        hidden: int = 128,
+        bootstrap: int = 200,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+    ):
+        self.window, self.train_every, self.train_iters = window, max(1, train_every), train_iters
+        self.batch_size, self.lr, self.hidden, self.bootstrap = batch_size, lr, hidden, bootstrap
+        self.generator = generator
+        self.device = torch.device(device)
+        self.net: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.dims: tuple[int, int] | None = None
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self.stats: dict[str, torch.Tensor] = {}
+        self.batches_seen = 0
+        self.updates = 0
+
+    def _build(self, x_dim: int, y_dim: int) -> None:
+        self.net = _mlp(x_dim, self.hidden, y_dim, self.generator, self.device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr, foreach=True)
+        self.dims = (x_dim, y_dim)
+        self.updates = 0
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``mu(f)``: the predicted clean token, in token units."""
+        s = self.stats
+        return self.net(self._standardise(x)) * s["y_std"] + s["y_mean"]
+
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        # Constant-in-window inputs (blank digit corners) must not turn into 1e6 outliers on a
+        # new example: floor the scale and clip, so an unseen input cannot explode mu(f).
+        s = self.stats
+        return ((x - s["x_mean"]) / s["x_std"]).clamp(-10.0, 10.0)
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, private: torch.Tensor, noise_std: float
+    ) -> BatchEstimate | None:
+        """Held-out InfoNCE bound of I(example; private token) on this batch."""
+        n = x.shape[0]
+        if (
+            self.updates == 0
+            or n < 2
+            or noise_std <= 0
+            or (x.shape[1], private.shape[1]) != self.dims
+        ):
+            return None
+        mu = self.predict(x.to(self.device).float()).double()
+        t = private.to(self.device).double()
+        # scores[j, i] = log N(t_j; mu_i, s^2 I) + const: which example produced token j?
+        scores = -torch.cdist(t, mu).pow(2) / (2.0 * noise_std**2)
+        matched = float(infonce_bound(scores))
+        perm = torch.randperm(n, generator=self.generator, device=self.generator.device)
+        mismatched = float(infonce_bound(scores[:, perm.to(scores.device)]))
+        lo = hi = math.nan
+        if n >= MIN_CI_PAIRS:
+            counts = bootstrap_counts(n, self.bootstrap, self.generator, scores.device)
+            lo, hi = percentile_interval(bootstrap_bound("infonce", scores, counts))
+        return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
+
+    def observe(self, x: torch.Tensor, clean: torch.Tensor) -> bool:
+        """Add (features, clipped token) pairs; train on schedule. True if it had to reset."""
+        x, clean = x.detach().to(self.device).float(), clean.detach().to(self.device).float()
+        if x.shape[0] == 0:
+            return False
+        if (x.shape[1], clean.shape[1]) != self.dims:
+            self._build(x.shape[1], clean.shape[1])
+            self._x = self._y = None
+        self._x = x if self._x is None else torch.cat([self._x, x])[-self.window :]
+        self._y = clean if self._y is None else torch.cat([self._y, clean])[-self.window :]
+        self.batches_seen += 1
+        if self.batches_seen % self.train_every or self._x.shape[0] < 4:
+            return False
+        if not math.isfinite(self.train()):
+            self._build(*self.dims)
+            return True
+        return False
+
+    def train(self) -> float:
+        """A few regression steps (MSE on standardised clean tokens) on the window."""
+        recent_x, recent_y = self._x[-1024:], self._y[-1024:]
+        self.stats = {
+            "x_mean": recent_x.mean(0),
+            "x_std": _floored_std(recent_x),
+            "y_mean": recent_y.mean(0),
+            "y_std": recent_y.std(0, unbiased=False).clamp_min(1e-12),
+        }
+        s = self.stats
+        n = self._x.shape[0]
+        bs = min(self.batch_size, n)
+        last = math.nan
+        self.net.train()
+        with torch.enable_grad():
+            for _ in range(self.train_iters):
+                pick = torch.randperm(n, generator=self.generator, device=self.generator.device)
+                pick = pick[:bs].to(self.device)
+                pred = self.net(self._standardise(self._x[pick]))
+                loss = (pred - (self._y[pick] - s["y_mean"]) / s["y_std"]).pow(2).mean()
+                if not torch.isfinite(loss):
+                    return math.nan
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                last = float(loss)
+        self.updates += 1
+        return last
+
+    def state_dict(self) -> dict:
+        return {
+            "net": None if self.net is None else self.net.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "dims": self.dims,
+            "stats": self.stats,
+            "x": self._x,
+            "y": self._y,
+            "batches_seen": self.batches_seen,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dims"] is not None:
+            self._build(*state["dims"])
+            self.net.load_state_dict(state["net"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.stats = state["stats"]
+        self._x, self._y = state["x"], state["y"]
+        self.batches_seen, self.updates = state["batches_seen"], state["updates"]
