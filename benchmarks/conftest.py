@@ -1,0 +1,470 @@
+"""Shared builders for the monitor-overhead benchmarks (used by ``test_overhead.py`` and
+``report.py``).
+
+Everything a comparison needs is built here so that every variant of one model sees exactly the
+same work: same architecture and initial weights (global seed), same pre-generated batches
+(synthetic tensors of the right shape, generated once: data loading is excluded), the same Opacus
+``PrivacyEngine`` settings. The variants differ only in what is attached:
+
+* ``nonprivate``  plain model + SGD,
+* ``dp``          Opacus DP-SGD step (``grad_sample_mode="hooks"``, flat clipping),
+* ``oracle``      DP + ``LeakageMonitor(estimator=None)``: tokens + Gram oracle every step
+                  (views clipped + private),
+* ``default``     DP + ``LeakageMonitor`` with its defaults (learned critic on its own schedule),
+* ``critic_every_step``  DP + monitor with the critic trained on every step (``train_every=1``).
+
+The accountant is RDP: the monitor reports ``engine.get_epsilon(delta)`` exactly at every
+monitored step, which for RDP is composed incrementally (microseconds), while Opacus's PRV
+``get_epsilon`` costs ~0.2 s per call and would dominate any fast loop. The PRV case is measured
+separately (``test_prv_ratio`` / ``report.py``).
+
+Device: ``OPACUS_MI_BENCH_DEVICE`` (default ``cpu``). On CPU one intra-op thread is used so that
+runs are comparable across machines and not disturbed by other processes competing for cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from opacus_mi import LeakageMonitor
+from opacus_mi.models import MLP, DigitsCNN, resnet18_groupnorm
+
+warnings.filterwarnings("ignore", module="opacus")
+warnings.filterwarnings("ignore", message=".*Secure RNG.*")
+warnings.filterwarnings("ignore", message=".*full backward hook.*")
+warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+
+DEVICE = os.environ.get("OPACUS_MI_BENCH_DEVICE", "cpu")
+if torch.device(DEVICE).type == "cpu":
+    torch.set_num_threads(1)
+
+MODELS: tuple[str, ...] = ("digits_cnn", "mlp", "resnet18_gn")
+VARIANTS: tuple[str, ...] = ("nonprivate", "dp", "oracle", "default", "critic_every_step")
+MONITORED: tuple[str, ...] = ("oracle", "default", "critic_every_step")
+DELTA = 1e-5
+NOISE = 1.0
+CLIP = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_shape: tuple[int, ...]
+    classes: int
+    dataset_size: int  # only sets Opacus's sample rate q = batch / dataset_size
+    build: Callable[[], nn.Module]
+    cpu_batch: int
+    cuda_batch: int
+
+    def batch(self, device: str | torch.device) -> int:
+        return self.cuda_batch if torch.device(device).type == "cuda" else self.cpu_batch
+
+
+# Kept as a name for the benchmark table; the in-place fix now lives in models.py.
+resnet18_gn_for_hooks = resnet18_groupnorm
+
+
+SPECS: dict[str, ModelSpec] = {
+    "digits_cnn": ModelSpec("digits_cnn", (1, 8, 8), 10, 1437, DigitsCNN, 64, 128),
+    "mlp": ModelSpec("mlp", (1, 8, 8), 10, 1437, lambda: MLP(64, 10), 64, 128),
+    "resnet18_gn": ModelSpec("resnet18_gn", (3, 32, 32), 10, 50_000, resnet18_gn_for_hooks, 8, 128),
+}
+
+
+class _SizedDataset(Dataset):
+    """A dataset that only has a length: ``make_private`` reads the sample rate off the loader,
+    the benchmark never iterates it (batches are pre-generated)."""
+
+    def __init__(self, n: int, shape: tuple[int, ...]):
+        self.n, self.shape = n, shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.zeros(self.shape), 0
+
+
+def make_batches(
+    spec: ModelSpec, batch: int, count: int, device: str | torch.device, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` fixed synthetic batches (inputs correlated with labels), already on device."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        y = torch.randint(0, spec.classes, (batch,), generator=g)
+        x = torch.randn((batch, *spec.input_shape), generator=g)
+        x = x + 0.5 * (y.float() / spec.classes).view(-1, *([1] * len(spec.input_shape)))
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Setup:
+    """One model + optimizer (+ engine, + monitor) that can take training steps."""
+
+    model_name: str
+    variant: str
+    device: torch.device
+    batch: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[..., torch.Tensor]
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    engine: PrivacyEngine | None = None
+    monitor: LeakageMonitor | None = None
+    accountant: str = "rdp"
+    i: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def step(self) -> None:
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.criterion(self.model(x), y).backward()
+        self.optimizer.step()
+
+    def run(self, k: int) -> None:
+        for _ in range(k):
+            self.step()
+        sync(self.device)
+
+    def timed(self, k: int) -> float:
+        """Seconds for ``k`` steps (device synchronised before and after). Gradients are freed
+        afterwards, outside the timed region, so idle setups do not hold B x P per-sample grads
+        while others run."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.run(k)
+        elapsed = time.perf_counter() - t0
+        self.optimizer.zero_grad(set_to_none=True)
+        return elapsed
+
+    def per_sample_grads(self) -> list[torch.Tensor]:
+        """Per-sample gradients of one forward/backward (no optimizer step): tokenizer input."""
+        x, y = self.batches[self.i % len(self.batches)]
+        self.optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(self.model(x), y).backward()
+        grads = [g.detach().clone() for g in self.optimizer.grad_samples]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.monitor is not None:
+            self.monitor._capture.take()  # drop the capture of this stray forward
+        return grads
+
+
+def bench_config(model_name: str, device: str | torch.device = DEVICE) -> dict[str, int]:
+    """Steps per timed block (``k``, even so every block of the default schedule, which trains
+    on every 2nd step, holds the same work), pytest-benchmark rounds, interleaved repetitions,
+    warm-up steps. ResNet-18 on CPU takes ~1 s per DP step at batch 8: fewer, shorter blocks."""
+    if model_name == "resnet18_gn" and torch.device(device).type == "cpu":
+        return {"k": 2, "rounds": 2, "reps": 3, "warmup": 3}
+    return {"k": 20 if model_name != "resnet18_gn" else 10, "rounds": 5, "reps": 7, "warmup": 10}
+
+
+def monitor_kwargs(variant: str) -> dict | None:
+    if variant == "oracle":
+        return {"estimator": None}
+    if variant == "default":
+        return {}
+    if variant == "critic_every_step":
+        return {"train_every": 1}
+    return None
+
+
+def build_setup(
+    model_name: str,
+    variant: str,
+    *,
+    device: str | torch.device = DEVICE,
+    batch: int | None = None,
+    accountant: str = "rdp",
+    seed: int = 0,
+    n_batches: int = 16,
+    extra_monitor_kwargs: dict | None = None,
+) -> Setup:
+    """Build one variant of one model; every variant of a model starts from the same weights."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    spec = SPECS[model_name]
+    device = torch.device(device)
+    batch = batch or spec.batch(device)
+    batches = make_batches(spec, batch, n_batches, device, seed=seed)
+    torch.manual_seed(seed)
+    model = spec.build().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    if variant == "nonprivate":
+        return Setup(
+            model_name, variant, device, batch, model, optimizer, nn.CrossEntropyLoss(), batches
+        )
+    engine = PrivacyEngine(accountant=accountant)
+    loader = DataLoader(_SizedDataset(spec.dataset_size, spec.input_shape), batch_size=batch)
+    model, optimizer, _ = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=NOISE,
+        max_grad_norm=CLIP,
+        grad_sample_mode="hooks",
+    )
+    criterion: Callable[..., torch.Tensor] = nn.CrossEntropyLoss()
+    monitor = None
+    kwargs = monitor_kwargs(variant)
+    if kwargs is not None:
+        kwargs = {**kwargs, **(extra_monitor_kwargs or {})}
+        monitor = LeakageMonitor(engine, model, optimizer, delta=DELTA, **kwargs)
+        criterion = monitor.wrap_criterion(criterion)
+    return Setup(
+        model_name,
+        variant,
+        device,
+        batch,
+        model,
+        optimizer,
+        criterion,
+        batches,
+        engine=engine,
+        monitor=monitor,
+        accountant=accountant,
+    )
+
+
+def fill_windows(setup: Setup) -> None:
+    """Bring every online critic's window to its capacity (steady state) by repeating the pairs
+    it has already seen. The per-step cost of the window (concatenation) and of training depends
+    on its size; at small batches filling it by real steps would take hundreds of steps."""
+    if setup.monitor is None:
+        return
+    for est in setup.monitor.estimators.values():
+        if est._x is None or est._x.shape[0] >= est.window:
+            continue
+        reps = math.ceil(est.window / est._x.shape[0])
+        est._x = est._x.repeat(reps, 1)[-est.window :].contiguous()
+        est._y = est._y.repeat(reps, 1)[-est.window :].contiguous()
+
+
+def warm(setup: Setup, steps: int) -> None:
+    """Warm-up steps (allocator, kernels, critic built and trained), then steady-state window."""
+    setup.run(steps)
+    fill_windows(setup)
+    setup.run(2)
+
+
+def build_warm(model_name: str, variants: Sequence[str], warmup: int, **kw) -> dict[str, Setup]:
+    setups = {v: build_setup(model_name, v, **kw) for v in variants}
+    for s in setups.values():
+        warm(s, warmup)
+    return setups
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved_times(setups: dict[str, Setup], k: int, reps: int) -> dict[str, list[float]]:
+    """Per-step seconds of every setup, timed A, B, C, A, B, C, ... (order rotated each rep so
+    that no variant always runs right after the same one). Returns name -> list over reps."""
+    names = list(setups)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        rot = names[r % len(names) :] + names[: r % len(names)]
+        for n in rot:
+            out[n].append(setups[n].timed(k) / k)
+    return out
+
+
+def median_ratios(times: dict[str, list[float]], baseline: str = "dp") -> dict[str, float]:
+    """Median over reps of the per-rep ratio time(variant) / time(baseline)."""
+    base = times[baseline]
+    return {
+        n: statistics.median(t / b for t, b in zip(ts, base, strict=True))
+        for n, ts in times.items()
+    }
+
+
+def time_fn(fn: Callable[[], object], device, reps: int, inner: int = 1) -> float:
+    """Median seconds of one call of ``fn`` (``inner`` calls per timed repetition)."""
+    samples = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def param_count(setup: Setup) -> int:
+    return sum(p.numel() for p in setup.optimizer.params if p.requires_grad)
+
+
+def monitor_state_bytes(monitor: LeakageMonitor) -> dict[str, int]:
+    """Bytes of tensors the monitor keeps between steps, by component."""
+    out = {"tokenizer": monitor.tokenizer.state_bytes(), "critic": 0, "adam": 0, "window": 0}
+    for est in monitor.estimators.values():
+        if est.critic is not None:
+            out["critic"] += sum(_tensor_bytes(t) for t in est.critic.state_dict().values())
+        if est.optimizer is not None:
+            for st in est.optimizer.state.values():
+                out["adam"] += sum(_tensor_bytes(v) for v in st.values() if torch.is_tensor(v))
+        out["window"] += _tensor_bytes(est._x) + _tensor_bytes(est._y)
+    return out
+
+
+def monitor_transient_bytes(setup: Setup) -> dict[str, int]:
+    """Largest tensors the monitor allocates inside one monitored step, counted from the code
+    path (``LeakageMonitor._measure_chunk``): the sketch's ``flat * weights`` temporary of the
+    largest parameter (B x P_max float32), ``clipped_gram``'s float64 copy of it (B x P_max x 8,
+    alive together with the B x B Gram), tokens of the views and the oracle's B x B buffers."""
+    b = setup.batch
+    p_max = max(p.numel() for p in setup.optimizer.params if p.requires_grad)
+    mon = setup.monitor
+    d_tok = mon.tokenizer.total_dim
+    return {
+        "sketch_temp": b * p_max * 4,
+        "gram_fp64_copy": b * p_max * 8 + b * b * 8,
+        "tokens": b * d_tok * 4 * (2 + len(mon.views)),  # raw list, clipped, + one per view
+        "oracle": 6 * b * b * 8,
+    }
+
+
+def activation_bytes(setup: Setup) -> int:
+    """Bytes of every leaf module's output on one forward (an activation-memory estimate)."""
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if torch.is_tensor(out):
+            total += _tensor_bytes(out)
+
+    inner = getattr(setup.model, "_module", setup.model)
+    handles = [m.register_forward_hook(hook) for m in inner.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            inner(setup.batches[0][0])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def dp_peak_estimate(setup: Setup) -> dict[str, int]:
+    """The DP step's peak, counted: per-sample grads (B x P x 4), params + grad + summed_grad,
+    and activations twice (autograd's saved tensors and Opacus's captured layer inputs)."""
+    p = param_count(setup)
+    return {
+        "grad_samples": setup.batch * p * 4,
+        "params_grads": 3 * p * 4,
+        "activations": 2 * activation_bytes(setup),
+    }
+
+
+def memory_counted(dp: Setup, monitored: Setup) -> dict[str, float]:
+    """CPU method: count tensor bytes (tracemalloc does not see torch's allocator)."""
+    state = monitor_state_bytes(monitored.monitor)
+    transient = monitor_transient_bytes(monitored)
+    peak = dp_peak_estimate(dp)
+    # sketch_temp is freed before clipped_gram runs: the transient peak is the larger of the two.
+    trans_peak = max(transient["sketch_temp"], transient["gram_fp64_copy"]) + transient["tokens"]
+    dp_peak = sum(peak.values())
+    return {
+        "method": "counted",
+        "dp_peak_bytes": dp_peak,
+        "monitor_state_bytes": sum(state.values()),
+        "monitor_transient_bytes": trans_peak + transient["oracle"],
+        "monitor_fraction": (sum(state.values()) + trans_peak + transient["oracle"]) / dp_peak,
+        **{f"state_{k}": v for k, v in state.items()},
+    }
+
+
+def memory_cuda(dp: Setup, monitored: Setup) -> dict[str, float]:
+    """CUDA method: ``torch.cuda.max_memory_allocated`` during one step, relative to the memory
+    allocated just before it, for the DP setup and the monitored one; the monitor's share is the
+    difference of the two step peaks plus the state it keeps between steps (counted)."""
+
+    def step_peak(s: Setup) -> int:
+        s.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        s.run(2)  # two steps: the default schedule trains the critic on one of them
+        return torch.cuda.max_memory_allocated() - base
+
+    dp_step = step_peak(dp)
+    mon_step = step_peak(monitored)
+    params = sum(_tensor_bytes(p) for p in dp.optimizer.params)
+    state = monitor_state_bytes(monitored.monitor)
+    dp_peak = dp_step + params
+    extra = max(0, mon_step - dp_step)
+    return {
+        "method": "cuda max_memory_allocated",
+        "dp_peak_bytes": dp_peak,
+        "monitor_state_bytes": sum(state.values()),
+        "monitor_transient_bytes": extra,
+        "monitor_fraction": (sum(state.values()) + extra) / dp_peak,
+        **{f"state_{k}": v for k, v in state.items()},
+    }
+
+
+def memory_report(dp: Setup, monitored: Setup) -> dict[str, float]:
+    if dp.device.type == "cuda":
+        return memory_cuda(dp, monitored)
+    return memory_counted(dp, monitored)
+
+
+# --------------------------------------------------------------------------- micro-benchmarks
+
+
+def tokens_seconds(setup: Setup, reps: int = 20) -> float:
+    """``CountSketchTokenizer.sketch`` alone on one batch of per-sample gradients."""
+    grads = setup.per_sample_grads()
+    tok = setup.monitor.tokenizer
+    tok.sketch(grads)
+    return time_fn(lambda: tok.sketch(grads), setup.device, reps)
+
+
+def critic_update_seconds(setup: Setup, reps: int = 10) -> float:
+    """One ``OnlineEstimator.train()`` (``train_iters`` Adam steps) on a full window."""
+    est = next(iter(setup.monitor.estimators.values()))
+    fill_windows(setup)
+    est.train()
+    return time_fn(est.train, setup.device, reps)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def bench_lib():
+    """This module's builders, for test files (conftest modules are not meant to be imported)."""
+    return SimpleNamespace(**{k: v for k, v in vars(sys.modules[__name__]).items()})
+
+
+@pytest.fixture(scope="session")
+def bench_device() -> str:
+    return DEVICE

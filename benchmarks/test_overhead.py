@@ -1,0 +1,219 @@
+"""Overhead of ``LeakageMonitor`` on an Opacus DP-SGD step, measured side by side.
+
+Run: ``.venv/bin/python -m pytest benchmarks/test_overhead.py`` (CPU, ~5-10 min on 2 cores), or
+with ``OPACUS_MI_BENCH_DEVICE=cuda`` on a GPU (``benchmarks/gpu.sh``).
+
+For every model (digits CNN, MLP, ResNet-18 with GroupNorm at CIFAR shape):
+
+* ``test_step[model-variant]``: pytest-benchmark timings of K optimizer steps of each variant
+  (non-private, DP, DP + monitor oracle only, DP + monitor defaults, DP + monitor with the
+  critic trained every step). ``extra_info`` carries ms per step and the ratio to the DP step
+  measured by the earlier ``dp`` test (a cross-test ratio: indicative only).
+* ``test_tokens[model]``: ``CountSketchTokenizer.sketch`` alone on one batch of per-sample grads.
+* ``test_critic_update[model]``: one ``OnlineEstimator.train()`` on a full window.
+* ``test_ratio_<model>``: THE reported numbers. All variants timed interleaved in the same run
+  (A, B, C, ..., A, B, C, ..., rotating the order), median over repetitions of the per-repetition
+  ratio monitored / DP. Peak-memory figures go into the same ``extra_info``.
+* ``test_prv_ratio``: the same ratio with Opacus's PRV accountant (epsilon costs ~0.2 s a call).
+
+Machines are noisy, so nothing here asserts an absolute time. The issue's targets (default
+monitor <= 1.15 x DP for the digits CNN on CPU at batch 64, <= 1.05 for ResNet-18 on GPU, monitor
+memory <= 5% of the DP step's peak) are asserted only with ``OPACUS_MI_BENCH_ENFORCE=1``; otherwise
+they are reported in ``extra_info`` (``meets_target``) and printed (``-s``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("OPACUS_MI_BENCH_DEVICE", "cpu")
+ON_CUDA = torch.device(DEVICE).type == "cuda"
+ENFORCE = os.environ.get("OPACUS_MI_BENCH_ENFORCE") == "1"
+
+MODELS = ("digits_cnn", "mlp", "resnet18_gn")
+VARIANTS = ("nonprivate", "dp", "oracle", "default", "critic_every_step")
+
+# Issue targets for the default monitor (ratio to the DP step), by (model, device type).
+TARGETS = {("digits_cnn", "cpu"): 1.15, ("resnet18_gn", "cuda"): 1.05}
+MEMORY_TARGET = 0.05
+
+_SETUPS: dict[str, dict] = {}
+_STEP_MS: dict[tuple[str, str], float] = {}
+
+
+@pytest.fixture(scope="session")
+def setups(bench_lib):
+    """``setups(model)``: every variant of ``model``, built and warmed once per session."""
+
+    def get(model: str) -> dict:
+        if model not in _SETUPS:
+            _SETUPS[model] = bench_lib.build_warm(
+                model, VARIANTS, bench_lib.bench_config(model)["warmup"]
+            )
+        return _SETUPS[model]
+
+    yield get
+    _SETUPS.clear()
+
+
+def _fresh(setup, bench_lib):
+    """pedantic ``setup=``: start each round with no gradients and an idle device."""
+
+    def prepare() -> None:
+        setup.optimizer.zero_grad(set_to_none=True)
+        bench_lib.sync(setup.device)
+
+    return prepare
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model", MODELS)
+def test_step(benchmark, setups, bench_lib, model, variant):
+    s = setups(model)[variant]
+    cfg = bench_lib.bench_config(model)
+    benchmark.group = f"step-{model}"
+    benchmark.pedantic(
+        s.run,
+        args=(cfg["k"],),
+        setup=_fresh(s, bench_lib),
+        rounds=cfg["rounds"],
+        iterations=1,
+        warmup_rounds=1,
+    )
+    ms = benchmark.stats.stats.median / cfg["k"] * 1e3
+    _STEP_MS[(model, variant)] = ms
+    benchmark.extra_info.update(
+        {"device": DEVICE, "batch": s.batch, "steps_per_round": cfg["k"], "ms_per_step": ms}
+    )
+    if variant != "dp" and (model, "dp") in _STEP_MS:
+        benchmark.extra_info["ratio_vs_dp_cross_test"] = ms / _STEP_MS[(model, "dp")]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tokens(benchmark, setups, bench_lib, model):
+    s = setups(model)["oracle"]
+    grads = s.per_sample_grads()
+    tok = s.monitor.tokenizer
+    benchmark.group = "tokens"
+
+    def sketch():
+        tok.sketch(grads)
+        bench_lib.sync(s.device)
+
+    benchmark.pedantic(
+        sketch, rounds=10 if model != "resnet18_gn" or ON_CUDA else 3, iterations=1, warmup_rounds=1
+    )
+    benchmark.extra_info.update(
+        {
+            "batch": s.batch,
+            "params": bench_lib.param_count(s),
+            "token_dim_total": tok.total_dim,
+            "ms": benchmark.stats.stats.median * 1e3,
+        }
+    )
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_critic_update(benchmark, setups, bench_lib, model):
+    s = setups(model)["default"]
+    bench_lib.fill_windows(s)
+    est = next(iter(s.monitor.estimators.values()))
+    benchmark.group = "critic-update"
+
+    def update():
+        est.train()
+        bench_lib.sync(s.device)
+
+    benchmark.pedantic(update, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(
+        {
+            "window_pairs": int(est._x.shape[0]),
+            "x_dim": int(est._x.shape[1]),
+            "y_dim": int(est._y.shape[1]),
+            "train_iters": est.train_iters,
+            "critics_in_default_monitor": len(s.monitor.estimators),
+            "train_every": est.train_every,
+            "ms": benchmark.stats.stats.median * 1e3,
+        }
+    )
+
+
+def _ratio(benchmark, setups, bench_lib, model: str) -> dict:
+    """Interleaved timing of all variants; each pedantic round is one A, B, C, ... cycle."""
+    group = setups(model)
+    cfg = bench_lib.bench_config(model)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cycle = {"r": 0}
+
+    def one_cycle():
+        r = cycle["r"]
+        cycle["r"] += 1
+        order = list(VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)])
+        for v in order:
+            times[v].append(group[v].timed(cfg["k"]) / cfg["k"])
+
+    benchmark.group = "ratio"
+    benchmark.pedantic(one_cycle, rounds=cfg["reps"], iterations=1, warmup_rounds=0)
+    ratios = bench_lib.median_ratios(times, baseline="dp")
+    mem = bench_lib.memory_report(group["dp"], group["default"])
+    info = {
+        "device": DEVICE,
+        "batch": group["dp"].batch,
+        "dp_step_ms": 1e3 * sorted(times["dp"])[len(times["dp"]) // 2],
+        **{f"ratio_{v}": ratios[v] for v in VARIANTS if v != "dp"},
+        "memory_method": mem["method"],
+        "monitor_memory_fraction": mem["monitor_fraction"],
+        "monitor_state_bytes": mem["monitor_state_bytes"],
+        "monitor_transient_bytes": mem["monitor_transient_bytes"],
+        "dp_peak_bytes": mem["dp_peak_bytes"],
+    }
+    target = TARGETS.get((model, torch.device(DEVICE).type))
+    if target is not None:
+        info["target_default_ratio"] = target
+        info["meets_target"] = bool(ratios["default"] <= target)
+        info["oracle_meets_target"] = bool(ratios["oracle"] <= target)
+    info["memory_meets_target"] = bool(mem["monitor_fraction"] <= MEMORY_TARGET)
+    benchmark.extra_info.update(info)
+    print(f"\n[{model} on {DEVICE}] " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    if ENFORCE:
+        if target is not None:
+            assert ratios["oracle"] <= target, f"oracle-only ratio {ratios['oracle']:.3f}"
+            assert ratios["default"] <= target, f"default ratio {ratios['default']:.3f}"
+        assert mem["monitor_fraction"] <= MEMORY_TARGET, f"memory {mem['monitor_fraction']:.3f}"
+    return info
+
+
+def test_ratio_digits_cnn(benchmark, setups, bench_lib):
+    _ratio(benchmark, setups, bench_lib, "digits_cnn")
+
+
+def test_ratio_mlp(benchmark, setups, bench_lib):
+    _ratio(benchmark, setups, bench_lib, "mlp")
+
+
+def test_ratio_resnet18_gn(benchmark, setups, bench_lib):
+    _ratio(benchmark, setups, bench_lib, "resnet18_gn")
+
+
+def test_prv_ratio(benchmark, bench_lib):
+    """DP + oracle-only monitor with the PRV accountant: every monitored step reports the exact
+    epsilon, and Opacus's PRV ``get_epsilon`` is the expensive part."""
+    group = {v: bench_lib.build_setup("digits_cnn", v, accountant="prv") for v in ("dp", "oracle")}
+    for s in group.values():
+        bench_lib.warm(s, 2)
+    times: dict[str, list[float]] = {v: [] for v in group}
+
+    def one_cycle():
+        for v, s in group.items():
+            times[v].append(s.timed(3) / 3)
+
+    benchmark.group = "ratio"
+    benchmark.pedantic(one_cycle, rounds=3, iterations=1, warmup_rounds=0)
+    ratios = bench_lib.median_ratios(times, baseline="dp")
+    benchmark.extra_info.update(
+        {"accountant": "prv", "batch": group["dp"].batch, "ratio_oracle": ratios["oracle"]}
+    )
+    print(f"\n[digits_cnn PRV on {DEVICE}] ratio oracle-only = {ratios['oracle']:.2f}")
