@@ -1,0 +1,935 @@
+"""``opacus-mi validate``: does the measured MI track what real attacks recover?
+
+One DP-SGD training run on real data (digits by default) gives checkpoints at a few training
+stages. At each stage, for each batch size ``B`` and each noise multiplier ``sigma`` of the grid,
+the step's release ``y = (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / B`` is
+
+* **measured**: ``mi_oracle``, the MI of one example with the release over a candidate pool of
+  ``n`` real examples (the monitor's Gram-matrix oracle; the other ``B - 1`` examples of the step
+  are part of the release's noise), and ``mi_pixels``, the MI between the example's pixels and
+  the release in the model linearised around the example (it does not saturate at ``ln n``);
+* **attacked**: gradient inversion (Inverting Gradients and DLG, with iDLG labels at ``B = 1``)
+  scored by PSNR / SSIM, Bayes re-identification (which candidates are in the step) checked
+  against Fano's inequality, and a likelihood-ratio membership test.
+
+Why these are MIs of *one example with the averaged release*: the release of a batch of ``B``
+is ``(g_J + sum of the other B - 1 clipped gradients + noise) / B``. Dividing by ``B`` changes no
+MI, and the other examples (drawn from the same pool, unknown to the attacker) are extra noise
+on top of the DP noise: ``mi_oracle`` draws real releases with real other examples and scores
+them with a posterior that models the others as Gaussian with the pool's covariance (exact at
+``B = 1``, a lower bound at ``B > 1``); ``mi_pixels`` puts the others' covariance (a Ledoit-Wolf
+estimate, so they are noise in every direction) into its closed form. Neither is the MI of the
+per-sample view unless ``B = 1``.
+
+It writes ``validate.csv`` (one row per setting), ``correlations.csv`` (Spearman's rho between
+each MI estimate and each attack's success, with a bootstrap interval over settings),
+``validate.txt`` (the printed tables), ``validate.png`` (scatter plots), ``reconstructions.png``
+and ``validate.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
+DEFAULT_NOISE: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 4, 16)
+DEFAULT_STAGES: tuple[int, ...] = (0, 60, 180)
+PSNR_CAP = 60.0  # dB; a per-image PSNR above this counts as 60 when averaged (exact recovery)
+CORRELATION_TARGET = 0.8
+SMALL_MODEL_PARAMS = 1_000_000
+
+# The grid's columns, in validate.csv order.
+COLUMNS: tuple[str, ...] = (
+    "setting",
+    "step",
+    "batch_size",
+    "noise_multiplier",
+    "noise_std",
+    "candidates",
+    "mi_oracle",
+    "mi_oracle_ci_low",
+    "mi_oracle_ci_high",
+    "ln_candidates",
+    "mi_pixels",
+    "channel_bound",
+    "reid_acc",
+    "reid_top1",
+    "fano_bound",
+    "fano_ok",
+    "mia_auc",
+    "mia_tpr_at_1pct_fpr",
+    "ig_psnr",
+    "ig_ssim",
+    "dlg_psnr",
+    "dlg_ssim",
+    "psnr_mean_image",
+    "psnr_linear_gauss",
+    "label_acc",
+    "images",
+    "test_accuracy",
+)
+MI_ESTIMATES: tuple[tuple[str, str], ...] = (
+    ("mi_oracle", "MI oracle"),
+    ("mi_pixels", "MI pixels"),
+)
+ATTACK_METRICS: tuple[tuple[str, str], ...] = (
+    ("ig_psnr", "inversion PSNR (Inverting Gradients)"),
+    ("dlg_psnr", "inversion PSNR (DLG)"),
+    ("reid_acc", "re-identification accuracy (top-B)"),
+    ("reid_top1", "re-identification accuracy (top-1)"),
+    ("mia_auc", "membership inference AUC"),
+)
+
+
+@dataclass
+class ValidateConfig:
+    """Settings of ``opacus-mi validate``; field names match its flags.
+
+    ``stages`` are numbers of DP-SGD steps of one training run (``train_noise_multiplier``,
+    ``max_grad_norm``, ``train_batch_size``, ``lr``); the grid's ``noise_multipliers`` are the
+    noise of the attacked step. ``images`` inputs are attacked per setting (``ceil(images / B)``
+    batches); ``candidates`` is the size of the pool the identification attacker knows (default:
+    all 1,437 digits training images, 512 for CIFAR-10); ``draws`` releases per setting for the
+    identification and membership attacks.
+    """
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    out: str = "runs/validate"
+    seed: int = 0
+    noise_multipliers: tuple[float, ...] = DEFAULT_NOISE
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    stages: tuple[int, ...] = DEFAULT_STAGES
+    restarts: int = 2
+    iters: int = 200
+    images: int = 8
+    candidates: int | None = None
+    draws: int = 256
+    max_grad_norm: float = 1.0
+    train_noise_multiplier: float = 1.0
+    train_batch_size: int = 64
+    lr: float = 0.5
+    bootstrap: int = 2000
+
+    def validate(self) -> ValidateConfig:
+        """Check every value; raise ``ValueError`` naming the flag. Returns self."""
+        if self.dataset not in VALIDATE_DATASETS:
+            raise ValueError(
+                f"--dataset must be one of {', '.join(VALIDATE_DATASETS)}; got {self.dataset!r}"
+            )
+        self.noise_multipliers = _values(
+            "noise_multipliers", self.noise_multipliers, float, lambda v: v >= 0, ">= 0"
+        )
+        self.batch_sizes = _values("batch_sizes", self.batch_sizes, int, lambda v: v >= 1, ">= 1")
+        self.stages = _values("stages", self.stages, int, lambda v: v >= 0, ">= 0")
+        for name in ("restarts", "iters", "images", "draws", "train_batch_size"):
+            _int_at_least(name, getattr(self, name), 1)
+        _int_at_least("seed", self.seed, 0)
+        _int_at_least("bootstrap", self.bootstrap, 0)
+        if self.candidates is not None:
+            _int_at_least("candidates", self.candidates, 2)
+        for name in ("max_grad_norm", "train_noise_multiplier", "lr"):
+            v = getattr(self, name)
+            if not _finite(v) or v <= 0:
+                raise ValueError(f"{_flag(name)} must be a positive finite number; got {v!r}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
+            raise ValueError(f"--out must be a folder path; got {self.out!r}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("noise_multipliers", "batch_sizes", "stages"):
+            d[k] = list(d[k])
+        return d
+
+
+@dataclass
+class ValidateResult:
+    rows: list[dict[str, Any]]
+    correlations: list[dict[str, Any]]
+    text: str
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    wall_seconds: float = math.nan
+
+
+# ---------------------------------------------------------------------- validation helpers
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{_flag(name)} must be an integer >= {low}; got {value!r}")
+
+
+def _values(name, values, kind, ok, rule) -> tuple:
+    if isinstance(values, (int, float)):
+        values = (values,)
+    values = tuple(values)
+    if not values:
+        raise ValueError(f"{_flag(name)} needs at least one value")
+    out = []
+    for v in values:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{_flag(name)} values must be integers {rule}; got {v!r}")
+        if not _finite(v) or not ok(v):
+            raise ValueError(f"{_flag(name)} values must be finite numbers {rule}; got {v!r}")
+        out.append(kind(v))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{_flag(name)} values must be distinct; got {list(values)!r}")
+    return tuple(sorted(out))
+
+
+# ---------------------------------------------------------------------- data and training
+def _pool(dataset, count: int):
+    import torch
+
+    if hasattr(dataset, "tensors"):
+        x, y = dataset.tensors[0][:count], dataset.tensors[1][:count]
+        return x.clone(), y.clone().long()
+    xs, ys = zip(*(dataset[i] for i in range(count)), strict=True)
+    return torch.stack(list(xs)), torch.as_tensor(ys, dtype=torch.long)
+
+
+def _pixel_bounds(name: str, x):
+    """Per-channel ``(lo, hi)`` of valid inputs in the normalised space the model sees."""
+    import torch
+
+    if name == "cifar10":
+        from .data import _CIFAR10_MEAN, _CIFAR10_STD
+
+        mean = torch.tensor(_CIFAR10_MEAN)
+        std = torch.tensor(_CIFAR10_STD)
+        return -mean / std, (1 - mean) / std
+    dims = (0, 2, 3)
+    return x.amin(dim=dims), x.amax(dim=dims)
+
+
+def _train_checkpoints(cfg: ValidateConfig, split, model, progress_bar) -> dict[int, dict]:
+    """Train with Opacus DP-SGD and snapshot the weights after each stage's number of steps."""
+    import torch
+    import torch.nn.functional as F
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    loader = DataLoader(split.train, batch_size=cfg.train_batch_size, shuffle=True)
+    engine = PrivacyEngine(accountant="rdp")
+    private, opt, loader = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=cfg.train_noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+    stages = sorted(cfg.stages)
+    snaps: dict[int, dict] = {}
+
+    def snap(step):
+        snaps[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    step = 0
+    if 0 in stages:
+        snap(0)
+    last = stages[-1]
+    while step < last:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            if len(x):
+                F.cross_entropy(private(x), y).backward()
+            opt.step()
+            step += 1
+            progress_bar.update(1)
+            if step in stages:
+                snap(step)
+            if step >= last:
+                break
+    private.remove_hooks()
+    return snaps
+
+
+def _accuracy(model, dataset) -> float:
+    import torch
+    from torch.utils.data import DataLoader
+
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in DataLoader(dataset, batch_size=512):
+            correct += int((model(x).argmax(dim=-1) == y).sum())
+            total += len(y)
+    return correct / total if total else math.nan
+
+
+# ---------------------------------------------------------------------- the grid
+def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
+    """Run the grid, write every output file into ``cfg.out`` and return rows and correlations."""
+    cfg.validate()
+    import torch
+
+    t0 = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            rows, extras = _run_grid(cfg, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    out = Path(cfg.out)
+    correlations = compute_correlations(rows, resamples=cfg.bootstrap, seed=cfg.seed)
+    wall = time.perf_counter() - t0
+    text, files = write_outputs(out, rows, correlations, config=cfg.as_dict(), extras=extras)
+    text += f"\nwall time: {wall:.1f} s"
+    summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
+    summary["wall_seconds"] = wall
+    (out / "validate.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
+    return ValidateResult(rows, correlations, text, out, files, wall)
+
+
+def _run_grid(cfg: ValidateConfig, progress: bool):
+    import torch
+    from opacus.validators import ModuleValidator
+    from tqdm.auto import tqdm
+
+    from . import attacks as A
+    from .data import load_dataset
+    from .models import build_model
+    from .training import prepare_out_dir
+
+    split = load_dataset(cfg.dataset, data_root=cfg.data_root, seed=cfg.seed)
+    prepare_out_dir(cfg.out)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+
+    def fresh_model():
+        m = build_model("auto", split.input_shape, split.num_classes)
+        return ModuleValidator.fix(m) if ModuleValidator.validate(m, strict=False) else m
+
+    model = fresh_model()
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(1)
+
+    n_train = len(split.train)
+    n_pool = cfg.candidates or (n_train if cfg.dataset == "digits" else 512)
+    if n_pool > n_train:
+        raise ValueError(f"--candidates {n_pool} exceeds the {n_train} training examples")
+    need = max(cfg.batch_sizes) * 1 + 1
+    if n_pool < need:
+        raise ValueError(f"--candidates must be at least {need} for batch size up to {need - 1}")
+    shape = tuple(split.input_shape)
+    x_pool, y_pool = _pool(split.train, n_pool)
+    lo, hi = _pixel_bounds(cfg.dataset, x_pool)
+    span = (hi - lo).view(-1, 1, 1)
+
+    def unit(x):  # inputs -> [0, 1] pixels
+        return ((x - lo.view(-1, 1, 1)) / span).clamp(0, 1)
+
+    c = cfg.max_grad_norm
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # Inputs attacked per batch size: the same ones at every stage and noise level.
+    order = torch.randperm(n_pool, generator=gen)
+    batches: dict[int, torch.Tensor] = {}
+    for b in cfg.batch_sizes:
+        t = math.ceil(cfg.images / b)
+        if t * b > n_pool:
+            raise ValueError(f"--images {cfg.images} at batch size {b} needs {t * b} candidates")
+        batches[b] = order[: t * b].reshape(t, b)
+    block = 1
+    while (
+        shape[0] * (shape[1] // block) * (shape[2] // block) > 256 and shape[1] % (2 * block) == 0
+    ):
+        block *= 2
+    pooled = torch.nn.functional.avg_pool2d(x_pool, block) if block > 1 else x_pool
+    prior_var = pooled.var(dim=0).reshape(-1).double()
+
+    sigmas = list(cfg.noise_multipliers)
+    total = max(cfg.stages) + len(cfg.stages) * len(cfg.batch_sizes) * (2 * cfg.iters + len(sigmas))
+    bar = tqdm(total=total, disable=not progress, unit="it", dynamic_ncols=True, leave=True)
+    rows: list[dict[str, Any]] = []
+    recon_examples: list[dict[str, Any]] = []
+    try:
+        bar.set_description("DP-SGD training")
+        snaps = _train_checkpoints(cfg, split, model, bar)
+        model = fresh_model()  # no Opacus hooks: the attacker holds a plain copy of the weights
+        for step in sorted(cfg.stages):
+            model.load_state_dict(snaps[step])
+            model.eval()
+            test_acc = _accuracy(model, split.test)
+            gf = A.GradientFunction(model)
+            bar.set_description(f"step {step}: candidate gradients")
+            with torch.no_grad():
+                pool_grads = A.clip_rows(gf.per_sample(x_pool, y_pool), c)
+            channel = A.CandidateChannel(pool_grads)
+            del pool_grads
+            for b in cfg.batch_sizes:
+                idx = batches[b]
+                bar.set_description(f"step {step} B={b}: pixel information")
+                pix_idx = idx.reshape(-1)[: cfg.images]
+                pixel_models = []
+                for i in pix_idx.tolist():
+                    jac = A.input_jacobian(gf, x_pool[i], y_pool[i], max_grad_norm=c, block=block)
+                    jac = jac.double()
+                    pixel_models.append(
+                        A.PixelModel(
+                            jtj=jac.T @ jac, proj=channel.project(jac), prior_var=prior_var
+                        )
+                    )
+                    del jac
+                # Releases for every (noise level, batch), attacked all at once.
+                targets, labels, truth = [], [], []
+                for s in sigmas:
+                    for bi in idx:
+                        targets.append(
+                            A.private_release(
+                                gf,
+                                x_pool[bi],
+                                y_pool[bi],
+                                max_grad_norm=c,
+                                noise_multiplier=s,
+                                generator=gen,
+                            )
+                        )
+                        labels.append(y_pool[bi])
+                        truth.append(x_pool[bi])
+                targets_t = torch.stack(targets)
+                labels_t = torch.stack(labels)
+                label_acc = [math.nan] * len(sigmas)
+                if b == 1:
+                    rec = torch.tensor([[A.recover_label(t, gf)] for t in targets_t])
+                    hits = (rec == labels_t).double().reshape(len(sigmas), -1).mean(dim=1)
+                    label_acc = hits.tolist()
+                    labels_t = rec
+                scores = {}
+                images = {}
+                # IG with --restarts random starts; DLG once, as published.
+                for name, attack, restarts in (
+                    ("ig", A.inverting_gradients, cfg.restarts),
+                    ("dlg", A.dlg, 1),
+                ):
+                    bar.set_description(f"step {step} B={b}: {name.upper()}")
+                    inv = attack(
+                        gf,
+                        targets_t,
+                        labels_t,
+                        input_shape=shape,
+                        max_grad_norm=c,
+                        iters=cfg.iters,
+                        restarts=restarts,
+                        bounds=(lo, hi),
+                        generator=gen,
+                        callback=lambda _it: bar.update(1),
+                    )
+                    p_all, s_all = [], []
+                    for k in range(len(targets_t)):
+                        p, q = A.matched_scores(unit(inv.images[k]), unit(truth[k]))
+                        p_all.append(p.clamp(max=PSNR_CAP))
+                        s_all.append(q)
+                    t_count = len(idx)
+                    scores[name] = (
+                        torch.stack(p_all).reshape(len(sigmas), -1).mean(dim=1).tolist(),
+                        torch.stack(s_all).reshape(len(sigmas), -1).mean(dim=1).tolist(),
+                    )
+                    images[name] = inv.images.reshape(len(sigmas), t_count * b, *shape)
+                truth_b = x_pool[idx.reshape(-1)]
+                mean_img = x_pool.mean(dim=0, keepdim=True).expand_as(truth_b)
+                base = float(A.psnr(unit(mean_img), unit(truth_b)).clamp(max=PSNR_CAP).mean())
+                if b == min(cfg.batch_sizes):
+                    recon_examples.append(
+                        {"step": step, "batch_size": b, "truth": unit(truth_b)[:4]}
+                        | {f"{s:g}": unit(images["ig"][k])[:4] for k, s in enumerate(sigmas)}
+                    )
+                for k, s in enumerate(sigmas):
+                    bar.set_description(f"step {step} B={b}: identification")
+                    noise_std = s * c
+                    ident = channel.identify(b, noise_std, gen, draws=cfg.draws)
+                    mia = channel.membership(b, noise_std, gen, draws=cfg.draws)
+                    mi_pix, post = [], []
+                    for pm in pixel_models:
+                        m, v = A.pixel_information(pm, channel, b, noise_std)
+                        mi_pix.append(m)
+                        post.append(v)
+                    lg_psnr = math.nan
+                    if block == 1:
+                        per_pixel = torch.stack(post).mean(dim=0).reshape(shape)
+                        mse = float((per_pixel / span**2).mean())
+                        lg_psnr = math.inf if mse == 0 else 10 * math.log10(1 / mse)
+                    fano = A.fano_accuracy_bound(ident.mi, channel.n, guesses=b)
+                    rows.append(
+                        _row(
+                            step=step,
+                            b=b,
+                            s=s,
+                            c=c,
+                            ident=ident,
+                            fano=fano,
+                            mia=mia,
+                            mi_pixels=float(np.mean(mi_pix)),
+                            ig=(scores["ig"][0][k], scores["ig"][1][k]),
+                            dlg=(scores["dlg"][0][k], scores["dlg"][1][k]),
+                            base=base,
+                            lg_psnr=lg_psnr,
+                            label_acc=label_acc[k],
+                            images=int(idx.numel()),
+                            test_acc=test_acc,
+                        )
+                    )
+                    bar.update(1)
+            del channel
+    finally:
+        bar.close()
+    extras = {"recon": recon_examples, "block": block}
+    return rows, extras
+
+
+def _fano_consistent(ident, batch_size: int) -> bool:
+    """Fano's ceiling holds up to Monte Carlo error: the accuracy's 95% Wilson lower limit is
+    at most the ceiling at the MI's upper 95% limit."""
+    from .attacks import fano_accuracy_bound
+
+    n, p, z = ident.draws, ident.accuracy_top_b, 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    ceiling = fano_accuracy_bound(ident.mi + 1.96 * ident.mi_se, ident.candidates, batch_size)
+    return centre - half <= ceiling + 1e-12
+
+
+def _round(v: float) -> float:
+    """Values are stored with 8 significant digits, so correlations recomputed from
+    validate.csv are exactly the reported ones."""
+    if not isinstance(v, float) or not math.isfinite(v):
+        return v
+    return float(f"{v:.8g}")
+
+
+def _row(*, step, b, s, c, ident, fano, mia, mi_pixels, ig, dlg, base, lg_psnr, label_acc,
+         images, test_acc) -> dict[str, Any]:  # fmt: skip
+    half = 1.96 * ident.mi_se
+    bound = math.inf if s == 0 else 1.0 / (2.0 * s**2)
+    row = {
+        "setting": f"step{step}_B{b}_sigma{s:g}",
+        "step": step,
+        "batch_size": b,
+        "noise_multiplier": s,
+        "noise_std": s * c,
+        "candidates": ident.candidates,
+        "mi_oracle": ident.mi,
+        "mi_oracle_ci_low": ident.mi - half,
+        "mi_oracle_ci_high": ident.mi + half,
+        "ln_candidates": math.log(ident.candidates),
+        "mi_pixels": mi_pixels,
+        "channel_bound": bound,
+        "reid_acc": ident.accuracy_top_b,
+        "reid_top1": ident.accuracy,
+        "fano_bound": fano,
+        "fano_ok": int(_fano_consistent(ident, b)),
+        "mia_auc": mia.auc,
+        "mia_tpr_at_1pct_fpr": mia.tpr_at_1pct_fpr,
+        "ig_psnr": ig[0],
+        "ig_ssim": ig[1],
+        "dlg_psnr": dlg[0],
+        "dlg_ssim": dlg[1],
+        "psnr_mean_image": base,
+        "psnr_linear_gauss": lg_psnr,
+        "label_acc": label_acc,
+        "images": images,
+        "test_accuracy": test_acc,
+    }
+    return {k: _round(float(v)) if isinstance(v, float) else v for k, v in row.items()}
+
+
+# ---------------------------------------------------------------------- correlations
+def compute_correlations(
+    rows: list[dict[str, Any]], *, resamples: int = 2000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Spearman's rho of every MI estimate against every attack metric, over the grid's rows,
+    with a 95% percentile bootstrap interval (rows resampled with their own numpy Generator)."""
+    from .attacks import spearman, spearman_bootstrap
+
+    out = []
+    for m_key, m_name in MI_ESTIMATES:
+        for a_key, a_name in ATTACK_METRICS:
+            x = [r[m_key] for r in rows]
+            y = [r[a_key] for r in rows]
+            if resamples > 0:
+                rng = np.random.default_rng(seed)
+                rho, lo, hi = spearman_bootstrap(x, y, resamples=resamples, rng=rng)
+            else:
+                rho, lo, hi = spearman(x, y), math.nan, math.nan
+            out.append(
+                {
+                    "mi": m_key,
+                    "attack": a_key,
+                    "mi_name": m_name,
+                    "attack_name": a_name,
+                    "spearman": rho,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "settings": len(rows),
+                    "meets_target": int(_finite(rho) and rho >= CORRELATION_TARGET),
+                }
+            )
+    return out
+
+
+# ---------------------------------------------------------------------- outputs
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    return v
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in columns})
+    return path
+
+
+def read_validate_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of ``validate.csv`` with numbers parsed (blank cells are NaN, 'inf' is inf)."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for raw in csv.DictReader(fh):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                if k == "setting":
+                    row[k] = v
+                    continue
+                try:
+                    row[k] = float(v) if v not in ("", None) else math.nan
+                except ValueError:
+                    row[k] = math.nan
+            rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}"
+
+
+def grid_table(rows: list[dict[str, Any]], width: int = 140) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title="opacus-mi validate - MI (nats) of one example with the step's release, "
+        "and what real attacks recover from it",
+        title_justify="left",
+    )
+    cols = [
+        "step",
+        "B",
+        "sigma",
+        "MI oracle [95% CI]",
+        "MI pixels",
+        "re-id",
+        "Fano<=",
+        "MIA AUC",
+        "IG dB",
+        "DLG dB",
+        "IG SSIM",
+        "labels",
+    ]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in rows:
+        lo, hi = _fmt(r["mi_oracle_ci_low"]), _fmt(r["mi_oracle_ci_high"])
+        mi = f"{_fmt(r['mi_oracle'])} [{lo}, {hi}]"
+        pix = r["mi_pixels"]
+        table.add_row(
+            str(int(r["step"])),
+            str(int(r["batch_size"])),
+            f"{r['noise_multiplier']:g}",
+            mi,
+            _fmt(pix, 1) if not (isinstance(pix, float) and pix >= 100) else f"{pix:.0f}",
+            _fmt(r["reid_acc"]),
+            _fmt(r["fano_bound"]),
+            _fmt(r["mia_auc"], 3),
+            _fmt(r["ig_psnr"], 1),
+            _fmt(r["dlg_psnr"], 1),
+            _fmt(r["ig_ssim"]),
+            _fmt(r["label_acc"]),
+        )
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue().rstrip()
+
+
+def correlation_table(correlations: list[dict[str, Any]], width: int = 140) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    n = correlations[0]["settings"] if correlations else 0
+    table = Table(
+        title=f"Spearman rank correlation over the {n} settings [95% bootstrap CI]; "
+        f"target >= {CORRELATION_TARGET}",
+        title_justify="left",
+    )
+    table.add_column("attack success", justify="left")
+    for _, name in MI_ESTIMATES:
+        table.add_column(f"vs {name}", justify="right")
+    for a_key, a_name in ATTACK_METRICS:
+        cells = [a_name]
+        for m_key, _ in MI_ESTIMATES:
+            c = next(c for c in correlations if c["mi"] == m_key and c["attack"] == a_key)
+            cell = f"{_fmt(c['spearman'], 3)} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
+            cells.append(cell + (" *" if c["meets_target"] else ""))
+        table.add_row(*cells)
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue().rstrip()
+
+
+NOTES = (
+    "MI oracle: ln n + E log q(J | Y) over the n candidates (B = 1: exact Bayes posterior, the "
+    "monitor's Gram oracle; B > 1: a calibrated posterior\n"
+    "that treats the other B-1 examples as Gaussian noise, a lower bound); never above ln n. "
+    "MI pixels: 1/2 log det(I + V J^T K^-1 J), the MI between\n"
+    "the example's pixels and the release, linearised around the example (inf without noise at "
+    "B = 1). re-id: the Bayes attacker names B candidates\n"
+    "for the step, accuracy = the example is among them (top-1 at B = 1); Fano<=: (MI oracle + "
+    "ln 2) / ln(n / B). MIA: likelihood-ratio test 'this\n"
+    "example or another one in the step'. IG / DLG: PSNR (dB) of reconstructions matched to the "
+    "true inputs; labels: iDLG (B = 1; known at B > 1)."
+)
+
+
+def write_outputs(
+    out: Path,
+    rows: list[dict[str, Any]],
+    correlations: list[dict[str, Any]],
+    *,
+    config: dict[str, Any],
+    extras: dict[str, Any] | None = None,
+) -> tuple[str, list[Path]]:
+    out = Path(out)
+    files = [write_csv(rows, out / "validate.csv", COLUMNS)]
+    corr_cols = (
+        "mi",
+        "attack",
+        "spearman",
+        "ci_low",
+        "ci_high",
+        "settings",
+        "meets_target",
+        "mi_name",
+        "attack_name",
+    )
+    files.append(write_csv(correlations, out / "correlations.csv", corr_cols))
+    base = next((r["psnr_mean_image"] for r in rows), math.nan)
+    fano_all = all(int(r["fano_ok"]) for r in rows)
+    lines = [
+        grid_table(rows),
+        NOTES,
+        f"baseline: predicting the mean training image scores {_fmt(base, 1)} dB PSNR "
+        f"(B = {int(rows[0]['batch_size'])} inputs); candidates n = {int(rows[0]['candidates'])}, "
+        f"ln n = {_fmt(rows[0]['ln_candidates'])}",
+        "Fano's inequality holds in every setting"
+        if fano_all
+        else "Fano's inequality is violated in: "
+        + ", ".join(r["setting"] for r in rows if not int(r["fano_ok"])),
+        "",
+        correlation_table(correlations),
+        "rho: Spearman over the rows of validate.csv (average ranks for ties, inf ranks highest), "
+        "e.g. scipy.stats.spearmanr(mi_pixels, ig_psnr);\n"
+        "interval: 2.5-97.5% percentiles over bootstrap resamples of the rows.",
+        _verdict(correlations),
+    ]
+    text = "\n".join(lines)
+    files.append(out / "validate.txt")
+    files.append(plot_validate(rows, correlations, out / "validate.png"))
+    if extras and extras.get("recon"):
+        files.append(plot_reconstructions(extras["recon"], out / "reconstructions.png"))
+    summary = {
+        "config": config,
+        "correlations": correlations,
+        "fano_holds": fano_all,
+        "settings": len(rows),
+    }
+    (out / "validate.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    files.append(out / "validate.json")
+    return text, files
+
+
+def _verdict(correlations: list[dict[str, Any]]) -> str:
+    lines = []
+    for a_key, a_name in (ATTACK_METRICS[0], ATTACK_METRICS[2]):
+        met = [
+            f"{c['mi_name']} ({_fmt(c['spearman'], 3)})"
+            for c in correlations
+            if c["attack"] == a_key and c["meets_target"]
+        ]
+        missed = [
+            f"{c['mi_name']} ({_fmt(c['spearman'], 3) if _finite(c['spearman']) else 'undefined'})"
+            for c in correlations
+            if c["attack"] == a_key and not c["meets_target"]
+        ]
+        lines.append(
+            f"{a_name}: rho >= {CORRELATION_TARGET} "
+            + (f"met by {', '.join(met)}" if met else "met by no estimate")
+            + (f"; missed by {', '.join(missed)}" if missed else "")
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- plots
+def _plot_x(values: list[float]) -> tuple[np.ndarray, np.ndarray, float]:
+    x = np.asarray(values, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    top = float(finite.max()) if finite.size else 1.0
+    inf_at = top * 3 if top > 0 else 1.0
+    is_inf = np.isinf(x) & (x > 0)
+    return np.where(is_inf, inf_at, x), is_inf, inf_at
+
+
+def plot_validate(
+    rows: list[dict[str, Any]], correlations: list[dict[str, Any]], path: str | os.PathLike
+) -> Path:
+    """Scatter of each MI estimate against inversion PSNR, re-identification and MIA AUC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [
+        ("ig_psnr", "inversion PSNR, IG (dB)"),
+        ("reid_acc", "re-identification (top-B)"),
+        ("mia_auc", "membership AUC"),
+    ]
+    sizes = sorted({int(r["batch_size"]) for r in rows})
+    steps = sorted({int(r["step"]) for r in rows})
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(sizes), 1)))
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    fig, axes = plt.subplots(
+        len(MI_ESTIMATES), len(metrics), figsize=(4.2 * len(metrics), 3.6 * len(MI_ESTIMATES))
+    )
+    axes = np.atleast_2d(axes)
+    for i, (m_key, m_name) in enumerate(MI_ESTIMATES):
+        for j, (a_key, a_name) in enumerate(metrics):
+            ax = axes[i, j]
+            xs, is_inf, inf_at = _plot_x([r[m_key] for r in rows])
+            for k, r in enumerate(rows):
+                ci = sizes.index(int(r["batch_size"]))
+                mi = steps.index(int(r["step"])) % len(markers)
+                ax.scatter(
+                    xs[k],
+                    r[a_key],
+                    color=colors[ci],
+                    marker=">" if is_inf[k] else markers[mi],
+                    s=28,
+                    alpha=0.85,
+                    edgecolors="none",
+                )
+            if m_key == "mi_pixels":
+                ax.set_xscale("symlog", linthresh=1.0)
+            if is_inf.any():
+                ax.axvline(inf_at, color="0.7", linewidth=0.8, linestyle=":")
+                ax.annotate("inf", (inf_at, 0.02), xycoords=("data", "axes fraction"), fontsize=8)
+            if a_key == "reid_acc" and m_key == "mi_oracle":
+                n = float(rows[0]["candidates"])
+                grid = np.linspace(0, math.log(n), 100)
+                for ci, b in enumerate(sizes):
+                    bound = np.clip((grid + math.log(2)) / math.log(n / b), 0, 1)
+                    ax.plot(grid, bound, color=colors[ci], linewidth=0.9, linestyle="--")
+            if a_key == "ig_psnr":
+                base = rows[0]["psnr_mean_image"]
+                ax.axhline(base, color="0.6", linewidth=0.8, linestyle=":")
+            c = next(c for c in correlations if c["mi"] == m_key and c["attack"] == a_key)
+            ax.set_title(
+                f"rho = {_fmt(c['spearman'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]",
+                fontsize=9,
+            )
+            ax.set_xlabel(f"{m_name} (nats)")
+            ax.set_ylabel(a_name)
+            ax.grid(alpha=0.25)
+    handles = [
+        plt.Line2D([], [], color=colors[ci], marker="o", linestyle="", label=f"B = {b}")
+        for ci, b in enumerate(sizes)
+    ] + [
+        plt.Line2D(
+            [], [], color="0.3", marker=markers[k % len(markers)], linestyle="", label=f"step {s}"
+        )  # fmt: skip
+        for k, s in enumerate(steps)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(
+        "MI vs attack success over the grid (dashed: Fano ceiling; dotted: mean-image PSNR)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reconstructions(examples: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """True inputs and Inverting Gradients reconstructions per noise level, one block per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in examples[0] if k not in ("step", "batch_size")]
+    per = max(len(e["truth"]) for e in examples)
+    fig, axes = plt.subplots(
+        len(keys),
+        per * len(examples),
+        figsize=(0.9 * per * len(examples) + 1, 0.95 * len(keys) + 0.6),
+        squeeze=False,
+    )
+    for e_i, e in enumerate(examples):
+        for r_i, key in enumerate(keys):
+            imgs = e[key]
+            for c_i in range(per):
+                ax = axes[r_i, e_i * per + c_i]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c_i < len(imgs):
+                    img = imgs[c_i].detach().float()
+                    if img.shape[0] == 1:
+                        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                    else:
+                        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+                if e_i == 0 and c_i == 0:
+                    label = "input" if key == "truth" else f"sigma {key}"
+                    ax.set_ylabel(label, fontsize=8)
+                if r_i == 0 and c_i == 0:
+                    ax.set_title(
+                        f"step {e['step']} (B = {e['batch_size']})", fontsize=8, loc="left"
+                    )
+    fig.suptitle("Inverting Gradients reconstructions of the attacked inputs", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,383 @@
+"""Real attacks on released gradients (opacus_mi.attacks) and the `validate` grid end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from opacus_mi import attacks as A
+from opacus_mi import cli
+from opacus_mi.data import load_dataset
+from opacus_mi.estimators.oracle import gram_oracle
+from opacus_mi.models import DigitsCNN
+from opacus_mi.validate import COLUMNS, read_validate_csv
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    split = load_dataset("digits")
+    x, y = split.train.tensors
+    return x[:256], y[:256], float(x.min()), float(x.max())
+
+
+@pytest.fixture(scope="module")
+def gradfn():
+    torch.manual_seed(0)
+    return A.GradientFunction(DigitsCNN().eval())
+
+
+def _unit(x, lo, hi):
+    return ((x - lo) / (hi - lo)).clamp(0, 1)
+
+
+def _mean_psnr(inv, truth, lo, hi):
+    vals = [
+        A.matched_scores(_unit(inv.images[k], lo, hi), _unit(truth[k], lo, hi))[0].mean()
+        for k in range(len(truth))
+    ]
+    return float(torch.stack(vals).mean())
+
+
+# ------------------------------------------------------------------------------ gradients
+def test_per_sample_gradients_match_autograd(gradfn, digits):
+    x, y, _, _ = digits
+    g = gradfn.per_sample(x[:3], y[:3])
+    for i in range(3):
+        gradfn.model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(gradfn.model(x[i : i + 1]), y[i : i + 1])
+        ref = torch.autograd.grad(loss, list(gradfn.model.parameters()))
+        flat = torch.cat([r.reshape(-1) for r in ref])
+        torch.testing.assert_close(g[i], flat, rtol=1e-4, atol=1e-6)
+
+
+def test_release_is_opacus_clipped_noisy_average(gradfn, digits):
+    x, y, _, _ = digits
+    g = gradfn.per_sample(x[:4], y[:4])
+    factors = (1.0 / (g.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    expected = (g * factors[:, None]).sum(0) / 4
+    got = A.private_release(gradfn, x[:4], y[:4], max_grad_norm=1.0, noise_multiplier=0.0)
+    torch.testing.assert_close(got, expected)
+    gen = torch.Generator().manual_seed(3)
+    noisy = A.private_release(
+        gradfn, x[:4], y[:4], max_grad_norm=1.0, noise_multiplier=0.5, generator=gen
+    )
+    noise_std = float(((noisy - expected) * 4).std())
+    assert noise_std == pytest.approx(0.5, rel=0.05)
+
+
+def test_idlg_label_recovery_is_exact_at_batch_size_1(gradfn, digits):
+    x, y, _, _ = digits
+    for i in range(20):
+        for clip in (None, 1.0):
+            release = A.private_release(gradfn, x[i : i + 1], y[i : i + 1], max_grad_norm=clip)
+            assert A.recover_label(release, gradfn) == int(y[i])
+
+
+# ------------------------------------------------------------------------------ inversion
+def test_inversion_recovers_input_from_noise_free_unclipped_gradient(gradfn, digits):
+    x, y, lo, hi = digits
+    idx = [0, 1]
+    targets = torch.stack(
+        [A.private_release(gradfn, x[i : i + 1], y[i : i + 1], max_grad_norm=None) for i in idx]
+    )
+    labels = torch.tensor([[A.recover_label(t, gradfn)] for t in targets])
+    assert labels.view(-1).tolist() == y[idx].tolist()
+    truth = x[idx].unsqueeze(1)
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(input_shape=(1, 8, 8), max_grad_norm=None, iters=150, restarts=1, generator=gen)
+    dlg = A.dlg(gradfn, targets, labels, bounds=(lo, hi), **kw)
+    ig = A.inverting_gradients(gradfn, targets, labels, bounds=(lo, hi), **kw)
+    assert _mean_psnr(dlg, truth, lo, hi) > 25.0
+    assert _mean_psnr(ig, truth, lo, hi) > 25.0
+
+
+def test_inversion_fails_under_large_noise(gradfn, digits):
+    x, y, lo, hi = digits
+    gen = torch.Generator().manual_seed(1)
+    idx = [0, 1]
+    targets = torch.stack(
+        [
+            A.private_release(
+                gradfn,
+                x[i : i + 1],
+                y[i : i + 1],
+                max_grad_norm=1.0,
+                noise_multiplier=1.0,
+                generator=gen,
+            )
+            for i in idx
+        ]
+    )
+    labels = y[idx].view(-1, 1)  # even with the true labels
+    truth = x[idx].unsqueeze(1)
+    kw = dict(input_shape=(1, 8, 8), max_grad_norm=1.0, iters=100, restarts=1, generator=gen)
+    ig = A.inverting_gradients(gradfn, targets, labels, bounds=(lo, hi), **kw)
+    dlg = A.dlg(gradfn, targets, labels, bounds=(lo, hi), **kw)
+    assert _mean_psnr(ig, truth, lo, hi) < 12.0
+    assert _mean_psnr(dlg, truth, lo, hi) < 12.0
+
+
+def test_batched_problems_are_independent(gradfn, digits):
+    """Solving problems together gives the same images as solving them one at a time."""
+    x, y, lo, hi = digits
+    targets = torch.stack([A.private_release(gradfn, x[i : i + 2], y[i : i + 2]) for i in (0, 2)])
+    labels = torch.stack([y[0:2], y[2:4]])
+    kw = dict(input_shape=(1, 8, 8), iters=5, restarts=1, bounds=(lo, hi))
+    both = A.dlg(gradfn, targets, labels, generator=torch.Generator().manual_seed(0), **kw)
+    # the joint run's first problem starts from the first values the generator draws
+    one = A.dlg(gradfn, targets[:1], labels[:1], generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(one.images[0], both.images[0], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_psnr_and_ssim_sanity():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand((3, 1, 8, 8), generator=gen, dtype=torch.float64)
+    assert torch.isinf(A.psnr(a, a)).all()
+    torch.testing.assert_close(A.ssim(a, a), torch.ones(3, dtype=torch.float64))
+    shifted = a + 0.1  # MSE 0.01 on a unit range: 20 dB
+    torch.testing.assert_close(
+        A.psnr(shifted, a), torch.full((3,), 20.0, dtype=torch.float64), rtol=0, atol=1e-9
+    )
+    noisy = a + 0.2 * torch.randn(a.shape, generator=gen)
+    worse = a + 0.5 * torch.randn(a.shape, generator=gen)
+    s1, s2 = A.ssim(noisy, a), A.ssim(worse, a)
+    assert (s1 < 1).all() and (s2 < s1).all()
+    torch.testing.assert_close(A.ssim(noisy, a), A.ssim(a, noisy))
+    rgb = torch.rand((2, 3, 32, 32), generator=gen)
+    torch.testing.assert_close(A.ssim(rgb, rgb), torch.ones(2, dtype=torch.float64))
+
+
+def test_ssim_matches_reference_formula_on_one_window():
+    """With the window the size of the image, SSIM is the classic global formula."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand((1, 1, 7, 7), generator=gen, dtype=torch.float64)
+    b = torch.rand((1, 1, 7, 7), generator=gen, dtype=torch.float64)
+    w = A._gaussian_window(7, 1.5)
+    mx, my = (w * a[0, 0]).sum(), (w * b[0, 0]).sum()
+    vx = (w * a[0, 0] ** 2).sum() - mx**2
+    vy = (w * b[0, 0] ** 2).sum() - my**2
+    cxy = (w * a[0, 0] * b[0, 0]).sum() - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    ref = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert float(A.ssim(a, b)) == pytest.approx(float(ref), rel=1e-12)
+
+
+def test_matching_picks_the_right_permutation():
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.rand((6, 1, 8, 8), generator=gen)
+    perm = torch.randperm(6, generator=gen)
+    recon = truth[perm] + 0.05 * torch.randn(truth.shape, generator=gen)
+    found = A.match_reconstructions(recon, truth)
+    torch.testing.assert_close(recon[torch.as_tensor(found)], truth, atol=0.3, rtol=0)
+    assert torch.equal(perm[torch.as_tensor(found)], torch.arange(6))
+    p, s = A.matched_scores(recon, truth)
+    assert (p > 20).all() and (s > 0.5).all()
+
+
+def test_spearman_matches_scipy_with_ties_and_infinities():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.integers(0, 6, 30).astype(float)
+        y = x + rng.normal(0, 2, 30)
+        x[rng.integers(0, 30, 3)] = np.inf
+        ref = stats.spearmanr(x, y).correlation
+        assert A.spearman(x, y) == pytest.approx(ref, abs=1e-12)
+    assert math.isnan(A.spearman([1, 1, 1, 1], [1, 2, 3, 4]))
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    rho, lo, hi = A.spearman_bootstrap(x, y, rng=np.random.default_rng(1), resamples=500)
+    assert rho == pytest.approx(stats.spearmanr(x, y).correlation, abs=1e-12)
+    assert lo < rho < hi
+    again = A.spearman_bootstrap(x, y, rng=np.random.default_rng(1), resamples=500)
+    assert again == (rho, lo, hi)
+
+
+def test_fano_bound_formula():
+    assert A.fano_accuracy_bound(0.0, 64) == pytest.approx(math.log(2) / math.log(64))
+    assert A.fano_accuracy_bound(1.5, 64) == pytest.approx((1.5 + math.log(2)) / math.log(64))
+    assert A.fano_accuracy_bound(10.0, 64) == 1.0
+    assert A.fano_accuracy_bound(1.0, 100, guesses=4) == pytest.approx(
+        (1.0 + math.log(2)) / math.log(25)
+    )
+    assert A.fano_accuracy_bound(0.1, 8, guesses=8) == 1.0
+
+
+# ------------------------------------------------------------------------------ identification
+def _random_pool(n=40, p=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn((n, p), generator=gen, dtype=torch.float64)
+    return g / g.norm(dim=1, keepdim=True) * torch.rand((n, 1), generator=gen, dtype=torch.float64)
+
+
+def test_candidate_channel_at_batch_size_1_is_the_monitors_gram_oracle():
+    g = _random_pool()
+    channel = A.CandidateChannel(g)
+    for noise in (0.05, 0.2):
+        ours = channel.identify(1, noise, torch.Generator().manual_seed(0), draws=4000)
+        ref = gram_oracle(g @ g.T, noise, draws=100, generator=torch.Generator().manual_seed(1))
+        assert ours.mi == pytest.approx(ref.nats, abs=4 * ours.mi_se + 0.02)
+        assert ours.accuracy <= A.fano_accuracy_bound(ours.mi + 4 * ours.mi_se, 40) + 0.03
+    exact = channel.identify(1, 0.0, torch.Generator().manual_seed(0), draws=64)
+    assert exact.mi == pytest.approx(math.log(40)) and exact.accuracy == 1.0
+
+
+def test_batch_release_leaks_less_and_noise_lowers_every_attack():
+    g = _random_pool(n=60, p=80)
+    channel = A.CandidateChannel(g)
+    gen = torch.Generator().manual_seed(0)
+    mi = {b: channel.identify(b, 0.1, gen, draws=400).mi for b in (1, 4)}
+    assert mi[4] < mi[1]
+    auc = [channel.membership(1, s, gen, draws=300).auc for s in (0.01, 0.3, 3.0)]
+    assert auc[0] > auc[1] > auc[2] and auc[0] > 0.95 and auc[2] < 0.7
+    # noise-free batch of 4: the set is identified, not which slot is J, so I ~ ln(n / 4)
+    zero = channel.identify(4, 0.0, gen, draws=400)
+    assert zero.accuracy_top_b > 0.9
+    assert zero.mi == pytest.approx(math.log(60 / 4), abs=0.3)
+
+
+def test_ledoit_wolf_matches_sklearn():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    g = _random_pool(n=25, p=60, seed=2)
+    channel = A.CandidateChannel(g)
+    centered = (g - g.mean(0)).numpy()
+    ref = ledoit_wolf_shrinkage(centered, assume_centered=True)
+    assert channel.shrinkage == pytest.approx(ref, rel=1e-9)
+    assert channel.floor == pytest.approx(np.trace(centered.T @ centered / 25) / 60, rel=1e-9)
+
+
+def test_pixel_information_closed_form_and_monotone():
+    gen = torch.Generator().manual_seed(0)
+    g = _random_pool(n=30, p=50)
+    channel = A.CandidateChannel(g)
+    jac = torch.randn((50, 6), generator=gen, dtype=torch.float64) * 0.1
+    var = torch.rand(6, generator=gen, dtype=torch.float64)
+    model = A.PixelModel(jtj=jac.T @ jac, proj=channel.project(jac), prior_var=var)
+    s = 0.05
+    mi, post = A.pixel_information(model, channel, 1, s)
+    m = var.sqrt()[:, None] * (jac.T @ jac) / s**2 * var.sqrt()[None, :]
+    assert mi == pytest.approx(0.5 * float(torch.logdet(torch.eye(6, dtype=m.dtype) + m)))
+    assert (post < var).all()
+    values = [A.pixel_information(model, channel, 1, s)[0] for s in (0.01, 0.1, 1.0)]
+    assert values[0] > values[1] > values[2] > 0
+    assert A.pixel_information(model, channel, 1, 0.0)[0] == math.inf
+    assert A.pixel_information(model, channel, 4, 0.01)[0] < values[0]
+
+
+def test_input_jacobian_matches_finite_differences(digits):
+    """Central differences in float64 with a tiny step (ReLU kinks make large steps jump)."""
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    gf = A.GradientFunction(DigitsCNN().double().eval())
+    xi = x[5].double()
+    for clip in (None, 1.0):
+        jac = A.input_jacobian(gf, xi, y[5], max_grad_norm=clip)
+        assert jac.shape == (gf.dim, 64)
+
+        def f(z, clip=clip):
+            return A.clip_rows(gf.per_sample(z[None], y[5:6]), clip)[0]
+
+        for pixel in (27, 36):
+            step = torch.zeros(64, dtype=torch.float64)
+            step[pixel] = 1e-6
+            step = step.view(1, 8, 8)
+            fd = (f(xi + step) - f(xi - step)) / 2e-6
+            torch.testing.assert_close(jac[:, pixel], fd, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ validate
+def _main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_validate_end_to_end_writes_csv_and_reproducible_correlations(tmp_path):
+    out = tmp_path / "val"
+    argv = [
+        "validate",
+        "--stages",
+        "0",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--noise-multipliers",
+        "0",
+        "0.1",
+        "--iters",
+        "5",
+        "--restarts",
+        "1",
+        "--images",
+        "2",
+        "--candidates",
+        "64",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    rc, stdout, stderr = _main(argv)
+    assert rc == 0, stderr
+    assert "Spearman" in stdout and "MI oracle" in stdout and "validate.csv" in stdout
+    for name in ("validate.csv", "correlations.csv", "validate.txt", "validate.png",
+                 "reconstructions.png", "validate.json"):  # fmt: skip
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    with open(out / "validate.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert tuple(header) == COLUMNS
+    rows = read_validate_csv(out / "validate.csv")
+    assert len(rows) == 4
+    assert {(r["batch_size"], r["noise_multiplier"]) for r in rows} == {
+        (1, 0.0),
+        (1, 0.1),
+        (2, 0.0),
+        (2, 0.1),
+    }
+    for r in rows:
+        assert 0 <= r["reid_acc"] <= 1 and 0 <= r["mia_auc"] <= 1
+        assert r["mi_oracle"] <= math.log(64) + 1e-6
+        assert r["fano_ok"] == 1
+    noise_free = next(r for r in rows if r["batch_size"] == 1 and r["noise_multiplier"] == 0)
+    assert noise_free["mi_pixels"] == math.inf and noise_free["label_acc"] == 1.0
+    with open(out / "correlations.csv", newline="") as fh:
+        corr = list(csv.DictReader(fh))
+    assert len(corr) == 10
+    for c in corr:
+        x = [r[c["mi"]] for r in rows]
+        y = [r[c["attack"]] for r in rows]
+        ref = A.spearman(x, y)
+        if len(set(x)) > 1 and len(set(y)) > 1:
+            ref_scipy = stats.spearmanr(x, y).correlation
+            assert ref == pytest.approx(ref_scipy, abs=1e-12)
+        got = float(c["spearman"]) if c["spearman"] else math.nan
+        assert (math.isnan(ref) and math.isnan(got)) or got == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--noise-multipliers", "-1"], "--noise-multipliers"),
+        (["--stages", "5", "5"], "distinct"),
+        (["--iters", "0"], "--iters"),
+        (["--dataset", "cifar10"], "--data-root"),
+    ],
+)
+def test_validate_errors_are_one_line(argv, needle, tmp_path):
+    rc, stdout, stderr = _main(["validate", "--no-progress", "--out", str(tmp_path), *argv])
+    assert rc == 2
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("opacus-mi: error: ")
+    assert needle in lines[0]
