@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -95,3 +99,47 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
     if flagged:
         text += f"\nflags seen: {', '.join(flagged)}"
     return text
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that reads back exactly: None/NaN blank, +-inf spelled out, floats by repr."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    return value
+
+
+def write_csv_rows(
+    rows: Iterable[dict[str, Any]], path: str | os.PathLike, columns: Sequence[str]
+) -> Path:
+    """Write dict rows under ``columns`` (missing keys blank, extra keys ignored)."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: csv_cell(row.get(k)) for k in columns})
+    return path
+
+
+def read_csv_rows(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[dict]:
+    """Rows written by :func:`write_csv_rows`, numbers parsed (blank or unparsable -> NaN)."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for raw in csv.DictReader(fh):
+            row: dict[str, Any] = {}
+            for key, cell in raw.items():
+                if key in text_columns:
+                    row[key] = cell
+                    continue
+                try:
+                    row[key] = float(cell) if cell not in ("", None) else math.nan
+                except ValueError:
+                    row[key] = math.nan
+            rows.append(row)
+    return rows

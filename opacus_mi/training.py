@@ -26,6 +26,7 @@ from typing import Any
 from .data import DATASETS
 from .models import MODELS
 from .records import LeakageRecord, read_jsonl
+from .report import csv_cell, read_csv_rows, write_csv_rows
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "none")
@@ -492,21 +493,13 @@ def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike)
         w = csv.writer(fh)
         w.writerow(header)
         for r in records:
-            row: list[Any] = [_csv_value(getattr(r, c)) for c in _RECORD_COLUMNS]
+            row: list[Any] = [csv_cell(getattr(r, c)) for c in _RECORD_COLUMNS]
             for k in keys:
                 v = r.mi.get(k)
-                row += [_csv_value(None if v is None else getattr(v, f)) for f in _MI_FIELDS]
+                row += [csv_cell(None if v is None else getattr(v, f)) for f in _MI_FIELDS]
             row.append(";".join(r.flags))
             w.writerow(row)
     return path
-
-
-def _csv_value(x: Any) -> Any:
-    if x is None:
-        return ""
-    if isinstance(x, float) and not math.isfinite(x):
-        return ""
-    return x
 
 
 def _settings_for_html(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -696,31 +689,12 @@ def run_sweep(
 
 
 def write_sweep_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(SWEEP_COLUMNS), extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: _csv_value(row.get(k)) for k in SWEEP_COLUMNS})
-    return path
+    return write_csv_rows(rows, path, SWEEP_COLUMNS)
 
 
 def read_sweep_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of ``sweep.csv`` with numbers parsed (blank cells become NaN)."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for raw in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            for k, v in raw.items():
-                if k in ("setting", "out"):
-                    row[k] = v
-                else:
-                    try:
-                        row[k] = float(v) if v not in ("", None) else math.nan
-                    except ValueError:
-                        row[k] = math.nan
-            rows.append(row)
-    return rows
+    return read_csv_rows(path, text_columns=("setting", "out"))
 
 
 def _f(x: Any, digits: int = 3) -> str:

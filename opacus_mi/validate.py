@@ -29,7 +29,6 @@ and ``validate.json`` into ``--out``.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .report import read_csv_rows, write_csv_rows
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
 DEFAULT_NOISE: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
@@ -591,41 +592,13 @@ def compute_correlations(
 
 
 # ---------------------------------------------------------------------- outputs
-def _csv_value(v: Any) -> Any:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    return v
-
-
 def write_csv(rows: list[dict[str, Any]], path: Path, columns) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _csv_value(r.get(k)) for k in columns})
-    return path
+    return write_csv_rows(rows, path, columns)
 
 
 def read_validate_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of ``validate.csv`` with numbers parsed (blank cells are NaN, 'inf' is inf)."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for raw in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            for k, v in raw.items():
-                if k == "setting":
-                    row[k] = v
-                    continue
-                try:
-                    row[k] = float(v) if v not in ("", None) else math.nan
-                except ValueError:
-                    row[k] = math.nan
-            rows.append(row)
-    return rows
+    return read_csv_rows(path, text_columns=("setting",))
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
