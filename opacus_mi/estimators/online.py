@@ -19,6 +19,40 @@ from .critics import SeparableCritic
 MIN_CI_PAIRS = 8
 
 
+class PairWindow:
+    """The most recent (x, y) pairs, capped at ``size``: what an online critic trains on."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.x is None else self.x.shape[0]
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x = x if self.x is None else torch.cat([self.x, x])[-self.size :]
+        self.y = y if self.y is None else torch.cat([self.y, y])[-self.size :]
+
+    def clear(self) -> None:
+        self.x = self.y = None
+
+    def recent(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[-n:], self.y[-n:]
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A minibatch of ``min(n, len)`` distinct pairs drawn with the caller's generator."""
+        pick = torch.randperm(len(self), generator=generator, device=generator.device)[:n]
+        pick = pick.to(self.x.device)
+        return self.x[pick], self.y[pick]
+
+    def state_dict(self) -> dict:
+        return {"x": self.x, "y": self.y}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.x, self.y = state["x"], state["y"]
+
+
 @dataclass(frozen=True)
 class BatchEstimate:
     """Held-out bound on one batch: matched pairs, shuffled pairs, and their difference."""
@@ -65,7 +99,7 @@ class OnlineEstimator:
         if kind not in BOUNDS:
             raise ValueError(f"estimator must be one of {BOUNDS}, got {kind!r}")
         self.kind = kind
-        self.window = window
+
         self.train_every = max(1, train_every)
         self.train_iters = train_iters
         self.batch_size = batch_size
@@ -77,14 +111,13 @@ class OnlineEstimator:
         self.critic: SeparableCritic | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.loss = MineLoss()
-        self._x: torch.Tensor | None = None
-        self._y: torch.Tensor | None = None
+        self.pairs = PairWindow(window)
         self.batches_seen = 0
         self.updates = 0
 
     def _build(self, x_dim: int, y_dim: int) -> None:
         self._new_critic(x_dim, y_dim)
-        self._x = self._y = None
+        self.pairs.clear()
 
     def _new_critic(self, x_dim: int, y_dim: int) -> None:
         self.critic = SeparableCritic(
@@ -140,10 +173,9 @@ class OnlineEstimator:
             or y.shape[1] != self.critic.y_dim
         ):
             self._build(x.shape[1], y.shape[1])
-        self._x = x if self._x is None else torch.cat([self._x, x])[-self.window :]
-        self._y = y if self._y is None else torch.cat([self._y, y])[-self.window :]
+        self.pairs.add(x, y)
         self.batches_seen += 1
-        if self.batches_seen % self.train_every == 0 and self._x.shape[0] >= 4:
+        if self.batches_seen % self.train_every == 0 and len(self.pairs) >= 4:
             if not math.isfinite(self.train()):
                 self._new_critic(self.critic.x_dim, self.critic.y_dim)
                 return True
@@ -154,17 +186,11 @@ class OnlineEstimator:
         assert self.critic is not None and self.optimizer is not None
         self.critic.train()
         # Standardise with the most recent pairs: gradient scales drift as training goes on.
-        self.critic.fit_scaler(self._x[-1024:], self._y[-1024:])
-        n = self._x.shape[0]
-        bs = min(self.batch_size, n)
+        self.critic.fit_scaler(*self.pairs.recent(1024))
         last = math.nan
         with torch.enable_grad():
             for _ in range(self.train_iters):
-                pick = torch.randperm(n, generator=self.generator, device=self.generator.device)[
-                    :bs
-                ]
-                pick = pick.to(self.device)
-                scores = self.critic.scores(self._x[pick], self._y[pick])
+                scores = self.critic.scores(*self.pairs.sample(self.batch_size, self.generator))
                 loss = self.loss(scores) if self.kind == "mine" else -bound(self.kind, scores)
                 if not torch.isfinite(loss):
                     return math.nan  # never step on a NaN: the caller resets the critic
@@ -182,8 +208,7 @@ class OnlineEstimator:
             "dims": None if self.critic is None else (self.critic.x_dim, self.critic.y_dim),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "log_ma": self.loss.log_ma,
-            "x": self._x,
-            "y": self._y,
+            "pairs": self.pairs.state_dict(),
             "batches_seen": self.batches_seen,
             "updates": self.updates,
         }
@@ -194,6 +219,6 @@ class OnlineEstimator:
             self.critic.load_state_dict(state["critic"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.loss.log_ma = state["log_ma"]
-        self._x, self._y = state["x"], state["y"]
+        self.pairs.load_state_dict(state["pairs"])
         self.batches_seen = state["batches_seen"]
         self.updates = state["updates"]

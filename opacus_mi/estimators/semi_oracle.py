@@ -18,7 +18,7 @@ from torch import nn
 
 from .bounds import bootstrap_bound, bootstrap_counts, infonce_bound, percentile_interval
 from .critics import _mlp
-from .online import MIN_CI_PAIRS, BatchEstimate
+from .online import MIN_CI_PAIRS, BatchEstimate, PairWindow
 
 
 def _floored_std(v: torch.Tensor) -> torch.Tensor:
@@ -44,15 +44,14 @@ class SemiOracleEstimator:
         generator: torch.Generator,
         device: torch.device | str = "cpu",
     ):
-        self.window, self.train_every, self.train_iters = window, max(1, train_every), train_iters
+        self.train_every, self.train_iters = max(1, train_every), train_iters
         self.batch_size, self.lr, self.hidden, self.bootstrap = batch_size, lr, hidden, bootstrap
         self.generator = generator
         self.device = torch.device(device)
         self.net: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.dims: tuple[int, int] | None = None
-        self._x: torch.Tensor | None = None
-        self._y: torch.Tensor | None = None
+        self.pairs = PairWindow(window)
         self.stats: dict[str, torch.Tensor] = {}
         self.batches_seen = 0
         self.updates = 0
@@ -108,11 +107,10 @@ class SemiOracleEstimator:
             return False
         if (x.shape[1], clean.shape[1]) != self.dims:
             self._build(x.shape[1], clean.shape[1])
-            self._x = self._y = None
-        self._x = x if self._x is None else torch.cat([self._x, x])[-self.window :]
-        self._y = clean if self._y is None else torch.cat([self._y, clean])[-self.window :]
+            self.pairs.clear()
+        self.pairs.add(x, clean)
         self.batches_seen += 1
-        if self.batches_seen % self.train_every or self._x.shape[0] < 4:
+        if self.batches_seen % self.train_every or len(self.pairs) < 4:
             return False
         if not math.isfinite(self.train()):
             self._build(*self.dims)
@@ -121,7 +119,7 @@ class SemiOracleEstimator:
 
     def train(self) -> float:
         """A few regression steps (MSE on standardised clean tokens) on the window."""
-        recent_x, recent_y = self._x[-1024:], self._y[-1024:]
+        recent_x, recent_y = self.pairs.recent(1024)
         self.stats = {
             "x_mean": recent_x.mean(0),
             "x_std": _floored_std(recent_x),
@@ -129,16 +127,13 @@ class SemiOracleEstimator:
             "y_std": recent_y.std(0, unbiased=False).clamp_min(1e-12),
         }
         s = self.stats
-        n = self._x.shape[0]
-        bs = min(self.batch_size, n)
         last = math.nan
         self.net.train()
         with torch.enable_grad():
             for _ in range(self.train_iters):
-                pick = torch.randperm(n, generator=self.generator, device=self.generator.device)
-                pick = pick[:bs].to(self.device)
-                pred = self.net(self._standardise(self._x[pick]))
-                loss = (pred - (self._y[pick] - s["y_mean"]) / s["y_std"]).pow(2).mean()
+                x, y = self.pairs.sample(self.batch_size, self.generator)
+                pred = self.net(self._standardise(x))
+                loss = (pred - (y - s["y_mean"]) / s["y_std"]).pow(2).mean()
                 if not torch.isfinite(loss):
                     return math.nan
                 self.optimizer.zero_grad(set_to_none=True)
@@ -154,8 +149,7 @@ class SemiOracleEstimator:
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "dims": self.dims,
             "stats": self.stats,
-            "x": self._x,
-            "y": self._y,
+            "pairs": self.pairs.state_dict(),
             "batches_seen": self.batches_seen,
             "updates": self.updates,
         }
@@ -166,5 +160,5 @@ class SemiOracleEstimator:
             self.net.load_state_dict(state["net"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.stats = state["stats"]
-        self._x, self._y = state["x"], state["y"]
+        self.pairs.load_state_dict(state["pairs"])
         self.batches_seen, self.updates = state["batches_seen"], state["updates"]
