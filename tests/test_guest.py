@@ -65,7 +65,7 @@ def test_record_epsilon_equals_engine_epsilon_at_every_step():
             opt,
             loader,
             epochs=2,
-            after_step=lambda: expected.append(engine.get_epsilon(1e-5)),
+            after_step=lambda e=engine, out=expected: out.append(e.get_epsilon(1e-5)),
         )
         assert [r.epsilon for r in monitor.history] == expected
         assert [r.step for r in monitor.history] == list(range(len(expected)))

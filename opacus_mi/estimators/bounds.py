@@ -3,28 +3,51 @@
 All functions take ``scores[i, j] = T(x_i, y_j)`` for n paired samples: the diagonal holds the
 matched (joint) pairs, the off-diagonal entries are samples from the product of marginals. Values
 are in nats. Bootstrap helpers resample the evaluation pairs (rows), which is the uncertainty of
-a fixed critic's estimate on finite data.
+a fixed critic's estimate on finite data; ``permuted_bounds`` re-pairs them, which is the null
+distribution of a fixed critic's estimate under independence.
+
+The four bounds, for a critic ``T``:
+
+* ``mine``: Donsker-Varadhan, ``E_P[T] - log E_Q[e^T]`` (Belghazi et al. 2018).
+* ``infonce``: ``E_i[T_ii - log mean_j e^T_ij]``, never above ``ln n`` (van den Oord et al. 2018).
+* ``nwj``: ``E_P[T] - E_Q[e^(T - 1)]`` (Nguyen, Wainwright & Jordan 2010; ``f``-divergence form).
+* ``smile``: DV with the partition term on ``clip(T, -tau, tau)`` (Song & Ermon 2020). Clipping
+  trades a bias (it is a lower bound only as ``tau`` grows) for far less variance than DV.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
-BOUNDS = ("mine", "infonce")
+BOUNDS = ("mine", "infonce", "nwj", "smile")
 
+# SMILE's clipping threshold (Song & Ermon use tau = 5 in their benchmarks).
+SMILE_TAU = 5.0
 
 # exp() arguments are floored at -60 below the maximum: terms that small change a log-sum by
 # < e^-60, while letting them underflow into denormal floats made CPU training steps ~8x slower.
 _FLOOR = -60.0
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in BOUNDS:
+        raise ValueError(f"estimator must be one of {BOUNDS}, got {kind!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _eye(n: int, device: torch.device) -> torch.Tensor:
+    return torch.eye(n, dtype=torch.bool, device=device)
+
+
 def _offdiag_logmeanexp(scores: torch.Tensor) -> torch.Tensor:
     n = scores.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool, device=scores.device)
-    m = scores.masked_fill(~off, float("-inf")).max().detach()
-    total = (torch.exp((scores - m).clamp_min(_FLOOR)) * off).sum()
+    eye = _eye(n, scores.device)
+    m = scores.detach().masked_fill(eye, float("-inf")).max()
+    total = torch.exp((scores - m).clamp_min(_FLOOR)).masked_fill(eye, 0.0).sum()
     return torch.log(total) + m - math.log(n * (n - 1))
 
 
@@ -44,11 +67,43 @@ def infonce_bound(scores: torch.Tensor) -> torch.Tensor:
     return (scores.diagonal() - _row_logsumexp(scores)).mean() + math.log(n)
 
 
+def nwj_bound(scores: torch.Tensor) -> torch.Tensor:
+    """NWJ: ``E_joint[T] - E_marginal[exp(T - 1)]`` over the off-diagonal pairs.
+
+    Tight at ``T = 1 + log p(x, y) / (p(x) p(y))``; the marginal mean is taken in log space so
+    large scores do not overflow before the subtraction.
+    """
+    return scores.diagonal().mean() - torch.exp(_offdiag_logmeanexp(scores) - 1.0)
+
+
+def smile_bound(scores: torch.Tensor, tau: float = SMILE_TAU) -> torch.Tensor:
+    """SMILE: ``E_joint[T] - log E_marginal[exp clip(T, -tau, tau)]`` (joint term unclipped)."""
+    return scores.diagonal().mean() - _offdiag_logmeanexp(scores.clamp(-tau, tau))
+
+
+def js_objective(scores: torch.Tensor) -> torch.Tensor:
+    """The f-GAN Jensen-Shannon objective ``-E_P[softplus(-T)] - E_Q[softplus(T)]``.
+
+    Not an MI bound: it is what SMILE trains its critic with (maximised at ``T = log p / q``,
+    with bounded per-pair gradients), before the SMILE bound is evaluated on that critic.
+    """
+    n = scores.shape[0]
+    diag = scores.diagonal()
+    joint = F.softplus(-diag).mean()
+    marginal = (F.softplus(scores).sum() - F.softplus(diag).sum()) / (n * (n - 1))
+    return -joint - marginal
+
+
 def bound(kind: str, scores: torch.Tensor) -> torch.Tensor:
+    """The ``kind`` bound (one of ``BOUNDS``) of a score matrix."""
     if kind == "mine":
         return dv_bound(scores)
     if kind == "infonce":
         return infonce_bound(scores)
+    if kind == "nwj":
+        return nwj_bound(scores)
+    if kind == "smile":
+        return smile_bound(scores)
     raise ValueError(f"estimator must be one of {BOUNDS}, got {kind!r}")
 
 
@@ -75,6 +130,29 @@ class MineLoss:
         return -(scores.diagonal().mean() - torch.exp(log_marg - self.log_ma))
 
 
+class CriticLoss(MineLoss):
+    """The loss a critic for bound ``kind`` is trained with (minimise it).
+
+    ``mine``: MINE's moving-average corrected DV gradient (state in ``log_ma``, as MineLoss).
+    ``infonce`` and ``nwj``: minus their own bound. ``smile``: minus the Jensen-Shannon
+    objective (``js_objective``), as in Song & Ermon; the SMILE bound is then evaluated on the
+    trained critic. Maximising the SMILE bound itself is ill-posed: once the marginal scores
+    are clipped nothing stops the joint scores from growing without limit.
+    """
+
+    def __init__(self, kind: str = "mine", rate: float = 0.01):
+        _check_kind(kind)
+        super().__init__(rate)
+        self.kind = kind
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mine":
+            return super().__call__(scores)
+        if self.kind == "smile":
+            return -js_objective(scores)
+        return -bound(self.kind, scores)
+
+
 def bootstrap_counts(
     n: int, draws: int, generator: torch.Generator, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -85,29 +163,80 @@ def bootstrap_counts(
     return counts.to(device)
 
 
+def _bootstrap_log_marginal(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``log`` of each resample's off-diagonal mean of ``e^s`` (see ``bootstrap_bound``)."""
+    n = s.shape[0]
+    mask = torch.eye(n, dtype=torch.bool, device=s.device)
+    m = s.masked_fill(mask, float("-inf")).max()
+    e0 = torch.exp(s - m).masked_fill(mask, 0.0)
+    total = ((w @ e0) * w).sum(dim=1)
+    pairs = n * n - (w * w).sum(dim=1)
+    return torch.log(total / pairs) + m
+
+
 def bootstrap_bound(kind: str, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The bound on each bootstrap resample of the rows (``counts`` from bootstrap_counts).
 
     DV: a resample with multiplicities w has joint term sum_i w_i T_ii / n and marginal pairs
     (a, b) of distinct draws of distinct pairs, so its marginal mean is
     ``sum_{i != j} w_i w_j e^{T_ij} / (n^2 - sum_i w_i^2)``, computed without materialising it.
+    NWJ and SMILE use the same resampled marginal mean (of ``e^(T-1)``, of ``e^clip(T)``).
     InfoNCE: the per-row terms are resampled (the candidate set stays the full evaluation set).
     """
+    _check_kind(kind)
     s = scores.to(torch.float64)
     n = s.shape[0]
     w = counts.to(torch.float64)
     if kind == "infonce":
         rows = s.diagonal() - torch.logsumexp(s, dim=1) + math.log(n)
         return (w @ rows) / n
-    if kind != "mine":
-        raise ValueError(f"estimator must be one of {BOUNDS}, got {kind!r}")
     joint = (w @ s.diagonal()) / n
-    mask = torch.eye(n, dtype=torch.bool, device=s.device)
-    m = s.masked_fill(mask, float("-inf")).max()
-    e0 = torch.exp(s - m).masked_fill(mask, 0.0)
-    total = ((w @ e0) * w).sum(dim=1)
-    pairs = n * n - (w * w).sum(dim=1)
-    return joint - (torch.log(total / pairs) + m)
+    if kind == "mine":
+        return joint - _bootstrap_log_marginal(s, w)
+    if kind == "nwj":
+        return joint - torch.exp(_bootstrap_log_marginal(s, w) - 1.0)
+    clipped = s.clamp(-SMILE_TAU, SMILE_TAU)
+    return joint - _bootstrap_log_marginal(clipped, w)
+
+
+def random_permutations(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``(count, n)`` independent uniform permutations of ``range(n)`` from ``generator``."""
+    keys = torch.rand((count, n), generator=generator, device=generator.device)
+    return keys.argsort(dim=1)
+
+
+def permuted_bounds(kind: str, scores: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """The bound of ``scores[:, perm]`` for each row ``perm`` of ``perms`` (float64, ``(K,)``).
+
+    Re-pairing x_i with y_perm(i) only changes which entries are "joint": the sum of ``e^T``
+    over all n^2 entries and InfoNCE's row log-sum-exps are invariant, so after one O(n^2) pass
+    each re-pairing costs O(n). The identity permutation gives the matched bound.
+    """
+    _check_kind(kind)
+    s = scores.detach().to(torch.float64)
+    n = s.shape[0]
+    perms = perms.to(s.device)
+    picked = s.gather(1, perms.T).T  # picked[k, i] = s[i, perms[k, i]]
+    joint = picked.mean(dim=1)
+    if kind == "infonce":
+        lse = torch.logsumexp(s, dim=1)
+        return joint - lse.mean() + math.log(n)
+    if kind == "smile":
+        s = s.clamp(-SMILE_TAU, SMILE_TAU)
+        picked = picked.clamp(-SMILE_TAU, SMILE_TAU)
+    m = s.max()
+    e = torch.exp(s - m)
+    off = (e.sum() - torch.exp(picked - m).sum(dim=1)).clamp_min(torch.finfo(s.dtype).tiny)
+    log_marg = torch.log(off / (n * (n - 1))) + m
+    if kind == "nwj":
+        return joint - torch.exp(log_marg - 1.0)
+    return joint - log_marg
+
+
+def permutation_p_value(matched: float, shuffled: torch.Tensor) -> float:
+    """Monte Carlo permutation p-value ``(1 + #{shuffled >= matched}) / (K + 1)``."""
+    k = int(shuffled.numel())
+    return (1 + int((shuffled >= matched).sum())) / (k + 1)
 
 
 def percentile_interval(values: torch.Tensor, level: float = 0.95) -> tuple[float, float]:

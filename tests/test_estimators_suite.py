@@ -1,0 +1,196 @@
+"""The four variational bounds against brute force, and estimate_mi's accuracy and p-value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opacus_mi import estimate_mi
+from opacus_mi.estimators.bounds import (
+    BOUNDS,
+    SMILE_TAU,
+    CriticLoss,
+    bootstrap_bound,
+    bootstrap_counts,
+    bound,
+    infonce_bound,
+    js_objective,
+    nwj_bound,
+    permutation_p_value,
+    permuted_bounds,
+    random_permutations,
+    smile_bound,
+)
+
+
+def _scores(n: int = 7, scale: float = 4.0, seed: int = 0) -> torch.Tensor:
+    # scale 4: several entries fall outside SMILE's [-5, 5] clipping window
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, n, generator=g, dtype=torch.float64)
+
+
+def _brute(kind: str, s: torch.Tensor, idx: list[int] | None = None) -> torch.Tensor:
+    """The bound by explicit loops over the (resampled) pairs: joint = same draw, marginal =
+    distinct draws of distinct pairs."""
+    n = s.shape[0]
+    idx = list(range(n)) if idx is None else idx
+    joint = torch.stack([s[i, i] for i in idx]).mean()
+    marg = torch.stack([s[a, b] for a in idx for b in idx if a != b])
+    if kind == "mine":
+        return joint - torch.log(marg.exp().mean())
+    if kind == "nwj":
+        return joint - (marg - 1).exp().mean()
+    if kind == "smile":
+        return joint - torch.log(marg.clamp(-SMILE_TAU, SMILE_TAU).exp().mean())
+    raise AssertionError(kind)
+
+
+def test_bounds_list_and_dispatch():
+    assert BOUNDS == ("mine", "infonce", "nwj", "smile")
+    s = _scores()
+    for kind in BOUNDS:
+        assert torch.isfinite(bound(kind, s))
+    with pytest.raises(ValueError, match="estimator"):
+        bound("kde", s)
+    with pytest.raises(ValueError, match="estimator"):
+        bootstrap_bound("kde", s, bootstrap_counts(7, 2, torch.Generator()))
+
+
+def test_nwj_and_smile_against_brute_force():
+    s = _scores()
+    assert (s.abs() > SMILE_TAU).any()  # the clipping is exercised
+    off = [s[i, j] for i in range(7) for j in range(7) if i != j]
+    nwj = s.diagonal().mean() - torch.stack([torch.exp(v - 1) for v in off]).mean()
+    torch.testing.assert_close(nwj_bound(s), nwj)
+    torch.testing.assert_close(bound("nwj", s), nwj)
+    clipped = [min(max(float(v), -SMILE_TAU), SMILE_TAU) for v in off]
+    smile = s.diagonal().mean() - math.log(sum(math.exp(v) for v in clipped) / len(clipped))
+    torch.testing.assert_close(smile_bound(s), smile)  # joint term unclipped
+    torch.testing.assert_close(bound("smile", s), smile)
+    # tau -> infinity recovers Donsker-Varadhan
+    torch.testing.assert_close(smile_bound(s, tau=1e9), bound("mine", s))
+
+
+def test_nwj_is_tight_at_one_plus_log_ratio_and_below_dv():
+    # NWJ <= DV for any critic, with equality iff the marginal mean of e^(T-1) is 1
+    for seed in range(5):
+        s = _scores(seed=seed, scale=1.0)
+        assert nwj_bound(s) <= bound("mine", s) + 1e-12
+        shifted = s - torch.log(torch.exp(s).masked_fill(torch.eye(7, dtype=torch.bool), 0).sum())
+        shifted = shifted + math.log(42) + 1  # off-diagonal mean of e^(T - 1) is exactly 1
+        torch.testing.assert_close(nwj_bound(shifted), bound("mine", shifted))
+
+
+def test_js_objective_against_brute_force():
+    s = _scores(scale=1.0)
+    sp = torch.nn.functional.softplus
+    joint = torch.stack([-sp(-s[i, i]) for i in range(7)]).mean()
+    marg = torch.stack([sp(s[i, j]) for i in range(7) for j in range(7) if i != j]).mean()
+    torch.testing.assert_close(js_objective(s), joint - marg)
+
+
+@pytest.mark.parametrize("kind", ["nwj", "smile", "mine"])
+def test_bootstrap_bound_against_explicit_resampling(kind):
+    s = _scores()
+    g = torch.Generator().manual_seed(1)
+    counts = bootstrap_counts(7, 6, g)
+    got = bootstrap_bound(kind, s, counts)
+    for r in range(6):  # expand multiplicities, skip same-pair draws
+        idx = [i for i in range(7) for _ in range(int(counts[r, i]))]
+        torch.testing.assert_close(got[r], _brute(kind, s, idx))
+
+
+@pytest.mark.parametrize("kind", BOUNDS)
+def test_permuted_bounds_match_bound_of_repaired_scores(kind):
+    s = _scores(n=9, scale=3.0, seed=2)
+    g = torch.Generator().manual_seed(3)
+    perms = random_permutations(9, 5, g)
+    assert all(sorted(p.tolist()) == list(range(9)) for p in perms)
+    got = permuted_bounds(kind, s, perms)
+    for k in range(5):
+        torch.testing.assert_close(got[k], bound(kind, s[:, perms[k]]))
+    torch.testing.assert_close(permuted_bounds(kind, s, torch.arange(9)[None])[0], bound(kind, s))
+
+
+def test_permutation_p_value_counts_ties_and_the_matched_pairing():
+    shuffled = torch.tensor([0.1, 0.5, 0.2, 0.5])
+    assert permutation_p_value(0.5, shuffled) == pytest.approx(3 / 5)
+    assert permutation_p_value(1.0, shuffled) == pytest.approx(1 / 5)
+    assert permutation_p_value(-1.0, shuffled) == pytest.approx(1.0)
+
+
+def test_critic_loss_objectives():
+    s = _scores(scale=1.0).requires_grad_(True)
+    torch.testing.assert_close(CriticLoss("infonce")(s), -infonce_bound(s))
+    torch.testing.assert_close(CriticLoss("nwj")(s), -nwj_bound(s))
+    torch.testing.assert_close(CriticLoss("smile")(s), -js_objective(s))  # as Song & Ermon
+    mine = CriticLoss("mine")
+    mine(s)
+    assert mine.log_ma is not None  # MINE's moving average, as MineLoss keeps it
+    with pytest.raises(ValueError, match="estimator"):
+        CriticLoss("kde")
+
+
+def test_infonce_never_exceeds_ln_n():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 5, 64):
+        s = 50 * torch.randn(n, n, generator=g, dtype=torch.float64)
+        s.diagonal().add_(1e3)  # a perfectly separating critic
+        assert infonce_bound(s) <= math.log(n) + 1e-12
+        counts = bootstrap_counts(n, 50, g)
+        assert (bootstrap_bound("infonce", s, counts) <= math.log(n) + 1e-9).all()
+        perms = random_permutations(n, 20, g)
+        assert (permuted_bounds("infonce", s, perms) <= math.log(n) + 1e-9).all()
+
+
+def _gaussian(n: int, d: int, mi: float, seed: int):
+    rho = math.sqrt(1 - math.exp(-2 * mi / d))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    return x, rho * x + math.sqrt(1 - rho**2) * torch.randn(n, d, generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_nat_estimates():
+    x, y = _gaussian(2000, 1, 1.0, seed=5)
+    return {kind: estimate_mi(x, y, kind, seed=2, max_steps=600) for kind in BOUNDS}
+
+
+@pytest.mark.parametrize("kind", BOUNDS)
+def test_estimate_mi_each_estimator_recovers_one_nat(one_nat_estimates, kind):
+    est = one_nat_estimates[kind]
+    assert est.estimator == kind
+    assert abs(est.nats - 1.0) <= 0.2, est
+    assert est.ci_low < est.nats < est.ci_high
+    assert est.p_value < 0.01  # leakage detected
+    assert est.shuffled < 0.1
+    if kind == "infonce":
+        assert est.nats <= est.upper_limit == pytest.approx(math.log(est.n_eval))
+
+
+def test_estimate_mi_p_value_on_independent_pairs_is_not_small():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2000, 3, generator=g), torch.randn(2000, 2, generator=g)
+    before = torch.get_rng_state()
+    est = estimate_mi(x, y, "infonce", seed=0, max_steps=300)
+    assert torch.equal(before, torch.get_rng_state())  # the global RNG is never touched
+    assert est.p_value > 0.05, est
+    assert 1 / 201 <= est.p_value <= 1.0
+    assert abs(est.nats) < 0.05
+
+
+def test_estimate_mi_infonce_capped_by_ln_n_eval_on_deterministic_pairs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 2, generator=g)
+    est = estimate_mi(x, x, "infonce", seed=0, max_steps=300)
+    cap = math.log(est.n_eval)
+    assert est.nats <= cap + 1e-6 and est.ci_high <= cap + 1e-6
+    assert est.nats > 0.5 * cap and est.p_value < 0.01
+
+
+def test_estimate_mi_permutations_zero_skips_the_test():
+    x, y = _gaussian(400, 1, 0.5, seed=0)
+    est = estimate_mi(x, y, "nwj", seed=0, max_steps=100, permutations=0)
+    assert math.isnan(est.p_value) and math.isfinite(est.shuffled)
