@@ -59,7 +59,7 @@ def monitor_configs(draw):
     views = draw(st.lists(st.sampled_from(["raw", "clipped", "private"]), min_size=1, unique=True))
     return {
         "views": tuple(views),
-        "estimator": draw(st.sampled_from(["mine", "infonce", None])),
+        "estimator": draw(st.sampled_from(["mine", "infonce", "nwj", "smile", None])),
         "every": draw(st.integers(1, 3)),
         "token_dim": draw(st.integers(1, 80)),
         "features": draw(

@@ -1,6 +1,6 @@
 """MI estimators: variational bounds, critics, the white-box oracle, and ``estimate_mi``."""
 
-from .bounds import BOUNDS, dv_bound, infonce_bound
+from .bounds import BOUNDS, dv_bound, infonce_bound, nwj_bound, smile_bound
 from .estimate import MIEstimate, estimate_mi
 from .online import OnlineEstimator
 from .oracle import gram_oracle
@@ -13,4 +13,6 @@ __all__ = [
     "estimate_mi",
     "gram_oracle",
     "infonce_bound",
+    "nwj_bound",
+    "smile_bound",
 ]

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .bounds import BOUNDS, MineLoss, bootstrap_bound, bootstrap_counts, bound, percentile_interval
+from .bounds import (
+    BOUNDS,
+    CriticLoss,
+    bootstrap_bound,
+    bootstrap_counts,
+    bound,
+    percentile_interval,
+)
 from .critics import SeparableCritic
 
 MIN_CI_PAIRS = 8
@@ -110,7 +117,7 @@ class OnlineEstimator:
         self.device = torch.device(device)
         self.critic: SeparableCritic | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.loss = MineLoss()
+        self.loss = CriticLoss(self.kind)
         self.pairs = PairWindow(window)
         self.batches_seen = 0
         self.updates = 0
@@ -129,7 +136,7 @@ class OnlineEstimator:
             device=self.device,
         )
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr, foreach=True)
-        self.loss = MineLoss()
+        self.loss = CriticLoss(self.kind)
         self.updates = 0
 
     @property
@@ -191,7 +198,7 @@ class OnlineEstimator:
         with torch.enable_grad():
             for _ in range(self.train_iters):
                 scores = self.critic.scores(*self.pairs.sample(self.batch_size, self.generator))
-                loss = self.loss(scores) if self.kind == "mine" else -bound(self.kind, scores)
+                loss = self.loss(scores)  # MINE's corrected gradient, JS for SMILE, else -bound
                 if not torch.isfinite(loss):
                     return math.nan  # never step on a NaN: the caller resets the critic
                 self.optimizer.zero_grad(set_to_none=True)
