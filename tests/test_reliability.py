@@ -212,3 +212,30 @@ def test_sigkill_mid_run_loses_no_completed_record(tmp_path):
     records = read_jsonl(path)
     steps = [r.step for r in records]
     assert steps[: completed + 1] == list(range(completed + 1))
+
+
+def test_bfloat16_model_is_monitored_without_changing_training():
+    from conftest import TinyCNN, make_data
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def run(monitored: bool):
+        torch.manual_seed(0)
+        model = TinyCNN().to(torch.bfloat16)
+        x, y = make_data(64).tensors
+        engine = PrivacyEngine(accountant="rdp")
+        model, opt, loader = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(x.to(torch.bfloat16), y), batch_size=16),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5) if monitored else None
+        train(model, opt, loader, epochs=2)
+        return monitor, [p.detach().clone() for p in model.parameters()]
+
+    (_, p0), (monitor, p1) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    assert all(not r.flags and "private/oracle" in r.mi for r in monitor.history)
