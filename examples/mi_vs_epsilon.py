@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from opacus_mi import MonitoredPrivacyEngine
 from opacus_mi.data import load_dataset
 from opacus_mi.models import DigitsCNN
-from opacus_mi.monitor import mean_with_ci
+from opacus_mi.report import mean_with_ci
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -498,16 +498,3 @@ def _exceeds(value: MIValue, bound: float | None) -> bool:
         return False
     se = (value.ci_high - value.ci_low) / (2 * 1.959963984540054)
     return value.nats - 3.2905 * se > bound + 1e-9
-
-
-def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of per-step estimates with a normal-approximation interval (NaN-safe)."""
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return math.nan, math.nan, math.nan
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return m, math.nan, math.nan
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    half = 1.959963984540054 * sd / math.sqrt(len(v))
-    return m, m - half, m + half

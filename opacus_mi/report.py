@@ -22,10 +22,17 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float, float]:
-    from .monitor import mean_with_ci
-
-    return mean_with_ci(values)
+def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-step estimates with a normal-approximation interval (NaN-safe)."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan, math.nan
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, math.nan, math.nan
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    half = 1.959963984540054 * sd / math.sqrt(len(v))
+    return m, m - half, m + half
 
 
 def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: int = 132) -> str:
@@ -70,9 +77,9 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
     for key in keys:
         latest = next(r for r in reversed(records) if key in r.mi)
         v = latest.mi[key]
-        mean, lo, hi = _mean_ci([r.mi[key].nats for r in tail if key in r.mi])
+        mean, lo, hi = mean_with_ci([r.mi[key].nats for r in tail if key in r.mi])
         mism = [r.mi[key].mismatched for r in tail if key in r.mi]
-        mism_mean = _mean_ci([m for m in mism if m is not None])[0]
+        mism_mean = mean_with_ci([m for m in mism if m is not None])[0]
         # Leakage is only claimed when the interval clears zero and the shuffled control.
         floor = max(0.0, mism_mean) if math.isfinite(mism_mean) else 0.0
         detected = "yes" if math.isfinite(lo) and lo > floor else "no"

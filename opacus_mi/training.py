@@ -26,7 +26,7 @@ from typing import Any
 from .data import DATASETS
 from .models import MODELS
 from .records import LeakageRecord, read_jsonl
-from .report import csv_cell, read_csv_rows, write_csv_rows
+from .report import csv_cell, mean_with_ci, read_csv_rows, write_csv_rows
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "none")
@@ -606,8 +606,6 @@ SWEEP_COLUMNS = (
 
 
 def _mean_ci_of(records: Sequence[LeakageRecord], key: str | None) -> tuple[float, float, float]:
-    from .monitor import mean_with_ci
-
     if key is None:
         return math.nan, math.nan, math.nan
     tail = [r.mi[key].nats for r in records if key in r.mi][-SWEEP_LAST:]
