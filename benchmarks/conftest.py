@@ -254,11 +254,12 @@ def fill_windows(setup: Setup) -> None:
     if setup.monitor is None:
         return
     for est in setup.monitor.estimators.values():
-        if est._x is None or est._x.shape[0] >= est.window:
+        pairs = est.pairs
+        if len(pairs) == 0 or len(pairs) >= pairs.size:
             continue
-        reps = math.ceil(est.window / est._x.shape[0])
-        est._x = est._x.repeat(reps, 1)[-est.window :].contiguous()
-        est._y = est._y.repeat(reps, 1)[-est.window :].contiguous()
+        reps = math.ceil(pairs.size / len(pairs))
+        pairs.x = pairs.x.repeat(reps, 1)[-pairs.size :].contiguous()
+        pairs.y = pairs.y.repeat(reps, 1)[-pairs.size :].contiguous()
 
 
 def warm(setup: Setup, steps: int) -> None:
@@ -332,7 +333,7 @@ def monitor_state_bytes(monitor: LeakageMonitor) -> dict[str, int]:
         if est.optimizer is not None:
             for st in est.optimizer.state.values():
                 out["adam"] += sum(_tensor_bytes(v) for v in st.values() if torch.is_tensor(v))
-        out["window"] += _tensor_bytes(est._x) + _tensor_bytes(est._y)
+        out["window"] += _tensor_bytes(est.pairs.x) + _tensor_bytes(est.pairs.y)
     return out
 
 

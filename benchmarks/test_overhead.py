@@ -130,9 +130,9 @@ def test_critic_update(benchmark, setups, bench_lib, model):
     benchmark.pedantic(update, rounds=10, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
         {
-            "window_pairs": int(est._x.shape[0]),
-            "x_dim": int(est._x.shape[1]),
-            "y_dim": int(est._y.shape[1]),
+            "window_pairs": len(est.pairs),
+            "x_dim": int(est.pairs.x.shape[1]),
+            "y_dim": int(est.pairs.y.shape[1]),
             "train_iters": est.train_iters,
             "critics_in_default_monitor": len(s.monitor.estimators),
             "train_every": est.train_every,
