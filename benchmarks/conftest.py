@@ -257,9 +257,9 @@ def fill_windows(setup: Setup) -> None:
         pairs = est.pairs
         if len(pairs) == 0 or len(pairs) >= pairs.size:
             continue
-        reps = math.ceil(pairs.size / len(pairs))
-        pairs.x = pairs.x.repeat(reps, 1)[-pairs.size :].contiguous()
-        pairs.y = pairs.y.repeat(reps, 1)[-pairs.size :].contiguous()
+        x, y = pairs.x.clone(), pairs.y.clone()
+        while len(pairs) < pairs.size:
+            pairs.add(x, y)
 
 
 def warm(setup: Setup, steps: int) -> None:

@@ -135,4 +135,5 @@ def test_private_view_mi_falls_with_noise_and_respects_bounds():
         assert mean <= limit + 3 * se, (sigma, mean, se, limit)
         assert not any(f.startswith("exceeds_bound") for r in records for f in r.flags)
     assert all(a > b for a, b in zip(means, means[1:], strict=False)), means
-    assert means[0] > 1.0 and means[-1] < 0.06
+    # near ln B with little noise; at sigma = 3 within MC error of the channel bound 1/18
+    assert means[0] > 1.0 and means[-1] < 2 * gaussian_channel_bound(3.0)

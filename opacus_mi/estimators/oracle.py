@@ -32,8 +32,22 @@ class OracleResult:
 
 
 def _psd_sqrt_factor(gram: torch.Tensor) -> torch.Tensor:
-    """L with L L^T = G for a PSD (possibly singular) Gram matrix, via eigh."""
+    """L with L L^T = G (+ a 1e-10 relative jitter) for a PSD, possibly singular, Gram matrix.
+
+    Cholesky is ~5x cheaper than eigh at B = 64. The jitter adds a variance of 1e-10 x the mean
+    squared norm to each inner product's noise, far below the Monte Carlo error. A matrix that
+    is still not numerically PD (duplicated examples, B > rank) falls back to eigh. Off the CPU
+    eigh is used directly: checking Cholesky's status would cost a host sync.
+    """
     sym = (gram + gram.T) / 2
+    if sym.device.type != "cpu":
+        vals, vecs = torch.linalg.eigh(sym)
+        return vecs * vals.clamp_min(0).sqrt()
+    jitter = 1e-10 * float(sym.diagonal().mean().clamp_min(1e-300))
+    eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+    factor, info = torch.linalg.cholesky_ex(sym + jitter * eye)
+    if int(info) == 0:
+        return factor
     vals, vecs = torch.linalg.eigh(sym)
     return vecs * vals.clamp_min(0).sqrt()
 
