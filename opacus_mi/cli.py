@@ -96,6 +96,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--token-dim", type=int, default=d.token_dim, help="count-sketch dimensions per tensor"
     )
     mon.add_argument("--every", type=int, default=d.every, help="monitor one step in EVERY")
+    mon.add_argument(
+        "--train-every",
+        type=int,
+        default=d.train_every,
+        help="train each learned critic once per TRAIN_EVERY monitored steps (library default 8)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
@@ -253,6 +259,7 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
         views=tuple(args.views),
         token_dim=args.token_dim,
         every=args.every,
+        train_every=args.train_every,
         device=args.device,
         seed=args.seed,
         out=args.out,

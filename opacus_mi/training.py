@@ -65,6 +65,7 @@ class RunConfig:
     views: tuple[str, ...] = ("clipped", "private")
     token_dim: int = 64
     every: int = 1
+    train_every: int = 2  # an analysis job: the critic trains 4x as often as the library default
     device: str = "cpu"
     seed: int = 0
     out: str = "runs/latest"
@@ -82,6 +83,7 @@ class RunConfig:
         _int_at_least("batch_size", self.batch_size, 1)
         _int_at_least("token_dim", self.token_dim, 1)
         _int_at_least("every", self.every, 1)
+        _int_at_least("train_every", self.train_every, 1)
         _int_at_least("seed", self.seed, 0)
         _int_at_least("fake_size", self.fake_size, 4)
         if self.threads is not None:
@@ -337,6 +339,7 @@ def _train(
         optimizer,
         delta=cfg.delta,
         every=cfg.every,
+        train_every=cfg.train_every,
         views=cfg.view_tuple,
         estimator=cfg.estimator_or_none,
         token_dim=cfg.token_dim,
