@@ -187,24 +187,3 @@ def test_attach_errors_name_the_argument():
     LeakageMonitor(engine, model, opt, delta=1e-5)
     with pytest.raises(ValueError, match="already has a monitor"):
         LeakageMonitor(engine, model, opt, delta=1e-5)
-
-
-def test_ghost_mode_is_a_clear_error():
-    torch.manual_seed(0)
-    from conftest import TinyCNN, make_data
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader
-
-    model = TinyCNN()
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, criterion, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(make_data(32), batch_size=8),
-        criterion=nn.CrossEntropyLoss(),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        grad_sample_mode="ghost",
-    )
-    with pytest.raises(ValueError, match="ghost"):
-        LeakageMonitor(engine, model, opt, delta=1e-5)

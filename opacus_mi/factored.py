@@ -1,0 +1,698 @@
+"""Kronecker-factored privacy tokens and Gram matrices, from activations and backprops.
+
+For ``nn.Linear`` the per-sample gradient of the weight is ``g_i = sum_t b_it a_it^T`` (``a`` the
+layer input, ``b`` the gradient of the loss with respect to its output, ``t`` over positions);
+``nn.Conv2d`` (groups=1) is the same after unfolding its input (``t`` over output positions) and
+``nn.Embedding`` with ``a_it`` the one-hot of the token id. So, without ever forming ``g_i``:
+
+* token: the Kronecker count-sketch ``R_out g_i R_in^T = sum_t (R_out b_it)(R_in a_it)^T``; both
+  factors have orthonormal rows, hence so has ``R_out (x) R_in``, and the sketch of Opacus's noise
+  ``N(0, s^2 I_P)`` is still ``N(0, s^2 I_k)`` (the private token needs no P-dimensional noise).
+* Gram: ``<g_i, g_j> = sum_{t,s} (b_it . b_js)(a_it . a_js)``, at cost ``(BT)^2 (d_in + d_out)``,
+  or by materialising the layer's per-sample gradients a column block at a time,
+  ``B T d_in d_out + B^2 d_in d_out``: the cheaper is picked per layer (both give the same Gram).
+
+This is what lets the monitor follow Opacus ghost clipping (``grad_sample_mode="ghost"``), where
+per-sample gradients never exist. :class:`KroneckerTokenizer` is used in every mode, so a model
+gets the same tokens whichever way Opacus computes its gradients. :class:`FactoredCapture` hooks
+the layers Opacus hooks, keeps the first (per-example) backward pass's activations and backprops,
+and for any layer Opacus handles without a norm sampler it calls Opacus's own grad sampler for
+that layer (as Opacus itself does in ghost mode), one layer at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
+from opacus.utils.module_utils import requires_grad, trainable_parameters
+from opacus.utils.tensor_utils import unfold2d
+from torch import nn
+
+from .tokens import CountSketchTokenizer
+from .views import _OPACUS_EPS, ClipInfo
+
+GRAM_METHODS = ("auto", "factored", "materialised")
+# Elements of one intermediate block (float32: 4 bytes each) in either Gram algorithm.
+_BLOCK_ELEMS = 1 << 24
+# Largest count-sketch applied as a dense (n x k) matrix in factored tokens.
+_DENSE_SKETCH_ELEMS = 1 << 20
+
+
+def kronecker_layers(module: nn.Module) -> dict[int, tuple[int, int]]:
+    """``id(weight) -> (rows, cols)`` for every weight whose per-sample gradient is a sum of
+    outer products: ``nn.Linear`` (out, in), ``nn.Conv2d`` with groups=1 (out, in*kh*kw) and
+    ``nn.Embedding`` (num_embeddings, dim). Exact types only, as Opacus dispatches."""
+    out: dict[int, tuple[int, int]] = {}
+    for m in module.modules():
+        if type(m) is nn.Linear or type(m) is nn.Embedding:
+            out[id(m.weight)] = (m.weight.shape[0], m.weight.shape[1])
+        elif type(m) is nn.Conv2d and m.groups == 1:
+            out[id(m.weight)] = (m.weight.shape[0], m.weight[0].numel())
+    return out
+
+
+def kronecker_dims(rows: int, cols: int, token_dim: int) -> tuple[int, int]:
+    """``(k1, k2)`` with ``k1 <= rows``, ``k2 <= cols`` and the largest ``k1 * k2 <= token_dim``;
+    ties go to the pair that compresses both axes most evenly."""
+    target = min(token_dim, rows * cols)
+    best, best_key = (1, 1), None
+    for k1 in range(1, min(rows, target) + 1):
+        k2 = min(cols, target // k1)
+        key = (k1 * k2, -abs(math.log(k1 / rows) - math.log(k2 / cols)))
+        if best_key is None or key > best_key:
+            best, best_key = (k1, k2), key
+    return best
+
+
+def _balanced_hash(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count-sketch tables with orthonormal rows: bucket of every entry and its signed weight."""
+    buckets = (torch.arange(n) % k)[torch.randperm(n, generator=gen)]
+    signs = torch.randint(0, 2, (n,), generator=gen).mul_(2).sub_(1).float()
+    counts = torch.bincount(buckets, minlength=k).float()
+    return buckets, signs / counts[buckets].sqrt()
+
+
+@dataclass
+class _Axis:
+    """A count-sketch ``R`` (k x n) applied along one axis of a tensor."""
+
+    buckets: torch.Tensor
+    weights: torch.Tensor
+    k: int
+    _dense: dict = field(default_factory=dict, repr=False)
+
+    def apply_last(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ R^T`` along the last axis: a small dense GEMM where R fits (3-5x faster than
+        ``index_add`` along a strided axis on CPU), else the O(n) scatter."""
+        if self.k * self.buckets.numel() > _DENSE_SKETCH_ELEMS:
+            return self.apply(x, -1)
+        key = (x.device, x.dtype)
+        mat = self._dense.get(key)
+        if mat is None:
+            mat = self._dense[key] = self.dense().to(x.device, x.dtype)
+        if x.ndim == 3 and x.transpose(1, 2).is_contiguous():  # e.g. unfolded conv input
+            return (mat @ x.transpose(1, 2)).transpose(1, 2)  # no copy of x
+        return x @ mat.T
+
+    def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % x.ndim
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        w = self.weights.to(x.device, x.dtype).view(shape)
+        out = x.new_zeros(x.shape[:dim] + (self.k,) + x.shape[dim + 1 :])
+        return out.index_add_(dim, self.buckets.to(x.device), x * w)
+
+    def columns(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``R[:, index]`` on the last axis: the sketch of one-hot vectors, ``(*index, k)``."""
+        out = torch.zeros(index.shape + (self.k,), dtype=dtype, device=index.device)
+        b = self.buckets.to(index.device)[index].unsqueeze(-1)
+        w = self.weights.to(index.device, dtype)[index].unsqueeze(-1)
+        return out.scatter_(-1, b, w)
+
+    def dense(self) -> torch.Tensor:
+        n = self.buckets.numel()
+        mat = torch.zeros((self.k, n), dtype=torch.float64)
+        mat[self.buckets.cpu(), torch.arange(n)] = self.weights.cpu().double()
+        return mat
+
+
+class KroneckerTokenizer:
+    """Per-parameter privacy tokens: a Kronecker count-sketch ``R_out (x) R_in`` for weights that
+    are sums of outer products (see :func:`kronecker_layers`), a count-sketch for the rest.
+
+    Same interface as :class:`~opacus_mi.tokens.CountSketchTokenizer` (``sketch``,
+    ``sketch_layer``, ``dims``, ``total_dim``, ``dense_matrix``, ``state_bytes``), plus
+    :meth:`factored_token`, which gives the same token from activations and backprops.
+
+    Args:
+        shapes: shape of each trainable parameter.
+        token_dim: token dimensions per parameter (``k1 * k2 <= token_dim`` for Kronecker ones).
+        kron: per parameter, ``(rows, cols)`` of its Kronecker factorisation or None.
+        seed: hash seed; the same seed gives the same sketch on every run and device.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[torch.Size | tuple[int, ...]],
+        token_dim: int,
+        *,
+        kron: Sequence[tuple[int, int] | None] | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
+            raise ValueError(f"token_dim must be a positive integer, got {token_dim!r}")
+        shapes = [torch.Size(s) for s in shapes]
+        kron = list(kron) if kron is not None else [None] * len(shapes)
+        if len(kron) != len(shapes):
+            raise ValueError(f"kron has {len(kron)} entries for {len(shapes)} parameter shapes")
+        self.token_dim, self.seed, self.device = token_dim, int(seed), torch.device(device)
+        gen = torch.Generator().manual_seed((self.seed * 2654435761 + 97) % (1 << 63))
+        self._axes: list[tuple[_Axis, _Axis] | None] = []
+        self._count_index: list[int | None] = []
+        count_shapes = []
+        self.dims: list[int] = []
+        for shape, rc in zip(shapes, kron, strict=True):
+            if rc is not None and rc[0] * rc[1] != shape.numel():
+                raise ValueError(f"kron factorisation {rc} does not match parameter shape {shape}")
+            if rc is None:
+                self._axes.append(None)
+                self._count_index.append(len(count_shapes))
+                count_shapes.append(shape)
+                self.dims.append(min(token_dim, shape.numel()))
+                continue
+            k1, k2 = kronecker_dims(rc[0], rc[1], token_dim)
+            out_axis = _Axis(*_balanced_hash(rc[0], k1, gen), k1)
+            in_axis = _Axis(*_balanced_hash(rc[1], k2, gen), k2)
+            self._axes.append((out_axis, in_axis))
+            self._count_index.append(None)
+            self.dims.append(k1 * k2)
+        self._count = CountSketchTokenizer(count_shapes, token_dim, seed=seed, device=device)
+        self.total_dim = sum(self.dims)
+        self.to(device)
+
+    @classmethod
+    def for_params(
+        cls,
+        module: nn.Module,
+        params: Sequence[torch.Tensor],
+        token_dim: int,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> KroneckerTokenizer:
+        """Tokenizer for ``params`` (the optimizer's), Kronecker where ``module`` allows it."""
+        layers = kronecker_layers(module)
+        return cls(
+            [p.shape for p in params],
+            token_dim,
+            kron=[layers.get(id(p)) for p in params],
+            seed=seed,
+            device=device,
+        )
+
+    def to(self, device: torch.device | str) -> KroneckerTokenizer:
+        """Move the hash tables to ``device`` (in place; returns self)."""
+        self.device = torch.device(device)
+        for axes in self._axes:
+            for ax in axes or ():
+                ax.buckets, ax.weights = ax.buckets.to(self.device), ax.weights.to(self.device)
+                ax._dense.clear()
+        self._count.to(self.device)
+        return self
+
+    def is_kronecker(self, layer: int) -> bool:
+        return self._axes[layer] is not None
+
+    def sketch_layer(self, layer: int, grad_sample: torch.Tensor) -> torch.Tensor:
+        """Token of parameter ``layer`` for each example: ``(B, *shape) -> (B, k_layer)``."""
+        axes = self._axes[layer]
+        if axes is None:
+            return self._count.sketch_layer(self._count_index[layer], grad_sample)
+        out_axis, in_axis = axes
+        batch = grad_sample.shape[0]
+        g = grad_sample.reshape(batch, out_axis.buckets.numel(), in_axis.buckets.numel())
+        # Reduce the axis that shrinks most first: the second pass then runs on a small tensor.
+        if in_axis.buckets.numel() * out_axis.k >= out_axis.buckets.numel() * in_axis.k:
+            g = out_axis.apply(in_axis.apply(g, 2), 1)
+        else:
+            g = in_axis.apply(out_axis.apply(g, 1), 2)
+        return g.reshape(batch, -1)
+
+    def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer tokens of the raw per-sample gradients, a list of ``(B, k_l)`` tensors."""
+        if len(grad_samples) != len(self.dims):
+            raise ValueError(
+                f"expected {len(self.dims)} per-sample gradient tensors, got {len(grad_samples)}"
+            )
+        return [self.sketch_layer(i, g) for i, g in enumerate(grad_samples)]
+
+    def factored_token(self, layer: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Token of ``g_i = sum_t left_it right_it^T`` without forming ``g_i``.
+
+        ``left`` is ``(B, T, rows)``, or ``(B, T)`` integer ids standing for one-hot rows
+        (``nn.Embedding``); ``right`` is ``(B, T, cols)``. Cost ``O(B T (rows + cols + k))``.
+        """
+        axes = self._axes[layer]
+        if axes is None:
+            raise ValueError(f"parameter {layer} has no Kronecker factorisation")
+        out_axis, in_axis = axes
+        if left.dtype in (torch.int32, torch.int64):
+            sl = out_axis.columns(left, right.dtype)
+        else:
+            sl = out_axis.apply_last(left)
+        sr = in_axis.apply_last(right)
+        return torch.bmm(sl.transpose(1, 2), sr).reshape(left.shape[0], -1)
+
+    def dense_matrix(self, layer: int) -> torch.Tensor:
+        """The sketch of ``layer`` as a dense ``(k, P)`` matrix (row-major ``vec``): tests only."""
+        axes = self._axes[layer]
+        if axes is None:
+            return self._count.dense_matrix(self._count_index[layer])
+        return torch.kron(axes[0].dense(), axes[1].dense())
+
+    def state_bytes(self) -> int:
+        """Memory held by the hash tables (grows as rows + cols per Kronecker weight)."""
+        total = self._count.state_bytes()
+        for axes in self._axes:
+            for ax in axes or ():
+                total += ax.buckets.numel() * ax.buckets.element_size()
+                total += ax.weights.numel() * ax.weights.element_size()
+        return total
+
+
+# ---------------------------------------------------------------------------- Gram matrices
+def _pair_products(left: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """``left_it . left_js`` for the (flattened) positions in ``rows`` against all positions."""
+    flat = left.reshape(-1) if left.ndim == 2 else left.reshape(-1, left.shape[-1])
+    part = flat if rows is None else flat[rows]
+    if left.ndim == 2:  # ids of one-hot vectors
+        return (part[:, None] == flat[None, :]).to(torch.float32)
+    return part @ flat.T
+
+
+def factored_gram(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``G_ij = sum_{t,s} (left_it . left_js)(right_it . right_js)`` in row blocks, ``(B, B)``.
+
+    Runs in ``right``'s dtype (cast the factors to float64 for an exact Gram)."""
+    batch, steps = right.shape[0], right.shape[1]
+    n = batch * steps
+    gram = right.new_zeros((batch, batch))
+    per_block = max(1, _BLOCK_ELEMS // max(1, n * steps))
+    for i0 in range(0, batch, per_block):
+        i1 = min(batch, i0 + per_block)
+        rows = slice(i0 * steps, i1 * steps)
+        uu = _pair_products(left, rows).to(right.dtype)
+        vv = right.reshape(n, -1)[rows] @ right.reshape(n, -1).T
+        gram[i0:i1] = (uu * vv).view(i1 - i0, steps, batch, steps).sum(dim=(1, 3))
+    return gram
+
+
+def _materialise(left: torch.Tensor, right: torch.Tensor, rows: int, cols: slice) -> torch.Tensor:
+    """``g_i[:, cols]`` for every example, ``(B, rows, |cols|)``: Opacus's grad sampler's values."""
+    part = right[..., cols]
+    if left.ndim == 2:  # embedding: scatter the backprops into the rows of the ids
+        batch = left.shape[0]
+        out = torch.zeros((batch, rows, part.shape[-1]), dtype=part.dtype, device=part.device)
+        index = left.reshape(batch, -1, 1).expand(-1, -1, part.shape[-1])
+        return out.scatter_add_(1, index, part.reshape(batch, -1, part.shape[-1]))
+    return torch.bmm(left.transpose(1, 2), part)  # = einsum("bti,btj->bij"), stride-friendly
+
+
+def materialised_gram(left: torch.Tensor, right: torch.Tensor, rows: int) -> torch.Tensor:
+    """The same Gram from per-sample gradients formed a block of columns at a time, ``(B, B)``."""
+    batch, cols = right.shape[0], right.shape[-1]
+    gram = right.new_zeros((batch, batch))
+    per_block = max(1, _BLOCK_ELEMS // max(1, batch * rows))
+    for c0 in range(0, cols, per_block):
+        g = _materialise(left, right, rows, slice(c0, min(cols, c0 + per_block)))
+        flat = g.reshape(batch, -1)
+        gram += flat @ flat.T
+    return gram
+
+
+def gram_costs(batch: int, steps: int, rows: int, cols: int, ids: bool) -> tuple[float, float]:
+    """Multiply-adds of (factored, materialised) Gram for one layer."""
+    n = batch * steps
+    factored = n * n * ((1 if ids else rows) + cols + 1)
+    form = batch * (steps * cols * (1 if ids else rows) + rows * cols)
+    return float(factored), float(form + batch * batch * rows * cols)
+
+
+def layer_sqnorms(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    rows: int,
+    *,
+    method: str = "auto",
+    exact: bool = True,
+) -> torch.Tensor:
+    """``|g_i|^2`` alone (float64, ``(B,)``), as ghost clipping's norms: the Gram's diagonal at
+    ``B T^2 (d_in + d_out)`` or, when cheaper, from per-sample gradients in column blocks."""
+    if method not in GRAM_METHODS:
+        raise ValueError(f"method must be one of {GRAM_METHODS}, got {method!r}")
+    dtype = torch.float64 if exact else torch.float32
+    batch, steps, cols = right.shape
+    right = right.to(dtype)
+    ids = left.ndim == 2
+    left = left if ids else left.to(dtype)
+    out = torch.zeros(batch, dtype=torch.float64, device=right.device)
+    if method == "auto":  # per example: T^2 (rows + cols) against forming and reading g
+        r = 1 if ids else rows
+        factored = steps * steps * (r + cols + 1) <= steps * cols * r + rows * cols
+        method = "factored" if factored else "materialised"
+    if method == "factored":
+        per_block = max(1, _BLOCK_ELEMS // max(1, steps * steps))
+        for i0 in range(0, batch, per_block):
+            lb, rb = left[i0 : i0 + per_block], right[i0 : i0 + per_block]
+            uu = (lb[:, :, None] == lb[:, None, :]).to(dtype) if ids else lb @ lb.transpose(1, 2)
+            out[i0 : i0 + per_block] = (uu * (rb @ rb.transpose(1, 2))).sum(dim=(1, 2)).double()
+        return out
+    per_block = max(1, _BLOCK_ELEMS // max(1, batch * rows))
+    for c0 in range(0, cols, per_block):
+        g = _materialise(left, right, rows, slice(c0, min(cols, c0 + per_block)))
+        out += g.reshape(batch, -1).pow(2).sum(dim=1).double()
+    return out
+
+
+def layer_gram(
+    left: torch.Tensor, right: torch.Tensor, rows: int, *, method: str = "auto", exact: bool = True
+) -> torch.Tensor:
+    """Gram of ``g_i = sum_t left_it right_it^T`` (float64, ``(B, B)``) by the cheaper method.
+
+    ``exact=False`` runs the products in float32 (relative error ~1e-7, as
+    :func:`~opacus_mi.views.clipped_gram`)."""
+    if method not in GRAM_METHODS:
+        raise ValueError(f"method must be one of {GRAM_METHODS}, got {method!r}")
+    dtype = torch.float64 if exact else torch.float32
+    right = right.to(dtype)
+    ids = left.ndim == 2
+    left = left if ids else left.to(dtype)
+    if method == "auto":
+        fac, mat = gram_costs(right.shape[0], right.shape[1], rows, right.shape[2], ids)
+        method = "factored" if fac <= mat else "materialised"
+    if method == "factored":
+        return factored_gram(left, right).to(torch.float64)
+    return materialised_gram(left, right, rows).to(torch.float64)
+
+
+# ---------------------------------------------------------------------------- capture
+@dataclass
+class FactoredBatch:
+    """One chunk's per-parameter raw tokens, raw Gram (optimizer parameters) and the per-sample
+    gradient norms Opacus clips with (every trainable parameter of the module)."""
+
+    tokens: list[torch.Tensor]
+    gram: torch.Tensor | None  # None when the capture was told the Gram is not needed
+    norms: torch.Tensor
+    batch: int
+
+    def clip_info(self, max_grad_norm: float) -> ClipInfo:
+        """Opacus's ghost clip factors, ``min(1, C / (norm + 1e-6))`` (flat clipping only)."""
+        factors = (float(max_grad_norm) / (self.norms + _OPACUS_EPS)).clamp(max=1.0)
+        return ClipInfo(factors=factors, norms=self.norms, per_layer=False)
+
+    def select(self, idx: torch.Tensor) -> FactoredBatch:
+        """The examples in ``idx`` only (e.g. those with finite gradients)."""
+        return FactoredBatch(
+            tokens=[t[idx.to(t.device)] for t in self.tokens],
+            gram=None
+            if self.gram is None
+            else self.gram[idx.to(self.gram.device)][:, idx.to(self.gram.device)],
+            norms=self.norms[idx.to(self.norms.device)],
+            batch=int(idx.numel()),
+        )
+
+    def clipped_gram(self, clip: ClipInfo) -> torch.Tensor:
+        """``G[i, j] = <clipped g_i, clipped g_j>`` over the optimizer's parameters, float64."""
+        if self.gram is None:
+            raise ValueError("this batch was captured with need_gram=False: no Gram matrix")
+        c = clip.factors.to(self.gram.device, torch.float64)
+        return (c[:, None] * c[None, :]) * self.gram
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    params: list[nn.Parameter]
+    slots: list[int | None]  # index of each parameter among the optimizer's, None if absent
+    kind: str  # "linear", "conv2d", "embedding" (factored) or "generic" (Opacus grad sampler)
+    pending: list[list[torch.Tensor]] = field(default_factory=list)
+    calls: list[dict] = field(default_factory=list)
+
+
+def _kind(m: nn.Module) -> str:
+    if type(m) is nn.Linear:
+        return "linear"
+    if type(m) is nn.Conv2d and m.groups == 1:
+        return "conv2d"
+    if type(m) is nn.Embedding:
+        return "embedding"
+    return "generic"
+
+
+class FactoredCapture:
+    """Hooks that keep each layer's activations and first-pass backprops (Opacus ghost mode)
+    and turn them, layer by layer, into raw tokens, the raw Gram and per-sample norms.
+
+    Only reads: the hooks return None and touch no Opacus state; the second (clip-reweighted)
+    backward pass of ghost clipping, run while Opacus's hooks are disabled, is ignored. Work
+    happens only on monitored steps (``active()`` at forward time). An error inside a hook is
+    kept and raised by :meth:`take`, never inside the user's ``backward``.
+
+    Args:
+        module: the ``GradSampleModuleFastGradientClipping`` from ``make_private``.
+        params: the optimizer's parameters (tokens and Gram are over these, in this order).
+        tokenizer: a :class:`KroneckerTokenizer` for ``params``.
+        active: whether the current step is monitored.
+        exact: whether the Gram must be computed in float64 (else float32, accumulated in float64).
+        gram: ``"auto"`` (cheaper per layer), ``"factored"`` or ``"materialised"``.
+        need_gram: False skips the B x B Gram (only norms, for the clip factors, and tokens).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[torch.Tensor],
+        tokenizer: KroneckerTokenizer,
+        *,
+        active: Callable[[], bool] = lambda: True,
+        exact: Callable[[], bool] = lambda: True,
+        gram: str = "auto",
+        need_gram: bool = True,
+    ):
+        if gram not in GRAM_METHODS:
+            raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
+        if len(tokenizer.dims) != len(params):
+            raise ValueError(
+                f"tokenizer has {len(tokenizer.dims)} parameters, the optimizer {len(params)}"
+            )
+        self._gsm, self._tokenizer = module, tokenizer
+        self._active, self._exact, self.gram_method = active, exact, gram
+        self.need_gram = need_gram
+        self._params = list(params)
+        slot_of = {id(p): i for i, p in enumerate(self._params)}
+        self._layers: dict[nn.Module, _Layer] = {}
+        covered: set[int] = set()
+        for m in module.iterate_submodules(module._module):
+            if type(m) in (DPRNN, DPLSTM, DPGRU):
+                continue  # their RNNLinear cells are hooked instead (as Opacus does)
+            ps = [p for _, p in trainable_parameters(m)]
+            slots = [slot_of.get(id(p)) for p in ps]
+            covered.update(s for s in slots if s is not None)
+            kind = _kind(m)
+            weight_slot = slot_of.get(id(getattr(m, "weight", None)))
+            if weight_slot is not None and not tokenizer.is_kronecker(weight_slot):
+                kind = "generic"  # the tokenizer count-sketches this weight: materialise it
+            self._layers[m] = _Layer(m, ps, slots, kind)
+        missing = [i for i in range(len(self._params)) if i not in covered]
+        if missing:
+            raise ValueError(
+                f"optimizer parameters {missing} belong to no layer Opacus hooks in this module; "
+                "pass the module and optimizer returned by the same make_private call"
+            )
+        self._handles = []
+        for m in self._layers:
+            self._handles.append(m.register_forward_hook(self._forward_hook))
+            self._handles.append(m.register_full_backward_hook(self._backward_hook))
+        self._reset()
+
+    # ------------------------------------------------------------------ hooks
+    def _reset(self) -> None:
+        """Forget everything: results, the error and half-finished passes."""
+        self._clear_results()
+        self._error: BaseException | None = None
+        for layer in self._layers.values():
+            layer.pending.clear()
+            layer.calls.clear()
+
+    def _clear_results(self) -> None:
+        self._tokens: dict[int, torch.Tensor] = {}
+        self._gram: torch.Tensor | None = None
+        self._norms: dict[int, torch.Tensor] = {}  # id(param) -> (B,), every trainable param
+        self._done: set[nn.Module] = set()
+        self._batch: int | None = None
+
+    def _forward_hook(self, m: nn.Module, inputs, _output) -> None:
+        # Opacus's capture condition (ghost mode), plus: only on monitored steps.
+        if (
+            not requires_grad(m)
+            or not m.training
+            or not torch.is_grad_enabled()
+            or not self._gsm.hooks_enabled
+        ):
+            return
+        try:
+            if not self._active():
+                return
+        except Exception as exc:  # never break the user's forward
+            self._error = self._error or exc
+            return
+        self._layers[m].pending.append(
+            [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs]
+        )
+
+    def _backward_hook(self, m: nn.Module, _grad_input, grad_output) -> None:
+        if not self._gsm.hooks_enabled:
+            return  # ghost clipping's second, clip-reweighted pass
+        layer = self._layers[m]
+        if not layer.pending:
+            return
+        try:
+            batch_dim = 0 if self._gsm.batch_first else 1
+            n = max(a[-1].shape[batch_dim] for a in layer.pending)  # Opacus's max_batch_len
+            acts = layer.pending.pop()
+            back = grad_output[0].detach()
+            if self._gsm.loss_reduction == "mean":
+                back = back * n  # as Opacus: the per-example gradient of a mean-reduced loss
+            if batch_dim:
+                acts = [a.movedim(batch_dim, 0) if isinstance(a, torch.Tensor) else a for a in acts]
+                back = back.movedim(batch_dim, 0)
+            layer.calls.append(self._call(layer, acts, back, n))
+            if not layer.pending:
+                self._finish(layer)
+        except Exception as exc:  # never break the user's backward: report it at take()
+            if self._error is None:
+                self._error = exc
+            layer.pending.clear()
+            layer.calls.clear()
+
+    # ------------------------------------------------------------------ per layer
+    def _call(self, layer: _Layer, acts: list, back: torch.Tensor, n: int) -> dict:
+        """Factors (or per-sample gradients) of one call of the layer."""
+        m, batch = layer.module, back.shape[0]
+        if layer.kind == "generic":  # what Opacus itself runs for this layer in ghost mode
+            if not self._gsm.force_functorch and type(m) in self._gsm.GRAD_SAMPLERS:
+                fn = self._gsm.GRAD_SAMPLERS[type(m)]
+            else:
+                fn = ft_compute_per_sample_gradient
+            grads = fn(m, acts, back)
+            return {"n": n, "grads": {id(p): _widen(g) for p, g in grads.items()}}
+        back, a = _widen(back), acts[0]
+        if layer.kind == "embedding":
+            left, right = a.reshape(batch, -1).long(), back.reshape(batch, -1, m.embedding_dim)
+        elif layer.kind == "linear":
+            left = back.reshape(batch, -1, m.out_features)
+            right = a.to(back.dtype).reshape(batch, -1, m.in_features)
+        else:  # conv2d, unfolded exactly as Opacus's conv grad sampler does
+            cols = unfold2d(
+                a.to(back.dtype),
+                kernel_size=m.kernel_size,
+                padding=m.padding,
+                stride=m.stride,
+                dilation=m.dilation,
+            )
+            right = cols.transpose(1, 2)
+            left = back.reshape(batch, m.out_channels, -1).transpose(1, 2)
+        return {"n": n, "left": left, "right": right}
+
+    def _finish(self, layer: _Layer) -> None:
+        """All calls of the layer in this backward pass are in: tokens, Gram, norms."""
+        calls, layer.calls = layer.calls, []
+        if layer.module in self._done:
+            self._clear_results()  # a newer first backward pass supersedes the last, as in Opacus
+        self._done.add(layer.module)
+        n = max(c["n"] for c in calls)
+        if self._batch is None:
+            self._batch = n
+        elif self._batch != n:
+            raise ValueError(f"layers saw different batch sizes ({self._batch} and {n})")
+        exact = bool(self._exact())
+        grads: dict[int, torch.Tensor] = {}
+        if layer.kind == "generic":
+            for c in calls:  # several calls of one layer add up (Opacus pads to max_batch_len)
+                for pid, g in c["grads"].items():
+                    acc = grads.setdefault(pid, g.new_zeros((n,) + g.shape[1:]))
+                    acc[: g.shape[0]] += g
+        else:
+            if any(c["right"].shape[0] != n for c in calls):
+                raise ValueError(f"{type(layer.module).__name__} saw different batch sizes")
+            # A layer called several times (weight sharing) sums over all its positions.
+            left = _cat_positions([c["left"] for c in calls])
+            right = _cat_positions([c["right"] for c in calls])
+            bias = getattr(layer.module, "bias", None)
+            if isinstance(bias, torch.Tensor) and bias.requires_grad:
+                grads[id(bias)] = left.sum(dim=1)
+        for p, slot in zip(layer.params, layer.slots, strict=True):
+            pid = id(p)
+            if pid in grads:
+                flat = grads.pop(pid).reshape(n, -1)
+                token = None if slot is None else self._tokenizer.sketch_layer(slot, flat)
+                f = flat.to(torch.float64 if exact else torch.float32)
+                gram = (f @ f.T).to(torch.float64) if self.need_gram else None
+                sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
+            elif p is getattr(layer.module, "weight", None) and layer.kind != "generic":
+                token = None if slot is None else self._tokenizer.factored_token(slot, left, right)
+                rows = p.shape[0]
+                if self.need_gram:
+                    gram = layer_gram(left, right, rows, method=self.gram_method, exact=exact)
+                    sq = gram.diagonal()
+                else:
+                    sq = layer_sqnorms(left, right, rows, method=self.gram_method, exact=exact)
+                    gram = None
+            else:
+                raise ValueError(
+                    f"no per-sample gradient for a {tuple(p.shape)} parameter of "
+                    f"{type(layer.module).__name__}"
+                )
+            self._norms[pid] = sq.clamp_min(0).sqrt()
+            if slot is not None:
+                self._tokens[slot] = token
+                if gram is not None:
+                    self._gram = gram if self._gram is None else self._gram + gram
+
+    # ------------------------------------------------------------------ results
+    def take(self) -> FactoredBatch:
+        """This chunk's tokens, Gram and norms; resets the capture for the next chunk."""
+        try:
+            if self._error is not None:
+                raise RuntimeError(
+                    f"factored capture failed in a backward hook: {self._error!r}"
+                ) from self._error
+            if self._batch is None:
+                raise RuntimeError(
+                    "no activations/backprops were captured for this step: run the forward and "
+                    "backward pass of the module returned by make_private before optimizer.step()"
+                )
+            batch = self._batch
+            device = next(iter(self._norms.values())).device
+            tokens = []
+            for slot, dim in enumerate(self._tokenizer.dims):
+                t = self._tokens.get(slot)  # a layer unused in this forward has zero gradient
+                tokens.append(t if t is not None else torch.zeros((batch, dim), device=device))
+            norms_list = [
+                self._norms.get(id(p)) for layer in self._layers.values() for p in layer.params
+            ]
+            norms = torch.stack(
+                [
+                    x if x is not None else torch.zeros(batch, dtype=torch.float64, device=device)
+                    for x in norms_list
+                ]
+            ).norm(2, dim=0)
+            gram = self._gram
+            if gram is None and self.need_gram:  # no optimizer parameter was used: all zero
+                gram = torch.zeros((batch, batch), dtype=torch.float64, device=device)
+            return FactoredBatch(tokens=tokens, gram=gram, norms=norms, batch=batch)
+        finally:
+            self._reset()
+
+    def remove(self) -> None:
+        """Remove every hook this capture registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._reset()
+
+
+def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision factors are sketched in float32 (as the monitor does with grad_sample)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

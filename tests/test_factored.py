@@ -1,0 +1,344 @@
+"""Kronecker-factored tokens and Gram matrices, and the monitor under Opacus ghost clipping.
+
+References: dense linear algebra (the sketch as a matrix), Opacus's own materialised per-sample
+gradients (hooks mode) and norms (ghost mode), brute-force Gram matrices, and unmonitored and
+hooks-mode runs of the same training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+from conftest import make_data
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import opacus_mi.factored as factored
+from opacus_mi import LeakageMonitor
+from opacus_mi.factored import (
+    FactoredCapture,
+    KroneckerTokenizer,
+    gram_costs,
+    kronecker_dims,
+    layer_gram,
+    layer_sqnorms,
+)
+from opacus_mi.views import clip_factors
+
+
+# ---------------------------------------------------------------------------- the sketch
+@pytest.mark.parametrize("rows,cols,k", [(3, 64, 64), (7, 5, 64), (20, 30, 16), (40, 1, 8)])
+def test_kronecker_sketch_rows_are_orthonormal_and_factored_token_matches_dense(rows, cols, k):
+    tok = KroneckerTokenizer([(rows, cols)], k, kron=[(rows, cols)], seed=2)
+    s = tok.dense_matrix(0)
+    assert s.shape == (tok.dims[0], rows * cols) and tok.dims[0] <= k
+    torch.testing.assert_close(s @ s.T, torch.eye(s.shape[0], dtype=torch.float64))
+    g = torch.randn(4, rows, cols, dtype=torch.float64)
+    torch.testing.assert_close(tok.sketch_layer(0, g), g.reshape(4, -1) @ s.T)
+    # sum over positions of outer products, dense and (for rows) as one-hot ids
+    left, right = torch.randn(4, 3, rows, dtype=torch.float64), torch.randn(4, 3, cols).double()
+    grad = torch.einsum("bti,btj->bij", left, right).reshape(4, -1)
+    torch.testing.assert_close(tok.factored_token(0, left, right), grad @ s.T)
+    ids = torch.randint(0, rows, (4, 3))
+    onehot = nn.functional.one_hot(ids, rows).double()
+    grad = torch.einsum("bti,btj->bij", onehot, right).reshape(4, -1)
+    torch.testing.assert_close(tok.factored_token(0, ids, right), grad @ s.T)
+
+
+def test_kronecker_sketch_of_isotropic_noise_is_isotropic():
+    """The private token's noise can be drawn in k dims: S xi ~ N(0, I_k) for xi ~ N(0, I_P)."""
+    tok = KroneckerTokenizer([(12, 40)], 16, kron=[(12, 40)], seed=0)
+    xi = torch.randn(20000, 12, 40, generator=torch.Generator().manual_seed(1))
+    cov = torch.cov(tok.sketch_layer(0, xi).T)
+    torch.testing.assert_close(cov, torch.eye(16), atol=0.05, rtol=0)
+
+
+def test_kronecker_dims_are_the_largest_fitting_product():
+    for rows, cols, k in itertools.product([1, 3, 8, 50], [1, 4, 9, 100], [1, 7, 16, 64]):
+        k1, k2 = kronecker_dims(rows, cols, k)
+        assert 1 <= k1 <= rows and 1 <= k2 <= cols and k1 * k2 <= k
+        best = max(a * b for a in range(1, rows + 1) for b in range(1, cols + 1) if a * b <= k)
+        assert k1 * k2 == best
+
+
+# ---------------------------------------------------------------------------- vs Opacus hooks
+class _Net(nn.Module):
+    """Every factored case (Embedding, strided/padded/dilated Conv2d with bias, 'same' Conv2d,
+    Linear with and without a position dim) plus GroupNorm, which Opacus handles generically."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 5)
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2)
+        self.same = nn.Conv2d(3, 2, 3, padding="same", bias=False)
+        self.gn = nn.GroupNorm(1, 2)
+        self.seq = nn.Linear(5, 4)
+        self.head = nn.Linear(2 * 9 + 4, 3)
+
+    def forward(self, x, ids):
+        h = self.gn(self.same(torch.relu(self.conv(x)))).flatten(1)
+        s = torch.tanh(self.seq(self.emb(ids))).mean(1)
+        return self.head(torch.cat([h, s], 1))
+
+
+def _one_backward(gsm, batch=6, seed=0, reduction="mean"):
+    g = torch.Generator().manual_seed(seed)
+    x, ids = torch.randn(batch, 2, 7, 7, generator=g), torch.randint(0, 11, (batch, 4), generator=g)
+    y = torch.randint(0, 3, (batch,), generator=g)
+    nn.functional.cross_entropy(gsm(x, ids), y, reduction=reduction).backward()
+
+
+@pytest.mark.parametrize("method", ["factored", "materialised", "auto", "norms-only"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_factored_tokens_gram_norms_equal_opacus_grad_sample(method, reduction):
+    torch.manual_seed(0)
+    gsm = GradSampleModule(_Net(), loss_reduction=reduction)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    tok = KroneckerTokenizer.for_params(gsm, params, 8, seed=1)
+    names = [n for n, _ in gsm.named_parameters()]
+    kron = [n for i, n in enumerate(names) if tok.is_kronecker(i)]
+    assert kron == ["_module." + n + ".weight" for n in ("emb", "conv", "same", "seq", "head")]
+    norms_only = method == "norms-only"
+    cap = FactoredCapture(
+        gsm, params, tok, gram="auto" if norms_only else method, need_gram=not norms_only
+    )
+    _one_backward(gsm, reduction=reduction)
+    fb = cap.take()
+    gs = [p.grad_sample for p in params]  # Opacus's materialised per-sample gradients
+    for i, g in enumerate(gs):
+        ref = g.reshape(6, -1).double() @ tok.dense_matrix(i).T
+        torch.testing.assert_close(fb.tokens[i].double(), ref, rtol=1e-5, atol=1e-6)
+    flat = torch.cat([g.reshape(6, -1) for g in gs], 1).double()
+    if norms_only:
+        assert fb.gram is None
+    else:
+        torch.testing.assert_close(fb.gram, flat @ flat.T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fb.norms, flat.norm(dim=1), rtol=1e-5, atol=1e-7)
+    cap.remove()
+
+
+def test_factored_tokens_batch_second_linear_sum_reduction():
+    """batch_first=False is permuted exactly as Opacus does."""
+    torch.manual_seed(0)
+    gsm = GradSampleModule(nn.Linear(5, 3), batch_first=False, loss_reduction="sum")
+    params = list(gsm.parameters())
+    tok = KroneckerTokenizer.for_params(gsm, params, 4, seed=0)
+    cap = FactoredCapture(gsm, params, tok)
+    gsm(torch.randn(7, 4, 5)).pow(2).sum().backward()  # (T, B, d)
+    fb = cap.take()
+    for i, p in enumerate(params):
+        ref = p.grad_sample.reshape(4, -1).double() @ tok.dense_matrix(i).T
+        torch.testing.assert_close(fb.tokens[i].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ids", [False, True])
+def test_both_gram_algorithms_equal_brute_force_in_blocks(monkeypatch, ids):
+    monkeypatch.setattr(factored, "_BLOCK_ELEMS", 50)  # forces many row / column blocks
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 9, 7
+    left = (
+        torch.randint(0, rows, (5, 4), generator=g)
+        if ids
+        else torch.randn(5, 4, rows, generator=g, dtype=torch.float64)
+    )
+    right = torch.randn(5, 4, cols, generator=g, dtype=torch.float64)
+    dense = nn.functional.one_hot(left, rows).double() if ids else left
+    grads = torch.einsum("bti,btj->bij", dense, right).reshape(5, -1)
+    ref = grads @ grads.T
+    for method in ("factored", "materialised"):
+        torch.testing.assert_close(layer_gram(left, right, rows, method=method), ref)
+        fast = layer_gram(left, right, rows, method=method, exact=False)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+        # the norms alone (ghost clipping's quantity), by the same two routes
+        torch.testing.assert_close(layer_sqnorms(left, right, rows, method=method), ref.diagonal())
+
+
+def test_auto_gram_picks_the_cheaper_algorithm():
+    # Linear on plain inputs: the factored Gram is B^2 (in + out) against B^2 in*out.
+    fac, mat = gram_costs(64, 1, 512, 512, ids=False)
+    assert fac < mat / 100
+    # Conv2d with many output positions: (BT)^2 explodes, materialising wins.
+    fac, mat = gram_costs(64, 1024, 64, 576, ids=False)
+    assert mat < fac / 10
+
+
+# ---------------------------------------------------------------------------- ghost mode
+class _GhostNet(nn.Module):
+    """Conv2d + Linear (ghost norm samplers) and GroupNorm (Opacus's fast-gradient fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.gn(self.conv(x))).flatten(1))
+
+
+class _TextNet(nn.Module):
+    """Embedding and Linear on a sequence: Opacus's ghost norm samplers with T > 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.seq = nn.Linear(6, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.seq(self.emb(ids))).mean(1))
+
+
+def _text_data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randint(0, 20, (n, 7), generator=g), torch.randint(0, 3, (n,)))
+
+
+def _make(mode, *, n=96, batch_size=16, seed=0, text=False):
+    torch.manual_seed(seed)
+    model = _TextNet() if text else _GhostNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(_text_data(n) if text else make_data(n), batch_size=batch_size)
+    engine = PrivacyEngine(accountant="rdp")
+    out = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+        poisson_sampling=True,
+        criterion=nn.CrossEntropyLoss(),
+    )
+    if mode == "ghost":
+        model, opt, criterion, loader = out
+    else:
+        (model, opt, loader), criterion = out, nn.CrossEntropyLoss()
+    return engine, model, opt, criterion, loader
+
+
+def _run(mode, monitored, *, estimator=None, poison=False, epsilons=False, bmm=False, **setup):
+    engine, model, opt, criterion, loader = _make(mode, **setup)
+    monitor, tokens, eps = None, [], []
+    if monitored:
+        views = ("raw", "clipped", "private")
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, views=views, estimator=estimator, train_every=1
+        )
+        criterion = monitor.wrap_criterion(criterion)
+        measure = monitor._measure_chunk
+
+        def recording(captures):  # test-only tap on each chunk's tokens
+            chunk = measure(captures)
+            tokens.append(chunk.tokens.get("raw"))
+            return chunk
+
+        monitor._measure_chunk = recording
+        if poison:
+
+            def fail(*args):
+                raise RuntimeError("poisoned")
+
+            monitor.tokenizer.factored_token = fail
+    with (
+        BatchMemoryManager(data_loader=loader, max_physical_batch_size=6, optimizer=opt)
+        if bmm
+        else contextlib.nullcontext(loader) as batches
+    ):
+        for x, y in batches:
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            opt.step()
+            if epsilons:  # the engine's own epsilon after every step (RDP: ~0.1-0.5 s each)
+                eps.append(engine.get_epsilon(1e-5))
+    params = [p.detach().clone() for p in model.parameters()]
+    return engine, monitor, params, torch.get_rng_state(), tokens, eps
+
+
+def test_ghost_monitor_is_a_guest_and_equals_the_hooks_mode_monitor():
+    e0, _, p0, rng0, _, eps0 = _run("ghost", False, epsilons=True)
+    e1, mon, p1, rng1, tokens_ghost, _ = _run("ghost", True, estimator="mine")
+    for a, b in zip(p0, p1, strict=True):
+        assert torch.equal(a, b), "the monitor changed ghost-clipping training"
+    assert torch.equal(rng0, rng1) and e0.accountant.history == e1.accountant.history
+    assert eps0 == [r.epsilon for r in mon.history]  # unmonitored engine's epsilon, every step
+    assert all(not r.flags for r in mon.history if r.batch_size > 0)
+    assert any("clipped/mine" in r.mi for r in mon.history)
+    # same data and seed in hooks mode: the same math, so the same records and tokens
+    _, ghost, *_ = _run("ghost", True)
+    _, hooks, _, _, tokens_hooks, _ = _run("hooks", True)
+    assert [r.batch_size for r in ghost.history] == [r.batch_size for r in hooks.history]
+    oracle_g = [r.mi["private/oracle"].nats for r in ghost.history if r.batch_size > 1]
+    oracle_h = [r.mi["private/oracle"].nats for r in hooks.history if r.batch_size > 1]
+    assert len(oracle_g) >= 4
+    torch.testing.assert_close(torch.tensor(oracle_g), torch.tensor(oracle_h), rtol=1e-4, atol=1e-6)
+    for tg, th in zip(tokens_ghost, tokens_hooks, strict=True):
+        torch.testing.assert_close(tg, th, rtol=1e-4, atol=1e-6)
+
+
+def test_ghost_with_batch_memory_manager_sees_every_chunk():
+    _, ghost, *_ = _run("ghost", True, bmm=True, n=64)
+    _, hooks, *_ = _run("hooks", True, bmm=True, n=64)
+    assert any(r.chunks > 1 for r in ghost.history)
+    assert [(r.batch_size, r.chunks) for r in ghost.history] == [
+        (r.batch_size, r.chunks) for r in hooks.history
+    ]
+    oracle_g = [r.mi["private/oracle"].nats for r in ghost.history if "private/oracle" in r.mi]
+    oracle_h = [r.mi["private/oracle"].nats for r in hooks.history if "private/oracle" in r.mi]
+    assert len(oracle_g) == len(ghost.history)
+    torch.testing.assert_close(torch.tensor(oracle_g), torch.tensor(oracle_h), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["conv-groupnorm-linear", "embedding-seq"])
+def test_ghost_clip_factors_equal_opacus_ghost_and_hooks_mode(text):
+    _, ghost, gopt, criterion, _ = _make("ghost", text=text)
+    _, hooks, hopt, _, _ = _make("hooks", text=text)
+    tok = KroneckerTokenizer.for_params(ghost, gopt.params, 16, seed=0)
+    cap = FactoredCapture(ghost, gopt.params, tok, exact=lambda: False)
+    x, y = (_text_data(16, seed=3) if text else make_data(16, seed=3)).tensors
+    criterion(ghost(x), y).backward()
+    nn.functional.cross_entropy(hooks(x), y).backward()
+    fb = cap.take()
+    clip = fb.clip_info(ghost.max_grad_norm)
+    opacus_norms = ghost.per_sample_gradient_norms  # what ghost clipping used (read only)
+    opacus_coef = (ghost.max_grad_norm / (opacus_norms + 1e-6)).clamp(max=1.0)
+    torch.testing.assert_close(clip.norms.float(), opacus_norms, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(clip.factors.float(), opacus_coef, rtol=1e-5, atol=1e-7)
+    assert (clip.factors < 0.99).any(), "the bound must bite for this comparison to mean much"
+    ref = clip_factors(hopt.grad_samples, hopt.max_grad_norm)  # hooks mode, same weights
+    torch.testing.assert_close(clip.factors.float(), ref.factors, rtol=1e-5, atol=1e-7)
+    for mine, theirs in zip(fb.tokens, tok.sketch(hopt.grad_samples), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_hook_failure_is_flagged_and_detach_restores_hooks():
+    _, _, p0, _, _, _ = _run("ghost", False, n=48)
+    _, mon, p1, _, _, _ = _run("ghost", True, n=48, poison=True)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    assert mon.history and all("error:RuntimeError" in r.flags for r in mon.history)
+    engine, model, opt, _, _ = _make("ghost")
+    before = {
+        n: (dict(m._forward_hooks), dict(m._backward_hooks)) for n, m in model.named_modules()
+    }
+    LeakageMonitor(engine, model, opt, delta=1e-5).detach()
+    after = {n: (dict(m._forward_hooks), dict(m._backward_hooks)) for n, m in model.named_modules()}
+    assert before == after
+
+
+def test_mismatched_ghost_pair_is_refused():
+    torch.manual_seed(0)
+    engine, model, opt, _, _ = _make("hooks")
+    ghost_opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=16,
+    )
+    with pytest.raises(ValueError, match="ghost"):
+        LeakageMonitor(engine, model, ghost_opt, delta=1e-5)
