@@ -1,0 +1,344 @@
+"""The monitor under Opacus DPDDP: 2 CPU processes (gloo) against one process on the same data.
+
+Reference: a single process whose logical batch is the global batch (rank 0's examples, then
+rank 1's) run through BatchMemoryManager with one physical chunk per rank, so the oracle's
+candidate sets (chunks) match the ranks'. Fixed, non-Poisson batches make it exact; seeds for
+the model, Opacus's noise and the monitor are shared. Everything runs in one spawn of 2 workers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TinyCNN, make_data
+from opacus import PrivacyEngine
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+import opacus_mi.monitor as monitor_module
+from opacus_mi import LeakageMonitor, read_jsonl
+from opacus_mi import distributed as mi_dist
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed gloo missing"
+)
+
+WORLD, LOCAL_BATCH, N = 2, 8, 96  # 6 logical steps of 16 examples
+MONITOR = {
+    "delta": 1e-5,
+    "views": ("raw", "clipped", "private"),
+    "estimator": "infonce",
+    "train_every": 1,
+    "train_iters": 2,
+    "semi_oracle": True,
+    "seed": 3,
+}
+
+
+def _collate(batch):
+    """default_collate that also accepts an empty batch (a rank with nothing this step)."""
+    if not batch:
+        return torch.empty(0, 1, 6, 6), torch.empty(0, dtype=torch.long)
+    return torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
+
+
+def _make_private(model, loader):
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        noise_generator=torch.Generator().manual_seed(1),  # Opacus's noise (rank 0 under DDP)
+    )
+    return engine, model, opt, loader
+
+
+def _record_inputs(monitor):
+    """Wrap each learned estimator's ``observe`` to keep the pairs it learns from."""
+    seen = []
+    for view, est in monitor.estimators.items():
+
+        def observe(x, y, _orig=est.observe, _view=view):
+            seen.append((_view, x.clone(), y.clone()))
+            return _orig(x, y)
+
+        est.observe = observe
+    return seen
+
+
+def _train(model, opt, loader, criterion):
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+
+
+def _ddp_run(rank: int, monitored: bool, tmp: str) -> dict:
+    torch.manual_seed(0)
+    data = make_data(N)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
+    criterion = nn.CrossEntropyLoss()
+    out: dict = {}
+    if monitored:
+        sunk: list = []
+        jsonl = os.path.join(tmp, f"rank{rank}.jsonl")
+        monitor = LeakageMonitor(engine, model, opt, jsonl=jsonl, sinks=[sunk.append], **MONITOR)
+        criterion = monitor.wrap_criterion(criterion)
+        out["seen"] = _record_inputs(monitor)
+    _train(model, opt, loader, criterion)
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["rng"] = torch.get_rng_state()
+    out["epsilon"] = engine.get_epsilon(1e-5)
+    if monitored:
+        monitor.detach()
+        out.update(
+            distributed=monitor.distributed,
+            history=[r.as_dict() for r in monitor.history],
+            sunk=len(sunk),
+            jsonl_exists=os.path.exists(jsonl),
+        )
+    return out
+
+
+def _robustness_run(rank: int, tmp: str) -> dict:
+    """every=2; rank 1 fails to pack at step 0 and has an empty batch at step 2."""
+    torch.manual_seed(0)
+    data = make_data(N)
+    mine = list(range(rank, N, WORLD))
+    batches = [mine[i : i + LOCAL_BATCH] for i in range(0, len(mine), LOCAL_BATCH)]
+    if rank == 1:
+        batches[2] = []
+    loader = DataLoader(data, batch_sampler=batches, collate_fn=_collate)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
+    jsonl = os.path.join(tmp, "shared.jsonl")  # the same path on both ranks
+    monitor = LeakageMonitor(engine, model, opt, jsonl=jsonl, every=2, **MONITOR)
+    original_pack, calls = monitor_module._pack, []
+
+    def failing_pack(chunk):
+        calls.append(1)
+        if rank == 1 and len(calls) == 1:
+            raise RuntimeError("injected on rank 1")
+        return original_pack(chunk)
+
+    monitor_module._pack = failing_pack
+    try:
+        _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    finally:
+        monitor_module._pack = original_pack
+    monitor.detach()
+    return {
+        "history": [r.as_dict() for r in monitor.history],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "steps": monitor.steps,
+    }
+
+
+def _primitives(rank: int) -> dict:
+    """The gathering primitives with unequal and empty contributions."""
+    rows = torch.arange(3 * 4, dtype=torch.float64).reshape(3, 4) + 100 * rank
+    local = rows if rank == 0 else rows[:0]
+    items = [({"r": rank}, {"a": torch.full((rank + 1, 2), float(rank)), "b": None})]
+    if rank == 0:
+        items.append(({"r": 0, "k": 1}, {"g": torch.eye(2, dtype=torch.float64)}))
+    return {
+        "rows": mi_dist.all_gather_rows(local),
+        "items": mi_dist.all_gather_items(items),
+        "objects": mi_dist.all_gather_objects(("rank", rank)),
+    }
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),  # a desynchronised collective fails, not hangs
+    )
+    try:
+        out = {"primitives": _primitives(rank)}
+        out["with"] = _ddp_run(rank, True, tmp)
+        out["without"] = _ddp_run(rank, False, tmp)
+        out["robust"] = _robustness_run(rank, tmp)
+        torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process() -> dict:
+    """One process, global batches in rank order, one BatchMemoryManager chunk per rank."""
+    torch.manual_seed(0)
+    data = make_data(N)
+    order = []
+    for t in range(N // (WORLD * LOCAL_BATCH)):
+        for r in range(WORLD):
+            order += list(range(r, N, WORLD))[t * LOCAL_BATCH : (t + 1) * LOCAL_BATCH]
+    loader = DataLoader(data, batch_size=WORLD * LOCAL_BATCH, sampler=order)
+    engine, model, opt, loader = _make_private(TinyCNN(), loader)
+    monitor = LeakageMonitor(engine, model, opt, **MONITOR)
+    seen = _record_inputs(monitor)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=LOCAL_BATCH, optimizer=opt
+    ) as chunked:
+        _train(model, opt, chunked, criterion)
+    monitor.detach()
+    return {
+        "history": [r.as_dict() for r in monitor.history],
+        "seen": seen,
+        "params": [p.detach().clone() for p in model.parameters()],
+        "epsilon": engine.get_epsilon(1e-5),
+        "distributed": monitor.distributed,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("ddp"))
+    ctx = mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 180 s (a hung collective?)")
+    ranks = [torch.load(os.path.join(tmp, f"out{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return ranks, _single_process(), tmp
+
+
+def _same_record(a: dict, b: dict, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Records equal: exact fields exactly, MI values to float tolerance (NaN == NaN)."""
+    skip = {"mi", "monitor_seconds"}
+    assert {k: v for k, v in a.items() if k not in skip} == {
+        k: v for k, v in b.items() if k not in skip
+    }
+    assert a["mi"].keys() == b["mi"].keys()
+    for key in a["mi"]:
+        for field in ("nats", "ci_low", "ci_high", "mismatched", "n"):
+            x, y = a["mi"][key][field], b["mi"][key][field]
+            if x is None or y is None:
+                assert x is None and y is None, (key, field)
+            else:
+                assert math.isclose(x, y, rel_tol=rtol, abs_tol=atol), (key, field, x, y)
+
+
+def test_primitives_gather_in_rank_order_with_empty_ranks(runs):
+    ranks, _, _ = runs
+    rows = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    for out in ranks:
+        p = out["primitives"]
+        assert torch.equal(p["rows"], rows)  # rank 1 sent 0 rows
+        assert p["objects"] == [("rank", 0), ("rank", 1)]
+        metas = [m for m, _ in p["items"]]
+        assert metas == [{"r": 0}, {"r": 0, "k": 1}, {"r": 1}]
+        a0, g, a1 = (t for _, ts in p["items"] for t in ts.values() if t is not None)
+        assert torch.equal(a0, torch.zeros(1, 2)) and torch.equal(a1, torch.ones(2, 2))
+        assert torch.equal(g, torch.eye(2, dtype=torch.float64))
+        assert p["items"][0][1]["b"] is None and p["items"][2][1]["b"] is None
+
+
+def test_global_batch_estimates_equal_single_process(runs):
+    ranks, single, _ = runs
+    assert single["distributed"] is False and ranks[0]["with"]["distributed"] is True
+    hist = ranks[0]["with"]["history"]
+    assert len(hist) == len(single["history"]) == N // (WORLD * LOCAL_BATCH)
+    assert all(r["batch_size"] == WORLD * LOCAL_BATCH and r["chunks"] == WORLD for r in hist)
+    keys = set(hist[-1]["mi"])
+    assert {"private/oracle", "private/semi", "raw/infonce", "private/infonce"} <= keys
+    for mine, ref in zip(hist, single["history"], strict=True):
+        _same_record(mine, ref)
+    # The learned estimators learned from the same (gathered) features and tokens.
+    seen, ref_seen = ranks[0]["with"]["seen"], single["seen"]
+    assert len(seen) == len(ref_seen) > 0
+    for (view, x, y), (ref_view, rx, ry) in zip(seen, ref_seen, strict=True):
+        assert view == ref_view and x.shape == rx.shape and y.shape == ry.shape
+        assert torch.equal(x, rx)  # features: inputs and labels, exact
+        torch.testing.assert_close(y, ry, rtol=1e-4, atol=1e-6)
+    # Opacus's DDP step equals the one-process step, so the reference is the right one.
+    for p, q in zip(ranks[0]["with"]["params"], single["params"], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_epsilon_matches_single_process(runs):
+    ranks, single, _ = runs
+    for out in ranks:
+        assert out["with"]["epsilon"] == single["epsilon"]
+        assert [r["epsilon"] for r in out["with"]["history"]] == [
+            r["epsilon"] for r in single["history"]
+        ]
+
+
+def test_only_rank0_writes_and_every_rank_holds_the_same_records(runs):
+    ranks, _, tmp = runs
+    r0, r1 = ranks[0]["with"], ranks[1]["with"]
+    assert r0["jsonl_exists"] and not r1["jsonl_exists"]
+    assert r0["sunk"] == len(r0["history"]) and r1["sunk"] == 0
+    written = [r.as_dict() for r in read_jsonl(os.path.join(tmp, "rank0.jsonl"))]
+    assert len(written) == len(r0["history"])
+    for a, b in zip(written, r0["history"], strict=True):
+        _same_record(a, b, rtol=0, atol=0)
+    for a, b in zip(
+        r0["history"], r1["history"], strict=True
+    ):  # symmetric state: bit-identical records
+        _same_record(a, b, rtol=0, atol=0)
+
+
+def test_guest_rule_under_ddp(runs):
+    ranks, _, _ = runs
+    for out in ranks:
+        for p, q in zip(out["with"]["params"], out["without"]["params"], strict=True):
+            assert torch.equal(p, q)
+        assert torch.equal(out["with"]["rng"], out["without"]["rng"])
+
+
+def test_local_failure_and_empty_rank_do_not_desynchronise(runs):
+    ranks, _, tmp = runs
+    r0, r1 = ranks[0]["robust"], ranks[1]["robust"]
+    assert r0["steps"] == r1["steps"] == N // (WORLD * LOCAL_BATCH)  # nobody hung or skipped
+    for p, q in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(p, q)  # DDP replicas stayed in sync
+    hist = r0["history"]
+    assert [r["step"] for r in hist] == [0, 2, 4]  # every=2 on both ranks
+    # step 0: rank 1's contribution failed and is flagged; step 2: rank 1 had no examples.
+    assert hist[0]["batch_size"] == LOCAL_BATCH and "error:RuntimeError" in hist[0]["flags"]
+    assert hist[1]["batch_size"] == LOCAL_BATCH and hist[1]["chunks"] == WORLD
+    assert hist[2]["batch_size"] == WORLD * LOCAL_BATCH and not hist[2]["flags"]
+    assert hist[2]["mi"]["private/oracle"]["n"] == WORLD * LOCAL_BATCH
+    for a, b in zip(hist, r1["history"], strict=True):
+        _same_record(a, b, rtol=0, atol=0)
+    written = read_jsonl(os.path.join(tmp, "shared.jsonl"))  # one writer despite a shared path
+    assert [r.step for r in written] == [0, 2, 4]
+
+
+def test_distributed_argument_is_validated(private_setup):
+    engine, model, opt, _ = private_setup()
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="init_process_group"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, distributed=True)
+    with pytest.raises(ValueError, match="distributed must be"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, distributed="yes")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5)  # auto: no process group
+    assert monitor.distributed is False and monitor.rank == 0
+    monitor.detach()
