@@ -24,7 +24,6 @@ runs are comparable across machines and not disturbed by other processes competi
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import sys

@@ -102,6 +102,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         default=d.train_every,
         help="train each learned critic once per TRAIN_EVERY monitored steps (library default 8)",
     )
+    mon.add_argument(
+        "--control",
+        action="store_true",
+        help="also train a critic on shuffled pairs and report it (the estimator's own bias)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
@@ -260,6 +265,7 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
         token_dim=args.token_dim,
         every=args.every,
         train_every=args.train_every,
+        control=args.control,
         device=args.device,
         seed=args.seed,
         out=args.out,

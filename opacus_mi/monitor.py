@@ -18,6 +18,18 @@ How it attaches, and why this way:
   is added; every random number comes from the monitor's own ``torch.Generator``.
 * A failure inside the monitor is caught, flagged on the record and warned about once: the
   monitor is a guest in someone else's training loop and must never be the reason it dies.
+* Ghost clipping (``grad_sample_mode="ghost"``) has no ``grad_sample``: a
+  :class:`~opacus_mi.factored.FactoredCapture` keeps each layer's activations and first-pass
+  backprops and gives the same tokens, norms and Gram matrix without per-sample gradients.
+
+Multi-process (Opacus DPDDP under torchrun): Opacus releases one noisy sum over the global batch,
+so at the end of each monitored logical step every rank's chunks are all-gathered in rank order
+(:mod:`opacus_mi.distributed`) and every rank estimates MI on the global batch, identically;
+rank 0 alone calls the sinks (JSONL included), every rank keeps ``history``. Epsilon is each
+rank's own accountant, which Opacus steps with the global sample rate. Create the monitor on
+every rank: the gathers are collectives, made unconditionally on each monitored step (a local
+failure sends an empty, flagged contribution rather than skipping the call). A collective that
+itself fails means a broken process group, which stops training's gradient all-reduce as well.
 """
 
 from __future__ import annotations
@@ -30,23 +42,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from opacus.grad_sample import AbstractGradSampleModule
-from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
+from opacus.grad_sample import AbstractGradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
-from .estimators.bounds import BOUNDS, bootstrap_counts, percentile_interval
+from .distributed import all_gather_items, should_gather
+from .distributed import rank as dist_rank
+from .estimators.bounds import BOUNDS, mean_interval
 from .estimators.online import MIN_CI_PAIRS, OnlineEstimator
 from .estimators.oracle import gram_oracle
 from .estimators.semi_oracle import SemiOracleEstimator
+from .factored import FactoredCapture, KroneckerTokenizer
 from .features import FeatureCapture, FeatureFn
+from .learned_tokens import TOKEN_ENCODERS
 from .records import JsonlSink, LeakageRecord, MIValue
-from .tokens import CountSketchTokenizer
 from .views import VIEWS, ClipInfo, clip_factors, clipped_gram
 
 _HALF = (torch.float16, torch.bfloat16)
 _GHOST_HINT = (
-    "grad_sample_mode='ghost' never materialises per-sample gradients, which this monitor reads; "
-    "use grad_sample_mode='hooks' (default), 'functorch' or 'ew' for now"
+    "ghost clipping is supported for grad_sample_mode='ghost' (GradSampleModuleFastGradientClipping"
+    " with DPOptimizerFastGradientClipping or its DDP variant), not 'ghost_fsdp' or tensor "
+    "parallel; pass the module and optimizer that one make_private call returned"
 )
 
 
@@ -57,6 +73,9 @@ class _Chunk:
     features: torch.Tensor | None = None
     oracle_terms: torch.Tensor | None = None
     flags: list[str] = field(default_factory=list)
+    # Distributed only: (clipped tokens, Gram matrix, noise std) whose random draws wait until
+    # every rank's chunks are gathered (see LeakageMonitor._gather_chunks).
+    pending: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
 
 def _check_attach(engine, module, optimizer) -> None:
@@ -65,15 +84,20 @@ def _check_attach(engine, module, optimizer) -> None:
             f"optimizer must be the DPOptimizer returned by PrivacyEngine.make_private, got "
             f"{type(optimizer).__name__}; pass the optimizer that make_private returned"
         )
-    if type(optimizer).__name__.endswith("FastGradientClipping"):
-        raise ValueError(f"optimizer is a ghost-clipping optimizer: {_GHOST_HINT}")
     if not isinstance(module, AbstractGradSampleModule):
         raise TypeError(
             f"module must be the GradSampleModule returned by PrivacyEngine.make_private, got "
             f"{type(module).__name__}; pass the module that make_private returned"
         )
-    if type(module).__name__.startswith("GradSampleModuleFastGradientClipping"):
-        raise ValueError(f"module is a ghost-clipping module: {_GHOST_HINT}")
+    if _is_ghost(module, optimizer) and (
+        type(module) is not GradSampleModuleFastGradientClipping
+        or not isinstance(optimizer, DPOptimizerFastGradientClipping)
+        or type(optimizer).__name__.startswith("FSDP")
+    ):
+        raise ValueError(
+            f"unsupported ghost-clipping pair {type(module).__name__} / "
+            f"{type(optimizer).__name__}: {_GHOST_HINT}"
+        )
     if not hasattr(engine, "accountant"):
         raise TypeError(
             f"engine must be the opacus.PrivacyEngine that made the optimizer private, got "
@@ -84,6 +108,13 @@ def _check_attach(engine, module, optimizer) -> None:
             "optimizer already has a monitor (or another pre_step wrapper) attached; call "
             "detach() on the existing monitor first"
         )
+
+
+def _is_ghost(module, optimizer) -> bool:
+    """Ghost (fast gradient) clipping: per-sample gradients never exist, only layer factors."""
+    return isinstance(module, GradSampleModuleFastGradientClipping) or isinstance(
+        optimizer, DPOptimizerFastGradientClipping
+    )
 
 
 class LeakageMonitor:
@@ -98,17 +129,38 @@ class LeakageMonitor:
         views: gradient views to measure, from ``("raw", "clipped", "private")``.
         estimator: learned estimator per view, ``"mine"``, ``"infonce"`` or None (the private
             view's white-box oracle is always computed).
-        token_dim: count-sketch dimensions per parameter tensor.
+        token_dim: sketch dimensions per parameter tensor (Kronecker ``k1 * k2 <= token_dim``
+            for Linear/Conv2d/Embedding weights, see :mod:`opacus_mi.factored`).
         features: None (the batch the model saw, plus labels if ``wrap_criterion`` is used), a
             callable ``inputs -> (B, d)``, or a sequence of names where ``"input"`` is the batch
             and any other name is a layer of the model whose output is captured.
         seed: seeds the monitor's own generator and the sketch.
         jsonl: path of a JSONL file to append each record to (flushed per record).
         sinks: callables receiving each record.
-        train_every, train_iters, window: schedule and memory of the learned critic.
+        train_every, train_iters, window: schedule and memory of the learned critic. A critic
+            update costs a few DP steps of a small model, so by default each critic trains
+            once every 8 monitored steps (the CLI, an analysis job, uses 2); it still scores
+            every monitored batch, held out, once it has trained.
         oracle_draws: noise draws per example for the oracle.
         semi_oracle: also report ``private/semi``: a learned ``features -> clean token`` model
             scored with the known Gaussian noise (needs "private" in views).
+        control: per learned view, also train a second critic, identically configured, on
+            pairs whose features are re-paired at random (a random cycle, so no example keeps
+            its own features) and report its held-out bound as ``MIValue.control``. There is
+            nothing to find in those pairs, so it measures the estimator's own bias under the
+            exact same schedule; "detected" then needs the CI above it. Doubles critic cost.
+        tokenizer: what the learned critic reads: ``"sketch"`` (default: the concatenated
+            per-layer sketch tokens) or a learned privacy-token encoder over the per-layer
+            sketch tokens, trained online with the critic (:mod:`opacus_mi.learned_tokens`):
+            ``"autoencoder"`` or ``"transformer"``. On the digits CNN neither clearly beat the
+            sketch (the Transformer: same clipped-view MI on average, raw-view a little higher
+            on 2 of 3 seeds, at ~2x the monitor's cost; README, "Learned privacy tokens"),
+            hence the default.
+        distributed: under Opacus DPDDP (torchrun), gather every rank's chunks so MI is measured
+            on the global batch and only rank 0 calls the sinks/JSONL. ``None`` (default) does so
+            iff ``make_private`` built a distributed optimizer and there is more than one rank;
+            ``False`` keeps each rank local. Create the monitor on *every* rank: its gathers are
+            collectives (see "Multi-process" in the module docstring).
     """
 
     def __init__(
@@ -126,13 +178,23 @@ class LeakageMonitor:
         seed: int = 0,
         jsonl: str | None = None,
         sinks: Iterable[Callable[[LeakageRecord], Any]] = (),
-        train_every: int = 2,
+        train_every: int = 8,
         train_iters: int = 4,
         window: int = 4096,
         oracle_draws: int = 4,
         semi_oracle: bool = False,
+        control: bool = False,
+        tokenizer: str = "sketch",
+        distributed: bool | None = None,
     ):
         _check_attach(engine, module, optimizer)
+        self.distributed = should_gather(distributed, optimizer)
+        self.rank = dist_rank() if self.distributed else 0
+        if tokenizer not in TOKEN_ENCODERS:
+            raise ValueError(
+                f"tokenizer must be one of {TOKEN_ENCODERS} ('sketch' is the default); "
+                f"got {tokenizer!r}"
+            )
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"delta must be a float in (0, 1), e.g. 1e-5; got {delta!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -160,8 +222,10 @@ class LeakageMonitor:
         params = optimizer.params
         self.device = params[0].device if params else torch.device("cpu")
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.tokenizer = CountSketchTokenizer(
-            [p.shape for p in params], token_dim, seed=seed, device=self.device
+        # Kronecker sketch for Linear/Conv2d/Embedding weights in every mode: ghost clipping
+        # tokenises from activations and backprops, and the tokens are the same in both modes.
+        self.tokenizer = KroneckerTokenizer.for_params(
+            module, params, token_dim, seed=seed, device=self.device
         )
         self.estimators: dict[str, OnlineEstimator] = {}
         if estimator is not None:
@@ -173,6 +237,22 @@ class LeakageMonitor:
                     train_iters=train_iters,
                     generator=self.generator,
                     device=self.device,
+                    token_encoder=tokenizer,
+                    layer_dims=self.tokenizer.dims,
+                )
+        self.tokenizer_kind = tokenizer
+        self.controls: dict[str, OnlineEstimator] = {}
+        if control:
+            for view, est in self.estimators.items():
+                self.controls[view] = OnlineEstimator(
+                    est.kind,
+                    window=window,
+                    train_every=train_every,
+                    train_iters=train_iters,
+                    generator=self.generator,
+                    device=self.device,
+                    token_encoder=tokenizer,
+                    layer_dims=self.tokenizer.dims,
                 )
         self.semi_oracle: SemiOracleEstimator | None = None
         if semi_oracle and "private" in views:
@@ -187,7 +267,8 @@ class LeakageMonitor:
         self.mi_accountant = MIAccountant(engine.accountant)
         self.history: list[LeakageRecord] = []
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
-        self._jsonl = JsonlSink(jsonl) if jsonl else None
+        # Under DPDDP every rank holds the same records; only rank 0 writes them out.
+        self._jsonl = JsonlSink(jsonl) if jsonl and self.rank == 0 else None
         if self._jsonl is not None:
             self.sinks.append(self._jsonl)
         self.steps = 0  # logical optimizer steps seen since attach
@@ -198,6 +279,20 @@ class LeakageMonitor:
         self._capture = FeatureCapture(
             module, layers=layers, fn=fn, use_input=use_input, active=self._due
         )
+        self._factored: FactoredCapture | None = None  # ghost clipping: layer factors
+        if _is_ghost(module, optimizer):
+            try:
+                self._factored = FactoredCapture(
+                    module,
+                    params,
+                    self.tokenizer,
+                    active=self._due,
+                    exact=lambda: float(self.optimizer.noise_multiplier) < 0.01,
+                    need_gram="private" in views,
+                )
+            except Exception:
+                self._capture.remove()  # leave no hook behind
+                raise
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
         self.attached = True
@@ -226,6 +321,8 @@ class LeakageMonitor:
         if vars(self.optimizer).get("pre_step") == self._pre_step:
             del self.optimizer.pre_step
         self._capture.remove()
+        if self._factored is not None:
+            self._factored.remove()
         if self._jsonl is not None:
             self._jsonl.close()
         self.attached = False
@@ -283,16 +380,26 @@ class LeakageMonitor:
 
     def _measure_chunk(self, captures) -> _Chunk:
         opt = self.optimizer
-        grad_samples = opt.grad_samples
-        if not grad_samples:
-            return _Chunk(batch=0, flags=["no_trainable_params"])
-        batch = len(grad_samples[0])
+        factored = grad_samples = None
+        if self._factored is not None:  # ghost clipping: tokens, norms, Gram from layer factors
+            factored = self._factored.take()
+            batch = factored.batch
+        else:
+            grad_samples = opt.grad_samples
+            if not grad_samples:
+                return _Chunk(batch=0, flags=["no_trainable_params"])
+            batch = len(grad_samples[0])
         chunk = _Chunk(batch=batch)
         if batch == 0:
             return chunk
         feats = self._chunk_features(captures, batch, chunk)
-        bound = opt.max_grad_norms if isinstance(opt, DPPerLayerOptimizer) else opt.max_grad_norm
-        clip = clip_factors(grad_samples, bound)
+        if factored is not None:
+            clip = factored.clip_info(self.module.max_grad_norm)  # the bound ghost clipping uses
+        else:
+            bound = (
+                opt.max_grad_norms if isinstance(opt, DPPerLayerOptimizer) else opt.max_grad_norm
+            )
+            clip = clip_factors(grad_samples, bound)
         # A norm is finite iff every entry is: one check per example, not one per parameter.
         norms = clip.norms if clip.norms.ndim == 1 else clip.norms.norm(dim=1)
         grads_ok = torch.isfinite(norms)
@@ -309,14 +416,20 @@ class LeakageMonitor:
                 "they are excluded from MI estimation and the record is flagged",
             )
             idx = keep.nonzero().squeeze(1)
-            grad_samples = [g.index_select(0, idx.to(g.device)) for g in grad_samples]
+            if factored is not None:
+                factored = factored.select(idx)
+            else:
+                grad_samples = [g.index_select(0, idx.to(g.device)) for g in grad_samples]
             clip = ClipInfo(clip.factors[idx], clip.norms[idx], clip.per_layer)
             feats = None if feats is None else feats[idx.to(feats.device)]
         if kept == 0:
             return chunk
-        # Half-precision gradients are sketched in float32 (Opacus's clip factors are kept as is).
-        grad_samples = [g.float() if g.dtype in _HALF else g for g in grad_samples]
-        raw = self.tokenizer.sketch(grad_samples)
+        if factored is not None:
+            raw = factored.tokens
+        else:
+            # Half-precision gradients are sketched in float32 (Opacus's clip factors kept as is).
+            grad_samples = [g.float() if g.dtype in _HALF else g for g in grad_samples]
+            raw = self.tokenizer.sketch(grad_samples)
         if "raw" in self.views:
             chunk.tokens["raw"] = torch.cat(raw, dim=1).float()
         if "clipped" in self.views or "private" in self.views:
@@ -327,16 +440,24 @@ class LeakageMonitor:
                 chunk.tokens["clipped"] = clipped
             if "private" in self.views:
                 std = float(opt.noise_multiplier) * float(opt.max_grad_norm)
-                noise = torch.randn(
-                    clipped.shape, generator=self.generator, device=self.generator.device
-                )
-                chunk.tokens["private"] = clipped + std * noise.to(clipped.device)
-                gram = clipped_gram(grad_samples, clip, exact=opt.noise_multiplier < 0.01)
-                chunk.oracle_terms = gram_oracle(
-                    gram, std, draws=self.oracle_draws, generator=self.generator
-                ).terms
+                if factored is not None:
+                    gram = factored.clipped_gram(clip)
+                else:
+                    gram = clipped_gram(grad_samples, clip, exact=opt.noise_multiplier < 0.01)
+                if self.distributed:
+                    chunk.pending = (clipped, gram, std)  # drawn after gathering, in rank order
+                else:
+                    self._privatise(chunk, clipped, gram, std)
         chunk.features = feats
         return chunk
+
+    def _privatise(self, chunk: _Chunk, clipped: torch.Tensor, gram: torch.Tensor, std: float):
+        """The chunk's random draws: private-view token noise, then the oracle's noise."""
+        noise = torch.randn(clipped.shape, generator=self.generator, device=self.generator.device)
+        chunk.tokens["private"] = clipped + std * noise.to(clipped.device)
+        chunk.oracle_terms = gram_oracle(
+            gram, std, draws=self.oracle_draws, generator=self.generator
+        ).terms
 
     def _chunk_features(self, captures, batch: int, chunk: _Chunk) -> torch.Tensor | None:
         """Features paired with this chunk's gradients, or None (flagged) if they cannot be."""
@@ -353,7 +474,8 @@ class LeakageMonitor:
     def _finish_step(self) -> None:
         t0 = time.perf_counter()
         opt = self.optimizer
-        chunks = self._chunks
+        # Gathering comes first: nothing local may fail before this rank joins the collectives.
+        chunks = self._gather_chunks() if self.distributed else self._chunks
         batch = sum(c.batch for c in chunks)
         flags = sorted({f for c in chunks for f in c.flags})
         sigma = float(opt.noise_multiplier)
@@ -380,6 +502,7 @@ class LeakageMonitor:
             for view, est in self.estimators.items():
                 tokens = torch.cat([c.tokens[view] for c in usable])
                 value = est.evaluate(feats, tokens)
+                control = self._control_step(view, feats, tokens)
                 if value is not None and math.isfinite(value.matched):
                     record.mi[f"{view}/{est.kind}"] = MIValue(
                         nats=value.matched,
@@ -387,6 +510,7 @@ class LeakageMonitor:
                         ci_high=value.ci_high,
                         n=value.n,
                         mismatched=value.mismatched,
+                        control=control,
                     )
                 elif value is not None:
                     record.flags.append(f"estimate_nonfinite:{view}")
@@ -404,20 +528,77 @@ class LeakageMonitor:
         if terms:
             all_terms = torch.cat(terms)
             n = all_terms.numel()
-            lo = hi = math.nan
-            if n >= MIN_CI_PAIRS:
-                counts = bootstrap_counts(n, 200, self.generator, all_terms.device)
-                lo, hi = percentile_interval((counts @ all_terms.double()) / n)
-            record.mi["private/oracle"] = MIValue(
-                nats=float(all_terms.mean()), ci_low=lo, ci_high=hi, n=n
-            )
+            mean, lo, hi = mean_interval(all_terms, min_n=MIN_CI_PAIRS)
+            record.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n)
         for key, value in record.mi.items():
             if key.startswith("private/") and _exceeds(value, record.mi_bound):
                 record.flags.append(f"exceeds_bound:{key}")
         record.monitor_seconds = self._chunk_seconds + (time.perf_counter() - t0)
         self.history.append(record)
-        for sink in self.sinks:
-            sink(record)
+        if self.rank == 0:  # under DPDDP every rank has this record; one writes it
+            for sink in self.sinks:
+                sink(record)
+
+    def _gather_chunks(self) -> list[_Chunk]:
+        """Every rank's chunks of this logical step in rank order, their draws made (DPDDP).
+
+        Collectives: one metadata gather plus one gather per dtype, made on every monitored
+        logical step by every rank whatever happened locally: an empty Poisson batch or a
+        failure while packing still sends a (possibly empty) contribution, so no rank waits for
+        a call another never makes; the step counter, hence ``every``, advances alike on all
+        ranks. Each rank's oracle stays per rank (its Gram matrix is built from that rank's
+        per-sample gradients; only the B x B matrix travels), just as a BatchMemoryManager chunk
+        is the oracle's candidate set. The private view's draws (token noise, then oracle noise,
+        chunk by chunk) are made here, after gathering, from the identically seeded generator:
+        every rank computes the same record and keeps the same generator and critic state
+        (rank 0 alone estimating would save no wall time, as ranks meet at the gradient
+        all-reduce right after), and the result equals one process that saw the same examples
+        as chunks of one logical step.
+        """
+        try:
+            items = [_pack(c) for c in self._chunks]
+        except Exception as exc:  # still join the collectives, with nothing
+            self._warn_once(f"pack:{type(exc).__name__}", f"leakage gather failed: {exc!r}")
+            items = [({"batch": 0, "flags": [f"error:{type(exc).__name__}"], "std": None}, {})]
+        chunks = []
+        for meta, tensors in all_gather_items(items, device=self.device):
+            gram = tensors.pop("pending/gram", None)
+            clipped = tensors.pop("pending/clipped", None)
+            chunk = _Chunk(
+                batch=meta["batch"],
+                features=tensors.pop("features", None),
+                oracle_terms=tensors.pop("oracle_terms", None),
+                flags=list(meta["flags"]),
+            )
+            chunk.tokens = {k.removeprefix("tokens/"): t for k, t in tensors.items()}
+            if meta["std"] is not None:
+                try:  # local arithmetic only: no collective left in this step
+                    clipped = chunk.tokens["clipped"] if clipped is None else clipped
+                    self._privatise(chunk, clipped, gram, meta["std"])
+                except Exception as exc:
+                    self._warn_once(
+                        f"chunk:{type(exc).__name__}", f"leakage measurement failed: {exc!r}"
+                    )
+                    chunk.flags.append(f"error:{type(exc).__name__}")
+            chunks.append(chunk)
+        return chunks
+
+    def _control_step(self, view: str, feats: torch.Tensor, tokens: torch.Tensor) -> float | None:
+        """The shuffled-pairs control: held-out bound on re-paired pairs, then learn from others."""
+        est = self.controls.get(view)
+        if est is None or feats.shape[0] < 2:
+            return None
+        value = est.evaluate(feats[self._derangement(feats.shape[0])], tokens)
+        if est.observe(feats[self._derangement(feats.shape[0])], tokens):
+            self._warn_once(f"reset:control:{view}", f"the {view}-view control critic was reset")
+        return value.matched if value is not None and math.isfinite(value.matched) else None
+
+    def _derangement(self, n: int) -> torch.Tensor:
+        """A uniformly random n-cycle from the monitor's generator: no index maps to itself."""
+        order = torch.randperm(n, generator=self.generator, device=self.generator.device)
+        perm = torch.empty_like(order)
+        perm[order] = order.roll(-1)
+        return perm.to(self.device)
 
     def _semi_oracle_step(self, record: LeakageRecord, usable: list[_Chunk], std: float) -> None:
         """Score the private tokens with the learned clean-token model, then learn from them."""
@@ -467,6 +648,7 @@ class LeakageMonitor:
             "steps": self.steps,
             "generator": self.generator.get_state(),
             "estimators": {k: e.state_dict() for k, e in self.estimators.items()},
+            "controls": {k: e.state_dict() for k, e in self.controls.items()},
             "semi_oracle": None if self.semi_oracle is None else self.semi_oracle.state_dict(),
             "history": [r.as_dict() for r in self.history],
         }
@@ -475,6 +657,9 @@ class LeakageMonitor:
         self.steps = int(state["steps"])
         for k, est_state in state["estimators"].items():
             self.estimators[k].load_state_dict(est_state)
+        for k, est_state in state.get("controls", {}).items():
+            if k in self.controls:
+                self.controls[k].load_state_dict(est_state)
         if self.semi_oracle is not None and state.get("semi_oracle") is not None:
             self.semi_oracle.load_state_dict(state["semi_oracle"])
         self.generator.set_state(state["generator"])
@@ -485,6 +670,20 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={len(self.history)}, attached={self.attached})"
         )
+
+
+def _pack(chunk: _Chunk) -> tuple[dict[str, Any], dict[str, torch.Tensor | None]]:
+    """A chunk as ``(metadata, tensors)`` for :func:`~opacus_mi.distributed.all_gather_items`."""
+    tensors: dict[str, torch.Tensor | None] = {f"tokens/{v}": t for v, t in chunk.tokens.items()}
+    tensors["features"] = chunk.features
+    tensors["oracle_terms"] = chunk.oracle_terms
+    std = None
+    if chunk.pending is not None:
+        clipped, gram, std = chunk.pending
+        if chunk.tokens.get("clipped") is not clipped:  # else sent once, as tokens/clipped
+            tensors["pending/clipped"] = clipped
+        tensors["pending/gram"] = gram
+    return {"batch": chunk.batch, "flags": chunk.flags, "std": std}, tensors
 
 
 def _exceeds(value: MIValue, bound: float | None) -> bool:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+_MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control")
+
 
 @dataclass
 class MIValue:
@@ -23,6 +25,7 @@ class MIValue:
     ci_high: float
     n: int
     mismatched: float | None = None  # the same critic on shuffled pairs (estimator bias floor)
+    control: float | None = None  # a critic trained on shuffled pairs, held out: should be ~0
 
     @property
     def difference(self) -> float | None:
@@ -60,10 +63,7 @@ class LeakageRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LeakageRecord:
         d = dict(d)
-        mi = {
-            k: MIValue(**{f: v.get(f) for f in ("nats", "ci_low", "ci_high", "n", "mismatched")})
-            for k, v in d.pop("mi", {}).items()
-        }
+        mi = {k: MIValue(**{f: v.get(f) for f in _MI_FIELDS}) for k, v in d.pop("mi", {}).items()}
         return cls(mi=mi, **d)
 
 

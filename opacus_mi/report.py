@@ -63,11 +63,13 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
         ),
         title_justify="left",
     )
+    has_control = any(v.control is not None for r in tail for v in r.mi.values())
     columns = (
         "view / estimator",
         "last [95% CI]",
         f"mean of last {len(tail)} [95% CI]",
         "shuffled",
+        *(("control",) if has_control else ()),
         "detected",
         "ln B",
         "bound/step",
@@ -80,14 +82,16 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
         mean, lo, hi = mean_with_ci([r.mi[key].nats for r in tail if key in r.mi])
         mism = [r.mi[key].mismatched for r in tail if key in r.mi]
         mism_mean = mean_with_ci([m for m in mism if m is not None])[0]
-        # Leakage is only claimed when the interval clears zero and the shuffled control.
-        floor = max(0.0, mism_mean) if math.isfinite(mism_mean) else 0.0
+        ctrl_mean = mean_with_ci([r.mi[key].control for r in tail if key in r.mi])[0]
+        # Leakage is only claimed when the interval clears zero and both shuffled controls.
+        floor = max([0.0] + [m for m in (mism_mean, ctrl_mean) if math.isfinite(m)])
         detected = "yes" if math.isfinite(lo) and lo > floor else "no"
         table.add_row(
             key,
             f"{_fmt(v.nats)} [{_fmt(v.ci_low)}, {_fmt(v.ci_high)}]",
             f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]",
             _fmt(mism_mean),
+            *((_fmt(ctrl_mean),) if has_control else ()),
             detected,
             _fmt(math.log(v.n)) if v.n > 0 else "-",
             _fmt(latest.mi_bound) if key.startswith("private") else "-",
@@ -100,7 +104,8 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
     text = buf.getvalue().rstrip()
     text += (
         "\nnats per example per step; learned rows are lower bounds on pairs the critic never"
-        "\ntrained on; 'detected' needs the CI over steps above 0 and above the shuffled control;"
+        "\ntrained on; 'detected' needs the CI over steps above 0 and above the shuffled controls"
+        "\n(shuffled: the same critic on re-paired pairs; control: a critic trained on them);"
         "\nbound/step = 1/(2 sigma^2), the Gaussian channel limit of one private release."
     )
     if flagged:

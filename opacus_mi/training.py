@@ -66,6 +66,7 @@ class RunConfig:
     token_dim: int = 64
     every: int = 1
     train_every: int = 2  # an analysis job: the critic trains 4x as often as the library default
+    control: bool = False  # also train a critic on shuffled pairs (the estimator's bias)
     device: str = "cpu"
     seed: int = 0
     out: str = "runs/latest"
@@ -340,6 +341,7 @@ def _train(
         delta=cfg.delta,
         every=cfg.every,
         train_every=cfg.train_every,
+        control=cfg.control,
         views=cfg.view_tuple,
         estimator=cfg.estimator_or_none,
         token_dim=cfg.token_dim,
@@ -443,6 +445,8 @@ def _tb_record(writer, record: LeakageRecord) -> None:
             writer.add_scalar(f"mi/{key}", value.nats, record.step)
         if value.mismatched is not None and math.isfinite(value.mismatched):
             writer.add_scalar(f"mi_shuffled/{key}", value.mismatched, record.step)
+        if value.control is not None and math.isfinite(value.control):
+            writer.add_scalar(f"mi_control/{key}", value.control, record.step)
 
 
 # ---------------------------------------------------------------------- files of a run
@@ -472,7 +476,7 @@ _RECORD_COLUMNS = (
     "chunks",
     "monitor_seconds",
 )
-_MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched")
+_MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control")
 
 
 def mi_keys(records: Sequence[LeakageRecord]) -> list[str]:
@@ -487,7 +491,8 @@ def mi_keys(records: Sequence[LeakageRecord]) -> list[str]:
 def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     """One row per record; MI flattened to ``<view/estimator>_<field>`` columns.
 
-    Fields are ``nats``, ``ci_low``, ``ci_high``, ``n`` and ``mismatched`` (shuffled control).
+    Fields are ``nats``, ``ci_low``, ``ci_high``, ``n``, ``mismatched`` (the same critic on
+    shuffled pairs) and ``control`` (a critic trained on shuffled pairs, when enabled).
     """
     keys = mi_keys(records)
     header = list(_RECORD_COLUMNS) + [f"{k}_{f}" for k in keys for f in _MI_FIELDS] + ["flags"]

@@ -70,9 +70,19 @@ class SeparableCritic(nn.Module):
     @torch.no_grad()
     def fit_scaler(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Standardise inputs with statistics of the training pairs (tokens can be ~1e-4)."""
-        for name, v in (("x", x), ("y", y)):
+        stats = []
+        for v in (x, y):
             mean = v.mean(0)
             std = v.std(0, unbiased=False) if v.shape[0] > 1 else torch.ones_like(mean)
+            stats += [mean, std]
+        self.set_scaler(*stats)
+
+    @torch.no_grad()
+    def set_scaler(
+        self, x_mean: torch.Tensor, x_std: torch.Tensor, y_mean: torch.Tensor, y_std: torch.Tensor
+    ) -> None:
+        """Set the standardisation directly (an online window keeps running moments)."""
+        for name, mean, std in (("x", x_mean, x_std), ("y", y_mean, y_std)):
             getattr(self, f"{name}_mean").copy_(mean)
             getattr(self, f"{name}_std").copy_(
                 std.clamp_min(1e-12) + 1e-3 * std.max().clamp_min(1e-12)

@@ -8,10 +8,13 @@ minibatches drawn from that window with its own Adam and its own generator.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .bounds import (
     BOUNDS,
@@ -24,40 +27,105 @@ from .bounds import (
 from .critics import SeparableCritic
 
 MIN_CI_PAIRS = 8
+MIN_VALIDATION = 16  # pairs before validation can veto a training round
 
 
 class PairWindow:
-    """The most recent (x, y) pairs, capped at ``size``: what an online critic trains on."""
+    """The most recent (x, y) pairs, capped at ``size``: what an online critic trains on.
+
+    A preallocated ring buffer: adding a batch writes B rows (no copy of the whole window per
+    step, which at 4,096 pairs cost more than the tokens themselves), and running float64 sums
+    give the window's per-column mean and std in O(d) for the critic's input scaler.
+    """
 
     def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"window must be a positive number of pairs, got {size}")
         self.size = size
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._count = 0  # valid rows
+        self._head = 0  # next row to write
+        self._sums: list[torch.Tensor] = []  # [sum x, sum x^2, sum y, sum y^2], float64
 
     def __len__(self) -> int:
-        return 0 if self.x is None else self.x.shape[0]
+        return self._count
+
+    @property
+    def x(self) -> torch.Tensor | None:
+        return None if self._x is None else self._ordered(self._x)
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        return None if self._y is None else self._ordered(self._y)
+
+    def _ordered(self, buf: torch.Tensor) -> torch.Tensor:
+        """Valid rows, oldest first."""
+        if self._count < self.size:
+            return buf[: self._count]
+        return torch.cat([buf[self._head :], buf[: self._head]])
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x = x if self.x is None else torch.cat([self.x, x])[-self.size :]
-        self.y = y if self.y is None else torch.cat([self.y, y])[-self.size :]
+        if x.shape[0] > self.size:
+            x, y = x[-self.size :], y[-self.size :]
+        n = x.shape[0]
+        if n == 0:
+            return
+        if self._x is None:
+            self._x = x.new_empty((self.size, x.shape[1]))
+            self._y = y.new_empty((self.size, y.shape[1]))
+            self._sums = [
+                torch.zeros(d, dtype=torch.float64, device=x.device)
+                for d in (x.shape[1], x.shape[1], y.shape[1], y.shape[1])
+            ]
+        rows = (torch.arange(n, device=x.device) + self._head) % self.size
+        evict = n + self._count - self.size
+        if evict > 0:  # the oldest rows about to be overwritten leave the running sums
+            old = (torch.arange(evict, device=x.device) + self._head) % self.size
+            self._update_sums(self._x[old], self._y[old], -1.0)
+        self._x[rows] = x
+        self._y[rows] = y
+        self._update_sums(x, y, 1.0)
+        self._head = (self._head + n) % self.size
+        self._count = min(self.size, self._count + n)
+
+    def _update_sums(self, x: torch.Tensor, y: torch.Tensor, sign: float) -> None:
+        x64, y64 = x.to(torch.float64), y.to(torch.float64)
+        moments = (x64.sum(0), (x64 * x64).sum(0), y64.sum(0), (y64 * y64).sum(0))
+        for acc, v in zip(self._sums, moments, strict=True):
+            acc.add_(v, alpha=sign)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-column (mean x, std x, mean y, std y) of the window, in float32."""
+        n = max(self._count, 1)
+        out = []
+        for s, s2 in (self._sums[:2], self._sums[2:]):
+            mean = s / n
+            var = (s2 / n - mean * mean).clamp_min(0.0)
+            out += [mean.float(), var.sqrt().float()]
+        return out[0], out[1], out[2], out[3]
 
     def clear(self) -> None:
-        self.x = self.y = None
+        self._x = self._y = None
+        self._count = self._head = 0
+        self._sums = []
 
     def recent(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[-n:], self.y[-n:]
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A minibatch of ``min(n, len)`` distinct pairs drawn with the caller's generator."""
-        pick = torch.randperm(len(self), generator=generator, device=generator.device)[:n]
-        pick = pick.to(self.x.device)
-        return self.x[pick], self.y[pick]
+        pick = torch.randperm(self._count, generator=generator, device=generator.device)[:n]
+        pick = pick.to(self._x.device)
+        return self._x[pick], self._y[pick]
 
     def state_dict(self) -> dict:
         return {"x": self.x, "y": self.y}
 
     def load_state_dict(self, state: dict) -> None:
-        self.x, self.y = state["x"], state["y"]
+        self.clear()
+        if state["x"] is not None:
+            self.add(state["x"], state["y"])
 
 
 @dataclass(frozen=True)
@@ -83,9 +151,19 @@ class OnlineEstimator:
         window: pairs kept for training (oldest dropped first).
         train_every: train after every n-th observed batch (a critic update costs about as much
             as a small DP step, so the default does not train on every step).
+        warmup: train after each of the first ``warmup`` batches regardless of ``train_every``:
+            a fresh critic is what needs the updates; later rounds only track drift.
+        holdout: every ``holdout``-th pair of each batch (0: none) goes to a validation window
+            the critic never trains on; after each round the critic that reports is whichever
+            of the new iterate and the previous choice scores higher there (online early
+            stopping). The reported figure is still the next batch, unseen by both.
         train_iters: optimizer steps per training round.
         batch_size: pairs per critic minibatch.
         generator: the monitor's generator; minibatch draws and initialisation come from it.
+        token_encoder: ``"sketch"`` (the critic reads the concatenated sketch tokens) or a
+            learned encoder in front of the critic's token tower, trained with it by the same
+            Adam: ``"autoencoder"`` or ``"transformer"`` (:mod:`opacus_mi.learned_tokens`).
+        layer_dims: per-layer token sizes the tokens are concatenated from (learned encoders).
     """
 
     def __init__(
@@ -95,6 +173,9 @@ class OnlineEstimator:
         window: int = 4096,
         train_every: int = 2,
         train_iters: int = 4,
+        warmup: int = 32,
+        holdout: int = 4,
+        validation: int = 512,
         batch_size: int = 256,
         lr: float = 1e-3,
         hidden: int = 128,
@@ -102,13 +183,31 @@ class OnlineEstimator:
         bootstrap: int = 200,
         generator: torch.Generator,
         device: torch.device | str = "cpu",
+        token_encoder: str = "sketch",
+        layer_dims: Sequence[int] | None = None,
     ):
         if kind not in BOUNDS:
             raise ValueError(f"estimator must be one of {BOUNDS}, got {kind!r}")
         self.kind = kind
+        # Imported here: learned_tokens builds on estimators.critics (no import cycle).
+        from ..learned_tokens import TOKEN_ENCODERS, check_layer_dims
 
+        if token_encoder not in TOKEN_ENCODERS:
+            raise ValueError(
+                f"token_encoder must be one of {TOKEN_ENCODERS}, got {token_encoder!r}"
+            )
+        self.token_encoder = token_encoder
+        self.layer_dims = None if token_encoder == "sketch" else check_layer_dims(layer_dims)
+
+        if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+            raise ValueError(f"holdout must be an integer >= 0 (0 turns it off), got {holdout!r}")
         self.train_every = max(1, train_every)
         self.train_iters = train_iters
+        self.warmup = max(0, warmup)
+        self.holdout = holdout
+        self.val = PairWindow(validation)
+        self.selected: nn.Module | None = None  # the critic that reports (see ``train``)
+        self.kept_previous = 0  # rounds after which the earlier critic validated better
         self.batch_size = batch_size
         self.lr = lr
         self.hidden, self.embed = hidden, embed
@@ -125,18 +224,35 @@ class OnlineEstimator:
     def _build(self, x_dim: int, y_dim: int) -> None:
         self._new_critic(x_dim, y_dim)
         self.pairs.clear()
+        self.val.clear()
+        self.batches_seen = 0
 
     def _new_critic(self, x_dim: int, y_dim: int) -> None:
-        self.critic = SeparableCritic(
-            x_dim,
-            y_dim,
-            hidden=self.hidden,
-            embed=self.embed,
-            generator=self.generator,
-            device=self.device,
-        )
+        if self.token_encoder == "sketch":
+            self.critic = SeparableCritic(
+                x_dim,
+                y_dim,
+                hidden=self.hidden,
+                embed=self.embed,
+                generator=self.generator,
+                device=self.device,
+            )
+        else:  # encoder params are critic params: the same Adam and state_dict train/save them
+            from ..learned_tokens import EncodedCritic
+
+            self.critic = EncodedCritic(
+                x_dim,
+                y_dim,
+                self.token_encoder,
+                self.layer_dims,
+                hidden=self.hidden,
+                embed=self.embed,
+                generator=self.generator,
+                device=self.device,
+            )
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr, foreach=True)
         self.loss = CriticLoss(self.kind)
+        self.selected = None
         self.updates = 0
 
     @property
@@ -154,8 +270,9 @@ class OnlineEstimator:
             or y.shape[1] != self.critic.y_dim
         ):
             return None
-        self.critic.eval()
-        scores = self.critic.scores(x.to(self.device).float(), y.to(self.device).float())
+        critic = self.selected if self.selected is not None else self.critic
+        critic.eval()
+        scores = critic.scores(x.to(self.device).float(), y.to(self.device).float())
         matched = float(bound(self.kind, scores))
         shuffle = torch.randperm(n, generator=self.generator, device=self.generator.device)
         mismatched = float(bound(self.kind, scores[:, shuffle.to(scores.device)]))
@@ -180,37 +297,77 @@ class OnlineEstimator:
             or y.shape[1] != self.critic.y_dim
         ):
             self._build(x.shape[1], y.shape[1])
+        if self.holdout > 1 and x.shape[0] >= self.holdout:
+            held = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            held[:: self.holdout] = True
+            self.val.add(x[held], y[held])
+            x, y = x[~held], y[~held]
         self.pairs.add(x, y)
         self.batches_seen += 1
-        if self.batches_seen % self.train_every == 0 and len(self.pairs) >= 4:
+        due = self.batches_seen <= self.warmup or self.batches_seen % self.train_every == 0
+        if due and len(self.pairs) >= 4:
             if not math.isfinite(self.train()):
                 self._new_critic(self.critic.x_dim, self.critic.y_dim)
                 return True
         return False
 
+    @torch.no_grad()
+    def _validation_bound(self, critic: nn.Module) -> float:
+        if len(self.val) < MIN_VALIDATION:
+            return math.nan
+        critic.eval()
+        return float(bound(self.kind, critic.scores(self.val.x, self.val.y)))
+
     def train(self) -> float:
-        """A few critic steps on minibatches of the window; returns the last training bound."""
+        """One training round, then online model selection on the validation pairs.
+
+        The critic always keeps training (a strict "never get worse" rule stalls it: progress
+        passes through noisy dips), but the critic that *reports* is the one with the higher
+        bound on the current validation pairs: the new iterate or the previously selected one,
+        both re-scored now, so a selection made on an older gradient distribution cannot go
+        stale. Returns the last minibatch's training bound (NaN if the round diverged).
+        """
         assert self.critic is not None and self.optimizer is not None
+        last = self._train_round()
+        if not math.isfinite(last):
+            return last
+        if self.selected is None:
+            self.selected = copy.deepcopy(self.critic)
+            return last
+        new = self._validation_bound(self.critic)
+        if math.isnan(new) or new >= self._validation_bound(self.selected):
+            self.selected.load_state_dict(self.critic.state_dict())
+        else:
+            self.kept_previous += 1
+        return last
+
+    def _train_round(self) -> float:
+        """``train_iters`` critic steps on minibatches of the window."""
         self.critic.train()
-        # Standardise with the most recent pairs: gradient scales drift as training goes on.
-        self.critic.fit_scaler(*self.pairs.recent(1024))
+        # Standardise with the window's statistics (running sums: O(d), not a pass over it).
+        self.critic.set_scaler(*self.pairs.moments())
         last = math.nan
         with torch.enable_grad():
             for _ in range(self.train_iters):
                 scores = self.critic.scores(*self.pairs.sample(self.batch_size, self.generator))
                 loss = self.loss(scores)  # MINE's corrected gradient, JS for SMILE, else -bound
+                bound_loss = loss
+                aux = self.critic.aux_loss() if self.token_encoder != "sketch" else None
+                if aux is not None:  # e.g. the autoencoder's reconstruction term
+                    loss = loss + aux
                 if not torch.isfinite(loss):
                     return math.nan  # never step on a NaN: the caller resets the critic
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                last = -float(loss)
+                last = -float(bound_loss.detach())
         self.updates += 1
         return last
 
     def state_dict(self) -> dict:
         return {
             "kind": self.kind,
+            "token_encoder": self.token_encoder,
             "critic": None if self.critic is None else self.critic.state_dict(),
             "dims": None if self.critic is None else (self.critic.x_dim, self.critic.y_dim),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -218,9 +375,18 @@ class OnlineEstimator:
             "pairs": self.pairs.state_dict(),
             "batches_seen": self.batches_seen,
             "updates": self.updates,
+            "val": self.val.state_dict(),
+            "selected": None if self.selected is None else self.selected.state_dict(),
+            "kept_previous": self.kept_previous,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("token_encoder", "sketch")
+        if saved != self.token_encoder:
+            raise ValueError(
+                f"this state was saved with token_encoder={saved!r} but the estimator uses "
+                f"{self.token_encoder!r}; build it (or the monitor's tokenizer) with {saved!r}"
+            )
         if state["dims"] is not None:
             self._build(*state["dims"])
             self.critic.load_state_dict(state["critic"])
@@ -229,3 +395,8 @@ class OnlineEstimator:
         self.pairs.load_state_dict(state["pairs"])
         self.batches_seen = state["batches_seen"]
         self.updates = state["updates"]
+        self.val.load_state_dict(state.get("val", {"x": None, "y": None}))
+        if state.get("selected") is not None:
+            self.selected = copy.deepcopy(self.critic)
+            self.selected.load_state_dict(state["selected"])
+        self.kept_previous = state.get("kept_previous", 0)

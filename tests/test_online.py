@@ -1,0 +1,118 @@
+"""The online critic's machinery: ring-buffer window, validation hold-out, online early stopping,
+warm-up schedule. References are brute force: a naive concatenated window, torch's own moments,
+and the validation bound recomputed from scratch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opacus_mi.estimators.bounds import bound
+from opacus_mi.estimators.online import OnlineEstimator, PairWindow
+
+
+def test_ring_window_equals_naive_concatenation_and_its_moments():
+    g = torch.Generator().manual_seed(0)
+    win = PairWindow(50)
+    naive_x = torch.zeros(0, 3)
+    naive_y = torch.zeros(0, 2)
+    for n in (7, 13, 1, 0, 29, 64, 5, 50, 3):  # includes a batch larger than the window
+        x, y = torch.randn(n, 3, generator=g) * 5 + 2, torch.randn(n, 2, generator=g)
+        win.add(x, y)
+        naive_x, naive_y = torch.cat([naive_x, x])[-50:], torch.cat([naive_y, y])[-50:]
+        assert len(win) == len(naive_x)
+        torch.testing.assert_close(win.x, naive_x, rtol=0, atol=0)
+        torch.testing.assert_close(win.y, naive_y, rtol=0, atol=0)
+        if len(win):
+            mx, sx, my, sy = win.moments()
+            torch.testing.assert_close(mx, naive_x.mean(0), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sx, naive_x.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(my, naive_y.mean(0), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sy, naive_y.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    state = win.state_dict()
+    other = PairWindow(50)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.x, win.x, rtol=0, atol=0)
+
+
+def _correlated(n: int, g: torch.Generator, rho: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 4, generator=g)
+    y = rho * x + math.sqrt(1 - rho**2) * torch.randn(n, 4, generator=g)
+    return x, y
+
+
+def test_validation_pairs_are_never_trained_on():
+    g = torch.Generator().manual_seed(1)
+    est = OnlineEstimator("mine", holdout=4, train_every=1, generator=torch.Generator())
+    seen = 0
+    for _ in range(6):
+        x, y = _correlated(32, g)
+        ids = torch.arange(seen, seen + 32, dtype=torch.float32)[:, None]
+        seen += 32
+        est.observe(torch.cat([ids, x], 1), torch.cat([ids, y], 1))
+    val_ids = set(est.val.x[:, 0].tolist())
+    train_ids = set(est.pairs.x[:, 0].tolist())
+    assert val_ids and not val_ids & train_ids
+    assert val_ids == {float(i) for i in range(0, seen, 4)}  # every 4th pair of each batch
+    assert len(val_ids) + len(train_ids) == seen
+
+
+def _val_bound(est: OnlineEstimator, critic) -> float:
+    with torch.no_grad():
+        return float(bound(est.kind, critic.scores(est.val.x, est.val.y)))
+
+
+def test_the_reporting_critic_is_the_better_validated_one():
+    """Online early stopping: after every round the reporting critic validates at least as well
+    as the training iterate, re-scored on the current validation pairs. A huge learning rate
+    ruins the iterate; the reported held-out figure must not follow it down."""
+    g = torch.Generator().manual_seed(2)
+    est = OnlineEstimator("mine", train_every=1, warmup=0, generator=torch.Generator())
+    for _ in range(30):
+        est.observe(*_correlated(64, g))
+        assert _val_bound(est, est.selected) >= _val_bound(est, est.critic)
+    good = [est.evaluate(*_correlated(64, g)).matched for _ in range(5)]
+    for group in est.optimizer.param_groups:
+        group["lr"] = 1.0
+    kept = est.kept_previous
+    for _ in range(10):
+        est.observe(*_correlated(64, g))
+        assert _val_bound(est, est.selected) >= _val_bound(est, est.critic)
+    assert est.kept_previous > kept  # the ruined iterate was passed over at least once
+    x, y = _correlated(64, g)
+    reported = est.evaluate(x, y).matched
+    with torch.no_grad():
+        iterate = float(bound("mine", est.critic.scores(x, y)))
+    assert reported > iterate
+    assert reported > 0.5 * sum(good) / len(good)
+
+
+def test_online_selection_keeps_a_learnable_critic_learning():
+    g = torch.Generator().manual_seed(3)
+    est = OnlineEstimator("infonce", train_every=1, generator=torch.Generator())
+    for _ in range(40):
+        est.observe(*_correlated(64, g))
+    held_out = [est.evaluate(*_correlated(64, g)).matched for _ in range(10)]
+    truth = 4 * -0.5 * math.log(1 - 0.9**2)  # 4 independent coordinate pairs
+    assert 0.6 * truth < sum(held_out) / len(held_out) <= min(truth, math.log(64)) + 0.2
+
+
+@pytest.mark.parametrize(
+    ("warmup", "train_every", "batches", "updates"),
+    [(3, 8, 3, 3), (3, 8, 8, 4), (3, 8, 16, 5), (0, 2, 6, 3)],
+)
+def test_warmup_then_every_nth_batch(warmup, train_every, batches, updates):
+    g = torch.Generator().manual_seed(4)
+    est = OnlineEstimator(
+        "mine", warmup=warmup, train_every=train_every, holdout=0, generator=torch.Generator()
+    )
+    for _ in range(batches):
+        est.observe(*_correlated(16, g))
+    assert est.updates == updates
+
+
+def test_holdout_must_be_a_non_negative_integer():
+    with pytest.raises(ValueError, match="holdout"):
+        OnlineEstimator("mine", holdout=-1, generator=torch.Generator())
