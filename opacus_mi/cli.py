@@ -28,6 +28,7 @@ from .models import MODELS
 from .training import (
     ACCOUNTANTS,
     ESTIMATORS,
+    TOKENIZERS,
     VIEW_CHOICES,
     MissingDependencyError,
     RunConfig,
@@ -106,6 +107,17 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--control",
         action="store_true",
         help="also train a critic on shuffled pairs and report it (the estimator's own bias)",
+    )
+    mon.add_argument(
+        "--semi-oracle",
+        action="store_true",
+        help="also report private/semi: a learned clean-token model scored with the known noise",
+    )
+    mon.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default=d.tokenizer,
+        help="what the learned critics read: sketch tokens or a learned privacy-token encoder",
     )
 
     out = p.add_argument_group("output")
@@ -266,6 +278,8 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
         every=args.every,
         train_every=args.train_every,
         control=args.control,
+        semi_oracle=args.semi_oracle,
+        tokenizer=args.tokenizer,
         device=args.device,
         seed=args.seed,
         out=args.out,

@@ -56,7 +56,8 @@ from .factored import FactoredCapture, KroneckerTokenizer
 from .features import FeatureCapture, FeatureFn
 from .learned_tokens import TOKEN_ENCODERS
 from .records import JsonlSink, LeakageRecord, MIValue
-from .views import VIEWS, ClipInfo, clip_factors, clipped_gram
+from .subspace import GradientSubspace
+from .views import VIEWS, ClipInfo, clip_factors, clipped_grad_samples, clipped_gram
 
 _HALF = (torch.float16, torch.bfloat16)
 _GHOST_HINT = (
@@ -143,7 +144,10 @@ class LeakageMonitor:
             every monitored batch, held out, once it has trained.
         oracle_draws: noise draws per example for the oracle.
         semi_oracle: also report ``private/semi``: a learned ``features -> clean token`` model
-            scored with the known Gaussian noise (needs "private" in views).
+            scored with the known Gaussian noise (needs "private" in views). Its tokens are the
+            ``token_dim``-dim principal subspace of recent clipped gradients
+            (:mod:`opacus_mi.subspace`; hooks/functorch/ew modes on one process, models up to a
+            few hundred thousand parameters), else the sketch tokens.
         control: per learned view, also train a second critic, identically configured, on
             pairs whose features are re-paired at random (a random cycle, so no example keeps
             its own features) and report its held-out bound as ``MIValue.control``. There is
@@ -188,6 +192,7 @@ class LeakageMonitor:
         distributed: bool | None = None,
     ):
         _check_attach(engine, module, optimizer)
+        self._warned: set[str] = set()
         self.distributed = should_gather(distributed, optimizer)
         self.rank = dist_rank() if self.distributed else 0
         if tokenizer not in TOKEN_ENCODERS:
@@ -263,6 +268,24 @@ class LeakageMonitor:
                 generator=self.generator,
                 device=self.device,
             )
+        # The semi-oracle's tokens: the principal subspace of recent clipped gradients, which
+        # keeps ~90% of their energy where a sketch keeps ~k/P (see opacus_mi/subspace.py).
+        # It needs materialised per-sample gradients on one process; otherwise: sketch tokens.
+        self.subspace: GradientSubspace | None = None
+        if self.semi_oracle is not None and not _is_ghost(module, optimizer):
+            if self.distributed:
+                self._warn_once(
+                    "subspace:ddp",
+                    "under DPDDP the semi-oracle uses sketch tokens (each rank would fit its own "
+                    "gradient subspace)",
+                )
+            else:
+                try:
+                    self.subspace = GradientSubspace(
+                        sum(p.numel() for p in params), token_dim, device=self.device
+                    )
+                except ValueError as exc:
+                    self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
         self.epsilon = EpsilonTracker(engine.accountant, self.delta)
         self.mi_accountant = MIAccountant(engine.accountant)
         self.history: list[LeakageRecord] = []
@@ -274,7 +297,6 @@ class LeakageMonitor:
         self.steps = 0  # logical optimizer steps seen since attach
         self._chunks: list[_Chunk] = []
         self._chunk_seconds = 0.0
-        self._warned: set[str] = set()
         use_input, layers, fn = self._parse_features(features)
         self._capture = FeatureCapture(
             module, layers=layers, fn=fn, use_input=use_input, active=self._due
@@ -438,6 +460,14 @@ class LeakageMonitor:
             ).float()
             if "clipped" in self.views or self.semi_oracle is not None:
                 chunk.tokens["clipped"] = clipped
+            if self.subspace is not None and grad_samples is not None:
+                flat = torch.cat(
+                    [g.reshape(kept, -1) for g in clipped_grad_samples(grad_samples, clip)], dim=1
+                ).float()
+                semi = self.subspace.project(flat)  # fitted on earlier steps only
+                if semi is not None:
+                    chunk.tokens["semi"] = semi
+                self.subspace.observe(flat)
             if "private" in self.views:
                 std = float(opt.noise_multiplier) * float(opt.max_grad_norm)
                 if factored is not None:
@@ -522,6 +552,10 @@ class LeakageMonitor:
                     )
         if self.semi_oracle is not None and usable:
             self._semi_oracle_step(record, usable, sigma * float(opt.max_grad_norm))
+        if self.subspace is not None:
+            change = self.subspace.step()  # refit when due, after this step's tokens were used
+            if change is not None:
+                self.semi_oracle.change_basis(change)
         terms = [
             c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
         ]
@@ -603,9 +637,16 @@ class LeakageMonitor:
     def _semi_oracle_step(self, record: LeakageRecord, usable: list[_Chunk], std: float) -> None:
         """Score the private tokens with the learned clean-token model, then learn from them."""
         feats = torch.cat([c.features for c in usable])
-        value = self.semi_oracle.evaluate(
-            feats, torch.cat([c.tokens["private"] for c in usable]), std
-        )
+        if self.subspace is not None:  # subspace tokens; their private view is drawn here
+            if not all("semi" in c.tokens for c in usable):
+                return  # the subspace is not fitted yet
+            clean = torch.cat([c.tokens["semi"] for c in usable])
+            noise = torch.randn(clean.shape, generator=self.generator, device=self.generator.device)
+            private = clean + std * noise.to(clean.device)
+        else:
+            clean = torch.cat([c.tokens["clipped"] for c in usable])
+            private = torch.cat([c.tokens["private"] for c in usable])
+        value = self.semi_oracle.evaluate(feats, private, std)
         if value is not None and math.isfinite(value.matched):
             record.mi["private/semi"] = MIValue(
                 nats=value.matched,
@@ -614,7 +655,7 @@ class LeakageMonitor:
                 n=value.n,
                 mismatched=value.mismatched,
             )
-        if self.semi_oracle.observe(feats, torch.cat([c.tokens["clipped"] for c in usable])):
+        if self.semi_oracle.observe(feats, clean):
             record.flags.append("critic_reset:semi")
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -650,6 +691,7 @@ class LeakageMonitor:
             "estimators": {k: e.state_dict() for k, e in self.estimators.items()},
             "controls": {k: e.state_dict() for k, e in self.controls.items()},
             "semi_oracle": None if self.semi_oracle is None else self.semi_oracle.state_dict(),
+            "subspace": None if self.subspace is None else self.subspace.state_dict(),
             "history": [r.as_dict() for r in self.history],
         }
 
@@ -662,6 +704,8 @@ class LeakageMonitor:
                 self.controls[k].load_state_dict(est_state)
         if self.semi_oracle is not None and state.get("semi_oracle") is not None:
             self.semi_oracle.load_state_dict(state["semi_oracle"])
+        if self.subspace is not None and state.get("subspace") is not None:
+            self.subspace.load_state_dict(state["subspace"])
         self.generator.set_state(state["generator"])
         self.history = [LeakageRecord.from_dict(d) for d in state["history"]]
 

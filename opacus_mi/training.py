@@ -29,7 +29,8 @@ from .records import LeakageRecord, read_jsonl
 from .report import csv_cell, mean_with_ci, read_csv_rows, write_csv_rows
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
-ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "none")
+ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "nwj", "smile", "none")
+TOKENIZERS: tuple[str, ...] = ("sketch", "autoencoder", "transformer")
 VIEW_CHOICES: tuple[str, ...] = ("raw", "clipped", "private")
 SWEEP_LAST = 10
 SMALL_MODEL_PARAMS = 1_000_000  # sweep MI figures average the last this-many records
@@ -67,6 +68,8 @@ class RunConfig:
     every: int = 1
     train_every: int = 2  # an analysis job: the critic trains 4x as often as the library default
     control: bool = False  # also train a critic on shuffled pairs (the estimator's bias)
+    semi_oracle: bool = False  # also report private/semi (learned clean token + known noise)
+    tokenizer: str = "sketch"  # what the learned critics read: sketch, autoencoder, transformer
     device: str = "cpu"
     seed: int = 0
     out: str = "runs/latest"
@@ -85,6 +88,7 @@ class RunConfig:
         _int_at_least("token_dim", self.token_dim, 1)
         _int_at_least("every", self.every, 1)
         _int_at_least("train_every", self.train_every, 1)
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
         _int_at_least("seed", self.seed, 0)
         _int_at_least("fake_size", self.fake_size, 4)
         if self.threads is not None:
@@ -342,6 +346,8 @@ def _train(
         every=cfg.every,
         train_every=cfg.train_every,
         control=cfg.control,
+        semi_oracle=cfg.semi_oracle,
+        tokenizer=cfg.tokenizer,
         views=cfg.view_tuple,
         estimator=cfg.estimator_or_none,
         token_dim=cfg.token_dim,

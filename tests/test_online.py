@@ -116,3 +116,28 @@ def test_warmup_then_every_nth_batch(warmup, train_every, batches, updates):
 def test_holdout_must_be_a_non_negative_integer():
     with pytest.raises(ValueError, match="holdout"):
         OnlineEstimator("mine", holdout=-1, generator=torch.Generator())
+
+
+def test_a_critic_that_found_nothing_reports_zero_not_a_negative_figure():
+    """Independent pairs: the constant critic (bound exactly 0) validates best, so the held-out
+    figure is 0 [0, 0] instead of the DV bias of a critic fitted to noise. With real dependence
+    a learned critic wins validation and reports."""
+    g = torch.Generator().manual_seed(5)
+    est = OnlineEstimator("mine", train_every=1, generator=torch.Generator())
+    for _ in range(30):
+        est.observe(torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g))
+    values = [
+        est.evaluate(torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g))
+        for _ in range(10)
+    ]
+    assert est.null_selected
+    assert all(v.matched == 0.0 and v.ci_low == 0.0 == v.ci_high for v in values)
+    # the raw iterate, by contrast, is fitted to noise: its own held-out DV bound is negative
+    with torch.no_grad():
+        x, y = torch.randn(256, 4, generator=g), torch.randn(256, 4, generator=g)
+        assert float(bound("mine", est.critic.scores(x, y))) < 0
+    dependent = OnlineEstimator("mine", train_every=1, generator=torch.Generator())
+    for _ in range(30):
+        dependent.observe(*_correlated(64, g))
+    assert not dependent.null_selected
+    assert dependent.evaluate(*_correlated(64, g)).matched > 0.5

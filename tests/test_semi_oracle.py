@@ -8,6 +8,7 @@ from conftest import make_private, train
 from opacus_mi import LeakageMonitor
 from opacus_mi.estimators.oracle import gram_oracle
 from opacus_mi.estimators.semi_oracle import SemiOracleEstimator
+from opacus_mi.subspace import GradientSubspace
 
 
 def test_semi_oracle_approaches_the_exact_oracle_on_a_learnable_channel():
@@ -38,9 +39,56 @@ def test_semi_oracle_approaches_the_exact_oracle_on_a_learnable_channel():
 def test_monitor_reports_semi_oracle_series():
     engine, model, opt, loader = make_private(poisson=False, noise=0.3)
     monitor = LeakageMonitor(
-        engine, model, opt, delta=1e-5, views=("private",), estimator=None, semi_oracle=True
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        views=("private",),
+        estimator=None,
+        semi_oracle=True,
+        train_every=1,
     )
-    train(model, opt, loader, epochs=2)
+    train(model, opt, loader, epochs=4)
     values = [r.mi["private/semi"] for r in monitor.history if "private/semi" in r.mi]
     assert values and all(v.n == 16 and v.ci_low <= v.nats <= v.ci_high for v in values)
     assert "clipped/mine" not in monitor.keys()  # clean tokens are used, not reported
+
+
+def test_subspace_is_the_top_principal_subspace_of_earlier_gradients():
+    g = torch.Generator().manual_seed(1)
+    p, k = 300, 8
+    # rank-12 "gradients" plus small isotropic noise
+    mix = torch.randn(12, p, generator=g) * torch.linspace(3, 0.5, 12)[:, None]
+    rows = torch.randn(200, 12, generator=g) @ mix + 0.01 * torch.randn(200, p, generator=g)
+    sub = GradientSubspace(p, k, rows=128)
+    assert sub.project(rows[:4]) is None
+    sub.observe(rows[:100])
+    assert sub.step() is None and sub.fitted  # first fit: nothing to change from
+    u = sub.basis
+    torch.testing.assert_close(u.T @ u, torch.eye(k), atol=1e-5, rtol=0)
+    _, _, vh = torch.linalg.svd(rows[:100].double(), full_matrices=False)
+    ref = vh[:k].T.float()  # reference: top-k right singular vectors of the same rows
+    torch.testing.assert_close(u @ u.T, ref @ ref.T, atol=1e-4, rtol=0)  # same projector
+    # held-out rows of the same distribution keep most of their energy
+    assert sub.energy(rows[150:]) > 0.9
+    sub.observe(rows[100:])
+    for _ in range(sub.refit_every - 1):
+        assert sub.step() is None
+    change = sub.step()
+    assert change is not None and change.shape == (k, k)
+    torch.testing.assert_close(change, sub.basis.T @ u, atol=0, rtol=0)
+
+
+def test_change_of_basis_preserves_the_learned_clean_token_model():
+    g = torch.Generator().manual_seed(2)
+    est = SemiOracleEstimator(train_every=1, train_iters=5, generator=torch.Generator())
+    f = torch.randn(256, 5, generator=g)
+    clean = f @ torch.randn(5, 6, generator=g)
+    for i in range(4):
+        est.observe(f[64 * i : 64 * (i + 1)], clean[64 * i : 64 * (i + 1)])
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))  # a rotation of the token space
+    before = est.predict(f)
+    window = est.pairs.y.clone()
+    est.change_basis(q)
+    torch.testing.assert_close(est.pairs.y, window @ q.T)
+    torch.testing.assert_close(est.predict(f), before @ q.T, atol=1e-4, rtol=1e-4)

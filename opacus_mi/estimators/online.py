@@ -208,6 +208,7 @@ class OnlineEstimator:
         self.val = PairWindow(validation)
         self.selected: nn.Module | None = None  # the critic that reports (see ``train``)
         self.kept_previous = 0  # rounds after which the earlier critic validated better
+        self.null_selected = False  # no learned critic validated above 0 (see ``train``)
         self.batch_size = batch_size
         self.lr = lr
         self.hidden, self.embed = hidden, embed
@@ -253,6 +254,7 @@ class OnlineEstimator:
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr, foreach=True)
         self.loss = CriticLoss(self.kind)
         self.selected = None
+        self.null_selected = False
         self.updates = 0
 
     @property
@@ -270,6 +272,8 @@ class OnlineEstimator:
             or y.shape[1] != self.critic.y_dim
         ):
             return None
+        if self.null_selected:  # the constant critic validated best: its bound is exactly 0
+            return BatchEstimate(matched=0.0, mismatched=0.0, ci_low=0.0, ci_high=0.0, n=n)
         critic = self.selected if self.selected is not None else self.critic
         critic.eval()
         scores = critic.scores(x.to(self.device).float(), y.to(self.device).float())
@@ -323,9 +327,13 @@ class OnlineEstimator:
 
         The critic always keeps training (a strict "never get worse" rule stalls it: progress
         passes through noisy dips), but the critic that *reports* is the one with the higher
-        bound on the current validation pairs: the new iterate or the previously selected one,
-        both re-scored now, so a selection made on an older gradient distribution cannot go
-        stale. Returns the last minibatch's training bound (NaN if the round diverged).
+        bound on the current validation pairs: the new iterate, the previously selected one
+        (both re-scored now, so a choice made on an older gradient distribution cannot go
+        stale), or a constant critic, whose bound is exactly 0 for every estimator here. The
+        constant wins when no learned critic validates above 0: a learned critic that found
+        nothing then reports 0 [0, 0] rather than a confidently negative figure. All three are
+        fixed before the next batch is scored, so that score stays a held-out lower bound.
+        Returns the last minibatch's training bound (NaN if the round diverged).
         """
         assert self.critic is not None and self.optimizer is not None
         last = self._train_round()
@@ -335,10 +343,16 @@ class OnlineEstimator:
             self.selected = copy.deepcopy(self.critic)
             return last
         new = self._validation_bound(self.critic)
-        if math.isnan(new) or new >= self._validation_bound(self.selected):
+        if math.isnan(new):  # too few validation pairs to choose: the newest critic reports
+            self.selected.load_state_dict(self.critic.state_dict())
+            self.null_selected = False
+            return last
+        old = self._validation_bound(self.selected)
+        if new >= old:
             self.selected.load_state_dict(self.critic.state_dict())
         else:
             self.kept_previous += 1
+        self.null_selected = max(new, old) <= 0.0
         return last
 
     def _train_round(self) -> float:
@@ -378,6 +392,7 @@ class OnlineEstimator:
             "val": self.val.state_dict(),
             "selected": None if self.selected is None else self.selected.state_dict(),
             "kept_previous": self.kept_previous,
+            "null_selected": self.null_selected,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -400,3 +415,4 @@ class OnlineEstimator:
             self.selected = copy.deepcopy(self.critic)
             self.selected.load_state_dict(state["selected"])
         self.kept_previous = state.get("kept_previous", 0)
+        self.null_selected = state.get("null_selected", False)

@@ -117,6 +117,33 @@ class SemiOracleEstimator:
             return True
         return False
 
+    @torch.no_grad()
+    def change_basis(self, m: torch.Tensor) -> None:
+        """Clean tokens are now expressed as ``t' = m t`` (a refitted token subspace).
+
+        The window's tokens are mapped, and the regressor's output layer re-expressed for the
+        new coordinates and the window's new standardisation, so ``mu(f)`` is the same function
+        (exactly, up to what the new subspace drops) and nothing learned is lost.
+        """
+        if len(self.pairs) == 0:
+            return
+        m = m.to(self.device, torch.float32)
+        x, y = self.pairs.x.clone(), self.pairs.y @ m.T
+        self.pairs.clear()
+        self.pairs.add(x, y)
+        if self.net is None or not self.stats:
+            return
+        old = self.stats
+        recent = y[-1024:]
+        mean, std = recent.mean(0), recent.std(0, unbiased=False).clamp_min(1e-12)
+        last = self.net[-1]
+        a = m * old["y_std"][None, :] / std[:, None]  # diag(1/s') m diag(s)
+        last.bias.copy_(a @ last.bias + (m @ old["y_mean"] - mean) / std)
+        last.weight.copy_(a @ last.weight)
+        self.stats = {**old, "y_mean": mean, "y_std": std}
+        # Adam's moments belong to the old coordinates of the output layer.
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr, foreach=True)
+
     def train(self) -> float:
         """A few regression steps (MSE on standardised clean tokens) on the window."""
         recent_x, recent_y = self.pairs.recent(1024)
