@@ -232,33 +232,25 @@ class LeakageMonitor:
         self.tokenizer = KroneckerTokenizer.for_params(
             module, params, token_dim, seed=seed, device=self.device
         )
-        self.estimators: dict[str, OnlineEstimator] = {}
-        if estimator is not None:
-            for view in views:
-                self.estimators[view] = OnlineEstimator(
-                    estimator,
-                    window=window,
-                    train_every=train_every,
-                    train_iters=train_iters,
-                    generator=self.generator,
-                    device=self.device,
-                    token_encoder=tokenizer,
-                    layer_dims=self.tokenizer.dims,
-                )
+
+        def critic() -> OnlineEstimator:  # the learned critic of one view (or its control)
+            return OnlineEstimator(
+                estimator,
+                window=window,
+                train_every=train_every,
+                train_iters=train_iters,
+                generator=self.generator,
+                device=self.device,
+                token_encoder=tokenizer,
+                layer_dims=self.tokenizer.dims,
+            )
+
+        learned = views if estimator is not None else ()
+        self.estimators: dict[str, OnlineEstimator] = {view: critic() for view in learned}
+        self.controls: dict[str, OnlineEstimator] = (
+            {view: critic() for view in learned} if control else {}
+        )
         self.tokenizer_kind = tokenizer
-        self.controls: dict[str, OnlineEstimator] = {}
-        if control:
-            for view, est in self.estimators.items():
-                self.controls[view] = OnlineEstimator(
-                    est.kind,
-                    window=window,
-                    train_every=train_every,
-                    train_iters=train_iters,
-                    generator=self.generator,
-                    device=self.device,
-                    token_encoder=tokenizer,
-                    layer_dims=self.tokenizer.dims,
-                )
         self.semi_oracle: SemiOracleEstimator | None = None
         if semi_oracle and "private" in views:
             self.semi_oracle = SemiOracleEstimator(
