@@ -104,6 +104,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="train each learned critic once per TRAIN_EVERY monitored steps (library default 8)",
     )
     mon.add_argument(
+        "--train-iters",
+        type=int,
+        default=d.train_iters,
+        help="Adam steps per critic training round (library default 4)",
+    )
+    mon.add_argument(
         "--control",
         action="store_true",
         help="also train a critic on shuffled pairs and report it (the estimator's own bias)",
@@ -277,6 +283,7 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
         token_dim=args.token_dim,
         every=args.every,
         train_every=args.train_every,
+        train_iters=args.train_iters,
         control=args.control,
         semi_oracle=args.semi_oracle,
         tokenizer=args.tokenizer,

@@ -67,6 +67,7 @@ class RunConfig:
     token_dim: int = 64
     every: int = 1
     train_every: int = 2  # an analysis job: the critic trains 4x as often as the library default
+    train_iters: int = 16  # Adam steps per round (library default 4): one pass over the window
     control: bool = False  # also train a critic on shuffled pairs (the estimator's bias)
     semi_oracle: bool = False  # also report private/semi (learned clean token + known noise)
     tokenizer: str = "sketch"  # what the learned critics read: sketch, autoencoder, transformer
@@ -88,6 +89,7 @@ class RunConfig:
         _int_at_least("token_dim", self.token_dim, 1)
         _int_at_least("every", self.every, 1)
         _int_at_least("train_every", self.train_every, 1)
+        _int_at_least("train_iters", self.train_iters, 1)
         _choice("tokenizer", self.tokenizer, TOKENIZERS)
         _int_at_least("seed", self.seed, 0)
         _int_at_least("fake_size", self.fake_size, 4)
@@ -345,6 +347,7 @@ def _train(
         delta=cfg.delta,
         every=cfg.every,
         train_every=cfg.train_every,
+        train_iters=cfg.train_iters,
         control=cfg.control,
         semi_oracle=cfg.semi_oracle,
         tokenizer=cfg.tokenizer,

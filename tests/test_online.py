@@ -141,3 +141,14 @@ def test_a_critic_that_found_nothing_reports_zero_not_a_negative_figure():
         dependent.observe(*_correlated(64, g))
     assert not dependent.null_selected
     assert dependent.evaluate(*_correlated(64, g)).matched > 0.5
+
+
+def test_resync_recomputes_the_running_moments_exactly():
+    g = torch.Generator().manual_seed(6)
+    win = PairWindow(40)
+    for _ in range(30):  # many evictions: rounding accumulates in the running sums
+        win.add(torch.randn(7, 3, generator=g) * 1e3 + 1e4, torch.randn(7, 2, generator=g))
+    win.resync()
+    mx, sx, my, sy = win.moments()
+    torch.testing.assert_close(mx, win.x.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sx, win.x.std(0, unbiased=False), rtol=1e-4, atol=0)

@@ -27,7 +27,8 @@ from .bounds import (
 from .critics import SeparableCritic
 
 MIN_CI_PAIRS = 8
-MIN_VALIDATION = 16  # pairs before validation can veto a training round
+MIN_VALIDATION = 64  # validation pairs before a learned critic may report
+NULL_MARGIN_SE = 2.0  # a learned critic must validate this many standard errors above 0
 
 
 class PairWindow:
@@ -95,6 +96,14 @@ class PairWindow:
         for acc, v in zip(self._sums, moments, strict=True):
             acc.add_(v, alpha=sign)
 
+    def resync(self) -> None:
+        """Recompute the running sums from the rows held (drops accumulated rounding)."""
+        if self._x is None:
+            return
+        for acc in self._sums:
+            acc.zero_()
+        self._update_sums(self._x[: self._count], self._y[: self._count], 1.0)
+
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-column (mean x, std x, mean y, std y) of the window, in float32."""
         n = max(self._count, 1)
@@ -155,8 +164,10 @@ class OnlineEstimator:
             a fresh critic is what needs the updates; later rounds only track drift.
         holdout: every ``holdout``-th pair of each batch (0: none) goes to a validation window
             the critic never trains on; after each round the critic that reports is whichever
-            of the new iterate and the previous choice scores higher there (online early
-            stopping). The reported figure is still the next batch, unseen by both.
+            of the new iterate, the previous choice and a constant critic (bound 0) scores
+            higher there (online early stopping; a learned critic must clear 0 by 2 standard
+            errors, and until 64 validation pairs exist the constant one reports). The
+            reported figure is still the next batch, unseen by all of them.
         train_iters: optimizer steps per training round.
         batch_size: pairs per critic minibatch.
         generator: the monitor's generator; minibatch draws and initialisation come from it.
@@ -312,15 +323,26 @@ class OnlineEstimator:
         if due and len(self.pairs) >= 4:
             if not math.isfinite(self.train()):
                 self._new_critic(self.critic.x_dim, self.critic.y_dim)
+                self.pairs.resync()
                 return True
         return False
 
     @torch.no_grad()
-    def _validation_bound(self, critic: nn.Module) -> float:
-        if len(self.val) < MIN_VALIDATION:
-            return math.nan
+    def _validation_bound(self, critic: nn.Module) -> tuple[float, float]:
+        """The bound on the validation pairs and a standard error for it (NaN, NaN if few).
+
+        The standard error is that of the mean of the per-pair matched terms (the joint term
+        ``T_ii``; InfoNCE's per-row term), the part of the bound that varies pair to pair.
+        """
+        n = len(self.val)
+        if n < MIN_VALIDATION:
+            return math.nan, math.nan
         critic.eval()
-        return float(bound(self.kind, critic.scores(self.val.x, self.val.y)))
+        scores = critic.scores(self.val.x, self.val.y)
+        terms = scores.diagonal()
+        if self.kind == "infonce":
+            terms = terms - torch.logsumexp(scores, dim=1)
+        return float(bound(self.kind, scores)), float(terms.std()) / math.sqrt(n)
 
     def train(self) -> float:
         """One training round, then online model selection on the validation pairs.
@@ -341,18 +363,22 @@ class OnlineEstimator:
             return last
         if self.selected is None:
             self.selected = copy.deepcopy(self.critic)
-            return last
-        new = self._validation_bound(self.critic)
-        if math.isnan(new):  # too few validation pairs to choose: the newest critic reports
+        new, new_se = self._validation_bound(self.critic)
+        if math.isnan(new):  # too few validation pairs to trust a learned critic yet
             self.selected.load_state_dict(self.critic.state_dict())
-            self.null_selected = False
+            self.null_selected = self.holdout > 1
             return last
-        old = self._validation_bound(self.selected)
+        old, old_se = self._validation_bound(self.selected)
         if new >= old:
             self.selected.load_state_dict(self.critic.state_dict())
+            best, se = new, new_se
         else:
             self.kept_previous += 1
-        self.null_selected = max(new, old) <= 0.0
+            best, se = old, old_se
+        # The constant critic (bound 0) reports unless the learned one validates clearly above
+        # it: a critic fitted to noise can edge past 0 on the validation pairs by chance, and
+        # then scores far below 0 on the next batch.
+        self.null_selected = best <= NULL_MARGIN_SE * se
         return last
 
     def _train_round(self) -> float:
