@@ -168,6 +168,14 @@ def test_estimate_mi_each_estimator_recovers_one_nat(one_nat_estimates, kind):
     assert est.shuffled < 0.1
     if kind == "infonce":
         assert est.nats <= est.upper_limit == pytest.approx(math.log(est.n_eval))
+    # The interval: held-out low end; high end reaches the in-sample bound plus the same
+    # half-width (the held-out bound is pessimistic, the in-sample one optimistic).
+    assert est.heldout_ci_high <= est.ci_high
+    half = est.heldout_ci_high - est.nats
+    assert est.ci_high == pytest.approx(
+        min(max(est.heldout_ci_high, est.in_sample + half), est.upper_limit)
+    )
+    assert est.ci_low <= 1.0 <= est.ci_high  # the closed-form truth, 1 nat
 
 
 def test_estimate_mi_p_value_on_independent_pairs_is_not_small():

@@ -46,6 +46,8 @@ class MIEstimate:
     shuffled: float = float("nan")  # mean bound on re-paired evaluation pairs: the zero floor
     upper_limit: float = math.inf  # InfoNCE can never exceed ln(n_eval)
     p_value: float = float("nan")  # permutation test of "no leakage" (independence)
+    in_sample: float = float("nan")  # the same critic's bound on (up to max_eval) training pairs
+    heldout_ci_high: float = float("nan")  # the held-out bound's bootstrap high end alone
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +100,14 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
         critic_bound: soft bound on critic scores (``bound * tanh(s / bound)``; None: none).
         ema: decay of the moving average of the critic's weights that is validated, early
             stopped and reported (0 turns it off).
-        bootstrap, confidence: the percentile bootstrap interval over evaluation pairs.
+        bootstrap, confidence: the interval. Its low end is the percentile-bootstrap limit of
+            the held-out bound (evaluation noise only: this end never overstates). Its high end
+            is the larger of that bootstrap limit and the same critic's bound on as many of its
+            *training* pairs plus the same half-width. Why: the held-out figure is pessimistic
+            by the critic's estimation error and the in-sample one optimistic by it; on the
+            ground-truth tasks the held-out bound sat ~4% under the truth (outside a pure
+            evaluation-noise interval 20-40% of the time) while the in-sample bound averaged
+            within 1% of it. ``heldout_ci_high`` keeps the evaluation-noise-only high end.
         permutations: re-pairings of the evaluation pairs for the permutation test: ``p_value``
             is ``(1 + #{re-paired bound >= matched bound}) / (permutations + 1)``, an exact
             p-value for "x and y are independent" (0 skips it: p_value is NaN); ``shuffled``
@@ -228,14 +237,19 @@ def _estimate_mi(
         shuffled = permuted_bounds(estimator, scores, shuffles)
         matched = permuted_bounds(estimator, scores, torch.arange(n_eval)[None, :])
         p_value = permutation_p_value(float(matched[0]), shuffled) if permutations > 0 else math.nan
+        cap = math.log(n_eval) if estimator == "infonce" else math.inf  # InfoNCE's ceiling
+        seen = train_idx[:n_eval]  # pairs the critic trained on, as many as it was scored on
+        in_sample = float(bound(estimator, averaged.scores(xt[seen], yt[seen])))
     return MIEstimate(
         nats=point,
         ci_low=lo,
-        ci_high=hi,
+        ci_high=min(max(hi, in_sample + (hi - point)), cap),
+        heldout_ci_high=hi,
         estimator=estimator,
         n_train=int(n_train),
         n_eval=int(n_eval),
         shuffled=float(shuffled.mean()),
         upper_limit=math.log(n_eval) if estimator == "infonce" else math.inf,
         p_value=p_value,
+        in_sample=in_sample,
     )
