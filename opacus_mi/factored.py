@@ -696,3 +696,60 @@ def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
 def _widen(x: torch.Tensor) -> torch.Tensor:
     """Half-precision factors are sketched in float32 (as the monitor does with grad_sample)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ------------------------------------------------------------------ hooks mode: rank-one layers
+
+
+def rank_one_gram(grad_sample: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Gram of a Linear layer's per-sample weight gradients ``g_i = b_i a_i^T`` (2-D input).
+
+    ``<g_i, g_j> = (b_i . b_j)(a_i . a_j)``, with ``b_i = g_i a_i / |a_i|^2`` read back from
+    Opacus's own ``grad_sample`` in one pass: ``B d_out d_in + B^2 (d_out + d_in)`` operations
+    instead of the ``B^2 d_out d_in`` of the direct GEMM. An example whose input is all zeros
+    has a zero gradient, and a zero row and column here.
+    """
+    g = grad_sample
+    a = inputs.to(g.dtype)
+    sq = (a * a).sum(dim=1)
+    b = torch.einsum("boi,bi->bo", g, a) / torch.where(sq > 0, sq, 1.0)[:, None]
+    return (b @ b.T) * (a @ a.T)
+
+
+class LinearInputs:
+    """Inputs of the model's ``nn.Linear`` layers on monitored forwards (hooks/functorch/ew).
+
+    A Linear layer applied once, to a ``(B, d_in)`` input, has rank-one per-sample weight
+    gradients, whose Gram matrix :func:`rank_one_gram` forms from that input and ``grad_sample``
+    far more cheaply than a GEMM over ``d_out x d_in``. The hooks keep a reference to the
+    input (no copy) and only on forwards the monitor will measure; a layer applied more than
+    once, or to inputs with more dimensions, is left to the GEMM.
+    """
+
+    def __init__(
+        self, module: nn.Module, params: Sequence[torch.Tensor], active: Callable[[], bool]
+    ):
+        index = {id(p): i for i, p in enumerate(params)}
+        self._active = active
+        self._seen: dict[int, list[torch.Tensor]] = {}
+        self._handles = []
+        for m in module.modules():
+            if type(m) is nn.Linear and id(m.weight) in index:
+                self._handles.append(m.register_forward_hook(self._hook(index[id(m.weight)])))
+
+    def _hook(self, layer: int):
+        def hook(m: nn.Module, args: tuple, _output) -> None:
+            if m.training and torch.is_grad_enabled() and self._active() and args:
+                self._seen.setdefault(layer, []).append(args[0].detach())
+
+        return hook
+
+    def take(self) -> dict[int, torch.Tensor]:
+        """Per parameter index, the one 2-D input its layer saw since the last call."""
+        seen, self._seen = self._seen, {}
+        return {k: v[0] for k, v in seen.items() if len(v) == 1 and v[0].ndim == 2}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -52,7 +52,7 @@ from .estimators.bounds import BOUNDS, mean_interval
 from .estimators.online import MIN_CI_PAIRS, OnlineEstimator
 from .estimators.oracle import gram_oracle
 from .estimators.semi_oracle import SemiOracleEstimator
-from .factored import FactoredCapture, KroneckerTokenizer
+from .factored import FactoredCapture, KroneckerTokenizer, LinearInputs
 from .features import FeatureCapture, FeatureFn
 from .learned_tokens import TOKEN_ENCODERS
 from .records import JsonlSink, LeakageRecord, MIValue
@@ -293,6 +293,10 @@ class LeakageMonitor:
         self._capture = FeatureCapture(
             module, layers=layers, fn=fn, use_input=use_input, active=self._due
         )
+        # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one Gram is cheap.
+        self._linear_inputs: LinearInputs | None = None
+        if not _is_ghost(module, optimizer) and "private" in views:
+            self._linear_inputs = LinearInputs(module, params, active=self._due)
         self._factored: FactoredCapture | None = None  # ghost clipping: layer factors
         if _is_ghost(module, optimizer):
             try:
@@ -337,6 +341,8 @@ class LeakageMonitor:
         self._capture.remove()
         if self._factored is not None:
             self._factored.remove()
+        if self._linear_inputs is not None:
+            self._linear_inputs.remove()
         if self._jsonl is not None:
             self._jsonl.close()
         self.attached = False
@@ -399,10 +405,12 @@ class LeakageMonitor:
             factored = self._factored.take()
             batch = factored.batch
         else:
+            linear_inputs = self._linear_inputs.take() if self._linear_inputs is not None else {}
             grad_samples = opt.grad_samples
             if not grad_samples:
                 return _Chunk(batch=0, flags=["no_trainable_params"])
             batch = len(grad_samples[0])
+            linear_inputs = {k: a for k, a in linear_inputs.items() if a.shape[0] == batch}
         chunk = _Chunk(batch=batch)
         if batch == 0:
             return chunk
@@ -434,6 +442,7 @@ class LeakageMonitor:
                 factored = factored.select(idx)
             else:
                 grad_samples = [g.index_select(0, idx.to(g.device)) for g in grad_samples]
+                linear_inputs = {k: a[idx.to(a.device)] for k, a in linear_inputs.items()}
             clip = ClipInfo(clip.factors[idx], clip.norms[idx], clip.per_layer)
             feats = None if feats is None else feats[idx.to(feats.device)]
         if kept == 0:
@@ -465,7 +474,12 @@ class LeakageMonitor:
                 if factored is not None:
                     gram = factored.clipped_gram(clip)
                 else:
-                    gram = clipped_gram(grad_samples, clip, exact=opt.noise_multiplier < 0.01)
+                    gram = clipped_gram(
+                        grad_samples,
+                        clip,
+                        exact=opt.noise_multiplier < 0.01,
+                        rank_one=linear_inputs,
+                    )
                 if self.distributed:
                     chunk.pending = (clipped, gram, std)  # drawn after gathering, in rank order
                 else:

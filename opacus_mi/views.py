@@ -90,20 +90,35 @@ def clipped_grad_samples(
 
 
 def clipped_gram(
-    grad_samples: Sequence[torch.Tensor], clip: ClipInfo, *, exact: bool = True
+    grad_samples: Sequence[torch.Tensor],
+    clip: ClipInfo,
+    *,
+    exact: bool = True,
+    rank_one: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``G[i, j] = <clipped g_i, clipped g_j>`` over all parameters, shape ``(B, B)``, float64.
 
     Full-dimensional; one GEMM per parameter, never a noisy gradient. ``exact=False`` runs the
     GEMMs in float32 (about 2x faster on CPU) and accumulates in float64: relative error ~1e-7,
     which the oracle's logits amplify by 1/(2 sigma^2), so it is meant for sigma >= 0.01.
+    ``rank_one`` maps a parameter index to its Linear layer's ``(B, d_in)`` input: with
+    ``exact=False`` that layer's term comes from :func:`opacus_mi.factored.rank_one_gram`
+    instead of the GEMM (it agrees to float32 rounding, ~1e-6 of the largest norm; Opacus's
+    float32 ``grad_sample`` is only rank-one to that precision, so ``exact`` keeps the GEMM).
     """
+    from .factored import rank_one_gram
+
     batch = len(grad_samples[0])
     device = clip.factors.device
     gram = torch.zeros((batch, batch), dtype=torch.float64, device=device)
     for layer, g in enumerate(grad_samples):
-        flat = g.reshape(batch, -1).to(device)
-        flat = flat.to(torch.float64) if exact else flat.float()
+        g = g.to(device)
+        g = g.to(torch.float64) if exact else g.float()
+        if not exact and rank_one is not None and layer in rank_one and g.ndim == 3:
+            term = rank_one_gram(g, rank_one[layer].to(device))
+        else:
+            flat = g.reshape(batch, -1)
+            term = flat @ flat.T
         c = clip.for_layer(layer).to(torch.float64)
-        gram += (c[:, None] * c[None, :]) * (flat @ flat.T).to(torch.float64)
+        gram += (c[:, None] * c[None, :]) * term.to(torch.float64)
     return gram

@@ -342,3 +342,44 @@ def test_mismatched_ghost_pair_is_refused():
     )
     with pytest.raises(ValueError, match="ghost"):
         LeakageMonitor(engine, model, ghost_opt, delta=1e-5)
+
+
+def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples():
+    """Hooks mode: a Linear layer applied once to (B, d_in) inputs has rank-one per-sample
+    gradients; its Gram from the captured input and grad_sample equals the direct GEMM."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from opacus_mi.factored import LinearInputs
+    from opacus_mi.views import clip_factors, clipped_gram
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5, bias=False))
+    data = TensorDataset(torch.randn(32, 12), torch.randint(0, 5, (32,)))
+    model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=32),
+        noise_multiplier=1.0,
+        max_grad_norm=0.5,
+        poisson_sampling=False,
+    )
+    capture = LinearInputs(model, opt.params, active=lambda: True)
+    x, y = next(iter(loader))
+    x[3] = 0.0  # an all-zero input row: zero gradient for the first layer's weight
+    nn.functional.cross_entropy(model(x), y).backward()
+    inputs = capture.take()
+    assert sorted(inputs) == [0, 2]  # the two weights; biases are not rank-one layers
+    gs = [p.grad_sample for p in opt.params]
+    clip = clip_factors(gs, 0.5)
+    for exact in (True, False):
+        ref = clipped_gram(gs, clip, exact=exact)
+        fast = clipped_gram(gs, clip, exact=exact, rank_one=inputs)
+        scale = float(ref.diagonal().max())  # float32 GEMMs: error relative to the norms
+        tol = 1e-12 if exact else 1e-6
+        torch.testing.assert_close(fast, ref, rtol=tol, atol=tol * scale)
+    assert capture.take() == {}  # taken once
+    nn.functional.cross_entropy(model(x.unsqueeze(1)).squeeze(1), y).backward()  # 3-D input
+    assert capture.take() == {}  # not rank-one per example: left to the GEMM
+    capture.remove()
+    opt.zero_grad()
