@@ -72,6 +72,7 @@ WARMUP = 10  # records left out of the cost figures (critic built, caches warm)
 SEED = 0
 SEEDS = (0, 1, 2)
 TRAIN_EVERY = 2  # the CLI's (RunConfig.train_every); the library default trains less often
+TRAIN_ITERS = 16  # the CLI's (RunConfig.train_iters): one pass over the window per round
 DELTA = 1e-5
 OUT = Path(__file__).resolve().parent / "tokenizer_results.md"
 
@@ -114,6 +115,7 @@ def _build(tokenizer: str, split, seed: int) -> tuple[Run, DataLoader]:
         views=VIEWS,
         seed=seed,
         train_every=TRAIN_EVERY,
+        train_iters=TRAIN_ITERS,
         tokenizer=tokenizer,
     )
     run = Run(tokenizer, model, optimizer, monitor, monitor.wrap_criterion(nn.CrossEntropyLoss()))
@@ -324,8 +326,9 @@ def report(res: dict) -> str:
             "",
             f"Per seed, one DP-SGD run of {res['steps']} steps ({res['epochs']} epochs, expected "
             f"batch 64, Poisson sampling, lr 0.5, sigma 1, C 1, RDP accountant), monitored with "
-            f"views raw / clipped / private, critic `mine`, `train_every={TRAIN_EVERY}` (the "
-            f"CLI's), once per tokenizer in lockstep (same batches, same noise). Training "
+            f"views raw / clipped / private, critic `mine`, `train_every={TRAIN_EVERY}`, "
+            f"`train_iters={TRAIN_ITERS}` (the CLI's), once per tokenizer in lockstep "
+            f"(same batches, same noise). Training "
             f"bit-identical across tokenizers on every seed: "
             f"**{'yes' if res['bit_identical_training'] else 'NO'}**; test accuracy "
             f"{' / '.join(f'{a:.3f}' for a in acc)}; wall {res['wall_seconds']:.0f} s in all.",
