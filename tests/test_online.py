@@ -152,3 +152,19 @@ def test_resync_recomputes_the_running_moments_exactly():
     mx, sx, my, sy = win.moments()
     torch.testing.assert_close(mx, win.x.mean(0), rtol=1e-6, atol=0)
     torch.testing.assert_close(sx, win.x.std(0, unbiased=False), rtol=1e-4, atol=0)
+
+
+def test_moments_stay_exact_when_a_batch_first_overflows_a_partly_filled_window():
+    """The first overflow of a window that is not yet full evicts the *oldest* rows (from slot
+    0), not the still-empty slots after the write head."""
+    g = torch.Generator().manual_seed(7)
+    win = PairWindow(50)
+    naive_x = torch.zeros(0, 3)
+    for n in (30, 29, 17, 33):  # 30 -> 59 overflows by 9 while 20 slots are still empty
+        x = torch.randn(n, 3, generator=g) + 5.0
+        win.add(x, torch.randn(n, 2, generator=g))
+        naive_x = torch.cat([naive_x, x])[-50:]
+        mx, sx, _, _ = win.moments()
+        torch.testing.assert_close(win.x, naive_x, rtol=0, atol=0)
+        torch.testing.assert_close(mx, naive_x.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sx, naive_x.std(0, unbiased=False), rtol=1e-4, atol=1e-5)

@@ -82,7 +82,8 @@ class PairWindow:
         rows = (torch.arange(n, device=x.device) + self._head) % self.size
         evict = n + self._count - self.size
         if evict > 0:  # the oldest rows about to be overwritten leave the running sums
-            old = (torch.arange(evict, device=x.device) + self._head) % self.size
+            oldest = (self._head - self._count) % self.size  # slot 0 until the first wrap
+            old = (torch.arange(evict, device=x.device) + oldest) % self.size
             self._update_sums(self._x[old], self._y[old], -1.0)
         self._x[rows] = x
         self._y[rows] = y
