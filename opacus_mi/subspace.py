@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .ring import RowRing
+
 MAX_FLOATS = 2**25  # 128 MiB of float32 for the row buffer
 
 
@@ -56,9 +58,7 @@ class GradientSubspace:
         self.num_params = num_params
         self.refit_every = max(1, refit_every)
         self.device = torch.device(device)
-        self._buf = torch.empty((self.rows, num_params), device=self.device)
-        self._count = 0
-        self._head = 0
+        self._rows = RowRing(self.rows)
         self._since_fit = 0
         self.basis: torch.Tensor | None = None  # (P, k), orthonormal columns
 
@@ -81,19 +81,14 @@ class GradientSubspace:
 
     def observe(self, flat: torch.Tensor) -> None:
         """Add gradient rows (oldest dropped first)."""
-        flat = flat.detach().to(self._buf.device, self._buf.dtype)[-self.rows :]
-        n = flat.shape[0]
-        idx = (torch.arange(n, device=self._buf.device) + self._head) % self.rows
-        self._buf[idx] = flat
-        self._head = (self._head + n) % self.rows
-        self._count = min(self.rows, self._count + n)
+        self._rows.add(flat.detach().to(self.device, torch.float32))
 
     def step(self) -> torch.Tensor | None:
         """Count one monitored step; refit when due. Returns ``M = U_new^T U_old`` (``(k, k)``)
         when an existing basis was replaced, so tokens ``t`` become ``M t`` (their component
         in the new subspace); None otherwise (no fit, or the first fit)."""
         self._since_fit += 1
-        first = self.basis is None and self._count >= 2 * self.dim
+        first = self.basis is None and len(self._rows) >= 2 * self.dim
         if not first and not (self.basis is not None and self._since_fit >= self.refit_every):
             return None
         old = self.basis
@@ -103,7 +98,7 @@ class GradientSubspace:
     @torch.no_grad()
     def refit(self) -> None:
         """Top-k eigenvectors of the rows' second moment, via the rows x rows Gram matrix."""
-        rows = self._buf[: self._count]
+        rows = self._rows.valid()  # the subspace does not depend on row order
         gram = (rows @ rows.T).double()
         _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
         top = vecs[:, -self.dim :].flip(1).to(rows.dtype)
@@ -112,16 +107,15 @@ class GradientSubspace:
         self._since_fit = 0
 
     def state_dict(self) -> dict:
+        rows = self._rows.ordered()
         return {
-            "buf": self._buf[: self._count].clone()
-            if self._count < self.rows
-            else torch.cat([self._buf[self._head :], self._buf[: self._head]]),
+            "buf": rows.clone() if rows is not None else torch.zeros((0, self.num_params)),
             "basis": self.basis,
             "since_fit": self._since_fit,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self._count = self._head = 0
+        self._rows.clear()
         if state["buf"].numel():
             self.observe(state["buf"])
         self.basis = state["basis"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ring import RowRing
 from .bounds import (
     BOUNDS,
     CriticLoss,
@@ -43,53 +44,32 @@ class PairWindow:
         if size < 1:
             raise ValueError(f"window must be a positive number of pairs, got {size}")
         self.size = size
-        self._x: torch.Tensor | None = None
-        self._y: torch.Tensor | None = None
-        self._count = 0  # valid rows
-        self._head = 0  # next row to write
+        self._x, self._y = RowRing(size), RowRing(size)
         self._sums: list[torch.Tensor] = []  # [sum x, sum x^2, sum y, sum y^2], float64
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._x)
 
     @property
     def x(self) -> torch.Tensor | None:
-        return None if self._x is None else self._ordered(self._x)
+        return self._x.ordered()
 
     @property
     def y(self) -> torch.Tensor | None:
-        return None if self._y is None else self._ordered(self._y)
-
-    def _ordered(self, buf: torch.Tensor) -> torch.Tensor:
-        """Valid rows, oldest first."""
-        if self._count < self.size:
-            return buf[: self._count]
-        return torch.cat([buf[self._head :], buf[: self._head]])
+        return self._y.ordered()
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if x.shape[0] > self.size:
-            x, y = x[-self.size :], y[-self.size :]
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return
-        if self._x is None:
-            self._x = x.new_empty((self.size, x.shape[1]))
-            self._y = y.new_empty((self.size, y.shape[1]))
+        if not self._sums:
             self._sums = [
                 torch.zeros(d, dtype=torch.float64, device=x.device)
                 for d in (x.shape[1], x.shape[1], y.shape[1], y.shape[1])
             ]
-        rows = (torch.arange(n, device=x.device) + self._head) % self.size
-        evict = n + self._count - self.size
-        if evict > 0:  # the oldest rows about to be overwritten leave the running sums
-            oldest = (self._head - self._count) % self.size  # slot 0 until the first wrap
-            old = (torch.arange(evict, device=x.device) + oldest) % self.size
-            self._update_sums(self._x[old], self._y[old], -1.0)
-        self._x[rows] = x
-        self._y[rows] = y
-        self._update_sums(x, y, 1.0)
-        self._head = (self._head + n) % self.size
-        self._count = min(self.size, self._count + n)
+        old_x, old_y = self._x.add(x), self._y.add(y)
+        if old_x is not None:  # the displaced oldest rows leave the running sums
+            self._update_sums(old_x, old_y, -1.0)
+        self._update_sums(x[-self.size :], y[-self.size :], 1.0)
 
     def _update_sums(self, x: torch.Tensor, y: torch.Tensor, sign: float) -> None:
         x64, y64 = x.to(torch.float64), y.to(torch.float64)
@@ -99,15 +79,15 @@ class PairWindow:
 
     def resync(self) -> None:
         """Recompute the running sums from the rows held (drops accumulated rounding)."""
-        if self._x is None:
+        if not len(self):
             return
         for acc in self._sums:
             acc.zero_()
-        self._update_sums(self._x[: self._count], self._y[: self._count], 1.0)
+        self._update_sums(self._x.valid(), self._y.valid(), 1.0)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-column (mean x, std x, mean y, std y) of the window, in float32."""
-        n = max(self._count, 1)
+        n = max(len(self), 1)
         out = []
         for s, s2 in (self._sums[:2], self._sums[2:]):
             mean = s / n
@@ -116,8 +96,8 @@ class PairWindow:
         return out[0], out[1], out[2], out[3]
 
     def clear(self) -> None:
-        self._x = self._y = None
-        self._count = self._head = 0
+        self._x.clear()
+        self._y.clear()
         self._sums = []
 
     def recent(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +105,10 @@ class PairWindow:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A minibatch of ``min(n, len)`` distinct pairs drawn with the caller's generator."""
-        pick = torch.randperm(self._count, generator=generator, device=generator.device)[:n]
-        pick = pick.to(self._x.device)
-        return self._x[pick], self._y[pick]
+        pick = torch.randperm(len(self), generator=generator, device=generator.device)[:n]
+        x, y = self._x.valid(), self._y.valid()
+        pick = pick.to(x.device)
+        return x[pick], y[pick]
 
     def state_dict(self) -> dict:
         return {"x": self.x, "y": self.y}
