@@ -35,6 +35,12 @@ class ClipInfo:
         return self.factors[:, layer] if self.per_layer else self.factors
 
 
+def flat_clip(norms: torch.Tensor, max_grad_norm: float) -> ClipInfo:
+    """Opacus's flat clip factors ``min(1, C / (norm + 1e-6))`` from per-sample norms."""
+    factors = (float(max_grad_norm) / (norms + _OPACUS_EPS)).clamp(max=1.0)
+    return ClipInfo(factors=factors, norms=norms, per_layer=False)
+
+
 def clip_factors(
     grad_samples: Sequence[torch.Tensor],
     max_grad_norm: float | Sequence[float],
@@ -54,9 +60,7 @@ def clip_factors(
             empty = torch.zeros((0,), device=device)
             return ClipInfo(factors=empty, norms=empty, per_layer=False)
         per_param = [g.reshape(len(g), -1).norm(2, dim=-1).to(device) for g in grad_samples]
-        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
-        factors = (float(max_grad_norm) / (norms + _OPACUS_EPS)).clamp(max=1.0)
-        return ClipInfo(factors=factors, norms=norms, per_layer=False)
+        return flat_clip(torch.stack(per_param, dim=1).norm(2, dim=1), max_grad_norm)
     bounds = list(max_grad_norm)
     if len(bounds) != len(grad_samples):
         raise ValueError(
@@ -89,25 +93,70 @@ def clipped_grad_samples(
     return out
 
 
+def raw_gram(
+    grad_samples: Sequence[torch.Tensor],
+    *,
+    rank_one: dict[int, torch.Tensor] | None = None,
+    backprops: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``G[i, j] = <g_i, g_j>`` of the raw per-sample gradients, ``(B, B)``, float32.
+
+    One float32 GEMM per parameter accumulated in place (rank-one Linear layers as in
+    :func:`clipped_gram`). Its diagonal is every example's squared norm, so flat clipping needs
+    no separate norm pass; the clipped Gram is then ``c c^T * G`` (:func:`scale_gram`). Relative
+    error ~1e-7: meant for sigma >= 0.01, like ``clipped_gram(exact=False)``.
+    """
+    from .factored import rank_one_backprop
+
+    batch = len(grad_samples[0])
+    device = grad_samples[0].device
+    gram = torch.zeros((batch, batch), dtype=torch.float32, device=device)
+    for layer, g in enumerate(grad_samples):
+        g = g.to(device).float()
+        if rank_one is not None and layer in rank_one and g.ndim == 3:
+            a = rank_one[layer].to(device, g.dtype)
+            b = (backprops or {}).get(layer)
+            b = rank_one_backprop(g, a) if b is None else b.to(device, g.dtype)
+            gram += (b @ b.T) * (a @ a.T)
+            # A NaN/Inf anywhere in g_i still marks example i (as the GEMM's diagonal would):
+            # the factors a, b can be finite while a corrupted grad_sample is not.
+            gram.diagonal().add_(g.sum(dim=(1, 2)) * 0)
+        else:
+            flat = g.reshape(batch, -1)
+            gram.addmm_(flat, flat.T)
+    return gram
+
+
+def scale_gram(gram: torch.Tensor, clip: ClipInfo) -> torch.Tensor:
+    """The clipped Gram ``c_i c_j G[i, j]`` (flat clipping), float64."""
+    c = clip.factors.to(gram.device, torch.float64)
+    return (c[:, None] * c[None, :]) * gram.to(torch.float64)
+
+
 def clipped_gram(
     grad_samples: Sequence[torch.Tensor],
     clip: ClipInfo,
     *,
     exact: bool = True,
     rank_one: dict[int, torch.Tensor] | None = None,
+    backprops: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``G[i, j] = <clipped g_i, clipped g_j>`` over all parameters, shape ``(B, B)``, float64.
 
     Full-dimensional; one GEMM per parameter, never a noisy gradient. ``exact=False`` runs the
-    GEMMs in float32 (about 2x faster on CPU) and accumulates in float64: relative error ~1e-7,
-    which the oracle's logits amplify by 1/(2 sigma^2), so it is meant for sigma >= 0.01.
-    ``rank_one`` maps a parameter index to its Linear layer's ``(B, d_in)`` input: with
-    ``exact=False`` that layer's term comes from :func:`opacus_mi.factored.rank_one_gram`
-    instead of the GEMM (it agrees to float32 rounding, ~1e-6 of the largest norm; Opacus's
-    float32 ``grad_sample`` is only rank-one to that precision, so ``exact`` keeps the GEMM).
+    GEMMs in float32 (about 2x faster on CPU; for flat clipping through :func:`raw_gram`):
+    relative error ~1e-7, which the oracle's logits amplify by 1/(2 sigma^2), so it is meant
+    for sigma >= 0.01. ``rank_one`` maps a parameter index to its Linear layer's ``(B, d_in)``
+    input (and ``backprops`` optionally to its ``b_i``, see
+    :func:`opacus_mi.factored.rank_one_backprop`): with ``exact=False`` that layer's term is
+    ``(b b^T)(a a^T)`` instead of the GEMM (it agrees to float32 rounding, ~1e-6 of the largest
+    norm; Opacus's float32 ``grad_sample`` is only rank-one to that precision, so ``exact``
+    keeps the GEMM).
     """
-    from .factored import rank_one_gram
+    from .factored import rank_one_backprop
 
+    if not exact and not clip.per_layer:
+        return scale_gram(raw_gram(grad_samples, rank_one=rank_one, backprops=backprops), clip)
     batch = len(grad_samples[0])
     device = clip.factors.device
     gram = torch.zeros((batch, batch), dtype=torch.float64, device=device)
@@ -115,7 +164,10 @@ def clipped_gram(
         g = g.to(device)
         g = g.to(torch.float64) if exact else g.float()
         if not exact and rank_one is not None and layer in rank_one and g.ndim == 3:
-            term = rank_one_gram(g, rank_one[layer].to(device))
+            a = rank_one[layer].to(device, g.dtype)
+            b = (backprops or {}).get(layer)
+            b = rank_one_backprop(g, a) if b is None else b.to(device, g.dtype)
+            term = (b @ b.T) * (a @ a.T)
         else:
             flat = g.reshape(batch, -1)
             term = flat @ flat.T

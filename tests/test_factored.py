@@ -383,3 +383,73 @@ def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples()
     assert capture.take() == {}  # not rank-one per example: left to the GEMM
     capture.remove()
     opt.zero_grad()
+
+
+def test_rank_one_tokens_norms_and_gram_equal_the_materialised_ones():
+    """Hooks mode, fast path (sigma >= 0.01): a Linear layer's b_i is its bias's grad_sample,
+    its token is the outer product of the sketched factors, and the squared norms are the raw
+    Gram's diagonal. References: Opacus's grad_sample sketched directly, Opacus's clip
+    arithmetic (clip_factors) and the float64 GEMM Gram; end to end, the clipped tokens the
+    monitor's critic learns from."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from opacus_mi.factored import KroneckerTokenizer, LinearInputs, rank_one_backprop
+    from opacus_mi.views import clip_factors, clipped_gram, flat_clip, raw_gram, scale_gram
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    data = TensorDataset(torch.randn(32, 12), torch.randint(0, 5, (32,)))
+    model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=32),
+        noise_multiplier=1.0,
+        max_grad_norm=0.5,
+        poisson_sampling=False,
+    )
+    capture = LinearInputs(model, opt.params, active=lambda: True)
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(model(x), y).backward()
+    inputs = capture.take()
+    assert capture.bias_of == {0: 1, 2: 3}
+    gs = [p.grad_sample for p in opt.params]
+    tok = KroneckerTokenizer.for_params(model, opt.params, 8, seed=3)
+    backprops = {}
+    for layer, a in inputs.items():
+        b = gs[capture.bias_of[layer]]
+        torch.testing.assert_close(b, rank_one_backprop(gs[layer], a), rtol=1e-4, atol=1e-7)
+        backprops[layer] = b
+        scale = float(tok.sketch_layer(layer, gs[layer]).abs().max())
+        torch.testing.assert_close(
+            tok.rank_one_token(layer, b, a),
+            tok.sketch_layer(layer, gs[layer]),
+            rtol=1e-4,
+            atol=1e-5 * scale,
+        )
+    gram = raw_gram(gs, rank_one=inputs, backprops=backprops)
+    ref = clip_factors(gs, 0.5)
+    norms = gram.diagonal().sqrt()
+    torch.testing.assert_close(norms, ref.norms, rtol=1e-5, atol=0)
+    fast = scale_gram(gram, flat_clip(norms, 0.5))
+    exact = clipped_gram(gs, ref, exact=True)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-6 * float(exact.diagonal().max()))
+    capture.remove()
+    opt.zero_grad()
+
+    # End to end: the monitor's clipped tokens are the clipped sketch of Opacus's grad_sample.
+    monitor = LeakageMonitor(
+        PrivacyEngine(accountant="rdp"), model, opt, delta=1e-5, views=("clipped",), token_dim=8
+    )
+    seen = []
+    est = monitor.estimators["clipped"]
+    original = est.observe
+    est.observe = lambda f, t, **kw: (seen.append(t.clone()), original(f, t, **kw))[1]
+    nn.functional.cross_entropy(model(x), y).backward()
+    gs = [p.grad_sample.clone() for p in opt.params]
+    opt.step()
+    clip = clip_factors(gs, 0.5)
+    want = torch.cat([t * clip.factors[:, None] for t in monitor.tokenizer.sketch(gs)], dim=1)
+    (got,) = seen
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    monitor.detach()

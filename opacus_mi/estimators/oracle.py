@@ -80,8 +80,14 @@ def gram_oracle(
         return OracleResult(terms=math.log(b) - torch.log(same), batch_size=b)
     factor = _psd_sqrt_factor(g)
     eps = torch.randn((draws, b, b), generator=generator, device=generator.device)
-    z = eps.to(device=g.device, dtype=torch.float64) @ factor.T  # z[d, j] ~ N(0, G)
-    logits = (2 * (g + noise_std * z) - sq) / (2.0 * noise_std**2)  # 2<y_j, g_i> - |g_i|^2
+    # logits[d, j, i] = (2 <y_j, g_i> - |g_i|^2) / (2 s^2) = (G_ji - |g_i|^2 / 2) / s^2 + z_j(i) / s
+    # with z[d, j] = L eps[d, j] ~ N(0, G): one batched GEMM adds the noise to the fixed part.
+    base = (g - sq / 2) / noise_std**2
+    logits = torch.baddbmm(
+        base.expand(draws, b, b),
+        eps.to(device=g.device, dtype=torch.float64),
+        (factor.T / noise_std).expand(draws, b, b),
+    )
     own = logits.diagonal(dim1=1, dim2=2)
     terms = (own - torch.logsumexp(logits, dim=2)).mean(dim=0)
     return OracleResult(terms=terms + math.log(b), batch_size=b)
