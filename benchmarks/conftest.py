@@ -8,9 +8,12 @@ same work: same architecture and initial weights (global seed), same pre-generat
 
 * ``nonprivate``  plain model + SGD,
 * ``dp``          Opacus DP-SGD step (``grad_sample_mode="hooks"``, flat clipping),
-* ``oracle``      DP + ``LeakageMonitor(estimator=None)``: tokens + Gram oracle every step
-                  (views clipped + private),
-* ``default``     DP + ``LeakageMonitor`` with its defaults (learned critic on its own schedule),
+* ``oracle``      DP + ``LeakageMonitor(estimator=None, every=1)``: tokens + Gram oracle on
+                  every step (views clipped + private),
+* ``default``     DP + ``LeakageMonitor`` with its defaults: the overhead budget
+                  (``every=None``, ``train_every=None``, ``budget=0.1``: :mod:`opacus_mi.budget`),
+* ``fixed``       DP + monitor on the fixed schedule (``every=1``, ``train_every=8``): every step
+                  measured, each critic trained every 8th step (the previous default),
 * ``critic_every_step``  DP + monitor with the critic trained on every step (``train_every=1``).
 
 The accountant is RDP: the monitor reports ``engine.get_epsilon(delta)`` exactly at every
@@ -52,8 +55,8 @@ if torch.device(DEVICE).type == "cpu":
     torch.set_num_threads(1)
 
 MODELS: tuple[str, ...] = ("digits_cnn", "mlp", "resnet18_gn")
-VARIANTS: tuple[str, ...] = ("nonprivate", "dp", "oracle", "default", "critic_every_step")
-MONITORED: tuple[str, ...] = ("oracle", "default", "critic_every_step")
+VARIANTS: tuple[str, ...] = ("nonprivate", "dp", "oracle", "default", "fixed", "critic_every_step")
+MONITORED: tuple[str, ...] = ("oracle", "default", "fixed", "critic_every_step")
 DELTA = 1e-5
 NOISE = 1.0
 CLIP = 1.0
@@ -181,11 +184,13 @@ def bench_config(model_name: str, device: str | torch.device = DEVICE) -> dict[s
 
 def monitor_kwargs(variant: str) -> dict | None:
     if variant == "oracle":
-        return {"estimator": None}
+        return {"estimator": None, "every": 1}
     if variant == "default":
         return {}
+    if variant == "fixed":
+        return {"every": 1, "train_every": 8}
     if variant == "critic_every_step":
-        return {"train_every": 1}
+        return {"every": 1, "train_every": 1}
     return None
 
 

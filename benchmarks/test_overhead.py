@@ -6,8 +6,9 @@ with ``OPACUS_MI_BENCH_DEVICE=cuda`` on a GPU (``benchmarks/gpu.sh``).
 For every model (digits CNN, MLP, ResNet-18 with GroupNorm at CIFAR shape):
 
 * ``test_step[model-variant]``: pytest-benchmark timings of K optimizer steps of each variant
-  (non-private, DP, DP + monitor oracle only, DP + monitor defaults, DP + monitor with the
-  critic trained every step). ``extra_info`` carries ms per step and the ratio to the DP step
+  (non-private, DP, DP + tokens and Gram oracle every step, DP + monitor defaults (the overhead
+  budget), DP + the fixed schedule (every step measured, critics every 8th), DP + monitor with
+  the critic trained every step). ``extra_info`` carries ms per step and the ratio to the DP step
   measured by the earlier ``dp`` test (a cross-test ratio: indicative only).
 * ``test_tokens[model]``: ``CountSketchTokenizer.sketch`` alone on one batch of per-sample grads.
 * ``test_critic_update[model]``: one ``OnlineEstimator.train()`` on a full window.
@@ -34,7 +35,7 @@ ON_CUDA = torch.device(DEVICE).type == "cuda"
 ENFORCE = os.environ.get("OPACUS_MI_BENCH_ENFORCE") == "1"
 
 MODELS = ("digits_cnn", "mlp", "resnet18_gn")
-VARIANTS = ("nonprivate", "dp", "oracle", "default", "critic_every_step")
+VARIANTS = ("nonprivate", "dp", "oracle", "default", "fixed", "critic_every_step")
 
 # Issue targets for the default monitor (ratio to the DP step), by (model, device type).
 TARGETS = {("digits_cnn", "cpu"): 1.15, ("resnet18_gn", "cuda"): 1.05}
@@ -201,7 +202,10 @@ def test_ratio_resnet18_gn(benchmark, setups, bench_lib):
 def test_prv_ratio(benchmark, bench_lib):
     """DP + oracle-only monitor with the PRV accountant: every monitored step reports the exact
     epsilon, and Opacus's PRV ``get_epsilon`` is the expensive part."""
-    group = {v: bench_lib.build_setup("digits_cnn", v, accountant="prv") for v in ("dp", "oracle")}
+    group = {
+        v: bench_lib.build_setup("digits_cnn", v, accountant="prv")
+        for v in ("dp", "oracle", "default")
+    }
     for s in group.values():
         bench_lib.warm(s, 2)
     times: dict[str, list[float]] = {v: [] for v in group}
@@ -214,6 +218,14 @@ def test_prv_ratio(benchmark, bench_lib):
     benchmark.pedantic(one_cycle, rounds=3, iterations=1, warmup_rounds=0)
     ratios = bench_lib.median_ratios(times, baseline="dp")
     benchmark.extra_info.update(
-        {"accountant": "prv", "batch": group["dp"].batch, "ratio_oracle": ratios["oracle"]}
+        {
+            "accountant": "prv",
+            "batch": group["dp"].batch,
+            "ratio_oracle": ratios["oracle"],
+            "ratio_default": ratios["default"],
+        }
     )
-    print(f"\n[digits_cnn PRV on {DEVICE}] ratio oracle-only = {ratios['oracle']:.2f}")
+    print(
+        f"\n[digits_cnn PRV on {DEVICE}] ratio every-step oracle = {ratios['oracle']:.2f}, "
+        f"default = {ratios['default']:.2f}"
+    )

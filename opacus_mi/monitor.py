@@ -46,18 +46,28 @@ from opacus.grad_sample import AbstractGradSampleModule, GradSampleModuleFastGra
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
+from .budget import OverheadBudget, Plan
 from .distributed import all_gather_items, should_gather
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, mean_interval
 from .estimators.online import MIN_CI_PAIRS, OnlineEstimator
 from .estimators.oracle import gram_oracle
 from .estimators.semi_oracle import SemiOracleEstimator
-from .factored import FactoredCapture, KroneckerTokenizer, LinearInputs
+from .factored import FactoredCapture, KroneckerTokenizer, LinearInputs, rank_one_backprop
 from .features import FeatureCapture, FeatureFn
 from .learned_tokens import TOKEN_ENCODERS
 from .records import JsonlSink, LeakageRecord, MIValue
 from .subspace import GradientSubspace
-from .views import VIEWS, ClipInfo, clip_factors, clipped_grad_samples, clipped_gram
+from .views import (
+    VIEWS,
+    ClipInfo,
+    clip_factors,
+    clipped_grad_samples,
+    clipped_gram,
+    flat_clip,
+    raw_gram,
+    scale_gram,
+)
 
 _HALF = (torch.float16, torch.bfloat16)
 _GHOST_HINT = (
@@ -126,7 +136,9 @@ class LeakageMonitor:
         module: the module returned by ``make_private``.
         optimizer: the ``DPOptimizer`` returned by ``make_private``.
         delta: delta at which epsilon is reported.
-        every: monitor one logical step in ``every`` (others cost nothing).
+        every: monitor one logical step in ``every`` (others cost nothing). ``None`` (default):
+            as many as ``budget`` affords, every step where the monitor is cheap relative to
+            the model (:mod:`opacus_mi.budget`).
         views: gradient views to measure, from ``("raw", "clipped", "private")``.
         estimator: learned estimator per view, ``"mine"``, ``"infonce"`` or None (the private
             view's white-box oracle is always computed).
@@ -139,9 +151,15 @@ class LeakageMonitor:
         jsonl: path of a JSONL file to append each record to (flushed per record).
         sinks: callables receiving each record.
         train_every, train_iters, window: schedule and memory of the learned critic. A critic
-            update costs a few DP steps of a small model, so by default each critic trains
-            once every 8 monitored steps (the CLI, an analysis job, uses 2); it still scores
-            every monitored batch, held out, once it has trained.
+            update costs a few DP steps of a small model. ``train_every=None`` (default): the
+            critics train whenever ``budget`` affords a round; an integer n trains each critic
+            on each of its first 32 batches, then every n-th monitored step (the CLI, an
+            analysis job, uses 2). Either way it scores every monitored batch, held out, once
+            it has trained.
+        budget: with ``every=None`` or ``train_every=None``, the most monitor time per unit of
+            the training loop's own time (0.1: training runs at most ~1.1x slower). Half is kept
+            for the per-step measurement when critics exist. The schedule then depends on
+            timing: pass integers for both for reproducible records.
         oracle_draws: noise draws per example for the oracle.
         semi_oracle: also report ``private/semi``: a learned ``features -> clean token`` model
             scored with the known Gaussian noise (needs "private" in views). Its tokens are the
@@ -174,7 +192,7 @@ class LeakageMonitor:
         optimizer: DPOptimizer,
         *,
         delta: float,
-        every: int = 1,
+        every: int | None = None,
         views: Sequence[str] = ("clipped", "private"),
         estimator: str | None = "mine",
         token_dim: int = 64,
@@ -182,7 +200,7 @@ class LeakageMonitor:
         seed: int = 0,
         jsonl: str | None = None,
         sinks: Iterable[Callable[[LeakageRecord], Any]] = (),
-        train_every: int = 8,
+        train_every: int | None = None,
         train_iters: int = 4,
         window: int = 4096,
         oracle_draws: int = 4,
@@ -190,6 +208,7 @@ class LeakageMonitor:
         control: bool = False,
         tokenizer: str = "sketch",
         distributed: bool | None = None,
+        budget: float = 0.1,
     ):
         _check_attach(engine, module, optimizer)
         self._warned: set[str] = set()
@@ -202,10 +221,14 @@ class LeakageMonitor:
             )
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"delta must be a float in (0, 1), e.g. 1e-5; got {delta!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(
-                f"every must be a positive integer (monitor 1 step in every); got {every!r}"
-            )
+        for name, value in (("every", every), ("train_every", train_every)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"{name} must be a positive integer, or None to follow the overhead budget; "
+                    f"got {value!r}"
+                )
         if isinstance(token_dim, bool) or not isinstance(token_dim, int) or token_dim < 1:
             raise ValueError(f"token_dim must be a positive integer, e.g. 64; got {token_dim!r}")
         if isinstance(views, str):
@@ -219,6 +242,7 @@ class LeakageMonitor:
         self.engine, self.module, self.optimizer = engine, module, optimizer
         self.delta = float(delta)
         self.every = every
+        self.train_every = train_every
         self.views = views
         self.estimator = estimator
         self.token_dim = token_dim
@@ -226,6 +250,12 @@ class LeakageMonitor:
         self.oracle_draws = oracle_draws
         params = optimizer.params
         self.device = params[0].device if params else torch.device("cpu")
+        # The overhead budget plans whatever has no fixed schedule (see opacus_mi.budget).
+        budgeted_critics = train_every is None and estimator is not None
+        self.budget: OverheadBudget | None = None
+        if every is None or budgeted_critics or semi_oracle and train_every is None:
+            self.budget = OverheadBudget(budget, device=self.device)
+        self._measure_at = 0  # budget mode: the step index of the next measured step
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Kronecker sketch for Linear/Conv2d/Embedding weights in every mode: ghost clipping
         # tokenises from activations and backprops, and the tokens are the same in both modes.
@@ -237,7 +267,7 @@ class LeakageMonitor:
             return OnlineEstimator(
                 estimator,
                 window=window,
-                train_every=train_every,
+                train_every=train_every or 8,
                 train_iters=train_iters,
                 generator=self.generator,
                 device=self.device,
@@ -255,7 +285,7 @@ class LeakageMonitor:
         if semi_oracle and "private" in views:
             self.semi_oracle = SemiOracleEstimator(
                 window=window,
-                train_every=train_every,
+                train_every=train_every or 8,
                 train_iters=train_iters,
                 generator=self.generator,
                 device=self.device,
@@ -293,9 +323,9 @@ class LeakageMonitor:
         self._capture = FeatureCapture(
             module, layers=layers, fn=fn, use_input=use_input, active=self._due
         )
-        # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one Gram is cheap.
+        # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
-        if not _is_ghost(module, optimizer) and "private" in views:
+        if not _is_ghost(module, optimizer):
             self._linear_inputs = LinearInputs(module, params, active=self._due)
         self._factored: FactoredCapture | None = None  # ghost clipping: layer factors
         if _is_ghost(module, optimizer):
@@ -369,13 +399,18 @@ class LeakageMonitor:
 
     # ------------------------------------------------------------------ the hot path
     def _due(self) -> bool:
-        return self.attached and self.steps % self.every == 0
+        if not self.attached:
+            return False
+        if self.every is not None:
+            return self.steps % self.every == 0
+        return self.steps >= self._measure_at
 
     def _pre_step(self, closure=None):
         monitored = self._due()
         captures = self._capture.take()
         if monitored:
             t0 = time.perf_counter()
+            span = self.budget.span() if self.budget is not None else None
             try:
                 self._chunks.append(self._measure_chunk(captures))
             except Exception as exc:  # never let the monitor break training
@@ -383,20 +418,33 @@ class LeakageMonitor:
                     f"chunk:{type(exc).__name__}", f"leakage measurement failed: {exc!r}"
                 )
                 self._chunks.append(_Chunk(batch=0, flags=[f"error:{type(exc).__name__}"]))
+            if span is not None:
+                self.budget.charge(span, "measure")
             self._chunk_seconds += time.perf_counter() - t0
         result = self._original_pre_step(closure)
         if getattr(self.optimizer, "_is_last_step_skipped", False):
             return result  # a BatchMemoryManager chunk: the logical step is not over yet
         if monitored:
-            t0 = time.perf_counter()
             try:
                 self._finish_step()
             except Exception as exc:
                 self._warn_once(f"step:{type(exc).__name__}", f"leakage record failed: {exc!r}")
+                self._measure_at = self.steps + 1
             self._chunks = []
             self._chunk_seconds = 0.0
         self.steps += 1
+        if self.budget is not None:
+            self.budget.tick()
         return result
+
+    def _plan(self) -> Plan:
+        """This rank's plan for the work with no fixed schedule (see :mod:`opacus_mi.budget`)."""
+        if self.budget is None:
+            return Plan(next_in=self.every or 1, train=False)
+        critics = self.train_every is None and bool(
+            self.estimators or self.controls or self.semi_oracle is not None
+        )
+        return self.budget.plan(critics=critics)
 
     def _measure_chunk(self, captures) -> _Chunk:
         opt = self.optimizer
@@ -415,13 +463,25 @@ class LeakageMonitor:
         if batch == 0:
             return chunk
         feats = self._chunk_features(captures, batch, chunk)
+        # sigma >= 0.01: float32 Gram and rank-one Linear layers (see views.clipped_gram).
+        fast = float(opt.noise_multiplier) >= 0.01
+        gram32 = None  # raw float32 Gram (hooks mode, flat clipping, private view)
+        backprops: dict[int, torch.Tensor] = {}
         if factored is not None:
             clip = factored.clip_info(self.module.max_grad_norm)  # the bound ghost clipping uses
         else:
-            bound = (
-                opt.max_grad_norms if isinstance(opt, DPPerLayerOptimizer) else opt.max_grad_norm
-            )
-            clip = clip_factors(grad_samples, bound)
+            per_layer = isinstance(opt, DPPerLayerOptimizer)
+            bound = opt.max_grad_norms if per_layer else opt.max_grad_norm
+            # Half-precision gradients are sketched in float32 (Opacus's clip factors kept as is).
+            wide = [g.float() if g.dtype in _HALF else g for g in grad_samples]
+            backprops = self._rank_one_backprops(wide, linear_inputs) if fast else {}
+            if fast and not per_layer and "private" in self.views:
+                # The Gram's diagonal holds the squared norms: no separate norm pass.
+                gram32 = raw_gram(wide, rank_one=linear_inputs, backprops=backprops)
+                clip = flat_clip(gram32.diagonal().clamp_min(0).sqrt(), bound)
+            else:
+                clip = clip_factors(grad_samples, bound)
+            grad_samples = wide
         # A norm is finite iff every entry is: one check per example, not one per parameter.
         norms = clip.norms if clip.norms.ndim == 1 else clip.norms.norm(dim=1)
         grads_ok = torch.isfinite(norms)
@@ -443,6 +503,9 @@ class LeakageMonitor:
             else:
                 grad_samples = [g.index_select(0, idx.to(g.device)) for g in grad_samples]
                 linear_inputs = {k: a[idx.to(a.device)] for k, a in linear_inputs.items()}
+                backprops = {k: b[idx.to(b.device)] for k, b in backprops.items()}
+                if gram32 is not None:
+                    gram32 = gram32[idx.to(gram32.device)][:, idx.to(gram32.device)]
             clip = ClipInfo(clip.factors[idx], clip.norms[idx], clip.per_layer)
             feats = None if feats is None else feats[idx.to(feats.device)]
         if kept == 0:
@@ -450,9 +513,12 @@ class LeakageMonitor:
         if factored is not None:
             raw = factored.tokens
         else:
-            # Half-precision gradients are sketched in float32 (Opacus's clip factors kept as is).
-            grad_samples = [g.float() if g.dtype in _HALF else g for g in grad_samples]
-            raw = self.tokenizer.sketch(grad_samples)
+            raw = [
+                self.tokenizer.rank_one_token(i, backprops[i], linear_inputs[i].to(g.dtype))
+                if i in backprops
+                else self.tokenizer.sketch_layer(i, g)
+                for i, g in enumerate(grad_samples)
+            ]
         if "raw" in self.views:
             chunk.tokens["raw"] = torch.cat(raw, dim=1).float()
         if "clipped" in self.views or "private" in self.views:
@@ -473,12 +539,15 @@ class LeakageMonitor:
                 std = float(opt.noise_multiplier) * float(opt.max_grad_norm)
                 if factored is not None:
                     gram = factored.clipped_gram(clip)
+                elif gram32 is not None:
+                    gram = scale_gram(gram32, clip)
                 else:
                     gram = clipped_gram(
                         grad_samples,
                         clip,
-                        exact=opt.noise_multiplier < 0.01,
+                        exact=not fast,
                         rank_one=linear_inputs,
+                        backprops=backprops,
                     )
                 if self.distributed:
                     chunk.pending = (clipped, gram, std)  # drawn after gathering, in rank order
@@ -486,6 +555,25 @@ class LeakageMonitor:
                     self._privatise(chunk, clipped, gram, std)
         chunk.features = feats
         return chunk
+
+    def _rank_one_backprops(
+        self, grad_samples: list[torch.Tensor], inputs: dict[int, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        """``b_i`` of each Linear layer seen on a 2-D input (``g_i = b_i a_i^T``): its bias's
+        per-sample gradient where it has one (exactly ``b_i``, nothing to compute), else read
+        back from the weight's ``grad_sample``. Feeds both its token and its Gram term."""
+        out = {}
+        bias_of = self._linear_inputs.bias_of if self._linear_inputs is not None else {}
+        for layer, a in inputs.items():
+            g = grad_samples[layer]
+            if g.ndim != 3:
+                continue
+            bias = bias_of.get(layer)
+            if bias is not None and grad_samples[bias].shape == g.shape[:2]:
+                out[layer] = grad_samples[bias]
+            else:
+                out[layer] = rank_one_backprop(g, a.to(g.device, g.dtype))
+        return out
 
     def _privatise(self, chunk: _Chunk, clipped: torch.Tensor, gram: torch.Tensor, std: float):
         """The chunk's random draws: private-view token noise, then the oracle's noise."""
@@ -509,9 +597,18 @@ class LeakageMonitor:
 
     def _finish_step(self) -> None:
         t0 = time.perf_counter()
+        span = self.budget.span() if self.budget is not None else None
         opt = self.optimizer
+        plan = self._plan()
         # Gathering comes first: nothing local may fail before this rank joins the collectives.
-        chunks = self._gather_chunks() if self.distributed else self._chunks
+        # Under DPDDP every rank follows rank 0's plan, which travels with its chunks.
+        if self.distributed:
+            chunks, plan = self._gather_chunks(plan)
+        else:
+            chunks = self._chunks
+        self._measure_at = self.steps + plan.next_in
+        # None: the critics' own schedule (train_every); else the budget's decision.
+        train = plan.train if self.train_every is None else None
         batch = sum(c.batch for c in chunks)
         flags = sorted({f for c in chunks for f in c.flags})
         sigma = float(opt.noise_multiplier)
@@ -533,12 +630,14 @@ class LeakageMonitor:
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
         if len({c.features.shape[1] for c in usable}) > 1:
             usable = []  # features changed shape mid-step: cannot be stacked into one batch
+        learned: dict[str, torch.Tensor] = {}
+        feats = None
         if usable:
             feats = torch.cat([c.features for c in usable])
             for view, est in self.estimators.items():
-                tokens = torch.cat([c.tokens[view] for c in usable])
-                value = est.evaluate(feats, tokens)
-                control = self._control_step(view, feats, tokens)
+                learned[view] = tokens = torch.cat([c.tokens[view] for c in usable])
+                value = est.evaluate(feats, tokens)  # held out: before this batch trains it
+                control = self._control_eval(view, feats, tokens)
                 if value is not None and math.isfinite(value.matched):
                     record.mi[f"{view}/{est.kind}"] = MIValue(
                         nats=value.matched,
@@ -550,18 +649,6 @@ class LeakageMonitor:
                     )
                 elif value is not None:
                     record.flags.append(f"estimate_nonfinite:{view}")
-                if est.observe(feats, tokens):
-                    record.flags.append(f"critic_reset:{view}")
-                    self._warn_once(
-                        f"reset:{view}",
-                        f"the {view}-view critic diverged (non-finite loss) and was reset",
-                    )
-        if self.semi_oracle is not None and usable:
-            self._semi_oracle_step(record, usable, sigma * float(opt.max_grad_norm))
-        if self.subspace is not None:
-            change = self.subspace.step()  # refit when due, after this step's tokens were used
-            if change is not None:
-                self.semi_oracle.change_basis(change)
         terms = [
             c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
         ]
@@ -570,6 +657,27 @@ class LeakageMonitor:
             n = all_terms.numel()
             mean, lo, hi = mean_interval(all_terms, min_n=MIN_CI_PAIRS)
             record.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n)
+        if span is not None:
+            self.budget.charge(span, "measure")
+            span = self.budget.span() if train else span
+        # The critics learn from this batch (after scoring it): the budget's "critic" work.
+        for view, tokens in learned.items():
+            if self.estimators[view].observe(feats, tokens, train=train):
+                record.flags.append(f"critic_reset:{view}")
+                self._warn_once(
+                    f"reset:{view}",
+                    f"the {view}-view critic diverged (non-finite loss) and was reset",
+                )
+            self._control_observe(view, feats, tokens, train)
+        if self.semi_oracle is not None and usable:
+            self._semi_oracle_step(record, usable, sigma * float(opt.max_grad_norm), train)
+        if self.subspace is not None:
+            change = self.subspace.step()  # refit when due, after this step's tokens were used
+            if change is not None:
+                self.semi_oracle.change_basis(change)
+        if span is not None:
+            self.budget.charge(span, "critic" if train else "measure")
+            span = self.budget.span()
         for key, value in record.mi.items():
             if key.startswith("private/") and _exceeds(value, record.mi_bound):
                 record.flags.append(f"exceeds_bound:{key}")
@@ -578,8 +686,10 @@ class LeakageMonitor:
         if self.rank == 0:  # under DPDDP every rank has this record; one writes it
             for sink in self.sinks:
                 sink(record)
+        if span is not None:
+            self.budget.charge(span, "measure")
 
-    def _gather_chunks(self) -> list[_Chunk]:
+    def _gather_chunks(self, plan: Plan) -> tuple[list[_Chunk], Plan]:
         """Every rank's chunks of this logical step in rank order, their draws made (DPDDP).
 
         Collectives: one metadata gather plus one gather per dtype, made on every monitored
@@ -596,12 +706,18 @@ class LeakageMonitor:
         as chunks of one logical step.
         """
         try:
-            items = [_pack(c) for c in self._chunks]
+            items = [_pack(c) for c in self._chunks] or [
+                ({"batch": 0, "flags": [], "std": None}, {})
+            ]
         except Exception as exc:  # still join the collectives, with nothing
             self._warn_once(f"pack:{type(exc).__name__}", f"leakage gather failed: {exc!r}")
             items = [({"batch": 0, "flags": [f"error:{type(exc).__name__}"], "std": None}, {})]
+        for meta, _ in items:  # the plan rides along; every rank follows rank 0's
+            meta["plan"] = (plan.next_in, plan.train)
         chunks = []
-        for meta, tensors in all_gather_items(items, device=self.device):
+        gathered = all_gather_items(items, device=self.device)
+        plan = Plan(*gathered[0][0]["plan"])
+        for meta, tensors in gathered:
             gram = tensors.pop("pending/gram", None)
             clipped = tensors.pop("pending/clipped", None)
             chunk = _Chunk(
@@ -621,17 +737,25 @@ class LeakageMonitor:
                     )
                     chunk.flags.append(f"error:{type(exc).__name__}")
             chunks.append(chunk)
-        return chunks
+        return chunks, plan
 
-    def _control_step(self, view: str, feats: torch.Tensor, tokens: torch.Tensor) -> float | None:
-        """The shuffled-pairs control: held-out bound on re-paired pairs, then learn from others."""
+    def _control_eval(self, view: str, feats: torch.Tensor, tokens: torch.Tensor) -> float | None:
+        """The shuffled-pairs control's held-out bound on this batch, re-paired at random."""
         est = self.controls.get(view)
         if est is None or feats.shape[0] < 2:
             return None
         value = est.evaluate(feats[self._derangement(feats.shape[0])], tokens)
-        if est.observe(feats[self._derangement(feats.shape[0])], tokens):
-            self._warn_once(f"reset:control:{view}", f"the {view}-view control critic was reset")
         return value.matched if value is not None and math.isfinite(value.matched) else None
+
+    def _control_observe(
+        self, view: str, feats: torch.Tensor, tokens: torch.Tensor, train: bool | None
+    ) -> None:
+        """The control critic learns from another random re-pairing of this batch."""
+        est = self.controls.get(view)
+        if est is None or feats.shape[0] < 2:
+            return
+        if est.observe(feats[self._derangement(feats.shape[0])], tokens, train=train):
+            self._warn_once(f"reset:control:{view}", f"the {view}-view control critic was reset")
 
     def _derangement(self, n: int) -> torch.Tensor:
         """A uniformly random n-cycle from the monitor's generator: no index maps to itself."""
@@ -640,7 +764,9 @@ class LeakageMonitor:
         perm[order] = order.roll(-1)
         return perm.to(self.device)
 
-    def _semi_oracle_step(self, record: LeakageRecord, usable: list[_Chunk], std: float) -> None:
+    def _semi_oracle_step(
+        self, record: LeakageRecord, usable: list[_Chunk], std: float, train: bool | None
+    ) -> None:
         """Score the private tokens with the learned clean-token model, then learn from them."""
         feats = torch.cat([c.features for c in usable])
         if self.subspace is not None:  # subspace tokens; their private view is drawn here
@@ -661,7 +787,7 @@ class LeakageMonitor:
                 n=value.n,
                 mismatched=value.mismatched,
             )
-        if self.semi_oracle.observe(feats, clean):
+        if self.semi_oracle.observe(feats, clean, train=train):
             record.flags.append("critic_reset:semi")
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -17,6 +17,19 @@ warnings.filterwarnings("ignore", message=".*Secure RNG.*")
 warnings.filterwarnings("ignore", message=".*full backward hook.*")
 
 
+@pytest.fixture(autouse=True)
+def fixed_schedule(monkeypatch):
+    """Pin the monitor's fixed schedule for every test: each step measured, each critic trained
+    on each of its first 32 batches, then every 8th. The library default instead follows wall
+    time (``every=None``, ``train_every=None``: :mod:`opacus_mi.budget`), which the assertions
+    here, written per step, must not depend on; tests of the budget itself restore it."""
+    from opacus_mi import LeakageMonitor
+
+    defaults = LeakageMonitor.__init__.__kwdefaults__
+    monkeypatch.setitem(defaults, "every", 1)
+    monkeypatch.setitem(defaults, "train_every", 8)
+
+
 class TinyCNN(nn.Module):
     """Small conv net on 1x6x6 inputs: conv + linear layers, ~600 parameters."""
 

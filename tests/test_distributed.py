@@ -36,6 +36,7 @@ pytestmark = pytest.mark.skipif(
 WORLD, LOCAL_BATCH, N = 2, 8, 96  # 6 logical steps of 16 examples
 MONITOR = {
     "delta": 1e-5,
+    "every": 1,
     "views": ("raw", "clipped", "private"),
     "estimator": "infonce",
     "train_every": 1,
@@ -71,9 +72,9 @@ def _record_inputs(monitor):
     seen = []
     for view, est in monitor.estimators.items():
 
-        def observe(x, y, _orig=est.observe, _view=view):
+        def observe(x, y, _orig=est.observe, _view=view, **kwargs):
             seen.append((_view, x.clone(), y.clone()))
-            return _orig(x, y)
+            return _orig(x, y, **kwargs)
 
         est.observe = observe
     return seen
@@ -126,7 +127,7 @@ def _robustness_run(rank: int, tmp: str) -> dict:
     loader = DataLoader(data, batch_sampler=batches, collate_fn=_collate)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     jsonl = os.path.join(tmp, "shared.jsonl")  # the same path on both ranks
-    monitor = LeakageMonitor(engine, model, opt, jsonl=jsonl, every=2, **MONITOR)
+    monitor = LeakageMonitor(engine, model, opt, jsonl=jsonl, **{**MONITOR, "every": 2})
     original_pack, calls = monitor_module._pack, []
 
     def failing_pack(chunk):
@@ -146,6 +147,23 @@ def _robustness_run(rank: int, tmp: str) -> dict:
         "params": [p.detach().clone() for p in model.parameters()],
         "steps": monitor.steps,
     }
+
+
+def _budget_run(rank: int) -> dict:
+    """The wall-time budget schedule, with very different budgets per rank: rank 1 alone would
+    measure every step, rank 0 alone rarely. Both must follow rank 0's plan (else a gather has
+    no partner and the 60 s collective timeout fails the run)."""
+    torch.manual_seed(0)
+    data = make_data(N)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
+    kwargs = {**MONITOR, "every": None, "train_every": None, "budget": 1e-3 if rank == 0 else 1e3}
+    monitor = LeakageMonitor(engine, model, opt, **kwargs)
+    for _ in range(3):
+        _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    monitor.detach()
+    return {"history": [r.as_dict() for r in monitor.history], "steps": monitor.steps}
 
 
 def _primitives(rank: int) -> dict:
@@ -176,6 +194,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out["with"] = _ddp_run(rank, True, tmp)
         out["without"] = _ddp_run(rank, False, tmp)
         out["robust"] = _robustness_run(rank, tmp)
+        out["budget"] = _budget_run(rank)
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -334,6 +353,18 @@ def test_local_failure_and_empty_rank_do_not_desynchronise(runs):
         _same_record(a, b, rtol=0, atol=0)
     written = read_jsonl(os.path.join(tmp, "shared.jsonl"))  # one writer despite a shared path
     assert [r.step for r in written] == [0, 2, 4]
+
+
+def test_budget_schedule_follows_rank0_under_ddp(runs):
+    ranks, _, _ = runs
+    a, b = ranks[0]["budget"], ranks[1]["budget"]
+    assert a["steps"] == b["steps"] > 0
+    steps = [r["step"] for r in a["history"]]
+    assert steps == [r["step"] for r in b["history"]]
+    # rank 0's tiny budget decided: not every step was measured (rank 1's would have been)
+    assert 0 < len(steps) < a["steps"]
+    for x, y in zip(a["history"], b["history"], strict=True):
+        _same_record(x, y, rtol=0, atol=0)
 
 
 def test_distributed_argument_is_validated(private_setup):

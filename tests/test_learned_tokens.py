@@ -125,9 +125,9 @@ def test_monitor_scores_each_batch_before_the_learned_critic_trains_on_it():
         calls.append(("evaluate", est.updates, in_window))
         return real_eval(x, y)
 
-    def observe(x, y):
+    def observe(x, y, **kwargs):
         calls.append(("observe", est.updates, None))
-        return real_obs(x, y)
+        return real_obs(x, y, **kwargs)
 
     est.evaluate, est.observe = evaluate, observe
     train(model, opt, loader, epochs=2, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))

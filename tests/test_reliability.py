@@ -177,7 +177,7 @@ _KILL_SCRIPT = textwrap.dedent(
     from conftest import make_private
     from opacus_mi import LeakageMonitor
     engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=4)
-    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=sys.argv[1])
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=sys.argv[1], every=1)
     for epoch in range(1000):
         for x, y in loader:
             opt.zero_grad()

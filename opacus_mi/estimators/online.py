@@ -279,8 +279,10 @@ class OnlineEstimator:
             lo, hi = percentile_interval(bootstrap_bound(self.kind, scores, counts))
         return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
 
-    def observe(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """Add a batch of pairs to the window and train if the schedule says so.
+    def observe(self, x: torch.Tensor, y: torch.Tensor, *, train: bool | None = None) -> bool:
+        """Add a batch of pairs to the window and train if the schedule says so (``train``
+        overrides the schedule: the monitor's overhead budget decides, see
+        :mod:`opacus_mi.budget`).
 
         Returns True if training diverged (non-finite loss) and the critic was reset: a fresh
         critic restarts from the window rather than a NaN propagating into every later estimate.
@@ -302,6 +304,8 @@ class OnlineEstimator:
         self.pairs.add(x, y)
         self.batches_seen += 1
         due = self.batches_seen <= self.warmup or self.batches_seen % self.train_every == 0
+        if train is not None:
+            due = train
         if due and len(self.pairs) >= 4:
             if not math.isfinite(self.train()):
                 self._new_critic(self.critic.x_dim, self.critic.y_dim)

@@ -100,8 +100,9 @@ class SemiOracleEstimator:
             lo, hi = percentile_interval(bootstrap_bound("infonce", scores, counts))
         return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
 
-    def observe(self, x: torch.Tensor, clean: torch.Tensor) -> bool:
-        """Add (features, clipped token) pairs; train on schedule. True if it had to reset."""
+    def observe(self, x: torch.Tensor, clean: torch.Tensor, *, train: bool | None = None) -> bool:
+        """Add (features, clipped token) pairs; train on schedule (or as ``train`` says). True
+        if it had to reset."""
         x, clean = x.detach().to(self.device).float(), clean.detach().to(self.device).float()
         if x.shape[0] == 0:
             return False
@@ -110,7 +111,8 @@ class SemiOracleEstimator:
             self.pairs.clear()
         self.pairs.add(x, clean)
         self.batches_seen += 1
-        if self.batches_seen % self.train_every or len(self.pairs) < 4:
+        due = self.batches_seen % self.train_every == 0 if train is None else train
+        if not due or len(self.pairs) < 4:
             return False
         if not math.isfinite(self.train()):
             self._build(*self.dims)

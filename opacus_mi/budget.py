@@ -1,0 +1,181 @@
+"""Overhead budget: the monitor spends at most a set fraction of the training loop's own time.
+
+A monitor that doubles the cost of training gets switched off. The fixed costs differ by orders
+of magnitude between models: on a 10k-parameter CNN a DP step takes ~6 ms on one CPU core, the
+exact Gram oracle ~1.5 ms, one critic training round ~25 ms; on a ResNet on a GPU the same
+monitor is a few percent. So with ``every=None`` / ``train_every=None`` (the defaults) the
+monitor does not follow a fixed schedule: it measures its own time and the training loop's and
+plans its work so that ``monitor time <= fraction x training time``, measuring every step where
+that is affordable and fewer where it is not.
+
+Two kinds of work share the budget. The per-step measurement (tokens, the Gram oracle, scoring)
+gets ``measure_share`` of it when critics exist, so a slow critic can never starve the exact
+oracle; critic training rounds get the rest plus whatever the measurement leaves unused.
+
+Decisions are made once per measured step, as a plan: how many logical steps until the next
+measured one, and whether the critics train on this one. Under DPDDP every rank follows rank 0's
+plan (it travels with the gathered chunks), so the ranks never disagree about a collective.
+Timing makes the schedule, hence the records, vary run to run; pass integers to ``every`` and
+``train_every`` for a reproducible schedule.
+
+Time on a GPU is device time: CUDA events bracket the monitor's work and are read once complete
+(never waited on), so the budget adds no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+_EMA = 0.2  # weight of the newest cost in the running cost estimates
+_GAP = 3.0  # one interval between steps counts as at most this many typical steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the monitor does next: measure again in ``next_in`` logical steps; train critics now."""
+
+    next_in: int
+    train: bool
+
+
+class _Span:
+    """Seconds of one bracket of monitor work: host clock on CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.t0 = time.perf_counter()
+        self.start = self.end = None
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record(torch.cuda.current_stream(device))
+
+    def stop(self) -> None:
+        self.t1 = time.perf_counter()
+        if self.cuda:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record(torch.cuda.current_stream(self.device))
+
+    def seconds(self) -> float | None:
+        """Elapsed seconds, or None while the GPU has not finished the bracketed work."""
+        if not self.cuda:
+            return self.t1 - self.t0
+        if not self.end.query():
+            return None
+        # Device time, but never less than the host time spent launching the work.
+        return max(self.start.elapsed_time(self.end) / 1e3, self.t1 - self.t0)
+
+
+class OverheadBudget:
+    """Tracks training vs monitor time and plans the monitor's work to fit ``fraction``.
+
+    Args:
+        fraction: the most monitor time per unit of training time (0.1: at most 1.1x).
+        measure_share: share of the budget reserved for the per-step measurement when critics
+            exist (1.0 without critics).
+        device: where the monitor's work runs (CUDA work is timed with events).
+    """
+
+    def __init__(self, fraction: float, *, measure_share: float = 0.5, device=None):
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction < math.inf
+        ):
+            raise ValueError(
+                f"budget must be a positive number (the monitor's share of training time, e.g. "
+                f"0.1 for at most 10% overhead); got {fraction!r}"
+            )
+        self.fraction = float(fraction)
+        self.measure_share = float(measure_share)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.train_seconds = 0.0  # the training loop's own time (monitor time excluded)
+        self.measure_seconds = 0.0  # monitor time on per-step measurement
+        self.critic_seconds = 0.0  # monitor time on critic training rounds
+        self.measure_cost: float | None = None  # running estimate of one measured step
+        self.critic_cost: float | None = None  # running estimate of one training step's rounds
+        self.step_seconds: float | None = None  # running estimate of one training step
+        self._last_tick: float | None = None
+        self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
+        self._pending: list[tuple[_Span, str]] = []
+
+    # ------------------------------------------------------------------ bookkeeping
+    def span(self) -> _Span:
+        """Start timing a bracket of monitor work; pass it to :meth:`charge` when done."""
+        return _Span(self.device)
+
+    def charge(self, span: _Span, kind: str) -> None:
+        """Book a finished bracket as ``"measure"`` or ``"critic"`` work."""
+        span.stop()
+        self._spent_since_tick += span.t1 - span.t0
+        self._pending.append((span, kind))
+        self._settle()
+
+    def _settle(self) -> None:
+        waiting = []
+        for span, kind in self._pending:
+            sec = span.seconds()
+            if sec is None:
+                waiting.append((span, kind))
+                continue
+            if kind == "measure":
+                self.measure_seconds += sec
+                self.measure_cost = _ema(self.measure_cost, sec)
+            else:
+                self.critic_seconds += sec
+                self.critic_cost = _ema(self.critic_cost, sec)
+        self._pending = waiting
+
+    def tick(self) -> None:
+        """End of a logical training step: the time since the last tick, less the monitor's,
+        was the training loop's."""
+        now = time.perf_counter()
+        if self._last_tick is not None:
+            own = max(0.0, now - self._last_tick - self._spent_since_tick)
+            if self.step_seconds is not None:
+                # A pause between steps (an evaluation loop, a checkpoint, another job) is not
+                # training time: credit at most a few typical steps for one interval.
+                own = min(own, _GAP * self.step_seconds)
+            self.train_seconds += own
+            self.step_seconds = _ema(self.step_seconds, own)
+        self._last_tick = now
+        self._spent_since_tick = 0.0
+        self._settle()
+
+    @property
+    def spent(self) -> float:
+        return self.measure_seconds + self.critic_seconds
+
+    # ------------------------------------------------------------------ decisions
+    def plan(self, *, critics: bool) -> Plan:
+        """The plan at a measured step, before its critics would train (see module docs)."""
+        allowed = self.fraction * self.train_seconds
+        train = critics and self.spent + (self.critic_cost or 0.0) <= allowed
+        share = self.measure_share if critics else 1.0
+        next_in = 1
+        if self.measure_cost is not None and self.step_seconds:
+            # Smallest k with measure_seconds + cost <= share * fraction * (T + k * step).
+            need = (self.measure_seconds + self.measure_cost) / (share * self.fraction)
+            k = (need - self.train_seconds) / self.step_seconds
+            if critics:  # unused critic budget flows to the measurement
+                slack = allowed - self.spent - (self.critic_cost or 0.0) * train
+                if slack >= self.measure_cost:
+                    k = 1
+            next_in = max(1, min(1_000_000, math.ceil(k)))
+        return Plan(next_in=next_in, train=train)
+
+    def state(self) -> dict[str, float]:
+        """Seconds so far, for records and reports."""
+        return {
+            "train_seconds": self.train_seconds,
+            "measure_seconds": self.measure_seconds,
+            "critic_seconds": self.critic_seconds,
+        }
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _EMA) * old + _EMA * new
