@@ -102,6 +102,13 @@ class OverheadBudget:
         self._last_tick: float | None = None
         self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
         self._pending: list[tuple[_Span, str]] = []
+        # One-off costs (first-call dispatch, lazy allocations, building the critics) are paid
+        # by the first step that does each kind of work; booked apart, they would otherwise
+        # read as hundreds of steps of debt.
+        self.setup_seconds = 0.0
+        self._seen: set[str] = set()
+        self._seen_this_step: set[str] = set()
+        self._step_cost: dict[str, float] = {}  # this step's settled seconds, by kind
 
     # ------------------------------------------------------------------ bookkeeping
     def span(self) -> _Span:
@@ -122,12 +129,15 @@ class OverheadBudget:
             if sec is None:
                 waiting.append((span, kind))
                 continue
-            if kind == "measure":
+            if kind not in self._seen:
+                self.setup_seconds += sec
+                self._seen_this_step.add(kind)
+            elif kind == "measure":
                 self.measure_seconds += sec
-                self.measure_cost = _ema(self.measure_cost, sec)
+                self._step_cost[kind] = self._step_cost.get(kind, 0.0) + sec
             else:
                 self.critic_seconds += sec
-                self.critic_cost = _ema(self.critic_cost, sec)
+                self._step_cost[kind] = self._step_cost.get(kind, 0.0) + sec
         self._pending = waiting
 
     def tick(self) -> None:
@@ -145,6 +155,14 @@ class OverheadBudget:
         self._last_tick = now
         self._spent_since_tick = 0.0
         self._settle()
+        self._seen |= self._seen_this_step
+        self._seen_this_step = set()
+        # Costs are estimated per step (a step books several spans of each kind).
+        if "measure" in self._step_cost:
+            self.measure_cost = _ema(self.measure_cost, self._step_cost["measure"])
+        if "critic" in self._step_cost:
+            self.critic_cost = _ema(self.critic_cost, self._step_cost["critic"])
+        self._step_cost = {}
 
     @property
     def spent(self) -> float:
@@ -174,6 +192,7 @@ class OverheadBudget:
             "train_seconds": self.train_seconds,
             "measure_seconds": self.measure_seconds,
             "critic_seconds": self.critic_seconds,
+            "setup_seconds": self.setup_seconds,
         }
 
 

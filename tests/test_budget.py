@@ -131,3 +131,29 @@ def test_budget_mode_is_still_a_guest(budget_defaults):
     assert torch.equal(rng0, rng1)
     assert e0.accountant.history == e1.accountant.history
     assert e0.get_epsilon(1e-5) == e1.get_epsilon(1e-5)
+
+
+def _spend(budget: OverheadBudget, kind: str, seconds: float) -> None:
+    """Book a span of exactly ``seconds`` (the clock itself is not under test here)."""
+    span = budget.span()
+    span.t1 = span.t0 + seconds
+    budget._pending.append((span, kind))
+    budget._settle()
+
+
+def test_first_step_of_each_kind_is_setup_and_costs_are_per_step():
+    b = OverheadBudget(0.1)
+    _spend(b, "measure", 0.5)  # first measured step: one-off costs
+    _spend(b, "measure", 0.25)
+    b.tick()
+    assert b.setup_seconds == 0.75 and b.measure_seconds == 0 and b.measure_cost is None
+    _spend(b, "measure", 0.002)  # a steady step booked in two spans
+    _spend(b, "measure", 0.003)
+    _spend(b, "critic", 0.04)  # the critics' first round: setup as well
+    b.tick()
+    assert b.measure_seconds == pytest.approx(0.005)
+    assert b.measure_cost == pytest.approx(0.005)  # one step's total, not one span's
+    assert b.critic_seconds == 0 and b.setup_seconds == pytest.approx(0.79)
+    _spend(b, "critic", 0.03)
+    b.tick()
+    assert b.critic_seconds == pytest.approx(0.03) and b.critic_cost == pytest.approx(0.03)
