@@ -329,32 +329,46 @@ def param_count(setup: Setup) -> int:
 
 
 def monitor_state_bytes(monitor: LeakageMonitor) -> dict[str, int]:
-    """Bytes of tensors the monitor keeps between steps, by component."""
+    """Bytes of tensors the monitor keeps between steps, by component (every learned critic:
+    views, controls; windows as allocated: training ring + validation ring, bfloat16 rows)."""
     out = {"tokenizer": monitor.tokenizer.state_bytes(), "critic": 0, "adam": 0, "window": 0}
-    for est in monitor.estimators.values():
+    for est in [*monitor.estimators.values(), *monitor.controls.values()]:
         if est.critic is not None:
             out["critic"] += sum(_tensor_bytes(t) for t in est.critic.state_dict().values())
+        if est.selected is not None:
+            out["critic"] += sum(_tensor_bytes(t) for t in est.selected.state_dict().values())
         if est.optimizer is not None:
             for st in est.optimizer.state.values():
                 out["adam"] += sum(_tensor_bytes(v) for v in st.values() if torch.is_tensor(v))
-        out["window"] += _tensor_bytes(est.pairs.x) + _tensor_bytes(est.pairs.y)
+        for win in (est.pairs, est.val):
+            out["window"] += _tensor_bytes(win._x.buf) + _tensor_bytes(win._y.buf)
     return out
 
 
 def monitor_transient_bytes(setup: Setup) -> dict[str, int]:
     """Largest tensors the monitor allocates inside one monitored step, counted from the code
-    path (``LeakageMonitor._measure_chunk``): the sketch's ``flat * weights`` temporary of the
-    largest parameter (B x P_max float32), ``clipped_gram``'s float64 copy of it (B x P_max x 8,
-    alive together with the B x B Gram), tokens of the views and the oracle's B x B buffers."""
+    path (``LeakageMonitor._measure_chunk``, sigma >= 0.01): the sketch's largest intermediate
+    (a Kronecker weight's ``(B, rows, k2)`` or ``(B, k1, cols)`` GEMM output, or a count-sketched
+    parameter's ``flat * weights``), the float32 raw Gram (``addmm_`` into one B x B buffer, no
+    copy of any per-sample gradient) and its float64 clipped copy, tokens of the views, and the
+    oracle's draws x B x B float64 buffers."""
     b = setup.batch
-    p_max = max(p.numel() for p in setup.optimizer.params if p.requires_grad)
     mon = setup.monitor
-    d_tok = mon.tokenizer.total_dim
+    tok = mon.tokenizer
+    inter = 0
+    for i, p in enumerate(setup.optimizer.params):
+        axes = tok._axes[i]
+        if axes is None:
+            inter = max(inter, p.numel())
+        else:
+            rows, cols = axes[0].buckets.numel(), axes[1].buckets.numel()
+            inter = max(inter, min(rows * axes[1].k, axes[0].k * cols))
+    d_tok = tok.total_dim
     return {
-        "sketch_temp": b * p_max * 4,
-        "gram_fp64_copy": b * p_max * 8 + b * b * 8,
+        "sketch_temp": b * inter * 4,
+        "gram": b * b * (4 + 8),
         "tokens": b * d_tok * 4 * (2 + len(mon.views)),  # raw list, clipped, + one per view
-        "oracle": 6 * b * b * 8,
+        "oracle": 3 * mon.oracle_draws * b * b * 8,
     }
 
 
@@ -394,8 +408,8 @@ def memory_counted(dp: Setup, monitored: Setup) -> dict[str, float]:
     state = monitor_state_bytes(monitored.monitor)
     transient = monitor_transient_bytes(monitored)
     peak = dp_peak_estimate(dp)
-    # sketch_temp is freed before clipped_gram runs: the transient peak is the larger of the two.
-    trans_peak = max(transient["sketch_temp"], transient["gram_fp64_copy"]) + transient["tokens"]
+    # The sketch's intermediates are freed before the Gram is formed: the larger of the two.
+    trans_peak = max(transient["sketch_temp"], transient["gram"]) + transient["tokens"]
     dp_peak = sum(peak.values())
     return {
         "method": "counted",

@@ -79,7 +79,7 @@ def measure_model(lib, model: str, device: str, quick: bool) -> dict:
     times = lib.interleaved_times(setups, cfg["k"], reps)
     ratios = lib.median_ratios(times, baseline="dp")
     med = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
-    mem = lib.memory_report(setups["dp"], setups["default"])
+    mem = lib.memory_report(setups["dp"], setups["fixed"])
     heavy = model == "resnet18_gn" and device == "cpu"
     tokens_s = lib.tokens_seconds(setups["oracle"], reps=3 if heavy else 10)
     critic_s = lib.critic_update_seconds(setups["default"], reps=3 if heavy else 10)
@@ -255,10 +255,10 @@ def _tables(results) -> list[str]:
         + (
             "CPU: tensor bytes counted, not measured (tracemalloc does not see torch's "
             "allocator). DP peak = per-sample grads (B x P x 4) + params, grads, summed grads "
-            "+ 2 x leaf-module activations. Monitor = state it keeps (count-sketch tables, "
-            "critic weights, Adam moments, window of pairs) + its largest transient inside a "
-            "step (clipped_gram's float64 copy of the largest parameter's per-sample grads, "
-            "tokens, oracle buffers)."
+            "+ 2 x leaf-module activations. Monitor = state it keeps (sketch tables, critic "
+            "weights and the selected copy, Adam moments, training and validation windows of "
+            "pairs in bfloat16) + its largest transient inside a step (the sketch's largest "
+            "intermediate or the B x B Gram, tokens, oracle buffers)."
             if method == "counted"
             else "CUDA: DP peak = max_memory_allocated over two DP steps above the memory "
             "allocated before them, plus the parameters; monitor transient = the same for the "

@@ -159,7 +159,7 @@ def _ratio(benchmark, setups, bench_lib, model: str) -> dict:
     benchmark.group = "ratio"
     benchmark.pedantic(one_cycle, rounds=cfg["reps"], iterations=1, warmup_rounds=0)
     ratios = bench_lib.median_ratios(times, baseline="dp")
-    mem = bench_lib.memory_report(group["dp"], group["default"])
+    mem = bench_lib.memory_report(group["dp"], group["fixed"])
     info = {
         "device": DEVICE,
         "batch": group["dp"].batch,

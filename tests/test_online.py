@@ -15,7 +15,7 @@ from opacus_mi.estimators.online import OnlineEstimator, PairWindow
 
 def test_ring_window_equals_naive_concatenation_and_its_moments():
     g = torch.Generator().manual_seed(0)
-    win = PairWindow(50)
+    win = PairWindow(50, dtype=torch.float32)
     naive_x = torch.zeros(0, 3)
     naive_y = torch.zeros(0, 2)
     for n in (7, 13, 1, 0, 29, 64, 5, 50, 3):  # includes a batch larger than the window
@@ -32,9 +32,30 @@ def test_ring_window_equals_naive_concatenation_and_its_moments():
             torch.testing.assert_close(my, naive_y.mean(0), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(sy, naive_y.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
     state = win.state_dict()
-    other = PairWindow(50)
+    other = PairWindow(50, dtype=torch.float32)
     other.load_state_dict(state)
     torch.testing.assert_close(other.x, win.x, rtol=0, atol=0)
+
+
+def test_default_window_stores_bfloat16_rows_and_their_exact_moments():
+    """The default window rounds rows to bfloat16 once, on the way in: what it returns (as
+    float32) and its running moments are those of the rounded rows, tiny values included."""
+    g = torch.Generator().manual_seed(2)
+    win = PairWindow(50)
+    naive, raw = torch.zeros(0, 3), torch.zeros(0, 3)
+    for n in (30, 29, 17, 33):
+        x = torch.randn(n, 3, generator=g) * torch.tensor([1e-6, 1.0, 1e3]) + 5e-6
+        win.add(x, torch.randn(n, 2, generator=g))
+        naive = torch.cat([naive, x.to(torch.bfloat16).float()])[-50:]
+        raw = torch.cat([raw, x])[-50:]
+        assert win.x.dtype == torch.float32 and win._x.buf.dtype == torch.bfloat16
+        torch.testing.assert_close(win.x, naive, rtol=0, atol=0)
+        mx, sx, _, _ = win.moments()
+        torch.testing.assert_close(mx, naive.mean(0), rtol=1e-5, atol=0)
+        torch.testing.assert_close(sx, naive.std(0, unbiased=False), rtol=1e-4, atol=0)
+    assert (win.x[:, 0].abs() > 0).all()  # 1e-6-scale entries keep float32's range
+    rel = ((win.x - raw).abs() / raw.abs()).max()
+    assert 0 < rel <= 2**-8  # rounded once: at most half an ulp of bfloat16's 8-bit mantissa
 
 
 def _correlated(n: int, g: torch.Generator, rho: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +166,7 @@ def test_a_critic_that_found_nothing_reports_zero_not_a_negative_figure():
 
 def test_resync_recomputes_the_running_moments_exactly():
     g = torch.Generator().manual_seed(6)
-    win = PairWindow(40)
+    win = PairWindow(40, dtype=torch.float32)
     for _ in range(30):  # many evictions: rounding accumulates in the running sums
         win.add(torch.randn(7, 3, generator=g) * 1e3 + 1e4, torch.randn(7, 2, generator=g))
     win.resync()
@@ -158,7 +179,7 @@ def test_moments_stay_exact_when_a_batch_first_overflows_a_partly_filled_window(
     """The first overflow of a window that is not yet full evicts the *oldest* rows (from slot
     0), not the still-empty slots after the write head."""
     g = torch.Generator().manual_seed(7)
-    win = PairWindow(50)
+    win = PairWindow(50, dtype=torch.float32)
     naive_x = torch.zeros(0, 3)
     for n in (30, 29, 17, 33):  # 30 -> 59 overflows by 9 while 20 slots are still empty
         x = torch.randn(n, 3, generator=g) + 5.0

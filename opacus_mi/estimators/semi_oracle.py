@@ -51,7 +51,9 @@ class SemiOracleEstimator:
         self.net: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.dims: tuple[int, int] | None = None
-        self.pairs = PairWindow(window)
+        # float32: every change of basis rewrites the stored tokens, and repeated bfloat16
+        # rounding would accumulate.
+        self.pairs = PairWindow(window, dtype=torch.float32)
         self.stats: dict[str, torch.Tensor] = {}
         self.batches_seen = 0
         self.updates = 0
