@@ -295,13 +295,12 @@ def interleaved_times(setups: dict[str, Setup], k: int, reps: int) -> dict[str, 
     return out
 
 
-def median_ratios(times: dict[str, list[float]], baseline: str = "dp") -> dict[str, float]:
-    """Median over reps of the per-rep ratio time(variant) / time(baseline)."""
-    base = times[baseline]
-    return {
-        n: statistics.median(t / b for t, b in zip(ts, base, strict=True))
-        for n, ts in times.items()
-    }
+def total_ratios(times: dict[str, list[float]], baseline: str = "dp") -> dict[str, float]:
+    """Total time of each variant over all repetitions / the baseline's total: the honest
+    figure for work done in bursts (a critic round every n-th step, the budget's schedule),
+    which a median over short blocks would skip."""
+    base = sum(times[baseline])
+    return {n: sum(ts) / base for n, ts in times.items()}
 
 
 def time_fn(fn: Callable[[], object], device, reps: int, inner: int = 1) -> float:

@@ -8,9 +8,12 @@ monitor does not follow a fixed schedule: it measures its own time and the train
 plans its work so that ``monitor time <= fraction x training time``, measuring every step where
 that is affordable and fewer where it is not.
 
-Two kinds of work share the budget. The per-step measurement (tokens, the Gram oracle, scoring)
-gets ``measure_share`` of it when critics exist, so a slow critic can never starve the exact
-oracle; critic training rounds get the rest plus whatever the measurement leaves unused.
+Two kinds of work share the budget, each through a token bucket filled at its share of
+``fraction x`` the training loop's time: the per-step measurement (tokens, the Gram oracle,
+scoring) gets ``measure_share`` when critics exist, so a slow critic can never starve the exact
+oracle; critic training rounds get the rest. A full bucket overflows into the other, and each
+holds at most two units of its work: unused budget does not pile up into a long burst later
+(a cumulative account would let a monitor that sat idle for a while spend a lot at once).
 
 Decisions are made once per measured step, as a plan: how many logical steps until the next
 measured one, and whether the critics train on this one. Under DPDDP every rank follows rank 0's
@@ -32,6 +35,7 @@ import torch
 
 _EMA = 0.2  # weight of the newest cost in the running cost estimates
 _GAP = 3.0  # one interval between steps counts as at most this many typical steps
+_CAP = 2.0  # a bucket holds at most this many units of its work
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,9 @@ class OverheadBudget:
         self._seen: set[str] = set()
         self._seen_this_step: set[str] = set()
         self._step_cost: dict[str, float] = {}  # this step's settled seconds, by kind
+        self.measure_credit = 0.0  # token buckets, in seconds of monitor work
+        self.critic_credit = 0.0
+        self.critics = True  # whether critics share the budget (set by each plan)
 
     # ------------------------------------------------------------------ bookkeeping
     def span(self) -> _Span:
@@ -134,9 +141,11 @@ class OverheadBudget:
                 self._seen_this_step.add(kind)
             elif kind == "measure":
                 self.measure_seconds += sec
+                self.measure_credit -= sec
                 self._step_cost[kind] = self._step_cost.get(kind, 0.0) + sec
             else:
                 self.critic_seconds += sec
+                self.critic_credit -= sec
                 self._step_cost[kind] = self._step_cost.get(kind, 0.0) + sec
         self._pending = waiting
 
@@ -152,6 +161,7 @@ class OverheadBudget:
                 own = min(own, _GAP * self.step_seconds)
             self.train_seconds += own
             self.step_seconds = _ema(self.step_seconds, own)
+            self._refill(own, self.critics)
         self._last_tick = now
         self._spent_since_tick = 0.0
         self._settle()
@@ -169,21 +179,33 @@ class OverheadBudget:
         return self.measure_seconds + self.critic_seconds
 
     # ------------------------------------------------------------------ decisions
+    def _cap(self, cost: float | None) -> float:
+        return math.inf if cost is None else _CAP * cost
+
+    def _refill(self, seconds: float, critics: bool) -> None:
+        """Add ``fraction x seconds`` of training time to the buckets, overflowing between them."""
+        share = self.measure_share if critics else 1.0
+        self.measure_credit += share * self.fraction * seconds
+        self.critic_credit += (1 - share) * self.fraction * seconds
+        cap_m, cap_c = self._cap(self.measure_cost), self._cap(self.critic_cost)
+        if not critics:
+            cap_c = 0.0
+        extra_m = max(0.0, self.measure_credit - cap_m)
+        extra_c = max(0.0, self.critic_credit - cap_c)
+        self.measure_credit = min(cap_m, self.measure_credit + extra_c)
+        self.critic_credit = min(cap_c, self.critic_credit + extra_m)
+
     def plan(self, *, critics: bool) -> Plan:
         """The plan at a measured step, before its critics would train (see module docs)."""
-        allowed = self.fraction * self.train_seconds
-        train = critics and self.spent + (self.critic_cost or 0.0) <= allowed
-        share = self.measure_share if critics else 1.0
+        self.critics = critics
+        train = critics and self.critic_credit >= (self.critic_cost or 0.0)
         next_in = 1
         if self.measure_cost is not None and self.step_seconds:
-            # Smallest k with measure_seconds + cost <= share * fraction * (T + k * step).
-            need = (self.measure_seconds + self.measure_cost) / (share * self.fraction)
-            k = (need - self.train_seconds) / self.step_seconds
-            if critics:  # unused critic budget flows to the measurement
-                slack = allowed - self.spent - (self.critic_cost or 0.0) * train
-                if slack >= self.measure_cost:
-                    k = 1
-            next_in = max(1, min(1_000_000, math.ceil(k)))
+            # The measurement bucket after this step's critic round, refilled at its rate.
+            short = self.measure_cost - self.measure_credit
+            rate = (self.measure_share if critics else 1.0) * self.fraction * self.step_seconds
+            if short > 0:
+                next_in = max(1, min(1_000_000, math.ceil(short / max(rate, 1e-12))))
         return Plan(next_in=next_in, train=train)
 
     def state(self) -> dict[str, float]:

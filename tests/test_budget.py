@@ -15,7 +15,7 @@ from conftest import make_private, train
 from torch import nn
 
 from opacus_mi import LeakageMonitor
-from opacus_mi.budget import OverheadBudget
+from opacus_mi.budget import OverheadBudget, Plan
 
 
 @pytest.fixture
@@ -26,45 +26,39 @@ def budget_defaults(monkeypatch):
     monkeypatch.setitem(defaults, "train_every", None)
 
 
-def _books(budget: OverheadBudget, *, train, measure, critic=0.0, m_cost, c_cost=None, step):
-    budget.train_seconds, budget.measure_seconds, budget.critic_seconds = train, measure, critic
-    budget.measure_cost, budget.critic_cost, budget.step_seconds = m_cost, c_cost, step
-    return budget
-
-
-def test_plan_is_the_smallest_gap_that_keeps_the_measurement_in_budget():
-    # share 1 (no critics): need (0.05 + 0.01) / 0.1 = 0.6 s of training; have 0.5 s, and
-    # 0.01 s per step, so the next measurement is 10 steps away.
-    b = _books(OverheadBudget(0.1), train=0.5, measure=0.05, m_cost=0.01, step=0.01)
-    plan = b.plan(critics=False)
-    assert plan.next_in == math.ceil((0.06 / 0.1 - 0.5) / 0.01) == 10 and not plan.train
-    # Well within budget: measure the very next step.
-    b = _books(OverheadBudget(0.1), train=10.0, measure=0.05, m_cost=0.01, step=0.01)
+def test_plan_is_the_smallest_gap_that_refills_the_measurement_bucket():
+    b = OverheadBudget(0.1)
+    b.measure_cost, b.step_seconds, b.measure_credit = 0.01, 0.01, 0.004
+    # No critics: the whole rate, 0.1 x 0.01 s per step; 0.006 s short -> 6 steps away.
+    assert b.plan(critics=False) == Plan(next_in=math.ceil(0.006 / 0.001), train=False)
+    # With critics the measurement's rate is halved: 12 steps.
+    assert b.plan(critics=True).next_in == math.ceil(0.006 / 0.0005)
+    b.measure_credit = 0.01  # enough for one measurement: the very next step
     assert b.plan(critics=False).next_in == 1
 
 
-def test_critics_get_a_round_only_when_it_fits_and_leave_half_to_the_measurement():
-    # allowed 0.1 * 2 = 0.2 s; spent 0.1; a round of 0.05 fits, one of 0.15 does not.
-    b = _books(
-        OverheadBudget(0.1),
-        train=2.0,
-        measure=0.06,
-        critic=0.04,
-        m_cost=0.01,
-        c_cost=0.05,
-        step=0.01,
-    )
-    fits = b.plan(critics=True)
-    assert fits.train
-    b.critic_cost = 0.15
-    plan = b.plan(critics=True)
-    assert not plan.train
-    # The measurement keeps its half: (0.06 + 0.01) / (0.5 * 0.1) = 1.4 s > 2.0 s is false,
-    # so it may measure now; with 1.0 s of training it must wait (1.4 - 1.0) / 0.01 = 40 steps
-    # unless unused critic budget covers it (it does not: 0.1 - 0.1 < 0.01).
-    assert plan.next_in == 1
-    b.train_seconds = 1.0
-    assert b.plan(critics=True).next_in == 40
+def test_critics_train_only_with_a_full_round_of_credit():
+    b = OverheadBudget(0.1)
+    b.measure_cost, b.step_seconds, b.measure_credit = 0.001, 0.01, 0.01
+    b.critic_cost, b.critic_credit = 0.05, 0.049
+    assert not b.plan(critics=True).train
+    b.critic_credit = 0.05
+    assert b.plan(critics=True).train
+    assert not b.plan(critics=False).train  # no critics: nothing to train
+
+
+def test_buckets_refill_at_their_shares_overflow_into_each_other_and_cap_at_two_units():
+    b = OverheadBudget(0.1)
+    b.measure_cost, b.critic_cost = 0.01, 0.05  # caps 0.02 and 0.1
+    b._refill(0.2, critics=True)  # 0.01 each: below both caps
+    assert (b.measure_credit, b.critic_credit) == pytest.approx((0.01, 0.01))
+    b._refill(1.0, critics=True)  # +0.05 each: measure 0.06 -> cap 0.02, 0.04 flows over
+    assert b.measure_credit == pytest.approx(0.02)
+    assert b.critic_credit == pytest.approx(0.01 + 0.05 + 0.04)
+    b._refill(10.0, critics=True)  # both full: the rest expires
+    assert (b.measure_credit, b.critic_credit) == pytest.approx((0.02, 0.1))
+    b._refill(1.0, critics=False)  # no critics: all to the measurement, capped
+    assert b.critic_credit == 0 and b.measure_credit == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("bad", [0, -0.5, float("inf"), "0.1", True])
