@@ -12,7 +12,8 @@ Two kinds of work share the budget, each through a token bucket filled at its sh
 ``fraction x`` the training loop's time: the per-step measurement (tokens, the Gram oracle,
 scoring) gets ``measure_share`` when critics exist, so a slow critic can never starve the exact
 oracle; critic training rounds get the rest. A full bucket overflows into the other, and each
-holds at most two units of its work: unused budget does not pile up into a long burst later
+holds at most about one unit of its work (two cheap measurements, one critic round): unused
+budget does not pile up into a long burst later
 (a cumulative account would let a monitor that sat idle for a while spend a lot at once).
 
 Decisions are made once per measured step, as a plan: how many logical steps until the next
@@ -35,7 +36,9 @@ import torch
 
 _EMA = 0.2  # weight of the newest cost in the running cost estimates
 _GAP = 3.0  # one interval between steps counts as at most this many typical steps
-_CAP = 2.0  # a bucket holds at most this many units of its work
+# A bucket holds at most this many units of its work: two (cheap) measurements, or one critic
+# round and a quarter (so rounds never come back to back after a quiet spell).
+_CAP = {"measure": 2.0, "critic": 1.25}
 
 
 @dataclass(frozen=True)
@@ -179,15 +182,17 @@ class OverheadBudget:
         return self.measure_seconds + self.critic_seconds
 
     # ------------------------------------------------------------------ decisions
-    def _cap(self, cost: float | None) -> float:
-        return math.inf if cost is None else _CAP * cost
+    @staticmethod
+    def _cap(cost: float | None, kind: str) -> float:
+        return math.inf if cost is None else _CAP[kind] * cost
 
     def _refill(self, seconds: float, critics: bool) -> None:
         """Add ``fraction x seconds`` of training time to the buckets, overflowing between them."""
         share = self.measure_share if critics else 1.0
         self.measure_credit += share * self.fraction * seconds
         self.critic_credit += (1 - share) * self.fraction * seconds
-        cap_m, cap_c = self._cap(self.measure_cost), self._cap(self.critic_cost)
+        cap_m = self._cap(self.measure_cost, "measure")
+        cap_c = self._cap(self.critic_cost, "critic")
         if not critics:
             cap_c = 0.0
         extra_m = max(0.0, self.measure_credit - cap_m)

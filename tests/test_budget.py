@@ -47,9 +47,9 @@ def test_critics_train_only_with_a_full_round_of_credit():
     assert not b.plan(critics=False).train  # no critics: nothing to train
 
 
-def test_buckets_refill_at_their_shares_overflow_into_each_other_and_cap_at_two_units():
+def test_buckets_refill_at_their_shares_overflow_into_each_other_and_are_capped():
     b = OverheadBudget(0.1)
-    b.measure_cost, b.critic_cost = 0.01, 0.05  # caps 0.02 and 0.1
+    b.measure_cost, b.critic_cost = 0.01, 0.08  # caps 2 x 0.01 and 1.25 x 0.08
     b._refill(0.2, critics=True)  # 0.01 each: below both caps
     assert (b.measure_credit, b.critic_credit) == pytest.approx((0.01, 0.01))
     b._refill(1.0, critics=True)  # +0.05 each: measure 0.06 -> cap 0.02, 0.04 flows over
