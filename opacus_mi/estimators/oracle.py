@@ -37,14 +37,18 @@ def _psd_sqrt_factor(gram: torch.Tensor) -> torch.Tensor:
     Cholesky is ~5x cheaper than eigh at B = 64. The jitter adds a variance of 1e-10 x the mean
     squared norm to each inner product's noise, far below the Monte Carlo error. A matrix that
     is still not numerically PD (duplicated examples, B > rank) falls back to eigh. Off the CPU
-    eigh is used directly: checking Cholesky's status would cost a host sync.
+    reading Cholesky's status would cost a host sync (and eigh checks its own), so there the
+    jitter is 1e-6 x the largest squared norm, above the float32 rounding of a Gram formed on
+    the device, and a factorisation that still fails gives NaN (a flagged, non-finite oracle
+    value), never silently wrong numbers.
     """
     sym = (gram + gram.T) / 2
-    if sym.device.type != "cpu":
-        vals, vecs = torch.linalg.eigh(sym)
-        return vecs * vals.clamp_min(0).sqrt()
-    jitter = 1e-10 * float(sym.diagonal().mean().clamp_min(1e-300))
     eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+    if sym.device.type != "cpu":
+        jitter = 1e-6 * sym.diagonal().max().clamp_min(1e-300)
+        factor, info = torch.linalg.cholesky_ex(sym + jitter * eye)
+        return torch.where(info == 0, factor, torch.full_like(factor, math.nan))
+    jitter = 1e-10 * float(sym.diagonal().mean().clamp_min(1e-300))
     factor, info = torch.linalg.cholesky_ex(sym + jitter * eye)
     if int(info) == 0:
         return factor

@@ -1,0 +1,97 @@
+"""CUDA: the monitor's tensors live on the model's device, and its per-chunk hot path makes one
+host synchronisation (the count of finite examples). Run by ``benchmarks/gpu.sh``; skipped
+without a GPU.
+
+References: where each tensor is (its ``.device``), and PyTorch's own sync detector
+(``torch.cuda.set_sync_debug_mode("warn")`` warns on every synchronising call).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import TinyCNN, make_data
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader
+
+from opacus_mi import LeakageMonitor
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_setup(**monitor_kwargs):
+    torch.manual_seed(0)
+    data = make_data(128)
+    model = TinyCNN().cuda()
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    kwargs = {"delta": 1e-5, "views": ("raw", "clipped", "private"), **monitor_kwargs}
+    monitor = LeakageMonitor(engine, model, opt, **kwargs)
+    return model, opt, loader, monitor
+
+
+def _steps(model, opt, loader, monitor, n):
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    done = 0
+    while done < n:
+        for x, y in loader:
+            opt.zero_grad()
+            criterion(model(x.cuda()), y.cuda()).backward()
+            opt.step()
+            done += 1
+            if done == n:
+                return
+
+
+def test_cuda_monitor_state_lives_on_the_model_device():
+    model, opt, loader, monitor = _cuda_setup(every=1, train_every=1)
+    _steps(model, opt, loader, monitor, 12)
+    assert monitor.device.type == "cuda" and monitor.generator.device.type == "cuda"
+    for est in monitor.estimators.values():
+        assert all(p.device.type == "cuda" for p in est.critic.parameters())
+        assert est.pairs._x.buf.device.type == "cuda" and est.pairs._y.buf.device.type == "cuda"
+    for axes in monitor.tokenizer._axes:
+        for ax in axes or ():
+            assert ax.buckets.device.type == "cuda"
+    assert all(r.mi["private/oracle"].nats == r.mi["private/oracle"].nats for r in monitor.history)
+    assert any("clipped/mine" in r.mi for r in monitor.history)
+
+
+def test_cuda_hot_path_syncs_once_per_chunk():
+    model, opt, loader, monitor = _cuda_setup(every=1, train_every=8)
+    _steps(model, opt, loader, monitor, 3)  # one-off work (cached sketch matrices) done
+    counts = []
+    inner = monitor._measure_chunk
+
+    def counted(captures):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return inner(captures)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+
+    monitor._measure_chunk = counted
+    _steps(model, opt, loader, monitor, 5)
+    assert counts == [1] * 5
+
+
+def test_cuda_budget_reads_device_time_from_events():
+    model, opt, loader, monitor = _cuda_setup(every=None, train_every=None, budget=1.0)
+    _steps(model, opt, loader, monitor, 20)
+    torch.cuda.synchronize()
+    monitor.budget.tick()  # settles any event still pending
+    assert monitor.budget.measure_seconds > 0 and monitor.budget.train_seconds > 0
+    assert monitor.history
