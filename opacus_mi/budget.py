@@ -38,15 +38,17 @@ _EMA = 0.2  # weight of the newest cost in the running cost estimates
 _GAP = 3.0  # one interval between steps counts as at most this many typical steps
 # A bucket holds at most this many units of its work: two (cheap) measurements, or one critic
 # round and a quarter (so rounds never come back to back after a quiet spell).
-_CAP = {"measure": 2.0, "critic": 1.25}
+_CAP = {"measure": 2.0, "critic": 1.25, "epsilon": 1.25}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the monitor does next: measure again in ``next_in`` logical steps; train critics now."""
+    """What the monitor does next: measure again in ``next_in`` logical steps; train the critics
+    now; recompute an expensive epsilon (Opacus's PRV) now rather than report the latest one."""
 
     next_in: int
     train: bool
+    epsilon: bool = True
 
 
 class _Span:
@@ -77,17 +79,29 @@ class _Span:
         return max(self.start.elapsed_time(self.end) / 1e3, self.t1 - self.t0)
 
 
+KINDS = ("measure", "critic", "epsilon")
+
+
 class OverheadBudget:
     """Tracks training vs monitor time and plans the monitor's work to fit ``fraction``.
 
     Args:
-        fraction: the most monitor time per unit of training time (0.1: at most 1.1x).
+        fraction: the most monitor time per unit of training time (0.08: at most 8%).
         measure_share: share of the budget reserved for the per-step measurement when critics
-            exist (1.0 without critics).
+            exist (1.0 without critics); the critics get the rest.
+        epsilon_share: share set aside, before that split, for recomputing an expensive epsilon
+            (Opacus's PRV ``get_epsilon`` costs 0.1-0.4 s); unused with a cheap accountant.
         device: where the monitor's work runs (CUDA work is timed with events).
     """
 
-    def __init__(self, fraction: float, *, measure_share: float = 0.5, device=None):
+    def __init__(
+        self,
+        fraction: float,
+        *,
+        measure_share: float = 0.5,
+        epsilon_share: float = 0.25,
+        device=None,
+    ):
         if (
             isinstance(fraction, bool)
             or not isinstance(fraction, (int, float))
@@ -95,17 +109,19 @@ class OverheadBudget:
         ):
             raise ValueError(
                 f"budget must be a positive number (the monitor's share of training time, e.g. "
-                f"0.1 for at most 10% overhead); got {fraction!r}"
+                f"0.08 for at most 8% overhead); got {fraction!r}"
             )
         self.fraction = float(fraction)
         self.measure_share = float(measure_share)
+        self.epsilon_share = float(epsilon_share)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.train_seconds = 0.0  # the training loop's own time (monitor time excluded)
-        self.measure_seconds = 0.0  # monitor time on per-step measurement
-        self.critic_seconds = 0.0  # monitor time on critic training rounds
-        self.measure_cost: float | None = None  # running estimate of one measured step
-        self.critic_cost: float | None = None  # running estimate of one training step's rounds
         self.step_seconds: float | None = None  # running estimate of one training step
+        # Per kind of work: seconds spent, running cost of one step's worth, token bucket.
+        for kind in KINDS:
+            setattr(self, f"{kind}_seconds", 0.0)
+            setattr(self, f"{kind}_cost", None)
+            setattr(self, f"{kind}_credit", 0.0)
         self._last_tick: float | None = None
         self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
         self._pending: list[tuple[_Span, str]] = []
@@ -116,9 +132,8 @@ class OverheadBudget:
         self._seen: set[str] = set()
         self._seen_this_step: set[str] = set()
         self._step_cost: dict[str, float] = {}  # this step's settled seconds, by kind
-        self.measure_credit = 0.0  # token buckets, in seconds of monitor work
-        self.critic_credit = 0.0
         self.critics = True  # whether critics share the budget (set by each plan)
+        self.slow_epsilon = False  # whether epsilon has a share (set by each plan)
 
     # ------------------------------------------------------------------ bookkeeping
     def span(self) -> _Span:
@@ -126,7 +141,9 @@ class OverheadBudget:
         return _Span(self.device)
 
     def charge(self, span: _Span, kind: str) -> None:
-        """Book a finished bracket as ``"measure"`` or ``"critic"`` work."""
+        """Book a finished bracket as ``"measure"``, ``"critic"`` or ``"epsilon"`` work."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         span.stop()
         self._spent_since_tick += span.t1 - span.t0
         self._pending.append((span, kind))
@@ -142,14 +159,10 @@ class OverheadBudget:
             if kind not in self._seen:
                 self.setup_seconds += sec
                 self._seen_this_step.add(kind)
-            elif kind == "measure":
-                self.measure_seconds += sec
-                self.measure_credit -= sec
-                self._step_cost[kind] = self._step_cost.get(kind, 0.0) + sec
-            else:
-                self.critic_seconds += sec
-                self.critic_credit -= sec
-                self._step_cost[kind] = self._step_cost.get(kind, 0.0) + sec
+                continue
+            setattr(self, f"{kind}_seconds", getattr(self, f"{kind}_seconds") + sec)
+            setattr(self, f"{kind}_credit", getattr(self, f"{kind}_credit") - sec)
+            self._step_cost[kind] = self._step_cost.get(kind, 0.0) + sec
         self._pending = waiting
 
     def tick(self) -> None:
@@ -164,61 +177,70 @@ class OverheadBudget:
                 own = min(own, _GAP * self.step_seconds)
             self.train_seconds += own
             self.step_seconds = _ema(self.step_seconds, own)
-            self._refill(own, self.critics)
+            self._refill(own, self.critics, self.slow_epsilon)
         self._last_tick = now
         self._spent_since_tick = 0.0
         self._settle()
         self._seen |= self._seen_this_step
         self._seen_this_step = set()
         # Costs are estimated per step (a step books several spans of each kind).
-        if "measure" in self._step_cost:
-            self.measure_cost = _ema(self.measure_cost, self._step_cost["measure"])
-        if "critic" in self._step_cost:
-            self.critic_cost = _ema(self.critic_cost, self._step_cost["critic"])
+        for kind, sec in self._step_cost.items():
+            setattr(self, f"{kind}_cost", _ema(getattr(self, f"{kind}_cost"), sec))
         self._step_cost = {}
 
     @property
     def spent(self) -> float:
-        return self.measure_seconds + self.critic_seconds
+        return sum(getattr(self, f"{kind}_seconds") for kind in KINDS)
 
     # ------------------------------------------------------------------ decisions
-    @staticmethod
-    def _cap(cost: float | None, kind: str) -> float:
-        return math.inf if cost is None else _CAP[kind] * cost
+    def _shares(self, critics: bool, slow_epsilon: bool) -> dict[str, float]:
+        eps = self.epsilon_share if slow_epsilon else 0.0
+        measure = self.measure_share if critics else 1.0
+        return {"measure": (1 - eps) * measure, "critic": (1 - eps) * (1 - measure), "epsilon": eps}
 
-    def _refill(self, seconds: float, critics: bool) -> None:
-        """Add ``fraction x seconds`` of training time to the buckets, overflowing between them."""
-        share = self.measure_share if critics else 1.0
-        self.measure_credit += share * self.fraction * seconds
-        self.critic_credit += (1 - share) * self.fraction * seconds
-        cap_m = self._cap(self.measure_cost, "measure")
-        cap_c = self._cap(self.critic_cost, "critic")
-        if not critics:
-            cap_c = 0.0
-        extra_m = max(0.0, self.measure_credit - cap_m)
-        extra_c = max(0.0, self.critic_credit - cap_c)
-        self.measure_credit = min(cap_m, self.measure_credit + extra_c)
-        self.critic_credit = min(cap_c, self.critic_credit + extra_m)
+    def _refill(self, seconds: float, critics: bool, slow_epsilon: bool = False) -> None:
+        """Add ``fraction x seconds`` of training time to the buckets at their shares; what
+        overflows a full bucket goes to the others (measurement first), the rest expires."""
+        shares = self._shares(critics, slow_epsilon)
+        caps = {}
+        excess = 0.0
+        for kind in KINDS:
+            cost = getattr(self, f"{kind}_cost")
+            caps[kind] = (
+                0.0 if shares[kind] == 0 else (math.inf if cost is None else _CAP[kind] * cost)
+            )
+            credit = getattr(self, f"{kind}_credit") + shares[kind] * self.fraction * seconds
+            excess += max(0.0, credit - caps[kind])
+            setattr(self, f"{kind}_credit", min(credit, caps[kind]))
+        for kind in KINDS:
+            room = caps[kind] - getattr(self, f"{kind}_credit")
+            if excess <= 0:
+                break
+            if room > 0:
+                take = min(excess, room)
+                setattr(self, f"{kind}_credit", getattr(self, f"{kind}_credit") + take)
+                excess -= take
 
-    def plan(self, *, critics: bool) -> Plan:
-        """The plan at a measured step, before its critics would train (see module docs)."""
-        self.critics = critics
+    def plan(self, *, critics: bool, slow_epsilon: bool = False) -> Plan:
+        """The plan at a measured step (see module docs): whether the critics train and an
+        expensive epsilon is recomputed now, and when to measure next."""
+        self.critics, self.slow_epsilon = critics, slow_epsilon
         train = critics and self.critic_credit >= (self.critic_cost or 0.0)
+        epsilon = not slow_epsilon or self.epsilon_credit >= (self.epsilon_cost or 0.0)
         next_in = 1
         if self.measure_cost is not None and self.step_seconds:
-            # The measurement bucket after this step's critic round, refilled at its rate.
             short = self.measure_cost - self.measure_credit
-            rate = (self.measure_share if critics else 1.0) * self.fraction * self.step_seconds
+            rate = self._shares(critics, slow_epsilon)["measure"] * self.fraction
+            rate *= self.step_seconds
             if short > 0:
                 next_in = max(1, min(1_000_000, math.ceil(short / max(rate, 1e-12))))
-        return Plan(next_in=next_in, train=train)
+        return Plan(next_in=next_in, train=train, epsilon=epsilon)
 
     def state(self) -> dict[str, float]:
         """Seconds so far, for records and reports."""
         return {
             "train_seconds": self.train_seconds,
-            "measure_seconds": self.measure_seconds,
-            "critic_seconds": self.critic_seconds,
+            **{f"{kind}_seconds": getattr(self, f"{kind}_seconds") for kind in KINDS},
             "setup_seconds": self.setup_seconds,
         }
 

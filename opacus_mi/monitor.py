@@ -257,6 +257,7 @@ class LeakageMonitor:
         if every is None or budgeted_critics or semi_oracle and train_every is None:
             self.budget = OverheadBudget(budget, device=self.device)
         self._measure_at = 0  # budget mode: the step index of the next measured step
+        self._epsilon_step: int | None = None  # the step of the latest exact epsilon
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Kronecker sketch for Linear/Conv2d/Embedding weights in every mode: ghost clipping
         # tokenises from activations and backprops, and the tokens are the same in both modes.
@@ -445,7 +446,7 @@ class LeakageMonitor:
         critics = self.train_every is None and bool(
             self.estimators or self.controls or self.semi_oracle is not None
         )
-        return self.budget.plan(critics=critics)
+        return self.budget.plan(critics=critics, slow_epsilon=not self.epsilon.cheap)
 
     def _measure_chunk(self, captures) -> _Chunk:
         opt = self.optimizer
@@ -613,13 +614,28 @@ class LeakageMonitor:
         batch = sum(c.batch for c in chunks)
         flags = sorted({f for c in chunks for f in c.flags})
         sigma = float(opt.noise_multiplier)
+        # Epsilon is exact for this step unless the budget (with every=None) cannot afford an
+        # expensive accountant's recomputation now: then the latest exact value and its step.
+        if self.every is not None or plan.epsilon or self.epsilon.cheap:
+            slow = span is not None and not self.epsilon.cheap
+            if slow:
+                self.budget.charge(span, "measure")
+                span = self.budget.span()
+            epsilon, self._epsilon_step = self.epsilon.epsilon(), self.steps
+            if slow:
+                self.budget.charge(span, "epsilon")
+                span = self.budget.span()
+        else:
+            epsilon = self.epsilon.latest()
+        epsilon_step = self._epsilon_step
         record = LeakageRecord(
             step=self.steps,
             batch_size=batch,
             noise_multiplier=sigma,
             max_grad_norm=float(opt.max_grad_norm),
             sample_rate=sample_rate_of(self.engine.accountant),
-            epsilon=self.epsilon.epsilon(),
+            epsilon=epsilon,
+            epsilon_step=epsilon_step,
             delta=self.delta,
             mi_bound=gaussian_channel_bound(sigma) if "private" in self.views else None,
             mi_upper_bound=self.mi_accountant.bound(),
@@ -714,7 +730,7 @@ class LeakageMonitor:
             self._warn_once(f"pack:{type(exc).__name__}", f"leakage gather failed: {exc!r}")
             items = [({"batch": 0, "flags": [f"error:{type(exc).__name__}"], "std": None}, {})]
         for meta, _ in items:  # the plan rides along; every rank follows rank 0's
-            meta["plan"] = (plan.next_in, plan.train)
+            meta["plan"] = (plan.next_in, plan.train, plan.epsilon)
         chunks = []
         gathered = all_gather_items(items, device=self.device)
         plan = Plan(*gathered[0][0]["plan"])

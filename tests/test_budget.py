@@ -151,3 +151,34 @@ def test_first_step_of_each_kind_is_setup_and_costs_are_per_step():
     _spend(b, "critic", 0.03)
     b.tick()
     assert b.critic_seconds == pytest.approx(0.03) and b.critic_cost == pytest.approx(0.03)
+
+
+def test_prv_epsilon_is_recomputed_when_affordable_and_otherwise_the_latest_exact_value(
+    budget_defaults,
+):
+    """With Opacus's PRV (0.05-0.4 s a call) the budget refreshes epsilon rarely; every record's
+    epsilon is still exact for the step it names: a fresh PRVAccountant given the same history
+    up to ``epsilon_step`` reproduces it bit for bit."""
+    from opacus.accountants import PRVAccountant
+
+    engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False, accountant="prv")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, budget=0.2)
+    train(model, opt, loader, epochs=6)
+    records = monitor.history
+    assert records and records[0].epsilon_step == records[0].step  # first: exact, setup
+    assert any(r.epsilon_step < r.step for r in records)  # some carry the latest exact value
+    assert monitor.budget.epsilon_seconds > 0 or monitor.budget.setup_seconds > 0
+    noise, rate, _ = engine.accountant.history[0]
+    for step in sorted({r.epsilon_step for r in records}):
+        ref = PRVAccountant()
+        ref.history = [(noise, rate, step + 1)]  # the accountant had stepped step + 1 times
+        want = ref.get_epsilon(1e-5)
+        assert all(r.epsilon == want for r in records if r.epsilon_step == step)
+    assert all(r.epsilon_step <= r.step for r in records)
+
+
+def test_fixed_schedule_keeps_epsilon_exact_at_every_record_even_with_prv():
+    engine, model, opt, loader = make_private(n=64, accountant="prv")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
+    train(model, opt, loader, epochs=1)
+    assert monitor.history and all(r.epsilon_step == r.step for r in monitor.history)
