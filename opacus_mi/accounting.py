@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from opacus.accountants import IAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -24,6 +25,7 @@ class EpsilonTracker:
         self._key: tuple | None = None
         self._value: float = 0.0
         self._rdp_cache: dict[tuple[float, float], object] = {}
+        self._orders: np.ndarray | None = None
 
     @property
     def cheap(self) -> bool:
@@ -63,7 +65,12 @@ class EpsilonTracker:
                 self._rdp_cache[(noise, rate)] = one
             # compute_rdp(steps=n) returns rdp(1) * n: the same floats in the same order.
             parts.append(one * steps)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=sum(parts), delta=self.delta)
+        # The orders as the array Opacus would build from the list (same floats), made once.
+        if self._orders is None:
+            self._orders = np.atleast_1d(orders)
+        eps, _ = rdp_analysis.get_privacy_spent(
+            orders=self._orders, rdp=sum(parts), delta=self.delta
+        )
         return float(eps)
 
 
