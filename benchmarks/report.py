@@ -310,9 +310,10 @@ def render(results, prv, profiles, *, device: str, machine: str, load: tuple[str
             f"tokens + oracle every step {prv['ratio_oracle']:.1f}x, defaults "
             f"{prv['ratio_default']:.2f}x over 1,000 steps, in which it measured "
             f"{prv['default_measured']} of {prv['default_steps']} steps (warm-up included). "
-            f"Opacus `PRVAccountant.get_epsilon` alone takes {prv['get_epsilon_ms']:.0f} ms and "
-            "the monitor reports the exact epsilon at every measured step, so under the budget "
-            "it measures far fewer steps (use RDP for per-step records on a small model).",
+            f"Opacus `PRVAccountant.get_epsilon` alone takes {prv['get_epsilon_ms']:.0f} ms: "
+            "the every-step oracle pays it at every record; under the budget epsilon has its own "
+            "quarter share, and records between recomputations carry the latest exact epsilon "
+            "and its step (`epsilon_step`).",
         ]
     for p in profiles:
         lines += [

@@ -830,7 +830,23 @@ class LeakageMonitor:
         """A readable table of every MI series over the last ``last`` records."""
         from .report import summary_table
 
-        return summary_table(self.history, last=last)
+        return summary_table(self.history, last=last, note=self.schedule_note())
+
+    def schedule_note(self) -> str | None:
+        """One line on what the overhead budget let the monitor do (None on a fixed schedule)."""
+        b = self.budget
+        if b is None or not self.steps:
+            return None
+        rounds = sum(e.updates for e in [*self.estimators.values(), *self.controls.values()])
+        share = b.spent / b.train_seconds if b.train_seconds > 0 else math.nan
+        parts = [f"measured {len(self.history)} of {self.steps} steps"]
+        if self.train_every is None and self.estimators:
+            parts.append(f"{rounds} critic rounds")
+        return (
+            f"schedule: overhead budget {b.fraction:.0%} - {', '.join(parts)}; monitor time "
+            f"{share:.1%} of the training loop's (+{b.setup_seconds:.2f} s one-off setup). "
+            "For every step: every=1, train_every=8."
+        )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

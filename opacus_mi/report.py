@@ -35,12 +35,15 @@ def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, f
     return m, m - half, m + half
 
 
-def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: int = 132) -> str:
+def summary_table(
+    records: Sequence[LeakageRecord], *, last: int = 20, width: int = 132, note: str | None = None
+) -> str:
     """Render the leakage table: one row per MI series, averaged over the last records.
 
     ``last`` value is the latest held-out estimate with its bootstrap CI; ``mean`` averages the
     last ``last`` records with a 95% interval across steps; ``shuffled`` is the same critic on
-    mismatched pairs (what the estimator reports when there is nothing to find).
+    mismatched pairs (what the estimator reports when there is nothing to find). ``note`` is
+    appended as a last line (the monitor's schedule).
     """
     if not records:
         return "no monitored steps yet"
@@ -52,7 +55,13 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
             keys.setdefault(k, None)
     table = Table(
         title=(
-            f"opacus-mi leakage after step {final.step} - epsilon {final.epsilon:.3f} at "
+            f"opacus-mi leakage after step {final.step} - epsilon {final.epsilon:.3f}"
+            + (
+                f" (exact at step {final.epsilon_step})"
+                if final.epsilon_step is not None and final.epsilon_step != final.step
+                else ""
+            )
+            + " at "
             f"delta {final.delta:g} (sigma {final.noise_multiplier:g}, C {final.max_grad_norm:g}, "
             f"q {final.sample_rate:.4g})"
             + (
@@ -110,6 +119,8 @@ def summary_table(records: Sequence[LeakageRecord], *, last: int = 20, width: in
     )
     if flagged:
         text += f"\nflags seen: {', '.join(flagged)}"
+    if note:
+        text += f"\n{note}"
     return text
 
 

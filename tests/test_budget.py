@@ -182,3 +182,14 @@ def test_fixed_schedule_keeps_epsilon_exact_at_every_record_even_with_prv():
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
     train(model, opt, loader, epochs=1)
     assert monitor.history and all(r.epsilon_step == r.step for r in monitor.history)
+
+
+def test_summary_says_what_the_budget_let_the_monitor_do(budget_defaults):
+    _, _, monitor, _ = _run(sleep=0.0, budget=0.05, epochs=2)
+    note = monitor.schedule_note()
+    assert f"measured {len(monitor.history)} of {monitor.steps} steps" in note
+    assert "overhead budget 5%" in note and note in monitor.summary()
+    engine, model, opt, loader = make_private(n=32)
+    fixed = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=8)
+    train(model, opt, loader, epochs=1)
+    assert fixed.schedule_note() is None and "schedule:" not in fixed.summary()
