@@ -158,7 +158,7 @@ class LeakageMonitor:
             it has trained.
         budget: with ``every=None`` or ``train_every=None``, the most monitor time per unit of
             the training loop's own time (0.08: the monitor's own work adds at most 8%; caches
-            and hooks add ~2-3% more, measured 1.10-1.13x on the digits CNN). Half is kept
+            and hooks add a little more: 1.08-1.12x measured on the digits CNN). Half is kept
             for the per-step measurement when critics exist. The schedule then depends on
             timing: pass integers for both for reproducible records.
         oracle_draws: noise draws per example for the oracle.
