@@ -344,19 +344,15 @@ def test_mismatched_ghost_pair_is_refused():
         LeakageMonitor(engine, model, ghost_opt, delta=1e-5)
 
 
-def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples():
-    """Hooks mode: a Linear layer applied once to (B, d_in) inputs has rank-one per-sample
-    gradients; its Gram from the captured input and grad_sample equals the direct GEMM."""
+def _private_mlp(*, last_bias: bool):
+    """A 12-16-5 MLP made private (RDP, C = 0.5), one batch of 32, no Poisson sampling."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from opacus_mi.factored import LinearInputs
-    from opacus_mi.views import clip_factors, clipped_gram
-
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5, bias=False))
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5, bias=last_bias))
     data = TensorDataset(torch.randn(32, 12), torch.randint(0, 5, (32,)))
-    model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
+    return PrivacyEngine(accountant="rdp").make_private(
         module=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
         data_loader=DataLoader(data, batch_size=32),
@@ -364,6 +360,15 @@ def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples()
         max_grad_norm=0.5,
         poisson_sampling=False,
     )
+
+
+def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples():
+    """Hooks mode: a Linear layer applied once to (B, d_in) inputs has rank-one per-sample
+    gradients; its Gram from the captured input and grad_sample equals the direct GEMM."""
+    from opacus_mi.factored import LinearInputs
+    from opacus_mi.views import clip_factors, clipped_gram
+
+    model, opt, loader = _private_mlp(last_bias=False)
     capture = LinearInputs(model, opt.params, active=lambda: True)
     x, y = next(iter(loader))
     x[3] = 0.0  # an all-zero input row: zero gradient for the first layer's weight
@@ -392,22 +397,11 @@ def test_rank_one_tokens_norms_and_gram_equal_the_materialised_ones():
     arithmetic (clip_factors) and the float64 GEMM Gram; end to end, the clipped tokens the
     monitor's critic learns from."""
     from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
 
     from opacus_mi.factored import KroneckerTokenizer, LinearInputs, rank_one_backprop
     from opacus_mi.views import clip_factors, clipped_gram, flat_clip, raw_gram, scale_gram
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
-    data = TensorDataset(torch.randn(32, 12), torch.randint(0, 5, (32,)))
-    model, opt, loader = PrivacyEngine(accountant="rdp").make_private(
-        module=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=32),
-        noise_multiplier=1.0,
-        max_grad_norm=0.5,
-        poisson_sampling=False,
-    )
+    model, opt, loader = _private_mlp(last_bias=True)
     capture = LinearInputs(model, opt.params, active=lambda: True)
     x, y = next(iter(loader))
     nn.functional.cross_entropy(model(x), y).backward()
