@@ -70,13 +70,17 @@ class _Span:
             self.end.record(torch.cuda.current_stream(self.device))
 
     def seconds(self) -> float | None:
-        """Elapsed seconds, or None while the GPU has not finished the bracketed work."""
+        """Elapsed seconds, or None while the GPU has not finished the bracketed work.
+
+        On a GPU this is the bracket's span on the stream's timeline: from when the work queued
+        before it (training's) finished to when the monitor's last kernel did, host-launch gaps
+        included. The host clock would also count the monitor's one sync waiting for training.
+        """
         if not self.cuda:
             return self.t1 - self.t0
         if not self.end.query():
             return None
-        # Device time, but never less than the host time spent launching the work.
-        return max(self.start.elapsed_time(self.end) / 1e3, self.t1 - self.t0)
+        return self.start.elapsed_time(self.end) / 1e3
 
 
 KINDS = ("measure", "critic", "epsilon")
@@ -145,7 +149,8 @@ class OverheadBudget:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         span.stop()
-        self._spent_since_tick += span.t1 - span.t0
+        if not span.cuda:  # a GPU bracket is subtracted once its device time is known
+            self._spent_since_tick += span.t1 - span.t0
         self._pending.append((span, kind))
         self._settle()
 
@@ -156,6 +161,8 @@ class OverheadBudget:
             if sec is None:
                 waiting.append((span, kind))
                 continue
+            if span.cuda:
+                self._spent_since_tick += sec
             if kind not in self._seen:
                 self.setup_seconds += sec
                 self._seen_this_step.add(kind)
@@ -169,6 +176,7 @@ class OverheadBudget:
         """End of a logical training step: the time since the last tick, less the monitor's,
         was the training loop's."""
         now = time.perf_counter()
+        self._settle()  # GPU brackets finished by now count against this interval
         if self._last_tick is not None:
             own = max(0.0, now - self._last_tick - self._spent_since_tick)
             if self.step_seconds is not None:
@@ -180,7 +188,6 @@ class OverheadBudget:
             self._refill(own, self.critics, self.slow_epsilon)
         self._last_tick = now
         self._spent_since_tick = 0.0
-        self._settle()
         self._seen |= self._seen_this_step
         self._seen_this_step = set()
         # Costs are estimated per step (a step books several spans of each kind).

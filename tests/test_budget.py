@@ -193,3 +193,39 @@ def test_summary_says_what_the_budget_let_the_monitor_do(budget_defaults):
     fixed = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=8)
     train(model, opt, loader, epochs=1)
     assert fixed.schedule_note() is None and "schedule:" not in fixed.summary()
+
+
+class _GpuSpan:
+    """A stand-in for a CUDA-event bracket: its device time is unknown until it completes."""
+
+    cuda = True
+
+    def __init__(self, device_seconds: float):
+        self.t0 = self.t1 = 0.0
+        self.device_seconds, self.done = device_seconds, False
+
+    def stop(self) -> None:
+        pass
+
+    def seconds(self) -> float | None:
+        return self.device_seconds if self.done else None
+
+
+def test_gpu_brackets_are_booked_when_their_events_complete_never_waited_on():
+    b = OverheadBudget(0.1)
+    b._seen = {"measure"}  # past the setup step
+    span = _GpuSpan(0.004)
+    b.charge(span, "measure")
+    assert b.measure_seconds == 0 and b._pending  # not complete: nothing booked, no wait
+    span.done = True
+    b.tick()  # the first tick only starts the clock, but settles what has completed
+    assert b.measure_seconds == pytest.approx(0.004) and not b._pending
+    assert b.measure_credit == pytest.approx(-0.004)
+    # Device seconds settled in an interval are not the training loop's time.
+    time.sleep(0.02)
+    later = _GpuSpan(0.015)
+    b.charge(later, "measure")
+    later.done = True
+    elapsed = time.perf_counter() - b._last_tick
+    b.tick()
+    assert b.train_seconds == pytest.approx(elapsed - 0.015, abs=2e-3)
