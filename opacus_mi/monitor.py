@@ -38,7 +38,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +46,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPe
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
 from .budget import OverheadBudget, Plan
+from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, should_gather
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, mean_interval
@@ -75,18 +75,6 @@ _GHOST_HINT = (
     " with DPOptimizerFastGradientClipping or its DDP variant), not 'ghost_fsdp' or tensor "
     "parallel; pass the module and optimizer that one make_private call returned"
 )
-
-
-@dataclass
-class _Chunk:
-    batch: int
-    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
-    features: torch.Tensor | None = None
-    oracle_terms: torch.Tensor | None = None
-    flags: list[str] = field(default_factory=list)
-    # Distributed only: (clipped tokens, Gram matrix, noise std) whose random draws wait until
-    # every rank's chunks are gathered (see LeakageMonitor._gather_chunks).
-    pending: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
 
 def _check_attach(engine, module, optimizer) -> None:
@@ -319,7 +307,7 @@ class LeakageMonitor:
         if self._jsonl is not None:
             self.sinks.append(self._jsonl)
         self.steps = 0  # logical optimizer steps seen since attach
-        self._chunks: list[_Chunk] = []
+        self._chunks: list[Chunk] = []
         self._chunk_seconds = 0.0
         use_input, layers, fn = self._parse_features(features)
         self._capture = FeatureCapture(
@@ -419,7 +407,7 @@ class LeakageMonitor:
                 self._warn_once(
                     f"chunk:{type(exc).__name__}", f"leakage measurement failed: {exc!r}"
                 )
-                self._chunks.append(_Chunk(batch=0, flags=[f"error:{type(exc).__name__}"]))
+                self._chunks.append(Chunk(batch=0, flags=[f"error:{type(exc).__name__}"]))
             if span is not None:
                 self.budget.charge(span, "measure")
             self._chunk_seconds += time.perf_counter() - t0
@@ -448,7 +436,7 @@ class LeakageMonitor:
         )
         return self.budget.plan(critics=critics, slow_epsilon=not self.epsilon.cheap)
 
-    def _measure_chunk(self, captures) -> _Chunk:
+    def _measure_chunk(self, captures) -> Chunk:
         opt = self.optimizer
         factored = grad_samples = None
         if self._factored is not None:  # ghost clipping: tokens, norms, Gram from layer factors
@@ -458,10 +446,10 @@ class LeakageMonitor:
             linear_inputs = self._linear_inputs.take() if self._linear_inputs is not None else {}
             grad_samples = opt.grad_samples
             if not grad_samples:
-                return _Chunk(batch=0, flags=["no_trainable_params"])
+                return Chunk(batch=0, flags=["no_trainable_params"])
             batch = len(grad_samples[0])
             linear_inputs = {k: a for k, a in linear_inputs.items() if a.shape[0] == batch}
-        chunk = _Chunk(batch=batch)
+        chunk = Chunk(batch=batch)
         if batch == 0:
             return chunk
         feats = self._chunk_features(captures, batch, chunk)
@@ -577,7 +565,7 @@ class LeakageMonitor:
                 out[layer] = rank_one_backprop(g, a.to(g.device, g.dtype))
         return out
 
-    def _privatise(self, chunk: _Chunk, clipped: torch.Tensor, gram: torch.Tensor, std: float):
+    def _privatise(self, chunk: Chunk, clipped: torch.Tensor, gram: torch.Tensor, std: float):
         """The chunk's random draws: private-view token noise, then the oracle's noise."""
         noise = torch.randn(clipped.shape, generator=self.generator, device=self.generator.device)
         chunk.tokens["private"] = clipped + std * noise.to(clipped.device)
@@ -585,7 +573,7 @@ class LeakageMonitor:
             gram, std, draws=self.oracle_draws, generator=self.generator
         ).terms
 
-    def _chunk_features(self, captures, batch: int, chunk: _Chunk) -> torch.Tensor | None:
+    def _chunk_features(self, captures, batch: int, chunk: Chunk) -> torch.Tensor | None:
         """Features paired with this chunk's gradients, or None (flagged) if they cannot be."""
         try:
             feats = self._capture.features(captures, batch)
@@ -706,7 +694,7 @@ class LeakageMonitor:
         if span is not None:
             self.budget.charge(span, "measure")
 
-    def _gather_chunks(self, plan: Plan) -> tuple[list[_Chunk], Plan]:
+    def _gather_chunks(self, plan: Plan) -> tuple[list[Chunk], Plan]:
         """Every rank's chunks of this logical step in rank order, their draws made (DPDDP).
 
         Collectives: one metadata gather plus one gather per dtype, made on every monitored
@@ -723,31 +711,20 @@ class LeakageMonitor:
         as chunks of one logical step.
         """
         try:
-            items = [_pack(c) for c in self._chunks] or [
-                ({"batch": 0, "flags": [], "std": None}, {})
-            ]
+            items = [pack(c) for c in self._chunks] or [empty_item()]
         except Exception as exc:  # still join the collectives, with nothing
             self._warn_once(f"pack:{type(exc).__name__}", f"leakage gather failed: {exc!r}")
-            items = [({"batch": 0, "flags": [f"error:{type(exc).__name__}"], "std": None}, {})]
+            items = [empty_item([f"error:{type(exc).__name__}"])]
         for meta, _ in items:  # the plan rides along; every rank follows rank 0's
             meta["plan"] = (plan.next_in, plan.train, plan.epsilon)
         chunks = []
         gathered = all_gather_items(items, device=self.device)
         plan = Plan(*gathered[0][0]["plan"])
-        for meta, tensors in gathered:
-            gram = tensors.pop("pending/gram", None)
-            clipped = tensors.pop("pending/clipped", None)
-            chunk = _Chunk(
-                batch=meta["batch"],
-                features=tensors.pop("features", None),
-                oracle_terms=tensors.pop("oracle_terms", None),
-                flags=list(meta["flags"]),
-            )
-            chunk.tokens = {k.removeprefix("tokens/"): t for k, t in tensors.items()}
-            if meta["std"] is not None:
+        for item in gathered:
+            chunk, clipped, gram, std = unpack(item)
+            if std is not None:
                 try:  # local arithmetic only: no collective left in this step
-                    clipped = chunk.tokens["clipped"] if clipped is None else clipped
-                    self._privatise(chunk, clipped, gram, meta["std"])
+                    self._privatise(chunk, clipped, gram, std)
                 except Exception as exc:
                     self._warn_once(
                         f"chunk:{type(exc).__name__}", f"leakage measurement failed: {exc!r}"
@@ -782,7 +759,7 @@ class LeakageMonitor:
         return perm.to(self.device)
 
     def _semi_oracle_step(
-        self, record: LeakageRecord, usable: list[_Chunk], std: float, train: bool | None
+        self, record: LeakageRecord, usable: list[Chunk], std: float, train: bool | None
     ) -> None:
         """Score the private tokens with the learned clean-token model, then learn from them."""
         feats = torch.cat([c.features for c in usable])
@@ -879,20 +856,6 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={len(self.history)}, attached={self.attached})"
         )
-
-
-def _pack(chunk: _Chunk) -> tuple[dict[str, Any], dict[str, torch.Tensor | None]]:
-    """A chunk as ``(metadata, tensors)`` for :func:`~opacus_mi.distributed.all_gather_items`."""
-    tensors: dict[str, torch.Tensor | None] = {f"tokens/{v}": t for v, t in chunk.tokens.items()}
-    tensors["features"] = chunk.features
-    tensors["oracle_terms"] = chunk.oracle_terms
-    std = None
-    if chunk.pending is not None:
-        clipped, gram, std = chunk.pending
-        if chunk.tokens.get("clipped") is not clipped:  # else sent once, as tokens/clipped
-            tensors["pending/clipped"] = clipped
-        tensors["pending/gram"] = gram
-    return {"batch": chunk.batch, "flags": chunk.flags, "std": std}, tensors
 
 
 def _exceeds(value: MIValue, bound: float | None) -> bool:

@@ -128,7 +128,7 @@ def _robustness_run(rank: int, tmp: str) -> dict:
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     jsonl = os.path.join(tmp, "shared.jsonl")  # the same path on both ranks
     monitor = LeakageMonitor(engine, model, opt, jsonl=jsonl, **{**MONITOR, "every": 2})
-    original_pack, calls = monitor_module._pack, []
+    original_pack, calls = monitor_module.pack, []
 
     def failing_pack(chunk):
         calls.append(1)
@@ -136,11 +136,11 @@ def _robustness_run(rank: int, tmp: str) -> dict:
             raise RuntimeError("injected on rank 1")
         return original_pack(chunk)
 
-    monitor_module._pack = failing_pack
+    monitor_module.pack = failing_pack
     try:
         _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
     finally:
-        monitor_module._pack = original_pack
+        monitor_module.pack = original_pack
     monitor.detach()
     return {
         "history": [r.as_dict() for r in monitor.history],
