@@ -313,7 +313,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .training import run_sweep
+    from .sweep import run_sweep
 
     cfg = _config(args)
     rows, table, files = run_sweep(
@@ -330,7 +330,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .training import prepare_out_dir, rerender_run, rerender_sweep
+    from .sweep import rerender_sweep
+    from .training import prepare_out_dir, rerender_run
 
     out = Path(args.outdir)
     if not out.is_dir():

@@ -4,14 +4,13 @@
 them private with Opacus, attach :class:`~opacus_mi.monitor.LeakageMonitor` (the two-line
 integration), train with a progress bar, evaluate test accuracy each epoch, and write
 ``records.jsonl``, ``records.csv``, ``config.json``, ``result.json``, ``summary.txt``, PNG plots
-and ``report.html`` into ``cfg.out``. ``run_sweep`` repeats it over noise multipliers or target
-epsilons and writes ``sweep.csv``, ``sweep.png`` and a sweep ``report.html``.
+and ``report.html`` into ``cfg.out``. :mod:`opacus_mi.sweep` repeats it over noise multipliers
+or target epsilons.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -19,21 +18,20 @@ import random
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .data import DATASETS
 from .models import MODELS
 from .records import LeakageRecord, read_jsonl
-from .report import csv_cell, mean_with_ci, read_csv_rows, write_csv_rows
+from .report import csv_cell
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "nwj", "smile", "none")
 TOKENIZERS: tuple[str, ...] = ("sketch", "autoencoder", "transformer")
 VIEW_CHOICES: tuple[str, ...] = ("raw", "clipped", "private")
-SWEEP_LAST = 10
-SMALL_MODEL_PARAMS = 1_000_000  # sweep MI figures average the last this-many records
+SMALL_MODEL_PARAMS = 1_000_000  # below this, CPU training uses one thread (small ops gain nothing)
 
 
 class MissingDependencyError(ImportError):
@@ -601,205 +599,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-
-
-# ---------------------------------------------------------------------- sweeps
-SWEEP_COLUMNS = (
-    "setting",
-    "noise_multiplier",
-    "target_epsilon",
-    "epsilon",
-    "test_accuracy",
-    "oracle_mi",
-    "oracle_ci_low",
-    "oracle_ci_high",
-    "clipped_mi",
-    "clipped_ci_low",
-    "clipped_ci_high",
-    "bound_per_step",
-    "wall_seconds",
-    "out",
-)
-
-
-def _mean_ci_of(records: Sequence[LeakageRecord], key: str | None) -> tuple[float, float, float]:
-    if key is None:
-        return math.nan, math.nan, math.nan
-    tail = [r.mi[key].nats for r in records if key in r.mi][-SWEEP_LAST:]
-    return mean_with_ci(tail)
-
-
-def sweep_row(result: RunResult, *, setting: str, target_epsilon: float | None) -> dict[str, Any]:
-    """One ``sweep.csv`` row from a finished run (MI averaged over the last 10 records)."""
-    records = result.records
-    clipped_key = next((k for k in mi_keys(records) if k.startswith("clipped/")), None)
-    o_m, o_lo, o_hi = _mean_ci_of(records, "private/oracle")
-    c_m, c_lo, c_hi = _mean_ci_of(records, clipped_key)
-    sigma = result.noise_multiplier
-    return {
-        "setting": setting,
-        "noise_multiplier": sigma,
-        "target_epsilon": math.nan if target_epsilon is None else float(target_epsilon),
-        "epsilon": result.epsilon,
-        "test_accuracy": result.test_accuracy,
-        "oracle_mi": o_m,
-        "oracle_ci_low": o_lo,
-        "oracle_ci_high": o_hi,
-        "clipped_mi": c_m,
-        "clipped_ci_low": c_lo,
-        "clipped_ci_high": c_hi,
-        "bound_per_step": 1.0 / (2.0 * sigma**2) if sigma > 0 else math.inf,
-        "wall_seconds": result.wall_seconds,
-        "out": str(result.out_dir),
-    }
-
-
-def _setting_name(prefix: str, value: float) -> str:
-    return f"{prefix}_{value:g}"
-
-
-def run_sweep(
-    base: RunConfig,
-    *,
-    noise_multipliers: Sequence[float] | None = None,
-    target_epsilons: Sequence[float] | None = None,
-    progress: bool = True,
-) -> tuple[list[dict[str, Any]], str, list[Path]]:
-    """One run per noise multiplier (``<out>/sigma_<v>/``) or target epsilon (``eps_<v>/``).
-
-    Returns the sweep rows, the rendered table, and the files written at the sweep level.
-    """
-    if (noise_multipliers is None) == (target_epsilons is None):
-        raise ValueError("give exactly one of --noise-multipliers or --target-epsilons")
-    values = list(noise_multipliers if noise_multipliers is not None else target_epsilons)
-    flag = "--noise-multipliers" if noise_multipliers is not None else "--target-epsilons"
-    if not values:
-        raise ValueError(f"{flag} needs at least one value")
-    for v in values:
-        if not _is_number(v) or float(v) <= 0:
-            raise ValueError(f"{flag} values must be positive finite numbers; got {v!r}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"{flag} values must be distinct; got {values!r}")
-    base = replace(base, target_epsilon=None).validate()
-    out = prepare_out_dir(base.out)
-    configs = []
-    for v in values:
-        if noise_multipliers is not None:
-            name = _setting_name("sigma", v)
-            cfg = replace(base, noise_multiplier=float(v), out=str(out / name))
-        else:
-            name = _setting_name("eps", v)
-            cfg = replace(base, target_epsilon=float(v), out=str(out / name))
-        configs.append((name, cfg.validate()))
-    rows = []
-    for name, cfg in configs:
-        result = train_and_monitor(cfg, progress=progress)
-        rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
-    settings = {k: v for k, v in base.as_dict().items() if k not in ("noise_multiplier", "out")}
-    settings["out"] = str(out)
-    settings["swept"] = f"{flag} {' '.join(f'{v:g}' for v in values)}"
-    _write_json(out / "sweep_config.json", settings)
-    table, files = write_sweep_outputs(out, rows, settings=settings)
-    return rows, table, files
-
-
-def write_sweep_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    return write_csv_rows(rows, path, SWEEP_COLUMNS)
-
-
-def read_sweep_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of ``sweep.csv`` with numbers parsed (blank cells become NaN)."""
-    return read_csv_rows(path, text_columns=("setting", "out"))
-
-
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return "-"
-    return f"{x:.{digits}f}"
-
-
-def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _g(x: Any) -> str:
-    return f"{x:.4g}" if _finite_number(x) else "-"
-
-
-def _ci_cell(row: dict[str, Any], prefix: str) -> str:
-    mid = row.get(f"{prefix}_mi")
-    if not _finite_number(mid):
-        return "-"
-    return f"{_f(mid)} [{_f(row.get(f'{prefix}_ci_low'))}, {_f(row.get(f'{prefix}_ci_high'))}]"
-
-
-def sweep_table(rows: Sequence[dict[str, Any]], *, width: int = 120) -> str:
-    """The sweep summary as a text table (rich), one row per setting."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(
-        title=f"opacus-mi sweep - MI in nats, mean of the last {SWEEP_LAST} records [95% CI]",
-        title_justify="left",
-    )
-    targets = any(_finite_number(r.get("target_epsilon")) for r in rows)
-    columns = ["noise"] + (["target eps"] if targets else []) + ["epsilon", "test acc"]
-    columns += ["private/oracle MI", "clipped MI", "bound/step 1/(2 sigma^2)", "wall s"]
-    for col in columns:
-        table.add_column(col, justify="right")
-    for r in rows:
-        cells = [_g(r.get("noise_multiplier"))]
-        if targets:
-            cells.append(_g(r.get("target_epsilon")))
-        cells += [
-            _f(r.get("epsilon")),
-            _f(r.get("test_accuracy")),
-            _ci_cell(r, "oracle"),
-            _ci_cell(r, "clipped"),
-            _f(r.get("bound_per_step")),
-            _f(r.get("wall_seconds"), 1),
-        ]
-        table.add_row(*cells)
-    buf = io.StringIO()
-    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
-    return buf.getvalue().rstrip()
-
-
-def write_sweep_outputs(
-    out: str | os.PathLike,
-    rows: Sequence[dict[str, Any]],
-    *,
-    settings: dict[str, Any] | None = None,
-) -> tuple[str, list[Path]]:
-    """Write ``sweep.csv``, ``sweep.txt``, ``sweep.png`` and ``report.html`` for a sweep."""
-    from .html_report import write_html
-    from .plots import plot_sweep
-
-    out = Path(out)
-    files = [write_sweep_csv(rows, out / "sweep.csv")]
-    table = sweep_table(rows)
-    (out / "sweep.txt").write_text(table + "\n", encoding="utf-8")
-    files.append(out / "sweep.txt")
-    image = plot_sweep(rows, out / "sweep.png")
-    files.append(image)
-    files.append(
-        write_html(
-            out,
-            title="opacus-mi sweep: leakage and accuracy against epsilon",
-            settings=_settings_for_html(settings),
-            table=table,
-            images=[image],
-        )
-    )
-    return table, files
-
-
-def rerender_sweep(out: str | os.PathLike) -> tuple[str, list[Path]]:
-    """Re-render a sweep folder's table, plot and report from its ``sweep.csv``."""
-    out = Path(out)
-    rows = read_sweep_csv(out / "sweep.csv")
-    settings = _read_json(out / "sweep_config.json")
-    return write_sweep_outputs(out, rows, settings=settings)
 
 
 def config_from_kwargs(**kwargs: Any) -> RunConfig:
