@@ -277,16 +277,7 @@ class KroneckerTokenizer:
         axes = self._axes[layer]
         if axes is None:
             raise ValueError(f"parameter {layer} has no Kronecker factorisation")
-        sl = (
-            axes[0].apply(left, 1)
-            if not axes[0].small()
-            else left @ axes[0].matrix(left.device, left.dtype).T
-        )
-        sr = (
-            axes[1].apply(right, 1)
-            if not axes[1].small()
-            else right @ axes[1].matrix(right.device, right.dtype).T
-        )
+        sl, sr = axes[0].apply_last(left), axes[1].apply_last(right)  # 2-D: plain GEMMs
         return (sl[:, :, None] * sr[:, None, :]).reshape(left.shape[0], -1)
 
     def dense_matrix(self, layer: int) -> torch.Tensor:
@@ -754,14 +745,20 @@ def rank_one_backprop(grad_sample: torch.Tensor, inputs: torch.Tensor) -> torch.
     return b / torch.where(sq > 0, sq, 1.0)[:, None]
 
 
-def rank_one_gram(grad_sample: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def rank_one_gram(
+    grad_sample: torch.Tensor, inputs: torch.Tensor, backprop: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gram of a Linear layer's per-sample weight gradients ``g_i = b_i a_i^T`` (2-D input).
 
-    ``<g_i, g_j> = (b_i . b_j)(a_i . a_j)``: ``B d_out d_in + B^2 (d_out + d_in)`` operations
-    instead of the ``B^2 d_out d_in`` of the direct GEMM (see :func:`rank_one_backprop`).
+    ``<g_i, g_j> = (b_i . b_j)(a_i . a_j)``: ``B^2 (d_out + d_in)`` operations instead of the
+    ``B^2 d_out d_in`` of the direct GEMM. ``backprop`` is ``b`` if already known (e.g. the
+    bias's per-sample gradient), else it is read back with :func:`rank_one_backprop`.
     """
-    b = rank_one_backprop(grad_sample, inputs)
-    a = inputs.to(grad_sample.dtype)
+    a = inputs.to(grad_sample.device, grad_sample.dtype)
+    if backprop is None:
+        b = rank_one_backprop(grad_sample, a)
+    else:
+        b = backprop.to(grad_sample.device, grad_sample.dtype)
     return (b @ b.T) * (a @ a.T)
 
 

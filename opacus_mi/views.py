@@ -106,7 +106,7 @@ def raw_gram(
     no separate norm pass; the clipped Gram is then ``c c^T * G`` (:func:`scale_gram`). Relative
     error ~1e-7: meant for sigma >= 0.01, like ``clipped_gram(exact=False)``.
     """
-    from .factored import rank_one_backprop
+    from .factored import rank_one_gram
 
     batch = len(grad_samples[0])
     device = grad_samples[0].device
@@ -114,10 +114,7 @@ def raw_gram(
     for layer, g in enumerate(grad_samples):
         g = g.to(device).float()
         if rank_one is not None and layer in rank_one and g.ndim == 3:
-            a = rank_one[layer].to(device, g.dtype)
-            b = (backprops or {}).get(layer)
-            b = rank_one_backprop(g, a) if b is None else b.to(device, g.dtype)
-            gram += (b @ b.T) * (a @ a.T)
+            gram += rank_one_gram(g, rank_one[layer], (backprops or {}).get(layer))
             # A NaN/Inf anywhere in g_i still marks example i (as the GEMM's diagonal would):
             # the factors a, b can be finite while a corrupted grad_sample is not.
             gram.diagonal().add_(g.sum(dim=(1, 2)) * 0)
@@ -153,7 +150,7 @@ def clipped_gram(
     norm; Opacus's float32 ``grad_sample`` is only rank-one to that precision, so ``exact``
     keeps the GEMM).
     """
-    from .factored import rank_one_backprop
+    from .factored import rank_one_gram
 
     if not exact and not clip.per_layer:
         return scale_gram(raw_gram(grad_samples, rank_one=rank_one, backprops=backprops), clip)
@@ -164,10 +161,7 @@ def clipped_gram(
         g = g.to(device)
         g = g.to(torch.float64) if exact else g.float()
         if not exact and rank_one is not None and layer in rank_one and g.ndim == 3:
-            a = rank_one[layer].to(device, g.dtype)
-            b = (backprops or {}).get(layer)
-            b = rank_one_backprop(g, a) if b is None else b.to(device, g.dtype)
-            term = (b @ b.T) * (a @ a.T)
+            term = rank_one_gram(g, rank_one[layer], (backprops or {}).get(layer))
         else:
             flat = g.reshape(batch, -1)
             term = flat @ flat.T
