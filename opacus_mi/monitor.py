@@ -434,7 +434,10 @@ class LeakageMonitor:
         critics = self.train_every is None and bool(
             self.estimators or self.controls or self.semi_oracle is not None
         )
-        return self.budget.plan(critics=critics, slow_epsilon=not self.epsilon.cheap)
+        # Epsilon is budgeted only when the measurement is (every=None) and costly (PRV): a
+        # fixed schedule computes it fresh at each record.
+        slow_epsilon = self.every is None and not self.epsilon.cheap
+        return self.budget.plan(critics=critics, slow_epsilon=slow_epsilon)
 
     def _measure_chunk(self, captures) -> Chunk:
         opt = self.optimizer
@@ -602,10 +605,11 @@ class LeakageMonitor:
         batch = sum(c.batch for c in chunks)
         flags = sorted({f for c in chunks for f in c.flags})
         sigma = float(opt.noise_multiplier)
-        # Epsilon is exact for this step unless the budget (with every=None) cannot afford an
+        # Epsilon is exact for this step unless the plan says the budget cannot afford an
         # expensive accountant's recomputation now: then the latest exact value and its step.
-        if self.every is not None or plan.epsilon or self.epsilon.cheap:
-            slow = span is not None and not self.epsilon.cheap
+        if plan.epsilon:
+            # Booked as its own kind only where it has its own share (see _plan).
+            slow = span is not None and self.every is None and not self.epsilon.cheap
             if slow:
                 self.budget.charge(span, "measure")
                 span = self.budget.span()
