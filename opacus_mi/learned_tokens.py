@@ -115,21 +115,17 @@ class LayerAutoencoder(TokenEncoder):
         self.code, self.recon_weight = code, float(recon_weight)
         self.encoders = nn.ModuleList()
         self.decoders = nn.ModuleList()
-        for k in self.layer_dims:
-            self.encoders.append(
-                nn.Sequential(
-                    _linear(k, hidden, generator, device),
-                    nn.ELU(),
-                    _linear(hidden, code, generator, device),
-                )
+
+        def one_hidden(d_in: int, d_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                _linear(d_in, hidden, generator, device),
+                nn.ELU(),
+                _linear(hidden, d_out, generator, device),
             )
-            self.decoders.append(
-                nn.Sequential(
-                    _linear(code, hidden, generator, device),
-                    nn.ELU(),
-                    _linear(hidden, k, generator, device),
-                )
-            )
+
+        for k in self.layer_dims:  # encoder, then decoder: the generator's order is kept
+            self.encoders.append(one_hidden(k, code))
+            self.decoders.append(one_hidden(code, k))
         self.out_dim = code * len(self.layer_dims)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
