@@ -32,8 +32,11 @@ class _LazyRdp:
         self.values = np.full(len(orders), np.nan)
         self.done = np.zeros(len(orders), dtype=bool)  # evaluated (a value may be inf or NaN)
         self._lower: np.ndarray | None = None  # cached until the next evaluation
-        if rate == 0 or noise == 0 or rate == 1 or not (
-            math.isfinite(noise) and math.isfinite(rate)
+        if (
+            rate == 0
+            or noise == 0
+            or rate == 1
+            or not (math.isfinite(noise) and math.isfinite(rate))
         ):  # Opacus's closed forms: cheap, so all at once
             self.fill(range(len(orders)))
 
