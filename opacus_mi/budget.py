@@ -136,6 +136,7 @@ class OverheadBudget:
         self._seen: set[str] = set()
         self._seen_this_step: set[str] = set()
         self._step_cost: dict[str, float] = {}  # this step's settled seconds, by kind
+        self._setup_cost: dict[str, float] = {}  # this step's setup seconds, by kind
         self.critics = True  # whether critics share the budget (set by each plan)
         self.slow_epsilon = False  # whether epsilon has a share (set by each plan)
 
@@ -148,6 +149,9 @@ class OverheadBudget:
         """Book a finished bracket as ``"measure"``, ``"critic"`` or ``"epsilon"`` work."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if getattr(span, "charged", False):
+            raise RuntimeError("a monitor bracket was charged twice; start a new span")
+        span.charged = True
         span.stop()
         if not span.cuda:  # a GPU bracket is subtracted once its device time is known
             self._spent_since_tick += span.t1 - span.t0
@@ -166,6 +170,11 @@ class OverheadBudget:
             if kind not in self._seen:
                 self.setup_seconds += sec
                 self._seen_this_step.add(kind)
+                # Setup is not charged, but a critic round's (or PRV epsilon's) is its first
+                # cost estimate: with none, the next step would look free and do it again at
+                # once. A measurement is cheap enough to learn its cost from the next step.
+                if kind != "measure":
+                    self._setup_cost[kind] = self._setup_cost.get(kind, 0.0) + sec
                 continue
             setattr(self, f"{kind}_seconds", getattr(self, f"{kind}_seconds") + sec)
             setattr(self, f"{kind}_credit", getattr(self, f"{kind}_credit") - sec)
@@ -179,12 +188,14 @@ class OverheadBudget:
         self._settle()  # GPU brackets finished by now count against this interval
         if self._last_tick is not None:
             own = max(0.0, now - self._last_tick - self._spent_since_tick)
-            if self.step_seconds is not None:
+            if self.step_seconds:
                 # A pause between steps (an evaluation loop, a checkpoint, another job) is not
                 # training time: credit at most a few typical steps for one interval.
                 own = min(own, _GAP * self.step_seconds)
             self.train_seconds += own
-            self.step_seconds = _ema(self.step_seconds, own)
+            if own > 0:  # (a step of no training time is a clock artefact: a zero estimate
+                # would cap every later interval at zero and the budget would never refill)
+                self.step_seconds = _ema(self.step_seconds, own)
             self._refill(own, self.critics, self.slow_epsilon)
         self._last_tick = now
         self._spent_since_tick = 0.0
@@ -193,7 +204,10 @@ class OverheadBudget:
         # Costs are estimated per step (a step books several spans of each kind).
         for kind, sec in self._step_cost.items():
             setattr(self, f"{kind}_cost", _ema(getattr(self, f"{kind}_cost"), sec))
-        self._step_cost = {}
+        for kind, sec in self._setup_cost.items():
+            if getattr(self, f"{kind}_cost") is None:
+                setattr(self, f"{kind}_cost", sec)
+        self._step_cost, self._setup_cost = {}, {}
 
     @property
     def spent(self) -> float:

@@ -434,6 +434,10 @@ class LeakageMonitor:
         critics = self.train_every is None and bool(
             self.estimators or self.controls or self.semi_oracle is not None
         )
+        # Until a round could change a learned figure (see OnlineEstimator.worth_training), the
+        # whole budget goes to measurement: a round on a near-empty window is time for nothing.
+        if self.estimators and not any(e.worth_training for e in self.estimators.values()):
+            critics = False
         # Epsilon is budgeted only when the measurement is (every=None) and costly (PRV): a
         # fixed schedule computes it fresh at each record.
         slow_epsilon = self.every is None and not self.epsilon.cheap
@@ -668,7 +672,7 @@ class LeakageMonitor:
             record.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n)
         if span is not None:
             self.budget.charge(span, "measure")
-            span = self.budget.span() if train else span
+            span = self.budget.span()  # a new bracket: a charged one must not be booked twice
         # The critics learn from this batch (after scoring it): the budget's "critic" work.
         for view, tokens in learned.items():
             if self.estimators[view].observe(feats, tokens, train=train):

@@ -116,6 +116,26 @@ def test_a_loose_budget_measures_every_step_and_trains_the_critics(budget_defaul
     assert monitor.budget.critic_seconds > 0
 
 
+def test_budget_spends_no_critic_round_before_a_learned_critic_could_report(
+    budget_defaults, monkeypatch
+):
+    """A round before the validation window holds MIN_VALIDATION pairs cannot change a figure
+    (the constant critic reports): the budget gives that time to measurement instead."""
+    from opacus_mi.estimators import online
+
+    seen = []
+    real_train = online.OnlineEstimator.train
+
+    def train_spy(self):
+        seen.append(len(self.val))
+        return real_train(self)
+
+    monkeypatch.setattr(online.OnlineEstimator, "train", train_spy)
+    _, _, monitor, _ = _run(sleep=0.01, budget=5.0, epochs=5)  # 2 validation pairs a batch
+    assert seen and min(seen) >= online.MIN_VALIDATION
+    assert all(est.updates > 0 for est in monitor.estimators.values())
+
+
 def test_budget_mode_is_still_a_guest(budget_defaults):
     e0, m0, _, rng0 = _run(sleep=0.0, budget=0.05, monitored=False)
     e1, m1, monitor, rng1 = _run(sleep=0.0, budget=0.05)
@@ -148,9 +168,30 @@ def test_first_step_of_each_kind_is_setup_and_costs_are_per_step():
     assert b.measure_seconds == pytest.approx(0.005)
     assert b.measure_cost == pytest.approx(0.005)  # one step's total, not one span's
     assert b.critic_seconds == 0 and b.setup_seconds == pytest.approx(0.79)
+    # ... but it is the critics' first cost estimate: the next round must be earned (with no
+    # estimate it would look free, and the first two rounds would come back to back).
+    assert b.critic_cost == pytest.approx(0.04) and b.critic_credit < 0.001
+    assert not b.plan(critics=True).train
     _spend(b, "critic", 0.03)
     b.tick()
-    assert b.critic_seconds == pytest.approx(0.03) and b.critic_cost == pytest.approx(0.03)
+    assert b.critic_seconds == pytest.approx(0.03)
+    assert b.critic_cost == pytest.approx(0.8 * 0.04 + 0.2 * 0.03)  # the running estimate
+
+
+def test_a_bracket_is_booked_once_and_a_zero_interval_cannot_freeze_the_clock():
+    b = OverheadBudget(0.1)
+    span = b.span()
+    b.charge(span, "measure")
+    with pytest.raises(RuntimeError, match="charged twice"):
+        b.charge(span, "measure")
+    b.tick()
+    time.sleep(0.003)
+    b._spent_since_tick = 1.0  # monitor time covering the whole interval (clock artefact)
+    b.tick()
+    assert b.step_seconds is None and b.train_seconds == 0
+    time.sleep(0.003)
+    b.tick()  # the next real interval still counts
+    assert b.step_seconds > 0.002 and b.train_seconds == b.step_seconds
 
 
 def test_prv_epsilon_is_recomputed_when_affordable_and_otherwise_the_latest_exact_value(

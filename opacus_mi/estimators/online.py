@@ -266,6 +266,14 @@ class OnlineEstimator:
     def ready(self) -> bool:
         return self.critic is not None and self.updates > 0
 
+    @property
+    def worth_training(self) -> bool:
+        """Whether a training round now could change what this estimator reports: not before
+        the validation window can select a learned critic (until then the constant critic
+        reports 0 whatever the round learns). Used by the overhead budget, which should not
+        spend a round's time on nothing."""
+        return len(self.pairs) >= 4 and (self.holdout <= 1 or len(self.val) >= MIN_VALIDATION)
+
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> BatchEstimate | None:
         """Held-out bound on this batch; None before the critic has trained or if n < 2."""
