@@ -147,7 +147,7 @@ class EpsilonTracker:
     def _rdp_epsilon(self, history: tuple) -> float:
         parts = [(self._table(noise, rate), steps) for noise, rate, steps in history]
         start = self._seed if self._best is None else [self._best]
-        if not all(t.done[k] for t, _ in parts for k in start):
+        if self._best is None or not all(t.done[self._best] for t, _ in parts):
             self._fill(parts, start)
         while True:
             # Exact where evaluated in every part (Opacus's composition), inf where not yet.

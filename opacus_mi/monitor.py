@@ -516,12 +516,16 @@ class LeakageMonitor:
                 else self.tokenizer.sketch_layer(i, g)
                 for i, g in enumerate(grad_samples)
             ]
+        raw_all = torch.cat(raw, dim=1)
         if "raw" in self.views:
-            chunk.tokens["raw"] = torch.cat(raw, dim=1).float()
+            chunk.tokens["raw"] = raw_all.float()
         if "clipped" in self.views or "private" in self.views:
-            clipped = torch.cat(
-                [t * clip.for_layer(i).to(t.dtype)[:, None] for i, t in enumerate(raw)], dim=1
-            ).float()
+            if clip.per_layer:
+                clipped = torch.cat(
+                    [t * clip.for_layer(i).to(t.dtype)[:, None] for i, t in enumerate(raw)], dim=1
+                ).float()
+            else:  # one factor per example: one product over all layers' tokens
+                clipped = (raw_all * clip.factors.to(raw_all.dtype)[:, None]).float()
             if "clipped" in self.views or self.semi_oracle is not None:
                 chunk.tokens["clipped"] = clipped
             if self.subspace is not None and grad_samples is not None:
