@@ -110,6 +110,25 @@ def measure_model(lib, model: str, device: str, quick: bool) -> dict:
     return out
 
 
+def measure_cold(lib, device: str, steps=(100, 1000), reps: int = 3) -> dict:
+    """The defaults from a fresh monitor, as a user's first run sees them: ``n`` steps of a new
+    DP setup vs a new monitored one (one-off setup included), alternated ``reps`` times; the
+    ratio of the totals."""
+    out = {}
+    for n in steps:
+        totals = {"dp": 0.0, "default": 0.0}
+        setup = 0.0
+        for _ in range(reps):
+            for variant in ("dp", "default"):
+                s = lib.build_setup("digits_cnn", variant, device=device)
+                totals[variant] += s.timed(n)
+                if s.monitor is not None:
+                    setup += s.monitor.budget.setup_seconds / reps
+                del s
+        out[n] = {"ratio": totals["default"] / totals["dp"], "setup_s": setup}
+    return out
+
+
 def measure_prv(lib, device: str) -> dict:
     """DP vs DP + monitor with Opacus's PRV accountant (digits CNN): the every-step oracle over
     a few steps (each pays a ~0.1-0.2 s ``get_epsilon``), the budgeted default over 1,000 steps
@@ -287,7 +306,9 @@ def _tables(results) -> list[str]:
     return lines
 
 
-def render(results, prv, profiles, *, device: str, machine: str, load: tuple[str, str]) -> str:
+def render(
+    results, prv, profiles, *, device: str, machine: str, load: tuple[str, str], cold=None
+) -> str:
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines = [
         f"# opacus-mi monitor overhead ({device})",
@@ -303,6 +324,18 @@ def render(results, prv, profiles, *, device: str, machine: str, load: tuple[str
     ]
     if results:
         lines += _tables(results)
+    if cold:
+        parts = [
+            f"{r['ratio']:.2f}x over {n:,} steps ({1e3 * r['setup_s']:.0f} ms one-off setup)"
+            for n, r in cold.items()
+        ]
+        lines += [
+            "",
+            "Cold start (digits CNN, library defaults, a fresh monitor and a fresh DP setup, "
+            "each run from step 0, alternated 3 times, totals): " + "; ".join(parts) + ". "
+            "Setup is the first measured step's one-off work (first calls, the first epsilon) "
+            "and the critics' first round, made once the validation window can select one.",
+        ]
     if prv is not None:
         lines += [
             "",
@@ -356,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         print(f"measuring {model} on {args.device} ...", file=sys.stderr, flush=True)
         results.append(measure_model(lib, model, args.device, args.quick))
+    cold = None
+    if "digits_cnn" in args.models:
+        print("measuring the cold start ...", file=sys.stderr, flush=True)
+        cold = measure_cold(lib, args.device)
     prv = None if args.no_prv else measure_prv(lib, args.device)
     profiles = (
         []
@@ -366,7 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     text = render(
-        results, prv, profiles, device=args.device, machine=machine, load=(load_start, _load())
+        results,
+        prv,
+        profiles,
+        device=args.device,
+        machine=machine,
+        load=(load_start, _load()),
+        cold=cold,
     )
     print(text)
     out = args.out
