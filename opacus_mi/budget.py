@@ -39,6 +39,14 @@ _GAP = 3.0  # one interval between steps counts as at most this many typical ste
 # A bucket holds at most this many units of its work: two (cheap) measurements, or one critic
 # round and a quarter (so rounds never come back to back after a quiet spell).
 _CAP = {"measure": 2.0, "critic": 1.25, "epsilon": 1.25}
+# The critics' first round is ordinary critic work, made once its bucket holds this many
+# training steps' worth of credit (its cost is unknown before it runs; on a small CPU model a
+# round costs ~5-10 steps, on a large GPU model a fraction of one). Its real cost then sets the
+# running estimate, and any excess is a debt the bucket repays before the next round.
+_FIRST_ROUND_STEPS = 4.0
+# Kinds whose first step is booked as one-off setup: a measurement's first calls and tables, the
+# first (PRV) epsilon. The critics' first round is not: it is a round like the others.
+_SETUP_KINDS = ("measure", "epsilon")
 
 
 @dataclass(frozen=True)
@@ -129,9 +137,9 @@ class OverheadBudget:
         self._last_tick: float | None = None
         self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
         self._pending: list[tuple[_Span, str]] = []
-        # One-off costs (first-call dispatch, lazy allocations, building the critics) are paid
-        # by the first step that does each kind of work; booked apart, they would otherwise
-        # read as hundreds of steps of debt.
+        # One-off costs (first-call dispatch, lazy allocations, the sketch's tables) are paid by
+        # the first step that measures (or computes a PRV epsilon); booked apart, they would
+        # otherwise read as hundreds of steps of debt.
         self.setup_seconds = 0.0
         self._seen: set[str] = set()
         self._seen_this_step: set[str] = set()
@@ -167,12 +175,12 @@ class OverheadBudget:
                 continue
             if span.cuda:
                 self._spent_since_tick += sec
-            if kind not in self._seen:
+            if kind not in self._seen and kind in _SETUP_KINDS:
                 self.setup_seconds += sec
                 self._seen_this_step.add(kind)
-                # Setup is not charged, but a critic round's (or PRV epsilon's) is its first
-                # cost estimate: with none, the next step would look free and do it again at
-                # once. A measurement is cheap enough to learn its cost from the next step.
+                # Setup is not charged, but a PRV epsilon's is its first cost estimate: with
+                # none, the next step would look free and compute it again at once. A
+                # measurement is cheap enough to learn its cost from the next step.
                 if kind != "measure":
                     self._setup_cost[kind] = self._setup_cost.get(kind, 0.0) + sec
                 continue
@@ -246,7 +254,11 @@ class OverheadBudget:
         """The plan at a measured step (see module docs): whether the critics train and an
         expensive epsilon is recomputed now, and when to measure next."""
         self.critics, self.slow_epsilon = critics, slow_epsilon
-        train = critics and self.critic_credit >= (self.critic_cost or 0.0)
+        if self.critic_cost is not None:
+            round_cost = self.critic_cost
+        else:  # before the first round: a prior in training steps (see _FIRST_ROUND_STEPS)
+            round_cost = _FIRST_ROUND_STEPS * self.step_seconds if self.step_seconds else math.inf
+        train = critics and self.critic_credit >= round_cost
         epsilon = not slow_epsilon or self.epsilon_credit >= (self.epsilon_cost or 0.0)
         next_in = 1
         if self.measure_cost is not None and self.step_seconds:

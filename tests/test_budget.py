@@ -155,7 +155,7 @@ def _spend(budget: OverheadBudget, kind: str, seconds: float) -> None:
     budget._settle()
 
 
-def test_first_step_of_each_kind_is_setup_and_costs_are_per_step():
+def test_first_measured_step_is_setup_and_costs_are_per_step():
     b = OverheadBudget(0.1)
     _spend(b, "measure", 0.5)  # first measured step: one-off costs
     _spend(b, "measure", 0.25)
@@ -163,19 +163,30 @@ def test_first_step_of_each_kind_is_setup_and_costs_are_per_step():
     assert b.setup_seconds == 0.75 and b.measure_seconds == 0 and b.measure_cost is None
     _spend(b, "measure", 0.002)  # a steady step booked in two spans
     _spend(b, "measure", 0.003)
-    _spend(b, "critic", 0.04)  # the critics' first round: setup as well
     b.tick()
     assert b.measure_seconds == pytest.approx(0.005)
     assert b.measure_cost == pytest.approx(0.005)  # one step's total, not one span's
-    assert b.critic_seconds == 0 and b.setup_seconds == pytest.approx(0.79)
-    # ... but it is the critics' first cost estimate: the next round must be earned (with no
-    # estimate it would look free, and the first two rounds would come back to back).
-    assert b.critic_cost == pytest.approx(0.04) and b.critic_credit < 0.001
-    assert not b.plan(critics=True).train
+    assert b.setup_seconds == pytest.approx(0.75)
+
+
+def test_critics_first_round_waits_for_a_prior_and_is_charged_like_any_other():
+    from opacus_mi.budget import _FIRST_ROUND_STEPS
+
+    b = OverheadBudget(0.1)
+    b.step_seconds, b.measure_cost = 0.01, 0.001
+    prior = _FIRST_ROUND_STEPS * 0.01
+    b.critic_credit = 0.99 * prior
+    assert not b.plan(critics=True).train  # no cost known yet: the prior must be earned
+    b.critic_credit = prior
+    assert b.plan(critics=True).train
+    _spend(b, "critic", 0.07)  # the round cost more than the prior: a debt, not setup
+    b.tick()
+    assert b.setup_seconds == 0 and b.critic_seconds == pytest.approx(0.07)
+    assert b.critic_cost == pytest.approx(0.07)
+    assert b.critic_credit < 0 and not b.plan(critics=True).train
     _spend(b, "critic", 0.03)
     b.tick()
-    assert b.critic_seconds == pytest.approx(0.03)
-    assert b.critic_cost == pytest.approx(0.8 * 0.04 + 0.2 * 0.03)  # the running estimate
+    assert b.critic_cost == pytest.approx(0.8 * 0.07 + 0.2 * 0.03)  # the running estimate
 
 
 def test_a_bracket_is_booked_once_and_a_zero_interval_cannot_freeze_the_clock():
