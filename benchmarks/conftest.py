@@ -273,12 +273,12 @@ def fill_windows(setup: Setup) -> None:
 def warm(setup: Setup, steps: int) -> None:
     """Warm-up steps (allocator, kernels, critic built and trained), then steady-state windows.
     Under the overhead budget the critics' first round (booked as setup) comes at a measured step
-    after the windows are full: warming up runs until it has happened (at most 500 steps)."""
+    after the windows are full: warming up runs until it has happened (at most 300 steps)."""
     setup.run(steps)
     fill_windows(setup)
     setup.run(2)
     estimators = setup.monitor.estimators.values() if setup.monitor is not None else ()
-    for _ in range(500):
+    for _ in range(300):
         if all(e.updates > 0 for e in estimators):
             break
         setup.step()

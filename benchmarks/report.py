@@ -338,8 +338,9 @@ def render(
             "Cold start (digits CNN, library defaults; a fresh monitored setup and a fresh DP "
             "one, both from step 0, timed in alternating 50-step blocks, 3 fresh pairs, "
             "totals): " + "; ".join(parts) + ". "
-            "Setup is the first measured step's one-off work (first calls, the first epsilon) "
-            "and the critics' first round, made once the validation window can select one.",
+            "Setup is the first measured step's one-off work (first calls, the first epsilon); "
+            "the critics' first round is charged like any other, once the validation window "
+            "can select a critic and the critics' share holds 4 steps' worth of time.",
         ]
     if prv is not None:
         lines += [
