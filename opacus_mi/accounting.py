@@ -8,11 +8,13 @@ values with Opacus's own functions in Opacus's own order, so the value is bit-id
 
 It also computes those per-order values only where they can matter. Opacus evaluates its 151
 default orders with a Python series each (60-80 ms for a typical sample rate and noise, paid on
-the first record); epsilon is the minimum over orders, and two facts bound every order not yet
-evaluated from below: RDP is non-decreasing in the order (Renyi divergences are), and it is
-non-negative. So an order is evaluated, with Opacus's function, only if its lower bound does not
-exclude it from the minimum; orders proven irrelevant stay at ``inf`` in Opacus's own conversion,
-which then picks the same order and returns the same float as the full computation.
+the first record); epsilon is the minimum over orders, and three facts bound every order not
+yet evaluated from below: ``(a - 1) RDP(a)`` is convex in the order ``a`` and 0 at ``a = 1``
+(secants through evaluated orders, extended, lie below it), RDP is non-decreasing in the order
+(Renyi divergences are), and it is non-negative. So an order is evaluated, with Opacus's
+function, only if its lower bound does not exclude it from the minimum; orders proven irrelevant
+stay at ``inf`` in Opacus's own conversion, which then picks the same order and returns the same
+float as the full computation (12 of 151 orders on a digits run's first epsilon).
 """
 
 from __future__ import annotations
