@@ -516,7 +516,8 @@ class LeakageMonitor:
                 else self.tokenizer.sketch_layer(i, g)
                 for i, g in enumerate(grad_samples)
             ]
-        raw_all = torch.cat(raw, dim=1)
+        # All layers' raw tokens in one tensor: the raw view, and flat clipping's one product.
+        raw_all = torch.cat(raw, dim=1) if "raw" in self.views or not clip.per_layer else None
         if "raw" in self.views:
             chunk.tokens["raw"] = raw_all.float()
         if "clipped" in self.views or "private" in self.views:
