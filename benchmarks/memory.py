@@ -14,10 +14,9 @@ ResNet-18 at batch 128 holds 5.7 GB of per-sample gradients: expect ~12 GB of RA
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 
-from report import HERE, _load_lib, _mb, machine_line
+from report import HERE, _load_lib, _mb, header, machine_line
 
 
 def measure(lib, model: str, batch: int, device: str) -> dict:
@@ -46,13 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch:
         print(f"counting {args.model} at batch {batch} ...", file=sys.stderr, flush=True)
         rows.append(measure(lib, args.model, batch, args.device))
-    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines = [
-        f"# opacus-mi monitor memory ({args.model}, {args.device})",
-        "",
-        f"- date: {now}",
-        f"- machine: {machine_line(lib, args.device)}",
-        "- command: `" + " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]) + "`",
+        *header(
+            f"opacus-mi monitor memory ({args.model}, {args.device})",
+            machine_line(lib, args.device),
+            "memory.py",
+        ),
         f"- method: {rows[0]['method']} (see `benchmarks/overhead_results.md` for what is counted)",
         "",
         "| batch | DP peak MiB | monitor state MiB | of which windows | monitor transient MiB "

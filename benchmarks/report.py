@@ -310,17 +310,29 @@ def _tables(results) -> list[str]:
     return lines
 
 
-def render(
-    results, prv, profiles, *, device: str, machine: str, load: tuple[str, str], cold=None
-) -> str:
+def header(title: str, machine: str, script: str, *extra: str) -> list[str]:
+    """A results file's opening lines: title, date, machine, ``extra`` lines, the command."""
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    lines = [
-        f"# opacus-mi monitor overhead ({device})",
+    return [
+        f"# {title}",
         "",
         f"- date: {now}",
         f"- machine: {machine}",
-        f"- load average (1/5/15 min) at start: {load[0]}; at end: {load[1]}",
-        "- command: `" + " ".join(["python", "benchmarks/report.py", *sys.argv[1:]]) + "`",
+        *extra,
+        "- command: `" + " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]) + "`",
+    ]
+
+
+def render(
+    results, prv, profiles, *, device: str, machine: str, load: tuple[str, str], cold=None
+) -> str:
+    lines = [
+        *header(
+            f"opacus-mi monitor overhead ({device})",
+            machine,
+            "report.py",
+            f"- load average (1/5/15 min) at start: {load[0]}; at end: {load[1]}",
+        ),
         "- ratios: total time of each variant over interleaved repetitions / total time of the DP"
         " step over the same repetitions (a total, not a median: the budgeted default and the"
         " critics work in bursts); accountant RDP; monitor views clipped + private",
