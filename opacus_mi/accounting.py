@@ -19,7 +19,9 @@ float as the full computation (12 of 151 orders on a digits run's first epsilon)
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from opacus.accountants import IAccountant, RDPAccountant
@@ -121,16 +123,22 @@ class EpsilonTracker:
     def history(self) -> tuple:
         return tuple(tuple(h) for h in getattr(self.accountant, "history", ()))
 
-    def epsilon(self) -> float:
-        key = self.history()
+    def epsilon(self, history: tuple | None = None) -> float:
+        """Epsilon after ``history`` (a :meth:`history` taken earlier, e.g. by the training
+        thread for an overlap worker; default: the accountant's now)."""
+        key = self.history() if history is None else history
         if key == self._key:
             return self._value
         if not key:
             value = 0.0
         elif type(self.accountant) is RDPAccountant:
             value = self._rdp_epsilon(key)
-        else:
+        elif history is None:
             value = float(self.accountant.get_epsilon(self.delta))
+        else:  # Opacus's own accountant, on a copy that holds the given history
+            frozen = copy.copy(self.accountant)
+            frozen.history = [tuple(h) for h in key]
+            value = float(frozen.get_epsilon(self.delta))
         self._key, self._value = key, value
         return value
 
@@ -174,9 +182,10 @@ class EpsilonTracker:
         return float(eps)
 
 
-def sample_rate_of(accountant: IAccountant) -> float:
-    """Sample rate of the accountant's latest step (NaN before any step)."""
-    history = getattr(accountant, "history", None)
+def sample_rate_of(accountant: IAccountant | None, history: Sequence | None = None) -> float:
+    """Sample rate of the accountant's latest step, or of ``history``'s (NaN before any)."""
+    if history is None:
+        history = getattr(accountant, "history", None)
     return float(history[-1][1]) if history else math.nan
 
 
@@ -281,10 +290,11 @@ class MIAccountant:
             return getattr(self.accountant, "history", [])
         return self.history
 
-    def bound(self) -> float:
-        """Cumulative bound in nats for any one example after all recorded steps."""
+    def bound(self, history: Sequence | None = None) -> float:
+        """Cumulative bound in nats for any one example after all recorded steps (or after
+        ``history``, a copy of the accountant's taken earlier)."""
         total = 0.0
-        for noise, rate, steps in self._entries():
+        for noise, rate, steps in self._entries() if history is None else history:
             key = (float(noise), float(rate))
             if key not in self._kl:
                 self._kl[key] = step_kl(*key)

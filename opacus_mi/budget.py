@@ -22,6 +22,12 @@ plan (it travels with the gathered chunks), so the ranks never disagree about a 
 Timing makes the schedule, hence the records, vary run to run; pass integers to ``every`` and
 ``train_every`` for a reproducible schedule.
 
+With overlap (:mod:`opacus_mi.overlap`) the monitor's work runs on a worker thread, beside the
+training loop rather than inside its steps: it is booked to its kind as always, so the schedule is
+as conservative as without overlap, but not subtracted from the training loop's time
+(``charge(..., concurrent=True)``); the time the training thread spends waiting for the worker is
+(:meth:`OverheadBudget.exclude`). The budget is shared by both threads, behind one lock.
+
 Time on a GPU is device time: CUDA events bracket the monitor's work and are read once complete
 (never waited on), so the budget adds no host synchronisation.
 """
@@ -29,6 +35,7 @@ Time on a GPU is device time: CUDA events bracket the monitor's work and are rea
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -147,24 +154,37 @@ class OverheadBudget:
         self._setup_cost: dict[str, float] = {}  # this step's setup seconds, by kind
         self.critics = True  # whether critics share the budget (set by each plan)
         self.slow_epsilon = False  # whether epsilon has a share (set by each plan)
+        self._lock = threading.RLock()  # the training thread ticks, an overlap worker charges
 
     # ------------------------------------------------------------------ bookkeeping
     def span(self) -> _Span:
         """Start timing a bracket of monitor work; pass it to :meth:`charge` when done."""
         return _Span(self.device)
 
-    def charge(self, span: _Span, kind: str) -> None:
-        """Book a finished bracket as ``"measure"``, ``"critic"`` or ``"epsilon"`` work."""
+    def charge(self, span: _Span, kind: str, *, concurrent: bool = False) -> None:
+        """Book a finished bracket as ``"measure"``, ``"critic"`` or ``"epsilon"`` work.
+
+        ``concurrent``: the work ran on a worker thread beside training (overlap), so it was not
+        part of the interval between two training steps and is not subtracted from it.
+        """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if getattr(span, "charged", False):
-            raise RuntimeError("a monitor bracket was charged twice; start a new span")
-        span.charged = True
-        span.stop()
-        if not span.cuda:  # a GPU bracket is subtracted once its device time is known
-            self._spent_since_tick += span.t1 - span.t0
-        self._pending.append((span, kind))
-        self._settle()
+        with self._lock:
+            if getattr(span, "charged", False):
+                raise RuntimeError("a monitor bracket was charged twice; start a new span")
+            span.charged = True
+            span.concurrent = concurrent
+            span.stop()
+            if not span.cuda and not concurrent:  # a GPU bracket: once its device time is known
+                self._spent_since_tick += span.t1 - span.t0
+            self._pending.append((span, kind))
+            self._settle()
+
+    def exclude(self, seconds: float) -> None:
+        """Seconds the training thread spent on the monitor that no kind is charged for (waiting
+        for an overlap worker whose work is booked as it runs): not training time."""
+        with self._lock:
+            self._spent_since_tick += seconds
 
     def _settle(self) -> None:
         waiting = []
@@ -173,7 +193,7 @@ class OverheadBudget:
             if sec is None:
                 waiting.append((span, kind))
                 continue
-            if span.cuda:
+            if span.cuda and not getattr(span, "concurrent", False):
                 self._spent_since_tick += sec
             if kind not in self._seen and kind in _SETUP_KINDS:
                 self.setup_seconds += sec
@@ -192,6 +212,10 @@ class OverheadBudget:
     def tick(self) -> None:
         """End of a logical training step: the time since the last tick, less the monitor's,
         was the training loop's."""
+        with self._lock:
+            self._tick()
+
+    def _tick(self) -> None:
         now = time.perf_counter()
         self._settle()  # GPU brackets finished by now count against this interval
         if self._last_tick is not None:
@@ -253,6 +277,10 @@ class OverheadBudget:
     def plan(self, *, critics: bool, slow_epsilon: bool = False) -> Plan:
         """The plan at a measured step (see module docs): whether the critics train and an
         expensive epsilon is recomputed now, and when to measure next."""
+        with self._lock:
+            return self._plan(critics, slow_epsilon)
+
+    def _plan(self, critics: bool, slow_epsilon: bool) -> Plan:
         self.critics, self.slow_epsilon = critics, slow_epsilon
         if self.critic_cost is not None:
             round_cost = self.critic_cost
@@ -271,6 +299,10 @@ class OverheadBudget:
 
     def state(self) -> dict[str, float]:
         """Seconds so far, for records and reports."""
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> dict[str, float]:
         return {
             "train_seconds": self.train_seconds,
             **{f"{kind}_seconds": getattr(self, f"{kind}_seconds") for kind in KINDS},

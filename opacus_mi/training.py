@@ -338,6 +338,7 @@ def _train(
         )
     sigma = float(optimizer.noise_multiplier)
 
+    fresh: list = []  # records not yet shown or logged
     monitor = LeakageMonitor(
         engine,
         model,
@@ -354,6 +355,7 @@ def _train(
         token_dim=cfg.token_dim,
         seed=cfg.seed,
         jsonl=str(jsonl),
+        sinks=[fresh.append],  # records as they are delivered (with overlap, a step later)
     )
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
     writer = _tensorboard_writer(out / "tensorboard") if cfg.tensorboard else None
@@ -369,7 +371,6 @@ def _train(
         leave=True,
     )
     postfix: dict[str, str] = {}
-    logged = 0
     try:
         for epoch in range(cfg.epochs):
             bar.set_description(f"sigma {sigma:.3g} epoch {epoch + 1}/{cfg.epochs}", refresh=False)
@@ -380,8 +381,8 @@ def _train(
                 loss = criterion(model(x), y)
                 loss.backward()
                 optimizer.step()
-                if monitor.history and len(monitor.history) > logged:
-                    rec = monitor.history[-1]
+                if fresh:  # (reading monitor.history would wait for an overlap worker)
+                    rec = fresh[-1]
                     postfix["eps"] = f"{rec.epsilon:.2f}"
                     oracle = rec.mi.get("private/oracle")
                     if oracle is not None:
@@ -390,9 +391,9 @@ def _train(
                     if clipped is not None:
                         postfix["clipped"] = f"{clipped:.3f}"
                     if writer is not None:
-                        for r in monitor.history[logged:]:
+                        for r in fresh:
                             _tb_record(writer, r)
-                    logged = len(monitor.history)
+                    fresh.clear()
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
             acc = _evaluate(model, test_loader, device)
@@ -403,8 +404,10 @@ def _train(
                 writer.add_scalar("test/accuracy", acc, monitor.steps)
     finally:
         bar.close()
-        monitor.detach()
+        monitor.detach()  # delivers the records still being made
         if writer is not None:
+            for r in fresh:
+                _tb_record(writer, r)
             writer.flush()
             writer.close()
 

@@ -281,3 +281,30 @@ def test_gpu_brackets_are_booked_when_their_events_complete_never_waited_on():
     elapsed = time.perf_counter() - b._last_tick
     b.tick()
     assert b.train_seconds == pytest.approx(elapsed - 0.015, abs=2e-3)
+
+
+def test_concurrent_work_is_charged_but_not_taken_out_of_training_time():
+    """Overlap: a worker's bracket runs beside training, so the interval between two ticks is
+    all training time; its seconds still debit the bucket. A wait for the worker is not
+    training time and debits nothing."""
+    b = OverheadBudget(0.1)
+    b.plan(critics=False)  # the whole budget refills the measurement's bucket
+    b.tick()
+    span = b.span()
+    time.sleep(0.01)
+    b.charge(span, "measure", concurrent=True)  # first measurement: setup, not charged
+    b.tick()
+    first = b.train_seconds
+    assert first >= 0.01 and b.setup_seconds >= 0.01
+    span = b.span()
+    time.sleep(0.01)
+    b.charge(span, "measure", concurrent=True)
+    b.tick()
+    assert b.train_seconds - first >= 0.01  # not subtracted
+    assert b.measure_seconds >= 0.01 and b.measure_credit < 0
+    credit, trained = b.measure_credit, b.train_seconds
+    time.sleep(0.01)
+    b.exclude(0.01)
+    b.tick()
+    assert b.train_seconds - trained < 0.01 + 0.005  # the wait is taken out
+    assert b.measure_credit - credit == pytest.approx(0.1 * (b.train_seconds - trained))

@@ -81,10 +81,13 @@ def test_named_layers_and_callable_features_come_from_the_same_forward():
     torch.testing.assert_close(got[0][1], x.mean(dim=(1, 2, 3))[:, None])
 
 
-def test_jsonl_sink_appends_and_flushes_every_record(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_jsonl_sink_appends_and_flushes_every_record(tmp_path, overlap):
     path = tmp_path / "records.jsonl"
     engine, model, opt, loader = make_private(poisson=False)
-    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=str(path), train_every=1)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, jsonl=str(path), train_every=1, overlap=overlap
+    )
     lines_seen = []
     train(
         model,
@@ -93,7 +96,11 @@ def test_jsonl_sink_appends_and_flushes_every_record(tmp_path):
         epochs=2,
         after_step=lambda: lines_seen.append(len(path.read_text().splitlines())),
     )
-    assert lines_seen == list(range(1, len(lines_seen) + 1))  # on disk right after each step
+    # On disk right after each step; with overlap, at the next step (the worker made it).
+    lag = int(overlap)
+    assert lines_seen == [i + 1 - lag for i in range(len(lines_seen))]
+    monitor.flush()
+    assert len(path.read_text().splitlines()) == len(lines_seen)
     back = read_jsonl(path)
     assert [r.as_dict() for r in back] == [r.as_dict() for r in monitor.history]
     for line in path.read_text().splitlines():

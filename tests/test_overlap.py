@@ -1,0 +1,186 @@
+"""Overlap: measuring on a worker thread changes when records arrive, never what they are.
+
+References: the same monitor without overlap (records and its generator, bit for bit), the same
+run without any monitor (training and the global RNG, bit for bit), and Opacus's accountant.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_private, train
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+
+import opacus_mi.overlap as overlap_mod
+from opacus_mi import LeakageMonitor
+from opacus_mi.overlap import resolve_overlap
+
+
+def _records(monitor):
+    out = []
+    for r in monitor.history:
+        d = r.as_dict()
+        d.pop("monitor_seconds")
+        out.append(d)
+    return out
+
+
+def _run(overlap, *, memory_manager=False, epochs=2, **monitor_kwargs):
+    """A monitored run; ``overlap=None`` for no monitor at all."""
+    engine, model, opt, loader = make_private(poisson=True, n=128, batch_size=16)
+    monitor = None
+    criterion = nn.CrossEntropyLoss()
+    if overlap is not None:
+        kwargs = {
+            "delta": 1e-5,
+            "views": ("raw", "clipped", "private"),
+            "train_every": 1,
+            "control": True,
+            "overlap": overlap,
+        }
+        kwargs.update(monitor_kwargs)
+        monitor = LeakageMonitor(engine, model, opt, **kwargs)
+        assert monitor.overlap is overlap
+        criterion = monitor.wrap_criterion(criterion)
+    for _ in range(epochs):
+        if memory_manager:
+            with BatchMemoryManager(
+                data_loader=loader, max_physical_batch_size=6, optimizer=opt
+            ) as chunks:
+                train(model, opt, chunks, criterion=criterion)
+        else:
+            train(model, opt, loader, criterion=criterion)
+    params = [p.detach().clone() for p in model.parameters()]
+    return engine, monitor, params, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("memory_manager", [False, True], ids=["whole", "chunks"])
+def test_overlap_gives_the_synchronous_records_and_leaves_training_unchanged(memory_manager):
+    _, sync, _, _ = _run(False, memory_manager=memory_manager)
+    engine, over, params, rng = _run(True, memory_manager=memory_manager)
+    _, _, ref_params, ref_rng = _run(None, memory_manager=memory_manager)
+    records = _records(over)
+    assert records == _records(sync)
+    assert len(records) == over.steps and any("clipped/mine" in r["mi"] for r in records)
+    # Same draws in the same order from the monitor's own generator; none from the global one.
+    assert torch.equal(over.generator.get_state(), sync.generator.get_state())
+    assert torch.equal(rng, ref_rng)
+    for got, want in zip(params, ref_params, strict=True):
+        assert torch.equal(got, want)
+    assert records[-1]["epsilon"] == engine.get_epsilon(1e-5)
+
+
+def test_overlap_keeps_one_chunk_in_flight_and_detach_stops_the_worker():
+    engine, model, opt, loader = make_private(poisson=False, n=96, batch_size=8)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, overlap=True)
+    worker = monitor._worker
+    idle_at_chunk = []
+    submit = worker.submit
+
+    def spy(fn, *args):
+        if fn == monitor._measure_safely:  # a chunk: its gradients are held until it is read
+            idle_at_chunk.append(worker.idle)
+        return submit(fn, *args)
+
+    worker.submit = spy
+    train(model, opt, loader, epochs=2)
+    assert len(idle_at_chunk) == monitor.steps == 24 and all(idle_at_chunk)
+    threads = list(worker._pool._threads)
+    assert threads and all(t.is_alive() and t.name.startswith("opacus-mi") for t in threads)
+    monitor.detach()
+    assert [r.step for r in monitor.history] == list(range(24))  # the last one delivered too
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_overlap_failures_are_flagged_on_the_record_never_raised():
+    engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=16)
+
+    def broken(_x):
+        raise RuntimeError("feature bug")
+
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=broken, overlap=True)
+    real_finish = monitor._finish_step
+
+    def finish(chunks, step, accounting):
+        if step == 2:
+            raise RuntimeError("record bug")
+        return real_finish(chunks, step, accounting)
+
+    monitor._finish_step = finish
+    with pytest.warns(RuntimeWarning) as caught:
+        train(model, opt, loader, epochs=2)
+        monitor.flush()
+    messages = " ".join(str(w.message) for w in caught)
+    assert "feature extraction failed" in messages and "leakage record failed" in messages
+    assert [r.step for r in monitor.history] == [0, 1, 3, 4, 5, 6, 7]
+    assert all("features_error" in r.flags for r in monitor.history)
+    assert all("private/oracle" in r.mi for r in monitor.history)  # the oracle carried on
+
+
+def test_overlap_resolution(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(overlap_mod, "usable_cores", lambda: torch.get_num_threads() + 1)
+    assert resolve_overlap(None, device=cpu, distributed=False, ghost=False)
+    for kwargs in (
+        {"device": cuda, "distributed": False, "ghost": False},
+        {"device": cpu, "distributed": True, "ghost": False},
+        {"device": cpu, "distributed": False, "ghost": True},
+    ):
+        assert not resolve_overlap(None, **kwargs)
+        assert not resolve_overlap(False, **kwargs)
+        with pytest.raises(ValueError, match="overlap=True cannot be honoured"):
+            resolve_overlap(True, **kwargs)
+    # No free core: training's own threads would share theirs with the worker.
+    monkeypatch.setattr(overlap_mod, "usable_cores", lambda: torch.get_num_threads())
+    assert not resolve_overlap(None, device=cpu, distributed=False, ghost=False)
+    assert resolve_overlap(True, device=cpu, distributed=False, ghost=False)
+    with pytest.raises(ValueError, match="overlap must be True, False or None"):
+        resolve_overlap("yes", device=cpu, distributed=False, ghost=False)
+
+
+def test_overlap_true_with_ghost_clipping_is_refused_and_leaves_no_hook():
+    from test_factored import _make
+
+    engine, model, opt, _, _ = _make("ghost")
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(ValueError, match="ghost clipping"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, overlap=True)
+    assert hooks == sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    assert "pre_step" not in vars(opt)
+
+
+_EXIT_SCRIPT = """
+import sys, torch, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, sys.argv[2])
+from conftest import make_private, train
+from opacus_mi import LeakageMonitor
+engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=8)
+monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=sys.argv[1], every=1, overlap=True)
+train(model, opt, loader)
+print(len(monitor._history), monitor.steps)  # the last record is still undelivered here
+"""
+
+
+def test_overlap_delivers_the_last_records_at_interpreter_exit(tmp_path):
+    """A script that never reads ``history`` nor detaches still gets every JSONL line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from opacus_mi import read_jsonl
+
+    path, script = tmp_path / "records.jsonl", tmp_path / "job.py"
+    script.write_text(_EXIT_SCRIPT)
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run(
+        [sys.executable, str(script), str(path), str(tests)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    delivered, steps = map(int, out.stdout.split())
+    assert steps == 8 and delivered < steps
+    assert [r.step for r in read_jsonl(path)] == list(range(8))
