@@ -9,7 +9,9 @@ same work: same architecture and initial weights (global seed), same pre-generat
 * ``nonprivate``  plain model + SGD,
 * ``dp``          Opacus DP-SGD step (``grad_sample_mode="hooks"``, flat clipping),
 * ``oracle``      DP + ``LeakageMonitor(estimator=None, every=1)``: tokens + Gram oracle on
-                  every step (views clipped + private),
+                  every step (views clipped + private); overlap automatic (on a CPU with the
+                  one intra-op thread below and a second core: on, :mod:`opacus_mi.overlap`),
+* ``oracle_sync`` the same with ``overlap=False``: all of it inside the training step,
 * ``default``     DP + ``LeakageMonitor`` with its defaults: the overhead budget
                   (``every=None``, ``train_every=None``, ``budget=0.08``: :mod:`opacus_mi.budget`),
 * ``fixed``       DP + monitor on the fixed schedule (``every=1``, ``train_every=8``): every step
@@ -55,8 +57,16 @@ if torch.device(DEVICE).type == "cpu":
     torch.set_num_threads(1)
 
 MODELS: tuple[str, ...] = ("digits_cnn", "mlp", "resnet18_gn")
-VARIANTS: tuple[str, ...] = ("nonprivate", "dp", "oracle", "default", "fixed", "critic_every_step")
-MONITORED: tuple[str, ...] = ("oracle", "default", "fixed", "critic_every_step")
+VARIANTS: tuple[str, ...] = (
+    "nonprivate",
+    "dp",
+    "oracle",
+    "oracle_sync",
+    "default",
+    "fixed",
+    "critic_every_step",
+)
+MONITORED: tuple[str, ...] = ("oracle", "oracle_sync", "default", "fixed", "critic_every_step")
 DELTA = 1e-5
 NOISE = 1.0
 CLIP = 1.0
@@ -148,6 +158,8 @@ class Setup:
     def run(self, k: int) -> None:
         for _ in range(k):
             self.step()
+        if self.monitor is not None:
+            self.monitor.flush()  # an overlap worker's last work belongs to these k steps
         sync(self.device)
 
     def timed(self, k: int) -> float:
@@ -189,6 +201,8 @@ def bench_config(model_name: str, device: str | torch.device = DEVICE) -> dict[s
 def monitor_kwargs(variant: str) -> dict | None:
     if variant == "oracle":
         return {"estimator": None, "every": 1}
+    if variant == "oracle_sync":
+        return {"estimator": None, "every": 1, "overlap": False}
     if variant == "default":
         return {}
     if variant == "fixed":
