@@ -28,6 +28,7 @@ from .models import MODELS
 from .training import (
     ACCOUNTANTS,
     ESTIMATORS,
+    OVERLAP_CHOICES,
     TOKENIZERS,
     VIEW_CHOICES,
     MissingDependencyError,
@@ -77,6 +78,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.threads,
         help="CPU threads for torch (default: 1 for small models on CPU, else torch's default)",
+    )
+    train.add_argument(
+        "--overlap",
+        choices=OVERLAP_CHOICES,
+        default=d.overlap,
+        help="measure on a worker thread while training runs (auto: on a CPU with a free core)",
     )
 
     mon = p.add_argument_group("leakage monitor")
@@ -293,6 +300,7 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
         tensorboard=args.tensorboard,
         fake_size=args.fake_size,
         threads=args.threads,
+        overlap=args.overlap,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)

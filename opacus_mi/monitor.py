@@ -550,7 +550,8 @@ class LeakageMonitor:
 
     def flush(self) -> None:
         """Wait for records an overlap worker is still making and deliver them (a no-op
-        without overlap). Reading ``history``, ``summary()`` or ``state_dict()`` flushes."""
+        without overlap). Reading ``history``, ``summary()`` or ``state_dict()`` flushes; call
+        it before reading the critics' state (``estimators``, ``controls``) directly."""
         if self._worker is not None:
             self._worker.wait()
             self._adopt_plan()

@@ -26,6 +26,7 @@ On a GPU the device already runs the monitor's kernels asynchronously.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,7 +76,9 @@ class Worker:
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opacus-mi")
+        # A name unique to this worker: ``on_worker`` must not mistake another monitor's.
+        self._prefix = f"opacus-mi-{id(self):x}"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._prefix)
         self._last: Future | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -89,12 +92,17 @@ class Worker:
         return self._last
 
     def wait(self) -> float:
-        """Block until every submitted task is done; the seconds the caller waited."""
-        if self._last is None or self._last.done():
+        """Block until every submitted task is done; the seconds the caller waited (none on the
+        worker itself, whose own tasks finish in order anyway)."""
+        if self._last is None or self._last.done() or self.on_worker():
             return 0.0
         t0 = time.perf_counter()
         wait_futures([self._last])  # never re-raises: a task's failure is its own to report
         return time.perf_counter() - t0
+
+    def on_worker(self) -> bool:
+        """Whether the caller is the worker thread (a sink or feature callable running there)."""
+        return threading.current_thread().name.startswith(self._prefix)
 
     @property
     def idle(self) -> bool:

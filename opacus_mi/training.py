@@ -30,6 +30,7 @@ from .report import csv_cell
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "nwj", "smile", "none")
 TOKENIZERS: tuple[str, ...] = ("sketch", "autoencoder", "transformer")
+OVERLAP_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 VIEW_CHOICES: tuple[str, ...] = ("raw", "clipped", "private")
 SMALL_MODEL_PARAMS = 1_000_000  # below this, CPU training uses one thread (small ops gain nothing)
 
@@ -75,6 +76,7 @@ class RunConfig:
     tensorboard: bool = False
     fake_size: int = 256
     threads: int | None = None  # CPU threads for torch; None = 1 for small models on CPU
+    overlap: str = "auto"  # measure on a worker thread: auto (CPU with a free core), on, off
 
     def validate(self) -> RunConfig:
         """Check every value; raise ``ValueError`` naming the offending flag. Returns self."""
@@ -93,6 +95,7 @@ class RunConfig:
         _int_at_least("fake_size", self.fake_size, 4)
         if self.threads is not None:
             _int_at_least("threads", self.threads, 1)
+        _choice("overlap", self.overlap, OVERLAP_CHOICES)
         _positive("lr", self.lr)
         _positive("max_grad_norm", self.max_grad_norm)
         if self.target_epsilon is None:
@@ -355,6 +358,7 @@ def _train(
         token_dim=cfg.token_dim,
         seed=cfg.seed,
         jsonl=str(jsonl),
+        overlap={"auto": None, "on": True, "off": False}[cfg.overlap],
         sinks=[fresh.append],  # records as they are delivered (with overlap, a step later)
     )
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())

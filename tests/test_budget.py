@@ -89,6 +89,8 @@ def _run(sleep: float, budget: float, epochs: int = 3, monitored: bool = True):
     if monitor is not None:
         criterion = monitor.wrap_criterion(criterion)
     train(model, opt, loader, epochs=epochs, criterion=criterion)
+    if monitor is not None:
+        monitor.flush()  # the books and critics are final (overlap)
     return engine, model, monitor, torch.get_rng_state()
 
 

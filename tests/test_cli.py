@@ -193,6 +193,21 @@ def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
     _assert_one_line_error(rc, capsys.readouterr().err, flag)
 
 
+def test_overlap_on_and_off_write_the_same_records(tmp_path):
+    """The worker thread changes when a record is made, not what it holds (nor training)."""
+    got = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        rc, _, stderr = _main(["run", *TINY, "--overlap", mode, "--out", str(out)])
+        assert rc == 0, stderr
+        records = [r.as_dict() for r in read_jsonl(out / "records.jsonl")]
+        for r in records:
+            r.pop("monitor_seconds")
+        result = json.loads((out / "result.json").read_text())
+        got[mode] = records, result["test_accuracy"], result["epsilon"]
+    assert len(got["on"][0]) == 4 and got["on"] == got["off"]
+
+
 def test_missing_data_root(tmp_path, capsys):
     argv = ["run", "--dataset", "cifar10", "--data-root", "/nonexistent", "--no-progress"]
     rc = cli.main([*argv, "--out", str(tmp_path / "x")])
@@ -212,6 +227,7 @@ def test_unwritable_out(tmp_path, capsys):
         ["run", "--noise-multiplier", "1", "--target-epsilon", "3"],  # mutually exclusive
         ["run", "--accountant", "moments"],
         ["run", "--views", "gradients"],
+        ["run", "--overlap", "sometimes"],
         ["sweep", "--epochs", "1"],  # needs --noise-multipliers or --target-epsilons
         [],
     ],

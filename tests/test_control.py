@@ -29,6 +29,7 @@ def test_derangement_is_a_permutation_without_fixed_points():
 def test_control_critic_sees_the_same_rows_re_paired():
     engine, model, opt, loader, monitor = _monitor(views=("clipped",))
     train(model, opt, loader, epochs=2, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    monitor.flush()  # the critics' state is final (overlap)
     main, ctrl = monitor.estimators["clipped"], monitor.controls["clipped"]
     assert ctrl.critic is not main.critic and ctrl.updates == main.updates > 0
     # The token side is row-for-row the same; the feature side is the same multiset of rows

@@ -176,6 +176,8 @@ def _guest_run(monitor_kwargs):
         monitor = LeakageMonitor(engine, model, opt, delta=1e-5, **monitor_kwargs)
         criterion = monitor.wrap_criterion(criterion)
     train(model, opt, loader, epochs=2, criterion=criterion)
+    if monitor is not None:
+        monitor.flush()  # the critics' state is final (overlap)
     return [p.detach().clone() for p in model.parameters()], torch.get_rng_state(), monitor
 
 

@@ -124,6 +124,7 @@ def test_diverging_critic_is_reset_and_flagged_not_propagated():
     poisoned = {"done": False}
 
     def poison():
+        monitor.flush()  # no critic update in flight on an overlap worker while we write
         if est.critic is not None and not poisoned["done"] and monitor.steps == 3:
             with torch.no_grad():
                 next(est.critic.parameters()).fill_(float("nan"))
