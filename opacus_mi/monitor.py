@@ -453,10 +453,10 @@ class LeakageMonitor:
         monitored = self._due()
         captures = self._capture.take()
         if monitored:
-            taken = self._take(captures)
             if self._worker is None:
-                self._chunks.append(self._measure_safely(taken))
+                self._chunks.append(self._measure_safely(captures))
             else:
+                taken = self._take(captures)
                 # At most one chunk in flight: its per-sample gradients live until it is read.
                 waited = self._worker.wait()
                 if self.budget is not None:
@@ -512,11 +512,14 @@ class LeakageMonitor:
             taken.error = exc
         return taken
 
-    def _measure_safely(self, taken: _Taken) -> Chunk:
-        """One chunk's measurement, booked to the budget; a failure is flagged, never raised."""
+    def _measure_safely(self, taken: _Taken | list) -> Chunk:
+        """One chunk's measurement, booked to the budget; a failure is flagged, never raised.
+        ``taken``: what :meth:`_take` handed over, or (inline) the captures to take it from."""
         t0 = time.perf_counter()
         span = self.budget.span() if self.budget is not None else None
         try:
+            if not isinstance(taken, _Taken):
+                taken = self._take(taken)
             if taken.error is not None:
                 raise taken.error
             chunk = self._measure_chunk(taken)
