@@ -549,7 +549,13 @@ class LeakageMonitor:
             self._history.append(record)
             if self.rank == 0:  # under DPDDP every rank has this record; one writes it
                 for sink in self.sinks:
-                    sink(record)
+                    try:
+                        sink(record)
+                    except Exception as exc:  # a full disk or a buggy callback: training goes on
+                        self._warn_once(
+                            f"sink:{type(exc).__name__}",
+                            f"a record sink failed: {exc!r} (the record stays in history)",
+                        )
 
     def flush(self) -> None:
         """Wait for records an overlap worker is still making and deliver them (a no-op

@@ -118,6 +118,23 @@ def test_overlap_failures_are_flagged_on_the_record_never_raised():
     assert all("private/oracle" in r.mi for r in monitor.history)  # the oracle carried on
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_sink_is_warned_about_and_the_other_sinks_still_get_every_record(overlap):
+    engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=16)
+    seen = []
+
+    def broken(_record):
+        raise OSError("disk full")
+
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, sinks=[broken, seen.append], overlap=overlap
+    )
+    with pytest.warns(RuntimeWarning, match="a record sink failed"):
+        train(model, opt, loader, epochs=2)
+        monitor.flush()
+    assert [r.step for r in seen] == [r.step for r in monitor.history] == list(range(8))
+
+
 def test_overlap_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(overlap_mod, "usable_cores", lambda: torch.get_num_threads() + 1)
