@@ -199,8 +199,9 @@ class LeakageMonitor:
             ``False`` keeps each rank local. Create the monitor on *every* rank: its gathers are
             collectives (see "Multi-process" in the module docstring).
         overlap: measure on a worker thread while the next training step runs
-            (:mod:`opacus_mi.overlap`): the same records, one step later, at a fraction of the
-            training thread's time (every-step tokens + oracle on the digits CNN: 1.47x -> ~1.1x).
+            (:mod:`opacus_mi.overlap`): the same records, a step later, for less of the training
+            thread's time (every-step tokens + oracle on the digits CNN, 2-core VM: 1.40-1.57x
+            inline, 1.22-1.34x overlapped; the rest is the GIL the two threads share).
             ``None`` (default): on for a CPU model on one process without ghost clipping when a
             core is free (more usable cores than ``torch.get_num_threads()``). Sinks are still
             called on the training thread; a ``features`` callable runs on the worker.
