@@ -9,7 +9,7 @@ never writes again; the detached inputs the monitor's hooks copied; the accounta
 and hands them to one worker thread, which computes while the next step's forward and backward
 run. PyTorch releases the GIL inside its operations, so a free core does the work; it holds the
 GIL while parsing each call, so two threads issuing small operations still take turns (on the
-digits CNN the every-step oracle costs 1.22-1.34x overlapped against 1.40-1.57x inline).
+digits CNN the every-step oracle costs a median 1.27x overlapped against 1.45x inline).
 
 Why one worker, in order: every random number comes from the monitor's own generator, drawn in
 the same order as without overlap, so records are bit-identical either way. Why at most one
