@@ -275,6 +275,7 @@ def fill_windows(setup: Setup) -> None:
     on its size; at small batches filling it by real steps would take hundreds of steps."""
     if setup.monitor is None:
         return
+    setup.monitor.flush()  # no critic update in flight on an overlap worker while we write
     for est in setup.monitor.estimators.values():
         for pairs in (est.pairs, est.val):  # training and validation windows
             if len(pairs) == 0 or len(pairs) >= pairs.size:
@@ -295,7 +296,7 @@ def warm(setup: Setup, steps: int) -> None:
     for _ in range(300):
         if all(e.updates > 0 for e in estimators):
             break
-        setup.step()
+        setup.run(1)  # (flushes: the check above sees the worker's last round)
     sync(setup.device)
 
 
