@@ -464,10 +464,13 @@ class LeakageMonitor:
                 if self.budget is not None:
                     self.budget.exclude(waited)
                 self._deliver()  # every earlier record is made by now
-                self._chunks.append(self._worker.submit(self._measure_safely, taken))
+                self._chunks.append(taken)  # handed over below, with the record if it is the last
         result = self._original_pre_step(closure)
         if getattr(self.optimizer, "_is_last_step_skipped", False):
-            return result  # a BatchMemoryManager chunk: the logical step is not over yet
+            # A BatchMemoryManager chunk: the logical step is not over yet; measure it now.
+            if monitored and self._worker is not None:
+                self._chunks[-1] = self._worker.submit(self._measure_safely, self._chunks[-1])
+            return result
         if monitored:
             # The accountant has just stepped (its hook runs inside pre_step): this step's
             # history, copied here, is what the record's epsilon and MI bound are computed from.
@@ -480,6 +483,7 @@ class LeakageMonitor:
                 # Until the worker's plan is in, the last interval holds (a step measured too
                 # early is charged, and the next plan repays it).
                 self._measure_at = self.steps + self._next_in
+                # One hand-over per step: the last chunk is measured, then the record made.
                 self._worker.submit(self._finish_safely, chunks, self.steps, accounting)
         self.steps += 1
         self._adopt_plan()
@@ -537,7 +541,14 @@ class LeakageMonitor:
         """The logical step's record (see :meth:`_finish_step`); a failure is warned about and
         the next step measured, never raised."""
         try:
-            chunks = [c.result() if isinstance(c, Future) else c for c in chunks]
+            chunks = [
+                c.result()
+                if isinstance(c, Future)
+                else self._measure_safely(c)
+                if isinstance(c, _Taken)
+                else c
+                for c in chunks
+            ]
             self._finish_step(chunks, step, accounting)
         except Exception as exc:
             self._warn_once(f"step:{type(exc).__name__}", f"leakage record failed: {exc!r}")

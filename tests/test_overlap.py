@@ -71,25 +71,36 @@ def test_overlap_gives_the_synchronous_records_and_leaves_training_unchanged(mem
     assert records[-1]["epsilon"] == engine.get_epsilon(1e-5)
 
 
-def test_overlap_keeps_one_chunk_in_flight_and_detach_stops_the_worker():
+@pytest.mark.parametrize("memory_manager", [False, True], ids=["whole", "chunks"])
+def test_overlap_keeps_one_chunk_in_flight_and_detach_stops_the_worker(memory_manager):
+    """Every hand-over finds the worker idle, so at most one chunk's per-sample gradients are
+    held for it; a whole batch is one hand-over per step (its chunk, then its record)."""
     engine, model, opt, loader = make_private(poisson=False, n=96, batch_size=8)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, overlap=True)
     worker = monitor._worker
-    idle_at_chunk = []
+    idle_at_submit = []
     submit = worker.submit
 
     def spy(fn, *args):
-        if fn == monitor._measure_safely:  # a chunk: its gradients are held until it is read
-            idle_at_chunk.append(worker.idle)
+        idle_at_submit.append(worker.idle)
         return submit(fn, *args)
 
     worker.submit = spy
-    train(model, opt, loader, epochs=2)
-    assert len(idle_at_chunk) == monitor.steps == 24 and all(idle_at_chunk)
+    for _ in range(2):
+        if memory_manager:  # logical batch 8 in physical chunks of 3: chunks 3, 3, 2
+            with BatchMemoryManager(
+                data_loader=loader, max_physical_batch_size=3, optimizer=opt
+            ) as mm:
+                train(model, opt, mm)
+        else:
+            train(model, opt, loader)
+    per_step = 3 if memory_manager else 1  # two early chunks, then the last with the record
+    assert monitor.steps == 24 and len(idle_at_submit) == per_step * 24 and all(idle_at_submit)
     threads = list(worker._pool._threads)
     assert threads and all(t.is_alive() and t.name.startswith("opacus-mi") for t in threads)
     monitor.detach()
     assert [r.step for r in monitor.history] == list(range(24))  # the last one delivered too
+    assert all(r.chunks == per_step and r.batch_size == 8 for r in monitor.history)
     assert not any(t.is_alive() for t in threads)
 
 
