@@ -25,15 +25,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-VARIANTS = (
-    "nonprivate",
-    "dp",
-    "oracle",
-    "oracle_sync",
-    "default",
-    "fixed",
-    "critic_every_step",
-)
 
 
 def _load_lib(device: str):
@@ -84,7 +75,7 @@ def _load() -> str:
 def measure_model(lib, model: str, device: str, quick: bool) -> dict:
     cfg = lib.bench_config(model, device)
     reps = max(3, cfg["reps"] // 2) if quick else cfg["reps"]
-    setups = lib.build_warm(model, VARIANTS, cfg["warmup"], device=device)
+    setups = lib.build_warm(model, lib.VARIANTS, cfg["warmup"], device=device)
     times = lib.interleaved_times(setups, cfg["k"], reps)
     ratios = lib.total_ratios(times, baseline="dp")
     # What the budgeted default did (whole run, warm-up included), before the micro-benchmarks

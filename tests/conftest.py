@@ -85,6 +85,17 @@ def make_private(
     return engine, model, opt, loader
 
 
+def without_timing(records) -> list[dict]:
+    """Records as dicts without ``monitor_seconds`` (wall time, the one field that differs
+    between two runs that must otherwise agree exactly)."""
+    out = []
+    for r in records:
+        d = r.as_dict()
+        d.pop("monitor_seconds")
+        out.append(d)
+    return out
+
+
 def train(model, opt, loader, *, epochs: int = 1, criterion=None, after_step=None):
     criterion = criterion or nn.CrossEntropyLoss()
     for _ in range(epochs):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import without_timing
 
 from opacus_mi import cli
 from opacus_mi.records import read_jsonl
@@ -200,9 +201,7 @@ def test_overlap_on_and_off_write_the_same_records(tmp_path):
         out = tmp_path / mode
         rc, _, stderr = _main(["run", *TINY, "--overlap", mode, "--out", str(out)])
         assert rc == 0, stderr
-        records = [r.as_dict() for r in read_jsonl(out / "records.jsonl")]
-        for r in records:
-            r.pop("monitor_seconds")
+        records = without_timing(read_jsonl(out / "records.jsonl"))
         result = json.loads((out / "result.json").read_text())
         got[mode] = records, result["test_accuracy"], result["epsilon"]
     assert len(got["on"][0]) == 4 and got["on"] == got["off"]

@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_private, train
+from conftest import make_private, train, without_timing
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
 import opacus_mi.overlap as overlap_mod
 from opacus_mi import LeakageMonitor
 from opacus_mi.overlap import resolve_overlap
-
-
-def _records(monitor):
-    out = []
-    for r in monitor.history:
-        d = r.as_dict()
-        d.pop("monitor_seconds")
-        out.append(d)
-    return out
 
 
 def _run(overlap, *, memory_manager=False, epochs=2, **monitor_kwargs):
@@ -60,8 +51,8 @@ def test_overlap_gives_the_synchronous_records_and_leaves_training_unchanged(mem
     _, sync, _, _ = _run(False, memory_manager=memory_manager)
     engine, over, params, rng = _run(True, memory_manager=memory_manager)
     _, _, ref_params, ref_rng = _run(None, memory_manager=memory_manager)
-    records = _records(over)
-    assert records == _records(sync)
+    records = without_timing(over.history)
+    assert records == without_timing(sync.history)
     assert len(records) == over.steps and any("clipped/mine" in r["mi"] for r in records)
     # Same draws in the same order from the monitor's own generator; none from the global one.
     assert torch.equal(over.generator.get_state(), sync.generator.get_state())
@@ -182,7 +173,7 @@ _EXIT_SCRIPT = """
 import sys, torch, warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, sys.argv[2])
-from conftest import make_private, train
+from conftest import make_private, train, without_timing
 from opacus_mi import LeakageMonitor
 engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=8)
 monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=sys.argv[1], every=1, overlap=True)

@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_private, train
+from conftest import make_private, train, without_timing
 from torch import nn
 
 from opacus_mi import LeakageMonitor, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _records_without_timing(monitor):
-    out = []
-    for r in monitor.history:
-        d = r.as_dict()
-        d.pop("monitor_seconds")
-        out.append(d)
-    return out
 
 
 def test_nan_per_sample_gradient_is_flagged_excluded_and_warned_once():
@@ -161,7 +152,7 @@ def test_checkpoint_resume_gives_identical_following_records(tmp_path):
             monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
             monitor.load_state_dict(extra["monitor"])
         train(model, opt, loader, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
-        return _records_without_timing(monitor), [p.detach().clone() for p in model.parameters()]
+        return without_timing(monitor.history), [p.detach().clone() for p in model.parameters()]
 
     (a, pa), (b, pb) = run(False), run(True)
     assert len(a) == len(b) == 12
