@@ -117,18 +117,32 @@ class MineLoss:
 
     def __init__(self, rate: float = 0.01):
         self.rate = rate
-        self.log_ma: float | None = None
+        # Where the scores are (a 0-d float64 tensor): reading it back every minibatch would be
+        # a host sync off the CPU. A float after load_state_dict, None before the first call.
+        self._log_ma: torch.Tensor | float | None = None
+
+    @property
+    def log_ma(self) -> float | None:
+        """The moving average's log, read back to the host (for checkpoints)."""
+        return None if self._log_ma is None else float(self._log_ma)
+
+    @log_ma.setter
+    def log_ma(self, value: float | None) -> None:
+        self._log_ma = None if value is None else float(value)
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         log_marg = _offdiag_logmeanexp(scores)
-        current = float(log_marg.detach())
-        if self.log_ma is None or not math.isfinite(self.log_ma):
-            self.log_ma = current
-        else:
-            a, b = math.log1p(-self.rate) + self.log_ma, math.log(self.rate) + current
-            self.log_ma = max(a, b) + math.log1p(math.exp(-abs(a - b)))
+        current = log_marg.detach().to(torch.float64)
+        if self._log_ma is None:
+            log_ma = current
+        else:  # log((1 - rate) ma + rate e^current), restarted from current if ma is not finite
+            prev = torch.as_tensor(self._log_ma, dtype=torch.float64, device=current.device)
+            a, b = prev + math.log1p(-self.rate), current + math.log(self.rate)
+            mixed = torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
+            log_ma = torch.where(torch.isfinite(prev), mixed, current)
+        self._log_ma = log_ma
         # d/dtheta of exp(log_marg - log_ma) = grad E[e^T] / ma: the corrected gradient.
-        return -(scores.diagonal().mean() - torch.exp(log_marg - self.log_ma))
+        return -(scores.diagonal().mean() - torch.exp(log_marg - log_ma.to(log_marg.dtype)))
 
 
 class CriticLoss(MineLoss):
@@ -154,10 +168,32 @@ class CriticLoss(MineLoss):
         return -bound(self.kind, scores)
 
 
+def mean_sd(terms: torch.Tensor) -> torch.Tensor:
+    """``[mean, sd]`` of per-example terms, float64, where the terms are (no host read): half of
+    :func:`mean_interval`, for a caller that reads many such figures in one transfer."""
+    t = terms.to(torch.float64)
+    if t.numel() < 2:  # no spread from one term (and no degrees-of-freedom warning)
+        return torch.stack([t.mean(), torch.full_like(t.sum(), math.nan)])
+    sd, mean = torch.std_mean(t)
+    return torch.stack([mean, sd])
+
+
+def interval_from(
+    mean: float, sd: float, n: int, *, min_n: int = 2, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(mean, low, high)`` from a :func:`mean_sd` read back to the host: the other half."""
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    if n < max(min_n, 2):
+        return mean, math.nan, math.nan
+    half = NormalDist().inv_cdf(0.5 + level / 2) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
 def mean_interval(
     terms: torch.Tensor, *, min_n: int = 2, level: float = 0.95
 ) -> tuple[float, float, float]:
-    """Mean of per-example terms with a normal-approximation interval (one host sync).
+    """Mean of per-example terms with a normal-approximation interval (one host read).
 
     For a plain mean the percentile bootstrap and mean +- z * sd / sqrt(n) agree to O(1/n); the
     latter needs no resampling, which matters on the monitor's every-step path. Fewer than
@@ -166,13 +202,8 @@ def mean_interval(
     n = terms.numel()
     if n == 0:
         return math.nan, math.nan, math.nan
-    t = terms.to(torch.float64)
-    if n < max(min_n, 2):
-        return float(t.mean()), math.nan, math.nan
-    sd, mean = torch.std_mean(t)
-    mean_f, sd_f = torch.stack([mean, sd]).tolist()
-    half = NormalDist().inv_cdf(0.5 + level / 2) * sd_f / math.sqrt(n)
-    return mean_f, mean_f - half, mean_f + half
+    mean, sd = mean_sd(terms).tolist()
+    return interval_from(mean, sd, n, min_n=min_n, level=level)
 
 
 def bootstrap_counts(
@@ -261,11 +292,16 @@ def permutation_p_value(matched: float, shuffled: torch.Tensor) -> float:
     return (1 + int((shuffled >= matched).sum())) / (k + 1)
 
 
+def percentile_tensor(values: torch.Tensor, level: float = 0.95) -> torch.Tensor:
+    """``[low, high]`` percentile interval of bootstrap values, non-finite ones ignored, left
+    where the values are: a masked selection would need their count on the host (a sync)."""
+    v = values.double()
+    v = torch.where(torch.isfinite(v), v, torch.full_like(v, math.nan))
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=v.dtype, device=v.device)
+    return torch.nanquantile(v, q)  # NaN, NaN when nothing is finite
+
+
 def percentile_interval(values: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
-    """Two-sided percentile interval of bootstrap values (NaNs dropped)."""
-    v = values[torch.isfinite(values)].double()
-    if v.numel() == 0:
-        return float("nan"), float("nan")
-    lo = torch.quantile(v, (1 - level) / 2).item()
-    hi = torch.quantile(v, 1 - (1 - level) / 2).item()
+    """Two-sided percentile interval of bootstrap values (non-finite ones dropped)."""
+    lo, hi = percentile_tensor(values, level).tolist()
     return lo, hi

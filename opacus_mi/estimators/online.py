@@ -23,7 +23,7 @@ from .bounds import (
     bootstrap_bound,
     bootstrap_counts,
     bound,
-    percentile_interval,
+    percentile_tensor,
 )
 from .critics import SeparableCritic
 
@@ -144,6 +144,12 @@ class BatchEstimate:
     @property
     def difference(self) -> float:
         return self.matched - self.mismatched
+
+    @classmethod
+    def of(cls, values: Sequence[float], n: int) -> BatchEstimate:
+        """From ``[matched, mismatched, ci_low, ci_high]`` read back to the host."""
+        matched, mismatched, lo, hi = values
+        return cls(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
 
 
 class OnlineEstimator:
@@ -274,9 +280,16 @@ class OnlineEstimator:
         spend a round's time on nothing."""
         return len(self.pairs) >= 4 and (self.holdout <= 1 or len(self.val) >= MIN_VALIDATION)
 
-    @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> BatchEstimate | None:
         """Held-out bound on this batch; None before the critic has trained or if n < 2."""
+        values = self.evaluate_on_device(x, y)
+        return None if values is None else BatchEstimate.of(values.tolist(), x.shape[0])
+
+    @torch.no_grad()
+    def evaluate_on_device(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`evaluate`'s ``[matched, mismatched, ci_low, ci_high]`` as one float64 tensor
+        on the critic's device, not yet read: off the CPU each read is a host sync, and the
+        monitor reads a record's figures in one transfer."""
         n = x.shape[0]
         if (
             not self.ready
@@ -286,18 +299,19 @@ class OnlineEstimator:
         ):
             return None
         if self.null_selected:  # the constant critic validated best: its bound is exactly 0
-            return BatchEstimate(matched=0.0, mismatched=0.0, ci_low=0.0, ci_high=0.0, n=n)
+            return torch.zeros(4, dtype=torch.float64, device=self.device)
         critic = self.selected if self.selected is not None else self.critic
         critic.eval()
         scores = critic.scores(x.to(self.device).float(), y.to(self.device).float())
-        matched = float(bound(self.kind, scores))
+        matched = bound(self.kind, scores)
         shuffle = torch.randperm(n, generator=self.generator, device=self.generator.device)
-        mismatched = float(bound(self.kind, scores[:, shuffle.to(scores.device)]))
-        lo = hi = math.nan  # a bootstrap over fewer than MIN_CI_PAIRS pairs is no interval
+        mismatched = bound(self.kind, scores[:, shuffle.to(scores.device)])
         if n >= MIN_CI_PAIRS:
             counts = bootstrap_counts(n, self.bootstrap, self.generator, scores.device)
-            lo, hi = percentile_interval(bootstrap_bound(self.kind, scores, counts))
-        return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
+            interval = percentile_tensor(bootstrap_bound(self.kind, scores, counts))
+        else:  # a bootstrap over fewer than MIN_CI_PAIRS pairs is no interval
+            interval = torch.full((2,), math.nan, dtype=torch.float64, device=scores.device)
+        return torch.cat([torch.stack([matched, mismatched]).double(), interval])
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, *, train: bool | None = None) -> bool:
         """Add a batch of pairs to the window and train if the schedule says so (``train``
@@ -317,10 +331,13 @@ class OnlineEstimator:
         ):
             self._build(x.shape[1], y.shape[1])
         if self.holdout > 1 and x.shape[0] >= self.holdout:
-            held = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            held[:: self.holdout] = True
-            self.val.add(x[held], y[held])
-            x, y = x[~held], y[~held]
+            # Every holdout-th pair is held out. The others are indexed, not masked: a boolean
+            # mask would read its count back to the host (a sync off the CPU).
+            h, n = self.holdout, x.shape[0]
+            self.val.add(x[::h], y[::h])
+            j = torch.arange(n - (n + h - 1) // h, device=x.device)
+            rest = j + j // (h - 1) + 1  # the j-th index that is not a multiple of h
+            x, y = x[rest], y[rest]
         self.pairs.add(x, y)
         self.batches_seen += 1
         due = self.batches_seen <= self.warmup or self.batches_seen % self.train_every == 0
@@ -334,21 +351,19 @@ class OnlineEstimator:
         return False
 
     @torch.no_grad()
-    def _validation_bound(self, critic: nn.Module) -> tuple[float, float]:
-        """The bound on the validation pairs and a standard error for it (NaN, NaN if few).
+    def _validation_bound(self, critic: nn.Module) -> torch.Tensor:
+        """``[bound, standard error]`` on the validation pairs (float64, not yet read).
 
         The standard error is that of the mean of the per-pair matched terms (the joint term
         ``T_ii``; InfoNCE's per-row term), the part of the bound that varies pair to pair.
         """
-        n = len(self.val)
-        if n < MIN_VALIDATION:
-            return math.nan, math.nan
         critic.eval()
         scores = critic.scores(self.val.x, self.val.y)
         terms = scores.diagonal()
         if self.kind == "infonce":
             terms = terms - torch.logsumexp(scores, dim=1)
-        return float(bound(self.kind, scores)), float(terms.std()) / math.sqrt(n)
+        se = terms.std() / math.sqrt(len(self.val))
+        return torch.stack([bound(self.kind, scores), se]).double()
 
     def train(self) -> float:
         """One training round, then online model selection on the validation pairs.
@@ -362,19 +377,36 @@ class OnlineEstimator:
         nothing then reports 0 [0, 0] rather than a confidently negative figure. All three are
         fixed before the next batch is scored, so that score stays a held-out lower bound.
         Returns the last minibatch's training bound (NaN if the round diverged).
+
+        One host read per round (off the CPU, one sync): the round's outcome and both
+        critics' validation figures together.
         """
         assert self.critic is not None and self.optimizer is not None
-        last = self._train_round()
-        if not math.isfinite(last):
-            return last
-        if self.selected is None:
+        outcome = self._train_round()
+        if outcome is None:  # no iterations: nothing learned
+            self.updates += 1
+            return math.nan
+        created = self.selected is None
+        if created:
             self.selected = copy.deepcopy(self.critic)
-        new, new_se = self._validation_bound(self.critic)
-        if math.isnan(new):  # too few validation pairs to trust a learned critic yet
+        # One read: the round's outcome and, when there are enough validation pairs to trust a
+        # learned critic, both critics' validation figures (wasted only if the round diverged).
+        validate = len(self.val) >= MIN_VALIDATION
+        figures = [outcome]
+        if validate:
+            figures += [self._validation_bound(c) for c in (self.critic, self.selected)]
+        numbers = torch.cat(figures).tolist()
+        finite, last = numbers[:2]
+        if not finite:  # never report from a diverged critic; the caller replaces it
+            if created:
+                self.selected = None
+            return math.nan
+        self.updates += 1
+        new, new_se, old, old_se = numbers[2:] if validate else [math.nan] * 4
+        if math.isnan(new):  # no usable validation figure: follow the new iterate, report 0
             self.selected.load_state_dict(self.critic.state_dict())
             self.null_selected = self.holdout > 1
             return last
-        old, old_se = self._validation_bound(self.selected)
         if new >= old:
             self.selected.load_state_dict(self.critic.state_dict())
             best, se = new, new_se
@@ -387,12 +419,18 @@ class OnlineEstimator:
         self.null_selected = best <= NULL_MARGIN_SE * se
         return last
 
-    def _train_round(self) -> float:
-        """``train_iters`` critic steps on minibatches of the window."""
+    def _train_round(self) -> torch.Tensor | None:
+        """``train_iters`` critic steps on minibatches of the window: ``[all losses finite,
+        last training bound]`` (float64, not yet read), None if there were no iterations.
+
+        Finiteness is read once, by the caller (a read per minibatch would be a sync each off
+        the CPU). A step taken on a NaN loss corrupts only ``self.critic``, which the caller
+        then replaces (see :meth:`observe`); the reporting critic is a separate copy.
+        """
         self.critic.train()
         # Standardise with the window's statistics (running sums: O(d), not a pass over it).
         self.critic.set_scaler(*self.pairs.moments())
-        last = math.nan
+        finite = last = None
         with torch.enable_grad():
             for _ in range(self.train_iters):
                 scores = self.critic.scores(*self.pairs.sample(self.batch_size, self.generator))
@@ -401,14 +439,15 @@ class OnlineEstimator:
                 aux = self.critic.aux_loss() if self.token_encoder != "sketch" else None
                 if aux is not None:  # e.g. the autoencoder's reconstruction term
                     loss = loss + aux
-                if not torch.isfinite(loss):
-                    return math.nan  # never step on a NaN: the caller resets the critic
+                ok = torch.isfinite(loss.detach())
+                finite = ok if finite is None else finite & ok
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                last = -float(bound_loss.detach())
-        self.updates += 1
-        return last
+                last = bound_loss.detach()
+        if last is None:
+            return None
+        return torch.stack([finite.double(), -last.double()])
 
     def state_dict(self) -> dict:
         return {
