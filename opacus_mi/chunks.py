@@ -28,6 +28,10 @@ class Chunk:
     # Distributed only: (clipped tokens, Gram matrix, noise std) whose random draws wait until
     # every rank's chunks are gathered.
     pending: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    # Sync-free (off the CPU, one process): which rows are finite (gradients and features, and
+    # gradients alone), still on the device; rows are dropped once the record has read them.
+    keep: torch.Tensor | None = None
+    grads_ok: torch.Tensor | None = None
 
 
 Item = tuple[dict[str, Any], dict[str, torch.Tensor | None]]

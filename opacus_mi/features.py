@@ -169,7 +169,10 @@ class FeatureCapture:
             labels = capture.labels
             if labels.ndim == 1 and not torch.is_floating_point(labels):
                 k = capture.num_classes or (int(labels.max().item()) + 1 if batch else 1)
-                parts.append(F.one_hot(labels.long(), num_classes=k).float())
+                # One-hot by scatter: F.one_hot range-checks the labels with two host reads
+                # on the CPU (a bad label still fails here, in scatter's own index check).
+                onehot = torch.zeros(batch, k, device=labels.device)
+                parts.append(onehot.scatter_(1, labels.long()[:, None], 1.0))
             else:
                 parts.append(pool_features(labels.reshape(batch, -1)))
         if not parts:

@@ -58,8 +58,8 @@ from .budget import OverheadBudget, Plan
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, should_gather
 from .distributed import rank as dist_rank
-from .estimators.bounds import BOUNDS, mean_interval
-from .estimators.online import MIN_CI_PAIRS, OnlineEstimator
+from .estimators.bounds import BOUNDS, interval_from, mean_sd
+from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
 from .estimators.oracle import gram_oracle
 from .estimators.semi_oracle import SemiOracleEstimator
 from .factored import FactoredCapture, KroneckerTokenizer, LinearInputs, rank_one_backprop
@@ -140,6 +140,18 @@ class _Taken:
     max_grad_norm: float = 0.0
     max_grad_norms: list[float] | None = None  # per-layer clipping
     error: Exception | None = None  # taking them failed: the chunk is flagged
+
+
+@dataclass
+class _Estimates:
+    """A logical step's figures, read back (see ``LeakageMonitor._estimate``), and the batch the
+    critics learn from next."""
+
+    mi: dict[str, MIValue] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    features: torch.Tensor | None = None
+    learned: dict[str, torch.Tensor] = field(default_factory=dict)
+    usable: list[Chunk] = field(default_factory=list)  # the chunks paired with features
 
 
 class LeakageMonitor:
@@ -274,6 +286,9 @@ class LeakageMonitor:
         self.oracle_draws = oracle_draws
         params = optimizer.params
         self.device = params[0].device if params else torch.device("cpu")
+        # Off the CPU each host read of a device value waits for the device (a sync): there a
+        # monitored step reads once, all of its record's figures together (see _finish_step).
+        self._sync_free = self.device.type != "cpu"
         self.overlap = resolve_overlap(
             overlap,
             device=self.device,
@@ -636,17 +651,16 @@ class LeakageMonitor:
         norms = clip.norms if clip.norms.ndim == 1 else clip.norms.norm(dim=1)
         grads_ok = torch.isfinite(norms)
         keep = grads_ok if feats is None else grads_ok & torch.isfinite(feats).all(dim=1)
-        kept = int(keep.sum())  # the one host sync of a monitored chunk
+        if self._sync_free and not self.distributed and self.subspace is None:
+            # Optimistic: measured as if every row were finite; the kept count is read with the
+            # record's figures, and a chunk with bad rows is redone then (_drop_nonfinite).
+            chunk.keep, chunk.grads_ok, kept = keep, grads_ok, batch
+        else:  # a host read: free on the CPU. Under DPDDP (whose gathers read sizes anyway)
+            # and with the subspace semi-oracle (which learns from the rows as they are
+            # measured, before the record) it is made here, off the CPU too.
+            kept = int(keep.sum())
         if kept < batch:
-            if not bool(grads_ok.all()):
-                chunk.flags.append("nonfinite_grad_sample")
-            if feats is not None and not bool(torch.isfinite(feats).all()):
-                chunk.flags.append("nonfinite_features")
-            self._warn_once(
-                "nonfinite",
-                f"{batch - kept} of {batch} examples had NaN/Inf per-sample gradients or features; "
-                "they are excluded from MI estimation and the record is flagged",
-            )
+            self._flag_nonfinite(chunk, grads_ok, feats, kept)
             idx = keep.nonzero().squeeze(1)
             if factored is not None:
                 factored = factored.select(idx)
@@ -704,8 +718,10 @@ class LeakageMonitor:
                         rank_one=linear_inputs,
                         backprops=backprops,
                     )
-                if self.distributed:
-                    chunk.pending = (clipped, gram, std)  # drawn after gathering, in rank order
+                if self.distributed or chunk.keep is not None:
+                    # Drawn after gathering, in rank order (DPDDP), or once the rows to keep
+                    # are known (sync-free): see _finish_step.
+                    chunk.pending = (clipped, gram, std)
                 else:
                     self._privatise(chunk, clipped, gram, std)
         chunk.features = feats
@@ -735,8 +751,40 @@ class LeakageMonitor:
         noise = torch.randn(clipped.shape, generator=self.generator, device=self.generator.device)
         chunk.tokens["private"] = clipped + std * noise.to(clipped.device)
         chunk.oracle_terms = gram_oracle(
-            gram, std, draws=self.oracle_draws, generator=self.generator
+            gram, std, draws=self.oracle_draws, generator=self.generator, sync_free=self._sync_free
         ).terms
+
+    def _flag_nonfinite(
+        self, chunk: Chunk, grads_ok: torch.Tensor, feats: torch.Tensor | None, kept: int
+    ) -> None:
+        if not bool(grads_ok.all()):
+            chunk.flags.append("nonfinite_grad_sample")
+        if feats is not None and not bool(torch.isfinite(feats).all()):
+            chunk.flags.append("nonfinite_features")
+        self._warn_once(
+            "nonfinite",
+            f"{chunk.batch - kept} of {chunk.batch} examples had NaN/Inf per-sample gradients or "
+            "features; they are excluded from MI estimation and the record is flagged",
+        )
+
+    def _drop_nonfinite(self, chunk: Chunk, kept: int) -> None:
+        """Drop a sync-free chunk's non-finite rows, once the record's read has shown it has
+        some (rare; the reads here are not the hot path's): what ``_measure_chunk`` does on the
+        CPU before it draws. The private view and the oracle are drawn again by the caller."""
+        keep, grads_ok = chunk.keep, chunk.grads_ok
+        chunk.keep = chunk.grads_ok = None
+        self._flag_nonfinite(chunk, grads_ok, chunk.features, kept)
+        chunk.oracle_terms = None
+        if kept == 0:  # nothing left to measure
+            chunk.tokens, chunk.features, chunk.pending = {}, None, None
+            return
+        idx = keep.nonzero().squeeze(1)
+        chunk.tokens = {v: t[idx] for v, t in chunk.tokens.items() if v != "private"}
+        if chunk.features is not None:
+            chunk.features = chunk.features[idx]
+        if chunk.pending is not None:
+            clipped, gram, std = chunk.pending
+            chunk.pending = (clipped[idx], gram[idx][:, idx], std)
 
     def _chunk_features(self, captures, batch: int, chunk: Chunk) -> torch.Tensor | None:
         """Features paired with this chunk's gradients, or None (flagged) if they cannot be."""
@@ -765,7 +813,6 @@ class LeakageMonitor:
         # None: the critics' own schedule (train_every); else the budget's decision.
         train = plan.train if self.train_every is None else None
         batch = sum(c.batch for c in chunks)
-        flags = sorted({f for c in chunks for f in c.flags})
         sigma = float(opt.noise_multiplier)
         # Epsilon is exact for this step unless the plan says the budget cannot afford an
         # expensive accountant's recomputation now: then the latest exact value and its step.
@@ -794,40 +841,21 @@ class LeakageMonitor:
             mi_bound=gaussian_channel_bound(sigma) if "private" in self.views else None,
             mi_upper_bound=self.mi_accountant.bound(accounting),
             chunks=len(chunks),
-            flags=flags,
         )
+        # Sync-free chunks were measured as if every row were finite. If the read shows some
+        # were not, their rows are dropped and the draws made again from the same state, so
+        # the record is the one the CPU's immediate check gives.
+        state = self.generator.get_state() if any(c.keep is not None for c in chunks) else None
+        estimates = self._estimate(chunks)
+        if estimates is None:
+            self.generator.set_state(state)
+            estimates = self._estimate(chunks)
+        record.flags = sorted({f for c in chunks for f in c.flags})
         if batch == 0:
             record.flags.append("empty_batch")
-        usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
-        if len({c.features.shape[1] for c in usable}) > 1:
-            usable = []  # features changed shape mid-step: cannot be stacked into one batch
-        learned: dict[str, torch.Tensor] = {}
-        feats = None
-        if usable:
-            feats = torch.cat([c.features for c in usable])
-            for view, est in self.estimators.items():
-                learned[view] = tokens = torch.cat([c.tokens[view] for c in usable])
-                value = est.evaluate(feats, tokens)  # held out: before this batch trains it
-                control = self._control_eval(view, feats, tokens)
-                if value is not None and math.isfinite(value.matched):
-                    record.mi[f"{view}/{est.kind}"] = MIValue(
-                        nats=value.matched,
-                        ci_low=value.ci_low,
-                        ci_high=value.ci_high,
-                        n=value.n,
-                        mismatched=value.mismatched,
-                        control=control,
-                    )
-                elif value is not None:
-                    record.flags.append(f"estimate_nonfinite:{view}")
-        terms = [
-            c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
-        ]
-        if terms:
-            all_terms = torch.cat(terms)
-            n = all_terms.numel()
-            mean, lo, hi = mean_interval(all_terms, min_n=MIN_CI_PAIRS)
-            record.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n)
+        record.mi.update(estimates.mi)
+        record.flags.extend(estimates.flags)
+        learned, feats = estimates.learned, estimates.features
         if span is not None:
             self._charge(span, "measure")
             span = self.budget.span()  # a new bracket: a charged one must not be booked twice
@@ -840,8 +868,9 @@ class LeakageMonitor:
                     f"the {view}-view critic diverged (non-finite loss) and was reset",
                 )
             self._control_observe(view, feats, tokens, train)
-        if self.semi_oracle is not None and usable:
-            self._semi_oracle_step(record, usable, sigma * float(opt.max_grad_norm), train)
+        if self.semi_oracle is not None and estimates.usable:
+            std = sigma * float(opt.max_grad_norm)
+            self._semi_oracle_step(record, estimates.usable, std, train)
         if self.subspace is not None:
             change = self.subspace.step()  # refit when due, after this step's tokens were used
             if change is not None:
@@ -856,6 +885,69 @@ class LeakageMonitor:
         self._done.append(record)  # delivered to history and the sinks on the training thread
         if span is not None:
             self._charge(span, "measure")
+
+    def _estimate(self, chunks: list[Chunk]) -> _Estimates | None:
+        """The step's private-view draws, held-out critic scores and oracle, read back in one
+        transfer: off the CPU each read is a host sync. None if that read shows a sync-free
+        chunk had non-finite rows: they are dropped, and the caller estimates again."""
+        for c in chunks:
+            if c.pending is not None and not self.distributed:  # sync-free: drawn here
+                self._privatise(c, *c.pending)
+        out = _Estimates()
+        reads: list[torch.Tensor] = []
+        usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
+        if len({c.features.shape[1] for c in usable}) > 1:
+            usable = []  # features changed shape mid-step: cannot be stacked into one batch
+        out.usable = usable
+        scored = []
+        if usable:
+            out.features = feats = torch.cat([c.features for c in usable])
+            for view, est in self.estimators.items():
+                out.learned[view] = tokens = torch.cat([c.tokens[view] for c in usable])
+                value = est.evaluate_on_device(feats, tokens)  # held out: before it trains
+                control = self._control_eval(view, feats, tokens)
+                if value is not None:
+                    scored.append((view, est.kind, control is not None))
+                    reads += [value] if control is None else [value, control]
+        terms = [
+            c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
+        ]
+        n_oracle = sum(t.numel() for t in terms)
+        if terms:
+            reads.append(mean_sd(torch.cat(terms)))
+        deferred = [c for c in chunks if c.keep is not None]
+        reads += [c.keep.sum().reshape(1) for c in deferred]
+        if not reads:
+            return out
+        numbers = torch.cat([r.to(self.device, torch.float64) for r in reads]).tolist()
+        kept = [int(k) for k in numbers[len(numbers) - len(deferred) :]]
+        for chunk, k in zip(deferred, kept, strict=True):
+            if k < chunk.batch:
+                self._drop_nonfinite(chunk, k)
+            else:
+                chunk.keep = chunk.grads_ok = None  # every row finite: nothing to do
+        if any(k < c.batch for c, k in zip(deferred, kept, strict=True)):
+            return None
+        figures = iter(numbers)
+        for view, kind, has_control in scored:
+            value = BatchEstimate.of([next(figures) for _ in range(4)], len(out.features))
+            control = [next(figures) for _ in range(4)][0] if has_control else math.nan
+            if math.isfinite(value.matched):
+                out.mi[f"{view}/{kind}"] = MIValue(
+                    nats=value.matched,
+                    ci_low=value.ci_low,
+                    ci_high=value.ci_high,
+                    n=value.n,
+                    mismatched=value.mismatched,
+                    control=control if math.isfinite(control) else None,
+                )
+            else:
+                out.flags.append(f"estimate_nonfinite:{view}")
+        if terms:
+            mean, sd = next(figures), next(figures)
+            mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
+            out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
+        return out
 
     def _charge(self, span, kind: str) -> None:
         self.budget.charge(span, kind, concurrent=self.overlap)
@@ -899,13 +991,15 @@ class LeakageMonitor:
             chunks.append(chunk)
         return chunks, plan
 
-    def _control_eval(self, view: str, feats: torch.Tensor, tokens: torch.Tensor) -> float | None:
-        """The shuffled-pairs control's held-out bound on this batch, re-paired at random."""
+    def _control_eval(
+        self, view: str, feats: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The shuffled-pairs control's held-out bound on this batch, re-paired at random (as
+        ``evaluate_on_device``'s four figures, not yet read)."""
         est = self.controls.get(view)
         if est is None or feats.shape[0] < 2:
             return None
-        value = est.evaluate(feats[self._derangement(feats.shape[0])], tokens)
-        return value.matched if value is not None and math.isfinite(value.matched) else None
+        return est.evaluate_on_device(feats[self._derangement(feats.shape[0])], tokens)
 
     def _control_observe(
         self, view: str, feats: torch.Tensor, tokens: torch.Tensor, train: bool | None

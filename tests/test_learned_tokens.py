@@ -116,9 +116,9 @@ def test_monitor_scores_each_batch_before_the_learned_critic_trains_on_it():
     )
     est = monitor.estimators["clipped"]
     calls = []
-    real_eval, real_obs = est.evaluate, est.observe
+    real_eval, real_obs = est.evaluate_on_device, est.observe
 
-    def evaluate(x, y):
+    def evaluate(x, y):  # the monitor scores with evaluate_on_device (read with the record)
         in_window = est.pairs.y is not None and any(
             torch.equal(y, est.pairs.y[i : i + len(y)]) for i in range(len(est.pairs) - len(y) + 1)
         )
@@ -129,7 +129,7 @@ def test_monitor_scores_each_batch_before_the_learned_critic_trains_on_it():
         calls.append(("observe", est.updates, None))
         return real_obs(x, y, **kwargs)
 
-    est.evaluate, est.observe = evaluate, observe
+    est.evaluate_on_device, est.observe = evaluate, observe
     train(model, opt, loader, epochs=2, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
     monitor.flush()  # with overlap the last step's calls are still being made
     assert [c[0] for c in calls] == ["evaluate", "observe"] * len(monitor.history)
