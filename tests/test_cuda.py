@@ -1,6 +1,6 @@
-"""CUDA: the monitor's tensors live on the model's device, and its per-chunk hot path makes one
-host synchronisation (the count of finite examples). Run by ``benchmarks/gpu.sh``; skipped
-without a GPU.
+"""CUDA: the monitor's tensors live on the model's device, and a monitored step makes one host
+synchronisation (its record's figures, read in one transfer) plus one per critic training
+round. Run by ``benchmarks/gpu.sh``; skipped without a GPU.
 
 References: where each tensor is (its ``.device``), and PyTorch's own sync detector
 (``torch.cuda.set_sync_debug_mode("warn")`` warns on every synchronising call).
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from opacus_mi import LeakageMonitor
+from opacus_mi.estimators.online import OnlineEstimator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -67,25 +68,42 @@ def test_cuda_monitor_state_lives_on_the_model_device():
     assert any("clipped/mine" in r.mi for r in monitor.history)
 
 
-def test_cuda_hot_path_syncs_once_per_chunk():
-    model, opt, loader, monitor = _cuda_setup(every=1, train_every=8)
+def test_cuda_monitored_step_syncs_once_plus_once_per_critic_round(monkeypatch):
+    """The sync count ``tests/test_host_reads.py`` checks on the CPU (by counting host reads
+    with the device behaviour switched on), checked by PyTorch's own detector."""
+    model, opt, loader, monitor = _cuda_setup(every=1, train_every=8, control=True)
     _steps(model, opt, loader, monitor, 3)  # one-off work (cached sketch matrices) done
-    counts = []
-    inner = monitor._measure_chunk
+    rounds = []
+    original = OnlineEstimator._train_round
 
-    def counted(captures):
+    def counted_round(self):
+        rounds.append(1)
+        return original(self)
+
+    monkeypatch.setattr(OnlineEstimator, "_train_round", counted_round)
+    step, per_step = opt.step, []
+
+    def counted_step(*args, **kwargs):
+        before = len(rounds)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                return inner(captures)
+                return step(*args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+                ours = [
+                    w
+                    for w in caught
+                    if "synchroniz" in str(w.message) and "opacus_mi" in str(w.filename)
+                ]
+                per_step.append((len(ours), len(rounds) - before))
 
-    monitor._measure_chunk = counted
-    _steps(model, opt, loader, monitor, 5)
-    assert counts == [1] * 5
+    opt.step = counted_step
+    _steps(model, opt, loader, monitor, 40)  # past the critics' 32 warm-up rounds
+    assert monitor._sync_free
+    assert all(syncs == 1 + trained for syncs, trained in per_step), per_step
+    assert any(trained == 0 for _, trained in per_step)
 
 
 def test_cuda_budget_reads_device_time_from_events():
