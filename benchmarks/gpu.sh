@@ -5,8 +5,8 @@
 #
 # Runs `benchmarks/report.py --device cuda` (all models at batch 128, monitor ratios and
 # torch.cuda.max_memory_allocated deltas) and then `pytest tests -k cuda` (tests/test_cuda.py:
-# device placement, one host sync per monitored step plus one per critic round, the budget's
-# CUDA-event timing; skipped without a GPU). pytest's exit code 5 ("no tests ran") counts as
+# device placement, one host sync per monitored step plus one when its critics train, the
+# budget's CUDA-event timing; skipped without a GPU). pytest's exit code 5 ("no tests ran") counts as
 # success. The whole script is bounded by `timeout 300`. Python: $PYTHON, else .venv/bin/python, else python3.
 set -u
 cd "$(dirname "$0")/.."

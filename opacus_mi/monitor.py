@@ -66,6 +66,7 @@ from .factored import FactoredCapture, KroneckerTokenizer, LinearInputs, rank_on
 from .features import FeatureCapture, FeatureFn
 from .learned_tokens import TOKEN_ENCODERS
 from .overlap import Worker, resolve_overlap
+from .reads import ReadBatch
 from .records import JsonlSink, LeakageRecord, MIValue
 from .subspace import GradientSubspace
 from .views import (
@@ -860,14 +861,27 @@ class LeakageMonitor:
             self._charge(span, "measure")
             span = self.budget.span()  # a new bracket: a charged one must not be booked twice
         # The critics learn from this batch (after scoring it): the budget's "critic" work.
+        # Their rounds' outcomes are read together, once (model selection and resets then).
+        rounds = ReadBatch(self.device)
+        critics = {v: (self.estimators[v], self.controls.get(v)) for v in learned}
+        resets = {
+            v: [e.resets if e is not None else 0 for e in pair] for v, pair in critics.items()
+        }
         for view, tokens in learned.items():
-            if self.estimators[view].observe(feats, tokens, train=train):
+            self.estimators[view].observe(feats, tokens, train=train, reads=rounds)
+            self._control_observe(view, feats, tokens, train, rounds)
+        rounds.read()
+        for view, (est, control) in critics.items():
+            if est.resets > resets[view][0]:
                 record.flags.append(f"critic_reset:{view}")
                 self._warn_once(
                     f"reset:{view}",
                     f"the {view}-view critic diverged (non-finite loss) and was reset",
                 )
-            self._control_observe(view, feats, tokens, train)
+            if control is not None and control.resets > resets[view][1]:
+                self._warn_once(
+                    f"reset:control:{view}", f"the {view}-view control critic was reset"
+                )
         if self.semi_oracle is not None and estimates.usable:
             std = sigma * float(opt.max_grad_norm)
             self._semi_oracle_step(record, estimates.usable, std, train)
@@ -894,12 +908,12 @@ class LeakageMonitor:
             if c.pending is not None and not self.distributed:  # sync-free: drawn here
                 self._privatise(c, *c.pending)
         out = _Estimates()
-        reads: list[torch.Tensor] = []
+        reads = ReadBatch(self.device)
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
         if len({c.features.shape[1] for c in usable}) > 1:
             usable = []  # features changed shape mid-step: cannot be stacked into one batch
         out.usable = usable
-        scored = []
+        scored = []  # (view, kind, slot of its figures, slot of its control's or None)
         if usable:
             out.features = feats = torch.cat([c.features for c in usable])
             for view, est in self.estimators.items():
@@ -907,31 +921,28 @@ class LeakageMonitor:
                 value = est.evaluate_on_device(feats, tokens)  # held out: before it trains
                 control = self._control_eval(view, feats, tokens)
                 if value is not None:
-                    scored.append((view, est.kind, control is not None))
-                    reads += [value] if control is None else [value, control]
+                    slots = [reads.add(v) if v is not None else None for v in (value, control)]
+                    scored.append((view, est.kind, *slots))
         terms = [
             c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
         ]
         n_oracle = sum(t.numel() for t in terms)
-        if terms:
-            reads.append(mean_sd(torch.cat(terms)))
-        deferred = [c for c in chunks if c.keep is not None]
-        reads += [c.keep.sum().reshape(1) for c in deferred]
-        if not reads:
-            return out
-        numbers = torch.cat([r.to(self.device, torch.float64) for r in reads]).tolist()
-        kept = [int(k) for k in numbers[len(numbers) - len(deferred) :]]
-        for chunk, k in zip(deferred, kept, strict=True):
-            if k < chunk.batch:
-                self._drop_nonfinite(chunk, k)
+        oracle = reads.add(mean_sd(torch.cat(terms))) if terms else None
+        deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
+        reads.read()
+        dropped = False
+        for chunk, slot in deferred:
+            kept = int(reads[slot][0])
+            if kept < chunk.batch:
+                self._drop_nonfinite(chunk, kept)
+                dropped = True
             else:
                 chunk.keep = chunk.grads_ok = None  # every row finite: nothing to do
-        if any(k < c.batch for c, k in zip(deferred, kept, strict=True)):
+        if dropped:
             return None
-        figures = iter(numbers)
-        for view, kind, has_control in scored:
-            value = BatchEstimate.of([next(figures) for _ in range(4)], len(out.features))
-            control = [next(figures) for _ in range(4)][0] if has_control else math.nan
+        for view, kind, slot, control_slot in scored:
+            value = BatchEstimate.of(reads[slot], len(out.features))
+            control = math.nan if control_slot is None else reads[control_slot][0]
             if math.isfinite(value.matched):
                 out.mi[f"{view}/{kind}"] = MIValue(
                     nats=value.matched,
@@ -943,8 +954,8 @@ class LeakageMonitor:
                 )
             else:
                 out.flags.append(f"estimate_nonfinite:{view}")
-        if terms:
-            mean, sd = next(figures), next(figures)
+        if oracle is not None:
+            mean, sd = reads[oracle]
             mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
             out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
         return out
@@ -1002,14 +1013,18 @@ class LeakageMonitor:
         return est.evaluate_on_device(feats[self._derangement(feats.shape[0])], tokens)
 
     def _control_observe(
-        self, view: str, feats: torch.Tensor, tokens: torch.Tensor, train: bool | None
+        self,
+        view: str,
+        feats: torch.Tensor,
+        tokens: torch.Tensor,
+        train: bool | None,
+        reads: ReadBatch,
     ) -> None:
         """The control critic learns from another random re-pairing of this batch."""
         est = self.controls.get(view)
         if est is None or feats.shape[0] < 2:
             return
-        if est.observe(feats[self._derangement(feats.shape[0])], tokens, train=train):
-            self._warn_once(f"reset:control:{view}", f"the {view}-view control critic was reset")
+        est.observe(feats[self._derangement(feats.shape[0])], tokens, train=train, reads=reads)
 
     def _derangement(self, n: int) -> torch.Tensor:
         """A uniformly random n-cycle from the monitor's generator: no index maps to itself."""

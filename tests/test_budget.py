@@ -126,13 +126,13 @@ def test_budget_spends_no_critic_round_before_a_learned_critic_could_report(
     from opacus_mi.estimators import online
 
     seen = []
-    real_train = online.OnlineEstimator.train
+    real_round = online.OnlineEstimator._round
 
-    def train_spy(self):
+    def round_spy(self, *args, **kwargs):  # every training round, from observe or train
         seen.append(len(self.val))
-        return real_train(self)
+        return real_round(self, *args, **kwargs)
 
-    monkeypatch.setattr(online.OnlineEstimator, "train", train_spy)
+    monkeypatch.setattr(online.OnlineEstimator, "_round", round_spy)
     _, _, monitor, _ = _run(sleep=0.01, budget=5.0, epochs=5)  # 2 validation pairs a batch
     assert seen and min(seen) >= online.MIN_VALIDATION
     assert all(est.updates > 0 for est in monitor.estimators.values())

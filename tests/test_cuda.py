@@ -1,6 +1,6 @@
 """CUDA: the monitor's tensors live on the model's device, and a monitored step makes one host
-synchronisation (its record's figures, read in one transfer) plus one per critic training
-round. Run by ``benchmarks/gpu.sh``; skipped without a GPU.
+synchronisation (its record's figures, read in one transfer), plus one when its critics train
+(all of the step's rounds read together). Run by ``benchmarks/gpu.sh``; skipped without a GPU.
 
 References: where each tensor is (its ``.device``), and PyTorch's own sync detector
 (``torch.cuda.set_sync_debug_mode("warn")`` warns on every synchronising call).
@@ -68,7 +68,7 @@ def test_cuda_monitor_state_lives_on_the_model_device():
     assert any("clipped/mine" in r.mi for r in monitor.history)
 
 
-def test_cuda_monitored_step_syncs_once_plus_once_per_critic_round(monkeypatch):
+def test_cuda_monitored_step_syncs_once_plus_once_for_its_critic_rounds(monkeypatch):
     """The sync count ``tests/test_host_reads.py`` checks on the CPU (by counting host reads
     with the device behaviour switched on), checked by PyTorch's own detector."""
     model, opt, loader, monitor = _cuda_setup(every=1, train_every=8, control=True)
@@ -102,7 +102,7 @@ def test_cuda_monitored_step_syncs_once_plus_once_per_critic_round(monkeypatch):
     opt.step = counted_step
     _steps(model, opt, loader, monitor, 40)  # past the critics' 32 warm-up rounds
     assert monitor._sync_free
-    assert all(syncs == 1 + trained for syncs, trained in per_step), per_step
+    assert all(syncs == 1 + (trained > 0) for syncs, trained in per_step), per_step
     assert any(trained == 0 for _, trained in per_step)
 
 

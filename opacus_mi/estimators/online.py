@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..reads import ReadBatch
 from ..ring import RowRing
 from .bounds import (
     BOUNDS,
@@ -219,6 +220,7 @@ class OnlineEstimator:
         self.val = PairWindow(validation)
         self.selected: nn.Module | None = None  # the critic that reports (see ``train``)
         self.kept_previous = 0  # rounds after which the earlier critic validated better
+        self.resets = 0  # diverged rounds, each followed by a fresh critic
         self.null_selected = False  # no learned critic validated above 0 (see ``train``)
         self.batch_size = batch_size
         self.lr = lr
@@ -313,13 +315,23 @@ class OnlineEstimator:
             interval = torch.full((2,), math.nan, dtype=torch.float64, device=scores.device)
         return torch.cat([torch.stack([matched, mismatched]).double(), interval])
 
-    def observe(self, x: torch.Tensor, y: torch.Tensor, *, train: bool | None = None) -> bool:
+    def observe(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        train: bool | None = None,
+        reads: ReadBatch | None = None,
+    ) -> bool:
         """Add a batch of pairs to the window and train if the schedule says so (``train``
         overrides the schedule: the monitor's overhead budget decides, see
         :mod:`opacus_mi.budget`).
 
         Returns True if training diverged (non-finite loss) and the critic was reset: a fresh
         critic restarts from the window rather than a NaN propagating into every later estimate.
+        With ``reads`` the round's outcome is read with the rest of the batch (the monitor reads
+        all of a step's rounds at once): its model selection, and a reset (counted in
+        ``resets``), happen at ``reads.read()``, and this returns False.
         """
         x, y = x.detach().to(self.device).float(), y.detach().to(self.device).float()
         if x.shape[0] == 0:
@@ -344,11 +356,19 @@ class OnlineEstimator:
         if train is not None:
             due = train
         if due and len(self.pairs) >= 4:
-            if not math.isfinite(self.train()):
-                self._new_critic(self.critic.x_dim, self.critic.y_dim)
-                self.pairs.resync()
-                return True
+            before, own = self.resets, reads is None
+            reads = ReadBatch(self.device) if own else reads
+            self._round(reads, reset=True)
+            if own:
+                reads.read()
+                return self.resets > before
         return False
+
+    def _reset(self) -> None:
+        """A fresh critic after a diverged round, restarting from the window."""
+        self._new_critic(self.critic.x_dim, self.critic.y_dim)
+        self.pairs.resync()
+        self.resets += 1
 
     @torch.no_grad()
     def _validation_bound(self, critic: nn.Module) -> torch.Tensor:
@@ -381,21 +401,45 @@ class OnlineEstimator:
         One host read per round (off the CPU, one sync): the round's outcome and both
         critics' validation figures together.
         """
+        reads = ReadBatch(self.device)
+        outcome = self._round(reads)
+        reads.read()
+        return outcome[0]
+
+    def _round(self, reads: ReadBatch, *, reset: bool = False) -> list[float]:
+        """Train now; select (see :meth:`train`) when ``reads`` is read: one read for the
+        round's outcome and both critics' validation figures. Returns a one-item list that
+        then holds the round's last training bound (NaN if it diverged; with ``reset``, the
+        critic is then replaced)."""
         assert self.critic is not None and self.optimizer is not None
-        outcome = self._train_round()
-        if outcome is None:  # no iterations: nothing learned
+        outcome = [math.nan]
+        values = self._train_round()
+        if values is None:  # no iterations: nothing learned
             self.updates += 1
-            return math.nan
+            if reset:
+                self._reset()
+            return outcome
         created = self.selected is None
         if created:
             self.selected = copy.deepcopy(self.critic)
-        # One read: the round's outcome and, when there are enough validation pairs to trust a
-        # learned critic, both critics' validation figures (wasted only if the round diverged).
+        # The validation figures are computed now (wasted only if the round diverged), while
+        # the critics are as this round left them; nothing trains them before the read.
         validate = len(self.val) >= MIN_VALIDATION
-        figures = [outcome]
         if validate:
-            figures += [self._validation_bound(c) for c in (self.critic, self.selected)]
-        numbers = torch.cat(figures).tolist()
+            figures = [self._validation_bound(c) for c in (self.critic, self.selected)]
+            values = torch.cat([values, *figures])
+
+        def select(numbers: list[float]) -> None:
+            outcome[0] = self._select(numbers, validate=validate, created=created)
+            if reset and not math.isfinite(outcome[0]):
+                self._reset()
+
+        reads.add(values, select)
+        return outcome
+
+    def _select(self, numbers: list[float], *, validate: bool, created: bool) -> float:
+        """Model selection from a round's figures read back: ``[finite, last bound]`` then,
+        if ``validate``, ``[new, its se, previous, its se]``. Returns the last bound or NaN."""
         finite, last = numbers[:2]
         if not finite:  # never report from a diverged critic; the caller replaces it
             if created:
