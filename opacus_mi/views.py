@@ -11,6 +11,7 @@ through the Gram matrix (see :mod:`opacus_mi.tokens` and :mod:`opacus_mi.estimat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,9 +74,16 @@ def clip_factors(
     norms = torch.stack(
         [g.norm(2, dim=tuple(range(1, g.ndim))).to(device) for g in grad_samples], dim=1
     )
-    bound_t = torch.tensor(bounds, dtype=norms.dtype, device=device)
+    bound_t = _bounds_tensor(tuple(float(b) for b in bounds), norms.dtype, device)
     factors = (bound_t / (norms + _OPACUS_EPS)).clamp(max=1.0)
     return ClipInfo(factors=factors, norms=norms, per_layer=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _bounds_tensor(bounds: tuple[float, ...], dtype: torch.dtype, device: torch.device):
+    """Per-layer bounds as a tensor on ``device``, made once: a fresh one every step would be a
+    host-to-device copy, which off the CPU waits for the device (a sync). Never written to."""
+    return torch.tensor(bounds, dtype=dtype, device=device)
 
 
 def clipped_grad_samples(

@@ -296,9 +296,12 @@ def percentile_tensor(values: torch.Tensor, level: float = 0.95) -> torch.Tensor
     """``[low, high]`` percentile interval of bootstrap values, non-finite ones ignored, left
     where the values are: a masked selection would need their count on the host (a sync)."""
     v = values.double()
+    if v.numel() == 0:
+        return torch.full((2,), math.nan, dtype=v.dtype, device=v.device)
     v = torch.where(torch.isfinite(v), v, torch.full_like(v, math.nan))
-    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=v.dtype, device=v.device)
-    return torch.nanquantile(v, q)  # NaN, NaN when nothing is finite
+    # Scalar levels: a tensor of them made from host data would be a host-to-device copy.
+    q = ((1 - level) / 2, 1 - (1 - level) / 2)
+    return torch.stack([torch.nanquantile(v, p) for p in q])  # NaN, NaN when nothing is finite
 
 
 def percentile_interval(values: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
