@@ -22,6 +22,11 @@ How it attaches, and why this way:
   takes references to what the step produced and a worker thread does the measuring while the
   next step runs; records are the same, delivered to ``history`` and the sinks one step later
   (reading ``history`` or calling :meth:`LeakageMonitor.flush` waits for them).
+* Off the CPU (a GPU), every host read of a device value waits for the queued kernels. There a
+  monitored step reads once: it is measured as if every example were finite, and the record's
+  figures and the count of finite rows come back in one transfer (:mod:`opacus_mi.reads`); a
+  chunk that had NaN/Inf rows is then trimmed and its draws made again from the saved
+  generator state (rare). The critics' training rounds of a step read once more, together.
 * Ghost clipping (``grad_sample_mode="ghost"``) has no ``grad_sample``: a
   :class:`~opacus_mi.factored.FactoredCapture` keeps each layer's activations and first-pass
   backprops and gives the same tokens, norms and Gram matrix without per-sample gradients.
