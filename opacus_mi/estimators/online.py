@@ -153,6 +153,27 @@ class BatchEstimate:
         return cls(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
 
 
+def held_out_figures(
+    kind: str, scores: torch.Tensor, generator: torch.Generator, bootstrap: int
+) -> torch.Tensor:
+    """``[matched, mismatched, ci_low, ci_high]`` of a fixed critic's scores on a batch, as one
+    float64 tensor where the scores are (not read: off the CPU each read is a sync).
+
+    Mismatched: the same critic on one random re-pairing (the estimator's bias floor). The
+    interval: a percentile bootstrap over the pairs, NaN below ``MIN_CI_PAIRS`` pairs.
+    """
+    n = scores.shape[0]
+    matched = bound(kind, scores)
+    shuffle = torch.randperm(n, generator=generator, device=generator.device)
+    mismatched = bound(kind, scores[:, shuffle.to(scores.device)])
+    if n >= MIN_CI_PAIRS:
+        counts = bootstrap_counts(n, bootstrap, generator, scores.device)
+        interval = percentile_tensor(bootstrap_bound(kind, scores, counts))
+    else:  # a bootstrap over fewer than MIN_CI_PAIRS pairs is no interval
+        interval = torch.full((2,), math.nan, dtype=torch.float64, device=scores.device)
+    return torch.cat([torch.stack([matched, mismatched]).double(), interval])
+
+
 class OnlineEstimator:
     """A critic trained online on a window of (feature, token) pairs.
 
@@ -305,15 +326,7 @@ class OnlineEstimator:
         critic = self.selected if self.selected is not None else self.critic
         critic.eval()
         scores = critic.scores(x.to(self.device).float(), y.to(self.device).float())
-        matched = bound(self.kind, scores)
-        shuffle = torch.randperm(n, generator=self.generator, device=self.generator.device)
-        mismatched = bound(self.kind, scores[:, shuffle.to(scores.device)])
-        if n >= MIN_CI_PAIRS:
-            counts = bootstrap_counts(n, self.bootstrap, self.generator, scores.device)
-            interval = percentile_tensor(bootstrap_bound(self.kind, scores, counts))
-        else:  # a bootstrap over fewer than MIN_CI_PAIRS pairs is no interval
-            interval = torch.full((2,), math.nan, dtype=torch.float64, device=scores.device)
-        return torch.cat([torch.stack([matched, mismatched]).double(), interval])
+        return held_out_figures(self.kind, scores, self.generator, self.bootstrap)
 
     def observe(
         self,

@@ -16,9 +16,8 @@ import math
 import torch
 from torch import nn
 
-from .bounds import bootstrap_bound, bootstrap_counts, infonce_bound, percentile_interval
 from .critics import _mlp
-from .online import MIN_CI_PAIRS, BatchEstimate, PairWindow
+from .online import BatchEstimate, PairWindow, held_out_figures
 
 
 def _floored_std(v: torch.Tensor) -> torch.Tensor:
@@ -93,14 +92,8 @@ class SemiOracleEstimator:
         t = private.to(self.device).double()
         # scores[j, i] = log N(t_j; mu_i, s^2 I) + const: which example produced token j?
         scores = -torch.cdist(t, mu).pow(2) / (2.0 * noise_std**2)
-        matched = float(infonce_bound(scores))
-        perm = torch.randperm(n, generator=self.generator, device=self.generator.device)
-        mismatched = float(infonce_bound(scores[:, perm.to(scores.device)]))
-        lo = hi = math.nan
-        if n >= MIN_CI_PAIRS:
-            counts = bootstrap_counts(n, self.bootstrap, self.generator, scores.device)
-            lo, hi = percentile_interval(bootstrap_bound("infonce", scores, counts))
-        return BatchEstimate(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
+        figures = held_out_figures("infonce", scores, self.generator, self.bootstrap)
+        return BatchEstimate.of(figures.tolist(), n)
 
     def observe(self, x: torch.Tensor, clean: torch.Tensor, *, train: bool | None = None) -> bool:
         """Add (features, clipped token) pairs; train on schedule (or as ``train`` says). True
