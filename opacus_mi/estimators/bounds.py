@@ -169,8 +169,8 @@ class CriticLoss(MineLoss):
 
 
 def mean_sd(terms: torch.Tensor) -> torch.Tensor:
-    """``[mean, sd]`` of per-example terms, float64, where the terms are (no host read): half of
-    :func:`mean_interval`, for a caller that reads many such figures in one transfer."""
+    """``[mean, sd]`` of per-example terms, float64, where the terms are (not read: off the CPU
+    each read is a sync, and the monitor reads a record's figures in one transfer)."""
     t = terms.to(torch.float64)
     if t.numel() < 2:  # no spread from one term (and no degrees-of-freedom warning)
         return torch.stack([t.mean(), torch.full_like(t.sum(), math.nan)])
@@ -181,29 +181,18 @@ def mean_sd(terms: torch.Tensor) -> torch.Tensor:
 def interval_from(
     mean: float, sd: float, n: int, *, min_n: int = 2, level: float = 0.95
 ) -> tuple[float, float, float]:
-    """``(mean, low, high)`` from a :func:`mean_sd` read back to the host: the other half."""
+    """``(mean, low, high)``: a mean of n per-example terms (a :func:`mean_sd` read back) with
+    a normal-approximation interval; fewer than ``min_n`` terms give a NaN interval.
+
+    For a plain mean the percentile bootstrap and mean +- z * sd / sqrt(n) agree to O(1/n); the
+    latter needs no resampling, which matters on the monitor's every-step path.
+    """
     if n == 0:
         return math.nan, math.nan, math.nan
     if n < max(min_n, 2):
         return mean, math.nan, math.nan
     half = NormalDist().inv_cdf(0.5 + level / 2) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
-
-
-def mean_interval(
-    terms: torch.Tensor, *, min_n: int = 2, level: float = 0.95
-) -> tuple[float, float, float]:
-    """Mean of per-example terms with a normal-approximation interval (one host read).
-
-    For a plain mean the percentile bootstrap and mean +- z * sd / sqrt(n) agree to O(1/n); the
-    latter needs no resampling, which matters on the monitor's every-step path. Fewer than
-    ``min_n`` terms give a NaN interval.
-    """
-    n = terms.numel()
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    mean, sd = mean_sd(terms).tolist()
-    return interval_from(mean, sd, n, min_n=min_n, level=level)
 
 
 def bootstrap_counts(
