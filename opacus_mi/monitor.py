@@ -868,25 +868,28 @@ class LeakageMonitor:
         # The critics learn from this batch (after scoring it): the budget's "critic" work.
         # Their rounds' outcomes are read together, once (model selection and resets then).
         rounds = ReadBatch(self.device)
-        critics = {v: (self.estimators[v], self.controls.get(v)) for v in learned}
-        resets = {
-            v: [e.resets if e is not None else 0 for e in pair] for v, pair in critics.items()
-        }
+        watched = [  # (view, critic, is it the control, its resets so far)
+            (view, est, est is not self.estimators[view], est.resets)
+            for view in learned
+            for est in (self.estimators[view], self.controls.get(view))
+            if est is not None
+        ]
         for view, tokens in learned.items():
             self.estimators[view].observe(feats, tokens, train=train, reads=rounds)
             self._control_observe(view, feats, tokens, train, rounds)
         rounds.read()
-        for view, (est, control) in critics.items():
-            if est.resets > resets[view][0]:
-                record.flags.append(f"critic_reset:{view}")
-                self._warn_once(
-                    f"reset:{view}",
-                    f"the {view}-view critic diverged (non-finite loss) and was reset",
-                )
-            if control is not None and control.resets > resets[view][1]:
+        for view, est, control, before in watched:
+            if est.resets == before:
+                continue
+            if control:
                 self._warn_once(
                     f"reset:control:{view}", f"the {view}-view control critic was reset"
                 )
+                continue
+            record.flags.append(f"critic_reset:{view}")
+            self._warn_once(
+                f"reset:{view}", f"the {view}-view critic diverged (non-finite loss) and was reset"
+            )
         if self.semi_oracle is not None and estimates.usable:
             std = sigma * float(opt.max_grad_norm)
             self._semi_oracle_step(record, estimates.usable, std, train)
