@@ -40,6 +40,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from bench_names import VARIANTS
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -56,16 +57,6 @@ DEVICE = os.environ.get("OPACUS_MI_BENCH_DEVICE", "cpu")
 if torch.device(DEVICE).type == "cpu":
     torch.set_num_threads(1)
 
-MODELS: tuple[str, ...] = ("digits_cnn", "mlp", "resnet18_gn")
-VARIANTS: tuple[str, ...] = (
-    "nonprivate",
-    "dp",
-    "oracle",
-    "oracle_sync",
-    "default",
-    "fixed",
-    "critic_every_step",
-)
 MONITORED: tuple[str, ...] = ("oracle", "oracle_sync", "default", "fixed", "critic_every_step")
 DELTA = 1e-5
 NOISE = 1.0

@@ -30,8 +30,9 @@ ROOT = HERE.parent
 def _load_lib(device: str):
     """Import ``conftest.py`` (the shared builders) under its own name, device set first."""
     os.environ["OPACUS_MI_BENCH_DEVICE"] = device
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    for path in (ROOT, HERE):  # the package, and conftest's sibling bench_names.py
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
     spec = importlib.util.spec_from_file_location("opacus_mi_bench", HERE / "conftest.py")
     lib = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = lib

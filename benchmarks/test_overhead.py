@@ -30,21 +30,12 @@ import os
 
 import pytest
 import torch
+from bench_names import MODELS, VARIANTS
 
 DEVICE = os.environ.get("OPACUS_MI_BENCH_DEVICE", "cpu")
 ON_CUDA = torch.device(DEVICE).type == "cuda"
 ENFORCE = os.environ.get("OPACUS_MI_BENCH_ENFORCE") == "1"
 
-MODELS = ("digits_cnn", "mlp", "resnet18_gn")
-VARIANTS = (
-    "nonprivate",
-    "dp",
-    "oracle",
-    "oracle_sync",
-    "default",
-    "fixed",
-    "critic_every_step",
-)
 
 # Issue targets for the default monitor (ratio to the DP step), by (model, device type).
 TARGETS = {("digits_cnn", "cpu"): 1.15, ("resnet18_gn", "cuda"): 1.05}
