@@ -36,6 +36,8 @@ class _LazyRdp:
         self.values = np.full(len(orders), np.nan)
         self.done = np.zeros(len(orders), dtype=bool)  # evaluated (a value may be inf or NaN)
         self._lower: np.ndarray | None = None  # cached until the next evaluation
+        self._known: np.ndarray | None = None  # likewise
+        self.generation = 0  # evaluations so far: what a certificate (see EpsilonTracker) saw
         if (
             rate == 0
             or noise == 0
@@ -52,7 +54,14 @@ class _LazyRdp:
                     q=self.rate, noise_multiplier=self.noise, steps=1, orders=[self.orders[k]]
                 )[0]
                 self.done[k] = True
-                self._lower = None
+                self._lower = self._known = None
+                self.generation += 1
+
+    def known(self) -> np.ndarray:
+        """The values evaluated so far, inf at the orders not yet evaluated."""
+        if self._known is None:
+            self._known = np.where(self.done, self.values, np.inf)
+        return self._known
 
     def lower(self) -> np.ndarray:
         """A lower bound at every order, from the orders evaluated so far.
@@ -101,13 +110,16 @@ class EpsilonTracker:
         if orders != sorted(orders):
             raise RuntimeError("Opacus's default RDP orders are expected in increasing order")
         # The orders as the array Opacus builds from the list (same floats), made once, and the
-        # order-only part of its conversion (a lower bound's, not the returned value's, term).
+        # two order-only terms of its conversion, as its ``get_privacy_spent`` forms them: the
+        # epsilon vector is then ``rdp - sub + add`` operation for operation, bit for bit.
         self._orders = np.atleast_1d(orders)
-        self._offset = -(np.log(delta) + np.log(self._orders)) / (self._orders - 1) + np.log(
-            (self._orders - 1) / self._orders
-        )
+        self._sub = (np.log(delta) + np.log(self._orders)) / (self._orders - 1)
+        self._add = np.log((self._orders - 1) / self._orders)
         self._seed = [orders.index(a) for a in self._SEED_ORDERS if a in orders]
         self._best: int | None = None  # index of the order that gave the latest epsilon
+        # (table, its generation, best order, first and last step count it holds for, and that
+        # order's three floats): see _certify.
+        self._cert: tuple | None = None
         self.orders_evaluated = 0  # per (noise, rate) orders Opacus's series ran for
 
     @property
@@ -155,31 +167,115 @@ class EpsilonTracker:
             self.orders_evaluated += int(table.done.sum()) - before
 
     def _rdp_epsilon(self, history: tuple) -> float:
+        """Opacus's ``get_epsilon`` for an RDP history, bit for bit, at a fraction of its cost.
+
+        A record computes this every measured step, inside someone else's training loop.
+        Opacus's series is run only for the orders whose lower bound could still beat the best
+        known epsilon (:meth:`_vector_epsilon`). A history of one (noise, rate), the usual
+        case, is then mostly answered by a certificate: three float operations (see
+        :meth:`_certify`).
+        """
+        if len(history) == 1 and self._cert is not None:
+            table, generation, best, first, last, rdp, sub, add = self._cert
+            noise, rate, steps = history[0]
+            if (
+                first <= steps <= last
+                and table.generation == generation
+                and self._rdp_cache.get((noise, rate)) is table
+            ):
+                return rdp * steps - sub + add  # Opacus's expression at the best order
+        return self._vector_epsilon(history)
+
+    def _vector_epsilon(self, history: tuple) -> float:
         parts = [(self._table(noise, rate), steps) for noise, rate, steps in history]
-        start = self._seed if self._best is None else [self._best]
         if self._best is None or not all(t.done[self._best] for t, _ in parts):
-            self._fill(parts, start)
+            self._fill(parts, self._seed if self._best is None else [self._best])
         while True:
             # Exact where evaluated in every part (Opacus's composition), inf where not yet.
-            known = parts[0][0].done
-            for t, _ in parts[1:]:
+            (first, steps), rest = parts[0], parts[1:]
+            known, rdp, lower = first.done, first.known() * steps, first.lower() * steps
+            for t, s in rest:
                 known = known & t.done
-            rdp = sum(np.where(known, t.values, np.inf) * steps for t, steps in parts)
-            best = np.fmin.reduce(rdp + self._offset)  # NaN-ignoring minimum
+                rdp = rdp + t.known() * s
+                lower = lower + t.lower() * s
+            if rest:  # an order unknown in one part is unknown in the sum
+                rdp = np.where(known, rdp, np.inf)
+            eps = rdp - self._sub + self._add  # Opacus's expression (get_privacy_spent)
+            best = np.fmin.reduce(eps)  # NaN-ignoring minimum
             if np.isnan(best):
                 best = np.inf
-            lower = sum(t.lower() * steps for t, steps in parts) + self._offset
             # Relative slack far above the float error of Opacus's series and conversion.
-            need = ~known & ~(lower > best + 1e-6 * max(1.0, abs(best)))
+            floor = lower - self._sub + self._add  # a lower bound on every order's epsilon
+            need = ~known & ~(floor > best + 1e-6 * max(1.0, abs(best)))
             if not need.any():
                 break
             # Most promising first (smallest bound), a few at a time: each tightens the bounds.
             cand = np.flatnonzero(need)
-            self._fill(parts, cand[np.argsort(lower[cand], kind="stable")[:3]])
-        eps, order = rdp_analysis.get_privacy_spent(orders=self._orders, rdp=rdp, delta=self.delta)
-        if np.isfinite(order):
-            self._best = int(np.searchsorted(self._orders, order))
-        return float(eps)
+            self._fill(parts, cand[np.argsort(floor[cand], kind="stable")[:3]])
+        nan = np.isnan(eps)
+        if nan.all():
+            return math.inf  # Opacus's "no privacy" answer
+        best_at = int(np.argmin(np.where(nan, np.inf, eps)))  # np.nanargmin, as Opacus
+        if best_at in (0, len(eps) - 1):  # Opacus warns that the order range is too narrow
+            value, _ = rdp_analysis.get_privacy_spent(
+                orders=self._orders, rdp=rdp, delta=self.delta
+            )
+        else:
+            value = eps[best_at]
+        self._best = best_at
+        self._cert = None
+        if len(parts) == 1:
+            self._certify(parts[0][0], parts[0][1], best_at)
+        return float(value)
+
+    def _certify(self, table: _LazyRdp, steps: int, best: int) -> None:
+        """For how many more steps of the same (noise, rate) the answer stays at order ``best``
+        with no order left to evaluate, found once; until then epsilon is ``rdp[best] * steps
+        - sub + add``, the float :meth:`_vector_epsilon` would return.
+
+        Every condition the vector path checks is linear in the step count ``s``: order ``k``
+        loses to ``best`` while ``(v_k - v_b) s + (c_k - c_b) > 0`` (``c = add - sub``, ``v``
+        the known per-step RDP, or for an unevaluated order its lower bound, less the 1e-6
+        relative slack bounded linearly). Each is tightened by a relative 1e-9, far above the
+        rounding of the vector path's floats, so no rounding can reverse one inside the range.
+        """
+        n = len(self._orders)
+        if best in (0, n - 1):
+            return  # Opacus warns there: the vector path calls it
+        known, lower, done = table.known(), table.lower(), table.done
+        with np.errstate(invalid="ignore", over="ignore"):
+            if np.isnan(np.where(done, table.values, 0.0)).any() or not np.isfinite(known[best]):
+                return
+            c = self._add - self._sub
+            vb, cb = known[best], c[best]
+            slope = np.where(done, known, lower)
+            a = slope - vb
+            b = c - cb
+            # An unevaluated order must clear the slack 1e-6 max(1, |eps_best|) as well.
+            a = np.where(done, a, a - 1e-6 * abs(vb))
+            b = np.where(done, b, b - 1e-6 * (1.0 + abs(cb)))
+            a = a - 1e-9 * (abs(vb) + np.abs(slope))
+            b = b - 1e-9 * (1.0 + abs(cb) + np.abs(c))
+            # Neither the best order nor one whose RDP is infinite competes.
+            idle = ~np.isfinite(slope)
+            idle[best] = True
+            a[idle], b[idle] = 0.0, 1.0
+            if np.isnan(a).any() or np.isnan(b).any() or not (a * steps + b > 0).all():
+                return
+            falling = a < 0
+            last = np.ceil(-b[falling] / a[falling]) - 1 if falling.any() else np.array([])
+        limit = int(min(last.min(), 2**53)) if last.size else 2**53
+        if limit >= steps:
+            self._cert = (
+                table,
+                table.generation,
+                best,
+                steps,
+                limit,
+                float(known[best]),
+                float(self._sub[best]),
+                float(self._add[best]),
+            )
 
 
 def sample_rate_of(accountant: IAccountant | None, history: Sequence | None = None) -> float:
