@@ -654,9 +654,10 @@ class LeakageMonitor:
                 clip = clip_factors(grad_samples, bound)
             grad_samples = wide
         # A norm is finite iff every entry is: one check per example, not one per parameter.
+        # (A norm is >= 0 or NaN, so ``< inf`` is ``isfinite``, in one operation, not four.)
         norms = clip.norms if clip.norms.ndim == 1 else clip.norms.norm(dim=1)
-        grads_ok = torch.isfinite(norms)
-        keep = grads_ok if feats is None else grads_ok & torch.isfinite(feats).all(dim=1)
+        grads_ok = norms < math.inf
+        keep = grads_ok if feats is None else grads_ok & (feats.abs() < math.inf).all(dim=1)
         if self._sync_free and not self.distributed and self.subspace is None:
             # Optimistic: measured as if every row were finite; the kept count is read with the
             # record's figures, and a chunk with bad rows is redone then (_drop_nonfinite).

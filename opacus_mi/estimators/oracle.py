@@ -42,16 +42,17 @@ def _psd_sqrt_factor(gram: torch.Tensor, sync_free: bool | None = None) -> torch
     the device, and a factorisation that still fails gives NaN (a flagged, non-finite oracle
     value), never silently wrong numbers.
     """
-    sym = (gram + gram.T) / 2
-    eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+    sym = (gram + gram.T) / 2  # a new tensor: the sync-free path adds its jitter in place
     if sync_free is None:
         sync_free = sym.device.type != "cpu"
     if sync_free:
-        jitter = 1e-6 * sym.diagonal().max().clamp_min(1e-300)
-        factor, info = torch.linalg.cholesky_ex(sym + jitter * eye)
+        sym.diagonal().add_(1e-6 * sym.diagonal().max().clamp_min(1e-300))
+        factor, info = torch.linalg.cholesky_ex(sym)
         return torch.where(info == 0, factor, torch.full_like(factor, math.nan))
     jitter = 1e-10 * float(sym.diagonal().mean().clamp_min(1e-300))
-    factor, info = torch.linalg.cholesky_ex(sym + jitter * eye)
+    factor, info = torch.linalg.cholesky_ex(
+        sym + jitter * torch.eye(len(sym), dtype=sym.dtype, device=sym.device)
+    )
     if int(info) == 0:
         return factor
     vals, vecs = torch.linalg.eigh(sym)
