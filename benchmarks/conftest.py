@@ -29,6 +29,7 @@ runs are comparable across machines and not disturbed by other processes competi
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -319,6 +320,20 @@ def total_ratios(times: dict[str, list[float]], baseline: str = "dp") -> dict[st
     which a median over short blocks would skip."""
     base = sum(times[baseline])
     return {n: sum(ts) / base for n, ts in times.items()}
+
+
+def paired_spread(
+    times: dict[str, list[float]], variant: str, baseline: str = "dp"
+) -> tuple[float, float, float]:
+    """Median and quartiles of ``variant``'s per-repetition ratio to the baseline. A
+    repetition times every variant back to back, so each ratio is paired: a slow spell of a
+    shared machine that spans a repetition cancels out, where in the total it does not. For
+    steady per-step work (the every-step variants); bursty work needs the total."""
+    ratios = sorted(a / b for a, b in zip(times[variant], times[baseline], strict=True))
+    if len(ratios) < 2:
+        return (ratios[0],) * 3 if ratios else (math.nan,) * 3
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    return med, q1, q3
 
 
 def time_fn(fn: Callable[[], object], device, reps: int, inner: int = 1) -> float:

@@ -96,6 +96,7 @@ def measure_model(lib, model: str, device: str, quick: bool) -> dict:
         "nonprivate_ms": med["nonprivate"] * 1e3,
         "dp_ms": med["dp"] * 1e3,
         "ratios": ratios,
+        "spread": {v: lib.paired_spread(times, v) for v in ("oracle", "oracle_sync")},
         "tokens_ms": tokens_s * 1e3,
         "critic_ms": critic_s * 1e3,
         "critics": len(setups["default"].monitor.estimators),
@@ -252,6 +253,21 @@ def _tables(results) -> list[str]:
             f"{r['tokens_ms']:.2f} | {r['critic_ms']:.2f} | "
             f"{100 * r['mem']['monitor_fraction']:.0f}% |"
         )
+    lines += [
+        "",
+        "The every-step rows as paired figures: a repetition times every variant back to back, "
+        "so each repetition's ratio to the DP step is paired, and a slow spell of the machine "
+        "that spans a repetition cancels out (the total above does not cancel it). Median "
+        "[quartiles] over the repetitions:",
+        "",
+        "| model | tokens + oracle every step | same, overlap off |",
+        "|---|---:|---:|",
+    ]
+    for r in results:
+        cells = [
+            "{:.2f} [{:.2f}-{:.2f}]".format(*r["spread"][v]) for v in ("oracle", "oracle_sync")
+        ]
+        lines.append(f"| {r['model']} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
         "Default = the library's defaults (`every=None`, `train_every=None`, `budget=0.08`): the "

@@ -165,6 +165,8 @@ def _ratio(benchmark, setups, bench_lib, model: str) -> dict:
         "batch": group["dp"].batch,
         "dp_step_ms": 1e3 * sorted(times["dp"])[len(times["dp"]) // 2],
         **{f"ratio_{v}": ratios[v] for v in VARIANTS if v != "dp"},
+        # Median [quartiles] of the per-cycle ratios (paired; see conftest.paired_spread).
+        **{f"paired_{v}": bench_lib.paired_spread(times, v) for v in ("oracle", "oracle_sync")},
         "memory_method": mem["method"],
         "monitor_memory_fraction": mem["monitor_fraction"],
         "monitor_state_bytes": mem["monitor_state_bytes"],
