@@ -86,6 +86,7 @@ class FeatureCapture:
         self.layer_names = tuple(layers)
         self._active = active
         self.pending: list[Capture] = []
+        self._eyes: dict[tuple[int, torch.device], torch.Tensor] = {}  # see _one_hot
         inner = getattr(module, "_module", module)
         named = dict(inner.named_modules())
         missing = [n for n in self.layer_names if n not in named]
@@ -169,16 +170,23 @@ class FeatureCapture:
             labels = capture.labels
             if labels.ndim == 1 and not torch.is_floating_point(labels):
                 k = capture.num_classes or (int(labels.max().item()) + 1 if batch else 1)
-                # One-hot by scatter: F.one_hot range-checks the labels with two host reads
-                # on the CPU (a bad label still fails here, in scatter's own index check).
-                onehot = torch.zeros(batch, k, device=labels.device)
-                parts.append(onehot.scatter_(1, labels.long()[:, None], 1.0))
+                parts.append(self._one_hot(labels, k))
             else:
                 parts.append(pool_features(labels.reshape(batch, -1)))
         if not parts:
             return None
         device = parts[0].device
         return torch.cat([p.to(device) for p in parts], dim=1)
+
+    def _one_hot(self, labels: torch.Tensor, classes: int) -> torch.Tensor:
+        """Rows of a cached identity: one operation. ``F.one_hot`` range-checks the labels with
+        two host reads on the CPU (syncs on a GPU); a bad label still fails here, in
+        ``index_select``'s own bounds check."""
+        key = (classes, labels.device)
+        eye = self._eyes.get(key)
+        if eye is None:  # (a worker thread may build one too: the same tensor either way)
+            eye = self._eyes[key] = torch.eye(classes, device=labels.device)
+        return eye.index_select(0, labels.long())
 
     def remove(self) -> None:
         for h in self._handles:
