@@ -218,9 +218,9 @@ class LeakageMonitor:
             collectives (see "Multi-process" in the module docstring).
         overlap: measure on a worker thread while the next training step runs
             (:mod:`opacus_mi.overlap`): the same records, a step later, for less of the training
-            thread's time (every-step tokens + oracle on the digits CNN, 2-core VM, median of 8
-            side-by-side runs: 1.47x inline, 1.21x overlapped, less steady; the rest is the GIL
-            the two threads share).
+            thread's time (every-step tokens + oracle on the digits CNN, 2-core VM, median of 5
+            side-by-side runs: 1.45x inline, 1.21x overlapped, less steady; the rest is the GIL
+            and the hardware the two threads share).
             ``None`` (default): on for a CPU model on one process without ghost clipping when a
             core is free (more usable cores than ``torch.get_num_threads()``). Sinks are still
             called on the training thread; a ``features`` callable runs on the worker.

@@ -9,8 +9,11 @@ never writes again; the detached inputs the monitor's hooks copied; the accounta
 and hands them to one worker thread, which computes while the next step's forward and backward
 run. PyTorch releases the GIL inside its operations, so a free core does the work; it holds the
 GIL while parsing each call, so two threads issuing small operations still take turns (on the
-digits CNN the every-step oracle costs a median 1.21x overlapped against 1.47x inline, and
-varies more from run to run, with where the OS places the two threads).
+digits CNN the every-step oracle costs a median 1.21x overlapped against 1.45x inline, and
+varies more from run to run, with where the OS places the two threads). On a 2-vCPU VM the
+second core's work slows the first even where it holds no GIL: a worker running one 2.5 ms
+matrix product per step cost the training thread about as much as one running 400 small
+operations (README, "Performance").
 
 Why one worker, in order: every random number comes from the monitor's own generator, drawn in
 the same order as without overlap, so records are bit-identical either way. Why at most one
