@@ -173,7 +173,7 @@ _EXIT_SCRIPT = """
 import sys, torch, warnings
 warnings.filterwarnings("ignore")
 sys.path.insert(0, sys.argv[2])
-from conftest import make_private, train, without_timing
+from conftest import make_private, train
 from opacus_mi import LeakageMonitor
 engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=8)
 monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=sys.argv[1], every=1, overlap=True)
