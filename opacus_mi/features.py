@@ -8,6 +8,7 @@ activation hooks, so evaluation passes in between do not confuse the pairing.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,13 @@ def pool_features(x: torch.Tensor, max_dim: int = MAX_FEATURES) -> torch.Tensor:
     if flat.shape[1] > max_dim:
         flat = F.adaptive_avg_pool1d(flat.unsqueeze(1), max_dim).squeeze(1)
     return flat
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(classes: int, device: torch.device) -> torch.Tensor:
+    """The float identity whose rows are one-hot labels, made once per size and device (never
+    written to)."""
+    return torch.eye(classes, device=device)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -86,7 +94,6 @@ class FeatureCapture:
         self.layer_names = tuple(layers)
         self._active = active
         self.pending: list[Capture] = []
-        self._eyes: dict[tuple[int, torch.device], torch.Tensor] = {}  # see _one_hot
         inner = getattr(module, "_module", module)
         named = dict(inner.named_modules())
         missing = [n for n in self.layer_names if n not in named]
@@ -170,23 +177,16 @@ class FeatureCapture:
             labels = capture.labels
             if labels.ndim == 1 and not torch.is_floating_point(labels):
                 k = capture.num_classes or (int(labels.max().item()) + 1 if batch else 1)
-                parts.append(self._one_hot(labels, k))
+                # Rows of a cached identity, one operation: F.one_hot range-checks the labels
+                # with two host reads on the CPU (syncs on a GPU); a bad label still fails
+                # here, in index_select's own bounds check.
+                parts.append(_identity(k, labels.device).index_select(0, labels.long()))
             else:
                 parts.append(pool_features(labels.reshape(batch, -1)))
         if not parts:
             return None
         device = parts[0].device
         return torch.cat([p.to(device) for p in parts], dim=1)
-
-    def _one_hot(self, labels: torch.Tensor, classes: int) -> torch.Tensor:
-        """Rows of a cached identity: one operation. ``F.one_hot`` range-checks the labels with
-        two host reads on the CPU (syncs on a GPU); a bad label still fails here, in
-        ``index_select``'s own bounds check."""
-        key = (classes, labels.device)
-        eye = self._eyes.get(key)
-        if eye is None:  # (a worker thread may build one too: the same tensor either way)
-            eye = self._eyes[key] = torch.eye(classes, device=labels.device)
-        return eye.index_select(0, labels.long())
 
     def remove(self) -> None:
         for h in self._handles:
