@@ -117,8 +117,8 @@ class EpsilonTracker:
         self._add = np.log((self._orders - 1) / self._orders)
         self._seed = [orders.index(a) for a in self._SEED_ORDERS if a in orders]
         self._best: int | None = None  # index of the order that gave the latest epsilon
-        # (table, its generation, best order, first and last step count it holds for, and that
-        # order's three floats): see _certify.
+        # (table, its generation, first and last step count it holds for, and the best order's
+        # three floats): see _certify. The best order itself stays in _best.
         self._cert: tuple | None = None
         self.orders_evaluated = 0  # per (noise, rate) orders Opacus's series ran for
 
@@ -176,7 +176,7 @@ class EpsilonTracker:
         :meth:`_certify`).
         """
         if len(history) == 1 and self._cert is not None:
-            table, generation, best, first, last, rdp, sub, add = self._cert
+            table, generation, first, last, rdp, sub, add = self._cert
             noise, rate, steps = history[0]
             if (
                 first <= steps <= last
@@ -269,7 +269,6 @@ class EpsilonTracker:
             self._cert = (
                 table,
                 table.generation,
-                best,
                 steps,
                 limit,
                 float(known[best]),
