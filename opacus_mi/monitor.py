@@ -147,6 +147,12 @@ class _Taken:
     max_grad_norms: list[float] | None = None  # per-layer clipping
     error: Exception | None = None  # taking them failed: the chunk is flagged
 
+    def release(self) -> None:
+        """Drop the references once measured. With overlap the hand-over (a task's arguments)
+        lives until the record is made; holding B x P per-sample gradients that long keeps
+        the allocator from reusing their memory for the next step's."""
+        self.captures, self.grad_samples, self.linear_inputs, self.factored = [], None, {}, None
+
 
 @dataclass
 class _Estimates:
@@ -219,8 +225,8 @@ class LeakageMonitor:
         overlap: measure on a worker thread while the next training step runs
             (:mod:`opacus_mi.overlap`): the same records, a step later, for less of the training
             thread's time (every-step tokens + oracle on the digits CNN, 2-core VM, median of 5
-            side-by-side runs: 1.45x inline, 1.21x overlapped, less steady; the rest is the GIL
-            and the hardware the two threads share).
+            side-by-side runs: 1.45x inline, 1.21x overlapped, less steady; the rest is mostly
+            the hardware the two threads share: ``benchmarks/contention.py``).
             ``None`` (default): on for a CPU model on one process without ghost clipping when a
             core is free (more usable cores than ``torch.get_num_threads()``). Sinks are still
             called on the training thread; a ``features`` callable runs on the worker.
@@ -553,6 +559,8 @@ class LeakageMonitor:
         except Exception as exc:  # never let the monitor break training
             self._warn_once(f"chunk:{type(exc).__name__}", f"leakage measurement failed: {exc!r}")
             chunk = Chunk(batch=0, flags=[f"error:{type(exc).__name__}"])
+        if isinstance(taken, _Taken):  # read: let go of the step's tensors (see _Taken)
+            taken.release()
         if span is not None:
             self.budget.charge(span, "measure", concurrent=self.overlap)
         self._chunk_seconds += time.perf_counter() - t0

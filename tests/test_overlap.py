@@ -6,6 +6,10 @@ run without any monitor (training and the global RNG, bit for bit), and Opacus's
 
 from __future__ import annotations
 
+import gc
+import threading
+import weakref
+
 import pytest
 import torch
 from conftest import make_private, train, without_timing
@@ -93,6 +97,42 @@ def test_overlap_keeps_one_chunk_in_flight_and_detach_stops_the_worker(memory_ma
     assert [r.step for r in monitor.history] == list(range(24))  # the last one delivered too
     assert all(r.chunks == per_step and r.batch_size == 8 for r in monitor.history)
     assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.parametrize("memory_manager", [False, True], ids=["whole", "chunks"])
+def test_overlap_lets_go_of_the_per_sample_gradients_before_making_the_record(memory_manager):
+    """Once the worker has measured a chunk, nothing of the monitor's holds its per-sample
+    gradients: while the record is being made (epsilon, the critics' rounds) the training
+    thread's next step can reuse their memory. Reference: weak references to the very tensors
+    Opacus made, checked on the worker when the record starts, after training dropped its own."""
+    engine, model, opt, loader = make_private(poisson=False, n=24, batch_size=12)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, overlap=True)
+    dropped, alive_at_record = threading.Event(), []
+    real_finish, refs = monitor._finish_step, []
+
+    def finish(chunks, step, accounting):
+        assert dropped.wait(timeout=60)
+        gc.collect()
+        alive_at_record.append(sum(r() is not None for r in refs))
+        return real_finish(chunks, step, accounting)
+
+    monitor._finish_step = finish
+    x, y = next(iter(loader))
+    for part in (torch.arange(0, 6), torch.arange(6, 12)) if memory_manager else (None,):
+        opt.zero_grad()
+        xs, ys = (x, y) if part is None else (x[part], y[part])
+        monitor.wrap_criterion(nn.CrossEntropyLoss())(model(xs), ys).backward()
+        refs += [weakref.ref(p.grad_sample) for p in model.parameters()]
+        if part is not None and part[0] == 0:
+            opt.signal_skip_step(do_skip=True)  # as BatchMemoryManager does for a chunk
+        opt.step()
+    opt.zero_grad(set_to_none=True)  # Opacus drops grad_sample (and summed_grad) here
+    gc.collect()
+    dropped.set()
+    monitor.flush()
+    assert alive_at_record == [0]
+    assert len(refs) == (2 if memory_manager else 1) * len(list(model.parameters()))
+    assert [r.step for r in monitor.history] == [0] and "private/oracle" in monitor.history[0].mi
 
 
 def test_overlap_failures_are_flagged_on_the_record_never_raised():
