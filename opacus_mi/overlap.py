@@ -11,9 +11,11 @@ run. PyTorch releases the GIL inside its operations, so a free core does the wor
 GIL while parsing each call, so two threads issuing small operations still take turns (on the
 digits CNN the every-step oracle costs a median 1.21x overlapped against 1.45x inline, and
 varies more from run to run, with where the OS places the two threads). On a 2-vCPU VM the
-second core's work slows the first even where it holds no GIL: a worker running one 2.5 ms
-matrix product per step cost the training thread about as much as one running 400 small
-operations (README, "Performance").
+second core's work slows the first even where it holds no GIL: the digits CNN's measurement
+replayed in a separate process cost training as much as on this thread (~1.12x), and on the
+MLP most of the thread's extra cost came with measuring each step's fresh per-sample gradients
+(``benchmarks/contention.py``; README, "Performance"). The worker lets go of a chunk's
+gradients once it has measured them (``_Taken.release``), before it makes the record.
 
 Why one worker, in order: every random number comes from the monitor's own generator, drawn in
 the same order as without overlap, so records are bit-identical either way. Why at most one
