@@ -447,14 +447,26 @@ class FactoredBatch:
         return (c[:, None] * c[None, :]) * self.gram
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the results are keyed by layer
 class _Layer:
     module: nn.Module
     params: list[nn.Parameter]
     slots: list[int | None]  # index of each parameter among the optimizer's, None if absent
     kind: str  # "linear", "conv2d", "embedding" (factored) or "generic" (Opacus grad sampler)
-    pending: list[list[torch.Tensor]] = field(default_factory=list)
-    calls: list[dict] = field(default_factory=list)
+    pending: list[list[torch.Tensor]] = field(default_factory=list)  # forward inputs
+
+
+@dataclass
+class _Backward:
+    """One first-pass backward call of a layer, as its hook saw it (references only)."""
+
+    layer: _Layer
+    acts: list
+    back: torch.Tensor
+    n: int  # Opacus's max_batch_len for this call
+    scale: int | None  # mean-reduced loss: Opacus scales the backprops by n
+    batch_dim: int
+    last: bool  # the layer's last pending call: its results can be made
 
 
 def _kind(m: nn.Module) -> str:
@@ -465,6 +477,148 @@ def _kind(m: nn.Module) -> str:
     if type(m) is nn.Embedding:
         return "embedding"
     return "generic"
+
+
+class _Results:
+    """One chunk's tokens, Gram and norms, made layer by layer from its backward calls.
+
+    Built inside the backward hooks (``defer=False``), or later from the recorded calls, on
+    whichever thread measures the chunk (``defer=True``): the same calls in the same order give
+    the same results either way.
+    """
+
+    def __init__(self, capture: FactoredCapture, exact: Callable[[], bool]):
+        self._capture, self._exact = capture, exact
+        self.calls: dict[_Layer, list[dict]] = {}
+        self.clear()
+
+    def clear(self) -> None:
+        self.tokens: dict[int, torch.Tensor] = {}
+        self.gram: torch.Tensor | None = None
+        self.norms: dict[int, torch.Tensor] = {}  # id(param) -> (B,), every trainable param
+        self.done: set[_Layer] = set()
+        self.batch: int | None = None
+
+    def add(self, call: _Backward) -> None:
+        back, acts = call.back, call.acts
+        if call.scale is not None:
+            back = back * call.scale  # as Opacus: the per-example gradient of a mean-reduced loss
+        if call.batch_dim:
+            acts = [
+                a.movedim(call.batch_dim, 0) if isinstance(a, torch.Tensor) else a for a in acts
+            ]
+            back = back.movedim(call.batch_dim, 0)
+        layer = call.layer
+        self.calls.setdefault(layer, []).append(self._capture._call(layer, acts, back, call.n))
+        if call.last:
+            self._finish(layer)
+
+    def _finish(self, layer: _Layer) -> None:
+        """All calls of the layer in this backward pass are in: tokens, Gram, norms."""
+        cap = self._capture
+        calls = self.calls.pop(layer)
+        if layer in self.done:
+            self.clear()  # a newer first backward pass supersedes the last, as in Opacus
+        self.done.add(layer)
+        n = max(c["n"] for c in calls)
+        if self.batch is None:
+            self.batch = n
+        elif self.batch != n:
+            raise ValueError(f"layers saw different batch sizes ({self.batch} and {n})")
+        exact = bool(self._exact())
+        grads: dict[int, torch.Tensor] = {}
+        if layer.kind == "generic":
+            for c in calls:  # several calls of one layer add up (Opacus pads to max_batch_len)
+                for pid, g in c["grads"].items():
+                    acc = grads.setdefault(pid, g.new_zeros((n,) + g.shape[1:]))
+                    acc[: g.shape[0]] += g
+        else:
+            if any(c["right"].shape[0] != n for c in calls):
+                raise ValueError(f"{type(layer.module).__name__} saw different batch sizes")
+            # A layer called several times (weight sharing) sums over all its positions.
+            left = _cat_positions([c["left"] for c in calls])
+            right = _cat_positions([c["right"] for c in calls])
+            bias = getattr(layer.module, "bias", None)
+            if isinstance(bias, torch.Tensor) and bias.requires_grad:
+                grads[id(bias)] = left.sum(dim=1)
+        for p, slot in zip(layer.params, layer.slots, strict=True):
+            pid = id(p)
+            if pid in grads:
+                flat = grads.pop(pid).reshape(n, -1)
+                token = None if slot is None else cap._tokenizer.sketch_layer(slot, flat)
+                f = flat.to(torch.float64 if exact else torch.float32)
+                gram = (f @ f.T).to(torch.float64) if cap.need_gram else None
+                sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
+            elif p is getattr(layer.module, "weight", None) and layer.kind != "generic":
+                token = None if slot is None else cap._tokenizer.factored_token(slot, left, right)
+                rows = p.shape[0]
+                if cap.need_gram:
+                    gram = layer_gram(left, right, rows, method=cap.gram_method, exact=exact)
+                    sq = gram.diagonal()
+                else:
+                    sq = layer_sqnorms(left, right, rows, method=cap.gram_method, exact=exact)
+                    gram = None
+            else:
+                raise ValueError(
+                    f"no per-sample gradient for a {tuple(p.shape)} parameter of "
+                    f"{type(layer.module).__name__}"
+                )
+            self.norms[pid] = sq.clamp_min(0).sqrt()
+            if slot is not None:
+                self.tokens[slot] = token
+                if gram is not None:
+                    self.gram = gram if self.gram is None else self.gram + gram
+
+    def batch_of(self) -> FactoredBatch:
+        """The chunk's :class:`FactoredBatch` (every layer finished)."""
+        cap = self._capture
+        if self.batch is None:
+            raise RuntimeError(
+                "no activations/backprops were captured for this step: run the forward and "
+                "backward pass of the module returned by make_private before optimizer.step()"
+            )
+        batch = self.batch
+        device = next(iter(self.norms.values())).device
+        tokens = []
+        for slot, dim in enumerate(cap._tokenizer.dims):
+            t = self.tokens.get(slot)  # a layer unused in this forward has zero gradient
+            tokens.append(t if t is not None else torch.zeros((batch, dim), device=device))
+        norms_list = [self.norms.get(id(p)) for layer in cap._layers.values() for p in layer.params]
+        norms = torch.stack(
+            [
+                x if x is not None else torch.zeros(batch, dtype=torch.float64, device=device)
+                for x in norms_list
+            ]
+        ).norm(2, dim=0)
+        gram = self.gram
+        if gram is None and cap.need_gram:  # no optimizer parameter was used: all zero
+            gram = torch.zeros((batch, batch), dtype=torch.float64, device=device)
+        return FactoredBatch(tokens=tokens, gram=gram, norms=norms, batch=batch)
+
+
+@dataclass
+class FactoredRecording:
+    """A chunk's first-pass backward calls, recorded by hooks that did nothing else
+    (``FactoredCapture(defer=True)``): :meth:`compute` makes the :class:`FactoredBatch` later,
+    on an overlap worker, from tensors the hooks only referenced."""
+
+    capture: FactoredCapture
+    calls: list[_Backward]
+    exact: bool
+    error: BaseException | None = None
+
+    def compute(self) -> FactoredBatch:
+        if self.error is not None:
+            raise RuntimeError(
+                f"factored capture failed in a backward hook: {self.error!r}"
+            ) from self.error
+        results = _Results(self.capture, lambda: self.exact)
+        try:
+            for call in self.calls:
+                results.add(call)
+        except Exception as exc:  # the error the hooks would have kept, raised the same way
+            raise RuntimeError(f"factored capture failed in a backward hook: {exc!r}") from exc
+        return results.batch_of()
 
 
 class FactoredCapture:
@@ -484,6 +638,10 @@ class FactoredCapture:
         exact: whether the Gram must be computed in float64 (else float32, accumulated in float64).
         gram: ``"auto"`` (cheaper per layer), ``"factored"`` or ``"materialised"``.
         need_gram: False skips the B x B Gram (only norms, for the clip factors, and tokens).
+        defer: the hooks only keep references to each layer's inputs and backprops, and
+            :meth:`take` returns a :class:`FactoredRecording` to compute later (the monitor's
+            overlap worker). The chunk's factors then stay alive until it is computed, where
+            otherwise each layer's are dropped as soon as its backward call is done.
     """
 
     def __init__(
@@ -496,6 +654,7 @@ class FactoredCapture:
         exact: Callable[[], bool] = lambda: True,
         gram: str = "auto",
         need_gram: bool = True,
+        defer: bool = False,
     ):
         if gram not in GRAM_METHODS:
             raise ValueError(f"gram must be one of {GRAM_METHODS}, got {gram!r}")
@@ -505,7 +664,7 @@ class FactoredCapture:
             )
         self._gsm, self._tokenizer = module, tokenizer
         self._active, self._exact, self.gram_method = active, exact, gram
-        self.need_gram = need_gram
+        self.need_gram, self.defer = need_gram, defer
         self._params = list(params)
         slot_of = {id(p): i for i, p in enumerate(self._params)}
         self._layers: dict[nn.Module, _Layer] = {}
@@ -535,19 +694,12 @@ class FactoredCapture:
 
     # ------------------------------------------------------------------ hooks
     def _reset(self) -> None:
-        """Forget everything: results, the error and half-finished passes."""
-        self._clear_results()
+        """Forget everything: results, recorded calls, the error and half-finished passes."""
+        self._results = _Results(self, self._exact)
+        self._recorded: list[_Backward] = []
         self._error: BaseException | None = None
         for layer in self._layers.values():
             layer.pending.clear()
-            layer.calls.clear()
-
-    def _clear_results(self) -> None:
-        self._tokens: dict[int, torch.Tensor] = {}
-        self._gram: torch.Tensor | None = None
-        self._norms: dict[int, torch.Tensor] = {}  # id(param) -> (B,), every trainable param
-        self._done: set[nn.Module] = set()
-        self._batch: int | None = None
 
     def _forward_hook(self, m: nn.Module, inputs, _output) -> None:
         # Opacus's capture condition (ghost mode), plus: only on monitored steps.
@@ -578,20 +730,24 @@ class FactoredCapture:
             batch_dim = 0 if self._gsm.batch_first else 1
             n = max(a[-1].shape[batch_dim] for a in layer.pending)  # Opacus's max_batch_len
             acts = layer.pending.pop()
-            back = grad_output[0].detach()
-            if self._gsm.loss_reduction == "mean":
-                back = back * n  # as Opacus: the per-example gradient of a mean-reduced loss
-            if batch_dim:
-                acts = [a.movedim(batch_dim, 0) if isinstance(a, torch.Tensor) else a for a in acts]
-                back = back.movedim(batch_dim, 0)
-            layer.calls.append(self._call(layer, acts, back, n))
-            if not layer.pending:
-                self._finish(layer)
+            call = _Backward(
+                layer,
+                acts,
+                grad_output[0].detach(),
+                n,
+                n if self._gsm.loss_reduction == "mean" else None,
+                batch_dim,
+                last=not layer.pending,
+            )
+            if self.defer:
+                self._recorded.append(call)
+            else:
+                self._results.add(call)
         except Exception as exc:  # never break the user's backward: report it at take()
             if self._error is None:
                 self._error = exc
             layer.pending.clear()
-            layer.calls.clear()
+            self._results.calls.pop(layer, None)
 
     # ------------------------------------------------------------------ per layer
     def _call(self, layer: _Layer, acts: list, back: torch.Tensor, n: int) -> dict:
@@ -622,93 +778,20 @@ class FactoredCapture:
             left = back.reshape(batch, m.out_channels, -1).transpose(1, 2)
         return {"n": n, "left": left, "right": right}
 
-    def _finish(self, layer: _Layer) -> None:
-        """All calls of the layer in this backward pass are in: tokens, Gram, norms."""
-        calls, layer.calls = layer.calls, []
-        if layer.module in self._done:
-            self._clear_results()  # a newer first backward pass supersedes the last, as in Opacus
-        self._done.add(layer.module)
-        n = max(c["n"] for c in calls)
-        if self._batch is None:
-            self._batch = n
-        elif self._batch != n:
-            raise ValueError(f"layers saw different batch sizes ({self._batch} and {n})")
-        exact = bool(self._exact())
-        grads: dict[int, torch.Tensor] = {}
-        if layer.kind == "generic":
-            for c in calls:  # several calls of one layer add up (Opacus pads to max_batch_len)
-                for pid, g in c["grads"].items():
-                    acc = grads.setdefault(pid, g.new_zeros((n,) + g.shape[1:]))
-                    acc[: g.shape[0]] += g
-        else:
-            if any(c["right"].shape[0] != n for c in calls):
-                raise ValueError(f"{type(layer.module).__name__} saw different batch sizes")
-            # A layer called several times (weight sharing) sums over all its positions.
-            left = _cat_positions([c["left"] for c in calls])
-            right = _cat_positions([c["right"] for c in calls])
-            bias = getattr(layer.module, "bias", None)
-            if isinstance(bias, torch.Tensor) and bias.requires_grad:
-                grads[id(bias)] = left.sum(dim=1)
-        for p, slot in zip(layer.params, layer.slots, strict=True):
-            pid = id(p)
-            if pid in grads:
-                flat = grads.pop(pid).reshape(n, -1)
-                token = None if slot is None else self._tokenizer.sketch_layer(slot, flat)
-                f = flat.to(torch.float64 if exact else torch.float32)
-                gram = (f @ f.T).to(torch.float64) if self.need_gram else None
-                sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
-            elif p is getattr(layer.module, "weight", None) and layer.kind != "generic":
-                token = None if slot is None else self._tokenizer.factored_token(slot, left, right)
-                rows = p.shape[0]
-                if self.need_gram:
-                    gram = layer_gram(left, right, rows, method=self.gram_method, exact=exact)
-                    sq = gram.diagonal()
-                else:
-                    sq = layer_sqnorms(left, right, rows, method=self.gram_method, exact=exact)
-                    gram = None
-            else:
-                raise ValueError(
-                    f"no per-sample gradient for a {tuple(p.shape)} parameter of "
-                    f"{type(layer.module).__name__}"
-                )
-            self._norms[pid] = sq.clamp_min(0).sqrt()
-            if slot is not None:
-                self._tokens[slot] = token
-                if gram is not None:
-                    self._gram = gram if self._gram is None else self._gram + gram
-
     # ------------------------------------------------------------------ results
-    def take(self) -> FactoredBatch:
-        """This chunk's tokens, Gram and norms; resets the capture for the next chunk."""
+    def take(self) -> FactoredBatch | FactoredRecording:
+        """This chunk's tokens, Gram and norms (or, with ``defer``, the recording to compute
+        them from); resets the capture for the next chunk."""
         try:
+            if self.defer:
+                return FactoredRecording(
+                    self, self._recorded, bool(self._exact()), error=self._error
+                )
             if self._error is not None:
                 raise RuntimeError(
                     f"factored capture failed in a backward hook: {self._error!r}"
                 ) from self._error
-            if self._batch is None:
-                raise RuntimeError(
-                    "no activations/backprops were captured for this step: run the forward and "
-                    "backward pass of the module returned by make_private before optimizer.step()"
-                )
-            batch = self._batch
-            device = next(iter(self._norms.values())).device
-            tokens = []
-            for slot, dim in enumerate(self._tokenizer.dims):
-                t = self._tokens.get(slot)  # a layer unused in this forward has zero gradient
-                tokens.append(t if t is not None else torch.zeros((batch, dim), device=device))
-            norms_list = [
-                self._norms.get(id(p)) for layer in self._layers.values() for p in layer.params
-            ]
-            norms = torch.stack(
-                [
-                    x if x is not None else torch.zeros(batch, dtype=torch.float64, device=device)
-                    for x in norms_list
-                ]
-            ).norm(2, dim=0)
-            gram = self._gram
-            if gram is None and self.need_gram:  # no optimizer parameter was used: all zero
-                gram = torch.zeros((batch, batch), dtype=torch.float64, device=device)
-            return FactoredBatch(tokens=tokens, gram=gram, norms=norms, batch=batch)
+            return self._results.batch_of()
         finally:
             self._reset()
 

@@ -67,7 +67,13 @@ from .estimators.bounds import BOUNDS, interval_from, mean_sd
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
 from .estimators.oracle import gram_oracle
 from .estimators.semi_oracle import SemiOracleEstimator
-from .factored import FactoredCapture, KroneckerTokenizer, LinearInputs, rank_one_backprop
+from .factored import (
+    FactoredCapture,
+    FactoredRecording,
+    KroneckerTokenizer,
+    LinearInputs,
+    rank_one_backprop,
+)
 from .features import FeatureCapture, FeatureFn
 from .learned_tokens import TOKEN_ENCODERS
 from .overlap import Worker, resolve_overlap
@@ -141,7 +147,7 @@ class _Taken:
     captures: list
     grad_samples: list[torch.Tensor] | None = None
     linear_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    factored: Any = None  # ghost clipping: a FactoredBatch
+    factored: Any = None  # ghost clipping: a FactoredBatch, or (overlap) its FactoredRecording
     noise_multiplier: float = 0.0
     max_grad_norm: float = 0.0
     max_grad_norms: list[float] | None = None  # per-layer clipping
@@ -227,9 +233,10 @@ class LeakageMonitor:
             thread's time (every-step tokens + oracle on the digits CNN, 2-core VM, median of 5
             side-by-side runs: 1.45x inline, 1.21x overlapped, less steady; the rest is mostly
             the hardware the two threads share: ``benchmarks/contention.py``).
-            ``None`` (default): on for a CPU model on one process without ghost clipping when a
-            core is free (more usable cores than ``torch.get_num_threads()``). Sinks are still
-            called on the training thread; a ``features`` callable runs on the worker.
+            ``None`` (default): on for a CPU model on one process when a core is free (more
+            usable cores than ``torch.get_num_threads()``); with ghost clipping the hooks then
+            only record each layer's factors. Sinks are still called on the training thread; a
+            ``features`` callable runs on the worker.
     """
 
     def __init__(
@@ -305,7 +312,6 @@ class LeakageMonitor:
             overlap,
             device=self.device,
             distributed=self.distributed,
-            ghost=_is_ghost(module, optimizer),
         )
         # The overhead budget plans whatever has no fixed schedule (see opacus_mi.budget).
         budgeted_critics = train_every is None and estimator is not None
@@ -401,6 +407,7 @@ class LeakageMonitor:
                     active=self._due,
                     exact=lambda: float(self.optimizer.noise_multiplier) < 0.01,
                     need_gram="private" in views,
+                    defer=self.overlap,  # the hooks only keep references; the worker computes
                 )
             except Exception:
                 self._capture.remove()  # leave no hook behind
@@ -630,6 +637,8 @@ class LeakageMonitor:
         sigma = taken.noise_multiplier
         if taken.factored is not None:  # ghost clipping: tokens, norms, Gram from layer factors
             factored = taken.factored
+            if isinstance(factored, FactoredRecording):  # recorded by the hooks (overlap)
+                factored = factored.compute()
             batch = factored.batch
         else:
             linear_inputs = taken.linear_inputs

@@ -29,10 +29,12 @@ a step's last chunk is handed over with the making of its record, as one task (d
 the measurement replaced by a no-op, one run each: 1.145x with two hand-overs, 1.12x with one).
 
 When it is on (``overlap=None``): a CPU model on one process (under DPDDP the gathers are
-collectives, which must stay on the training thread), without ghost clipping (its per-layer work
-happens in Opacus's backward hooks), and only if a core is free: more usable cores than torch's
-intra-op threads. A worker on a core that training's own thread pool uses would oversubscribe it.
-On a GPU the device already runs the monitor's kernels asynchronously.
+collectives, which must stay on the training thread), and only if a core is free: more usable
+cores than torch's intra-op threads. A worker on a core that training's own thread pool uses
+would oversubscribe it. On a GPU the device already runs the monitor's kernels asynchronously.
+Ghost clipping has no ``grad_sample`` to hand over: there the monitor's backward hooks record
+each layer's inputs and backprops (references) and the worker replays them
+(``FactoredCapture(defer=True)``).
 """
 
 from __future__ import annotations
@@ -56,9 +58,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_overlap(
-    overlap: bool | None, *, device: torch.device, distributed: bool, ghost: bool
-) -> bool:
+def resolve_overlap(overlap: bool | None, *, device: torch.device, distributed: bool) -> bool:
     """Whether the monitor's work runs on a worker thread (see the module docs for when)."""
     if overlap is not None and not isinstance(overlap, bool):
         raise ValueError(f"overlap must be True, False or None (automatic); got {overlap!r}")
@@ -67,8 +67,6 @@ def resolve_overlap(
         reasons.append(f"the model is on {device.type}, whose kernels already run asynchronously")
     if distributed:
         reasons.append("under DPDDP the monitor's gathers are collectives on the training thread")
-    if ghost:
-        reasons.append("ghost clipping does the monitor's per-layer work in backward hooks")
     if overlap is None:
         return not reasons and usable_cores() > torch.get_num_threads()
     if overlap and reasons:

@@ -223,13 +223,30 @@ def _make(mode, *, n=96, batch_size=16, seed=0, text=False):
     return engine, model, opt, criterion, loader
 
 
-def _run(mode, monitored, *, estimator=None, poison=False, epsilons=False, bmm=False, **setup):
+def _run(
+    mode,
+    monitored,
+    *,
+    estimator=None,
+    poison=False,
+    epsilons=False,
+    bmm=False,
+    overlap=None,
+    **setup,
+):
     engine, model, opt, criterion, loader = _make(mode, **setup)
     monitor, tokens, eps = None, [], []
     if monitored:
         views = ("raw", "clipped", "private")
         monitor = LeakageMonitor(
-            engine, model, opt, delta=1e-5, views=views, estimator=estimator, train_every=1
+            engine,
+            model,
+            opt,
+            delta=1e-5,
+            views=views,
+            estimator=estimator,
+            train_every=1,
+            overlap=overlap,
         )
         criterion = monitor.wrap_criterion(criterion)
         measure = monitor._measure_chunk
@@ -317,9 +334,15 @@ def test_ghost_clip_factors_equal_opacus_ghost_and_hooks_mode(text):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_ghost_hook_failure_is_flagged_and_detach_restores_hooks():
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-hook", "recorded"])
+def test_ghost_hook_failure_is_flagged_and_detach_restores_hooks(overlap):
+    """A failure where the factors are turned into tokens (inside the backward hook, or on
+    the overlap worker from what the hook recorded) flags every record, never raises."""
     _, _, p0, _, _, _ = _run("ghost", False, n=48)
-    _, mon, p1, _, _, _ = _run("ghost", True, n=48, poison=True)
+    with pytest.warns(RuntimeWarning, match="factored capture failed"):
+        _, mon, p1, _, _, _ = _run("ghost", True, n=48, poison=True, overlap=overlap)
+        mon.flush()
+    assert mon.overlap is overlap
     assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
     assert mon.history and all("error:RuntimeError" in r.flags for r in mon.history)
     engine, model, opt, _, _ = _make("ghost")

@@ -16,6 +16,7 @@ from conftest import make_private, train, without_timing
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
+import opacus_mi.factored as factored_mod
 import opacus_mi.overlap as overlap_mod
 from opacus_mi import LeakageMonitor
 from opacus_mi.overlap import resolve_overlap
@@ -180,33 +181,53 @@ def test_a_failing_sink_is_warned_about_and_the_other_sinks_still_get_every_reco
 def test_overlap_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(overlap_mod, "usable_cores", lambda: torch.get_num_threads() + 1)
-    assert resolve_overlap(None, device=cpu, distributed=False, ghost=False)
-    for kwargs in (
-        {"device": cuda, "distributed": False, "ghost": False},
-        {"device": cpu, "distributed": True, "ghost": False},
-        {"device": cpu, "distributed": False, "ghost": True},
-    ):
+    assert resolve_overlap(None, device=cpu, distributed=False)
+    for kwargs in ({"device": cuda, "distributed": False}, {"device": cpu, "distributed": True}):
         assert not resolve_overlap(None, **kwargs)
         assert not resolve_overlap(False, **kwargs)
         with pytest.raises(ValueError, match="overlap=True cannot be honoured"):
             resolve_overlap(True, **kwargs)
     # No free core: training's own threads would share theirs with the worker.
     monkeypatch.setattr(overlap_mod, "usable_cores", lambda: torch.get_num_threads())
-    assert not resolve_overlap(None, device=cpu, distributed=False, ghost=False)
-    assert resolve_overlap(True, device=cpu, distributed=False, ghost=False)
+    assert not resolve_overlap(None, device=cpu, distributed=False)
+    assert resolve_overlap(True, device=cpu, distributed=False)
     with pytest.raises(ValueError, match="overlap must be True, False or None"):
-        resolve_overlap("yes", device=cpu, distributed=False, ghost=False)
+        resolve_overlap("yes", device=cpu, distributed=False)
 
 
-def test_overlap_true_with_ghost_clipping_is_refused_and_leaves_no_hook():
-    from test_factored import _make
+@pytest.mark.parametrize("bmm", [False, True], ids=["whole", "chunks"])
+def test_ghost_clipping_overlaps_and_gives_the_synchronous_records(bmm, monkeypatch):
+    """Under ghost clipping the hooks only record each layer's inputs and backprops; the worker
+    makes the tokens, norms and Gram from them. References: the same monitor inline (records
+    and generator, bit for bit), an unmonitored ghost run (training and the global RNG), and
+    Opacus's accountant."""
+    from test_factored import _run
 
-    engine, model, opt, _, _ = _make("ghost")
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    with pytest.raises(ValueError, match="ghost clipping"):
-        LeakageMonitor(engine, model, opt, delta=1e-5, overlap=True)
-    assert hooks == sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    assert "pre_step" not in vars(opt)
+    made_on = []
+    add = factored_mod._Results.add
+
+    def spy(self, call):
+        made_on.append(threading.current_thread().name)
+        return add(self, call)
+
+    monkeypatch.setattr(factored_mod._Results, "add", spy)
+    kwargs = {"estimator": "mine", "bmm": bmm, "n": 64}
+    _, sync, *_ = _run("ghost", True, overlap=False, **kwargs)
+    assert made_on and all(name == "MainThread" for name in made_on)
+    made_on.clear()
+    engine, over, params, rng, _, _ = _run("ghost", True, overlap=True, **kwargs)
+    assert over.overlap and over._factored.defer
+    assert made_on and all(name.startswith("opacus-mi-") for name in made_on)
+    _, _, ref_params, ref_rng, _, _ = _run("ghost", False, bmm=bmm, n=64)
+    records = without_timing(over.history)
+    assert records == without_timing(sync.history)
+    assert len(records) == over.steps and any("clipped/mine" in r["mi"] for r in records)
+    assert not bmm or any(r["chunks"] > 1 for r in records)
+    assert torch.equal(over.generator.get_state(), sync.generator.get_state())
+    assert torch.equal(rng, ref_rng)
+    for got, want in zip(params, ref_params, strict=True):
+        assert torch.equal(got, want)
+    assert records[-1]["epsilon"] == engine.get_epsilon(1e-5)
 
 
 _EXIT_SCRIPT = """
