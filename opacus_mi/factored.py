@@ -104,8 +104,10 @@ class _Axis:
         if not self.small():
             return self.apply(x, -1)
         mat = self.matrix(x.device, x.dtype)
-        if x.ndim == 3 and x.transpose(1, 2).is_contiguous():  # e.g. unfolded conv input
-            return (mat @ x.transpose(1, 2)).transpose(1, 2)  # no copy of x
+        if x.ndim == 3 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+            # e.g. unfolded conv input: no copy of x (a contiguous x, even (B, 1, n), is one
+            # GEMM below, where this would be B matrix-vector products)
+            return (mat @ x.transpose(1, 2)).transpose(1, 2)
         return x @ mat.T
 
     def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -264,6 +266,8 @@ class KroneckerTokenizer:
         if axes is None:
             raise ValueError(f"parameter {layer} has no Kronecker factorisation")
         out_axis, in_axis = axes
+        if left.ndim == 3 and left.shape[1] == 1 and right.shape[1] == 1:  # Linear on (B, d)
+            return self.rank_one_token(layer, left[:, 0], right[:, 0])
         if left.dtype in (torch.int32, torch.int64):
             sl = out_axis.columns(left, right.dtype)
         else:
