@@ -15,3 +15,9 @@ VARIANTS: tuple[str, ...] = (
     "fixed",
     "critic_every_step",
 )
+
+# Opacus ghost clipping (no per-sample gradients): the DP ghost step, the defaults, and tokens +
+# Gram oracle every step with and without overlap. The small models; ResNet-18's ghost step on
+# a CPU takes seconds.
+GHOST_MODELS: tuple[str, ...] = ("digits_cnn", "mlp")
+GHOST_VARIANTS: tuple[str, ...] = ("dp", "default", "oracle", "oracle_sync")

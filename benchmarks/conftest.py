@@ -41,7 +41,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from bench_names import VARIANTS
+from bench_names import GHOST_MODELS, GHOST_VARIANTS, VARIANTS  # noqa: F401  (report.py)
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -137,6 +137,7 @@ class Setup:
     engine: PrivacyEngine | None = None
     monitor: LeakageMonitor | None = None
     accountant: str = "rdp"
+    mode: str = "hooks"  # Opacus grad_sample_mode
     i: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -214,10 +215,14 @@ def build_setup(
     seed: int = 0,
     n_batches: int = 16,
     extra_monitor_kwargs: dict | None = None,
+    grad_sample_mode: str = "hooks",
 ) -> Setup:
-    """Build one variant of one model; every variant of a model starts from the same weights."""
+    """Build one variant of one model; every variant of a model starts from the same weights.
+    ``grad_sample_mode="ghost"``: Opacus ghost clipping (its loss wrapper does both passes)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if grad_sample_mode not in ("hooks", "ghost"):
+        raise ValueError(f"grad_sample_mode must be 'hooks' or 'ghost', got {grad_sample_mode!r}")
     spec = SPECS[model_name]
     device = torch.device(device)
     batch = batch or spec.batch(device)
@@ -231,15 +236,20 @@ def build_setup(
         )
     engine = PrivacyEngine(accountant=accountant)
     loader = DataLoader(_SizedDataset(spec.dataset_size, spec.input_shape), batch_size=batch)
-    model, optimizer, _ = engine.make_private(
+    criterion: Callable[..., torch.Tensor] = nn.CrossEntropyLoss()
+    private = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=NOISE,
         max_grad_norm=CLIP,
-        grad_sample_mode="hooks",
+        grad_sample_mode=grad_sample_mode,
+        criterion=criterion,
     )
-    criterion: Callable[..., torch.Tensor] = nn.CrossEntropyLoss()
+    if grad_sample_mode == "ghost":
+        model, optimizer, criterion, _ = private
+    else:
+        model, optimizer, _ = private
     monitor = None
     kwargs = monitor_kwargs(variant)
     if kwargs is not None:
@@ -258,6 +268,7 @@ def build_setup(
         engine=engine,
         monitor=monitor,
         accountant=accountant,
+        mode=grad_sample_mode,
     )
 
 

@@ -111,6 +111,25 @@ def measure_model(lib, model: str, device: str, quick: bool) -> dict:
     return out
 
 
+def measure_ghost(lib, model: str, device: str, quick: bool) -> dict:
+    """The ghost-clipping variants of ``model``, timed interleaved like ``measure_model``."""
+    cfg = lib.bench_config(model, device)
+    reps = max(3, cfg["reps"] // 2) if quick else cfg["reps"]
+    setups = lib.build_warm(
+        model, lib.GHOST_VARIANTS, cfg["warmup"], device=device, grad_sample_mode="ghost"
+    )
+    times = lib.interleaved_times(setups, cfg["k"], reps)
+    out = {
+        "model": model,
+        "dp_ms": 1e3 * sorted(times["dp"])[len(times["dp"]) // 2],
+        "ratios": lib.total_ratios(times, baseline="dp"),
+        "spread": {v: lib.paired_spread(times, v) for v in ("oracle", "oracle_sync")},
+        "overlap": setups["oracle"].monitor.overlap,
+    }
+    del setups
+    return out
+
+
 def measure_cold(lib, device: str, steps=(100, 1000), reps: int = 3, block: int = 50) -> dict:
     """The defaults from a fresh monitor, as a user's first run sees them: a new DP setup and a
     new monitored one, both from step 0 (one-off setup included), timed in alternating blocks of
@@ -341,7 +360,15 @@ def header(title: str, machine: str, script: str, *extra: str) -> list[str]:
 
 
 def render(
-    results, prv, profiles, *, device: str, machine: str, load: tuple[str, str], cold=None
+    results,
+    prv,
+    profiles,
+    *,
+    device: str,
+    machine: str,
+    load: tuple[str, str],
+    cold=None,
+    ghost=(),
 ) -> str:
     lines = [
         *header(
@@ -357,6 +384,28 @@ def render(
     ]
     if results:
         lines += _tables(results)
+    if ghost:
+        lines += [
+            "",
+            'Opacus ghost clipping (`grad_sample_mode="ghost"`: no per-sample gradients; the '
+            "monitor works from each layer's inputs and backprops), the same interleaved timing, "
+            "ratios (total) to the ghost DP step, paired median [quartiles] in parentheses:",
+            "",
+            "| model | ghost DP step ms | default | tokens + oracle every step | "
+            "same, overlap off |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for g in ghost:
+            q, sp = g["ratios"], g["spread"]
+            cells = [
+                f"{q[v]:.2f}x ({sp[v][0]:.2f} [{sp[v][1]:.2f}-{sp[v][2]:.2f}])"
+                for v in ("oracle", "oracle_sync")
+            ]
+            overlap = "" if g["overlap"] else " (overlap off: no free core)"
+            lines.append(
+                f"| {g['model']} | {g['dp_ms']:.2f} | **{q['default']:.2f}x** | {cells[0]}"
+                f"{overlap} | {cells[1]} |"
+            )
     if cold:
         parts = [
             f"{r['ratio']:.2f}x over {n:,} steps ({1e3 * r['setup_s']:.0f} ms one-off setup)"
@@ -414,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-prv", action="store_true", help="skip the PRV-accountant case")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile tables")
+    ap.add_argument("--no-ghost", action="store_true", help="skip the ghost-clipping table")
     ap.add_argument("--profile-model", default="digits_cnn", help="model for the cProfile tables")
     args = ap.parse_args(argv)
 
@@ -424,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         print(f"measuring {model} on {args.device} ...", file=sys.stderr, flush=True)
         results.append(measure_model(lib, model, args.device, args.quick))
+    ghost = []
+    for model in [m for m in args.models if m in lib.GHOST_MODELS] if not args.no_ghost else []:
+        print(f"measuring {model} with ghost clipping ...", file=sys.stderr, flush=True)
+        ghost.append(measure_ghost(lib, model, args.device, args.quick))
     cold = None
     if "digits_cnn" in args.models:
         print("measuring the cold start ...", file=sys.stderr, flush=True)
@@ -445,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         machine=machine,
         load=(load_start, _load()),
         cold=cold,
+        ghost=ghost,
     )
     print(text)
     out = args.out

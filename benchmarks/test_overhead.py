@@ -17,6 +17,8 @@ For every model (digits CNN, MLP, ResNet-18 with GroupNorm at CIFAR shape):
   repetitions / the DP step's total (bursty schedules make a median misleading). Peak-memory
   figures go into the same ``extra_info``.
 * ``test_prv_ratio``: the same ratio with Opacus's PRV accountant (epsilon costs ~0.2 s a call).
+* ``test_ghost_ratio[model]``: Opacus ghost clipping (no per-sample gradients), the ghost DP
+  step against the defaults and the every-step oracle with and without overlap.
 
 Machines are noisy, so nothing here asserts an absolute time. The issue's targets (default
 monitor <= 1.15 x DP for the digits CNN on CPU at batch 64, <= 1.05 for ResNet-18 on GPU, monitor
@@ -30,7 +32,7 @@ import os
 
 import pytest
 import torch
-from bench_names import MODELS, VARIANTS
+from bench_names import GHOST_MODELS, GHOST_VARIANTS, MODELS, VARIANTS
 
 DEVICE = os.environ.get("OPACUS_MI_BENCH_DEVICE", "cpu")
 ON_CUDA = torch.device(DEVICE).type == "cuda"
@@ -142,22 +144,29 @@ def test_critic_update(benchmark, setups, bench_lib, model):
     )
 
 
-def _ratio(benchmark, setups, bench_lib, model: str) -> dict:
-    """Interleaved timing of all variants; each pedantic round is one A, B, C, ... cycle."""
-    group = setups(model)
-    cfg = bench_lib.bench_config(model)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+def _interleaved(benchmark, group: dict, cfg: dict) -> dict[str, list[float]]:
+    """Per-step seconds of every setup in ``group``; each pedantic round is one A, B, C, ...
+    cycle, the order rotated from round to round."""
+    names = list(group)
+    times: dict[str, list[float]] = {v: [] for v in names}
     cycle = {"r": 0}
 
     def one_cycle():
         r = cycle["r"]
         cycle["r"] += 1
-        order = list(VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)])
-        for v in order:
+        for v in names[r % len(names) :] + names[: r % len(names)]:
             times[v].append(group[v].timed(cfg["k"]) / cfg["k"])
 
-    benchmark.group = "ratio"
     benchmark.pedantic(one_cycle, rounds=cfg["reps"], iterations=1, warmup_rounds=0)
+    return times
+
+
+def _ratio(benchmark, setups, bench_lib, model: str) -> dict:
+    """Interleaved timing of all variants; each pedantic round is one A, B, C, ... cycle."""
+    group = setups(model)
+    cfg = bench_lib.bench_config(model)
+    benchmark.group = "ratio"
+    times = _interleaved(benchmark, group, cfg)
     ratios = bench_lib.total_ratios(times, baseline="dp")
     mem = bench_lib.memory_report(group["dp"], group["fixed"])
     info = {
@@ -234,3 +243,25 @@ def test_prv_ratio(benchmark, bench_lib):
         f"\n[digits_cnn PRV on {DEVICE}] ratio every-step oracle = {out['oracle']:.2f}, "
         f"default = {out['default']:.2f}"
     )
+
+
+@pytest.mark.parametrize("model", GHOST_MODELS)
+def test_ghost_ratio(benchmark, bench_lib, model):
+    """Opacus ghost clipping: the ghost DP step against the defaults and the every-step oracle
+    (overlap on and off), interleaved like ``test_ratio_*``."""
+    cfg = bench_lib.bench_config(model)
+    group = bench_lib.build_warm(
+        model, GHOST_VARIANTS, cfg["warmup"], device=DEVICE, grad_sample_mode="ghost"
+    )
+    benchmark.group = "ratio-ghost"
+    times = _interleaved(benchmark, group, cfg)
+    ratios = bench_lib.total_ratios(times, baseline="dp")
+    info = {
+        "device": DEVICE,
+        "dp_step_ms": 1e3 * sorted(times["dp"])[len(times["dp"]) // 2],
+        "overlap": group["oracle"].monitor.overlap,
+        **{f"ratio_{v}": ratios[v] for v in GHOST_VARIANTS if v != "dp"},
+        **{f"paired_{v}": bench_lib.paired_spread(times, v) for v in ("oracle", "oracle_sync")},
+    }
+    benchmark.extra_info.update(info)
+    print(f"\n[{model}, ghost, on {DEVICE}] " + ", ".join(f"{k}={v}" for k, v in info.items()))
