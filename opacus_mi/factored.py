@@ -33,6 +33,7 @@ from opacus.utils.module_utils import requires_grad, trainable_parameters
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
+from .overlap import keep_input
 from .tokens import CountSketchTokenizer
 from .views import _OPACUS_EPS, ClipInfo
 
@@ -721,7 +722,7 @@ class FactoredCapture:
             self._error = self._error or exc
             return
         self._layers[m].pending.append(
-            [t.detach() if isinstance(t, torch.Tensor) else t for t in inputs]
+            [keep_input(t, later=self.defer) if isinstance(t, torch.Tensor) else t for t in inputs]
         )
 
     def _backward_hook(self, m: nn.Module, _grad_input, grad_output) -> None:
@@ -855,15 +856,21 @@ class LinearInputs:
     A Linear layer applied once, to a ``(B, d_in)`` input, has rank-one per-sample weight
     gradients, whose Gram matrix :func:`rank_one_gram` forms from that input and ``grad_sample``
     far more cheaply than a GEMM over ``d_out x d_in``. The hooks keep a reference to the
-    input (no copy) and only on forwards the monitor will measure; a layer applied more than
-    once, or to inputs with more dimensions, is left to the GEMM.
+    input (a copy only where :func:`keep_input` needs one: ``later``, the inputs are read after
+    the step, on an overlap worker) and only on forwards the monitor will measure; a layer
+    applied more than once, or to inputs with more dimensions, is left to the GEMM.
     """
 
     def __init__(
-        self, module: nn.Module, params: Sequence[torch.Tensor], active: Callable[[], bool]
+        self,
+        module: nn.Module,
+        params: Sequence[torch.Tensor],
+        active: Callable[[], bool],
+        *,
+        later: bool = False,
     ):
         index = {id(p): i for i, p in enumerate(params)}
-        self._active = active
+        self._active, self._later = active, later
         self._seen: dict[int, list[torch.Tensor]] = {}
         self._handles = []
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
@@ -879,7 +886,7 @@ class LinearInputs:
     def _hook(self, layer: int):
         def hook(m: nn.Module, args: tuple, _output) -> None:
             if m.training and torch.is_grad_enabled() and self._active() and args:
-                self._seen.setdefault(layer, []).append(args[0].detach())
+                self._seen.setdefault(layer, []).append(keep_input(args[0], later=self._later))
 
         return hook
 

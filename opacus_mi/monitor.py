@@ -391,12 +391,12 @@ class LeakageMonitor:
         self._chunk_seconds = 0.0
         use_input, layers, fn = self._parse_features(features)
         self._capture = FeatureCapture(
-            module, layers=layers, fn=fn, use_input=use_input, active=self._due
+            module, layers=layers, fn=fn, use_input=use_input, active=self._due, later=self.overlap
         )
         # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
         if not _is_ghost(module, optimizer):
-            self._linear_inputs = LinearInputs(module, params, active=self._due)
+            self._linear_inputs = LinearInputs(module, params, active=self._due, later=self.overlap)
         self._factored: FactoredCapture | None = None  # ghost clipping: layer factors
         if _is_ghost(module, optimizer):
             try:

@@ -77,6 +77,16 @@ def resolve_overlap(overlap: bool | None, *, device: torch.device, distributed: 
     return overlap
 
 
+def keep_input(t: torch.Tensor, *, later: bool) -> torch.Tensor:
+    """A tensor a hook saw (a layer's input, the labels), kept to be read after its step.
+
+    Autograd's own activations are never written again, but a tensor no graph produced (the
+    loop's batch, or a view of it) may be a buffer the loop refills for its next step: one that
+    is read ``later`` (on the overlap worker, while the next step runs) is copied.
+    """
+    return t.detach().clone() if later and t.grad_fn is None else t.detach()
+
+
 class Worker:
     """One thread running the monitor's tasks in submission order.
 

@@ -12,9 +12,11 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_private, train, without_timing
+from conftest import make_data, make_private, train, without_timing
+from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
+from torch.utils.data import DataLoader
 
 import opacus_mi.factored as factored_mod
 import opacus_mi.overlap as overlap_mod
@@ -134,6 +136,72 @@ def test_overlap_lets_go_of_the_per_sample_gradients_before_making_the_record(me
     assert alive_at_record == [0]
     assert len(refs) == (2 if memory_manager else 1) * len(list(model.parameters()))
     assert [r.step for r in monitor.history] == [0] and "private/oracle" in monitor.history[0].mi
+
+
+class _FlatMLP(nn.Module):
+    """Its first layer is a Linear on a view of the loop's own batch (rank-one in hooks mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(36, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_overlap_reads_the_batch_it_measured_when_the_loop_refills_its_input_buffer(mode):
+    """A loop that copies each batch into one preallocated input tensor overwrites the last
+    batch while the worker may still be measuring it. The worker is held here until the next
+    batch is in the buffer; its records must still equal the inline monitor's, bit for bit:
+    an input no graph produced is copied when it will be read later (``keep_input``)."""
+
+    def run(overlap: bool):
+        torch.manual_seed(0)
+        model = _FlatMLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = DataLoader(make_data(48), batch_size=12)
+        engine = PrivacyEngine(accountant="rdp")
+        out = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            poisson_sampling=False,
+            criterion=nn.CrossEntropyLoss(),
+        )
+        model, opt, criterion = (out[0], out[1], out[2]) if mode == "ghost" else (*out[:2], None)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=overlap)
+        criterion = monitor.wrap_criterion(criterion or nn.CrossEntropyLoss())
+        batches = list(loader)
+        refilled = [threading.Event() for _ in range(len(batches) + 1)]
+        if overlap:
+            measure, seen = monitor._measure_chunk, []
+
+            def held(taken):  # measure step k only once batch k + 1 is in the buffer
+                seen.append(None)
+                assert refilled[len(seen)].wait(timeout=60)
+                return measure(taken)
+
+            monitor._measure_chunk = held
+        buf = torch.empty_like(batches[0][0])
+        for k, (x, y) in enumerate(batches):
+            buf.copy_(x)
+            refilled[k].set()
+            opt.zero_grad()
+            criterion(model(buf), y).backward()
+            opt.step()
+        buf.fill_(float("nan"))  # what a next epoch would overwrite
+        refilled[-1].set()
+        monitor.flush()
+        return monitor
+
+    inline, over = run(False), run(True)
+    assert over.overlap and not inline.overlap
+    assert len(over.history) == 4 and all(not r.flags for r in over.history)
+    assert without_timing(over.history) == without_timing(inline.history)
 
 
 def test_overlap_failures_are_flagged_on_the_record_never_raised():
