@@ -1,11 +1,13 @@
 """Data features: the "data" side of I(data; gradient), captured on the user's own forward pass.
 
-Everything here is read-only: hooks keep references to what the model already computed
-(copies of the loop's own tensors where they are read after the step, on an overlap worker:
-:func:`~opacus_mi.overlap.keep_input`), so the monitor adds no forward pass and no autograd
-edge. Captures happen only for training forwards
-with grad enabled (the ones Opacus computes per-sample gradients for), mirroring Opacus's own
-activation hooks, so evaluation passes in between do not confuse the pairing.
+Everything here is read-only: hooks copy what the model was given and computed (the batch, the
+named layers' outputs, the labels) at the moment it saw them, so the monitor adds no forward
+pass and no autograd edge, and nothing done to those tensors afterwards changes the features: an
+in-place op after a named layer (``nn.ReLU(inplace=True)``), a loop that refills one input buffer
+for its next step while an overlap worker is still reading the last. Captures happen only for
+training forwards with grad enabled (the ones Opacus computes per-sample gradients for),
+mirroring Opacus's own activation hooks, so evaluation passes in between do not confuse the
+pairing.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .overlap import keep_input
 
 MAX_FEATURES = 1024
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -81,8 +81,6 @@ class FeatureCapture:
         use_input: whether the (pooled) input batch is a feature.
         active: callable telling whether the current forward is worth capturing (the monitor
             only pays for copies on monitored steps).
-        later: the captures are read after the step (overlap): the batch and labels, which the
-            loop may refill in place for its next step, are copied.
     """
 
     def __init__(
@@ -93,10 +91,8 @@ class FeatureCapture:
         fn: FeatureFn | None = None,
         use_input: bool = True,
         active: Callable[[], bool] = lambda: True,
-        later: bool = False,
     ):
         self.module = module
-        self._later = later
         self.fn = fn
         self.use_input = use_input
         self.layer_names = tuple(layers)
@@ -123,7 +119,7 @@ class FeatureCapture:
         x = _first_tensor(args, kwargs)
         # Each training forward adds rows to the per-sample gradients of the coming step (Opacus
         # concatenates repeated forwards); labels arrive later through the criterion.
-        self.pending.append(Capture(inputs=None if x is None else keep_input(x, later=self._later)))
+        self.pending.append(Capture(inputs=None if x is None else x.detach().clone()))
 
     def _layer_hook(self, name: str):
         def hook(mod: nn.Module, args: tuple, output) -> None:
@@ -131,14 +127,14 @@ class FeatureCapture:
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
             if isinstance(out, torch.Tensor) and self.pending:
-                self.pending[-1].layers[name] = keep_input(out, later=self._later)
+                self.pending[-1].layers[name] = out.detach().clone()
 
         return hook
 
     def record_labels(self, labels: torch.Tensor, num_classes: int | None) -> None:
         """Attach the labels the loss saw to the current chunk."""
         if self._active() and self.pending:
-            self.pending[-1].labels = keep_input(labels, later=self._later)
+            self.pending[-1].labels = labels.detach().clone()
             self.pending[-1].num_classes = num_classes
 
     def take(self) -> list[Capture]:

@@ -391,7 +391,7 @@ class LeakageMonitor:
         self._chunk_seconds = 0.0
         use_input, layers, fn = self._parse_features(features)
         self._capture = FeatureCapture(
-            module, layers=layers, fn=fn, use_input=use_input, active=self._due, later=self.overlap
+            module, layers=layers, fn=fn, use_input=use_input, active=self._due
         )
         # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None

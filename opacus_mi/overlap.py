@@ -78,7 +78,7 @@ def resolve_overlap(overlap: bool | None, *, device: torch.device, distributed: 
 
 
 def keep_input(t: torch.Tensor, *, later: bool) -> torch.Tensor:
-    """A tensor a hook saw (a layer's input, the labels), kept to be read after its step.
+    """A layer's input that a hook saw, kept to be read after its step.
 
     Autograd's own activations are never written again, but a tensor no graph produced (the
     loop's batch, or a view of it) may be a buffer the loop refills for its next step: one that

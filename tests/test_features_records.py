@@ -27,7 +27,7 @@ def test_pool_features_caps_dimension_and_keeps_small_inputs():
     assert pool_features(torch.randn(2, 5000)).shape == (2, 1024)
 
 
-def _capture_features(monitor, model, opt, loader, criterion):
+def _capture_features(monitor, model, opt, loader, criterion, after_step=None):
     got = []
     original = monitor._capture.features
 
@@ -37,7 +37,7 @@ def _capture_features(monitor, model, opt, loader, criterion):
         return out
 
     monitor._capture.features = spy
-    train(model, opt, loader, criterion=criterion)
+    train(model, opt, loader, criterion=criterion, after_step=after_step)
     return got
 
 
@@ -79,6 +79,68 @@ def test_named_layers_and_callable_features_come_from_the_same_forward():
     got = _capture_features(monitor, model, opt, loader, nn.CrossEntropyLoss())
     x, _ = next(iter(loader))
     torch.testing.assert_close(got[0][1], x.mean(dim=(1, 2, 3))[:, None])
+
+
+class _Block(nn.Module):
+    """Ends in a new tensor, not Opacus's hooked conv output (in place on that is refused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) * 2.0
+
+
+class _InplaceNet(nn.Module):
+    """A named block whose output an in-place ReLU overwrites right after."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.act, self.fc = _Block(), nn.ReLU(inplace=True), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.block(x)).flatten(1))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_named_layer_features_are_its_output_even_if_an_inplace_op_follows(overlap):
+    """Reference: the block applied to the batch with the weights it had at that step, before
+    the in-place ReLU (so negative values are kept)."""
+    from conftest import make_data
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = _InplaceNet()
+    conv = model.block.conv
+    weights = [(conv.weight.detach().clone(), conv.bias.detach().clone())]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader(make_data(48), batch_size=12)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator=None, features=["block"], overlap=overlap
+    )
+
+    def snapshot():  # the conv's weights for the next step's forward
+        weights.append((conv.weight.detach().clone(), conv.bias.detach().clone()))
+
+    got = _capture_features(monitor, model, opt, loader, nn.CrossEntropyLoss(), snapshot)
+    monitor.flush()
+    batches = list(loader)
+    assert len(got) == len(batches) == 4
+    for (x, _), (_, feats), (w, b) in zip(batches, got, weights, strict=False):
+        expected = (nn.functional.conv2d(x, w, b) * 2.0).flatten(1)
+        assert (expected < 0).any()  # the ReLU would have changed these
+        torch.testing.assert_close(feats, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
