@@ -62,11 +62,13 @@ def make_private(
     poisson: bool = True,
     n: int = 96,
     engine_cls=PrivacyEngine,
+    net=TinyCNN,
     **engine_kwargs,
 ):
-    """Seed everything, build model/optimizer/loader and make them private."""
+    """Seed everything, build model/optimizer/loader and make them private (``net``: the
+    model's class or factory, on the 1x6x6 data)."""
     torch.manual_seed(seed)
-    model = TinyCNN()
+    model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(make_data(n), batch_size=batch_size)
     engine = engine_cls(accountant=accountant, **engine_kwargs)

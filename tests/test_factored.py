@@ -200,9 +200,9 @@ def _text_data(n, seed=0):
     return TensorDataset(torch.randint(0, 20, (n, 7), generator=g), torch.randint(0, 3, (n,)))
 
 
-def _make(mode, *, n=96, batch_size=16, seed=0, text=False):
+def _make(mode, *, n=96, batch_size=16, seed=0, text=False, net=None, poisson=True):
     torch.manual_seed(seed)
-    model = _TextNet() if text else _GhostNet()
+    model = (net or (_TextNet if text else _GhostNet))()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(_text_data(n) if text else make_data(n), batch_size=batch_size)
     engine = PrivacyEngine(accountant="rdp")
@@ -213,7 +213,7 @@ def _make(mode, *, n=96, batch_size=16, seed=0, text=False):
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         grad_sample_mode=mode,
-        poisson_sampling=True,
+        poisson_sampling=poisson,
         criterion=nn.CrossEntropyLoss(),
     )
     if mode == "ghost":

@@ -107,25 +107,9 @@ class _InplaceNet(nn.Module):
 def test_named_layer_features_are_its_output_even_if_an_inplace_op_follows(overlap):
     """Reference: the block applied to the batch with the weights it had at that step, before
     the in-place ReLU (so negative values are kept)."""
-    from conftest import make_data
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader
-
-    torch.manual_seed(0)
-    model = _InplaceNet()
-    conv = model.block.conv
+    engine, model, opt, loader = make_private(poisson=False, n=48, batch_size=12, net=_InplaceNet)
+    conv = model._module.block.conv
     weights = [(conv.weight.detach().clone(), conv.bias.detach().clone())]
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    loader = DataLoader(make_data(48), batch_size=12)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=opt,
-        data_loader=loader,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        poisson_sampling=False,
-    )
     monitor = LeakageMonitor(
         engine, model, opt, delta=1e-5, estimator=None, features=["block"], overlap=overlap
     )

@@ -12,11 +12,9 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_data, make_private, train, without_timing
-from opacus import PrivacyEngine
+from conftest import make_private, train, without_timing
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader
 
 import opacus_mi.factored as factored_mod
 import opacus_mi.overlap as overlap_mod
@@ -156,25 +154,14 @@ def test_overlap_reads_the_batch_it_measured_when_the_loop_refills_its_input_buf
     batch is in the buffer; its records must still equal the inline monitor's, bit for bit:
     an input no graph produced is copied when it will be read later (``keep_input``)."""
 
+    from test_factored import _make
+
     def run(overlap: bool):
-        torch.manual_seed(0)
-        model = _FlatMLP()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        loader = DataLoader(make_data(48), batch_size=12)
-        engine = PrivacyEngine(accountant="rdp")
-        out = engine.make_private(
-            module=model,
-            optimizer=opt,
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            grad_sample_mode=mode,
-            poisson_sampling=False,
-            criterion=nn.CrossEntropyLoss(),
+        engine, model, opt, criterion, loader = _make(
+            mode, n=48, batch_size=12, net=_FlatMLP, poisson=False
         )
-        model, opt, criterion = (out[0], out[1], out[2]) if mode == "ghost" else (*out[:2], None)
         monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=overlap)
-        criterion = monitor.wrap_criterion(criterion or nn.CrossEntropyLoss())
+        criterion = monitor.wrap_criterion(criterion)
         batches = list(loader)
         refilled = [threading.Event() for _ in range(len(batches) + 1)]
         if overlap:
