@@ -19,6 +19,11 @@ the two threads take turns at the GIL. This separates the two: the *same* work, 
   copies each step's per-sample gradients into shared memory and signals over a pipe, which is
   what a process worker would have to do; the worker measures those gradients.
 
+* ``ops_1``, ``ops_n``: on the worker thread, no measurement but matrix products on cached
+  data that take as long as it: one product (``ops_1``), or as many as the measurement makes
+  torch calls (``ops_n``, each call releases and retakes the GIL). Same work, same second core:
+  the difference is what the number of GIL hand-overs costs the training thread.
+
 A thread and a process share the hardware alike; only the thread shares the GIL. The record
 itself (epsilon, the figures) is not part of the replayed work: ``report.py``'s every-step
 variants include it, and the hooks that feed the monitor. Blocks of
@@ -30,20 +35,25 @@ median over blocks, with quartiles) and also given as total time over the DP ste
 from __future__ import annotations
 
 import argparse
+import copy
 import multiprocessing as mp
 import queue
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
 from report import _load_lib, machine_line  # noqa: E402  (the shared builders)
 
-KINDS = ("alone", "inline", "thread", "thread_same", "process")
+KINDS = ("alone", "inline", "thread", "thread_same", "process", "ops_1", "ops_n")
 
 
 def replay(lib, model: str):
@@ -51,17 +61,29 @@ def replay(lib, model: str):
     of it again: the captured chunk, or the same inputs with other per-sample gradients."""
     setup = lib.build_setup(model, "oracle_sync")
     lib.warm(setup, 20)
-    monitor, got = setup.monitor, []
+    monitor, got, measured = setup.monitor, [], []
     measure = monitor._measure_chunk
-    monitor._measure_chunk = lambda taken: (got.append(taken), measure(taken))[1]
+
+    def spy(taken):
+        got.append(copy.copy(taken))  # the measurement releases what it reads (_Taken.release)
+        measured.append(measure(taken))
+        return measured[-1]
+
+    monitor._measure_chunk = spy
     setup.run(1)
     del monitor._measure_chunk
-    taken, captured = got[0], got[0].grad_samples
+    kept = got[0]
 
     def work(grad_samples=None):
-        taken.grad_samples = captured if grad_samples is None else grad_samples
+        taken = copy.copy(kept)
+        if grad_samples is not None:
+            taken.grad_samples = grad_samples
         return measure(taken)
 
+    chunk = work()
+    if chunk.batch != setup.batch or chunk.flags:  # a replay that measures nothing lies
+        raise RuntimeError(f"replayed chunk measured nothing useful: {chunk}")
+    work.monitored = measured[0]  # what the monitor itself measured of that chunk
     return setup, work
 
 
@@ -75,9 +97,49 @@ def _process_worker(conn, model: str, grad_samples, device: str) -> None:
         conn.send_bytes(b"d")
 
 
+def torch_calls(fn: Callable[[], Any]) -> int:
+    """Torch calls ``fn`` makes from Python that dispatch an operation (each releases the GIL
+    for its duration); attribute reads such as ``.shape`` do not count."""
+    calls = 0
+
+    class _Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            nonlocal calls
+            calls += getattr(func, "__name__", "") != "__get__"
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return calls
+
+
+def products(torch, calls: int, seconds: float) -> Callable[[], None]:
+    """``calls`` float32 products of two square matrices, sized so they take ~``seconds``."""
+    size = 8
+    while True:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        for _ in range(3):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        if time.perf_counter() - t0 >= seconds:
+            break
+        size = int(size * 1.05) + 1
+
+    def run() -> None:
+        for _ in range(calls):
+            a @ b
+
+    return run
+
+
 def _thread_worker(jobs: queue.SimpleQueue, done: queue.SimpleQueue, work) -> None:
     while (job := jobs.get()) is not None:
-        work(job or None)  # () : the captured chunk
+        if callable(job):
+            job()
+        else:
+            work(job or None)  # () : the captured chunk
         done.put(1)
 
 
@@ -102,6 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         work()
         times.append(time.perf_counter() - t0)
     work_alone = statistics.median(times)
+    n_calls = torch_calls(work)
+    ops = {"ops_1": products(torch, 1, work_alone), "ops_n": products(torch, n_calls, work_alone)}
+    ops_alone = {}
+    for name, run in ops.items():
+        t0 = time.perf_counter()
+        run()
+        ops_alone[name] = time.perf_counter() - t0
 
     jobs, done = queue.SimpleQueue(), queue.SimpleQueue()
     thread = threading.Thread(target=_thread_worker, args=(jobs, done, work), daemon=True)
@@ -124,11 +193,13 @@ def main(argv: list[str] | None = None) -> None:
                 jobs.put(opt.grad_samples)
             elif kind == "thread_same":  # the captured chunk again: data already in cache
                 jobs.put(())
+            elif kind in ops:
+                jobs.put(ops[kind])
             elif kind == "process":
                 for g, s in zip(opt.grad_samples, shared, strict=True):
                     s.copy_(g)
                 parent.send_bytes(b"s")
-        for _ in range(args.k if kind.startswith("thread") else 0):
+        for _ in range(args.k if kind.startswith(("thread", "ops")) else 0):
             done.get()
         for _ in range(args.k if kind == "process" else 0):
             parent.recv_bytes()
@@ -149,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_line(lib, "cpu") + "\n")
     print(
         f"DP step {1e3 * step:.2f} ms; the measurement alone {1e3 * work_alone:.2f} ms "
-        f"({args.blocks} blocks of {args.k} steps per kind)\n"
+        f"in {n_calls} torch calls; the products alone: "
+        + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in ops_alone.items())
+        + f" ({args.blocks} blocks of {args.k} steps per kind)\n"
     )
     print("| where the measurement runs | total | paired median [quartiles] |")
     print("|---|---:|---:|")
