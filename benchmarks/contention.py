@@ -27,8 +27,8 @@ the two threads take turns at the GIL. This separates the two: the *same* work, 
 A thread and a process share the hardware alike; only the thread shares the GIL. The record
 itself (epsilon, the figures) is not part of the replayed work: ``report.py``'s every-step
 variants include it, and the hooks that feed the monitor. Blocks of
-``k`` steps run alone / inline / thread / process in rotating order, each waiting at its end
-until its worker has measured every step of the block; a ratio is paired per block (the
+``k`` steps of every kind run in rotating order, each waiting at its end until its worker has
+done every step's work; a ratio is paired per block (the
 median over blocks, with quartiles) and also given as total time over the DP step's total.
 """
 
@@ -46,10 +46,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch.overrides import TorchFunctionMode
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from report import _load_lib, machine_line  # noqa: E402  (the shared builders)
 
