@@ -12,9 +12,11 @@ GIL while parsing each call, so two threads issuing small operations still take 
 digits CNN the every-step oracle costs a median 1.21x overlapped against 1.45x inline, and
 varies more from run to run, with where the OS places the two threads). On a 2-vCPU VM the
 second core's work slows the first even where it holds no GIL: the digits CNN's measurement
-replayed in a separate process cost training as much as on this thread (~1.12x), and on the
-MLP most of the thread's extra cost came with measuring each step's fresh per-sample gradients
-(``benchmarks/contention.py``; README, "Performance"). The worker lets go of a chunk's
+replayed in a separate process cost training as much as on this thread (~1.12x), as long a
+single matrix product on the worker 1.05-1.08x and as many products as the measurement's ~150
+calls 1.09-1.11x (each call a GIL hand-over, a wake-up of a halted virtual CPU on a VM), and on
+the MLP most of the thread's extra cost came with measuring each step's fresh per-sample
+gradients (``benchmarks/contention.py``; README, "Performance"). The worker lets go of a chunk's
 gradients once it has measured them (``_Taken.release``), before it makes the record.
 
 Why one worker, in order: every random number comes from the monitor's own generator, drawn in
