@@ -1,6 +1,6 @@
 """Opacus DPDDP on 2 CPU processes (gloo) with the leakage monitor on the global batch.
 
-    torchrun --nproc_per_node=2 examples/ddp_torchrun.py
+    torchrun --nproc_per_node=2 examples/ddp_torchrun.py [--epochs 2]
 
 Each rank draws its own Poisson sample of its shard of the digits; the monitor all-gathers the
 ranks' tokens, features and Gram matrices at every monitored step, so every rank estimates MI on
@@ -11,6 +11,7 @@ own: create it on every rank, like the optimizer.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import warnings
@@ -89,4 +90,6 @@ def main(epochs: int = 2, batch_size: int = 64, noise: float = 1.0, delta: float
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="Opacus DPDDP with the leakage monitor")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the data (default 2)")
+    main(epochs=parser.parse_args().epochs)

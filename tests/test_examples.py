@@ -1,18 +1,25 @@
 """The examples run as the README says, and what they print obeys the closed forms.
 
 References: the Gaussian channel's 1/(2 sigma^2) bound per private release, ln B, Opacus's own
-calibration (epsilon at or under the target), and monotonicity in the noise multiplier.
-``examples/ddp_torchrun.py`` needs ``torchrun``; its machinery is ``tests/test_distributed.py``.
+calibration (epsilon at or under the target), monotonicity in the noise multiplier, and for
+DPDDP the single-process accountant on the same global batch (the machinery itself is
+``tests/test_distributed.py``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from opacus_mi.records import read_jsonl
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -67,3 +74,25 @@ def test_noise_sweep_rows_fall_with_sigma_and_stay_under_the_bound(capsys):
         assert 0 <= acc <= 1
     assert Path("runs/noise_sweep/sigma_1/report.html").is_file()
     assert "MI/step" in capsys.readouterr().out
+
+
+def test_ddp_torchrun_on_two_processes_matches_the_single_process_epsilon(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = subprocess.run(
+        [*cmd, str(EXAMPLES / "ddp_torchrun.py"), "--epochs", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    match = re.search(r"epsilon (\d+\.\d+) vs single process (\d+\.\d+)", run.stdout)
+    assert match, run.stdout[-3000:]
+    assert match.group(1) == match.group(2)
+    assert run.stdout.count("epoch 1: test accuracy") == 1  # rank 0 alone prints
+    records = read_jsonl(tmp_path / "runs" / "ddp_leakage.jsonl")
+    steps = [r.step for r in records]
+    assert steps and steps == sorted(set(steps))  # rank 0 alone writes: no step twice
+    assert all("private/oracle" in r.mi for r in records)
