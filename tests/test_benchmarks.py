@@ -8,6 +8,8 @@ unnoticed. References: the monitor's own measurement of the replayed chunk, and 
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +20,20 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def contention():
+    """``benchmarks/contention.py``, imported as its command line does. The scripts put
+    ``benchmarks/`` first on ``sys.path`` (where its ``conftest.py`` would shadow the tests'
+    own in any process spawned later) and set the device variable: both are undone."""
+    path, modules, env = list(sys.path), set(sys.modules), os.environ.copy()
     spec = importlib.util.spec_from_file_location("opacus_mi_contention", BENCH / "contention.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.path[:] = path
+    for name in set(sys.modules) - modules:  # the scripts' own modules (not torch's, say)
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(BENCH)):
+            del sys.modules[name]
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def test_replay_measures_the_chunk_the_monitor_measured(contention):
