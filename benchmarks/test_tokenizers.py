@@ -57,6 +57,7 @@ from opacus_mi.data import load_dataset  # noqa: E402
 from opacus_mi.learned_tokens import TOKEN_ENCODERS  # noqa: E402
 from opacus_mi.models import build_model  # noqa: E402
 from opacus_mi.report import mean_with_ci  # noqa: E402
+from opacus_mi.training import RunConfig  # noqa: E402
 
 torch.set_num_threads(1)  # the reference machine is a loaded 2-core CPU
 warnings.filterwarnings("ignore", module="opacus")
@@ -66,13 +67,15 @@ warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 
 TOKENIZERS: tuple[str, ...] = TOKEN_ENCODERS  # ("sketch", "autoencoder", "transformer")
 VIEWS = ("raw", "clipped", "private")
-EPOCHS = 8  # the CLI default: 184 steps
+_CLI = RunConfig()  # the ``opacus-mi run`` defaults, read (not copied) so they cannot drift
+EPOCHS = _CLI.epochs  # 8: 184 steps
 LAST = 20  # records averaged, as the CLI summary's "mean of last 20"
 WARMUP = 10  # records left out of the cost figures (critic built, caches warm)
 SEED = 0
 SEEDS = (0, 1, 2)
-TRAIN_EVERY = 2  # the CLI's (RunConfig.train_every); the library default trains less often
-TRAIN_ITERS = 16  # the CLI's (RunConfig.train_iters): one pass over the window per round
+EVERY = _CLI.every  # 1: every step measured (the library default follows a time budget)
+TRAIN_EVERY = _CLI.train_every  # 2; the library default trains less often
+TRAIN_ITERS = _CLI.train_iters  # 16: one pass over the window per round
 DELTA = 1e-5
 OUT = Path(__file__).resolve().parent / "tokenizer_results.md"
 
@@ -114,6 +117,7 @@ def _build(tokenizer: str, split, seed: int) -> tuple[Run, DataLoader]:
         delta=DELTA,
         views=VIEWS,
         seed=seed,
+        every=EVERY,
         train_every=TRAIN_EVERY,
         train_iters=TRAIN_ITERS,
         tokenizer=tokenizer,
@@ -178,6 +182,12 @@ def measure(epochs: int = EPOCHS, seed: int = SEED, tokenizers=TOKENIZERS, log=N
         "test_accuracy": _accuracy(ref.model, split.test),
         "tokenizers": {},
     }
+    fewest = min(len(run.monitor.history) for run in runs.values())
+    if fewest <= WARMUP:
+        raise ValueError(
+            f"--epochs {epochs}: the runs made {fewest} records, and the cost figures leave out "
+            f"the first {WARMUP}; use more epochs (default {EPOCHS})"
+        )
     for name, run in runs.items():
         hist = run.monitor.history
         tail = hist[-LAST:]
@@ -401,7 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--out", default=str(OUT), help="markdown file, or - for stdout only")
     args = ap.parse_args(argv)
-    res = compare(args.epochs, args.seeds, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.epochs < 1:
+        ap.error(f"--epochs must be a positive integer, got {args.epochs}")
+    try:
+        res = compare(args.epochs, args.seeds, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as err:
+        ap.error(str(err))
     text = report(res)
     print(text)
     if args.out != "-":
