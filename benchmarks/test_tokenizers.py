@@ -4,7 +4,7 @@ Run as a benchmark (one measured round; the summary lands in ``extra_info`` of t
 
     pytest benchmarks/test_tokenizers.py --benchmark-json=tok.json
 
-or as a script, which writes a markdown report (~3 minutes on a loaded 2-core CPU)::
+or as a script, which writes a markdown report (~9 minutes on 2 cores at the defaults)::
 
     python benchmarks/test_tokenizers.py [--epochs 8] [--seeds 0 1 2] [--out FILE | -]
 
