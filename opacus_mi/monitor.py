@@ -484,6 +484,9 @@ class LeakageMonitor:
         return self.steps >= self._measure_at
 
     def _pre_step(self, closure=None):
+        # The wrapper's own time, less what brackets book, is monitor time too (book_overhead).
+        budget, t0 = self.budget, time.perf_counter()
+        booked = budget.spent_since_tick() if budget is not None else 0.0
         if self._done:
             self._deliver()  # records an overlap worker finished since the last step
         monitored = self._due()
@@ -499,11 +502,16 @@ class LeakageMonitor:
                     self.budget.exclude(waited)
                 self._deliver()  # every earlier record is made by now
                 self._chunks.append(taken)  # handed over below, with the record if it is the last
+        t1 = time.perf_counter()
         result = self._original_pre_step(closure)
+        t2 = time.perf_counter()
         if getattr(self.optimizer, "_is_last_step_skipped", False):
             # A BatchMemoryManager chunk: the logical step is not over yet; measure it now.
             if monitored and self._worker is not None:
                 self._chunks[-1] = self._worker.submit(self._measure_safely, self._chunks[-1])
+            if budget is not None:
+                own = t1 - t0 + time.perf_counter() - t2
+                budget.book_overhead(own - (budget.spent_since_tick() - booked))
             return result
         if monitored:
             # The accountant has just stepped (its hook runs inside pre_step): this step's
@@ -521,8 +529,10 @@ class LeakageMonitor:
                 self._worker.submit(self._finish_safely, chunks, self.steps, accounting)
         self.steps += 1
         self._adopt_plan()
-        if self.budget is not None:
-            self.budget.tick()
+        if budget is not None:
+            own = t1 - t0 + time.perf_counter() - t2
+            budget.book_overhead(own - (budget.spent_since_tick() - booked))
+            budget.tick()
         return result
 
     def _adopt_plan(self) -> None:

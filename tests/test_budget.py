@@ -310,3 +310,43 @@ def test_concurrent_work_is_charged_but_not_taken_out_of_training_time():
     b.tick()
     assert b.train_seconds - trained < 0.01 + 0.005  # the wait is taken out
     assert b.measure_credit - credit == pytest.approx(0.1 * (b.train_seconds - trained))
+
+
+def test_overhead_is_monitor_time_paid_from_the_measurement_bucket():
+    b = OverheadBudget(0.1)
+    b.tick()
+    b.measure_credit = 0.005
+    b.book_overhead(0.002)
+    b.book_overhead(-1.0)  # a remainder below zero (a GPU bracket settled meanwhile): nothing
+    assert b.spent_since_tick() == pytest.approx(0.002)
+    assert b.overhead_seconds == pytest.approx(0.002) and b.spent == pytest.approx(0.002)
+    assert b.measure_credit == pytest.approx(0.003)
+    assert b.state()["overhead_seconds"] == pytest.approx(0.002)
+    b.tick()
+    assert b.spent_since_tick() == 0.0
+
+
+def test_a_slow_sink_is_booked_as_monitor_time_not_training_time(budget_defaults):
+    """Records reach the sinks on the training thread, outside any bracket: their time is the
+    monitor's. Counted as training time it would have grown the budget instead."""
+    engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False)
+    nap = 0.02
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        estimator=None,
+        overlap=False,
+        sinks=[lambda r: time.sleep(nap)],
+    )
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    t0 = time.perf_counter()
+    train(model, opt, loader, epochs=3, criterion=criterion)
+    elapsed = time.perf_counter() - t0
+    b = monitor.budget
+    assert len(monitor.history) >= 2
+    assert b.overhead_seconds >= nap * len(monitor.history)
+    assert b.spent >= b.overhead_seconds + b.measure_seconds
+    # Each tick's interval less the monitor's time is training time: their sum fits the run.
+    assert b.train_seconds <= elapsed - b.overhead_seconds
