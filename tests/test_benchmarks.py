@@ -45,9 +45,13 @@ def test_replay_measures_the_chunk_the_monitor_measured(contention):
     # Clipped tokens are deterministic (no draws): the replay is the monitor's measurement.
     assert torch.equal(first.tokens["clipped"], monitored.tokens["clipped"])
     assert torch.equal(again.tokens["clipped"], monitored.tokens["clipped"])
-    # The oracle and the private view draw from the monitor's generator: new draws each time.
-    assert first.oracle_terms is not None and first.oracle_terms.shape == (setup.batch,)
-    assert not torch.equal(first.tokens["private"], again.tokens["private"])
+    if monitored.pending is None:
+        # The oracle and the private view draw from the monitor's generator: new draws each time.
+        assert first.oracle_terms is not None and first.oracle_terms.shape == (setup.batch,)
+        assert not torch.equal(first.tokens["private"], again.tokens["private"])
+    else:  # sync-free (a GPU): the draws wait for the record; the Gram they need is there
+        assert first.pending[1].shape == (setup.batch, setup.batch)
+        assert torch.equal(first.pending[1], monitored.pending[1])
     # Other per-sample gradients (another step's) give other tokens.
     setup.step()
     other = work([g.clone() for g in setup.optimizer.grad_samples])
