@@ -349,7 +349,9 @@ def report(res: dict) -> str:
             f"value was above the sketch's on the same run. Cost: monitor seconds per step "
             f"after the first {WARMUP} records; `cost vs sketch` is the median over steps of "
             f"the per-step ratio to the sketch run (then averaged over seeds); `step ms` is "
-            f"the mean wall time of one whole optimizer step, monitor included.",
+            f"the mean wall time of one whole optimizer step, monitor included (with the CLI's "
+            f"automatic overlap on a free core its work runs on a worker thread beside the "
+            f"steps, so `monitor ms/step`, the worker's time, can exceed `step ms`).",
             "",
             markdown(res),
             "",
