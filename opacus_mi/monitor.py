@@ -509,9 +509,7 @@ class LeakageMonitor:
             # A BatchMemoryManager chunk: the logical step is not over yet; measure it now.
             if monitored and self._worker is not None:
                 self._chunks[-1] = self._worker.submit(self._measure_safely, self._chunks[-1])
-            if budget is not None:
-                own = t1 - t0 + time.perf_counter() - t2
-                budget.book_overhead(own - (budget.spent_since_tick() - booked))
+            self._book_wrapper(t1 - t0, t2, booked)
             return result
         if monitored:
             # The accountant has just stepped (its hook runs inside pre_step): this step's
@@ -530,10 +528,16 @@ class LeakageMonitor:
         self.steps += 1
         self._adopt_plan()
         if budget is not None:
-            own = t1 - t0 + time.perf_counter() - t2
-            budget.book_overhead(own - (budget.spent_since_tick() - booked))
+            self._book_wrapper(t1 - t0, t2, booked)
             budget.tick()
         return result
+
+    def _book_wrapper(self, before: float, since: float, booked: float) -> None:
+        """Book ``pre_step``'s own time (``before`` Opacus's step, and from ``since`` on) less
+        what brackets booked meanwhile (``booked`` was the books' figure on entry)."""
+        if self.budget is not None:
+            own = before + time.perf_counter() - since
+            self.budget.book_overhead(own - (self.budget.spent_since_tick() - booked))
 
     def _adopt_plan(self) -> None:
         """Follow the latest plan (training thread, between steps: the forward hooks and
