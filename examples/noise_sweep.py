@@ -20,7 +20,8 @@ def main(
 ) -> list[tuple[float, ...]]:
     """One run per sigma; returns (sigma, epsilon, MI/step, its 95% CI low and high, test
     accuracy) per run, as printed. MI/step is the mean of the last 10 records' oracle values:
-    a Monte Carlo estimate, so near the bound a mean can sit above it; its CI does not."""
+    a Monte Carlo estimate, so near the bound a mean can sit above it (at sigma 4 after one
+    epoch: 0.038 against 0.031) while its CI still reaches under it."""
     rows = []
     for sigma in noise_multipliers:
         cfg = RunConfig(
