@@ -25,6 +25,8 @@ separately (``test_prv_ratio`` / ``report.py``).
 
 Device: ``OPACUS_MI_BENCH_DEVICE`` (default ``cpu``). On CPU one intra-op thread is used so that
 runs are comparable across machines and not disturbed by other processes competing for cores.
+glibc's malloc thresholds are pinned on import (:mod:`allocator`; ``OPACUS_MI_BENCH_MALLOC=default``
+leaves them adaptive).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from allocator import pin_malloc
 from bench_names import GHOST_MODELS, GHOST_VARIANTS, VARIANTS  # noqa: F401  (report.py)
 from opacus import PrivacyEngine
 from torch import nn
@@ -57,6 +60,9 @@ warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 DEVICE = os.environ.get("OPACUS_MI_BENCH_DEVICE", "cpu")
 if torch.device(DEVICE).type == "cpu":
     torch.set_num_threads(1)
+# Every compared loop runs with the same fixed malloc thresholds, so that page faults set by the
+# process's allocation history do not move the ratios (allocator.py).
+MALLOC = pin_malloc()
 
 MONITORED: tuple[str, ...] = ("oracle", "oracle_sync", "default", "fixed", "critic_every_step")
 DELTA = 1e-5

@@ -60,6 +60,7 @@ def machine_line(lib, device: str) -> str:
         f"opacus {opacus.__version__}",
         f"Python {platform.python_version()}",
         platform.platform(),
+        lib.MALLOC,
     ]
     if torch.device(device).type == "cuda":
         parts.insert(0, torch.cuda.get_device_name())

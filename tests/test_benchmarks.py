@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ def contention():
     ``benchmarks/`` first on ``sys.path`` (where its ``conftest.py`` would shadow the tests'
     own in any process spawned later) and set the device variable: both are undone."""
     path, modules, env = list(sys.path), set(sys.modules), os.environ.copy()
+    os.environ["OPACUS_MI_BENCH_MALLOC"] = "default"  # mallopt cannot be undone: not here
     spec = importlib.util.spec_from_file_location("opacus_mi_contention", BENCH / "contention.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -68,3 +71,78 @@ def test_torch_calls_counts_dispatched_operations_not_attribute_reads(contention
         torch.mm(c, b).sum()
 
     assert contention.torch_calls(fn) == 3  # add, mm, sum
+
+
+def _allocator(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` with ``benchmarks/allocator.py`` importable, in a process of its own (pinning
+    malloc cannot be undone, so never in this one)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "OPACUS_MI_BENCH_MALLOC"}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); {code}"],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_pin_malloc_sets_glibc_thresholds_and_honours_the_opt_out():
+    import ctypes.util
+
+    if "libc.so" not in str(ctypes.util.find_library("c")):
+        pytest.skip("not glibc")
+    pinned = _allocator("import allocator; print(allocator.pin_malloc())")
+    assert pinned.returncode == 0, pinned.stderr
+    assert "pinned (mmap threshold 32 MiB, trim threshold 1 GiB)" in pinned.stdout
+    left = _allocator(
+        "import allocator; print(allocator.pin_malloc())", OPACUS_MI_BENCH_MALLOC="default"
+    )
+    assert "adaptive" in left.stdout
+    bad = _allocator("import allocator; allocator.pin_malloc()", OPACUS_MI_BENCH_MALLOC="yes")
+    assert bad.returncode != 0
+    assert "OPACUS_MI_BENCH_MALLOC must be 'pinned' or 'default'" in bad.stderr
+
+
+def test_side_by_side_times_both_ways(capsys):
+    """In one process (blocks) and in fresh processes: each prints its ratio, the page faults,
+    and the monitor's summary; the processes' ratio is their medians' (recomputed here)."""
+    path, modules, env = list(sys.path), set(sys.modules), os.environ.copy()
+    threads = torch.get_num_threads()
+    spec = importlib.util.spec_from_file_location(
+        "opacus_mi_side_by_side", BENCH / "side_by_side.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        module.main(["--blocks", "2", "--k", "3", "--malloc", "default", "--threads", "1"])
+        one = capsys.readouterr().out
+        module.main(["--processes", "2", "--steps", "4", "--threads", "1"])
+        two = capsys.readouterr().out
+    finally:
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(BENCH)):
+                del sys.modules[name]
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+    assert re.search(r"monitored / plain: total \d+\.\d{3}x, paired median \d+\.\d{3}x", one)
+    assert "glibc malloc adaptive" in one and "page faults per step: plain" in one
+    rows = re.findall(r"(plain|monitored) +process (\d): ([\d.]+) ms/step, (\d+) faults/step", two)
+    assert sorted((name, int(i)) for name, i, _, _ in rows) == [
+        ("monitored", 1),
+        ("monitored", 2),
+        ("plain", 1),
+        ("plain", 2),
+    ]
+    ms = {
+        name: sorted(float(m) for n, _, m, _ in rows if n == name)
+        for name in ("plain", "monitored")
+    }
+    median = {k: sum(v) / 2 for k, v in ms.items()}  # two processes each: the mean of the two
+    ratio = float(re.search(r"monitored / plain: ([\d.]+)x \(median of each\)", two).group(1))
+    # (the printed times are rounded to 0.01 ms)
+    assert ratio == pytest.approx(median["monitored"] / median["plain"], rel=4e-3)
+    assert "malloc pinned; 2 processes of each, 4 steps each" in two

@@ -1,0 +1,88 @@
+"""Pin glibc's malloc thresholds, so that a timing measures the step, not the allocator's history.
+
+Why: an Opacus DP step on a CPU frees and reallocates megabytes every step (the per-sample
+gradients alone are B x P floats). glibc's malloc adapts two thresholds as a process runs: memory
+freed above the *trim* threshold is handed back to the OS, and blocks above the *mmap* threshold
+are mapped afresh; either way the next step touches new pages and pays a page fault per 4 KiB.
+How often that happens depends on the order of every earlier allocation in the process:
+fresh processes running the same plain DP loop on the digits CNN (``side_by_side.py``'s, torch's
+two threads) paid 0, 1, 284, 638 and 981 faults per step on this project's VM; of two taken
+minutes apart, the one with 981 took 7.25 ms per step, the one with 1 took 6.14 ms. The
+monitor's own allocations shift the thresholds too (in those runs its processes paid 5-99),
+which says nothing about the monitor's cost.
+
+Fixing both thresholds (what setting either one does to glibc anyway: it turns the adaptation
+off) takes that out: every pinned plain process since paid 0 or 1 fault per step, whatever ran
+before. Allocations under 32 MiB come from the heap and freed memory stays with the process
+(at most what the largest step held). The benchmarks pin it for every loop they compare, monitored or not;
+``OPACUS_MI_BENCH_MALLOC=default`` leaves glibc as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit systems
+TRIM_THRESHOLD = 1 << 30
+# The same settings for a process not started yet (read by glibc at start-up).
+PINNED_ENV = {
+    "GLIBC_TUNABLES": (
+        f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
+    )
+}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+
+_state = "default"
+
+
+def pin_malloc() -> str:
+    """Fix glibc's mmap and trim thresholds in this process (idempotent); returns a description
+    for report headers. A no-op, said so, off glibc or with ``OPACUS_MI_BENCH_MALLOC=default``."""
+    global _state
+    choice = os.environ.get("OPACUS_MI_BENCH_MALLOC", "pinned")
+    if choice not in ("pinned", "default"):
+        raise ValueError(f"OPACUS_MI_BENCH_MALLOC must be 'pinned' or 'default', got {choice!r}")
+    if choice == "default":
+        _state = "default"
+    elif _state != "pinned":
+        mallopt = _glibc_mallopt()
+        if mallopt is None:
+            _state = "unavailable"
+        elif (
+            mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        ):
+            _state = "pinned"
+        else:
+            raise RuntimeError("glibc rejected mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD)")
+    return describe()
+
+
+def describe() -> str:
+    return {
+        "pinned": "glibc malloc pinned (mmap threshold 32 MiB, trim threshold 1 GiB)",
+        "default": "glibc malloc adaptive (its default; OPACUS_MI_BENCH_MALLOC=default)",
+        "unavailable": "malloc not pinned (not glibc)",
+    }[_state]
+
+
+def _glibc_mallopt():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        _ = libc.gnu_get_libc_version  # glibc only: musl and macOS have no such thresholds
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (pages the OS had to map in)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
