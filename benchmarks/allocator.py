@@ -14,8 +14,8 @@ which says nothing about the monitor's cost.
 Fixing both thresholds (what setting either one does to glibc anyway: it turns the adaptation
 off) takes that out: every pinned plain process since paid 0 or 1 fault per step, whatever ran
 before. Allocations under 32 MiB come from the heap and freed memory stays with the process
-(at most what the largest step held). The benchmarks pin it for every loop they compare, monitored or not;
-``OPACUS_MI_BENCH_MALLOC=default`` leaves glibc as it is.
+(at most what the largest step held). The benchmarks pin it for every loop they compare,
+monitored or not; ``OPACUS_MI_BENCH_MALLOC=default`` leaves glibc as it is.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from opacus_mi.data import load_dataset
 from opacus_mi.models import DigitsCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocator import PINNED_ENV, page_faults, pin_malloc  # noqa: E402
+from allocator import PINNED_ENV, describe, page_faults, pin_malloc  # noqa: E402
 
 warnings.filterwarnings("ignore", module="opacus")
 warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
@@ -93,6 +93,7 @@ def _child(args, kwargs: dict | None) -> None:
     steps(args.steps)
     seconds = time.perf_counter() - t0
     out = {"ms": 1e3 * seconds / args.steps, "faults": (page_faults() - faults) / args.steps}
+    out["malloc"] = describe()
     if monitor is not None:
         out["overlap"], out["summary"] = monitor.overlap, monitor.summary().splitlines()[-1]
     print(json.dumps(out))
@@ -104,12 +105,13 @@ def _processes(args) -> None:
     env["OPACUS_MI_BENCH_MALLOC"] = args.malloc
     if args.malloc == "pinned":
         env.update(PINNED_ENV)
+    expected = pin_malloc()  # this process's state is what each child's must be
     runs: dict[str, list[dict]] = {"plain": [], "monitored": []}
     for i in range(args.processes):
         order = ["plain", "monitored"] if i % 2 == 0 else ["monitored", "plain"]
         for name in order:
             cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
-            cmd += ["--monitor", args.monitor]
+            cmd += ["--monitor", args.monitor, "--malloc", args.malloc]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -117,13 +119,15 @@ def _processes(args) -> None:
                 raise SystemExit(f"the {name} process failed:\n{done.stderr[-3000:]}")
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = runs[name][-1]
+            if r["malloc"] != expected:  # the comparison would not be what it says
+                raise SystemExit(f"the {name} process ran with {r['malloc']!r}, not {expected!r}")
             print(
                 f"{name:9s} process {i + 1}: {r['ms']:.2f} ms/step, {r['faults']:.0f} faults/step"
             )
     med = {k: statistics.median(r["ms"] for r in v) for k, v in runs.items()}
     pairs = [m["ms"] / p["ms"] for p, m in zip(runs["plain"], runs["monitored"], strict=True)]
     print(
-        f"malloc {args.malloc}; {args.processes} processes of each, {args.steps} steps each: "
+        f"{expected}; fresh processes per loop: {args.processes}, {args.steps} steps each: "
         f"plain DP step {med['plain']:.2f} ms (range {_range(runs['plain'])}), monitored "
         f"{med['monitored']:.2f} ms ({_range(runs['monitored'])}); monitored / plain: "
         f"{med['monitored'] / med['plain']:.3f}x (median of each), pairs "
