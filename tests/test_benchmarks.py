@@ -7,6 +7,7 @@ unnoticed. References: the monitor's own measurement of the replayed chunk, and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -20,23 +21,34 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@contextlib.contextmanager
+def _script(name: str):
+    """``benchmarks/<name>.py``, imported as its command line does. The scripts put
+    ``benchmarks/`` first on ``sys.path`` (where its ``conftest.py`` would shadow the tests'
+    own in any process spawned later), set environment variables and torch's thread count: all
+    undone. Pinning malloc could not be undone, so it is declined here."""
+    path, modules, env = list(sys.path), set(sys.modules), os.environ.copy()
+    threads = torch.get_num_threads()
+    os.environ["OPACUS_MI_BENCH_MALLOC"] = "default"
+    spec = importlib.util.spec_from_file_location(f"opacus_mi_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path[:] = path
+        for mod in set(sys.modules) - modules:  # the scripts' own modules (not torch's, say)
+            if str(getattr(sys.modules[mod], "__file__", None) or "").startswith(str(BENCH)):
+                del sys.modules[mod]
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def contention():
-    """``benchmarks/contention.py``, imported as its command line does. The scripts put
-    ``benchmarks/`` first on ``sys.path`` (where its ``conftest.py`` would shadow the tests'
-    own in any process spawned later) and set the device variable: both are undone."""
-    path, modules, env = list(sys.path), set(sys.modules), os.environ.copy()
-    os.environ["OPACUS_MI_BENCH_MALLOC"] = "default"  # mallopt cannot be undone: not here
-    spec = importlib.util.spec_from_file_location("opacus_mi_contention", BENCH / "contention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path[:] = path
-    for name in set(sys.modules) - modules:  # the scripts' own modules (not torch's, say)
-        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(BENCH)):
-            del sys.modules[name]
-    os.environ.clear()
-    os.environ.update(env)
+    with _script("contention") as module:
+        yield module
 
 
 def test_replay_measures_the_chunk_the_monitor_measured(contention):
@@ -108,36 +120,17 @@ def test_pin_malloc_sets_glibc_thresholds_and_honours_the_opt_out():
 def test_side_by_side_times_both_ways(capsys):
     """In one process (blocks) and in fresh processes: each prints its ratio, the page faults,
     and the monitor's summary; the processes' ratio is their medians' (recomputed here)."""
-    path, modules, env = list(sys.path), set(sys.modules), os.environ.copy()
-    threads = torch.get_num_threads()
-    spec = importlib.util.spec_from_file_location(
-        "opacus_mi_side_by_side", BENCH / "side_by_side.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
+    with _script("side_by_side") as module:
         module.main(["--blocks", "2", "--k", "3", "--malloc", "default", "--threads", "1"])
         one = capsys.readouterr().out
         # Adaptive malloc: each child must run as asked (it once pinned whatever it was told).
         module.main(["--processes", "1", "--steps", "4", "--threads", "1", "--malloc", "default"])
         two = capsys.readouterr().out
-    finally:
-        sys.path[:] = path
-        for name in set(sys.modules) - modules:
-            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(BENCH)):
-                del sys.modules[name]
-        os.environ.clear()
-        os.environ.update(env)
-        torch.set_num_threads(threads)
     assert re.search(r"monitored / plain: total \d+\.\d{3}x, paired median \d+\.\d{3}x", one)
     assert "glibc malloc adaptive" in one and "page faults per step: plain" in one
     rows = re.findall(r"(plain|monitored) +process (\d): ([\d.]+) ms/step, (\d+) faults/step", two)
     assert sorted((name, int(i)) for name, i, _, _ in rows) == [("monitored", 1), ("plain", 1)]
-    ms = {
-        name: sorted(float(m) for n, _, m, _ in rows if n == name)
-        for name in ("plain", "monitored")
-    }
-    median = {k: v[0] for k, v in ms.items()}  # one process each
+    median = {n: float(m) for n, _, m, _ in rows}  # one process each
     ratio = float(re.search(r"monitored / plain: ([\d.]+)x \(median of each\)", two).group(1))
     # (the printed times are rounded to 0.01 ms)
     assert ratio == pytest.approx(median["monitored"] / median["plain"], rel=4e-3)
