@@ -33,8 +33,8 @@ handing over the captures, delivering records to the sinks) is booked too
 (:meth:`OverheadBudget.book_overhead`), from the measurement's bucket: counted as training time,
 a slow sink would have grown the budget. What no clock here sees is the monitor's effect on the
 training steps themselves (its hooks, caches it leaves cold): on the 10k-parameter digits CNN
-with torch's two threads the books read ~8% while a side-by-side run costs 1.07-1.14x
-(``benchmarks/side_by_side.py``).
+with torch's two threads the books read 7.3-7.5% while side-by-side runs cost 1.086-1.104x
+(``benchmarks/side_by_side.py``, glibc's malloc pinned; 1.07-1.14x unpinned).
 
 Time on a GPU is device time: CUDA events bracket the monitor's work and are read once complete
 (never waited on), so the budget adds no host synchronisation.
