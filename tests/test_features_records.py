@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_private, train
+from conftest import make_private, train, without_timing
 from torch import nn
 
 from opacus_mi import LeakageMonitor, LeakageRecord, mi_upper_bound, read_jsonl
@@ -194,3 +194,40 @@ def test_state_dict_round_trip_continues_identically():
     for ra, rb in zip(a, b, strict=True):
         ra.pop("monitor_seconds"), rb.pop("monitor_seconds")
         assert ra == rb
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_max_history_keeps_the_latest_records_and_the_sinks_get_every_one(tmp_path, overlap):
+    """Reference: an unbounded monitor on the same run (its history is every record)."""
+    path = tmp_path / "records.jsonl"
+
+    def run(**kwargs):
+        engine, model, opt, loader = make_private(poisson=False)
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=overlap, **kwargs
+        )
+        train(model, opt, loader, epochs=2)
+        return monitor
+
+    full = run()
+    kept = run(max_history=4, jsonl=str(path))
+    everything = without_timing(full.history)
+    assert len(everything) == 12  # 96 examples / 16, twice: more than kept
+    assert without_timing(kept.history) == everything[-4:]
+    assert without_timing(read_jsonl(path)) == everything  # the sink saw every record
+    assert kept.records == full.records == 12
+    assert "records=12" in repr(kept)
+    # A checkpoint holds the kept records and the count; a smaller bound trims on loading.
+    state = kept.state_dict()
+    assert len(state["history"]) == 4 and state["records"] == 12
+    engine, model, opt, _ = make_private(poisson=False)
+    smaller = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, max_history=2)
+    smaller.load_state_dict(state)
+    assert without_timing(smaller.history) == everything[-2:] and smaller.records == 12
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "10"])
+def test_max_history_must_be_a_positive_integer(bad):
+    engine, model, opt, _ = make_private(poisson=False)
+    with pytest.raises(ValueError, match="max_history must be a positive integer"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, max_history=bad)
