@@ -18,7 +18,8 @@ its own, N of each, alternating; the ratio is of the median step times. Both way
 thresholds are pinned for both loops (:mod:`allocator`: otherwise each process pays page faults
 set by its allocation history, 0 to ~1,000 per step here); ``--malloc default`` shows what they
 do, and every line gives the page faults per step. Separate processes are the noisier way on a
-machine whose speed drifts: eight pairs here read 0.79-1.49x, their medians 1.08x.
+machine whose speed drifts: two runs of eight pairs here read 0.79-1.70x pair by pair, 1.08x and
+1.10x as the ratio of the medians.
 """
 
 from __future__ import annotations

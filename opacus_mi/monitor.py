@@ -393,7 +393,7 @@ class LeakageMonitor:
         self.epsilon = EpsilonTracker(engine.accountant, self.delta)
         self.mi_accountant = MIAccountant(engine.accountant)
         self._history: list[LeakageRecord] = []
-        self.records = 0  # every record made, kept in history or not (max_history)
+        self.record_count = 0  # every record made, kept in history or not (max_history)
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
         # Under DPDDP every rank holds the same records; only rank 0 writes them out.
@@ -624,7 +624,7 @@ class LeakageMonitor:
         while self._done:
             record = self._done.popleft()
             self._history.append(record)
-            self.records += 1
+            self.record_count += 1
             if self.max_history is not None and len(self._history) > self.max_history:
                 del self._history[: len(self._history) - self.max_history]
             if self.rank == 0:  # under DPDDP every rank has this record; one writes it
@@ -1153,10 +1153,10 @@ class LeakageMonitor:
         b = self.budget
         if b is None or not self.steps:
             return None
+        self.flush()  # an overlap worker's records and time are in
         rounds = sum(e.updates for e in [*self.estimators.values(), *self.controls.values()])
         share = b.spent / b.train_seconds if b.train_seconds > 0 else math.nan
-        self.flush()
-        parts = [f"measured {self.records} of {self.steps} steps"]
+        parts = [f"measured {self.record_count} of {self.steps} steps"]
         if self.train_every is None and self.estimators:
             parts.append(f"{rounds} critic rounds")
         return (
@@ -1176,7 +1176,7 @@ class LeakageMonitor:
             "semi_oracle": None if self.semi_oracle is None else self.semi_oracle.state_dict(),
             "subspace": None if self.subspace is None else self.subspace.state_dict(),
             "history": [r.as_dict() for r in self.history],
-            "records": self.records,
+            "record_count": self.record_count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1195,12 +1195,13 @@ class LeakageMonitor:
         self._history = [LeakageRecord.from_dict(d) for d in state["history"]]
         if self.max_history is not None:
             del self._history[: max(0, len(self._history) - self.max_history)]
-        self.records = int(state.get("records", len(state["history"])))  # (older checkpoints)
+        # (a checkpoint from before max_history holds every record it made)
+        self.record_count = int(state.get("record_count", len(state["history"])))
 
     def __repr__(self) -> str:
         return (
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
-            f"token_dim={self.token_dim}, records={self.records}, attached={self.attached})"
+            f"token_dim={self.token_dim}, records={self.record_count}, attached={self.attached})"
         )
 
 

@@ -215,15 +215,15 @@ def test_max_history_keeps_the_latest_records_and_the_sinks_get_every_one(tmp_pa
     assert len(everything) == 12  # 96 examples / 16, twice: more than kept
     assert without_timing(kept.history) == everything[-4:]
     assert without_timing(read_jsonl(path)) == everything  # the sink saw every record
-    assert kept.records == full.records == 12
+    assert kept.record_count == full.record_count == 12
     assert "records=12" in repr(kept)
     # A checkpoint holds the kept records and the count; a smaller bound trims on loading.
     state = kept.state_dict()
-    assert len(state["history"]) == 4 and state["records"] == 12
+    assert len(state["history"]) == 4 and state["record_count"] == 12
     engine, model, opt, _ = make_private(poisson=False)
     smaller = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, max_history=2)
     smaller.load_state_dict(state)
-    assert without_timing(smaller.history) == everything[-2:] and smaller.records == 12
+    assert without_timing(smaller.history) == everything[-2:] and smaller.record_count == 12
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "10"])
