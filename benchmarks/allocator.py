@@ -1,21 +1,29 @@
-"""Pin glibc's malloc thresholds, so that a timing measures the step, not the allocator's history.
+"""Pin glibc's malloc, so that a timing measures the step, not the allocator's history.
 
 Why: an Opacus DP step on a CPU frees and reallocates megabytes every step (the per-sample
 gradients alone are B x P floats). glibc's malloc adapts two thresholds as a process runs: memory
 freed above the *trim* threshold is handed back to the OS, and blocks above the *mmap* threshold
-are mapped afresh; either way the next step touches new pages and pays a page fault per 4 KiB.
-How often that happens depends on the order of every earlier allocation in the process:
-fresh processes running the same plain DP loop on the digits CNN (``side_by_side.py``'s, torch's
-two threads) paid 0, 1, 284, 638 and 981 faults per step on this project's VM; of two taken
-minutes apart, the one with 981 took 7.25 ms per step, the one with 1 took 6.14 ms. The
-monitor's own allocations shift the thresholds too (in those runs its processes paid 5-99),
-which says nothing about the monitor's cost.
+(at most 32 MiB) are mapped afresh and unmapped when freed; either way the next step touches new
+pages and pays a page fault per 4 KiB. How often that happens depends on the order of every
+earlier allocation in the process: fresh processes running the same plain DP loop on the digits
+CNN (``side_by_side.py``'s, torch's two threads) paid 0, 1, 284, 638 and 981 faults per step on
+this project's VM; of two taken minutes apart, the one with 981 took 7.25 ms per step, the one
+with 1 took 6.14 ms. The monitor's own allocations shift the thresholds too (in those runs its
+processes paid 5-99), which says nothing about the monitor's cost. Blocks above 32 MiB (a
+ResNet-18's per-sample gradients at batch 8: 75 MB for one conv layer) are mapped afresh every
+time unless a free heap chunk happens to fit: in one report process the ResNet-18 DP step paid
+30,700 faults per step, the every-step monitored ones 12,300 and the defaults 0, which made the
+monitored variants look cheaper than they are.
 
-Fixing both thresholds (what setting either one does to glibc anyway: it turns the adaptation
-off) takes that out: every pinned plain process since paid 0 or 1 fault per step, whatever ran
-before. Allocations under 32 MiB come from the heap and freed memory stays with the process
-(at most what the largest step held). The benchmarks pin it for every loop they compare,
-monitored or not; ``OPACUS_MI_BENCH_MALLOC=default`` leaves glibc as it is.
+Pinned: both thresholds fixed (which also turns their adaptation off), the trim threshold at
+1 GiB, and no mmap at all (``M_MMAP_MAX = 0``): every block comes from the heap and freed memory
+stays with the process for the next step (the heap holds what the largest step held). In the
+report run that followed, every variant's timed steps paid 0-6 faults per step but ResNet-18's
+critic-every-step (442); the plain digits processes of ``side_by_side.py`` 0 or 1. It is not
+airtight (a 64 MiB block allocated and freed in a loop still faulted in 6,500 of its 16,400
+pages per cycle, against all of them unpinned), hence the faults every report prints per
+variant. The benchmarks pin it for every loop they compare, monitored or not;
+``OPACUS_MI_BENCH_MALLOC=default`` leaves glibc as it is.
 """
 
 from __future__ import annotations
@@ -31,15 +39,16 @@ TRIM_THRESHOLD = 1 << 30
 PINNED_ENV = {
     "GLIBC_TUNABLES": (
         f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
+        ":glibc.malloc.mmap_max=0"
     )
 }
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt parameters, <malloc.h>
 
 _state = "default"
 
 
 def pin_malloc() -> str:
-    """Fix glibc's mmap and trim thresholds in this process (idempotent); returns a description
+    """Fix glibc's thresholds and turn mmap off in this process (idempotent); returns a description
     for report headers. A no-op, said so, off glibc or with ``OPACUS_MI_BENCH_MALLOC=default``."""
     global _state
     choice = os.environ.get("OPACUS_MI_BENCH_MALLOC", "pinned")
@@ -51,19 +60,25 @@ def pin_malloc() -> str:
         mallopt = _glibc_mallopt()
         if mallopt is None:
             _state = "unavailable"
-        elif (
-            mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-            and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        elif all(
+            mallopt(param, value) == 1
+            for param, value in (
+                (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                (_M_MMAP_MAX, 0),
+            )
         ):
             _state = "pinned"
         else:
-            raise RuntimeError("glibc rejected mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD)")
+            raise RuntimeError(
+                "glibc rejected mallopt (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_MMAP_MAX)"
+            )
     return describe()
 
 
 def describe() -> str:
     return {
-        "pinned": "glibc malloc pinned (mmap threshold 32 MiB, trim threshold 1 GiB)",
+        "pinned": "glibc malloc pinned (no mmap, trim threshold 1 GiB)",
         "default": "glibc malloc adaptive (its default; OPACUS_MI_BENCH_MALLOC=default)",
         "unavailable": "malloc not pinned (not glibc)",
     }[_state]

@@ -43,7 +43,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from allocator import pin_malloc
+from allocator import page_faults, pin_malloc
 from bench_names import GHOST_MODELS, GHOST_VARIANTS, VARIANTS  # noqa: F401  (report.py)
 from opacus import PrivacyEngine
 from torch import nn
@@ -146,6 +146,8 @@ class Setup:
     mode: str = "hooks"  # Opacus grad_sample_mode
     i: int = 0
     extra: dict = field(default_factory=dict)
+    faults: int = 0  # page faults during timed(): the allocator's share of a timing
+    timed_steps: int = 0
 
     def step(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
@@ -166,11 +168,17 @@ class Setup:
         afterwards, outside the timed region, so idle setups do not hold B x P per-sample grads
         while others run."""
         sync(self.device)
-        t0 = time.perf_counter()
+        f0, t0 = page_faults(), time.perf_counter()
         self.run(k)
         elapsed = time.perf_counter() - t0
+        self.faults += page_faults() - f0
+        self.timed_steps += k
         self.optimizer.zero_grad(set_to_none=True)
         return elapsed
+
+    def faults_per_step(self) -> float:
+        """Page faults per step over every :meth:`timed` call so far."""
+        return self.faults / self.timed_steps if self.timed_steps else math.nan
 
     def per_sample_grads(self) -> list[torch.Tensor]:
         """Per-sample gradients of one forward/backward (no optimizer step): tokenizer input."""

@@ -80,6 +80,7 @@ def measure_model(lib, model: str, device: str, quick: bool) -> dict:
     setups = lib.build_warm(model, lib.VARIANTS, cfg["warmup"], device=device)
     times = lib.interleaved_times(setups, cfg["k"], reps)
     ratios = lib.total_ratios(times, baseline="dp")
+    faults = {v: s.faults_per_step() for v, s in setups.items()}
     # What the budgeted default did (whole run, warm-up included), before the micro-benchmarks
     # below call its critics directly.
     dm = setups["default"].monitor
@@ -97,6 +98,7 @@ def measure_model(lib, model: str, device: str, quick: bool) -> dict:
         "nonprivate_ms": med["nonprivate"] * 1e3,
         "dp_ms": med["dp"] * 1e3,
         "ratios": ratios,
+        "faults": faults,
         "spread": {v: lib.paired_spread(times, v) for v in ("oracle", "oracle_sync")},
         "tokens_ms": tokens_s * 1e3,
         "critic_ms": critic_s * 1e3,
@@ -288,6 +290,20 @@ def _tables(results) -> list[str]:
             "{:.2f} [{:.2f}-{:.2f}]".format(*r["spread"][v]) for v in ("oracle", "oracle_sync")
         ]
         lines.append(f"| {r['model']} | {cells[0]} | {cells[1]} |")
+    names = list(results[0]["faults"]) if results else []
+    lines += [
+        "",
+        "Page faults per timed step, by variant (pages the OS mapped in during the timed blocks: "
+        "a variant that pays many more than the DP step is timing the allocator, see "
+        "`allocator.py`):",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | " + " | ".join(f"{r['faults'][n]:.1f}" for n in names) + " |"
+        )
     lines += [
         "",
         "Default = the library's defaults (`every=None`, `train_every=None`, `budget=0.08`): the "
