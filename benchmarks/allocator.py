@@ -8,12 +8,12 @@ pages and pays a page fault per 4 KiB. How often that happens depends on the ord
 earlier allocation in the process: fresh processes running the same plain DP loop on the digits
 CNN (``side_by_side.py``'s, torch's two threads) paid 0, 1, 284, 638 and 981 faults per step on
 this project's VM; of two taken minutes apart, the one with 981 took 7.25 ms per step, the one
-with 1 took 6.14 ms. The monitor's own allocations shift the thresholds too (in those runs its
-processes paid 5-99), which says nothing about the monitor's cost. Blocks above 32 MiB (a
-ResNet-18's per-sample gradients at batch 8: 75 MB for one conv layer) are mapped afresh every
-time unless a free heap chunk happens to fit: in one report process the ResNet-18 DP step paid
-30,700 faults per step, the every-step monitored ones 12,300 and the defaults 0, which made the
-monitored variants look cheaper than they are.
+with 1 took 6.14 ms. The monitor's own allocations shift the thresholds too (its processes
+paid 7-686 in the runs left adaptive), which says nothing about the monitor's cost. Blocks above
+32 MiB (a ResNet-18's per-sample gradients at batch 8: 75 MB for one conv layer) are mapped
+afresh every time unless a free heap chunk happens to fit: in one report process the ResNet-18
+DP step paid 30,700 faults per step, the every-step monitored ones 12,300 and the defaults 0,
+which made the monitored variants look cheaper than they are.
 
 Pinned: both thresholds fixed (which also turns their adaptation off), the trim threshold at
 1 GiB, and no mmap at all (``M_MMAP_MAX = 0``): every block comes from the heap and freed memory
