@@ -44,7 +44,7 @@ from opacus_mi.data import load_dataset
 from opacus_mi.models import DigitsCNN
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocator import PINNED_ENV, describe, page_faults, pin_malloc  # noqa: E402
+from allocator import PINNED_ENV, page_faults, pin_malloc  # noqa: E402
 
 warnings.filterwarnings("ignore", module="opacus")
 warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
@@ -86,7 +86,7 @@ def loop(data, monitor_kwargs: dict | None):
     return steps, monitor
 
 
-def _child(args, kwargs: dict | None) -> None:
+def _child(args, kwargs: dict | None, malloc: str) -> None:
     """One loop alone in this (fresh) process: warm up, time ``--steps`` steps, print JSON."""
     steps, monitor = loop(load_dataset("digits"), kwargs)
     steps(30)
@@ -94,19 +94,19 @@ def _child(args, kwargs: dict | None) -> None:
     steps(args.steps)
     seconds = time.perf_counter() - t0
     out = {"ms": 1e3 * seconds / args.steps, "faults": (page_faults() - faults) / args.steps}
-    out["malloc"] = describe()
+    out["malloc"] = malloc
     if monitor is not None:
         out["overlap"], out["summary"] = monitor.overlap, monitor.summary().splitlines()[-1]
     print(json.dumps(out))
 
 
-def _processes(args) -> None:
-    """Each loop in its own fresh process, ``--processes`` of each, alternating."""
+def _processes(args, expected: str) -> None:
+    """Each loop in its own fresh process, ``--processes`` of each, alternating; ``expected``
+    is the malloc state each child must report (this process's, set as asked)."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["OPACUS_MI_BENCH_MALLOC"] = args.malloc
     if args.malloc == "pinned":
         env.update(PINNED_ENV)
-    expected = pin_malloc()  # this process's state is what each child's must be
     runs: dict[str, list[dict]] = {"plain": [], "monitored": []}
     for i in range(args.processes):
         order = ["plain", "monitored"] if i % 2 == 0 else ["monitored", "plain"]
@@ -178,10 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OPACUS_MI_BENCH_MALLOC"] = args.malloc
     malloc = pin_malloc()
     if args.child:
-        _child(args, kwargs if args.child == "monitored" else None)
+        _child(args, kwargs if args.child == "monitored" else None, malloc)
         return
     if args.processes:
-        _processes(args)
+        _processes(args, malloc)
         return
 
     data = load_dataset("digits")

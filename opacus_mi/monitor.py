@@ -625,8 +625,7 @@ class LeakageMonitor:
             record = self._done.popleft()
             self._history.append(record)
             self.record_count += 1
-            if self.max_history is not None and len(self._history) > self.max_history:
-                del self._history[: len(self._history) - self.max_history]
+            self._trim_history()
             if self.rank == 0:  # under DPDDP every rank has this record; one writes it
                 for sink in self.sinks:
                     try:
@@ -1123,6 +1122,11 @@ class LeakageMonitor:
                 f"opacus-mi: {message}; training continues unchanged", RuntimeWarning, stacklevel=3
             )
 
+    def _trim_history(self) -> None:
+        """Keep the latest ``max_history`` records (all of them when it is None)."""
+        if self.max_history is not None and len(self._history) > self.max_history:
+            del self._history[: len(self._history) - self.max_history]
+
     # ------------------------------------------------------------------ results
     @property
     def history(self) -> list[LeakageRecord]:
@@ -1193,8 +1197,7 @@ class LeakageMonitor:
             self.subspace.load_state_dict(state["subspace"])
         self.generator.set_state(state["generator"])
         self._history = [LeakageRecord.from_dict(d) for d in state["history"]]
-        if self.max_history is not None:
-            del self._history[: max(0, len(self._history) - self.max_history)]
+        self._trim_history()
         # (a checkpoint from before max_history holds every record it made)
         self.record_count = int(state.get("record_count", len(state["history"])))
 
