@@ -9,7 +9,13 @@ import torch
 from conftest import make_private, train
 
 from opacus_mi import LeakageMonitor, estimate_mi, gaussian_channel_bound
-from opacus_mi.estimators.bounds import bootstrap_bound, bootstrap_counts, dv_bound, infonce_bound
+from opacus_mi.estimators.bounds import (
+    bootstrap_bound,
+    bootstrap_counts,
+    dv_bound,
+    infonce_bound,
+    percentile_tensor,
+)
 from opacus_mi.estimators.oracle import gram_oracle
 
 
@@ -70,6 +76,24 @@ def test_bounds_and_bootstrap_against_brute_force():
         joint = torch.stack([s[i, i] for i in idx]).mean()
         marg = [s[a, b] for a in idx for b in idx if a != b]
         torch.testing.assert_close(got[r], joint - torch.log(torch.stack(marg).exp().mean()))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 200])
+@pytest.mark.parametrize("bad", [0.0, 0.3, 1.0])
+def test_percentile_tensor_equals_nanquantile_ignoring_non_finite(n, bad):
+    g = torch.Generator().manual_seed(n)
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    v[torch.rand(n, generator=g) < bad] = math.inf  # NaN and +-inf are all ignored
+    v[: max(1, n // 5)][torch.rand(max(1, n // 5), generator=g) < bad] = math.nan
+    v[-1:] = -math.inf if bad else v[-1:]
+    finite = torch.where(torch.isfinite(v), v, torch.full_like(v, math.nan))
+    for level in (0.95, 0.5, 0.8):
+        q = ((1 - level) / 2, 1 - (1 - level) / 2)
+        want = torch.stack([torch.nanquantile(finite, p) for p in q])
+        torch.testing.assert_close(percentile_tensor(v, level), want, equal_nan=True)
+    if bad == 1.0:
+        assert percentile_tensor(v).isnan().all()  # nothing finite: NaN, NaN
+    assert percentile_tensor(v[:0]).isnan().all() and percentile_tensor(v[:0]).shape == (2,)
 
 
 def _brute_force_oracle(g: torch.Tensor, std: float, draws: int, seed: int) -> float:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opacus_mi import LeakageMonitor
+from opacus_mi.estimators.bounds import percentile_tensor
 from opacus_mi.estimators.online import OnlineEstimator
 from opacus_mi.reads import ReadBatch
 
@@ -280,3 +281,14 @@ def test_read_batch_reads_once_and_hands_each_part_its_numbers(counting):
     with counting() as reads:
         ReadBatch("cpu").read()
     assert reads.count == 0  # nothing added: nothing read
+
+
+def test_the_bootstrap_interval_reads_nothing(counting):
+    """``percentile_tensor`` (each critic's interval at each record) reads nothing back: before
+    torch 2.14 ``torch.nanquantile`` checked its ``q`` on the device, a sync per call."""
+    values = torch.randn(200, dtype=torch.float64)
+    values[3] = math.nan
+    with counting() as reads:
+        interval = percentile_tensor(values)
+    assert reads.count == 0, dict(reads.sites)
+    assert interval.shape == (2,) and bool(interval[0] < interval[1])

@@ -283,14 +283,25 @@ def permutation_p_value(matched: float, shuffled: torch.Tensor) -> float:
 
 def percentile_tensor(values: torch.Tensor, level: float = 0.95) -> torch.Tensor:
     """``[low, high]`` percentile interval of bootstrap values, non-finite ones ignored, left
-    where the values are: a masked selection would need their count on the host (a sync)."""
-    v = values.double()
+    where the values are: a masked selection would need their count on the host (a sync).
+
+    ``torch.nanquantile``'s linear interpolation, written out: before torch 2.14 (2.11 tested)
+    ``nanquantile`` checks that ``q`` lies in [0, 1] on the device and reads the answer back,
+    one host sync per call. One sort serves both ends.
+    """
+    v = values.double().reshape(-1)
     if v.numel() == 0:
         return torch.full((2,), math.nan, dtype=v.dtype, device=v.device)
     v = torch.where(torch.isfinite(v), v, torch.full_like(v, math.nan))
-    # Scalar levels: a tensor of them made from host data would be a host-to-device copy.
-    q = ((1 - level) / 2, 1 - (1 - level) / 2)
-    return torch.stack([torch.nanquantile(v, p) for p in q])  # NaN, NaN when nothing is finite
+    ordered = torch.sort(v).values  # NaN sorts last
+    last = (~torch.isnan(v)).sum().to(v.dtype) - 1  # index of the largest finite value
+    ends = []
+    for q in ((1 - level) / 2, 1 - (1 - level) / 2):
+        rank = (last * q).clamp_min(0)  # 0 when nothing is finite: ordered[0] is then NaN
+        below = ordered.gather(0, rank.long().reshape(1))
+        above = ordered.gather(0, rank.ceil().long().reshape(1))
+        ends.append(torch.lerp(below, above, (rank - rank.floor()).reshape(1)))
+    return torch.cat(ends)
 
 
 def percentile_interval(values: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
