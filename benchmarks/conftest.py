@@ -13,7 +13,7 @@ same work: same architecture and initial weights (global seed), same pre-generat
                   one intra-op thread below and a second core: on, :mod:`opacus_mi.overlap`),
 * ``oracle_sync`` the same with ``overlap=False``: all of it inside the training step,
 * ``default``     DP + ``LeakageMonitor`` with its defaults: the overhead budget
-                  (``every=None``, ``train_every=None``, ``budget=0.08``: :mod:`opacus_mi.budget`),
+                  (``every=None``, ``train_every=None``, ``budget=0.06``: :mod:`opacus_mi.budget`),
 * ``fixed``       DP + monitor on the fixed schedule (``every=1``, ``train_every=8``): every step
                   measured, each critic trained every 8th step (the previous default),
 * ``critic_every_step``  DP + monitor with the critic trained on every step (``train_every=1``).

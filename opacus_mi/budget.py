@@ -33,8 +33,9 @@ handing over the captures, delivering records to the sinks) is booked too
 (:meth:`OverheadBudget.book_overhead`), from the measurement's bucket: counted as training time,
 a slow sink would have grown the budget. What no clock here sees is the monitor's effect on the
 training steps themselves (its hooks, caches it leaves cold): on the 10k-parameter digits CNN
-with torch's two threads the books read 7.3-7.5% while side-by-side runs cost 1.086-1.104x
-(``benchmarks/side_by_side.py``, glibc's malloc pinned; 1.07-1.14x unpinned).
+with torch's two threads, at a budget of 8% the books read 7.2-7.7% while side-by-side runs cost
+1.083-1.148x (``benchmarks/side_by_side.py``, glibc's malloc pinned, eight runs), which is why the
+default is 6% (books 5.4-5.7%, 1.087-1.107x).
 
 Time on a GPU is device time: CUDA events bracket the monitor's work and are read once complete
 (never waited on), so the budget adds no host synchronisation.
@@ -113,7 +114,7 @@ class OverheadBudget:
     """Tracks training vs monitor time and plans the monitor's work to fit ``fraction``.
 
     Args:
-        fraction: the most monitor time per unit of training time (0.08: at most 8%).
+        fraction: the most monitor time per unit of training time (0.06: at most 6%).
         measure_share: share of the budget reserved for the per-step measurement when critics
             exist (1.0 without critics); the critics get the rest.
         epsilon_share: share set aside, before that split, for recomputing an expensive epsilon
@@ -136,7 +137,7 @@ class OverheadBudget:
         ):
             raise ValueError(
                 f"budget must be a positive number (the monitor's share of training time, e.g. "
-                f"0.08 for at most 8% overhead); got {fraction!r}"
+                f"0.06 for at most 6% overhead); got {fraction!r}"
             )
         self.fraction = float(fraction)
         self.measure_share = float(measure_share)
