@@ -284,8 +284,8 @@ def test_read_batch_reads_once_and_hands_each_part_its_numbers(counting):
 
 
 def test_the_bootstrap_interval_reads_nothing(counting):
-    """``percentile_tensor`` (each critic's interval at each record) reads nothing back: before
-    torch 2.14 ``torch.nanquantile`` checked its ``q`` on the device, a sync per call."""
+    """``percentile_tensor`` (each critic's interval at each record) reads nothing back: in
+    torch 2.11 ``torch.nanquantile`` checked its ``q`` on the device, a sync per call."""
     values = torch.randn(200, dtype=torch.float64)
     values[3] = math.nan
     with counting() as reads:

@@ -285,7 +285,7 @@ def percentile_tensor(values: torch.Tensor, level: float = 0.95) -> torch.Tensor
     """``[low, high]`` percentile interval of bootstrap values, non-finite ones ignored, left
     where the values are: a masked selection would need their count on the host (a sync).
 
-    ``torch.nanquantile``'s linear interpolation, written out: before torch 2.14 (2.11 tested)
+    ``torch.nanquantile``'s linear interpolation, written out: in torch 2.11 (not 2.6 or 2.14)
     ``nanquantile`` checks that ``q`` lies in [0, 1] on the device and reads the answer back,
     one host sync per call. One sort serves both ends.
     """
