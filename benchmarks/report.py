@@ -269,8 +269,9 @@ def _mb(b: float) -> str:
 
 
 def _tables(results) -> list[str]:
+    budget = _default_budget()
     lines = [
-        f"| model | batch | DP step ms | ratio default (budget {_default_budget():g}) | "
+        f"| model | batch | DP step ms | ratio default (budget {budget:g}) | "
         "ratio tokens + oracle every step | same, overlap off | ratio fixed schedule | "
         "ratio critic every step | tokens-only ms | critic-update ms | monitor mem / DP peak |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -316,8 +317,8 @@ def _tables(results) -> list[str]:
     lines += [
         "",
         "Default = the library's defaults (`every=None`, `train_every=None`, "
-        f"`budget={_default_budget():g}`): the monitor plans its own work to cost at most "
-        f"{_default_budget():.0%} of the training loop's time. What it "
+        f"`budget={budget:g}`): the monitor plans its own work to cost at most "
+        f"{budget:.0%} of the training loop's time. What it "
         "then did (whole run, warm-up included):",
         "",
         "| model | steps measured | critic rounds per 100 steps (per critic) |",
