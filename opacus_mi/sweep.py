@@ -16,12 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .checks import is_finite_number
 from .records import LeakageRecord
 from .report import mean_with_ci, read_csv_rows, write_csv_rows
 from .training import (
     RunConfig,
     RunResult,
-    _is_number,
     _read_json,
     _settings_for_html,
     _write_json,
@@ -104,7 +104,7 @@ def run_sweep(
     if not values:
         raise ValueError(f"{flag} needs at least one value")
     for v in values:
-        if not _is_number(v) or float(v) <= 0:
+        if not is_finite_number(v) or float(v) <= 0:
             raise ValueError(f"{flag} values must be positive finite numbers; got {v!r}")
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} values must be distinct; got {values!r}")
@@ -146,17 +146,13 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _g(x: Any) -> str:
-    return f"{x:.4g}" if _finite_number(x) else "-"
+    return f"{x:.4g}" if is_finite_number(x) else "-"
 
 
 def _ci_cell(row: dict[str, Any], prefix: str) -> str:
     mid = row.get(f"{prefix}_mi")
-    if not _finite_number(mid):
+    if not is_finite_number(mid):
         return "-"
     return f"{_f(mid)} [{_f(row.get(f'{prefix}_ci_low'))}, {_f(row.get(f'{prefix}_ci_high'))}]"
 
@@ -170,7 +166,7 @@ def sweep_table(rows: Sequence[dict[str, Any]], *, width: int = 120) -> str:
         title=f"opacus-mi sweep - MI in nats, mean of the last {SWEEP_LAST} records [95% CI]",
         title_justify="left",
     )
-    targets = any(_finite_number(r.get("target_epsilon")) for r in rows)
+    targets = any(is_finite_number(r.get("target_epsilon")) for r in rows)
     columns = ["noise"] + (["target eps"] if targets else []) + ["epsilon", "test acc"]
     columns += ["private/oracle MI", "clipped MI", "bound/step 1/(2 sigma^2)", "wall s"]
     for col in columns:

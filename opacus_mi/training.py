@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .checks import flag, is_finite_number, require_choice, require_int_at_least, require_positive
 from .data import DATASETS
 from .models import MODELS
 from .records import LeakageRecord, read_jsonl
@@ -80,44 +81,44 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every value; raise ``ValueError`` naming the offending flag. Returns self."""
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODELS)
-        _choice("accountant", self.accountant, ACCOUNTANTS)
-        _choice("estimator", "none" if self.estimator is None else self.estimator, ESTIMATORS)
-        _int_at_least("epochs", self.epochs, 1)
-        _int_at_least("batch_size", self.batch_size, 1)
-        _int_at_least("token_dim", self.token_dim, 1)
-        _int_at_least("every", self.every, 1)
-        _int_at_least("train_every", self.train_every, 1)
-        _int_at_least("train_iters", self.train_iters, 1)
-        _choice("tokenizer", self.tokenizer, TOKENIZERS)
-        _int_at_least("seed", self.seed, 0)
-        _int_at_least("fake_size", self.fake_size, 4)
+        require_choice("dataset", self.dataset, DATASETS)
+        require_choice("model", self.model, MODELS)
+        require_choice("accountant", self.accountant, ACCOUNTANTS)
+        estimator = "none" if self.estimator is None else self.estimator
+        require_choice("estimator", estimator, ESTIMATORS)
+        require_int_at_least("epochs", self.epochs, 1)
+        require_int_at_least("batch_size", self.batch_size, 1)
+        require_int_at_least("token_dim", self.token_dim, 1)
+        require_int_at_least("every", self.every, 1)
+        require_int_at_least("train_every", self.train_every, 1)
+        require_int_at_least("train_iters", self.train_iters, 1)
+        require_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        require_int_at_least("seed", self.seed, 0)
+        require_int_at_least("fake_size", self.fake_size, 4)
         if self.threads is not None:
-            _int_at_least("threads", self.threads, 1)
-        _choice("overlap", self.overlap, OVERLAP_CHOICES)
-        _positive("lr", self.lr)
-        _positive("max_grad_norm", self.max_grad_norm)
+            require_int_at_least("threads", self.threads, 1)
+        require_choice("overlap", self.overlap, OVERLAP_CHOICES)
+        require_positive("lr", self.lr)
+        require_positive("max_grad_norm", self.max_grad_norm)
         if self.target_epsilon is None:
-            _positive("noise_multiplier", self.noise_multiplier)
+            require_positive("noise_multiplier", self.noise_multiplier)
         else:
-            _positive("target_epsilon", self.target_epsilon)
-        if not _is_number(self.delta) or not 0.0 < float(self.delta) < 1.0:
+            require_positive("target_epsilon", self.target_epsilon)
+        if not is_finite_number(self.delta) or not 0.0 < float(self.delta) < 1.0:
             raise ValueError(
-                f"{_flag('delta')} must lie strictly between 0 and 1 (e.g. 1e-5); "
-                f"got {self.delta!r}"
+                f"{flag('delta')} must lie strictly between 0 and 1 (e.g. 1e-5); got {self.delta!r}"
             )
         views = (self.views,) if isinstance(self.views, str) else tuple(self.views)
         bad = [v for v in views if v not in VIEW_CHOICES]
         if not views or bad:
             raise ValueError(
-                f"{_flag('views')} must be one or more of {', '.join(VIEW_CHOICES)}; "
+                f"{flag('views')} must be one or more of {', '.join(VIEW_CHOICES)}; "
                 f"got {list(views)!r}"
             )
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
-            raise ValueError(f"{_flag('out')} must be a folder path; got {self.out!r}")
+            raise ValueError(f"{flag('out')} must be a folder path; got {self.out!r}")
         if self.data_root is not None and not isinstance(self.data_root, (str, os.PathLike)):
-            raise ValueError(f"{_flag('data_root')} must be a folder path; got {self.data_root!r}")
+            raise ValueError(f"{flag('data_root')} must be a folder path; got {self.data_root!r}")
         _check_device(self.device)
         return self
 
@@ -153,29 +154,6 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------- validation helpers
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def _positive(name: str, value: Any) -> None:
-    if not _is_number(value) or float(value) <= 0:
-        raise ValueError(f"{_flag(name)} must be a positive finite number; got {value!r}")
-
-
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{_flag(name)} must be an integer >= {low}; got {value!r}")
-
-
-def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{_flag(name)} must be one of {', '.join(choices)}; got {value!r}")
-
-
 def _check_device(device: Any) -> None:
     import torch
 

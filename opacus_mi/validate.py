@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import flag, is_finite_number, require_int_at_least, require_positive
 from .report import read_csv_rows, write_csv_rows
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
@@ -136,15 +137,13 @@ class ValidateConfig:
         self.batch_sizes = _values("batch_sizes", self.batch_sizes, int, lambda v: v >= 1, ">= 1")
         self.stages = _values("stages", self.stages, int, lambda v: v >= 0, ">= 0")
         for name in ("restarts", "iters", "images", "draws", "train_batch_size"):
-            _int_at_least(name, getattr(self, name), 1)
-        _int_at_least("seed", self.seed, 0)
-        _int_at_least("bootstrap", self.bootstrap, 0)
+            require_int_at_least(name, getattr(self, name), 1)
+        require_int_at_least("seed", self.seed, 0)
+        require_int_at_least("bootstrap", self.bootstrap, 0)
         if self.candidates is not None:
-            _int_at_least("candidates", self.candidates, 2)
+            require_int_at_least("candidates", self.candidates, 2)
         for name in ("max_grad_norm", "train_noise_multiplier", "lr"):
-            v = getattr(self, name)
-            if not _finite(v) or v <= 0:
-                raise ValueError(f"{_flag(name)} must be a positive finite number; got {v!r}")
+            require_positive(name, getattr(self, name))
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
             raise ValueError(f"--out must be a folder path; got {self.out!r}")
         return self
@@ -167,34 +166,21 @@ class ValidateResult:
 
 
 # ---------------------------------------------------------------------- validation helpers
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{_flag(name)} must be an integer >= {low}; got {value!r}")
-
-
 def _values(name, values, kind, ok, rule) -> tuple:
     if isinstance(values, (int, float)):
         values = (values,)
     values = tuple(values)
     if not values:
-        raise ValueError(f"{_flag(name)} needs at least one value")
+        raise ValueError(f"{flag(name)} needs at least one value")
     out = []
     for v in values:
         if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ValueError(f"{_flag(name)} values must be integers {rule}; got {v!r}")
-        if not _finite(v) or not ok(v):
-            raise ValueError(f"{_flag(name)} values must be finite numbers {rule}; got {v!r}")
+            raise ValueError(f"{flag(name)} values must be integers {rule}; got {v!r}")
+        if not is_finite_number(v) or not ok(v):
+            raise ValueError(f"{flag(name)} values must be finite numbers {rule}; got {v!r}")
         out.append(kind(v))
     if len(set(out)) != len(out):
-        raise ValueError(f"{_flag(name)} values must be distinct; got {list(values)!r}")
+        raise ValueError(f"{flag(name)} values must be distinct; got {list(values)!r}")
     return tuple(sorted(out))
 
 
@@ -585,7 +571,7 @@ def compute_correlations(
                     "ci_low": lo,
                     "ci_high": hi,
                     "settings": len(rows),
-                    "meets_target": int(_finite(rho) and rho >= CORRELATION_TARGET),
+                    "meets_target": int(is_finite_number(rho) and rho >= CORRELATION_TARGET),
                 }
             )
     return out
@@ -753,6 +739,10 @@ def write_outputs(
     return text, files
 
 
+def _rho(value: Any) -> str:
+    return _fmt(value, 3) if is_finite_number(value) else "undefined"
+
+
 def _verdict(correlations: list[dict[str, Any]]) -> str:
     lines = []
     for a_key, a_name in (ATTACK_METRICS[0], ATTACK_METRICS[2]):
@@ -762,7 +752,7 @@ def _verdict(correlations: list[dict[str, Any]]) -> str:
             if c["attack"] == a_key and c["meets_target"]
         ]
         missed = [
-            f"{c['mi_name']} ({_fmt(c['spearman'], 3) if _finite(c['spearman']) else 'undefined'})"
+            f"{c['mi_name']} ({_rho(c['spearman'])})"
             for c in correlations
             if c["attack"] == a_key and not c["meets_target"]
         ]

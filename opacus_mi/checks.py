@@ -1,0 +1,36 @@
+"""Argument checks shared by the command-line front ends (``run``, ``sweep``, ``validate``).
+
+Each raises ``ValueError`` naming the flag as it is typed on the command line and what it
+accepts, so a bad value fails before any data is loaded or any step is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def flag(name: str) -> str:
+    """A config field's command-line spelling: ``max_grad_norm`` -> ``--max-grad-norm``."""
+    return "--" + name.replace("_", "-")
+
+
+def is_finite_number(x: Any) -> bool:
+    """A finite int or float (``bool`` is an int to Python, but never a valid number here)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def require_positive(name: str, value: Any) -> None:
+    if not is_finite_number(value) or value <= 0:
+        raise ValueError(f"{flag(name)} must be a positive finite number; got {value!r}")
+
+
+def require_int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{flag(name)} must be an integer >= {low}; got {value!r}")
+
+
+def require_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag(name)} must be one of {', '.join(choices)}; got {value!r}")
