@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .estimators.critics import SeparableCritic, _linear, _mlp
+from .estimators.critics import ELU, SeparableCritic, _linear, _mlp
 
 TOKEN_ENCODERS: tuple[str, ...] = ("sketch", "autoencoder", "transformer")
 
@@ -119,7 +119,7 @@ class LayerAutoencoder(TokenEncoder):
         def one_hidden(d_in: int, d_out: int) -> nn.Sequential:
             return nn.Sequential(
                 _linear(d_in, hidden, generator, device),
-                nn.ELU(),
+                ELU(),
                 _linear(hidden, d_out, generator, device),
             )
 

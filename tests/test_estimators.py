@@ -16,6 +16,7 @@ from opacus_mi.estimators.bounds import (
     infonce_bound,
     percentile_tensor,
 )
+from opacus_mi.estimators.critics import ELU, SeparableCritic
 from opacus_mi.estimators.oracle import gram_oracle
 
 
@@ -106,6 +107,47 @@ def _brute_force_oracle(g: torch.Tensor, std: float, draws: int, seed: int) -> f
         logits = -(torch.cdist(y, g) ** 2) / (2 * std**2)  # [j, i] = log N(y_j; g_i)
         total += float((logits.diagonal() - torch.logsumexp(logits, 1)).mean())
     return total / draws + math.log(b)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1.2e-7), (torch.float64, 1e-15)])
+def test_critic_elu_equals_torch_elu_and_its_gradient(dtype, tol):
+    """The critics' ELU (exp of a clamped input, not torch's expm1 kernel) is nn.ELU: values
+    and gradients, far into both tails, at the clamp floor and exactly at 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.randn(4000, generator=g, dtype=dtype) * 3,
+            torch.tensor([-1e4, -100.0, -40.5, -40.0, -39.5, -30.0, -1e-9, 0.0, 1e-9, 50.0], dtype=dtype),
+        ]
+    )
+    ours, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w = torch.randn(x.shape, generator=g, dtype=dtype)  # an arbitrary upstream gradient
+    y_ours, y_ref = ELU()(ours), torch.nn.ELU()(ref)
+    (y_ours * w).sum().backward()
+    (y_ref * w).sum().backward()
+    assert y_ours.dtype == dtype
+    assert torch.allclose(y_ours, y_ref, rtol=0, atol=tol)
+    assert torch.allclose(ours.grad, ref.grad, rtol=0, atol=tol * w.abs().max())
+    assert y_ours[x > 0].equal(x[x > 0])  # the positive side is the identity, exactly
+    smooth = torch.randn(16, dtype=torch.float64, generator=g) * 3
+    assert torch.autograd.gradcheck(ELU(), (smooth.requires_grad_(True),))
+
+
+def test_critic_scores_are_bound_tanh_of_raw_scores():
+    """The soft bound (computed through a sigmoid) is ``bound * tanh(raw / bound)``."""
+    g = torch.Generator().manual_seed(1)
+    critic = SeparableCritic(6, 9, hidden=16, embed=8, bound=10.0, generator=g)
+    x, y = torch.randn(50, 6, generator=g) * 20, torch.randn(50, 9, generator=g) * 20
+    with torch.no_grad():
+        raw = critic.embed_x(x) @ critic.embed_y(y).T * critic.scale
+        scores = critic.scores(x, y)
+    assert raw.abs().max() > 10  # some scores are squashed, some are not
+    assert torch.allclose(scores, 10.0 * torch.tanh(raw / 10.0), rtol=0, atol=3e-6)
+    assert scores.abs().max() <= 10.0
+    unbounded = SeparableCritic(6, 9, hidden=16, embed=8, bound=None, generator=g)
+    with torch.no_grad():
+        raw = unbounded.embed_x(x) @ unbounded.embed_y(y).T * unbounded.scale
+        assert unbounded.scores(x, y).equal(raw)
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.2, 1.0])

@@ -33,12 +33,46 @@ def _linear(d_in: int, d_out: int, generator: torch.Generator, device) -> nn.Lin
     return layer
 
 
+# Below this exp(x) - 1 rounds to -1 in float32 and float64 (exp(-40) = 4e-18 is still a normal
+# float32, never a slow denormal).
+_ELU_FLOOR = -40.0
+
+
+class _ELUFunction(torch.autograd.Function):
+    """``elu(x) = x if x > 0 else exp(x) - 1`` from ``exp`` of a clamped input.
+
+    torch's CPU ``elu`` goes through ``expm1``, whose AVX-512 kernel in torch 2.14 ran at ~10 ns
+    per element on an AMD EPYC (Zen 5) CPU, 17x ``exp``: ELU alone was a third of a critic
+    round. This form agrees with ``F.elu`` to 1 float32 ulp of 1 (6e-8, from ``exp(x) - 1`` vs
+    ``expm1`` near 0); its gradient is read off the output, as torch's own ELU backward does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = torch.exp(x.clamp(_ELU_FLOOR, 0.0)).sub_(1.0).add_(x.clamp_min(0.0))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return grad * y.clamp_max(0.0).add_(1.0)  # 1 where x > 0, exp(x) = y + 1 elsewhere
+
+
+class ELU(nn.Module):
+    """``nn.ELU()`` (alpha 1) at the cost of one ``exp``: see :class:`_ELUFunction`. It has no
+    parameters, so critics saved with ``nn.ELU`` load unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ELUFunction.apply(x)
+
+
 def _mlp(d_in: int, hidden: int, d_out: int, generator: torch.Generator, device) -> nn.Sequential:
     return nn.Sequential(
         _linear(d_in, hidden, generator, device),
-        nn.ELU(),
+        ELU(),
         _linear(hidden, hidden, generator, device),
-        nn.ELU(),
+        ELU(),
         _linear(hidden, d_out, generator, device),
     )
 
@@ -102,4 +136,8 @@ class SeparableCritic(nn.Module):
         +2 nats falling to -12 over 180 steps). A soft bound keeps every estimate finite.
         """
         raw = self.embed_x(x) @ self.embed_y(y).T * self.scale
-        return self.bound * torch.tanh(raw / self.bound) if self.bound else raw
+        if not self.bound:
+            return raw
+        # bound * tanh(raw / bound) as 2 bound sigmoid(2 raw / bound) - bound: the same function
+        # (to ~3e-7 of the bound), 2-4x cheaper on CPUs where torch's tanh kernel is slow.
+        return torch.sigmoid(raw * (2.0 / self.bound)) * (2.0 * self.bound) - self.bound
