@@ -36,6 +36,7 @@ import argparse
 import datetime
 import functools
 import math
+import os
 import platform
 import sys
 import time
@@ -402,8 +403,10 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 
 def markdown() -> str:
+    from report import _cpu_name, _load  # a sibling script: CPU model and load average
+
     lines = []
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, load0 = time.perf_counter(), time.process_time(), _load()
     lines += [
         "## Accuracy on tasks of known MI (nats)",
         "",
@@ -448,9 +451,10 @@ def markdown() -> str:
         f"Student-t truth: closed form {TASKS['student-t-2x2'].truth:.4f} nats; Monte Carlo of "
         f"the log density ratio on 1,000,000 samples {mc:.4f} +- {se:.4f}.",
         "",
-        f"Measured {datetime.date.today().isoformat()} on a 2-core CPU "
-        f"({platform.machine()}, torch {torch.__version__}, 1 thread; the machine was shared "
-        f"with other jobs): total {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU.",
+        f"Measured {datetime.date.today().isoformat()} on {_cpu_name()} ({os.cpu_count()} cores, "
+        f"{platform.machine()}, torch {torch.__version__}, 1 thread; load average 1/5/15 min "
+        f"{load0} at the start, {_load()} at the end): total {wall / 60:.1f} min wall, "
+        f"{cpu / 60:.1f} min CPU.",
     ]
     return "\n".join(lines)
 
