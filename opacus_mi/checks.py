@@ -17,8 +17,14 @@ def flag(name: str) -> str:
 
 
 def is_finite_number(x: Any) -> bool:
-    """A finite int or float (``bool`` is an int to Python, but never a valid number here)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite int or float (``bool`` is an int to Python, but never a valid number here; an
+    int too large for a float is not finite either, rather than an ``OverflowError``)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def require_positive(name: str, value: Any) -> None:

@@ -194,6 +194,44 @@ def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
     _assert_one_line_error(rc, capsys.readouterr().err, flag)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", True, "--lr must be a positive finite number; got True"),
+        ("lr", 10**400, "--lr must be a positive finite number"),  # no OverflowError
+        ("lr", float("nan"), "--lr must be a positive finite number; got nan"),
+        ("batch_size", 2.0, "--batch-size must be an integer >= 1; got 2.0"),
+        ("seed", -1, "--seed must be an integer >= 0; got -1"),
+        ("fake_size", 3, "--fake-size must be an integer >= 4; got 3"),
+        ("model", "vgg", "--model must be one of"),
+        ("delta", 10**400, "--delta must lie strictly between 0 and 1"),
+    ],
+)
+def test_run_config_names_the_flag_of_a_bad_value(field, value, message):
+    """RunConfig and ValidateConfig share one set of checks (opacus_mi.checks)."""
+    from dataclasses import replace
+
+    from opacus_mi.training import RunConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        replace(RunConfig(), **{field: value}).validate()
+
+
+def test_validate_config_names_the_flag_of_a_bad_value():
+    from dataclasses import replace
+
+    from opacus_mi.validate import ValidateConfig
+
+    for field, value, message in [
+        ("lr", 0, "--lr must be a positive finite number; got 0"),
+        ("train_noise_multiplier", float("inf"), "--train-noise-multiplier must be a positive"),
+        ("bootstrap", -1, "--bootstrap must be an integer >= 0; got -1"),
+        ("candidates", 1, "--candidates must be an integer >= 2; got 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            replace(ValidateConfig(), **{field: value}).validate()
+
+
 def test_overlap_on_and_off_write_the_same_records(tmp_path):
     """The worker thread changes when a record is made, not what it holds (nor training)."""
     got = {}

@@ -117,7 +117,9 @@ def test_critic_elu_equals_torch_elu_and_its_gradient(dtype, tol):
     x = torch.cat(
         [
             torch.randn(4000, generator=g, dtype=dtype) * 3,
-            torch.tensor([-1e4, -100.0, -40.5, -40.0, -39.5, -30.0, -1e-9, 0.0, 1e-9, 50.0], dtype=dtype),
+            torch.tensor(
+                [-1e4, -100.0, -40.5, -40.0, -39.5, -30.0, -1e-9, 0.0, 1e-9, 50.0], dtype=dtype
+            ),
         ]
     )
     ours, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
