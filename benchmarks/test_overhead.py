@@ -12,6 +12,7 @@ For every model (digits CNN, MLP, ResNet-18 with GroupNorm at CIFAR shape):
   measured by the earlier ``dp`` test (a cross-test ratio: indicative only).
 * ``test_tokens[model]``: ``CountSketchTokenizer.sketch`` alone on one batch of per-sample grads.
 * ``test_critic_update[model]``: one ``OnlineEstimator.train()`` on a full window.
+* ``test_critic_activation``: the critics' ELU against ``torch.nn.ELU``, interleaved (ratio).
 * ``test_ratio_<model>``: THE reported numbers. All variants timed interleaved in the same run
   (A, B, C, ..., A, B, C, ..., rotating the order), total time of each variant over all
   repetitions / the DP step's total (bursty schedules make a median misleading). Peak-memory
@@ -29,6 +30,7 @@ they are reported in ``extra_info`` (``meets_target``) and printed (``-s``).
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -243,6 +245,41 @@ def test_prv_ratio(benchmark, bench_lib):
         f"\n[digits_cnn PRV on {DEVICE}] ratio every-step oracle = {out['oracle']:.2f}, "
         f"default = {out['default']:.2f}"
     )
+
+
+def test_critic_activation(benchmark, bench_lib):
+    """The critics' ELU (``exp`` of a clamped input, ``opacus_mi.estimators.critics.ELU``)
+    against ``torch.nn.ELU``: forward + backward on a critic minibatch's hidden layer (256 pairs
+    x 128 units), the two interleaved in one run. The ratio is why the critics have their own
+    ELU: torch 2.14's CPU ``elu`` (its AVX-512 ``expm1``) ran ~10x slower on an AMD EPYC."""
+    from opacus_mi.estimators.critics import ELU
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = (3 * torch.randn((256, 128), generator=g, device=DEVICE)).requires_grad_(True)
+    fns = {"ours": ELU(), "torch": torch.nn.ELU()}
+
+    def run(fn) -> None:
+        for _ in range(20):
+            fn(x).sum().backward()
+        bench_lib.sync(DEVICE)
+
+    totals = dict.fromkeys(fns, 0.0)
+    for rep in range(12):  # alternate the order so drift hits both alike
+        for name in fns if rep % 2 == 0 else reversed(list(fns)):
+            t0 = time.perf_counter()
+            run(fns[name])
+            totals[name] += time.perf_counter() - t0
+    benchmark.group = "critic-activation"
+    benchmark.pedantic(lambda: run(fns["ours"]), rounds=5, iterations=1, warmup_rounds=1)
+    info = {
+        "device": DEVICE,
+        "shape": [256, 128],
+        "ms_ours": totals["ours"] / 12 / 20 * 1e3,
+        "ms_torch": totals["torch"] / 12 / 20 * 1e3,
+        "torch_over_ours": totals["torch"] / totals["ours"],
+    }
+    benchmark.extra_info.update(info)
+    print(f"\n[critic ELU on {DEVICE}] " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 
 @pytest.mark.parametrize("model", GHOST_MODELS)
