@@ -350,3 +350,26 @@ def test_a_slow_sink_is_booked_as_monitor_time_not_training_time(budget_defaults
     assert b.spent >= b.overhead_seconds + b.measure_seconds
     # Each tick's interval less the monitor's time is training time: their sum fits the run.
     assert b.train_seconds <= elapsed - b.overhead_seconds
+
+
+def test_the_budgets_own_tick_is_booked_as_monitor_time(budget_defaults, monkeypatch):
+    """The tick that closes each step's interval runs after the wrapper has booked its time:
+    it is booked into the interval it opens, so a slow tick cannot pass as training time."""
+    engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+    b = monitor.budget
+    nap = 0.005
+    tick = b._tick
+
+    def slow_tick():
+        time.sleep(nap)
+        tick()
+
+    monkeypatch.setattr(b, "_tick", slow_tick)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    t0 = time.perf_counter()
+    train(model, opt, loader, epochs=2, criterion=criterion)
+    elapsed = time.perf_counter() - t0
+    assert monitor.steps == 24
+    assert b.overhead_seconds >= nap * monitor.steps
+    assert b.train_seconds <= elapsed - b.overhead_seconds
