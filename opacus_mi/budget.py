@@ -29,7 +29,7 @@ as conservative as without overlap, but not subtracted from the training loop's 
 (:meth:`OverheadBudget.exclude`). The budget is shared by both threads, behind one lock.
 
 The monitor's own time on the training thread outside those brackets (its step wrapper,
-handing over the captures, delivering records to the sinks) is booked too
+handing over the captures, delivering records to the sinks, this budget's own tick) is booked too
 (:meth:`OverheadBudget.book_overhead`), from the measurement's bucket: counted as training time,
 a slow sink would have grown the budget. What no clock here sees is the monitor's effect on the
 training steps themselves (its hooks, caches it leaves cold): on the 10k-parameter digits CNN
