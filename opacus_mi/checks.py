@@ -1,7 +1,8 @@
-"""Argument checks shared by the command-line front ends (``run``, ``sweep``, ``validate``).
+"""Argument checks shared by the command-line front ends (``run``, ``sweep``, ``validate``)
+and, as predicates, by ``LeakageMonitor``'s constructor.
 
-Each raises ``ValueError`` naming the flag as it is typed on the command line and what it
-accepts, so a bad value fails before any data is loaded or any step is trained.
+The ``require_*`` checks raise ``ValueError`` naming the flag as it is typed on the command line
+and what it accepts, so a bad value fails before any data is loaded or any step is trained.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ def is_finite_number(x: Any) -> bool:
         return False
 
 
+def is_int_at_least(x: Any, low: int) -> bool:
+    """An ``int`` >= ``low`` (``True`` is an int to Python, not a count to a user)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
 def require_positive(name: str, value: Any) -> None:
     if not is_finite_number(value) or value <= 0:
         raise ValueError(f"{flag(name)} must be a positive finite number; got {value!r}")
 
 
 def require_int_at_least(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int_at_least(value, low):
         raise ValueError(f"{flag(name)} must be an integer >= {low}; got {value!r}")
 
 

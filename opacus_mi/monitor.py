@@ -60,6 +60,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPe
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
 from .budget import OverheadBudget, Plan
+from .checks import is_int_at_least
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, should_gather
 from .distributed import rank as dist_rank
@@ -283,14 +284,14 @@ class LeakageMonitor:
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"delta must be a float in (0, 1), e.g. 1e-5; got {delta!r}")
         for name, value in (("every", every), ("train_every", train_every)):
-            if value is not None and not _positive_int(value):
+            if value is not None and not is_int_at_least(value, 1):
                 raise ValueError(
                     f"{name} must be a positive integer, or None to follow the overhead budget; "
                     f"got {value!r}"
                 )
-        if not _positive_int(token_dim):
+        if not is_int_at_least(token_dim, 1):
             raise ValueError(f"token_dim must be a positive integer, e.g. 64; got {token_dim!r}")
-        if max_history is not None and not _positive_int(max_history):
+        if max_history is not None and not is_int_at_least(max_history, 1):
             raise ValueError(
                 "max_history must be a positive integer (the latest records kept in memory), or "
                 f"None to keep every record; got {max_history!r}"
@@ -1218,11 +1219,6 @@ def _flush_at_exit(ref: weakref.ref) -> None:
             monitor.flush()
         except Exception:  # exiting: nothing left to protect
             pass
-
-
-def _positive_int(value: Any) -> bool:
-    """An ``int`` >= 1 (``True`` is an int to Python, not a count to a user)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _exceeds(value: MIValue, bound: float | None) -> bool:
