@@ -34,7 +34,7 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from .overlap import keep_input
-from .tokens import CountSketchTokenizer
+from .tokens import TINY_SKETCH_ELEMS, CountSketchTokenizer
 from .views import _OPACUS_EPS, ClipInfo
 
 GRAM_METHODS = ("auto", "factored", "materialised")
@@ -229,6 +229,8 @@ class KroneckerTokenizer:
         out_axis, in_axis = axes
         batch = grad_sample.shape[0]
         rows, cols = out_axis.buckets.numel(), in_axis.buckets.numel()
+        if rows * cols * self.dims[layer] <= TINY_SKETCH_ELEMS:  # one GEMM: R_out (x) R_in
+            return grad_sample.reshape(batch, -1) @ self._kron_t(layer, grad_sample)
         g = grad_sample.reshape(batch, rows, cols)
         if out_axis.small() and in_axis.small():
             # Two small dense GEMMs beat two strided index_add passes ~3x on CPU; the axis
@@ -248,6 +250,17 @@ class KroneckerTokenizer:
         else:
             g = in_axis.apply(out_axis.apply(g, 1), 2)
         return g.reshape(batch, -1)
+
+    def _kron_t(self, layer: int, like: torch.Tensor) -> torch.Tensor:
+        """``(R_out (x) R_in)^T`` of a tiny weight, ``(P, k)`` on ``like``'s device and dtype,
+        built once and cached (on the out axis's dense cache)."""
+        out_axis, in_axis = self._axes[layer]
+        key = ("kron_t", like.device, like.dtype)
+        mat = out_axis._dense.get(key)
+        if mat is None:
+            kron = torch.kron(out_axis.dense(), in_axis.dense())
+            mat = out_axis._dense[key] = kron.T.contiguous().to(like.device, like.dtype)
+        return mat
 
     def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-layer tokens of the raw per-sample gradients, a list of ``(B, k_l)`` tensors."""
@@ -842,12 +855,15 @@ def rank_one_gram(
     ``B^2 d_out d_in`` of the direct GEMM. ``backprop`` is ``b`` if already known (e.g. the
     bias's per-sample gradient), else it is read back with :func:`rank_one_backprop`.
     """
-    a = inputs.to(grad_sample.device, grad_sample.dtype)
+    device, dtype = grad_sample.device, grad_sample.dtype
+    a = inputs if inputs.device == device and inputs.dtype == dtype else inputs.to(device, dtype)
     if backprop is None:
         b = rank_one_backprop(grad_sample, a)
+    elif backprop.device == device and backprop.dtype == dtype:
+        b = backprop
     else:
-        b = backprop.to(grad_sample.device, grad_sample.dtype)
-    return (b @ b.T) * (a @ a.T)
+        b = backprop.to(device, dtype)
+    return (b @ b.T).mul_(a @ a.T)
 
 
 class LinearInputs:

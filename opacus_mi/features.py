@@ -35,7 +35,7 @@ def pool_features(x: torch.Tensor, max_dim: int = MAX_FEATURES) -> torch.Tensor:
     if not torch.is_floating_point(x):
         x = x.float()
     batch = x.shape[0]
-    if x.ndim == 4 and x[0].numel() > max_dim:
+    if x.ndim == 4 and x.shape[1:].numel() > max_dim:
         c, h, w = x.shape[1:]
         scale = math.sqrt(max_dim / max(c, 1) / (h * w))
         oh, ow = max(1, int(h * scale)), max(1, int(w * scale))
@@ -154,7 +154,7 @@ class FeatureCapture:
             return None
         if len({r.shape[1] for r in rows}) != 1:
             return None
-        return torch.cat(rows, dim=0)
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
     def _features_of(self, capture: Capture) -> torch.Tensor | None:
         if capture.inputs is None:
@@ -190,7 +190,7 @@ class FeatureCapture:
         if not parts:
             return None
         device = parts[0].device
-        return torch.cat([p.to(device) for p in parts], dim=1)
+        return torch.cat([p if p.device == device else p.to(device) for p in parts], dim=1)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -805,7 +805,9 @@ class LeakageMonitor:
     def _privatise(self, chunk: Chunk, clipped: torch.Tensor, gram: torch.Tensor, std: float):
         """The chunk's random draws: private-view token noise, then the oracle's noise."""
         noise = torch.randn(clipped.shape, generator=self.generator, device=self.generator.device)
-        chunk.tokens["private"] = clipped + std * noise.to(clipped.device)
+        if noise.device != clipped.device:
+            noise = noise.to(clipped.device)
+        chunk.tokens["private"] = torch.add(clipped, noise, alpha=std)
         chunk.oracle_terms = gram_oracle(
             gram, std, draws=self.oracle_draws, generator=self.generator, sync_free=self._sync_free
         ).terms

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
+# Below this many entries (P x k) a sketch is one dense GEMM: at that size the time is the
+# number of tensor operations, not their arithmetic.
+TINY_SKETCH_ELEMS = 1 << 14
+
 
 class CountSketchTokenizer:
     """Seeded per-parameter count-sketch with orthonormal rows.
@@ -73,13 +77,18 @@ class CountSketchTokenizer:
     def sketch_layer(self, layer: int, grad_sample: torch.Tensor) -> torch.Tensor:
         """Token of parameter ``layer`` for each example: ``(B, *shape) -> (B, k_layer)``."""
         batch = grad_sample.shape[0]
-        flat = grad_sample.reshape(batch, -1)
-        buckets, weights = self._tables(layer, flat.device, flat.dtype)
-        if flat.shape[1] != buckets.numel():
+        flat = grad_sample if grad_sample.ndim == 2 else grad_sample.reshape(batch, -1)
+        numel = self._buckets[layer].numel()
+        if flat.shape[1] != numel:
             raise ValueError(
                 f"parameter {layer} has {flat.shape[1]} entries per example but the sketch was "
-                f"built for {buckets.numel()}"
+                f"built for {numel}"
             )
+        if numel * self.dims[layer] <= TINY_SKETCH_ELEMS:
+            # A bias or a norm's scale: one GEMM with the dense (P, k) sketch (the scatter
+            # takes three operations, and at this size each costs more than its arithmetic).
+            return flat @ self._dense_t(layer, flat.device, flat.dtype)
+        buckets, weights = self._tables(layer, flat.device, flat.dtype)
         out = torch.zeros((batch, self.dims[layer]), dtype=flat.dtype, device=flat.device)
         return out.index_add_(1, buckets, flat * weights)
 
@@ -91,6 +100,15 @@ class CountSketchTokenizer:
             hit = (self._buckets[layer].to(device), self._weights[layer].to(device, dtype))
             self._cache[key] = hit
         return hit
+
+    def _dense_t(self, layer: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The sketch as a dense ``(P, k)`` matrix on ``device``/``dtype``, made once (tiny
+        parameters only)."""
+        key = ("dense_t", layer, device, dtype)
+        mat = self._cache.get(key)
+        if mat is None:
+            mat = self._cache[key] = self.dense_matrix(layer).T.contiguous().to(device, dtype)
+        return mat
 
     def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-layer tokens of the raw per-sample gradients, a list of ``(B, k_l)`` tensors."""

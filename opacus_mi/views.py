@@ -118,24 +118,29 @@ def raw_gram(
 
     batch = len(grad_samples[0])
     device = grad_samples[0].device
-    gram = torch.zeros((batch, batch), dtype=torch.float32, device=device)
+    gram = None  # the first term's product starts it (no zeros to add to)
     for layer, g in enumerate(grad_samples):
-        g = g.to(device).float()
+        if g.device != device or g.dtype != torch.float32:  # a no-op .to() is still a call
+            g = g.to(device, torch.float32)
         if rank_one is not None and layer in rank_one and g.ndim == 3:
-            gram += rank_one_gram(g, rank_one[layer], (backprops or {}).get(layer))
+            term = rank_one_gram(g, rank_one[layer], (backprops or {}).get(layer))
+            gram = term if gram is None else gram.add_(term)
             # A NaN/Inf anywhere in g_i still marks example i (as the GEMM's diagonal would):
-            # the factors a, b can be finite while a corrupted grad_sample is not.
-            gram.diagonal().add_(g.sum(dim=(1, 2)) * 0)
+            # the factors a, b can be finite while a corrupted grad_sample is not (0 x NaN/Inf
+            # is NaN: alpha=0 adds nothing else).
+            gram.diagonal().add_(g.sum(dim=(1, 2)), alpha=0)
         else:
             flat = g.reshape(batch, -1)
-            gram.addmm_(flat, flat.T)
+            gram = flat @ flat.T if gram is None else gram.addmm_(flat, flat.T)
+    if gram is None:
+        gram = torch.zeros((batch, batch), dtype=torch.float32, device=device)
     return gram
 
 
 def scale_gram(gram: torch.Tensor, clip: ClipInfo) -> torch.Tensor:
     """The clipped Gram ``c_i c_j G[i, j]`` (flat clipping), float64."""
     c = clip.factors.to(gram.device, torch.float64)
-    return (c[:, None] * c[None, :]) * gram.to(torch.float64)
+    return torch.outer(c, c).mul_(gram)  # the same products, in fewer operations
 
 
 def clipped_gram(

@@ -176,6 +176,33 @@ def test_gram_oracle_noise_free_and_duplicates():
     assert res.nats == pytest.approx(expected)
 
 
+def test_psd_sqrt_factor_reproduces_the_gram_whatever_its_rank():
+    """L L^T = G (to the jitter) for a full-rank Gram, one whose float32 GEMM left it
+    asymmetric in the last bits (Cholesky reads one triangle), a singular one (duplicated
+    examples, B > rank), and, through eigh's fallback, a slightly indefinite one (clamped)."""
+    from opacus_mi.estimators.oracle import _psd_sqrt_factor
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 40, generator=gen)
+    full = (x @ x.T).double()
+    asym = x.double() @ x.double().T + 1e-7 * torch.randn(12, 12, generator=gen).double().tril(-1)
+    low = torch.randn(12, 3, dtype=torch.float64, generator=gen)
+    singular = low @ low.T  # rank 3 < B = 12
+    for gram, sync_free in [(full, False), (full, True), (singular, False), (singular, True)]:
+        factor = _psd_sqrt_factor(gram.clone(), sync_free=sync_free)
+        scale = 1e-5 if sync_free else 1e-8  # the jitter off the CPU is 1e-6 of the max norm
+        torch.testing.assert_close(
+            factor @ factor.T, gram, atol=scale * gram.diagonal().max(), rtol=0
+        )
+    factor = _psd_sqrt_factor(asym)
+    torch.testing.assert_close(factor @ factor.T, asym.tril() + asym.tril(-1).T, atol=1e-8, rtol=0)
+    indefinite = singular - 1e-3 * torch.eye(12, dtype=torch.float64)
+    factor = _psd_sqrt_factor(indefinite, sync_free=False)  # Cholesky fails: eigh, clamped
+    vals, vecs = torch.linalg.eigh(indefinite)
+    torch.testing.assert_close(factor @ factor.T, (vecs * vals.clamp_min(0)) @ vecs.T)
+    assert torch.isnan(_psd_sqrt_factor(indefinite, sync_free=True)).all()  # flagged, not wrong
+
+
 def test_gaussian_channel_bound_closed_form():
     assert gaussian_channel_bound(2.0) == pytest.approx(1 / 8)
     assert gaussian_channel_bound(1.0, dim=1) == pytest.approx(0.5 * math.log(2))

@@ -33,8 +33,16 @@ from opacus_mi.views import clip_factors
 
 
 # ---------------------------------------------------------------------------- the sketch
-@pytest.mark.parametrize("rows,cols,k", [(3, 64, 64), (7, 5, 64), (20, 30, 16), (40, 1, 8)])
-def test_kronecker_sketch_rows_are_orthonormal_and_factored_token_matches_dense(rows, cols, k):
+@pytest.mark.parametrize(
+    "rows,cols,k", [(3, 64, 64), (7, 5, 64), (20, 30, 16), (40, 1, 8), (50, 120, 64)]
+)
+@pytest.mark.parametrize("tiny", [True, False], ids=["one-gemm", "two-stage"])
+def test_kronecker_sketch_rows_are_orthonormal_and_factored_token_matches_dense(
+    rows, cols, k, tiny, monkeypatch
+):
+    # sketch_layer either way (a tiny weight's one GEMM with R_out (x) R_in, or two stages);
+    # factored_token applies each axis on its own: both against the dense Kronecker product.
+    monkeypatch.setattr(factored, "TINY_SKETCH_ELEMS", 1 << 30 if tiny else 0)
     tok = KroneckerTokenizer([(rows, cols)], k, kron=[(rows, cols)], seed=2)
     s = tok.dense_matrix(0)
     assert s.shape == (tok.dims[0], rows * cols) and tok.dims[0] <= k

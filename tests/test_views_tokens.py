@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_private
 
+from opacus_mi import tokens
 from opacus_mi.tokens import CountSketchTokenizer
 from opacus_mi.views import clip_factors, clipped_grad_samples, clipped_gram
 
@@ -55,7 +56,11 @@ def test_empty_batch_clip_factors():
 
 
 @pytest.mark.parametrize("numel,k", [(1000, 64), (64, 64), (10, 64), (130, 7)])
-def test_sketch_rows_are_orthonormal_and_match_dense(numel, k):
+@pytest.mark.parametrize("tiny", [True, False], ids=["one-gemm", "scatter"])
+def test_sketch_rows_are_orthonormal_and_match_dense(numel, k, tiny, monkeypatch):
+    # Both ways of applying the sketch (a tiny parameter's dense GEMM, the scatter) on every
+    # shape, against the sketch as a matrix built entry by entry from its hash tables.
+    monkeypatch.setattr(tokens, "TINY_SKETCH_ELEMS", 1 << 30 if tiny else 0)
     tok = CountSketchTokenizer([(numel,)], k, seed=3)
     s = tok.dense_matrix(0)
     assert s.shape == (min(k, numel), numel)

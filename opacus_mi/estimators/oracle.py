@@ -34,28 +34,30 @@ class OracleResult:
 def _psd_sqrt_factor(gram: torch.Tensor, sync_free: bool | None = None) -> torch.Tensor:
     """L with L L^T = G (+ a 1e-10 relative jitter) for a PSD, possibly singular, Gram matrix.
 
-    Cholesky is ~5x cheaper than eigh at B = 64. The jitter adds a variance of 1e-10 x the mean
-    squared norm to each inner product's noise, far below the Monte Carlo error. A matrix that
-    is still not numerically PD (duplicated examples, B > rank) falls back to eigh. Off the CPU
-    reading Cholesky's status would cost a host sync (and eigh checks its own), so there the
-    jitter is 1e-6 x the largest squared norm, above the float32 rounding of a Gram formed on
-    the device, and a factorisation that still fails gives NaN (a flagged, non-finite oracle
-    value), never silently wrong numbers.
+    Cholesky is ~5x cheaper than eigh at B = 64, and reads only G's lower triangle (so a Gram
+    whose float32 GEMM left it asymmetric in the last bit needs no symmetrising). The jitter
+    adds a variance of 1e-10 x the mean squared norm to each inner product's noise, far below
+    the Monte Carlo error. A matrix that is still not numerically PD (duplicated examples,
+    B > rank) falls back to eigh of the symmetrised matrix. Off the CPU reading Cholesky's
+    status would cost a host sync (and eigh checks its own), so there the jitter is 1e-6 x the
+    largest squared norm, above the float32 rounding of a Gram formed on the device, and a
+    factorisation that still fails gives NaN (a flagged, non-finite oracle value), never
+    silently wrong numbers. Few tensor operations: inside a training loop each costs several
+    microseconds however small (see ``benchmarks/README.md``).
     """
-    sym = (gram + gram.T) / 2  # a new tensor: the sync-free path adds its jitter in place
     if sync_free is None:
-        sync_free = sym.device.type != "cpu"
+        sync_free = gram.device.type != "cpu"
+    jittered = gram.clone()  # the jitter goes in place, on a copy
+    diag = jittered.diagonal()
     if sync_free:
-        sym.diagonal().add_(1e-6 * sym.diagonal().max().clamp_min(1e-300))
-        factor, info = torch.linalg.cholesky_ex(sym)
+        diag.add_(1e-6 * diag.max().clamp_min(1e-300))
+        factor, info = torch.linalg.cholesky_ex(jittered)
         return torch.where(info == 0, factor, torch.full_like(factor, math.nan))
-    jitter = 1e-10 * float(sym.diagonal().mean().clamp_min(1e-300))
-    factor, info = torch.linalg.cholesky_ex(
-        sym + jitter * torch.eye(len(sym), dtype=sym.dtype, device=sym.device)
-    )
+    diag.add_(1e-10 * max(float(diag.sum()) / len(gram), 1e-300))
+    factor, info = torch.linalg.cholesky_ex(jittered)
     if int(info) == 0:
         return factor
-    vals, vecs = torch.linalg.eigh(sym)
+    vals, vecs = torch.linalg.eigh((gram + gram.T) / 2)
     return vecs * vals.clamp_min(0).sqrt()
 
 
@@ -91,13 +93,15 @@ def gram_oracle(
     factor = _psd_sqrt_factor(g, sync_free)
     eps = torch.randn((draws, b, b), generator=generator, device=generator.device)
     # logits[d, j, i] = (2 <y_j, g_i> - |g_i|^2) / (2 s^2) = (G_ji - |g_i|^2 / 2) / s^2 + z_j(i) / s
-    # with z[d, j] = L eps[d, j] ~ N(0, G): one batched GEMM adds the noise to the fixed part.
-    base = (g - sq / 2) / noise_std**2
+    # with z[d, j] = L eps[d, j] ~ N(0, G): one batched GEMM adds the noise to the fixed part,
+    # both scales folded into it (beta, alpha).
     logits = torch.baddbmm(
-        base.expand(draws, b, b),
+        g.sub(sq, alpha=0.5).expand(draws, b, b),
         eps.to(device=g.device, dtype=torch.float64),
-        (factor.T / noise_std).expand(draws, b, b),
+        factor.T.expand(draws, b, b),
+        beta=1 / noise_std**2,
+        alpha=1 / noise_std,
     )
-    own = logits.diagonal(dim1=1, dim2=2)
-    terms = (own - torch.logsumexp(logits, dim=2)).mean(dim=0)
-    return OracleResult(terms=terms + math.log(b), batch_size=b)
+    # log p(J = j | y_j): the diagonal of the log-posterior (one fused log-softmax).
+    own = torch.log_softmax(logits, dim=2).diagonal(dim1=1, dim2=2)
+    return OracleResult(terms=own.mean(dim=0).add_(math.log(b)), batch_size=b)
