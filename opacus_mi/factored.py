@@ -186,6 +186,7 @@ class KroneckerTokenizer:
             self.dims.append(k1 * k2)
         self._count = CountSketchTokenizer(count_shapes, token_dim, seed=seed, device=device)
         self.total_dim = sum(self.dims)
+        self._kron_t_cache: dict[tuple, torch.Tensor] = {}  # tiny weights' one-GEMM sketches
         self.to(device)
 
     @classmethod
@@ -216,6 +217,7 @@ class KroneckerTokenizer:
                 ax.buckets, ax.weights = ax.buckets.to(self.device), ax.weights.to(self.device)
                 ax._dense.clear()
         self._count.to(self.device)
+        self._kron_t_cache.clear()
         return self
 
     def is_kronecker(self, layer: int) -> bool:
@@ -253,13 +255,13 @@ class KroneckerTokenizer:
 
     def _kron_t(self, layer: int, like: torch.Tensor) -> torch.Tensor:
         """``(R_out (x) R_in)^T`` of a tiny weight, ``(P, k)`` on ``like``'s device and dtype,
-        built once and cached (on the out axis's dense cache)."""
-        out_axis, in_axis = self._axes[layer]
-        key = ("kron_t", like.device, like.dtype)
-        mat = out_axis._dense.get(key)
+        built once and cached."""
+        key = (layer, like.device, like.dtype)
+        mat = self._kron_t_cache.get(key)
         if mat is None:
+            out_axis, in_axis = self._axes[layer]
             kron = torch.kron(out_axis.dense(), in_axis.dense())
-            mat = out_axis._dense[key] = kron.T.contiguous().to(like.device, like.dtype)
+            mat = self._kron_t_cache[key] = kron.T.contiguous().to(like.device, like.dtype)
         return mat
 
     def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:

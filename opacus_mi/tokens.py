@@ -65,13 +65,14 @@ class CountSketchTokenizer:
             self.dims.append(k)
         self.total_dim = sum(self.dims)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dense_cache: dict[tuple, torch.Tensor] = {}  # tiny parameters' one-GEMM sketches
 
     def to(self, device: torch.device | str) -> CountSketchTokenizer:
         """Move the hash tables to ``device`` (in place; returns self)."""
         self.device = torch.device(device)
         self._buckets = [b.to(self.device) for b in self._buckets]
         self._weights = [w.to(self.device) for w in self._weights]
-        self._cache = {}
+        self._cache, self._dense_cache = {}, {}
         return self
 
     def sketch_layer(self, layer: int, grad_sample: torch.Tensor) -> torch.Tensor:
@@ -104,10 +105,11 @@ class CountSketchTokenizer:
     def _dense_t(self, layer: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The sketch as a dense ``(P, k)`` matrix on ``device``/``dtype``, made once (tiny
         parameters only)."""
-        key = ("dense_t", layer, device, dtype)
-        mat = self._cache.get(key)
+        key = (layer, device, dtype)
+        mat = self._dense_cache.get(key)
         if mat is None:
-            mat = self._cache[key] = self.dense_matrix(layer).T.contiguous().to(device, dtype)
+            mat = self.dense_matrix(layer).T.contiguous().to(device, dtype)
+            self._dense_cache[key] = mat
         return mat
 
     def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
