@@ -35,7 +35,7 @@ from torch import nn
 
 from .overlap import keep_input
 from .tokens import TINY_SKETCH_ELEMS, CountSketchTokenizer
-from .views import _OPACUS_EPS, ClipInfo
+from .views import _OPACUS_EPS, ClipInfo, gram_product
 
 GRAM_METHODS = ("auto", "factored", "materialised")
 # Elements of one intermediate block (float32: 4 bytes each) in either Gram algorithm.
@@ -362,8 +362,7 @@ def materialised_gram(left: torch.Tensor, right: torch.Tensor, rows: int) -> tor
     per_block = max(1, _BLOCK_ELEMS // max(1, batch * rows))
     for c0 in range(0, cols, per_block):
         g = _materialise(left, right, rows, slice(c0, min(cols, c0 + per_block)))
-        flat = g.reshape(batch, -1)
-        gram += flat @ flat.T
+        gram_product(g.reshape(batch, -1), into=gram)
     return gram
 
 

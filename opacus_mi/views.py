@@ -101,6 +101,33 @@ def clipped_grad_samples(
     return out
 
 
+# Below this batch a Gram's GEMM (B x P times its own transpose: ~B/2 multiply-adds per float
+# read) cannot keep a CPU's arithmetic busy, and a BLAS that packs both operands reads the B x P
+# matrix from memory twice. In column blocks that stay in the cache each float is read once: on
+# the AMD EPYC VM, 8 x 2.36M (a ResNet-18 layer) took 18 ms in one product and 8.5 ms in
+# 16k-column blocks (B = 4-11: 1.3-2.5x faster; B = 12-16: 0-7% slower, hence the bound).
+_BLOCKED_GRAM_BELOW = 12
+_GRAM_BLOCK_FLOATS = 1 << 17  # 512 KiB of float32 per block
+
+
+def gram_product(flat: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``flat @ flat.T`` for a ``(B, P)`` matrix, added into ``into`` if given (in place).
+
+    On a CPU, a small batch with more than a block's columns goes a column block at a time (see
+    ``_BLOCKED_GRAM_BELOW``); the same sum, in a different order."""
+    batch, width = flat.shape
+    if flat.device.type != "cpu" or batch >= _BLOCKED_GRAM_BELOW:
+        return flat @ flat.T if into is None else into.addmm_(flat, flat.T)
+    cols = max(1, _GRAM_BLOCK_FLOATS // max(1, batch))
+    if width <= cols:
+        return flat @ flat.T if into is None else into.addmm_(flat, flat.T)
+    out = into if into is not None else flat.new_zeros((batch, batch))
+    for start in range(0, width, cols):
+        block = flat[:, start : start + cols]
+        out.addmm_(block, block.T)
+    return out
+
+
 def raw_gram(
     grad_samples: Sequence[torch.Tensor],
     *,
@@ -130,8 +157,7 @@ def raw_gram(
             # is NaN: alpha=0 adds nothing else).
             gram.diagonal().add_(g.sum(dim=(1, 2)), alpha=0)
         else:
-            flat = g.reshape(batch, -1)
-            gram = flat @ flat.T if gram is None else gram.addmm_(flat, flat.T)
+            gram = gram_product(g.reshape(batch, -1), into=gram)
     if gram is None:
         gram = torch.zeros((batch, batch), dtype=torch.float32, device=device)
     return gram
@@ -176,8 +202,7 @@ def clipped_gram(
         if not exact and rank_one is not None and layer in rank_one and g.ndim == 3:
             term = rank_one_gram(g, rank_one[layer], (backprops or {}).get(layer))
         else:
-            flat = g.reshape(batch, -1)
-            term = flat @ flat.T
+            term = gram_product(g.reshape(batch, -1))
         c = clip.for_layer(layer).to(torch.float64)
         gram += (c[:, None] * c[None, :]) * term.to(torch.float64)
     return gram

@@ -8,7 +8,7 @@ from conftest import make_private
 
 from opacus_mi import tokens
 from opacus_mi.tokens import CountSketchTokenizer
-from opacus_mi.views import clip_factors, clipped_grad_samples, clipped_gram
+from opacus_mi.views import clip_factors, clipped_grad_samples, clipped_gram, gram_product
 
 
 def _one_backward(opt, model, loader):
@@ -97,3 +97,21 @@ def test_sketch_is_linear_so_clipped_token_is_scaled_raw_token():
     torch.testing.assert_close(
         tok.sketch_layer(0, c.view(-1, 1, 1) * g), c[:, None] * tok.sketch_layer(0, g)
     )
+
+
+@pytest.mark.parametrize("batch", [1, 4, 11, 12, 16])
+@pytest.mark.parametrize("blocks", [0.5, 2.3])  # the width in column blocks of the small-B path
+def test_gram_product_equals_the_float64_product(batch, blocks):
+    """In one GEMM or (B < 12 on a CPU, wider than a block) a column block at a time, into a
+    fresh matrix or added into a given one: the Gram against float64's."""
+    from opacus_mi import views
+
+    width = int(blocks * views._GRAM_BLOCK_FLOATS / batch) + 3
+    flat = torch.randn(batch, width, generator=torch.Generator().manual_seed(batch))
+    ref = flat.double() @ flat.double().T
+    tol = dict(rtol=1e-5, atol=1e-5 * float(ref.diagonal().max()))
+    torch.testing.assert_close(gram_product(flat).double(), ref, **tol)
+    start = torch.randn(batch, batch)
+    out = start.clone()
+    assert gram_product(flat, into=out) is out
+    torch.testing.assert_close(out.double(), ref + start.double(), **tol)
