@@ -103,24 +103,29 @@ def clipped_grad_samples(
 
 # Below this batch a Gram's GEMM (B x P times its own transpose: ~B/2 multiply-adds per float
 # read) cannot keep a CPU's arithmetic busy, and a BLAS that packs both operands reads the B x P
-# matrix from memory twice. In column blocks that stay in the cache each float is read once: on
-# the AMD EPYC VM, 8 x 2.36M (a ResNet-18 layer) took 18 ms in one product and 8.5 ms in
-# 16k-column blocks (B = 4-11: 1.3-2.5x faster; B = 12-16: 0-7% slower, hence the bound).
+# matrix twice: from memory, once it is larger than the last-level cache. In column blocks that
+# stay in the cache each float comes from memory once. On the AMD EPYC VM (32 MiB L3), 8 x 2.36M
+# (a ResNet-18 layer, 72 MiB) took 18 ms in one product and 8.5 ms in 16k-column blocks; 11 x
+# 590k (25 MiB) 7.3 and 4.3 ms; matrices of 2-12 MiB 0.9-1.15x as fast blocked; B = 12-16 at
+# 72 MiB 0-7% slower. Hence both bounds.
 _BLOCKED_GRAM_BELOW = 12
+_BLOCKED_GRAM_MIN_BYTES = 16 << 20
 _GRAM_BLOCK_FLOATS = 1 << 17  # 512 KiB of float32 per block
 
 
 def gram_product(flat: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """``flat @ flat.T`` for a ``(B, P)`` matrix, added into ``into`` if given (in place).
 
-    On a CPU, a small batch with more than a block's columns goes a column block at a time (see
+    On a CPU, a small batch's matrix larger than a cache goes a column block at a time (see
     ``_BLOCKED_GRAM_BELOW``); the same sum, in a different order."""
     batch, width = flat.shape
-    if flat.device.type != "cpu" or batch >= _BLOCKED_GRAM_BELOW:
+    if (
+        flat.device.type != "cpu"
+        or batch >= _BLOCKED_GRAM_BELOW
+        or flat.numel() * flat.element_size() <= _BLOCKED_GRAM_MIN_BYTES
+    ):
         return flat @ flat.T if into is None else into.addmm_(flat, flat.T)
     cols = max(1, _GRAM_BLOCK_FLOATS // max(1, batch))
-    if width <= cols:
-        return flat @ flat.T if into is None else into.addmm_(flat, flat.T)
     out = into if into is not None else flat.new_zeros((batch, batch))
     for start in range(0, width, cols):
         block = flat[:, start : start + cols]

@@ -101,11 +101,13 @@ def test_sketch_is_linear_so_clipped_token_is_scaled_raw_token():
 
 @pytest.mark.parametrize("batch", [1, 4, 11, 12, 16])
 @pytest.mark.parametrize("blocks", [0.5, 2.3])  # the width in column blocks of the small-B path
-def test_gram_product_equals_the_float64_product(batch, blocks):
-    """In one GEMM or (B < 12 on a CPU, wider than a block) a column block at a time, into a
-    fresh matrix or added into a given one: the Gram against float64's."""
+def test_gram_product_equals_the_float64_product(batch, blocks, monkeypatch):
+    """In one GEMM or (B < 12 on a CPU, a matrix over the size bound, here lowered to 0) a
+    column block at a time, into a fresh matrix or added into a given one: the Gram against
+    float64's."""
     from opacus_mi import views
 
+    monkeypatch.setattr(views, "_BLOCKED_GRAM_MIN_BYTES", 0)
     width = int(blocks * views._GRAM_BLOCK_FLOATS / batch) + 3
     flat = torch.randn(batch, width, generator=torch.Generator().manual_seed(batch))
     ref = flat.double() @ flat.double().T
