@@ -16,13 +16,16 @@ DP step paid 30,700 faults per step, the every-step monitored ones 12,300 and th
 which made the monitored variants look cheaper than they are.
 
 Pinned: both thresholds fixed (which also turns their adaptation off), the trim threshold at
-1 GiB, and no mmap at all (``M_MMAP_MAX = 0``): every block comes from the heap and freed memory
+2 GiB (``INT_MAX``, the most ``mallopt`` takes), and no mmap at all (``M_MMAP_MAX = 0``): every block comes from the heap and freed memory
 stays with the process for the next step (the heap holds what the largest step held). In the
 report run that followed, every variant's timed steps paid 0-6 faults per step but ResNet-18's
 critic-every-step (442); the plain digits processes of ``side_by_side.py`` 0 or 1. It is not
 airtight (a 64 MiB block allocated and freed in a loop still faulted in 6,500 of its 16,400
 pages per cycle, against all of them unpinned), hence the faults every report prints per
-variant. The benchmarks pin it for every loop they compare, monitored or not;
+variant. The trim threshold was 1 GiB until the thirteenth session: in full reports (digits CNN
+and MLP first, then ResNet-18's six variants of ~0.5 GB a step each) the ResNet-18 DP step paid
+3,072-9,216 faults per step, the heap's freed top exceeding 1 GiB and going back to the OS
+between its steps; with the same command at 2 GiB, none (one run each way). The benchmarks pin it for every loop they compare, monitored or not;
 ``OPACUS_MI_BENCH_MALLOC=default`` leaves glibc as it is.
 """
 
@@ -34,7 +37,7 @@ import os
 import resource
 
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit systems
-TRIM_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = (1 << 31) - 1  # INT_MAX: mallopt's value is an int
 # The same settings for a process not started yet (read by glibc at start-up).
 PINNED_ENV = {
     "GLIBC_TUNABLES": (
@@ -78,7 +81,7 @@ def pin_malloc() -> str:
 
 def describe() -> str:
     return {
-        "pinned": "glibc malloc pinned (no mmap, trim threshold 1 GiB)",
+        "pinned": "glibc malloc pinned (no mmap, trim threshold 2 GiB)",
         "default": "glibc malloc adaptive (its default; OPACUS_MI_BENCH_MALLOC=default)",
         "unavailable": "malloc not pinned (not glibc)",
     }[_state]

@@ -107,7 +107,7 @@ def test_pin_malloc_sets_glibc_thresholds_and_honours_the_opt_out():
         pytest.skip("not glibc")
     pinned = _allocator("import allocator; print(allocator.pin_malloc())")
     assert pinned.returncode == 0, pinned.stderr
-    assert "pinned (no mmap, trim threshold 1 GiB)" in pinned.stdout
+    assert "pinned (no mmap, trim threshold 2 GiB)" in pinned.stdout
     left = _allocator(
         "import allocator; print(allocator.pin_malloc())", OPACUS_MI_BENCH_MALLOC="default"
     )
