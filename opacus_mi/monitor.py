@@ -236,9 +236,10 @@ class LeakageMonitor:
             collectives (see "Multi-process" in the module docstring).
         overlap: measure on a worker thread while the next training step runs
             (:mod:`opacus_mi.overlap`): the same records, a step later, for less of the training
-            thread's time (every-step tokens + oracle on the digits CNN, 2-core VM, median of 5
-            side-by-side runs: 1.45x inline, 1.21x overlapped, less steady; the rest is mostly
-            the hardware the two threads share: ``benchmarks/contention.py``).
+            thread's time (every-step tokens + oracle on the digits CNN, 2-core VMs: 1.45x
+            inline, 1.21x overlapped on an Intel Xeon; 1.61-1.65x and 1.21-1.27x on an AMD
+            EPYC, whose DP step is 3x faster; the rest is mostly waking the worker and the
+            hardware the two threads share: ``benchmarks/contention.py``).
             ``None`` (default): on for a CPU model on one process when a core is free (more
             usable cores than ``torch.get_num_threads()``); with ghost clipping the hooks then
             only record each layer's factors. Sinks are still called on the training thread; a
