@@ -34,7 +34,7 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from .overlap import keep_input
-from .tokens import TINY_SKETCH_ELEMS, CountSketchTokenizer
+from .tokens import TINY_SKETCH_ELEMS, CountSketchTokenizer, dense_sketch_t
 from .views import _OPACUS_EPS, ClipInfo, gram_product
 
 GRAM_METHODS = ("auto", "factored", "materialised")
@@ -186,7 +186,7 @@ class KroneckerTokenizer:
             self.dims.append(k1 * k2)
         self._count = CountSketchTokenizer(count_shapes, token_dim, seed=seed, device=device)
         self.total_dim = sum(self.dims)
-        self._kron_t_cache: dict[tuple, torch.Tensor] = {}  # tiny weights' one-GEMM sketches
+        self._dense_cache: dict[tuple, torch.Tensor] = {}  # tiny weights' one-GEMM sketches
         self.to(device)
 
     @classmethod
@@ -217,7 +217,7 @@ class KroneckerTokenizer:
                 ax.buckets, ax.weights = ax.buckets.to(self.device), ax.weights.to(self.device)
                 ax._dense.clear()
         self._count.to(self.device)
-        self._kron_t_cache.clear()
+        self._dense_cache.clear()
         return self
 
     def is_kronecker(self, layer: int) -> bool:
@@ -232,7 +232,10 @@ class KroneckerTokenizer:
         batch = grad_sample.shape[0]
         rows, cols = out_axis.buckets.numel(), in_axis.buckets.numel()
         if rows * cols * self.dims[layer] <= TINY_SKETCH_ELEMS:  # one GEMM: R_out (x) R_in
-            return grad_sample.reshape(batch, -1) @ self._kron_t(layer, grad_sample)
+            kron_t = dense_sketch_t(
+                self._dense_cache, self.dense_matrix, layer, grad_sample.device, grad_sample.dtype
+            )
+            return grad_sample.reshape(batch, -1) @ kron_t
         g = grad_sample.reshape(batch, rows, cols)
         if out_axis.small() and in_axis.small():
             # Two small dense GEMMs beat two strided index_add passes ~3x on CPU; the axis
@@ -252,17 +255,6 @@ class KroneckerTokenizer:
         else:
             g = in_axis.apply(out_axis.apply(g, 1), 2)
         return g.reshape(batch, -1)
-
-    def _kron_t(self, layer: int, like: torch.Tensor) -> torch.Tensor:
-        """``(R_out (x) R_in)^T`` of a tiny weight, ``(P, k)`` on ``like``'s device and dtype,
-        built once and cached."""
-        key = (layer, like.device, like.dtype)
-        mat = self._kron_t_cache.get(key)
-        if mat is None:
-            out_axis, in_axis = self._axes[layer]
-            kron = torch.kron(out_axis.dense(), in_axis.dense())
-            mat = self._kron_t_cache[key] = kron.T.contiguous().to(like.device, like.dtype)
-        return mat
 
     def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-layer tokens of the raw per-sample gradients, a list of ``(B, k_l)`` tensors."""
@@ -301,7 +293,8 @@ class KroneckerTokenizer:
         return (sl[:, :, None] * sr[:, None, :]).reshape(left.shape[0], -1)
 
     def dense_matrix(self, layer: int) -> torch.Tensor:
-        """The sketch of ``layer`` as a dense ``(k, P)`` matrix (row-major ``vec``): tests only."""
+        """The sketch of ``layer`` as a dense ``(k, P)`` matrix (row-major ``vec``): for tests
+        and (transposed, cached) a tiny weight's one-GEMM sketch."""
         axes = self._axes[layer]
         if axes is None:
             return self._count.dense_matrix(self._count_index[layer])

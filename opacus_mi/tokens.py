@@ -13,13 +13,29 @@ views.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 # Below this many entries (P x k) a sketch is one dense GEMM: at that size the time is the
 # number of tensor operations, not their arithmetic.
 TINY_SKETCH_ELEMS = 1 << 14
+
+
+def dense_sketch_t(
+    cache: dict[tuple, torch.Tensor],
+    dense_matrix: Callable[[int], torch.Tensor],
+    layer: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A tiny parameter's sketch as a dense ``(P, k)`` matrix (``dense_matrix(layer).T``) on
+    ``device``/``dtype``, made once and kept in ``cache`` (both tokenizers' one-GEMM path)."""
+    key = (layer, device, dtype)
+    mat = cache.get(key)
+    if mat is None:
+        mat = cache[key] = dense_matrix(layer).T.contiguous().to(device, dtype)
+    return mat
 
 
 class CountSketchTokenizer:
@@ -88,7 +104,10 @@ class CountSketchTokenizer:
         if numel * self.dims[layer] <= TINY_SKETCH_ELEMS:
             # A bias or a norm's scale: one GEMM with the dense (P, k) sketch (the scatter
             # takes three operations, and at this size each costs more than its arithmetic).
-            return flat @ self._dense_t(layer, flat.device, flat.dtype)
+            dense_t = dense_sketch_t(
+                self._dense_cache, self.dense_matrix, layer, flat.device, flat.dtype
+            )
+            return flat @ dense_t
         buckets, weights = self._tables(layer, flat.device, flat.dtype)
         out = torch.zeros((batch, self.dims[layer]), dtype=flat.dtype, device=flat.device)
         return out.index_add_(1, buckets, flat * weights)
@@ -101,16 +120,6 @@ class CountSketchTokenizer:
             hit = (self._buckets[layer].to(device), self._weights[layer].to(device, dtype))
             self._cache[key] = hit
         return hit
-
-    def _dense_t(self, layer: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The sketch as a dense ``(P, k)`` matrix on ``device``/``dtype``, made once (tiny
-        parameters only)."""
-        key = (layer, device, dtype)
-        mat = self._dense_cache.get(key)
-        if mat is None:
-            mat = self.dense_matrix(layer).T.contiguous().to(device, dtype)
-            self._dense_cache[key] = mat
-        return mat
 
     def sketch(self, grad_samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-layer tokens of the raw per-sample gradients, a list of ``(B, k_l)`` tensors."""
