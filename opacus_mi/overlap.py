@@ -10,14 +10,15 @@ and hands them to one worker thread, which computes while the next step's forwar
 run. PyTorch releases the GIL inside its operations, so a free core does the work; it holds the
 GIL while parsing each call, so two threads issuing small operations still take turns (on the
 digits CNN the every-step oracle costs a median 1.21x overlapped against 1.45x inline, and
-varies more from run to run, with where the OS places the two threads). On a 2-vCPU VM the
-second core's work slows the first even where it holds no GIL: the digits CNN's measurement
-replayed in a separate process cost training as much as on this thread (~1.12x), as long a
-single matrix product on the worker 1.05-1.08x and as many products as the measurement's ~150
-calls 1.09-1.11x (each call a GIL hand-over, a wake-up of a halted virtual CPU on a VM), and on
-the MLP most of the thread's extra cost came with measuring each step's fresh per-sample
-gradients (``benchmarks/contention.py``; README, "Performance"). The worker lets go of a chunk's
-gradients once it has measured them (``_Taken.release``), before it makes the record.
+varies more from run to run, with where the OS places the two threads). What the worker costs
+the training thread is neither the second core's arithmetic nor the GIL alone
+(``benchmarks/contention.py``'s controls on a 2-vCPU VM, digits CNN): a second core computing
+without pause in another process cost it 1.01-1.02x; waking the worker with an empty task once
+a step 1.02-1.03x; a task holding the GIL in Python for 100 us 1.05-1.06x; one 1.2 ms matrix
+product on the worker 1.04-1.09x; the measurement itself (~100 torch calls on the step's fresh
+gradients) 1.13-1.16x here and 1.15-1.19x in a separate process with its own GIL. The worker
+lets go of a chunk's gradients once it has measured them (``_Taken.release``), before it makes
+the record.
 
 Why one worker, in order: every random number comes from the monitor's own generator, drawn in
 the same order as without overlap, so records are bit-identical either way. Why at most one
@@ -100,7 +101,13 @@ class Worker:
     def __init__(self) -> None:
         # A name unique to this worker: ``on_worker`` must not mistake another monitor's.
         self._prefix = f"opacus-mi-{id(self):x}"
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._prefix)
+        # torch sets a thread's OpenMP and MKL thread counts lazily, on its first parallel
+        # operation: a BLAS call before that (a worker's first task may begin with a GEMM)
+        # runs on every core, the training thread's included. ``get_num_threads`` is that
+        # lazy initialisation, to torch's setting, and changes nothing else.
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=self._prefix, initializer=torch.get_num_threads
+        )
         self._last: Future | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:

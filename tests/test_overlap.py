@@ -250,6 +250,41 @@ def test_overlap_resolution(monkeypatch):
         resolve_overlap("yes", device=cpu, distributed=False)
 
 
+def _omp_max_threads():
+    """``omp_get_max_threads`` of the calling thread, read without torch's lazy set-up."""
+    import ctypes
+    import glob
+    import os
+
+    libs = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*"))
+    if not libs:
+        pytest.skip("this torch build ships no libgomp to ask")
+    return ctypes.CDLL(libs[0]).omp_get_max_threads
+
+
+def test_the_worker_thread_computes_with_torchs_thread_count_from_its_first_task():
+    """A fresh thread's first BLAS call would use every core (torch sets a thread's OpenMP
+    count only on its first parallel op), the training thread's among them. Reference: a plain
+    executor thread, which shows the default the worker must not have."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    omp_max_threads = _omp_max_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(1) as plain:
+            default = plain.submit(omp_max_threads).result()
+        if default == 1:
+            pytest.skip("one core: a fresh thread's default is torch's setting already")
+        worker = overlap_mod.Worker()
+        try:
+            assert worker.submit(omp_max_threads).result() == 1
+        finally:
+            worker.close()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bmm", [False, True], ids=["whole", "chunks"])
 def test_ghost_clipping_overlaps_and_gives_the_synchronous_records(bmm, monkeypatch):
     """Under ghost clipping the hooks only record each layer's inputs and backprops; the worker
