@@ -15,17 +15,18 @@ afresh every time unless a free heap chunk happens to fit: in one report process
 DP step paid 30,700 faults per step, the every-step monitored ones 12,300 and the defaults 0,
 which made the monitored variants look cheaper than they are.
 
-Pinned: both thresholds fixed (which also turns their adaptation off), the trim threshold at
-2 GiB (``INT_MAX``, the most ``mallopt`` takes), and no mmap at all (``M_MMAP_MAX = 0``): every block comes from the heap and freed memory
-stays with the process for the next step (the heap holds what the largest step held). In the
-report run that followed, every variant's timed steps paid 0-6 faults per step but ResNet-18's
-critic-every-step (442); the plain digits processes of ``side_by_side.py`` 0 or 1. It is not
-airtight (a 64 MiB block allocated and freed in a loop still faulted in 6,500 of its 16,400
-pages per cycle, against all of them unpinned), hence the faults every report prints per
-variant. The trim threshold was 1 GiB until the thirteenth session: in full reports (digits CNN
-and MLP first, then ResNet-18's six variants of ~0.5 GB a step each) the ResNet-18 DP step paid
-3,072-9,216 faults per step, the heap's freed top exceeding 1 GiB and going back to the OS
-between its steps; with the same command at 2 GiB, none (one run each way). The benchmarks pin it for every loop they compare, monitored or not;
+Pinned: both thresholds fixed (which also turns their adaptation off), the trim threshold at 2
+GiB (``INT_MAX``, the most ``mallopt`` takes), and no mmap at all (``M_MMAP_MAX = 0``): every
+block comes from the heap and freed memory stays with the process for the next step (the heap
+holds what the largest step held). In the report run that followed, every variant's timed steps
+paid 0-6 faults per step but ResNet-18's critic-every-step (442); the plain digits processes of
+``side_by_side.py`` 0 or 1. It is not airtight (a 64 MiB block allocated and freed in a loop
+still faulted in 6,500 of its 16,400 pages per cycle, against all of them unpinned), hence the
+faults every report prints per variant. The trim threshold was 1 GiB until the thirteenth
+session: in full reports (digits CNN and MLP first, then ResNet-18's six variants of ~0.5 GB a
+step each) the ResNet-18 DP step paid 3,072-9,216 faults per step, the heap's freed top
+exceeding 1 GiB and going back to the OS between its steps; with the same command at 2 GiB,
+none (one run each way). The benchmarks pin it for every loop they compare, monitored or not;
 ``OPACUS_MI_BENCH_MALLOC=default`` leaves glibc as it is.
 """
 
