@@ -24,6 +24,14 @@ the two threads take turns at the GIL. This separates the two: the *same* work, 
   torch calls (``ops_n``, each call releases and retakes the GIL). Same work, same second core:
   the difference is what the number of GIL hand-overs costs the training thread.
 
+Controls, which separate the hand-over, the GIL and the hardware:
+
+* ``handover``: the worker thread is handed a task that does nothing (its wake-up alone);
+* ``python``: a task that holds the GIL in a Python loop for 100 us (no torch call);
+* ``busy_core``: no worker; the separate process computes matrix products without pause for
+  the whole block, on its own core and GIL: what a second core's arithmetic alone costs this
+  one (caches, memory, a host's SMT sibling or power budget).
+
 A thread and a process share the hardware alike; only the thread shares the GIL. The record
 itself (epsilon, the figures) is not part of the replayed work: ``report.py``'s every-step
 variants include it, and the hooks that feed the monitor. Blocks of
@@ -53,7 +61,19 @@ sys.path.insert(0, str(HERE))
 
 from report import _load_lib, machine_line  # noqa: E402  (the shared builders)
 
-KINDS = ("alone", "inline", "thread", "thread_same", "process", "ops_1", "ops_n")
+KINDS = (
+    "alone",
+    "inline",
+    "thread",
+    "thread_same",
+    "process",
+    "ops_1",
+    "ops_n",
+    "handover",
+    "python",
+    "busy_core",
+)
+PYTHON_SECONDS = 100e-6  # the ``python`` control's hold on the GIL
 
 
 def replay(lib, model: str):
@@ -91,8 +111,14 @@ def _process_worker(conn, model: str, grad_samples, device: str) -> None:
     lib = _load_lib(device)
     lib.torch.set_num_threads(1)
     _, work = replay(lib, model)
+    a = lib.torch.randn(256, 256)
     conn.send_bytes(b"ready")
-    while conn.recv_bytes() != b"q":
+    while (msg := conn.recv_bytes()) != b"q":
+        if msg == b"busy":  # compute until told to stop: the busy_core control
+            while not conn.poll():
+                a @ a
+            conn.recv_bytes()  # b"stop"
+            continue
         work(grad_samples)
         conn.send_bytes(b"d")
 
@@ -134,7 +160,14 @@ def products(torch, calls: int, seconds: float) -> Callable[[], None]:
     return run
 
 
-def _thread_worker(jobs: queue.SimpleQueue, done: queue.SimpleQueue, work) -> None:
+def _hold_gil(seconds: float = PYTHON_SECONDS) -> None:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pass
+
+
+def _thread_worker(jobs: queue.SimpleQueue, done: queue.SimpleQueue, work, torch) -> None:
+    torch.get_num_threads()  # the thread's OpenMP/MKL counts, as opacus_mi's Worker sets them
     while (job := jobs.get()) is not None:
         if callable(job):
             job()
@@ -173,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         ops_alone[name] = time.perf_counter() - t0
 
     jobs, done = queue.SimpleQueue(), queue.SimpleQueue()
-    thread = threading.Thread(target=_thread_worker, args=(jobs, done, work), daemon=True)
+    ops["handover"], ops["python"] = (lambda: None), _hold_gil
+    thread = threading.Thread(target=_thread_worker, args=(jobs, done, work, torch), daemon=True)
     thread.start()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -184,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     def block(kind: str) -> float:
         """Seconds per step of ``k`` steps of ``kind``, its worker drained at the end."""
         opt = dp.optimizer
+        if kind == "busy_core":
+            parent.send_bytes(b"busy")
         t0 = time.perf_counter()
         for _ in range(args.k):
             dp.step()
@@ -204,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.k if kind == "process" else 0):
             parent.recv_bytes()
         elapsed = time.perf_counter() - t0
+        if kind == "busy_core":
+            parent.send_bytes(b"stop")
         opt.zero_grad(set_to_none=True)
         return elapsed / args.k
 
