@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import _load_lib, machine_line  # noqa: E402  (the shared builders)
+from report import load_lib, machine_line  # noqa: E402  (the shared builders)
 
 KINDS = (
     "alone",
@@ -108,7 +108,7 @@ def replay(lib, model: str):
 
 
 def _process_worker(conn, model: str, grad_samples, device: str) -> None:
-    lib = _load_lib(device)
+    lib = load_lib(device)
     lib.torch.set_num_threads(1)
     _, work = replay(lib, model)
     a = lib.torch.randn(256, 256)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=40, help="repetitions of every kind")
     parser.add_argument("--k", type=int, default=10, help="training steps per timed block")
     args = parser.parse_args(argv)
-    lib = _load_lib("cpu")
+    lib = load_lib("cpu")
     torch = lib.torch
     torch.set_num_threads(1)  # the worker needs a core of its own, as overlap requires
 

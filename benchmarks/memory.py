@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from report import HERE, _load_lib, _mb, header, machine_line
+from report import HERE, header, load_lib, machine_line, mb
 
 
 def measure(lib, model: str, batch: int, device: str) -> dict:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if any(b < 1 for b in args.batch):
         ap.error("--batch: batch sizes must be positive integers")
-    lib = _load_lib(args.device)
+    lib = load_lib(args.device)
     rows = []
     for batch in args.batch:
         print(f"counting {args.model} at batch {batch} ...", file=sys.stderr, flush=True)
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for m in rows:
         lines.append(
-            f"| {m['batch']} | {_mb(m['dp_peak_bytes'])} | {_mb(m['monitor_state_bytes'])} | "
-            f"{_mb(m['state_window'])} | {_mb(m['monitor_transient_bytes'])} | "
+            f"| {m['batch']} | {mb(m['dp_peak_bytes'])} | {mb(m['monitor_state_bytes'])} | "
+            f"{mb(m['state_window'])} | {mb(m['monitor_transient_bytes'])} | "
             f"{100 * m['monitor_fraction']:.1f}% |"
         )
     text = "\n".join(lines) + "\n"

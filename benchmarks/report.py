@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def _load_lib(device: str):
+def load_lib(device: str):
     """Import ``conftest.py`` (the shared builders) under its own name, device set first."""
     os.environ["OPACUS_MI_BENCH_DEVICE"] = device
     for path in (ROOT, HERE):  # the package, and conftest's sibling bench_names.py
@@ -41,7 +41,7 @@ def _load_lib(device: str):
     return lib
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -56,7 +56,7 @@ def machine_line(lib, device: str) -> str:
     import torch
 
     parts = [
-        f"{_cpu_name()}, {os.cpu_count()} cores",
+        f"{cpu_name()}, {os.cpu_count()} cores",
         f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)",
         f"opacus {opacus.__version__}",
         f"Python {platform.python_version()}",
@@ -68,7 +68,7 @@ def machine_line(lib, device: str) -> str:
     return "; ".join(parts)
 
 
-def _load() -> str:
+def load_average() -> str:
     try:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
@@ -258,13 +258,13 @@ _STAGES = {
 
 def _default_budget() -> float:
     """The library's default overhead budget, read from its signature so the tables cannot
-    drift from it (imported late: ``_load_lib`` puts the package on the path)."""
+    drift from it (imported late: ``load_lib`` puts the package on the path)."""
     from opacus_mi import LeakageMonitor
 
     return inspect.signature(LeakageMonitor).parameters["budget"].default
 
 
-def _mb(b: float) -> str:
+def mb(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
 
@@ -367,9 +367,9 @@ def _tables(results) -> list[str]:
     for r in results:
         m = r["mem"]
         lines.append(
-            f"| {r['model']} | {_mb(m['dp_peak_bytes'])} | {_mb(m['monitor_state_bytes'])} | "
-            f"{_mb(m['state_window'])} | {_mb(m['state_tokenizer'])} | "
-            f"{_mb(m['monitor_transient_bytes'])} | {100 * m['monitor_fraction']:.1f}% |"
+            f"| {r['model']} | {mb(m['dp_peak_bytes'])} | {mb(m['monitor_state_bytes'])} | "
+            f"{mb(m['state_window'])} | {mb(m['state_tokenizer'])} | "
+            f"{mb(m['monitor_transient_bytes'])} | {100 * m['monitor_fraction']:.1f}% |"
         )
     return lines
 
@@ -495,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-model", default="digits_cnn", help="model for the cProfile tables")
     args = ap.parse_args(argv)
 
-    lib = _load_lib(args.device)
-    load_start = _load()
+    lib = load_lib(args.device)
+    load_start = load_average()
     machine = machine_line(lib, args.device)
     results = []
     for model in args.models:
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         profiles,
         device=args.device,
         machine=machine,
-        load=(load_start, _load()),
+        load=(load_start, load_average()),
         cold=cold,
         ghost=ghost,
     )

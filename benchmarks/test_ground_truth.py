@@ -403,10 +403,10 @@ def _fmt(v: float, digits: int = 3) -> str:
 
 
 def markdown() -> str:
-    from report import _cpu_name, _load  # a sibling script: CPU model and load average
+    from report import cpu_name, load_average  # a sibling script: CPU model and load average
 
     lines = []
-    t0, c0, load0 = time.perf_counter(), time.process_time(), _load()
+    t0, c0, load0 = time.perf_counter(), time.process_time(), load_average()
     lines += [
         "## Accuracy on tasks of known MI (nats)",
         "",
@@ -451,9 +451,9 @@ def markdown() -> str:
         f"Student-t truth: closed form {TASKS['student-t-2x2'].truth:.4f} nats; Monte Carlo of "
         f"the log density ratio on 1,000,000 samples {mc:.4f} +- {se:.4f}.",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {_cpu_name()} ({os.cpu_count()} cores, "
+        f"Measured {datetime.date.today().isoformat()} on {cpu_name()} ({os.cpu_count()} cores, "
         f"{platform.machine()}, torch {torch.__version__}, 1 thread; load average 1/5/15 min "
-        f"{load0} at the start, {_load()} at the end): total {wall / 60:.1f} min wall, "
+        f"{load0} at the start, {load_average()} at the end): total {wall / 60:.1f} min wall, "
         f"{cpu / 60:.1f} min CPU.",
     ]
     return "\n".join(lines)

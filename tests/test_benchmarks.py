@@ -52,7 +52,7 @@ def contention():
 
 
 def test_replay_measures_the_chunk_the_monitor_measured(contention):
-    lib = contention._load_lib("cpu")
+    lib = contention.load_lib("cpu")
     setup, work = contention.replay(lib, "digits_cnn")
     first, again, monitored = work(), work(), work.monitored
     assert first.batch == again.batch == monitored.batch == setup.batch
