@@ -145,7 +145,7 @@ class ValidateConfig:
         for name in ("max_grad_norm", "train_noise_multiplier", "lr"):
             require_positive(name, getattr(self, name))
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
-            raise ValueError(f"--out must be a folder path; got {self.out!r}")
+            raise ValueError(f"{flag('out')} must be a folder path; got {self.out!r}")
         return self
 
     def as_dict(self) -> dict[str, Any]:

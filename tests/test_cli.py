@@ -227,6 +227,8 @@ def test_validate_config_names_the_flag_of_a_bad_value():
         ("train_noise_multiplier", float("inf"), "--train-noise-multiplier must be a positive"),
         ("bootstrap", -1, "--bootstrap must be an integer >= 0; got -1"),
         ("candidates", 1, "--candidates must be an integer >= 2; got 1"),
+        ("out", " ", "--out must be a folder path; got ' '"),
+        ("out", None, "--out must be a folder path; got None"),
     ]:
         with pytest.raises(ValueError, match=message):
             replace(ValidateConfig(), **{field: value}).validate()
