@@ -16,7 +16,7 @@ the training thread is neither the second core's arithmetic nor the GIL alone
 without pause in another process cost it 1.01-1.02x; waking the worker with an empty task once
 a step 1.02-1.03x; a task holding the GIL in Python for 100 us 1.05-1.06x; one 1.2 ms matrix
 product on the worker 1.04-1.09x; the measurement itself (~100 torch calls on the step's fresh
-gradients) 1.13-1.16x here and 1.15-1.19x in a separate process with its own GIL. The worker
+gradients) 1.13-1.17x here and 1.15-1.19x in a separate process with its own GIL. The worker
 lets go of a chunk's gradients once it has measured them (``_Taken.release``), before it makes
 the record.
 
