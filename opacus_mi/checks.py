@@ -8,6 +8,7 @@ and what it accepts, so a bad value fails before any data is loaded or any step 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,3 +47,9 @@ def require_int_at_least(name: str, value: Any, low: int) -> None:
 def require_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{flag(name)} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def require_folder(name: str, value: Any) -> None:
+    """A folder to write into: a path, not blank (it need not exist yet)."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"{flag(name)} must be a folder path; got {value!r}")

@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .checks import flag, is_finite_number, require_choice, require_int_at_least, require_positive
+from .checks import (
+    flag,
+    is_finite_number,
+    require_choice,
+    require_folder,
+    require_int_at_least,
+    require_positive,
+)
 from .data import DATASETS
 from .models import MODELS
 from .records import LeakageRecord, read_jsonl
@@ -115,8 +122,7 @@ class RunConfig:
                 f"{flag('views')} must be one or more of {', '.join(VIEW_CHOICES)}; "
                 f"got {list(views)!r}"
             )
-        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
-            raise ValueError(f"{flag('out')} must be a folder path; got {self.out!r}")
+        require_folder("out", self.out)
         if self.data_root is not None and not isinstance(self.data_root, (str, os.PathLike)):
             raise ValueError(f"{flag('data_root')} must be a folder path; got {self.data_root!r}")
         _check_device(self.device)

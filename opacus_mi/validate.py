@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import flag, is_finite_number, require_int_at_least, require_positive
+from .checks import flag, is_finite_number, require_folder, require_int_at_least, require_positive
 from .report import read_csv_rows, write_csv_rows
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
@@ -144,8 +144,7 @@ class ValidateConfig:
             require_int_at_least("candidates", self.candidates, 2)
         for name in ("max_grad_norm", "train_noise_multiplier", "lr"):
             require_positive(name, getattr(self, name))
-        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
-            raise ValueError(f"{flag('out')} must be a folder path; got {self.out!r}")
+        require_folder("out", self.out)
         return self
 
     def as_dict(self) -> dict[str, Any]:
