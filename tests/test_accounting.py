@@ -169,3 +169,60 @@ def test_lazy_rdp_lower_bound_holds_against_every_order(sigma, q):
         assert (lower <= full * (1 + 1e-9) + 1e-15).all()
         assert (lower[table.done] == full[table.done]).all()
         assert (lower > 0).sum() > size  # the bound says something beyond the known orders
+
+
+def test_prv_epsilon_is_opacus_bit_for_bit_and_its_domain_evaluates_few_rdp_orders(monkeypatch):
+    """Opacus's PRV ``get_epsilon`` replicated step for step, its safe domain's two RDP
+    epsilons taken from the cached tables: the same float as Opacus over changing histories,
+    while Opacus's RDP series runs only for single orders the tables lack (Opacus's own PRV
+    runs it for all 151 orders twice per call: most of its cost below ~1,000 steps)."""
+    from opacus.accountants import PRVAccountant
+
+    calls = []
+    series = rdp_analysis.compute_rdp
+    rng = random.Random(1)
+    for _ in range(3):
+        acc, delta = PRVAccountant(), rng.choice([1e-4, 1e-5, 1e-6])
+        tracker = EpsilonTracker(acc, delta)
+        acc.step(noise_multiplier=1.0, sample_rate=0.03)
+        assert tracker.epsilon() == acc.get_epsilon(delta) and tracker._prv_checked
+        for steps in (30, 41, 7):
+            for _ in range(steps):
+                acc.step(noise_multiplier=1.0, sample_rate=0.03)
+            calls.clear()
+            with monkeypatch.context() as m:
+                m.setattr(
+                    rdp_analysis, "compute_rdp", lambda **kw: calls.append(kw) or series(**kw)
+                )
+                got = tracker.epsilon()
+            assert got == acc.get_epsilon(delta)
+            assert all(len(c["orders"]) == 1 and c["steps"] == 1 for c in calls)
+            assert len(calls) < 40
+        # A second setting (its own table, filled as needed).
+        sigma, q = rng.choice([0.7, 1.3, 2.0]), rng.choice([0.01, 0.1])
+        for _ in range(rng.choice([1, 25])):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+        assert len(acc.history) == 2
+        assert tracker.epsilon() == acc.get_epsilon(delta)
+        # A frozen history (what an overlap worker is handed) gives the value of its step.
+        assert tracker.epsilon(((1.0, 0.03, 5),)) == _prv((1.0, 0.03, 5), delta)
+
+
+def test_prv_replica_that_disagrees_with_opacus_is_not_used():
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    tracker = EpsilonTracker(acc, 1e-5)
+    tracker._prv_replica = lambda history: 123.0  # an Opacus whose PRV changed
+    acc.step(noise_multiplier=1.0, sample_rate=0.05)
+    assert tracker.epsilon() == acc.get_epsilon(1e-5) and tracker._prv_checked is False
+    acc.step(noise_multiplier=1.0, sample_rate=0.05)
+    assert tracker.epsilon() == acc.get_epsilon(1e-5)
+
+
+def _prv(part: tuple, delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    ref = PRVAccountant()
+    ref.history = [part]
+    return ref.get_epsilon(delta)
