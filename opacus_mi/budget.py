@@ -108,6 +108,51 @@ class _Span:
 
 
 KINDS = ("measure", "critic", "epsilon")
+# The share of the budget set aside for recomputing an expensive epsilon (see OverheadBudget).
+EPSILON_SHARE = 0.25
+
+
+def check_fraction(fraction: float) -> float:
+    """``budget`` as a float, or a ValueError naming it and what it means."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction < math.inf
+    ):
+        raise ValueError(
+            f"budget must be a positive number (the monitor's share of training time, e.g. "
+            f"0.06 for at most 6% overhead); got {fraction!r}"
+        )
+    return float(fraction)
+
+
+class EpsilonPacer:
+    """When a fixed schedule (``every=N``) recomputes an expensive epsilon (Opacus's PRV).
+
+    A fixed schedule says which steps are measured, not what their epsilon may cost, and PRV's
+    ``get_epsilon`` costs ~25 ms at a few hundred steps and ~1 s at 10,000 (its FFT grows with
+    the steps): 10-400 DP steps of a small model, for every record. So it is recomputed only
+    once the wall time since the last recomputation ended is at least that one's cost x
+    ``(1 / fraction - 1)``: epsilon then takes at most ``fraction`` of the loop's wall time,
+    and a record in between carries the latest exact value and its step (``epsilon_step``).
+    The first record always computes it. ``LeakageMonitor(exact_epsilon=True)`` opts out.
+    """
+
+    def __init__(self, fraction: float):
+        self.fraction = check_fraction(fraction)
+        self.cost: float | None = None  # seconds of the latest recomputation
+        self.count = 0  # recomputations so far
+        self._end: float | None = None
+
+    def due(self) -> bool:
+        if self._end is None or self.cost is None:
+            return True
+        return time.perf_counter() - self._end >= self.cost * (1 / self.fraction - 1)
+
+    def done(self, seconds: float) -> None:
+        """A recomputation that took ``seconds`` has just ended."""
+        self.cost, self._end = seconds, time.perf_counter()
+        self.count += 1
 
 
 class OverheadBudget:
@@ -127,19 +172,10 @@ class OverheadBudget:
         fraction: float,
         *,
         measure_share: float = 0.5,
-        epsilon_share: float = 0.25,
+        epsilon_share: float = EPSILON_SHARE,
         device=None,
     ):
-        if (
-            isinstance(fraction, bool)
-            or not isinstance(fraction, (int, float))
-            or not 0 < fraction < math.inf
-        ):
-            raise ValueError(
-                f"budget must be a positive number (the monitor's share of training time, e.g. "
-                f"0.06 for at most 6% overhead); got {fraction!r}"
-            )
-        self.fraction = float(fraction)
+        self.fraction = check_fraction(fraction)
         self.measure_share = float(measure_share)
         self.epsilon_share = float(epsilon_share)
         self.device = torch.device(device) if device is not None else torch.device("cpu")

@@ -44,6 +44,7 @@ itself fails means a broken process group, which stops training's gradient all-r
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import time
 import warnings
@@ -59,7 +60,7 @@ from opacus.grad_sample import AbstractGradSampleModule, GradSampleModuleFastGra
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
-from .budget import OverheadBudget, Plan
+from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
 from .checks import is_int_at_least
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, should_gather
@@ -210,7 +211,8 @@ class LeakageMonitor:
             clock of its own sees, caches its work leaves cold and its hooks, adds 2-5% more:
             1.09-1.11x measured on the digits CNN, where 0.08 read 1.08-1.15x). Half is kept
             for the per-step measurement when critics exist. The schedule then depends on
-            timing: pass integers for both for reproducible records.
+            timing: pass integers for both for reproducible records. A quarter of it also
+            paces an expensive accountant's epsilon (see ``exact_epsilon``).
         oracle_draws: noise draws per example for the oracle.
         semi_oracle: also report ``private/semi``: a learned ``features -> clean token`` model
             scored with the known Gaussian noise (needs "private" in views). Its tokens are the
@@ -244,6 +246,15 @@ class LeakageMonitor:
             usable cores than ``torch.get_num_threads()``); with ghost clipping the hooks then
             only record each layer's factors. Sinks are still called on the training thread; a
             ``features`` callable runs on the worker.
+        exact_epsilon: compute the accountant's epsilon afresh for every record, whatever it
+            costs. Off (default): an accountant whose ``get_epsilon`` is cheap (RDP, composed
+            here from cached values, bit-identical to Opacus; GDP) is exact at every record
+            anyway, but Opacus's PRV (its default) costs ~25 ms at a few hundred steps and
+            ~1 s at 10,000: then it is recomputed when a quarter of ``budget`` affords it (of
+            the training loop's time under the budget, of the wall time on a fixed schedule:
+            :class:`~opacus_mi.budget.EpsilonPacer`), and a record in between carries the
+            latest exact value and its step (``epsilon_step``). The MI figures do not depend
+            on it.
     """
 
     def __init__(
@@ -272,6 +283,7 @@ class LeakageMonitor:
         distributed: bool | None = None,
         budget: float = 0.06,
         overlap: bool | None = None,
+        exact_epsilon: bool = False,
     ):
         _check_attach(engine, module, optimizer)
         self._warned: set[str] = set()
@@ -292,6 +304,11 @@ class LeakageMonitor:
                 )
         if not is_int_at_least(token_dim, 1):
             raise ValueError(f"token_dim must be a positive integer, e.g. 64; got {token_dim!r}")
+        if not isinstance(exact_epsilon, bool):
+            raise ValueError(
+                "exact_epsilon must be True (every record's epsilon computed afresh, whatever the "
+                f"accountant costs) or False (the default); got {exact_epsilon!r}"
+            )
         if max_history is not None and not is_int_at_least(max_history, 1):
             raise ValueError(
                 "max_history must be a positive integer (the latest records kept in memory), or "
@@ -330,6 +347,14 @@ class LeakageMonitor:
         self.budget: OverheadBudget | None = None
         if every is None or budgeted_critics or semi_oracle and train_every is None:
             self.budget = OverheadBudget(budget, device=self.device)
+        self.epsilon = EpsilonTracker(engine.accountant, self.delta)
+        self.exact_epsilon = exact_epsilon
+        # An expensive accountant (PRV) recomputes epsilon as the budget affords it: under the
+        # overhead budget from its epsilon share, on a fixed schedule by the wall-time pacer.
+        self._slow_epsilon = not exact_epsilon and not self.epsilon.cheap
+        self._epsilon_pacer: EpsilonPacer | None = None
+        if every is not None and self._slow_epsilon:
+            self._epsilon_pacer = EpsilonPacer(check_fraction(budget) * EPSILON_SHARE)
         self._measure_at = 0  # budget mode: the step index of the next measured step
         # The latest plan as (measured step, next measured step), made by _finish_step (on the
         # overlap worker, if any) and adopted by the training thread between two steps.
@@ -389,7 +414,6 @@ class LeakageMonitor:
                     )
                 except ValueError as exc:
                     self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
-        self.epsilon = EpsilonTracker(engine.accountant, self.delta)
         self.mi_accountant = MIAccountant(engine.accountant)
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)
@@ -650,8 +674,9 @@ class LeakageMonitor:
 
     def _plan(self) -> Plan:
         """This rank's plan for the work with no fixed schedule (see :mod:`opacus_mi.budget`)."""
+        pacer = self._epsilon_pacer
         if self.budget is None:
-            return Plan(next_in=self.every or 1, train=False)
+            return Plan(next_in=self.every or 1, train=False, epsilon=pacer is None or pacer.due())
         critics = self.train_every is None and bool(
             self.estimators or self.controls or self.semi_oracle is not None
         )
@@ -661,8 +686,11 @@ class LeakageMonitor:
             critics = False
         # Epsilon is budgeted only when the measurement is (every=None) and costly (PRV): a
         # fixed schedule computes it fresh at each record.
-        slow_epsilon = self.every is None and not self.epsilon.cheap
-        return self.budget.plan(critics=critics, slow_epsilon=slow_epsilon)
+        slow_epsilon = self.every is None and self._slow_epsilon
+        plan = self.budget.plan(critics=critics, slow_epsilon=slow_epsilon)
+        if pacer is not None:  # a fixed schedule with budgeted critics
+            plan = dataclasses.replace(plan, epsilon=pacer.due())
+        return plan
 
     def _measure_chunk(self, taken: _Taken) -> Chunk:
         captures = taken.captures
@@ -877,11 +905,14 @@ class LeakageMonitor:
         # expensive accountant's recomputation now: then the latest exact value and its step.
         if plan.epsilon:
             # Booked as its own kind only where it has its own share (see _plan).
-            slow = span is not None and self.every is None and not self.epsilon.cheap
+            slow = span is not None and self.every is None and self._slow_epsilon
             if slow:
                 self._charge(span, "measure")
                 span = self.budget.span()
+            t_eps = time.perf_counter()
             epsilon, self._epsilon_step = self.epsilon.epsilon(accounting), step
+            if self._epsilon_pacer is not None:
+                self._epsilon_pacer.done(time.perf_counter() - t_eps)
             if slow:
                 self._charge(span, "epsilon")
                 span = self.budget.span()

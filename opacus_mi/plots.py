@@ -126,10 +126,17 @@ def _robust_ylim(ax, records: Sequence[LeakageRecord]) -> None:
 
 
 def plot_epsilon(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
-    """Epsilon (at each record's delta) against step."""
+    """Epsilon (at each record's delta) against the step it is exact for: a record that
+    carries an earlier step's epsilon (``epsilon_step``, an expensive accountant paced by the
+    monitor) adds no point of its own, so the curve never shows a stale value as current."""
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    steps = [r.step for r in records]
-    ax.plot(steps, [_finite(r.epsilon) for r in records], color="tab:red", linewidth=1.5)
+    exact = {}
+    for r in records:
+        exact[r.step if r.epsilon_step is None else r.epsilon_step] = _finite(r.epsilon)
+    steps = sorted(exact)
+    ax.plot(
+        steps, [exact[s] for s in steps], color="tab:red", linewidth=1.5, marker=".", markersize=3
+    )
     ax.set_xlabel("step")
     delta = records[-1].delta if records else math.nan
     ax.set_ylabel(f"epsilon (delta {delta:g})")

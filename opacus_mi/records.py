@@ -55,8 +55,9 @@ class LeakageRecord:
     monitor_seconds: float = 0.0
     flags: list[str] = field(default_factory=list)
     # The step whose accountant history gave ``epsilon``: ``step`` itself, except when the
-    # overhead budget could not afford recomputing an expensive (PRV) epsilon on this step and
-    # the record carries the latest exact value instead. None in records from older versions.
+    # overhead budget (on a fixed schedule, its epsilon pacer) could not afford recomputing an
+    # expensive (PRV) epsilon on this step and the record carries the latest exact value
+    # instead. None in records from older versions.
     epsilon_step: int | None = None
 
     def as_dict(self) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     accountant: str = "prv"
+    exact_epsilon: bool = False  # PRV epsilon at every record (else paced: LeakageMonitor)
     estimator: str | None = "mine"
     views: tuple[str, ...] = ("clipped", "private")
     token_dim: int = 64
@@ -343,6 +344,7 @@ def _train(
         seed=cfg.seed,
         jsonl=str(jsonl),
         overlap={"auto": None, "on": True, "off": False}[cfg.overlap],
+        exact_epsilon=cfg.exact_epsilon,
         sinks=[fresh.append],  # records as they are delivered (with overlap, a step later)
     )
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())

@@ -15,7 +15,7 @@ from conftest import make_private, train
 from torch import nn
 
 from opacus_mi import LeakageMonitor
-from opacus_mi.budget import OverheadBudget, Plan
+from opacus_mi.budget import EpsilonPacer, OverheadBudget, Plan
 
 
 @pytest.fixture
@@ -231,11 +231,68 @@ def test_prv_epsilon_is_recomputed_when_affordable_and_otherwise_the_latest_exac
     assert all(r.epsilon_step <= r.step for r in records)
 
 
-def test_fixed_schedule_keeps_epsilon_exact_at_every_record_even_with_prv():
+def test_fixed_schedule_paces_prv_epsilon_and_each_record_names_its_exact_step():
+    """On a fixed schedule Opacus's PRV epsilon (tens of ms a call, growing with the steps) is
+    recomputed only as a quarter of ``budget`` of the wall time affords; every record's epsilon
+    is still exact for the step it names (a fresh PRVAccountant reproduces it bit for bit)."""
+    from opacus.accountants import PRVAccountant
+
+    engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False, accountant="prv")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1, budget=0.02)
+    train(model, opt, loader, epochs=4)
+    records = monitor.history
+    assert len(records) == 48 and records[0].epsilon_step == records[0].step == 0
+    pacer = monitor._epsilon_pacer
+    # 0.5% of ~1 s of wall time cannot afford a second ~20-60 ms PRV call, let alone 47.
+    assert 1 <= pacer.count < 10 and any(r.epsilon_step < r.step for r in records)
+    noise, rate, _ = engine.accountant.history[0]
+    for step in sorted({r.epsilon_step for r in records}):
+        ref = PRVAccountant()
+        ref.history = [(noise, rate, step + 1)]
+        assert all(r.epsilon == ref.get_epsilon(1e-5) for r in records if r.epsilon_step == step)
+    assert all(r.epsilon_step <= r.step for r in records)
+    assert f"(exact at step {records[-1].epsilon_step})" in monitor.summary()
+
+
+def test_exact_epsilon_computes_prv_afresh_at_every_record():
     engine, model, opt, loader = make_private(n=64, accountant="prv")
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator=None, every=1, exact_epsilon=True
+    )
+    train(model, opt, loader, epochs=1)
+    assert monitor._epsilon_pacer is None
+    assert monitor.history and all(r.epsilon_step == r.step for r in monitor.history)
+    assert monitor.history[-1].epsilon == engine.get_epsilon(1e-5)
+    monitor.detach()
+    with pytest.raises(ValueError, match="exact_epsilon must be True"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, exact_epsilon="yes")
+
+
+def test_a_cheap_accountant_needs_no_pacer():
+    engine, model, opt, loader = make_private(n=32, accountant="rdp")
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
     train(model, opt, loader, epochs=1)
-    assert monitor.history and all(r.epsilon_step == r.step for r in monitor.history)
+    assert monitor._epsilon_pacer is None
+    assert all(r.epsilon_step == r.step for r in monitor.history)
+
+
+def test_epsilon_pacer_keeps_recomputation_to_its_share_of_wall_time(monkeypatch):
+    import opacus_mi.budget as budget_module
+
+    clock = [100.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    pacer = EpsilonPacer(0.01)
+    assert pacer.due()  # the first record always computes it
+    pacer.done(0.05)  # took 50 ms: the next may come 0.05 x 99 = 4.95 s after it ended
+    clock[0] += 4.9
+    assert not pacer.due()
+    clock[0] += 0.06
+    assert pacer.due()
+    pacer.done(0.0)  # an unchanged history costs nothing: due again at once
+    assert pacer.due() and pacer.count == 2
+    for bad in (0, -0.1, math.inf, True, "0.01"):
+        with pytest.raises(ValueError, match="budget must be a positive number"):
+            EpsilonPacer(bad)
 
 
 def test_summary_says_what_the_budget_let_the_monitor_do(budget_defaults):
@@ -373,3 +430,31 @@ def test_the_budgets_own_tick_is_booked_as_monitor_time(budget_defaults, monkeyp
     assert monitor.steps == 24
     assert b.overhead_seconds >= nap * monitor.steps
     assert b.train_seconds <= elapsed - b.overhead_seconds
+
+
+def test_epsilon_plot_puts_each_exact_value_at_its_own_step(tmp_path, monkeypatch):
+    """Records carrying an earlier step's epsilon add no point: the curve never shows a
+    stale value as the current one."""
+    from opacus_mi import plots
+    from opacus_mi.records import LeakageRecord
+
+    seen = []
+    monkeypatch.setattr(
+        plots, "_save", lambda fig, path: seen.append(fig.axes[0].get_lines()[0].get_xydata())
+    )
+    rows = [(0, 0.5, 0), (1, 0.5, 0), (2, 0.5, 0), (3, 0.9, 3), (4, 0.9, 3), (5, 1.1, None)]
+    records = [
+        LeakageRecord(
+            step=s,
+            batch_size=8,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.1,
+            epsilon=e,
+            delta=1e-5,
+            epsilon_step=es,
+        )
+        for s, e, es in rows
+    ]
+    plots.plot_epsilon(records, tmp_path / "epsilon.png")
+    assert seen[0].tolist() == [[0, 0.5], [3, 0.9], [5, 1.1]]

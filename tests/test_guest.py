@@ -49,16 +49,35 @@ def test_bit_identical_training_and_identical_epsilon(setup):
     assert torch.equal(rng0, rng1), "the monitor consumed the global RNG"
     assert e0.accountant.history == e1.accountant.history
     assert e0.get_epsilon(1e-5) == e1.get_epsilon(1e-5)
-    assert monitor.history and monitor.history[-1].epsilon == e1.get_epsilon(1e-5)
+    # The last record's epsilon is the engine's at the step it names (an expensive PRV is
+    # paced: see test_record_epsilon_is_the_engine_epsilon_of_the_step_it_names).
+    last = monitor.history[-1]
+    assert last.epsilon == _epsilon_at(e1, last.epsilon_step)
+    if setup.get("accountant") != "prv":
+        assert last.epsilon_step == last.step and last.epsilon == e1.get_epsilon(1e-5)
     # the learned critics trained, and were evaluated on batches they had not seen
     assert any("clipped/mine" in r.mi for r in monitor.history)
     assert all("private/oracle" in r.mi for r in monitor.history if r.batch_size > 1)
 
 
-def test_record_epsilon_equals_engine_epsilon_at_every_step():
-    for accountant in ("rdp", "prv"):
+def _epsilon_at(engine, step: int) -> float:
+    """The engine's epsilon after ``step + 1`` steps of its (single) setting, from a fresh
+    accountant of its kind."""
+    (noise, rate, _), *rest = engine.accountant.history
+    assert not rest
+    ref = type(engine.accountant)()
+    ref.history = [(noise, rate, step + 1)]
+    return ref.get_epsilon(1e-5)
+
+
+def test_record_epsilon_is_the_engine_epsilon_of_the_step_it_names():
+    """RDP (cheap) and ``exact_epsilon=True``: every record's epsilon is the engine's at that
+    very step. PRV paced (the default): the engine's at the step the record names."""
+    for accountant, exact in (("rdp", False), ("prv", True), ("prv", False)):
         engine, model, opt, loader = make_private(accountant=accountant, n=64)
-        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, estimator=None, exact_epsilon=exact
+        )
         expected = []
         train(
             model,
@@ -67,8 +86,13 @@ def test_record_epsilon_equals_engine_epsilon_at_every_step():
             epochs=2,
             after_step=lambda e=engine, out=expected: out.append(e.get_epsilon(1e-5)),
         )
-        assert [r.epsilon for r in monitor.history] == expected
-        assert [r.step for r in monitor.history] == list(range(len(expected)))
+        records = monitor.history
+        assert [r.step for r in records] == list(range(len(expected)))
+        assert [r.epsilon for r in records] == [expected[r.epsilon_step] for r in records]
+        if exact or accountant == "rdp":
+            assert all(r.epsilon_step == r.step for r in records)
+        else:
+            assert records[0].epsilon_step == 0 and monitor._epsilon_pacer.count >= 1
 
 
 def test_accountant_hook_untouched_and_detach_restores_optimizer():
