@@ -135,7 +135,10 @@ class EpsilonPacer:
     once the wall time since the last recomputation ended is at least that one's cost x
     ``(1 / fraction - 1)``: epsilon then takes at most ``fraction`` of the loop's wall time,
     and a record in between carries the latest exact value and its step (``epsilon_step``).
-    The first record always computes it. ``LeakageMonitor(exact_epsilon=True)`` opts out.
+    The first record always computes it; like the budget's setup kinds, that first call (which
+    also fills the RDP tables and checks the tracker against Opacus, 2-3x a later call) sets no
+    pace, so the second record computes it again and its cost does.
+    ``LeakageMonitor(exact_epsilon=True)`` opts out.
     """
 
     def __init__(self, fraction: float):
@@ -151,7 +154,8 @@ class EpsilonPacer:
 
     def done(self, seconds: float) -> None:
         """A recomputation that took ``seconds`` has just ended."""
-        self.cost, self._end = seconds, time.perf_counter()
+        self.cost = seconds if self.count else None  # the first is setup (see above)
+        self._end = time.perf_counter()
         self.count += 1
 
 
