@@ -17,7 +17,9 @@ For every model (digits CNN, MLP, ResNet-18 with GroupNorm at CIFAR shape):
   (A, B, C, ..., A, B, C, ..., rotating the order), total time of each variant over all
   repetitions / the DP step's total (bursty schedules make a median misleading). Peak-memory
   figures go into the same ``extra_info``.
-* ``test_prv_ratio``: the same ratio with Opacus's PRV accountant (epsilon costs ~0.2 s a call).
+* ``test_prv_ratio``: the same ratios with Opacus's PRV accountant (its epsilon paced, and with
+  ``exact_epsilon=True``); ``test_prv_epsilon_call[steps]``: one PRV epsilon, the monitor's
+  tracker against Opacus's ``get_epsilon`` (same float).
 * ``test_ghost_ratio[model]``: Opacus ghost clipping (no per-sample gradients), the ghost DP
   step against the defaults and the every-step oracle with and without overlap.
 
@@ -213,37 +215,97 @@ def test_ratio_resnet18_gn(benchmark, setups, bench_lib):
 
 
 def test_prv_ratio(benchmark, bench_lib):
-    """DP + monitor with the PRV accountant: every measured step reports the exact epsilon, and
-    Opacus's PRV ``get_epsilon`` is the expensive part. The every-step oracle pays it on each
-    step (a few steps suffice); the budgeted default measures one step in several hundred, so it
-    is timed over 1,000 steps (pytest-benchmark times the whole comparison once)."""
+    """DP + monitor with Opacus's PRV accountant (its default), digits CNN. PRV's
+    ``get_epsilon`` costs tens of ms and grows with the steps, so the budgeted default and the
+    every-step oracle recompute it only as a quarter of the budget affords (the overhead
+    budget's share; on the fixed schedule the epsilon pacer): both are timed over hundreds of
+    steps. ``exact_epsilon=True`` pays it at every step (a few steps suffice). pytest-benchmark
+    times the whole comparison once."""
     group = {
         v: bench_lib.build_setup("digits_cnn", v, accountant="prv")
         for v in ("dp", "oracle", "default")
     }
+    group["oracle_exact"] = bench_lib.build_setup(
+        "digits_cnn", "oracle", accountant="prv", extra_monitor_kwargs={"exact_epsilon": True}
+    )
     for s in group.values():
         bench_lib.warm(s, 2)
     out: dict = {}
 
     def compare():
-        short = bench_lib.interleaved_times({v: group[v] for v in ("dp", "oracle")}, 3, 3)
-        long = bench_lib.interleaved_times({v: group[v] for v in ("dp", "default")}, 50, 20)
-        out["oracle"] = bench_lib.total_ratios(short, baseline="dp")["oracle"]
-        out["default"] = bench_lib.total_ratios(long, baseline="dp")["default"]
+        short = bench_lib.interleaved_times({v: group[v] for v in ("dp", "oracle_exact")}, 3, 3)
+        long = bench_lib.interleaved_times(
+            {v: group[v] for v in ("dp", "oracle", "default")}, 50, 12
+        )
+        out["oracle_exact"] = bench_lib.total_ratios(short, baseline="dp")["oracle_exact"]
+        for v in ("oracle", "default"):
+            out[v] = bench_lib.total_ratios(long, baseline="dp")[v]
 
     benchmark.group = "ratio"
     benchmark.pedantic(compare, rounds=1, iterations=1, warmup_rounds=0)
+    pacer = group["oracle"].monitor._epsilon_pacer
     benchmark.extra_info.update(
         {
             "accountant": "prv",
             "batch": group["dp"].batch,
             "ratio_oracle": out["oracle"],
+            "ratio_oracle_exact_epsilon": out["oracle_exact"],
             "ratio_default": out["default"],
+            "oracle_exact_epsilons": pacer.count,
+            "oracle_records": group["oracle"].monitor.record_count,
         }
     )
     print(
-        f"\n[digits_cnn PRV on {DEVICE}] ratio every-step oracle = {out['oracle']:.2f}, "
-        f"default = {out['default']:.2f}"
+        f"\n[digits_cnn PRV on {DEVICE}] ratio every-step oracle = {out['oracle']:.2f} "
+        f"(epsilon recomputed at {pacer.count} of {group['oracle'].monitor.record_count} "
+        f"records), with exact_epsilon = {out['oracle_exact']:.2f}, default = {out['default']:.2f}"
+    )
+
+
+@pytest.mark.parametrize("steps", [100, 1000])
+def test_prv_epsilon_call(benchmark, steps):
+    """One record's PRV epsilon: ``EpsilonTracker`` (Opacus's discretisation and composition,
+    its safe domain's RDP epsilons from cached tables) against Opacus's own ``get_epsilon``,
+    alternately on the same histories (digits: sigma 1, q = 64 / 1437); the same float."""
+    from opacus.accountants import PRVAccountant
+
+    from opacus_mi.accounting import EpsilonTracker
+
+    rate = 64 / 1437
+    acc = PRVAccountant()
+    acc.history = [(1.0, rate, steps)]
+    tracker = EpsilonTracker(acc, 1e-5)
+    tracker.epsilon()  # the first call: tables filled, checked against Opacus's
+    times = {"tracker": [], "opacus": []}
+    n = {"i": 0}
+
+    def one():
+        n["i"] += 1
+        history = ((1.0, rate, steps + n["i"]),)  # a new step count: no cached answer
+        ref = PRVAccountant()
+        ref.history = list(history)
+        t0 = time.perf_counter()
+        got = tracker.epsilon(history)
+        t1 = time.perf_counter()
+        want = ref.get_epsilon(1e-5)
+        t2 = time.perf_counter()
+        assert got == want
+        times["tracker"].append(t1 - t0)
+        times["opacus"].append(t2 - t1)
+
+    benchmark.group = "prv_epsilon"
+    benchmark.pedantic(one, rounds=5, iterations=1, warmup_rounds=0)
+    ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+    benchmark.extra_info.update(
+        {
+            "steps": steps,
+            **{f"{k}_ms": v for k, v in ms.items()},
+            "ratio": ms["tracker"] / ms["opacus"],
+        }
+    )
+    print(
+        f"\n[PRV epsilon at {steps} steps] tracker {ms['tracker']:.1f} ms, Opacus "
+        f"{ms['opacus']:.1f} ms ({ms['tracker'] / ms['opacus']:.2f}x)"
     )
 
 
