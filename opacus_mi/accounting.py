@@ -146,7 +146,8 @@ class EpsilonTracker:
     @property
     def cheap(self) -> bool:
         """Whether a fresh epsilon costs microseconds (RDP, composed here; GDP, closed form).
-        Opacus's PRV composes a discretised distribution per call: 0.1-0.4 s."""
+        Opacus's PRV composes a discretised distribution per call: tens of ms, ~1 s at 10,000
+        steps (see :meth:`_prv_epsilon`)."""
         return type(self.accountant).__name__ in ("RDPAccountant", "GaussianAccountant")
 
     def latest(self) -> float:

@@ -684,8 +684,8 @@ class LeakageMonitor:
         # whole budget goes to measurement: a round on a near-empty window is time for nothing.
         if self.estimators and not any(e.worth_training for e in self.estimators.values()):
             critics = False
-        # Epsilon is budgeted only when the measurement is (every=None) and costly (PRV): a
-        # fixed schedule computes it fresh at each record.
+        # A costly epsilon (PRV) has a share of the budget when the measurement is budgeted
+        # (every=None); on a fixed schedule the epsilon pacer decides instead (below).
         slow_epsilon = self.every is None and self._slow_epsilon
         plan = self.budget.plan(critics=critics, slow_epsilon=slow_epsilon)
         if pacer is not None:  # a fixed schedule with budgeted critics

@@ -435,7 +435,10 @@ def _train(
 
 
 def _tb_record(writer, record: LeakageRecord) -> None:
-    writer.add_scalar("privacy/epsilon", record.epsilon, record.step)
+    # A record carrying an earlier step's epsilon (PRV, paced) adds no point: that value was
+    # logged at its own step, by the record that computed it.
+    if record.epsilon_step is None or record.epsilon_step == record.step:
+        writer.add_scalar("privacy/epsilon", record.epsilon, record.step)
     if record.mi_bound is not None:
         writer.add_scalar("mi/bound_per_step", record.mi_bound, record.step)
     if record.mi_upper_bound is not None and math.isfinite(record.mi_upper_bound):

@@ -210,7 +210,7 @@ def test_a_bracket_is_booked_once_and_a_zero_interval_cannot_freeze_the_clock():
 def test_prv_epsilon_is_recomputed_when_affordable_and_otherwise_the_latest_exact_value(
     budget_defaults,
 ):
-    """With Opacus's PRV (0.05-0.4 s a call) the budget refreshes epsilon rarely; every record's
+    """With Opacus's PRV (tens of ms a call) the budget refreshes epsilon rarely; every record's
     epsilon is still exact for the step it names: a fresh PRVAccountant given the same history
     up to ``epsilon_step`` reproduces it bit for bit."""
     from opacus.accountants import PRVAccountant
@@ -460,3 +460,31 @@ def test_epsilon_plot_puts_each_exact_value_at_its_own_step(tmp_path, monkeypatc
     ]
     plots.plot_epsilon(records, tmp_path / "epsilon.png")
     assert seen[0].tolist() == [[0, 0.5], [3, 0.9], [5, 1.1]]
+
+
+def test_tensorboard_logs_each_exact_epsilon_once_at_its_own_step():
+    from opacus_mi.records import LeakageRecord
+    from opacus_mi.training import _tb_record
+
+    class Writer:
+        def __init__(self):
+            self.points = []
+
+        def add_scalar(self, tag, value, step):
+            if tag == "privacy/epsilon":
+                self.points.append((step, value))
+
+    writer = Writer()
+    for s, e, es in [(0, 0.5, 0), (1, 0.5, 0), (2, 0.9, 2), (3, 0.9, 2), (4, 1.0, None)]:
+        record = LeakageRecord(
+            step=s,
+            batch_size=8,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.1,
+            epsilon=e,
+            delta=1e-5,
+            epsilon_step=es,
+        )
+        _tb_record(writer, record)
+    assert writer.points == [(0, 0.5), (2, 0.9), (4, 1.0)]
