@@ -171,12 +171,16 @@ class EpsilonTracker:
             value = self._prv_epsilon(key)
         elif history is None:
             value = float(self.accountant.get_epsilon(self.delta))
-        else:  # Opacus's own accountant, on a copy that holds the given history
-            frozen = copy.copy(self.accountant)
-            frozen.history = [tuple(h) for h in key]
-            value = float(frozen.get_epsilon(self.delta))
+        else:
+            value = self._opacus_epsilon(key)
         self._key, self._value = key, value
         return value
+
+    def _opacus_epsilon(self, history: tuple) -> float:
+        """Opacus's own ``get_epsilon``, on a copy of the accountant holding ``history``."""
+        frozen = copy.copy(self.accountant)
+        frozen.history = [tuple(h) for h in history]
+        return float(frozen.get_epsilon(self.delta))
 
     def _prv_epsilon(self, history: tuple) -> float:
         """``PRVAccountant.get_epsilon(delta)`` for ``history``, Opacus's steps one by one, with
@@ -186,9 +190,7 @@ class EpsilonTracker:
         an Opacus whose PRV differs from this replica gets its own call from then on.
         """
         if self._prv_checked is None:
-            frozen = copy.copy(self.accountant)
-            frozen.history = [tuple(h) for h in history]
-            want = float(frozen.get_epsilon(self.delta))
+            want = self._opacus_epsilon(history)
             try:
                 got = self._prv_replica(history)
             except Exception:
@@ -198,9 +200,7 @@ class EpsilonTracker:
         try:
             return self._prv_replica(history)
         except Exception:  # what Opacus does then (its own error, or its value)
-            frozen = copy.copy(self.accountant)
-            frozen.history = [tuple(h) for h in history]
-            return float(frozen.get_epsilon(self.delta))
+            return self._opacus_epsilon(history)
 
     def _prv_replica(self, history: tuple, eps_error: float = 0.01) -> float:
         # PRVAccountant.get_epsilon's defaults: eps_error 0.01, delta_error = delta / 1000.
