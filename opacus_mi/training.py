@@ -374,6 +374,8 @@ def _train(
                 if fresh:  # (reading monitor.history would wait for an overlap worker)
                     rec = fresh[-1]
                     postfix["eps"] = f"{rec.epsilon:.2f}"
+                    if rec.epsilon_step is not None and rec.epsilon_step != rec.step:
+                        postfix["eps"] += f"@{rec.epsilon_step}"  # a paced PRV: its exact step
                     oracle = rec.mi.get("private/oracle")
                     if oracle is not None:
                         postfix["oracle"] = f"{oracle.nats:.3f}"
