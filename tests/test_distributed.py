@@ -53,8 +53,8 @@ def _collate(batch):
     return torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
 
 
-def _make_private(model, loader):
-    engine = PrivacyEngine(accountant="rdp")
+def _make_private(model, loader, accountant: str = "rdp"):
+    engine = PrivacyEngine(accountant=accountant)
     model, opt, loader = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -166,6 +166,24 @@ def _budget_run(rank: int) -> dict:
     return {"history": [r.as_dict() for r in monitor.history], "steps": monitor.steps}
 
 
+def _prv_run(rank: int) -> dict:
+    """A fixed schedule with Opacus's PRV accountant, its epsilon paced, with very different
+    budgets per rank (rank 0's would recompute it once in a while, rank 1's at every record):
+    every rank's records must carry rank 0's choice."""
+    torch.manual_seed(0)
+    data = make_data(N)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader, accountant="prv")
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, estimator=None, budget=1e-3 if rank == 0 else 1e3
+    )
+    for _ in range(3):
+        _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    monitor.detach()
+    return {"history": [r.as_dict() for r in monitor.history], "steps": monitor.steps}
+
+
 def _primitives(rank: int) -> dict:
     """The gathering primitives with unequal and empty contributions."""
     rows = torch.arange(3 * 4, dtype=torch.float64).reshape(3, 4) + 100 * rank
@@ -195,6 +213,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out["without"] = _ddp_run(rank, False, tmp)
         out["robust"] = _robustness_run(rank, tmp)
         out["budget"] = _budget_run(rank)
+        out["prv"] = _prv_run(rank)
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -363,6 +382,17 @@ def test_budget_schedule_follows_rank0_under_ddp(runs):
     assert steps == [r["step"] for r in b["history"]]
     # rank 0's tiny budget decided: not every step was measured (rank 1's would have been)
     assert 0 < len(steps) < a["steps"]
+    for x, y in zip(a["history"], b["history"], strict=True):
+        _same_record(x, y, rtol=0, atol=0)
+
+
+def test_paced_prv_epsilon_follows_rank0_under_ddp(runs):
+    ranks, _, _ = runs
+    a, b = ranks[0]["prv"], ranks[1]["prv"]
+    assert a["steps"] == b["steps"] == len(a["history"]) == 18
+    # rank 0's tiny budget decided: some records carry an earlier step's epsilon (rank 1's
+    # huge one would have recomputed it at each), and both ranks' records are the same.
+    assert any(r["epsilon_step"] < r["step"] for r in a["history"])
     for x, y in zip(a["history"], b["history"], strict=True):
         _same_record(x, y, rtol=0, atol=0)
 
