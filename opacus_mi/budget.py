@@ -39,6 +39,9 @@ default is 6% (books 5.4-5.7%, 1.087-1.107x).
 
 Time on a GPU is device time: CUDA events bracket the monitor's work and are read once complete
 (never waited on), so the budget adds no host synchronisation.
+
+A fixed schedule (``every=N``) has no budget for its measurements, but an expensive epsilon
+(Opacus's PRV) still gets a quarter of ``budget``, of the wall time: :class:`EpsilonPacer`.
 """
 
 from __future__ import annotations
