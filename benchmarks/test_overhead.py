@@ -18,8 +18,8 @@ For every model (digits CNN, MLP, ResNet-18 with GroupNorm at CIFAR shape):
   repetitions / the DP step's total (bursty schedules make a median misleading). Peak-memory
   figures go into the same ``extra_info``.
 * ``test_prv_ratio``: the same ratios with Opacus's PRV accountant (its epsilon paced, and with
-  ``exact_epsilon=True``); ``test_prv_epsilon_call[steps]``: one PRV epsilon, the monitor's
-  tracker against Opacus's ``get_epsilon`` (same float).
+  ``exact_epsilon=True``); ``test_epsilon_call[accountant-steps]``: one PRV or GDP epsilon,
+  the monitor's tracker against Opacus's ``get_epsilon`` (same float).
 * ``test_ghost_ratio[model]``: Opacus ghost clipping (no per-sample gradients), the ghost DP
   step against the defaults and the every-step oracle with and without overlap.
 
@@ -31,6 +31,7 @@ they are reported in ``extra_info`` (``meets_target``) and printed (``-s``).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -262,17 +263,25 @@ def test_prv_ratio(benchmark, bench_lib):
     )
 
 
-@pytest.mark.parametrize("steps", [100, 1000])
-def test_prv_epsilon_call(benchmark, steps):
-    """One record's PRV epsilon: ``EpsilonTracker`` (Opacus's discretisation and composition,
-    its safe domain's RDP epsilons from cached tables) against Opacus's own ``get_epsilon``,
-    alternately on the same histories (digits: sigma 1, q = 64 / 1437); the same float."""
-    from opacus.accountants import PRVAccountant
+@pytest.mark.parametrize(
+    "accountant,steps", [("prv", 100), ("prv", 1000), ("gdp", 1000)], ids=lambda v: str(v)
+)
+def test_epsilon_call(benchmark, accountant, steps):
+    """One record's epsilon with an accountant that is not RDP: ``EpsilonTracker`` (PRV:
+    Opacus's discretisation and composition, its safe domain's RDP epsilons from cached tables;
+    GDP: Opacus's solver on ``ndtr``) against Opacus's own ``get_epsilon``, alternately on the
+    same fresh histories (digits: sigma 1, q = 64 / 1437); the same float."""
+    import warnings
+
+    from opacus.accountants import GaussianAccountant, PRVAccountant
 
     from opacus_mi.accounting import EpsilonTracker
 
+    kind = {"prv": PRVAccountant, "gdp": GaussianAccountant}[accountant]
     rate = 64 / 1437
-    acc = PRVAccountant()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GDP: "experimental"
+        acc = kind()
     acc.history = [(1.0, rate, steps)]
     tracker = EpsilonTracker(acc, 1e-5)
     tracker.epsilon()  # the first call: tables filled, checked against Opacus's
@@ -282,7 +291,7 @@ def test_prv_epsilon_call(benchmark, steps):
     def one():
         n["i"] += 1
         history = ((1.0, rate, steps + n["i"]),)  # a new step count: no cached answer
-        ref = PRVAccountant()
+        ref = copy.copy(acc)
         ref.history = list(history)
         t0 = time.perf_counter()
         got = tracker.epsilon(history)
@@ -293,19 +302,20 @@ def test_prv_epsilon_call(benchmark, steps):
         times["tracker"].append(t1 - t0)
         times["opacus"].append(t2 - t1)
 
-    benchmark.group = "prv_epsilon"
+    benchmark.group = "epsilon"
     benchmark.pedantic(one, rounds=5, iterations=1, warmup_rounds=0)
     ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
     benchmark.extra_info.update(
         {
+            "accountant": accountant,
             "steps": steps,
             **{f"{k}_ms": v for k, v in ms.items()},
             "ratio": ms["tracker"] / ms["opacus"],
         }
     )
     print(
-        f"\n[PRV epsilon at {steps} steps] tracker {ms['tracker']:.1f} ms, Opacus "
-        f"{ms['opacus']:.1f} ms ({ms['tracker'] / ms['opacus']:.2f}x)"
+        f"\n[{accountant.upper()} epsilon at {steps} steps] tracker {ms['tracker']:.2f} ms, "
+        f"Opacus {ms['opacus']:.2f} ms ({ms['tracker'] / ms['opacus']:.2f}x)"
     )
 
 
