@@ -160,10 +160,6 @@ class EpsilonTracker:
         steps (see :meth:`_prv_replica`)."""
         return type(self.accountant).__name__ in ("RDPAccountant", "GaussianAccountant")
 
-    def latest(self) -> float:
-        """The epsilon last computed (0 before any), without computing anything."""
-        return self._value
-
     def history(self) -> tuple:
         return tuple(tuple(h) for h in getattr(self.accountant, "history", ()))
 

@@ -361,7 +361,9 @@ class LeakageMonitor:
         self._planned: tuple[int, int] | None = None
         self._adopted = -1  # the measured step whose plan _measure_at follows
         self._next_in = 1  # the latest plan's interval: the guess while a plan is being made
-        self._epsilon_step: int | None = None  # the step of the latest exact epsilon
+        # The latest exact epsilon a record carried, and its step (a paced epsilon's records
+        # repeat them until the next recomputation).
+        self._epsilon: tuple[float, int | None] = (0.0, None)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Kronecker sketch for Linear/Conv2d/Embedding weights in every mode: ghost clipping
         # tokenises from activations and backprops, and the tokens are the same in both modes.
@@ -910,15 +912,16 @@ class LeakageMonitor:
                 self._charge(span, "measure")
                 span = self.budget.span()
             t_eps = time.perf_counter()
-            epsilon, self._epsilon_step = self.epsilon.epsilon(accounting), step
+            epsilon = self.epsilon.epsilon(accounting)
+            self._epsilon = (epsilon, step)
             if self._epsilon_pacer is not None:
                 self._epsilon_pacer.done(time.perf_counter() - t_eps)
             if slow:
                 self._charge(span, "epsilon")
                 span = self.budget.span()
         else:
-            epsilon = self.epsilon.latest()
-        epsilon_step = self._epsilon_step
+            epsilon = self._epsilon[0]
+        epsilon_step = self._epsilon[1]
         record = LeakageRecord(
             step=step,
             batch_size=batch,
@@ -1183,10 +1186,15 @@ class LeakageMonitor:
         return list(seen)
 
     def summary(self, last: int = 20) -> str:
-        """A readable table of every MI series over the last ``last`` records."""
+        """A readable table of every MI series over the last ``last`` records; where the last
+        carries an earlier step's (paced) epsilon, the accountant's epsilon now beside it."""
         from .report import summary_table
 
-        return summary_table(self.history, last=last, note=self.schedule_note())
+        records = self.history  # (flushes: an overlap worker is idle, the tracker free)
+        now = None
+        if records and records[-1].epsilon_step not in (None, records[-1].step):
+            now = self.epsilon.epsilon()  # one fresh epsilon, on the caller's time
+        return summary_table(records, last=last, note=self.schedule_note(), epsilon_now=now)
 
     def schedule_note(self) -> str | None:
         """One line on what the overhead budget let the monitor do (None on a fixed schedule)."""

@@ -36,14 +36,20 @@ def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, f
 
 
 def summary_table(
-    records: Sequence[LeakageRecord], *, last: int = 20, width: int = 132, note: str | None = None
+    records: Sequence[LeakageRecord],
+    *,
+    last: int = 20,
+    width: int = 132,
+    note: str | None = None,
+    epsilon_now: float | None = None,
 ) -> str:
     """Render the leakage table: one row per MI series, averaged over the last records.
 
     ``last`` value is the latest held-out estimate with its bootstrap CI; ``mean`` averages the
     last ``last`` records with a 95% interval across steps; ``shuffled`` is the same critic on
     mismatched pairs (what the estimator reports when there is nothing to find). ``note`` is
-    appended as a last line (the monitor's schedule).
+    appended as a last line (the monitor's schedule). ``epsilon_now``: the accountant's epsilon
+    now, shown beside a last record that carries an earlier step's (a paced PRV epsilon).
     """
     if not records:
         return "no monitored steps yet"
@@ -57,7 +63,9 @@ def summary_table(
         title=(
             f"opacus-mi leakage after step {final.step} - epsilon {final.epsilon:.3f}"
             + (
-                f" (exact at step {final.epsilon_step})"
+                f" (exact at step {final.epsilon_step}"
+                + ("" if epsilon_now is None else f"; {epsilon_now:.3f} now")
+                + ")"
                 if final.epsilon_step is not None and final.epsilon_step != final.step
                 else ""
             )

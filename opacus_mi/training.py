@@ -560,7 +560,7 @@ def write_run_outputs(
 
     out = Path(out)
     files = [write_records_csv(records, out / "records.csv")]
-    table = summary_table(records)
+    table = summary_table(records, epsilon_now=(results or {}).get("epsilon"))
     items = _results_items(results)
     summary = "\n".join([table] + [f"{k}: {v}" for k, v in items.items()])
     (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")

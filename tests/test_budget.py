@@ -239,7 +239,11 @@ def test_fixed_schedule_paces_prv_epsilon_and_each_record_names_its_exact_step()
 
     engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False, accountant="prv")
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1, budget=0.02)
-    train(model, opt, loader, epochs=4)
+    train(model, opt, loader, epochs=2)
+    # A summary mid-run computes the epsilon of now for its title: the records after it still
+    # carry the latest *record's* exact value with its step.
+    assert "now)" in monitor.summary()
+    train(model, opt, loader, epochs=2)
     records = monitor.history
     assert len(records) == 48 and [r.epsilon_step for r in records[:2]] == [0, 1]
     pacer = monitor._epsilon_pacer
@@ -251,7 +255,8 @@ def test_fixed_schedule_paces_prv_epsilon_and_each_record_names_its_exact_step()
         ref.history = [(noise, rate, step + 1)]
         assert all(r.epsilon == ref.get_epsilon(1e-5) for r in records if r.epsilon_step == step)
     assert all(r.epsilon_step <= r.step for r in records)
-    assert f"(exact at step {records[-1].epsilon_step})" in monitor.summary()
+    now = engine.get_epsilon(1e-5)
+    assert f"(exact at step {records[-1].epsilon_step}; {now:.3f} now)" in monitor.summary()
 
 
 def test_exact_epsilon_computes_prv_afresh_at_every_record():
