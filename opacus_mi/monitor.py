@@ -1192,7 +1192,7 @@ class LeakageMonitor:
 
         records = self.history  # (flushes: an overlap worker is idle, the tracker free)
         now = None
-        if records and records[-1].epsilon_step not in (None, records[-1].step):
+        if records and records[-1].carries_earlier_epsilon:
             now = self.epsilon.epsilon()  # one fresh epsilon, on the caller's time
         return summary_table(records, last=last, note=self.schedule_note(), epsilon_now=now)
 

@@ -60,6 +60,11 @@ class LeakageRecord:
     # instead. None in records from older versions.
     epsilon_step: int | None = None
 
+    @property
+    def carries_earlier_epsilon(self) -> bool:
+        """Whether ``epsilon`` is an earlier step's (``epsilon_step``), not this step's own."""
+        return self.epsilon_step is not None and self.epsilon_step != self.step
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mi"] = {k: v.as_dict() for k, v in self.mi.items()}

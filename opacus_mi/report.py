@@ -66,7 +66,7 @@ def summary_table(
                 f" (exact at step {final.epsilon_step}"
                 + ("" if epsilon_now is None else f"; {epsilon_now:.3f} now")
                 + ")"
-                if final.epsilon_step is not None and final.epsilon_step != final.step
+                if final.carries_earlier_epsilon
                 else ""
             )
             + " at "

@@ -374,7 +374,7 @@ def _train(
                 if fresh:  # (reading monitor.history would wait for an overlap worker)
                     rec = fresh[-1]
                     postfix["eps"] = f"{rec.epsilon:.2f}"
-                    if rec.epsilon_step is not None and rec.epsilon_step != rec.step:
+                    if rec.carries_earlier_epsilon:
                         postfix["eps"] += f"@{rec.epsilon_step}"  # a paced PRV: its exact step
                     oracle = rec.mi.get("private/oracle")
                     if oracle is not None:
@@ -439,7 +439,7 @@ def _train(
 def _tb_record(writer, record: LeakageRecord) -> None:
     # A record carrying an earlier step's epsilon (PRV, paced) adds no point: that value was
     # logged at its own step, by the record that computed it.
-    if record.epsilon_step is None or record.epsilon_step == record.step:
+    if not record.carries_earlier_epsilon:
         writer.add_scalar("privacy/epsilon", record.epsilon, record.step)
     if record.mi_bound is not None:
         writer.add_scalar("mi/bound_per_step", record.mi_bound, record.step)

@@ -443,32 +443,18 @@ def test_epsilon_plot_puts_each_exact_value_at_its_own_step(tmp_path, monkeypatc
     """Records carrying an earlier step's epsilon add no point: the curve never shows a
     stale value as the current one."""
     from opacus_mi import plots
-    from opacus_mi.records import LeakageRecord
 
     seen = []
     monkeypatch.setattr(
         plots, "_save", lambda fig, path: seen.append(fig.axes[0].get_lines()[0].get_xydata())
     )
     rows = [(0, 0.5, 0), (1, 0.5, 0), (2, 0.5, 0), (3, 0.9, 3), (4, 0.9, 3), (5, 1.1, None)]
-    records = [
-        LeakageRecord(
-            step=s,
-            batch_size=8,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            sample_rate=0.1,
-            epsilon=e,
-            delta=1e-5,
-            epsilon_step=es,
-        )
-        for s, e, es in rows
-    ]
+    records = [_epsilon_record(*row) for row in rows]
     plots.plot_epsilon(records, tmp_path / "epsilon.png")
     assert seen[0].tolist() == [[0, 0.5], [3, 0.9], [5, 1.1]]
 
 
 def test_tensorboard_logs_each_exact_epsilon_once_at_its_own_step():
-    from opacus_mi.records import LeakageRecord
     from opacus_mi.training import _tb_record
 
     class Writer:
@@ -480,16 +466,22 @@ def test_tensorboard_logs_each_exact_epsilon_once_at_its_own_step():
                 self.points.append((step, value))
 
     writer = Writer()
-    for s, e, es in [(0, 0.5, 0), (1, 0.5, 0), (2, 0.9, 2), (3, 0.9, 2), (4, 1.0, None)]:
-        record = LeakageRecord(
-            step=s,
-            batch_size=8,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            sample_rate=0.1,
-            epsilon=e,
-            delta=1e-5,
-            epsilon_step=es,
-        )
-        _tb_record(writer, record)
+    for row in [(0, 0.5, 0), (1, 0.5, 0), (2, 0.9, 2), (3, 0.9, 2), (4, 1.0, None)]:
+        _tb_record(writer, _epsilon_record(*row))
     assert writer.points == [(0, 0.5), (2, 0.9), (4, 1.0)]
+
+
+def _epsilon_record(step: int, epsilon: float, epsilon_step: int | None):
+    """A record that only matters for its epsilon and the step that epsilon is exact for."""
+    from opacus_mi.records import LeakageRecord
+
+    return LeakageRecord(
+        step=step,
+        batch_size=8,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.1,
+        epsilon=epsilon,
+        delta=1e-5,
+        epsilon_step=epsilon_step,
+    )
