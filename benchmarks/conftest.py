@@ -324,6 +324,38 @@ def build_warm(model_name: str, variants: Sequence[str], warmup: int, **kw) -> d
     return setups
 
 
+def build_prv_group(device: str | torch.device = DEVICE) -> dict[str, Setup]:
+    """The digits CNN with Opacus's PRV accountant, warmed: the DP step, the every-step oracle
+    (its epsilon paced), the budgeted default, and the every-step oracle with
+    ``exact_epsilon=True`` (``"exact"``)."""
+    group = {
+        v: build_setup("digits_cnn", v, accountant="prv", device=device)
+        for v in ("dp", "oracle", "default")
+    }
+    group["exact"] = build_setup(
+        "digits_cnn",
+        "oracle",
+        accountant="prv",
+        device=device,
+        extra_monitor_kwargs={"exact_epsilon": True},
+    )
+    for s in group.values():
+        warm(s, 2)
+    return group
+
+
+def prv_ratios(group: dict[str, Setup], reps: int) -> tuple[dict[str, float], dict]:
+    """Ratios to the DP step of a :func:`build_prv_group`: ``exact`` over a few steps (each pays
+    a PRV epsilon), the paced ``oracle`` and the ``default`` over ``reps`` x 50 steps (both
+    recompute epsilon only as the budget affords, so a short window would read high or low by
+    luck). Also returns the long run's per-step times."""
+    short = interleaved_times({v: group[v] for v in ("dp", "exact")}, 3, 3)
+    long = interleaved_times({v: group[v] for v in ("dp", "oracle", "default")}, 50, reps)
+    ratios = total_ratios(long, baseline="dp")
+    ratios["exact"] = total_ratios(short, baseline="dp")["exact"]
+    return ratios, long
+
+
 # --------------------------------------------------------------------------- timing
 
 

@@ -166,21 +166,8 @@ def measure_prv(lib, device: str) -> dict:
     the monitor's tracker against Opacus's own ``get_epsilon`` at the same fresh history."""
     from opacus_mi.accounting import EpsilonTracker
 
-    setups = {
-        v: lib.build_setup("digits_cnn", v, accountant="prv", device=device)
-        for v in ("dp", "oracle", "default")
-    }
-    setups["exact"] = lib.build_setup(
-        "digits_cnn",
-        "oracle",
-        accountant="prv",
-        device=device,
-        extra_monitor_kwargs={"exact_epsilon": True},
-    )
-    for s in setups.values():
-        lib.warm(s, 2)
-    short = lib.interleaved_times({v: setups[v] for v in ("dp", "exact")}, 3, 3)
-    long = lib.interleaved_times({v: setups[v] for v in ("dp", "oracle", "default")}, 50, 20)
+    setups = lib.build_prv_group(device)
+    ratios, long = lib.prv_ratios(setups, reps=20)
     acc = setups["dp"].engine.accountant
     tracker = EpsilonTracker(acc, lib.DELTA)
     tracker.epsilon()  # its first call: RDP tables filled, checked against Opacus's
@@ -196,9 +183,9 @@ def measure_prv(lib, device: str) -> dict:
         "batch": setups["dp"].batch,
         "dp_ms": sorted(long["dp"])[len(long["dp"]) // 2] * 1e3,
         "steps": acc.history[0][2],
-        "ratio_oracle": lib.total_ratios(long, baseline="dp")["oracle"],
-        "ratio_exact": lib.total_ratios(short, baseline="dp")["exact"],
-        "ratio_default": lib.total_ratios(long, baseline="dp")["default"],
+        "ratio_oracle": ratios["oracle"],
+        "ratio_exact": ratios["exact"],
+        "ratio_default": ratios["default"],
         "oracle_exact_epsilons": om._epsilon_pacer.count,
         "oracle_records": om.record_count,
         "default_measured": len(dm.history),

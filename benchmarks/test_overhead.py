@@ -222,25 +222,11 @@ def test_prv_ratio(benchmark, bench_lib):
     budget's share; on the fixed schedule the epsilon pacer): both are timed over hundreds of
     steps. ``exact_epsilon=True`` pays it at every step (a few steps suffice). pytest-benchmark
     times the whole comparison once."""
-    group = {
-        v: bench_lib.build_setup("digits_cnn", v, accountant="prv")
-        for v in ("dp", "oracle", "default")
-    }
-    group["oracle_exact"] = bench_lib.build_setup(
-        "digits_cnn", "oracle", accountant="prv", extra_monitor_kwargs={"exact_epsilon": True}
-    )
-    for s in group.values():
-        bench_lib.warm(s, 2)
+    group = bench_lib.build_prv_group()
     out: dict = {}
 
     def compare():
-        short = bench_lib.interleaved_times({v: group[v] for v in ("dp", "oracle_exact")}, 3, 3)
-        long = bench_lib.interleaved_times(
-            {v: group[v] for v in ("dp", "oracle", "default")}, 50, 12
-        )
-        out["oracle_exact"] = bench_lib.total_ratios(short, baseline="dp")["oracle_exact"]
-        for v in ("oracle", "default"):
-            out[v] = bench_lib.total_ratios(long, baseline="dp")[v]
+        out.update(bench_lib.prv_ratios(group, reps=12)[0])
 
     benchmark.group = "ratio"
     benchmark.pedantic(compare, rounds=1, iterations=1, warmup_rounds=0)
@@ -250,7 +236,7 @@ def test_prv_ratio(benchmark, bench_lib):
             "accountant": "prv",
             "batch": group["dp"].batch,
             "ratio_oracle": out["oracle"],
-            "ratio_oracle_exact_epsilon": out["oracle_exact"],
+            "ratio_oracle_exact_epsilon": out["exact"],
             "ratio_default": out["default"],
             "oracle_exact_epsilons": pacer.count,
             "oracle_records": group["oracle"].monitor.record_count,
@@ -259,7 +245,7 @@ def test_prv_ratio(benchmark, bench_lib):
     print(
         f"\n[digits_cnn PRV on {DEVICE}] ratio every-step oracle = {out['oracle']:.2f} "
         f"(epsilon recomputed at {pacer.count} of {group['oracle'].monitor.record_count} "
-        f"records), with exact_epsilon = {out['oracle_exact']:.2f}, default = {out['default']:.2f}"
+        f"records), with exact_epsilon = {out['exact']:.2f}, default = {out['default']:.2f}"
     )
 
 
