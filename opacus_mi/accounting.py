@@ -22,8 +22,9 @@ training run on two RDP epsilons, which only size its discretisation domain
 takes those two from the same cached RDP tables, then runs Opacus's own discretisation,
 composition and conversion: the same float as ``engine.get_epsilon(delta)``, checked against it
 on the first call (a PRV of another Opacus version that differs falls back to Opacus's own
-call). Its FFT composition stays, and grows with the steps (~1 s at 10,000 steps): what a
-record may afford is the monitor's schedule's to decide (``LeakageMonitor``).
+call). Its FFT composition stays, and grows with the steps and with epsilon (~1 s at 10,000
+steps): what a record may afford is the monitor's schedule's to decide (``LeakageMonitor``),
+by the size of the domain the call would run over (``EpsilonTracker.work``).
 
 Opacus's GDP accountant solves its dual with ``brentq`` over ``scipy.stats.norm.cdf``, whose
 per-call overhead makes one epsilon ~0.9 ms (a third of a small model's DP step, at every
@@ -224,9 +225,28 @@ class EpsilonTracker:
 
         return float(optimize.brentq(f, 0, 500))
 
-    def _prv_replica(self, history: tuple, eps_error: float = 0.01) -> float:
-        """``PRVAccountant.get_epsilon(delta)`` for ``history``, Opacus's steps one by one, with
-        the two RDP epsilons of its ``compute_safe_domain_size`` from this tracker's tables."""
+    def work(self, history: tuple | None = None) -> float:
+        """How much computing epsilon for ``history`` costs, relative to other histories.
+
+        For PRV: the points of Opacus's discretisation domain (``2 L / mesh``), which its
+        discretisation and FFT composition run over. Its half-width ``L`` follows epsilon and
+        its mesh narrows as ``1/sqrt(steps)``, so one call can cost 100x an earlier one
+        (digits at q = 0.7: 20 ms at 10 steps, 2.8 s at 830, where epsilon is ~300); seconds
+        per point stay within 0.16-0.43 us over the settings timed (``benchmarks/README.md``).
+        The budget scales its cost estimate by this instead of assuming the next call costs
+        what the last one did. Microseconds (the RDP tables are cached); 1.0 for the others.
+        """
+        key = self.history() if history is None else history
+        if type(self.accountant) is not PRVAccountant or not key:
+            return 1.0
+        L, mesh_size, _ = self._prv_domain_bounds(key)
+        return float(prv_analysis.Domain.create_aligned(-L, L, mesh_size).size)
+
+    def _prv_domain_bounds(
+        self, history: tuple, eps_error: float = 0.01
+    ) -> tuple[float, float, list]:
+        """``(L, mesh_size, prvs)`` of Opacus's PRV domain for ``history``: its
+        ``compute_safe_domain_size`` with the two RDP epsilons from this tracker's tables."""
         # PRVAccountant.get_epsilon's defaults: eps_error 0.01, delta_error = delta / 1000.
         delta_error = self.delta / 1000
         prvs = [prv_analysis.PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
@@ -246,8 +266,17 @@ class EpsilonTracker:
         for p in prvs:
             L_max = max(L_max, one.epsilon(((p.noise_multiplier, p.sample_rate, 1),)))
         L = max(L_max, eps_error) + 3
-        # PRVAccountant._get_domain and _get_dprv, then get_epsilon's conversion.
+        # PRVAccountant._get_domain's mesh.
         mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+        return L, mesh_size, prvs
+
+    def _prv_replica(self, history: tuple, eps_error: float = 0.01) -> float:
+        """``PRVAccountant.get_epsilon(delta)`` for ``history``, Opacus's steps one by one, with
+        the two RDP epsilons of its ``compute_safe_domain_size`` from this tracker's tables."""
+        delta_error = self.delta / 1000
+        counts = [steps for _, _, steps in history]
+        L, mesh_size, prvs = self._prv_domain_bounds(history, eps_error)
+        # PRVAccountant._get_domain and _get_dprv, then get_epsilon's conversion.
         domain = prv_analysis.Domain.create_aligned(-L, L, mesh_size)
         tprvs = [
             prv_analysis.TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs

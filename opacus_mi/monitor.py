@@ -353,6 +353,7 @@ class LeakageMonitor:
         # overhead budget from its epsilon share, on a fixed schedule by the wall-time pacer.
         self._slow_epsilon = not exact_epsilon and not self.epsilon.cheap
         self._epsilon_pacer: EpsilonPacer | None = None
+        self._epsilon_work = 1.0  # the latest recomputation's (EpsilonTracker.work)
         if every is not None and self._slow_epsilon:
             self._epsilon_pacer = EpsilonPacer(check_fraction(budget) * EPSILON_SHARE)
         self._measure_at = 0  # budget mode: the step index of the next measured step
@@ -674,11 +675,14 @@ class LeakageMonitor:
             self._adopt_plan()
         self._deliver()
 
-    def _plan(self) -> Plan:
-        """This rank's plan for the work with no fixed schedule (see :mod:`opacus_mi.budget`)."""
+    def _plan(self, epsilon_work: float = 1.0) -> Plan:
+        """This rank's plan for the work with no fixed schedule (see :mod:`opacus_mi.budget`);
+        ``epsilon_work``: what recomputing an expensive epsilon now would take
+        (``EpsilonTracker.work``)."""
         pacer = self._epsilon_pacer
         if self.budget is None:
-            return Plan(next_in=self.every or 1, train=False, epsilon=pacer is None or pacer.due())
+            epsilon = pacer is None or pacer.due(epsilon_work)
+            return Plan(next_in=self.every or 1, train=False, epsilon=epsilon)
         critics = self.train_every is None and bool(
             self.estimators or self.controls or self.semi_oracle is not None
         )
@@ -689,9 +693,11 @@ class LeakageMonitor:
         # A costly epsilon (PRV) has a share of the budget when the measurement is budgeted
         # (every=None); on a fixed schedule the epsilon pacer decides instead (below).
         slow_epsilon = self.every is None and self._slow_epsilon
-        plan = self.budget.plan(critics=critics, slow_epsilon=slow_epsilon)
+        plan = self.budget.plan(
+            critics=critics, slow_epsilon=slow_epsilon, epsilon_work=epsilon_work
+        )
         if pacer is not None:  # a fixed schedule with budgeted critics
-            plan = dataclasses.replace(plan, epsilon=pacer.due())
+            plan = dataclasses.replace(plan, epsilon=pacer.due(epsilon_work))
         return plan
 
     def _measure_chunk(self, taken: _Taken) -> Chunk:
@@ -893,7 +899,16 @@ class LeakageMonitor:
         t0 = time.perf_counter()
         span = self.budget.span() if self.budget is not None else None
         opt = self.optimizer
-        plan = self._plan()
+        # An expensive epsilon's cost follows the run (PRV: its domain, which only grows), so
+        # the plan weighs the recomputation this step would make, not the last one. The last
+        # one's work is a lower bound: only a plan that affords that needs the true figure
+        # (~70 us).
+        work = self._epsilon_work
+        plan = self._plan(work)
+        if plan.epsilon and self._slow_epsilon:
+            work = self.epsilon.work(accounting)
+            if work > self._epsilon_work:
+                plan = self._plan(work)
         # Gathering comes first: nothing local may fail before this rank joins the collectives.
         # Under DPDDP every rank follows rank 0's plan, which travels with its chunks.
         if self.distributed:
@@ -914,10 +929,11 @@ class LeakageMonitor:
             t_eps = time.perf_counter()
             epsilon = self.epsilon.epsilon(accounting)
             self._epsilon = (epsilon, step)
+            self._epsilon_work = work
             if self._epsilon_pacer is not None:
-                self._epsilon_pacer.done(time.perf_counter() - t_eps)
+                self._epsilon_pacer.done(time.perf_counter() - t_eps, work)
             if slow:
-                self._charge(span, "epsilon")
+                self._charge(span, "epsilon", work)
                 span = self.budget.span()
         else:
             epsilon = self._epsilon[0]
@@ -1055,8 +1071,8 @@ class LeakageMonitor:
             out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
         return out
 
-    def _charge(self, span, kind: str) -> None:
-        self.budget.charge(span, kind, concurrent=self.overlap)
+    def _charge(self, span, kind: str, work: float = 1.0) -> None:
+        self.budget.charge(span, kind, concurrent=self.overlap, work=work)
 
     def _gather_chunks(self, chunks: list[Chunk], plan: Plan) -> tuple[list[Chunk], Plan]:
         """Every rank's chunks of this logical step in rank order, their draws made (DPDDP).

@@ -220,6 +220,40 @@ def test_prv_replica_that_disagrees_with_opacus_is_not_used():
     assert tracker.epsilon() == acc.get_epsilon(1e-5)
 
 
+def test_prv_work_is_the_size_of_opacus_own_domain():
+    """``EpsilonTracker.work`` (what the budget scales an epsilon's cost by) is the number of
+    points Opacus's PRV discretises over, as its own ``_get_domain`` builds them: from a few
+    thousand at one step to millions where epsilon is large."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants.analysis import prv as prv_analysis
+
+    histories = [
+        ((1.0, 0.045, 1),),
+        ((1.0, 0.045, 1000),),
+        ((1.0, 0.7, 830),),  # epsilon ~300: a domain ~100x that of 10 steps
+        ((0.5, 0.045, 200),),
+        ((1.0, 0.03, 40), (2.0, 0.1, 7)),  # a noise change: two parts
+    ]
+    for delta in (1e-5, 1e-6):
+        tracker = EpsilonTracker(PRVAccountant(), delta)
+        sizes = []
+        for history in histories:
+            acc = PRVAccountant()
+            acc.history = [tuple(h) for h in history]
+            prvs = [prv_analysis.PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
+            domain = acc._get_domain(
+                prvs=prvs,
+                num_self_compositions=[n for *_, n in history],
+                eps_error=0.01,
+                delta_error=delta / 1000,
+            )
+            work = tracker.work(history)
+            assert work == domain.size, history
+            sizes.append(domain.size)
+        assert sizes[2] > 50 * tracker.work(((1.0, 0.7, 10),))  # why a last cost misleads
+    assert EpsilonTracker(RDPAccountant(), 1e-5).work(((1.0, 0.045, 1000),)) == 1.0
+
+
 def _prv(part: tuple, delta: float) -> float:
     from opacus.accountants import PRVAccountant
 

@@ -15,6 +15,7 @@ from conftest import make_private, train
 from torch import nn
 
 from opacus_mi import LeakageMonitor
+from opacus_mi.accounting import EpsilonTracker
 from opacus_mi.budget import EpsilonPacer, OverheadBudget, Plan
 
 
@@ -149,11 +150,11 @@ def test_budget_mode_is_still_a_guest(budget_defaults):
     assert e0.get_epsilon(1e-5) == e1.get_epsilon(1e-5)
 
 
-def _spend(budget: OverheadBudget, kind: str, seconds: float) -> None:
+def _spend(budget: OverheadBudget, kind: str, seconds: float, work: float = 1.0) -> None:
     """Book a span of exactly ``seconds`` (the clock itself is not under test here)."""
     span = budget.span()
     span.t1 = span.t0 + seconds
-    budget._pending.append((span, kind))
+    budget._pending.append((span, kind, work))
     budget._settle()
 
 
@@ -191,6 +192,32 @@ def test_critics_first_round_waits_for_a_prior_and_is_charged_like_any_other():
     assert b.critic_cost == pytest.approx(0.8 * 0.07 + 0.2 * 0.03)  # the running estimate
 
 
+def test_an_expensive_epsilon_is_costed_by_its_work_not_by_the_last_call():
+    """PRV's cost follows its domain (``EpsilonTracker.work``), which can grow 100x over a
+    run: the budget keeps seconds per unit of work and weighs the call a plan would make."""
+    b = OverheadBudget(0.1)
+    b.step_seconds, b.measure_cost = 0.01, 0.001
+    plan = b.plan(critics=False, slow_epsilon=True, epsilon_work=1e4)
+    assert plan.epsilon  # no cost known yet: the first is setup
+    _spend(b, "epsilon", 0.05, work=1e4)
+    b.tick()
+    assert b.setup_seconds == pytest.approx(0.05) and b.epsilon_cost == pytest.approx(5e-6)
+    _spend(b, "epsilon", 0.02, work=1e4)  # a steady call: 2 us per unit
+    b.tick()
+    assert b.epsilon_seconds == pytest.approx(0.02)
+    assert b.epsilon_cost == pytest.approx(0.8 * 5e-6 + 0.2 * 2e-6)
+    per_unit = b.epsilon_cost
+    b.epsilon_credit = 1.1 * per_unit * 1e4  # enough for the last call's work ...
+    assert b.plan(critics=False, slow_epsilon=True, epsilon_work=1e4).epsilon
+    # ... not for a call over a domain 100x as large (the old rule, credit >= the last
+    # call's cost, recomputed it here and overspent the budget ~100x on that step).
+    assert not b.plan(critics=False, slow_epsilon=True, epsilon_work=1e6).epsilon
+    # The bucket's cap follows the next call's work, so the credit can reach it.
+    b._refill(1e4, critics=False, slow_epsilon=True)
+    assert b.epsilon_credit == pytest.approx(1.25 * per_unit * 1e6)
+    assert b.plan(critics=False, slow_epsilon=True, epsilon_work=1e6).epsilon
+
+
 def test_a_bracket_is_booked_once_and_a_zero_interval_cannot_freeze_the_clock():
     b = OverheadBudget(0.1)
     span = b.span()
@@ -217,18 +244,28 @@ def test_prv_epsilon_is_recomputed_when_affordable_and_otherwise_the_latest_exac
 
     engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False, accountant="prv")
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, budget=0.2)
+    charged, charge = [], monitor.budget.charge
+    monitor.budget.charge = lambda span, kind, **kw: (
+        charged.append(kw.get("work")) if kind == "epsilon" else None,
+        charge(span, kind, **kw),
+    )
     train(model, opt, loader, epochs=6)
     records = monitor.history
     assert records and records[0].epsilon_step == records[0].step  # first: exact, setup
     assert any(r.epsilon_step < r.step for r in records)  # some carry the latest exact value
     assert monitor.budget.epsilon_seconds > 0 or monitor.budget.setup_seconds > 0
     noise, rate, _ = engine.accountant.history[0]
-    for step in sorted({r.epsilon_step for r in records}):
+    steps = sorted({r.epsilon_step for r in records})
+    for step in steps:
         ref = PRVAccountant()
         ref.history = [(noise, rate, step + 1)]  # the accountant had stepped step + 1 times
         want = ref.get_epsilon(1e-5)
         assert all(r.epsilon == want for r in records if r.epsilon_step == step)
     assert all(r.epsilon_step <= r.step for r in records)
+    # Each recomputation was booked with its own work (its domain grows with the steps), which
+    # is what the budget costs the next one by.
+    works = [EpsilonTracker(PRVAccountant(), 1e-5).work(((noise, rate, s + 1),)) for s in steps]
+    assert charged == works and works == sorted(works)
 
 
 def test_fixed_schedule_paces_prv_epsilon_and_each_record_names_its_exact_step():
@@ -297,6 +334,14 @@ def test_epsilon_pacer_keeps_recomputation_to_its_share_of_wall_time(monkeypatch
     assert pacer.due()
     pacer.done(0.0)  # an unchanged history costs nothing: due again at once
     assert pacer.due() and pacer.count == 3
+    # With work (EpsilonTracker.work): 50 ms for 1e4 units paces a call of 1e5 units 10x
+    # further away than one of 1e4.
+    pacer.done(0.05, work=1e4)
+    assert pacer.cost == pytest.approx(5e-6)
+    clock[0] += 4.96
+    assert pacer.due(work=1e4) and not pacer.due(work=1e5)
+    clock[0] += 10 * 4.95 - 4.96
+    assert pacer.due(work=1e5)
     for bad in (0, -0.1, math.inf, True, "0.01"):
         with pytest.raises(ValueError, match="budget must be a positive number"):
             EpsilonPacer(bad)
