@@ -172,6 +172,8 @@ class EpsilonTracker:
             return self._value
         if not key:
             value = 0.0
+        elif _noiseless(key):
+            value = math.inf  # no noise, no guarantee (Opacus's PRV and GDP raise instead)
         elif type(self.accountant) is RDPAccountant:
             value = self._rdp_epsilon(key)
         elif type(self.accountant) in self._replica and self._replica_ok is not False:
@@ -237,7 +239,7 @@ class EpsilonTracker:
         what the last one did. Microseconds (the RDP tables are cached); 1.0 for the others.
         """
         key = self.history() if history is None else history
-        if type(self.accountant) is not PRVAccountant or not key:
+        if type(self.accountant) is not PRVAccountant or not key or _noiseless(key):
             return 1.0
         L, mesh_size, _ = self._prv_domain_bounds(key)
         return float(prv_analysis.Domain.create_aligned(-L, L, mesh_size).size)
@@ -407,6 +409,14 @@ class EpsilonTracker:
                 float(self._sub[best]),
                 float(self._add[best]),
             )
+
+
+def _noiseless(history: tuple) -> bool:
+    """Whether some step released a sampled batch's gradient without noise (sigma = 0): then
+    epsilon is infinite at any delta < 1. Opacus's RDP says so (``inf``); its PRV raises
+    ``OverflowError`` and its GDP ``ZeroDivisionError``, which left a non-private baseline run
+    (a sweep's sigma = 0) without a single record under Opacus's default accountant."""
+    return any(noise == 0 and rate > 0 and steps > 0 for noise, rate, steps in history)
 
 
 def sample_rate_of(accountant: IAccountant | None, history: Sequence | None = None) -> float:

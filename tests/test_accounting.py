@@ -254,6 +254,31 @@ def test_prv_work_is_the_size_of_opacus_own_domain():
     assert EpsilonTracker(RDPAccountant(), 1e-5).work(((1.0, 0.045, 1000),)) == 1.0
 
 
+def test_noiseless_history_has_infinite_epsilon_under_every_accountant():
+    """sigma = 0 (a non-private baseline trained through Opacus): epsilon is infinite. Opacus's
+    RDP says so; its PRV and GDP raise, which the tracker must not pass on (it would cost the
+    monitor every record of such a run). A part with no sampling (q = 0) releases nothing."""
+    from opacus.accountants import GaussianAccountant, PRVAccountant
+
+    history = ((1.0, 0.05, 10), (0.0, 0.05, 3))
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert rdp.get_epsilon(1e-5) == math.inf  # the reference
+    for kind, error in ((PRVAccountant, OverflowError), (GaussianAccountant, ZeroDivisionError)):
+        acc = kind()
+        acc.history = [history[-1]]
+        with pytest.raises(error):  # Opacus itself
+            acc.get_epsilon(1e-5)
+    for kind in (RDPAccountant, PRVAccountant, GaussianAccountant):
+        acc = kind()
+        acc.history = list(history[-1:] if kind is GaussianAccountant else history)
+        tracker = EpsilonTracker(acc, 1e-5)
+        assert tracker.epsilon() == math.inf and tracker.work() == 1.0
+    acc = RDPAccountant()
+    acc.history = [(0.0, 0.0, 5)]
+    assert EpsilonTracker(acc, 1e-5).epsilon() == acc.get_epsilon(1e-5) < math.inf
+
+
 def _prv(part: tuple, delta: float) -> float:
     from opacus.accountants import PRVAccountant
 

@@ -95,6 +95,24 @@ def test_record_epsilon_is_the_engine_epsilon_of_the_step_it_names():
             assert records[0].epsilon_step == 0 and monitor._epsilon_pacer.count >= 1
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
+def test_a_noiseless_run_is_recorded_with_infinite_epsilon(accountant):
+    """sigma = 0 (a non-private baseline through Opacus): records at every step, epsilon and
+    both MI bounds infinite, and the oracle at its ceiling ln B (without noise a release names
+    its example). Under Opacus's PRV and GDP, whose ``get_epsilon`` raises there, the monitor
+    used to lose every record."""
+    import math
+
+    engine, model, opt, loader = make_private(accountant=accountant, noise=0.0, poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    train(model, opt, loader, epochs=1)
+    records = monitor.history
+    assert [r.step for r in records] == list(range(len(loader)))
+    for r in records:
+        assert r.epsilon == r.mi_bound == r.mi_upper_bound == math.inf and not r.flags
+        assert r.mi["private/oracle"].nats == pytest.approx(math.log(r.batch_size), abs=1e-9)
+
+
 def test_accountant_hook_untouched_and_detach_restores_optimizer():
     engine, model, opt, loader = make_private()
     before = dict(vars(opt))
