@@ -90,6 +90,7 @@ from .views import (
     clipped_gram,
     flat_clip,
     raw_gram,
+    release_noise_std,
     scale_gram,
 )
 
@@ -152,6 +153,7 @@ class _Taken:
     factored: Any = None  # ghost clipping: a FactoredBatch, or (overlap) its FactoredRecording
     noise_multiplier: float = 0.0
     max_grad_norm: float = 0.0
+    noise_std: float = 0.0  # of the noise Opacus adds (views.release_noise_std)
     max_grad_norms: list[float] | None = None  # per-layer clipping
     error: Exception | None = None  # taking them failed: the chunk is flagged
 
@@ -354,6 +356,7 @@ class LeakageMonitor:
         self._slow_epsilon = not exact_epsilon and not self.epsilon.cheap
         self._epsilon_pacer: EpsilonPacer | None = None
         self._epsilon_work = 1.0  # the latest recomputation's (EpsilonTracker.work)
+        self._noise_std: float | None = None  # the latest private view's (release_noise_std)
         if every is not None and self._slow_epsilon:
             self._epsilon_pacer = EpsilonPacer(check_fraction(budget) * EPSILON_SHARE)
         self._measure_at = 0  # budget mode: the step index of the next measured step
@@ -598,6 +601,7 @@ class LeakageMonitor:
         try:
             taken.noise_multiplier = float(opt.noise_multiplier)
             taken.max_grad_norm = float(opt.max_grad_norm)
+            taken.noise_std = release_noise_std(opt)
             if isinstance(opt, DPPerLayerOptimizer):
                 taken.max_grad_norms = [float(c) for c in opt.max_grad_norms]
             if self._factored is not None:
@@ -798,7 +802,7 @@ class LeakageMonitor:
                     chunk.tokens["semi"] = semi
                 self.subspace.observe(flat)
             if "private" in self.views:
-                std = sigma * taken.max_grad_norm
+                std = self._noise_std = taken.noise_std
                 if factored is not None:
                     gram = factored.clipped_gram(clip)
                 elif gram32 is not None:
@@ -997,7 +1001,9 @@ class LeakageMonitor:
                 f"reset:{view}", f"the {view}-view critic diverged (non-finite loss) and was reset"
             )
         if self.semi_oracle is not None and estimates.usable:
-            std = sigma * float(opt.max_grad_norm)
+            # The std this step's private view was drawn with (taken at its pre_step: adaptive
+            # clipping has moved C since, when an overlap worker gets here).
+            std = self._noise_std if self._noise_std is not None else release_noise_std(opt)
             self._semi_oracle_step(record, estimates.usable, std, train)
         if self.subspace is not None:
             change = self.subspace.step()  # refit when due, after this step's tokens were used

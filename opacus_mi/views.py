@@ -3,7 +3,8 @@
 ``raw``      the per-sample gradient ``g_i`` (what a non-private step would leak),
 ``clipped``  ``c_i * g_i`` with Opacus's exact clip factor (what enters ``p.summed_grad``),
 ``private``  ``c_i * g_i + N(0, sigma^2 C^2 I)``: the release an attacker sees when the example is
-             alone in a step (any larger batch only adds other examples' gradients, leaking less).
+             alone in a step (any larger batch only adds other examples' gradients, leaking less);
+             its std is what Opacus adds (:func:`release_noise_std`: adaptive clipping's is larger).
 
 The private view is never materialised in parameter space: the noise is drawn in token space or
 through the Gram matrix (see :mod:`opacus_mi.tokens` and :mod:`opacus_mi.estimators.oracle`).
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from opacus.optimizers import AdaClipDPOptimizer
 
 VIEWS = ("raw", "clipped", "private")
 
@@ -34,6 +36,21 @@ class ClipInfo:
     def for_layer(self, layer: int) -> torch.Tensor:
         """Clip factor of every example for parameter ``layer`` (shape ``(B,)``)."""
         return self.factors[:, layer] if self.per_layer else self.factors
+
+
+def release_noise_std(optimizer) -> float:
+    """The std per coordinate of the noise Opacus adds to the summed clipped gradient.
+
+    ``sigma * C``, except under adaptive clipping (``AdaClipDPOptimizer``), which also releases a
+    noisy count of unclipped examples and so adds gradient noise of
+    ``(sigma^-2 - (2 sigma_u)^-2)^(-1/2) * C`` (its Theorem 1, as its ``add_noise`` does), while
+    the accountant composes ``sigma``. The private view is the gradient's release, so it uses this
+    std; the per-step bound ``1/(2 sigma^2)`` still covers both releases together.
+    """
+    sigma, bound = float(optimizer.noise_multiplier), float(optimizer.max_grad_norm)
+    if isinstance(optimizer, AdaClipDPOptimizer) and sigma > 0:
+        sigma = (sigma**-2 - (2 * float(optimizer.unclipped_num_std)) ** -2) ** -0.5
+    return sigma * bound
 
 
 def flat_clip(norms: torch.Tensor, max_grad_norm: float) -> ClipInfo:

@@ -63,6 +63,7 @@ def make_private(
     n: int = 96,
     engine_cls=PrivacyEngine,
     net=TinyCNN,
+    private_kwargs: dict | None = None,
     **engine_kwargs,
 ):
     """Seed everything, build model/optimizer/loader and make them private (``net``: the
@@ -83,6 +84,7 @@ def make_private(
         clipping=clipping,
         grad_sample_mode=mode,
         poisson_sampling=poisson,
+        **(private_kwargs or {}),
     )
     return engine, model, opt, loader
 

@@ -117,3 +117,65 @@ def test_gram_product_equals_the_float64_product(batch, blocks, monkeypatch):
     out = start.clone()
     assert gram_product(flat, into=out) is out
     torch.testing.assert_close(out.double(), ref + start.double(), **tol)
+
+
+_ADAPTIVE = {
+    "target_unclipped_quantile": 0.5,
+    "clipbound_learning_rate": 0.5,
+    "max_clipbound": 10.0,
+    "min_clipbound": 0.05,
+    "unclipped_num_std": 1.0,  # sigma_eff = (1 - 1/4)^(-1/2) = 1.155 at sigma = 1
+}
+
+
+def test_release_noise_std_is_the_std_of_the_noise_opacus_adds():
+    """Reference: Opacus's own ``add_noise`` on zero sums, ~60k coordinates. Plain DP-SGD adds
+    ``sigma C``; adaptive clipping adds more (its noisy unclipped count takes a share)."""
+    import math
+
+    from opacus_mi.views import release_noise_std
+
+    for clipping, kwargs in (("flat", {}), ("adaptive", _ADAPTIVE)):
+        _, _, opt, _ = make_private(clipping=clipping, noise=1.0, clip=0.7, private_kwargs=kwargs)
+        want = release_noise_std(opt)
+        draws = []
+        for _ in range(250):
+            for p in opt.params:
+                p.summed_grad = torch.zeros_like(p)
+            opt.unclipped_num = torch.tensor(0)
+            opt.add_noise()
+            draws += [p.grad.reshape(-1) for p in opt.params]
+        noise = torch.cat(draws)
+        assert len(noise) > 50_000
+        assert float(noise.std()) == pytest.approx(want, rel=0.02)
+        if clipping == "adaptive":
+            assert want == pytest.approx(0.7 / math.sqrt(1 - 0.25), rel=1e-12)
+        else:
+            assert want == 0.7
+
+
+def test_the_private_view_is_drawn_with_the_noise_of_its_own_step_under_adaptive_clipping():
+    """Adaptive clipping moves C every step: each step's private view and oracle use that step's
+    release std (sigma_eff C at its pre_step), not sigma C and not a later step's C."""
+    import math
+
+    from opacus_mi import LeakageMonitor
+
+    engine, model, opt, loader = make_private(
+        clipping="adaptive", noise=1.0, poisson=False, private_kwargs=_ADAPTIVE
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+    drawn, bounds = [], []
+    privatise = monitor._privatise
+    monitor._privatise = lambda chunk, clipped, gram, std: (
+        drawn.append(std),
+        privatise(chunk, clipped, gram, std),
+    )
+    criterion = torch.nn.CrossEntropyLoss()
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        bounds.append(float(opt.max_grad_norm))
+        opt.step()
+    assert len(set(bounds)) > 3  # C did move
+    assert drawn == pytest.approx([c / math.sqrt(0.75) for c in bounds], rel=1e-12)
