@@ -885,6 +885,15 @@ class LeakageMonitor:
             clipped, gram, std = chunk.pending
             chunk.pending = (clipped[idx], gram[idx][:, idx], std)
 
+    def _feature_width(self) -> int | None:
+        """The feature width the learned critics were built for (None before any is)."""
+        for est in (*self.estimators.values(), *self.controls.values()):
+            if est.critic is not None:
+                return est.critic.x_dim
+        if self.semi_oracle is not None and self.semi_oracle.dims is not None:
+            return self.semi_oracle.dims[0]
+        return None
+
     def _chunk_features(self, captures, batch: int, chunk: Chunk) -> torch.Tensor | None:
         """Features paired with this chunk's gradients, or None (flagged) if they cannot be."""
         try:
@@ -1030,8 +1039,24 @@ class LeakageMonitor:
         out = _Estimates()
         reads = ReadBatch(self.device)
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
-        if len({c.features.shape[1] for c in usable}) > 1:
-            usable = []  # features changed shape mid-step: cannot be stacked into one batch
+        widths = {c.features.shape[1] for c in usable}
+        built = self._feature_width()
+        if len(widths) > 1 or (built is not None and widths and widths != {built}):
+            # A critic learns on one feature width: a batch of another (inputs of varying shape,
+            # e.g. sequences padded per batch) can be neither scored nor learned from. Said, not
+            # skipped silently (the critic used to be rebuilt from scratch on each change).
+            out.flags.append("features_width_changed")
+            self._warn_once(
+                "features:width",
+                f"features changed width ({built or sorted(widths)[0]} -> "
+                f"{sorted(widths - {built})[0] if built else sorted(widths)[-1]} per example): "
+                "inputs of varying shape, e.g. sequences padded per batch? The learned critics "
+                "need one width, so such steps get the oracle only (flag "
+                "'features_width_changed'). Pass features= a callable giving a fixed width per "
+                "example (token ids: lambda ids: F.one_hot(ids, vocab_size).sum(1).float()) or "
+                "names of layers whose outputs have a fixed width",
+            )
+            usable = []
         out.usable = usable
         scored = []  # (view, kind, slot of its figures, slot of its control's or None)
         if usable:

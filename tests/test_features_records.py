@@ -231,3 +231,60 @@ def test_max_history_must_be_a_positive_integer(bad):
     engine, model, opt, _ = make_private(poisson=False)
     with pytest.raises(ValueError, match="max_history must be a positive integer"):
         LeakageMonitor(engine, model, opt, delta=1e-5, max_history=bad)
+
+
+def test_features_of_another_width_are_flagged_not_silently_dropped():
+    """Token ids padded per batch make the default features change width from step to step.
+    A critic learns on one width: such a step is flagged and warned about (with the fix), the
+    critics are neither scored nor fed on it nor rebuilt (they used to restart from scratch,
+    silently), and steps of the critics' width go on as before."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = TensorDataset(torch.randint(0, 50, (64, 6)), torch.randint(0, 2, (64,)))
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=DataLoader(data, batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    widths = [6] * 8 + [4] + [6] * 4 + [9]  # two steps whose batches were padded otherwise
+    g = torch.Generator().manual_seed(1)
+    critic = None
+    with pytest.warns(RuntimeWarning, match="features changed width.*features=") as caught:
+        for step, width in enumerate(widths):
+            x = torch.randint(0, 50, (16, width), generator=g)
+            y = torch.randint(0, 2, (16,), generator=g)
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            opt.step()
+            if step == 7:
+                monitor.flush()
+                critic = monitor.estimators["clipped"].critic
+    records = monitor.history
+    flagged = [r.step for r in records if "features_width_changed" in r.flags]
+    assert flagged == [8, 13]
+    assert sum("features changed width" in str(w.message) for w in caught) == 1  # once
+    for r in records:
+        if r.step in flagged:
+            assert set(r.mi) == {"private/oracle"}  # the oracle needs no features
+    assert "clipped/mine" in records[12].mi  # back to the critics' width: scored again
+    est = monitor.estimators["clipped"]
+    assert est.critic is critic and est.resets == 0  # not rebuilt
+    assert est.batches_seen == len(widths) - len(flagged)
