@@ -68,23 +68,35 @@ class LeakageRecord:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mi"] = {k: v.as_dict() for k, v in self.mi.items()}
-        return _finite_or_none(d)
+        return _json_safe(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LeakageRecord:
-        d = dict(d)
-        mi = {k: MIValue(**{f: v.get(f) for f in _MI_FIELDS}) for k, v in d.pop("mi", {}).items()}
+        d = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in d.items()}
+        mi = {
+            k: MIValue(**{f: _float_of(v.get(f)) for f in _MI_FIELDS})
+            for k, v in d.pop("mi", {}).items()
+        }
         return cls(mi=mi, **d)
 
 
-def _finite_or_none(obj: Any) -> Any:
-    """JSON has no NaN/Inf: store them as null rather than emit invalid JSON."""
+# JSON has no NaN/Inf. Written as null they were lost: a noiseless run's epsilon (inf) read back
+# as None. As these strings they stay valid JSON and read back as the floats they were.
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _float_of(value: Any) -> Any:
+    return _NONFINITE.get(value, value) if isinstance(value, str) else value
+
+
+def _json_safe(obj: Any) -> Any:
+    """A dict JSON can hold: NaN/Inf floats as ``"nan"``, ``"inf"``, ``"-inf"``."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return obj if math.isfinite(obj) else repr(obj)
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
+        return [_json_safe(v) for v in obj]
     return obj
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import make_private, train, without_timing
 from torch import nn
 
-from opacus_mi import LeakageMonitor, LeakageRecord, mi_upper_bound, read_jsonl
+from opacus_mi import LeakageMonitor, LeakageRecord, MIValue, mi_upper_bound, read_jsonl
 from opacus_mi.features import pool_features
 
 
@@ -150,7 +150,7 @@ def test_jsonl_sink_appends_and_flushes_every_record(tmp_path, overlap):
     back = read_jsonl(path)
     assert [r.as_dict() for r in back] == [r.as_dict() for r in monitor.history]
     for line in path.read_text().splitlines():
-        d = json.loads(line)  # strict JSON: NaN/Inf are stored as null
+        d = json.loads(line)  # strict JSON: NaN/Inf are stored as "nan"/"inf" strings
         assert {"step", "epsilon", "mi", "noise_multiplier", "monitor_seconds"} <= d.keys()
 
 
@@ -288,3 +288,27 @@ def test_features_of_another_width_are_flagged_not_silently_dropped():
     est = monitor.estimators["clipped"]
     assert est.critic is critic and est.resets == 0  # not rebuilt
     assert est.batches_seen == len(widths) - len(flagged)
+
+
+def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
+    """A noiseless run's epsilon and bounds are inf, a failed figure NaN: written as strict JSON
+    (``allow_nan=False`` accepts it) and read back as the same floats, not None (which lost
+    the one fact an infinite epsilon states, and broke the summary of records read back)."""
+    from opacus_mi.report import summary_table
+
+    path = tmp_path / "records.jsonl"
+    engine, model, opt, loader = make_private(poisson=False, noise=0.0, accountant="prv")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, jsonl=str(path))
+    train(model, opt, loader, epochs=1)
+    monitor.flush()
+    last = monitor.history[-1]
+    last.mi["clipped/test"] = MIValue(math.nan, -math.inf, math.inf, 3)  # a failed figure
+    for line in path.read_text().splitlines():
+        json.dumps(json.loads(line), allow_nan=False)  # strict JSON
+    back = read_jsonl(path)
+    assert [r.epsilon for r in back] == [math.inf] * len(monitor.history)
+    assert all(r.mi_bound == r.mi_upper_bound == math.inf for r in back)
+    row = json.loads(json.dumps(last.as_dict(), allow_nan=False))
+    got = LeakageRecord.from_dict(row).mi["clipped/test"]
+    assert math.isnan(got.nats) and (got.ci_low, got.ci_high) == (-math.inf, math.inf)
+    assert "epsilon inf" in summary_table(back)
