@@ -102,6 +102,14 @@ _GHOST_HINT = (
 )
 
 
+def _scalar(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds; anything else as it is."""
+    item = getattr(value, "item", None)
+    if item is not None and type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
+        return item()
+    return value
+
+
 def _check_attach(engine, module, optimizer) -> None:
     if not isinstance(optimizer, DPOptimizer):
         raise TypeError(
@@ -296,6 +304,13 @@ class LeakageMonitor:
                 f"tokenizer must be one of {TOKEN_ENCODERS} ('sketch' is the default); "
                 f"got {tokenizer!r}"
             )
+        # NumPy scalars (np.float32(1e-5), np.int64(5): hyperparameters computed with NumPy) as
+        # the Python numbers they hold, before the checks and everything after them.
+        delta, every, train_every, token_dim, oracle_draws, train_iters, window, seed = (
+            _scalar(v)
+            for v in (delta, every, train_every, token_dim, oracle_draws, train_iters, window, seed)
+        )
+        max_history, budget = _scalar(max_history), _scalar(budget)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"delta must be a float in (0, 1), e.g. 1e-5; got {delta!r}")
         for name, value in (("every", every), ("train_every", train_every)):
@@ -306,6 +321,28 @@ class LeakageMonitor:
                 )
         if not is_int_at_least(token_dim, 1):
             raise ValueError(f"token_dim must be a positive integer, e.g. 64; got {token_dim!r}")
+        if not is_int_at_least(oracle_draws, 1):
+            raise ValueError(
+                "oracle_draws must be a positive integer (noise draws per example for the "
+                f"oracle's Monte Carlo, e.g. 4); got {oracle_draws!r}"
+            )
+        if not is_int_at_least(train_iters, 1):
+            raise ValueError(
+                "train_iters must be a positive integer (critic steps per training round, e.g. "
+                f"4); got {train_iters!r}"
+            )
+        if not is_int_at_least(window, 4):
+            raise ValueError(
+                "window must be an integer >= 4: the (feature, token) pairs, examples rather "
+                "than steps, a learned critic keeps to train on (it trains on at least 4; "
+                f"default 4096); got {window!r}"
+            )
+        if not is_int_at_least(seed, -(2**63)):
+            raise ValueError(f"seed must be an integer, as torch's manual_seed takes; got {seed!r}")
+        check_fraction(budget)  # also on a fixed schedule: a quarter of it paces PRV's epsilon
+        for name, value in (("semi_oracle", semi_oracle), ("control", control)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False; got {value!r}")
         if not isinstance(exact_epsilon, bool):
             raise ValueError(
                 "exact_epsilon must be True (every record's epsilon computed afresh, whatever the "

@@ -77,6 +77,53 @@ def test_schedules_are_validated(private_setup, name, bad):
         LeakageMonitor(engine, model, opt, delta=1e-5, **{name: bad})
 
 
+def test_budget_is_validated_on_a_fixed_schedule_too(private_setup):
+    """A quarter of it paces PRV's epsilon there: budget=0 was accepted and never used."""
+    engine, model, opt, _ = private_setup()
+    with pytest.raises(ValueError, match="budget must be a positive number"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, budget=0, every=1, train_every=1)
+
+
+@pytest.mark.parametrize(
+    "name, bad, says",
+    [
+        ("oracle_draws", 0, "oracle_draws must be a positive integer"),  # was a NaN oracle
+        ("oracle_draws", 2.5, "oracle_draws must be a positive integer"),  # was no figure
+        ("train_iters", 0, "train_iters must be a positive integer"),  # never trained
+        ("window", 1, "window must be an integer >= 4"),  # never trained
+        ("seed", "x", "seed must be an integer"),  # was torch's RuntimeError
+        ("semi_oracle", "yes", "semi_oracle must be True or False"),
+        ("control", 1, "control must be True or False"),
+    ],
+)
+def test_every_argument_is_checked_before_anything_runs(private_setup, name, bad, says):
+    engine, model, opt, _ = private_setup()
+    with pytest.raises(ValueError, match=says):
+        LeakageMonitor(engine, model, opt, delta=1e-5, **{name: bad})
+    LeakageMonitor(engine, model, opt, delta=1e-5).detach()  # nothing was left attached
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold(private_setup):
+    import numpy as np
+
+    engine, model, opt, loader = private_setup(poisson=False)
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=np.float32(1e-5),
+        every=np.int64(2),
+        window=np.int32(64),
+        estimator=None,
+    )
+    train(model, opt, loader)
+    assert [r.step for r in monitor.history] == [0, 2, 4]
+    assert type(monitor.every) is int and type(monitor.delta) is float
+    monitor.detach()
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, every=np.bool_(True))
+
+
 def _run(sleep: float, budget: float, epochs: int = 3, monitored: bool = True):
     engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, budget=budget) if monitored else None
