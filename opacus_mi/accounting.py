@@ -474,8 +474,8 @@ def mi_upper_bound(noise_multiplier: float, sample_rate: float, steps: int) -> f
     Adaptive composition (chain rule of MI): the per-step KL bound adds up over steps.
     ``noise_multiplier = 0`` gives ``inf``: without noise no finite bound exists.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0 (DP-SGD steps taken), got {steps!r}")
     if steps == 0:
         return 0.0
     return steps * step_kl(noise_multiplier, sample_rate)
@@ -495,7 +495,11 @@ def gaussian_channel_bound(noise_multiplier: float, dim: int | None = None) -> f
     ``(k/2) ln(1 + 1/(k sigma^2)) <= 1/(2 sigma^2)`` nats (Gaussian channel capacity under the
     clipping power constraint); ``dim=None`` gives the dimension-free limit.
     """
-    if noise_multiplier <= 0:
+    if not noise_multiplier >= 0:  # (NaN too)
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise ValueError(f"dim must be a positive integer or None, got {dim!r}")
+    if noise_multiplier == 0:
         return math.inf
     if dim is None:
         return 1.0 / (2.0 * noise_multiplier**2)

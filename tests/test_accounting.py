@@ -40,6 +40,24 @@ def test_step_kl_matches_quadrature_and_monte_carlo(s, q):
     assert abs(got - mc) <= 5 * se + 1e-7
 
 
+@pytest.mark.parametrize(
+    "call, says",
+    [
+        (lambda: mi_upper_bound(1.0, 0.05, 2.5), "steps must be an integer"),
+        (lambda: mi_upper_bound(1.0, 0.05, -1), "steps must be an integer >= 0"),
+        (lambda: mi_upper_bound(1.0, 1.5, 10), "sample_rate must be in"),
+        (lambda: gaussian_channel_bound(-1.0), "noise_multiplier must be >= 0"),
+        (lambda: gaussian_channel_bound(float("nan")), "noise_multiplier must be >= 0"),
+        (lambda: gaussian_channel_bound(1.0, dim=0), "dim must be a positive integer"),
+        (lambda: pure_dp_mi_bound(-1.0), "epsilon must be >= 0"),
+    ],
+)
+def test_bounds_refuse_what_has_no_meaning(call, says):
+    """A negative sigma used to give an infinite channel bound and 2.5 steps a figure."""
+    with pytest.raises(ValueError, match=says):
+        call()
+
+
 def test_step_kl_limits():
     assert step_kl(1.7, 1.0) == pytest.approx(1 / (2 * 1.7**2))
     assert step_kl(1.0, 0.0) == 0.0
