@@ -125,14 +125,23 @@ def _robust_ylim(ax, records: Sequence[LeakageRecord]) -> None:
         ax.set_ylim(low - pad, top + pad)
 
 
-def plot_epsilon(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
+def plot_epsilon(
+    records: Sequence[LeakageRecord],
+    path: str | os.PathLike,
+    *,
+    final: tuple[int, float] | None = None,
+) -> Path:
     """Epsilon (at each record's delta) against the step it is exact for: a record that
     carries an earlier step's epsilon (``epsilon_step``, an expensive accountant paced by the
-    monitor) adds no point of its own, so the curve never shows a stale value as current."""
+    monitor) adds no point of its own, so the curve never shows a stale value as current.
+    ``final``: ``(step, epsilon)`` of the accountant at the end of training (the CLI's closing
+    epsilon), so a paced curve still reaches the run's last step."""
     fig, ax = plt.subplots(figsize=(8, 3.5))
     exact = {}
     for r in records:
         exact[r.step if r.epsilon_step is None else r.epsilon_step] = _finite(r.epsilon)
+    if final is not None and (not exact or final[0] >= max(exact)):
+        exact[final[0]] = _finite(final[1])
     steps = sorted(exact)
     ax.plot(
         steps, [exact[s] for s in steps], color="tab:red", linewidth=1.5, marker=".", markersize=3

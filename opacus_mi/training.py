@@ -565,7 +565,14 @@ def write_run_outputs(
     summary = "\n".join([table] + [f"{k}: {v}" for k, v in items.items()])
     (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
     files.append(out / "summary.txt")
-    images = [plot_mi(records, out / "mi.png"), plot_epsilon(records, out / "epsilon.png")]
+    done = results or {}
+    final = None
+    if done.get("steps") and done.get("epsilon") is not None:
+        final = (int(done["steps"]) - 1, float(done["epsilon"]))  # after the last step
+    images = [
+        plot_mi(records, out / "mi.png"),
+        plot_epsilon(records, out / "epsilon.png", final=final),
+    ]
     files += images
     title = "opacus-mi run"
     if config:

@@ -544,6 +544,27 @@ def test_epsilon_plot_puts_each_exact_value_at_its_own_step(tmp_path, monkeypatc
     records = [_epsilon_record(*row) for row in rows]
     plots.plot_epsilon(records, tmp_path / "epsilon.png")
     assert seen[0].tolist() == [[0, 0.5], [3, 0.9], [5, 1.1]]
+    # The accountant's epsilon at the end of training ends the curve (the CLI passes it).
+    plots.plot_epsilon(records[:5], tmp_path / "epsilon.png", final=(7, 1.3))
+    assert seen[1].tolist() == [[0, 0.5], [3, 0.9], [7, 1.3]]
+
+
+def test_run_outputs_end_the_epsilon_curve_at_the_runs_last_step(tmp_path, monkeypatch):
+    """The CLI's epsilon.png: a paced curve (last exact value at step 3) still reaches the
+    accountant's epsilon after the run's last step (results: 10 steps, so step 9)."""
+    from opacus_mi import plots
+    from opacus_mi.training import write_run_outputs
+
+    seen, save = {}, plots._save
+
+    def spy(fig, path):
+        seen[path.name] = fig.axes[-1].get_lines()
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    records = [_epsilon_record(*row) for row in [(0, 0.5, 0), (3, 0.9, 3), (4, 0.9, 3)]]
+    write_run_outputs(tmp_path, records, results={"epsilon": 1.4, "steps": 10})
+    assert seen["epsilon.png"][0].get_xydata().tolist() == [[0, 0.5], [3, 0.9], [9, 1.4]]
 
 
 def test_tensorboard_logs_each_exact_epsilon_once_at_its_own_step():
