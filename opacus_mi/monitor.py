@@ -1312,9 +1312,50 @@ class LeakageMonitor:
             "subspace": None if self.subspace is None else self.subspace.state_dict(),
             "history": [r.as_dict() for r in self.history],
             "record_count": self.record_count,
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        """What a checkpoint's critics and records were made with: a monitor loading it must
+        have the same (see :meth:`load_state_dict`)."""
+        return {
+            "views": list(self.views),
+            "estimator": self.estimator,
+            "token_dim": self.token_dim,
+            "tokenizer": self.tokenizer_kind,
+            "control": bool(self.controls),
+            "semi_oracle": self.semi_oracle is not None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`. Checked before anything changes: a checkpoint of
+        another kind, or of a monitor with other settings (whose critics would not fit this
+        one's tokens and views), is a ValueError naming what differs."""
+        keys = ("steps", "generator", "estimators", "history")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else []
+        if not isinstance(state, dict) or missing:
+            raise ValueError(
+                f"not a LeakageMonitor.state_dict() (missing {missing or 'everything'})"
+            )
+        saved = state.get("settings")  # (absent from checkpoints of earlier versions)
+        if saved is not None:
+            differ = {
+                k: (v, saved.get(k)) for k, v in self._settings().items() if saved.get(k) != v
+            }
+            if differ:
+                parts = ", ".join(
+                    f"{k}={old!r} there, {new!r} here" for k, (new, old) in differ.items()
+                )
+                raise ValueError(
+                    f"this checkpoint was saved by a monitor with other settings ({parts}): "
+                    "create the monitor with the checkpoint's settings to continue from it"
+                )
+        elif set(state["estimators"]) != set(self.estimators):
+            raise ValueError(
+                f"this checkpoint's critics are for views {sorted(state['estimators'])}, this "
+                f"monitor's for {sorted(self.estimators)}: create it with the same views and "
+                "estimator"
+            )
         self.flush()  # nothing of the old state may land after the new one
         self.steps = int(state["steps"])
         for k, est_state in state["estimators"].items():

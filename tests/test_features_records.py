@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -196,6 +197,32 @@ def test_state_dict_round_trip_continues_identically():
         assert ra == rb
 
 
+@pytest.mark.parametrize(
+    "other, says",
+    [
+        ({"views": ("clipped",)}, "views=['clipped', 'private'] there, ['clipped'] here"),
+        ({"estimator": "infonce"}, "estimator='mine' there, 'infonce' here"),
+        ({"token_dim": 32}, "token_dim=64 there, 32 here"),
+        ({"estimator": None}, "estimator='mine' there, None here"),
+    ],
+)
+def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
+    """Another estimator or token size used to load silently (a MINE critic scoring InfoNCE, a
+    critic for 64-dim tokens rebuilt from nothing at the next step); other views raised a bare
+    KeyError after half the state had been loaded. Now a ValueError, before anything changes."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    train(model, opt, loader)
+    state = monitor.state_dict()
+    monitor.detach()
+    fresh = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, **other)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        fresh.load_state_dict(state)
+    assert fresh.steps == 0 and not fresh.history  # untouched
+    with pytest.raises(ValueError, match="not a LeakageMonitor.state_dict"):
+        fresh.load_state_dict({"model": {}})
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_max_history_keeps_the_latest_records_and_the_sinks_get_every_one(tmp_path, overlap):
     """Reference: an unbounded monitor on the same run (its history is every record)."""
@@ -221,7 +248,7 @@ def test_max_history_keeps_the_latest_records_and_the_sinks_get_every_one(tmp_pa
     state = kept.state_dict()
     assert len(state["history"]) == 4 and state["record_count"] == 12
     engine, model, opt, _ = make_private(poisson=False)
-    smaller = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, max_history=2)
+    smaller = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, max_history=2)
     smaller.load_state_dict(state)
     assert without_timing(smaller.history) == everything[-2:] and smaller.record_count == 12
 

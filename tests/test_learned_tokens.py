@@ -164,7 +164,7 @@ def test_state_dict_round_trip_continues_identically(kind):
     sd = m.state_dict()
     engine, model, opt, _ = make_private(poisson=False)
     other = LeakageMonitor(engine, model, opt, delta=1e-5)  # sketch: cannot take this state
-    with pytest.raises(ValueError, match="token_encoder"):
+    with pytest.raises(ValueError, match=f"tokenizer='{kind}' there, 'sketch' here"):
         other.load_state_dict(sd)
 
 
