@@ -112,6 +112,13 @@ class _LazyRdp:
             return np.where(ok, known, np.fmax(bound, f / (a - 1)))
 
 
+# The part of a PRV epsilon that does not grow with its domain, in points: ~7 ms of setup and
+# Python at ~0.3 us a point (digits runs: 9-10 ms at 5.5k points, 13-41 ms at 25-85k). Without
+# it, a cost per point learnt on the tiny domain of the first steps (1.7 us a point at 5.5k)
+# predicted 40 ms where 15 ms came, and one slow early call paced PRV out of a whole run.
+PRV_FIXED_POINTS = 25_000
+
+
 class EpsilonTracker:
     """Epsilon at ``delta`` for the current accountant history, cached."""
 
@@ -163,6 +170,10 @@ class EpsilonTracker:
 
     def history(self) -> tuple:
         return tuple(tuple(h) for h in getattr(self.accountant, "history", ()))
+
+    def cached(self, history: tuple) -> bool:
+        """Whether :meth:`epsilon` of ``history`` is the cached value (no computation)."""
+        return history == self._key
 
     def epsilon(self, history: tuple | None = None) -> float:
         """Epsilon after ``history`` (a :meth:`history` taken earlier, e.g. by the training
@@ -231,18 +242,20 @@ class EpsilonTracker:
         """How much computing epsilon for ``history`` costs, relative to other histories.
 
         For PRV: the points of Opacus's discretisation domain (``2 L / mesh``), which its
-        discretisation and FFT composition run over. Its half-width ``L`` follows epsilon and
-        its mesh narrows as ``1/sqrt(steps)``, so one call can cost 100x an earlier one
-        (digits at q = 0.7: 20 ms at 10 steps, 2.8 s at 830, where epsilon is ~300); seconds
-        per point stay within 0.16-0.43 us over the settings timed (``benchmarks/README.md``).
-        The budget scales its cost estimate by this instead of assuming the next call costs
-        what the last one did. Microseconds (the RDP tables are cached); 1.0 for the others.
+        discretisation and FFT composition run over, plus ``PRV_FIXED_POINTS`` for the part of
+        a call that does not grow with them. The half-width ``L`` follows epsilon and the mesh
+        narrows as ``1/sqrt(steps)``, so one call can cost 100x an earlier one (digits at
+        q = 0.7: 20 ms at 10 steps, 2.8 s at 830, where epsilon is ~300); a call costs ~7 ms
+        plus 0.16-0.43 us a point over the settings timed (``benchmarks/README.md``). The
+        budget scales its cost estimate by this instead of assuming the next call costs what
+        the last one did. Microseconds (the RDP tables are cached); 1.0 for the others.
         """
         key = self.history() if history is None else history
         if type(self.accountant) is not PRVAccountant or not key or _noiseless(key):
             return 1.0
         L, mesh_size, _ = self._prv_domain_bounds(key)
-        return float(prv_analysis.Domain.create_aligned(-L, L, mesh_size).size)
+        points = prv_analysis.Domain.create_aligned(-L, L, mesh_size).size
+        return float(points + PRV_FIXED_POINTS)
 
     def _prv_domain_bounds(
         self, history: tuple, eps_error: float = 0.01

@@ -163,8 +163,16 @@ class EpsilonPacer:
         return time.perf_counter() - self._end >= self.cost * work * (1 / self.fraction - 1)
 
     def done(self, seconds: float, work: float = 1.0) -> None:
-        """A recomputation of ``work`` units that took ``seconds`` has just ended."""
-        self.cost = seconds / work if self.count else None  # the first is setup (see above)
+        """A recomputation of ``work`` units that took ``seconds`` has just ended.
+
+        ``seconds``: the call's CPU time on its thread (the monitor's), not wall time, which
+        also counts an overlap worker's waits for the GIL while training runs Python. The pace
+        then follows the cheapest cost per unit seen, as a call is only ever slowed by what else
+        runs: one slow call taken as the cost paced epsilon out of a whole run (the README's
+        main job once kept step 1's epsilon for all 184 records)."""
+        if self.count:  # the first is setup (see above)
+            per_unit = seconds / work
+            self.cost = per_unit if self.cost is None else min(self.cost, per_unit)
         self._end = time.perf_counter()
         self.count += 1
 
@@ -219,6 +227,7 @@ class OverheadBudget:
         self._seen_this_step: set[str] = set()
         self._step_cost: dict[str, float] = {}  # this step's settled seconds, by kind
         self._setup_cost: dict[str, float] = {}  # this step's setup seconds, by kind
+        self._seeded: set[str] = set()  # kinds whose cost estimate is still a setup's
         self.critics = True  # whether critics share the budget (set by each plan)
         self.slow_epsilon = False  # whether epsilon has a share (set by each plan)
         self._lock = threading.RLock()  # the training thread ticks, an overlap worker charges
@@ -324,10 +333,15 @@ class OverheadBudget:
         self._seen_this_step = set()
         # Costs are estimated per step (a step books several spans of each kind).
         for kind, sec in self._step_cost.items():
-            setattr(self, f"{kind}_cost", _ema(getattr(self, f"{kind}_cost"), sec))
+            # A setup call's cost (a PRV epsilon's first, 2-3x a later one: it also checks
+            # Opacus's own call and fills tables) only seeds the estimate until a real one comes.
+            old = None if kind in self._seeded else getattr(self, f"{kind}_cost")
+            setattr(self, f"{kind}_cost", _ema(old, sec))
+            self._seeded.discard(kind)
         for kind, sec in self._setup_cost.items():
             if getattr(self, f"{kind}_cost") is None:
                 setattr(self, f"{kind}_cost", sec)
+                self._seeded.add(kind)
         self._step_cost, self._setup_cost = {}, {}
 
     @property

@@ -974,17 +974,23 @@ class LeakageMonitor:
         # Epsilon is exact for this step unless the plan says the budget cannot afford an
         # expensive accountant's recomputation now: then the latest exact value and its step.
         if plan.epsilon:
-            # Booked as its own kind only where it has its own share (see _plan).
-            slow = span is not None and self.every is None and self._slow_epsilon
+            # Booked as its own kind only where it has its own share (see _plan), and only a
+            # real computation (a cached value, e.g. after summary(), would teach the budget
+            # and the pacer that epsilon costs nothing).
+            fresh = not self.epsilon.cached(accounting)
+            slow = span is not None and self.every is None and self._slow_epsilon and fresh
             if slow:
                 self._charge(span, "measure")
                 span = self.budget.span()
-            t_eps = time.perf_counter()
+            # CPU time of this thread: what the call itself costs, without the GIL waits of an
+            # overlap worker while training runs Python (a 10x wall-time outlier at step 1 once
+            # paced epsilon out of a whole run).
+            t_eps = time.thread_time()
             epsilon = self.epsilon.epsilon(accounting)
             self._epsilon = (epsilon, step)
             self._epsilon_work = work
-            if self._epsilon_pacer is not None:
-                self._epsilon_pacer.done(time.perf_counter() - t_eps, work)
+            if self._epsilon_pacer is not None and fresh:
+                self._epsilon_pacer.done(time.thread_time() - t_eps, work)
             if slow:
                 self._charge(span, "epsilon", work)
                 span = self.budget.span()

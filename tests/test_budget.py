@@ -252,7 +252,10 @@ def test_an_expensive_epsilon_is_costed_by_its_work_not_by_the_last_call():
     _spend(b, "epsilon", 0.02, work=1e4)  # a steady call: 2 us per unit
     b.tick()
     assert b.epsilon_seconds == pytest.approx(0.02)
-    assert b.epsilon_cost == pytest.approx(0.8 * 5e-6 + 0.2 * 2e-6)
+    assert b.epsilon_cost == pytest.approx(2e-6)  # replaces the setup's seed (2-3x a call)
+    _spend(b, "epsilon", 0.03, work=1e4)
+    b.tick()
+    assert b.epsilon_cost == pytest.approx(0.8 * 2e-6 + 0.2 * 3e-6)  # then a running estimate
     per_unit = b.epsilon_cost
     b.epsilon_credit = 1.1 * per_unit * 1e4  # enough for the last call's work ...
     assert b.plan(critics=False, slow_epsilon=True, epsilon_work=1e4).epsilon
@@ -343,6 +346,27 @@ def test_fixed_schedule_paces_prv_epsilon_and_each_record_names_its_exact_step()
     assert f"(exact at step {records[-1].epsilon_step}; {now:.3f} now)" in monitor.summary()
 
 
+def test_a_call_slowed_by_waiting_does_not_set_the_epsilon_pace():
+    """The pacer costs a PRV call by its thread's CPU time: a call that waited (an overlap
+    worker for the GIL, here a sleep) is not taken for an expensive one. Costed by wall time,
+    a slow second call once paced epsilon out of a whole run."""
+    engine, model, opt, loader = make_private(n=96, batch_size=8, poisson=False, accountant="prv")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1, overlap=False)
+    compute, calls = monitor.epsilon.epsilon, []
+
+    def waits(history=None):
+        calls.append(history)
+        if len(calls) == 2:  # the first sets no pace (setup); the second would
+            time.sleep(0.3)
+        return compute(history)
+
+    monitor.epsilon.epsilon = waits
+    train(model, opt, loader, epochs=1)
+    pacer = monitor._epsilon_pacer
+    assert pacer.count >= 2
+    assert pacer.cost * monitor.epsilon.work(calls[1]) < 0.1  # CPU time, not the 0.3 s wait
+
+
 def test_exact_epsilon_computes_prv_afresh_at_every_record():
     engine, model, opt, loader = make_private(n=64, accountant="prv")
     monitor = LeakageMonitor(
@@ -379,15 +403,19 @@ def test_epsilon_pacer_keeps_recomputation_to_its_share_of_wall_time(monkeypatch
     assert not pacer.due()
     clock[0] += 0.06
     assert pacer.due()
-    pacer.done(0.0)  # an unchanged history costs nothing: due again at once
-    assert pacer.due() and pacer.count == 3
-    # With work (EpsilonTracker.work): 50 ms for 1e4 units paces a call of 1e5 units 10x
-    # further away than one of 1e4.
-    pacer.done(0.05, work=1e4)
-    assert pacer.cost == pytest.approx(5e-6)
+    # A call slowed by what else ran (0.5 s: the GIL, another job) does not set the pace:
+    # the cheapest cost per unit seen does (one slow call once paced epsilon out of a run).
+    pacer.done(0.5)
+    assert pacer.cost == pytest.approx(0.05) and pacer.count == 3
     clock[0] += 4.96
+    assert pacer.due()
+    # With work (EpsilonTracker.work): 20 ms for 1e4 units (2 us a unit) paces a call of 1e5
+    # units 10x further away than one of 1e4.
+    pacer.done(0.02, work=1e4)
+    assert pacer.cost == pytest.approx(2e-6)
+    clock[0] += 1.99
     assert pacer.due(work=1e4) and not pacer.due(work=1e5)
-    clock[0] += 10 * 4.95 - 4.96
+    clock[0] += 10 * 1.98 - 1.99
     assert pacer.due(work=1e5)
     for bad in (0, -0.1, math.inf, True, "0.01"):
         with pytest.raises(ValueError, match="budget must be a positive number"):
