@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
@@ -253,15 +254,13 @@ class EpsilonTracker:
         key = self.history() if history is None else history
         if type(self.accountant) is not PRVAccountant or not key or _noiseless(key):
             return 1.0
-        L, mesh_size, _ = self._prv_domain_bounds(key)
-        points = prv_analysis.Domain.create_aligned(-L, L, mesh_size).size
-        return float(points + PRV_FIXED_POINTS)
+        domain, _ = self._prv_domain_of(key)
+        return float(domain.size + PRV_FIXED_POINTS)
 
-    def _prv_domain_bounds(
-        self, history: tuple, eps_error: float = 0.01
-    ) -> tuple[float, float, list]:
-        """``(L, mesh_size, prvs)`` of Opacus's PRV domain for ``history``: its
-        ``compute_safe_domain_size`` with the two RDP epsilons from this tracker's tables."""
+    def _prv_domain_of(self, history: tuple, eps_error: float = 0.01) -> tuple[Any, list]:
+        """``(domain, prvs)``: Opacus's PRV discretisation domain for ``history`` (its
+        ``_get_domain``) and the history's PRVs, with the two RDP epsilons of its
+        ``compute_safe_domain_size`` from this tracker's tables."""
         # PRVAccountant.get_epsilon's defaults: eps_error 0.01, delta_error = delta / 1000.
         delta_error = self.delta / 1000
         prvs = [prv_analysis.PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
@@ -281,24 +280,22 @@ class EpsilonTracker:
         for p in prvs:
             L_max = max(L_max, one.epsilon(((p.noise_multiplier, p.sample_rate, 1),)))
         L = max(L_max, eps_error) + 3
-        # PRVAccountant._get_domain's mesh.
+        # PRVAccountant._get_domain's mesh and domain.
         mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
-        return L, mesh_size, prvs
+        return prv_analysis.Domain.create_aligned(-L, L, mesh_size), prvs
 
     def _prv_replica(self, history: tuple, eps_error: float = 0.01) -> float:
         """``PRVAccountant.get_epsilon(delta)`` for ``history``, Opacus's steps one by one, with
         the two RDP epsilons of its ``compute_safe_domain_size`` from this tracker's tables."""
-        delta_error = self.delta / 1000
-        counts = [steps for _, _, steps in history]
-        L, mesh_size, prvs = self._prv_domain_bounds(history, eps_error)
-        # PRVAccountant._get_domain and _get_dprv, then get_epsilon's conversion.
-        domain = prv_analysis.Domain.create_aligned(-L, L, mesh_size)
+        domain, prvs = self._prv_domain_of(history, eps_error)
+        # PRVAccountant._get_dprv, then get_epsilon's conversion (delta_error = delta / 1000).
         tprvs = [
             prv_analysis.TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs
         ]
         dprvs = [prv_analysis.discretize(t, domain) for t in tprvs]
+        counts = [steps for _, _, steps in history]
         dprv = prv_analysis.compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
-        _, _, eps_upper = dprv.compute_epsilon(self.delta, delta_error, eps_error)
+        _, _, eps_upper = dprv.compute_epsilon(self.delta, self.delta / 1000, eps_error)
         return float(eps_upper)
 
     def _table(self, noise: float, rate: float) -> _LazyRdp:

@@ -151,7 +151,7 @@ class EpsilonPacer:
 
     def __init__(self, fraction: float):
         self.fraction = check_fraction(fraction)
-        self.cost: float | None = None  # seconds per unit of work of the latest recomputation
+        self.cost: float | None = None  # the cheapest seconds per unit of work seen
         self.count = 0  # recomputations so far
         self._end: float | None = None
 

@@ -339,7 +339,7 @@ class LeakageMonitor:
             )
         if not is_int_at_least(seed, -(2**63)):
             raise ValueError(f"seed must be an integer, as torch's manual_seed takes; got {seed!r}")
-        check_fraction(budget)  # also on a fixed schedule: a quarter of it paces PRV's epsilon
+        budget = check_fraction(budget)  # also on a fixed schedule: a quarter paces PRV's epsilon
         for name, value in (("semi_oracle", semi_oracle), ("control", control)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False; got {value!r}")
@@ -395,7 +395,7 @@ class LeakageMonitor:
         self._epsilon_work = 1.0  # the latest recomputation's (EpsilonTracker.work)
         self._noise_std: float | None = None  # the latest private view's (release_noise_std)
         if every is not None and self._slow_epsilon:
-            self._epsilon_pacer = EpsilonPacer(check_fraction(budget) * EPSILON_SHARE)
+            self._epsilon_pacer = EpsilonPacer(budget * EPSILON_SHARE)
         self._measure_at = 0  # budget mode: the step index of the next measured step
         # The latest plan as (measured step, next measured step), made by _finish_step (on the
         # overlap worker, if any) and adopted by the training thread between two steps.

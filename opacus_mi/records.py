@@ -72,7 +72,7 @@ class LeakageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LeakageRecord:
-        d = {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in d.items()}
+        d = {k: _float_of(v) for k, v in d.items()}
         mi = {
             k: MIValue(**{f: _float_of(v.get(f)) for f in _MI_FIELDS})
             for k, v in d.pop("mi", {}).items()
