@@ -61,7 +61,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     train.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="expected (Poisson) batch size"
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=(
+            "expected (Poisson) batch size; as Opacus does, the sampling rate is q = 1 / "
+            "ceil(N / BATCH_SIZE) for N training examples (the summary shows q)"
+        ),
     )
     train.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
     train.add_argument(

@@ -110,6 +110,30 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _check_combination(
+    views: tuple[str, ...], estimator: str | None, *, control: bool, semi_oracle: bool
+) -> None:
+    """Refuse settings under which a requested figure could never be made: without a learned
+    estimator only the private view has a figure (its oracle), and the semi-oracle and the
+    control are of the private view and of a learned critic."""
+    if estimator is None and "private" not in views:
+        raise ValueError(
+            f"views={views!r} with estimator=None measures nothing: without a learned estimator "
+            "only the private view has a figure (its Gram oracle); add 'private' to views or "
+            "pass an estimator, e.g. estimator='mine'"
+        )
+    if control and estimator is None:
+        raise ValueError(
+            "control=True trains a learned critic on shuffled pairs, so it needs a learned "
+            "estimator; pass e.g. estimator='mine', or control=False"
+        )
+    if semi_oracle and "private" not in views:
+        raise ValueError(
+            f"semi_oracle=True scores the private view, which views={views!r} leaves out; add "
+            "'private' to views, or semi_oracle=False"
+        )
+
+
 def _check_attach(engine, module, optimizer) -> None:
     if not isinstance(optimizer, DPOptimizer):
         raise TypeError(
@@ -362,6 +386,7 @@ class LeakageMonitor:
             raise ValueError(f"views must be a non-empty subset of {VIEWS}; got {views!r}")
         if estimator is not None and estimator not in BOUNDS:
             raise ValueError(f"estimator must be one of {BOUNDS} or None; got {estimator!r}")
+        _check_combination(views, estimator, control=control, semi_oracle=semi_oracle)
         self.engine, self.module, self.optimizer = engine, module, optimizer
         self.delta = float(delta)
         self.every = every
@@ -431,7 +456,7 @@ class LeakageMonitor:
         )
         self.tokenizer_kind = tokenizer
         self.semi_oracle: SemiOracleEstimator | None = None
-        if semi_oracle and "private" in views:
+        if semi_oracle:  # with the private view (_check_combination)
             self.semi_oracle = SemiOracleEstimator(
                 window=window,
                 train_every=train_every or 8,

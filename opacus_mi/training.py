@@ -123,6 +123,24 @@ class RunConfig:
                 f"{flag('views')} must be one or more of {', '.join(VIEW_CHOICES)}; "
                 f"got {list(views)!r}"
             )
+        learned = self.estimator_or_none is not None
+        if not learned and "private" not in views:
+            raise ValueError(
+                f"{flag('views')} {' '.join(views)} with {flag('estimator')} none measures "
+                f"nothing: without a learned estimator only the private view has a figure (its "
+                f"Gram oracle); add private to {flag('views')} or pick an estimator, e.g. "
+                f"{flag('estimator')} mine"
+            )
+        if self.control and not learned:
+            raise ValueError(
+                f"{flag('control')} trains a learned critic on shuffled pairs, so it needs a "
+                f"learned estimator; drop it or pick one, e.g. {flag('estimator')} mine"
+            )
+        if self.semi_oracle and "private" not in views:
+            raise ValueError(
+                f"{flag('semi_oracle')} scores the private view, which {flag('views')} "
+                f"{' '.join(views)} leaves out; add private to {flag('views')}"
+            )
         require_folder("out", self.out)
         if self.data_root is not None and not isinstance(self.data_root, (str, os.PathLike)):
             raise ValueError(f"{flag('data_root')} must be a folder path; got {self.data_root!r}")
@@ -267,6 +285,13 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
     split = load_dataset(
         cfg.dataset, data_root=cfg.data_root, seed=cfg.seed, fake_size=cfg.fake_size
     )
+    n_train = len(split.train)
+    if cfg.batch_size > n_train:
+        # Opacus's sampling rate is 1 / len(loader): a larger batch would silently become q = 1.
+        raise ValueError(
+            f"{flag('batch_size')} {cfg.batch_size} exceeds the {n_train} training examples of "
+            f"{cfg.dataset}; pass at most {n_train} (q = 1, every example in every step)"
+        )
     out = prepare_out_dir(cfg.out)
     jsonl = out / "records.jsonl"
     jsonl.unlink(missing_ok=True)  # JsonlSink appends; a new run starts a new file

@@ -103,6 +103,25 @@ def test_every_argument_is_checked_before_anything_runs(private_setup, name, bad
     LeakageMonitor(engine, model, opt, delta=1e-5).detach()  # nothing was left attached
 
 
+@pytest.mark.parametrize(
+    "kwargs, says",
+    [
+        # each made records without a single figure, or dropped the request, without a word
+        ({"views": "raw", "estimator": None}, "measures nothing"),
+        ({"views": ("clipped",), "estimator": None}, "measures nothing"),
+        ({"views": ("private",), "estimator": None, "control": True}, "control=True trains"),
+        ({"views": ("clipped",), "semi_oracle": True}, "semi_oracle=True scores the private"),
+    ],
+)
+def test_settings_that_could_never_make_a_requested_figure_are_refused(private_setup, kwargs, says):
+    engine, model, opt, _ = private_setup()
+    with pytest.raises(ValueError, match=says):
+        LeakageMonitor(engine, model, opt, delta=1e-5, **kwargs)
+    # the neighbouring settings that do measure something are accepted
+    ok = dict(kwargs, views=("private",), control=False)
+    LeakageMonitor(engine, model, opt, delta=1e-5, **ok).detach()
+
+
 def test_numpy_scalars_are_taken_as_the_numbers_they_hold(private_setup):
     import numpy as np
 

@@ -217,6 +217,31 @@ def test_run_config_names_the_flag_of_a_bad_value(field, value, message):
         replace(RunConfig(), **{field: value}).validate()
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"views": ("raw",), "estimator": "none"}, "--views raw with --estimator none measures"),
+        ({"estimator": "none", "control": True}, "--control trains a learned critic"),
+        ({"views": ("clipped",), "semi_oracle": True}, "--semi-oracle scores the private view"),
+    ],
+)
+def test_run_config_refuses_settings_that_measure_nothing_asked(changes, message):
+    """Each ran to the end before, with an empty table or without the figure asked for."""
+    from dataclasses import replace
+
+    from opacus_mi.training import RunConfig
+
+    with pytest.raises(ValueError, match=message):
+        replace(RunConfig(), **changes).validate()
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path, capsys):
+    """Opacus takes q = 1 / len(loader): a batch of 2,000 on 1,437 digits silently ran q = 1."""
+    rc = cli.main(["run", "--epochs", "1", "--batch-size", "2000", "--out", str(tmp_path / "x")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--batch-size 2000 exceeds the 1437")
+    assert not (tmp_path / "x").exists()
+
+
 def test_validate_config_names_the_flag_of_a_bad_value():
     from dataclasses import replace
 
