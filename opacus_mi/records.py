@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,12 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
 class JsonlSink:
     """Appends one JSON line per record and flushes it to the OS at once.
 
@@ -111,6 +118,8 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+        if self._fh.tell() and not _ends_with_newline(self.path):
+            self._fh.write("\n")  # a killed run's torn last line: resume on a line of our own
         self.fsync = fsync
 
     def __call__(self, record: LeakageRecord) -> None:
@@ -124,15 +133,35 @@ class JsonlSink:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[LeakageRecord]:
-    """Records written by :class:`JsonlSink` (a torn last line from a killed run is skipped)."""
-    out = []
+    """Records written by :class:`JsonlSink`.
+
+    A line that is not complete JSON is the record a killed run was writing; it is skipped with
+    a ``RuntimeWarning`` that names it (a resumed run appends after it). A complete JSON line
+    that is not a record is an error: this is then not a records file.
+    """
+    out, torn = [], []
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                out.append(LeakageRecord.from_dict(json.loads(line)))
+                d = json.loads(line)
             except json.JSONDecodeError:
+                torn.append(number)
                 continue
+            try:
+                out.append(LeakageRecord.from_dict(d))
+            except (TypeError, AttributeError) as err:
+                raise ValueError(
+                    f"{os.fspath(path)}, line {number}: JSON but not a leakage record ({err}); "
+                    "pass a records.jsonl written by opacus-mi (JsonlSink)"
+                ) from None
+    if torn:
+        warnings.warn(
+            f"{os.fspath(path)}: skipped {len(torn)} line(s) that are not complete JSON (line "
+            f"{', '.join(map(str, torn))}): a record a killed run was writing",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return out

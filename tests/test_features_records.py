@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -315,6 +316,35 @@ def test_features_of_another_width_are_flagged_not_silently_dropped():
     est = monitor.estimators["clipped"]
     assert est.critic is critic and est.resets == 0  # not rebuilt
     assert est.batches_seen == len(widths) - len(flagged)
+
+
+def test_a_killed_runs_torn_line_is_named_and_a_resumed_run_keeps_its_records(tmp_path):
+    """A killed run leaves a torn last line without a newline. The resumed run's first record
+    was appended onto it, and read_jsonl skipped the merged line without a word: both lost."""
+    from opacus_mi.records import JsonlSink
+
+    path = tmp_path / "records.jsonl"
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    train(model, opt, loader, epochs=1)
+    first, second = monitor.history[0], monitor.history[1]
+    whole = json.dumps(first.as_dict()) + "\n"
+    path.write_text(whole + json.dumps(second.as_dict())[:40], encoding="utf-8")  # killed
+    sink = JsonlSink(path)  # the resumed run
+    sink(second)
+    sink.close()
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 line\(s\) .*\(line 2\)"):
+        back = read_jsonl(path)
+    assert [r.as_dict() for r in back] == [first.as_dict(), second.as_dict()]
+    # a clean file reads without a warning
+    path.write_text(whole, encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r.as_dict() for r in read_jsonl(path)] == [first.as_dict()]
+    # complete JSON that is not a record is not skipped: this is not a records file
+    path.write_text(whole + '{"step": 1, "colour": "red"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: JSON but not a leakage record"):
+        read_jsonl(path)
 
 
 def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
