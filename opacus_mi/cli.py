@@ -400,6 +400,15 @@ def _error(message: str) -> int:
     return 2
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The monitor's warnings as one ``opacus-mi: warning:`` line each, not Python's file and
+    source line, written through tqdm so that a progress bar stays whole."""
+    from tqdm.auto import tqdm
+
+    text = str(message).removeprefix(f"{PROG}: ")  # the monitor's own start with it
+    tqdm.write(f"{PROG}: warning: {text}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``opacus-mi`` console script; returns the exit status."""
     parser = build_parser()
@@ -419,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = _show_warning
         try:
             return commands[args.command](args)
         except DataRootError as err:

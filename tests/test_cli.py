@@ -308,6 +308,23 @@ def test_sweep_rejects_bad_values(tmp_path, capsys):
     _assert_one_line_error(rc, capsys.readouterr().err, "--noise-multipliers")
 
 
+def test_report_names_a_torn_line_in_one_warning_line(run_dir, tmp_path, capsys):
+    """A killed run's torn last record: the report is made and the skip is said, on one line."""
+    import shutil
+
+    out = tmp_path / "torn"
+    shutil.copytree(run_dir[0], out)
+    with open(out / "records.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"step": 99, "batch')
+    assert cli.main(["report", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if "warning" in line] == [
+        f"opacus-mi: warning: {out / 'records.jsonl'}: skipped 1 line(s) that are not complete "
+        f"JSON (line {len((run_dir[0] / 'records.jsonl').read_text().splitlines()) + 1}): a record "
+        "a killed run was writing"
+    ]
+
+
 def test_report_of_a_folder_without_records(tmp_path, capsys):
     rc = cli.main(["report", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")
