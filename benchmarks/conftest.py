@@ -9,8 +9,10 @@ same work: same architecture and initial weights (global seed), same pre-generat
 * ``nonprivate``  plain model + SGD,
 * ``dp``          Opacus DP-SGD step (``grad_sample_mode="hooks"``, flat clipping),
 * ``oracle``      DP + ``LeakageMonitor(estimator=None, every=1)``: tokens + Gram oracle on
-                  every step (views clipped + private); overlap automatic (on a CPU with the
-                  one intra-op thread below and a second core: on, :mod:`opacus_mi.overlap`),
+                  every step (views clipped + private; the tokens and features a critic would
+                  read are made too, which the library skips without a critic); overlap
+                  automatic (on a CPU with the one intra-op thread below and a second core: on,
+                  :mod:`opacus_mi.overlap`),
 * ``oracle_sync`` the same with ``overlap=False``: all of it inside the training step,
 * ``default``     DP + ``LeakageMonitor`` with its defaults: the overhead budget
                   (``every=None``, ``train_every=None``, ``budget=0.06``: :mod:`opacus_mi.budget`),
@@ -269,6 +271,11 @@ def build_setup(
     if kwargs is not None:
         kwargs = {**kwargs, **(extra_monitor_kwargs or {})}
         monitor = LeakageMonitor(engine, model, optimizer, delta=DELTA, **kwargs)
+        if variant in ("oracle", "oracle_sync"):
+            # The "tokens + Gram oracle every step": features and tokens are made (and
+            # dropped) as for a critic. Without a critic the library makes none (the oracle
+            # needs only the Gram); side_by_side.py times that, the public configuration.
+            monitor._tokens = True
         criterion = monitor.wrap_criterion(criterion)
     return Setup(
         model_name,

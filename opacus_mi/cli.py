@@ -103,7 +103,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         "--estimator",
         choices=ESTIMATORS,
         default=d.estimator,
-        help="learned MI estimator per view ('none': only the private-view oracle)",
+        help=(
+            "learned MI estimator per view ('none': only the private view's Gram oracle, and "
+            "no features or tokens are made)"
+        ),
     )
     mon.add_argument(
         "--views",

@@ -538,6 +538,7 @@ class _Results:
         elif self.batch != n:
             raise ValueError(f"layers saw different batch sizes ({self.batch} and {n})")
         exact = bool(self._exact())
+        tokens = bool(cap.need_tokens())
         grads: dict[int, torch.Tensor] = {}
         if layer.kind == "generic":
             for c in calls:  # several calls of one layer add up (Opacus pads to max_batch_len)
@@ -557,12 +558,18 @@ class _Results:
             pid = id(p)
             if pid in grads:
                 flat = grads.pop(pid).reshape(n, -1)
-                token = None if slot is None else cap._tokenizer.sketch_layer(slot, flat)
+                token = (
+                    None if slot is None or not tokens else cap._tokenizer.sketch_layer(slot, flat)
+                )
                 f = flat.to(torch.float64 if exact else torch.float32)
                 gram = (f @ f.T).to(torch.float64) if cap.need_gram else None
                 sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
             elif p is getattr(layer.module, "weight", None) and layer.kind != "generic":
-                token = None if slot is None else cap._tokenizer.factored_token(slot, left, right)
+                token = (
+                    None
+                    if slot is None or not tokens
+                    else cap._tokenizer.factored_token(slot, left, right)
+                )
                 rows = p.shape[0]
                 if cap.need_gram:
                     gram = layer_gram(left, right, rows, method=cap.gram_method, exact=exact)
@@ -577,7 +584,8 @@ class _Results:
                 )
             self.norms[pid] = sq.clamp_min(0).sqrt()
             if slot is not None:
-                self.tokens[slot] = token
+                if token is not None:
+                    self.tokens[slot] = token
                 if gram is not None:
                     self.gram = gram if self.gram is None else self.gram + gram
 
@@ -592,7 +600,7 @@ class _Results:
         batch = self.batch
         device = next(iter(self.norms.values())).device
         tokens = []
-        for slot, dim in enumerate(cap._tokenizer.dims):
+        for slot, dim in enumerate(cap._tokenizer.dims if self.tokens else ()):  # () unwanted
             t = self.tokens.get(slot)  # a layer unused in this forward has zero gradient
             tokens.append(t if t is not None else torch.zeros((batch, dim), device=device))
         norms_list = [self.norms.get(id(p)) for layer in cap._layers.values() for p in layer.params]
@@ -650,6 +658,8 @@ class FactoredCapture:
         exact: whether the Gram must be computed in float64 (else float32, accumulated in float64).
         gram: ``"auto"`` (cheaper per layer), ``"factored"`` or ``"materialised"``.
         need_gram: False skips the B x B Gram (only norms, for the clip factors, and tokens).
+        need_tokens: whether this step's tokens are wanted (False: none are made; a monitor
+            without learned critics has nothing that reads them).
         defer: the hooks only keep references to each layer's inputs and backprops, and
             :meth:`take` returns a :class:`FactoredRecording` to compute later (the monitor's
             overlap worker). The chunk's factors then stay alive until it is computed, where
@@ -666,6 +676,7 @@ class FactoredCapture:
         exact: Callable[[], bool] = lambda: True,
         gram: str = "auto",
         need_gram: bool = True,
+        need_tokens: Callable[[], bool] = lambda: True,
         defer: bool = False,
     ):
         if gram not in GRAM_METHODS:
@@ -676,7 +687,7 @@ class FactoredCapture:
             )
         self._gsm, self._tokenizer = module, tokenizer
         self._active, self._exact, self.gram_method = active, exact, gram
-        self.need_gram, self.defer = need_gram, defer
+        self.need_gram, self.need_tokens, self.defer = need_gram, need_tokens, defer
         self._params = list(params)
         slot_of = {id(p): i for i, p in enumerate(self._params)}
         self._layers: dict[nn.Module, _Layer] = {}

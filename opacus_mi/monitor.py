@@ -220,8 +220,9 @@ class LeakageMonitor:
             as many as ``budget`` affords, every step where the monitor is cheap relative to
             the model (:mod:`opacus_mi.budget`).
         views: gradient views to measure, from ``("raw", "clipped", "private")``.
-        estimator: learned estimator per view, ``"mine"``, ``"infonce"`` or None (the private
-            view's white-box oracle is always computed).
+        estimator: learned estimator per view, ``"mine"``, ``"infonce"``, ``"nwj"``,
+            ``"smile"`` or None (the private view's white-box oracle is always computed; with
+            None and no semi-oracle no features or tokens are made: nothing would read them).
         token_dim: sketch dimensions per parameter tensor (Kronecker ``k1 * k2 <= token_dim``
             for Linear/Conv2d/Embedding weights, see :mod:`opacus_mi.factored`).
         features: None (the batch the model saw, plus labels if ``wrap_criterion`` is used), a
@@ -495,8 +496,15 @@ class LeakageMonitor:
         self._chunks: list[Chunk] = []
         self._chunk_seconds = 0.0
         use_input, layers, fn = self._parse_features(features)
+        # Features and tokens are what the learned critics read; the oracle needs neither, so
+        # without critics none are made (the benchmarks set it to time tokens + oracle).
+        self._tokens = bool(self.estimators) or self.semi_oracle is not None
         self._capture = FeatureCapture(
-            module, layers=layers, fn=fn, use_input=use_input, active=self._due
+            module,
+            layers=layers,
+            fn=fn,
+            use_input=use_input,
+            active=lambda: self._tokens and self._due(),
         )
         # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
@@ -512,6 +520,7 @@ class LeakageMonitor:
                     active=self._due,
                     exact=lambda: float(self.optimizer.noise_multiplier) < 0.01,
                     need_gram="private" in views,
+                    need_tokens=lambda: self._tokens,
                     defer=self.overlap,  # the hooks only keep references; the worker computes
                 )
             except Exception:
@@ -785,7 +794,7 @@ class LeakageMonitor:
         chunk = Chunk(batch=batch)
         if batch == 0:
             return chunk
-        feats = self._chunk_features(captures, batch, chunk)
+        feats = self._chunk_features(captures, batch, chunk) if self._tokens else None
         # sigma >= 0.01: float32 Gram and rank-one Linear layers (see views.clipped_gram).
         fast = sigma >= 0.01
         gram32 = None  # raw float32 Gram (hooks mode, flat clipping, private view)
@@ -833,7 +842,9 @@ class LeakageMonitor:
             feats = None if feats is None else feats[idx.to(feats.device)]
         if kept == 0:
             return chunk
-        if factored is not None:
+        if not self._tokens:
+            raw = None
+        elif factored is not None:
             raw = factored.tokens
         else:
             raw = [
@@ -843,11 +854,15 @@ class LeakageMonitor:
                 for i, g in enumerate(grad_samples)
             ]
         # All layers' raw tokens in one tensor: the raw view, and flat clipping's one product.
-        raw_all = torch.cat(raw, dim=1) if "raw" in self.views or not clip.per_layer else None
-        if "raw" in self.views:
+        raw_all = None
+        if raw is not None and ("raw" in self.views or not clip.per_layer):
+            raw_all = torch.cat(raw, dim=1)
+        if "raw" in self.views and raw_all is not None:
             chunk.tokens["raw"] = raw_all.float()
         if "clipped" in self.views or "private" in self.views:
-            if clip.per_layer:
+            if raw is None:
+                clipped = None  # nothing learns from tokens: the oracle needs only the Gram
+            elif clip.per_layer:
                 clipped = torch.cat(
                     [t * clip.for_layer(i).to(t.dtype)[:, None] for i, t in enumerate(raw)], dim=1
                 ).float()
@@ -905,12 +920,17 @@ class LeakageMonitor:
                 out[layer] = rank_one_backprop(g, a.to(g.device, g.dtype))
         return out
 
-    def _privatise(self, chunk: Chunk, clipped: torch.Tensor, gram: torch.Tensor, std: float):
+    def _privatise(
+        self, chunk: Chunk, clipped: torch.Tensor | None, gram: torch.Tensor, std: float
+    ):
         """The chunk's random draws: private-view token noise, then the oracle's noise."""
-        noise = torch.randn(clipped.shape, generator=self.generator, device=self.generator.device)
-        if noise.device != clipped.device:
-            noise = noise.to(clipped.device)
-        chunk.tokens["private"] = torch.add(clipped, noise, alpha=std)
+        if clipped is not None:
+            noise = torch.randn(
+                clipped.shape, generator=self.generator, device=self.generator.device
+            )
+            if noise.device != clipped.device:
+                noise = noise.to(clipped.device)
+            chunk.tokens["private"] = torch.add(clipped, noise, alpha=std)
         chunk.oracle_terms = gram_oracle(
             gram, std, draws=self.oracle_draws, generator=self.generator, sync_free=self._sync_free
         ).terms
@@ -945,7 +965,8 @@ class LeakageMonitor:
             chunk.features = chunk.features[idx]
         if chunk.pending is not None:
             clipped, gram, std = chunk.pending
-            chunk.pending = (clipped[idx], gram[idx][:, idx], std)
+            clipped = None if clipped is None else clipped[idx]
+            chunk.pending = (clipped, gram[idx][:, idx], std)
 
     def _feature_width(self) -> int | None:
         """The feature width the learned critics were built for (None before any is)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -296,8 +297,8 @@ def test_ghost_monitor_is_a_guest_and_equals_the_hooks_mode_monitor():
     assert all(not r.flags for r in mon.history if r.batch_size > 0)
     assert any("clipped/mine" in r.mi for r in mon.history)
     # same data and seed in hooks mode: the same math, so the same records and tokens
-    _, ghost, *_ = _run("ghost", True)
-    _, hooks, _, _, tokens_hooks, _ = _run("hooks", True)
+    ghost = mon
+    _, hooks, _, _, tokens_hooks, _ = _run("hooks", True, estimator="mine")
     assert [r.batch_size for r in ghost.history] == [r.batch_size for r in hooks.history]
     oracle_g = [r.mi["private/oracle"].nats for r in ghost.history if r.batch_size > 1]
     oracle_h = [r.mi["private/oracle"].nats for r in hooks.history if r.batch_size > 1]
@@ -348,7 +349,9 @@ def test_ghost_hook_failure_is_flagged_and_detach_restores_hooks(overlap):
     the overlap worker from what the hook recorded) flags every record, never raises."""
     _, _, p0, _, _, _ = _run("ghost", False, n=48)
     with pytest.warns(RuntimeWarning, match="factored capture failed"):
-        _, mon, p1, _, _, _ = _run("ghost", True, n=48, poison=True, overlap=overlap)
+        _, mon, p1, _, _, _ = _run(
+            "ghost", True, n=48, poison=True, overlap=overlap, estimator="mine"
+        )
         mon.flush()
     assert mon.overlap is overlap
     assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
@@ -360,6 +363,18 @@ def test_ghost_hook_failure_is_flagged_and_detach_restores_hooks(overlap):
     LeakageMonitor(engine, model, opt, delta=1e-5).detach()
     after = {n: (dict(m._forward_hooks), dict(m._backward_hooks)) for n, m in model.named_modules()}
     assert before == after
+
+
+def test_ghost_without_a_critic_makes_no_tokens():
+    """The poisoned sketch of the test above is never called: only critics read tokens."""
+    _, _, p0, _, _, _ = _run("ghost", False, n=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, mon, p1, _, _, _ = _run("ghost", True, n=48, poison=True)
+        mon.flush()
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    assert mon.history and not any(r.flags for r in mon.history if r.batch_size > 0)
+    assert all("private/oracle" in r.mi for r in mon.history if r.batch_size > 1)
 
 
 def test_mismatched_ghost_pair_is_refused():

@@ -30,6 +30,8 @@ def test_pool_features_caps_dimension_and_keeps_small_inputs():
 
 
 def _capture_features(monitor, model, opt, loader, criterion, after_step=None):
+    """Each measured step's (captures, features); ``monitor`` needs a critic (only critics
+    read features, so without one none are made)."""
     got = []
     original = monitor._capture.features
 
@@ -45,7 +47,7 @@ def _capture_features(monitor, model, opt, loader, criterion, after_step=None):
 
 def test_default_features_are_inputs_plus_one_hot_labels():
     engine, model, opt, loader = make_private(poisson=False)
-    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine")
     got = _capture_features(
         monitor, model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss())
     )
@@ -60,7 +62,7 @@ def test_named_layers_and_callable_features_come_from_the_same_forward():
     engine, model, opt, loader = make_private(poisson=False)
     calls = []
     model._module.conv.register_forward_hook(lambda *a: calls.append(1))
-    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, features=["conv"])
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", features=["conv"])
     got = _capture_features(monitor, model, opt, loader, nn.CrossEntropyLoss())
     assert len(calls) == len(loader)  # no extra forward pass
     x, _ = next(iter(loader))
@@ -75,7 +77,7 @@ def test_named_layers_and_callable_features_come_from_the_same_forward():
         model,
         opt,
         delta=1e-5,
-        estimator=None,
+        estimator="mine",
         features=lambda x: x.mean(dim=(1, 2, 3))[:, None],
     )
     got = _capture_features(monitor, model, opt, loader, nn.CrossEntropyLoss())
@@ -113,7 +115,7 @@ def test_named_layer_features_are_its_output_even_if_an_inplace_op_follows(overl
     conv = model._module.block.conv
     weights = [(conv.weight.detach().clone(), conv.bias.detach().clone())]
     monitor = LeakageMonitor(
-        engine, model, opt, delta=1e-5, estimator=None, features=["block"], overlap=overlap
+        engine, model, opt, delta=1e-5, estimator="mine", features=["block"], overlap=overlap
     )
 
     def snapshot():  # the conv's weights for the next step's forward

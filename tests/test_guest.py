@@ -230,3 +230,47 @@ def test_attach_errors_name_the_argument():
     LeakageMonitor(engine, model, opt, delta=1e-5)
     with pytest.raises(ValueError, match="already has a monitor"):
         LeakageMonitor(engine, model, opt, delta=1e-5)
+
+
+def test_without_a_critic_no_features_or_tokens_are_made_and_the_oracle_is_exact():
+    """Only learned critics read features and tokens; without one the monitor made them anyway
+    (input clones on the training thread, sketches, the private view's noise). Now none are
+    made, and each step's oracle is the Monte Carlo of Opacus's own clipped per-sample
+    gradients with a replica of the monitor's generator (nothing else draws from it)."""
+    from opacus_mi.estimators.oracle import gram_oracle
+
+    engine, model, opt, loader = make_private(poisson=False, noise=0.7)
+    calls = []
+
+    def features(x):
+        calls.append(len(x))
+        return x.flatten(1)
+
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, estimator=None, features=features, seed=3
+    )
+    monitor.tokenizer.sketch_layer = monitor.tokenizer.rank_one_token = None  # never called
+    grams = []
+    criterion = nn.CrossEntropyLoss()
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        # Opacus's own per-sample gradients, clipped as Opacus clips them
+        flat = torch.cat([p.grad_sample.reshape(len(x), -1) for p in opt.params], 1).double()
+        factors = (1.0 / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+        grams.append((flat * factors[:, None]) @ (flat * factors[:, None]).T)
+        opt.step()
+    monitor.flush()
+    assert calls == [] and not monitor._capture.pending
+    assert len(monitor.history) == len(loader)
+    assert all(set(r.mi) == {"private/oracle"} and not r.flags for r in monitor.history)
+    gen = torch.Generator().manual_seed(3)
+    for record, gram in zip(monitor.history, grams, strict=True):
+        ref = gram_oracle(gram, 0.7, draws=monitor.oracle_draws, generator=gen).nats
+        assert record.mi["private/oracle"].nats == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    # with a critic the same features are made, as before
+    engine, model, opt, loader = make_private(poisson=False, noise=0.7)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, features=features)
+    train(model, opt, loader)
+    monitor.flush()
+    assert calls == [16] * len(loader)
