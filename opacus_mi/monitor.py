@@ -868,7 +868,7 @@ class LeakageMonitor:
                 ).float()
             else:  # one factor per example: one product over all layers' tokens
                 clipped = (raw_all * clip.factors.to(raw_all.dtype)[:, None]).float()
-            if "clipped" in self.views or self.semi_oracle is not None:
+            if clipped is not None and ("clipped" in self.views or self.semi_oracle is not None):
                 chunk.tokens["clipped"] = clipped
             if self.subspace is not None and grad_samples is not None:
                 flat = torch.cat(
