@@ -17,6 +17,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -625,9 +626,19 @@ def rerender_run(out: str | os.PathLike) -> tuple[str, list[Path]]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A run's JSON file, or None if it is absent (a run stopped before writing it) or cannot
+    be read, which is said in a warning: the outputs are then made without what it held."""
+    if not path.exists():
+        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return data
+    except (OSError, ValueError) as err:  # (JSONDecodeError and UnicodeDecodeError too)
+        warnings.warn(
+            f"{path}: not read ({err}); rendered without it", RuntimeWarning, stacklevel=2
+        )
         return None
 
 

@@ -325,6 +325,21 @@ def test_report_names_a_torn_line_in_one_warning_line(run_dir, tmp_path, capsys)
     ]
 
 
+def test_report_says_which_run_file_it_could_not_read(run_dir, tmp_path, capsys):
+    """A corrupt config.json was skipped without a word; a missing result.json (a run stopped
+    before it finished) is no surprise and is not warned about."""
+    import shutil
+
+    out = tmp_path / "bad"
+    shutil.copytree(run_dir[0], out)
+    (out / "config.json").write_text("{bad", encoding="utf-8")
+    (out / "result.json").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"opacus-mi: warning: {out / 'config.json'}: not read (")
+
+
 def test_report_of_a_folder_without_records(tmp_path, capsys):
     rc = cli.main(["report", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")
