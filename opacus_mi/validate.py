@@ -318,9 +318,18 @@ def _run_grid(cfg: ValidateConfig, progress: bool):
     n_pool = cfg.candidates or (n_train if cfg.dataset == "digits" else 512)
     if n_pool > n_train:
         raise ValueError(f"--candidates {n_pool} exceeds the {n_train} training examples")
-    need = max(cfg.batch_sizes) * 1 + 1
+    need = max(cfg.batch_sizes) + 1  # the example and B others to tell it from
+    if need > n_train:
+        raise ValueError(
+            f"--batch-sizes {max(cfg.batch_sizes)} leaves no candidate outside the batch: "
+            f"{cfg.dataset} has {n_train} training examples, so pass batch sizes up to "
+            f"{n_train - 1}"
+        )
     if n_pool < need:
-        raise ValueError(f"--candidates must be at least {need} for batch size up to {need - 1}")
+        raise ValueError(
+            f"--candidates {n_pool} is too few for batch size {need - 1}: pass at least {need} "
+            f"(at most {n_train})"
+        )
     shape = tuple(split.input_shape)
     x_pool, y_pool = _pool(split.train, n_pool)
     lo, hi = _pixel_bounds(cfg.dataset, x_pool)

@@ -340,6 +340,19 @@ def test_report_says_which_run_file_it_could_not_read(run_dir, tmp_path, capsys)
     assert warned[0].startswith(f"opacus-mi: warning: {out / 'config.json'}: not read (")
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        # was "--candidates must be at least 2001", which no --candidates could satisfy
+        (["--batch-sizes", "2000"], "--batch-sizes 2000 leaves no candidate outside the batch"),
+        (["--batch-sizes", "64", "--candidates", "20"], "--candidates 20 is too few for batch"),
+    ],
+)
+def test_validate_batch_and_candidates_errors_name_the_flag_to_change(tmp_path, capsys, args, says):
+    rc = cli.main(["validate", *args, "--out", str(tmp_path / "v"), "--no-progress"])
+    _assert_one_line_error(rc, capsys.readouterr().err, says)
+
+
 def test_report_of_a_folder_without_records(tmp_path, capsys):
     rc = cli.main(["report", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")
