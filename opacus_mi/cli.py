@@ -404,11 +404,20 @@ def _error(message: str) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """The monitor's warnings as one ``opacus-mi: warning:`` line each, not Python's file and
-    source line, written through tqdm so that a progress bar stays whole."""
+    """Warnings as one ``opacus-mi: warning:`` line each, not Python's file and source line,
+    written through tqdm so that a progress bar stays whole; another library's (numpy inside
+    Opacus's PRV accountant, say) name the file they came from."""
     from tqdm.auto import tqdm
 
-    text = str(message).removeprefix(f"{PROG}: ")  # the monitor's own start with it
+    text = str(message)
+    ours = text.startswith(f"{PROG}: ")  # the monitor's own start with it
+    text = text.removeprefix(f"{PROG}: ")
+    where = Path(filename)
+    if not ours and "opacus_mi" not in where.parts:  # e.g. numpy inside Opacus's PRV
+        parts = where.parts
+        site = next((i for i, x in enumerate(parts) if x in ("site-packages", "dist-packages")), -1)
+        source = "/".join(parts[site + 1 :]) if site >= 0 else str(where)
+        text = f"{text} (from {source}:{lineno})"
     tqdm.write(f"{PROG}: warning: {text}", file=file or sys.stderr)
 
 

@@ -1032,7 +1032,7 @@ class LeakageMonitor:
             # overlap worker while training runs Python (a 10x wall-time outlier at step 1 once
             # paced epsilon out of a whole run).
             t_eps = time.thread_time()
-            epsilon = self.epsilon.epsilon(accounting)
+            epsilon = self._epsilon_or_nan(accounting, sigma)
             self._epsilon = (epsilon, step)
             self._epsilon_work = work
             if self._epsilon_pacer is not None and fresh:
@@ -1065,6 +1065,8 @@ class LeakageMonitor:
             self.generator.set_state(state)
             estimates = self._estimate(chunks)
         record.flags = sorted({f for c in chunks for f in c.flags})
+        if math.isnan(epsilon):
+            record.flags.append("epsilon_failed")
         if batch == 0:
             record.flags.append("empty_batch")
         record.mi.update(estimates.mi)
@@ -1324,6 +1326,30 @@ class LeakageMonitor:
                 seen.setdefault(k, None)
         return list(seen)
 
+    def _epsilon_or_nan(self, accounting: tuple | None, sigma: float) -> float:
+        """The accountant's epsilon, or NaN (warned once) where it cannot compute one: Opacus's
+        PRV accountant overflows or runs out of memory at a small enough noise multiplier
+        (inf from ~0.03 on the digits run, a 28 TiB grid at 1e-4). The record keeps its MI."""
+        fix = "PrivacyEngine(accountant='rdp') (CLI: --accountant rdp) gives a finite bound there"
+        try:
+            value = self.epsilon.epsilon(accounting)
+        except Exception as exc:  # (MemoryError is an Exception; KeyboardInterrupt is not)
+            self._warn_once(
+                "epsilon",
+                f"the accountant could not compute epsilon at sigma {sigma:g} "
+                f"({type(exc).__name__}: {str(exc)[:120]}); records carry NaN, flagged "
+                f"epsilon_failed. Opacus's PRV accountant fails this way at small noise "
+                f"multipliers: {fix}",
+            )
+            return math.nan
+        if value == math.inf and sigma > 0 and not self.epsilon.cheap:
+            self._warn_once(
+                "epsilon-inf",
+                f"the accountant's epsilon is inf at sigma {sigma:g}, as Opacus's PRV accountant "
+                f"gives when its discretisation overflows (a valid but empty guarantee); {fix}",
+            )
+        return value
+
     def summary(self, last: int = 20) -> str:
         """A readable table of every MI series over the last ``last`` records; where the last
         carries an earlier step's (paced) epsilon, the accountant's epsilon now beside it."""
@@ -1332,7 +1358,8 @@ class LeakageMonitor:
         records = self.history  # (flushes: an overlap worker is idle, the tracker free)
         now = None
         if records and records[-1].carries_earlier_epsilon:
-            now = self.epsilon.epsilon()  # one fresh epsilon, on the caller's time
+            # one fresh epsilon, on the caller's time
+            now = self._epsilon_or_nan(None, float(self.optimizer.noise_multiplier))
         return summary_table(records, last=last, note=self.schedule_note(), epsilon_now=now)
 
     def schedule_note(self) -> str | None:

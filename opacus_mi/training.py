@@ -429,7 +429,8 @@ def _train(
             writer.flush()
             writer.close()
 
-    epsilon = float(engine.get_epsilon(cfg.delta)) if monitor.steps else 0.0
+    # The monitor's tracker: Opacus's own value, or NaN (warned) where it cannot compute one.
+    epsilon = monitor._epsilon_or_nan(None, sigma) if monitor.steps else 0.0
     wall = time.perf_counter() - t_start
     records = list(monitor.history)
     results = {

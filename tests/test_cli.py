@@ -353,6 +353,30 @@ def test_validate_batch_and_candidates_errors_name_the_flag_to_change(tmp_path, 
     _assert_one_line_error(rc, capsys.readouterr().err, says)
 
 
+def test_run_finishes_where_opacus_prv_cannot_compute_epsilon(tmp_path, capsys):
+    """sigma 1e-4: Opacus's PRV accountant raises MemoryError. The run used to end in a
+    traceback after training; now its outputs are written, epsilon NaN, and a warning names
+    the fix."""
+    out = tmp_path / "x"
+    argv = [
+        "run",
+        *TINY,
+        "--accountant",
+        "prv",
+        "--noise-multiplier",
+        "1e-4",
+        "--estimator",
+        "none",
+    ]
+    argv += ["--out", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "epsilon: nan at delta" in captured.out and "flags seen: epsilon_failed" in captured.out
+    assert "--accountant rdp" in captured.err
+    assert json.loads((out / "result.json").read_text())["epsilon"] is None
+    assert read_jsonl(out / "records.jsonl")
+
+
 def test_report_of_a_folder_without_records(tmp_path, capsys):
     rc = cli.main(["report", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")

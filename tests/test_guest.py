@@ -113,6 +113,30 @@ def test_a_noiseless_run_is_recorded_with_infinite_epsilon(accountant):
         assert r.mi["private/oracle"].nats == pytest.approx(math.log(r.batch_size), abs=1e-9)
 
 
+def test_an_epsilon_the_accountant_cannot_compute_is_nan_and_the_records_keep_their_mi():
+    """At sigma 1e-4 Opacus's PRV accountant asks for a grid of hundreds of GiB (MemoryError):
+    the monitor lost every record, summary() raised, and the CLI crashed after training."""
+    import math
+
+    from opacus.accountants import PRVAccountant
+
+    reference = PRVAccountant()  # Opacus's own call fails the same way after one step
+    reference.history = [(1e-4, 1 / 6, 1)]  # (sigma, q = 16 of 96, steps)
+    with pytest.raises(MemoryError):
+        reference.get_epsilon(1e-5)
+    engine, model, opt, loader = make_private(accountant="prv", noise=1e-4, poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
+    with pytest.warns(RuntimeWarning, match="could not compute epsilon at sigma 0.0001"):
+        train(model, opt, loader, epochs=1)
+        monitor.flush()
+    records = monitor.history
+    assert [r.step for r in records] == list(range(len(loader)))
+    for r in records:
+        assert math.isnan(r.epsilon) and "epsilon_failed" in r.flags
+        assert 0 < r.mi["private/oracle"].nats <= math.log(r.batch_size) + 1e-9
+    assert "epsilon nan" in monitor.summary()
+
+
 def test_accountant_hook_untouched_and_detach_restores_optimizer():
     engine, model, opt, loader = make_private()
     before = dict(vars(opt))
