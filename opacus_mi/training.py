@@ -316,6 +316,33 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
         torch.set_num_threads(previous_threads)
 
 
+# Below this noise multiplier one PRV epsilon takes seconds to minutes and, from ~0.1, is inf
+# (the digits run: 1.8 s at 0.2, 3.6 s at 0.15, 33 s and inf at 0.1), so Opacus's bisection for
+# a large target epsilon would not finish.
+PRV_CALIBRATION_FLOOR = 0.2
+
+
+def _check_prv_calibration(cfg: RunConfig, *, sample_rate: float) -> None:
+    """Refuse a --target-epsilon that Opacus's PRV accountant could only reach below the floor.
+    RDP's epsilon bounds PRV's from above and costs milliseconds: a target above RDP's epsilon
+    at the floor needs a smaller noise multiplier under PRV too."""
+    if cfg.accountant != "prv":
+        return
+    from opacus.accountants import RDPAccountant
+
+    rdp = RDPAccountant()
+    rdp.history = [(PRV_CALIBRATION_FLOOR, sample_rate, int(cfg.epochs / sample_rate))]
+    ceiling = rdp.get_epsilon(float(cfg.delta))
+    if cfg.target_epsilon > ceiling:
+        raise ValueError(
+            f"{flag('target_epsilon')} {cfg.target_epsilon:g} needs a noise multiplier below "
+            f"{PRV_CALIBRATION_FLOOR} for this run (epsilon there is at most {ceiling:.0f}), "
+            "where Opacus's PRV accountant takes seconds to minutes per epsilon and gives inf "
+            f"from ~0.1: its calibration would not finish. Pass {flag('accountant')} rdp "
+            f"(calibrates in milliseconds) or a {flag('noise_multiplier')}"
+        )
+
+
 def _train(
     cfg: RunConfig, split, model, device, out: Path, jsonl: Path, t_start: float, progress: bool
 ) -> RunResult:
@@ -341,6 +368,7 @@ def _train(
             max_grad_norm=float(cfg.max_grad_norm),
         )
     else:
+        _check_prv_calibration(cfg, sample_rate=1 / len(train_loader))
         model, optimizer, train_loader = engine.make_private_with_epsilon(
             module=model,
             optimizer=optimizer,

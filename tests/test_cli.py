@@ -377,6 +377,24 @@ def test_run_finishes_where_opacus_prv_cannot_compute_epsilon(tmp_path, capsys):
     assert read_jsonl(out / "records.jsonl")
 
 
+def test_a_target_epsilon_prv_could_not_calibrate_is_refused_with_the_ceiling(tmp_path, capsys):
+    """--target-epsilon 1000 under PRV ran Opacus's bisection into noise multipliers where one
+    epsilon takes minutes (it had not finished after 5 minutes on digits)."""
+    from opacus.accountants import RDPAccountant
+
+    from opacus_mi.training import PRV_CALIBRATION_FLOOR
+
+    argv = ["run", *TINY, "--accountant", "prv", "--target-epsilon", "1000"]
+    rc = cli.main([*argv, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    rdp = RDPAccountant()  # the ceiling the message quotes: RDP at the floor, 4 steps at q 1/4
+    rdp.history = [(PRV_CALIBRATION_FLOOR, 0.25, 4)]
+    _assert_one_line_error(rc, err, "--target-epsilon 1000 needs a noise multiplier below 0.2")
+    assert f"at most {rdp.get_epsilon(1e-5):.0f})" in err and "--accountant rdp" in err
+    # a target within reach calibrates, under PRV as under RDP
+    assert cli.main([*argv[:-1], "20", "--out", str(tmp_path / "y")]) == 0
+
+
 def test_report_of_a_folder_without_records(tmp_path, capsys):
     rc = cli.main(["report", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")
