@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -450,11 +451,11 @@ def step_kl(noise_multiplier: float, sample_rate: float) -> float:
     (``1/(2 s^2)``), 0 at q = 0 and infinite at s = 0.
     """
     s, q = float(noise_multiplier), float(sample_rate)
-    if not 0 <= q <= 1:
+    if not 0 <= q <= 1:  # (NaN too)
         raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
-    if s < 0:
+    if not s >= 0:  # (NaN too: it was a bound of 0)
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    if q == 0:
+    if q == 0 or s == math.inf:  # nothing released about the example
         return 0.0
     if s == 0:
         return math.inf  # a noise-free release of the clipped gradient: no finite bound
@@ -486,6 +487,9 @@ def mi_upper_bound(noise_multiplier: float, sample_rate: float, steps: int) -> f
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (DP-SGD steps taken), got {steps!r}")
+    for name, value in (("noise_multiplier", noise_multiplier), ("sample_rate", sample_rate)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy's too)
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if steps == 0:
         return 0.0
     return steps * step_kl(noise_multiplier, sample_rate)
@@ -493,7 +497,7 @@ def mi_upper_bound(noise_multiplier: float, sample_rate: float, steps: int) -> f
 
 def pure_dp_mi_bound(epsilon: float) -> float:
     """MI bound of a pure epsilon-DP mechanism: ``min(eps, eps^2 / 2)`` nats."""
-    if epsilon < 0:
+    if not epsilon >= 0:  # (NaN too)
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
     return min(epsilon, epsilon * epsilon / 2.0)
 

@@ -50,6 +50,11 @@ def test_step_kl_matches_quadrature_and_monte_carlo(s, q):
         (lambda: gaussian_channel_bound(float("nan")), "noise_multiplier must be >= 0"),
         (lambda: gaussian_channel_bound(1.0, dim=0), "dim must be a positive integer"),
         (lambda: pure_dp_mi_bound(-1.0), "epsilon must be >= 0"),
+        # each of these gave a figure: 0.0, 0.0, a bound for sigma = 1, and NaN
+        (lambda: mi_upper_bound(float("nan"), 0.05, 10), "noise_multiplier must be >= 0"),
+        (lambda: mi_upper_bound(1.0, float("nan"), 10), "sample_rate must be in"),
+        (lambda: mi_upper_bound(True, 0.05, 10), "noise_multiplier must be a number"),
+        (lambda: pure_dp_mi_bound(float("nan")), "epsilon must be >= 0"),
     ],
 )
 def test_bounds_refuse_what_has_no_meaning(call, says):
@@ -63,6 +68,8 @@ def test_step_kl_limits():
     assert step_kl(1.0, 0.0) == 0.0
     assert step_kl(0.0, 0.01) == math.inf  # no noise: no finite bound
     assert mi_upper_bound(0.0, 0.01, 10) == math.inf
+    assert step_kl(math.inf, 0.3) == 0.0  # infinite noise releases nothing (no quadrature)
+    assert mi_upper_bound(np.float32(1.5), np.float64(0.3), 4) == 4 * step_kl(1.5, 0.3)
     # small q: chi-square approximation (q^2 / 2)(e^{1/s^2} - 1)
     s, q = 1.5, 1e-3
     assert step_kl(s, q) == pytest.approx(q * q / 2 * math.expm1(1 / s**2), rel=0.01)
