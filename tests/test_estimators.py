@@ -232,3 +232,28 @@ def test_private_view_mi_falls_with_noise_and_respects_bounds():
     assert all(a > b for a, b in zip(means, means[1:], strict=False)), means
     # near ln B with little noise; at sigma = 3 within MC error of the channel bound 1/18
     assert means[0] > 1.0 and means[-1] < 2 * gaussian_channel_bound(3.0)
+
+
+@pytest.mark.parametrize(
+    "option, bad, says",
+    [
+        ("hidden", 0, "hidden must be an integer >= 1"),  # was a ZeroDivisionError
+        ("batch_size", 0, "batch_size must be an integer >= 1"),  # was torch's max() error
+        ("max_steps", True, "max_steps must be an integer >= 1"),
+        ("seed", 1.5, "seed must be an integer"),  # was torch's RuntimeError
+        ("lr", float("nan"), "lr must be a positive number"),
+        ("critic_bound", 0.0, "critic_bound must be a positive number or None"),
+    ],
+)
+def test_estimate_mi_options_are_checked_by_name(option, bad, says):
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g)
+    with pytest.raises(ValueError, match=says):
+        estimate_mi(x, x + torch.randn(64, 2, generator=g), **{option: bad})
+    # NumPy integers are the numbers they hold: the same estimate as with Python ints
+    fast = {"max_steps": 60, "bootstrap": 50, "permutations": 20}
+    a = estimate_mi(x, x, seed=3, hidden=16, **fast)
+    b = estimate_mi(x, x, seed=np.int64(3), hidden=np.int32(16), **fast)
+    assert a.nats == b.nats and a.ci_low == b.ci_low

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..checks import is_finite_number, is_int_at_least
 from .bounds import (
     BOUNDS,
     CriticLoss,
@@ -118,6 +119,11 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
     return _estimate_mi(x, y, estimator, **kwargs)
 
 
+def _int_of(value):
+    """A NumPy integer as the int it holds (counts and seeds come from arrays too)."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
 def _estimate_mi(
     x,
     y,
@@ -157,6 +163,28 @@ def _estimate_mi(
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if not 0 <= ema < 1:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
+    counts = {
+        "max_eval": (max_eval, 4),
+        "batch_size": (batch_size, 1),
+        "max_batch": (max_batch, 1),
+        "max_steps": (max_steps, 1),
+        "hidden": (hidden, 1),
+        "embed": (embed, 1),
+        "patience": (patience, 1),
+        "check_every": (check_every, 1),
+        "bootstrap": (bootstrap, 0),
+        "permutations": (permutations, 0),
+    }
+    for name, (value, low) in counts.items():
+        if not is_int_at_least(_int_of(value), low):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not is_int_at_least(_int_of(seed), -(2**63)):
+        raise ValueError(f"seed must be an integer, as torch's manual_seed takes; got {seed!r}")
+    seed = _int_of(seed)
+    if not (is_finite_number(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if critic_bound is not None and not (is_finite_number(critic_bound) and critic_bound > 0):
+        raise ValueError(f"critic_bound must be a positive number or None, got {critic_bound!r}")
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
