@@ -22,6 +22,7 @@ from .report import mean_with_ci, read_csv_rows, write_csv_rows
 from .training import (
     RunConfig,
     RunResult,
+    _check_prv_calibration,
     _read_json,
     _settings_for_html,
     _write_json,
@@ -109,6 +110,17 @@ def run_sweep(
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} values must be distinct; got {values!r}")
     base = replace(base, target_epsilon=None).validate()
+    if target_epsilons is not None and base.accountant == "prv":
+        # Every target is checked before anything is written or trained, not in its turn.
+        from .data import load_dataset
+
+        split = load_dataset(
+            base.dataset, data_root=base.data_root, seed=base.seed, fake_size=base.fake_size
+        )
+        sample_rate = 1 / math.ceil(len(split.train) / base.batch_size)  # Opacus's 1/len(loader)
+        for v in values:
+            cfg = replace(base, target_epsilon=float(v))
+            _check_prv_calibration(cfg, sample_rate=sample_rate, option="target_epsilons")
     out = prepare_out_dir(base.out)
     configs = []
     for v in values:

@@ -293,6 +293,8 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
             f"{flag('batch_size')} {cfg.batch_size} exceeds the {n_train} training examples of "
             f"{cfg.dataset}; pass at most {n_train} (q = 1, every example in every step)"
         )
+    if cfg.target_epsilon is not None:  # Opacus's sampling rate: 1 / len(loader)
+        _check_prv_calibration(cfg, sample_rate=1 / math.ceil(n_train / cfg.batch_size))
     out = prepare_out_dir(cfg.out)
     jsonl = out / "records.jsonl"
     jsonl.unlink(missing_ok=True)  # JsonlSink appends; a new run starts a new file
@@ -322,7 +324,9 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
 PRV_CALIBRATION_FLOOR = 0.2
 
 
-def _check_prv_calibration(cfg: RunConfig, *, sample_rate: float) -> None:
+def _check_prv_calibration(
+    cfg: RunConfig, *, sample_rate: float, option: str = "target_epsilon"
+) -> None:
     """Refuse a --target-epsilon that Opacus's PRV accountant could only reach below the floor.
     RDP's epsilon bounds PRV's from above and costs milliseconds: a target above RDP's epsilon
     at the floor needs a smaller noise multiplier under PRV too."""
@@ -335,7 +339,7 @@ def _check_prv_calibration(cfg: RunConfig, *, sample_rate: float) -> None:
     ceiling = rdp.get_epsilon(float(cfg.delta))
     if cfg.target_epsilon > ceiling:
         raise ValueError(
-            f"{flag('target_epsilon')} {cfg.target_epsilon:g} needs a noise multiplier below "
+            f"{flag(option)} {cfg.target_epsilon:g} needs a noise multiplier below "
             f"{PRV_CALIBRATION_FLOOR} for this run (epsilon there is at most {ceiling:.0f}), "
             "where Opacus's PRV accountant takes seconds to minutes per epsilon and gives inf "
             f"from ~0.1: its calibration would not finish. Pass {flag('accountant')} rdp "
@@ -368,7 +372,6 @@ def _train(
             max_grad_norm=float(cfg.max_grad_norm),
         )
     else:
-        _check_prv_calibration(cfg, sample_rate=1 / len(train_loader))
         model, optimizer, train_loader = engine.make_private_with_epsilon(
             module=model,
             optimizer=optimizer,

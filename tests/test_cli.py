@@ -391,6 +391,12 @@ def test_a_target_epsilon_prv_could_not_calibrate_is_refused_with_the_ceiling(tm
     rdp.history = [(PRV_CALIBRATION_FLOOR, 0.25, 4)]
     _assert_one_line_error(rc, err, "--target-epsilon 1000 needs a noise multiplier below 0.2")
     assert f"at most {rdp.get_epsilon(1e-5):.0f})" in err and "--accountant rdp" in err
+    assert not (tmp_path / "x").exists()
+    # a sweep checks every target before it writes or trains anything
+    sweep = ["sweep", *TINY, "--accountant", "prv", "--target-epsilons", "20", "1000"]
+    rc = cli.main([*sweep, "--estimator", "none", "--out", str(tmp_path / "s")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--target-epsilons 1000 needs a noise")
+    assert not (tmp_path / "s").exists()
     # a target within reach calibrates, under PRV as under RDP
     assert cli.main([*argv[:-1], "20", "--out", str(tmp_path / "y")]) == 0
 
