@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any
 
 from opacus import PrivacyEngine
 
 from .monitor import LeakageMonitor
+
+
+def _check_monitor_kwargs(kwargs: dict[str, Any]) -> None:
+    """Unknown monitor options fail here, not at make_private (after it made the model
+    private), with the nearest valid names."""
+    params = inspect.signature(LeakageMonitor).parameters
+    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        said = ", ".join(
+            f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()
+        )
+        raise TypeError(
+            f"MonitoredPrivacyEngine got unknown monitor options {said}; "
+            f"LeakageMonitor takes {', '.join(sorted(valid))}"
+        )
 
 
 class MonitoredPrivacyEngine(PrivacyEngine):
@@ -20,6 +39,7 @@ class MonitoredPrivacyEngine(PrivacyEngine):
     def __init__(
         self, *, accountant: str = "prv", secure_mode: bool = False, **monitor_kwargs: Any
     ):
+        _check_monitor_kwargs(monitor_kwargs)
         super().__init__(accountant=accountant, secure_mode=secure_mode)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: LeakageMonitor | None = None

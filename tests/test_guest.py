@@ -213,6 +213,10 @@ def test_monitored_privacy_engine_is_drop_in():
     assert engine.monitor.history[-1].epsilon == engine.get_epsilon(1e-5)
     with pytest.raises(ValueError, match="delta"):
         make_private(engine_cls=MonitoredPrivacyEngine)
+    # a misspelt option fails at construction (it failed inside make_private, after the model
+    # was made private), with the nearest valid name
+    with pytest.raises(TypeError, match=r"'evry' \(did you mean 'every'\?\)"):
+        MonitoredPrivacyEngine(delta=1e-5, evry=1)
 
 
 def test_monitored_engine_with_epsilon_uses_target_delta():
