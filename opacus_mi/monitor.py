@@ -110,6 +110,14 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _check_combination(
     views: tuple[str, ...], estimator: str | None, *, control: bool, semi_oracle: bool
 ) -> None:
@@ -230,7 +238,7 @@ class LeakageMonitor:
             and any other name is a layer of the model whose output is captured.
         seed: seeds the monitor's own generator and the sketch.
         jsonl: path of a JSONL file to append each record to (flushed per record).
-        sinks: callables receiving each record.
+        sinks: callables receiving each record (or one callable).
         max_history: keep only the latest this many records in ``history`` (and checkpoints);
             the sinks and the JSONL still get every record. ``None`` (default) keeps all of
             them, 0.7-1.3 KB of host memory each (digits CNN, without and with critics): set
@@ -381,13 +389,20 @@ class LeakageMonitor:
         self.max_history = max_history
         if isinstance(views, str):
             views = (views,)
-        views = tuple(views)
+        views = tuple(dict.fromkeys(views))  # each view once, in the order given
         bad = [v for v in views if v not in VIEWS]
         if not views or bad:
             raise ValueError(f"views must be a non-empty subset of {VIEWS}; got {views!r}")
         if estimator is not None and estimator not in BOUNDS:
             raise ValueError(f"estimator must be one of {BOUNDS} or None; got {estimator!r}")
         _check_combination(views, estimator, control=control, semi_oracle=semi_oracle)
+        feature_spec = self._parse_features(features)  # checked before anything attaches
+        sinks = [sinks] if callable(sinks) else list(sinks) if _iterable(sinks) else [sinks]
+        if not all(callable(s) for s in sinks):
+            raise ValueError(
+                "sinks must be callables (or one callable), each given every record; got "
+                f"{[s for s in sinks if not callable(s)]!r}"
+            )
         self.engine, self.module, self.optimizer = engine, module, optimizer
         self.delta = float(delta)
         self.every = every
@@ -495,7 +510,7 @@ class LeakageMonitor:
         self.steps = 0  # logical optimizer steps seen since attach
         self._chunks: list[Chunk] = []
         self._chunk_seconds = 0.0
-        use_input, layers, fn = self._parse_features(features)
+        use_input, layers, fn = feature_spec
         # Features and tokens are what the learned critics read; the oracle needs neither, so
         # without critics none are made (the benchmarks set it to time tokens + oracle).
         self._tokens = bool(self.estimators) or self.semi_oracle is not None
@@ -542,7 +557,7 @@ class LeakageMonitor:
             return False, (), features
         if isinstance(features, str):
             features = (features,)
-        names = tuple(features)
+        names = tuple(features) if isinstance(features, (list, tuple)) else ()
         if not names or not all(isinstance(n, str) for n in names):
             raise ValueError(
                 "features must be None, a callable inputs -> (B, d), or names ('input' and/or "

@@ -122,6 +122,44 @@ def test_settings_that_could_never_make_a_requested_figure_are_refused(private_s
     LeakageMonitor(engine, model, opt, delta=1e-5, **ok).detach()
 
 
+@pytest.mark.parametrize(
+    "name, bad, says",
+    [
+        ("features", 3, "features must be None, a callable"),  # was "'int' is not iterable"
+        ("sinks", [3], r"sinks must be callables .* got \[3\]"),  # was accepted
+        ("sinks", 3, r"sinks must be callables .* got \[3\]"),
+    ],
+)
+def test_features_and_sinks_are_checked_before_anything_attaches(
+    private_setup, tmp_path, name, bad, says
+):
+    engine, model, opt, _ = private_setup()
+    jsonl = tmp_path / "r.jsonl"
+    with pytest.raises(ValueError, match=says):
+        LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=str(jsonl), **{name: bad})
+    assert not jsonl.exists()  # nothing was opened
+    LeakageMonitor(engine, model, opt, delta=1e-5).detach()  # nor left attached
+
+
+def test_one_callable_sink_and_repeated_views_are_taken_as_meant(private_setup):
+    engine, model, opt, loader = private_setup(poisson=False)
+    got = []
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        every=1,
+        estimator=None,
+        sinks=got.append,
+        views=("private", "private"),
+    )
+    train(model, opt, loader)
+    monitor.flush()
+    assert monitor.views == ("private",)
+    assert [r.step for r in got] == [r.step for r in monitor.history] == list(range(len(loader)))
+
+
 def test_numpy_scalars_are_taken_as_the_numbers_they_hold(private_setup):
     import numpy as np
 
