@@ -220,4 +220,15 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     ax_acc.set_ylabel("test accuracy")
     ax_acc.set_title("Accuracy vs epsilon")
     ax_acc.grid(alpha=0.3)
+    unplaced = [
+        str(r.get("setting", "?")) for r, e in zip(rows, eps, strict=True) if not math.isfinite(e)
+    ]
+    if unplaced:  # no finite epsilon to place them at (noiseless, or the accountant failed)
+        fig.text(
+            0.01,
+            0.01,
+            f"not shown, no finite epsilon: {', '.join(unplaced)} (see sweep.csv)",
+            fontsize="small",
+            color="dimgray",
+        )
     return _save(fig, path)

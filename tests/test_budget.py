@@ -634,6 +634,27 @@ def test_epsilon_plot_puts_each_exact_value_at_its_own_step(tmp_path, monkeypatc
     assert seen[1].tolist() == [[0, 0.5], [3, 0.9], [7, 1.3]]
 
 
+def test_sweep_plot_names_the_runs_it_cannot_place(tmp_path, monkeypatch):
+    """A sweep run without a finite epsilon (Opacus's PRV failed: NaN) was dropped from both
+    panels without a word; now the figure names it."""
+    import math
+
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig))
+    row = {"oracle_mi": 0.4, "oracle_ci_low": 0.3, "oracle_ci_high": 0.5, "test_accuracy": 0.8}
+    rows = [
+        {**row, "setting": "sigma_1", "epsilon": 1.8, "bound_per_step": 0.5},
+        {**row, "setting": "sigma_0.0001", "epsilon": math.nan, "bound_per_step": 5e7},
+    ]
+    plots.plot_sweep(rows, tmp_path / "sweep.png")
+    notes = [t.get_text() for t in seen[0].texts]
+    assert notes == ["not shown, no finite epsilon: sigma_0.0001 (see sweep.csv)"]
+    plots.plot_sweep(rows[:1], tmp_path / "sweep.png")
+    assert not seen[1].texts  # every run placed: no note
+
+
 def test_run_outputs_end_the_epsilon_curve_at_the_runs_last_step(tmp_path, monkeypatch):
     """The CLI's epsilon.png: a paced curve (last exact value at step 3) still reaches the
     accountant's epsilon after the run's last step (results: 10 steps, so step 9)."""
