@@ -18,6 +18,15 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def python_number(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (hyperparameters computed with NumPy);
+    anything else as it is."""
+    item = getattr(value, "item", None)
+    if item is not None and type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
+        return item()
+    return value
+
+
 def is_finite_number(x: Any) -> bool:
     """A finite int or float (``bool`` is an int to Python, but never a valid number here; an
     int too large for a float is not finite either, rather than an ``OverflowError``)."""

@@ -61,7 +61,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPe
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
 from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
-from .checks import is_int_at_least
+from .checks import is_int_at_least, python_number
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, should_gather
 from .distributed import rank as dist_rank
@@ -100,14 +100,6 @@ _GHOST_HINT = (
     " with DPOptimizerFastGradientClipping or its DDP variant), not 'ghost_fsdp' or tensor "
     "parallel; pass the module and optimizer that one make_private call returned"
 )
-
-
-def _scalar(value: Any) -> Any:
-    """A NumPy scalar as the Python number it holds; anything else as it is."""
-    item = getattr(value, "item", None)
-    if item is not None and type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
-        return item()
-    return value
 
 
 def _iterable(value: Any) -> bool:
@@ -340,10 +332,10 @@ class LeakageMonitor:
         # NumPy scalars (np.float32(1e-5), np.int64(5): hyperparameters computed with NumPy) as
         # the Python numbers they hold, before the checks and everything after them.
         delta, every, train_every, token_dim, oracle_draws, train_iters, window, seed = (
-            _scalar(v)
+            python_number(v)
             for v in (delta, every, train_every, token_dim, oracle_draws, train_iters, window, seed)
         )
-        max_history, budget = _scalar(max_history), _scalar(budget)
+        max_history, budget = python_number(max_history), python_number(budget)
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise ValueError(f"delta must be a float in (0, 1), e.g. 1e-5; got {delta!r}")
         for name, value in (("every", every), ("train_every", train_every)):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..checks import is_finite_number, is_int_at_least
+from ..checks import is_finite_number, is_int_at_least, python_number
 from .bounds import (
     BOUNDS,
     CriticLoss,
@@ -119,11 +119,6 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
     return _estimate_mi(x, y, estimator, **kwargs)
 
 
-def _int_of(value):
-    """A NumPy integer as the int it holds (counts and seeds come from arrays too)."""
-    return int(value) if isinstance(value, np.integer) else value
-
-
 def _estimate_mi(
     x,
     y,
@@ -176,11 +171,11 @@ def _estimate_mi(
         "permutations": (permutations, 0),
     }
     for name, (value, low) in counts.items():
-        if not is_int_at_least(_int_of(value), low):
+        if not is_int_at_least(python_number(value), low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not is_int_at_least(_int_of(seed), -(2**63)):
+    seed, lr, critic_bound = python_number(seed), python_number(lr), python_number(critic_bound)
+    if not is_int_at_least(seed, -(2**63)):
         raise ValueError(f"seed must be an integer, as torch's manual_seed takes; got {seed!r}")
-    seed = _int_of(seed)
     if not (is_finite_number(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if critic_bound is not None and not (is_finite_number(critic_bound) and critic_bound > 0):
