@@ -117,10 +117,9 @@ def run_sweep(
         split = load_dataset(
             base.dataset, data_root=base.data_root, seed=base.seed, fake_size=base.fake_size
         )
-        sample_rate = 1 / math.ceil(len(split.train) / base.batch_size)  # Opacus's 1/len(loader)
         for v in values:
             cfg = replace(base, target_epsilon=float(v))
-            _check_prv_calibration(cfg, sample_rate=sample_rate, option="target_epsilons")
+            _check_prv_calibration(cfg, n_train=len(split.train), option="target_epsilons")
     out = prepare_out_dir(base.out)
     configs = []
     for v in values:

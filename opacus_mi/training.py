@@ -293,8 +293,8 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
             f"{flag('batch_size')} {cfg.batch_size} exceeds the {n_train} training examples of "
             f"{cfg.dataset}; pass at most {n_train} (q = 1, every example in every step)"
         )
-    if cfg.target_epsilon is not None:  # Opacus's sampling rate: 1 / len(loader)
-        _check_prv_calibration(cfg, sample_rate=1 / math.ceil(n_train / cfg.batch_size))
+    if cfg.target_epsilon is not None:
+        _check_prv_calibration(cfg, n_train=n_train)
     out = prepare_out_dir(cfg.out)
     jsonl = out / "records.jsonl"
     jsonl.unlink(missing_ok=True)  # JsonlSink appends; a new run starts a new file
@@ -324,9 +324,7 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
 PRV_CALIBRATION_FLOOR = 0.2
 
 
-def _check_prv_calibration(
-    cfg: RunConfig, *, sample_rate: float, option: str = "target_epsilon"
-) -> None:
+def _check_prv_calibration(cfg: RunConfig, *, n_train: int, option: str = "target_epsilon") -> None:
     """Refuse a --target-epsilon that Opacus's PRV accountant could only reach below the floor.
     RDP's epsilon bounds PRV's from above and costs milliseconds: a target above RDP's epsilon
     at the floor needs a smaller noise multiplier under PRV too."""
@@ -334,6 +332,7 @@ def _check_prv_calibration(
         return
     from opacus.accountants import RDPAccountant
 
+    sample_rate = 1 / math.ceil(n_train / cfg.batch_size)  # Opacus's: 1 / len(loader)
     rdp = RDPAccountant()
     rdp.history = [(PRV_CALIBRATION_FLOOR, sample_rate, int(cfg.epochs / sample_rate))]
     ceiling = rdp.get_epsilon(float(cfg.delta))
