@@ -549,7 +549,7 @@ class LeakageMonitor:
             return False, (), features
         if isinstance(features, str):
             features = (features,)
-        names = tuple(features) if isinstance(features, (list, tuple)) else ()
+        names = tuple(features) if _iterable(features) else ()
         if not names or not all(isinstance(n, str) for n in names):
             raise ValueError(
                 "features must be None, a callable inputs -> (B, d), or names ('input' and/or "
@@ -1336,7 +1336,8 @@ class LeakageMonitor:
     def _epsilon_or_nan(self, accounting: tuple | None, sigma: float) -> float:
         """The accountant's epsilon, or NaN (warned once) where it cannot compute one: Opacus's
         PRV accountant overflows or runs out of memory at a small enough noise multiplier
-        (inf from ~0.03 on the digits run, a 28 TiB grid at 1e-4). The record keeps its MI."""
+        (inf from ~0.03 on the digits run, a grid of hundreds of GiB at 1e-4). The record keeps
+        its MI."""
         fix = "PrivacyEngine(accountant='rdp') (CLI: --accountant rdp) gives a finite bound there"
         try:
             value = self.epsilon.epsilon(accounting)
