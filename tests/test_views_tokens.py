@@ -38,6 +38,24 @@ def test_clipped_view_sums_to_opacus_summed_grad(clipping, clip):
             assert (v.flatten(1).norm(dim=1) <= clip * (1 + 1e-5)).all()
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_clip_factors_are_opacus_bit_for_bit(clipping):
+    # Opacus weights each example's gradient by its factor (einsum "i,i...") into summed_grad:
+    # our factors must reproduce that sum exactly, not to rounding (per-layer clipping divides a
+    # Python float by the norms, which torch evaluates as reciprocal() * C).
+    clip = [0.3, 0.2, 0.7, 0.1] if clipping == "per_layer" else 0.3
+    _, model, opt, loader = make_private(
+        clipping=clipping, clip=clip, poisson=False, batch_size=64, n=64, noise=0.0
+    )
+    _one_backward(opt, model, loader)
+    gs = [g.clone() for g in opt.grad_samples]
+    bound = opt.max_grad_norms if clipping == "per_layer" else opt.max_grad_norm
+    info = clip_factors(gs, bound)
+    opt.clip_and_accumulate()
+    for layer, (p, g) in enumerate(zip(opt.params, gs, strict=True)):
+        assert torch.equal(torch.einsum("i,i...", info.for_layer(layer), g), p.summed_grad)
+
+
 def test_gram_matches_dense_clipped_gradients():
     _, model, opt, loader = make_private(clip=0.1, poisson=False)
     _one_backward(opt, model, loader)
