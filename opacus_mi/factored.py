@@ -521,6 +521,10 @@ class _Results:
             ]
             back = back.movedim(call.batch_dim, 0)
         layer = call.layer
+        if call.n == 0:  # an empty Poisson batch: nothing to factor, the monitor records B = 0
+            self.calls.pop(layer, None)
+            self.batch = 0
+            return
         self.calls.setdefault(layer, []).append(self._capture._call(layer, acts, back, call.n))
         if call.last:
             self._finish(layer)
@@ -598,6 +602,8 @@ class _Results:
                 "backward pass of the module returned by make_private before optimizer.step()"
             )
         batch = self.batch
+        if batch == 0:
+            return FactoredBatch(tokens=[], gram=None, norms=torch.zeros(0), batch=0)
         device = next(iter(self.norms.values())).device
         tokens = []
         for slot, dim in enumerate(cap._tokenizer.dims if self.tokens else ()):  # () unwanted

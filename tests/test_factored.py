@@ -308,6 +308,19 @@ def test_ghost_monitor_is_a_guest_and_equals_the_hooks_mode_monitor():
         torch.testing.assert_close(tg, th, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-hook", "recorded"])
+def test_ghost_empty_poisson_batch_is_recorded_as_empty_not_as_a_failure(overlap):
+    """B = 0 steps are flagged ``empty_batch`` only, as in hooks mode; a reshape that inferred
+    a size from zero elements used to fail them as ``error:RuntimeError``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*leakage measurement failed")
+        _, mon, *_ = _run("ghost", True, batch_size=1, n=40, seed=2, overlap=overlap)
+    sizes = [r.batch_size for r in mon.history]
+    assert 0 in sizes and 1 in sizes
+    for r in mon.history:
+        assert r.flags == (["empty_batch"] if r.batch_size == 0 else []), (r.step, r.flags)
+
+
 def test_ghost_with_batch_memory_manager_sees_every_chunk():
     _, ghost, *_ = _run("ghost", True, bmm=True, n=64)
     _, hooks, *_ = _run("hooks", True, bmm=True, n=64)
