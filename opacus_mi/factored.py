@@ -22,6 +22,7 @@ that layer (as Opacus itself does in ghost mode), one layer at a time.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -508,6 +509,9 @@ class _Results:
         self.tokens: dict[int, torch.Tensor] = {}
         self.gram: torch.Tensor | None = None
         self.norms: dict[int, torch.Tensor] = {}  # id(param) -> (B,), every trainable param
+        # id(param) -> (slot, summed per-sample gradient) of a parameter several layers share:
+        # finished in batch_of, once every owner's part is in.
+        self.shared: dict[int, tuple[int | None, torch.Tensor]] = {}
         self.done: set[_Layer] = set()
         self.batch: int | None = None
 
@@ -560,15 +564,23 @@ class _Results:
                 grads[id(bias)] = left.sum(dim=1)
         for p, slot in zip(layer.params, layer.slots, strict=True):
             pid = id(p)
+            factored_weight = p is getattr(layer.module, "weight", None) and layer.kind != "generic"
+            if pid in cap._shared:  # this layer's part of the parameter's per-sample gradient
+                part = grads.pop(pid) if pid in grads else None
+                if part is None and factored_weight:
+                    part = _materialise(left, right, p.shape[0], slice(None))
+                if part is None:
+                    raise ValueError(
+                        f"no per-sample gradient for a {tuple(p.shape)} parameter of "
+                        f"{type(layer.module).__name__}"
+                    )
+                part = part.reshape(n, -1)
+                before = self.shared.get(pid)
+                self.shared[pid] = (slot, part if before is None else before[1] + part)
+                continue
             if pid in grads:
-                flat = grads.pop(pid).reshape(n, -1)
-                token = (
-                    None if slot is None or not tokens else cap._tokenizer.sketch_layer(slot, flat)
-                )
-                f = flat.to(torch.float64 if exact else torch.float32)
-                gram = (f @ f.T).to(torch.float64) if cap.need_gram else None
-                sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
-            elif p is getattr(layer.module, "weight", None) and layer.kind != "generic":
+                token, gram, sq = self._of_flat(slot, grads.pop(pid).reshape(n, -1), exact, tokens)
+            elif factored_weight:
                 token = (
                     None
                     if slot is None or not tokens
@@ -586,12 +598,26 @@ class _Results:
                     f"no per-sample gradient for a {tuple(p.shape)} parameter of "
                     f"{type(layer.module).__name__}"
                 )
-            self.norms[pid] = sq.clamp_min(0).sqrt()
-            if slot is not None:
-                if token is not None:
-                    self.tokens[slot] = token
-                if gram is not None:
-                    self.gram = gram if self.gram is None else self.gram + gram
+            self._add(pid, slot, token, gram, sq)
+
+    def _of_flat(
+        self, slot: int | None, flat: torch.Tensor, exact: bool, tokens: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Token, Gram term and squared norms of a materialised ``(B, P)`` per-sample gradient."""
+        cap = self._capture
+        token = None if slot is None or not tokens else cap._tokenizer.sketch_layer(slot, flat)
+        f = flat.to(torch.float64 if exact else torch.float32)
+        gram = (f @ f.T).to(torch.float64) if cap.need_gram else None
+        sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
+        return token, gram, sq
+
+    def _add(self, pid: int, slot: int | None, token, gram, sq: torch.Tensor) -> None:
+        self.norms[pid] = sq.clamp_min(0).sqrt()
+        if slot is not None:
+            if token is not None:
+                self.tokens[slot] = token
+            if gram is not None:
+                self.gram = gram if self.gram is None else self.gram + gram
 
     def batch_of(self) -> FactoredBatch:
         """The chunk's :class:`FactoredBatch` (every layer finished)."""
@@ -604,12 +630,18 @@ class _Results:
         batch = self.batch
         if batch == 0:
             return FactoredBatch(tokens=[], gram=None, norms=torch.zeros(0), batch=0)
+        if self.shared:  # every owner's part is in: a shared parameter's gradient is their sum
+            exact, tokens = bool(self._exact()), bool(cap.need_tokens())
+            for pid, (slot, flat) in self.shared.items():
+                self._add(pid, slot, *self._of_flat(slot, flat, exact, tokens))
+            self.shared = {}
         device = next(iter(self.norms.values())).device
         tokens = []
         for slot, dim in enumerate(cap._tokenizer.dims if self.tokens else ()):  # () unwanted
             t = self.tokens.get(slot)  # a layer unused in this forward has zero gradient
             tokens.append(t if t is not None else torch.zeros((batch, dim), device=device))
-        norms_list = [self.norms.get(id(p)) for layer in cap._layers.values() for p in layer.params]
+        pids = dict.fromkeys(id(p) for layer in cap._layers.values() for p in layer.params)
+        norms_list = [self.norms.get(pid) for pid in pids]  # a shared parameter counted once
         norms = torch.stack(
             [
                 x if x is not None else torch.zeros(batch, dtype=torch.float64, device=device)
@@ -709,6 +741,10 @@ class FactoredCapture:
             if weight_slot is not None and not tokenizer.is_kronecker(weight_slot):
                 kind = "generic"  # the tokenizer count-sketches this weight: materialise it
             self._layers[m] = _Layer(m, ps, slots, kind)
+        # Parameters several layers own (tied weights): their per-sample gradient is the sum of
+        # the owners' parts, so it is materialised and finished once all are in.
+        owners = collections.Counter(id(p) for layer in self._layers.values() for p in layer.params)
+        self._shared = {pid for pid, count in owners.items() if count > 1}
         missing = [i for i in range(len(self._params)) if i not in covered]
         if missing:
             raise ValueError(
@@ -903,11 +939,17 @@ class LinearInputs:
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
         # is exactly its backprop ``b_i`` (Opacus sums backprops over no positions).
         self.bias_of: dict[int, int] = {}
+        # A weight another module also owns (tied to an embedding, say) has a gradient with
+        # that module's part in it, not rank one: it is left to the GEMM, and a shared bias is
+        # not its Linear's backprop.
+        owners = collections.Counter(
+            id(p) for m in module.modules() for p in m.parameters(recurse=False)
+        )
         for m in module.modules():
-            if type(m) is nn.Linear and id(m.weight) in index:
+            if type(m) is nn.Linear and id(m.weight) in index and owners[id(m.weight)] == 1:
                 layer = index[id(m.weight)]
                 self._handles.append(m.register_forward_hook(self._hook(layer)))
-                if m.bias is not None and id(m.bias) in index:
+                if m.bias is not None and id(m.bias) in index and owners[id(m.bias)] == 1:
                     self.bias_of[layer] = index[id(m.bias)]
 
     def _hook(self, layer: int):

@@ -334,10 +334,47 @@ def test_ghost_with_batch_memory_manager_sees_every_chunk():
     torch.testing.assert_close(torch.tensor(oracle_g), torch.tensor(oracle_h), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("text", [False, True], ids=["conv-groupnorm-linear", "embedding-seq"])
-def test_ghost_clip_factors_equal_opacus_ghost_and_hooks_mode(text):
-    _, ghost, gopt, criterion, _ = _make("ghost", text=text)
-    _, hooks, hopt, _, _ = _make("hooks", text=text)
+class _SharedConvNet(nn.Module):
+    """Two Conv2d modules sharing one weight and bias: the parameter's per-sample gradient is
+    the sum of both modules' parts (weight-shared branches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 2, 3, padding=1)
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.c2.weight, self.c2.bias = self.c1.weight, self.c1.bias
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv0(x))
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(h)))).flatten(1))
+
+
+class _TiedTextNet(nn.Module):
+    """A language-model head tied to the embedding, on a pooled (B, d) input: the head's weight
+    gradient holds the embedding's part too, so it is not rank one. (Opacus refuses parameter
+    tying with ghost clipping, so this is a hooks-mode case.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.seq = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 20)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.seq(self.emb(ids))).mean(1))
+
+
+@pytest.mark.parametrize(
+    "net,text",
+    [(_GhostNet, False), (_TextNet, True), (_SharedConvNet, False)],
+    ids=["conv-groupnorm-linear", "embedding-seq", "shared-conv"],
+)
+def test_ghost_clip_factors_equal_opacus_ghost_and_hooks_mode(net, text):
+    _, ghost, gopt, criterion, _ = _make("ghost", text=text, net=net)
+    _, hooks, hopt, _, _ = _make("hooks", text=text, net=net)
     tok = KroneckerTokenizer.for_params(ghost, gopt.params, 16, seed=0)
     cap = FactoredCapture(ghost, gopt.params, tok, exact=lambda: False)
     x, y = (_text_data(16, seed=3) if text else make_data(16, seed=3)).tensors
@@ -354,6 +391,9 @@ def test_ghost_clip_factors_equal_opacus_ghost_and_hooks_mode(text):
     torch.testing.assert_close(clip.factors.float(), ref.factors, rtol=1e-5, atol=1e-7)
     for mine, theirs in zip(fb.tokens, tok.sketch(hopt.grad_samples), strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    dense = torch.cat([g.flatten(1).double() for g in hopt.grad_samples], 1)
+    ref_gram = dense @ dense.T
+    torch.testing.assert_close(fb.gram, ref_gram, rtol=1e-5, atol=1e-6 * float(ref_gram.max()))
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["in-hook", "recorded"])
@@ -445,6 +485,33 @@ def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples()
     assert capture.take() == {}  # taken once
     nn.functional.cross_entropy(model(x.unsqueeze(1)).squeeze(1), y).backward()  # 3-D input
     assert capture.take() == {}  # not rank-one per example: left to the GEMM
+    capture.remove()
+    opt.zero_grad()
+
+
+def test_tied_linear_weight_is_left_to_the_gemm():
+    """A Linear head whose weight is tied to an embedding is not rank one per example: the
+    monitor's fast path must not treat it so. Reference: the Gram and norms of Opacus's own
+    grad_sample (which holds both modules' parts)."""
+    from opacus_mi.factored import LinearInputs
+    from opacus_mi.views import clip_factors, raw_gram
+
+    _, model, opt, _, loader = _make("hooks", text=True, net=_TiedTextNet, poisson=False)
+    capture = LinearInputs(model, opt.params, active=lambda: True)
+    tied = next(i for i, p in enumerate(opt.params) if p is model._module.emb.weight)
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(model(x), y).backward()
+    inputs = capture.take()
+    assert tied not in inputs and tied not in capture.bias_of
+    gs = [p.grad_sample for p in opt.params]
+    backprops = {k: gs[capture.bias_of[k]] for k in inputs if k in capture.bias_of}
+    gram = raw_gram(gs, rank_one=inputs, backprops=backprops)
+    dense = torch.cat([g.flatten(1).double() for g in gs], 1)
+    ref = dense @ dense.T
+    torch.testing.assert_close(gram.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    torch.testing.assert_close(
+        gram.diagonal().sqrt(), clip_factors(gs, 1.0).norms, rtol=1e-5, atol=1e-7
+    )
     capture.remove()
     opt.zero_grad()
 
