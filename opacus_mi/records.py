@@ -69,13 +69,13 @@ class LeakageRecord:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mi"] = {k: v.as_dict() for k, v in self.mi.items()}
-        return _json_safe(d)
+        return json_safe(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LeakageRecord:
-        d = {k: _float_of(v) for k, v in d.items()}
+        d = {k: float_of(v) for k, v in d.items()}
         mi = {
-            k: MIValue(**{f: _float_of(v.get(f)) for f in _MI_FIELDS})
+            k: MIValue(**{f: float_of(v.get(f)) for f in _MI_FIELDS})
             for k, v in d.pop("mi", {}).items()
         }
         return cls(mi=mi, **d)
@@ -86,18 +86,18 @@ class LeakageRecord:
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
-def _float_of(value: Any) -> Any:
+def float_of(value: Any) -> Any:
     return _NONFINITE.get(value, value) if isinstance(value, str) else value
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """A dict JSON can hold: NaN/Inf floats as ``"nan"``, ``"inf"``, ``"-inf"``."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else repr(obj)
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
     return obj
 
 

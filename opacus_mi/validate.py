@@ -41,7 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from .checks import flag, is_finite_number, require_folder, require_int_at_least, require_positive
+from .checks import (
+    flag,
+    is_finite_number,
+    require_folder,
+    require_int_at_least,
+    require_positive,
+    require_seed,
+)
+from .records import json_safe
 from .report import read_csv_rows, write_csv_rows
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
@@ -138,13 +146,14 @@ class ValidateConfig:
         self.stages = _values("stages", self.stages, int, lambda v: v >= 0, ">= 0")
         for name in ("restarts", "iters", "images", "draws", "train_batch_size"):
             require_int_at_least(name, getattr(self, name), 1)
-        require_int_at_least("seed", self.seed, 0)
+        require_seed(self.seed)
         require_int_at_least("bootstrap", self.bootstrap, 0)
         if self.candidates is not None:
             require_int_at_least("candidates", self.candidates, 2)
         for name in ("max_grad_norm", "train_noise_multiplier", "lr"):
             require_positive(name, getattr(self, name))
         require_folder("out", self.out)
+        self.out = os.path.expanduser(str(self.out))  # "--out=~/x" reaches us unexpanded
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -238,8 +247,9 @@ def _train_checkpoints(cfg: ValidateConfig, split, model, progress_bar) -> dict[
     while step < last:
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
-            if len(x):
-                F.cross_entropy(private(x), y).backward()
+            # Also on an empty Poisson batch: Opacus needs the backward to set grad_sample, and
+            # then releases noise only, as it should.
+            F.cross_entropy(private(x), y).backward()
             opt.step()
             step += 1
             progress_bar.update(1)
@@ -433,24 +443,28 @@ def _run_grid(cfg: ValidateConfig, progress: bool):
                         generator=gen,
                         callback=lambda _it: bar.update(1),
                     )
-                    p_all, s_all = [], []
+                    p_all, s_all, matched = [], [], []
                     for k in range(len(targets_t)):
-                        p, q = A.matched_scores(unit(inv.images[k]), unit(truth[k]))
-                        p_all.append(p.clamp(max=PSNR_CAP))
-                        s_all.append(q)
+                        # A summed gradient loses the batch order: each input is scored (and
+                        # plotted) with the reconstruction assigned to it.
+                        rec, true_k = unit(inv.images[k]), unit(truth[k])
+                        rec = rec[torch.as_tensor(A.match_reconstructions(rec, true_k))]
+                        matched.append(rec)
+                        p_all.append(A.psnr(rec, true_k).clamp(max=PSNR_CAP))
+                        s_all.append(A.ssim(rec, true_k))
                     t_count = len(idx)
                     scores[name] = (
                         torch.stack(p_all).reshape(len(sigmas), -1).mean(dim=1).tolist(),
                         torch.stack(s_all).reshape(len(sigmas), -1).mean(dim=1).tolist(),
                     )
-                    images[name] = inv.images.reshape(len(sigmas), t_count * b, *shape)
+                    images[name] = torch.stack(matched).reshape(len(sigmas), t_count * b, *shape)
                 truth_b = x_pool[idx.reshape(-1)]
                 mean_img = x_pool.mean(dim=0, keepdim=True).expand_as(truth_b)
                 base = float(A.psnr(unit(mean_img), unit(truth_b)).clamp(max=PSNR_CAP).mean())
                 if b == min(cfg.batch_sizes):
                     recon_examples.append(
                         {"step": step, "batch_size": b, "truth": unit(truth_b)[:4]}
-                        | {f"{s:g}": unit(images["ig"][k])[:4] for k, s in enumerate(sigmas)}
+                        | {f"{s:g}": images["ig"][k][:4] for k, s in enumerate(sigmas)}
                     )
                 for k, s in enumerate(sigmas):
                     bar.set_description(f"step {step} B={b}: identification")
@@ -742,7 +756,9 @@ def write_outputs(
         "fano_holds": fano_all,
         "settings": len(rows),
     }
-    (out / "validate.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    # Strict JSON: an undefined correlation (NaN) is written "nan", as records write it.
+    text_json = json.dumps(json_safe(summary), indent=2, default=str)
+    (out / "validate.json").write_text(text_json + "\n", encoding="utf-8")
     files.append(out / "validate.json")
     return text, files
 

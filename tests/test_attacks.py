@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 
 import numpy as np
@@ -381,3 +382,81 @@ def test_validate_errors_are_one_line(argv, needle, tmp_path):
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("opacus-mi: error: ")
     assert needle in lines[0]
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_validate_tilde_out_empty_batches_and_strict_json(tmp_path, monkeypatch):
+    """``out="~/val"`` (as ``--out=~/val`` arrives) is written under the home folder; DP-SGD
+    steps whose Poisson batch is empty (q = 1/1437 here) train as Opacus does; undefined
+    intervals (no bootstrap) are "nan" in strict JSON."""
+    from opacus_mi.validate import ValidateConfig, run_validate
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = ValidateConfig(
+        out="~/val",
+        stages=(20,),
+        batch_sizes=(1,),
+        noise_multipliers=(0.0,),
+        iters=1,
+        restarts=1,
+        images=1,
+        candidates=4,
+        draws=16,
+        bootstrap=0,
+        train_batch_size=1,
+    )
+    result = run_validate(cfg, progress=False)
+    assert result.out_dir == tmp_path / "val" and not (tmp_path / "~").exists()
+    summary = _strict_json(tmp_path / "val" / "validate.json")
+    assert summary["config"]["out"] == str(tmp_path / "val")
+    assert summary["correlations"]
+    assert all(c["ci_low"] == c["ci_high"] == "nan" for c in summary["correlations"])
+
+
+def test_reconstructions_are_plotted_beside_the_inputs_they_were_matched_to(tmp_path, monkeypatch):
+    """A perfect attack that returns each batch in reversed order scores 60 dB after matching;
+    the figure must show each input beside that same reconstruction."""
+    from opacus_mi import validate as V
+
+    truths = []
+    release = A.private_release
+
+    def recording_release(gf, x, y, **kw):
+        truths.append(x.clone())
+        return release(gf, x, y, **kw)
+
+    def reversed_truth(gf, targets, labels, **kw):
+        return A.Inversion(images=torch.stack(truths).flip(1), loss=torch.zeros(len(targets)))
+
+    shown = []
+    plot = V.plot_reconstructions
+    monkeypatch.setattr(A, "private_release", recording_release)
+    monkeypatch.setattr(A, "inverting_gradients", reversed_truth)
+    monkeypatch.setattr(A, "dlg", reversed_truth)
+    monkeypatch.setattr(
+        V, "plot_reconstructions", lambda ex, path: (shown.extend(ex), plot(ex, path))[1]
+    )
+    cfg = V.ValidateConfig(
+        out=str(tmp_path / "recon"),
+        stages=(0,),
+        batch_sizes=(2,),
+        noise_multipliers=(0.0,),
+        iters=1,
+        restarts=1,
+        images=2,
+        candidates=8,
+        draws=16,
+        bootstrap=0,
+    )
+    result = V.run_validate(cfg, progress=False)
+    assert result.rows[0]["ig_psnr"] == V.PSNR_CAP
+    truth, rec = shown[0]["truth"], shown[0]["0"]
+    assert not torch.equal(truth[0], truth[1])
+    torch.testing.assert_close(rec, truth)
