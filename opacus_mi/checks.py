@@ -53,6 +53,14 @@ def require_int_at_least(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{flag(name)} must be an integer >= {low}; got {value!r}")
 
 
+SEED_MAX = 2**32 - 1  # NumPy's and scikit-learn's seeds (the digits split) stop here
+
+
+def require_seed(value: Any) -> None:
+    if not is_int_at_least(value, 0) or value > SEED_MAX:
+        raise ValueError(f"{flag('seed')} must be an integer from 0 to {SEED_MAX}; got {value!r}")
+
+
 def require_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{flag(name)} must be one of {', '.join(choices)}; got {value!r}")

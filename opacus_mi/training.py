@@ -30,10 +30,11 @@ from .checks import (
     require_folder,
     require_int_at_least,
     require_positive,
+    require_seed,
 )
 from .data import DATASETS
 from .models import MODELS
-from .records import LeakageRecord, read_jsonl
+from .records import LeakageRecord, float_of, json_safe, read_jsonl
 from .report import csv_cell
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
@@ -102,7 +103,7 @@ class RunConfig:
         require_int_at_least("train_every", self.train_every, 1)
         require_int_at_least("train_iters", self.train_iters, 1)
         require_choice("tokenizer", self.tokenizer, TOKENIZERS)
-        require_int_at_least("seed", self.seed, 0)
+        require_seed(self.seed)
         require_int_at_least("fake_size", self.fake_size, 4)
         if self.threads is not None:
             require_int_at_least("threads", self.threads, 1)
@@ -513,17 +514,9 @@ def _tb_record(writer, record: LeakageRecord) -> None:
 
 # ---------------------------------------------------------------------- files of a run
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+    """Strict JSON, non-finite numbers as records write them ("inf", "nan"): as null, a
+    noiseless run's epsilon (inf) read back as missing."""
+    path.write_text(json.dumps(json_safe(obj), indent=2) + "\n", encoding="utf-8")
 
 
 _RECORD_COLUMNS = (
@@ -533,8 +526,10 @@ _RECORD_COLUMNS = (
     "max_grad_norm",
     "sample_rate",
     "epsilon",
+    "epsilon_step",  # the step epsilon was computed at (a paced PRV epsilon may be earlier)
     "delta",
     "mi_bound",
+    "mi_upper_bound",
     "chunks",
     "monitor_seconds",
 )
@@ -653,6 +648,8 @@ def rerender_run(out: str | os.PathLike) -> tuple[str, list[Path]]:
     records = read_jsonl(out / "records.jsonl")
     config = _read_json(out / "config.json")
     results = _read_json(out / "result.json")
+    if results is not None:  # its numbers only: a config's text (a folder "inf") stays text
+        results = {k: float_of(v) for k, v in results.items()}
     return write_run_outputs(out, records, config=config, results=results)
 
 

@@ -89,7 +89,9 @@ def test_run_records_csv_matches_jsonl(run_dir):
     for col in (
         "step",
         "epsilon",
+        "epsilon_step",
         "mi_bound",
+        "mi_upper_bound",
         "private/oracle_nats",
         "private/oracle_ci_low",
         "private/oracle_ci_high",
@@ -99,6 +101,9 @@ def test_run_records_csv_matches_jsonl(run_dir):
     assert float(rows[-1]["private/oracle_nats"]) == pytest.approx(
         records[-1].mi["private/oracle"].nats
     )
+    for row, record in zip(rows, records, strict=True):
+        assert int(row["epsilon_step"]) == record.epsilon_step
+        assert float(row["mi_upper_bound"]) == pytest.approx(record.mi_upper_bound, rel=1e-12)
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == "fake" and config["views"] == ["clipped", "private"]
     result = json.loads((out / "result.json").read_text())
@@ -201,7 +206,8 @@ def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
         ("lr", 10**400, "--lr must be a positive finite number"),  # no OverflowError
         ("lr", float("nan"), "--lr must be a positive finite number; got nan"),
         ("batch_size", 2.0, "--batch-size must be an integer >= 1; got 2.0"),
-        ("seed", -1, "--seed must be an integer >= 0; got -1"),
+        ("seed", -1, "--seed must be an integer from 0 to 4294967295; got -1"),
+        ("seed", 2**32, "--seed must be an integer from 0 to 4294967295; got 4294967296"),
         ("fake_size", 3, "--fake-size must be an integer >= 4; got 3"),
         ("model", "vgg", "--model must be one of"),
         ("delta", 10**400, "--delta must lie strictly between 0 and 1"),
@@ -254,6 +260,7 @@ def test_validate_config_names_the_flag_of_a_bad_value():
         ("candidates", 1, "--candidates must be an integer >= 2; got 1"),
         ("out", " ", "--out must be a folder path; got ' '"),
         ("out", None, "--out must be a folder path; got None"),
+        ("seed", 2**32, "--seed must be an integer from 0 to 4294967295"),
     ]:
         with pytest.raises(ValueError, match=message):
             replace(ValidateConfig(), **{field: value}).validate()
@@ -373,8 +380,43 @@ def test_run_finishes_where_opacus_prv_cannot_compute_epsilon(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "epsilon: nan at delta" in captured.out and "flags seen: epsilon_failed" in captured.out
     assert "--accountant rdp" in captured.err
-    assert json.loads((out / "result.json").read_text())["epsilon"] is None
+    assert json.loads((out / "result.json").read_text())["epsilon"] == "nan"  # strict JSON
     assert read_jsonl(out / "records.jsonl")
+
+
+def test_report_keeps_an_infinite_epsilon(tmp_path):
+    """result.json wrote inf (a noiseless run's epsilon, or PRV's at a tiny sigma) as null, so a
+    re-rendered summary lost the epsilon line the run's own summary had."""
+    import math
+
+    from opacus_mi.records import JsonlSink, LeakageRecord, MIValue
+    from opacus_mi.training import _write_json, rerender_run, write_run_outputs
+
+    records = [
+        LeakageRecord(
+            step=i,
+            batch_size=16,
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            sample_rate=0.25,
+            epsilon=math.inf,
+            delta=1e-5,
+            mi={"private/oracle": MIValue(2.7, 2.6, 2.8, 16)},
+            epsilon_step=i,
+        )
+        for i in range(3)
+    ]
+    sink = JsonlSink(tmp_path / "records.jsonl")
+    for r in records:
+        sink(r)
+    sink.close()
+    results = {"epsilon": math.inf, "delta": 1e-5, "noise_multiplier": 0.0, "steps": 3}
+    _write_json(tmp_path / "result.json", results)
+    assert json.loads((tmp_path / "result.json").read_text())["epsilon"] == "inf"
+    first, _ = write_run_outputs(tmp_path, records, results=results)
+    again, _ = rerender_run(tmp_path)
+    assert "epsilon: inf at delta" in first
+    assert again == first
 
 
 def test_a_target_epsilon_prv_could_not_calibrate_is_refused_with_the_ceiling(tmp_path, capsys):
