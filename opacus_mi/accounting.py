@@ -485,8 +485,9 @@ def mi_upper_bound(noise_multiplier: float, sample_rate: float, steps: int) -> f
     Adaptive composition (chain rule of MI): the per-step KL bound adds up over steps.
     ``noise_multiplier = 0`` gives ``inf``: without noise no finite bound exists.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (DP-SGD steps taken), got {steps!r}")
+    steps = int(steps)  # (NumPy's integers too, as for the other arguments)
     for name, value in (("noise_multiplier", noise_multiplier), ("sample_rate", sample_rate)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy's too)
             raise ValueError(f"{name} must be a number, got {value!r}")
@@ -511,7 +512,9 @@ def gaussian_channel_bound(noise_multiplier: float, dim: int | None = None) -> f
     """
     if not noise_multiplier >= 0:  # (NaN too)
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
-    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+    if dim is not None and (
+        isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1
+    ):
         raise ValueError(f"dim must be a positive integer or None, got {dim!r}")
     if noise_multiplier == 0:
         return math.inf

@@ -70,6 +70,8 @@ def test_step_kl_limits():
     assert mi_upper_bound(0.0, 0.01, 10) == math.inf
     assert step_kl(math.inf, 0.3) == 0.0  # infinite noise releases nothing (no quadrature)
     assert mi_upper_bound(np.float32(1.5), np.float64(0.3), 4) == 4 * step_kl(1.5, 0.3)
+    assert mi_upper_bound(1.5, 0.3, np.int64(4)) == 4 * step_kl(1.5, 0.3)  # NumPy steps too
+    assert gaussian_channel_bound(2.0, np.int64(3)) == gaussian_channel_bound(2.0, 3)
     # small q: chi-square approximation (q^2 / 2)(e^{1/s^2} - 1)
     s, q = 1.5, 1e-3
     assert step_kl(s, q) == pytest.approx(q * q / 2 * math.expm1(1 / s**2), rel=0.01)

@@ -60,6 +60,22 @@ def test_estimate_mi_accepts_numpy_and_1d_and_rejects_bad_input():
         estimate_mi(x, x, "kde")
     with pytest.raises(ValueError, match="NaN"):
         estimate_mi(np.full(50, np.nan), x[:50])
+    with pytest.raises(ValueError, match="400 pairs leave 0 to train.*lower eval_fraction"):
+        estimate_mi(x, x, eval_fraction=0.99)  # not "too few pairs (400)"
+
+
+def test_estimate_mi_leaves_the_callers_autograd_graph_alone():
+    """Activations straight from a model (and a leaf that requires grad): the critic's
+    backward wrote the model's .grad, then failed on the second pass through the graph."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    x = torch.randn(400, 2, requires_grad=True)
+    feats = model(x)
+    first = estimate_mi(x, feats, max_steps=50)
+    assert model.weight.grad is None and x.grad is None
+    torch.manual_seed(0)
+    again = estimate_mi(x.detach(), feats.detach(), max_steps=50)
+    assert (first.nats, first.ci_low, first.ci_high) == (again.nats, again.ci_low, again.ci_high)
 
 
 def test_bounds_and_bootstrap_against_brute_force():

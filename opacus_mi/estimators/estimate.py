@@ -61,7 +61,9 @@ class MIEstimate:
 
 
 def _as_2d_float(name: str, v) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
+    # Detached: the critics' backward must not reach into the caller's graph (activations
+    # straight from a model, or a leaf that requires grad).
+    t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v.detach())
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:
@@ -191,7 +193,11 @@ def _estimate_mi(
         perm[n_eval + n_val :],
     )
     if train_idx.numel() < 4:
-        raise ValueError(f"too few pairs ({n}) to train a critic; provide at least 32")
+        raise ValueError(
+            f"{n} pairs leave {train_idx.numel()} to train a critic after {n_eval} held out for "
+            f"evaluation (eval_fraction={eval_fraction}, max_eval={max_eval}) and {n_val} for "
+            "validation: lower eval_fraction or max_eval, or provide more pairs (at least 32)"
+        )
     xt, yt = xt.to(device), yt.to(device)
     critic = SeparableCritic(
         xt.shape[1],
