@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .data import DATASETS, DataRootError
 from .models import MODELS
+from .sweep import SWEEP_OUT
 from .training import (
     ACCOUNTANTS,
     ESTIMATORS,
@@ -39,7 +40,7 @@ PROG = "opacus-mi"
 _DEFAULTS = RunConfig()
 
 
-def _add_training_options(p: argparse.ArgumentParser) -> None:
+def _add_training_options(p: argparse.ArgumentParser, *, out: str | None = None) -> None:
     d = _DEFAULTS
     data = p.add_argument_group("data and model")
     data.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data set")
@@ -148,8 +149,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="what the learned critics read: sketch tokens or a learned privacy-token encoder",
     )
 
+    out_default = out or d.out
     out = p.add_argument_group("output")
-    out.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
+    out.add_argument("--out", default=out_default, metavar="DIR", help="output folder")
     out.add_argument(
         "--tensorboard",
         action="store_true",
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--target-epsilons", type=float, nargs="+", metavar="EPS", help="target epsilons"
     )
-    _add_training_options(sweep)
+    _add_training_options(sweep, out=SWEEP_OUT)
 
     report = sub.add_parser(
         "report",

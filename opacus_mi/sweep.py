@@ -22,15 +22,19 @@ from .report import mean_with_ci, read_csv_rows, write_csv_rows
 from .training import (
     RunConfig,
     RunResult,
-    _check_prv_calibration,
+    _check_calibration,
     _read_json,
     _settings_for_html,
     _write_json,
+    check_folder_kind,
     mi_keys,
     prepare_out_dir,
     train_and_monitor,
 )
 
+SWEEP_OUT = "runs/sweep"  # the CLI's default --out for a sweep (a run's is runs/latest)
+# Everything a sweep writes at its top level (each run has its own folder below).
+SWEEP_OUTPUTS = ("sweep.csv", "sweep.txt", "sweep.png", "report.html", "sweep_config.json")
 SWEEP_LAST = 10  # sweep MI figures average the last this-many records of each run
 
 SWEEP_COLUMNS = (
@@ -110,7 +114,7 @@ def run_sweep(
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} values must be distinct; got {values!r}")
     base = replace(base, target_epsilon=None).validate()
-    if target_epsilons is not None and base.accountant == "prv":
+    if target_epsilons is not None:
         # Every target is checked before anything is written or trained, not in its turn.
         from .data import load_dataset
 
@@ -119,25 +123,35 @@ def run_sweep(
         )
         for v in values:
             cfg = replace(base, target_epsilon=float(v))
-            _check_prv_calibration(cfg, n_train=len(split.train), option="target_epsilons")
+            _check_calibration(cfg, n_train=len(split.train), option="target_epsilons")
+    names = [_setting_name("sigma" if noise_multipliers is not None else "eps", v) for v in values]
+    if len(set(names)) != len(names):
+        same = next(n for n in names if names.count(n) > 1)
+        clash = [v for v, n in zip(values, names, strict=True) if n == same]
+        raise ValueError(
+            f"{flag} values {clash} would share the run folder {same}/ (named to 6 significant "
+            "digits): pass values that differ there"
+        )
+    check_folder_kind(base.out, "sweep")
     out = prepare_out_dir(base.out)
     configs = []
-    for v in values:
+    for name, v in zip(names, values, strict=True):
         if noise_multipliers is not None:
-            name = _setting_name("sigma", v)
             cfg = replace(base, noise_multiplier=float(v), out=str(out / name))
         else:
-            name = _setting_name("eps", v)
             cfg = replace(base, target_epsilon=float(v), out=str(out / name))
         configs.append((name, cfg.validate()))
-    rows = []
-    for name, cfg in configs:
-        result = train_and_monitor(cfg, progress=progress)
-        rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
+    for stale in SWEEP_OUTPUTS:  # an earlier sweep's, which would be rendered over these runs
+        (out / stale).unlink(missing_ok=True)
     settings = {k: v for k, v in base.as_dict().items() if k not in ("noise_multiplier", "out")}
     settings["out"] = str(out)
     settings["swept"] = f"{flag} {' '.join(f'{v:g}' for v in values)}"
     _write_json(out / "sweep_config.json", settings)
+    rows = []
+    for name, cfg in configs:
+        result = train_and_monitor(cfg, progress=progress)
+        rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
+        write_sweep_csv(rows, out / "sweep.csv")  # a sweep that stops keeps its finished rows
     table, files = write_sweep_outputs(out, rows, settings=settings)
     return rows, table, files
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -194,6 +195,19 @@ def _check_device(device: Any) -> None:
         raise ValueError(f"--device {device!r} asked for MPS, but MPS is not available here")
 
 
+def check_folder_kind(out: str | os.PathLike, kind: str) -> None:
+    """Refuse to write a run into a sweep's folder or a sweep into a run's: their report.html
+    would overwrite each other and ``opacus-mi report`` would render one over the other."""
+    path = Path(out).expanduser()
+    other, theirs = ("sweep.csv", "a sweep") if kind == "run" else ("records.jsonl", "a run")
+    if (path / other).is_file():
+        raise ValueError(
+            f"{flag('out')} {str(out)!r} holds {theirs} ({other}); a {kind} there would mix "
+            f"their files. Pass another {flag('out')} (a run's default is runs/latest, a "
+            "sweep's runs/sweep)"
+        )
+
+
 def prepare_out_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` (and parents) and check that files can be written there.
 
@@ -273,6 +287,7 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
     records, final epsilon at ``cfg.delta``, final test accuracy and wall seconds.
     """
     cfg.validate()
+    check_folder_kind(cfg.out, "run")
     if cfg.tensorboard:
         _check_tensorboard()
 
@@ -295,10 +310,9 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
             f"{cfg.dataset}; pass at most {n_train} (q = 1, every example in every step)"
         )
     if cfg.target_epsilon is not None:
-        _check_prv_calibration(cfg, n_train=n_train)
+        _check_calibration(cfg, n_train=n_train)
     out = prepare_out_dir(cfg.out)
     jsonl = out / "records.jsonl"
-    jsonl.unlink(missing_ok=True)  # JsonlSink appends; a new run starts a new file
 
     device = torch.device(cfg.device)
     model = build_model(cfg.model, split.input_shape, split.num_classes)
@@ -325,17 +339,33 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
 PRV_CALIBRATION_FLOOR = 0.2
 
 
-def _check_prv_calibration(cfg: RunConfig, *, n_train: int, option: str = "target_epsilon") -> None:
-    """Refuse a --target-epsilon that Opacus's PRV accountant could only reach below the floor.
-    RDP's epsilon bounds PRV's from above and costs milliseconds: a target above RDP's epsilon
-    at the floor needs a smaller noise multiplier under PRV too."""
-    if cfg.accountant != "prv":
-        return
+def _check_calibration(cfg: RunConfig, *, n_train: int, option: str = "target_epsilon") -> None:
+    """Refuse, in milliseconds and before anything is written, a --target-epsilon that Opacus's
+    calibration could not reach (RDP: below its epsilon at Opacus's largest noise multiplier)
+    or, under PRV, could only reach below the floor, where its bisection would not finish. RDP's
+    epsilon bounds PRV's from above and costs milliseconds: a target above RDP's epsilon at the
+    floor needs a smaller noise multiplier under PRV too."""
     from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import MAX_SIGMA
 
     sample_rate = 1 / math.ceil(n_train / cfg.batch_size)  # Opacus's: 1 / len(loader)
+    steps = int(cfg.epochs / sample_rate)
     rdp = RDPAccountant()
-    rdp.history = [(PRV_CALIBRATION_FLOOR, sample_rate, int(cfg.epochs / sample_rate))]
+    if cfg.accountant == "rdp":
+        rdp.history = [(2 * MAX_SIGMA, sample_rate, steps)]  # where Opacus's search gives up
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the optimal order is the largest: expected here)
+            floor = rdp.get_epsilon(float(cfg.delta))
+        if cfg.target_epsilon <= floor:
+            raise ValueError(
+                f"{flag(option)} {cfg.target_epsilon:g} is out of reach: Opacus's RDP "
+                f"accountant gives at least {floor:.3g} at {flag('delta')} {cfg.delta:g}, "
+                f"however much noise is added. Pass a larger target or {flag('delta')}, or "
+                f"{flag('accountant')} prv, whose epsilon goes lower"
+            )
+    if cfg.accountant != "prv":
+        return
+    rdp.history = [(PRV_CALIBRATION_FLOOR, sample_rate, steps)]
     ceiling = rdp.get_epsilon(float(cfg.delta))
     if cfg.target_epsilon > ceiling:
         raise ValueError(
@@ -345,6 +375,34 @@ def _check_prv_calibration(cfg: RunConfig, *, n_train: int, option: str = "targe
             f"from ~0.1: its calibration would not finish. Pass {flag('accountant')} rdp "
             f"(calibrates in milliseconds) or a {flag('noise_multiplier')}"
         )
+
+
+# Everything a run writes into --out (records.csv ... report.html by write_run_outputs).
+RUN_OUTPUTS = (
+    "records.jsonl",
+    "records.csv",
+    "config.json",
+    "result.json",
+    "summary.txt",
+    "mi.png",
+    "epsilon.png",
+    "report.html",
+)
+
+
+def _start_run_folder(out: Path, cfg: RunConfig) -> dict[str, Any]:
+    """Clear the previous run's outputs and write this run's ``config.json``, once the run is
+    sure to start (after Opacus's calibration): a run that fails before keeps the last one's
+    files, and one stopped midway leaves its own records beside its own config, never a mix
+    (``records.jsonl`` is appended to; TensorBoard adds event files to its folder)."""
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    config = cfg.as_dict()
+    if cfg.target_epsilon is not None:
+        config["noise_multiplier"] = None  # calibrated by Opacus: see result.json
+    _write_json(out / "config.json", config)
+    return config
 
 
 def _train(
@@ -372,16 +430,26 @@ def _train(
             max_grad_norm=float(cfg.max_grad_norm),
         )
     else:
-        model, optimizer, train_loader = engine.make_private_with_epsilon(
-            module=model,
-            optimizer=optimizer,
-            data_loader=train_loader,
-            target_epsilon=float(cfg.target_epsilon),
-            target_delta=float(cfg.delta),
-            epochs=cfg.epochs,
-            max_grad_norm=float(cfg.max_grad_norm),
-        )
+        try:
+            model, optimizer, train_loader = engine.make_private_with_epsilon(
+                module=model,
+                optimizer=optimizer,
+                data_loader=train_loader,
+                target_epsilon=float(cfg.target_epsilon),
+                target_delta=float(cfg.delta),
+                epochs=cfg.epochs,
+                max_grad_norm=float(cfg.max_grad_norm),
+            )
+        except ValueError as err:  # Opacus's "The privacy budget is too low." names no flag
+            if "too low" not in str(err) and "different signs" not in str(err):  # (GDP's root)
+                raise
+            raise ValueError(
+                f"{flag('target_epsilon')} {cfg.target_epsilon:g}: Opacus's calibration with "
+                f"the {cfg.accountant.upper()} accountant failed ({err}). Pass a larger target "
+                f"or {flag('delta')}, or a {flag('noise_multiplier')}"
+            ) from err
     sigma = float(optimizer.noise_multiplier)
+    config = _start_run_folder(out, cfg)
 
     fresh: list = []  # records not yet shown or logged
     monitor = LeakageMonitor(
@@ -475,10 +543,6 @@ def _train(
         "records": len(records),
         "monitor_seconds": sum(r.monitor_seconds for r in records),
     }
-    config = cfg.as_dict()
-    if cfg.target_epsilon is not None:
-        config["noise_multiplier"] = None  # calibrated by Opacus: see result.json
-    _write_json(out / "config.json", config)
     _write_json(out / "result.json", results)
     summary, files = write_run_outputs(out, records, config=config, results=results)
     return RunResult(

@@ -443,6 +443,85 @@ def test_a_target_epsilon_prv_could_not_calibrate_is_refused_with_the_ceiling(tm
     assert cli.main([*argv[:-1], "20", "--out", str(tmp_path / "y")]) == 0
 
 
+def test_a_target_epsilon_out_of_rdps_reach_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Opacus said only "The privacy budget is too low." (naming no flag), after the previous
+    run's records had been deleted."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import MAX_SIGMA
+
+    out = tmp_path / "x"
+    assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)]) == 0
+    before = (out / "records.jsonl").read_bytes()
+    rdp = RDPAccountant()  # the floor the message quotes: where Opacus's search gives up
+    rdp.history = [(2 * MAX_SIGMA, 0.25, 4)]
+    floor = rdp.get_epsilon(1e-5)
+    argv = ["run", *TINY, "--target-epsilon", f"{floor / 2:g}", "--out", str(out)]
+    rc = cli.main(argv)
+    _assert_one_line_error(rc, capsys.readouterr().err, "out of reach", f"at least {floor:.3g}")
+    assert (out / "records.jsonl").read_bytes() == before  # the last run's records kept
+    sweep = ["sweep", *TINY, "--target-epsilons", "5", f"{floor / 2:g}", "--estimator", "none"]
+    rc = cli.main([*sweep, "--out", str(tmp_path / "s")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--target-epsilons", "out of reach")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_stopped_run_leaves_its_own_records_and_config_not_the_last_runs(tmp_path, monkeypatch):
+    """A run stopped midway (Ctrl-C at the first evaluation) into the folder of a finished one:
+    its records sat beside the old run's config.json, result.json and summary."""
+    from opacus_mi import training
+
+    out = tmp_path / "x"
+    assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)]) == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_evaluate", interrupted)
+    argv = ["run", *TINY, "--estimator", "none", "--noise-multiplier", "4", "--out", str(out)]
+    assert cli.main(argv) == 130  # "opacus-mi: interrupted"
+    assert json.loads((out / "config.json").read_text())["noise_multiplier"] == 4
+    records = read_jsonl(out / "records.jsonl")
+    assert records and {r.noise_multiplier for r in records} == {4.0}
+    for stale in ("result.json", "summary.txt", "records.csv", "report.html", "mi.png"):
+        assert not (out / stale).exists(), stale
+
+
+def test_sweep_keeps_finished_rows_and_refuses_clashing_folders(tmp_path, capsys, monkeypatch):
+    from opacus_mi import sweep as sweep_module
+    from opacus_mi.sweep import read_sweep_csv
+
+    base = ["sweep", *TINY, "--estimator", "none"]
+    rc = cli.main([*base, "--noise-multipliers", "1", "1.0000001", "--out", str(tmp_path / "c")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "would share the run folder sigma_1/")
+    run = tmp_path / "run"
+    assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(run)]) == 0
+    rc = cli.main([*base, "--noise-multipliers", "1", "2", "--out", str(run)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "holds a run (records.jsonl)")
+    # the second run fails: the first one's row is in sweep.csv all the same
+    train = sweep_module.train_and_monitor
+    calls = []
+
+    def second_fails(cfg, **kwargs):
+        calls.append(cfg)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+        return train(cfg, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train_and_monitor", second_fails)
+    out = tmp_path / "s"
+    with pytest.raises(RuntimeError, match="stopped"):
+        cli.main([*base, "--noise-multipliers", "1", "2", "--out", str(out)])
+    rows = read_sweep_csv(out / "sweep.csv")
+    assert [r["setting"] for r in rows] == ["sigma_1"]
+    assert cli.main(["report", str(out)]) == 0
+
+
+def test_sweep_has_its_own_default_folder():
+    parser = cli.build_parser()
+    assert parser.parse_args(["sweep", "--noise-multipliers", "1"]).out == "runs/sweep"
+    assert parser.parse_args(["run"]).out == "runs/latest"
+
+
 def test_report_of_a_folder_without_records(tmp_path, capsys):
     rc = cli.main(["report", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "records.jsonl")
