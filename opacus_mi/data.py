@@ -177,6 +177,15 @@ def _check_layout(
     return data_root
 
 
+def _unreadable(err: RuntimeError) -> str:
+    if "download=True" in str(err):  # torchvision's integrity check; we never download
+        return (
+            "its files are there but torchvision's checksum of them failed: a file is "
+            "incomplete or not the official one (extract the archive again)"
+        )
+    return f"torchvision could not read it: {err}"
+
+
 def _load_cifar10(data_root: str | None) -> DatasetSplit:
     """CIFAR-10 from a local torchvision layout, normalised with its usual channel statistics."""
     from torchvision import datasets, transforms
@@ -190,9 +199,7 @@ def _load_cifar10(data_root: str | None) -> DatasetSplit:
         test = datasets.CIFAR10(root=root, train=False, download=False, transform=transform)
     except RuntimeError as err:  # torchvision: files present but corrupted / wrong checksum
         raise DataRootError(
-            _data_root_message(
-                "cifar10", root, _CIFAR10_LAYOUT, f"torchvision could not read it: {err}"
-            )
+            _data_root_message("cifar10", root, _CIFAR10_LAYOUT, _unreadable(err))
         ) from err
     return DatasetSplit(
         train=train, test=test, num_classes=10, input_shape=(3, 32, 32), name="cifar10"
@@ -228,11 +235,24 @@ def _load_celeba(data_root: str | None) -> DatasetSplit:
             for split in ("train", "test")
         }
     except RuntimeError as err:  # torchvision: files present but corrupted / wrong checksum
-        raise DataRootError(
-            _data_root_message(
-                "celeba", root, _CELEBA_LAYOUT, f"torchvision could not read it: {err}"
-            )
-        ) from err
+        message = _data_root_message("celeba", root, _CELEBA_LAYOUT, _unreadable(err))
+        raise DataRootError(message) from err
+    for split in splits.values():  # the images are read lazily: check one now, not mid-run
+        name = split.filename[0] if len(split) else None
+        try:
+            if name is not None:
+                split[0]
+        except OSError as err:  # missing (an archive unzipped one level deeper) or unreadable
+            image = f"{_CELEBA_FOLDER}/img_align_celeba/{name}"
+            raise DataRootError(
+                _data_root_message(
+                    "celeba",
+                    root,
+                    _CELEBA_LAYOUT,
+                    f"cannot read {image} ({type(err).__name__}); the images must sit directly "
+                    "in img_align_celeba/, not in a folder inside it",
+                )
+            ) from err
     return DatasetSplit(
         train=splits["train"],
         test=splits["test"],

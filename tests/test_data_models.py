@@ -321,3 +321,62 @@ def test_resnet18_groupnorm_trains_one_dp_step_with_hooks() -> None:
     torch.nn.functional.cross_entropy(model(x), y).backward()
     assert all(p.grad_sample.shape[0] == 2 for p in model.parameters() if p.requires_grad)
     opt.step()
+
+
+def _tiny_celeba(root, *, nested: bool = False, n: int = 6) -> None:
+    """CelebA's torchvision layout with ``n`` random 218x178 images (split 0/1/2 by index)."""
+    import numpy as np
+    from PIL import Image
+
+    base = root / "celeba"
+    images = base / "img_align_celeba"
+    (images / "img_align_celeba" if nested else images).mkdir(parents=True)
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    rng = np.random.default_rng(0)
+    for name in names:
+        pixels = rng.integers(0, 256, size=(218, 178, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save((images / "img_align_celeba" if nested else images) / name)
+    attrs = " ".join(f"a{i}" for i in range(40))
+    rows = "".join(f"{name} " + " ".join(["1"] * 40) + "\n" for name in names)
+    (base / "list_attr_celeba.txt").write_text(f"{n}\n{attrs}\n{rows}")
+    (base / "list_eval_partition.txt").write_text(
+        "".join(f"{name} {0 if i < n - 2 else 2}\n" for i, name in enumerate(names))
+    )
+    (base / "identity_CelebA.txt").write_text("".join(f"{name} 1\n" for name in names))
+    (base / "list_bbox_celeba.txt").write_text(
+        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{m} 1 1 2 2\n" for m in names)
+    )
+    marks = " ".join(f"p{i}" for i in range(10))
+    (base / "list_landmarks_align_celeba.txt").write_text(
+        f"{n}\n{marks}\n" + "".join(f"{m} " + " ".join(["1"] * 10) + "\n" for m in names)
+    )
+
+
+@pytest.mark.parametrize("problem", ["none", "nested", "corrupt"])
+def test_celeba_images_are_checked_when_loading_not_mid_run(problem, tmp_path, monkeypatch):
+    """Images unzipped one folder too deep (or unreadable) passed the layout check and failed
+    at the first batch with a bare path error naming neither --data-root nor the fix."""
+    import torchvision.datasets.celeba as tv_celeba
+
+    monkeypatch.setattr(tv_celeba, "check_integrity", lambda *a, **k: True)  # tiny stand-ins
+    _tiny_celeba(tmp_path, nested=problem == "nested")
+    if problem == "corrupt":
+        (tmp_path / "celeba" / "img_align_celeba" / "000001.jpg").write_bytes(b"not a jpeg")
+    if problem == "none":
+        split = load_dataset("celeba", data_root=str(tmp_path))
+        assert len(split.train) == 4 and len(split.test) == 2
+        x, y = split.train[0]
+        assert tuple(x.shape) == (3, 32, 32) and int(y) == 1
+        return
+    with pytest.raises(DataRootError, match="cannot read celeba/img_align_celeba/000001.jpg"):
+        load_dataset("celeba", data_root=str(tmp_path))
+
+
+def test_a_failed_checksum_says_so_rather_than_suggesting_a_download(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (base / f).write_bytes(b"not the real file")
+    with pytest.raises(DataRootError, match="checksum of them failed") as info:
+        load_dataset("cifar10", data_root=str(tmp_path))
+    assert "download=True" not in str(info.value)
