@@ -38,24 +38,33 @@ def test_ring_window_equals_naive_concatenation_and_its_moments():
 
 
 def test_default_window_stores_bfloat16_rows_and_their_exact_moments():
-    """The default window rounds rows to bfloat16 once, on the way in: what it returns (as
-    float32) and its running moments are those of the rounded rows, tiny values included."""
+    """The default window rounds rows to bfloat16 once, on the way in, less the first batch's
+    column means: the rounding is relative to a column's spread, not its offset (a column of
+    2000 + z keeps z), tiny values keep float32's range, and the running moments are those
+    of the rows it returns."""
     g = torch.Generator().manual_seed(2)
     win = PairWindow(50)
-    naive, raw = torch.zeros(0, 3), torch.zeros(0, 3)
+    raw = torch.zeros(0, 4)
+    scale, shift = torch.tensor([1e-6, 1.0, 1e3, 1.0]), torch.tensor([5e-6, 0.0, 0.0, 2000.0])
     for n in (30, 29, 17, 33):
-        x = torch.randn(n, 3, generator=g) * torch.tensor([1e-6, 1.0, 1e3]) + 5e-6
+        x = torch.randn(n, 4, generator=g) * scale + shift
         win.add(x, torch.randn(n, 2, generator=g))
-        naive = torch.cat([naive, x.to(torch.bfloat16).float()])[-50:]
         raw = torch.cat([raw, x])[-50:]
         assert win.x.dtype == torch.float32 and win._x.buf.dtype == torch.bfloat16
-        torch.testing.assert_close(win.x, naive, rtol=0, atol=0)
         mx, sx, _, _ = win.moments()
-        torch.testing.assert_close(mx, naive.mean(0), rtol=1e-5, atol=0)
-        torch.testing.assert_close(sx, naive.std(0, unbiased=False), rtol=1e-4, atol=0)
+        torch.testing.assert_close(mx, win.x.double().mean(0).float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            sx, win.x.double().std(0, unbiased=False).float(), rtol=1e-4, atol=0
+        )
+    offset = win._offsets[0]
+    err = (win.x - raw).abs()
+    # rounded once: half an ulp of bfloat16's 8-bit mantissa of the offset value, plus the
+    # float32 rounding of adding the offset back
+    bound = 2**-8 * (raw - offset).abs() + 2**-23 * raw.abs()
+    assert (err <= bound * (1 + 1e-6)).all() and (err > 0).any()
     assert (win.x[:, 0].abs() > 0).all()  # 1e-6-scale entries keep float32's range
-    rel = ((win.x - raw).abs() / raw.abs()).max()
-    assert 0 < rel <= 2**-8  # rounded once: at most half an ulp of bfloat16's 8-bit mantissa
+    z = raw[:, 3] - 2000.0
+    assert torch.corrcoef(torch.stack([win.x[:, 3] - 2000.0, z]))[0, 1] > 0.9999
 
 
 def _correlated(n: int, g: torch.Generator, rho: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +76,7 @@ def _correlated(n: int, g: torch.Generator, rho: float = 0.9) -> tuple[torch.Ten
 def test_validation_pairs_are_never_trained_on():
     g = torch.Generator().manual_seed(1)
     est = OnlineEstimator("mine", holdout=4, train_every=1, generator=torch.Generator())
+    est.pairs.dtype = est.val.dtype = torch.float32  # ids stored exactly
     seen = 0
     for _ in range(6):
         x, y = _correlated(32, g)

@@ -42,9 +42,11 @@ class PairWindow:
 
     Rows are stored in bfloat16 by default (``dtype``): the window is the monitor's largest
     state, and a critic that standardises its inputs loses nothing to a 2^-8 relative rounding
-    (float32's range is kept, so tiny clipped tokens do not underflow as in float16). Rows are
-    rounded once on the way in, so the running sums see exactly the values stored, and read
-    back as float32.
+    (float32's range is kept, so tiny clipped tokens do not underflow as in float16). They are
+    stored less the first batch's column means, so that rounding is relative to a column's
+    spread, not to its offset (a feature of 2000 + z, rounded whole, kept steps of 8 and none
+    of z). Rows are rounded once on the way in, so the running sums see exactly the values
+    stored, and read back as float32.
     """
 
     def __init__(self, size: int, dtype: torch.dtype = torch.bfloat16):
@@ -53,23 +55,45 @@ class PairWindow:
         self.size = size
         self.dtype = dtype
         self._x, self._y = RowRing(size), RowRing(size)
-        self._sums: list[torch.Tensor] = []  # [sum x, sum x^2, sum y, sum y^2], float64
+        # [sum x, sum x^2, sum y, sum y^2] of the stored (offset) rows, float64
+        self._sums: list[torch.Tensor] = []
+        self._offsets: tuple[torch.Tensor, torch.Tensor] | None = None  # float32 column means
 
     def __len__(self) -> int:
         return len(self._x)
 
     @property
     def x(self) -> torch.Tensor | None:
-        return _wide(self._x.ordered())
+        return self._wide(self._x.ordered(), 0)
 
     @property
     def y(self) -> torch.Tensor | None:
-        return _wide(self._y.ordered())
+        return self._wide(self._y.ordered(), 1)
+
+    def _wide(self, t: torch.Tensor | None, which: int) -> torch.Tensor | None:
+        return None if t is None else t.float() + self._offsets[which]
+
+    def anchor(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fix the stored rows' offsets from this batch, unless already fixed (the first
+        :meth:`add` does it otherwise). In float64, then rounded to the stored precision: the
+        same rows in any order (the control critic's re-paired batch) give the same offsets,
+        so the same stored rows. Float32 or wider rows are stored as they are."""
+        if self._offsets is not None or x.shape[0] == 0:
+            return
+        narrow = torch.finfo(self.dtype).bits < 32
+        self._offsets = tuple(
+            v.double().mean(0).to(self.dtype).float()
+            if narrow
+            else v.new_zeros(v.shape[1], dtype=torch.float32)
+            for v in (x, y)
+        )
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
-        x, y = x.to(self.dtype), y.to(self.dtype)
+        self.anchor(x, y)
+        x = (x.float() - self._offsets[0]).to(self.dtype)
+        y = (y.float() - self._offsets[1]).to(self.dtype)
         if not self._sums:
             self._sums = [
                 torch.zeros(d, dtype=torch.float64, device=x.device)
@@ -98,16 +122,17 @@ class PairWindow:
         """Per-column (mean x, std x, mean y, std y) of the window, in float32."""
         n = max(len(self), 1)
         out = []
-        for s, s2 in (self._sums[:2], self._sums[2:]):
+        for (s, s2), offset in zip((self._sums[:2], self._sums[2:]), self._offsets, strict=True):
             mean = s / n
-            var = (s2 / n - mean * mean).clamp_min(0.0)
-            out += [mean.float(), var.sqrt().float()]
+            var = (s2 / n - mean * mean).clamp_min(0.0)  # (a shift leaves it as it is)
+            out += [(mean + offset.double()).float(), var.sqrt().float()]
         return out[0], out[1], out[2], out[3]
 
     def clear(self) -> None:
         self._x.clear()
         self._y.clear()
         self._sums = []
+        self._offsets = None
 
     def recent(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[-n:], self.y[-n:]
@@ -117,7 +142,7 @@ class PairWindow:
         pick = torch.randperm(len(self), generator=generator, device=generator.device)[:n]
         x, y = self._x.valid(), self._y.valid()
         pick = pick.to(x.device)
-        return x[pick].float(), y[pick].float()
+        return x[pick].float() + self._offsets[0], y[pick].float() + self._offsets[1]
 
     def state_dict(self) -> dict:
         return {"x": self.x, "y": self.y}
@@ -126,10 +151,6 @@ class PairWindow:
         self.clear()
         if state["x"] is not None:
             self.add(state["x"], state["y"])
-
-
-def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float()
 
 
 @dataclass(frozen=True)
@@ -355,6 +376,8 @@ class OnlineEstimator:
             or y.shape[1] != self.critic.y_dim
         ):
             self._build(x.shape[1], y.shape[1])
+        for window in (self.pairs, self.val):  # from the whole batch, before the split
+            window.anchor(x, y)
         if self.holdout > 1 and x.shape[0] >= self.holdout:
             # Every holdout-th pair is held out. The others are indexed, not masked: a boolean
             # mask would read its count back to the host (a sync off the CPU).
