@@ -90,6 +90,7 @@ class _Span:
         self.cuda = device.type == "cuda"
         self.device = device
         self.t0 = time.perf_counter()
+        self.excluded = 0.0  # host seconds inside the bracket that are not the monitor's
         self.start = self.end = None
         if self.cuda:
             self.start = torch.cuda.Event(enable_timing=True)
@@ -109,10 +110,16 @@ class _Span:
         included. The host clock would also count the monitor's one sync waiting for training.
         """
         if not self.cuda:
-            return self.t1 - self.t0
+            return max(0.0, self.t1 - self.t0 - self.excluded)
         if not self.end.query():
             return None
-        return self.start.elapsed_time(self.end) / 1e3
+        return max(0.0, self.start.elapsed_time(self.end) / 1e3 - self.excluded)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave out ``seconds`` of the bracket: under DPDDP, waiting at the first collective
+        for a slower rank, which without the monitor training would spend at Opacus's
+        gradient all-reduce instead."""
+        self.excluded += seconds
 
 
 KINDS = ("measure", "critic", "epsilon")
@@ -256,7 +263,7 @@ class OverheadBudget:
             span.concurrent = concurrent
             span.stop()
             if not span.cuda and not concurrent:  # a GPU bracket: once its device time is known
-                self._spent_since_tick += span.t1 - span.t0
+                self._spent_since_tick += span.seconds()
             self._pending.append((span, kind, work))
             self._settle()
 

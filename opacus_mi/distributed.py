@@ -17,6 +17,7 @@ tests run; CUDA for NCCL, not yet tested on GPUs) and comes back on the caller's
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -138,18 +139,28 @@ def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
     return rows.reshape(-1, *local.shape[1:])
 
 
-def all_gather_items(items: Sequence[Item], device: torch.device | str = "cpu") -> list[Item]:
+def all_gather_items(
+    items: Sequence[Item],
+    device: torch.device | str = "cpu",
+    *,
+    timings: dict[str, float] | None = None,
+) -> list[Item]:
     """Every rank's ``(meta, {name: tensor or None})`` items, concatenated in rank order.
 
     ``meta`` is any small picklable value. Tensors may have any shape (empty too) and are
     grouped by dtype, so a step costs one metadata gather plus one gather per dtype, however
-    many items and tensors each rank holds. Tensors come back on ``device``.
+    many items and tensors each rank holds. Tensors come back on ``device``. ``timings`` gets
+    ``"first"``: the host seconds of the metadata gather, which is mostly waiting for the
+    slowest rank to arrive (its transfer is a few hundred bytes).
     """
     specs = [
         (meta, [(k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in tensors.items()])
         for meta, tensors in items
     ]
+    t0 = time.perf_counter()
     every_spec = all_gather_objects(specs)  # identical on all ranks from here on
+    if timings is not None:
+        timings["first"] = time.perf_counter() - t0
     dtypes = sorted({dtype for specs in every_spec for _, dtype in _shapes(specs)}, key=str)
     buffers: dict[torch.dtype, list[torch.Tensor]] = {}
     comm = comm_device()  # tensors of one item may live on different devices

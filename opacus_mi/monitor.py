@@ -502,6 +502,7 @@ class LeakageMonitor:
         self.steps = 0  # logical optimizer steps seen since attach
         self._chunks: list[Chunk] = []
         self._chunk_seconds = 0.0
+        self._gather_wait = 0.0  # DPDDP: seconds waited for other ranks since the last booking
         use_input, layers, fn = feature_spec
         # Features and tokens are what the learned critics read; the oracle needs neither, so
         # without critics none are made (the benchmarks set it to time tokens + oracle).
@@ -660,8 +661,9 @@ class LeakageMonitor:
     def _book_wrapper(self, before: float, since: float, booked: float) -> None:
         """Book ``pre_step``'s own time (``before`` Opacus's step, and from ``since`` on) less
         what brackets booked meanwhile (``booked`` was the books' figure on entry)."""
+        waited, self._gather_wait = self._gather_wait, 0.0  # training's time (_finish_step)
         if self.budget is not None:
-            own = before + time.perf_counter() - since
+            own = before + time.perf_counter() - since - waited
             self.budget.book_overhead(own - (self.budget.spent_since_tick() - booked))
 
     def _adopt_plan(self) -> None:
@@ -1018,7 +1020,13 @@ class LeakageMonitor:
         # Gathering comes first: nothing local may fail before this rank joins the collectives.
         # Under DPDDP every rank follows rank 0's plan, which travels with its chunks.
         if self.distributed:
-            chunks, plan = self._gather_chunks(chunks, plan)
+            chunks, plan, waited = self._gather_chunks(chunks, plan)
+            # Waiting there for a slower rank is training's time (it would wait at Opacus's
+            # all-reduce instead), not the monitor's: neither its record nor its budget.
+            t0 += waited
+            self._gather_wait += waited
+            if span is not None:
+                span.exclude(waited)
         self._next_in, self._planned = plan.next_in, (step, step + plan.next_in)
         # None: the critics' own schedule (train_every); else the budget's decision.
         train = plan.train if self.train_every is None else None
@@ -1206,7 +1214,7 @@ class LeakageMonitor:
     def _charge(self, span, kind: str, work: float = 1.0) -> None:
         self.budget.charge(span, kind, concurrent=self.overlap, work=work)
 
-    def _gather_chunks(self, chunks: list[Chunk], plan: Plan) -> tuple[list[Chunk], Plan]:
+    def _gather_chunks(self, chunks: list[Chunk], plan: Plan) -> tuple[list[Chunk], Plan, float]:
         """Every rank's chunks of this logical step in rank order, their draws made (DPDDP).
 
         Collectives: one metadata gather plus one gather per dtype, made on every monitored
@@ -1220,7 +1228,8 @@ class LeakageMonitor:
         every rank computes the same record and keeps the same generator and critic state
         (rank 0 alone estimating would save no wall time, as ranks meet at the gradient
         all-reduce right after), and the result equals one process that saw the same examples
-        as chunks of one logical step.
+        as chunks of one logical step. Also returns the seconds spent waiting at the first
+        collective for the slowest rank.
         """
         try:
             items = [pack(c) for c in chunks] or [empty_item()]
@@ -1230,7 +1239,8 @@ class LeakageMonitor:
         for meta, _ in items:  # the plan rides along; every rank follows rank 0's
             meta["plan"] = (plan.next_in, plan.train, plan.epsilon)
         chunks = []  # every rank's, in rank order
-        gathered = all_gather_items(items, device=self.device)
+        timings: dict[str, float] = {}
+        gathered = all_gather_items(items, device=self.device, timings=timings)
         plan = Plan(*gathered[0][0]["plan"])
         for item in gathered:
             chunk, clipped, gram, std = unpack(item)
@@ -1243,7 +1253,7 @@ class LeakageMonitor:
                     )
                     chunk.flags.append(f"error:{type(exc).__name__}")
             chunks.append(chunk)
-        return chunks, plan
+        return chunks, plan, timings.get("first", 0.0)
 
     def _control_eval(
         self, view: str, feats: torch.Tensor, tokens: torch.Tensor
