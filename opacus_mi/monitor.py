@@ -53,6 +53,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -269,8 +270,9 @@ class LeakageMonitor:
         distributed: under Opacus DPDDP (torchrun), gather every rank's chunks so MI is measured
             on the global batch and only rank 0 calls the sinks/JSONL. ``None`` (default) does so
             iff ``make_private`` built a distributed optimizer and there is more than one rank;
-            ``False`` keeps each rank local. Create the monitor on *every* rank: its gathers are
-            collectives (see "Multi-process" in the module docstring).
+            ``False`` keeps each rank local: each calls its own sinks, and rank r > 0 writes
+            ``jsonl`` as ``<stem>.rank<r><suffix>`` beside it. Create the monitor on *every*
+            rank: its gathers are collectives (see "Multi-process" in the module docstring).
         overlap: measure on a worker thread while the next training step runs
             (:mod:`opacus_mi.overlap`): the same records, a step later, for less of the training
             thread's time (every-step tokens + oracle on the digits CNN, 2-core VMs: 1.45x
@@ -323,7 +325,7 @@ class LeakageMonitor:
         _check_attach(engine, module, optimizer)
         self._warned: set[str] = set()
         self.distributed = should_gather(distributed, optimizer)
-        self.rank = dist_rank() if self.distributed else 0
+        self.rank = dist_rank()  # (0 without a process group)
         if tokenizer not in TOKEN_ENCODERS:
             raise ValueError(
                 f"tokenizer must be one of {TOKEN_ENCODERS} ('sketch' is the default); "
@@ -495,8 +497,13 @@ class LeakageMonitor:
         self.record_count = 0  # every record made, kept in history or not (max_history)
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
-        # Under DPDDP every rank holds the same records; only rank 0 writes them out.
-        self._jsonl = JsonlSink(jsonl) if jsonl and self.rank == 0 else None
+        # Under DPDDP every rank holds the same records; only rank 0 writes them out. Kept
+        # local (distributed=False), each rank's records are its own: in a file of its own.
+        self._writes = self.rank == 0 or not self.distributed
+        if jsonl and self._writes and self.rank > 0:
+            path = Path(jsonl)
+            jsonl = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+        self._jsonl = JsonlSink(jsonl) if jsonl and self._writes else None
         if self._jsonl is not None:
             self.sinks.append(self._jsonl)
         self.steps = 0  # logical optimizer steps seen since attach
@@ -740,7 +747,7 @@ class LeakageMonitor:
             self._history.append(record)
             self.record_count += 1
             self._trim_history()
-            if self.rank == 0:  # under DPDDP every rank has this record; one writes it
+            if self._writes:  # under DPDDP every rank has this record; one writes it
                 for sink in self.sinks:
                     try:
                         sink(record)

@@ -207,6 +207,22 @@ def _straggler_run(rank: int) -> dict:
 STRAGGLE = 0.05
 
 
+def _local_run(rank: int, tmp: str) -> dict:
+    """distributed=False under DPDDP: each rank measures its own local batch."""
+    torch.manual_seed(0)
+    data = make_data(N)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
+    jsonl = os.path.join(tmp, "local.jsonl")  # the same path on both ranks, as a user writes it
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, estimator=None, distributed=False, jsonl=jsonl
+    )
+    _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    monitor.detach()
+    return {"rank": monitor.rank, "history": [r.as_dict() for r in monitor.history]}
+
+
 def _primitives(rank: int) -> dict:
     """The gathering primitives with unequal and empty contributions."""
     rows = torch.arange(3 * 4, dtype=torch.float64).reshape(3, 4) + 100 * rank
@@ -238,6 +254,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out["budget"] = _budget_run(rank)
         out["prv"] = _prv_run(rank)
         out["straggler"] = _straggler_run(rank)
+        out["local"] = _local_run(rank, tmp)
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -440,3 +457,16 @@ def test_waiting_for_a_slower_rank_is_not_booked_as_monitor_time(runs):
     seconds = sorted(ranks[0]["straggler"]["seconds"])
     assert len(seconds) == 6
     assert seconds[len(seconds) // 2] < STRAGGLE / 2, seconds
+
+
+def test_local_monitors_write_a_file_per_rank(runs):
+    """distributed=False: every rank reported rank 0 and appended its own records to the one
+    JSONL, each step twice with nothing saying which rank wrote which line."""
+    ranks, _, tmp = runs
+    assert [r["local"]["rank"] for r in ranks] == [0, 1]
+    for rank, name in enumerate(("local.jsonl", "local.rank1.jsonl")):
+        written = [r.as_dict() for r in read_jsonl(os.path.join(tmp, name))]
+        assert len(written) == N // (WORLD * LOCAL_BATCH)
+        assert {r["batch_size"] for r in written} == {LOCAL_BATCH}
+        for a, b in zip(written, ranks[rank]["local"]["history"], strict=True):
+            _same_record(a, b, rtol=0, atol=0)
