@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .estimators.bounds import t_quantile
 from .records import LeakageRecord
 
 
@@ -23,7 +24,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of per-step estimates with a normal-approximation interval (NaN-safe)."""
+    """Mean of per-step estimates with Student's t interval (NaN-safe)."""
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
         return math.nan, math.nan, math.nan
@@ -31,7 +32,7 @@ def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, f
     if len(v) < 2:
         return m, math.nan, math.nan
     sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    half = 1.959963984540054 * sd / math.sqrt(len(v))
+    half = t_quantile(level, len(v) - 1) * sd / math.sqrt(len(v))
     return m, m - half, m + half
 
 

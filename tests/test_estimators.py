@@ -274,3 +274,20 @@ def test_estimate_mi_options_are_checked_by_name(option, bad, says):
     a = estimate_mi(x, x, seed=3, hidden=16, lr=float(lr), **fast)
     b = estimate_mi(x, x, seed=np.int64(3), hidden=np.int32(16), lr=lr, **fast)
     assert a.nats == b.nats and a.ci_low == b.ci_low
+
+
+def test_oracle_and_per_step_intervals_use_students_t():
+    """A mean of n terms gets mean +- t_{n-1} * sd / sqrt(n): with z, the oracle's interval at a
+    batch of 8 covered 91% of the time instead of 95%. Reference: scipy.stats.t."""
+    from scipy import stats
+
+    from opacus_mi.estimators.bounds import interval_from
+    from opacus_mi.report import mean_with_ci
+
+    mean, lo, hi = interval_from(0.5, 0.2, 8)
+    half = stats.t.ppf(0.975, 7) * 0.2 / math.sqrt(8)
+    assert (lo, hi) == pytest.approx((mean - half, mean + half), rel=1e-12)
+    values = [0.1, 0.4, 0.35, 0.2, 0.3]
+    m, lo, hi = mean_with_ci(values)
+    ref = stats.t.interval(0.95, len(values) - 1, loc=m, scale=stats.sem(values))
+    assert (lo, hi) == pytest.approx(ref, rel=1e-12)

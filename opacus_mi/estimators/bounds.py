@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -182,17 +181,27 @@ def interval_from(
     mean: float, sd: float, n: int, *, min_n: int = 2, level: float = 0.95
 ) -> tuple[float, float, float]:
     """``(mean, low, high)``: a mean of n per-example terms (a :func:`mean_sd` read back) with
-    a normal-approximation interval; fewer than ``min_n`` terms give a NaN interval.
+    Student's t interval; fewer than ``min_n`` terms give a NaN interval.
 
-    For a plain mean the percentile bootstrap and mean +- z * sd / sqrt(n) agree to O(1/n); the
-    latter needs no resampling, which matters on the monitor's every-step path.
+    For a plain mean the percentile bootstrap and mean +- t * sd / sqrt(n) agree to O(1/n); the
+    latter needs no resampling, which matters on the monitor's every-step path. Student's t,
+    not the normal z: the oracle's interval at a batch of 8 covered 91% with z (t: 2.36, not
+    1.96, times the standard error).
     """
     if n == 0:
         return math.nan, math.nan, math.nan
     if n < max(min_n, 2):
         return mean, math.nan, math.nan
-    half = NormalDist().inv_cdf(0.5 + level / 2) * sd / math.sqrt(n)
+    half = t_quantile(level, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(level: float, df: int) -> float:
+    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(df, 0.5 + level / 2))
 
 
 def bootstrap_counts(
