@@ -106,7 +106,11 @@ class FeatureCapture:
                 f"features names layers {missing} that the model does not have; valid names "
                 f"are {sorted(k for k in named if k)[:20]}"
             )
-        self._handles = [module.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        self._open = False  # a captured training forward of the module is running
+        self._handles = [
+            module.register_forward_pre_hook(self._on_forward, with_kwargs=True),
+            module.register_forward_hook(self._after_forward),
+        ]
         for name in self.layer_names:
             self._handles.append(named[name].register_forward_hook(self._layer_hook(name)))
 
@@ -114,16 +118,22 @@ class FeatureCapture:
         return module.training and torch.is_grad_enabled() and self._active()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._capturing(module):
+        self._open = self._capturing(module)  # (reset by every forward, even one that raised)
+        if not self._open:
             return
         x = _first_tensor(args, kwargs)
         # Each training forward adds rows to the per-sample gradients of the coming step (Opacus
         # concatenates repeated forwards); labels arrive later through the criterion.
         self.pending.append(Capture(inputs=None if x is None else x.detach().clone()))
 
+    def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
+        self._open = False
+
     def _layer_hook(self, name: str):
         def hook(mod: nn.Module, args: tuple, output) -> None:
-            if not self._capturing(mod):
+            # Inside a captured forward, whatever the layer's own mode: a frozen extractor
+            # run in eval() or under no_grad is still part of this forward.
+            if not self._open:
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
             if isinstance(out, torch.Tensor) and self.pending:
@@ -167,20 +177,34 @@ class FeatureCapture:
             if self.fn is not None:
                 with torch.no_grad():
                     user = self.fn(capture.inputs)
-                if not isinstance(user, torch.Tensor) or user.shape[0] != batch:
+                if (
+                    not isinstance(user, torch.Tensor)
+                    or user.ndim == 0
+                    or user.shape[0] != batch
+                    or user[:1].numel() == 0
+                ):
+                    got = tuple(user.shape) if isinstance(user, torch.Tensor) else type(user)
                     raise ValueError(
-                        "features callable must return a tensor with one row per example "
-                        f"(expected {batch} rows)"
+                        "the features callable must return a tensor with one non-empty row per "
+                        f"example, (B, ...) with B = {batch}; got {got}"
                     )
                 parts.append(pool_features(user))
         for name in self.layer_names:
             act = capture.layers.get(name)
-            if act is not None and act.shape[0] == batch:
-                parts.append(pool_features(act))
+            if act is None or act.ndim == 0 or act.shape[0] != batch:
+                got = "no output" if act is None else f"an output of shape {tuple(act.shape)}"
+                raise ValueError(
+                    f"features layer {name!r} gave {got} in this forward, not (B, ...) with "
+                    f"B = {batch}: name a batch-first layer that runs in every forward, or "
+                    "pass a callable"
+                )
+            parts.append(pool_features(act))
         if capture.labels is not None and capture.labels.shape[0] == batch:
             labels = capture.labels
             if labels.ndim == 1 and not torch.is_floating_point(labels):
-                k = capture.num_classes or (int(labels.max().item()) + 1 if batch else 1)
+                k = capture.num_classes
+                if not k or k < 2:  # a single-logit head: classes from the labels themselves
+                    k = max(2, int(labels.max().item()) + 1 if batch else 2)
                 # Rows of a cached identity, one operation: F.one_hot range-checks the labels
                 # with two host reads on the CPU (syncs on a GPU); a bad label still fails
                 # here, in index_select's own bounds check.

@@ -478,8 +478,14 @@ class LeakageMonitor:
         # keeps ~90% of their energy where a sketch keeps ~k/P (see opacus_mi/subspace.py).
         # It needs materialised per-sample gradients on one process; otherwise: sketch tokens.
         self.subspace: GradientSubspace | None = None
-        if self.semi_oracle is not None and not _is_ghost(module, optimizer):
-            if self.distributed:
+        if self.semi_oracle is not None:
+            if _is_ghost(module, optimizer):
+                self._warn_once(
+                    "subspace:ghost",
+                    "with ghost clipping the semi-oracle uses sketch tokens (no per-sample "
+                    "gradients to fit a gradient subspace to), which keep far less of them",
+                )
+            elif self.distributed:
                 self._warn_once(
                     "subspace:ddp",
                     "under DPDDP the semi-oracle uses sketch tokens (each rank would fit its own "
@@ -738,7 +744,37 @@ class LeakageMonitor:
         except Exception as exc:
             self._warn_once(f"step:{type(exc).__name__}", f"leakage record failed: {exc!r}")
             self._next_in, self._planned = 1, (step, step + 1)
+            try:  # the step still gets its record: settings, epsilon and bounds, flagged
+                self._done.append(self._failed_record(chunks, step, accounting, exc))
+            except Exception:  # (already warned about: nothing more to say)
+                pass
         self._chunk_seconds = 0.0
+
+    def _failed_record(
+        self, chunks: list, step: int, accounting: tuple, exc: Exception
+    ) -> LeakageRecord:
+        """What is known of a step whose measurement failed, flagged ``error:<type>``: no MI,
+        but its settings, epsilon and bounds (and a batch size from the chunks measured)."""
+        sigma = float(self.optimizer.noise_multiplier)
+        epsilon = self._epsilon_or_nan(accounting, sigma)
+        record = LeakageRecord(
+            step=step,
+            batch_size=sum(c.batch for c in chunks if isinstance(c, Chunk)),
+            noise_multiplier=sigma,
+            max_grad_norm=float(self.optimizer.max_grad_norm),
+            sample_rate=sample_rate_of(None, accounting),
+            epsilon=epsilon,
+            epsilon_step=step,
+            delta=self.delta,
+            mi_bound=gaussian_channel_bound(sigma) if "private" in self.views else None,
+            mi_upper_bound=self.mi_accountant.bound(accounting),
+            chunks=len(chunks),
+            flags=sorted({f for c in chunks if isinstance(c, Chunk) for f in c.flags}),
+        )
+        record.flags.append(f"error:{type(exc).__name__}")
+        if math.isnan(epsilon):
+            record.flags.append("epsilon_failed")
+        return record
 
     def _deliver(self) -> None:
         """Hand finished records to ``history`` and the sinks, on the training thread."""
@@ -1002,6 +1038,13 @@ class LeakageMonitor:
             chunk.flags.append("features_error")
             return None
         if feats is None:
+            self._warn_once(
+                "features:unpaired",
+                "the forwards since the last step do not pair with its per-sample gradients "
+                "(several training forwards per step, e.g. a regulariser's, or a forward whose "
+                "step never came): the learned critics skip such steps (flag "
+                "features_unpaired); features= a callable of the inputs avoids it",
+            )
             chunk.flags.append("features_unpaired")
         return feats
 

@@ -371,3 +371,120 @@ def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
     got = LeakageRecord.from_dict(row).mi["clipped/test"]
     assert math.isnan(got.nats) and (got.ci_low, got.ci_high) == (-math.inf, math.inf)
     assert "epsilon inf" in summary_table(back)
+
+
+class _FrozenBackbone(nn.Module):
+    """A frozen extractor the model runs in eval() under no_grad, then a trainable head."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(36, 8)
+        self.backbone.requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        self.backbone.eval()
+        with torch.no_grad():
+            h = self.backbone(x.flatten(1))
+        return self.head(h)
+
+
+class _TimeMajor(nn.Module):
+    def forward(self, x):  # (B, 36) -> (6, B, 6), as an RNN with batch_first=False
+        return x.reshape(x.shape[0], 6, 6).transpose(0, 1)
+
+
+class _TimeMajorNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = _TimeMajor()
+        self.fc = nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.fc(self.seq(x.flatten(1)).transpose(0, 1).flatten(1))
+
+
+def test_named_layer_of_a_frozen_extractor_is_captured():
+    """Captured whatever the layer's own mode: a backbone in eval() under no_grad gave no
+    features at all (labels only), without a flag or a warning."""
+    engine, model, opt, loader = make_private(poisson=False, net=_FrozenBackbone)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator="mine", features=["backbone"]
+    )
+    got = _capture_features(monitor, model, opt, loader, nn.CrossEntropyLoss())
+    x, _ = next(iter(loader))
+    with torch.no_grad():
+        expected = model._module.backbone(x.flatten(1))
+    torch.testing.assert_close(got[0][1], expected)
+    assert not any(r.flags for r in monitor.history)
+
+
+@pytest.mark.parametrize(
+    "features, says",
+    [
+        (["seq"], "features layer 'seq' gave an output of shape (6, 16, 6)"),
+        (lambda x: x.mean(), "got ()"),
+        (lambda x: x.flatten(1)[:, :0], "got (16, 0)"),
+        (lambda x: x.flatten(1)[:15], "got (15, 36)"),
+    ],
+    ids=["time-major-layer", "scalar", "no-columns", "wrong-rows"],
+)
+def test_features_that_cannot_be_paired_are_flagged_with_a_clear_warning(features, says):
+    """A time-major layer was left out silently; a scalar callable raised an IndexError that
+    named nothing; a (B, 0) callable divided by zero in the critic and lost every record."""
+    engine, model, opt, loader = make_private(poisson=False, net=_TimeMajorNet)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, train_every=1, features=features
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, loader)
+        history = monitor.history
+    assert len(history) == monitor.steps == len(loader)
+    for r in history:
+        assert r.flags == ["features_error"] and "private/oracle" in r.mi
+    messages = [str(w.message) for w in caught if "feature extraction failed" in str(w.message)]
+    assert len(messages) == 1 and says in messages[0]
+
+
+def test_a_single_logit_heads_integer_labels_become_one_hot_features():
+    """A (B, 1) head with a loss that casts 0/1/2 labels itself: one class from the output's
+    width made the one-hot fail at every step (features_error, every learned figure lost)."""
+    engine, model, opt, loader = make_private(
+        poisson=False, net=lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 1))
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine")
+
+    def loss(out, y):
+        return nn.functional.binary_cross_entropy_with_logits(out.squeeze(1), (y > 0).float())
+
+    got = _capture_features(monitor, model, opt, loader, monitor.wrap_criterion(loss))
+    _, y = next(iter(loader))
+    assert torch.equal(got[0][1][:, 36:], nn.functional.one_hot(y, 3).float())
+    assert not any(r.flags for r in monitor.history)
+
+
+def test_a_step_whose_measurement_fails_still_gets_a_flagged_record():
+    """Every step gets its record: a failure in the estimates used to lose it, epsilon and all."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, overlap=False)
+    original, calls = monitor._estimate, []
+
+    def fails_once(chunks):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return original(chunks)
+
+    monitor._estimate = fails_once
+    epsilons = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, opt, loader, after_step=lambda: epsilons.append(engine.get_epsilon(1e-5)))
+    history = monitor.history
+    assert [r.step for r in history] == list(range(len(loader)))
+    failed = history[1]
+    assert failed.flags == ["error:RuntimeError"] and not failed.mi
+    assert failed.epsilon == epsilons[1] and failed.batch_size == 16
+    assert failed.mi_upper_bound == pytest.approx(mi_upper_bound(1.0, 16 / 96, 2), rel=1e-12)
+    assert all(not r.flags and r.mi for i, r in enumerate(history) if i != 1)

@@ -211,9 +211,12 @@ def test_overlap_failures_are_flagged_on_the_record_never_raised():
         monitor.flush()
     messages = " ".join(str(w.message) for w in caught)
     assert "feature extraction failed" in messages and "leakage record failed" in messages
-    assert [r.step for r in monitor.history] == [0, 1, 3, 4, 5, 6, 7]
+    assert [r.step for r in monitor.history] == list(range(8))  # the failed step's too
     assert all("features_error" in r.flags for r in monitor.history)
-    assert all("private/oracle" in r.mi for r in monitor.history)  # the oracle carried on
+    failed = monitor.history[2]
+    assert "error:RuntimeError" in failed.flags and not failed.mi and failed.batch_size == 16
+    # the oracle carried on
+    assert all("private/oracle" in r.mi for r in monitor.history if r.step != 2)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
