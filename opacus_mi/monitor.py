@@ -516,6 +516,8 @@ class LeakageMonitor:
         self._chunks: list[Chunk] = []
         self._chunk_seconds = 0.0
         self._gather_wait = 0.0  # DPDDP: seconds waited for other ranks since the last booking
+        self._step_bound = 0.0
+        self._step_bounds: dict[int, float] = {}  # step -> its clipping bound, until recorded
         use_input, layers, fn = feature_spec
         # Features and tokens are what the learned critics read; the oracle needs neither, so
         # without critics none are made (the benchmarks set it to time tokens + oracle).
@@ -627,6 +629,9 @@ class LeakageMonitor:
         monitored = self._due()
         captures = self._capture.take()
         if monitored:
+            # This step's clipping bound for its record, read before pre_step (where adaptive
+            # clipping moves it) and on this thread (a scheduler moves it after the step).
+            self._step_bound = float(self.optimizer.max_grad_norm)
             if self._worker is None:
                 self._chunks.append(self._measure_safely(captures))
             else:
@@ -650,6 +655,7 @@ class LeakageMonitor:
             # The accountant has just stepped (its hook runs inside pre_step): this step's
             # history, copied here, is what the record's epsilon and MI bound are computed from.
             accounting = self.epsilon.history()
+            self._step_bounds[self.steps] = self._step_bound  # read by this step's record
             chunks, self._chunks = self._chunks, []
             if self._worker is None:
                 self._finish_safely(chunks, self.steps, accounting)
@@ -693,7 +699,10 @@ class LeakageMonitor:
         taken = _Taken(captures=captures)
         try:
             taken.noise_multiplier = float(opt.noise_multiplier)
-            taken.max_grad_norm = float(opt.max_grad_norm)
+            # The bound this chunk is clipped with, read now: adaptive clipping moves it inside
+            # pre_step, a user's scheduler after the step, both before an overlap worker reads.
+            owner = self.module if self._factored is not None else opt  # (ghost: the module's)
+            taken.max_grad_norm = float(owner.max_grad_norm)
             taken.noise_std = release_noise_std(opt)
             if isinstance(opt, DPPerLayerOptimizer):
                 taken.max_grad_norms = [float(c) for c in opt.max_grad_norms]
@@ -750,18 +759,26 @@ class LeakageMonitor:
                 pass
         self._chunk_seconds = 0.0
 
+    def _step_settings(self, step: int, accounting: tuple) -> tuple[float, float]:
+        """The noise multiplier and clipping bound step ``step`` used: the accountant's entry
+        for it and the bound read at its pre_step. The optimizer's own may have moved since
+        (a scheduler, adaptive clipping), by the time an overlap worker gets here."""
+        sigma = float(accounting[-1][0]) if accounting else float(self.optimizer.noise_multiplier)
+        bound = self._step_bounds.pop(step, None)
+        return sigma, float(self.optimizer.max_grad_norm) if bound is None else bound
+
     def _failed_record(
         self, chunks: list, step: int, accounting: tuple, exc: Exception
     ) -> LeakageRecord:
         """What is known of a step whose measurement failed, flagged ``error:<type>``: no MI,
         but its settings, epsilon and bounds (and a batch size from the chunks measured)."""
-        sigma = float(self.optimizer.noise_multiplier)
+        sigma, bound = self._step_settings(step, accounting)
         epsilon = self._epsilon_or_nan(accounting, sigma)
         record = LeakageRecord(
             step=step,
             batch_size=sum(c.batch for c in chunks if isinstance(c, Chunk)),
             noise_multiplier=sigma,
-            max_grad_norm=float(self.optimizer.max_grad_norm),
+            max_grad_norm=bound,
             sample_rate=sample_rate_of(None, accounting),
             epsilon=epsilon,
             epsilon_step=step,
@@ -852,7 +869,7 @@ class LeakageMonitor:
         gram32 = None  # raw float32 Gram (hooks mode, flat clipping, private view)
         backprops: dict[int, torch.Tensor] = {}
         if factored is not None:
-            clip = factored.clip_info(self.module.max_grad_norm)  # the bound ghost clipping uses
+            clip = factored.clip_info(taken.max_grad_norm)  # the bound ghost clipping used
         else:
             per_layer = taken.max_grad_norms is not None
             bound = taken.max_grad_norms if per_layer else taken.max_grad_norm
@@ -1081,7 +1098,7 @@ class LeakageMonitor:
         # None: the critics' own schedule (train_every); else the budget's decision.
         train = plan.train if self.train_every is None else None
         batch = sum(c.batch for c in chunks)
-        sigma = float(opt.noise_multiplier)
+        sigma, bound = self._step_settings(step, accounting)
         # Epsilon is exact for this step unless the plan says the budget cannot afford an
         # expensive accountant's recomputation now: then the latest exact value and its step.
         if plan.epsilon:
@@ -1112,7 +1129,7 @@ class LeakageMonitor:
             step=step,
             batch_size=batch,
             noise_multiplier=sigma,
-            max_grad_norm=float(opt.max_grad_norm),
+            max_grad_norm=bound,
             sample_rate=sample_rate_of(None, accounting),
             epsilon=epsilon,
             epsilon_step=epsilon_step,

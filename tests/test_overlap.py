@@ -357,3 +357,54 @@ def test_overlap_delivers_the_last_records_at_interpreter_exit(tmp_path):
     delivered, steps = map(int, out.stdout.split())
     assert steps == 8 and delivered < steps
     assert [r.step for r in read_jsonl(path)] == list(range(8))
+
+
+@pytest.mark.parametrize("setting", ["schedulers", "adaptive"])
+def test_records_carry_the_noise_and_bound_their_step_used(setting):
+    """Opacus's noise and clipping schedulers (stepped after optimizer.step()) and adaptive
+    clipping (which moves C inside pre_step) change sigma and C between steps. Records read
+    them from the optimizer afterwards: inline they held the next step's C under adaptive
+    clipping, with overlap a later step's sigma, C and mi_bound. Reference: the optimizer's
+    values just before each step, which Opacus clips and noises with."""
+    from opacus.schedulers import ExponentialGradClip, ExponentialNoise
+
+    def run(overlap):
+        kwargs = {}
+        if setting == "adaptive":
+            kwargs = {
+                "clipping": "adaptive",
+                "private_kwargs": {
+                    "target_unclipped_quantile": 0.5,
+                    "clipbound_learning_rate": 0.2,
+                    "max_clipbound": 10.0,
+                    "min_clipbound": 0.01,
+                    "unclipped_num_std": 2.0,
+                },
+            }
+        engine, model, opt, loader = make_private(poisson=False, n=128, **kwargs)
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=overlap
+        )
+        schedulers = []
+        if setting == "schedulers":
+            schedulers = [ExponentialNoise(opt, gamma=1.1), ExponentialGradClip(opt, gamma=0.9)]
+        used = []
+
+        def after_step():
+            for s in schedulers:
+                s.step()
+
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            used.append((float(opt.noise_multiplier), float(opt.max_grad_norm)))
+            opt.step()
+            after_step()
+        return monitor.history, used
+
+    inline, used = run(False)
+    assert len({c for _, c in used}) == len(used)  # C moves every step
+    assert [(r.noise_multiplier, r.max_grad_norm) for r in inline] == used
+    assert [r.mi_bound for r in inline] == [1 / (2 * s**2) for s, _ in used]
+    overlapped, _ = run(True)
+    assert without_timing(overlapped) == without_timing(inline)
