@@ -643,7 +643,13 @@ class LeakageMonitor:
                 self._deliver()  # every earlier record is made by now
                 self._chunks.append(taken)  # handed over below, with the record if it is the last
         t1 = time.perf_counter()
-        result = self._original_pre_step(closure)
+        try:
+            result = self._original_pre_step(closure)
+        except BaseException:
+            # The step did not happen (an error, or Ctrl-C caught by a notebook that trains
+            # on): its chunks must not join the next step's record.
+            self._chunks = []
+            raise
         t2 = time.perf_counter()
         if getattr(self.optimizer, "_is_last_step_skipped", False):
             # A BatchMemoryManager chunk: the logical step is not over yet; measure it now.

@@ -408,3 +408,34 @@ def test_records_carry_the_noise_and_bound_their_step_used(setting):
     assert [r.mi_bound for r in inline] == [1 / (2 * s**2) for s, _ in used]
     overlapped, _ = run(True)
     assert without_timing(overlapped) == without_timing(inline)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_step_interrupted_inside_opacus_leaves_nothing_for_the_next_record(overlap):
+    """Ctrl-C inside optimizer.step() (Opacus's noise), caught by a notebook that trains on:
+    the interrupted step's chunk joined the next record (32 examples, 2 chunks, for 16)."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=overlap
+    )
+    add_noise, calls = opt.add_noise, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return add_noise()
+
+    opt.add_noise = interrupted
+    for x, y in loader:
+        try:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        except KeyboardInterrupt:
+            pass
+    history = monitor.history
+    steps = sum(h[2] for h in engine.accountant.history)
+    assert monitor.steps == steps == len(loader) - 1 == len(history)
+    assert all(r.batch_size == 16 and r.chunks == 1 for r in history)
+    assert all(r.mi["private/oracle"].n == 16 for r in history)
