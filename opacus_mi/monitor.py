@@ -600,7 +600,10 @@ class LeakageMonitor:
         Labels become one-hot features (classes taken from the output's last dimension).
         """
 
-        def wrapped(output: torch.Tensor, target: torch.Tensor, *args, **kwargs):
+        def wrapped(*args, **kwargs):
+            # Called as the loss is: positionally, or as torch's losses name them.
+            output = args[0] if args else kwargs.get("input")
+            target = args[1] if len(args) > 1 else kwargs.get("target")
             if isinstance(target, torch.Tensor):
                 classes = (
                     output.shape[-1]
@@ -608,7 +611,7 @@ class LeakageMonitor:
                     else None
                 )
                 self._capture.record_labels(target, classes)
-            return criterion(output, target, *args, **kwargs)
+            return criterion(*args, **kwargs)
 
         return wrapped
 

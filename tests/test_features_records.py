@@ -58,6 +58,19 @@ def test_default_features_are_inputs_plus_one_hot_labels():
     assert torch.equal(feats[:, 36:], nn.functional.one_hot(y, 3).float())
 
 
+def test_wrapped_criterion_takes_keywords_as_the_loss_does():
+    """crit(input=logits, target=y) raised a TypeError in the wrapper, not in the loss."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine")
+    crit = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    got = _capture_features(monitor, model, opt, loader, lambda out, y: crit(input=out, target=y))
+    _, y = next(iter(loader))
+    assert torch.equal(got[0][1][:, 36:], nn.functional.one_hot(y, 3).float())
+    x, y = next(iter(loader))
+    out = model(x)
+    assert torch.equal(crit(out, target=y), nn.CrossEntropyLoss()(out, y))
+
+
 def test_named_layers_and_callable_features_come_from_the_same_forward():
     engine, model, opt, loader = make_private(poisson=False)
     calls = []
