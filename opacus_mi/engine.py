@@ -45,23 +45,39 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         self.monitor: LeakageMonitor | None = None
         self._target_delta: float | None = None
 
+    def _check_before(self, kwargs: dict[str, Any]) -> None:
+        """What would fail the monitor, refused before Opacus hooks the user's model."""
+        if "delta" not in self.monitor_kwargs and self._target_delta is None:
+            raise ValueError(
+                "MonitoredPrivacyEngine needs delta for epsilon: pass "
+                "MonitoredPrivacyEngine(delta=1e-5, ...) or use make_private_with_epsilon"
+            )
+        if kwargs.get("wrap_model", True) is False:
+            raise ValueError(
+                "MonitoredPrivacyEngine needs make_private(wrap_model=True), the default: the "
+                "monitor reads the per-sample gradients of the GradSampleModule it returns"
+            )
+
     def _attach(self, result: tuple, delta: float | None) -> tuple:
         kwargs = dict(self.monitor_kwargs)
-        if "delta" not in kwargs:
-            if delta is None:
-                raise ValueError(
-                    "MonitoredPrivacyEngine needs delta for epsilon: pass "
-                    "MonitoredPrivacyEngine(delta=1e-5, ...) or use make_private_with_epsilon"
-                )
-            kwargs["delta"] = delta
+        kwargs.setdefault("delta", delta)
         if self.monitor is not None:
             self.monitor.detach()
         module, optimizer = result[0], result[1]
-        self.monitor = LeakageMonitor(self, module, optimizer, **kwargs)
+        try:
+            self.monitor = LeakageMonitor(self, module, optimizer, **kwargs)
+        except Exception:
+            # Opacus has hooked the user's model by now: undo that, so that a retry with the
+            # option fixed can make the same model private again.
+            to_standard = getattr(module, "to_standard_module", None)
+            if to_standard is not None:
+                to_standard()
+            raise
         return result
 
     def make_private(self, *args: Any, **kwargs: Any):
         # make_private_with_epsilon calls this too, after setting _target_delta.
+        self._check_before(kwargs)
         return self._attach(super().make_private(*args, **kwargs), self._target_delta)
 
     def make_private_with_epsilon(self, *args: Any, target_delta: float, **kwargs: Any):

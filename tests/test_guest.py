@@ -304,3 +304,35 @@ def test_without_a_critic_no_features_or_tokens_are_made_and_the_oracle_is_exact
     train(model, opt, loader)
     monitor.flush()
     assert calls == [16] * len(loader)
+
+
+def test_drop_in_engine_refuses_or_undoes_before_the_model_is_left_hooked():
+    """A monitor option only checkable against the model (a layer name) failed after Opacus had
+    hooked the model, so a retry with the option fixed failed ("add hooks twice"); a missing
+    delta and wrap_model=False are refused before Opacus touches it."""
+    from conftest import TinyCNN, make_data
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(make_data(96), batch_size=16)
+    setup = {"module": model, "optimizer": opt, "data_loader": loader}
+    setup |= {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+
+    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, features=["input", "fc1"])
+    with pytest.raises(ValueError, match=r"features names layers \['fc1'\]"):
+        engine.make_private(**setup)
+    assert hooks() == 0
+    with pytest.raises(ValueError, match="wrap_model=True"):
+        engine.make_private(**setup, wrap_model=False)
+    with pytest.raises(ValueError, match="needs delta"):
+        MonitoredPrivacyEngine(accountant="rdp").make_private(**setup)
+    assert hooks() == 0
+    engine.monitor_kwargs["features"] = ["input", "fc"]
+    private, popt, ploader = engine.make_private(**setup)
+    train(private, popt, ploader)
+    assert engine.monitor.steps == len(ploader) == sum(h[2] for h in engine.accountant.history)
