@@ -512,7 +512,12 @@ class LeakageMonitor:
         self._jsonl = JsonlSink(jsonl) if jsonl and self._writes else None
         if self._jsonl is not None:
             self.sinks.append(self._jsonl)
-        self.steps = 0  # logical optimizer steps seen since attach
+        # Logical steps, numbered as the accountant counts them: a monitor attached to an
+        # engine that has trained already (a resumed checkpoint, a re-attach) names each
+        # record's step so that its epsilon is get_epsilon after that step.
+        self.steps = self._first_step = sum(
+            int(h[2]) for h in getattr(engine.accountant, "history", ())
+        )
         self._chunks: list[Chunk] = []
         self._chunk_seconds = 0.0
         self._gather_wait = 0.0  # DPDDP: seconds waited for other ranks since the last booking
@@ -1459,12 +1464,12 @@ class LeakageMonitor:
     def schedule_note(self) -> str | None:
         """One line on what the overhead budget let the monitor do (None on a fixed schedule)."""
         b = self.budget
-        if b is None or not self.steps:
+        if b is None or self.steps == self._first_step:
             return None
         self.flush()  # an overlap worker's records and time are in
         rounds = sum(e.updates for e in [*self.estimators.values(), *self.controls.values()])
         share = b.spent / b.train_seconds if b.train_seconds > 0 else math.nan
-        parts = [f"measured {self.record_count} of {self.steps} steps"]
+        parts = [f"measured {self.record_count} of {self.steps - self._first_step} steps"]
         if self.train_every is None and self.estimators:
             parts.append(f"{rounds} critic rounds")
         return (

@@ -232,9 +232,10 @@ def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
     state = monitor.state_dict()
     monitor.detach()
     fresh = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, **other)
+    assert fresh.steps == len(loader)  # numbered on from the accountant's steps
     with pytest.raises(ValueError, match=re.escape(says)):
         fresh.load_state_dict(state)
-    assert fresh.steps == 0 and not fresh.history  # untouched
+    assert fresh.steps == len(loader) and not fresh.history  # untouched
     with pytest.raises(ValueError, match="not a LeakageMonitor.state_dict"):
         fresh.load_state_dict({"model": {}})
 

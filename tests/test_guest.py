@@ -336,3 +336,20 @@ def test_drop_in_engine_refuses_or_undoes_before_the_model_is_left_hooked():
     private, popt, ploader = engine.make_private(**setup)
     train(private, popt, ploader)
     assert engine.monitor.steps == len(ploader) == sum(h[2] for h in engine.accountant.history)
+
+
+def test_a_monitor_attached_mid_run_numbers_steps_as_the_accountant_does():
+    """A monitor attached to an engine that had trained (a re-attach, a resumed checkpoint)
+    numbered its records from 0, with epsilons of later steps."""
+    engine, model, opt, loader = make_private(poisson=False)
+    first = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    train(model, opt, loader)
+    first.detach()
+    second = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    epsilons = []
+    train(model, opt, loader, after_step=lambda: epsilons.append(engine.get_epsilon(1e-5)))
+    steps = len(loader)
+    assert [r.step for r in first.history] == list(range(steps))
+    assert [r.step for r in second.history] == list(range(steps, 2 * steps))
+    assert [r.epsilon for r in second.history] == epsilons
+    assert second.steps == sum(h[2] for h in engine.accountant.history) == 2 * steps
