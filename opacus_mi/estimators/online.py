@@ -145,11 +145,39 @@ class PairWindow:
         return x[pick].float() + self._offsets[0], y[pick].float() + self._offsets[1]
 
     def state_dict(self) -> dict:
-        return {"x": self.x, "y": self.y}
+        """The rows as stored (bfloat16 less their offsets, in ring order) with the offsets,
+        the write head and the running sums: a round trip restores the window exactly, so a
+        resumed run draws the same minibatches from the same values as one never stopped."""
+        if self._x.buf is None:
+            return {"x": None, "y": None}
+        n = len(self)
+        return {
+            "stored": {
+                "x": self._x.buf[:n].clone(),
+                "y": self._y.buf[:n].clone(),
+                "head": self._x.head,
+                "offsets": [o.clone() for o in self._offsets],
+                "sums": [t.clone() for t in self._sums],
+            }
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.clear()
-        if state["x"] is not None:
+        stored = state.get("stored")
+        if stored is not None and stored["x"].dtype == self.dtype and len(stored["x"]) <= self.size:
+            for ring, rows in ((self._x, stored["x"]), (self._y, stored["y"])):
+                ring.buf = rows.new_empty((self.size, *rows.shape[1:]))
+                ring.buf[: len(rows)] = rows
+                ring.count, ring.head = len(rows), stored["head"] % self.size
+            self._offsets = tuple(o.clone() for o in stored["offsets"])
+            self._sums = [t.clone() for t in stored["sums"]]
+            return
+        if stored is not None:  # another window size or precision: re-add the rows, oldest first
+            n = len(stored["x"])
+            order = torch.roll(torch.arange(n), -(int(stored["head"]) % n))  # the oldest at head
+            (ox, oy), x, y = stored["offsets"], stored["x"][order], stored["y"][order]
+            self.add(x.float() + ox, y.float() + oy)
+        elif state.get("x") is not None:  # a checkpoint from before the rows were kept stored
             self.add(state["x"], state["y"])
 
 
