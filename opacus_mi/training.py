@@ -109,6 +109,11 @@ class RunConfig:
         if self.threads is not None:
             require_int_at_least("threads", self.threads, 1)
         require_choice("overlap", self.overlap, OVERLAP_CHOICES)
+        if self.overlap == "on" and str(self.device).split(":")[0] != "cpu":
+            raise ValueError(
+                f"{flag('overlap')} on needs {flag('device')} cpu: on {self.device} the kernels "
+                f"already run asynchronously. Pass {flag('overlap')} auto or off"
+            )
         require_positive("lr", self.lr)
         require_positive("max_grad_norm", self.max_grad_norm)
         if self.target_epsilon is None:

@@ -211,6 +211,7 @@ def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
         ("fake_size", 3, "--fake-size must be an integer >= 4; got 3"),
         ("model", "vgg", "--model must be one of"),
         ("delta", 10**400, "--delta must lie strictly between 0 and 1"),
+        ("overlap", "on", "--overlap on needs --device cpu"),  # (with device="cuda", below)
     ],
 )
 def test_run_config_names_the_flag_of_a_bad_value(field, value, message):
@@ -219,8 +220,9 @@ def test_run_config_names_the_flag_of_a_bad_value(field, value, message):
 
     from opacus_mi.training import RunConfig
 
+    base = RunConfig(device="cuda") if field == "overlap" else RunConfig()
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        replace(RunConfig(), **{field: value}).validate()
+        replace(base, **{field: value}).validate()
 
 
 @pytest.mark.parametrize(
