@@ -245,7 +245,9 @@ class EpsilonTracker:
 
         For PRV: the points of Opacus's discretisation domain (``2 L / mesh``), which its
         discretisation and FFT composition run over, plus ``PRV_FIXED_POINTS`` for the part of
-        a call that does not grow with them. The half-width ``L`` follows epsilon and the mesh
+        a call that does not grow with them, times the history's entries: each is discretised
+        and self-composed on its own (a noise scheduler adds one a step; one epsilon at 150
+        entries took 14 s where one entry took 0.07 s). The half-width ``L`` follows epsilon and the mesh
         narrows as ``1/sqrt(steps)``, so one call can cost 100x an earlier one (digits at
         q = 0.7: 20 ms at 10 steps, 2.8 s at 830, where epsilon is ~300); a call costs ~7 ms
         plus 0.16-0.43 us a point over the settings timed (``benchmarks/README.md``). The
@@ -256,7 +258,7 @@ class EpsilonTracker:
         if type(self.accountant) is not PRVAccountant or not key or _noiseless(key):
             return 1.0
         domain, _ = self._prv_domain_of(key)
-        return float(domain.size + PRV_FIXED_POINTS)
+        return float(len(key) * (domain.size + PRV_FIXED_POINTS))
 
     def _prv_domain_of(self, history: tuple, eps_error: float = 0.01) -> tuple[Any, list]:
         """``(domain, prvs)``: Opacus's PRV discretisation domain for ``history`` (its
