@@ -247,12 +247,13 @@ class EpsilonTracker:
         discretisation and FFT composition run over, plus ``PRV_FIXED_POINTS`` for the part of
         a call that does not grow with them, times the history's entries: each is discretised
         and self-composed on its own (a noise scheduler adds one a step; one epsilon at 150
-        entries took 14 s where one entry took 0.07 s). The half-width ``L`` follows epsilon and the mesh
-        narrows as ``1/sqrt(steps)``, so one call can cost 100x an earlier one (digits at
-        q = 0.7: 20 ms at 10 steps, 2.8 s at 830, where epsilon is ~300); a call costs ~7 ms
-        plus 0.16-0.43 us a point over the settings timed (``benchmarks/README.md``). The
-        budget scales its cost estimate by this instead of assuming the next call costs what
-        the last one did. Microseconds (the RDP tables are cached); 1.0 for the others.
+        entries took 14 s where one entry took 0.07 s). The half-width ``L`` follows epsilon
+        and the mesh narrows as ``1/sqrt(steps)``, so one call can cost 100x an earlier one
+        (digits at q = 0.7: 20 ms at 10 steps, 2.8 s at 830, where epsilon is ~300); a call
+        costs ~7 ms plus 0.16-0.43 us a point over the settings timed
+        (``benchmarks/README.md``). The budget scales its cost estimate by this instead of
+        assuming the next call costs what the last one did. Microseconds (the RDP tables are
+        cached); 1.0 for the others.
         """
         key = self.history() if history is None else history
         if type(self.accountant) is not PRVAccountant or not key or _noiseless(key):

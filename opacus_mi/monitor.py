@@ -669,6 +669,7 @@ class LeakageMonitor:
             # The accountant has just stepped (its hook runs inside pre_step): this step's
             # history, copied here, is what the record's epsilon and MI bound are computed from.
             accounting = self.epsilon.history()
+            self._follow_accountant(accounting)
             self._step_bounds[self.steps] = self._step_bound  # read by this step's record
             chunks, self._chunks = self._chunks, []
             if self._worker is None:
@@ -690,6 +691,18 @@ class LeakageMonitor:
             # opens: monitor time there, like the rest of the wrapper.
             budget.book_overhead(time.perf_counter() - t3)
         return result
+
+    def _follow_accountant(self, accounting: tuple) -> None:
+        """Number this step as the accountant counts it, if its count jumped since attach
+        (Opacus's ``load_checkpoint`` after ``make_private``, a rolled-back history): each
+        record names the step whose ``get_epsilon`` it carries."""
+        if not accounting:
+            return
+        shift = sum(int(h[2]) for h in accounting) - 1 - self.steps
+        if shift:
+            self.steps += shift
+            self._first_step += shift
+            self._measure_at += shift
 
     def _book_wrapper(self, before: float, since: float, booked: float) -> None:
         """Book ``pre_step``'s own time (``before`` Opacus's step, and from ``since`` on) less
@@ -1114,8 +1127,10 @@ class LeakageMonitor:
         batch = sum(c.batch for c in chunks)
         sigma, bound = self._step_settings(step, accounting)
         # Epsilon is exact for this step unless the plan says the budget cannot afford an
-        # expensive accountant's recomputation now: then the latest exact value and its step.
-        if plan.epsilon:
+        # expensive accountant's recomputation now: then the latest exact value and its step
+        # (never one of a later step: after a rollback that is of a run that no longer is).
+        latest = self._epsilon[1]
+        if plan.epsilon or latest is None or latest > step:
             # Booked as its own kind only where it has its own share (see _plan), and only a
             # real computation (a cached value, e.g. after summary(), would teach the budget
             # and the pacer that epsilon costs nothing).

@@ -6,6 +6,8 @@ References are Opacus itself: the same run without a monitor (bit-for-bit), the 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_private, train
@@ -353,3 +355,32 @@ def test_a_monitor_attached_mid_run_numbers_steps_as_the_accountant_does():
     assert [r.step for r in second.history] == list(range(steps, 2 * steps))
     assert [r.epsilon for r in second.history] == epsilons
     assert second.steps == sum(h[2] for h in engine.accountant.history) == 2 * steps
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_records_follow_an_accountant_loaded_or_rolled_back_after_attach(accountant):
+    """Opacus's load_checkpoint comes after make_private, so after the monitor attached: its
+    records were numbered from 0 with the resumed run's epsilons. Rolled back to a saved
+    accountant, a paced PRV record carried the abandoned run's epsilon (epsilon_step > step).
+    Reference: the engine's own get_epsilon after each step."""
+    engine, model, opt, loader = make_private(poisson=False, accountant=accountant)
+    train(model, opt, loader)
+    saved = engine.accountant.state_dict()
+    engine, model, opt, loader = make_private(poisson=False, accountant=accountant, seed=1)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    engine.accountant.load_state_dict(copy.deepcopy(saved))  # a resumed checkpoint
+    epsilons = []
+    train(model, opt, loader, after_step=lambda: epsilons.append(engine.get_epsilon(1e-5)))
+    steps = len(loader)
+    assert [r.step for r in monitor.history] == list(range(steps, 2 * steps))
+    for record in monitor.history:
+        assert record.epsilon_step <= record.step
+        assert record.epsilon == epsilons[record.epsilon_step - steps]
+    engine.accountant.load_state_dict(copy.deepcopy(saved))  # rolled back: steps again
+    epsilons = []
+    train(model, opt, loader, after_step=lambda: epsilons.append(engine.get_epsilon(1e-5)))
+    again = monitor.history[steps:]
+    assert [r.step for r in again] == list(range(steps, 2 * steps))
+    for record in again:
+        assert record.epsilon_step <= record.step
+        assert record.epsilon == epsilons[record.epsilon_step - steps]
