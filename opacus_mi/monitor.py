@@ -436,6 +436,7 @@ class LeakageMonitor:
         # overlap worker, if any) and adopted by the training thread between two steps.
         self._planned: tuple[int, int] | None = None
         self._adopted = -1  # the measured step whose plan _measure_at follows
+        self._last_measured = -1  # the latest measured step (training thread)
         self._next_in = 1  # the latest plan's interval: the guess while a plan is being made
         # The latest exact epsilon a record carried, and its step (a paced epsilon's records
         # repeat them until the next recomputation).
@@ -670,6 +671,7 @@ class LeakageMonitor:
             # history, copied here, is what the record's epsilon and MI bound are computed from.
             accounting = self.epsilon.history()
             self._follow_accountant(accounting)
+            self._last_measured = self.steps
             self._step_bounds[self.steps] = self._step_bound  # read by this step's record
             chunks, self._chunks = self._chunks, []
             if self._worker is None:
@@ -703,6 +705,7 @@ class LeakageMonitor:
             self.steps += shift
             self._first_step += shift
             self._measure_at += shift
+            self._adopted = self.steps - 1  # this step's plan is the next to follow
 
     def _book_wrapper(self, before: float, since: float, booked: float) -> None:
         """Book ``pre_step``'s own time (``before`` Opacus's step, and from ``since`` on) less
@@ -716,7 +719,14 @@ class LeakageMonitor:
         """Follow the latest plan (training thread, between steps: the forward hooks and
         ``pre_step`` of one step always agree on whether it is measured)."""
         planned = self._planned
-        if planned is not None and planned[0] > self._adopted:
+        # Only the plan of the latest measured step: with overlap an older one can arrive
+        # after a later step was measured on a guess (it would pull the next measurement
+        # back), and after a rollback one of a step still to come.
+        if (
+            planned is not None
+            and self._adopted < planned[0]
+            and (self._last_measured <= planned[0] <= self.steps)
+        ):
             self._adopted = planned[0]
             self._measure_at = max(planned[1], self.steps)
 
@@ -784,6 +794,7 @@ class LeakageMonitor:
                 self._done.append(self._failed_record(chunks, step, accounting, exc))
             except Exception:  # (already warned about: nothing more to say)
                 pass
+        self._step_bounds.pop(step, None)
         self._chunk_seconds = 0.0
 
     def _step_settings(self, step: int, accounting: tuple) -> tuple[float, float]:
@@ -791,7 +802,7 @@ class LeakageMonitor:
         for it and the bound read at its pre_step. The optimizer's own may have moved since
         (a scheduler, adaptive clipping), by the time an overlap worker gets here."""
         sigma = float(accounting[-1][0]) if accounting else float(self.optimizer.noise_multiplier)
-        bound = self._step_bounds.pop(step, None)
+        bound = self._step_bounds.get(step)  # (let go of in _finish_safely)
         return sigma, float(self.optimizer.max_grad_norm) if bound is None else bound
 
     def _failed_record(
@@ -1498,6 +1509,7 @@ class LeakageMonitor:
         self.flush()  # the worker's generator and critics are settled, its records in
         return {
             "steps": self.steps,
+            "first_step": self._first_step,  # where the run's first monitor attached
             "generator": self.generator.get_state(),
             "estimators": {k: e.state_dict() for k, e in self.estimators.items()},
             "controls": {k: e.state_dict() for k, e in self.controls.items()},
@@ -1551,6 +1563,10 @@ class LeakageMonitor:
             )
         self.flush()  # nothing of the old state may land after the new one
         self.steps = int(state["steps"])
+        self._first_step = int(state.get("first_step", 0))
+        # The schedule restarts here: plans made for steps of the state replaced do not hold.
+        self._measure_at, self._planned = self.steps, None
+        self._adopted = self._last_measured = self.steps - 1
         for k, est_state in state["estimators"].items():
             self.estimators[k].load_state_dict(est_state)
         for k, est_state in state.get("controls", {}).items():

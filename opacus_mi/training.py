@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 import warnings
@@ -402,7 +401,8 @@ def _start_run_folder(out: Path, cfg: RunConfig) -> dict[str, Any]:
     (``records.jsonl`` is appended to; TensorBoard adds event files to its folder)."""
     for name in RUN_OUTPUTS:
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    for events in (out / "tensorboard").glob("events.out.tfevents.*"):  # ours only: no folders
+        events.unlink(missing_ok=True)
     config = cfg.as_dict()
     if cfg.target_epsilon is not None:
         config["noise_multiplier"] = None  # calibrated by Opacus: see result.json

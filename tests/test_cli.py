@@ -488,6 +488,18 @@ def test_a_stopped_run_leaves_its_own_records_and_config_not_the_last_runs(tmp_p
         assert not (out / stale).exists(), stale
 
 
+def test_a_new_run_leaves_other_tensorboard_logs_in_the_folder(tmp_path):
+    """Clearing the last run's files removed <out>/tensorboard whole, a user's logs with it."""
+    out = tmp_path / "proj"
+    theirs = out / "tensorboard" / "resnet_experiment_3" / "events.out.tfevents.1"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"someone else's")
+    ours = out / "tensorboard" / "events.out.tfevents.2"  # a last run's, where ours go
+    ours.write_bytes(b"a last run's")
+    assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)]) == 0
+    assert theirs.read_bytes() == b"someone else's" and not ours.exists()
+
+
 def test_sweep_keeps_finished_rows_and_refuses_clashing_folders(tmp_path, capsys, monkeypatch):
     from opacus_mi import sweep as sweep_module
     from opacus_mi.sweep import read_sweep_csv

@@ -213,6 +213,22 @@ def test_state_dict_round_trip_continues_identically():
         assert ra == rb
 
 
+def test_schedule_note_after_a_resume_counts_the_whole_run():
+    """A monitor attached after the accountant was restored, then given the checkpoint: the
+    note said 'measured 30 of 10 steps' (the checkpoint's records over the steps since attach)."""
+    engine, model, opt, loader = make_private(poisson=False, n=16 * 10)
+    budgeted = {"delta": 1e-5, "estimator": None, "every": None}  # (conftest pins every=1)
+    first = LeakageMonitor(engine, model, opt, **budgeted)
+    train(model, opt, loader)
+    state = first.state_dict()
+    first.detach()
+    second = LeakageMonitor(engine, model, opt, **budgeted)
+    second.load_state_dict(state)
+    train(model, opt, loader)
+    note = second.schedule_note()
+    assert f"measured {second.record_count} of {2 * len(loader)} steps" in note, note
+
+
 @pytest.mark.parametrize(
     "other, says",
     [

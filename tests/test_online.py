@@ -224,3 +224,16 @@ def test_window_state_round_trip_is_exact_and_resamples_alike(dtype):
     smaller = PairWindow(20, dtype=dtype)  # another size: the latest rows, re-added in order
     smaller.load_state_dict(win.state_dict())
     torch.testing.assert_close(smaller.x, win.x[-20:], rtol=2**-7, atol=1e-6)
+
+
+def test_a_wrapped_window_loads_into_a_larger_one_oldest_first():
+    """The exact restore kept a smaller window's write head: rows came back out of order and
+    the next rows overwrote held ones while never-written memory counted as rows."""
+    small = PairWindow(8)
+    for start in (0, 5, 10):  # 15 rows into 8 slots: wrapped
+        small.add(torch.arange(start, start + 5.0)[:, None], torch.zeros(5, 1))
+    big = PairWindow(16)
+    big.load_state_dict(small.state_dict())
+    big.add(torch.tensor([[100.0], [101.0]]), torch.zeros(2, 1))
+    torch.testing.assert_close(big.x[:, 0], torch.tensor([7.0, *range(8, 15), 100.0, 101.0]))
+    assert len(big) == 10

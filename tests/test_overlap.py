@@ -439,3 +439,33 @@ def test_a_step_interrupted_inside_opacus_leaves_nothing_for_the_next_record(ove
     assert monitor.steps == steps == len(loader) - 1 == len(history)
     assert all(r.batch_size == 16 and r.chunks == 1 for r in history)
     assert all(r.mi["private/oracle"].n == 16 for r in history)
+
+
+def test_a_failed_record_carries_its_own_steps_bound():
+    """The step's bound was let go of before the failure reached the fallback record, which
+    then read the optimizer's, moved on by a scheduler since (0.25 recorded, 0.5 used)."""
+    from opacus.schedulers import ExponentialGradClip
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=True)
+    original, calls = monitor._estimate, []
+
+    def fails_once(chunks):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return original(chunks)
+
+    monitor._estimate = fails_once
+    scheduler, used = ExponentialGradClip(opt, gamma=0.5), []
+    with pytest.warns(RuntimeWarning, match="leakage record failed"):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            used.append(float(opt.max_grad_norm))
+            opt.step()
+            scheduler.step()
+        history = monitor.history
+    assert "error:RuntimeError" in history[1].flags
+    assert [r.max_grad_norm for r in history] == used
+    assert not monitor._step_bounds  # every step's bound let go of once recorded

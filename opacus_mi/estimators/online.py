@@ -153,6 +153,7 @@ class PairWindow:
         n = len(self)
         return {
             "stored": {
+                "size": self.size,
                 "x": self._x.buf[:n].clone(),
                 "y": self._y.buf[:n].clone(),
                 "head": self._x.head,
@@ -164,7 +165,11 @@ class PairWindow:
     def load_state_dict(self, state: dict) -> None:
         self.clear()
         stored = state.get("stored")
-        if stored is not None and stored["x"].dtype == self.dtype and len(stored["x"]) <= self.size:
+        if (
+            stored is not None
+            and stored["x"].dtype == self.dtype
+            and stored.get("size") == self.size
+        ):
             for ring, rows in ((self._x, stored["x"]), (self._y, stored["y"])):
                 ring.buf = rows.new_empty((self.size, *rows.shape[1:]))
                 ring.buf[: len(rows)] = rows
