@@ -10,6 +10,8 @@ from opacus import PrivacyEngine
 
 from .monitor import LeakageMonitor
 
+MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in a checkpoint
+
 
 def _check_monitor_kwargs(kwargs: dict[str, Any]) -> None:
     """Unknown monitor options fail here, not at make_private (after it made the model
@@ -79,6 +81,22 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         # make_private_with_epsilon calls this too, after setting _target_delta.
         self._check_before(kwargs)
         return self._attach(super().make_private(*args, **kwargs), self._target_delta)
+
+    def save_checkpoint(self, *, checkpoint_dict: dict[str, Any] | None = None, **kwargs: Any):
+        """Opacus's checkpoint, with the monitor's state in it (critics, generator, records,
+        schedule): :meth:`load_checkpoint` resumes the monitor where it stopped."""
+        checkpoint_dict = dict(checkpoint_dict or {})
+        if self.monitor is not None:
+            checkpoint_dict[MONITOR_STATE_KEY] = self.monitor.state_dict()
+        return super().save_checkpoint(checkpoint_dict=checkpoint_dict, **kwargs)
+
+    def load_checkpoint(self, **kwargs: Any) -> dict[str, Any]:
+        """Opacus's ``load_checkpoint`` (after ``make_private``), then the monitor's state."""
+        checkpoint = super().load_checkpoint(**kwargs)
+        state = checkpoint.pop(MONITOR_STATE_KEY, None)
+        if state is not None and self.monitor is not None:
+            self.monitor.load_state_dict(state)
+        return checkpoint
 
     def make_private_with_epsilon(self, *args: Any, target_delta: float, **kwargs: Any):
         self._target_delta = target_delta

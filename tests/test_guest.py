@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_private, train
+from conftest import make_private, train, without_timing
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
@@ -384,3 +384,28 @@ def test_records_follow_an_accountant_loaded_or_rolled_back_after_attach(account
     for record in again:
         assert record.epsilon_step <= record.step
         assert record.epsilon == epsilons[record.epsilon_step - steps]
+
+
+def test_drop_in_engine_checkpoints_resume_the_monitor_where_it_stopped(tmp_path):
+    """Opacus's save_checkpoint/load_checkpoint through the drop-in engine carry the monitor's
+    state: a run checkpointed after one epoch and resumed in a fresh setup writes the records
+    an uninterrupted run writes. Before, the resumed monitor started from nothing."""
+    kwargs = {"delta": 1e-5, "every": 1, "train_every": 1, "views": ("clipped", "private")}
+
+    def setup():
+        return make_private(engine_cls=MonitoredPrivacyEngine, poisson=False, **kwargs)
+
+    engine, model, opt, loader = setup()
+    train(model, opt, loader, epochs=2)
+    whole = without_timing(engine.monitor.history)
+
+    engine, model, opt, loader = setup()
+    train(model, opt, loader)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt)
+    rng = torch.get_rng_state()
+    engine, model, opt, loader = setup()
+    engine.load_checkpoint(path=path, module=model, optimizer=opt)
+    torch.set_rng_state(rng)  # (Opacus's noise comes from torch's global generator here)
+    train(model, opt, loader)
+    assert without_timing(engine.monitor.history) == whole
