@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from typing import Any
 
+import torch
 from opacus import PrivacyEngine
 
 from .monitor import LeakageMonitor
 
 MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in a checkpoint
+
+
+def _read_checkpoint(path: Any, torch_load_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint read ahead of Opacus's own read: memory-mapped from a file (nothing is
+    copied until used), or from a stream put back where it was."""
+    kwargs = {"weights_only": False, **(torch_load_kwargs or {})}
+    if isinstance(path, (str, os.PathLike)):
+        try:
+            return torch.load(path, mmap=True, **kwargs)
+        except RuntimeError:  # (a legacy, non-zip file cannot be mapped)
+            return torch.load(path, **kwargs)
+    start = path.tell()
+    try:
+        return torch.load(path, **kwargs)
+    finally:
+        path.seek(start)
 
 
 def _check_monitor_kwargs(kwargs: dict[str, Any]) -> None:
@@ -90,9 +108,16 @@ class MonitoredPrivacyEngine(PrivacyEngine):
             checkpoint_dict[MONITOR_STATE_KEY] = self.monitor.state_dict()
         return super().save_checkpoint(checkpoint_dict=checkpoint_dict, **kwargs)
 
-    def load_checkpoint(self, **kwargs: Any) -> dict[str, Any]:
-        """Opacus's ``load_checkpoint`` (after ``make_private``), then the monitor's state."""
-        checkpoint = super().load_checkpoint(**kwargs)
+    def load_checkpoint(self, *, path: Any, **kwargs: Any) -> dict[str, Any]:
+        """Opacus's ``load_checkpoint`` (after ``make_private``), then the monitor's state.
+
+        The monitor's state is checked first (other settings are a ValueError), so a refused
+        checkpoint leaves the model, optimizer and accountant as they were too."""
+        if self.monitor is not None:
+            state = _read_checkpoint(path, kwargs.get("torch_load_kwargs")).get(MONITOR_STATE_KEY)
+            if state is not None:
+                self.monitor.check_state(state)
+        checkpoint = super().load_checkpoint(path=path, **kwargs)
         state = checkpoint.pop(MONITOR_STATE_KEY, None)
         if state is not None and self.monitor is not None:
             self.monitor.load_state_dict(state)

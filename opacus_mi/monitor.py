@@ -1532,10 +1532,9 @@ class LeakageMonitor:
             "semi_oracle": self.semi_oracle is not None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`. Checked before anything changes: a checkpoint of
-        another kind, or of a monitor with other settings (whose critics would not fit this
-        one's tokens and views), is a ValueError naming what differs."""
+    def check_state(self, state: Any) -> None:
+        """Raise the ValueError :meth:`load_state_dict` would, without changing anything: a
+        caller that loads other state with it (a checkpoint) can check first."""
         keys = ("steps", "generator", "estimators", "history")
         missing = [k for k in keys if k not in state] if isinstance(state, dict) else []
         if not isinstance(state, dict) or missing:
@@ -1561,6 +1560,12 @@ class LeakageMonitor:
                 f"monitor's for {sorted(self.estimators)}: create it with the same views and "
                 "estimator"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`. Checked before anything changes: a checkpoint of
+        another kind, or of a monitor with other settings (whose critics would not fit this
+        one's tokens and views), is a ValueError naming what differs."""
+        self.check_state(state)
         self.flush()  # nothing of the old state may land after the new one
         self.steps = int(state["steps"])
         self._first_step = int(state.get("first_step", 0))

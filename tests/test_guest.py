@@ -409,3 +409,28 @@ def test_drop_in_engine_checkpoints_resume_the_monitor_where_it_stopped(tmp_path
     torch.set_rng_state(rng)  # (Opacus's noise comes from torch's global generator here)
     train(model, opt, loader)
     assert without_timing(engine.monitor.history) == whole
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["path", "file-object"])
+def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads(tmp_path, stream):
+    """The settings check ran after Opacus had loaded the model, optimizer and accountant, so
+    a refused checkpoint left them replaced under a monitor that was not."""
+    kwargs = {"delta": 1e-5, "every": 1, "views": ("clipped", "private")}
+    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
+    train(model, opt, loader)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt)
+    other = {**kwargs, "views": ("private",)}
+    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, seed=1, **other)
+    weights = [p.detach().clone() for p in model.parameters()]
+    source = open(path, "rb") if stream else path  # noqa: SIM115
+    try:
+        with pytest.raises(ValueError, match="views=\\['clipped', 'private'\\] there"):
+            engine.load_checkpoint(path=source, module=model, optimizer=opt)
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+        assert engine.accountant.history == [] and engine.monitor.steps == 0
+        if stream:
+            assert source.tell() == 0  # put back for a caller that reads it again
+    finally:
+        if stream:
+            source.close()
