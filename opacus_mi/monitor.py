@@ -805,6 +805,23 @@ class LeakageMonitor:
         bound = self._step_bounds.get(step)  # (let go of in _finish_safely)
         return sigma, float(self.optimizer.max_grad_norm) if bound is None else bound
 
+    def _settings_record(
+        self, step: int, batch: int, chunks: int, accounting: tuple, sigma: float, bound: float
+    ) -> LeakageRecord:
+        """A step's record before its figures: settings and bounds (epsilon set by the caller)."""
+        return LeakageRecord(
+            step=step,
+            batch_size=batch,
+            noise_multiplier=sigma,
+            max_grad_norm=bound,
+            sample_rate=sample_rate_of(None, accounting),
+            epsilon=math.nan,
+            delta=self.delta,
+            mi_bound=gaussian_channel_bound(sigma) if "private" in self.views else None,
+            mi_upper_bound=self.mi_accountant.bound(accounting),
+            chunks=chunks,
+        )
+
     def _failed_record(
         self, chunks: list, step: int, accounting: tuple, exc: Exception
     ) -> LeakageRecord:
@@ -812,20 +829,12 @@ class LeakageMonitor:
         but its settings, epsilon and bounds (and a batch size from the chunks measured)."""
         sigma, bound = self._step_settings(step, accounting)
         epsilon = self._epsilon_or_nan(accounting, sigma)
-        record = LeakageRecord(
-            step=step,
-            batch_size=sum(c.batch for c in chunks if isinstance(c, Chunk)),
-            noise_multiplier=sigma,
-            max_grad_norm=bound,
-            sample_rate=sample_rate_of(None, accounting),
-            epsilon=epsilon,
-            epsilon_step=step,
-            delta=self.delta,
-            mi_bound=gaussian_channel_bound(sigma) if "private" in self.views else None,
-            mi_upper_bound=self.mi_accountant.bound(accounting),
-            chunks=len(chunks),
-            flags=sorted({f for c in chunks if isinstance(c, Chunk) for f in c.flags}),
+        measured = [c for c in chunks if isinstance(c, Chunk)]
+        record = self._settings_record(
+            step, sum(c.batch for c in measured), len(chunks), accounting, sigma, bound
         )
+        record.epsilon, record.epsilon_step = epsilon, step
+        record.flags = sorted({f for c in measured for f in c.flags})
         record.flags.append(f"error:{type(exc).__name__}")
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
@@ -1164,20 +1173,8 @@ class LeakageMonitor:
                 span = self.budget.span()
         else:
             epsilon = self._epsilon[0]
-        epsilon_step = self._epsilon[1]
-        record = LeakageRecord(
-            step=step,
-            batch_size=batch,
-            noise_multiplier=sigma,
-            max_grad_norm=bound,
-            sample_rate=sample_rate_of(None, accounting),
-            epsilon=epsilon,
-            epsilon_step=epsilon_step,
-            delta=self.delta,
-            mi_bound=gaussian_channel_bound(sigma) if "private" in self.views else None,
-            mi_upper_bound=self.mi_accountant.bound(accounting),
-            chunks=len(chunks),
-        )
+        record = self._settings_record(step, batch, len(chunks), accounting, sigma, bound)
+        record.epsilon, record.epsilon_step = epsilon, self._epsilon[1]
         # Sync-free chunks were measured as if every row were finite. If the read shows some
         # were not, their rows are dropped and the draws made again from the same state, so
         # the record is the one the CPU's immediate check gives.
