@@ -111,6 +111,19 @@ def train(model, opt, loader, *, epochs: int = 1, criterion=None, after_step=Non
                 after_step()
 
 
+def fail_estimate_at(monitor, call: int) -> None:
+    """Make the monitor's ``call``-th estimate (1-based) raise, as a bug in it would."""
+    original, calls = monitor._estimate, []
+
+    def failing(chunks):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("injected")
+        return original(chunks)
+
+    monitor._estimate = failing
+
+
 @pytest.fixture
 def private_setup():
     return make_private

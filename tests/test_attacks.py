@@ -384,6 +384,14 @@ def test_validate_errors_are_one_line(argv, needle, tmp_path):
     assert needle in lines[0]
 
 
+def _tiny_validate(**settings):
+    """A validate grid of one noise-free setting, one attack iteration and no bootstrap."""
+    from opacus_mi.validate import ValidateConfig
+
+    tiny = {"noise_multipliers": (0.0,), "iters": 1, "restarts": 1, "draws": 16, "bootstrap": 0}
+    return ValidateConfig(**{**tiny, **settings})
+
+
 def _strict_json(path):
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
@@ -395,22 +403,12 @@ def test_validate_tilde_out_empty_batches_and_strict_json(tmp_path, monkeypatch)
     """``out="~/val"`` (as ``--out=~/val`` arrives) is written under the home folder; DP-SGD
     steps whose Poisson batch is empty (q = 1/1437 here) train as Opacus does; undefined
     intervals (no bootstrap) are "nan" in strict JSON."""
-    from opacus_mi.validate import ValidateConfig, run_validate
+    from opacus_mi.validate import run_validate
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    cfg = ValidateConfig(
-        out="~/val",
-        stages=(20,),
-        batch_sizes=(1,),
-        noise_multipliers=(0.0,),
-        iters=1,
-        restarts=1,
-        images=1,
-        candidates=4,
-        draws=16,
-        bootstrap=0,
-        train_batch_size=1,
+    cfg = _tiny_validate(
+        out="~/val", stages=(20,), batch_sizes=(1,), images=1, candidates=4, train_batch_size=1
     )
     result = run_validate(cfg, progress=False)
     assert result.out_dir == tmp_path / "val" and not (tmp_path / "~").exists()
@@ -443,17 +441,8 @@ def test_reconstructions_are_plotted_beside_the_inputs_they_were_matched_to(tmp_
     monkeypatch.setattr(
         V, "plot_reconstructions", lambda ex, path: (shown.extend(ex), plot(ex, path))[1]
     )
-    cfg = V.ValidateConfig(
-        out=str(tmp_path / "recon"),
-        stages=(0,),
-        batch_sizes=(2,),
-        noise_multipliers=(0.0,),
-        iters=1,
-        restarts=1,
-        images=2,
-        candidates=8,
-        draws=16,
-        bootstrap=0,
+    cfg = _tiny_validate(
+        out=str(tmp_path / "recon"), stages=(0,), batch_sizes=(2,), images=2, candidates=8
     )
     result = V.run_validate(cfg, progress=False)
     assert result.rows[0]["ig_psnr"] == V.PSNR_CAP

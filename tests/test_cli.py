@@ -68,6 +68,10 @@ def sweep_dir(tmp_path_factory) -> tuple[Path, str]:
 
 # ------------------------------------------------------------------------------ run
 def test_run_prints_table_and_writes_files(run_dir):
+    from opacus_mi.training import RUN_OUTPUTS
+
+    # what a new run clears first is everything a run writes (else a stale file survives)
+    assert set(RUN_OUTPUTS) == set(RUN_FILES)
     out, stdout = run_dir
     assert "private/oracle" in stdout
     assert "epsilon" in stdout

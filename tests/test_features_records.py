@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_private, train, without_timing
+from conftest import fail_estimate_at, make_private, train, without_timing
 from torch import nn
 
 from opacus_mi import LeakageMonitor, LeakageRecord, MIValue, mi_upper_bound, read_jsonl
@@ -498,15 +498,7 @@ def test_a_step_whose_measurement_fails_still_gets_a_flagged_record():
     """Every step gets its record: a failure in the estimates used to lose it, epsilon and all."""
     engine, model, opt, loader = make_private(poisson=False)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, overlap=False)
-    original, calls = monitor._estimate, []
-
-    def fails_once(chunks):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected")
-        return original(chunks)
-
-    monitor._estimate = fails_once
+    fail_estimate_at(monitor, 2)  # the second step's estimates raise
     epsilons = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

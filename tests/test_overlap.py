@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_private, train, without_timing
+from conftest import fail_estimate_at, make_private, train, without_timing
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
@@ -448,15 +448,7 @@ def test_a_failed_record_carries_its_own_steps_bound():
 
     engine, model, opt, loader = make_private(poisson=False)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=True)
-    original, calls = monitor._estimate, []
-
-    def fails_once(chunks):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected")
-        return original(chunks)
-
-    monitor._estimate = fails_once
+    fail_estimate_at(monitor, 2)  # the second step's estimates raise
     scheduler, used = ExponentialGradClip(opt, gamma=0.5), []
     with pytest.warns(RuntimeWarning, match="leakage record failed"):
         for x, y in loader:
