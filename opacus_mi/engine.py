@@ -72,15 +72,23 @@ class MonitoredPrivacyEngine(PrivacyEngine):
                 "MonitoredPrivacyEngine needs delta for epsilon: pass "
                 "MonitoredPrivacyEngine(delta=1e-5, ...) or use make_private_with_epsilon"
             )
+        sampling = self.monitor_kwargs.get("poisson_sampling")
+        if sampling is not None and sampling != kwargs.get("poisson_sampling", True):
+            raise ValueError(
+                f"MonitoredPrivacyEngine(poisson_sampling={sampling!r}) contradicts "
+                f"make_private(poisson_sampling={kwargs.get('poisson_sampling', True)!r}): "
+                "leave it out of the engine's options, make_private's value is passed on"
+            )
         if kwargs.get("wrap_model", True) is False:
             raise ValueError(
                 "MonitoredPrivacyEngine needs make_private(wrap_model=True), the default: the "
                 "monitor reads the per-sample gradients of the GradSampleModule it returns"
             )
 
-    def _attach(self, result: tuple, delta: float | None) -> tuple:
+    def _attach(self, result: tuple, delta: float | None, poisson_sampling: bool) -> tuple:
         kwargs = dict(self.monitor_kwargs)
         kwargs.setdefault("delta", delta)
+        kwargs.setdefault("poisson_sampling", poisson_sampling)  # (the MI accountant's bound)
         if self.monitor is not None:
             self.monitor.detach()
         module, optimizer = result[0], result[1]
@@ -98,7 +106,8 @@ class MonitoredPrivacyEngine(PrivacyEngine):
     def make_private(self, *args: Any, **kwargs: Any):
         # make_private_with_epsilon calls this too, after setting _target_delta.
         self._check_before(kwargs)
-        return self._attach(super().make_private(*args, **kwargs), self._target_delta)
+        result = super().make_private(*args, **kwargs)
+        return self._attach(result, self._target_delta, kwargs.get("poisson_sampling", True))
 
     def save_checkpoint(self, *, checkpoint_dict: dict[str, Any] | None = None, **kwargs: Any):
         """Opacus's checkpoint, with the monitor's state in it (critics, generator, records,

@@ -292,6 +292,10 @@ class LeakageMonitor:
             :class:`~opacus_mi.budget.EpsilonPacer`), and a record in between carries the
             latest exact value and its step (``epsilon_step``). The MI figures do not depend
             on it.
+        poisson_sampling: False when ``make_private`` was given ``poisson_sampling=False``
+            (``MonitoredPrivacyEngine`` passes it on): the MI accountant's whole-run bound
+            (``mi_upper_bound``) then counts one release per epoch, since Poisson's subsampled
+            bound does not hold for a loader that visits each example once per epoch.
     """
 
     def __init__(
@@ -321,6 +325,7 @@ class LeakageMonitor:
         budget: float = 0.06,
         overlap: bool | None = None,
         exact_epsilon: bool = False,
+        poisson_sampling: bool = True,
     ):
         _check_attach(engine, module, optimizer)
         self._warned: set[str] = set()
@@ -499,7 +504,7 @@ class LeakageMonitor:
                     )
                 except ValueError as exc:
                     self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
-        self.mi_accountant = MIAccountant(engine.accountant)
+        self.mi_accountant = MIAccountant(engine.accountant, poisson_sampling=poisson_sampling)
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered

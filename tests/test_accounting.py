@@ -12,7 +12,13 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from opacus_mi import MIAccountant, gaussian_channel_bound, mi_upper_bound, pure_dp_mi_bound
-from opacus_mi.accounting import PRV_FIXED_POINTS, EpsilonTracker, _LazyRdp, step_kl
+from opacus_mi.accounting import (
+    PRV_FIXED_POINTS,
+    EpsilonTracker,
+    _LazyRdp,
+    once_per_epoch_bound,
+    step_kl,
+)
 
 
 def _kl_trapezoid(s: float, q: float) -> float:
@@ -98,6 +104,82 @@ def test_mi_upper_bound_composes_over_steps_and_follows_changing_history():
         standalone.step(noise_multiplier=1.0, sample_rate=0.02)
     assert standalone.history == [(1.0, 0.02, 3)]
     assert standalone.bound() == pytest.approx(3 * step_kl(1.0, 0.02))
+
+
+def _shuffled_epoch_mi(s: float, steps: int, directions: int = 20_000, n: int = 400):
+    """Reference: I(Z; one epoch's releases) when each example is in one of ``steps`` fixed
+    batches (a shuffle, as Opacus's ``poisson_sampling=False``), by Monte Carlo of the exact
+    posterior. The example's clipped gradient is ``e_Z`` (Z uniform on orthonormal directions,
+    norm C = 1), the others' are 0, and each step adds N(0, s^2 I)."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(0.0, s, size=(n, steps, directions))
+    y[:, 0, 0] += 1.0  # by symmetry: its batch is the first, its direction the first
+    logits = y / (s * s)
+    logits -= logits.max(axis=(1, 2), keepdims=True)
+    post = np.exp(logits)
+    post /= post.sum(axis=(1, 2), keepdims=True)
+    pz = post.sum(axis=1)  # posterior on Z, the batch summed out
+    h = -(pz * np.log(np.clip(pz, 1e-300, None))).sum(axis=1)
+    return math.log(directions) - h.mean(), h.std() / math.sqrt(n)
+
+
+def test_shuffled_batches_need_the_once_per_epoch_bound():
+    """With fixed batches that hold each example once per epoch, Poisson's subsampled KL at
+    q = 1/K is no bound: one epoch of two steps at s = 0.3 leaks ~4.75 nats, above its 4.41.
+    One release per epoch, 1/(2 s^2) = 5.56, holds."""
+    s, k = 0.3, 2
+    truth, se = _shuffled_epoch_mi(s, k)
+    assert truth - 4 * se > mi_upper_bound(s, 1 / k, k)  # Poisson's bound: broken
+    bound = mi_upper_bound(s, 1 / k, k, poisson_sampling=False)
+    assert bound == 1 / (2 * s * s) and truth + 4 * se < bound
+    acc = MIAccountant(poisson_sampling=False)
+    for _ in range(k):
+        acc.step(noise_multiplier=s, sample_rate=1 / k)
+    assert acc.bound() == bound
+
+
+def _per_step_epochs(history) -> float:
+    """Reference for once_per_epoch_bound: the history expanded step by step, cut into epochs
+    of 1/q steps (a new rate starts a new epoch), each counting its largest 1/(2 s^2)."""
+    total, epoch, worst, length = 0.0, 0, 0.0, None
+    for noise, rate, steps in history:
+        k = round(1 / rate)
+        for _ in range(steps):
+            if k != length or epoch == k:
+                total, epoch, worst, length = total + worst, 0, 0.0, k
+            epoch, worst = epoch + 1, max(worst, 1 / (2 * noise * noise))
+    return total + worst
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.0, 1 / 4, 10)],  # 2 epochs and a half: 3 releases
+        [(1.0, 1 / 4, 8)],
+        [(1.0, 1 / 3, 2), (0.5, 1 / 3, 5), (2.0, 1 / 3, 4)],  # a schedule, changing mid-epoch
+        [(1.0, 1 / 5, 3), (1.0, 1 / 2, 3), (0.7, 1 / 5, 12)],  # rates changing
+        [(0.9, 1 / 7, 100), (1.1, 1 / 7, 1)],
+    ],
+)
+def test_once_per_epoch_bound_against_a_step_by_step_count(history):
+    assert once_per_epoch_bound(history) == pytest.approx(_per_step_epochs(history), rel=1e-12)
+    steps = sum(h[2] for h in history)
+    if len(history) == 1:  # closed form: ceil(T q) releases
+        noise, rate, _ = history[0]
+        assert mi_upper_bound(noise, rate, steps, poisson_sampling=False) == pytest.approx(
+            math.ceil(steps * rate) / (2 * noise * noise)
+        )
+
+
+def test_bad_step_settings_are_refused_where_they_are_given():
+    """A bad sigma or rate returned 0 at steps = 0, and MIAccountant.step took them, to fail
+    at a later bound() that did not point at the call."""
+    with pytest.raises(ValueError, match="noise_multiplier must be >= 0"):
+        mi_upper_bound(-1.0, 0.5, 0)
+    with pytest.raises(ValueError, match="sample_rate must be in"):
+        MIAccountant().step(noise_multiplier=1.0, sample_rate=2.0)
+    with pytest.raises(ValueError, match="poisson_sampling must be True or False"):
+        MIAccountant(poisson_sampling="no")
 
 
 def test_pure_dp_and_gaussian_channel_bounds():

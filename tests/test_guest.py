@@ -221,6 +221,24 @@ def test_monitored_privacy_engine_is_drop_in():
         MonitoredPrivacyEngine(delta=1e-5, evry=1)
 
 
+def test_drop_in_engine_passes_fixed_batches_on_to_the_mi_accountant():
+    """make_private(poisson_sampling=False): each example is in one batch per epoch, where
+    Poisson's subsampled bound does not hold; records bound one release per epoch."""
+    kwargs = {"delta": 1e-5, "views": ("private",), "estimator": None}
+    engine, model, opt, loader = make_private(
+        engine_cls=MonitoredPrivacyEngine, poisson=False, batch_size=32, **kwargs
+    )
+    train(model, opt, loader, epochs=2)  # 3 steps an epoch
+    assert [r.mi_upper_bound for r in engine.monitor.history] == [0.5] * 3 + [1.0] * 3
+    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
+    train(model, opt, loader)
+    assert engine.monitor.history[-1].mi_upper_bound < 0.5  # Poisson: subsampled, as before
+    with pytest.raises(ValueError, match=r"contradicts make_private\(poisson_sampling=False"):
+        make_private(
+            engine_cls=MonitoredPrivacyEngine, poisson=False, poisson_sampling=True, **kwargs
+        )
+
+
 def test_monitored_engine_with_epsilon_uses_target_delta():
     torch.manual_seed(0)
     from conftest import TinyCNN, make_data
