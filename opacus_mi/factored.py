@@ -560,7 +560,9 @@ class _Results:
             left = _cat_positions([c["left"] for c in calls])
             right = _cat_positions([c["right"] for c in calls])
             bias = getattr(layer.module, "bias", None)
-            if isinstance(bias, torch.Tensor) and bias.requires_grad:
+            # Trainable when the capture was built (as every slot is), not now: a recording
+            # may be computed after the user froze it (the step after is refused).
+            if isinstance(bias, torch.Tensor) and any(bias is p for p in layer.params):
                 grads[id(bias)] = left.sum(dim=1)
         for p, slot in zip(layer.params, layer.slots, strict=True):
             pid = id(p)

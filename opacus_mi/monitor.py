@@ -174,6 +174,10 @@ def _is_ghost(module, optimizer) -> bool:
     )
 
 
+class ParamsChanged(RuntimeError):
+    """The optimizer's trainable parameters are not those the monitor was built for."""
+
+
 @dataclass
 class _Taken:
     """What one physical chunk's measurement reads, taken on the training thread at
@@ -412,6 +416,9 @@ class LeakageMonitor:
         self.seed = seed
         self.oracle_draws = oracle_draws
         params = optimizer.params
+        # The sketch, the rank-one inputs and ghost mode's capture index these parameters: a
+        # later change of the set (a layer frozen or unfrozen, add_param_group) is refused.
+        self._param_ids = tuple(map(id, params))
         self.device = params[0].device if params else torch.device("cpu")
         # Off the CPU each host read of a device value waits for the device (a sync): there a
         # monitored step reads once, all of its record's figures together (see _finish_step).
@@ -740,6 +747,13 @@ class LeakageMonitor:
         opt = self.optimizer
         taken = _Taken(captures=captures)
         try:
+            if tuple(map(id, opt.params)) != self._param_ids:
+                raise ParamsChanged(
+                    "the optimizer's trainable parameters changed after the monitor was created "
+                    "(a layer frozen or unfrozen, or add_param_group), and its sketch and Gram "
+                    "follow the ones it was built for: for records of the new set, detach() "
+                    "this monitor and create a new LeakageMonitor"
+                )
             taken.noise_multiplier = float(opt.noise_multiplier)
             # The bound this chunk is clipped with, read now: adaptive clipping moves it inside
             # pre_step, a user's scheduler after the step, both before an overlap worker reads.
@@ -1191,8 +1205,8 @@ class LeakageMonitor:
         record.flags = sorted({f for c in chunks for f in c.flags})
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
-        if batch == 0:
-            record.flags.append("empty_batch")
+        if batch == 0 and not any(f.startswith("error:") for f in record.flags):
+            record.flags.append("empty_batch")  # (not a failed measurement's zero rows)
         record.mi.update(estimates.mi)
         record.flags.extend(estimates.flags)
         learned, feats = estimates.learned, estimates.features

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_private, train, without_timing
+from conftest import TinyCNN, make_data, make_private, train, without_timing
+from opacus import PrivacyEngine
 from torch import nn
+from torch.utils.data import DataLoader
 
 from opacus_mi import LeakageMonitor, read_jsonl
 
@@ -106,6 +108,50 @@ def test_frozen_parameters_and_half_precision_inputs():
     train(model, opt, loader, epochs=2, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
     assert all(not r.flags for r in monitor.history)
     assert any("clipped/mine" in r.mi for r in monitor.history)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_parameters_frozen_mid_run_are_refused_not_mismeasured(mode):
+    """The sketch, rank-one inputs and ghost capture index the parameters the monitor was built
+    for. A layer frozen mid-run shifted them: records with mismatched layers (a Gram 94% off,
+    no flag) or an IndexError flagged as an empty batch. Now each later record is flagged
+    ``error:ParamsChanged`` with one warning that says what to do, and training goes on."""
+
+    def run(monitored: bool):
+        torch.manual_seed(0)
+        engine, model = PrivacyEngine(accountant="rdp"), TinyCNN()
+        out = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(make_data(96), batch_size=16),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode,
+            criterion=nn.CrossEntropyLoss(),
+        )
+        model, opt, criterion, loader = out if mode == "ghost" else (*out[:2], None, out[2])
+        criterion = criterion or nn.CrossEntropyLoss()
+        monitor = (
+            LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None) if monitored else None
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step, (x, y) in enumerate(loader):
+                if step == 2:
+                    model._module.conv.requires_grad_(False)  # the body frozen from here on
+                opt.zero_grad()
+                criterion(model(x), y).backward()
+                opt.step()
+        ours = [str(w.message) for w in caught if "opacus-mi" in str(w.message)]
+        return monitor, [p.detach().clone() for p in model.parameters()], ours
+
+    monitor, weights, warned = run(True)
+    _, plain, _ = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(weights, plain, strict=True))
+    assert [r.flags for r in monitor.history] == [[]] * 2 + [["error:ParamsChanged"]] * 4
+    assert all("private/oracle" in r.mi for r in monitor.history[:2])
+    assert len(warned) == 1 and "create a new LeakageMonitor" in warned[0]
 
 
 def test_diverging_critic_is_reset_and_flagged_not_propagated():
