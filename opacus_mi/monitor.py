@@ -647,6 +647,9 @@ class LeakageMonitor:
         booked = budget.spent_since_tick() if budget is not None else 0.0
         if self._done:
             self._deliver()  # records an overlap worker finished since the last step
+            if not self.attached:  # a sink detached the monitor: the step is Opacus's alone
+                self._chunks = []
+                return self._original_pre_step(closure)
         monitored = self._due()
         captures = self._capture.take()
         if monitored:
@@ -662,6 +665,10 @@ class LeakageMonitor:
                 if self.budget is not None:
                     self.budget.exclude(waited)
                 self._deliver()  # every earlier record is made by now
+                if not self.attached:  # (as above: a sink detached it)
+                    taken.release()
+                    self._chunks = []
+                    return self._original_pre_step(closure)
                 self._chunks.append(taken)  # handed over below, with the record if it is the last
         t1 = time.perf_counter()
         try:

@@ -236,6 +236,29 @@ def test_a_failing_sink_is_warned_about_and_the_other_sinks_still_get_every_reco
     assert [r.step for r in seen] == [r.step for r in monitor.history] == list(range(8))
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_sink_may_detach_the_monitor(overlap):
+    """Stopping the monitor from a sink (after some record): with overlap, records reach the
+    sinks inside the next step's pre_step, which then handed a chunk to the closed worker and
+    raised into the training loop after the accountant had counted the step."""
+    engine, model, opt, loader = make_private(poisson=False, n=96, batch_size=16)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=overlap)
+
+    def stop(record):
+        if record.step == 2:
+            monitor.detach()
+
+    monitor.sinks.insert(0, stop)
+    train(model, opt, loader)
+    _, plain, plain_opt, plain_loader = make_private(poisson=False, n=96, batch_size=16)
+    train(plain, plain_opt, plain_loader)
+    assert [r.step for r in monitor.history] == [0, 1, 2] and not monitor.attached
+    assert sum(h[2] for h in engine.accountant.history) == 6
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True)
+    )
+
+
 def test_overlap_resolution(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(overlap_mod, "usable_cores", lambda: torch.get_num_threads() + 1)
