@@ -296,10 +296,11 @@ class LeakageMonitor:
             :class:`~opacus_mi.budget.EpsilonPacer`), and a record in between carries the
             latest exact value and its step (``epsilon_step``). The MI figures do not depend
             on it.
-        poisson_sampling: False when ``make_private`` was given ``poisson_sampling=False``
-            (``MonitoredPrivacyEngine`` passes it on): the MI accountant's whole-run bound
-            (``mi_upper_bound``) then counts one release per epoch, since Poisson's subsampled
-            bound does not hold for a loader that visits each example once per epoch.
+        poisson_sampling: as given to ``make_private``. False: the MI accountant's whole-run
+            bound (``mi_upper_bound``) counts one release per epoch, since Poisson's subsampled
+            bound does not hold for a loader that visits each example once per epoch. ``None``
+            (default): read from the module, on which Opacus forbids gradient accumulation
+            exactly when it samples by Poisson (``MonitoredPrivacyEngine`` passes it on).
     """
 
     def __init__(
@@ -329,7 +330,7 @@ class LeakageMonitor:
         budget: float = 0.06,
         overlap: bool | None = None,
         exact_epsilon: bool = False,
-        poisson_sampling: bool = True,
+        poisson_sampling: bool | None = None,
     ):
         _check_attach(engine, module, optimizer)
         self._warned: set[str] = set()
@@ -511,6 +512,8 @@ class LeakageMonitor:
                     )
                 except ValueError as exc:
                     self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
+        if poisson_sampling is None:  # (a module without the flag: Opacus's default)
+            poisson_sampling = not getattr(module, "grad_accumulation_allowed", False)
         self.mi_accountant = MIAccountant(engine.accountant, poisson_sampling=poisson_sampling)
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)

@@ -230,6 +230,11 @@ def test_drop_in_engine_passes_fixed_batches_on_to_the_mi_accountant():
     )
     train(model, opt, loader, epochs=2)  # 3 steps an epoch
     assert [r.mi_upper_bound for r in engine.monitor.history] == [0.5] * 3 + [1.0] * 3
+    # A bare monitor reads it from the module (Opacus forbids accumulation under Poisson only)
+    _, model, opt, loader = make_private(poisson=False, batch_size=32)
+    monitor = LeakageMonitor(_, model, opt, **kwargs)
+    train(model, opt, loader)
+    assert [r.mi_upper_bound for r in monitor.history] == [0.5] * 3
     engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
     train(model, opt, loader)
     assert engine.monitor.history[-1].mi_upper_bound < 0.5  # Poisson: subsampled, as before
