@@ -21,9 +21,9 @@ def _read_checkpoint(path: Any, torch_load_kwargs: dict[str, Any] | None) -> dic
     kwargs = {"weights_only": False, **(torch_load_kwargs or {})}
     if isinstance(path, (str, os.PathLike)):
         try:
-            return torch.load(path, mmap=True, **kwargs)
+            return torch.load(path, **{"mmap": True, **kwargs})
         except RuntimeError:  # (a legacy, non-zip file cannot be mapped)
-            return torch.load(path, **kwargs)
+            return torch.load(path, **{**kwargs, "mmap": False})
     start = path.tell()
     try:
         return torch.load(path, **kwargs)
@@ -34,8 +34,7 @@ def _read_checkpoint(path: Any, torch_load_kwargs: dict[str, Any] | None) -> dic
 def _check_monitor_kwargs(kwargs: dict[str, Any]) -> None:
     """Unknown monitor options fail here, not at make_private (after it made the model
     private), with the nearest valid names."""
-    params = inspect.signature(LeakageMonitor).parameters
-    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    valid = _monitor_options()
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
         hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
@@ -48,12 +47,20 @@ def _check_monitor_kwargs(kwargs: dict[str, Any]) -> None:
         )
 
 
+def _monitor_options() -> list[str]:
+    params = inspect.signature(LeakageMonitor).parameters
+    return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
 class MonitoredPrivacyEngine(PrivacyEngine):
     """Drop-in ``PrivacyEngine``: ``make_private*`` return the usual tuple and set ``.monitor``.
 
     Keyword arguments other than ``accountant`` and ``secure_mode`` configure the monitor
     (see :class:`LeakageMonitor`). ``delta`` defaults to ``target_delta`` with
-    ``make_private_with_epsilon`` and is required with ``make_private``.
+    ``make_private_with_epsilon`` and is required with ``make_private``. Each model made
+    private gets its own monitor (``.monitors``; ``.monitor`` is the latest), and checkpoints
+    carry the state of the saved module's. A copy or pickle of the engine leaves them out:
+    they hold live hooks (copy ``monitor.state_dict()`` instead).
     """
 
     def __init__(
@@ -62,8 +69,29 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         _check_monitor_kwargs(monitor_kwargs)
         super().__init__(accountant=accountant, secure_mode=secure_mode)
         self.monitor_kwargs = monitor_kwargs
-        self.monitor: LeakageMonitor | None = None
+        self.monitors: list[LeakageMonitor] = []
         self._target_delta: float | None = None
+
+    @property
+    def monitor(self) -> LeakageMonitor | None:
+        """The monitor of the model made private last."""
+        return self.monitors[-1] if self.monitors else None
+
+    def _monitor_of(self, module: Any) -> LeakageMonitor | None:
+        return next((m for m in reversed(self.monitors) if m.module is module), None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The monitors reference the DPOptimizer, whose copy (torch's Optimizer.__setstate__)
+        # re-patches DPOptimizer.step for the whole class and breaks the live training.
+        return {**self.__dict__, "monitors": []}
+
+    def __deepcopy__(self, memo: dict) -> MonitoredPrivacyEngine:
+        import copy
+
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        return clone
 
     def _check_before(self, kwargs: dict[str, Any]) -> None:
         """What would fail the monitor, refused before Opacus hooks the user's model."""
@@ -79,6 +107,13 @@ class MonitoredPrivacyEngine(PrivacyEngine):
                 f"make_private(poisson_sampling={kwargs.get('poisson_sampling', True)!r}): "
                 "leave it out of the engine's options, make_private's value is passed on"
             )
+        misplaced = [k for k in kwargs if k in _monitor_options() and k != "poisson_sampling"]
+        if misplaced:
+            # Opacus would pass them on to the DPOptimizer, which ignores unknown keywords.
+            raise TypeError(
+                f"{', '.join(map(repr, misplaced))} configure the monitor, not make_private: "
+                f"pass them to MonitoredPrivacyEngine({misplaced[0]}=...)"
+            )
         if kwargs.get("wrap_model", True) is False:
             raise ValueError(
                 "MonitoredPrivacyEngine needs make_private(wrap_model=True), the default: the "
@@ -89,11 +124,9 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         kwargs = dict(self.monitor_kwargs)
         kwargs.setdefault("delta", delta)
         kwargs.setdefault("poisson_sampling", poisson_sampling)  # (the MI accountant's bound)
-        if self.monitor is not None:
-            self.monitor.detach()
         module, optimizer = result[0], result[1]
         try:
-            self.monitor = LeakageMonitor(self, module, optimizer, **kwargs)
+            self.monitors.append(LeakageMonitor(self, module, optimizer, **kwargs))
         except Exception:
             # Opacus has hooked the user's model by now: undo that, so that a retry with the
             # option fixed can make the same model private again.
@@ -113,8 +146,9 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         """Opacus's checkpoint, with the monitor's state in it (critics, generator, records,
         schedule): :meth:`load_checkpoint` resumes the monitor where it stopped."""
         checkpoint_dict = dict(checkpoint_dict or {})
-        if self.monitor is not None:
-            checkpoint_dict[MONITOR_STATE_KEY] = self.monitor.state_dict()
+        monitor = self._monitor_of(kwargs.get("module"))
+        if monitor is not None:
+            checkpoint_dict[MONITOR_STATE_KEY] = monitor.state_dict()
         return super().save_checkpoint(checkpoint_dict=checkpoint_dict, **kwargs)
 
     def load_checkpoint(self, *, path: Any, **kwargs: Any) -> dict[str, Any]:
@@ -122,14 +156,15 @@ class MonitoredPrivacyEngine(PrivacyEngine):
 
         The monitor's state is checked first (other settings are a ValueError), so a refused
         checkpoint leaves the model, optimizer and accountant as they were too."""
-        if self.monitor is not None:
+        monitor = self._monitor_of(kwargs.get("module"))
+        if monitor is not None:
             state = _read_checkpoint(path, kwargs.get("torch_load_kwargs")).get(MONITOR_STATE_KEY)
             if state is not None:
-                self.monitor.check_state(state)
+                monitor.check_state(state)
         checkpoint = super().load_checkpoint(path=path, **kwargs)
         state = checkpoint.pop(MONITOR_STATE_KEY, None)
-        if state is not None and self.monitor is not None:
-            self.monitor.load_state_dict(state)
+        if state is not None and monitor is not None:
+            monitor.load_state_dict(state)
         return checkpoint
 
     def make_private_with_epsilon(self, *args: Any, target_delta: float, **kwargs: Any):

@@ -594,6 +594,14 @@ class LeakageMonitor:
             )
         return "input" in names, tuple(n for n in names if n != "input"), None
 
+    def __deepcopy__(self, memo: dict):
+        # A copy would reach the DPOptimizer, whose copy (torch's Optimizer.__setstate__)
+        # re-patches DPOptimizer.step for the whole class and breaks the live training.
+        raise TypeError(
+            "a LeakageMonitor holds live hooks on its model and optimizer and is not copied: "
+            "copy monitor.state_dict() and load it into a new monitor instead"
+        )
+
     def detach(self) -> None:
         """Remove every hook and wrapper: the optimizer and module are exactly as before.
         Records still being made (overlap) are finished and delivered first."""

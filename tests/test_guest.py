@@ -244,6 +244,67 @@ def test_drop_in_engine_passes_fixed_batches_on_to_the_mi_accountant():
         )
 
 
+def test_drop_in_engine_refuses_monitor_options_given_to_make_private():
+    """Opacus passed them on to the DPOptimizer, which swallows unknown keywords: the monitor
+    ran with its defaults and ``jsonl=`` wrote nothing."""
+    with pytest.raises(TypeError, match=r"'every', 'jsonl' configure the monitor.*\(every="):
+        make_private(
+            engine_cls=MonitoredPrivacyEngine,
+            delta=1e-5,
+            private_kwargs={"every": 1, "jsonl": "x.jsonl"},
+        )
+
+
+def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
+    """A second make_private on the same engine (two models, one accountant) detached the
+    first model's monitor with no word, and its checkpoints saved the latest monitor's state
+    whichever module they held."""
+    import copy
+    import pickle
+
+    from conftest import TinyCNN, make_data
+    from torch.utils.data import DataLoader
+
+    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, estimator=None)
+    made = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = TinyCNN()
+        made.append(
+            engine.make_private(
+                module=net,
+                optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                data_loader=DataLoader(make_data(32, seed=seed), batch_size=16),
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
+            )
+        )
+    for model, opt, loader in made:
+        train(model, opt, loader)
+    first, second = engine.monitors
+    assert engine.monitor is second and first.attached and second.attached
+    assert [len(first.history), len(second.history)] == [2, 2]
+    path = tmp_path / "first.pt"
+    engine.save_checkpoint(path=path, module=made[0][0], optimizer=made[0][1])
+    saved = torch.load(path, weights_only=False)["opacus_mi_monitor_state_dict"]
+    assert saved["record_count"] == 2 and saved["first_step"] == first._first_step
+    # (torch.load's own mmap=True was passed twice)
+    engine.load_checkpoint(
+        path=path, module=made[0][0], optimizer=made[0][1], torch_load_kwargs={"mmap": True}
+    )
+    # A copy or pickle of the engine leaves the monitors (live hooks) out, and training goes
+    # on: a deepcopy reached the DPOptimizer and broke DPOptimizer.step for the whole class.
+    clone = copy.deepcopy(engine)
+    assert clone.monitors == [] and clone.accountant.history == engine.accountant.history
+    assert pickle.loads(pickle.dumps(engine)).monitor is None
+    with pytest.raises(TypeError, match="copy monitor.state_dict"):
+        copy.deepcopy(first)
+    model, opt, loader = made[0]
+    train(model, opt, loader)
+    assert len(first.history) == 4
+
+
 def test_monitored_engine_with_epsilon_uses_target_delta():
     torch.manual_seed(0)
     from conftest import TinyCNN, make_data
