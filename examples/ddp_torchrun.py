@@ -92,4 +92,7 @@ def main(epochs: int = 2, batch_size: int = 64, noise: float = 1.0, delta: float
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Opacus DPDDP with the leakage monitor")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the data (default 2)")
-    main(epochs=parser.parse_args().epochs)
+    args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    main(epochs=args.epochs)

@@ -8,6 +8,7 @@ oracle then measures the private view's MI per step, next to the 1/(2 sigma^2) b
 
 from __future__ import annotations
 
+import argparse
 import warnings
 
 import torch
@@ -81,4 +82,9 @@ def main(targets: tuple[float, ...] = (0.5, 1.0, 2.0, 8.0)) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="MI against the epsilon a run is calibrated to")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 1.0, 2.0, 8.0])
+    args = parser.parse_args()
+    if min(args.targets) <= 0:
+        parser.error("every --targets value must be > 0 (an epsilon)")
+    main(tuple(args.targets))

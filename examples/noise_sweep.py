@@ -7,6 +7,7 @@ Each run writes its records, plots and report.html to runs/noise_sweep/sigma_<v>
 
 from __future__ import annotations
 
+import argparse
 import warnings
 
 from opacus_mi.report import mean_with_ci
@@ -44,4 +45,10 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="One monitored run per noise multiplier")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--epochs", type=int, default=2, help="passes per run (default 2)")
+    args = parser.parse_args()
+    if args.epochs < 1 or min(args.sigmas) < 0:
+        parser.error("--epochs must be at least 1 and every --sigmas value >= 0")
+    main(tuple(args.sigmas), args.epochs)

@@ -7,6 +7,7 @@ Everything except the two marked lines is the usual Opacus recipe.
 
 from __future__ import annotations
 
+import argparse
 import warnings
 
 import torch
@@ -59,4 +60,9 @@ def main(epochs: int = 4) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="The monitor's two lines in a plain Opacus loop")
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the data (default 4)")
+    args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    main(args.epochs)
