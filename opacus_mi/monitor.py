@@ -268,9 +268,9 @@ class LeakageMonitor:
             per-layer sketch tokens) or a learned privacy-token encoder over the per-layer
             sketch tokens, trained online with the critic (:mod:`opacus_mi.learned_tokens`):
             ``"autoencoder"`` or ``"transformer"``. On the digits CNN the Transformer found far
-            more than the sketch on 2 of 3 seeds (3.7-3.8 vs 2.0 nats, clipped view) and
-            nothing on the third, at 2.6x the monitor's cost; no learned tokenizer wins
-            reliably (README, "Learned privacy tokens"), hence the default.
+            more than the sketch on 3 of 3 seeds (3.85-3.99 vs 2.17-2.30 nats, clipped view),
+            at 1.48x the monitor's cost, but on one data set and in an earlier version on 2 of
+            3 seeds only (README, "Learned privacy tokens"), hence the cheap default.
         distributed: under Opacus DPDDP (torchrun), gather every rank's chunks so MI is measured
             on the global batch and only rank 0 calls the sinks/JSONL. ``None`` (default) does so
             iff ``make_private`` built a distributed optimizer and there is more than one rank;
@@ -374,8 +374,11 @@ class LeakageMonitor:
                 "than steps, a learned critic keeps to train on (it trains on at least 4; "
                 f"default 4096); got {window!r}"
             )
-        if not is_int_at_least(seed, -(2**63)):
-            raise ValueError(f"seed must be an integer, as torch's manual_seed takes; got {seed!r}")
+        if not is_int_at_least(seed, -(2**63)) or seed >= 2**64:
+            raise ValueError(
+                "seed must be an integer from -2**63 to 2**64 - 1, as torch's manual_seed takes; "
+                f"got {seed!r}"
+            )
         budget = check_fraction(budget)  # also on a fixed schedule: a quarter paces PRV's epsilon
         for name, value in (("semi_oracle", semi_oracle), ("control", control)):
             if not isinstance(value, bool):
@@ -1564,6 +1567,9 @@ class LeakageMonitor:
             "tokenizer": self.tokenizer_kind,
             "control": bool(self.controls),
             "semi_oracle": self.semi_oracle is not None,
+            # The sketch's hash and per-layer widths: critics fitted on other tokens.
+            "seed": self.seed,
+            "token_dims": list(self.tokenizer.dims),
         }
 
     def check_state(self, state: Any) -> None:
@@ -1577,8 +1583,10 @@ class LeakageMonitor:
             )
         saved = state.get("settings")  # (absent from checkpoints of earlier versions)
         if saved is not None:
-            differ = {
-                k: (v, saved.get(k)) for k, v in self._settings().items() if saved.get(k) != v
+            differ = {  # (a setting an earlier version did not save is not compared)
+                k: (v, saved[k])
+                for k, v in self._settings().items()
+                if k in saved and saved[k] != v
             }
             if differ:
                 parts = ", ".join(

@@ -93,6 +93,7 @@ def test_budget_is_validated_on_a_fixed_schedule_too(private_setup):
         ("train_iters", 0, "train_iters must be a positive integer"),  # never trained
         ("window", 1, "window must be an integer >= 4"),  # never trained
         ("seed", "x", "seed must be an integer"),  # was torch's RuntimeError
+        ("seed", 2**64, "seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1"),  # overflow
         ("semi_oracle", "yes", "semi_oracle must be True or False"),
         ("control", 1, "control must be True or False"),
     ],

@@ -236,6 +236,7 @@ def test_schedule_note_after_a_resume_counts_the_whole_run():
         ({"estimator": "infonce"}, "estimator='mine' there, 'infonce' here"),
         ({"token_dim": 32}, "token_dim=64 there, 32 here"),
         ({"estimator": None}, "estimator='mine' there, None here"),
+        ({"seed": 1}, "seed=0 there, 1 here"),  # another sketch: the critics fit other tokens
     ],
 )
 def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
@@ -254,6 +255,12 @@ def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
     assert fresh.steps == len(loader) and not fresh.history  # untouched
     with pytest.raises(ValueError, match="not a LeakageMonitor.state_dict"):
         fresh.load_state_dict({"model": {}})
+    # An earlier version's checkpoint (without seed and token_dims) is compared on what it has
+    for key in ("seed", "token_dims"):
+        del state["settings"][key]
+    if "seed" in other:
+        fresh.load_state_dict(state)
+        assert fresh.steps == len(loader) and len(fresh.history) == len(loader)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
