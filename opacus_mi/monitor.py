@@ -43,7 +43,6 @@ itself fails means a broken process group, which stops training's gradient all-r
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import math
 import time
@@ -574,8 +573,13 @@ class LeakageMonitor:
                 self._capture.remove()  # leave no hook behind
                 raise
         self._worker = Worker() if self.overlap else None
-        if self._worker is not None:  # the last records reach the sinks (JSONL) at exit too
-            atexit.register(_flush_at_exit, weakref.ref(self))
+        if self._worker is not None:
+            # The last records reach the sinks (JSONL) when the monitor is collected or at
+            # exit (the worker's thread is joined by then), whichever comes first: a script
+            # that never reads ``history`` still gets every line. The finaliser holds what
+            # delivery needs, not the monitor (an atexit hook by weak reference lost them
+            # when a run in a function returned and its monitor was collected).
+            weakref.finalize(self, _deliver_rest, self._done, self.sinks, self._writes)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
         self.attached = True
@@ -1636,15 +1640,15 @@ class LeakageMonitor:
         )
 
 
-def _flush_at_exit(ref: weakref.ref) -> None:
-    """Deliver an overlap worker's last records when the interpreter exits (its thread has been
-    joined by then): a script that never reads ``history`` still gets every JSONL line."""
-    monitor = ref()
-    if monitor is not None:
-        try:
-            monitor.flush()
-        except Exception:  # exiting: nothing left to protect
-            pass
+def _deliver_rest(done: deque, sinks: list, writes: bool) -> None:
+    """Records a collected (or exiting) overlap monitor made but had not delivered yet."""
+    while done:
+        record = done.popleft()
+        for sink in sinks if writes else ():
+            try:
+                sink(record)
+            except Exception:  # collected or exiting: nothing left to protect or warn
+                pass
 
 
 def _exceeds(value: MIValue, bound: float | None) -> bool:

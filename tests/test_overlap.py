@@ -382,6 +382,30 @@ def test_overlap_delivers_the_last_records_at_interpreter_exit(tmp_path):
     assert [r.step for r in read_jsonl(path)] == list(range(8))
 
 
+def test_a_collected_monitor_delivers_its_last_records(tmp_path):
+    """A run inside a function (a sweep's shape) whose monitor is never read: once collected,
+    its undelivered last record was lost (the exit hook held it by weak reference)."""
+    import time
+
+    from opacus_mi import read_jsonl
+
+    path = tmp_path / "records.jsonl"
+
+    def run():
+        engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=8)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=path, overlap=True)
+        train(model, opt, loader)
+        return weakref.ref(monitor)
+
+    ref = run()
+    deadline = time.monotonic() + 30
+    while ref() is not None and time.monotonic() < deadline:  # (until the worker lets go)
+        gc.collect()
+        time.sleep(0.01)
+    assert ref() is None
+    assert [r.step for r in read_jsonl(path)] == list(range(8))
+
+
 @pytest.mark.parametrize("setting", ["schedulers", "adaptive"])
 def test_records_carry_the_noise_and_bound_their_step_used(setting):
     """Opacus's noise and clipping schedulers (stepped after optimizer.step()) and adaptive
