@@ -520,6 +520,7 @@ class LeakageMonitor:
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
+        self._worker_warnings: deque[str] = deque()  # warnings the worker had to say
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
         # Under DPDDP every rank holds the same records; only rank 0 writes them out. Kept
         # local (distributed=False), each rank's records are its own: in a file of its own.
@@ -885,7 +886,10 @@ class LeakageMonitor:
         return record
 
     def _deliver(self) -> None:
-        """Hand finished records to ``history`` and the sinks, on the training thread."""
+        """Hand finished records to ``history`` and the sinks, on the training thread (and the
+        worker's warnings to the user's filters first)."""
+        while self._worker_warnings:
+            warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
         while self._done:
             record = self._done.popleft()
             self._history.append(record)
@@ -1463,9 +1467,14 @@ class LeakageMonitor:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(
-                f"opacus-mi: {message}; training continues unchanged", RuntimeWarning, stacklevel=3
-            )
+            message = f"opacus-mi: {message}; training continues unchanged"
+            worker = getattr(self, "_worker", None)
+            if worker is not None and worker.on_worker():
+                # Said on the training thread (see _deliver): the user's warning filters act
+                # there, and a warning turned error on the worker lost the step's record.
+                self._worker_warnings.append(message)
+            else:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _trim_history(self) -> None:
         """Keep the latest ``max_history`` records (all of them when it is None)."""

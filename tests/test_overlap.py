@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 import weakref
 
 import pytest
@@ -380,6 +381,36 @@ def test_overlap_delivers_the_last_records_at_interpreter_exit(tmp_path):
     delivered, steps = map(int, out.stdout.split())
     assert steps == 8 and delivered < steps
     assert [r.step for r in read_jsonl(path)] == list(range(8))
+
+
+def test_warnings_turned_errors_act_on_the_training_thread_as_inline():
+    """Under a warnings-as-errors filter (pytest -W error) a failure's warning raised on the
+    worker, where nothing saw it, and took the step's record with it. The worker's warnings
+    are now said on the training thread: overlap raises and records as inline does."""
+
+    def broken(_x):
+        raise RuntimeError("feature bug")
+
+    def run(overlap):
+        engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=16)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=broken, overlap=overlap)
+        raised = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for x, y in loader:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                try:
+                    opt.step()
+                except RuntimeWarning as exc:
+                    raised.append(str(exc))
+            monitor.flush()
+        return raised, [r.step for r in monitor.history]
+
+    (inline, records), (overlapped, same) = run(False), run(True)
+    assert records == same == [0, 1, 2]  # (the step whose warning raised was not taken)
+    assert len(inline) == len(overlapped) == 1
+    assert "feature extraction failed" in inline[0] and "feature extraction failed" in overlapped[0]
 
 
 def test_a_collected_monitor_delivers_its_last_records(tmp_path):
