@@ -910,8 +910,10 @@ class LeakageMonitor:
         without overlap). Reading ``history``, ``summary()`` or ``state_dict()`` flushes; call
         it before reading the critics' state (``estimators``, ``controls``) directly."""
         if self._worker is not None:
+            # (The plan that came with them waits for the next pre_step: adopted here, mid-step
+            # (history read between backward and step), it moved the step's own decision after
+            # its forward hooks had taken it.)
             self._worker.wait()
-            self._adopt_plan()
         self._deliver()
 
     def _plan(self, epsilon_work: float = 1.0) -> Plan:

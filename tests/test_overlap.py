@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import warnings
 import weakref
 
@@ -411,6 +412,39 @@ def test_warnings_turned_errors_act_on_the_training_thread_as_inline():
     assert records == same == [0, 1, 2]  # (the step whose warning raised was not taken)
     assert len(inline) == len(overlapped) == 1
     assert "feature extraction failed" in inline[0] and "feature extraction failed" in overlapped[0]
+
+
+def test_reading_history_mid_step_leaves_the_steps_decision_alone():
+    """Reading ``history`` between backward() and step() flushed, and the flush adopted the
+    worker's new plan: the step's forward hooks had taken it as measured (or not), its
+    pre_step then decided otherwise (ghost mode: 'no activations were captured' records).
+    Plans now wait for the next pre_step, as inline."""
+    from opacus_mi.budget import Plan
+
+    engine, model, opt, loader = make_private(poisson=False, n=128, batch_size=16)
+
+    def slow(x):  # the worker's record comes well after its step's pre_step has returned
+        time.sleep(0.03)
+        return x.flatten(1)
+
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=None, features=slow, overlap=True
+    )
+    calls = []
+
+    def plan(**_):  # intervals of 1 and 3 steps in turn
+        calls.append(1)
+        return Plan(next_in=1 if len(calls) % 2 else 3, train=False)
+
+    monitor.budget.plan = plan
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        due = monitor._due()
+        monitor.history  # (a log line between backward and step)
+        assert monitor._due() == due
+        opt.step()
+    assert all(not r.flags for r in monitor.history)
 
 
 def test_a_collected_monitor_delivers_its_last_records(tmp_path):
