@@ -181,7 +181,9 @@ def test_record_contents_and_summary():
     assert (r.batch_size, r.noise_multiplier, r.max_grad_norm) == (16, 0.5, 2.0)
     assert r.sample_rate == engine.accountant.history[-1][1]
     assert r.mi_bound == 1 / (2 * 0.5**2)
-    assert r.mi_upper_bound == pytest.approx(mi_upper_bound(0.5, r.sample_rate, r.step + 1))
+    # Fixed batches (poisson=False), read from the module: one release per epoch, 3 epochs
+    expected = mi_upper_bound(0.5, r.sample_rate, r.step + 1, poisson_sampling=False)
+    assert r.mi_upper_bound == expected == 3 * 1 / (2 * 0.5**2)
     assert r.monitor_seconds > 0
     for key in ("clipped/mine", "private/mine", "private/oracle"):
         v = r.mi[key]
@@ -515,5 +517,6 @@ def test_a_step_whose_measurement_fails_still_gets_a_flagged_record():
     failed = history[1]
     assert failed.flags == ["error:RuntimeError"] and not failed.mi
     assert failed.epsilon == epsilons[1] and failed.batch_size == 16
-    assert failed.mi_upper_bound == pytest.approx(mi_upper_bound(1.0, 16 / 96, 2), rel=1e-12)
+    bound = mi_upper_bound(1.0, 16 / 96, 2, poisson_sampling=False)  # (fixed batches)
+    assert failed.mi_upper_bound == pytest.approx(bound, rel=1e-12)
     assert all(not r.flags and r.mi for i, r in enumerate(history) if i != 1)
