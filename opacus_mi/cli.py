@@ -363,10 +363,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not out.is_dir():
         raise ValueError(f"OUTDIR {str(out)!r} is not a folder")
     if (out / "records.jsonl").is_file():
-        prepare_out_dir(out)
+        prepare_out_dir(out, name="OUTDIR")
         text, files = rerender_run(out)
     elif (out / "sweep.csv").is_file():
-        prepare_out_dir(out)
+        prepare_out_dir(out, name="OUTDIR")
         text, files = rerender_sweep(out)
     else:
         raise ValueError(

@@ -73,12 +73,39 @@ class LeakageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LeakageRecord:
+        """A record from :meth:`as_dict`; a field of the wrong type is a TypeError naming it."""
         d = {k: float_of(v) for k, v in d.items()}
-        mi = {
-            k: MIValue(**{f: float_of(v.get(f)) for f in _MI_FIELDS})
-            for k, v in d.pop("mi", {}).items()
-        }
+        for name in _FLOATS:  # (earlier versions wrote a non-finite float as null)
+            if name in d and d[name] is None:
+                d[name] = math.nan
+        for names, kinds, optional in (
+            (_FLOATS, "a number", False),
+            (_OPTIONAL_FLOATS, "a number or null", True),
+            (_INTS, "an integer", False),
+            (("epsilon_step",), "an integer or null", True),
+        ):
+            for name in names:
+                value = d.get(name)
+                if name not in d or (optional and value is None):
+                    continue
+                want = int if kinds.startswith("an integer") else (int, float)
+                if isinstance(value, bool) or not isinstance(value, want):
+                    raise TypeError(f"{name} is {value!r}, not {kinds}")
+        flags = d.get("flags", [])
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise TypeError(f"flags is {flags!r}, not a list of strings")
+        mi = d.pop("mi", {})
+        if not isinstance(mi, dict) or not all(isinstance(v, dict) for v in mi.values()):
+            raise TypeError(f"mi is {mi!r}, not a mapping of estimates")
+        mi = {k: MIValue(**{f: float_of(v.get(f)) for f in _MI_FIELDS}) for k, v in mi.items()}
         return cls(mi=mi, **d)
+
+
+_FLOATS = (
+    "noise_multiplier", "max_grad_norm", "sample_rate", "epsilon", "delta", "monitor_seconds"
+)  # fmt: skip
+_OPTIONAL_FLOATS = ("mi_bound", "mi_upper_bound")
+_INTS = ("step", "batch_size", "chunks")
 
 
 # JSON has no NaN/Inf. Written as null they were lost: a noiseless run's epsilon (inf) read back
@@ -133,30 +160,58 @@ class JsonlSink:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[LeakageRecord]:
-    """Records written by :class:`JsonlSink`.
+    """Records written by :class:`JsonlSink`, in step order.
 
     A line that is not complete JSON is the record a killed run was writing; it is skipped with
     a ``RuntimeWarning`` that names it (a resumed run appends after it). A complete JSON line
-    that is not a record is an error: this is then not a records file.
+    that is not a record is an error: this is then not a records file. A record whose step
+    does not follow the last one's starts over from there (a run resumed from an earlier
+    checkpoint appends the steps since again): the records it supersedes are left out, with a
+    ``RuntimeWarning`` that counts them.
     """
-    out, torn = [], []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                torn.append(number)
-                continue
-            try:
-                out.append(LeakageRecord.from_dict(d))
-            except (TypeError, AttributeError) as err:
-                raise ValueError(
-                    f"{os.fspath(path)}, line {number}: JSON but not a leakage record ({err}); "
-                    "pass a records.jsonl written by opacus-mi (JsonlSink)"
-                ) from None
+    out: list[LeakageRecord] = []
+    torn: list[int] = []
+    superseded = 0
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:
+                    torn.append(number)
+                    continue
+                try:
+                    record = LeakageRecord.from_dict(d)
+                except (TypeError, AttributeError) as err:
+                    raise ValueError(
+                        f"{name}, line {number}: JSON but not a leakage record ({err}); "
+                        "pass a records.jsonl written by opacus-mi (JsonlSink)"
+                    ) from None
+                if out and record.step <= out[-1].step:
+                    keep = [r for r in out if r.step < record.step]
+                    superseded, out = superseded + len(out) - len(keep), keep
+                out.append(record)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{name} is not text ({err.reason} at byte {err.start}): pass a records.jsonl "
+            "written by opacus-mi (JsonlSink)"
+        ) from None
+    if len(torn) > 1 and not out:
+        raise ValueError(
+            f"{name}: no line is a leakage record ({len(torn)} lines are not JSON): pass a "
+            "records.jsonl written by opacus-mi (JsonlSink)"
+        )
+    if superseded:
+        warnings.warn(
+            f"{name}: left out {superseded} record(s) that a later record's step superseded "
+            "(a run resumed from an earlier checkpoint wrote those steps again)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if torn:
         warnings.warn(
             f"{os.fspath(path)}: skipped {len(torn)} line(s) that are not complete JSON (line "

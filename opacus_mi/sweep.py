@@ -219,13 +219,15 @@ def write_sweep_outputs(
     rows: Sequence[dict[str, Any]],
     *,
     settings: dict[str, Any] | None = None,
+    csv: bool = True,
 ) -> tuple[str, list[Path]]:
-    """Write ``sweep.csv``, ``sweep.txt``, ``sweep.png`` and ``report.html`` for a sweep."""
+    """Write ``sweep.csv`` (unless ``csv=False``), ``sweep.txt``, ``sweep.png`` and
+    ``report.html`` for a sweep."""
     from .html_report import write_html
     from .plots import plot_sweep
 
     out = Path(out)
-    files = [write_sweep_csv(rows, out / "sweep.csv")]
+    files = [write_sweep_csv(rows, out / "sweep.csv")] if csv else []
     table = sweep_table(rows)
     (out / "sweep.txt").write_text(table + "\n", encoding="utf-8")
     files.append(out / "sweep.txt")
@@ -244,8 +246,19 @@ def write_sweep_outputs(
 
 
 def rerender_sweep(out: str | os.PathLike) -> tuple[str, list[Path]]:
-    """Re-render a sweep folder's table, plot and report from its ``sweep.csv``."""
+    """Re-render a sweep folder's table, plot and report from its ``sweep.csv``, which is
+    read, never rewritten (its columns of another version, or a user's, stay as they are)."""
+    import csv
+
     out = Path(out)
+    with open(out / "sweep.csv", newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    missing = [c for c in ("noise_multiplier", "epsilon") if c not in header]
+    if missing:
+        raise ValueError(
+            f"OUTDIR {str(out)!r}: its sweep.csv has no {' or '.join(missing)} column, so it "
+            "is not an opacus-mi sweep's (written by `opacus-mi sweep`)"
+        )
     rows = read_sweep_csv(out / "sweep.csv")
     settings = _read_json(out / "sweep_config.json")
-    return write_sweep_outputs(out, rows, settings=settings)
+    return write_sweep_outputs(out, rows, settings=settings, csv=False)

@@ -212,10 +212,11 @@ def check_folder_kind(out: str | os.PathLike, kind: str) -> None:
         )
 
 
-def prepare_out_dir(out: str | os.PathLike) -> Path:
+def prepare_out_dir(out: str | os.PathLike, *, name: str = "--out") -> Path:
     """Create ``out`` (and parents) and check that files can be written there.
 
-    Raises ``OSError`` with a one-line message naming ``--out`` when that is not possible.
+    Raises ``OSError`` with a one-line message naming ``name`` (the argument that gave it)
+    when that is not possible.
     """
     path = Path(out).expanduser()
     try:
@@ -226,7 +227,7 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
             pass
     except OSError as err:
         reason = err.strerror or str(err)
-        raise OSError(f"cannot write to output folder --out {str(out)!r}: {reason}") from None
+        raise OSError(f"cannot write to output folder {name} {str(out)!r}: {reason}") from None
     return path
 
 

@@ -161,13 +161,29 @@ def test_sweep_writes_rows_and_noise_lowers_epsilon(sweep_dir):
     assert "epsilon" in stdout and "private/oracle" in stdout
 
 
-def test_report_subcommand_rerenders_a_sweep(sweep_dir):
+def test_report_subcommand_rerenders_a_sweep(sweep_dir, tmp_path):
     out, _ = sweep_dir
     (out / "sweep.png").unlink()
-    rc, stdout, stderr = _main(["report", str(out)])
-    assert rc == 0, stderr
+    # sweep.csv is the report's source, read and never rewritten: a column of a user's (or
+    # another version's) and an unparsable cell used to be dropped or blanked
+    source = out / "sweep.csv"
+    text = source.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    edited = "\n".join([lines[0] + ",notes"] + [ln + ",n/a" for ln in lines[1:]]) + "\n"
+    source.write_text(edited, encoding="utf-8")
+    try:
+        rc, stdout, stderr = _main(["report", str(out)])
+        assert rc == 0, stderr
+        assert source.read_text(encoding="utf-8") == edited
+    finally:
+        source.write_text(text, encoding="utf-8")
     assert (out / "sweep.png").is_file()
     assert "private/oracle" in stdout
+    # a sweep.csv of another kind is refused, not replaced by rows of empty cells
+    (tmp_path / "sweep.csv").write_text("lr,loss\n0.1,2.3\n", encoding="utf-8")
+    rc, _, stderr = _main(["report", str(tmp_path)])
+    _assert_one_line_error(rc, stderr, "no noise_multiplier or epsilon column")
+    assert (tmp_path / "sweep.csv").read_text(encoding="utf-8") == "lr,loss\n0.1,2.3\n"
 
 
 # ------------------------------------------------------------------------------ errors
@@ -598,3 +614,15 @@ def test_console_script(tmp_path):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("opacus-mi: error:") and "--delta" in bad.stderr
+
+
+def test_an_unwritable_folder_is_named_by_the_argument_that_gave_it(tmp_path):
+    """The report's error named ``--out``, which `opacus-mi report` does not have."""
+    from opacus_mi.training import prepare_out_dir
+
+    taken = tmp_path / "file"
+    taken.write_text("", encoding="utf-8")
+    with pytest.raises(OSError, match="output folder --out '.*file'"):
+        prepare_out_dir(taken)
+    with pytest.raises(OSError, match="output folder OUTDIR '.*file'"):
+        prepare_out_dir(taken, name="OUTDIR")

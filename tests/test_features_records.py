@@ -388,6 +388,50 @@ def test_a_killed_runs_torn_line_is_named_and_a_resumed_run_keeps_its_records(tm
         read_jsonl(path)
 
 
+def test_records_files_of_a_resumed_run_an_old_version_or_another_kind(tmp_path):
+    """read_jsonl against what can be in a records file besides one clean run."""
+    path = tmp_path / "records.jsonl"
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    train(model, opt, loader, epochs=1)
+    lines = [json.dumps(r.as_dict()) for r in monitor.history]  # steps 0..5
+    # A run resumed from a checkpoint at step 4 after a crash at step 5: its steps 4 and 5
+    # follow the abandoned run's. Both were read (steps repeated, means over a run that no
+    # longer exists); the later records supersede, with a warning.
+    redone = [json.loads(line) for line in lines[4:]]
+    for d in redone:
+        d["batch_size"] = 15  # (another draw)
+    path.write_text("\n".join(lines + [json.dumps(d) for d in redone]) + "\n", encoding="utf-8")
+    with pytest.warns(RuntimeWarning, match=r"left out 2 record\(s\) that a later record"):
+        back = read_jsonl(path)
+    assert [(r.step, r.batch_size) for r in back] == [(s, 16) for s in range(4)] + [
+        (4, 15),
+        (5, 15),
+    ]
+    # An earlier version wrote a non-finite epsilon as null: read as NaN, and reports render
+    old = json.loads(lines[0])
+    old["epsilon"] = None
+    path.write_text(json.dumps(old) + "\n", encoding="utf-8")
+    (record,) = read_jsonl(path)
+    assert math.isnan(record.epsilon)
+    # Fields of the wrong type name the line and the field (not a format error later on)
+    for field, value in (("epsilon", "n/a"), ("batch_size", None), ("flags", "error")):
+        bad = {**json.loads(lines[0]), field: value}
+        path.write_text(json.dumps(bad) + "\n", encoding="utf-8")
+        with pytest.raises(
+            ValueError, match=f"line 1: JSON but not a leakage record \\({field} is"
+        ):
+            read_jsonl(path)
+    # Not text, or no line of JSON at all: not a records file (it was 'torn lines', read as
+    # an empty run whose report overwrote the folder's good outputs)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match="records.jsonl is not text"):
+        read_jsonl(path)
+    path.write_text("step,epsilon\n0,1.5\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no line is a leakage record"):
+        read_jsonl(path)
+
+
 def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
     """A noiseless run's epsilon and bounds are inf, a failed figure NaN: written as strict JSON
     (``allow_nan=False`` accepts it) and read back as the same floats, not None (which lost
