@@ -56,8 +56,13 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
         nats = [_finite(v.nats) for _, v in pts]
         lo = [_finite(v.ci_low) for _, v in pts]
         hi = [_finite(v.ci_high) for _, v in pts]
-        (line,) = ax.plot(steps, nats, label=key, linewidth=1.3)
-        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        # (A lone point: a line and a band of one point draw nothing; a marker and a bar do.)
+        lone = len(steps) == 1
+        (line,) = ax.plot(steps, nats, label=key, linewidth=1.3, marker="o" if lone else None)
+        if lone:
+            ax.vlines(steps, lo, hi, color=line.get_color(), alpha=0.5, linewidth=3)
+        else:
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     bound = [(r.step, _finite(r.mi_bound)) for r in records if r.mi_bound is not None]
     if bound:
         ax.plot(
@@ -66,6 +71,8 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
             linestyle="--",
             color="black",
             linewidth=1.2,
+            marker="_" if len(bound) == 1 else None,
+            markersize=12,
             label="bound/step 1/(2 sigma^2)",
         )
     ln_b = [(r.step, math.log(r.batch_size)) for r in records if r.batch_size > 0]
@@ -76,6 +83,8 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
             linestyle=":",
             color="gray",
             linewidth=1.2,
+            marker="_" if len(ln_b) == 1 else None,
+            markersize=12,
             label="ln B (batch ceiling)",
         )
     _robust_ylim(ax, records)
@@ -100,9 +109,25 @@ def _robust_ylim(ax, records: Sequence[LeakageRecord]) -> None:
     values = [
         _finite(x) for r in records for v in r.mi.values() for x in (v.nats, v.ci_low, v.ci_high)
     ]
-    values += [_finite(r.mi_bound) for r in records]
     values += [math.log(r.batch_size) for r in records if r.batch_size > 0]
     values = [v for v in values if math.isfinite(v)]
+    bounds = [b for b in (_finite(r.mi_bound) for r in records) if math.isfinite(b)]
+    # The bound joins the range unless it dwarfs everything measured (small sigma: 200 nats
+    # against estimates under ln B flattened every line); then its value is noted instead.
+    if bounds and (not values or max(bounds) <= 2 * max(max(values), 0.1)):
+        values += bounds
+    elif bounds:
+        ax.text(
+            0.99,
+            0.99,
+            f"bound/step {max(bounds):.4g} nats: above the axis",
+            transform=ax.transAxes,
+            fontsize="x-small",
+            color="black",
+            ha="right",
+            va="top",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+        )
     if not values:
         return
     top = max(max(values), 0.1)
@@ -152,6 +177,15 @@ def plot_epsilon(
     ax.set_title("Privacy budget spent (accountant)")
     if not records:
         ax.text(0.5, 0.5, "no monitored steps", ha="center", va="center", transform=ax.transAxes)
+    elif not any(math.isfinite(exact[s]) for s in steps):
+        ax.text(
+            0.5,
+            0.5,
+            "not shown: no finite epsilon (no noise, or beyond the accountant's range)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

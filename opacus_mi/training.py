@@ -716,6 +716,15 @@ def rerender_run(out: str | os.PathLike) -> tuple[str, list[Path]]:
     """Re-render a run folder's table, CSV, plots and report from its ``records.jsonl``."""
     out = Path(out)
     records = read_jsonl(out / "records.jsonl")
+    ranks = sorted(p.name for p in out.glob("records.rank*.jsonl"))
+    if ranks:  # (a DPDDP monitor with distributed=False: each rank's own records)
+        warnings.warn(
+            f"{out}: rendered records.jsonl (rank 0) only, not {', '.join(ranks)}: other "
+            "ranks' own records; render one by copying it to a folder of its own as "
+            "records.jsonl",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     config = _read_json(out / "config.json")
     results = _read_json(out / "result.json")
     if results is not None:  # its numbers only: a config's text (a folder "inf") stays text

@@ -626,3 +626,17 @@ def test_an_unwritable_folder_is_named_by_the_argument_that_gave_it(tmp_path):
         prepare_out_dir(taken)
     with pytest.raises(OSError, match="output folder OUTDIR '.*file'"):
         prepare_out_dir(taken, name="OUTDIR")
+
+
+def test_report_names_other_ranks_records_it_does_not_render(run_dir, tmp_path):
+    """A DPDDP monitor with distributed=False writes each rank's records beside rank 0's;
+    the report rendered rank 0's without a word about the others."""
+    import shutil
+
+    from opacus_mi.training import rerender_run
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir[0], out)
+    shutil.copy(out / "records.jsonl", out / "records.rank1.jsonl")
+    with pytest.warns(RuntimeWarning, match=r"rank 0\) only, not records.rank1.jsonl"):
+        rerender_run(out)

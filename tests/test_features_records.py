@@ -564,3 +564,33 @@ def test_a_step_whose_measurement_fails_still_gets_a_flagged_record():
     bound = mi_upper_bound(1.0, 16 / 96, 2, poisson_sampling=False)  # (fixed batches)
     assert failed.mi_upper_bound == pytest.approx(bound, rel=1e-12)
     assert all(not r.flags and r.mi for i, r in enumerate(history) if i != 1)
+
+
+def test_plots_show_lone_points_small_sigma_and_infinite_epsilon(tmp_path, monkeypatch):
+    """Three figures that drew nothing useful: a series of one record (a line of one point and
+    a band of one point are invisible), a run at small sigma (the 200-nat bound set the axis,
+    every estimate a flat line at its foot), an all-infinite epsilon (an empty panel)."""
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+
+    def record(step, sigma, nats, epsilon=1.0):
+        return LeakageRecord(
+            step=step, batch_size=16, noise_multiplier=sigma, max_grad_norm=1.0,
+            sample_rate=0.1, epsilon=epsilon, delta=1e-5,
+            mi={"private/oracle": MIValue(nats, nats - 0.1, nats + 0.1, 16)},
+            mi_bound=1 / (2 * sigma * sigma),
+        )  # fmt: skip
+
+    plots.plot_mi([record(0, 1.0, 0.3)], tmp_path / "mi.png")
+    ax = seen.pop()
+    oracle = next(line for line in ax.get_lines() if line.get_label() == "private/oracle")
+    assert oracle.get_marker() == "o" and len(ax.collections) == 1  # the point and its CI bar
+    plots.plot_mi([record(s, 0.05, 2.8) for s in range(5)], tmp_path / "mi.png")
+    ax = seen.pop()
+    top = ax.get_ylim()[1]
+    assert math.log(16) < top < 5  # estimates and ln B in view, not 0..200
+    assert any("bound/step 200 nats: above the axis" in t.get_text() for t in ax.texts)
+    plots.plot_epsilon([record(s, 1.0, 0.3, math.inf) for s in range(3)], tmp_path / "e.png")
+    assert any("no finite epsilon" in t.get_text() for t in seen.pop().texts)
