@@ -217,6 +217,7 @@ class OverheadBudget:
             setattr(self, f"{kind}_cost", None)
             setattr(self, f"{kind}_credit", 0.0)
         self._last_tick: float | None = None
+        self._first_interval: float | None = None  # checked against the second (see _tick)
         self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
         self._pending: list[tuple[_Span, str, float]] = []
         # An expensive epsilon's cost grows with the run (Opacus's PRV domain follows epsilon
@@ -329,6 +330,18 @@ class OverheadBudget:
                 # A pause between steps (an evaluation loop, a checkpoint, another job) is not
                 # training time: credit at most a few typical steps for one interval.
                 own = min(own, _GAP * self.step_seconds)
+                first, self._first_interval = self._first_interval, None
+                if first is not None and own > 0 and first > _GAP * own:
+                    # The first interval had no typical step to cap it (an evaluation at step
+                    # 0): what exceeds a few of the second's is taken back, and the step time
+                    # it set (which made every plan for dozens of steps measure at once) is
+                    # seeded again from the second.
+                    excess = first - _GAP * own
+                    self.train_seconds -= excess
+                    self._refill(-excess, self.critics, self.slow_epsilon)
+                    self.step_seconds = None
+            elif own > 0:
+                self._first_interval = own
             self.train_seconds += own
             if own > 0:  # (a step of no training time is a clock artefact: a zero estimate
                 # would cap every later interval at zero and the budget would never refill)
@@ -405,11 +418,21 @@ class OverheadBudget:
         epsilon = not slow_epsilon or self.epsilon_credit >= (
             (self.epsilon_cost or 0.0) * self._epsilon_work
         )
+        # The first charged measurement plans before its step's tick folds in its cost and the
+        # first interval: its own cost and this step's training time so far stand in (else
+        # the next step was measured too, at any cost: 13% against a 6% budget at startup
+        # when a measurement costs 30 steps).
+        cost = self.measure_cost
+        if cost is None:
+            cost = self._step_cost.get("measure")
+        step = self.step_seconds
+        if step is None and self._last_tick is not None:
+            step = max(0.0, time.perf_counter() - self._last_tick - self._spent_since_tick)
         next_in = 1
-        if self.measure_cost is not None and self.step_seconds:
-            short = self.measure_cost - self.measure_credit
+        if cost is not None and step:
+            short = cost - self.measure_credit
             rate = self._shares(critics, slow_epsilon)["measure"] * self.fraction
-            rate *= self.step_seconds
+            rate *= step
             if short > 0:
                 next_in = max(1, min(1_000_000, math.ceil(short / max(rate, 1e-12))))
         return Plan(next_in=next_in, train=train, epsilon=epsilon)

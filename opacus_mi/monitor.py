@@ -717,8 +717,14 @@ class LeakageMonitor:
                 self._deliver()
             else:
                 # Until the worker's plan is in, the last interval holds (a step measured too
-                # early is charged, and the next plan repays it).
-                self._measure_at = self.steps + self._next_in
+                # early is charged, and the next plan repays it). But a measurement's cost is
+                # learnt from the first after setup: until it is known, its plan is waited for
+                # (guessed, it measured two more steps at any cost).
+                unknown = self.budget is not None and self.budget.measure_cost is None
+                if unknown and self.every is None and self.steps > self._first_step:
+                    self._measure_at = math.inf
+                else:
+                    self._measure_at = self.steps + self._next_in
                 # One hand-over per step: the last chunk is measured, then the record made.
                 self._worker.submit(self._finish_safely, chunks, self.steps, accounting)
         self.steps += 1

@@ -215,6 +215,22 @@ def test_a_tight_budget_measures_few_steps_and_keeps_its_bound(budget_defaults):
     assert b.spent <= b.fraction * b.train_seconds + slack
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_costly_measurement_is_measured_twice_at_startup_not_four_times(budget_defaults, overlap):
+    """Step 0 is setup, step 1 learns the cost. Inline, step 1's plan knew no cost and said
+    'the next step'; with overlap the guess kept the last interval (1) until the worker's plan
+    came: steps 2 and 3 were measured too, at 30 training steps each."""
+    engine, model, opt, loader = make_private(poisson=False, n=320, batch_size=16)
+
+    def slow(x):
+        time.sleep(0.03)
+        return x.flatten(1)
+
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=slow, overlap=overlap)
+    train(model, opt, loader)
+    assert [r.step for r in monitor.history] == [0, 1]
+
+
 def test_a_loose_budget_measures_every_step_and_trains_the_critics(budget_defaults):
     _, _, monitor, _ = _run(sleep=0.01, budget=5.0)
     measured = {r.step for r in monitor.history}
@@ -276,6 +292,34 @@ def test_first_measured_step_is_setup_and_costs_are_per_step():
     assert b.measure_seconds == pytest.approx(0.005)
     assert b.measure_cost == pytest.approx(0.005)  # one step's total, not one span's
     assert b.setup_seconds == pytest.approx(0.75)
+
+
+def test_the_first_charged_measurement_plans_from_its_own_cost():
+    """Its plan came before the step's tick folded in its cost: with none known it said 'the
+    next step', which was then measured at any cost (13% against a 6% budget at startup
+    when a measurement costs 30 steps). Its own cost and the step's time so far stand in."""
+    b = OverheadBudget(0.06)
+    _spend(b, "measure", 0.5)  # step 0: setup
+    b.tick()
+    time.sleep(0.004)  # step 1's training, then its measurement
+    _spend(b, "measure", 0.03)
+    assert b.measure_cost is None and b.step_seconds is None
+    # 0.06 s short (the cost, less the -0.03 it left) at 0.06 x >= 0.004 s a step: <= 250
+    assert 1 < b.plan(critics=False).next_in <= 250
+
+
+def test_a_pause_after_the_first_step_does_not_pass_for_training():
+    """The first interval has no typical step to cap it: an evaluation run at step 0 counted
+    as training, and the step time it set made plans measure every step for dozens of steps
+    (83% of training). The second interval takes the excess back and sets the step time."""
+    b = OverheadBudget(0.06)
+    b.tick()
+    time.sleep(0.3)  # an evaluation after step 0
+    b.tick()
+    time.sleep(0.01)
+    b.tick()
+    assert b.step_seconds < 0.1  # the second interval's, not an average with the pause
+    assert b.train_seconds <= 4 * b.step_seconds * (1 + 1e-9)  # the pause capped at 3 steps
 
 
 def test_critics_first_round_waits_for_a_prior_and_is_charged_like_any_other():
