@@ -1546,12 +1546,20 @@ class LeakageMonitor:
         return summary_table(records, last=last, note=self.schedule_note(), epsilon_now=now)
 
     def schedule_note(self) -> str | None:
-        """One line on what the overhead budget let the monitor do (None on a fixed schedule)."""
+        """One line on what the overhead budget let the monitor do (None on a fixed schedule;
+        with ``every`` fixed and ``train_every=None``, what it let the critics do)."""
         b = self.budget
         if b is None or self.steps == self._first_step:
             return None
         self.flush()  # an overlap worker's records and time are in
         rounds = sum(e.updates for e in [*self.estimators.values(), *self.controls.values()])
+        if self.every is not None:  # measured on a fixed schedule: the budget has the critics
+            share = b.critic_seconds / b.train_seconds if b.train_seconds > 0 else math.nan
+            return (
+                f"schedule: every={self.every}, critics under the overhead budget "
+                f"{b.fraction:.0%} - {rounds} critic rounds; critic time {share:.1%} of the "
+                "training loop's."
+            )
         share = b.spent / b.train_seconds if b.train_seconds > 0 else math.nan
         parts = [f"measured {self.record_count} of {self.steps - self._first_step} steps"]
         if self.train_every is None and self.estimators:

@@ -534,6 +534,18 @@ def test_summary_says_what_the_budget_let_the_monitor_do(budget_defaults):
     fixed = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=8)
     train(model, opt, loader, epochs=1)
     assert fixed.schedule_note() is None and "schedule:" not in fixed.summary()
+    # Measured on a fixed schedule, critics on the budget: the note spoke of the budget's
+    # measurements ("measured 15 of 30 steps ... monitor time 71%") and advised every=1
+    engine, model, opt, loader = make_private(n=64)
+    mixed = LeakageMonitor(engine, model, opt, delta=1e-5, every=2, train_every=None)
+    train(model, opt, loader, epochs=1)
+    b = mixed.budget
+    share = b.critic_seconds / b.train_seconds
+    assert mixed.schedule_note() == (
+        f"schedule: every=2, critics under the overhead budget 6% - "
+        f"{mixed.estimators['clipped'].updates + mixed.estimators['private'].updates} critic "
+        f"rounds; critic time {share:.1%} of the training loop's."
+    )
 
 
 class _GpuSpan:
