@@ -49,6 +49,6 @@ if __name__ == "__main__":
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--epochs", type=int, default=2, help="passes per run (default 2)")
     args = parser.parse_args()
-    if args.epochs < 1 or min(args.sigmas) < 0:
-        parser.error("--epochs must be at least 1 and every --sigmas value >= 0")
+    if args.epochs < 1 or not all(0 < s < float("inf") for s in args.sigmas):
+        parser.error("--epochs must be at least 1 and every --sigmas value a number > 0")
     main(tuple(args.sigmas), args.epochs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ class MonitoredPrivacyEngine(PrivacyEngine):
                 "MonitoredPrivacyEngine(delta=1e-5, ...) or use make_private_with_epsilon"
             )
         sampling = self.monitor_kwargs.get("poisson_sampling")
-        if sampling is not None and sampling != kwargs.get("poisson_sampling", True):
+        if sampling is not None and sampling != bool(kwargs.get("poisson_sampling", True)):
             raise ValueError(
                 f"MonitoredPrivacyEngine(poisson_sampling={sampling!r}) contradicts "
                 f"make_private(poisson_sampling={kwargs.get('poisson_sampling', True)!r}): "
@@ -123,7 +124,10 @@ class MonitoredPrivacyEngine(PrivacyEngine):
     def _attach(self, result: tuple, delta: float | None, poisson_sampling: bool) -> tuple:
         kwargs = dict(self.monitor_kwargs)
         kwargs.setdefault("delta", delta)
-        kwargs.setdefault("poisson_sampling", poisson_sampling)  # (the MI accountant's bound)
+        kwargs.setdefault("poisson_sampling", bool(poisson_sampling))  # (the MI bound's)
+        if kwargs.get("jsonl") and self.monitors:  # a second model: a file of its own
+            path = Path(kwargs["jsonl"])
+            kwargs["jsonl"] = path.with_name(f"{path.stem}.model{len(self.monitors)}{path.suffix}")
         module, optimizer = result[0], result[1]
         try:
             self.monitors.append(LeakageMonitor(self, module, optimizer, **kwargs))

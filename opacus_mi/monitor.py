@@ -43,6 +43,8 @@ itself fails means a broken process group, which stops training's gradient all-r
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import math
 import time
@@ -514,8 +516,10 @@ class LeakageMonitor:
                     )
                 except ValueError as exc:
                     self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
-        if poisson_sampling is None:  # (a module without the flag: Opacus's default)
-            poisson_sampling = not getattr(module, "grad_accumulation_allowed", False)
+        if poisson_sampling is None:
+            # A module without the flag (grad_sample_mode="ew") says nothing: the once-per-
+            # epoch bound then, which is never below Poisson's, so it holds either way.
+            poisson_sampling = not getattr(module, "grad_accumulation_allowed", True)
         self.mi_accountant = MIAccountant(engine.accountant, poisson_sampling=poisson_sampling)
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)
@@ -574,13 +578,20 @@ class LeakageMonitor:
                 self._capture.remove()  # leave no hook behind
                 raise
         self._worker = Worker() if self.overlap else None
+        self._delivering = False  # (a sink that calls back: see _deliver)
+        self._finaliser = None
         if self._worker is not None:
-            # The last records reach the sinks (JSONL) when the monitor is collected or at
-            # exit (the worker's thread is joined by then), whichever comes first: a script
-            # that never reads ``history`` still gets every line. The finaliser holds what
-            # delivery needs, not the monitor (an atexit hook by weak reference lost them
-            # when a run in a function returned and its monitor was collected).
-            weakref.finalize(self, _deliver_rest, self._done, self.sinks, self._writes)
+            # The last records reach the sinks at exit (the worker's thread is joined by then):
+            # a script that never reads ``history`` still gets every JSONL line.
+            atexit.register(_flush_at_exit, weakref.ref(self))
+            if self._jsonl is not None:
+                # And the JSONL gets them if the monitor is collected first (a run in a
+                # function that returned). What the finaliser holds never refers back to
+                # the monitor (a user's sink might: it would never be collected).
+                self._finaliser = weakref.finalize(
+                    self, _deliver_rest, self._done, self._jsonl, self._worker_warnings
+                )
+                self._finaliser.atexit = False  # (at exit, the flush above: every sink)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
         self.attached = True
@@ -625,8 +636,10 @@ class LeakageMonitor:
             self._factored.remove()
         if self._linear_inputs is not None:
             self._linear_inputs.remove()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        if self._finaliser is not None:
+            self._finaliser.detach()  # delivered above
+        if self._jsonl is not None and not self._delivering:
+            self._jsonl.close()  # (a sink detaching: once the record it got is delivered)
         self.attached = False
 
     def wrap_criterion(self, criterion: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -780,6 +793,10 @@ class LeakageMonitor:
         taken = _Taken(captures=captures)
         try:
             if tuple(map(id, opt.params)) != self._param_ids:
+                for capture in (self._factored, self._linear_inputs):
+                    if capture is not None:  # let go of what its hooks kept for this step
+                        with contextlib.suppress(Exception):
+                            capture.take()
                 raise ParamsChanged(
                     "the optimizer's trainable parameters changed after the monitor was created "
                     "(a layer frozen or unfrozen, or add_param_group), and its sketch and Gram "
@@ -893,23 +910,33 @@ class LeakageMonitor:
 
     def _deliver(self) -> None:
         """Hand finished records to ``history`` and the sinks, on the training thread (and the
-        worker's warnings to the user's filters first)."""
-        while self._worker_warnings:
-            warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
-        while self._done:
-            record = self._done.popleft()
-            self._history.append(record)
-            self.record_count += 1
-            self._trim_history()
-            if self._writes:  # under DPDDP every rank has this record; one writes it
-                for sink in self.sinks:
-                    try:
-                        sink(record)
-                    except Exception as exc:  # a full disk or a buggy callback: training goes on
-                        self._warn_once(
-                            f"sink:{type(exc).__name__}",
-                            f"a record sink failed: {exc!r} (the record stays in history)",
-                        )
+        worker's warnings to the user's filters first). A sink that calls back (reads
+        ``history``, detaches the monitor) finds the delivery under way: this loop goes on
+        with every record, in order, and a detach closes the JSONL after it."""
+        if self._delivering:
+            return
+        self._delivering = True
+        try:
+            while self._worker_warnings:
+                warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
+            while self._done:
+                record = self._done.popleft()
+                self._history.append(record)
+                self.record_count += 1
+                self._trim_history()
+                if self._writes:  # under DPDDP every rank has this record; one writes it
+                    for sink in self.sinks:
+                        try:
+                            sink(record)
+                        except Exception as exc:  # a full disk or a buggy callback: go on
+                            self._warn_once(
+                                f"sink:{type(exc).__name__}",
+                                f"a record sink failed: {exc!r} (the record stays in history)",
+                            )
+        finally:
+            self._delivering = False
+        if not self.attached and self._jsonl is not None:
+            self._jsonl.close()  # (a sink detached the monitor meanwhile)
 
     def flush(self) -> None:
         """Wait for records an overlap worker is still making and deliver them (a no-op
@@ -1665,15 +1692,28 @@ class LeakageMonitor:
         )
 
 
-def _deliver_rest(done: deque, sinks: list, writes: bool) -> None:
-    """Records a collected (or exiting) overlap monitor made but had not delivered yet."""
+def _flush_at_exit(ref: weakref.ref) -> None:
+    """Deliver an overlap worker's last records when the interpreter exits (its thread has been
+    joined by then)."""
+    monitor = ref()
+    if monitor is not None:
+        try:
+            monitor.flush()
+        except Exception:  # exiting: nothing left to protect
+            pass
+
+
+def _deliver_rest(done: deque, jsonl: JsonlSink, said: deque) -> None:
+    """The JSONL lines (and warnings) of a collected overlap monitor that it had not
+    delivered yet."""
+    while said:
+        warnings.warn(said.popleft(), RuntimeWarning, stacklevel=2)
     while done:
-        record = done.popleft()
-        for sink in sinks if writes else ():
-            try:
-                sink(record)
-            except Exception:  # collected or exiting: nothing left to protect or warn
-                pass
+        try:
+            jsonl(done.popleft())
+        except Exception:  # collected: nothing left to protect
+            pass
+    jsonl.close()
 
 
 def _exceeds(value: MIValue, bound: float | None) -> bool:

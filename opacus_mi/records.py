@@ -208,7 +208,8 @@ def read_jsonl(path: str | os.PathLike) -> list[LeakageRecord]:
     if superseded:
         warnings.warn(
             f"{name}: left out {superseded} record(s) that a later record's step superseded "
-            "(a run resumed from an earlier checkpoint wrote those steps again)",
+            "(a run resumed from an earlier checkpoint wrote those steps again, or another run "
+            "was appended to the file)",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -235,6 +235,18 @@ def test_drop_in_engine_passes_fixed_batches_on_to_the_mi_accountant():
     monitor = LeakageMonitor(_, model, opt, **kwargs)
     train(model, opt, loader)
     assert [r.mi_upper_bound for r in monitor.history] == [0.5] * 3
+    # ... where the module has that flag: ew's has none, so the bound that holds either way
+    # (it gave Poisson's, no bound for fixed batches)
+    _, model, opt, loader = make_private(poisson=False, batch_size=32, mode="ew")
+    monitor = LeakageMonitor(_, model, opt, **kwargs)
+    train(model, opt, loader)
+    assert [r.mi_upper_bound for r in monitor.history] == [0.5] * 3
+    # Opacus takes any truthy value; so does the engine (it refused poisson_sampling=0)
+    engine, model, opt, loader = make_private(
+        engine_cls=MonitoredPrivacyEngine, poisson=0, batch_size=32, **kwargs
+    )
+    train(model, opt, loader)
+    assert [r.mi_upper_bound for r in engine.monitor.history] == [0.5] * 3
     engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
     train(model, opt, loader)
     assert engine.monitor.history[-1].mi_upper_bound < 0.5  # Poisson: subsampled, as before
@@ -265,7 +277,8 @@ def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
     from conftest import TinyCNN, make_data
     from torch.utils.data import DataLoader
 
-    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, estimator=None)
+    path = tmp_path / "records.jsonl"
+    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, estimator=None, jsonl=path)
     made = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -285,6 +298,10 @@ def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
     first, second = engine.monitors
     assert engine.monitor is second and first.attached and second.attached
     assert [len(first.history), len(second.history)] == [2, 2]
+    # each model's records in a file of its own (one file mixed both, read as a rollback)
+    from opacus_mi import read_jsonl
+
+    assert len(read_jsonl(path)) == len(read_jsonl(tmp_path / "records.model1.jsonl")) == 2
     path = tmp_path / "first.pt"
     engine.save_checkpoint(path=path, module=made[0][0], optimizer=made[0][1])
     saved = torch.load(path, weights_only=False)["opacus_mi_monitor_state_dict"]

@@ -239,19 +239,27 @@ def test_a_failing_sink_is_warned_about_and_the_other_sinks_still_get_every_reco
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_sink_may_detach_the_monitor(overlap):
+def test_a_sink_may_detach_the_monitor(overlap, tmp_path):
     """Stopping the monitor from a sink (after some record): with overlap, records reach the
     sinks inside the next step's pre_step, which then handed a chunk to the closed worker and
-    raised into the training loop after the accountant had counted the step."""
+    raised into the training loop after the accountant had counted the step. And the detach
+    closed the JSONL before the record it was called with had reached it."""
+    from opacus_mi import read_jsonl
+
     engine, model, opt, loader = make_private(poisson=False, n=96, batch_size=16)
-    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=overlap)
+    path = tmp_path / "records.jsonl"
 
     def stop(record):
         if record.step == 2:
             monitor.detach()
 
-    monitor.sinks.insert(0, stop)
-    train(model, opt, loader)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, overlap=overlap, sinks=[stop], jsonl=path
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (ours: no sink may fail)
+        train(model, opt, loader)
+    assert [r.step for r in read_jsonl(path)] == [0, 1, 2]
     _, plain, plain_opt, plain_loader = make_private(poisson=False, n=96, batch_size=16)
     train(plain, plain_opt, plain_loader)
     assert [r.step for r in monitor.history] == [0, 1, 2] and not monitor.attached
@@ -458,7 +466,14 @@ def test_a_collected_monitor_delivers_its_last_records(tmp_path):
 
     def run():
         engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=8)
-        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=path, overlap=True)
+        seen = []
+
+        def watch(record):  # a sink that refers to its monitor (kept it alive forever)
+            seen.append(monitor.record_count)
+
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, jsonl=path, overlap=True, sinks=[watch]
+        )
         train(model, opt, loader)
         return weakref.ref(monitor)
 

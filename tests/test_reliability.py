@@ -150,6 +150,8 @@ def test_parameters_frozen_mid_run_are_refused_not_mismeasured(mode):
     _, plain, _ = run(False)
     assert all(torch.equal(a, b) for a, b in zip(weights, plain, strict=True))
     assert [r.flags for r in monitor.history] == [[]] * 2 + [["error:ParamsChanged"]] * 4
+    if monitor._linear_inputs is not None:  # the refused steps' inputs are let go of
+        assert not monitor._linear_inputs._seen
     assert all("private/oracle" in r.mi for r in monitor.history[:2])
     assert len(warned) == 1 and "create a new LeakageMonitor" in warned[0]
 
