@@ -857,7 +857,11 @@ class LeakageMonitor:
             self._finish_step(chunks, step, accounting)
         except Exception as exc:
             self._warn_once(f"step:{type(exc).__name__}", f"leakage record failed: {exc!r}")
-            self._next_in, self._planned = 1, (step, step + 1)
+            if not (self.distributed and self._planned is not None and self._planned[0] == step):
+                # (Under DPDDP, once rank 0's plan for this step is in, it holds: a rank of
+                # its own measuring the next step would meet the others' gradient all-reduce
+                # with its gather, and training would hang.)
+                self._next_in, self._planned = 1, (step, step + 1)
             try:  # the step still gets its record: settings, epsilon and bounds, flagged
                 self._done.append(self._failed_record(chunks, step, accounting, exc))
             except Exception:  # (already warned about: nothing more to say)
