@@ -65,7 +65,7 @@ from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sa
 from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
 from .checks import is_int_at_least, python_number
 from .chunks import Chunk, empty_item, pack, unpack
-from .distributed import all_gather_items, should_gather
+from .distributed import all_gather_items, should_gather, world_size
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
@@ -521,6 +521,20 @@ class LeakageMonitor:
             # epoch bound then, which is never below Poisson's, so it holds either way.
             poisson_sampling = not getattr(module, "grad_accumulation_allowed", True)
         self.mi_accountant = MIAccountant(engine.accountant, poisson_sampling=poisson_sampling)
+        try:
+            size = len(getattr(engine, "dataset", None) or ())
+        except TypeError:  # (an iterable dataset: its size is unknown)
+            size = 0
+        if self.distributed and not poisson_sampling and size % world_size():
+            # DistributedSampler (drop_last=False, its default) pads the data to a multiple of
+            # the ranks: the padded examples are in two batches an epoch (or twice in one).
+            self._warn_once(
+                "ddp:padding",
+                f"{size} examples over {world_size()} ranks: a DistributedSampler with "
+                "drop_last=False repeats some of them each epoch, which neither Opacus's "
+                "epsilon nor the MI bound (one release per epoch) allows for; pass "
+                "DistributedSampler(..., drop_last=True)",
+            )
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered

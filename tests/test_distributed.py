@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -225,6 +226,18 @@ def _local_run(rank: int, tmp: str) -> dict:
     return {"rank": monitor.rank, "history": [r.as_dict() for r in monitor.history]}
 
 
+def _padding_warning(rank: int) -> list[str]:
+    """Fixed batches over a DistributedSampler that pads N = 97 to 98 over two ranks."""
+    data = make_data(N + 1)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None).detach()
+    return [str(w.message) for w in caught if "opacus-mi" in str(w.message)]
+
+
 def _primitives(rank: int) -> dict:
     """The gathering primitives with unequal and empty contributions."""
     rows = torch.arange(3 * 4, dtype=torch.float64).reshape(3, 4) + 100 * rank
@@ -257,6 +270,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out["prv"] = _prv_run(rank)
         out["straggler"] = _straggler_run(rank)
         out["local"] = _local_run(rank, tmp)
+        out["padding"] = _padding_warning(rank)
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -475,3 +489,12 @@ def test_local_monitors_write_a_file_per_rank(runs):
         assert {r["batch_size"] for r in written} == {LOCAL_BATCH}
         for a, b in zip(written, ranks[rank]["local"]["history"], strict=True):
             _same_record(a, b, rtol=0, atol=0)
+
+
+def test_a_padding_distributed_sampler_is_warned_about(runs):
+    """DistributedSampler(drop_last=False) repeats examples to fill the ranks: they are in two
+    batches an epoch, which neither Opacus's epsilon nor the once-per-epoch bound allows for."""
+    ranks, _, _ = runs
+    for rank in ranks:
+        (said,) = rank["padding"]
+        assert "97 examples over 2 ranks" in said and "drop_last=True" in said
