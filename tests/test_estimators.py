@@ -192,6 +192,36 @@ def test_gram_oracle_noise_free_and_duplicates():
     assert res.nats == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    "sync_free, noise",
+    # (off the CPU the jitter keeps >= 1e-12 of the largest squared norm, for a factor that
+    # cannot be checked without a sync: logit noise 0.1 at noise 1e-5, a bias of 0.004)
+    [(False, 1e-5), (False, 1e-3), (False, 0.03), (True, 1e-3), (True, 0.03)],
+)
+def test_gram_oracle_keeps_ties_between_equal_gradients_at_small_noise(sync_free, noise):
+    """Examples sharing a gradient (duplicates, exactly-zero rows) tie: at small noise the
+    posterior splits 1/k among them, I = ln B - ln k here. The factor's jitter added noise of
+    its own to each one's inner product, over noise_std in the logits, which broke the ties:
+    1.04 nats for 1.39 at noise 1e-3 off the CPU, and at 1e-5 on it."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, 30, dtype=torch.float64, generator=gen)
+    rows = rows / rows.norm(dim=1, keepdim=True)  # clipped: norm C = 1
+    g = rows.repeat(4, 1)  # B = 16: four examples, four times each
+    res = gram_oracle(g @ g.T, noise, draws=64, generator=gen, sync_free=sync_free)
+    assert res.nats == pytest.approx(math.log(16) - math.log(4), abs=2e-3)
+
+
+def test_noise_free_oracle_tells_apart_distinct_small_gradients():
+    """Rows were 'equal' within 1e-12 of the batch's largest squared norm: well-fit examples
+    with distinct gradients of norm 1e-9..1e-6 beside norm-1 ones counted as one (1.92 nats
+    for ln 16 = 2.77 at sigma = 0). Equality is now relative to the pair's own norms."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(16, 20, dtype=torch.float64, generator=gen)
+    g = g / g.norm(dim=1, keepdim=True)
+    g[:8] *= torch.logspace(-9, -6, 8, dtype=torch.float64)[:, None]
+    assert gram_oracle(g @ g.T, 0.0, generator=gen).nats == pytest.approx(math.log(16))
+
+
 def test_psd_sqrt_factor_reproduces_the_gram_whatever_its_rank():
     """L L^T = G (to the jitter) for a full-rank Gram, one whose float32 GEMM left it
     asymmetric in the last bits (Cholesky reads one triangle), a singular one (duplicated

@@ -31,29 +31,41 @@ class OracleResult:
         return float(self.terms.mean()) if self.batch_size else float("nan")
 
 
-def _psd_sqrt_factor(gram: torch.Tensor, sync_free: bool | None = None) -> torch.Tensor:
-    """L with L L^T = G (+ a 1e-10 relative jitter) for a PSD, possibly singular, Gram matrix.
+def _psd_sqrt_factor(
+    gram: torch.Tensor, sync_free: bool | None = None, noise_std: float | None = None
+) -> torch.Tensor:
+    """L with L L^T = G (+ a small diagonal jitter) for a PSD, possibly singular, Gram matrix.
 
     Cholesky is ~5x cheaper than eigh at B = 64, and reads only G's lower triangle (so a Gram
     whose float32 GEMM left it asymmetric in the last bit needs no symmetrising). The jitter
-    adds a variance of 1e-10 x the mean squared norm to each inner product's noise, far below
-    the Monte Carlo error. A matrix that is still not numerically PD (duplicated examples,
-    B > rank) falls back to eigh of the symmetrised matrix. Off the CPU reading Cholesky's
-    status would cost a host sync (and eigh checks its own), so there the jitter is 1e-6 x the
-    largest squared norm, above the float32 rounding of a Gram formed on the device, and a
-    factorisation that still fails gives NaN (a flagged, non-finite oracle value), never
-    silently wrong numbers. Few tensor operations: inside a training loop each costs several
-    microseconds however small (see ``benchmarks/README.md``).
+    adds independent noise of its variance to each inner product, whose logit carries it over
+    ``noise_std``: between examples with equal gradients (duplicates, exactly-zero rows),
+    whose logits tie, it breaks the tie at random and takes E log p below -ln k (at sigma =
+    1e-3 off the CPU, 1.04 nats where the truth is 1.39). So it is capped relative to
+    ``noise_std^2``: on the CPU at 1e-8 of it (and 1e-10 x the mean squared norm), the logits'
+    extra noise <= 1e-4; a matrix that is then not numerically PD falls back to eigh of the
+    symmetrised matrix. Off the CPU reading Cholesky's status would cost a host sync (and
+    eigh checks its own), so there the jitter is 1e-6 x the largest squared norm, above the
+    float32 rounding of a Gram formed on the device (logit noise <= 0.1), unless noise_std^2
+    is below 1e-4 of that norm, where the monitor forms the Gram exactly in float64 (sigma <
+    0.01) and it is 1e-4 x noise_std^2 (at least 1e-12 of the norm); a factorisation that
+    still fails gives NaN (a flagged, non-finite oracle value), never silently wrong numbers.
+    Few tensor operations: inside a training loop each costs several microseconds however
+    small (see ``benchmarks/README.md``).
     """
     if sync_free is None:
         sync_free = gram.device.type != "cpu"
+    var = math.inf if noise_std is None else float(noise_std) ** 2
     jittered = gram.clone()  # the jitter goes in place, on a copy
     diag = jittered.diagonal()
     if sync_free:
-        diag.add_(1e-6 * diag.max().clamp_min(1e-300))
+        top = diag.max().clamp_min(1e-300)
+        exact = var < 1e-4 * top  # (a tensor: no read)
+        small = torch.clamp_min(1e-4 * var * torch.ones_like(top), 1e-12 * top)
+        diag.add_(torch.where(exact, small, 1e-6 * top))
         factor, info = torch.linalg.cholesky_ex(jittered)
         return torch.where(info == 0, factor, torch.full_like(factor, math.nan))
-    diag.add_(1e-10 * max(float(diag.sum()) / len(gram), 1e-300))
+    diag.add_(max(min(1e-10 * float(diag.sum()) / len(gram), 1e-8 * var), 1e-300))
     factor, info = torch.linalg.cholesky_ex(jittered)
     if int(info) == 0:
         return factor
@@ -87,10 +99,12 @@ def gram_oracle(
     if noise_std <= 0:
         # Noise-free release: Y identifies J up to examples with identical clipped gradients.
         dist2 = sq[:, None] + sq[None, :] - 2 * g
-        tol = 1e-12 * sq.max().clamp_min(1e-30)
+        # Equal up to rounding, relative to the pair's own norms (relative to the batch's
+        # largest, distinct small gradients of well-fit examples counted as one)
+        tol = 1e-12 * torch.maximum(sq[:, None], sq[None, :])
         same = (dist2 <= tol).sum(dim=1).to(torch.float64)
         return OracleResult(terms=math.log(b) - torch.log(same), batch_size=b)
-    factor = _psd_sqrt_factor(g, sync_free)
+    factor = _psd_sqrt_factor(g, sync_free, noise_std)
     eps = torch.randn((draws, b, b), generator=generator, device=generator.device)
     # logits[d, j, i] = (2 <y_j, g_i> - |g_i|^2) / (2 s^2) = (G_ji - |g_i|^2 / 2) / s^2 + z_j(i) / s
     # with z[d, j] = L eps[d, j] ~ N(0, G): one batched GEMM adds the noise to the fixed part,
