@@ -124,7 +124,10 @@ def _add_training_options(p: argparse.ArgumentParser, *, out: str | None = None)
         "--train-every",
         type=int,
         default=d.train_every,
-        help="train each learned critic once per TRAIN_EVERY monitored steps (library default 8)",
+        help=(
+            "train each learned critic on its first 32 batches, then once per TRAIN_EVERY "
+            "monitored steps (the library's default: as the overhead budget affords)"
+        ),
     )
     mon.add_argument(
         "--train-iters",

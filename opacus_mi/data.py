@@ -10,6 +10,7 @@ loudly with a message that says exactly what to put where.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,13 @@ def load_dataset(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
+    if data_root is not None and name in ("digits", "fake"):
+        warnings.warn(
+            f"opacus-mi: --data-root {str(data_root)!r} is not read: {name!r} is built in (it "
+            "is for --dataset cifar10 or celeba)",
+            UserWarning,
+            stacklevel=2,
+        )
     if name == "digits":
         return _load_digits(seed=seed, test_fraction=test_fraction)
     if name == "cifar10":

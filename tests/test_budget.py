@@ -70,6 +70,13 @@ def test_budget_is_validated(private_setup, bad):
         LeakageMonitor(engine, model, opt, delta=1e-5, budget=bad, every=None)
 
 
+def test_a_percentage_given_as_the_budget_is_warned_about(private_setup):
+    """budget=6 (meant as 6%) ran at 600% of the loop's time without a word."""
+    engine, model, opt, _ = private_setup()
+    with pytest.warns(UserWarning, match=r"take 600% .* for 6% pass budget=0.06"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, budget=6, every=None).detach()
+
+
 @pytest.mark.parametrize("name", ["every", "train_every"])
 @pytest.mark.parametrize("bad", [0, 1.5, "2"])
 def test_schedules_are_validated(private_setup, name, bad):

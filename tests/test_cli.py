@@ -640,3 +640,11 @@ def test_report_names_other_ranks_records_it_does_not_render(run_dir, tmp_path):
     shutil.copy(out / "records.jsonl", out / "records.rank1.jsonl")
     with pytest.warns(RuntimeWarning, match=r"rank 0\) only, not records.rank1.jsonl"):
         rerender_run(out)
+
+
+def test_run_help_states_the_librarys_critic_schedule(capsys):
+    """--train-every's help gave the library's default as 8; it is the overhead budget's."""
+    assert cli.main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "library default 8" not in text
+    assert "first 32 batches, then once per TRAIN_EVERY monitored steps" in text

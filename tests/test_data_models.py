@@ -380,3 +380,9 @@ def test_a_failed_checksum_says_so_rather_than_suggesting_a_download(tmp_path):
     with pytest.raises(DataRootError, match="checksum of them failed") as info:
         load_dataset("cifar10", data_root=str(tmp_path))
     assert "download=True" not in str(info.value)
+
+
+def test_a_data_root_for_a_built_in_dataset_is_warned_about(tmp_path) -> None:
+    """--dataset digits --data-root /some/cifar ran digits without a word."""
+    with pytest.warns(UserWarning, match=r"--data-root .* is not read: 'digits' is built in"):
+        load_dataset("digits", data_root=str(tmp_path))

@@ -151,6 +151,16 @@ def test_critic_elu_equals_torch_elu_and_its_gradient(dtype, tol):
     assert torch.autograd.gradcheck(ELU(), (smooth.requires_grad_(True),))
 
 
+def test_estimate_mi_names_its_options_when_given_an_unknown_one():
+    """The TypeError named the private _estimate_mi, and its public signature hid the names."""
+    x = torch.randn(32, 2)
+    with pytest.raises(
+        TypeError,
+        match=r"unknown options 'epochs'; it takes x, y, estimator and eval_fraction, .*max_steps",
+    ):
+        estimate_mi(x, x, epochs=3)
+
+
 def test_critic_scores_are_bound_tanh_of_raw_scores():
     """The soft bound (computed through a sigmoid) is ``bound * tanh(raw / bound)``."""
     g = torch.Generator().manual_seed(1)

@@ -118,6 +118,15 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
         seed: seeds this call's own generator; the global RNG is never touched.
         device: where the critic trains.
     """
+    import inspect
+
+    valid = list(inspect.signature(_estimate_mi).parameters)[3:]
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:  # (named here: the TypeError of the function below names a private one)
+        raise TypeError(
+            f"estimate_mi got unknown options {', '.join(map(repr, unknown))}; it takes "
+            f"x, y, estimator and {', '.join(valid)}"
+        )
     return _estimate_mi(x, y, estimator, **kwargs)
 
 
