@@ -81,6 +81,7 @@ class Plan:
     next_in: int
     train: bool
     epsilon: bool = True
+    costed: bool = True  # next_in was planned from a measurement's cost (not known at setup)
 
 
 class _Span:
@@ -444,7 +445,7 @@ class OverheadBudget:
             rate *= step
             if short > 0:
                 next_in = max(1, min(1_000_000, math.ceil(short / max(rate, 1e-12))))
-        return Plan(next_in=next_in, train=train, epsilon=epsilon)
+        return Plan(next_in=next_in, train=train, epsilon=epsilon, costed=bool(cost and step))
 
     def state(self) -> dict[str, float]:
         """Seconds so far, for records and reports."""

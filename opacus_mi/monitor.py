@@ -455,6 +455,7 @@ class LeakageMonitor:
         self._adopted = -1  # the measured step whose plan _measure_at follows
         self._last_measured = -1  # the latest measured step (training thread)
         self._next_in = 1  # the latest plan's interval: the guess while a plan is being made
+        self._plan_costed = True  # whether it was planned from a known measurement cost
         # The latest exact epsilon a record carried, and its step (a paced epsilon's records
         # repeat them until the next recomputation).
         self._epsilon: tuple[float, int | None] = (0.0, None)
@@ -744,11 +745,11 @@ class LeakageMonitor:
                 self._deliver()
             else:
                 # Until the worker's plan is in, the last interval holds (a step measured too
-                # early is charged, and the next plan repays it). But a measurement's cost is
-                # learnt from the first after setup: until it is known, its plan is waited for
-                # (guessed, it measured two more steps at any cost).
-                unknown = self.budget is not None and self.budget.measure_cost is None
-                if unknown and self.every is None and self.steps > self._first_step:
+                # early is charged, and the next plan repays it). But the last plan's interval
+                # may have been made before any measurement's cost was known (setup's): then
+                # the plan of this one, which learns it, is waited for (guessed, it measured
+                # two more steps at any cost).
+                if not self._plan_costed and self.every is None and self.steps > self._first_step:
                     self._measure_at = math.inf
                 else:
                     self._measure_at = self.steps + self._next_in
@@ -1243,6 +1244,7 @@ class LeakageMonitor:
             if span is not None:
                 span.exclude(waited)
         self._next_in, self._planned = plan.next_in, (step, step + plan.next_in)
+        self._plan_costed = plan.costed
         # None: the critics' own schedule (train_every); else the budget's decision.
         train = plan.train if self.train_every is None else None
         batch = sum(c.batch for c in chunks)
