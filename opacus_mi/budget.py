@@ -139,15 +139,6 @@ def check_fraction(fraction: float) -> float:
             f"budget must be a positive number (the monitor's share of training time, e.g. "
             f"0.06 for at most 6% overhead); got {fraction!r}"
         )
-    if fraction >= 2:  # (a percentage given as one: 6 for 6% would be 600%)
-        import warnings
-
-        warnings.warn(
-            f"opacus-mi: budget={fraction!r} lets the monitor take {fraction:.0%} of the "
-            f"training loop's time; for {fraction:g}% pass budget={fraction / 100:g}",
-            UserWarning,
-            stacklevel=3,
-        )
     return float(fraction)
 
 

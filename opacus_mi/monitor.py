@@ -381,6 +381,13 @@ class LeakageMonitor:
                 f"got {seed!r}"
             )
         budget = check_fraction(budget)  # also on a fixed schedule: a quarter paces PRV's epsilon
+        if budget >= 2:  # (a percentage given as one: 6 for 6% would be 600%)
+            warnings.warn(
+                f"opacus-mi: budget={budget:g} lets the monitor take {budget:.0%} of the "
+                f"training loop's time; for {budget:g}% pass budget={budget / 100:g}",
+                UserWarning,
+                stacklevel=2,
+            )
         for name, value in (("semi_oracle", semi_oracle), ("control", control)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False; got {value!r}")
@@ -526,15 +533,15 @@ class LeakageMonitor:
             size = len(getattr(engine, "dataset", None) or ())
         except TypeError:  # (an iterable dataset: its size is unknown)
             size = 0
-        if self.distributed and not poisson_sampling and size % world_size():
+        if self.distributed and not poisson_sampling and size % world_size() and self.rank == 0:
             # DistributedSampler (drop_last=False, its default) pads the data to a multiple of
             # the ranks: the padded examples are in two batches an epoch (or twice in one).
             self._warn_once(
                 "ddp:padding",
-                f"{size} examples over {world_size()} ranks: a DistributedSampler with "
-                "drop_last=False repeats some of them each epoch, which neither Opacus's "
-                "epsilon nor the MI bound (one release per epoch) allows for; pass "
-                "DistributedSampler(..., drop_last=True)",
+                f"{size} examples over {world_size()} ranks: if the data loader's "
+                "DistributedSampler keeps drop_last=False (its default), it repeats some of "
+                "them each epoch, which neither Opacus's epsilon nor the MI bound (one release "
+                "per epoch) allows for; pass DistributedSampler(..., drop_last=True)",
             )
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)
@@ -1414,6 +1421,8 @@ class LeakageMonitor:
                 out.flags.append(f"estimate_nonfinite:{view}")
         if oracle is not None:
             mean, sd = reads[oracle]
+            if not math.isfinite(mean):  # (off the CPU: a Gram its factor could not take)
+                out.flags.append("estimate_nonfinite:private/oracle")
             mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
             out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
         return out
@@ -1714,11 +1723,14 @@ class LeakageMonitor:
 
 def _flush_at_exit(ref: weakref.ref) -> None:
     """Deliver an overlap worker's last records when the interpreter exits (its thread has been
-    joined by then)."""
+    joined by then). Its warnings are said, never raised: under a warnings-as-errors filter the
+    first raised here took the records after it with it."""
     monitor = ref()
     if monitor is not None:
         try:
-            monitor.flush()
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                monitor.flush()
         except Exception:  # exiting: nothing left to protect
             pass
 
@@ -1726,14 +1738,16 @@ def _flush_at_exit(ref: weakref.ref) -> None:
 def _deliver_rest(done: deque, jsonl: JsonlSink, said: deque) -> None:
     """The JSONL lines (and warnings) of a collected overlap monitor that it had not
     delivered yet."""
-    while said:
-        warnings.warn(said.popleft(), RuntimeWarning, stacklevel=2)
     while done:
         try:
             jsonl(done.popleft())
         except Exception:  # collected: nothing left to protect
             pass
     jsonl.close()
+    with warnings.catch_warnings():  # (said, never raised: see _flush_at_exit)
+        warnings.simplefilter("default")
+        while said:
+            warnings.warn(said.popleft(), RuntimeWarning, stacklevel=2)
 
 
 def _exceeds(value: MIValue, bound: float | None) -> bool:

@@ -269,6 +269,21 @@ def test_gram_oracle_keeps_ties_between_equal_gradients_at_small_noise(sync_free
     assert res.nats == pytest.approx(math.log(16) - math.log(4), abs=2e-3)
 
 
+def test_sync_free_oracle_takes_a_float32_gram_at_sigma_001():
+    """At sigma = 0.01 the monitor forms the Gram in float32, whose rounding puts a clipped
+    norm of C a hair above C^2: the exactness test took it for float64, the small jitter met
+    float32 rounding, Cholesky failed and every record's oracle was NaN off the CPU."""
+    from opacus_mi.views import flat_clip, raw_gram, scale_gram
+
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(32, 8, generator=gen) * 50  # P = 8 < B = 32, norms far above C = 1
+        g32 = raw_gram([x[:, None, :]])
+        gram = scale_gram(g32, flat_clip(g32.diagonal().clamp_min(0).sqrt(), 1.0))
+        res = gram_oracle(gram, 0.01, draws=4, generator=gen, sync_free=True)
+        assert math.isfinite(res.nats)
+
+
 def test_noise_free_oracle_tells_apart_distinct_small_gradients():
     """Rows were 'equal' within 1e-12 of the batch's largest squared norm: well-fit examples
     with distinct gradients of norm 1e-9..1e-6 beside norm-1 ones counted as one (1.92 nats

@@ -455,6 +455,25 @@ def test_reading_history_mid_step_leaves_the_steps_decision_alone():
     assert all(not r.flags for r in monitor.history)
 
 
+def test_the_last_records_survive_a_warnings_as_errors_filter_at_exit(tmp_path):
+    """At exit (or collection) the worker's queued warnings were said before the records: under
+    a warnings-as-errors filter the first raised and took the records after it with it."""
+    from opacus_mi import read_jsonl
+    from opacus_mi.monitor import _flush_at_exit
+
+    path = tmp_path / "records.jsonl"
+    engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=16)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=path, overlap=True)
+    train(model, opt, loader)
+    monitor._worker.wait()
+    monitor._worker_warnings.append("opacus-mi: a warning the worker had to say")
+    assert monitor._done  # the last record, not delivered yet
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=RuntimeWarning)
+        _flush_at_exit(weakref.ref(monitor))
+    assert [r.step for r in read_jsonl(path)] == [0, 1, 2, 3]
+
+
 def test_a_collected_monitor_delivers_its_last_records(tmp_path):
     """A run inside a function (a sweep's shape) whose monitor is never read: once collected,
     its undelivered last record was lost (the exit hook held it by weak reference)."""

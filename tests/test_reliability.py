@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -154,6 +155,22 @@ def test_parameters_frozen_mid_run_are_refused_not_mismeasured(mode):
         assert not monitor._linear_inputs._seen
     assert all("private/oracle" in r.mi for r in monitor.history[:2])
     assert len(warned) == 1 and "create a new LeakageMonitor" in warned[0]
+
+
+def test_a_non_finite_oracle_is_flagged(monkeypatch):
+    """Off the CPU a Gram its factor cannot take gives a NaN oracle (never a wrong number);
+    the record carried it without a flag."""
+    import opacus_mi.monitor as monitor_module
+    from opacus_mi.estimators.oracle import OracleResult
+
+    def broken(gram, *args, **kwargs):
+        return OracleResult(terms=torch.full((gram.shape[0],), math.nan), batch_size=len(gram))
+
+    monkeypatch.setattr(monitor_module, "gram_oracle", broken)
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    train(model, opt, loader)
+    assert all("estimate_nonfinite:private/oracle" in r.flags for r in monitor.history)
 
 
 def test_diverging_critic_is_reset_and_flagged_not_propagated():

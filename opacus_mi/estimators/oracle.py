@@ -47,8 +47,8 @@ def _psd_sqrt_factor(
     symmetrised matrix. Off the CPU reading Cholesky's status would cost a host sync (and
     eigh checks its own), so there the jitter is 1e-6 x the largest squared norm, above the
     float32 rounding of a Gram formed on the device (logit noise <= 0.1), unless noise_std^2
-    is below 1e-4 of that norm, where the monitor forms the Gram exactly in float64 (sigma <
-    0.01) and it is 1e-4 x noise_std^2 (at least 1e-12 of the norm); a factorisation that
+    is below 0.99e-4 of that norm, where the monitor forms the Gram exactly in float64 (sigma
+    < 0.01) and it is 1e-4 x noise_std^2 (at least 1e-12 of the norm); a factorisation that
     still fails gives NaN (a flagged, non-finite oracle value), never silently wrong numbers.
     Few tensor operations: inside a training loop each costs several microseconds however
     small (see ``benchmarks/README.md``).
@@ -60,7 +60,11 @@ def _psd_sqrt_factor(
     diag = jittered.diagonal()
     if sync_free:
         top = diag.max().clamp_min(1e-300)
-        exact = var < 1e-4 * top  # (a tensor: no read)
+        # Below sigma = 0.01 the monitor forms the Gram in float64; clipped norms are <= C,
+        # so var = sigma^2 C^2 < 1e-4 x the largest squared norm says so, with a 1% margin
+        # for a float32 Gram's rounding of a norm of C (else at sigma = 0.01 the small jitter
+        # met a float32 Gram: Cholesky failed, NaN).
+        exact = var < 0.99e-4 * top  # (a tensor: no read)
         small = torch.clamp_min(1e-4 * var * torch.ones_like(top), 1e-12 * top)
         diag.add_(torch.where(exact, small, 1e-6 * top))
         factor, info = torch.linalg.cholesky_ex(jittered)
