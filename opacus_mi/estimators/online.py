@@ -155,8 +155,9 @@ class PairWindow:
         """The rows as stored (bfloat16 less their offsets, in ring order) with the offsets,
         the write head and the running sums: a round trip restores the window exactly, so a
         resumed run draws the same minibatches from the same values as one never stopped."""
-        if self._x.buf is None:
-            return {"x": None, "y": None}
+        if self._x.buf is None:  # no rows; the offsets an anchor fixed still hold
+            offsets = None if self._offsets is None else [o.clone() for o in self._offsets]
+            return {"x": None, "y": None, "offsets": offsets}
         n = len(self)
         return {
             "stored": {
@@ -191,6 +192,8 @@ class PairWindow:
             self.add(x.float() + ox, y.float() + oy)
         elif state.get("x") is not None:  # a checkpoint from before the rows were kept stored
             self.add(state["x"], state["y"])
+        elif state.get("offsets") is not None:  # empty, anchored
+            self._offsets = tuple(o.clone() for o in state["offsets"])
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,7 @@ class OnlineEstimator:
         self.loss = CriticLoss(self.kind)
         self.pairs = PairWindow(window)
         self.batches_seen = 0
+        self.small_batches = 0  # batches smaller than holdout (see observe)
         self.updates = 0
 
     def _build(self, x_dim: int, y_dim: int) -> None:
@@ -422,11 +426,19 @@ class OnlineEstimator:
 
         Returns True if training diverged (non-finite loss) and the critic was reset: a fresh
         critic restarts from the window rather than a NaN propagating into every later estimate.
+        Rows with a non-finite value are dropped on the CPU (without ``reads``: the monitor has
+        dropped them already); a batch smaller than ``holdout`` is not split, but every
+        ``holdout``-th such batch goes to the validation window whole.
         With ``reads`` the round's outcome is read with the rest of the batch (the monitor reads
         all of a step's rounds at once): its model selection, and a reset (counted in
         ``resets``), happen at ``reads.read()``, and this returns False.
         """
         x, y = x.detach().to(self.device).float(), y.detach().to(self.device).float()
+        if reads is None and self.device.type == "cpu":
+            # (The monitor, which reads a step's figures at once, has dropped them already.)
+            finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+            if not bool(finite.all()):  # a NaN row in the window reset every round after it
+                x, y = x[finite], y[finite]
         if x.shape[0] == 0:
             return False
         if (
@@ -445,7 +457,16 @@ class OnlineEstimator:
             j = torch.arange(n - (n + h - 1) // h, device=x.device)
             rest = j + j // (h - 1) + 1  # the j-th index that is not a multiple of h
             x, y = x[rest], y[rest]
-        self.pairs.add(x, y)
+        elif self.holdout > 1:
+            # A batch smaller than holdout: every holdout-th such batch goes to validation
+            # whole (split per batch, the window never filled, and the critic never reported,
+            # silently reading 0).
+            self.small_batches += 1
+            if self.small_batches % self.holdout == 0:
+                self.val.add(x, y)
+                x, y = x[:0], y[:0]
+        if x.shape[0]:
+            self.pairs.add(x, y)
         self.batches_seen += 1
         due = self.batches_seen <= self.warmup or self.batches_seen % self.train_every == 0
         if train is not None:
@@ -605,6 +626,7 @@ class OnlineEstimator:
             "log_ma": self.loss.log_ma,
             "pairs": self.pairs.state_dict(),
             "batches_seen": self.batches_seen,
+            "small_batches": self.small_batches,
             "updates": self.updates,
             "val": self.val.state_dict(),
             "selected": None if self.selected is None else self.selected.state_dict(),
@@ -627,6 +649,7 @@ class OnlineEstimator:
         self.loss.log_ma = state["log_ma"]
         self.pairs.load_state_dict(state["pairs"])
         self.batches_seen = state["batches_seen"]
+        self.small_batches = state.get("small_batches", 0)
         self.updates = state["updates"]
         self.val.load_state_dict(state.get("val", {"x": None, "y": None}))
         if state.get("selected") is not None:
