@@ -524,25 +524,9 @@ class LeakageMonitor:
                     )
                 except ValueError as exc:
                     self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
-        if poisson_sampling is None:
-            # A module without the flag (grad_sample_mode="ew") says nothing: the once-per-
-            # epoch bound then, which is never below Poisson's, so it holds either way.
-            poisson_sampling = not getattr(module, "grad_accumulation_allowed", True)
-        self.mi_accountant = MIAccountant(engine.accountant, poisson_sampling=poisson_sampling)
-        try:
-            size = len(getattr(engine, "dataset", None) or ())
-        except TypeError:  # (an iterable dataset: its size is unknown)
-            size = 0
-        if self.distributed and not poisson_sampling and size % world_size() and self.rank == 0:
-            # DistributedSampler (drop_last=False, its default) pads the data to a multiple of
-            # the ranks: the padded examples are in two batches an epoch (or twice in one).
-            self._warn_once(
-                "ddp:padding",
-                f"{size} examples over {world_size()} ranks: if the data loader's "
-                "DistributedSampler keeps drop_last=False (its default), it repeats some of "
-                "them each epoch, which neither Opacus's epsilon nor the MI bound (one release "
-                "per epoch) allows for; pass DistributedSampler(..., drop_last=True)",
-            )
+        self.mi_accountant = MIAccountant(
+            engine.accountant, poisson_sampling=self._sampling(engine, module, poisson_sampling)
+        )
         self._history: list[LeakageRecord] = []
         self.record_count = 0  # every record made, kept in history or not (max_history)
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
@@ -634,6 +618,28 @@ class LeakageMonitor:
                 f"layer names of the model); got {features!r}"
             )
         return "input" in names, tuple(n for n in names if n != "input"), None
+
+    def _sampling(self, engine, module, poisson_sampling: bool | None) -> bool:
+        """Whether the MI accountant may count Poisson sampling (see ``poisson_sampling``)."""
+        if poisson_sampling is None:
+            # A module without the flag (grad_sample_mode="ew") says nothing: the once-per-
+            # epoch bound then, which is never below Poisson's, so it holds either way.
+            poisson_sampling = not getattr(module, "grad_accumulation_allowed", True)
+        try:
+            size = len(getattr(engine, "dataset", None) or ())
+        except TypeError:  # (an iterable dataset: its size is unknown)
+            size = 0
+        if self.distributed and not poisson_sampling and size % world_size() and self.rank == 0:
+            # DistributedSampler (drop_last=False, its default) pads the data to a multiple of
+            # the ranks: the padded examples are in two batches an epoch (or twice in one).
+            self._warn_once(
+                "ddp:padding",
+                f"{size} examples over {world_size()} ranks: if the data loader's "
+                "DistributedSampler keeps drop_last=False (its default), it repeats some of "
+                "them each epoch, which neither Opacus's epsilon nor the MI bound (one release "
+                "per epoch) allows for; pass DistributedSampler(..., drop_last=True)",
+            )
+        return poisson_sampling
 
     def __deepcopy__(self, memo: dict):
         # A copy would reach the DPOptimizer, whose copy (torch's Optimizer.__setstate__)
