@@ -207,6 +207,15 @@ def test_online_mine_scores_each_batch_with_its_validation_baseline():
     got = est.evaluate(x, y)
     assert got.matched == pytest.approx(want, rel=1e-6)
     assert math.isnan(got.ci_low)  # 8 pairs: too few for an interval of an e^T mean
+    x = torch.randn(24, 2, generator=gen)
+    assert math.isnan(est.evaluate(x, x).ci_low)  # (and 24: the low end over-reached at 5+ nats)
+    # An earlier version's state has no baseline: it is taken from the validation pairs on
+    # loading, as a round takes it (else the biased per-batch DV until the next round)
+    state = est.state_dict()
+    del state["baseline"]
+    old = OnlineEstimator("mine", train_every=1, generator=torch.Generator().manual_seed(1))
+    old.load_state_dict(state)
+    assert old.baseline == pytest.approx(est.baseline, rel=1e-6)
 
 
 def test_critic_scores_are_bound_tanh_of_raw_scores():

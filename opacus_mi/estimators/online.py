@@ -32,10 +32,12 @@ from .critics import SeparableCritic
 
 MIN_CI_PAIRS = 8
 # The bounds with a mean of e^T over the marginal pairs (MINE, NWJ, SMILE) hang on its rare
-# large terms, which a batch of 8 often lacks and its bootstrap cannot see: a reviewer's MINE
-# critic at I = 3.92 had its interval's low end above the truth for 10% of batches of 8, 3% of
-# 12, 1% of 16. InfoNCE's per-row terms are bounded: 8 pairs suffice.
-MIN_CI_PAIRS_EXP = 16
+# large terms, which a small batch often lacks and its bootstrap cannot see, the more so the
+# larger the MI. Reviewers' runs (the interval's low end above the truth, nominal 2.5%): at 8
+# pairs 10% (3.9 nats); at 16, 6-8% (4 nats) to 15-18% (6-8 nats); at 32, 1.4-1.8% (4 nats),
+# 3.5-6% (5-6), 8% (8); at 64, at most 1.1% up to 8 nats. InfoNCE's per-row terms are bounded:
+# 8 pairs suffice.
+MIN_CI_PAIRS_EXP = 32
 MIN_VALIDATION = 64  # validation pairs before a learned critic may report
 NULL_MARGIN_SE = 2.0  # a learned critic must validate this many standard errors above 0
 
@@ -657,4 +659,12 @@ class OnlineEstimator:
             self.selected.load_state_dict(state["selected"])
         self.kept_previous = state.get("kept_previous", 0)
         self.null_selected = state.get("null_selected", False)
-        self.baseline = state.get("baseline")  # (None from earlier versions: DV until a round)
+        self.baseline = state.get("baseline")
+        if (  # an earlier version's state: c from the validation pairs, as a round sets it
+            "baseline" not in state
+            and self.selected is not None
+            and not self.null_selected
+            and len(self.val) >= MIN_VALIDATION
+        ):
+            baseline = float(self._validation_bound(self.selected)[2])
+            self.baseline = baseline if math.isfinite(baseline) else None
