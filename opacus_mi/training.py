@@ -427,24 +427,23 @@ def _train(
     test_loader = DataLoader(split.test, batch_size=max(cfg.batch_size, 256))
 
     engine = PrivacyEngine(accountant=cfg.accountant)
+    private = {
+        "module": model,
+        "optimizer": optimizer,
+        "data_loader": train_loader,
+        "max_grad_norm": float(cfg.max_grad_norm),
+    }
     if cfg.target_epsilon is None:
         model, optimizer, train_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=train_loader,
-            noise_multiplier=float(cfg.noise_multiplier),
-            max_grad_norm=float(cfg.max_grad_norm),
+            **private, noise_multiplier=float(cfg.noise_multiplier)
         )
     else:
         try:
             model, optimizer, train_loader = engine.make_private_with_epsilon(
-                module=model,
-                optimizer=optimizer,
-                data_loader=train_loader,
+                **private,
                 target_epsilon=float(cfg.target_epsilon),
                 target_delta=float(cfg.delta),
                 epochs=cfg.epochs,
-                max_grad_norm=float(cfg.max_grad_norm),
             )
         except ValueError as err:  # Opacus's "The privacy budget is too low." names no flag
             if "too low" not in str(err) and "different signs" not in str(err):  # (GDP's root)

@@ -503,8 +503,12 @@ class OnlineEstimator:
         if self.kind == "infonce":
             terms = terms - torch.logsumexp(scores, dim=1)
         se = terms.std() / math.sqrt(len(self.val))
-        baseline = _offdiag_logmeanexp(scores)
-        return torch.stack([bound(self.kind, scores), se, baseline]).double()
+        if self.kind == "mine":  # DV's own log-partition term, computed once for both
+            baseline = _offdiag_logmeanexp(scores)
+            value = scores.diagonal().mean() - baseline
+        else:  # (only MINE's figures use a baseline)
+            baseline, value = torch.full_like(se, math.nan), bound(self.kind, scores)
+        return torch.stack([value, se, baseline]).double()
 
     def train(self) -> float:
         """One training round, then online model selection on the validation pairs.
