@@ -35,9 +35,11 @@ MIN_CI_PAIRS = 8
 # large terms, which a small batch often lacks and its bootstrap cannot see, the more so the
 # larger the MI. Reviewers' runs (the interval's low end above the truth, nominal 2.5%): at 8
 # pairs 10% (3.9 nats); at 16, 6-8% (4 nats) to 15-18% (6-8 nats); at 32, 1.4-1.8% (4 nats),
-# 3.5-6% (5-6), 8% (8); at 64, at most 1.1% up to 8 nats. InfoNCE's per-row terms are bounded:
-# 8 pairs suffice.
+# 3.5-6% (5-6), 8% (8); at 48, 3.3% (6 nats), 4.3% (8); at 64, at most 1.1% up to 8 nats. So
+# at least 32 pairs, and PAIRS_PER_NAT pairs for each nat the figure reads (an interval
+# over-reaches when its own figure reads high). InfoNCE's per-row terms are bounded: 8 pairs.
 MIN_CI_PAIRS_EXP = 32
+PAIRS_PER_NAT = 8
 MIN_VALIDATION = 64  # validation pairs before a learned critic may report
 NULL_MARGIN_SE = 2.0  # a learned critic must validate this many standard errors above 0
 
@@ -231,7 +233,8 @@ def held_out_figures(
 
     Mismatched: the same critic on one random re-pairing (the estimator's bias floor). The
     interval: a percentile bootstrap over the pairs, NaN below ``MIN_CI_PAIRS`` pairs
-    (``MIN_CI_PAIRS_EXP`` for the bounds with a marginal mean of ``e^T``).
+    (for the bounds with a marginal mean of ``e^T``: ``MIN_CI_PAIRS_EXP``, and
+    ``PAIRS_PER_NAT`` per nat of the figure).
     ``baseline``: MINE's figures in :func:`~opacus_mi.estimators.bounds.baseline_bound`'s form
     with this ``c`` (unbiased on a batch of any size), not DV's.
     """
@@ -250,6 +253,8 @@ def held_out_figures(
     if n >= (MIN_CI_PAIRS if kind == "infonce" else MIN_CI_PAIRS_EXP):
         counts = bootstrap_counts(n, bootstrap, generator, scores.device)
         interval = percentile_tensor(bootstrap_bound(kind, scores, counts, baseline))
+        if kind != "infonce":  # decided where the figure is (no host read)
+            interval = torch.where(matched * PAIRS_PER_NAT > n, math.nan, interval)
     else:  # a bootstrap over so few pairs is no interval
         interval = torch.full((2,), math.nan, dtype=torch.float64, device=scores.device)
     return torch.cat([torch.stack([matched, mismatched]).double(), interval])
