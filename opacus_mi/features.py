@@ -79,6 +79,8 @@ class FeatureCapture:
             outputs become features.
         fn: optional callable ``inputs -> (B, d)`` features, computed without autograd.
         use_input: whether the (pooled) input batch is a feature.
+        batch_first: the module's layout (``make_private(batch_first=...)``): with False the
+            input's examples lie along its dim 1, as Opacus reads them.
         active: callable telling whether the current forward is worth capturing (the monitor
             only pays for copies on monitored steps).
     """
@@ -90,11 +92,13 @@ class FeatureCapture:
         layers: Sequence[str] = (),
         fn: FeatureFn | None = None,
         use_input: bool = True,
+        batch_first: bool = True,
         active: Callable[[], bool] = lambda: True,
     ):
         self.module = module
         self.fn = fn
         self.use_input = use_input
+        self.batch_first = batch_first
         self.layer_names = tuple(layers)
         self._active = active
         self.pending: list[Capture] = []
@@ -156,9 +160,13 @@ class FeatureCapture:
         """The ``(B, d)`` features of the forwards behind one step's per-sample gradients.
 
         Returns None when the captured rows do not add up to ``batch`` (features and gradients
-        cannot be paired, so the monitor flags the step instead of guessing).
+        cannot be paired, so the monitor flags the step instead of guessing). A forward's rows
+        are its input's examples; a step of one forward has ``batch`` of them, which is what a
+        callable's or a layer's output must then have even where the input is not one row per
+        example (``nn.EmbeddingBag``'s flat ids with offsets).
         """
-        rows = [self._features_of(c) for c in captures]
+        alone = batch if len(captures) == 1 else None
+        rows = [self._features_of(c, alone) for c in captures]
         rows = [r for r in rows if r is not None]
         if not rows or sum(r.shape[0] for r in rows) != batch:
             return None
@@ -166,29 +174,36 @@ class FeatureCapture:
             return None
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
-    def _features_of(self, capture: Capture) -> torch.Tensor | None:
+    def _features_of(self, capture: Capture, batch: int | None) -> torch.Tensor | None:
+        """One forward's ``(rows, d)`` features; ``batch``: its rows where known (else the
+        input's examples)."""
         if capture.inputs is None:
             return None
-        batch = capture.inputs.shape[0]
+        x = capture.inputs
+        if not self.batch_first and x.ndim >= 2:
+            x = x.movedim(1, 0)  # (T, B, ...): one row per example, as Opacus reads it
+        if batch is None:
+            batch = x.shape[0]
         parts: list[torch.Tensor] = []
-        if capture.inputs is not None and capture.inputs.shape[0] == batch:
-            if self.use_input:
-                parts.append(pool_features(capture.inputs))
-            if self.fn is not None:
-                with torch.no_grad():
-                    user = self.fn(capture.inputs)
-                if (
-                    not isinstance(user, torch.Tensor)
-                    or user.ndim == 0
-                    or user.shape[0] != batch
-                    or user[:1].numel() == 0
-                ):
-                    got = tuple(user.shape) if isinstance(user, torch.Tensor) else type(user)
-                    raise ValueError(
-                        "the features callable must return a tensor with one non-empty row per "
-                        f"example, (B, ...) with B = {batch}; got {got}"
-                    )
-                parts.append(pool_features(user))
+        if self.use_input:
+            if x.ndim == 0 or x.shape[0] != batch:
+                return None  # not one row per example: unpaired (the warning names features=)
+            parts.append(pool_features(x))
+        if self.fn is not None:
+            with torch.no_grad():
+                user = self.fn(capture.inputs)
+            if (
+                not isinstance(user, torch.Tensor)
+                or user.ndim == 0
+                or user.shape[0] != batch
+                or user[:1].numel() == 0
+            ):
+                got = tuple(user.shape) if isinstance(user, torch.Tensor) else type(user)
+                raise ValueError(
+                    "the features callable must return a tensor with one non-empty row per "
+                    f"example, (B, ...) with B = {batch}; got {got}"
+                )
+            parts.append(pool_features(user))
         for name in self.layer_names:
             act = capture.layers.get(name)
             if act is None or act.ndim == 0 or act.shape[0] != batch:

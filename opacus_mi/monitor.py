@@ -561,6 +561,7 @@ class LeakageMonitor:
             layers=layers,
             fn=fn,
             use_input=use_input,
+            batch_first=getattr(module, "batch_first", True),
             active=lambda: self._tokens and self._due(),
         )
         # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one token and Gram are cheap.
@@ -1220,9 +1221,11 @@ class LeakageMonitor:
             self._warn_once(
                 "features:unpaired",
                 "the forwards since the last step do not pair with its per-sample gradients "
-                "(several training forwards per step, e.g. a regulariser's, or a forward whose "
-                "step never came): the learned critics skip such steps (flag "
-                "features_unpaired); features= a callable of the inputs avoids it",
+                "(several training forwards per step, e.g. a regulariser's, a forward whose "
+                "step never came, or an input that is not one row per example such as "
+                "nn.EmbeddingBag's flat ids): the learned critics skip such steps (flag "
+                "features_unpaired); features= a callable of the inputs or a layer name "
+                "avoids it",
             )
             chunk.flags.append("features_unpaired")
         return feats

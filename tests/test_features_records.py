@@ -533,6 +533,95 @@ def test_features_that_cannot_be_paired_are_flagged_with_a_clear_warning(feature
     assert len(messages) == 1 and says in messages[0]
 
 
+class _SeqFirstNet(nn.Module):
+    """Input (T, B, 4), as ``make_private(batch_first=False)`` models take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).mean(0)
+
+
+def test_a_time_major_models_features_are_each_examples_own_input():
+    """batch_first=False at T == B: feature row i was time step i of every example (no flag,
+    learned figures paired with the wrong examples); at T != B every step was unpaired."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    for steps in (16, 5):
+        torch.manual_seed(0)
+        data = TensorDataset(torch.randn(64, steps, 4), torch.randint(0, 3, (64,)))
+        model = _SeqFirstNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = PrivacyEngine(accountant="rdp")
+        model, opt, loader = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=DataLoader(data, batch_size=16),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            batch_first=False,
+            poisson_sampling=False,
+        )
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+        criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+        got = []
+        original = monitor._capture.features
+        monitor._capture.features = lambda c, b: got.append(original(c, b)) or got[-1]
+        for x, y in loader:  # x: (B, T, 4)
+            opt.zero_grad()
+            criterion(model(x.transpose(0, 1)), y).backward()
+            opt.step()
+            feats = got[-1]
+            assert feats is not None
+            assert torch.equal(feats[:, : steps * 4], x.reshape(len(x), -1))
+            assert torch.equal(feats[:, steps * 4 :], nn.functional.one_hot(y, 3).float())
+        assert not any(r.flags for r in monitor.history)
+
+
+def test_an_embedding_bags_flat_ids_pair_through_a_named_layer():
+    """nn.EmbeddingBag called with flat ids and offsets: its input is not one row per example,
+    so a named layer (or a callable) gives the features; they were refused against the flat
+    ids' length."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(20, 6, mode="mean")
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, flat, offsets):
+            return self.fc(self.bag(flat, offsets))
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randint(0, 20, (64, 5)), torch.randint(0, 3, (64,)))
+    model = Bags()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=DataLoader(data, batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", features=["bag"])
+    criterion = nn.CrossEntropyLoss()
+    for _ in range(2):
+        for ids, y in loader:  # (B, 5) ids, passed flat with offsets
+            opt.zero_grad()
+            offsets = torch.arange(0, ids.numel(), ids.shape[1])
+            criterion(model(ids.reshape(-1), offsets), y).backward()
+            opt.step()
+    assert len(monitor.history) == 8 and not any(r.flags for r in monitor.history)
+    assert "clipped/mine" in monitor.history[-1].mi
+
+
 def test_a_single_logit_heads_integer_labels_become_one_hot_features():
     """A (B, 1) head with a loss that casts 0/1/2 labels itself: one class from the output's
     width made the one-hot fail at every step (features_error, every learned figure lost)."""
