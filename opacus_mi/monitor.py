@@ -58,7 +58,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opacus.grad_sample import AbstractGradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.grad_sample import (
+    AbstractGradSampleHooks,
+    AbstractGradSampleModule,
+    GradSampleModuleFastGradientClipping,
+)
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
@@ -141,6 +145,14 @@ def _check_attach(engine, module, optimizer) -> None:
         raise TypeError(
             f"optimizer must be the DPOptimizer returned by PrivacyEngine.make_private, got "
             f"{type(optimizer).__name__}; pass the optimizer that make_private returned"
+        )
+    if isinstance(module, AbstractGradSampleHooks) and not isinstance(
+        module, AbstractGradSampleModule
+    ):
+        raise ValueError(
+            f"module is the {type(module).__name__} that make_private(wrap_model=False) "
+            "returns: the monitor needs the GradSampleModule of make_private(wrap_model=True), "
+            "the default; make the model private with it and pass the module it returns"
         )
     if not isinstance(module, AbstractGradSampleModule):
         raise TypeError(

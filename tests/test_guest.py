@@ -11,8 +11,10 @@ import copy
 import pytest
 import torch
 from conftest import make_private, train, without_timing
+from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from opacus_mi import LeakageMonitor, MonitoredPrivacyEngine
 
@@ -350,6 +352,18 @@ def test_attach_errors_name_the_argument():
         LeakageMonitor(engine, model, torch.optim.SGD(model.parameters(), lr=0.1), delta=1e-5)
     with pytest.raises(TypeError, match="module"):
         LeakageMonitor(engine, model._module, opt, delta=1e-5)
+    # make_private(wrap_model=False) returns hooks, not the module: the fix is the default
+    net = nn.Linear(4, 2)
+    hooks, hook_opt, _ = PrivacyEngine().make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        wrap_model=False,
+    )
+    with pytest.raises(ValueError, match=r"module is the GradSampleHooks .*\(wrap_model=True\)"):
+        LeakageMonitor(engine, hooks, hook_opt, delta=1e-5)
     for kwargs, word in [
         ({"delta": 0.0}, "delta"),
         ({"delta": 1e-5, "every": 0}, "every"),
