@@ -569,7 +569,7 @@ def test_a_time_major_models_features_are_each_examples_own_input():
         criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
         got = []
         original = monitor._capture.features
-        monitor._capture.features = lambda c, b: got.append(original(c, b)) or got[-1]
+        monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
         for x, y in loader:  # x: (B, T, 4)
             opt.zero_grad()
             criterion(model(x.transpose(0, 1)), y).backward()
