@@ -1048,13 +1048,19 @@ class LeakageMonitor:
         else:
             per_layer = taken.max_grad_norms is not None
             bound = taken.max_grad_norms if per_layer else taken.max_grad_norm
-            # Half-precision gradients are sketched in float32 (Opacus's clip factors kept as is).
+            # Half-precision gradients are sketched in float32; their clip factors are
+            # Opacus's, from norms in their own precision (a float32 norm moved them ~1e-2).
+            half = any(g.dtype in _HALF for g in grad_samples)
             wide = [g.float() if g.dtype in _HALF else g for g in grad_samples]
             backprops = self._rank_one_backprops(wide, linear_inputs) if fast else {}
             if fast and not per_layer and "private" in self.views:
-                # The Gram's diagonal holds the squared norms: no separate norm pass.
                 gram32 = raw_gram(wide, rank_one=linear_inputs, backprops=backprops)
-                clip = flat_clip(gram32.diagonal().clamp_min(0).sqrt(), bound)
+                # The Gram's diagonal holds the squared norms: no separate norm pass.
+                clip = (
+                    clip_factors(grad_samples, bound)
+                    if half
+                    else flat_clip(gram32.diagonal().clamp_min(0).sqrt(), bound)
+                )
             else:
                 clip = clip_factors(grad_samples, bound)
             grad_samples = wide

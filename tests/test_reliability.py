@@ -302,3 +302,41 @@ def test_bfloat16_model_is_monitored_without_changing_training():
     (_, p0), (monitor, p1) = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
     assert all(not r.flags and "private/oracle" in r.mi for r in monitor.history)
+
+
+def test_bfloat16_clip_factors_are_opacus_own(monkeypatch):
+    """Opacus clips bfloat16 gradients with norms taken in bfloat16; the monitor took them from
+    its float32 Gram's diagonal, up to 6.6e-3 off, so the oracle's Gram diagonal was ~1.5% off
+    Opacus's clipped norms. (The rest is float32 against Opacus's rounded grad_sample.)"""
+    from conftest import TinyCNN, make_data
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import opacus_mi.monitor as monitor_module
+
+    torch.manual_seed(0)
+    x, y = make_data(64).tensors
+    net = TinyCNN().to(torch.bfloat16)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x.to(torch.bfloat16), y), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=0.1,
+        poisson_sampling=False,
+    )
+    errors, original = [], monitor_module.gram_oracle
+
+    def checked(gram, std, **kwargs):
+        grads = [g.reshape(16, -1) for g in opt.grad_samples]  # Opacus's, bfloat16
+        norms = torch.stack([g.norm(2, dim=-1) for g in grads], dim=1).norm(2, dim=1)
+        factors = (0.1 / (norms + 1e-6)).clamp(max=1.0)  # as DPOptimizer.clip_and_accumulate
+        want = (factors.double() * torch.cat(grads, 1).double().norm(dim=1)) ** 2
+        errors.append(float((gram.double().diagonal() / want - 1).abs().max()))
+        return original(gram, std, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "gram_oracle", checked)
+    LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+    train(model, opt, loader)
+    assert len(errors) == 4 and max(errors) < 4e-3
