@@ -126,6 +126,8 @@ def summary_table(
         "\n(shuffled: the same critic on re-paired pairs; control: a critic trained on them);"
         "\nbound/step = 1/(2 sigma^2), the Gaussian channel limit of one private release."
     )
+    if any(k.endswith("/smile") for k in keys):
+        text += "\nsmile rows are estimates, not bounds: its clipped critic can read above truth."
     if flagged:
         text += f"\nflags seen: {', '.join(flagged)}"
     if note:
