@@ -47,6 +47,7 @@ import atexit
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 import weakref
@@ -614,6 +615,7 @@ class LeakageMonitor:
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
         self.attached = True
+        _ATTACHED.add(self)
 
     # ------------------------------------------------------------------ attach / detach
     @staticmethod
@@ -670,6 +672,11 @@ class LeakageMonitor:
         self.flush()
         if self._worker is not None:
             self._worker.close()
+        self._unhook()
+        if self._jsonl is not None and not self._delivering:
+            self._jsonl.close()  # (a sink detaching: once the record it got is delivered)
+
+    def _unhook(self) -> None:
         if vars(self.optimizer).get("pre_step") == self._pre_step:
             del self.optimizer.pre_step
         self._capture.remove()
@@ -678,10 +685,22 @@ class LeakageMonitor:
         if self._linear_inputs is not None:
             self._linear_inputs.remove()
         if self._finaliser is not None:
-            self._finaliser.detach()  # delivered above
-        if self._jsonl is not None and not self._delivering:
-            self._jsonl.close()  # (a sink detaching: once the record it got is delivered)
+            self._finaliser.detach()  # delivered, or (a forked child) the parent's to deliver
         self.attached = False
+        _ATTACHED.discard(self)
+
+    def _stand_aside(self) -> None:
+        """In a forked child (``os.fork``, a multiprocessing "fork" process) the copy lets go of
+        the model: its worker thread did not survive the fork (waiting on it hung), and its
+        records, sinks and JSONL are the parent's (a child wrote the parent's pending record a
+        second time). The child trains on, unmonitored; the parent's monitor is unchanged."""
+        self._worker = None
+        self._done.clear()
+        self._worker_warnings.clear()
+        self._chunks = []
+        self.sinks = []
+        self._jsonl = None  # (the parent's file: neither written nor closed here)
+        self._unhook()
 
     def wrap_criterion(self, criterion: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """Return ``criterion`` that also shows the monitor each chunk's labels (one line)::
@@ -1746,6 +1765,19 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={self.record_count}, attached={self.attached})"
         )
+
+
+# Attached monitors, for a forked child to set aside (see LeakageMonitor._stand_aside).
+_ATTACHED: weakref.WeakSet[LeakageMonitor] = weakref.WeakSet()
+
+
+def _stand_aside_after_fork() -> None:
+    for monitor in list(_ATTACHED):
+        monitor._stand_aside()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_stand_aside_after_fork)
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:

@@ -607,3 +607,52 @@ def test_a_failed_record_carries_its_own_steps_bound():
     assert "error:RuntimeError" in history[1].flags
     assert [r.max_grad_norm for r in history] == used
     assert not monitor._step_bounds  # every step's bound let go of once recorded
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX fork")
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_forked_child_trains_on_unmonitored_and_writes_nothing(tmp_path, overlap):
+    """os.fork() (or a multiprocessing 'fork' process) mid-run: the child's copy of the overlap
+    worker had no thread, so a child that trained on, or merely exited, hung waiting on it; a
+    child that exited wrote the parent's pending record into the JSONL a second time."""
+    import json
+    import os
+
+    engine, model, opt, loader = make_private(poisson=False, n=128)
+    path = tmp_path / "records.jsonl"
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=overlap, jsonl=path)
+    criterion = nn.CrossEntropyLoss()
+    batches = iter(loader)
+    for _ in range(3):
+        x, y = next(batches)
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    pid = os.fork()
+    if pid == 0:  # the child: trains two steps, as Opacus alone would
+        code = 1
+        try:
+            for _ in range(2):
+                x, y = next(batches)
+                opt.zero_grad()
+                criterion(model(x), y).backward()
+                opt.step()
+            code = 0 if not monitor.attached and "pre_step" not in vars(opt) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0  # (not hung)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    for x, y in batches:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+    monitor.detach()
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [r.step for r in monitor.history] == list(range(len(loader)))
