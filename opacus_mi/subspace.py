@@ -107,16 +107,32 @@ class GradientSubspace:
         self._since_fit = 0
 
     def state_dict(self) -> dict:
-        rows = self._rows.ordered()
+        """The rows as stored (ring order) with the write head: :meth:`refit` reads them in
+        storage order, so a round trip must keep that order for a resumed run's bases (and so
+        its semi-oracle figures) to be bit-identical to an uninterrupted run's."""
+        rows = self._rows.valid()
         return {
-            "buf": rows.clone() if rows is not None else torch.zeros((0, self.num_params)),
+            "stored": {
+                "size": self.rows,
+                "rows": rows.clone() if rows is not None else torch.zeros((0, self.num_params)),
+                "head": self._rows.head,
+            },
             "basis": self.basis,
             "since_fit": self._since_fit,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self._rows.clear()
-        if state["buf"].numel():
+        stored = state.get("stored")
+        if stored is not None and stored["size"] == self.rows and stored["rows"].numel():
+            rows = stored["rows"].to(self.device, torch.float32)
+            self._rows.buf = rows.new_empty((self.rows, *rows.shape[1:]))
+            self._rows.buf[: len(rows)] = rows
+            self._rows.count, self._rows.head = len(rows), stored["head"] % self.rows
+        elif stored is not None and stored["rows"].numel():  # another buffer size: oldest first
+            n = len(stored["rows"])
+            self.observe(torch.roll(stored["rows"], -(int(stored["head"]) % n), dims=0))
+        elif stored is None and state["buf"].numel():  # a state from before: rows oldest first
             self.observe(state["buf"])
         self.basis = state["basis"]
         self._since_fit = state["since_fit"]

@@ -92,3 +92,45 @@ def test_change_of_basis_preserves_the_learned_clean_token_model():
     est.change_basis(q)
     torch.testing.assert_close(est.pairs.y, window @ q.T)
     torch.testing.assert_close(est.predict(f), before @ q.T, atol=1e-4, rtol=1e-4)
+
+
+def test_subspace_state_round_trip_after_the_buffer_wrapped_is_exact():
+    # refit reads the rows in storage order, so a resumed subspace must keep that order: re-adding
+    # them oldest first permutes the Gram and the refitted basis rounds differently
+    g = torch.Generator().manual_seed(0)
+    p, k = 300, 8
+    batches = [torch.randn(16, p, generator=g) * torch.linspace(3, 0.1, p) for _ in range(12)]
+    a = GradientSubspace(p, k, rows=64, refit_every=4)
+    for b in batches[:7]:  # 112 rows through a 64-row buffer: it has wrapped
+        a.observe(b)
+        a.step()
+    assert a._rows.head != 0 and len(a._rows) == 64
+    state = a.state_dict()
+    resumed = GradientSubspace(p, k, rows=64, refit_every=4)
+    resumed.load_state_dict(state)
+    assert resumed._rows.head == a._rows.head and len(resumed._rows) == 64
+    assert torch.equal(resumed._rows.buf, a._rows.buf)
+    refits = 0
+    for b in batches[7:]:
+        a.observe(b)
+        resumed.observe(b)
+        change, resumed_change = a.step(), resumed.step()
+        refits += change is not None
+        assert (change is None) == (resumed_change is None)
+        assert torch.equal(resumed.basis, a.basis)
+    assert refits >= 1
+
+    # a state from before (rows oldest first) still loads: the same rows, the same subspace
+    old = {"buf": a._rows.ordered().clone(), "basis": a.basis, "since_fit": a._since_fit}
+    loaded = GradientSubspace(p, k, rows=64, refit_every=4)
+    loaded.load_state_dict(old)
+    assert torch.equal(loaded._rows.ordered(), a._rows.ordered())
+    loaded.refit()
+    a.refit()
+    torch.testing.assert_close(
+        loaded.basis @ loaded.basis.T, a.basis @ a.basis.T, atol=1e-5, rtol=0
+    )
+    # into a larger buffer, the rows keep their age order
+    bigger = GradientSubspace(p, k, rows=128, refit_every=4)
+    bigger.load_state_dict(a.state_dict())
+    assert torch.equal(bigger._rows.ordered(), a._rows.ordered())
