@@ -59,10 +59,25 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
         # (A lone point: a line and a band of one point draw nothing; a marker and a bar do.)
         lone = len(steps) == 1
         (line,) = ax.plot(steps, nats, label=key, linewidth=1.3, marker="o" if lone else None)
-        if lone:
-            ax.vlines(steps, lo, hi, color=line.get_color(), alpha=0.5, linewidth=3)
-        else:
+        if not lone:
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        # The band breaks at NaN intervals (records of < 8 pairs), so an interval with none on
+        # either side is a band of one point too: it gets a bar.
+        has = [math.isfinite(a) and math.isfinite(b) for a, b in zip(lo, hi, strict=True)]
+        alone = [
+            i
+            for i, h in enumerate(has)
+            if h and not (i > 0 and has[i - 1]) and not (i + 1 < len(has) and has[i + 1])
+        ]
+        if alone:
+            ax.vlines(
+                [steps[i] for i in alone],
+                [lo[i] for i in alone],
+                [hi[i] for i in alone],
+                color=line.get_color(),
+                alpha=0.5,
+                linewidth=3,
+            )
     bound = [(r.step, _finite(r.mi_bound)) for r in records if r.mi_bound is not None]
     if bound:
         ax.plot(

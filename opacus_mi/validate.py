@@ -836,6 +836,17 @@ def plot_validate(
                     alpha=0.85,
                     edgecolors="none",
                 )
+                lo, hi = r.get(f"{m_key}_ci_low"), r.get(f"{m_key}_ci_high")
+                if lo is not None and hi is not None and not is_inf[k]:  # the estimate's 95% CI
+                    ax.errorbar(
+                        xs[k],
+                        r[a_key],
+                        xerr=[[max(xs[k] - lo, 0.0)], [max(hi - xs[k], 0.0)]],
+                        fmt="none",
+                        ecolor=colors[ci],
+                        elinewidth=0.8,
+                        alpha=0.6,
+                    )
             if m_key == "mi_pixels":
                 ax.set_xscale("symlog", linthresh=1.0)
             if is_inf.any():

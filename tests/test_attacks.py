@@ -449,3 +449,41 @@ def test_reconstructions_are_plotted_beside_the_inputs_they_were_matched_to(tmp_
     truth, rec = shown[0]["truth"], shown[0]["0"]
     assert not torch.equal(truth[0], truth[1])
     torch.testing.assert_close(rec, truth)
+
+
+def test_validate_plot_draws_the_oracle_intervals(tmp_path, monkeypatch):
+    """Every row carries mi_oracle_ci_low/high; the MI-oracle panels show them as x error bars
+    spanning exactly that interval (the MI-pixels panels have none to show)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    from opacus_mi.validate import ATTACK_METRICS, MI_ESTIMATES, plot_validate
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    rows = [
+        {"step": s, "batch_size": b, "candidates": 64, "psnr_mean_image": 10.0,
+         "mi_oracle": mi, "mi_oracle_ci_low": mi - half, "mi_oracle_ci_high": mi + half,
+         "mi_pixels": 2.0 * mi, "ig_psnr": 12 + mi, "reid_acc": mi / 4, "mia_auc": 0.5 + mi / 10}
+        for s, b, mi, half in [(0, 4, 0.3, 0.1), (60, 4, 1.2, 0.25), (60, 8, 2.0, 0.4)]
+    ]  # fmt: skip
+    correlations = [
+        {"mi": m, "attack": a, "spearman": 1.0, "ci_low": 0.9, "ci_high": 1.0}
+        for m, _ in MI_ESTIMATES
+        for a, _ in ATTACK_METRICS
+    ]
+    plot_validate(rows, correlations, tmp_path / "validate.png")
+    (fig,) = figs
+    panels = fig.axes[:3], fig.axes[3:6]  # rows: MI oracle, MI pixels
+    for ax, metric in zip(panels[0], ("ig_psnr", "reid_acc", "mia_auc"), strict=True):
+        bars = sorted(
+            tuple(seg[:, 0]) + (seg[0, 1],)
+            for c in ax.collections
+            if isinstance(c, LineCollection)
+            for seg in c.get_segments()
+            if seg[0, 1] == seg[1, 1] and seg[0, 0] != seg[1, 0]  # horizontal: an x error bar
+        )
+        expected = sorted((r["mi_oracle_ci_low"], r["mi_oracle_ci_high"], r[metric]) for r in rows)
+        assert len(bars) == len(rows) and np.allclose(bars, expected), (metric, bars)
+    for ax in panels[1]:
+        assert not [c for c in ax.collections if isinstance(c, LineCollection)]

@@ -697,3 +697,50 @@ def test_plots_show_lone_points_small_sigma_and_infinite_epsilon(tmp_path, monke
     assert any("bound/step 200 nats: above the axis" in t.get_text() for t in ax.texts)
     plots.plot_epsilon([record(s, 1.0, 0.3, math.inf) for s in range(3)], tmp_path / "e.png")
     assert any("no finite epsilon" in t.get_text() for t in seen.pop().texts)
+
+
+def test_mi_plot_draws_an_interval_whose_neighbours_have_none(tmp_path, monkeypatch):
+    """Records of < 8 pairs have NaN intervals; fill_between breaks the band there, and an
+    interval between two such records became a zero-width (invisible) polygon."""
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+    nan = math.nan
+    rows = [(21, .251, nan, nan), (22, .043, nan, nan), (23, .137, -.220, .494),
+            (24, .096, nan, nan), (25, .50, .103, .897), (26, .45, .2, .7), (27, .4, .1, .6),
+            (28, .3, nan, nan), (29, .2, -.1, .5)]  # fmt: skip
+    records = [
+        LeakageRecord(
+            step=s,
+            batch_size=8,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.06,
+            epsilon=1.0,
+            delta=1e-5,
+            mi={"private/oracle": MIValue(m, lo, hi, 8)},
+        )  # fmt: skip
+        for s, m, lo, hi in rows
+    ]
+    plots.plot_mi(records, tmp_path / "mi.png")
+    ax = seen.pop()
+    covered = {}  # step -> (low, high) of a visible band or bar there
+    for c in ax.collections:
+        if isinstance(c, LineCollection):
+            for seg in c.get_segments():
+                if len(seg) and seg[0][1] != seg[1][1]:
+                    covered[float(seg[0][0])] = (min(seg[:, 1]), max(seg[:, 1]))
+        elif isinstance(c, PolyCollection):
+            for path in c.get_paths():
+                xs, ys = path.vertices[:, 0], path.vertices[:, 1]
+                if xs.max() > xs.min():  # a band has width
+                    for x in set(xs.tolist()):
+                        at = ys[xs == x]
+                        covered[x] = (float(at.min()), float(at.max()))
+    expected = {float(s): (lo, hi) for s, _, lo, hi in rows if math.isfinite(lo)}
+    assert set(covered) == set(expected)
+    for s, (lo, hi) in expected.items():
+        assert covered[s] == pytest.approx((lo, hi))
