@@ -6,6 +6,7 @@ and can be re-read by ``opacus-mi report``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -134,11 +135,19 @@ def _ends_with_newline(path: Path) -> bool:
         return fh.read(1) == b"\n"
 
 
+# The newest JsonlSink of each file in this process, by serial number (see JsonlSink).
+_NEWEST: dict[str, int] = {}
+_SERIALS = itertools.count()
+
+
 class JsonlSink:
     """Appends one JSON line per record and flushes it to the OS at once.
 
     Opened in append mode so a resumed run continues the same file; a killed process loses at
-    most the record it was writing.
+    most the record it was writing. Once a newer sink in this process opens the same file, this
+    one writes nothing more (with a warning): an abandoned monitor's last records, delivered at
+    exit or when it is collected, landed among a resumed run's lines, and read_jsonl then took
+    the stale step for a restart and left the resumed run's records out.
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = False):
@@ -148,8 +157,22 @@ class JsonlSink:
         if self._fh.tell() and not _ends_with_newline(self.path):
             self._fh.write("\n")  # a killed run's torn last line: resume on a line of our own
         self.fsync = fsync
+        self._key = os.path.realpath(self.path)
+        self._serial = _NEWEST[self._key] = next(_SERIALS)
+        self.left_out = 0  # records not written: a newer sink had the file
 
     def __call__(self, record: LeakageRecord) -> None:
+        if _NEWEST.get(self._key) != self._serial:
+            self.left_out += 1
+            if self.left_out == 1:
+                warnings.warn(
+                    f"opacus-mi: the record of step {record.step} was not written to "
+                    f"{self.path}: a newer monitor writes to that file (this one was never "
+                    "detached; call detach() when a run ends or is abandoned)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return
         self._fh.write(json.dumps(record.as_dict()) + "\n")
         self._fh.flush()
         if self.fsync:

@@ -505,6 +505,37 @@ def test_a_collected_monitor_delivers_its_last_records(tmp_path):
     assert [r.step for r in read_jsonl(path)] == list(range(8))
 
 
+def test_an_abandoned_monitors_last_record_stays_out_of_a_resumed_runs_file(tmp_path):
+    """A run abandoned without detach() (an exception in a notebook), then resumed into the
+    same JSONL: the old monitor's undelivered record was appended when it was collected, after
+    the resumed run's lines, and read_jsonl took it for a restart (the resumed records left
+    out)."""
+    from opacus_mi import read_jsonl
+
+    path = tmp_path / "records.jsonl"
+
+    def abandoned():
+        engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=8)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=path, overlap=True)
+        train(model, opt, loader)  # 8 steps, the last record made but not yet delivered
+        monitor._worker.wait()
+        assert len(monitor._done) == 1
+        return monitor
+
+    old = abandoned()
+    engine, model, opt, loader = make_private(poisson=False, n=64, batch_size=8)
+    resumed = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=path, overlap=False)
+    train(model, opt, loader)
+    with pytest.warns(RuntimeWarning, match="step 7 was not written .* a newer monitor"):
+        old._finaliser()  # what collecting it, or the exit, runs
+    resumed.detach()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 7 + 8  # the old run's delivered 7, the new run's 8, nothing after
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the new run starts over at step 0)
+        assert [r.step for r in read_jsonl(path)] == list(range(8))
+
+
 @pytest.mark.parametrize("setting", ["schedulers", "adaptive"])
 def test_records_carry_the_noise_and_bound_their_step_used(setting):
     """Opacus's noise and clipping schedulers (stepped after optimizer.step()) and adaptive
