@@ -552,8 +552,8 @@ class LeakageMonitor:
             path = Path(jsonl)
             jsonl = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
         self._jsonl = JsonlSink(jsonl) if jsonl and self._writes else None
-        if self._jsonl is not None:
-            self.sinks.append(self._jsonl)
+        if self._jsonl is not None:  # first: a user sink that raises Ctrl-C cannot keep it out
+            self.sinks.insert(0, self._jsonl)
         # Logical steps, numbered as the accountant counts them: a monitor attached to an
         # engine that has trained already (a resumed checkpoint, a re-attach) names each
         # record's step so that its epsilon is get_epsilon after that step.
@@ -786,7 +786,11 @@ class LeakageMonitor:
             self._step_bounds[self.steps] = self._step_bound  # read by this step's record
             chunks, self._chunks = self._chunks, []
             if self._worker is None:
-                self._finish_safely(chunks, self.steps, accounting)
+                try:
+                    self._finish_safely(chunks, self.steps, accounting)
+                except BaseException:  # (Ctrl-C: the step happened, and its record is made)
+                    self.steps += 1
+                    raise
                 self._deliver()
             else:
                 # Until the worker's plan is in, the last interval holds (a step measured too
@@ -926,8 +930,15 @@ class LeakageMonitor:
                 self._done.append(self._failed_record(chunks, step, accounting, exc))
             except Exception:  # (already warned about: nothing more to say)
                 pass
-        self._step_bounds.pop(step, None)
-        self._chunk_seconds = 0.0
+        except BaseException as exc:
+            # Ctrl-C while the record is made (inline: the accountant has counted the step):
+            # the step keeps its record, flagged error:KeyboardInterrupt; the interrupt goes on.
+            with contextlib.suppress(Exception):
+                self._done.append(self._failed_record(chunks, step, accounting, exc))
+            raise
+        finally:
+            self._step_bounds.pop(step, None)
+            self._chunk_seconds = 0.0
 
     def _step_settings(self, step: int, accounting: tuple) -> tuple[float, float]:
         """The noise multiplier and clipping bound step ``step`` used: the accountant's entry
@@ -955,7 +966,7 @@ class LeakageMonitor:
         )
 
     def _failed_record(
-        self, chunks: list, step: int, accounting: tuple, exc: Exception
+        self, chunks: list, step: int, accounting: tuple, exc: BaseException
     ) -> LeakageRecord:
         """What is known of a step whose measurement failed, flagged ``error:<type>``: no MI,
         but its settings, epsilon and bounds (and a batch size from the chunks measured)."""

@@ -618,6 +618,51 @@ def test_a_step_interrupted_inside_opacus_leaves_nothing_for_the_next_record(ove
     assert all(r.mi["private/oracle"].n == 16 for r in history)
 
 
+def test_ctrl_c_while_a_record_is_made_or_delivered_loses_no_record(tmp_path):
+    """Ctrl-C inside the inline monitor's record-making came after the accountant had counted
+    the step: that step got no record (and the count fell behind); inside a user's sink, the
+    JSONL (called after the user's sinks) never got that record."""
+    from opacus.accountants import RDPAccountant
+
+    from opacus_mi import read_jsonl
+
+    engine, model, opt, loader = make_private(poisson=False, n=128)
+    calls = []
+
+    def sink(record):
+        calls.append(record.step)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "records.jsonl"
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, overlap=False, estimator=None, jsonl=path, sinks=[sink]
+    )
+    finish = monitor._finish_step
+
+    def interrupted(*args):
+        if args[1] == 2:
+            raise KeyboardInterrupt
+        return finish(*args)
+
+    monitor._finish_step = interrupted
+    for x, y in loader:
+        try:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        except KeyboardInterrupt:
+            pass
+    monitor.detach()
+    steps = sum(h[2] for h in engine.accountant.history)
+    assert [r.step for r in monitor.history] == list(range(steps)) == list(range(len(loader)))
+    assert monitor.history[2].flags == ["error:KeyboardInterrupt"]
+    reference = RDPAccountant()  # epsilon after the interrupted step, as Opacus counts it
+    reference.history = [(1.0, monitor.history[2].sample_rate, 3)]
+    assert monitor.history[2].epsilon == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+    assert [r.step for r in read_jsonl(path)] == list(range(steps))
+
+
 def test_a_failed_record_carries_its_own_steps_bound():
     """The step's bound was let go of before the failure reached the fallback record, which
     then read the optimizer's, moved on by a scheduler since (0.25 recorded, 0.5 used)."""
