@@ -11,9 +11,7 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 
-from .monitor import LeakageMonitor
-
-MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in a checkpoint
+from .monitor import MONITOR_STATE_KEY, LeakageMonitor
 
 
 def _read_checkpoint(path: Any, torch_load_kwargs: dict[str, Any] | None) -> dict[str, Any]:

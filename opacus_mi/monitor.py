@@ -102,6 +102,7 @@ from .views import (
 )
 
 _HALF = (torch.float16, torch.bfloat16)
+MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in an engine checkpoint
 _GHOST_HINT = (
     "ghost clipping is supported for grad_sample_mode='ghost' (GradSampleModuleFastGradientClipping"
     " with DPOptimizerFastGradientClipping or its DDP variant), not 'ghost_fsdp' or tensor "
@@ -1720,8 +1721,14 @@ class LeakageMonitor:
         keys = ("steps", "generator", "estimators", "history")
         missing = [k for k in keys if k not in state] if isinstance(state, dict) else []
         if not isinstance(state, dict) or missing:
+            hint = (
+                f": this is a whole checkpoint; pass its {MONITOR_STATE_KEY!r} entry, or load "
+                "it with MonitoredPrivacyEngine.load_checkpoint"
+                if isinstance(state, dict) and MONITOR_STATE_KEY in state
+                else ""
+            )
             raise ValueError(
-                f"not a LeakageMonitor.state_dict() (missing {missing or 'everything'})"
+                f"not a LeakageMonitor.state_dict() (missing {missing or 'everything'}){hint}"
             )
         saved = state.get("settings")  # (absent from checkpoints of earlier versions)
         if saved is not None:

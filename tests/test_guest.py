@@ -549,3 +549,7 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
     finally:
         if stream:
             source.close()
+    # The whole checkpoint handed to the monitor: the error says which entry, or which call
+    whole = torch.load(path, weights_only=False)
+    with pytest.raises(ValueError, match="'opacus_mi_monitor_state_dict' entry, or load it with"):
+        engine.monitor.load_state_dict(whole)
