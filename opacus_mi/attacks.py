@@ -108,6 +108,14 @@ def private_release(
                 raise ValueError("noise needs a clipping bound: pass max_grad_norm")
             noise = torch.randn(g.shape, generator=generator, dtype=g.dtype, device=g.device)
             g = g + noise_multiplier * max_grad_norm * noise
+        if not bool(torch.isfinite(g).all()):
+            # Caught here, not later as an invalid matrix inside an attack's matching step.
+            raise ValueError(
+                f"the released gradient is not finite: noise_multiplier {noise_multiplier:g} "
+                f"x max_grad_norm {max_grad_norm} overflows {g.dtype} (largest "
+                f"{torch.finfo(g.dtype).max:.3g}) or the gradients are not finite; pass a "
+                "smaller noise_multiplier"
+            )
     return g / len(x)
 
 

@@ -76,6 +76,18 @@ def test_release_is_opacus_clipped_noisy_average(gradfn, digits):
     assert noise_std == pytest.approx(0.5, rel=0.05)
 
 
+def test_release_that_overflows_is_an_error_not_infinities(gradfn, digits):
+    """sigma C N(0, 1) with sigma = 1e39 is beyond float32 (largest 3.4e38): the release was inf
+    and validate died later in scipy's matching with 'matrix contains invalid numeric entries'."""
+    x, y, _, _ = digits
+    assert 1e39 > torch.finfo(torch.float32).max
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="not finite.*pass a smaller noise_multiplier"):
+        A.private_release(gradfn, x[:1], y[:1], noise_multiplier=1e39, generator=gen)
+    big = A.private_release(gradfn, x[:1], y[:1], noise_multiplier=1e6, generator=gen)
+    assert float(big.std()) == pytest.approx(1e6, rel=0.05)
+
+
 def test_idlg_label_recovery_is_exact_at_batch_size_1(gradfn, digits):
     x, y, _, _ = digits
     for i in range(20):
@@ -382,6 +394,22 @@ def test_validate_errors_are_one_line(argv, needle, tmp_path):
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("opacus-mi: error: ")
     assert needle in lines[0]
+
+
+def test_validate_refuses_noise_multipliers_that_overflow_the_release(tmp_path):
+    """Refused before training, naming the flag and its range; the cap itself runs through."""
+    tiny = ["validate", "--stages", "0", "--batch-sizes", "1", "--iters", "1", "--restarts", "1",
+            "--images", "1", "--candidates", "8", "--no-progress"]  # fmt: skip
+    out = tmp_path / "huge"
+    rc, _, stderr = _main([*tiny, "--noise-multipliers", "0", "1e39", "--out", str(out)])
+    assert rc == 2 and not out.exists()
+    assert "--noise-multipliers values must be finite numbers from 0 to 1e+06" in stderr
+    rc, _, stderr = _main([*tiny, "--noise-multipliers", "0", "1e6", "--out", str(out)])
+    assert rc == 0, stderr
+    capped = next(r for r in read_validate_csv(out / "validate.csv") if r["noise_multiplier"])
+    assert capped["channel_bound"] == pytest.approx(1 / (2 * 1e6**2))
+    assert abs(capped["mi_oracle"]) <= 1e-6 and 0 <= capped["mi_pixels"] <= capped["channel_bound"]
+    assert math.isfinite(capped["ig_psnr"])
 
 
 def _tiny_validate(**settings):
