@@ -151,6 +151,13 @@ class ValidateConfig:
             f"from 0 to {MAX_NOISE_MULTIPLIER:g} (at {MAX_NOISE_MULTIPLIER:g} a step leaks at most "
             "5e-13 nats; far larger values overflow the float32 release)",
         )
+        for a, b in zip(self.noise_multipliers, self.noise_multipliers[1:], strict=False):
+            if sigma_label(a) == sigma_label(b):  # sorted, and rounding keeps the order
+                raise ValueError(
+                    f"--noise-multipliers {a!r} and {b!r} would both be named "
+                    f"sigma{sigma_label(a)} in validate.csv and the figures: pass values that "
+                    "differ in their first 6 significant digits"
+                )
         self.batch_sizes = _values("batch_sizes", self.batch_sizes, int, lambda v: v >= 1, ">= 1")
         self.stages = _values("stages", self.stages, int, lambda v: v >= 0, ">= 0")
         for name in ("restarts", "iters", "images", "draws", "train_batch_size"):
@@ -183,6 +190,11 @@ class ValidateResult:
 
 
 # ---------------------------------------------------------------------- validation helpers
+def sigma_label(sigma: float) -> str:
+    """A noise multiplier as settings, tables and figures name it (6 significant digits)."""
+    return f"{sigma:g}"
+
+
 def _values(name, values, kind, ok, rule) -> tuple:
     if isinstance(values, (int, float)):
         values = (values,)
@@ -473,7 +485,7 @@ def _run_grid(cfg: ValidateConfig, progress: bool):
                 if b == min(cfg.batch_sizes):
                     recon_examples.append(
                         {"step": step, "batch_size": b, "truth": unit(truth_b)[:4]}
-                        | {f"{s:g}": images["ig"][k][:4] for k, s in enumerate(sigmas)}
+                        | {sigma_label(s): images["ig"][k][:4] for k, s in enumerate(sigmas)}
                     )
                 for k, s in enumerate(sigmas):
                     bar.set_description(f"step {step} B={b}: identification")
@@ -543,7 +555,7 @@ def _row(*, step, b, s, c, ident, fano, mia, mi_pixels, ig, dlg, base, lg_psnr, 
     half = 1.96 * ident.mi_se
     bound = math.inf if s == 0 else 1.0 / (2.0 * s**2)
     row = {
-        "setting": f"step{step}_B{b}_sigma{s:g}",
+        "setting": f"step{step}_B{b}_sigma{sigma_label(s)}",
         "step": step,
         "batch_size": b,
         "noise_multiplier": s,
@@ -658,7 +670,7 @@ def grid_table(rows: list[dict[str, Any]], width: int = 140) -> str:
         table.add_row(
             str(int(r["step"])),
             str(int(r["batch_size"])),
-            f"{r['noise_multiplier']:g}",
+            sigma_label(r["noise_multiplier"]),
             mi,
             _fmt(pix, 1) if not (isinstance(pix, float) and pix >= 100) else f"{pix:.0f}",
             _fmt(r["reid_acc"]),

@@ -396,10 +396,14 @@ def test_validate_errors_are_one_line(argv, needle, tmp_path):
     assert needle in lines[0]
 
 
+# One stage, B = 1, one image, one inversion step: seconds per grid.
+TINY_VALIDATE = ["validate", "--stages", "0", "--batch-sizes", "1", "--iters", "1", "--restarts",
+                 "1", "--images", "1", "--candidates", "8", "--no-progress"]  # fmt: skip
+
+
 def test_validate_refuses_noise_multipliers_that_overflow_the_release(tmp_path):
     """Refused before training, naming the flag and its range; the cap itself runs through."""
-    tiny = ["validate", "--stages", "0", "--batch-sizes", "1", "--iters", "1", "--restarts", "1",
-            "--images", "1", "--candidates", "8", "--no-progress"]  # fmt: skip
+    tiny = TINY_VALIDATE
     out = tmp_path / "huge"
     rc, _, stderr = _main([*tiny, "--noise-multipliers", "0", "1e39", "--out", str(out)])
     assert rc == 2 and not out.exists()
@@ -410,6 +414,22 @@ def test_validate_refuses_noise_multipliers_that_overflow_the_release(tmp_path):
     assert capped["channel_bound"] == pytest.approx(1 / (2 * 1e6**2))
     assert abs(capped["mi_oracle"]) <= 1e-6 and 0 <= capped["mi_pixels"] <= capped["channel_bound"]
     assert math.isfinite(capped["ig_psnr"])
+
+
+def test_validate_refuses_noise_multipliers_that_share_a_name(tmp_path):
+    """0.1 and 0.1000001 were both step0_B1_sigma0.1 in validate.csv, and one's row of
+    reconstructions.png overwrote the other's: refused before training, naming the flag."""
+    assert f"{0.1000001:g}" == f"{0.1:g}" != f"{0.100001:g}"
+    out = tmp_path / "names"
+    rc, _, stderr = _main([*TINY_VALIDATE, "--noise-multipliers", "0.1", "0.1000001", "--out",
+                           str(out)])  # fmt: skip
+    assert rc == 2 and not out.exists()
+    assert "--noise-multipliers 0.1 and 0.1000001" in stderr and "6 significant" in stderr
+    rc, _, stderr = _main([*TINY_VALIDATE, "--noise-multipliers", "0.1", "0.100001", "--out",
+                           str(out)])  # fmt: skip
+    assert rc == 0, stderr
+    names = [r["setting"] for r in read_validate_csv(out / "validate.csv")]
+    assert names == ["step0_B1_sigma0.1", "step0_B1_sigma0.100001"]
 
 
 def _tiny_validate(**settings):
