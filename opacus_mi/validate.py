@@ -587,11 +587,26 @@ def _row(*, step, b, s, c, ident, fano, mia, mi_pixels, ig, dlg, base, lg_psnr, 
 
 
 # ---------------------------------------------------------------------- correlations
+def target_verdict(rho: float, low: float, high: float) -> str:
+    """Whether rho >= ``CORRELATION_TARGET`` holds given its interval: "met" when the interval's
+    lower end clears the target, "missed" when its upper end is below it (or rho is undefined),
+    "inconclusive" when the interval contains the target or there is none (no bootstrap). A
+    point estimate alone cannot tell 0.800 [0.64, 0.90] from a miss."""
+    if not is_finite_number(rho):
+        return "missed"
+    if is_finite_number(low) and low >= CORRELATION_TARGET:
+        return "met"
+    if is_finite_number(high) and high < CORRELATION_TARGET:
+        return "missed"
+    return "inconclusive"
+
+
 def compute_correlations(
     rows: list[dict[str, Any]], *, resamples: int = 2000, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Spearman's rho of every MI estimate against every attack metric, over the grid's rows,
-    with a 95% percentile bootstrap interval (rows resampled with their own numpy Generator)."""
+    with a 95% percentile bootstrap interval (rows resampled with their own numpy Generator)
+    and its :func:`target_verdict`."""
     from .attacks import spearman, spearman_bootstrap
 
     out = []
@@ -604,6 +619,7 @@ def compute_correlations(
                 rho, lo, hi = spearman_bootstrap(x, y, resamples=resamples, rng=rng)
             else:
                 rho, lo, hi = spearman(x, y), math.nan, math.nan
+            verdict = target_verdict(rho, lo, hi)
             out.append(
                 {
                     "mi": m_key,
@@ -614,7 +630,8 @@ def compute_correlations(
                     "ci_low": lo,
                     "ci_high": hi,
                     "settings": len(rows),
-                    "meets_target": int(is_finite_number(rho) and rho >= CORRELATION_TARGET),
+                    "meets_target": int(verdict == "met"),
+                    "verdict": verdict,
                 }
             )
     return out
@@ -743,6 +760,7 @@ def write_outputs(
         "ci_high",
         "settings",
         "meets_target",
+        "verdict",
         "mi_name",
         "attack_name",
     )
@@ -763,7 +781,9 @@ def write_outputs(
         correlation_table(correlations),
         "rho: Spearman over the rows of validate.csv (average ranks for ties, inf ranks highest), "
         "e.g. scipy.stats.spearmanr(mi_pixels, ig_psnr);\n"
-        "interval: 2.5-97.5% percentiles over bootstrap resamples of the rows.",
+        "interval: 2.5-97.5% percentiles over bootstrap resamples of the rows;\n*: target met, the "
+        f"interval's lower end is >= {CORRELATION_TARGET} (an interval containing "
+        f"{CORRELATION_TARGET} is inconclusive).",
         _verdict(correlations),
     ]
     text = "\n".join(lines)
@@ -791,21 +811,19 @@ def _rho(value: Any) -> str:
 def _verdict(correlations: list[dict[str, Any]]) -> str:
     lines = []
     for a_key, a_name in (ATTACK_METRICS[0], ATTACK_METRICS[2]):
-        met = [
-            f"{c['mi_name']} ({_fmt(c['spearman'], 3)})"
-            for c in correlations
-            if c["attack"] == a_key and c["meets_target"]
-        ]
-        missed = [
-            f"{c['mi_name']} ({_rho(c['spearman'])})"
-            for c in correlations
-            if c["attack"] == a_key and not c["meets_target"]
-        ]
-        lines.append(
-            f"{a_name}: rho >= {CORRELATION_TARGET} "
-            + (f"met by {', '.join(met)}" if met else "met by no estimate")
-            + (f"; missed by {', '.join(missed)}" if missed else "")
-        )
+        by: dict[str, list[str]] = {"met": [], "inconclusive": [], "missed": []}
+        for c in correlations:
+            if c["attack"] == a_key:
+                ci = f" [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
+                if not is_finite_number(c["ci_low"]):
+                    ci = ", no interval" if is_finite_number(c["spearman"]) else ""
+                by[c["verdict"]].append(f"{c['mi_name']} ({_rho(c['spearman'])}{ci})")
+        parts = [f"met by {', '.join(by['met'])}" if by["met"] else "met by no estimate"]
+        if by["inconclusive"]:
+            parts.append(f"inconclusive for {', '.join(by['inconclusive'])}")
+        if by["missed"]:
+            parts.append(f"missed by {', '.join(by['missed'])}")
+        lines.append(f"{a_name}: rho >= {CORRELATION_TARGET} " + "; ".join(parts))
     return "\n".join(lines)
 
 

@@ -432,6 +432,51 @@ def test_validate_refuses_noise_multipliers_that_share_a_name(tmp_path):
     assert names == ["step0_B1_sigma0.1", "step0_B1_sigma0.100001"]
 
 
+def test_correlation_target_is_met_only_when_the_interval_clears_it():
+    """A rho of 0.8 whose interval is [0.64, 0.90] was reported "met" on its point estimate;
+    met now needs the interval's lower end >= 0.8, and an interval containing 0.8 is
+    inconclusive."""
+    from opacus_mi import validate as V
+
+    rng = np.random.default_rng(4)
+    y = np.arange(30, dtype=float)
+    rows = [
+        {
+            "mi_oracle": a,
+            "mi_pixels": b,
+            "ig_psnr": b,
+            "dlg_psnr": b,
+            "reid_acc": -b,
+            "reid_top1": b,
+            "mia_auc": b,
+        }  # fmt: skip
+        for a, b in zip(y + 5 * rng.normal(size=30), y, strict=True)
+    ]
+    corr = {(c["mi"], c["attack"]): c for c in V.compute_correlations(rows, resamples=2000)}
+    straddles = corr["mi_oracle", "ig_psnr"]
+    ref = stats.spearmanr([r["mi_oracle"] for r in rows], y).correlation
+    assert straddles["spearman"] == pytest.approx(ref, abs=1e-12) and ref >= 0.8
+    assert straddles["ci_low"] < 0.8 <= straddles["ci_high"]
+    assert (straddles["verdict"], straddles["meets_target"]) == ("inconclusive", 0)
+    exact = corr["mi_pixels", "ig_psnr"]
+    assert exact["verdict"] == "met" and exact["ci_low"] == pytest.approx(1.0)
+    assert corr["mi_oracle", "reid_acc"]["verdict"] == "missed"
+    assert corr["mi_oracle", "reid_acc"]["ci_high"] < 0.8
+    verdict = V._verdict(list(corr.values())).splitlines()
+    assert verdict[0] == (
+        "inversion PSNR (Inverting Gradients): rho >= 0.8 met by MI pixels (1.000 [1.00, 1.00]); "
+        f"inconclusive for MI oracle ({ref:.3f} [{straddles['ci_low']:.2f}, "
+        f"{straddles['ci_high']:.2f}])"
+    )
+    assert verdict[1].startswith("re-identification accuracy (top-B): rho >= 0.8 met by no")
+    table = V.correlation_table(list(corr.values()))
+    assert f"{ref:.3f} [{straddles['ci_low']:.2f}, {straddles['ci_high']:.2f}] *" not in table
+    assert "1.000 [1.00, 1.00] *" in table
+    # Without a bootstrap there is no interval, so no verdict either way.
+    bare = V.compute_correlations(rows, resamples=0)
+    assert {c["verdict"] for c in bare if c["spearman"] > 0} == {"inconclusive"}
+
+
 def _tiny_validate(**settings):
     """A validate grid of one noise-free setting, one attack iteration and no bootstrap."""
     from opacus_mi.validate import ValidateConfig
