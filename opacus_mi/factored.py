@@ -34,6 +34,7 @@ from opacus.utils.module_utils import requires_grad, trainable_parameters
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
+from .hooks import GuestHook
 from .overlap import keep_input
 from .tokens import TINY_SKETCH_ELEMS, CountSketchTokenizer, dense_sketch_t
 from .views import _OPACUS_EPS, ClipInfo, gram_product
@@ -755,8 +756,8 @@ class FactoredCapture:
             )
         self._handles = []
         for m in self._layers:
-            self._handles.append(m.register_forward_hook(self._forward_hook))
-            self._handles.append(m.register_full_backward_hook(self._backward_hook))
+            self._handles.append(m.register_forward_hook(GuestHook(self._forward_hook)))
+            self._handles.append(m.register_full_backward_hook(GuestHook(self._backward_hook)))
         self._reset()
 
     # ------------------------------------------------------------------ hooks
@@ -950,7 +951,7 @@ class LinearInputs:
         for m in module.modules():
             if type(m) is nn.Linear and id(m.weight) in index and owners[id(m.weight)] == 1:
                 layer = index[id(m.weight)]
-                self._handles.append(m.register_forward_hook(self._hook(layer)))
+                self._handles.append(m.register_forward_hook(GuestHook(self._hook(layer))))
                 if m.bias is not None and id(m.bias) in index and owners[id(m.bias)] == 1:
                     self.bias_of[layer] = index[id(m.bias)]
 

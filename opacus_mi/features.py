@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hooks import GuestHook
+
 MAX_FEATURES = 1024
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -112,11 +114,12 @@ class FeatureCapture:
             )
         self._open = False  # a captured training forward of the module is running
         self._handles = [
-            module.register_forward_pre_hook(self._on_forward, with_kwargs=True),
-            module.register_forward_hook(self._after_forward),
+            module.register_forward_pre_hook(GuestHook(self._on_forward), with_kwargs=True),
+            module.register_forward_hook(GuestHook(self._after_forward)),
         ]
         for name in self.layer_names:
-            self._handles.append(named[name].register_forward_hook(self._layer_hook(name)))
+            hook = GuestHook(self._layer_hook(name))
+            self._handles.append(named[name].register_forward_hook(hook))
 
     def _capturing(self, module: nn.Module) -> bool:
         return module.training and torch.is_grad_enabled() and self._active()

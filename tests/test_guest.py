@@ -423,6 +423,54 @@ def test_without_a_critic_no_features_or_tokens_are_made_and_the_oracle_is_exact
     assert calls == [16] * len(loader)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_monitored_model_can_be_saved_and_copied_and_its_copy_is_not_monitored(mode):
+    """torch.save(model) failed on the monitor's closures; in ghost mode copy.deepcopy(model)
+    reached the monitor (which refuses copies); in hooks mode the copy's Linear inputs fed the
+    original monitor. Copies get inert hooks; the original trains on, monitored."""
+    import io
+
+    from conftest import TinyCNN, make_data
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    engine, net = PrivacyEngine(accountant="rdp"), TinyCNN()
+    out = engine.make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        data_loader=DataLoader(make_data(64), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(),
+    )
+    model, opt, criterion, loader = out if mode == "ghost" else (*out[:2], None, out[2])
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+    criterion = monitor.wrap_criterion(criterion or nn.CrossEntropyLoss())
+    x, y = next(iter(loader))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(model)
+    for other in (loaded, copied):
+        other.disable_hooks()  # (Opacus's own hooks cannot run on a copy: no _forward_counter)
+        other(x)  # a training forward of the copy: nothing reaches the monitor
+    assert not monitor._capture.pending
+    if monitor._linear_inputs is not None:
+        assert not monitor._linear_inputs._seen
+    if monitor._factored is not None:
+        assert not any(layer.pending for layer in monitor._factored._layers.values())
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+    assert len(monitor.history) == len(loader) and not any(r.flags for r in monitor.history)
+    torch.testing.assert_close(loaded(x), copied(x))  # (the same weights, taken before training)
+
+
 def test_drop_in_engine_refuses_or_undoes_before_the_model_is_left_hooked():
     """A monitor option only checkable against the model (a layer name) failed after Opacus had
     hooked the model, so a retry with the option fixed failed ("add hooks twice"); a missing
