@@ -74,7 +74,7 @@ from .distributed import all_gather_items, should_gather, world_size
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
-from .estimators.oracle import gram_oracle
+from .estimators.oracle import UNION_NEAR, gram_oracle, oracle_interval, union_deficits
 from .estimators.semi_oracle import SemiOracleEstimator
 from .factored import (
     FactoredCapture,
@@ -1212,9 +1212,17 @@ class LeakageMonitor:
             if noise.device != clipped.device:
                 noise = noise.to(clipped.device)
             chunk.tokens["private"] = torch.add(clipped, noise, alpha=std)
-        chunk.oracle_terms = gram_oracle(
+        chunk.oracle_terms = terms = gram_oracle(
             gram, std, draws=self.oracle_draws, generator=self.generator, sync_free=self._sync_free
         ).terms
+        # Near ln B its interval needs the union floor (see oracle_interval): made off the CPU
+        # always (no read to decide by), on the CPU only there (~0.1 ms at B = 64).
+        if (
+            std > 0
+            and len(terms)
+            and (self._sync_free or float(terms.mean()) > math.log(len(terms)) - UNION_NEAR)
+        ):
+            chunk.oracle_union = union_deficits(gram, std)
 
     def _flag_nonfinite(
         self, chunk: Chunk, grads_ok: torch.Tensor, feats: torch.Tensor | None, kept: int
@@ -1236,7 +1244,7 @@ class LeakageMonitor:
         keep, grads_ok = chunk.keep, chunk.grads_ok
         chunk.keep = chunk.grads_ok = None
         self._flag_nonfinite(chunk, grads_ok, chunk.features, kept)
-        chunk.oracle_terms = None
+        chunk.oracle_terms = chunk.oracle_union = None
         if kept == 0:  # nothing left to measure
             chunk.tokens, chunk.features, chunk.pending = {}, None, None
             return
@@ -1451,6 +1459,14 @@ class LeakageMonitor:
         ]
         n_oracle = sum(t.numel() for t in terms)
         oracle = reads.add(mean_sd(torch.cat(terms))) if terms else None
+        unions = [
+            c.oracle_union for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
+        ]
+        union = (  # (every chunk's, or none: one that reads far from ln B needs no floor)
+            reads.add(torch.cat(unions).mean().reshape(1))
+            if terms and all(u is not None for u in unions)
+            else None
+        )
         deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
         reads.read()
         dropped = False
@@ -1482,6 +1498,9 @@ class LeakageMonitor:
             if not math.isfinite(mean):  # (off the CPU: a Gram its factor could not take)
                 out.flags.append("estimate_nonfinite:private/oracle")
             mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
+            log_b = sum(t.numel() * math.log(t.numel()) for t in terms) / n_oracle
+            union_mean = None if union is None else reads[union][0]
+            mean, lo, hi = oracle_interval(mean, lo, hi, log_b, union_mean)
             out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
         return out
 

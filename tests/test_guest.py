@@ -7,6 +7,7 @@ References are Opacus itself: the same run without a monitor (bit-for-bit), the 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -469,6 +470,45 @@ def test_a_monitored_model_can_be_saved_and_copied_and_its_copy_is_not_monitored
         opt.step()
     assert len(monitor.history) == len(loader) and not any(r.flags for r in monitor.history)
     torch.testing.assert_close(loaded(x), copied(x))  # (the same weights, taken before training)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_nearly_identifiable_batchs_oracle_interval_reaches_down_to_the_union_floor(sync_free):
+    """At small noise the oracle's interval takes the union floor of the step's own Gram (the
+    clipped per-sample gradients Opacus made): its low end, a bound, not an estimate."""
+    from opacus_mi.estimators.bounds import interval_from
+    from opacus_mi.estimators.oracle import gram_oracle, union_deficits
+
+    noise = 0.15
+    engine, model, opt, loader = make_private(poisson=False, noise=noise)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, estimator=None, seed=3, overlap=False
+    )
+    monitor._sync_free = sync_free  # (the GPU path: the floor made always, read with the rest)
+    grams = []
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        flat = torch.cat([p.grad_sample.reshape(len(x), -1) for p in opt.params], 1).double()
+        factors = (1.0 / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+        grams.append((flat * factors[:, None]) @ (flat * factors[:, None]).T)
+        opt.step()
+    gen = torch.Generator().manual_seed(3)
+    floored = 0
+    for record, gram in zip(monitor.history, grams, strict=True):
+        terms = gram_oracle(gram, noise, draws=monitor.oracle_draws, generator=gen).terms
+        mean, lo, _ = interval_from(float(terms.mean()), float(terms.std()), 16, min_n=8)
+        union = float(union_deficits(gram, noise).mean())
+        floor = math.log(16) - union
+        value = record.mi["private/oracle"]
+        tol = 1e-5  # (the float32 Gram at sigma >= 0.01; the sync-free factor's jitter)
+        assert value.nats == pytest.approx(mean, abs=tol)
+        if union <= 0.5 and math.log(16) - mean < 1.0:
+            floored += floor < lo
+            assert value.ci_low == pytest.approx(min(lo, floor, mean), abs=tol)
+        else:
+            assert value.ci_low == pytest.approx(lo, abs=tol)
+    assert floored > 0
 
 
 def test_drop_in_engine_refuses_or_undoes_before_the_model_is_left_hooked():

@@ -123,3 +123,48 @@ def gram_oracle(
     # log p(J = j | y_j): the diagonal of the log-posterior (one fused log-softmax).
     own = torch.log_softmax(logits, dim=2).diagonal(dim1=1, dim2=2)
     return OracleResult(terms=own.mean(dim=0).add_(math.log(b)), batch_size=b)
+
+
+# The union floor (below) is used where the batch is nearly identifiable: its per-row sums of
+# pairwise confusion terms average at most UNION_TIGHT nats, and the oracle reads within
+# UNION_NEAR nats of ln B. There the Monte Carlo terms are rare events that a few draws per
+# example mostly miss: the t interval collapsed around ln B, its low end above the truth in
+# 13-72% of batches (B = 8-64, sigma 0.1-0.3, nominal 2.5%). Further out it covers as it should.
+UNION_TIGHT = 0.5
+UNION_NEAR = 1.0
+
+
+def union_deficits(gram: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """Per example i, an upper bound on ``E[-log p(J=i | Y)]`` given J = i: the union bound.
+
+    ``-log p(i | y) = log(1 + sum_j e^{Z_j})`` with ``Z_j = logit_j - logit_i``, which given
+    J = i is ``N(-a_ij, 2 a_ij)``, ``a_ij = |g_i - g_j|^2 / (2 s^2)``; ``log(1 + sum x_j) <=
+    sum log(1 + x_j)``, and ``softplus(z) <= max(0, z) + e^{-|z|}``, whose Gaussian mean is in
+    closed form. So ``ln B - mean_i(union_deficits)`` is a lower bound on I(J; Y) with no Monte
+    Carlo in it (7-15% looser in the union terms than the exact softplus means). Float64,
+    ``(B,)``.
+    """
+    g = gram.to(torch.float64)
+    sq = g.diagonal()
+    a = (sq[:, None] + sq[None, :] - 2 * g).clamp_min_(0).div_(2 * noise_std**2)
+    r = a.mul(0.5).sqrt_()  # the standard scores of Z = 0: Z's mean is -r of its sds
+    tail = torch.special.ndtr(-r)  # P(Z > 0), and E[e^Z; Z < 0] (that is Phi(-r) too)
+    positive = r.mul(-0.5 * r).exp_().mul_(2 * r / math.sqrt(2 * math.pi)).sub_(a * tail)
+    negative_z = torch.exp(2 * a + torch.special.log_ndtr(-3 * r))  # E[e^{-Z}; Z > 0]
+    terms = positive.add_(tail).add_(negative_z)
+    terms.fill_diagonal_(0)
+    return terms.sum(dim=1)
+
+
+def oracle_interval(
+    mean: float, low: float, high: float, log_b: float, union: float | None
+) -> tuple[float, float, float]:
+    """The oracle's ``(mean, low, high)``: the t interval's low end lowered to the union floor
+    ``log_b - union`` (``log_b``: mean ln B over the rows, ``union``: mean union_deficits)
+    where the batch is nearly identifiable (see ``UNION_TIGHT``). The floor is a bound, not an
+    estimate: that low end holds whatever the draws."""
+    if union is None or not math.isfinite(low) or union > UNION_TIGHT:
+        return mean, low, high
+    if log_b - mean >= UNION_NEAR:
+        return mean, low, high
+    return mean, min(low, log_b - union, mean), high
