@@ -652,28 +652,38 @@ def once_per_epoch_bound(history: Sequence) -> float:
     (:func:`step_kl`) is no bound here: with one epoch of two steps at ``s = 0.35`` the true MI
     can reach 3.35 nats against its 3.07 (this bound: 4.08).
     """
-    total = worst = 0.0  # epochs closed; the open epoch's largest per-release bound
-    position, epoch = 0, 0  # steps into the open epoch; its length
-    for noise, rate, steps in history:
-        noise, rate, steps = float(noise), float(rate), int(steps)
-        _check_step_settings(noise, rate)
-        if rate == 0 or steps == 0:
-            continue  # nothing released about anyone
-        release = gaussian_channel_bound(noise)
-        length = max(1, math.floor(1.0 / rate * (1 + 1e-9)))  # (rounding: 1/(1/3) < 3)
-        if length != epoch:  # a new epoch length: close the open epoch
-            total, worst, position, epoch = total + worst, 0.0, 0, length
-        if position:  # finish the open epoch
-            taken = min(steps, epoch - position)
-            worst, position, steps = max(worst, release), position + taken, steps - taken
-            if position == epoch:
-                total, worst, position = total + worst, 0.0, 0
-        epochs, steps = divmod(steps, epoch)
-        if epochs:
-            total += epochs * release
-        if steps:
-            worst, position = max(worst, release), steps
-    return total + worst
+    state = _EPOCHS_START
+    for entry in history:
+        state = _epochs_after(state, entry)
+    return state[0] + state[1]
+
+
+# (epochs closed, the open epoch's largest per-release bound, steps into it, its length)
+_EPOCHS_START = (0.0, 0.0, 0, 0)
+
+
+def _epochs_after(state: tuple, entry: Sequence) -> tuple:
+    """:func:`once_per_epoch_bound`'s state after one more history entry."""
+    total, worst, position, epoch = state
+    noise, rate, steps = float(entry[0]), float(entry[1]), int(entry[2])
+    _check_step_settings(noise, rate)
+    if rate == 0 or steps == 0:
+        return state  # nothing released about anyone
+    release = gaussian_channel_bound(noise)
+    length = max(1, math.floor(1.0 / rate * (1 + 1e-9)))  # (rounding: 1/(1/3) < 3)
+    if length != epoch:  # a new epoch length: close the open epoch
+        total, worst, position, epoch = total + worst, 0.0, 0, length
+    if position:  # finish the open epoch
+        taken = min(steps, epoch - position)
+        worst, position, steps = max(worst, release), position + taken, steps - taken
+        if position == epoch:
+            total, worst, position = total + worst, 0.0, 0
+    epochs, steps = divmod(steps, epoch)
+    if epochs:
+        total += epochs * release
+    if steps:
+        worst, position = max(worst, release), steps
+    return total, worst, position, epoch
 
 
 def pure_dp_mi_bound(epsilon: float) -> float:
@@ -722,6 +732,10 @@ class MIAccountant:
         self.poisson_sampling = poisson_sampling
         self.history: list[tuple[float, float, int]] = []
         self._kl: dict[tuple[float, float], float] = {}
+        # The bound's state over the entries of the last history but its last (which the next
+        # step may extend): a noise scheduler adds an entry a step, and folding the whole
+        # history at every record made its cost grow with the run (~2 ms at 2,000 entries).
+        self._folded, self._state = (), None
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
         """Record one step (for use without an Opacus accountant)."""
@@ -740,13 +754,27 @@ class MIAccountant:
     def bound(self, history: Sequence | None = None) -> float:
         """Cumulative bound in nats for any one example after all recorded steps (or after
         ``history``, a copy of the accountant's taken earlier)."""
-        entries = self._entries() if history is None else history
+        entries = tuple(map(tuple, self._entries() if history is None else history))
+        done, start = self._folded, 0.0 if self.poisson_sampling else _EPOCHS_START
+        if (  # a rollback, another history, the other sampling: folded afresh
+            entries[: len(done)] != done
+            or len(done) >= len(entries)
+            or type(self._state) is not type(start)
+        ):
+            done, self._state = (), start
+        state = self._state
+        for entry in entries[len(done) : -1]:
+            state = self._after(state, entry)
+        self._folded, self._state = entries[:-1], state
+        if entries:
+            state = self._after(state, entries[-1])
+        return state[0] + state[1] if not self.poisson_sampling else state
+
+    def _after(self, state: Any, entry: tuple) -> Any:
+        """The bound's state after one more entry: once per epoch, or Poisson's KL sum."""
         if not self.poisson_sampling:
-            return once_per_epoch_bound(entries)
-        total = 0.0
-        for noise, rate, steps in entries:
-            key = (float(noise), float(rate))
-            if key not in self._kl:
-                self._kl[key] = step_kl(*key)
-            total += steps * self._kl[key]
-        return total
+            return _epochs_after(state, entry)
+        key = (float(entry[0]), float(entry[1]))
+        if key not in self._kl:
+            self._kl[key] = step_kl(*key)
+        return state + entry[2] * self._kl[key]
