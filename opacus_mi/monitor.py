@@ -789,10 +789,11 @@ class LeakageMonitor:
             if self._worker is None:
                 try:
                     self._finish_safely(chunks, self.steps, accounting)
+                    self._deliver()
                 except BaseException:  # (Ctrl-C: the step happened, and its record is made)
                     self.steps += 1
+                    self._adopt_plan()
                     raise
-                self._deliver()
             else:
                 # Until the worker's plan is in, the last interval holds (a step measured too
                 # early is charged, and the next plan repays it). But the last plan's interval
