@@ -209,6 +209,8 @@ class FeatureCapture:
             parts.append(pool_features(user))
         for name in self.layer_names:
             act = capture.layers.get(name)
+            if act is not None and not self.batch_first and act.ndim >= 2:
+                act = act.movedim(1, 0)  # time-major, as Opacus reads every layer's
             if act is None or act.ndim == 0 or act.shape[0] != batch:
                 got = "no output" if act is None else f"an output of shape {tuple(act.shape)}"
                 raise ValueError(

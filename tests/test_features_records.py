@@ -557,7 +557,8 @@ class _SeqFirstNet(nn.Module):
 
 def test_a_time_major_models_features_are_each_examples_own_input():
     """batch_first=False at T == B: feature row i was time step i of every example (no flag,
-    learned figures paired with the wrong examples); at T != B every step was unpaired."""
+    learned figures paired with the wrong examples), for the input and for a named layer's
+    output alike; at T != B every step was unpaired (or the layer refused)."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -576,19 +577,30 @@ def test_a_time_major_models_features_are_each_examples_own_input():
             batch_first=False,
             poisson_sampling=False,
         )
-        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+        monitor = LeakageMonitor(
+            engine,
+            model,
+            opt,
+            delta=1e-5,
+            estimator="mine",
+            overlap=False,
+            features=["input", "fc"],
+        )
         criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
         got = []
         original = monitor._capture.features
         monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
         for x, y in loader:  # x: (B, T, 4)
+            with torch.no_grad():  # the named layer's (T, B, 3) output, example by example
+                fc = model._module.fc(x).reshape(len(x), -1)
             opt.zero_grad()
             criterion(model(x.transpose(0, 1)), y).backward()
             opt.step()
             feats = got[-1]
             assert feats is not None
             assert torch.equal(feats[:, : steps * 4], x.reshape(len(x), -1))
-            assert torch.equal(feats[:, steps * 4 :], nn.functional.one_hot(y, 3).float())
+            torch.testing.assert_close(feats[:, steps * 4 : steps * 7], fc)
+            assert torch.equal(feats[:, steps * 7 :], nn.functional.one_hot(y, 3).float())
         assert not any(r.flags for r in monitor.history)
 
 
