@@ -24,8 +24,9 @@ class Chunk:
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     features: torch.Tensor | None = None
     oracle_terms: torch.Tensor | None = None
-    # The oracle's union deficits (estimators.oracle.union_deficits), where it reads near ln B.
-    oracle_union: torch.Tensor | None = None
+    # The Gram matrix and noise std the oracle drew with, until the record: its union floor
+    # (estimators.oracle.union_deficits) is made from them where it reads near ln B.
+    oracle_gram: tuple[torch.Tensor, float] | None = None
     flags: list[str] = field(default_factory=list)
     # Distributed only: (clipped tokens, Gram matrix, noise std) whose random draws wait until
     # every rank's chunks are gathered.
@@ -44,7 +45,6 @@ def pack(chunk: Chunk) -> Item:
     tensors: dict[str, torch.Tensor | None] = {f"tokens/{v}": t for v, t in chunk.tokens.items()}
     tensors["features"] = chunk.features
     tensors["oracle_terms"] = chunk.oracle_terms
-    tensors["oracle_union"] = chunk.oracle_union
     std = None
     if chunk.pending is not None:
         clipped, gram, std = chunk.pending
@@ -70,7 +70,6 @@ def unpack(item: Item) -> tuple[Chunk, torch.Tensor | None, torch.Tensor | None,
         batch=meta["batch"],
         features=tensors.pop("features", None),
         oracle_terms=tensors.pop("oracle_terms", None),
-        oracle_union=tensors.pop("oracle_union", None),
         flags=list(meta["flags"]),
     )
     chunk.tokens = {k.removeprefix("tokens/"): t for k, t in tensors.items()}

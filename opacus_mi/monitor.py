@@ -1213,17 +1213,10 @@ class LeakageMonitor:
             if noise.device != clipped.device:
                 noise = noise.to(clipped.device)
             chunk.tokens["private"] = torch.add(clipped, noise, alpha=std)
-        chunk.oracle_terms = terms = gram_oracle(
+        chunk.oracle_terms = gram_oracle(
             gram, std, draws=self.oracle_draws, generator=self.generator, sync_free=self._sync_free
         ).terms
-        # Near ln B its interval needs the union floor (see oracle_interval): made off the CPU
-        # always (no read to decide by), on the CPU only there (~0.1 ms at B = 64).
-        if (
-            std > 0
-            and len(terms)
-            and (self._sync_free or float(terms.mean()) > math.log(len(terms)) - UNION_NEAR)
-        ):
-            chunk.oracle_union = union_deficits(gram, std)
+        chunk.oracle_gram = (gram, std)  # for the union floor, at the record
 
     def _flag_nonfinite(
         self, chunk: Chunk, grads_ok: torch.Tensor, feats: torch.Tensor | None, kept: int
@@ -1245,7 +1238,7 @@ class LeakageMonitor:
         keep, grads_ok = chunk.keep, chunk.grads_ok
         chunk.keep = chunk.grads_ok = None
         self._flag_nonfinite(chunk, grads_ok, chunk.features, kept)
-        chunk.oracle_terms = chunk.oracle_union = None
+        chunk.oracle_terms = chunk.oracle_gram = None
         if kept == 0:  # nothing left to measure
             chunk.tokens, chunk.features, chunk.pending = {}, None, None
             return
@@ -1460,14 +1453,12 @@ class LeakageMonitor:
         ]
         n_oracle = sum(t.numel() for t in terms)
         oracle = reads.add(mean_sd(torch.cat(terms))) if terms else None
-        unions = [
-            c.oracle_union for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
+        grams = [
+            c.oracle_gram for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
         ]
-        union = (  # (every chunk's, or none: one that reads far from ln B needs no floor)
-            reads.add(torch.cat(unions).mean().reshape(1))
-            if terms and all(u is not None for u in unions)
-            else None
-        )
+        # The union floor's mean (see oracle_interval): off the CPU made always and read with
+        # the rest; on the CPU below, only where the oracle reads near ln B (~0.1 ms at B = 64).
+        union = reads.add(_union_mean(grams).reshape(1)) if terms and self._sync_free else None
         deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
         reads.read()
         dropped = False
@@ -1500,7 +1491,12 @@ class LeakageMonitor:
                 out.flags.append("estimate_nonfinite:private/oracle")
             mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
             log_b = sum(t.numel() * math.log(t.numel()) for t in terms) / n_oracle
-            union_mean = None if union is None else reads[union][0]
+            if union is not None:
+                union_mean = reads[union][0]
+            elif log_b - mean < UNION_NEAR:  # (else the floor is not used: not made)
+                union_mean = float(_union_mean(grams))
+            else:
+                union_mean = math.nan
             mean, lo, hi = oracle_interval(mean, lo, hi, log_b, union_mean)
             out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
         return out
@@ -1803,6 +1799,14 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={self.record_count}, attached={self.attached})"
         )
+
+
+def _union_mean(grams: list) -> torch.Tensor:
+    """The mean union deficit over the rows of a step's chunks (``(gram, noise std)`` each;
+    NaN where there is none: a noise-free release, a chunk whose Gram is gone)."""
+    if not grams or any(g is None or g[1] <= 0 for g in grams):
+        return torch.tensor(math.nan, dtype=torch.float64)
+    return torch.cat([union_deficits(gram, std) for gram, std in grams]).mean()
 
 
 # Attached monitors, for a forked child to set aside (see LeakageMonitor._stand_aside).

@@ -477,7 +477,12 @@ def test_a_nearly_identifiable_batchs_oracle_interval_reaches_down_to_the_union_
     """At small noise the oracle's interval takes the union floor of the step's own Gram (the
     clipped per-sample gradients Opacus made): its low end, a bound, not an estimate."""
     from opacus_mi.estimators.bounds import interval_from
-    from opacus_mi.estimators.oracle import gram_oracle, union_deficits
+    from opacus_mi.estimators.oracle import (
+        UNION_NEAR,
+        UNION_TIGHT,
+        gram_oracle,
+        union_deficits,
+    )
 
     noise = 0.15
     engine, model, opt, loader = make_private(poisson=False, noise=noise)
@@ -503,7 +508,7 @@ def test_a_nearly_identifiable_batchs_oracle_interval_reaches_down_to_the_union_
         value = record.mi["private/oracle"]
         tol = 1e-5  # (the float32 Gram at sigma >= 0.01; the sync-free factor's jitter)
         assert value.nats == pytest.approx(mean, abs=tol)
-        if union <= 0.5 and math.log(16) - mean < 1.0:
+        if union <= UNION_TIGHT and math.log(16) - mean < UNION_NEAR:
             floored += floor < lo
             assert value.ci_low == pytest.approx(min(lo, floor, mean), abs=tol)
         else:
