@@ -106,7 +106,11 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     ax.axhline(0.0, color="lightgray", linewidth=0.8, zorder=0)
     ax.set_xlabel("step")
     ax.set_ylabel("mutual information (nats)")
-    ax.set_title("Measured leakage per DP-SGD step (95% CI; learned rows: held-out lower bounds)")
+    smile = any(k.endswith("/smile") for k in _keys(records))
+    ax.set_title(
+        "Measured leakage per DP-SGD step (95% CI; learned rows: held-out lower bounds"
+        + (", smile's excepted)" if smile else ")")
+    )
     if not records:
         ax.text(0.5, 0.5, "no monitored steps", ha="center", va="center", transform=ax.transAxes)
     else:

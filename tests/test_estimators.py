@@ -220,42 +220,41 @@ def test_online_mine_scores_each_batch_with_its_validation_baseline():
 
 @pytest.mark.parametrize("kind", ["mine", "nwj", "smile"])
 def test_e_t_intervals_need_more_pairs_as_the_figure_grows(kind):
-    """Correlated Gaussians at 8 nats (closed form), the optimal critic soft-bounded as the
-    library's are, batches of 40 pairs: the interval's low end lay above the truth in ~8% of
+    """Correlated Gaussians (closed form), the optimal critic soft-bounded as the library's are,
+    batches of 40 pairs. At 8 nats the interval's low end lay above the truth in 9-15% of
     batches (nominal 2.5%) when 32 pairs sufficed at any figure; with 8 pairs per nat read, the
-    intervals that over-reach are withheld and the rest keep their coverage."""
+    intervals that over-reach are withheld. At 3 nats nearly all are kept, and cover."""
     from opacus_mi.estimators.bounds import _offdiag_logmeanexp
     from opacus_mi.estimators.online import PAIRS_PER_NAT, held_out_figures
 
     gen = torch.Generator().manual_seed(0)
-    mi, d, n = 8.0, 8, 40
-    r2 = 1 - math.exp(-2 * mi / d)
+    n, reps = 40, 300
+    for mi, d in [(8.0, 8), (3.0, 3)]:
+        r2 = 1 - math.exp(-2 * mi / d)
 
-    def scores(k: int) -> torch.Tensor:
-        x = torch.randn(k, d, generator=gen, dtype=torch.float64)
-        y = r2**0.5 * x + (1 - r2) ** 0.5 * torch.randn(k, d, generator=gen, dtype=torch.float64)
-        diff = y[None, :, :] - r2**0.5 * x[:, None, :]
-        t = -(diff**2).sum(-1) / (2 * (1 - r2)) + (y**2).sum(-1)[None, :] / 2
-        t = t - d / 2 * math.log(1 - r2)
-        return (10 * torch.tanh(t / 10)).float()
+        def scores(k: int, d=d, r2=r2) -> torch.Tensor:
+            x = torch.randn(k, d, generator=gen, dtype=torch.float64)
+            noise = torch.randn(k, d, generator=gen, dtype=torch.float64)
+            y = r2**0.5 * x + (1 - r2) ** 0.5 * noise
+            diff = y[None, :, :] - r2**0.5 * x[:, None, :]
+            t = -(diff**2).sum(-1) / (2 * (1 - r2)) + (y**2).sum(-1)[None, :] / 2
+            t = t - d / 2 * math.log(1 - r2) + (1.0 if kind == "nwj" else 0.0)  # (NWJ's: 1 + log)
+            return (10 * torch.tanh(t / 10)).float()
 
-    c = float(_offdiag_logmeanexp(scores(512)))
-    over = withheld = 0
-    reps = 300
-    for _ in range(reps):
-        f = held_out_figures(kind, scores(n), gen, 200, c if kind == "mine" else None).tolist()
-        if math.isnan(f[2]):
-            withheld += 1
-            assert f[0] * PAIRS_PER_NAT > n  # withheld only where the figure reads high
-        else:
-            over += f[2] > mi
-    assert over / reps <= 0.025
-    # and 64 pairs at a figure of ~1 nat keep their interval
-    x = torch.randn(64, 2, generator=gen)
-    y = x + 1.0 * torch.randn(64, 2, generator=gen)
-    t = -((y[None] - x[:, None]) ** 2).sum(-1) / 4 + (y**2).sum(-1)[None] / 4 + math.log(2)
-    f = held_out_figures(kind, t, gen, 200, 0.0 if kind == "mine" else None).tolist()
-    assert f[0] * PAIRS_PER_NAT < 64 and f[2] <= f[0] <= f[3]
+        c = float(_offdiag_logmeanexp(scores(512)))
+        over = kept = 0
+        for _ in range(reps):
+            f = held_out_figures(kind, scores(n), gen, 200, c if kind == "mine" else None)
+            f = f.tolist()
+            if math.isnan(f[2]):
+                assert f[0] * PAIRS_PER_NAT > n  # withheld only where the figure reads high
+            else:
+                kept += 1
+                over += f[2] > mi
+        if mi == 8.0:
+            assert over / reps <= 0.025
+        else:  # (1.0-2.2% over 1,000 batches; SMILE is no bound, so its share is the highest)
+            assert kept / reps >= 0.9 and over / reps <= 0.04
 
 
 def test_infonce_intervals_cover_at_eight_pairs():

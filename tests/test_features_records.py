@@ -198,14 +198,20 @@ def test_record_contents_and_summary():
     assert "not bounds" not in text
 
 
-def test_the_summary_does_not_call_smile_rows_lower_bounds():
+def test_the_summary_does_not_call_smile_rows_lower_bounds(monkeypatch):
     """SMILE clips its critic's marginal term: on a known 5 nats it read 5.36 on average, so
-    the table's 'learned rows are lower bounds' must except it."""
+    the table's and the plot's 'learned rows are lower bounds' must except it."""
+    from opacus_mi import plots
+
     engine, model, opt, loader = make_private(poisson=False)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="smile", train_every=1)
     train(model, opt, loader)
     assert "clipped/smile" in monitor.history[-1].mi
     assert "smile rows are estimates, not bounds" in monitor.summary()
+    titles = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: titles.append(fig.axes[0].get_title()))
+    plots.plot_mi(monitor.history, "unused.png")
+    assert "smile's excepted" in titles[0]
 
 
 def test_state_dict_round_trip_continues_identically():
