@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from opacus.accountants import IAccountant
 from opacus.grad_sample import (
     AbstractGradSampleHooks,
     AbstractGradSampleModule,
@@ -175,11 +176,28 @@ def _check_attach(engine, module, optimizer) -> None:
             f"engine must be the opacus.PrivacyEngine that made the optimizer private, got "
             f"{type(engine).__name__}"
         )
+    stepped = _hooked_accountant(optimizer)
+    if stepped is not None and stepped is not engine.accountant:
+        # Another engine's accountant never steps: every record read epsilon 0, unflagged.
+        raise ValueError(
+            "engine is not the PrivacyEngine that made this optimizer private: the optimizer "
+            "steps another engine's accountant; pass the engine whose make_private returned it"
+        )
     if "pre_step" in vars(optimizer):
         raise ValueError(
             "optimizer already has a monitor (or another pre_step wrapper) attached; call "
             "detach() on the existing monitor first"
         )
+
+
+def _hooked_accountant(optimizer) -> Any:
+    """The accountant Opacus's step hook (``get_optimizer_hook_fn``) steps, if it is one."""
+    hook = getattr(optimizer, "step_hook", None)
+    for cell in getattr(hook, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # (an empty cell)
+            if isinstance(cell.cell_contents, IAccountant):
+                return cell.cell_contents
+    return None
 
 
 def _is_ghost(module, optimizer) -> bool:

@@ -365,6 +365,9 @@ def test_attach_errors_name_the_argument():
     )
     with pytest.raises(ValueError, match=r"module is the GradSampleHooks .*\(wrap_model=True\)"):
         LeakageMonitor(engine, hooks, hook_opt, delta=1e-5)
+    # another engine: its accountant never steps (every record read epsilon 0, unflagged)
+    with pytest.raises(ValueError, match="engine is not the PrivacyEngine that made"):
+        LeakageMonitor(PrivacyEngine(), model, opt, delta=1e-5)
     for kwargs, word in [
         ({"delta": 0.0}, "delta"),
         ({"delta": 1e-5, "every": 0}, "every"),
