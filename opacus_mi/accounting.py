@@ -728,6 +728,12 @@ class MIAccountant:
                 f"poisson_sampling must be True or False (as given to make_private), "
                 f"got {poisson_sampling!r}"
             )
+        if accountant is not None and not isinstance(getattr(accountant, "history", None), list):
+            raise ValueError(
+                f"accountant must be an Opacus accountant (one with a history list: "
+                f"engine.accountant, not the engine), or None to count step() calls; got "
+                f"{type(accountant).__name__}"
+            )
         self.accountant = accountant
         self.poisson_sampling = poisson_sampling
         self.history: list[tuple[float, float, int]] = []
@@ -739,6 +745,11 @@ class MIAccountant:
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
         """Record one step (for use without an Opacus accountant)."""
+        if self.accountant is not None:  # (its history is what bound() reads: this was lost)
+            raise ValueError(
+                "step() counts steps of an MIAccountant without an accountant; this one follows "
+                "its accountant's history: step the accountant, or make it with accountant=None"
+            )
         _check_step_settings(noise_multiplier, sample_rate)  # here, not at a later bound()
         if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
             n, q, k = self.history[-1]

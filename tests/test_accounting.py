@@ -181,6 +181,15 @@ def test_bad_step_settings_are_refused_where_they_are_given():
         MIAccountant().step(noise_multiplier=1.0, sample_rate=2.0)
     with pytest.raises(ValueError, match="poisson_sampling must be True or False"):
         MIAccountant(poisson_sampling="no")
+    # An engine (or a name) for its accountant, and step() beside an accountant, were taken
+    # and then ignored: the bound read 0 after 100 steps
+    from opacus import PrivacyEngine
+
+    for wrong in (PrivacyEngine(), "rdp"):
+        with pytest.raises(ValueError, match="engine.accountant, not the engine"):
+            MIAccountant(wrong)
+    with pytest.raises(ValueError, match="step the accountant, or make it with accountant=None"):
+        MIAccountant(RDPAccountant()).step(noise_multiplier=1.0, sample_rate=0.1)
 
 
 def test_pure_dp_and_gaussian_channel_bounds():
