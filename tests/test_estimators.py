@@ -517,3 +517,21 @@ def test_oracle_and_per_step_intervals_use_students_t():
     m, lo, hi = mean_with_ci(values)
     ref = stats.t.interval(0.95, len(values) - 1, loc=m, scale=stats.sem(values))
     assert (lo, hi) == pytest.approx(ref, rel=1e-12)
+
+
+def test_estimate_mi_does_not_change_with_each_columns_shift_and_scale():
+    """MI is invariant to x -> a x + b per column. The inputs went to float32 before they were
+    standardised: x * 1e-15 read 0.18 nats for 0.81, x + 1e9 read 0, x * 1e39 'NaN or Inf'."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 1, generator=gen, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(1000, 1, generator=gen, dtype=torch.float64)
+    kwargs = {"max_steps": 400, "bootstrap": 20, "permutations": 5, "hidden": 32, "embed": 8}
+    ref = estimate_mi(x, y, "infonce", **kwargs)
+    assert ref.nats > 0.5  # (closed form 0.805)
+    for moved in (x * 1e-15, x + 1e9, x * 1e39, 3 * x - 7):
+        got = estimate_mi(moved, y, "infonce", **kwargs)
+        assert got.nats == pytest.approx(ref.nats, abs=1e-3)
+    with pytest.raises(ValueError, match="x is complex"):
+        estimate_mi(x.to(torch.complex64), y)
+    with pytest.raises(ValueError, match="x has no columns"):
+        estimate_mi(x[:, :0], y)

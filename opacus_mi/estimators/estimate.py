@@ -68,14 +68,18 @@ def _as_2d_float(name: str, v) -> torch.Tensor:
         t = t[:, None]
     if t.ndim != 2:
         raise ValueError(f"{name} must be 1-D or 2-D (n_pairs, dim); got shape {tuple(t.shape)}")
-    if t.dtype == torch.bool or not (
-        torch.is_floating_point(t) or t.dtype.is_signed or t.dtype == torch.uint8
-    ):
-        t = t.to(torch.float32)
-    t = t.to(torch.float32)
+    if t.is_complex():
+        raise ValueError(f"{name} is complex: pass its real and imaginary parts as columns")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has no columns: each pair needs at least one value")
+    t = t.to(torch.float64)
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or Inf: drop or impute those pairs first")
-    return t
+    # MI does not change with each column's shift and scale: standardised here, in float64,
+    # so that the critics' float32 keeps inputs that are tiny, huge or far from 0 (x * 1e-15
+    # read 0.18 nats for 0.81; x + 1e9 read 0; x * 1e39 was 'NaN or Inf').
+    std, mean = torch.std_mean(t, dim=0, unbiased=False)
+    return ((t - mean) / torch.where(std > 0, std, torch.ones_like(std))).to(torch.float32)
 
 
 def _adam(params, lr: float) -> torch.optim.Optimizer:
