@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,17 @@ class LeakageRecord:
         if not isinstance(mi, dict) or not all(isinstance(v, dict) for v in mi.values()):
             raise TypeError(f"mi is {mi!r}, not a mapping of estimates")
         mi = {k: MIValue(**{f: float_of(v.get(f)) for f in _MI_FIELDS}) for k, v in mi.items()}
+        for key, value in mi.items():
+            for f in ("nats", "ci_low", "ci_high"):  # (null, as NaN once was: NaN again)
+                if getattr(value, f) is None:
+                    setattr(value, f, math.nan)
+            bad = {
+                f: getattr(value, f)
+                for f in _MI_FIELDS
+                if not _number_or_none(getattr(value, f), optional=f in ("mismatched", "control"))
+            }
+            if bad:
+                raise TypeError(f"mi[{key!r}] has {bad}, not numbers")
         return cls(mi=mi, **d)
 
 
@@ -114,13 +126,24 @@ _INTS = ("step", "batch_size", "chunks")
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
+def _number_or_none(value: Any, *, optional: bool) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def float_of(value: Any) -> Any:
     return _NONFINITE.get(value, value) if isinstance(value, str) else value
 
 
 def json_safe(obj: Any) -> Any:
-    """A dict JSON can hold: NaN/Inf floats as ``"nan"``, ``"inf"``, ``"-inf"``."""
-    if isinstance(obj, float):
+    """A dict JSON can hold: NaN/Inf floats as ``"nan"``, ``"inf"``, ``"-inf"``; NumPy scalars
+    as the Python numbers they are (a NumPy inf was written ``"np.float64(inf)"``, which made
+    the whole file unreadable)."""
+    if isinstance(obj, numbers.Integral) and not isinstance(obj, bool):
+        return int(obj)
+    if isinstance(obj, numbers.Real) and not isinstance(obj, bool):
+        obj = float(obj)
         return obj if math.isfinite(obj) else repr(obj)
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}

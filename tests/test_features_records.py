@@ -474,6 +474,18 @@ def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
     got = LeakageRecord.from_dict(row).mi["clipped/test"]
     assert math.isnan(got.nats) and (got.ci_low, got.ci_high) == (-math.inf, math.inf)
     assert "epsilon inf" in summary_table(back)
+    # NumPy's inf was written "np.float64(inf)", which made the whole file unreadable; an MI
+    # value that is no number loaded silently
+    import numpy as np
+
+    row["epsilon"], row["step"] = np.float64("inf"), np.int64(7)
+    from opacus_mi.records import json_safe
+
+    assert LeakageRecord.from_dict(json.loads(json.dumps(json_safe(row)))).epsilon == math.inf
+    row = json.loads(json.dumps(json_safe(row)))
+    row["mi"]["clipped/test"]["nats"] = "high"
+    with pytest.raises(TypeError, match="mi\\['clipped/test'\\] has \\{'nats': 'high'\\}"):
+        LeakageRecord.from_dict(row)
 
 
 class _FrozenBackbone(nn.Module):
