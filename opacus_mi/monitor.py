@@ -1791,9 +1791,14 @@ class LeakageMonitor:
         another kind, or of a monitor with other settings (whose critics would not fit this
         one's tokens and views), is a ValueError naming what differs."""
         self.check_state(state)
+        # What can fail is parsed before anything changes (a corrupt record, a generator state
+        # of another size: steps and critics were replaced, then it raised).
+        steps, first_step = int(state["steps"]), int(state.get("first_step", 0))
+        history = [LeakageRecord.from_dict(d) for d in state["history"]]
+        record_count = int(state.get("record_count", len(history)))
+        torch.Generator(device=self.generator.device).set_state(state["generator"])
         self.flush()  # nothing of the old state may land after the new one
-        self.steps = int(state["steps"])
-        self._first_step = int(state.get("first_step", 0))
+        self.steps, self._first_step = steps, first_step
         # The schedule restarts here: plans made for steps of the state replaced do not hold.
         self._measure_at, self._planned = self.steps, None
         self._adopted = self._last_measured = self.steps - 1
@@ -1807,10 +1812,9 @@ class LeakageMonitor:
         if self.subspace is not None and state.get("subspace") is not None:
             self.subspace.load_state_dict(state["subspace"])
         self.generator.set_state(state["generator"])
-        self._history = [LeakageRecord.from_dict(d) for d in state["history"]]
+        self._history = history
         self._trim_history()
-        # (a checkpoint from before max_history holds every record it made)
-        self.record_count = int(state.get("record_count", len(state["history"])))
+        self.record_count = record_count  # (before max_history a checkpoint held every record)
 
     def __repr__(self) -> str:
         return (

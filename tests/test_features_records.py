@@ -277,6 +277,16 @@ def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
     assert fresh.steps == len(loader) and not fresh.history  # untouched
     with pytest.raises(ValueError, match="not a LeakageMonitor.state_dict"):
         fresh.load_state_dict({"model": {}})
+    # A corrupt record or a generator state of another size: refused before anything changed
+    # (steps and critics were replaced, then it raised)
+    corrupt = {**state, "settings": fresh._settings(), "steps": 999}
+    for bad in (
+        {"history": [{**state["history"][0], "step": "zero"}]},
+        {"generator": torch.zeros(3, dtype=torch.uint8)},
+    ):
+        with pytest.raises((TypeError, RuntimeError)):
+            fresh.load_state_dict({**corrupt, **bad})
+        assert fresh.steps == len(loader) and not fresh.history
     # An earlier version's checkpoint (without seed and token_dims) is compared on what it has
     for key in ("seed", "token_dims"):
         del state["settings"][key]
