@@ -535,3 +535,25 @@ def test_estimate_mi_does_not_change_with_each_columns_shift_and_scale():
         estimate_mi(x.to(torch.complex64), y)
     with pytest.raises(ValueError, match="x has no columns"):
         estimate_mi(x[:, :0], y)
+
+
+def test_the_oracle_refuses_what_it_cannot_take_by_name():
+    """A 4 x 3 or 1-D Gram failed deep inside; a negative noise_std was taken as noise-free;
+    draws=0 or NaN noise gave NaN; generator=None an AttributeError."""
+    from opacus_mi.estimators.oracle import union_deficits
+
+    gen, gram = torch.Generator().manual_seed(0), torch.eye(4, dtype=torch.float64)
+    for bad_gram in (torch.ones(4, 3), torch.ones(4), [[1.0]]):
+        with pytest.raises(ValueError, match="gram must be a square"):
+            gram_oracle(bad_gram, 1.0, generator=gen)
+    for noise in (-1.0, math.nan, math.inf, "1", True):
+        with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
+            gram_oracle(gram, noise, generator=gen)
+    for draws in (0, 2.5, True):
+        with pytest.raises(ValueError, match="draws must be an integer >= 1"):
+            gram_oracle(gram, 1.0, draws=draws, generator=gen)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        gram_oracle(gram, 1.0, generator=None)
+    with pytest.raises(ValueError, match="noise_std must be > 0 for a union bound"):
+        union_deficits(gram, 0.0)
+    assert gram_oracle(gram, 0.0, generator=gen).nats == pytest.approx(math.log(4))

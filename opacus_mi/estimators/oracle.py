@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..checks import is_finite_number
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,15 @@ class OracleResult:
     @property
     def nats(self) -> float:
         return float(self.terms.mean()) if self.batch_size else float("nan")
+
+
+def _check_gram(gram: Any, noise_std: Any) -> None:
+    """Shapes and settings only (host side): the values are the caller's, read nowhere here."""
+    if not isinstance(gram, torch.Tensor) or gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        got = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+        raise ValueError(f"gram must be a square (B, B) tensor of inner products, got {got}")
+    if not is_finite_number(noise_std) or noise_std < 0:
+        raise ValueError(f"noise_std must be a finite number >= 0 (sigma * C), got {noise_std!r}")
 
 
 def _psd_sqrt_factor(
@@ -95,6 +107,11 @@ def gram_oracle(
         sync_free: factorise without reading anything back to the host (default: off the
             CPU, where each read is a sync); a Gram that is not numerically PD then gives NaN.
     """
+    _check_gram(gram, noise_std)
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1 (noise draws per example), got {draws!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     b = gram.shape[0]
     if b == 0:
         return OracleResult(terms=torch.zeros(0, dtype=torch.float64), batch_size=0)
@@ -148,6 +165,9 @@ def union_deficits(gram: torch.Tensor, noise_std: float) -> torch.Tensor:
     Carlo in it (7-15% looser in the union terms than the exact softplus means). Float64,
     ``(B,)``.
     """
+    _check_gram(gram, noise_std)
+    if noise_std == 0:
+        raise ValueError("noise_std must be > 0 for a union bound (a noise-free release has none)")
     g = gram.to(torch.float64)
     sq = g.diagonal()
     a = (sq[:, None] + sq[None, :] - 2 * g).clamp_min_(0).div_(2 * noise_std**2)
