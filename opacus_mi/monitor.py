@@ -560,7 +560,7 @@ class LeakageMonitor:
             engine.accountant, poisson_sampling=self._sampling(engine, module, poisson_sampling)
         )
         self._history: list[LeakageRecord] = []
-        self.record_count = 0  # every record made, kept in history or not (max_history)
+        self._record_count = 0  # every record made, kept in history or not (max_history)
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         self._worker_warnings: deque[str] = deque()  # warnings the worker had to say
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
@@ -1017,7 +1017,7 @@ class LeakageMonitor:
             while self._done:
                 record = self._done.popleft()
                 self._history.append(record)
-                self.record_count += 1
+                self._record_count += 1
                 self._trim_history()
                 if self._writes:  # under DPDDP every rank has this record; one writes it
                     for sink in self.sinks:
@@ -1639,6 +1639,13 @@ class LeakageMonitor:
 
     # ------------------------------------------------------------------ results
     @property
+    def record_count(self) -> int:
+        """Records made so far, kept in ``history`` or not (``max_history``); waits, as
+        ``history`` does, for any an overlap worker is making (it lagged one behind)."""
+        self.flush()
+        return self._record_count
+
+    @property
     def history(self) -> list[LeakageRecord]:
         """Every record so far (the latest ``max_history`` if set), in step order; waits for
         any an overlap worker is making."""
@@ -1709,7 +1716,7 @@ class LeakageMonitor:
                 "training loop's."
             )
         share = b.spent / b.train_seconds if b.train_seconds > 0 else math.nan
-        parts = [f"measured {self.record_count} of {self.steps - self._first_step} steps"]
+        parts = [f"measured {self._record_count} of {self.steps - self._first_step} steps"]
         if self.train_every is None and self.estimators:
             parts.append(f"{rounds} critic rounds")
         return (
@@ -1730,7 +1737,7 @@ class LeakageMonitor:
             "semi_oracle": None if self.semi_oracle is None else self.semi_oracle.state_dict(),
             "subspace": None if self.subspace is None else self.subspace.state_dict(),
             "history": [r.as_dict() for r in self.history],
-            "record_count": self.record_count,
+            "record_count": self._record_count,
             "settings": self._settings(),
         }
 
@@ -1814,12 +1821,12 @@ class LeakageMonitor:
         self.generator.set_state(state["generator"])
         self._history = history
         self._trim_history()
-        self.record_count = record_count  # (before max_history a checkpoint held every record)
+        self._record_count = record_count  # (before max_history a checkpoint held every record)
 
     def __repr__(self) -> str:
         return (
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
-            f"token_dim={self.token_dim}, records={self.record_count}, attached={self.attached})"
+            f"token_dim={self.token_dim}, records={self._record_count}, attached={self.attached})"
         )
 
 

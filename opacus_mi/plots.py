@@ -100,7 +100,7 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
             linewidth=1.2,
             marker="_" if len(ln_b) == 1 else None,
             markersize=12,
-            label="ln B (batch ceiling)",
+            label="ln B (InfoNCE / oracle ceiling)",
         )
     _robust_ylim(ax, records)
     ax.axhline(0.0, color="lightgray", linewidth=0.8, zorder=0)
@@ -108,8 +108,8 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     ax.set_ylabel("mutual information (nats)")
     smile = any(k.endswith("/smile") for k in _keys(records))
     ax.set_title(
-        "Measured leakage per DP-SGD step (95% CI; learned rows: held-out lower bounds"
-        + (", smile's excepted)" if smile else ")")
+        "Measured leakage per DP-SGD step\n(95% CI; learned rows: held-out lower bounds"
+        + ("; smile: an estimate)" if smile else ")")
     )
     if not records:
         ax.text(0.5, 0.5, "no monitored steps", ha="center", va="center", transform=ax.transAxes)

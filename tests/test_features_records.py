@@ -211,7 +211,7 @@ def test_the_summary_does_not_call_smile_rows_lower_bounds(monkeypatch):
     titles = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: titles.append(fig.axes[0].get_title()))
     plots.plot_mi(monitor.history, "unused.png")
-    assert "smile's excepted" in titles[0]
+    assert "smile: an estimate" in titles[0]
 
 
 def test_state_dict_round_trip_continues_identically():

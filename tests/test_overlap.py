@@ -744,3 +744,11 @@ def test_a_forked_child_trains_on_unmonitored_and_writes_nothing(tmp_path, overl
     monitor.detach()
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
     assert steps == [r.step for r in monitor.history] == list(range(len(loader)))
+
+
+def test_record_count_waits_for_the_worker_as_history_does():
+    """record_count lagged one record behind under overlap (README: how many were made)."""
+    engine, model, opt, loader = make_private(poisson=False, n=48)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=True)
+    train(model, opt, loader)
+    assert monitor.record_count == len(loader) == len(monitor.history)
