@@ -29,10 +29,26 @@ interval across steps.</li>
 what the estimator reports when there is nothing to find. A real signal sits well above it.</li>
 <li><b>detected.</b> Where shown: "yes" when the interval over steps lies above 0 and above the
 shuffled control.</li>
-<li><b>ln B.</b> The log of the batch size: no batch-contrastive bound can exceed it.</li>
+<li><b>ln B.</b> The log of the batch size: InfoNCE and the oracle cannot exceed it (the
+<code>e^T</code> bounds, <code>mine</code>, <code>nwj</code>, <code>smile</code>, can).</li>
 <li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats, the capacity-style bound of one use of the
 Gaussian channel with noise multiplier sigma (signal norm at most C, noise std sigma*C). The
 private view's MI per step cannot exceed it; epsilon composes the whole run instead.</li>
+</ul>
+"""
+
+SWEEP_EXPLANATION = """
+<ul>
+<li><b>One row per setting</b> (a noise multiplier, or a target epsilon the noise was solved
+for), each a full monitored run in its own folder.</li>
+<li><b>epsilon.</b> The run's final epsilon at its delta, from Opacus's accountant.</li>
+<li><b>test acc.</b> The model's accuracy on the held-out split after training.</li>
+<li><b>private/oracle MI, clipped MI.</b> Nats per example per step: the mean of the run's last
+records with a 95% interval across them. The oracle is the white-box Bayes estimate for the
+private view; clipped MI is the learned critic's held-out lower bound on the clipped view.</li>
+<li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats: what one private release can carry at
+most; the private view's MI per step cannot exceed it.</li>
+<li><b>wall s.</b> The run's wall-clock seconds, training and monitor together.</li>
 </ul>
 """
 
@@ -82,11 +98,13 @@ def write_html(
     images: Sequence[str | os.PathLike] = (),
     results: Mapping[str, Any] | None = None,
     filename: str = "report.html",
+    explanation: str = EXPLANATION,
 ) -> Path:
     """Write a self-contained ``<out_dir>/report.html`` and return its path.
 
     ``table`` is a text table (escaped, shown preformatted); ``table_html`` is trusted HTML used
     as is. ``images`` are PNG files embedded as base64 data URIs, so the file needs nothing else.
+    ``explanation``: the notes on the table's columns (trusted HTML; a sweep's has its own).
     """
     out = Path(out_dir)
     parts = [
@@ -105,7 +123,7 @@ def write_html(
         parts.append(f"<pre>{html.escape(table)}</pre>")
     if table is None and table_html is None:
         parts.append("<p>No table.</p>")
-    parts += ["<h2>What the columns mean</h2>", EXPLANATION]
+    parts += ["<h2>What the columns mean</h2>", explanation]
     if images:
         parts.append("<h2>Plots</h2>")
         for img in images:

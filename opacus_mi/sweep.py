@@ -223,7 +223,7 @@ def write_sweep_outputs(
 ) -> tuple[str, list[Path]]:
     """Write ``sweep.csv`` (unless ``csv=False``), ``sweep.txt``, ``sweep.png`` and
     ``report.html`` for a sweep."""
-    from .html_report import write_html
+    from .html_report import SWEEP_EXPLANATION, write_html
     from .plots import plot_sweep
 
     out = Path(out)
@@ -240,6 +240,7 @@ def write_sweep_outputs(
             settings=_settings_for_html(settings),
             table=table,
             images=[image],
+            explanation=SWEEP_EXPLANATION,
         )
     )
     return table, files

@@ -157,8 +157,12 @@ def test_sweep_writes_rows_and_noise_lowers_epsilon(sweep_dir):
     assert float(by_sigma[2.0]["oracle_mi"]) < float(by_sigma[0.5]["oracle_mi"])
     for name in ("sweep.png", "report.html", "sigma_0.5/records.jsonl", "sigma_2/report.html"):
         assert (out / name).is_file(), name
-    assert "data:image/png;base64," in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
     assert "epsilon" in stdout and "private/oracle" in stdout
+    # the sweep's own columns explained, not a run's (shuffled, detected: not in its table)
+    assert "<b>wall s.</b>" in page and "<b>shuffled.</b>" not in page
+    assert "<b>shuffled.</b>" in (out / "sigma_2/report.html").read_text()
 
 
 def test_report_subcommand_rerenders_a_sweep(sweep_dir, tmp_path):
