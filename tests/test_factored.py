@@ -444,14 +444,16 @@ def test_mismatched_ghost_pair_is_refused():
 
 
 def _private_mlp(*, last_bias: bool):
-    """A 12-16-5 MLP made private (RDP, C = 0.5), one batch of 32, no Poisson sampling."""
+    """A 12-16-5 MLP made private (RDP, C = 0.5), one batch of 32, no Poisson sampling:
+    ``(engine, model, optimizer, loader)``."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5, bias=last_bias))
     data = TensorDataset(torch.randn(32, 12), torch.randint(0, 5, (32,)))
-    return PrivacyEngine(accountant="rdp").make_private(
+    engine = PrivacyEngine(accountant="rdp")
+    return engine, *engine.make_private(
         module=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
         data_loader=DataLoader(data, batch_size=32),
@@ -467,7 +469,7 @@ def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples()
     from opacus_mi.factored import LinearInputs
     from opacus_mi.views import clip_factors, clipped_gram
 
-    model, opt, loader = _private_mlp(last_bias=False)
+    _, model, opt, loader = _private_mlp(last_bias=False)
     capture = LinearInputs(model, opt.params, active=lambda: True)
     x, y = next(iter(loader))
     x[3] = 0.0  # an all-zero input row: zero gradient for the first layer's weight
@@ -522,12 +524,11 @@ def test_rank_one_tokens_norms_and_gram_equal_the_materialised_ones():
     Gram's diagonal. References: Opacus's grad_sample sketched directly, Opacus's clip
     arithmetic (clip_factors) and the float64 GEMM Gram; end to end, the clipped tokens the
     monitor's critic learns from."""
-    from opacus import PrivacyEngine
 
     from opacus_mi.factored import KroneckerTokenizer, LinearInputs, rank_one_backprop
     from opacus_mi.views import clip_factors, clipped_gram, flat_clip, raw_gram, scale_gram
 
-    model, opt, loader = _private_mlp(last_bias=True)
+    engine, model, opt, loader = _private_mlp(last_bias=True)
     capture = LinearInputs(model, opt.params, active=lambda: True)
     x, y = next(iter(loader))
     nn.functional.cross_entropy(model(x), y).backward()
@@ -558,9 +559,7 @@ def test_rank_one_tokens_norms_and_gram_equal_the_materialised_ones():
     opt.zero_grad()
 
     # End to end: the monitor's clipped tokens are the clipped sketch of Opacus's grad_sample.
-    monitor = LeakageMonitor(
-        PrivacyEngine(accountant="rdp"), model, opt, delta=1e-5, views=("clipped",), token_dim=8
-    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, views=("clipped",), token_dim=8)
     seen = []
     est = monitor.estimators["clipped"]
     original = est.observe
