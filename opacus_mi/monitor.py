@@ -75,7 +75,7 @@ from .distributed import all_gather_items, should_gather, world_size
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
-from .estimators.oracle import UNION_NEAR, gram_oracle, oracle_interval, union_deficits
+from .estimators.oracle import UNION_NEAR, gram_oracle, oracle_interval, union_mean
 from .estimators.semi_oracle import SemiOracleEstimator
 from .factored import (
     FactoredCapture,
@@ -1476,7 +1476,7 @@ class LeakageMonitor:
         ]
         # The union floor's mean (see oracle_interval): off the CPU made always and read with
         # the rest; on the CPU below, only where the oracle reads near ln B (~0.1 ms at B = 64).
-        union = reads.add(_union_mean(grams).reshape(1)) if terms and self._sync_free else None
+        union = reads.add(union_mean(grams).reshape(1)) if terms and self._sync_free else None
         deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
         reads.read()
         dropped = False
@@ -1510,12 +1510,12 @@ class LeakageMonitor:
             mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
             log_b = sum(t.numel() * math.log(t.numel()) for t in terms) / n_oracle
             if union is not None:
-                union_mean = reads[union][0]
+                union_nats = reads[union][0]
             elif log_b - mean < UNION_NEAR:  # (else the floor is not used: not made)
-                union_mean = float(_union_mean(grams))
+                union_nats = float(union_mean(grams))
             else:
-                union_mean = math.nan
-            mean, lo, hi = oracle_interval(mean, lo, hi, log_b, union_mean)
+                union_nats = math.nan
+            mean, lo, hi = oracle_interval(mean, lo, hi, log_b, union_nats)
             out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
         return out
 
@@ -1828,14 +1828,6 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={self._record_count}, attached={self.attached})"
         )
-
-
-def _union_mean(grams: list) -> torch.Tensor:
-    """The mean union deficit over the rows of a step's chunks (``(gram, noise std)`` each;
-    NaN where there is none: a noise-free release, a chunk whose Gram is gone)."""
-    if not grams or any(g is None or g[1] <= 0 for g in grams):
-        return torch.tensor(math.nan, dtype=torch.float64)
-    return torch.cat([union_deficits(gram, std) for gram, std in grams]).mean()
 
 
 # Attached monitors, for a forked child to set aside (see LeakageMonitor._stand_aside).

@@ -180,6 +180,14 @@ def union_deficits(gram: torch.Tensor, noise_std: float) -> torch.Tensor:
     return terms.sum(dim=1)
 
 
+def union_mean(grams: list) -> torch.Tensor:
+    """The mean union deficit over the rows of a step's chunks (``(gram, noise std)`` each;
+    NaN where there is none: a noise-free release, a chunk whose Gram is gone)."""
+    if not grams or any(g is None or g[1] <= 0 for g in grams):
+        return torch.tensor(math.nan, dtype=torch.float64)
+    return torch.cat([union_deficits(gram, std) for gram, std in grams]).mean()
+
+
 def oracle_interval(
     mean: float, low: float, high: float, log_b: float, union: float | None
 ) -> tuple[float, float, float]:
