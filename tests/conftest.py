@@ -63,19 +63,25 @@ def make_private(
     n: int = 96,
     engine_cls=PrivacyEngine,
     net=TinyCNN,
+    data: TensorDataset | None = None,
     private_kwargs: dict | None = None,
+    with_criterion: bool = False,
     **engine_kwargs,
 ):
     """Seed everything, build model/optimizer/loader and make them private (``net``: the
-    model's class or factory, on the 1x6x6 data)."""
+    model's class or factory, on ``data``, by default ``make_data(n)``'s 1x6x6 images).
+
+    ``(engine, model, optimizer, loader)``; with ``with_criterion``, ``(engine, model,
+    optimizer, criterion, loader)``: the loss to train with, in ghost mode the one Opacus
+    returns (its backward is the clipping's second pass), else a plain cross-entropy."""
     torch.manual_seed(seed)
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = DataLoader(make_data(n), batch_size=batch_size)
+    loader = DataLoader(make_data(n) if data is None else data, batch_size=batch_size)
     engine = engine_cls(accountant=accountant, **engine_kwargs)
     if clipping == "per_layer" and not isinstance(clip, list):
         clip = [clip] * len([p for p in model.parameters() if p.requires_grad])
-    model, opt, loader = engine.make_private(
+    out = engine.make_private(
         module=model,
         optimizer=opt,
         data_loader=loader,
@@ -84,9 +90,13 @@ def make_private(
         clipping=clipping,
         grad_sample_mode=mode,
         poisson_sampling=poisson,
+        **({"criterion": nn.CrossEntropyLoss()} if with_criterion else {}),
         **(private_kwargs or {}),
     )
-    return engine, model, opt, loader
+    if not with_criterion:
+        return engine, *out
+    model, opt, criterion, loader = out if len(out) == 4 else (*out[:2], None, out[2])
+    return engine, model, opt, criterion or nn.CrossEntropyLoss(), loader
 
 
 def without_timing(records) -> list[dict]:

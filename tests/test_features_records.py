@@ -587,23 +587,15 @@ def test_a_time_major_models_features_are_each_examples_own_input():
     """batch_first=False at T == B: feature row i was time step i of every example (no flag,
     learned figures paired with the wrong examples), for the input and for a named layer's
     output alike; at T != B every step was unpaired (or the layer refused)."""
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     for steps in (16, 5):
-        torch.manual_seed(0)
-        data = TensorDataset(torch.randn(64, steps, 4), torch.randint(0, 3, (64,)))
-        model = _SeqFirstNet()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        engine = PrivacyEngine(accountant="rdp")
-        model, opt, loader = engine.make_private(
-            module=model,
-            optimizer=opt,
-            data_loader=DataLoader(data, batch_size=16),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            batch_first=False,
-            poisson_sampling=False,
+        gen = torch.Generator().manual_seed(0)
+        data = TensorDataset(
+            torch.randn(64, steps, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        )
+        engine, model, opt, loader = make_private(
+            poisson=False, net=_SeqFirstNet, data=data, private_kwargs={"batch_first": False}
         )
         monitor = LeakageMonitor(
             engine,
@@ -636,8 +628,7 @@ def test_an_embedding_bags_flat_ids_pair_through_a_named_layer():
     """nn.EmbeddingBag called with flat ids and offsets: its input is not one row per example,
     so a named layer (or a callable) gives the features; they were refused against the flat
     ids' length."""
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     class Bags(nn.Module):
         def __init__(self):
@@ -648,19 +639,11 @@ def test_an_embedding_bags_flat_ids_pair_through_a_named_layer():
         def forward(self, flat, offsets):
             return self.fc(self.bag(flat, offsets))
 
-    torch.manual_seed(0)
-    data = TensorDataset(torch.randint(0, 20, (64, 5)), torch.randint(0, 3, (64,)))
-    model = Bags()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=opt,
-        data_loader=DataLoader(data, batch_size=16),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        poisson_sampling=False,
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randint(0, 20, (64, 5), generator=gen), torch.randint(0, 3, (64,), generator=gen)
     )
+    engine, model, opt, loader = make_private(poisson=False, net=Bags, data=data)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", features=["bag"])
     criterion = nn.CrossEntropyLoss()
     for _ in range(2):

@@ -434,25 +434,11 @@ def test_a_monitored_model_can_be_saved_and_copied_and_its_copy_is_not_monitored
     original monitor. Copies get inert hooks; the original trains on, monitored."""
     import io
 
-    from conftest import TinyCNN, make_data
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader
-
-    torch.manual_seed(0)
-    engine, net = PrivacyEngine(accountant="rdp"), TinyCNN()
-    out = engine.make_private(
-        module=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-        data_loader=DataLoader(make_data(64), batch_size=16),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        poisson_sampling=False,
-        grad_sample_mode=mode,
-        criterion=nn.CrossEntropyLoss(),
+    engine, model, opt, criterion, loader = make_private(
+        poisson=False, mode=mode, n=64, with_criterion=True
     )
-    model, opt, criterion, loader = out if mode == "ghost" else (*out[:2], None, out[2])
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
-    criterion = monitor.wrap_criterion(criterion or nn.CrossEntropyLoss())
+    criterion = monitor.wrap_criterion(criterion)
     x, y = next(iter(loader))
     buffer = io.BytesIO()
     torch.save(model, buffer)

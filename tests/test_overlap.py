@@ -587,6 +587,17 @@ def test_records_carry_the_noise_and_bound_their_step_used(setting):
     assert without_timing(overlapped) == without_timing(inline)
 
 
+def _train_through_interrupts(model, opt, loader) -> None:
+    """One epoch, as a notebook that catches Ctrl-C and trains on."""
+    for x, y in loader:
+        try:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        except KeyboardInterrupt:
+            pass
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_step_interrupted_inside_opacus_leaves_nothing_for_the_next_record(overlap):
     """Ctrl-C inside optimizer.step() (Opacus's noise), caught by a notebook that trains on:
@@ -604,13 +615,7 @@ def test_a_step_interrupted_inside_opacus_leaves_nothing_for_the_next_record(ove
         return add_noise()
 
     opt.add_noise = interrupted
-    for x, y in loader:
-        try:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        except KeyboardInterrupt:
-            pass
+    _train_through_interrupts(model, opt, loader)
     history = monitor.history
     steps = sum(h[2] for h in engine.accountant.history)
     assert monitor.steps == steps == len(loader) - 1 == len(history)
@@ -655,13 +660,7 @@ def test_ctrl_c_while_a_record_is_made_or_delivered_loses_no_record(tmp_path, ev
         return finish(*args)
 
     monitor._finish_step = interrupted
-    for x, y in loader:
-        try:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        except KeyboardInterrupt:
-            pass
+    _train_through_interrupts(model, opt, loader)
     monitor.detach()
     steps = sum(h[2] for h in engine.accountant.history)
     assert steps == len(loader)

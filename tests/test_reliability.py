@@ -88,8 +88,7 @@ def test_frozen_parameters_and_half_precision_inputs():
         def forward(self, x):
             return self.head(torch.relu(self.frozen(x.float().flatten(1))))
 
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     torch.manual_seed(0)
     x = torch.randn(64, 1, 6, 6).to(torch.float16)
@@ -119,20 +118,9 @@ def test_parameters_frozen_mid_run_are_refused_not_mismeasured(mode):
     ``error:ParamsChanged`` with one warning that says what to do, and training goes on."""
 
     def run(monitored: bool):
-        torch.manual_seed(0)
-        engine, model = PrivacyEngine(accountant="rdp"), TinyCNN()
-        out = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(make_data(96), batch_size=16),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-            grad_sample_mode=mode,
-            criterion=nn.CrossEntropyLoss(),
+        engine, model, opt, criterion, loader = make_private(
+            poisson=False, mode=mode, with_criterion=True
         )
-        model, opt, criterion, loader = out if mode == "ghost" else (*out[:2], None, out[2])
-        criterion = criterion or nn.CrossEntropyLoss()
         monitor = (
             LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None) if monitored else None
         )
@@ -277,24 +265,23 @@ def test_sigkill_mid_run_loses_no_completed_record(tmp_path, overlap):
     assert steps[:delivered] == list(range(delivered))
 
 
+def _private_bfloat16(*, clip: float):
+    """The tiny CNN and its 64 images in bfloat16, made private (fixed batches of 16)."""
+    from torch.utils.data import TensorDataset
+
+    x, y = make_data(64).tensors
+    return make_private(
+        poisson=False,
+        clip=clip,
+        net=lambda: TinyCNN().to(torch.bfloat16),
+        data=TensorDataset(x.to(torch.bfloat16), y),
+    )
+
+
 def test_bfloat16_model_is_monitored_without_changing_training():
-    from conftest import TinyCNN, make_data
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
 
     def run(monitored: bool):
-        torch.manual_seed(0)
-        model = TinyCNN().to(torch.bfloat16)
-        x, y = make_data(64).tensors
-        engine = PrivacyEngine(accountant="rdp")
-        model, opt, loader = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(TensorDataset(x.to(torch.bfloat16), y), batch_size=16),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-        )
+        engine, model, opt, loader = _private_bfloat16(clip=1.0)
         monitor = LeakageMonitor(engine, model, opt, delta=1e-5) if monitored else None
         train(model, opt, loader, epochs=2)
         return monitor, [p.detach().clone() for p in model.parameters()]
@@ -308,24 +295,10 @@ def test_bfloat16_clip_factors_are_opacus_own(monkeypatch):
     """Opacus clips bfloat16 gradients with norms taken in bfloat16; the monitor took them from
     its float32 Gram's diagonal, up to 6.6e-3 off, so the oracle's Gram diagonal was ~1.5% off
     Opacus's clipped norms. (The rest is float32 against Opacus's rounded grad_sample.)"""
-    from conftest import TinyCNN, make_data
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
 
     import opacus_mi.monitor as monitor_module
 
-    torch.manual_seed(0)
-    x, y = make_data(64).tensors
-    net = TinyCNN().to(torch.bfloat16)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(
-        module=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x.to(torch.bfloat16), y), batch_size=16),
-        noise_multiplier=1.0,
-        max_grad_norm=0.1,
-        poisson_sampling=False,
-    )
+    engine, model, opt, loader = _private_bfloat16(clip=0.1)
     errors, original = [], monitor_module.gram_oracle
 
     def checked(gram, std, **kwargs):
