@@ -113,8 +113,9 @@ def _add_training_options(p: argparse.ArgumentParser, *, out: str | None = None)
         "--views",
         nargs="+",
         choices=VIEW_CHOICES,
-        default=list(d.views),
-        help="gradient views to measure",
+        default=None,
+        help="gradient views to measure (default: clipped private; private alone with "
+        "--estimator none)",
     )
     mon.add_argument(
         "--token-dim", type=int, default=d.token_dim, help="count-sketch dimensions per tensor"
@@ -307,7 +308,7 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
         accountant=args.accountant,
         exact_epsilon=args.exact_epsilon,
         estimator=args.estimator,
-        views=tuple(args.views),
+        views=None if args.views is None else tuple(args.views),
         token_dim=args.token_dim,
         every=args.every,
         train_every=args.train_every,

@@ -96,6 +96,7 @@ from .views import (
     clip_factors,
     clipped_grad_samples,
     clipped_gram,
+    default_views,
     flat_clip,
     raw_gram,
     release_noise_std,
@@ -125,11 +126,13 @@ def _check_combination(
     """Refuse settings under which a requested figure could never be made: without a learned
     estimator only the private view has a figure (its oracle), and the semi-oracle and the
     control are of the private view and of a learned critic."""
-    if estimator is None and "private" not in views:
+    unmeasured = [v for v in views if v != "private"]
+    if estimator is None and unmeasured:
         raise ValueError(
-            f"views={views!r} with estimator=None measures nothing: without a learned estimator "
-            "only the private view has a figure (its Gram oracle); add 'private' to views or "
-            "pass an estimator, e.g. estimator='mine'"
+            f"views={views!r} with estimator=None: without a learned estimator only the private "
+            f"view has a figure (its Gram oracle), so {unmeasured!r} would never be measured; "
+            "pass views=('private',) (the default without an estimator) or an estimator, e.g. "
+            "estimator='mine'"
         )
     if control and estimator is None:
         raise ValueError(
@@ -257,7 +260,8 @@ class LeakageMonitor:
         every: monitor one logical step in ``every`` (others cost nothing). ``None`` (default):
             as many as ``budget`` affords, every step where the monitor is cheap relative to
             the model (:mod:`opacus_mi.budget`).
-        views: gradient views to measure, from ``("raw", "clipped", "private")``.
+        views: gradient views to measure, from ``("raw", "clipped", "private")``. ``None``
+            (default): clipped and private, or private alone with ``estimator=None``.
         estimator: learned estimator per view, ``"mine"``, ``"infonce"``, ``"nwj"``,
             ``"smile"`` or None (the private view's white-box oracle is always computed; with
             None and no semi-oracle no features or tokens are made: nothing would read them).
@@ -344,7 +348,7 @@ class LeakageMonitor:
         *,
         delta: float,
         every: int | None = None,
-        views: Sequence[str] = ("clipped", "private"),
+        views: Sequence[str] | None = None,
         estimator: str | None = "mine",
         token_dim: int = 64,
         features: FeatureFn | Sequence[str] | None = None,
@@ -434,14 +438,16 @@ class LeakageMonitor:
                 f"None to keep every record; got {max_history!r}"
             )
         self.max_history = max_history
-        if isinstance(views, str):
+        if estimator is not None and estimator not in BOUNDS:
+            raise ValueError(f"estimator must be one of {BOUNDS} or None; got {estimator!r}")
+        if views is None:
+            views = default_views(estimator)
+        elif isinstance(views, str):
             views = (views,)
         views = tuple(dict.fromkeys(views))  # each view once, in the order given
         bad = [v for v in views if v not in VIEWS]
         if not views or bad:
             raise ValueError(f"views must be a non-empty subset of {VIEWS}; got {views!r}")
-        if estimator is not None and estimator not in BOUNDS:
-            raise ValueError(f"estimator must be one of {BOUNDS} or None; got {estimator!r}")
         _check_combination(views, estimator, control=control, semi_oracle=semi_oracle)
         feature_spec = self._parse_features(features)  # checked before anything attaches
         sinks = [sinks] if callable(sinks) else list(sinks) if _iterable(sinks) else [sinks]

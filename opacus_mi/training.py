@@ -36,6 +36,7 @@ from .data import DATASETS
 from .models import MODELS
 from .records import LeakageRecord, float_of, json_safe, read_jsonl
 from .report import csv_cell
+from .views import default_views
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "nwj", "smile", "none")
@@ -73,7 +74,7 @@ class RunConfig:
     accountant: str = "prv"
     exact_epsilon: bool = False  # PRV epsilon at every record (else paced: LeakageMonitor)
     estimator: str | None = "mine"
-    views: tuple[str, ...] = ("clipped", "private")
+    views: tuple[str, ...] | None = None  # None: the monitor's default_views(estimator)
     token_dim: int = 64
     every: int = 1
     train_every: int = 2  # an analysis job: the critic trains 4x as often as the library default
@@ -123,7 +124,7 @@ class RunConfig:
             raise ValueError(
                 f"{flag('delta')} must lie strictly between 0 and 1 (e.g. 1e-5); got {self.delta!r}"
             )
-        views = (self.views,) if isinstance(self.views, str) else tuple(self.views)
+        views = self.view_tuple
         bad = [v for v in views if v not in VIEW_CHOICES]
         if not views or bad:
             raise ValueError(
@@ -131,11 +132,13 @@ class RunConfig:
                 f"got {list(views)!r}"
             )
         learned = self.estimator_or_none is not None
-        if not learned and "private" not in views:
+        unmeasured = [v for v in views if v != "private"]
+        if not learned and unmeasured:
             raise ValueError(
-                f"{flag('views')} {' '.join(views)} with {flag('estimator')} none measures "
-                f"nothing: without a learned estimator only the private view has a figure (its "
-                f"Gram oracle); add private to {flag('views')} or pick an estimator, e.g. "
+                f"{flag('views')} {' '.join(views)} with {flag('estimator')} none: without a "
+                f"learned estimator only the private view has a figure (its Gram oracle), so "
+                f"{' '.join(unmeasured)} would never be measured; pass {flag('views')} private "
+                f"(the default with {flag('estimator')} none) or pick an estimator, e.g. "
                 f"{flag('estimator')} mine"
             )
         if self.control and not learned:
@@ -160,6 +163,8 @@ class RunConfig:
 
     @property
     def view_tuple(self) -> tuple[str, ...]:
+        if self.views is None:
+            return default_views(self.estimator_or_none)
         views = (self.views,) if isinstance(self.views, str) else tuple(self.views)
         return tuple(dict.fromkeys(views))
 

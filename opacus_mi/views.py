@@ -21,6 +21,13 @@ from opacus.optimizers import AdaClipDPOptimizer
 
 VIEWS = ("raw", "clipped", "private")
 
+
+def default_views(estimator: str | None) -> tuple[str, ...]:
+    """The views measured when none are named: clipped and private with a learned estimator,
+    the private view alone without one (only it has a figure then: its Gram oracle)."""
+    return ("clipped", "private") if estimator is not None else ("private",)
+
+
 # Opacus adds this to per-sample norms before dividing (optimizer.py, perlayeroptimizer.py).
 _OPACUS_EPS = 1e-6
 

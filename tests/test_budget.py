@@ -117,8 +117,10 @@ def test_every_argument_is_checked_before_anything_runs(private_setup, name, bad
     "kwargs, says",
     [
         # each made records without a single figure, or dropped the request, without a word
-        ({"views": "raw", "estimator": None}, "measures nothing"),
-        ({"views": ("clipped",), "estimator": None}, "measures nothing"),
+        ({"views": "raw", "estimator": None}, r"\['raw'\] would never be measured"),
+        ({"views": ("clipped",), "estimator": None}, "would never be measured"),
+        # the clipped view made no figure beside the oracle, while the records' views said it
+        ({"views": ("clipped", "private"), "estimator": None}, r"\['clipped'\] would never"),
         ({"views": ("private",), "estimator": None, "control": True}, "control=True trains"),
         ({"views": ("clipped",), "semi_oracle": True}, "semi_oracle=True scores the private"),
     ],
@@ -130,6 +132,24 @@ def test_settings_that_could_never_make_a_requested_figure_are_refused(private_s
     # the neighbouring settings that do measure something are accepted
     ok = dict(kwargs, views=("private",), control=False)
     LeakageMonitor(engine, model, opt, delta=1e-5, **ok).detach()
+
+
+def test_default_views_are_the_ones_that_get_a_figure(private_setup):
+    """Without an estimator only the private view has a figure: it alone is the default then."""
+    engine, model, opt, loader = private_setup()
+    x, y = next(iter(loader))
+    for estimator, views in (("mine", ("clipped", "private")), (None, ("private",))):
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=estimator)
+        assert monitor.views == views
+        monitor.detach()
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    monitor.flush()
+    (record,) = monitor.history
+    assert {key.split("/")[0] for key in record.mi} == {"private"}
+    monitor.detach()
 
 
 @pytest.mark.parametrize(
