@@ -1522,7 +1522,9 @@ class LeakageMonitor:
             else:
                 union_nats = math.nan
             mean, lo, hi = oracle_interval(mean, lo, hi, log_b, union_nats)
-            out.mi["private/oracle"] = MIValue(nats=mean, ci_low=lo, ci_high=hi, n=n_oracle)
+            out.mi["private/oracle"] = MIValue(
+                nats=mean, ci_low=lo, ci_high=hi, n=n_oracle, ceiling=log_b
+            )
         return out
 
     def _charge(self, span, kind: str, work: float = 1.0) -> None:

@@ -35,6 +35,16 @@ def _keys(records: Sequence[LeakageRecord]) -> list[str]:
     return list(seen)
 
 
+def _isolated(ok: list[bool]) -> list[int]:
+    """Indices that are ``True`` with no ``True`` neighbour: a line or band through them,
+    broken on both sides, draws nothing."""
+    return [
+        i
+        for i, here in enumerate(ok)
+        if here and not (i > 0 and ok[i - 1]) and not (i + 1 < len(ok) and ok[i + 1])
+    ]
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     fig.tight_layout()
@@ -47,7 +57,8 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     """MI (nats) per series against step, with its 95% CI band, the per-step bound and ln B.
 
     The bound ``1/(2 sigma^2)`` (``LeakageRecord.mi_bound``) is dashed when present; ``ln B``
-    (log of the batch size, the ceiling of any batch-contrastive bound) is dotted.
+    (log of the batch size, the ceiling of any batch-contrastive bound) is dotted, and the
+    oracle's own ceiling dash-dotted where its chunks make it lower (``MIValue.ceiling``).
     """
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key in _keys(records):
@@ -61,14 +72,22 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
         (line,) = ax.plot(steps, nats, label=key, linewidth=1.3, marker="o" if lone else None)
         if not lone:
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            # The line breaks at NaN too: a finite figure with none on either side gets a dot.
+            ok = [math.isfinite(v) for v in nats]
+            dots = _isolated(ok)
+            if dots:
+                ax.plot(
+                    [steps[i] for i in dots],
+                    [nats[i] for i in dots],
+                    linestyle="none",
+                    marker="o",
+                    markersize=4,
+                    color=line.get_color(),
+                )
         # The band breaks at NaN intervals (records of < 8 pairs), so an interval with none on
         # either side is a band of one point too: it gets a bar.
         has = [math.isfinite(a) and math.isfinite(b) for a, b in zip(lo, hi, strict=True)]
-        alone = [
-            i
-            for i, h in enumerate(has)
-            if h and not (i > 0 and has[i - 1]) and not (i + 1 < len(has) and has[i + 1])
-        ]
+        alone = _isolated(has)
         if alone:
             ax.vlines(
                 [steps[i] for i in alone],
@@ -91,17 +110,30 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
             label="bound/step 1/(2 sigma^2)",
         )
     ln_b = [(r.step, math.log(r.batch_size)) for r in records if r.batch_size > 0]
-    if ln_b:
-        ax.plot(
-            [s for s, _ in ln_b],
-            [v for _, v in ln_b],
-            linestyle=":",
-            color="gray",
-            linewidth=1.2,
-            marker="_" if len(ln_b) == 1 else None,
-            markersize=12,
-            label="ln B (InfoNCE / oracle ceiling)",
-        )
+    # The oracle's candidates are each chunk's (BatchMemoryManager) or rank's (DPDDP)
+    # examples: where that puts its ceiling below the logical batch's ln B, draw it apart.
+    ceilings = [
+        (r, r.mi["private/oracle"].log_b)
+        for r in records
+        if "private/oracle" in r.mi and math.isfinite(r.mi["private/oracle"].log_b)
+    ]
+    oracle = [(r.step, c) for r, c in ceilings]
+    apart = any(r.batch_size > 0 and abs(c - math.log(r.batch_size)) > 1e-9 for r, c in ceilings)
+    for series, label, style in (
+        (ln_b, "ln B (InfoNCE ceiling)" if apart else "ln B (InfoNCE / oracle ceiling)", ":"),
+        (oracle if apart else [], "oracle ceiling (mean ln of its chunks' sizes)", "-."),
+    ):
+        if series:
+            ax.plot(
+                [s for s, _ in series],
+                [v for _, v in series],
+                linestyle=style,
+                color="gray",
+                linewidth=1.2,
+                marker="_" if len(series) == 1 else None,
+                markersize=12,
+                label=label,
+            )
     _robust_ylim(ax, records)
     ax.axhline(0.0, color="lightgray", linewidth=0.8, zorder=0)
     ax.set_xlabel("step")

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-_MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control")
+_MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control", "ceiling")
+_OPTIONAL_MI_FIELDS = ("mismatched", "control", "ceiling")
 
 
 @dataclass
@@ -29,6 +30,17 @@ class MIValue:
     n: int
     mismatched: float | None = None  # the same critic on shuffled pairs (estimator bias floor)
     control: float | None = None  # a critic trained on shuffled pairs, held out: should be ~0
+    # The most the figure can read where that is not ln n: the oracle's candidates are each
+    # physical chunk's (BatchMemoryManager) or rank's (DPDDP) examples, so its ceiling is the
+    # mean ln of their sizes, below the logical batch's ln B.
+    ceiling: float | None = None
+
+    @property
+    def log_b(self) -> float:
+        """The ceiling of an InfoNCE-type figure: ``ceiling``, else ``ln n``."""
+        if self.ceiling is not None:
+            return self.ceiling
+        return math.log(self.n) if self.n > 0 else math.nan
 
     @property
     def difference(self) -> float | None:
@@ -107,7 +119,7 @@ class LeakageRecord:
             bad = {
                 f: getattr(value, f)
                 for f in _MI_FIELDS
-                if not _number_or_none(getattr(value, f), optional=f in ("mismatched", "control"))
+                if not _number_or_none(getattr(value, f), optional=f in _OPTIONAL_MI_FIELDS)
             }
             if bad:
                 raise TypeError(f"mi[{key!r}] has {bad}, not numbers")

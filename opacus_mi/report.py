@@ -111,7 +111,7 @@ def summary_table(
             _fmt(mism_mean),
             *((_fmt(ctrl_mean),) if has_control else ()),
             detected,
-            _fmt(math.log(v.n)) if v.n > 0 else "-",
+            _fmt(v.log_b) if math.isfinite(v.log_b) else "-",
             _fmt(latest.mi_bound) if key.startswith("private") else "-",
         )
     flagged = sorted({f for r in records for f in r.flags})

@@ -34,7 +34,7 @@ from .checks import (
 )
 from .data import DATASETS
 from .models import MODELS
-from .records import LeakageRecord, float_of, json_safe, read_jsonl
+from .records import _MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
 from .report import csv_cell
 from .views import default_views
 
@@ -607,7 +607,6 @@ _RECORD_COLUMNS = (
     "chunks",
     "monitor_seconds",
 )
-_MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control")
 
 
 def mi_keys(records: Sequence[LeakageRecord]) -> list[str]:
@@ -623,7 +622,8 @@ def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike)
     """One row per record; MI flattened to ``<view/estimator>_<field>`` columns.
 
     Fields are ``nats``, ``ci_low``, ``ci_high``, ``n``, ``mismatched`` (the same critic on
-    shuffled pairs) and ``control`` (a critic trained on shuffled pairs, when enabled).
+    shuffled pairs), ``control`` (a critic trained on shuffled pairs, when enabled) and
+    ``ceiling`` (the oracle's: the mean ln of its candidate sets' sizes).
     """
     keys = mi_keys(records)
     header = list(_RECORD_COLUMNS) + [f"{k}_{f}" for k in keys for f in _MI_FIELDS] + ["flags"]

@@ -767,3 +767,34 @@ def test_mi_plot_draws_an_interval_whose_neighbours_have_none(tmp_path, monkeypa
     assert set(covered) == set(expected)
     for s, (lo, hi) in expected.items():
         assert covered[s] == pytest.approx((lo, hi))
+
+
+def test_mi_plot_shows_isolated_figures_and_the_oracles_own_ceiling(tmp_path, monkeypatch):
+    """A finite figure between two NaN ones drew nothing (a line of one point), and under
+    BatchMemoryManager the one 'ln B' line sat at the logical batch's ln 32 above an oracle
+    whose candidates are each chunk's 8 examples."""
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+    nan = math.nan
+
+    def record(step, nats, ceiling):
+        return LeakageRecord(
+            step=step, batch_size=32, noise_multiplier=1.0, max_grad_norm=1.0,
+            sample_rate=0.1, epsilon=1.0, delta=1e-5,
+            mi={"private/oracle": MIValue(nats, nan, nan, 32, ceiling=ceiling)},
+        )  # fmt: skip
+
+    nats = [0.3, nan, 0.4, nan, 0.5, 0.6]
+    plots.plot_mi([record(s, v, math.log(8)) for s, v in enumerate(nats)], tmp_path / "mi.png")
+    ax = seen.pop()
+    dots = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert [(x, y) for ln in dots for x, y in ln.get_xydata().tolist()] == [(0, 0.3), (2, 0.4)]
+    by_label = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
+    assert list(by_label["ln B (InfoNCE ceiling)"]) == [math.log(32)] * 6
+    assert list(by_label["oracle ceiling (mean ln of its chunks' sizes)"]) == [math.log(8)] * 6
+    # one chunk per step: one line, as before
+    plots.plot_mi([record(s, 0.3, math.log(32)) for s in range(3)], tmp_path / "mi.png")
+    labels = [ln.get_label() for ln in seen.pop().get_lines()]
+    assert "ln B (InfoNCE / oracle ceiling)" in labels and not any("chunks" in x for x in labels)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from opacus_mi import LeakageMonitor, MonitoredPrivacyEngine
+from opacus_mi.report import summary_table
 
 
 def _run(monitored: bool, *, epochs=2, monitor_kwargs=None, **setup):
@@ -188,9 +189,18 @@ def test_batch_memory_manager_every_chunk_seen_and_paired():
     assert len(seen) == len(engine.accountant.history and monitor.history) == 6
     for r in monitor.history:
         assert r.chunks == 4 and r.batch_size == 32 and not r.flags
-        assert r.mi["private/oracle"].n == 32
+        # The oracle's candidates are each chunk's 8 examples: its ceiling is ln 8, not ln 32
+        # (the table's ln B column showed ln 32 beside an oracle saturated at ln 8).
+        oracle = r.mi["private/oracle"]
+        assert oracle.n == 32 and oracle.ceiling == oracle.log_b == pytest.approx(math.log(8))
+        assert oracle.nats <= math.log(8) + 1e-12
     assert any(r.mi.get("clipped/mine") and r.mi["clipped/mine"].n == 32 for r in monitor.history)
     assert monitor.steps == 6 == sum(h[2] for h in engine.accountant.history)
+    table = summary_table(monitor.history).splitlines()
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in table if "│" in line]
+    rows = {row[0]: row for row in cells}
+    assert rows["private/oracle"][-2] == f"{math.log(8):.3f}"  # ln B, then bound/step
+    assert rows["clipped/mine"][-2] == f"{math.log(32):.3f}"  # its pairs: the logical batch
 
 
 def test_empty_and_size_one_batches():
