@@ -500,6 +500,9 @@ def test_oracle_interval_near_ln_b_takes_the_union_floor(noise, plain_share):
     assert oracle_interval(0.5, 0.4, 0.6, math.log(16), 0.3) == (0.5, 0.4, 0.6)
     assert oracle_interval(1.0, 0.9, 1.1, math.log(16), 3.5) == (1.0, 0.9, 1.1)
     assert oracle_interval(2.7, 2.6, 2.75, math.log(16), math.nan) == (2.7, 2.6, 2.75)
+    # At B = 5 (ln 5 < UNION_NEAR) a union of 2.3 put the floor at -0.69: I >= 0 says more
+    assert oracle_interval(0.3, 0.2, 0.38, math.log(5), 2.3) == (0.3, 0.0, 0.38)
+    assert oracle_interval(0.3, -0.1, 0.7, math.log(5), 2.3) == (0.3, -0.1, 0.7)  # t's own
 
 
 def test_oracle_and_per_step_intervals_use_students_t():

@@ -198,4 +198,6 @@ def oracle_interval(
     near = union is not None and union <= UNION_TIGHT and log_b - mean < UNION_NEAR
     if not (near and math.isfinite(low)):  # (a NaN union is not <= anything)
         return mean, low, high
-    return mean, min(low, log_b - union, mean), high
+    # (I(J; Y) >= 0: a floor below 0, at small B where ln B itself is < UNION_NEAR, says
+    # nothing a floor of 0 does not.)
+    return mean, min(low, max(0.0, log_b - union), mean), high
