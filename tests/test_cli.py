@@ -655,3 +655,32 @@ def test_run_help_states_the_librarys_critic_schedule(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "library default 8" not in text
     assert "first 32 batches, then once per TRAIN_EVERY monitored steps" in text
+
+
+def test_tensorboard_ends_at_the_runs_epsilon_and_numbers_steps_as_records(tmp_path, monkeypatch):
+    """A paced PRV epsilon left TensorBoard's curve at the last value a record computed, not
+    the run's; accuracy was logged one step past the record of the same step."""
+    from opacus_mi import training
+
+    points: dict[str, list] = {}
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            points.setdefault(tag, []).append((step, value))
+
+        def flush(self):
+            pass
+
+        close = flush
+
+    monkeypatch.setattr(training, "_tensorboard_writer", lambda log_dir: Writer())
+    out = tmp_path / "tb"
+    argv = ["run", *TINY, "--accountant", "prv", "--epochs", "2", "--tensorboard"]
+    assert cli.main([*argv, "--estimator", "none", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    last = result["steps"] - 1
+    assert points["privacy/epsilon"][-1] == (last, pytest.approx(result["epsilon"], rel=1e-12))
+    steps = [s for s, _ in points["privacy/epsilon"]]
+    assert steps == sorted(set(steps))  # each step once
+    per_epoch = result["steps"] // 2
+    assert [s for s, _ in points["test/accuracy"]] == [per_epoch - 1, last]
