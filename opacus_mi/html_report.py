@@ -30,12 +30,29 @@ what the estimator reports when there is nothing to find. A real signal sits wel
 <li><b>detected.</b> Where shown: "yes" when the interval over steps lies above 0 and above the
 shuffled control.</li>
 <li><b>ln B.</b> The log of the batch size: InfoNCE and the oracle cannot exceed it (the
-<code>e^T</code> bounds, <code>mine</code>, <code>nwj</code>, <code>smile</code>, can).</li>
+<code>e^T</code> bounds, <code>mine</code>, <code>nwj</code>, <code>smile</code>, can). On the
+oracle's row, the mean log of its candidate sets' sizes: each physical chunk under
+BatchMemoryManager, each rank's batch under DPDDP.</li>
 <li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats, the capacity-style bound of one use of the
 Gaussian channel with noise multiplier sigma (signal norm at most C, noise std sigma*C). The
 private view's MI per step cannot exceed it; epsilon composes the whole run instead.</li>
 </ul>
 """
+
+def sweep_explanation(estimator: str | None) -> str:
+    """The sweep's column notes, with what its clipped column is for ``estimator`` (a run
+    config's: ``"none"``, or None where the sweep's settings are not known)."""
+    if estimator == "smile":
+        clipped = "SMILE's held-out estimate on the clipped view (an estimate, not a bound)"
+    elif estimator == "none":
+        clipped = "empty: the sweep ran without a learned estimator"
+    elif estimator is None:
+        clipped = "the learned critic's held-out figure on the clipped view"
+    else:
+        name = html.escape(estimator)
+        clipped = f"the learned critic's ({name}) held-out lower bound on the clipped view"
+    return SWEEP_EXPLANATION.replace("{clipped}", clipped)
+
 
 SWEEP_EXPLANATION = """
 <ul>
@@ -45,7 +62,7 @@ for), each a full monitored run in its own folder.</li>
 <li><b>test acc.</b> The model's accuracy on the held-out split after training.</li>
 <li><b>private/oracle MI, clipped MI.</b> Nats per example per step: the mean of the run's last
 records with a 95% interval across them. The oracle is the white-box Bayes estimate for the
-private view; clipped MI is the learned critic's held-out lower bound on the clipped view.</li>
+private view; clipped MI is {clipped}.</li>
 <li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats: what one private release can carry at
 most; the private view's MI per step cannot exceed it.</li>
 <li><b>wall s.</b> The run's wall-clock seconds, training and monitor together.</li>

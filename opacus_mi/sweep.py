@@ -182,8 +182,11 @@ def _ci_cell(row: dict[str, Any], prefix: str) -> str:
     return f"{_f(mid)} [{_f(row.get(f'{prefix}_ci_low'))}, {_f(row.get(f'{prefix}_ci_high'))}]"
 
 
-def sweep_table(rows: Sequence[dict[str, Any]], *, width: int = 120) -> str:
-    """The sweep summary as a text table (rich), one row per setting."""
+def sweep_table(
+    rows: Sequence[dict[str, Any]], *, width: int = 120, estimator: str | None = None
+) -> str:
+    """The sweep summary as a text table (rich), one row per setting; ``estimator`` (the
+    learned one, if known) names the clipped view's column."""
     from rich.console import Console
     from rich.table import Table
 
@@ -193,7 +196,8 @@ def sweep_table(rows: Sequence[dict[str, Any]], *, width: int = 120) -> str:
     )
     targets = any(is_finite_number(r.get("target_epsilon")) for r in rows)
     columns = ["noise"] + (["target eps"] if targets else []) + ["epsilon", "test acc"]
-    columns += ["private/oracle MI", "clipped MI", "bound/step 1/(2 sigma^2)", "wall s"]
+    clipped = f"clipped/{estimator} MI" if estimator not in (None, "none") else "clipped MI"
+    columns += ["private/oracle MI", clipped, "bound/step 1/(2 sigma^2)", "wall s"]
     for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
@@ -223,12 +227,14 @@ def write_sweep_outputs(
 ) -> tuple[str, list[Path]]:
     """Write ``sweep.csv`` (unless ``csv=False``), ``sweep.txt``, ``sweep.png`` and
     ``report.html`` for a sweep."""
-    from .html_report import SWEEP_EXPLANATION, write_html
+    from .html_report import sweep_explanation, write_html
     from .plots import plot_sweep
 
     out = Path(out)
     files = [write_sweep_csv(rows, out / "sweep.csv")] if csv else []
-    table = sweep_table(rows)
+    estimator = (settings or {}).get("estimator")
+    estimator = estimator if isinstance(estimator, str) else None
+    table = sweep_table(rows, estimator=estimator)
     (out / "sweep.txt").write_text(table + "\n", encoding="utf-8")
     files.append(out / "sweep.txt")
     image = plot_sweep(rows, out / "sweep.png")
@@ -240,7 +246,7 @@ def write_sweep_outputs(
             settings=_settings_for_html(settings),
             table=table,
             images=[image],
-            explanation=SWEEP_EXPLANATION,
+            explanation=sweep_explanation(estimator),
         )
     )
     return table, files

@@ -163,6 +163,29 @@ def test_sweep_writes_rows_and_noise_lowers_epsilon(sweep_dir):
     # the sweep's own columns explained, not a run's (shuffled, detected: not in its table)
     assert "<b>wall s.</b>" in page and "<b>shuffled.</b>" not in page
     assert "<b>shuffled.</b>" in (out / "sigma_2/report.html").read_text()
+    assert "without a learned estimator" in page  # (this sweep's --estimator none)
+
+
+@pytest.mark.parametrize(
+    "estimator, says, header",
+    [
+        ("smile", "an estimate, not a bound", "clipped/smile MI"),
+        ("mine", "(mine) held-out lower bound", "clipped/mine MI"),
+        (None, "held-out figure", "clipped MI"),  # a sweep folder without its settings
+    ],
+)
+def test_sweep_report_says_what_its_clipped_column_is(tmp_path, estimator, says, header):
+    """The sweep's page called SMILE's figure a held-out lower bound whatever the estimator."""
+    from opacus_mi.sweep import write_sweep_outputs
+
+    row = {"setting": "sigma_1", "noise_multiplier": 1.0, "epsilon": 2.0, "clipped_mi": 0.4,
+           "clipped_ci_low": 0.3, "clipped_ci_high": 0.5}  # fmt: skip
+    settings = None if estimator is None else {"estimator": estimator}
+    table, _ = write_sweep_outputs(tmp_path, [row], settings=settings)
+    page = (tmp_path / "report.html").read_text()
+    assert says in page
+    assert ("lower bound" in page) == (estimator == "mine")
+    assert header in table
 
 
 def test_report_subcommand_rerenders_a_sweep(sweep_dir, tmp_path):
