@@ -107,7 +107,7 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
             linewidth=1.2,
             marker="_" if len(bound) == 1 else None,
             markersize=12,
-            label="bound/step 1/(2 sigma^2)",
+            label="private view bound/step 1/(2 sigma^2)",
         )
     ln_b = [(r.step, math.log(r.batch_size)) for r in records if r.batch_size > 0]
     # The oracle's candidates are each chunk's (BatchMemoryManager) or rank's (DPDDP)
