@@ -246,7 +246,8 @@ def _run(
     engine, model, opt, criterion, loader = _make(mode, **setup)
     monitor, tokens, eps = None, [], []
     if monitored:
-        views = ("raw", "clipped", "private")
+        # (without an estimator only the private view has a figure: the default then)
+        views = ("raw", "clipped", "private") if estimator is not None else None
         monitor = LeakageMonitor(
             engine,
             model,
