@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
 from opacus.utils.module_utils import requires_grad, trainable_parameters
@@ -917,7 +918,7 @@ def rank_one_gram(
 
 
 class LinearInputs:
-    """Inputs of the model's ``nn.Linear`` layers on monitored forwards (hooks/functorch/ew).
+    """Inputs of the model's ``nn.Linear`` layers on monitored forwards (hooks/functorch mode).
 
     A Linear layer applied once, to a ``(B, d_in)`` input, has rank-one per-sample weight
     gradients, whose Gram matrix :func:`rank_one_gram` forms from that input and ``grad_sample``
@@ -942,13 +943,18 @@ class LinearInputs:
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
         # is exactly its backprop ``b_i`` (Opacus sums backprops over no positions).
         self.bias_of: dict[int, int] = {}
-        # A weight another module also owns (tied to an embedding, say) has a gradient with
-        # that module's part in it, not rank one: it is left to the GEMM, and a shared bias is
-        # not its Linear's backprop.
-        owners = collections.Counter(
-            id(p) for m in module.modules() for p in m.parameters(recurse=False)
+        # Only where the Linear's own Opacus hook makes its grad_sample, from that one call. A
+        # module with parameters of its own hides its subtree from Opacus (its functorch
+        # fallback's gradient holds every use of the weight there, F.linear calls included),
+        # as Expanded Weights (ew) records every use; and a weight other hooked modules also
+        # hold (tied to an embedding, say) gets their parts too. Those are left to the GEMM.
+        hooked = (
+            list(module.iterate_submodules(module._module))
+            if isinstance(module, GradSampleModule)
+            else []
         )
-        for m in module.modules():
+        owners = collections.Counter(id(p) for m in hooked for _, p in trainable_parameters(m))
+        for m in hooked:
             if type(m) is nn.Linear and id(m.weight) in index and owners[id(m.weight)] == 1:
                 layer = index[id(m.weight)]
                 self._handles.append(m.register_forward_hook(GuestHook(self._hook(layer))))

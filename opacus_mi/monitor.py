@@ -602,7 +602,8 @@ class LeakageMonitor:
             batch_first=getattr(module, "batch_first", True),
             active=lambda: self._tokens and self._due(),
         )
-        # Hooks/functorch/ew: inputs of 2-D Linear layers, whose rank-one token and Gram are cheap.
+        # Hooks/functorch: inputs of the 2-D Linear layers Opacus hooks (none in ew mode), whose
+        # rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
         if not _is_ghost(module, optimizer):
             self._linear_inputs = LinearInputs(module, params, active=self._due, later=self.overlap)

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_data
+from conftest import make_data, make_private, train
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -574,3 +574,103 @@ def test_rank_one_tokens_norms_and_gram_equal_the_materialised_ones():
     (got,) = seen
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     monitor.detach()
+
+
+class _TiedAE(nn.Module):
+    """A decoder that reuses its encoder Linear's weight through F.linear; its own bias (a
+    parameter of the model itself) makes Opacus handle the whole model with its functorch
+    fallback, so the encoder's grad_sample holds both uses of the weight (not rank one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 4)
+        self.dbias = nn.Parameter(torch.zeros(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        return self.head(nn.functional.linear(h, self.enc.weight.t(), self.dbias))
+
+
+class _SharedStep(nn.Module):
+    """A Linear applied as a module once and once more through F.linear (a weight-shared
+    step): Expanded Weights (ew) puts both uses in its grad_sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.mid, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.fc1(x))))
+        return self.fc2(torch.tanh(nn.functional.linear(h, self.mid.weight)))
+
+
+@pytest.mark.parametrize(
+    "mode,net", [("hooks", _TiedAE), ("functorch", _TiedAE), ("ew", _SharedStep)]
+)
+def test_rank_one_shortcut_only_where_the_linears_own_opacus_hook_makes_its_grad_sample(
+    monkeypatch, mode, net
+):
+    """A Linear called once is rank one per example only if its grad_sample comes from that
+    call alone: not under a functorch fallback ancestor, not in ew mode. Reference: the clipped
+    Gram of Opacus's own grad_sample (flat clipping, float64); the monitor's was 20-31% off."""
+    import opacus_mi.monitor as monitor_module
+
+    grams = []
+    oracle = monitor_module.gram_oracle
+    monkeypatch.setattr(
+        monitor_module,
+        "gram_oracle",
+        lambda gram, std, **kw: (grams.append(gram.double()), oracle(gram, std, **kw))[1],
+    )
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    engine, model, opt, loader = make_private(
+        net=net, data=data, noise=0.5, mode=mode, poisson=False
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+    refs = []
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        flat = torch.cat([p.grad_sample.flatten(1).double() for p in opt.params], 1)
+        clipped = flat * (1.0 / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)[:, None]
+        refs.append(clipped @ clipped.T)
+        opt.step()
+    monitor.detach()
+    assert len(refs) == 2
+    for gram, ref in zip(grams, refs, strict=True):
+        torch.testing.assert_close(gram, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("name", ["auto", "mlp"], ids=["digits-cnn", "mlp"])
+def test_plain_cnn_and_mlp_keep_the_rank_one_shortcut(mode, name):
+    """The fast path stays on where it holds: every Linear of the digits CNN / MLP (hooked by
+    Opacus itself, called once on a 2-D input) gets its b_i from its bias, not the GEMM."""
+    from opacus_mi.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,)))
+    engine, model, opt, loader = make_private(
+        net=lambda: build_model(name, (1, 8, 8), 10), data=data, mode=mode, poisson=False
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+    linears = {
+        i
+        for i, p in enumerate(opt.params)
+        for m in model._module.modules()
+        if type(m) is nn.Linear and p is m.weight
+    }
+    assert linears and set(monitor._linear_inputs.bias_of) == linears
+    taken, backprops = [], monitor._rank_one_backprops
+
+    def tap(grad_samples, inputs):
+        out = backprops(grad_samples, inputs)
+        taken.append(set(out))
+        return out
+
+    monitor._rank_one_backprops = tap
+    train(model, opt, loader)
+    monitor.detach()
+    assert taken == [linears, linears]
