@@ -924,8 +924,9 @@ class LinearInputs:
     gradients, whose Gram matrix :func:`rank_one_gram` forms from that input and ``grad_sample``
     far more cheaply than a GEMM over ``d_out x d_in``. The hooks keep a reference to the
     input (a copy only where :func:`keep_input` needs one: ``later``, the inputs are read after
-    the step, on an overlap worker) and only on forwards the monitor will measure; a layer
-    applied more than once, or to inputs with more dimensions, is left to the GEMM.
+    the step, on an overlap worker) and only on forwards the monitor will measure (as Opacus,
+    none while the GradSampleModule's hooks are disabled); a layer applied more than once, or
+    to inputs with more dimensions, is left to the GEMM.
     """
 
     def __init__(
@@ -937,7 +938,7 @@ class LinearInputs:
         later: bool = False,
     ):
         index = {id(p): i for i, p in enumerate(params)}
-        self._active, self._later = active, later
+        self._gsm, self._active, self._later = module, active, later
         self._seen: dict[int, list[torch.Tensor]] = {}
         self._handles = []
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
@@ -963,7 +964,13 @@ class LinearInputs:
 
     def _hook(self, layer: int):
         def hook(m: nn.Module, args: tuple, _output) -> None:
-            if m.training and torch.is_grad_enabled() and self._active() and args:
+            if (
+                m.training
+                and torch.is_grad_enabled()
+                and self._gsm.hooks_enabled  # (Opacus skips these forwards: so does its gradient)
+                and self._active()
+                and args
+            ):
                 self._seen.setdefault(layer, []).append(keep_input(args[0], later=self._later))
 
         return hook

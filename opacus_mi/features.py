@@ -5,9 +5,9 @@ named layers' outputs, the labels) at the moment it saw them, so the monitor add
 pass and no autograd edge, and nothing done to those tensors afterwards changes the features: an
 in-place op after a named layer (``nn.ReLU(inplace=True)``), a loop that refills one input buffer
 for its next step while an overlap worker is still reading the last. Captures happen only for
-training forwards with grad enabled (the ones Opacus computes per-sample gradients for),
-mirroring Opacus's own activation hooks, so evaluation passes in between do not confuse the
-pairing.
+training forwards with grad enabled while the GradSampleModule's hooks are on (the ones Opacus
+computes per-sample gradients for), mirroring Opacus's own activation hooks, so evaluation passes
+and forwards under ``disable_hooks()`` (an adversarial attack's) do not confuse the pairing.
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
         if isinstance(a, torch.Tensor):
             return a
     return None
+
+
+def _hooks_enabled(module: nn.Module) -> bool:
+    """Whether Opacus's hooks on the GradSampleModule run: a forward under ``disable_hooks()``
+    adds no per-sample gradients, so it is no example (ew mode has no such switch)."""
+    return getattr(module, "hooks_enabled", True)
 
 
 @dataclass
@@ -122,7 +128,12 @@ class FeatureCapture:
             self._handles.append(named[name].register_forward_hook(hook))
 
     def _capturing(self, module: nn.Module) -> bool:
-        return module.training and torch.is_grad_enabled() and self._active()
+        return (
+            module.training
+            and torch.is_grad_enabled()
+            and _hooks_enabled(module)
+            and self._active()
+        )
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._open = self._capturing(module)  # (reset by every forward, even one that raised)
@@ -150,7 +161,7 @@ class FeatureCapture:
 
     def record_labels(self, labels: torch.Tensor, num_classes: int | None) -> None:
         """Attach the labels the loss saw to the current chunk."""
-        if self._active() and self.pending:
+        if self._active() and self.pending and _hooks_enabled(self.module):
             self.pending[-1].labels = labels.detach().clone()
             self.pending[-1].num_classes = num_classes
 

@@ -572,6 +572,71 @@ def test_features_that_cannot_be_paired_are_flagged_with_a_clear_warning(feature
     assert len(messages) == 1 and says in messages[0]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
+@pytest.mark.parametrize("attack_first", [True, False], ids=["attack-first", "attack-in-step"])
+def test_forwards_under_disable_hooks_are_no_examples(overlap, attack_first):
+    """DP adversarial training runs the attack's forward/backward inside model.disable_hooks()
+    / enable_hooks(): Opacus makes no per-sample gradients of it, and (as its own hooks) the
+    monitor captures none of its inputs, Linear inputs or labels either. Every step was flagged
+    features_unpaired (the critics never reported) and lost the rank-one shortcut. References:
+    the trained forward's input and labels; the unmonitored loop's training, bit for bit."""
+
+    def run(monitored: bool):
+        engine, model, opt, loader = make_private(poisson=False)
+        criterion, monitor, feats, rank_one = nn.CrossEntropyLoss(), None, [], []
+        if monitored:
+            monitor = LeakageMonitor(
+                engine, model, opt, delta=1e-5, estimator="mine", train_every=1, overlap=overlap
+            )
+            criterion = monitor.wrap_criterion(criterion)
+            features, backprops = monitor._capture.features, monitor._rank_one_backprops
+
+            def spy(captures, batch):
+                feats.append(features(captures, batch))
+                return feats[-1]
+
+            def tap(grad_samples, inputs):
+                out = backprops(grad_samples, inputs)
+                rank_one.append(set(out))
+                return out
+
+            monitor._capture.features, monitor._rank_one_backprops = spy, tap
+
+        def attack(x, target):  # a targeted FGSM step: no per-sample gradients
+            model.disable_hooks()
+            xa = x.clone().requires_grad_(True)
+            (gx,) = torch.autograd.grad(criterion(model(xa), target), xa)
+            model.enable_hooks()
+            return (x - 0.1 * gx.sign()).detach()
+
+        trained = []
+        for x, y in loader:
+            opt.zero_grad()
+            if attack_first:  # adversarial training: the loss of the attack's examples
+                x = attack(x, (y + 1) % 3)
+                criterion(model(x), y).backward()
+            else:  # an attack between the step's loss and its backward
+                loss = criterion(model(x), y)
+                attack(x, (y + 1) % 3)
+                loss.backward()
+            opt.step()
+            trained.append((x, y))
+        if monitor is not None:
+            monitor.flush()
+        return [p.detach().clone() for p in model.parameters()], monitor, feats, rank_one, trained
+
+    p0, *_ = run(False)
+    p1, monitor, feats, rank_one, trained = run(True)
+    for a, b in zip(p0, p1, strict=True):
+        assert torch.equal(a, b), "the monitor changed the training"
+    history = monitor.history
+    assert len(history) == len(trained) and not any(r.flags for r in history)
+    assert any("clipped/mine" in r.mi and "private/mine" in r.mi for r in history)
+    for f, (x, y) in zip(feats, trained, strict=True):  # the trained forward's, not the attack's
+        assert torch.equal(f, torch.cat([x.flatten(1), nn.functional.one_hot(y, 3).float()], 1))
+    assert rank_one == [{2}] * len(trained)  # the head, called once with hooks on
+
+
 class _SeqFirstNet(nn.Module):
     """Input (T, B, 4), as ``make_private(batch_first=False)`` models take it."""
 
