@@ -257,7 +257,8 @@ class LeakageMonitor:
         module: the module returned by ``make_private``.
         optimizer: the ``DPOptimizer`` returned by ``make_private``.
         delta: delta at which epsilon is reported.
-        every: monitor one logical step in ``every`` (others cost nothing). ``None`` (default):
+        every: monitor one in ``every`` of this optimizer's logical steps (others cost nothing;
+            another model stepping the same accountant does not count). ``None`` (default):
             as many as ``budget`` affords, every step where the monitor is cheap relative to
             the model (:mod:`opacus_mi.budget`).
         views: gradient views to measure, from ``("raw", "clipped", "private")``. ``None``
@@ -585,6 +586,11 @@ class LeakageMonitor:
         self.steps = self._first_step = sum(
             int(h[2]) for h in getattr(engine.accountant, "history", ())
         )
+        # This optimizer's own logical steps, counted on from there: what ``every`` schedules
+        # on. ``steps`` follows the accountant, which other models made private by the same
+        # engine step too (it jumped past their steps, and ``every=2`` measured all of one
+        # model's steps and half of the other's).
+        self._own_step = self.steps
         self._chunks: list[Chunk] = []
         self._chunk_seconds = 0.0
         self._gather_wait = 0.0  # DPDDP: seconds waited for other ranks since the last booking
@@ -756,7 +762,7 @@ class LeakageMonitor:
         if not self.attached:
             return False
         if self.every is not None:
-            return self.steps % self.every == 0
+            return self._own_step % self.every == 0
         return self.steps >= self._measure_at
 
     def _pre_step(self, closure=None):
@@ -817,6 +823,7 @@ class LeakageMonitor:
                     self._deliver()
                 except BaseException:  # (Ctrl-C: the step happened, and its record is made)
                     self.steps += 1
+                    self._own_step += 1
                     self._adopt_plan()
                     raise
             else:
@@ -832,6 +839,7 @@ class LeakageMonitor:
                 # One hand-over per step: the last chunk is measured, then the record made.
                 self._worker.submit(self._finish_safely, chunks, self.steps, accounting)
         self.steps += 1
+        self._own_step += 1
         self._adopt_plan()
         if budget is not None:
             self._book_wrapper(t1 - t0, t2, booked)
@@ -844,8 +852,9 @@ class LeakageMonitor:
 
     def _follow_accountant(self, accounting: tuple) -> None:
         """Number this step as the accountant counts it, if its count jumped since attach
-        (Opacus's ``load_checkpoint`` after ``make_private``, a rolled-back history): each
-        record names the step whose ``get_epsilon`` it carries."""
+        (Opacus's ``load_checkpoint`` after ``make_private``, a rolled-back history, another
+        model on the same engine): each record names the step whose ``get_epsilon`` it carries.
+        A fixed ``every`` goes on counting this optimizer's own steps (``_own_step``)."""
         if not accounting:
             return
         shift = sum(int(h[2]) for h in accounting) - 1 - self.steps
@@ -1739,6 +1748,7 @@ class LeakageMonitor:
         self.flush()  # the worker's generator and critics are settled, its records in
         return {
             "steps": self.steps,
+            "own_step": self._own_step,
             "first_step": self._first_step,  # where the run's first monitor attached
             "generator": self.generator.get_state(),
             "estimators": {k: e.state_dict() for k, e in self.estimators.items()},
@@ -1810,11 +1820,12 @@ class LeakageMonitor:
         # What can fail is parsed before anything changes (a corrupt record, a generator state
         # of another size: steps and critics were replaced, then it raised).
         steps, first_step = int(state["steps"]), int(state.get("first_step", 0))
+        own_step = int(state.get("own_step", steps))  # (absent from earlier versions' states)
         history = [LeakageRecord.from_dict(d) for d in state["history"]]
         record_count = int(state.get("record_count", len(history)))
         torch.Generator(device=self.generator.device).set_state(state["generator"])
         self.flush()  # nothing of the old state may land after the new one
-        self.steps, self._first_step = steps, first_step
+        self.steps, self._first_step, self._own_step = steps, first_step, own_step
         # The schedule restarts here: plans made for steps of the state replaced do not hold.
         self._measure_at, self._planned = self.steps, None
         self._adopted = self._last_measured = self.steps - 1

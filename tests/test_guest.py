@@ -335,6 +335,53 @@ def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
     assert len(first.history) == 4
 
 
+@pytest.mark.parametrize("every", [2, 3])
+def test_models_on_one_engine_are_each_measured_every_nth_of_their_own_steps(every):
+    """Two models share the engine's accountant. The fixed schedule counted its steps, which the
+    other model's steps move: trained alternately with every=2, one model was measured at all
+    12 of its steps and the other at 6 (every=3: 8 and 4); here they are interleaved at random.
+    Reference: the interleaving, walked step by step; each
+    record is named after the accountant's count (the engine's get_epsilon there). A state
+    round trip halfway (an odd step) keeps the schedule."""
+    from conftest import TinyCNN, make_data
+
+    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, every=every, estimator=None)
+    made = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = TinyCNN()
+        made.append(
+            engine.make_private(
+                module=net,
+                optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                data_loader=DataLoader(make_data(96, seed=seed), batch_size=8),
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
+            )
+        )
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0)) % 2
+    batches = [iter(loader) for _, _, loader in made]
+    own, expected, epsilons = [0, 0], [[], []], {}
+    for at, k in enumerate(order.tolist()):
+        model, opt, _ = made[k]
+        x, y = next(batches[k])
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        epsilons[at] = engine.get_epsilon(1e-5)
+        if own[k] % every == 0:
+            expected[k].append(at)
+        own[k] += 1
+        if own[k] == 7:
+            engine.monitors[k].load_state_dict(engine.monitors[k].state_dict())
+    assert own == [12, 12]
+    for k, monitor in enumerate(engine.monitors):
+        assert [r.step for r in monitor.history] == expected[k]
+        assert len(expected[k]) == 12 // every
+        assert [r.epsilon for r in monitor.history] == [epsilons[at] for at in expected[k]]
+
+
 def test_monitored_engine_with_epsilon_uses_target_delta():
     torch.manual_seed(0)
     from conftest import TinyCNN, make_data
