@@ -140,8 +140,9 @@ class FeatureCapture:
         if not self._open:
             return
         x = _first_tensor(args, kwargs)
-        # Each training forward adds rows to the per-sample gradients of the coming step (Opacus
-        # concatenates repeated forwards); labels arrive later through the criterion.
+        # Each training forward adds to the per-sample gradients of the coming step (Opacus
+        # concatenates the rows of separate backwards and sums forwards of one backward row by
+        # row: see first_forward); labels arrive later through the criterion.
         self.pending.append(Capture(inputs=None if x is None else x.detach().clone()))
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
@@ -187,6 +188,22 @@ class FeatureCapture:
         if len({r.shape[1] for r in rows}) != 1:
             return None
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+    def first_forward(self, captures: Sequence[Capture], batch: int) -> torch.Tensor | None:
+        """The first forward's ``(B, d)`` features when the step's are several forwards of
+        ``batch`` examples each behind ``batch`` gradient rows: forwards of one batch through
+        one backward (a regulariser's second forward), which Opacus sums into one per-sample
+        gradient row per example. None otherwise (their rows cannot be told apart)."""
+        if len(captures) < 2 or any(self._examples(c) != batch for c in captures):
+            return None
+        return self._features_of(captures[0], batch)
+
+    def _examples(self, capture: Capture) -> int | None:
+        """How many examples one forward's input holds (along dim 1 when time-major)."""
+        x = capture.inputs
+        if x is None or x.ndim == 0:
+            return None
+        return x.shape[1] if not self.batch_first and x.ndim >= 2 else x.shape[0]
 
     def _features_of(self, capture: Capture, batch: int | None) -> torch.Tensor | None:
         """One forward's ``(rows, d)`` features; ``batch``: its rows where known (else the

@@ -1296,21 +1296,34 @@ class LeakageMonitor:
 
     def _chunk_features(self, captures, batch: int, chunk: Chunk) -> torch.Tensor | None:
         """Features paired with this chunk's gradients, or None (flagged) if they cannot be."""
+        first = None
         try:
             feats = self._capture.features(captures, batch)
+            if feats is None:
+                feats = first = self._capture.first_forward(captures, batch)
         except Exception as exc:  # a user feature callable failed: keep the oracle going
             self._warn_once(f"features:{type(exc).__name__}", f"feature extraction failed: {exc!r}")
             chunk.flags.append("features_error")
             return None
-        if feats is None:
+        if first is not None:
+            self._warn_once(
+                "features:first_forward",
+                "several training forwards of the step's examples went into its per-sample "
+                "gradients (e.g. a regulariser's second forward of the batch; Opacus "
+                "sums them into one row per example): the learned critics pair each row with "
+                "the first forward's features (flag features_first_forward); a training "
+                "forward that is not part of the step's loss belongs under torch.no_grad()",
+            )
+            chunk.flags.append("features_first_forward")
+        elif feats is None:
             self._warn_once(
                 "features:unpaired",
                 "the forwards since the last step do not pair with its per-sample gradients "
-                "(several training forwards per step, e.g. a regulariser's, a forward whose "
-                "step never came, or an input that is not one row per example such as "
-                "nn.EmbeddingBag's flat ids): the learned critics skip such steps (flag "
-                "features_unpaired); features= a callable of the inputs or a layer name "
-                "avoids it",
+                "(training forwards whose rows do not add up to the gradients', e.g. a "
+                "regulariser's forward of part of the batch, or an input that is not one row "
+                "per example such as nn.EmbeddingBag's flat ids, which features= a callable of "
+                "the inputs or a layer name pairs in a step of one forward): the learned "
+                "critics skip such steps (flag features_unpaired)",
             )
             chunk.flags.append("features_unpaired")
         return feats

@@ -637,6 +637,84 @@ def test_forwards_under_disable_hooks_are_no_examples(overlap, attack_first):
     assert rank_one == [{2}] * len(trained)  # the head, called once with hooks on
 
 
+@pytest.mark.parametrize("features", [None, "mean", ["conv"]], ids=["inputs", "callable", "layer"])
+def test_a_regularisers_second_forward_pairs_the_first_forwards_features(features):
+    """A loss adding a regulariser on a second forward of the batch: Opacus sums both forwards
+    into one gradient row per example, and the captures (2B rows against B) were flagged
+    features_unpaired at every step, whatever features= was: no learned figure was ever made.
+    Reference: the first forward's own batch (its input, the callable or the layer on it,
+    and its one-hot labels), not the second forward's perturbed copy."""
+    engine, model, opt, loader = make_private(poisson=False)
+    if features == "mean":
+        features = lambda x: x.mean(dim=(1, 2, 3))[:, None]  # noqa: E731
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, train_every=1, overlap=False, features=features
+    )
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    got = []
+    original = monitor._chunk_features
+    monitor._chunk_features = lambda c, b, ch: got.append(original(c, b, ch)) or got[-1]
+    expected = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for x, y in loader:
+                with torch.no_grad():
+                    if features is None:
+                        own = x.reshape(len(x), -1)
+                    elif callable(features):
+                        own = features(x)
+                    else:
+                        own = model._module.conv(x).reshape(len(x), -1)
+                expected.append(torch.cat([own, nn.functional.one_hot(y, 3).float()], 1))
+                opt.zero_grad()
+                noisy = x + 0.1 * torch.randn_like(x)
+                loss = criterion(model(x), y) + 0.1 * model(noisy).pow(2).mean()
+                loss.backward()
+                assert opt.grad_samples[0].shape[0] == len(x)  # one row per example
+                opt.step()
+        history = monitor.history
+    assert len(got) == len(expected) == len(history) == 2 * len(loader)
+    for feats, reference in zip(got, expected, strict=True):
+        assert feats is not None
+        torch.testing.assert_close(feats, reference)
+    assert all(r.flags == ["features_first_forward"] for r in history)
+    assert any("clipped/mine" in r.mi and "private/mine" in r.mi for r in history)
+    said = [str(w.message) for w in caught if "features_first_forward" in str(w.message)]
+    assert len(said) == 1 and "first forward" in said[0]
+
+
+@pytest.mark.parametrize("extra", ["half-regulariser", "two-backwards"])
+def test_forwards_of_other_sizes_stay_unpaired_and_backwards_concatenate(extra):
+    """Only forwards of the gradients' B examples each pair with the first one. A regulariser
+    on half the batch (Opacus adds its rows into the first B/2) leaves the step unpaired; two
+    forward-backwards in one step (2B gradient rows) pair row for row, as before."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1, overlap=False)
+    got = []
+    original = monitor._chunk_features
+    monitor._chunk_features = lambda c, b, ch: got.append(original(c, b, ch)) or got[-1]
+    criterion = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in loader:
+            opt.zero_grad()
+            if extra == "half-regulariser":
+                (criterion(model(x), y) + model(x[: len(x) // 2]).pow(2).mean()).backward()
+            else:
+                criterion(model(x), y).backward()
+                criterion(model(x.flip(0)), y.flip(0)).backward()
+            opt.step()
+        history = monitor.history
+    if extra == "half-regulariser":
+        assert got and all(f is None for f in got)
+        assert all(r.flags == ["features_unpaired"] for r in history)
+    else:
+        for feats, (x, _) in zip(got, loader, strict=True):
+            torch.testing.assert_close(feats, torch.cat([x, x.flip(0)]).reshape(2 * len(x), -1))
+        assert not any(r.flags for r in history) and any("clipped/mine" in r.mi for r in history)
+
+
 class _SeqFirstNet(nn.Module):
     """Input (T, B, 4), as ``make_private(batch_first=False)`` models take it."""
 
