@@ -39,6 +39,7 @@ private view's MI per step cannot exceed it; epsilon composes the whole run inst
 </ul>
 """
 
+
 def sweep_explanation(estimator: str | None) -> str:
     """The sweep's column notes, with what its clipped column is for ``estimator`` (a run
     config's: ``"none"``, or None where the sweep's settings are not known)."""
