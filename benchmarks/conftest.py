@@ -276,6 +276,7 @@ def build_setup(
             # dropped) as for a critic. Without a critic the library makes none (the oracle
             # needs only the Gram); side_by_side.py times that, the public configuration.
             monitor._tokens = True
+            monitor.views = ("clipped", "private")  # (estimator=None's default: private alone)
         criterion = monitor.wrap_criterion(criterion)
     return Setup(
         model_name,

@@ -53,9 +53,9 @@ def _add_training_options(p: argparse.ArgumentParser, *, out: str | None = None)
     data.add_argument(
         "--fake-size",
         type=int,
-        default=d.fake_size,
+        default=None,
         metavar="N",
-        help="number of training images of --dataset fake",
+        help=f"number of training images of --dataset fake (default {d.fake_size})",
     )
     data.add_argument("--model", choices=MODELS, default=d.model, help="model architecture")
 
@@ -118,23 +118,27 @@ def _add_training_options(p: argparse.ArgumentParser, *, out: str | None = None)
         "--estimator none)",
     )
     mon.add_argument(
-        "--token-dim", type=int, default=d.token_dim, help="count-sketch dimensions per tensor"
+        "--token-dim",
+        type=int,
+        default=None,
+        help=f"count-sketch dimensions per tensor (default {d.token_dim})",
     )
     mon.add_argument("--every", type=int, default=d.every, help="monitor one step in EVERY")
     mon.add_argument(
         "--train-every",
         type=int,
-        default=d.train_every,
+        default=None,
         help=(
             "train each learned critic on its first 32 batches, then once per TRAIN_EVERY "
-            "monitored steps (the library's default: as the overhead budget affords)"
+            f"monitored steps (default {d.train_every}; the library's: as the overhead budget "
+            "affords)"
         ),
     )
     mon.add_argument(
         "--train-iters",
         type=int,
-        default=d.train_iters,
-        help="Adam steps per critic training round (library default 4)",
+        default=None,
+        help=f"Adam steps per critic training round (default {d.train_iters}; library's 4)",
     )
     mon.add_argument(
         "--control",
@@ -149,8 +153,9 @@ def _add_training_options(p: argparse.ArgumentParser, *, out: str | None = None)
     mon.add_argument(
         "--tokenizer",
         choices=TOKENIZERS,
-        default=d.tokenizer,
-        help="what the learned critics read: sketch tokens or a learned privacy-token encoder",
+        default=None,
+        help="what the learned critics read: sketch tokens (the default) or a learned "
+        "privacy-token encoder",
     )
 
     out_default = out or d.out
@@ -293,7 +298,43 @@ def _add_validate_parser(sub) -> None:
     val.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# Flags of the learned critics' tokens and training: without an estimator (and the semi-oracle,
+# which learns too) nothing reads them.
+_LEARNING_FLAGS = ("tokenizer", "token_dim", "train_every", "train_iters")
+
+
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """A flag given where it has no effect is refused: it was accepted and silently ignored."""
+    if args.data_root is not None and args.dataset in ("digits", "fake"):
+        raise ValueError(
+            f"--data-root is read only for --dataset cifar10 or celeba ({args.dataset!r} is "
+            "built in); drop it, or pick one of those data sets"
+        )
+    if getattr(args, "fake_size", None) is not None and args.dataset != "fake":
+        raise ValueError(
+            f"--fake-size sizes --dataset fake only (this run trains on {args.dataset!r}); drop "
+            "it, or pass --dataset fake"
+        )
+    if getattr(args, "estimator", None) == "none" and not getattr(args, "semi_oracle", False):
+        given = [n for n in _LEARNING_FLAGS if getattr(args, n) is not None]
+        given = [f"--{n}".replace("_", "-") for n in given]
+        if given:
+            raise ValueError(
+                f"{' '.join(given)}: with --estimator none nothing is learnt (only the private "
+                "view's Gram oracle is made, from no tokens), so these set nothing; drop them, "
+                "or pick an estimator, e.g. --estimator mine"
+            )
+
+
+def _given(args: argparse.Namespace, name: str):
+    """A flag whose default is None on the command line (to tell 'given' apart): its value,
+    or RunConfig's default."""
+    value = getattr(args, name)
+    return getattr(_DEFAULTS, name) if value is None else value
+
+
 def _config(args: argparse.Namespace, **overrides) -> RunConfig:
+    _refuse_unused(args)
     cfg = RunConfig(
         dataset=args.dataset,
         data_root=args.data_root,
@@ -309,18 +350,18 @@ def _config(args: argparse.Namespace, **overrides) -> RunConfig:
         exact_epsilon=args.exact_epsilon,
         estimator=args.estimator,
         views=None if args.views is None else tuple(args.views),
-        token_dim=args.token_dim,
+        token_dim=_given(args, "token_dim"),
         every=args.every,
-        train_every=args.train_every,
-        train_iters=args.train_iters,
+        train_every=_given(args, "train_every"),
+        train_iters=_given(args, "train_iters"),
         control=args.control,
         semi_oracle=args.semi_oracle,
-        tokenizer=args.tokenizer,
+        tokenizer=_given(args, "tokenizer"),
         device=args.device,
         seed=args.seed,
         out=args.out,
         tensorboard=args.tensorboard,
-        fake_size=args.fake_size,
+        fake_size=_given(args, "fake_size"),
         threads=args.threads,
         overlap=args.overlap,
     )
@@ -384,6 +425,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import ValidateConfig, run_validate
 
+    _refuse_unused(args)
     cfg = ValidateConfig(
         dataset=args.dataset,
         data_root=args.data_root,

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 import warnings
@@ -202,6 +203,16 @@ def _check_device(device: Any) -> None:
         raise ValueError(f"--device {device!r} asked for CUDA, but CUDA is not available here")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device!r} asked for MPS, but MPS is not available here")
+    # Any other accelerator (xpu, ...) by its torch module's is_available(); meta tensors
+    # hold no data to train on.
+    available = getattr(getattr(torch, dev.type, None), "is_available", None)
+    if dev.type == "meta" or (
+        dev.type not in ("cpu", "cuda", "mps") and not (callable(available) and available())
+    ):
+        raise ValueError(
+            f"--device {device!r}: {dev.type} is not available here; pass --device cpu or an "
+            "accelerator this machine has"
+        )
 
 
 def check_folder_kind(out: str | os.PathLike, kind: str) -> None:
@@ -494,6 +505,8 @@ def _train(
         desc=f"sigma {sigma:.3g}",
         dynamic_ncols=True,
         leave=True,
+        # Written to a file or a CI log, each redraw is a line: a few, not one a step.
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     postfix: dict[str, str] = {}
     completed = False

@@ -157,7 +157,8 @@ class _Null:
 
 
 def _sync_free_monitor(engine, model, opt, **kwargs) -> LeakageMonitor:
-    kwargs.setdefault("views", ("clipped", "private"))
+    if kwargs.get("estimator", "mine") is not None:
+        kwargs.setdefault("views", ("clipped", "private"))
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=False, **kwargs)
     monitor._sync_free = True  # what a CUDA model gets: the CPU path reads freely
     return monitor
