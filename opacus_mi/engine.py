@@ -57,7 +57,8 @@ class MonitoredPrivacyEngine(PrivacyEngine):
     Keyword arguments other than ``accountant`` and ``secure_mode`` configure the monitor
     (see :class:`LeakageMonitor`). ``delta`` defaults to ``target_delta`` with
     ``make_private_with_epsilon`` and is required with ``make_private``. Each model made
-    private gets its own monitor (``.monitors``; ``.monitor`` is the latest), and checkpoints
+    private gets its own monitor (``.monitors``; ``.monitor`` is the latest; a model made
+    private again gets a new one in its old one's place, which is detached), and checkpoints
     carry the state of the saved module's. A copy or pickle of the engine leaves them out:
     they hold live hooks (copy ``monitor.state_dict()`` instead).
     """
@@ -68,13 +69,14 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         _check_monitor_kwargs(monitor_kwargs)
         super().__init__(accountant=accountant, secure_mode=secure_mode)
         self.monitor_kwargs = monitor_kwargs
-        self.monitors: list[LeakageMonitor] = []
+        self.monitors: list[LeakageMonitor] = []  # one per model, in the order first made private
+        self._latest: LeakageMonitor | None = None
         self._target_delta: float | None = None
 
     @property
     def monitor(self) -> LeakageMonitor | None:
         """The monitor of the model made private last."""
-        return self.monitors[-1] if self.monitors else None
+        return self._latest
 
     def _monitor_of(self, module: Any) -> LeakageMonitor | None:
         return next((m for m in reversed(self.monitors) if m.module is module), None)
@@ -82,7 +84,7 @@ class MonitoredPrivacyEngine(PrivacyEngine):
     def __getstate__(self) -> dict[str, Any]:
         # The monitors reference the DPOptimizer, whose copy (torch's Optimizer.__setstate__)
         # re-patches DPOptimizer.step for the whole class and breaks the live training.
-        return {**self.__dict__, "monitors": []}
+        return {**self.__dict__, "monitors": [], "_latest": None}
 
     def __deepcopy__(self, memo: dict) -> MonitoredPrivacyEngine:
         import copy
@@ -123,12 +125,18 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         kwargs = dict(self.monitor_kwargs)
         kwargs.setdefault("delta", delta)
         kwargs.setdefault("poisson_sampling", bool(poisson_sampling))  # (the MI bound's)
-        if kwargs.get("jsonl") and self.monitors:  # a second model: a file of its own
-            path = Path(kwargs["jsonl"])
-            kwargs["jsonl"] = path.with_name(f"{path.stem}.model{len(self.monitors)}{path.suffix}")
         module, optimizer = result[0], result[1]
+        # make_private again on a model (same module, new optimizer): its new monitor takes the
+        # old one's place (which it detaches) and file; another model gets a file of its own.
+        old = self._monitor_of(module)
+        slot = len(self.monitors) if old is None else self.monitors.index(old)
+        if kwargs.get("jsonl") and slot:
+            path = Path(kwargs["jsonl"])
+            kwargs["jsonl"] = path.with_name(f"{path.stem}.model{slot}{path.suffix}")
         try:
-            self.monitors.append(LeakageMonitor(self, module, optimizer, **kwargs))
+            monitor = LeakageMonitor(self, module, optimizer, **kwargs)
+            self.monitors[slot : slot + 1] = [monitor]
+            self._latest = monitor
         except Exception:
             # Opacus has hooked the user's model by now: undo that, so that a retry with the
             # option fixed can make the same model private again.

@@ -984,3 +984,4 @@ class LinearInputs:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._seen = {}  # (inputs no step will take now)

@@ -265,6 +265,8 @@ class FeatureCapture:
         return torch.cat([p if p.device == device else p.to(device) for p in parts], dim=1)
 
     def remove(self) -> None:
+        """Remove the hooks and drop the captures no step will take now."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.pending = []

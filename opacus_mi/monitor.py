@@ -571,6 +571,9 @@ class LeakageMonitor:
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         self._worker_warnings: deque[str] = deque()  # warnings the worker had to say
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
+        # Before this monitor opens its JSONL: the one it replaces may still have records to
+        # write there (see _detach_replaced).
+        _detach_replaced(module, optimizer)
         # Under DPDDP every rank holds the same records; only rank 0 writes them out. Kept
         # local (distributed=False), each rank's records are its own: in a file of its own.
         self._writes = self.rank == 0 or not self.distributed
@@ -1870,6 +1873,29 @@ _ATTACHED: weakref.WeakSet[LeakageMonitor] = weakref.WeakSet()
 def _stand_aside_after_fork() -> None:
     for monitor in list(_ATTACHED):
         monitor._stand_aside()
+
+
+def _detach_replaced(module, optimizer) -> None:
+    """Detach, with a warning, a monitor of ``module`` that another optimizer steps.
+
+    ``make_private`` called again on a model (a re-run notebook cell, a second phase with less
+    noise) returns the same GradSampleModule with a new DPOptimizer. The old optimizer's monitor
+    stayed hooked to the module: never stepped again, always due, it cloned every batch the
+    model saw into a list nothing emptied.
+    """
+    for old in list(_ATTACHED):
+        if old.module is not module or old.optimizer is optimizer:
+            continue
+        old.detach()
+        kept = f" and in {old._jsonl.path}" if old._jsonl is not None else ""
+        warnings.warn(
+            "opacus-mi: this model already had a LeakageMonitor, attached to another optimizer "
+            "(make_private called again on it, e.g. a re-run notebook cell); that monitor is "
+            f"detached now, and its {old.record_count} records so far stay in its history"
+            f"{kept}. The new monitor records the model's steps from here on",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 if hasattr(os, "register_at_fork"):  # (POSIX)

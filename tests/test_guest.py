@@ -382,6 +382,100 @@ def test_models_on_one_engine_are_each_measured_every_nth_of_their_own_steps(eve
         assert [r.epsilon for r in monitor.history] == [epsilons[at] for at in expected[k]]
 
 
+def _make_private_twice(engine, *, monitored: bool, jsonl=None, second_noise: float = 0.5):
+    """A notebook cell ``model, opt, loader = engine.make_private(...); monitor = ...; train``
+    run twice: Opacus returns the same GradSampleModule and a new DPOptimizer. The monitors
+    made (a MonitoredPrivacyEngine makes its own) and the parameters trained."""
+    from conftest import TinyCNN, make_data
+
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(make_data(96), batch_size=16)
+    monitors = []
+    for noise in (1.0, second_noise):
+        model, opt, loader = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=noise,
+            max_grad_norm=1.0,
+        )
+        criterion = nn.CrossEntropyLoss()
+        if isinstance(engine, MonitoredPrivacyEngine):
+            monitors.append(engine.monitor)
+        elif monitored:
+            monitors.append(LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=jsonl))
+        if monitors:
+            criterion = monitors[-1].wrap_criterion(criterion)
+        train(model, opt, loader, criterion=criterion)
+    return monitors, [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_let_go(old, new, params, reference) -> None:
+    assert not old.attached and new.attached
+    # it held a copy of every batch since, never measured (memory grew for the rest of the run)
+    assert old._capture.pending == [] and old._linear_inputs._seen == {}
+    assert old.record_count == 6 and new.record_count == 6  # one epoch each: 96 / 16
+    assert [r.step for r in new.history] == list(range(6, 12))  # as the accountant counts
+    for a, b in zip(reference, params, strict=True):
+        assert torch.equal(a, b), "the monitors changed the model parameters"
+
+
+def test_a_model_made_private_again_lets_its_old_monitor_go(tmp_path):
+    """make_private run again on a model left the old optimizer's monitor hooked to it: never
+    stepped again, always due, it cloned every batch into a list nothing emptied."""
+    _, reference = _make_private_twice(PrivacyEngine(accountant="rdp"), monitored=False)
+    path = tmp_path / "records.jsonl"
+    with pytest.warns(UserWarning, match="already had a LeakageMonitor") as said:
+        (old, new), params = _make_private_twice(
+            PrivacyEngine(accountant="rdp"), monitored=True, jsonl=path
+        )
+    message = next(str(w.message) for w in said if "already had" in str(w.message))
+    assert f"its 6 records so far stay in its history and in {path}" in message
+    _assert_let_go(old, new, params, reference)
+    from opacus_mi import read_jsonl
+
+    assert [r.step for r in read_jsonl(path)] == list(range(12))  # both, one file
+
+
+def test_drop_in_engine_gives_a_model_made_private_again_one_monitor(tmp_path):
+    """The old monitor stayed in ``engine.monitors``, hooked to the model, and the new one
+    wrote to ``<name>.model1.jsonl`` as if it were a second model's."""
+    from opacus_mi import read_jsonl
+
+    _, reference = _make_private_twice(PrivacyEngine(accountant="rdp"), monitored=False)
+    path = tmp_path / "records.jsonl"
+    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, jsonl=path)
+    with pytest.warns(UserWarning, match="already had a LeakageMonitor"):
+        (old, new), params = _make_private_twice(engine, monitored=True)
+    _assert_let_go(old, new, params, reference)
+    assert engine.monitors == [new] and engine.monitor is new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
+    assert [r.step for r in read_jsonl(path)] == list(range(12))
+    # Another model keeps its own place and file; made private again, the first model's new
+    # monitor is the engine's latest and takes the first place and file.
+    from conftest import TinyCNN, make_data
+
+    made = {}
+    for name in ("second", "first"):
+        net = new.module if name == "first" else TinyCNN()
+        made[name] = engine.make_private(
+            module=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            data_loader=DataLoader(make_data(32), batch_size=16),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+    second, third = engine.monitors[1], engine.monitors[0]
+    assert engine.monitor is third and third.module is new.module and not new.attached
+    for model, opt, loader in made.values():
+        train(model, opt, loader)
+    second.flush(), third.flush()  # (overlap: the last records delivered)
+    lines = {p.name: len(p.read_text().splitlines()) for p in tmp_path.iterdir()}
+    assert lines == {"records.jsonl": 12 + third.record_count, "records.model1.jsonl": 2}
+
+
 def test_monitored_engine_with_epsilon_uses_target_delta():
     torch.manual_seed(0)
     from conftest import TinyCNN, make_data
