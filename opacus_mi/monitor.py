@@ -600,6 +600,12 @@ class LeakageMonitor:
         self._step_bound = 0.0
         self._step_bounds: dict[int, float] = {}  # step -> its clipping bound, until recorded
         use_input, layers, fn = feature_spec
+        # What the critics read, for checkpoints (_settings); features=None and ("input",) are
+        # the same features, and a callable is known by its kind only.
+        names = ["input"] * use_input + list(layers)
+        self._features_setting = (
+            "callable" if fn is not None else None if names == ["input"] else names
+        )
         # Features and tokens are what the learned critics read; the oracle needs neither, so
         # without critics none are made (the benchmarks set it to time tokens + oracle).
         self._tokens = bool(self.estimators) or self.semi_oracle is not None
@@ -1789,6 +1795,8 @@ class LeakageMonitor:
             # The sketch's hash and per-layer widths: critics fitted on other tokens.
             "seed": self.seed,
             "token_dims": list(self.tokenizer.dims),
+            # The features' width, which the critics are built for: None, names or "callable".
+            "features": self._features_setting,
         }
 
     def check_state(self, state: Any) -> None:

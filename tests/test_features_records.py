@@ -259,6 +259,11 @@ def test_schedule_note_after_a_resume_counts_the_whole_run():
         ({"token_dim": 32}, "token_dim=64 there, 32 here"),
         ({"estimator": None}, "estimator='mine' there, None here"),
         ({"seed": 1}, "seed=0 there, 1 here"),  # another sketch: the critics fit other tokens
+        # critics of another width: rebuilt at the saved one, every later step then flagged
+        # features_width_changed (a warning about inputs of varying shape) with no figure
+        ({"features": "fc"}, "features=None there, ['fc'] here"),
+        ({"features": ("input", "act")}, "features=None there, ['input', 'act'] here"),
+        ({"features": lambda x: x.flatten(1)}, "features=None there, 'callable' here"),
     ],
 )
 def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
@@ -287,10 +292,11 @@ def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
         with pytest.raises((TypeError, RuntimeError)):
             fresh.load_state_dict({**corrupt, **bad})
         assert fresh.steps == len(loader) and not fresh.history
-    # An earlier version's checkpoint (without seed and token_dims) is compared on what it has
-    for key in ("seed", "token_dims"):
-        del state["settings"][key]
-    if "seed" in other:
+    # An earlier version's checkpoint (without seed, token_dims and features) is compared on
+    # what it has
+    for key in ("seed", "token_dims", "features"):
+        state["settings"].pop(key, None)
+    if "seed" in other or "features" in other:
         fresh.load_state_dict(state)
         assert fresh.steps == len(loader) and len(fresh.history) == len(loader)
 
