@@ -104,6 +104,10 @@ from .views import (
 )
 
 _HALF = (torch.float16, torch.bfloat16)
+_NOT_COPIED = (
+    "a LeakageMonitor holds live hooks on its model and optimizer and is not copied or "
+    "pickled: copy monitor.state_dict() (or pickle it) and load it into a new monitor instead"
+)
 MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in an engine checkpoint
 _GHOST_HINT = (
     "ghost clipping is supported for grad_sample_mode='ghost' (GradSampleModuleFastGradientClipping"
@@ -700,10 +704,15 @@ class LeakageMonitor:
     def __deepcopy__(self, memo: dict):
         # A copy would reach the DPOptimizer, whose copy (torch's Optimizer.__setstate__)
         # re-patches DPOptimizer.step for the whole class and breaks the live training.
-        raise TypeError(
-            "a LeakageMonitor holds live hooks on its model and optimizer and is not copied: "
-            "copy monitor.state_dict() and load it into a new monitor instead"
-        )
+        raise TypeError(_NOT_COPIED)
+
+    def __copy__(self):
+        # A shallow copy shares the hooks, the worker and the JSONL: its detach() shut the
+        # worker, and the next optimizer.step() of the user's training raised.
+        raise TypeError(_NOT_COPIED)
+
+    def __reduce_ex__(self, protocol: Any):
+        raise TypeError(_NOT_COPIED)  # (pickle failed on a hook's local lambda)
 
     def detach(self) -> None:
         """Remove every hook and wrapper: the optimizer and module are exactly as before.

@@ -612,6 +612,24 @@ def test_a_monitored_model_can_be_saved_and_copied_and_its_copy_is_not_monitored
     torch.testing.assert_close(loaded(x), copied(x))  # (the same weights, taken before training)
 
 
+def test_a_monitor_is_never_copied_or_pickled_and_training_goes_on():
+    """copy.copy(monitor) shared its worker, hooks and JSONL: the copy's detach() shut the
+    worker and the next optimizer.step() raised "cannot schedule new futures after shutdown".
+    pickle.dumps failed on a hook's local lambda. Both now refuse, as deepcopy did."""
+    import pickle
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=True)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    train(model, opt, loader, criterion=criterion)
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"not copied or pickled: copy monitor.state_dict\(\)"):
+            attempt(monitor)
+    train(model, opt, loader, criterion=criterion)
+    assert monitor.attached and len(monitor.history) == 2 * len(loader)
+    assert pickle.loads(pickle.dumps(monitor.state_dict()))["record_count"] == 2 * len(loader)
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_a_nearly_identifiable_batchs_oracle_interval_reaches_down_to_the_union_floor(sync_free):
     """At small noise the oracle's interval takes the union floor of the step's own Gram (the
