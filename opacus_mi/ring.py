@@ -1,4 +1,4 @@
-"""``RowRing``: the most recent rows of a stream in a preallocated buffer.
+"""``RowRing``: the most recent rows of a stream in a ring buffer.
 
 Both the online critic's pair window and the semi-oracle's gradient subspace keep "the last N
 rows" of something that arrives a batch at a time. Concatenating and trimming each step copies
@@ -12,7 +12,13 @@ import torch
 
 
 class RowRing:
-    """Up to ``size`` rows, oldest overwritten first; allocated on the first :meth:`add`."""
+    """Up to ``size`` rows, oldest overwritten first.
+
+    Storage grows as rows arrive, doubling up to ``size`` (a window of 10**9 pairs allocated
+    all of them at the first :meth:`add` and failed there). It grows only before the first
+    wrap, while the rows held are slots ``[0, count)`` in arrival order, so the rows, their
+    storage order and the rows displaced are those of a buffer of ``size`` rows made at once.
+    """
 
     def __init__(self, size: int):
         if size < 1:
@@ -32,8 +38,7 @@ class RowRing:
         n = rows.shape[0]
         if n == 0:
             return None
-        if self.buf is None:
-            self.buf = rows.new_empty((self.size, *rows.shape[1:]))
+        self._reserve(rows, min(self.size, self.count + n))
         evicted = None
         evict = n + self.count - self.size
         if evict > 0:
@@ -44,6 +49,23 @@ class RowRing:
         self.head = (self.head + n) % self.size
         self.count = min(self.size, self.count + n)
         return evicted
+
+    def _reserve(self, rows: torch.Tensor, need: int) -> None:
+        """Storage for ``need`` rows (a doubling, at most ``size``; never past the first wrap,
+        which needs all ``size`` slots)."""
+        held = 0 if self.buf is None else self.buf.shape[0]
+        if held >= need:
+            return
+        like = rows if self.buf is None else self.buf
+        buf = like.new_empty((min(self.size, max(need, 2 * held)), *like.shape[1:]))
+        if self.count:
+            buf[: self.count] = self.buf[: self.count]
+        self.buf = buf
+
+    def restore(self, rows: torch.Tensor, head: int) -> None:
+        """Hold ``rows`` as a saved ring stored them (storage order), with its write head."""
+        self.buf = rows.clone()
+        self.count, self.head = len(rows), head % self.size
 
     def valid(self) -> torch.Tensor | None:
         """The rows held, in storage order (no copy): for order-free uses."""

@@ -125,10 +125,7 @@ class GradientSubspace:
         self._rows.clear()
         stored = state.get("stored")
         if stored is not None and stored["size"] == self.rows and stored["rows"].numel():
-            rows = stored["rows"].to(self.device, torch.float32)
-            self._rows.buf = rows.new_empty((self.rows, *rows.shape[1:]))
-            self._rows.buf[: len(rows)] = rows
-            self._rows.count, self._rows.head = len(rows), stored["head"] % self.rows
+            self._rows.restore(stored["rows"].to(self.device, torch.float32), stored["head"])
         elif stored is not None and stored["rows"].numel():  # another buffer size: oldest first
             n = len(stored["rows"])
             self.observe(torch.roll(stored["rows"], -(int(stored["head"]) % n), dims=0))

@@ -272,3 +272,55 @@ def test_an_anchored_empty_window_keeps_its_offsets_through_a_round_trip():
     window.add(x, y)
     again.add(x, y)
     assert torch.equal(window.x, again.x) and torch.equal(window.y, again.y)
+
+
+def test_a_ring_grows_as_rows_arrive_and_holds_what_one_made_at_full_size_holds():
+    """A ring allocated all ``size`` rows at its first add: window=10**9 failed every record
+    (error:RuntimeError, the oracle's figure with it) with an allocation message. Reference: a
+    ring whose storage is all there from the start (as it used to be made), and a naive
+    concatenated window."""
+    from opacus_mi.ring import RowRing
+
+    g = torch.Generator().manual_seed(3)
+    grown, full = RowRing(50), RowRing(50)
+    full.buf = torch.empty(50, 3)  # (the old first add: never grown)
+    naive = torch.zeros(0, 3)
+    for n in (7, 13, 1, 0, 2, 29, 64, 5, 50, 3):  # grows 7 -> 20 -> 40 -> 50, then wraps
+        rows = torch.randn(n, 3, generator=g)
+        out = grown.add(rows), full.add(rows)
+        assert (out[0] is None) == (out[1] is None) and (out[0] is None or torch.equal(*out))
+        assert (grown.count, grown.head) == (full.count, full.head)
+        assert torch.equal(grown.valid(), full.valid())  # the same storage order
+        naive = torch.cat([naive, rows])[-50:]
+        assert torch.equal(grown.ordered(), naive) and torch.equal(full.ordered(), naive)
+        assert len(grown.buf) <= max(2 * grown.count, 7)
+    huge = RowRing(10**6)  # (4 MB a row of floats at its full size: none of it is made)
+    huge.add(torch.randn(16, 1, generator=g))
+    assert huge.buf.shape == (16, 1)
+    huge.add(torch.randn(16, 1, generator=g))
+    assert huge.buf.shape == (32, 1) and len(huge) == 32
+    # A window restored from a state holds its rows, and grows on from there.
+    window, again = PairWindow(10**6), PairWindow(10**6)
+    window.add(torch.randn(24, 3, generator=g), torch.randn(24, 2, generator=g))
+    again.load_state_dict(window.state_dict())
+    assert len(again._x.buf) == 24
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    window.add(x, y)
+    again.add(x, y)
+    assert torch.equal(again.x, window.x) and torch.equal(again.y, window.y)
+    assert all(torch.equal(a, b) for a, b in zip(again.moments(), window.moments(), strict=True))
+
+
+def test_a_huge_window_trains_the_critics_on_what_arrives():
+    """window=10**9 (more pairs than a run sees): every record failed with error:RuntimeError
+    and a torch allocation message (78 GB) that did not name window."""
+    from conftest import make_private, train
+
+    from opacus_mi import LeakageMonitor
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, window=10**9)
+    train(model, opt, loader, epochs=2)
+    assert not any(r.flags for r in monitor.history)
+    assert all("private/oracle" in r.mi for r in monitor.history)
+    assert len(monitor.estimators["clipped"].pairs._x.buf) <= 2 * 12 * 16  # the pairs seen

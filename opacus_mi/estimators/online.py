@@ -48,7 +48,7 @@ NULL_MARGIN_SE = 2.0  # a learned critic must validate this many standard errors
 class PairWindow:
     """The most recent (x, y) pairs, capped at ``size``: what an online critic trains on.
 
-    A preallocated ring buffer: adding a batch writes B rows (no copy of the whole window per
+    A ring buffer: adding a batch writes B rows (no copy of the whole window per
     step, which at 4,096 pairs cost more than the tokens themselves), and running float64 sums
     give the window's per-column mean and std in O(d) for the critic's input scaler.
 
@@ -184,9 +184,7 @@ class PairWindow:
             and stored.get("size") == self.size
         ):
             for ring, rows in ((self._x, stored["x"]), (self._y, stored["y"])):
-                ring.buf = rows.new_empty((self.size, *rows.shape[1:]))
-                ring.buf[: len(rows)] = rows
-                ring.count, ring.head = len(rows), stored["head"] % self.size
+                ring.restore(rows, stored["head"])
             self._offsets = tuple(o.clone() for o in stored["offsets"])
             self._sums = [t.clone() for t in stored["sums"]]
             return
