@@ -322,6 +322,57 @@ def test_gram_oracle_noise_free_and_duplicates():
     assert res.nats == pytest.approx(expected)
 
 
+def _oracle_of_draws(gram: torch.Tensor, noise: float, eps: torch.Tensor) -> torch.Tensor:
+    """The oracle's terms from given normals ``eps`` (draws, B, B), one (draw, example) at a
+    time: y_j's inner products G_j + s L eps_j, scored by the Bayes posterior over the batch."""
+    from opacus_mi.estimators.oracle import _psd_sqrt_factor
+
+    g = gram.double()
+    factor, sq = _psd_sqrt_factor(g, False, noise), g.diagonal()
+    b = len(g)
+    own = torch.zeros(len(eps), b, dtype=torch.float64)
+    for d in range(len(eps)):
+        for j in range(b):
+            inner = g[j] + noise * (factor @ eps[d, j].double())  # <y_j, g_i>
+            own[d, j] = torch.log_softmax((2 * inner - sq) / (2 * noise**2), 0)[j]
+    return own.mean(0) + math.log(b)
+
+
+def test_many_oracle_draws_are_made_in_blocks_of_bounded_memory(monkeypatch):
+    """oracle_draws drew all (draws, B, B) normals and float64 logits at once: 10**5 draws at
+    B = 128 was killed for memory. Reference: the same normals, drawn block by block from the
+    same generator, scored one example at a time. The default (4 draws) is one block at any
+    size: its random stream and figures are unchanged."""
+    from opacus_mi.estimators import oracle
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.nn.functional.normalize(torch.randn(8, 30, dtype=torch.float64, generator=gen))
+    gram, noise = rows @ rows.T, 0.4
+    drawn = []
+    randn = torch.randn
+
+    def spy(size, *args, **kwargs):
+        drawn.append(math.prod(size))
+        return randn(size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    monkeypatch.setattr(oracle, "BLOCK_LOGITS", 16 * 64, raising=False)  # 16 draws at B = 8
+    terms = gram_oracle(gram, noise, draws=50, generator=torch.Generator().manual_seed(1)).terms
+    assert max(drawn) <= 16 * 64
+    again = torch.Generator().manual_seed(1)
+    eps = torch.cat([randn((k, 8, 8), generator=again) for k in (16, 16, 16, 2)])
+    torch.testing.assert_close(terms, _oracle_of_draws(gram, noise, eps), rtol=1e-10, atol=1e-10)
+    # The default: one block, even where a block would hold fewer draws
+    default = gram_oracle(gram, noise, draws=4, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(oracle, "BLOCK_LOGITS", 1)
+    small = gram_oracle(gram, noise, draws=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(default.terms, small.terms)
+    eps = randn((4, 8, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        default.terms, _oracle_of_draws(gram, noise, eps), rtol=1e-10, atol=1e-10
+    )
+
+
 @pytest.mark.parametrize(
     "sync_free, noise",
     # (off the CPU the jitter keeps >= 1e-12 of the largest squared norm, for a factor that

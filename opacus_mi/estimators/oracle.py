@@ -21,6 +21,14 @@ import torch
 
 from ..checks import is_finite_number
 
+# Noise draws are scored in blocks of at most BLOCK_LOGITS logits (B x B a draw; with their
+# normals and log-softmax ~28 bytes each, ~120 MB a block: 10**5 draws at B = 128 at once asked
+# for 13 GB a tensor), and of at least MIN_BLOCK_DRAWS (the monitor's default), so a default run
+# is one block at any B, its random stream unchanged (one big randn and several smaller ones
+# draw other numbers).
+BLOCK_LOGITS = 2**22
+MIN_BLOCK_DRAWS = 4
+
 
 @dataclass(frozen=True)
 class OracleResult:
@@ -102,7 +110,8 @@ def gram_oracle(
     Args:
         gram: ``(B, B)`` Gram matrix of clipped per-sample gradients (float64 recommended).
         noise_std: ``sigma * C``, the std of Opacus's noise per coordinate.
-        draws: noise draws per example (each costs a B x B matrix product).
+        draws: noise draws per example (each costs a B x B matrix product; many are made in
+            blocks of bounded memory, see ``BLOCK_LOGITS``).
         generator: the monitor's own generator (on the Gram matrix's device).
         sync_free: factorise without reading anything back to the host (default: off the
             CPU, where each read is a sync); a Gram that is not numerically PD then gives NaN.
@@ -126,6 +135,27 @@ def gram_oracle(
         same = (dist2 <= tol).sum(dim=1).to(torch.float64)
         return OracleResult(terms=math.log(b) - torch.log(same), batch_size=b)
     factor = _psd_sqrt_factor(g, sync_free, noise_std)
+    block = max(MIN_BLOCK_DRAWS, BLOCK_LOGITS // (b * b))
+    if draws <= block:
+        own = _own_log_posterior(g, sq, factor, noise_std, draws, generator).mean(dim=0)
+    else:
+        own = sum(
+            _own_log_posterior(g, sq, factor, noise_std, min(block, draws - d), generator).sum(0)
+            for d in range(0, draws, block)
+        ).div_(draws)
+    return OracleResult(terms=own.add_(math.log(b)), batch_size=b)
+
+
+def _own_log_posterior(
+    g: torch.Tensor,
+    sq: torch.Tensor,
+    factor: torch.Tensor,
+    noise_std: float,
+    draws: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``(draws, B)``: ``log p(J = j | y_j)`` for ``draws`` noise draws per example."""
+    b = g.shape[0]
     eps = torch.randn((draws, b, b), generator=generator, device=generator.device)
     # logits[d, j, i] = (2 <y_j, g_i> - |g_i|^2) / (2 s^2) = (G_ji - |g_i|^2 / 2) / s^2 + z_j(i) / s
     # with z[d, j] = L eps[d, j] ~ N(0, G): one batched GEMM adds the noise to the fixed part,
@@ -138,8 +168,7 @@ def gram_oracle(
         alpha=1 / noise_std,
     )
     # log p(J = j | y_j): the diagonal of the log-posterior (one fused log-softmax).
-    own = torch.log_softmax(logits, dim=2).diagonal(dim1=1, dim2=2)
-    return OracleResult(terms=own.mean(dim=0).add_(math.log(b)), batch_size=b)
+    return torch.log_softmax(logits, dim=2).diagonal(dim1=1, dim2=2)
 
 
 # The union floor (below) is used where the batch is nearly identifiable: its per-row sums of
