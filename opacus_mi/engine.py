@@ -130,8 +130,9 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         # old one's place (which it detaches) and file; another model gets a file of its own.
         old = self._monitor_of(module)
         slot = len(self.monitors) if old is None else self.monitors.index(old)
-        if kwargs.get("jsonl") and slot:
-            path = Path(kwargs["jsonl"])
+        jsonl = kwargs.get("jsonl")
+        if jsonl and isinstance(jsonl, (str, os.PathLike)) and slot:  # (else the monitor refuses)
+            path = Path(jsonl)
             kwargs["jsonl"] = path.with_name(f"{path.stem}.model{slot}{path.suffix}")
         try:
             monitor = LeakageMonitor(self, module, optimizer, **kwargs)

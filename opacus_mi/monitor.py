@@ -358,7 +358,7 @@ class LeakageMonitor:
         token_dim: int = 64,
         features: FeatureFn | Sequence[str] | None = None,
         seed: int = 0,
-        jsonl: str | None = None,
+        jsonl: str | os.PathLike | None = None,
         sinks: Iterable[Callable[[LeakageRecord], Any]] = (),
         max_history: int | None = None,
         train_every: int | None = None,
@@ -460,6 +460,10 @@ class LeakageMonitor:
             raise ValueError(
                 "sinks must be callables (or one callable), each given every record; got "
                 f"{[s for s in sinks if not callable(s)]!r}"
+            )
+        if jsonl is not None and not isinstance(jsonl, (str, os.PathLike)):
+            raise ValueError(
+                f"jsonl must be a file path (str or os.PathLike) or None; got {jsonl!r}"
             )
         self.engine, self.module, self.optimizer = engine, module, optimizer
         self.delta = float(delta)

@@ -104,6 +104,10 @@ def test_budget_is_validated_on_a_fixed_schedule_too(private_setup):
         ("seed", 2**64, "seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1"),  # overflow
         ("semi_oracle", "yes", "semi_oracle must be True or False"),
         ("control", 1, "control must be True or False"),
+        # was open()'s "expected str, bytes or os.PathLike object", naming no argument
+        ("jsonl", 123, "jsonl must be a file path \\(str or os.PathLike\\) or None; got 123"),
+        ("jsonl", True, "jsonl must be a file path"),
+        ("jsonl", b"x.jsonl", "jsonl must be a file path"),
     ],
 )
 def test_every_argument_is_checked_before_anything_runs(private_setup, name, bad, says):
