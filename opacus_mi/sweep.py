@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +23,10 @@ from .report import mean_with_ci, read_csv_rows, write_csv_rows
 from .training import (
     RunConfig,
     RunResult,
-    _check_calibration,
     _read_json,
     _settings_for_html,
     _write_json,
+    calibrate_noise,
     check_folder_kind,
     mi_keys,
     prepare_out_dir,
@@ -115,15 +116,18 @@ def run_sweep(
         raise ValueError(f"{flag} values must be distinct; got {values!r}")
     base = replace(base, target_epsilon=None).validate()
     if target_epsilons is not None:
-        # Every target is checked before anything is written or trained, not in its turn.
+        # Every target is calibrated as its run will be before anything is written or trained,
+        # not in its turn (at most seconds per target, under any accountant).
         from .data import load_dataset
 
         split = load_dataset(
             base.dataset, data_root=base.data_root, seed=base.seed, fake_size=base.fake_size
         )
-        for v in values:
-            cfg = replace(base, target_epsilon=float(v))
-            _check_calibration(cfg, n_train=len(split.train), option="target_epsilons")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (Opacus's; each run gives them in its turn)
+            for v in values:
+                cfg = replace(base, target_epsilon=float(v))
+                calibrate_noise(cfg, n_train=len(split.train), option="target_epsilons")
     names = [_setting_name("sigma" if noise_multipliers is not None else "eps", v) for v in values]
     if len(set(names)) != len(names):
         same = next(n for n in names if names.count(n) > 1)

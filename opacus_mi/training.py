@@ -394,8 +394,80 @@ def _check_calibration(cfg: RunConfig, *, n_train: int, option: str = "target_ep
             f"{PRV_CALIBRATION_FLOOR} for this run (epsilon there is at most {ceiling:.0f}), "
             "where Opacus's PRV accountant takes seconds to minutes per epsilon and gives inf "
             f"from ~0.1: its calibration would not finish. Pass {flag('accountant')} rdp "
-            f"(calibrates in milliseconds) or a {flag('noise_multiplier')}"
+            f"(calibrates in milliseconds) or set the noise with {flag(_noise_option(option))}"
         )
+
+
+def _noise_option(option: str) -> str:
+    """The flag that fixes the noise instead of ``option``: a sweep's --noise-multipliers."""
+    return "noise_multipliers" if option == "target_epsilons" else "noise_multiplier"
+
+
+# Opacus's search for the noise multiplier first tries 2 * 10, then doubles it (the target is
+# below epsilon there) or bisects below it (the target is above).
+_FIRST_SIGMA = 20.0
+
+
+def _calibration_error(
+    cfg: RunConfig, err: ValueError, *, n_train: int, option: str = "target_epsilon"
+) -> ValueError | None:
+    """Opacus's calibration failure ``err`` told as the flag to change and which way, or None
+    if it is not one. "too low": no noise multiplier up to Opacus's largest gets epsilon down to
+    the target. "different signs" (GDP only): its epsilon solver, bracketed in [0, 500], met a
+    noise multiplier whose epsilon is 0 (when doubling: the target is too small) or above 500
+    (when bisecting below 20: the target is too large, e.g. 10 for the digits run)."""
+    message = str(err)
+    if "too low" in message:
+        fix = f"Pass a larger target or {flag('delta')}"
+    elif "different signs" in message:
+        from opacus.accountants import GaussianAccountant
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (GDP's "experimental" warning: the run gives it)
+            gdp = GaussianAccountant()
+        sample_rate = 1 / math.ceil(n_train / cfg.batch_size)  # Opacus's: 1 / len(loader)
+        gdp.history = [(_FIRST_SIGMA, sample_rate, int(cfg.epochs / sample_rate))]
+        try:
+            first = gdp.get_epsilon(float(cfg.delta))
+        except ValueError:  # no noise multiplier works: the search fails at its first one
+            fix = f"Pass {flag('accountant')} rdp"
+        else:
+            if cfg.target_epsilon < first:
+                fix = f"Pass a larger target or {flag('delta')}"
+            else:
+                fix = (
+                    f"Pass a smaller target (Opacus's search tried a noise multiplier whose "
+                    f"epsilon is above 500, which GDP cannot solve) or {flag('accountant')} rdp"
+                )
+    else:
+        return None
+    return ValueError(
+        f"{flag(option)} {cfg.target_epsilon:g}: Opacus's calibration with the "
+        f"{cfg.accountant.upper()} accountant failed ({err}). {fix}, or set the noise with "
+        f"{flag(_noise_option(option))}"
+    )
+
+
+def calibrate_noise(cfg: RunConfig, *, n_train: int, option: str = "target_epsilon") -> float:
+    """The noise multiplier Opacus's ``make_private_with_epsilon`` gives ``cfg`` (the same call
+    and sample rate), or the ``ValueError`` naming ``option`` that the run would fail with: a
+    sweep calibrates every target this way before it trains any."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    _check_calibration(cfg, n_train=n_train, option=option)
+    try:
+        return get_noise_multiplier(
+            target_epsilon=float(cfg.target_epsilon),
+            target_delta=float(cfg.delta),
+            sample_rate=1 / math.ceil(n_train / cfg.batch_size),  # Opacus's: 1 / len(loader)
+            epochs=cfg.epochs,
+            accountant=cfg.accountant,
+        )
+    except ValueError as err:
+        translated = _calibration_error(cfg, err, n_train=n_train, option=option)
+        if translated is None:
+            raise
+        raise translated from err
 
 
 # Everything a run writes into --out (records.csv ... report.html by write_run_outputs).
@@ -462,13 +534,10 @@ def _train(
                 epochs=cfg.epochs,
             )
         except ValueError as err:  # Opacus's "The privacy budget is too low." names no flag
-            if "too low" not in str(err) and "different signs" not in str(err):  # (GDP's root)
+            translated = _calibration_error(cfg, err, n_train=len(split.train))
+            if translated is None:
                 raise
-            raise ValueError(
-                f"{flag('target_epsilon')} {cfg.target_epsilon:g}: Opacus's calibration with "
-                f"the {cfg.accountant.upper()} accountant failed ({err}). Pass a larger target "
-                f"or {flag('delta')}, or a {flag('noise_multiplier')}"
-            ) from err
+            raise translated from err
     sigma = float(optimizer.noise_multiplier)
     config = _start_run_folder(out, cfg)
 

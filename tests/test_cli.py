@@ -577,6 +577,59 @@ def test_a_target_epsilon_out_of_rdps_reach_is_refused_before_anything_is_writte
     assert not (tmp_path / "s").exists()
 
 
+def test_a_gdp_target_too_large_to_calibrate_asks_for_a_smaller_one(tmp_path, capsys):
+    """GDP's epsilon solver fails ("f(a) and f(b) must have different signs") where epsilon is
+    above 500 as well as where it is 0: --target-epsilon 10 was told "Pass a larger target",
+    though 2 calibrates."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    def opacus(target: float) -> float:  # Opacus's own calibration at TINY's q = 1/3, 3 steps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_noise_multiplier(
+                target_epsilon=target,
+                target_delta=1e-5,
+                sample_rate=1 / 3,
+                epochs=1,
+                accountant="gdp",
+            )
+
+    assert opacus(2) > 0
+    for target, way in (("10", "smaller"), ("1e-09", "larger")):
+        with pytest.raises(ValueError, match="different signs"):
+            opacus(float(target))
+        argv = ["run", *TINY, "--accountant", "gdp", "--target-epsilon", target]
+        rc = cli.main([*argv, "--estimator", "none", "--out", str(tmp_path / target)])
+        err = capsys.readouterr().err
+        _assert_one_line_error(rc, err, f"--target-epsilon {target}:", f"Pass a {way} target")
+        assert "--noise-multiplier" in err
+
+
+@pytest.mark.parametrize(
+    "accountant, bad, way", [("gdp", "10", "smaller"), ("prv", "1e-09", "larger")]
+)
+def test_a_sweep_calibrates_every_target_before_it_trains_any(
+    tmp_path, capsys, monkeypatch, accountant, bad, way
+):
+    """A target Opacus could not calibrate failed in its turn, after the earlier ones had
+    trained, naming the run's --target-epsilon and --noise-multiplier; and it left a sweep
+    folder without a sweep.csv."""
+    from opacus_mi import sweep as sweep_module
+
+    def train(cfg, **kwargs):
+        pytest.fail(f"{cfg.out} trained before every target was calibrated")
+
+    monkeypatch.setattr(sweep_module, "train_and_monitor", train)
+    argv = ["sweep", *TINY, "--accountant", accountant, "--target-epsilons", "2", bad]
+    rc = cli.main([*argv, "--estimator", "none", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    _assert_one_line_error(rc, err, f"--target-epsilons {bad}:", f"Pass a {way} target")
+    assert "--noise-multipliers" in err and "--target-epsilon " not in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_stopped_run_leaves_its_own_records_and_config_not_the_last_runs(tmp_path, monkeypatch):
     """A run stopped midway (Ctrl-C at the first evaluation) into the folder of a finished one:
     its records sat beside the old run's config.json, result.json and summary."""
