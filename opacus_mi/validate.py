@@ -24,7 +24,8 @@ per-sample view unless ``B = 1``.
 It writes ``validate.csv`` (one row per setting), ``correlations.csv`` (Spearman's rho between
 each MI estimate and each attack's success, with a bootstrap interval over settings),
 ``validate.txt`` (the printed tables), ``validate.png`` (scatter plots), ``reconstructions.png``
-and ``validate.json`` into ``--out``.
+and ``validate.json`` into ``--out``; one that stops keeps ``validate.csv`` and the table of the
+settings it finished.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ PSNR_CAP = 60.0  # dB; a per-image PSNR above this counts as 60 when averaged (e
 # float32 release sum clip(g) + N(0, sigma^2 C^2 I) overflows and the attacks fail on infinities.
 MAX_NOISE_MULTIPLIER = 1e6
 CORRELATION_TARGET = 0.8
+# Everything a validate writes into --out (by write_outputs).
+VALIDATE_OUTPUTS = (
+    "validate.csv",
+    "correlations.csv",
+    "validate.txt",
+    "validate.png",
+    "reconstructions.png",
+    "validate.json",
+)
 SMALL_MODEL_PARAMS = 1_000_000
 
 # The grid's columns, in validate.csv order.
@@ -302,27 +312,35 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
 
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
+    rows: list[dict[str, Any]] = []  # the grid's, each written to validate.csv as it finishes
+    out = Path(cfg.out)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            rows, extras = _run_grid(cfg, progress)
+            extras = _run_grid(cfg, progress, rows)
+        correlations = compute_correlations(rows, resamples=cfg.bootstrap, seed=cfg.seed)
+        wall = time.perf_counter() - t0
+        text, files = write_outputs(out, rows, correlations, config=cfg.as_dict(), extras=extras)
+        text += f"\nwall time: {wall:.1f} s"
+        summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
+        summary["wall_seconds"] = wall
+        (out / "validate.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
+    except (Exception, KeyboardInterrupt):  # Ctrl-C or a crash: keep what the grid has done
+        if rows:
+            write_csv(rows, out / "validate.csv", COLUMNS)
+            grid = len(cfg.stages) * len(cfg.batch_sizes) * len(cfg.noise_multipliers)
+            note = f"stopped after {len(rows)} of the grid's {grid} settings"
+            (out / "validate.txt").write_text(f"{grid_table(rows)}\n{note}\n", encoding="utf-8")
+        raise
     finally:
         torch.set_num_threads(previous_threads)
-    out = Path(cfg.out)
-    correlations = compute_correlations(rows, resamples=cfg.bootstrap, seed=cfg.seed)
-    wall = time.perf_counter() - t0
-    text, files = write_outputs(out, rows, correlations, config=cfg.as_dict(), extras=extras)
-    text += f"\nwall time: {wall:.1f} s"
-    summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
-    summary["wall_seconds"] = wall
-    (out / "validate.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
     return ValidateResult(rows, correlations, text, out, files, wall)
 
 
-def _run_grid(cfg: ValidateConfig, progress: bool):
+def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
     import torch
     from opacus.validators import ModuleValidator
     from tqdm.auto import tqdm
@@ -333,7 +351,7 @@ def _run_grid(cfg: ValidateConfig, progress: bool):
     from .training import prepare_out_dir
 
     split = load_dataset(cfg.dataset, data_root=cfg.data_root, seed=cfg.seed)
-    prepare_out_dir(cfg.out)
+    out = prepare_out_dir(cfg.out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
 
@@ -390,7 +408,6 @@ def _run_grid(cfg: ValidateConfig, progress: bool):
     sigmas = list(cfg.noise_multipliers)
     total = max(cfg.stages) + len(cfg.stages) * len(cfg.batch_sizes) * (2 * cfg.iters + len(sigmas))
     bar = tqdm(total=total, disable=not progress, unit="it", dynamic_ncols=True, leave=True)
-    rows: list[dict[str, Any]] = []
     recon_examples: list[dict[str, Any]] = []
     try:
         bar.set_description("DP-SGD training")
@@ -522,12 +539,15 @@ def _run_grid(cfg: ValidateConfig, progress: bool):
                             test_acc=test_acc,
                         )
                     )
+                    if len(rows) == 1:  # the last validate's files go once this one has a row
+                        for stale in VALIDATE_OUTPUTS:
+                            (out / stale).unlink(missing_ok=True)
+                    write_csv(rows, out / "validate.csv", COLUMNS)  # a stopped one keeps its rows
                     bar.update(1)
             del channel
     finally:
         bar.close()
-    extras = {"recon": recon_examples, "block": block}
-    return rows, extras
+    return {"recon": recon_examples, "block": block}
 
 
 def _fano_consistent(ident, batch_size: int) -> bool:

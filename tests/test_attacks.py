@@ -416,6 +416,50 @@ def test_validate_refuses_noise_multipliers_that_overflow_the_release(tmp_path):
     assert math.isfinite(capped["ig_psnr"])
 
 
+@pytest.mark.parametrize(
+    "where, stop, kept",
+    [
+        ("_row", KeyboardInterrupt, 1),  # called per setting: Ctrl-C in the second
+        ("_row", RuntimeError, 1),
+        ("compute_correlations", KeyboardInterrupt, 2),  # the whole grid done (seconds, too)
+    ],
+)
+def test_a_stopped_validate_keeps_its_finished_rows(tmp_path, monkeypatch, where, stop, kept):
+    """Ctrl-C (or a crash) at 95% of the grid left the output folder empty: every file was
+    written once the grid had finished, so a 30-40 min CIFAR-10 validate lost all its work."""
+    import shutil
+
+    from opacus_mi import validate as V
+
+    argv = [*TINY_VALIDATE, "--noise-multipliers", "0", "0.1"]
+    full = tmp_path / "full"
+    rc, _, stderr = _main([*argv, "--out", str(full)])
+    assert rc == 0, stderr
+    original, calls = getattr(V, where), []
+
+    def stops(*args, **kwargs):
+        calls.append(where)
+        if len(calls) > (where == "_row"):
+            raise stop
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(V, where, stops)
+    out = tmp_path / "stopped"
+    shutil.copytree(full, out)  # the last validate's files, of which none may stay beside these
+    if stop is KeyboardInterrupt:
+        rc, _, stderr = _main([*argv, "--out", str(out)])
+        assert rc == 130 and "opacus-mi: interrupted" in stderr
+    else:
+        with pytest.raises(RuntimeError):
+            _main([*argv, "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["validate.csv", "validate.txt"]
+    finished = (full / "validate.csv").read_text(encoding="utf-8").splitlines()
+    assert (out / "validate.csv").read_text(encoding="utf-8").splitlines() == finished[: 1 + kept]
+    rows = read_validate_csv(full / "validate.csv")[:kept]
+    note = f"stopped after {kept} of the grid's 2 settings"
+    assert (out / "validate.txt").read_text(encoding="utf-8") == f"{V.grid_table(rows)}\n{note}\n"
+
+
 def test_validate_refuses_noise_multipliers_that_share_a_name(tmp_path):
     """0.1 and 0.1000001 were both step0_B1_sigma0.1 in validate.csv, and one's row of
     reconstructions.png overwrote the other's: refused before training, naming the flag."""
