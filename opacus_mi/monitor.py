@@ -290,8 +290,8 @@ class LeakageMonitor:
             it has trained.
         budget: with ``every=None`` or ``train_every=None``, the most monitor time per unit of
             the training loop's own time (0.06: the monitor's own work adds at most 6%; what no
-            clock of its own sees, caches its work leaves cold and its hooks, adds 2-5% more:
-            1.09-1.11x measured on the digits CNN, where 0.08 read 1.08-1.15x). Half is kept
+            clock of its own sees, caches its work leaves cold and its hooks, adds 1-5% more:
+            1.056-1.098x measured side by side on the digits CNN; README, Performance). Half is kept
             for the per-step measurement when critics exist. The schedule then depends on
             timing: pass integers for both for reproducible records. A quarter of it also
             paces an expensive accountant's epsilon (see ``exact_epsilon``).
@@ -310,8 +310,8 @@ class LeakageMonitor:
             per-layer sketch tokens) or a learned privacy-token encoder over the per-layer
             sketch tokens, trained online with the critic (:mod:`opacus_mi.learned_tokens`):
             ``"autoencoder"`` or ``"transformer"``. On the digits CNN the Transformer found far
-            more than the sketch on 3 of 3 seeds (3.85-3.99 vs 2.17-2.30 nats, clipped view),
-            at 1.48x the monitor's cost, but on one data set and in an earlier version on 2 of
+            more than the sketch on 3 of 3 seeds (3.78-3.85 vs 2.13-2.20 nats, clipped view),
+            at 1.46x the monitor's cost, but on one data set and in an earlier version on 2 of
             3 seeds only (README, "Learned privacy tokens"), hence the cheap default.
         distributed: under Opacus DPDDP (torchrun), gather every rank's chunks so MI is measured
             on the global batch and only rank 0 calls the sinks/JSONL. ``None`` (default) does so

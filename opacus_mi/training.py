@@ -78,7 +78,7 @@ class RunConfig:
     views: tuple[str, ...] | None = None  # None: the monitor's default_views(estimator)
     token_dim: int = 64
     every: int = 1
-    train_every: int = 2  # an analysis job: the critic trains 4x as often as the library default
+    train_every: int = 2  # an analysis job: every 2nd step (the library's: as the budget affords)
     train_iters: int = 16  # Adam steps per round (library default 4): one pass over the window
     control: bool = False  # also train a critic on shuffled pairs (the estimator's bias)
     semi_oracle: bool = False  # also report private/semi (learned clean token + known noise)
