@@ -207,6 +207,20 @@ def _hooked_accountant(optimizer) -> Any:
     return None
 
 
+def _continues(history: tuple, earlier: tuple) -> bool:
+    """Whether an accountant's ``history`` continues ``earlier`` (its ``(noise, rate, steps)``
+    entries): the same entries, the last of them with as many steps or more."""
+    if len(earlier) > len(history):
+        return False
+    if not earlier:
+        return True
+    *head, (noise, rate, steps) = earlier
+    if tuple(history[: len(head)]) != tuple(head):
+        return False
+    later = history[len(head)]
+    return (later[0], later[1]) == (noise, rate) and later[2] >= steps
+
+
 def _is_ghost(module, optimizer) -> bool:
     """Ghost (fast gradient) clipping: per-sample gradients never exist, only layer factors."""
     return isinstance(module, GradSampleModuleFastGradientClipping) or isinstance(
@@ -513,6 +527,7 @@ class LeakageMonitor:
         # The latest exact epsilon a record carried, and its step (a paced epsilon's records
         # repeat them until the next recomputation).
         self._epsilon: tuple[float, int | None] = (0.0, None)
+        self._epsilon_history: tuple = ()  # the accountant's history that value is exact for
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Kronecker sketch for Linear/Conv2d/Embedding weights in every mode: ghost clipping
         # tokenises from activations and backprops, and the tokens are the same in both modes.
@@ -1386,10 +1401,16 @@ class LeakageMonitor:
         batch = sum(c.batch for c in chunks)
         sigma, bound = self._step_settings(step, accounting)
         # Epsilon is exact for this step unless the plan says the budget cannot afford an
-        # expensive accountant's recomputation now: then the latest exact value and its step
-        # (never one of a later step: after a rollback that is of a run that no longer is).
+        # expensive accountant's recomputation now: then the latest exact value and its step,
+        # if this history continues the one it was exact for (after a rollback, one of a later
+        # step, or of steps retaken with other noise, is of a run that no longer is).
         latest = self._epsilon[1]
-        if plan.epsilon or latest is None or latest > step:
+        if (
+            plan.epsilon
+            or latest is None
+            or latest > step
+            or not _continues(accounting, self._epsilon_history)
+        ):
             # Booked as its own kind only where it has its own share (see _plan), and only a
             # real computation (a cached value, e.g. after summary(), would teach the budget
             # and the pacer that epsilon costs nothing).
@@ -1403,7 +1424,7 @@ class LeakageMonitor:
             # paced epsilon out of a whole run).
             t_eps = time.thread_time()
             epsilon = self._epsilon_or_nan(accounting, sigma)
-            self._epsilon = (epsilon, step)
+            self._epsilon, self._epsilon_history = (epsilon, step), accounting
             self._epsilon_work = work
             if self._epsilon_pacer is not None and fresh:
                 self._epsilon_pacer.done(time.thread_time() - t_eps, work)

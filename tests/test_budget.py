@@ -6,6 +6,7 @@ References: the plan's closed form from the recorded seconds; Opacus itself for 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -833,3 +834,39 @@ def test_the_budgets_plans_are_followed_with_overlap_and_after_a_rollback(
     # Every gap is the plan's once the first plan is in (overlap may guess once at the start).
     assert {b - a for a, b in itertools.pairwise(before[1:])} == {interval}, steps
     assert after[0] >= 10 and {b - a for a, b in itertools.pairwise(after)} == {interval}, steps
+
+
+def test_a_paced_epsilon_is_reused_only_where_the_history_continues_its_own(monkeypatch):
+    """After a rollback to before the step the latest exact epsilon was of, retaken with other
+    noise, a record named that step and carried the old run's value (sigma 1's where the
+    history now held sigma 3's step)."""
+    import dataclasses
+
+    from opacus.accountants import PRVAccountant
+
+    engine, model, opt, loader = make_private(n=64, batch_size=16, poisson=False, accountant="prv")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1, overlap=False)
+    plan = monitor._plan
+    # the pacer never affords a recomputation: only a record without a usable value makes one
+    monkeypatch.setattr(monitor, "_plan", lambda w: dataclasses.replace(plan(w), epsilon=False))
+    before = copy.deepcopy(engine.accountant.state_dict())
+    train(model, opt, loader, epochs=1)
+    assert {r.epsilon_step for r in monitor.history} == {0}  # step 0's value, reused
+    engine.accountant.load_state_dict(before)  # back to before step 0, and step 0 again...
+    opt.noise_multiplier = 3.0  # ...with other noise
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    record = monitor.history[-1]
+    ref = PRVAccountant()
+    ref.history = [tuple(h) for h in engine.accountant.history]
+    assert record.step == record.epsilon_step == 0 and record.noise_multiplier == 3.0
+    assert record.epsilon == ref.get_epsilon(1e-5)
+    from opacus_mi.monitor import _continues
+
+    assert _continues(((1.0, 0.1, 5),), ((1.0, 0.1, 3),))
+    assert _continues(((1.0, 0.1, 5), (2.0, 0.1, 1)), ((1.0, 0.1, 5),))
+    assert not _continues(((1.0, 0.1, 2),), ((1.0, 0.1, 3),))  # rolled back past it
+    assert not _continues(((3.0, 0.1, 1),), ((1.0, 0.1, 1),))  # retaken with other noise
+    assert not _continues(((1.0, 0.1, 4),), ((1.0, 0.1, 3), (2.0, 0.1, 1)))
