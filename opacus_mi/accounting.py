@@ -582,7 +582,7 @@ def step_kl(noise_multiplier: float, sample_rate: float) -> float:
     _check_step_settings(s, q)  # (NaN too: it was a bound of 0)
     if q == 0 or s == math.inf:  # nothing released about the example
         return 0.0
-    if s == 0:
+    if s == 0 or 2.0 * s * s == 0:  # (the latter: s so small that its square underflows)
         return math.inf  # a noise-free release of the clipped gradient: no finite bound
     if q == 1:
         return 1.0 / (2.0 * s * s)
@@ -601,7 +601,10 @@ def step_kl(noise_multiplier: float, sample_rate: float) -> float:
         value, _ = integrate.quad(f, -40.0, 40.0, points=[(0.5 - mu) / s], limit=400, epsabs=0)
         return value
 
-    return max(0.0, (1.0 - q) * expect(0.0) + q * expect(1.0))
+    kl = (1.0 - q) * expect(0.0) + q * expect(1.0)
+    # NaN where the integrand overflowed (s far below any DP noise): no finite bound is known,
+    # and max(0, NaN) was a bound of 0.
+    return math.inf if math.isnan(kl) else max(0.0, kl)
 
 
 def mi_upper_bound(
@@ -622,9 +625,6 @@ def mi_upper_bound(
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (DP-SGD steps taken), got {steps!r}")
     steps = int(steps)  # (NumPy's integers too, as for the other arguments)
-    for name, value in (("noise_multiplier", noise_multiplier), ("sample_rate", sample_rate)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy's too)
-            raise ValueError(f"{name} must be a number, got {value!r}")
     _check_step_settings(noise_multiplier, sample_rate)  # at steps = 0 too
     if steps == 0:
         return 0.0
@@ -633,7 +633,16 @@ def mi_upper_bound(
     return steps * step_kl(noise_multiplier, sample_rate)
 
 
+def _check_number(name: str, value: Any) -> None:
+    """A real number (NumPy's too), not a bool: ``True`` was taken as 1, ``"1"`` failed in a
+    comparison that named neither the argument nor the fix."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
 def _check_step_settings(noise_multiplier: float, sample_rate: float) -> None:
+    _check_number("noise_multiplier", noise_multiplier)
+    _check_number("sample_rate", sample_rate)
     if not 0 <= sample_rate <= 1:  # (NaN too)
         raise ValueError(f"sample_rate must be in [0, 1], got {sample_rate}")
     if not noise_multiplier >= 0:  # (NaN too)
@@ -688,8 +697,10 @@ def _epochs_after(state: tuple, entry: Sequence) -> tuple:
 
 def pure_dp_mi_bound(epsilon: float) -> float:
     """MI bound of a pure epsilon-DP mechanism: ``min(eps, eps^2 / 2)`` nats."""
+    _check_number("epsilon", epsilon)
     if not epsilon >= 0:  # (NaN too)
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    epsilon = float(epsilon)
     return min(epsilon, epsilon * epsilon / 2.0)
 
 
@@ -700,17 +711,22 @@ def gaussian_channel_bound(noise_multiplier: float, dim: int | None = None) -> f
     ``(k/2) ln(1 + 1/(k sigma^2)) <= 1/(2 sigma^2)`` nats (Gaussian channel capacity under the
     clipping power constraint); ``dim=None`` gives the dimension-free limit.
     """
+    _check_number("noise_multiplier", noise_multiplier)
     if not noise_multiplier >= 0:  # (NaN too)
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
     if dim is not None and (
         isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1
     ):
         raise ValueError(f"dim must be a positive integer or None, got {dim!r}")
-    if noise_multiplier == 0:
+    try:
+        square = float(noise_multiplier) ** 2
+    except OverflowError:  # (s = 1e155: no information gets through)
+        return 0.0
+    if square == 0:  # (s = 0, or so small that its square underflows)
         return math.inf
     if dim is None:
-        return 1.0 / (2.0 * noise_multiplier**2)
-    return dim / 2.0 * math.log1p(1.0 / (dim * noise_multiplier**2))
+        return 1.0 / (2.0 * square)
+    return dim / 2.0 * math.log1p(1.0 / (dim * square))
 
 
 class MIAccountant:

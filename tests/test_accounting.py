@@ -200,6 +200,37 @@ def test_pure_dp_and_gaussian_channel_bounds():
     assert vals == sorted(vals) and vals[-1] < gaussian_channel_bound(0.8)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda v: pure_dp_mi_bound(v),
+        lambda v: gaussian_channel_bound(v),
+        lambda v: MIAccountant().step(noise_multiplier=v, sample_rate=0.1),
+        lambda v: MIAccountant().step(noise_multiplier=1.0, sample_rate=v),
+        lambda v: mi_upper_bound(v, 0.1, 3),
+    ],
+)
+@pytest.mark.parametrize("bad", [True, False, "1", None])
+def test_every_bound_names_an_argument_that_is_no_number(call, bad):
+    """True was taken as 1 (pure_dp_mi_bound(False) returned False), "1" failed in a
+    comparison that named nothing."""
+    with pytest.raises(ValueError, match=r"(epsilon|noise_multiplier|sample_rate) must be a num"):
+        call(bad)
+
+
+def test_bounds_at_noise_so_small_or_large_that_its_square_leaves_the_floats():
+    """sigma = 1e-156 gave a bound of 0 (its integrand NaN, max(0, NaN) = 0), 1e-170 a
+    ZeroDivisionError and 1e155 an OverflowError. The limits are inf and 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (scipy's quad on a NaN integrand)
+        assert mi_upper_bound(1e-156, 0.5, 1) == math.inf
+    assert mi_upper_bound(1e-170, 0.5, 1) == math.inf == gaussian_channel_bound(1e-170)
+    assert gaussian_channel_bound(1e-170, dim=5) == math.inf
+    assert gaussian_channel_bound(1e155) == 0.0 == gaussian_channel_bound(1e155, dim=5)
+    assert mi_upper_bound(1e155, 0.1, 5, poisson_sampling=False) == 0.0
+    assert isinstance(pure_dp_mi_bound(2), float)
+
+
 def test_epsilon_tracker_equals_opacus_with_changing_noise():
     acc = RDPAccountant()
     tracker = EpsilonTracker(acc, 1e-5)
