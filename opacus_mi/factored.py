@@ -77,6 +77,11 @@ def _balanced_hash(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, 
     """Count-sketch tables with orthonormal rows: bucket of every entry and its signed weight."""
     buckets = (torch.arange(n) % k)[torch.randperm(n, generator=gen)]
     signs = torch.randint(0, 2, (n,), generator=gen).mul_(2).sub_(1).float()
+    if k == 1 and n > 1 and bool((signs == signs[0]).all()):
+        # One bucket of every entry, all of one sign, sums them: a classifier head's backprops,
+        # which sum to 0 over the classes, sketched to exactly 0 (a 2-class head on 111 of 200
+        # seeds). One sign flipped; other tables are as drawn.
+        signs[-1] = -signs[-1]
     counts = torch.bincount(buckets, minlength=k).float()
     return buckets, signs / counts[buckets].sqrt()
 

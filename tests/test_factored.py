@@ -68,6 +68,33 @@ def test_kronecker_sketch_of_isotropic_noise_is_isotropic():
     torch.testing.assert_close(cov, torch.eye(16), atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("classes", [2, 3])
+def test_a_classifier_heads_token_is_never_identically_zero(classes):
+    """With one output bucket (k1 = 1, chosen for a 2 x 128 head at token_dim 64) of equal
+    signs, the sketch sums the head's backprops, which sum to 0 over the classes under
+    cross-entropy: the head's token was exactly 0 for every example on 111 of 200 seeds (2
+    classes), 50 (3 classes)."""
+    from opacus_mi.factored import _balanced_hash
+
+    assert kronecker_dims(classes, 128, 64)[0] == 1  # (the case at issue)
+    logits = torch.randn(32, classes, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(32) % classes
+    backprops = torch.softmax(logits, 1) - torch.nn.functional.one_hot(labels, classes)
+    inputs = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    for seed in range(60):
+        tok = KroneckerTokenizer([(classes, 128)], 64, kron=[(classes, 128)], seed=seed)
+        token = tok.factored_token(0, backprops[:, None, :], inputs[:, None, :])
+        assert token.norm(dim=1).min() > 1e-3 * backprops.norm(dim=1).min(), seed
+    # a table that had a sign of each kind is as drawn: the flip touches only constant ones
+    for seed in range(20):
+        gen, again = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        buckets, weights = _balanced_hash(10, 1, gen)
+        torch.randperm(10, generator=again)
+        drawn = torch.randint(0, 2, (10,), generator=again).mul(2).sub(1).float()
+        if drawn.unique().numel() == 2:
+            assert torch.equal(weights, drawn / 10**0.5)
+
+
 def test_kronecker_dims_are_the_largest_fitting_product():
     for rows, cols, k in itertools.product([1, 3, 8, 50], [1, 4, 9, 100], [1, 7, 16, 64]):
         k1, k2 = kronecker_dims(rows, cols, k)
