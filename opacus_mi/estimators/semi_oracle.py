@@ -163,7 +163,7 @@ class SemiOracleEstimator:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                last = float(loss)
+                last = float(loss.detach())
         self.updates += 1
         return last
 
