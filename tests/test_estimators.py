@@ -79,6 +79,26 @@ def test_estimate_mi_leaves_the_callers_autograd_graph_alone():
     assert (first.nats, first.ci_low, first.ci_high) == (again.nats, again.ci_low, again.ci_high)
 
 
+def test_estimate_mi_trains_under_the_callers_no_grad_and_inference_mode():
+    """Features computed in an eval block: under no_grad or inference_mode the critic's backward
+    failed ('element 0 of tensors does not require grad'). Now the same figures as outside it,
+    also from inputs made in inference mode, and the caller's mode is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=g)
+    y = x + torch.randn(200, 2, generator=g)
+    fast = {"max_steps": 50, "bootstrap": 50, "permutations": 10}
+    ref = estimate_mi(x, y, **fast).as_dict()
+    with torch.no_grad():
+        assert estimate_mi(x, y, **fast).as_dict() == ref
+        assert not torch.is_grad_enabled()
+    with torch.inference_mode():
+        made_here = x.clone(), y.clone()  # inference tensors
+        assert estimate_mi(x, y, **fast).as_dict() == ref
+        assert estimate_mi(*made_here, **fast).as_dict() == ref
+        assert torch.is_inference_mode_enabled()
+    assert made_here[0].is_inference() and estimate_mi(*made_here, **fast).as_dict() == ref
+
+
 def test_bounds_and_bootstrap_against_brute_force():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(7, 7, generator=g, dtype=torch.float64)

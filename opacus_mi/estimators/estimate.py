@@ -131,7 +131,12 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
             f"estimate_mi got unknown options {', '.join(map(repr, unknown))}; it takes "
             f"x, y, estimator and {', '.join(valid)}"
         )
-    return _estimate_mi(x, y, estimator, **kwargs)
+    # The critic trains whatever the caller's grad mode (features are often computed in an
+    # eval block, under no_grad or inference_mode: its backward failed there). Everything made
+    # inside is an ordinary tensor, inputs made in inference mode included (standardising
+    # copies them), so autograd can save them.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _estimate_mi(x, y, estimator, **kwargs)
 
 
 def _estimate_mi(
