@@ -43,6 +43,45 @@ def is_int_at_least(x: Any, low: int) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
+def is_torch_seed(x: Any) -> bool:
+    """An integer ``torch.Generator.manual_seed`` takes: from -2**63 to 2**64 - 1 (beyond,
+    torch raises a bare 'Overflow when unpacking long long')."""
+    return is_int_at_least(x, -(2**63)) and x < 2**64
+
+
+def available_device(name: str, value: Any) -> Any:
+    """``torch.device(value)``, refused naming ``name`` if torch does not know it (``"gpu"``)
+    or this machine lacks it (CUDA without a GPU or past its last index, MPS off a Mac)."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):  # (torch's message lists every device type it knows)
+        raise ValueError(
+            f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:1'; got {value!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {value!r} asked for CUDA, but CUDA is not available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"{name} {value!r} asked for a GPU this machine lacks: it has "
+            f"{torch.cuda.device_count()} (indices from 0)"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name} {value!r} asked for MPS, but MPS is not available here")
+    # Any other accelerator (xpu, ...) by its torch module's is_available(); meta tensors hold
+    # no data to compute on.
+    available = getattr(getattr(torch, dev.type, None), "is_available", None)
+    if dev.type == "meta" or (
+        dev.type not in ("cpu", "cuda", "mps") and not (callable(available) and available())
+    ):
+        raise ValueError(
+            f"{name} {value!r}: {dev.type} is not available here; pass {name} 'cpu' or an "
+            "accelerator this machine has"
+        )
+    return dev
+
+
 def require_positive(name: str, value: Any) -> None:
     if not is_finite_number(value) or value <= 0:
         raise ValueError(f"{flag(name)} must be a positive finite number; got {value!r}")

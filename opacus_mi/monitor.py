@@ -69,7 +69,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPe
 
 from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
 from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
-from .checks import is_int_at_least, python_number
+from .checks import is_int_at_least, is_torch_seed, python_number
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, should_gather, world_size
 from .distributed import rank as dist_rank
@@ -430,7 +430,7 @@ class LeakageMonitor:
                 "than steps, a learned critic keeps to train on (it trains on at least 4; "
                 f"default 4096); got {window!r}"
             )
-        if not is_int_at_least(seed, -(2**63)) or seed >= 2**64:
+        if not is_torch_seed(seed):
             raise ValueError(
                 "seed must be an integer from -2**63 to 2**64 - 1, as torch's manual_seed takes; "
                 f"got {seed!r}"

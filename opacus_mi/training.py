@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import (
+    available_device,
     flag,
     is_finite_number,
     require_choice,
@@ -193,26 +194,7 @@ class RunResult:
 
 # ---------------------------------------------------------------------- validation helpers
 def _check_device(device: Any) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device: not a torch device ({device!r}): {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} asked for CUDA, but CUDA is not available here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device!r} asked for MPS, but MPS is not available here")
-    # Any other accelerator (xpu, ...) by its torch module's is_available(); meta tensors
-    # hold no data to train on.
-    available = getattr(getattr(torch, dev.type, None), "is_available", None)
-    if dev.type == "meta" or (
-        dev.type not in ("cpu", "cuda", "mps") and not (callable(available) and available())
-    ):
-        raise ValueError(
-            f"--device {device!r}: {dev.type} is not available here; pass --device cpu or an "
-            "accelerator this machine has"
-        )
+    available_device(flag("device"), device)
 
 
 def check_folder_kind(out: str | os.PathLike, kind: str) -> None:

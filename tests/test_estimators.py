@@ -500,7 +500,7 @@ def test_private_view_mi_falls_with_noise_and_respects_bounds():
     "option, bad, says",
     [
         ("hidden", 0, "hidden must be an integer >= 1"),  # was a ZeroDivisionError
-        ("batch_size", 0, "batch_size must be an integer >= 1"),  # was torch's max() error
+        ("batch_size", 0, "batch_size must be an integer >= 2"),  # was torch's max() error
         ("max_steps", True, "max_steps must be an integer >= 1"),
         ("seed", 1.5, "seed must be an integer"),  # was torch's RuntimeError
         ("lr", float("nan"), "lr must be a positive number"),
@@ -520,6 +520,48 @@ def test_estimate_mi_options_are_checked_by_name(option, bad, says):
     a = estimate_mi(x, x, seed=3, hidden=16, lr=float(lr), **fast)
     b = estimate_mi(x, x, seed=np.int64(3), hidden=np.int32(16), lr=lr, **fast)
     assert a.nats == b.nats and a.ci_low == b.ci_low
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [  # each was a raw error not naming the argument (math domain error, TypeError, ...)
+        ({"batch_size": 1}, "batch_size must be an integer >= 2, got 1"),
+        ({"eval_fraction": "0.3"}, r"eval_fraction must be a number in \(0, 1\), got '0.3'"),
+        ({"eval_fraction": torch.tensor(0.3)}, r"eval_fraction must be a number in \(0, 1\)"),
+        ({"confidence": "0.95"}, r"confidence must be a number in \(0, 1\), got '0.95'"),
+        ({"ema": "0.9"}, r"ema must be a number in \[0, 1\), got '0.9'"),
+        ({"ema": torch.tensor(0.9)}, r"ema must be a number in \[0, 1\)"),
+        ({"seed": 2**64}, r"seed must be an integer from -2\*\*63 to 2\*\*64 - 1"),
+        ({"seed": -(2**63) - 1}, r"seed must be an integer from -2\*\*63"),
+        ({"device": "gpu"}, "device must be a torch device such as 'cpu'.*; got 'gpu'"),
+        ({"device": "cuda:99"}, "device 'cuda:99' asked for"),  # (no GPU, or not that many)
+        ({"x": None}, "x must be numeric, of shape \\(n,\\) or \\(n, d\\).*got None"),
+        ({"x": ["a"] * 64}, "x must be numeric.*got \\['a', 'a'"),
+        ({"y": [[1.0, 2.0], [3.0]] * 32}, "y must be numeric.*equal-length rows"),
+        ({"bootstrap": 1}, r"bootstrap must be 0 \(no interval\) or at least .* = 40 "),
+        ({"bootstrap": 199, "confidence": 0.99}, r"at least 2 / \(1 - confidence\) = 200"),
+    ],
+)
+def test_estimate_mi_refuses_bad_values_naming_the_argument(bad, says):
+    g = torch.Generator().manual_seed(0)
+    pairs = {"x": torch.randn(64, 2, generator=g), "y": torch.randn(64, 2, generator=g)}
+    options = {k: v for k, v in bad.items() if k not in pairs}
+    with pytest.raises(ValueError, match=says):
+        estimate_mi(bad.get("x", pairs["x"]), bad.get("y", pairs["y"]), **options)
+
+
+def test_online_estimator_refuses_a_one_pair_minibatch():
+    """A minibatch of one pair has no mismatched pair: its first round hit a math domain
+    error inside the bound, long after the estimator was built."""
+    from opacus_mi.estimators.online import OnlineEstimator
+
+    gen = torch.Generator().manual_seed(0)
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
+            OnlineEstimator("mine", batch_size=bad, generator=gen)
+    est = OnlineEstimator("mine", batch_size=2, generator=gen)
+    x = torch.randn(8, 2, generator=gen)
+    assert est.observe(x, x) is False and est.ready  # two pairs train
 
 
 def test_union_deficits_bound_the_exact_pairwise_softplus_means():
@@ -599,7 +641,7 @@ def test_estimate_mi_does_not_change_with_each_columns_shift_and_scale():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 1, generator=gen, dtype=torch.float64)
     y = x + 0.5 * torch.randn(1000, 1, generator=gen, dtype=torch.float64)
-    kwargs = {"max_steps": 400, "bootstrap": 20, "permutations": 5, "hidden": 32, "embed": 8}
+    kwargs = {"max_steps": 400, "bootstrap": 40, "permutations": 5, "hidden": 32, "embed": 8}
     ref = estimate_mi(x, y, "infonce", **kwargs)
     assert ref.nats > 0.5  # (closed form 0.805)
     for moved in (x * 1e-15, x + 1e9, x * 1e39, 3 * x - 7):

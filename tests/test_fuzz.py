@@ -18,7 +18,7 @@ from torch import nn
 
 from opacus_mi import LeakageMonitor, estimate_mi
 
-FAST = {"max_steps": 6, "check_every": 3, "bootstrap": 16, "hidden": 8, "embed": 4}
+FAST = {"max_steps": 6, "check_every": 3, "bootstrap": 40, "hidden": 8, "embed": 4}
 
 
 @st.composite

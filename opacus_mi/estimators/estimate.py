@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import copy
 import math
+import reprlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from ..checks import is_finite_number, is_int_at_least, python_number
+from ..checks import (
+    available_device,
+    is_finite_number,
+    is_int_at_least,
+    is_torch_seed,
+    python_number,
+)
 from .bounds import (
     BOUNDS,
     CriticLoss,
@@ -63,7 +70,13 @@ class MIEstimate:
 def _as_2d_float(name: str, v) -> torch.Tensor:
     # Detached: the critics' backward must not reach into the caller's graph (activations
     # straight from a model, or a leaf that requires grad).
-    t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v.detach())
+    try:
+        t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v.detach())
+    except (TypeError, ValueError):  # None, strings, ragged rows: numpy's or torch's words
+        raise ValueError(
+            f"{name} must be numeric, of shape (n,) or (n, d): an array, a tensor or a list of "
+            f"equal-length rows of numbers; got {reprlib.repr(v)}"
+        ) from None
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:
@@ -107,11 +120,13 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
         critic_bound: soft bound on critic scores (``bound * tanh(s / bound)``; None: none).
         ema: decay of the moving average of the critic's weights that is validated, early
             stopped and reported (0 turns it off).
-        bootstrap, confidence: the interval. Its low end is the percentile-bootstrap limit of
-            the held-out bound (evaluation noise only: this end never overstates). Its high end
-            is the larger of that bootstrap limit and the same critic's bound on as many of its
-            *training* pairs plus the same half-width. Why: the held-out figure is pessimistic
-            by the critic's estimation error and the in-sample one optimistic by it; on the
+        bootstrap, confidence: the interval (``bootstrap`` 0 or at least
+            ``2 / (1 - confidence)`` resamples, 40 at 0.95, so that each tail expects one).
+            Its low end is the percentile-bootstrap limit of the held-out bound (evaluation
+            noise only: this end never overstates). Its high end is the larger of that
+            bootstrap limit and the same critic's bound on as many of its *training* pairs
+            plus the same half-width. Why: the held-out figure is pessimistic by the critic's
+            estimation error and the in-sample one optimistic by it; on the
             ground-truth tasks the held-out bound sat ~4% under the truth (outside a pure
             evaluation-noise interval 20-40% of the time) while the in-sample bound averaged
             within 1% of it. ``heldout_ci_high`` keeps the evaluation-noise-only high end.
@@ -119,8 +134,9 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
             is ``(1 + #{re-paired bound >= matched bound}) / (permutations + 1)``, an exact
             p-value for "x and y are independent" (0 skips it: p_value is NaN); ``shuffled``
             is the mean re-paired bound, the estimator's own floor at zero MI.
-        seed: seeds this call's own generator; the global RNG is never touched.
-        device: where the critic trains.
+        seed: seeds this call's own generator (-2**63 to 2**64 - 1); the global RNG is never
+            touched.
+        device: where the critic trains (refused if this machine lacks it).
     """
     import inspect
 
@@ -172,15 +188,16 @@ def _estimate_mi(
         raise ValueError(
             f"estimate_mi needs at least {MIN_PAIRS} pairs to train and evaluate, got {n}"
         )
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if not 0 <= ema < 1:
-        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    eval_fraction, confidence, ema = map(python_number, (eval_fraction, confidence, ema))
+    if not (is_finite_number(eval_fraction) and 0 < eval_fraction < 1):
+        raise ValueError(f"eval_fraction must be a number in (0, 1), got {eval_fraction!r}")
+    if not (is_finite_number(confidence) and 0 < confidence < 1):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not (is_finite_number(ema) and 0 <= ema < 1):
+        raise ValueError(f"ema must be a number in [0, 1), got {ema!r}")
     counts = {
         "max_eval": (max_eval, 4),
-        "batch_size": (batch_size, 1),
+        "batch_size": (batch_size, 2),  # (a minibatch of one pair has no mismatched pair)
         "max_batch": (max_batch, 1),
         "max_steps": (max_steps, 1),
         "hidden": (hidden, 1),
@@ -193,14 +210,25 @@ def _estimate_mi(
     for name, (value, low) in counts.items():
         if not is_int_at_least(python_number(value), low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    # A percentile interval's ends are meaningful once each tail beyond them expects a resample:
+    # with fewer, they are the extreme draws (bootstrap=1 gave a low end above the estimate).
+    least = math.ceil(2 / (1 - confidence) - 1e-9)
+    if 0 < bootstrap < least:
+        raise ValueError(
+            f"bootstrap must be 0 (no interval) or at least 2 / (1 - confidence) = {least} "
+            f"resamples at confidence={confidence}, got {bootstrap!r}"
+        )
     seed, lr, critic_bound = python_number(seed), python_number(lr), python_number(critic_bound)
-    if not is_int_at_least(seed, -(2**63)):
-        raise ValueError(f"seed must be an integer, as torch's manual_seed takes; got {seed!r}")
+    if not is_torch_seed(seed):
+        raise ValueError(
+            "seed must be an integer from -2**63 to 2**64 - 1, as torch's manual_seed takes; "
+            f"got {seed!r}"
+        )
     if not (is_finite_number(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if critic_bound is not None and not (is_finite_number(critic_bound) and critic_bound > 0):
         raise ValueError(f"critic_bound must be a positive number or None, got {critic_bound!r}")
-    device = torch.device(device)
+    device = available_device("device", device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     n_eval = max(4, min(max_eval, int(round(n * eval_fraction))))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checks import is_int_at_least
 from ..reads import ReadBatch
 from ..ring import RowRing
 from .bounds import (
@@ -326,6 +327,8 @@ class OnlineEstimator:
 
         if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
             raise ValueError(f"holdout must be an integer >= 0 (0 turns it off), got {holdout!r}")
+        if not is_int_at_least(batch_size, 2):  # (one pair has no mismatched pair to score)
+            raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
         self.train_every = max(1, train_every)
         self.train_iters = train_iters
         self.warmup = max(0, warmup)
