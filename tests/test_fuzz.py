@@ -49,7 +49,9 @@ def test_estimate_mi_fuzz(pairs, estimator):
         assert len(x) < 16, f"unexpected ValueError for n={len(x)}: {exc}"
         return
     assert len(x) >= 16
-    assert math.isfinite(est.nats) and est.ci_low <= est.ci_high
+    assert math.isfinite(est.nats)
+    # (an interval from under 32 evaluation pairs, 8 for InfoNCE, is withheld: NaN)
+    assert est.ci_low <= est.ci_high or (math.isnan(est.ci_low) and math.isnan(est.ci_high))
     if estimator == "infonce":
         assert est.nats <= math.log(est.n_eval) + 1e-6
 

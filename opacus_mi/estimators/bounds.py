@@ -281,12 +281,18 @@ def random_permutations(n: int, count: int, generator: torch.Generator) -> torch
     return keys.argsort(dim=1)
 
 
-def permuted_bounds(kind: str, scores: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+def permuted_bounds(
+    kind: str,
+    scores: torch.Tensor,
+    perms: torch.Tensor,
+    baseline: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """The bound of ``scores[:, perm]`` for each row ``perm`` of ``perms`` (float64, ``(K,)``).
 
     Re-pairing x_i with y_perm(i) only changes which entries are "joint": the sum of ``e^T``
     over all n^2 entries and InfoNCE's row log-sum-exps are invariant, so after one O(n^2) pass
-    each re-pairing costs O(n). The identity permutation gives the matched bound.
+    each re-pairing costs O(n). The identity permutation gives the matched bound. MINE with a
+    ``baseline``: :func:`baseline_bound`'s form.
     """
     _check_kind(kind)
     s = scores.detach().to(torch.float64)
@@ -304,6 +310,8 @@ def permuted_bounds(kind: str, scores: torch.Tensor, perms: torch.Tensor) -> tor
     e = torch.exp(s - m)
     off = (e.sum() - torch.exp(picked - m).sum(dim=1)).clamp_min(torch.finfo(s.dtype).tiny)
     log_marg = torch.log(off / (n * (n - 1))) + m
+    if kind == "mine" and baseline is not None:
+        return joint - (baseline - 1.0) - torch.exp(log_marg - baseline)
     if kind == "nwj":
         return joint - torch.exp(log_marg - 1.0)
     return joint - log_marg

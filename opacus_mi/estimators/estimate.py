@@ -28,6 +28,8 @@ from ..checks import (
 from .bounds import (
     BOUNDS,
     CriticLoss,
+    _offdiag_logmeanexp,
+    baseline_bound,
     bootstrap_bound,
     bootstrap_counts,
     bound,
@@ -37,8 +39,10 @@ from .bounds import (
     random_permutations,
 )
 from .critics import SeparableCritic
+from .online import MIN_VALIDATION, interval_withheld
 
 MIN_PAIRS = 16  # >= 4 pairs in each of the evaluation, validation and training splits
+BASELINE_PAIRS = 1024  # training pairs MINE's baseline comes from when validation pairs are few
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,8 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
 
     Args:
         x, y: arrays or tensors of shape ``(n,)`` or ``(n, d)`` with the same n (n >= 16).
-        estimator: ``"mine"`` (Donsker-Varadhan with MINE's moving-average gradient),
+        estimator: ``"mine"`` (Donsker-Varadhan with MINE's moving-average gradient; its
+            figures in :func:`~opacus_mi.estimators.bounds.baseline_bound`'s form, see below),
             ``"infonce"`` (bounded by ``ln n_eval``), ``"nwj"`` (NWJ, trained on its own bound)
             or ``"smile"`` (Song & Ermon's clipped DV with tau=5 on a critic trained with the
             Jensen-Shannon objective; not a strict lower bound: it can overshoot at high MI).
@@ -130,6 +135,8 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
             ground-truth tasks the held-out bound sat ~4% under the truth (outside a pure
             evaluation-noise interval 20-40% of the time) while the in-sample bound averaged
             within 1% of it. ``heldout_ci_high`` keeps the evaluation-noise-only high end.
+            Too few evaluation pairs for an interval (the online estimator's rule: 32, and 8
+            per nat the figure reads; InfoNCE 8) give a NaN one, the figure still reported.
         permutations: re-pairings of the evaluation pairs for the permutation test: ``p_value``
             is ``(1 + #{re-paired bound >= matched bound}) / (permutations + 1)``, an exact
             p-value for "x and y are independent" (0 skips it: p_value is NaN); ``shuffled``
@@ -299,26 +306,45 @@ def _estimate_mi(
     if best_state is not None:
         averaged.load_state_dict(best_state)
     with torch.no_grad():
+        # MINE's figures take baseline_bound's form, as the online estimator's do: DV's log of
+        # the evaluation pairs' own marginal mean sits above the critic's bound by Jensen's gap,
+        # large on a few pairs (max_eval=4: 3.78 nats on average for a truth of 3.0, 60 seeds).
+        # c, the critic's log-partition, comes from the validation pairs, as the online
+        # estimator's, when there are as many as it asks for (MIN_VALIDATION). max_eval caps
+        # them too, and c from 4 of them put single figures at -347 nats: then c comes from
+        # training pairs. Any c chosen without the evaluation pairs keeps the bound; what a
+        # poor c costs is tightness, and a thousand pairs' c is steady.
+        c = None
+        if estimator == "mine":
+            pool = val_idx if n_val >= MIN_VALIDATION else train_idx[:BASELINE_PAIRS]
+            c = float(_offdiag_logmeanexp(averaged.scores(xt[pool], yt[pool])))
+            c = c if math.isfinite(c) else None
+
+        def figure(s: torch.Tensor) -> float:
+            return float(bound(estimator, s) if c is None else baseline_bound(s, c))
+
         scores = averaged.scores(xt[eval_idx], yt[eval_idx])
-        point = float(bound(estimator, scores))
+        point = figure(scores)
         counts = bootstrap_counts(n_eval, bootstrap, gen)
         lo, hi = percentile_interval(
-            bootstrap_bound(estimator, scores, counts.to(device)), confidence
+            bootstrap_bound(estimator, scores, counts.to(device), c), confidence
         )
+        if interval_withheld(estimator, n_eval, point):  # too few pairs: the online rule
+            lo = hi = math.nan
         # Permutation test: the same critic on random re-pairings of the evaluation pairs.
         # Under independence the matched pairing is just one more re-pairing (the critic never
         # saw these pairs), so the rank of the matched bound among them is an exact p-value.
         shuffles = random_permutations(n_eval, max(1, permutations), gen)
-        shuffled = permuted_bounds(estimator, scores, shuffles)
-        matched = permuted_bounds(estimator, scores, torch.arange(n_eval)[None, :])
+        shuffled = permuted_bounds(estimator, scores, shuffles, c)
+        matched = permuted_bounds(estimator, scores, torch.arange(n_eval)[None, :], c)
         p_value = permutation_p_value(float(matched[0]), shuffled) if permutations > 0 else math.nan
         cap = math.log(n_eval) if estimator == "infonce" else math.inf  # InfoNCE's ceiling
         seen = train_idx[:n_eval]  # pairs the critic trained on, as many as it was scored on
-        in_sample = float(bound(estimator, averaged.scores(xt[seen], yt[seen])))
+        in_sample = figure(averaged.scores(xt[seen], yt[seen]))
     return MIEstimate(
         nats=point,
         ci_low=lo,
-        ci_high=min(max(hi, in_sample + (hi - point)), cap),
+        ci_high=min(max(hi, in_sample + (hi - point)), cap) if math.isfinite(hi) else math.nan,
         heldout_ci_high=hi,
         estimator=estimator,
         n_train=int(n_train),

@@ -46,6 +46,15 @@ MIN_VALIDATION = 64  # validation pairs before a learned critic may report
 NULL_MARGIN_SE = 2.0  # a learned critic must validate this many standard errors above 0
 
 
+def interval_withheld(kind: str, n: int, figure: float | torch.Tensor) -> bool | torch.Tensor:
+    """Whether n pairs are too few for an interval of a ``kind`` figure (the rule of
+    ``MIN_CI_PAIRS_EXP`` above; also ``estimate_mi``'s). A tensor ``figure`` gives a tensor,
+    where it is (no host read)."""
+    if kind == "infonce":
+        return n < MIN_CI_PAIRS
+    return (n < MIN_CI_PAIRS_EXP) | (figure * PAIRS_PER_NAT > n)
+
+
 class PairWindow:
     """The most recent (x, y) pairs, capped at ``size``: what an online critic trains on.
 
@@ -261,7 +270,7 @@ def held_out_figures(
         counts = bootstrap_counts(n, bootstrap, generator, scores.device)
         interval = percentile_tensor(bootstrap_bound(kind, scores, counts, baseline))
         # decided where the figure is (no host read)
-        interval = torch.where(matched * PAIRS_PER_NAT > n, math.nan, interval)
+        interval = torch.where(interval_withheld(kind, n, matched), math.nan, interval)
     else:  # too few pairs for an interval
         interval = torch.full((2,), math.nan, dtype=torch.float64, device=scores.device)
     return torch.cat([torch.stack([matched, mismatched]).double(), interval])
