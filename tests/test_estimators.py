@@ -712,20 +712,26 @@ def test_oracle_and_per_step_intervals_use_students_t():
 
 def test_estimate_mi_does_not_change_with_each_columns_shift_and_scale():
     """MI is invariant to x -> a x + b per column. The inputs went to float32 before they were
-    standardised: x * 1e-15 read 0.18 nats for 0.81, x + 1e9 read 0, x * 1e39 'NaN or Inf'."""
+    standardised: x * 1e-15 read 0.18 nats for 0.81, x + 1e9 read 0, x * 1e39 'NaN or Inf';
+    then float64's own squares overflowed or underflowed: x * 1e160 and x * 1e-170 read 0."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 1, generator=gen, dtype=torch.float64)
     y = x + 0.5 * torch.randn(1000, 1, generator=gen, dtype=torch.float64)
     kwargs = {"max_steps": 400, "bootstrap": 40, "permutations": 5, "hidden": 32, "embed": 8}
     ref = estimate_mi(x, y, "infonce", **kwargs)
     assert ref.nats > 0.5  # (closed form 0.805)
-    for moved in (x * 1e-15, x + 1e9, x * 1e39, 3 * x - 7):
+    for moved in (x * 1e-15, x + 1e9, x * 1e39, 3 * x - 7, x * 1e160, x * 1e-170):
         got = estimate_mi(moved, y, "infonce", **kwargs)
         assert got.nats == pytest.approx(ref.nats, abs=1e-3)
+    # a power of two scales exactly: the same figures bit for bit, even at float64's ends
+    for power in (-1000, -600, 1000):
+        assert estimate_mi(x * 2.0**power, y, "infonce", **kwargs) == ref
     with pytest.raises(ValueError, match="x is complex"):
         estimate_mi(x.to(torch.complex64), y)
     with pytest.raises(ValueError, match="x has no columns"):
         estimate_mi(x[:, :0], y)
+    with pytest.raises(ValueError, match="x has no rows: estimate_mi needs at least 16 pairs"):
+        estimate_mi(x[:0], y[:0])  # (not amax's IndexError)
 
 
 def test_the_oracle_refuses_what_it_cannot_take_by_name():

@@ -89,12 +89,20 @@ def _as_2d_float(name: str, v) -> torch.Tensor:
         raise ValueError(f"{name} is complex: pass its real and imaginary parts as columns")
     if t.shape[1] == 0:
         raise ValueError(f"{name} has no columns: each pair needs at least one value")
+    if t.shape[0] == 0:  # (refused here: a column's largest |value| below needs a row)
+        raise ValueError(f"{name} has no rows: estimate_mi needs at least {MIN_PAIRS} pairs")
     t = t.to(torch.float64)
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or Inf: drop or impute those pairs first")
     # MI does not change with each column's shift and scale: standardised here, in float64,
     # so that the critics' float32 keeps inputs that are tiny, huge or far from 0 (x * 1e-15
-    # read 0.18 nats for 0.81; x + 1e9 read 0; x * 1e39 was 'NaN or Inf').
+    # read 0.18 nats for 0.81; x + 1e9 read 0; x * 1e39 was 'NaN or Inf'). Each column is
+    # first brought near 1 by the power of two of its largest |value| (0 for a zero column),
+    # else std_mean's squares overflow or underflow float64 (x * 1e160, x * 1e-170 read 0 nats).
+    # A power of two scales exactly: other columns standardise bit for bit as before. (In two
+    # halves: 2**1074, a subnormal column's factor, is no float64.)
+    _, exponent = torch.frexp(t.abs().amax(dim=0))
+    t = torch.ldexp(torch.ldexp(t, -(exponent // 2)), -(exponent - exponent // 2))
     std, mean = torch.std_mean(t, dim=0, unbiased=False)
     return ((t - mean) / torch.where(std > 0, std, torch.ones_like(std))).to(torch.float32)
 
