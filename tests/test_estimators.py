@@ -387,10 +387,34 @@ def test_critic_scores_are_bound_tanh_of_raw_scores():
     assert raw.abs().max() > 10  # some scores are squashed, some are not
     assert torch.allclose(scores, 10.0 * torch.tanh(raw / 10.0), rtol=0, atol=3e-6)
     assert scores.abs().max() <= 10.0
+    # the default bound's scores are the sigmoid form's bit for bit (the monitor's records)
+    assert scores.equal(torch.sigmoid(raw * (2.0 / 10.0)) * (2.0 * 10.0) - 10.0)
+    # A large bound (nearly none): the sigmoid form's float32 rounding, 2 bound times that of
+    # a sigmoid near 1/2, turned every score into 0 at 1e8 (estimate_mi: 0 nats for 0.83).
+    # Reference: float64's bound * tanh(raw / bound), for the same raw scores.
+    for b in (1e3, 1e6, 1e8):
+        critic.bound = b
+        with torch.no_grad():
+            got = critic.scores(x, y).double()
+        assert torch.allclose(got, b * torch.tanh(raw.double() / b), rtol=1e-6, atol=1e-5), b
+    critic.bound = 10.0
     unbounded = SeparableCritic(6, 9, hidden=16, embed=8, bound=None, generator=g)
     with torch.no_grad():
         raw = unbounded.embed_x(x) @ unbounded.embed_y(y).T * unbounded.scale
         assert unbounded.scores(x, y).equal(raw)
+
+
+def test_estimate_mi_with_a_huge_critic_bound_reads_as_unbounded():
+    """critic_bound=1e8 read 0.000 [0.000, 0.000] for a true 0.83 nats: every score rounded to
+    0 in the sigmoid form. A bound that large is no bound: the figures of critic_bound=None."""
+    x, y = correlated_gaussians(600, 1, 0.83, seed=0)
+    fast = {"max_steps": 200, "bootstrap": 40, "permutations": 10}
+    ref = estimate_mi(x, y, critic_bound=None, **fast)
+    got = estimate_mi(x, y, critic_bound=1e8, **fast)
+    assert ref.nats > 0.5
+    assert (got.nats, got.ci_low, got.ci_high) == pytest.approx(
+        (ref.nats, ref.ci_low, ref.ci_high), abs=1e-3
+    )
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.2, 1.0])
