@@ -212,8 +212,7 @@ def invert_gradients(
     flat_labels = labels[:, None, :].expand(t, restarts, b).reshape(-1)
     target = targets[:, None, :]
     opt = torch.optim.Adam([x], lr=lr)
-    milestones = [int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=_milestones(iters), gamma=0.1)
     last = torch.zeros((t, restarts), dtype=targets.dtype)
     for it in range(iters):
         opt.zero_grad(set_to_none=True)
@@ -246,6 +245,17 @@ def invert_gradients(
         best = last.argmin(dim=1)
         images = x.detach()[torch.arange(t), best]
     return Inversion(images=images, loss=last[torch.arange(t), best])
+
+
+def _milestones(iters: int) -> list[int]:
+    """Steps after which the inversion's learning rate drops 10x: at 3/8, 5/8 and 7/8 of
+    ``iters``, each at least 1 and after the one before. MultiStepLR applies a milestone of 0
+    when it is created (with ``iters`` 1 or 2 all three were 0, so the first step had lr / 1000)
+    and a repeated one twice; from ``iters = 4`` on they are ``int(iters * f)`` as ever."""
+    out: list[int] = []
+    for f in (3 / 8, 5 / 8, 7 / 8):
+        out.append(max(int(iters * f), out[-1] + 1 if out else 1))
+    return out
 
 
 def _as_image(v, shape: tuple[int, ...]) -> torch.Tensor:

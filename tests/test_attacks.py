@@ -152,6 +152,32 @@ def test_batched_problems_are_independent(gradfn, digits):
     torch.testing.assert_close(one.images[0], both.images[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("iters", [1, 2, 3])
+def test_inversion_first_step_takes_the_full_learning_rate(gradfn, digits, iters):
+    """With --iters 1 or 2 the learning-rate milestones were all 0, which MultiStepLR applies at
+    creation: the first signed Adam step moved pixels by lr / 1000. Adam's first step on a
+    signed gradient moves each pixel by lr (up to its eps); the later ones here by lr / 10 at
+    most, as the first milestone is after step 1."""
+    x, y, _, _ = digits
+    target = A.private_release(gradfn, x[:1], y[:1])[None]
+    lr = 0.1
+    init = torch.randn((1, 1, 1, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    kw = dict(input_shape=(1, 8, 8), iters=iters, restarts=1, lr=lr, generator=gen)
+    inv = A.inverting_gradients(gradfn, target, y[:1, None], **kw)
+    moves = (inv.images[0] - init[0, 0]).abs()
+    later = 0.1 * lr * (iters - 1)
+    assert float(moves.min()) >= lr * (1 - 1e-6) - later
+    assert float(moves.max()) <= lr * (1 + 1e-6) + later
+
+
+def test_inversion_milestones_are_unchanged_from_4_iterations_on():
+    """Results at the default --iters (200) and any other from 4 on stay bit-identical."""
+    for iters in range(4, 2001):
+        assert A._milestones(iters) == [int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    assert A._milestones(200) == [75, 125, 175]
+
+
 # ------------------------------------------------------------------------------ metrics
 def test_psnr_and_ssim_sanity():
     gen = torch.Generator().manual_seed(0)
