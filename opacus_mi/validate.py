@@ -314,8 +314,11 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
     previous_threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []  # the grid's, each written to validate.csv as it finishes
     out = Path(cfg.out)
+    # The grid seeds torch's and numpy's global generators (model initialisation, Opacus's
+    # noise): the caller's streams are put back as they were.
+    numpy_state = np.random.get_state()
     try:
-        with warnings.catch_warnings():
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -337,6 +340,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
         raise
     finally:
         torch.set_num_threads(previous_threads)
+        np.random.set_state(numpy_state)
     return ValidateResult(rows, correlations, text, out, files, wall)
 
 

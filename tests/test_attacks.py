@@ -650,3 +650,25 @@ def test_validate_plot_draws_the_oracle_intervals(tmp_path, monkeypatch):
         assert len(bars) == len(rows) and np.allclose(bars, expected), (metric, bars)
     for ax in panels[1]:
         assert not [c for c in ax.collections if isinstance(c, LineCollection)]
+
+
+def test_validate_leaves_the_callers_global_rngs_as_they_were(tmp_path):
+    """run_validate seeded torch's and numpy's global generators (model initialisation, Opacus's
+    noise) and left them so: the caller's next draws were validate's seed's. Its own results
+    still come from its seed alone, whatever the caller's streams."""
+    from opacus_mi.validate import run_validate
+
+    rows = []
+    for k, seed in enumerate((1234, 99)):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()
+        cfg = _tiny_validate(
+            out=str(tmp_path / f"v{k}"), stages=(0, 2), batch_sizes=(1,), images=1, candidates=8
+        )
+        rows.append(run_validate(cfg, progress=False).rows)
+        assert torch.equal(torch.random.get_rng_state(), torch_state)
+        after = np.random.get_state()
+        assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1])
+        assert after[2:] == numpy_state[2:]
+    assert rows[0] == rows[1]
