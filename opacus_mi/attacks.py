@@ -22,6 +22,7 @@ cross-entropy; models should be in eval mode (no dropout, fixed normalisation st
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -404,10 +405,13 @@ def spearman_bootstrap(
     rng: np.random.Generator | None = None,
     level: float = 0.95,
 ) -> tuple[float, float, float]:
-    """Spearman's rho and a percentile bootstrap interval from resampling rows (pairs)."""
+    """Spearman's rho and a percentile bootstrap interval from resampling rows (pairs); pairs
+    with a NaN are dropped first, as :func:`spearman` drops them."""
     rng = np.random.default_rng(0) if rng is None else rng
     a = np.asarray(x, dtype=np.float64)
     b = np.asarray(y, dtype=np.float64)
+    keep = ~(np.isnan(a) | np.isnan(b))  # resample the pairs the correlation uses
+    a, b = a[keep], b[keep]
     rho = spearman(a, b)
     if math.isnan(rho):
         return rho, math.nan, math.nan
@@ -742,8 +746,14 @@ def pixel_information(
     ``I(delta; Y) = 1/2 log det(I + V^1/2 J^T K^-1 J V^1/2)`` and the Bayes posterior covariance
     of ``delta`` is ``V^1/2 (I + V^1/2 J^T K^-1 J V^1/2)^-1 V^1/2``. Returns the MI (nats; inf for
     a noise-free single release) and the posterior variance per pixel (the MMSE a Bayes-optimal
-    reconstruction reaches in this model, in the data's units).
+    reconstruction reaches in this model, in the data's units). Noise whose variance is below the
+    smallest normal float (``noise_std`` under 1.5e-154) counts as none, its limit.
     """
+    if noise_std**2 < sys.float_info.min:
+        # Such a variance has lost its precision and 1 / variance overflows (at 1e-160 the
+        # Fisher matrix held inf - inf = NaN); at B = 1 the MI grows without bound as the noise
+        # shrinks, at B > 1 the other examples' variance swamps it.
+        noise_std = 0.0
     if batch_size == 1 and noise_std == 0:
         return math.inf, torch.zeros_like(model.prior_var)
     along, across = channel.noise_covariance(batch_size, noise_std)

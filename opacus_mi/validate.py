@@ -577,7 +577,7 @@ def _round(v: float) -> float:
 def _row(*, step, b, s, c, ident, fano, mia, mi_pixels, ig, dlg, base, lg_psnr, label_acc,
          images, test_acc) -> dict[str, Any]:  # fmt: skip
     half = 1.96 * ident.mi_se
-    bound = math.inf if s == 0 else 1.0 / (2.0 * s**2)
+    bound = math.inf if s == 0 else 0.5 / s / s  # (s**2 is 0.0 below s = 1.6e-162)
     row = {
         "setting": f"step{step}_B{b}_sigma{sigma_label(s)}",
         "step": step,
@@ -630,7 +630,8 @@ def compute_correlations(
 ) -> list[dict[str, Any]]:
     """Spearman's rho of every MI estimate against every attack metric, over the grid's rows,
     with a 95% percentile bootstrap interval (rows resampled with their own numpy Generator)
-    and its :func:`target_verdict`."""
+    and its :func:`target_verdict`. A row whose MI or attack value is NaN is left out of that
+    pair's correlation: ``pairs`` counts the rows used, ``settings`` the grid's."""
     from .attacks import spearman, spearman_bootstrap
 
     out = []
@@ -638,6 +639,7 @@ def compute_correlations(
         for a_key, a_name in ATTACK_METRICS:
             x = [r[m_key] for r in rows]
             y = [r[a_key] for r in rows]
+            pairs = sum(not (_is_nan(u) or _is_nan(v)) for u, v in zip(x, y, strict=True))
             if resamples > 0:
                 rng = np.random.default_rng(seed)
                 rho, lo, hi = spearman_bootstrap(x, y, resamples=resamples, rng=rng)
@@ -654,10 +656,25 @@ def compute_correlations(
                     "ci_low": lo,
                     "ci_high": hi,
                     "settings": len(rows),
+                    "pairs": pairs,
                     "meets_target": int(verdict == "met"),
                     "verdict": verdict,
                 }
             )
+    return out
+
+
+def _is_nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def left_out(rows: list[dict[str, Any]]) -> list[str]:
+    """Each setting some correlation leaves out, with its MI or attack values that are NaN."""
+    out = []
+    for r in rows:
+        nan = [name for key, name in MI_ESTIMATES + ATTACK_METRICS if _is_nan(r[key])]
+        if nan:
+            out.append(f"{r['setting']} ({', '.join(nan)}: NaN)")
     return out
 
 
@@ -745,7 +762,8 @@ def correlation_table(correlations: list[dict[str, Any]], width: int = 140) -> s
         for m_key, _ in MI_ESTIMATES:
             c = next(c for c in correlations if c["mi"] == m_key and c["attack"] == a_key)
             cell = f"{_fmt(c['spearman'], 3)} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
-            cells.append(cell + (" *" if c["meets_target"] else ""))
+            cell += " *" if c["meets_target"] else ""
+            cells.append(cell + (f" ({c['pairs']} of {n} settings)" if c["pairs"] != n else ""))
         table.add_row(*cells)
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
@@ -783,6 +801,7 @@ def write_outputs(
         "ci_low",
         "ci_high",
         "settings",
+        "pairs",
         "meets_target",
         "verdict",
         "mi_name",
@@ -810,6 +829,8 @@ def write_outputs(
         f"{CORRELATION_TARGET} is inconclusive).",
         _verdict(correlations),
     ]
+    if left_out(rows):
+        lines.insert(-1, "left out of the correlations with a NaN: " + "; ".join(left_out(rows)))
     text = "\n".join(lines)
     files.append(out / "validate.txt")
     files.append(plot_validate(rows, correlations, out / "validate.png"))

@@ -314,6 +314,30 @@ def test_pixel_information_closed_form_and_monotone():
     assert A.pixel_information(model, channel, 4, 0.01)[0] < values[0]
 
 
+def test_pixel_information_when_the_noise_variance_underflows():
+    """From noise_std 1.5e-154 down, noise_std**2 is subnormal (0.0 from 1.6e-162) and 1 / it
+    overflows: at 1e-160 the Fisher matrix held inf - inf and the MI was NaN, which validate
+    then dropped from its correlations. Such noise is the noise-free limit: inf at B = 1 (the
+    MI grows without bound as the noise shrinks), the other examples alone at B > 1."""
+    gen = torch.Generator().manual_seed(0)
+    g = _random_pool(n=30, p=50)
+    channel = A.CandidateChannel(g)
+    jac = torch.randn((50, 6), generator=gen, dtype=torch.float64) * 0.1
+    var = torch.rand(6, generator=gen, dtype=torch.float64)
+    model = A.PixelModel(jtj=jac.T @ jac, proj=channel.project(jac), prior_var=var)
+    # Just above the floor: the closed form 1/2 sum log(1 + mu / s^2), in logs (s^2 = 1e-300).
+    mu = torch.linalg.eigvalsh(var.sqrt()[:, None] * (jac.T @ jac) * var.sqrt()[None, :])
+    ref = 0.5 * float(np.logaddexp(0.0, np.log(mu.numpy()) - 2 * math.log(1e-150)).sum())
+    assert A.pixel_information(model, channel, 1, 1e-150)[0] == pytest.approx(ref, rel=1e-9)
+    free_b4 = A.pixel_information(model, channel, 4, 0.0)
+    assert math.isfinite(free_b4[0])
+    for s in (1e-155, 1e-160, 1e-170, 1e-300):
+        mi, post = A.pixel_information(model, channel, 1, s)
+        assert mi == math.inf and torch.equal(post, torch.zeros_like(var)), s
+        mi, post = A.pixel_information(model, channel, 4, s)
+        assert mi == free_b4[0] and torch.equal(post, free_b4[1]), s
+
+
 def test_input_jacobian_matches_finite_differences(digits):
     """Central differences in float64 with a tiny step (ReLU kinks make large steps jump)."""
     x, y, _, _ = digits
@@ -484,6 +508,56 @@ def test_a_stopped_validate_keeps_its_finished_rows(tmp_path, monkeypatch, where
     rows = read_validate_csv(full / "validate.csv")[:kept]
     note = f"stopped after {kept} of the grid's 2 settings"
     assert (out / "validate.txt").read_text(encoding="utf-8") == f"{V.grid_table(rows)}\n{note}\n"
+
+
+def test_validate_noise_multipliers_whose_variance_underflows_are_noise_free(tmp_path):
+    """At sigma 1e-160 (sigma^2 subnormal) MI pixels was NaN and left out of its correlations
+    while they reported every setting; at 1e-170 (sigma^2 = 0.0) the channel bound divided by
+    zero after the whole grid had run. Both are now the noise-free limit, as the oracle and the
+    float32 release (where such noise is 0) already treat them."""
+    out = tmp_path / "tiny"
+    sigmas = ["0", "1e-170", "1e-160", "0.1"]
+    rc, _, stderr = _main([*TINY_VALIDATE, "--noise-multipliers", *sigmas, "--out", str(out)])
+    assert rc == 0, stderr
+    rows = {r["noise_multiplier"]: r for r in read_validate_csv(out / "validate.csv")}
+    for s in (0.0, 1e-170, 1e-160):
+        assert rows[s]["mi_pixels"] == rows[s]["channel_bound"] == math.inf, s
+    assert math.isfinite(rows[0.1]["mi_pixels"])
+    with open(out / "correlations.csv", newline="") as fh:
+        assert {(c["settings"], c["pairs"]) for c in csv.DictReader(fh)} == {("4", "4")}
+
+
+def test_validate_names_the_settings_a_correlation_leaves_out(tmp_path, monkeypatch):
+    """A NaN MI or attack score is left out of the correlations that use it, which reported all
+    the grid's settings: each correlation now records how many it used, and validate.txt names
+    the settings left out and the values that were NaN."""
+    from opacus_mi import validate as V
+
+    pixel_information = A.pixel_information
+
+    def nan_at_003(model, channel, batch_size, noise_std):
+        mi, post = pixel_information(model, channel, batch_size, noise_std)
+        return (math.nan if noise_std == 0.03 else mi), post
+
+    monkeypatch.setattr(A, "pixel_information", nan_at_003)
+    cfg = _tiny_validate(
+        out=str(tmp_path / "nan"), stages=(0,), batch_sizes=(1,), images=1, candidates=8,
+        noise_multipliers=(0.0, 0.01, 0.03, 0.1, 0.3), bootstrap=50,
+    )  # fmt: skip
+    result = V.run_validate(cfg, progress=False)
+    rows = read_validate_csv(tmp_path / "nan" / "validate.csv")
+    assert [math.isnan(r["mi_pixels"]) for r in rows] == [False, False, True, False, False]
+    with open(tmp_path / "nan" / "correlations.csv", newline="") as fh:
+        corr = list(csv.DictReader(fh))
+    for c in corr:
+        used = [r for r in rows if not math.isnan(r[c["mi"]])]
+        ref = stats.spearmanr([r[c["mi"]] for r in used], [r[c["attack"]] for r in used])[0]
+        assert float(c["spearman"]) == pytest.approx(ref, abs=1e-12), c
+        assert (c["settings"], c["pairs"]) == ("5", "4" if c["mi"] == "mi_pixels" else "5")
+    text = (tmp_path / "nan" / "validate.txt").read_text(encoding="utf-8")
+    assert "left out of the correlations with a NaN: step0_B1_sigma0.03 (MI pixels: NaN)" in text
+    assert text.count("(4 of 5 settings)") == len(V.ATTACK_METRICS)  # the MI pixels column
+    assert result.correlations[0]["pairs"] == 5
 
 
 def test_validate_refuses_noise_multipliers_that_share_a_name(tmp_path):
