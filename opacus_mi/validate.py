@@ -63,6 +63,11 @@ PSNR_CAP = 60.0  # dB; a per-image PSNR above this counts as 60 when averaged (e
 # float32 release sum clip(g) + N(0, sigma^2 C^2 I) overflows and the attacks fail on infinities.
 MAX_NOISE_MULTIPLIER = 1e6
 CORRELATION_TARGET = 0.8
+# A correlation's verdict needs this many settings with both values. A 95% percentile bootstrap
+# over fewer is degenerate (every non-constant resample of 3 monotone points has rho = 1): with
+# MI and attack independent normals, it put the interval's lower end at >= 0.8 in 17% of grids of
+# 3 settings and 3.4% of 4, against 0.9% of 5 and 0.05% of 6 (4,000 grids each, 2,000 resamples).
+MIN_PAIRS = 5
 # Everything a validate writes into --out (by write_outputs).
 VALIDATE_OUTPUTS = (
     "validate.csv",
@@ -310,6 +315,16 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
     cfg.validate()
     import torch
 
+    grid = len(cfg.stages) * len(cfg.batch_sizes) * len(cfg.noise_multipliers)
+    if grid < MIN_PAIRS:
+        sizes = (len(cfg.stages), len(cfg.batch_sizes), len(cfg.noise_multipliers))
+        warnings.warn(
+            f"a grid of {grid} setting{'s' * (grid > 1)} ({sizes[0]} --stages x {sizes[1]} "
+            f"--batch-sizes x {sizes[2]} --noise-multipliers) is too small for a correlation "
+            f"verdict, which needs {MIN_PAIRS} settings: add values to any of these flags",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []  # the grid's, each written to validate.csv as it finishes
@@ -334,7 +349,6 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
     except (Exception, KeyboardInterrupt):  # Ctrl-C or a crash: keep what the grid has done
         if rows:
             write_csv(rows, out / "validate.csv", COLUMNS)
-            grid = len(cfg.stages) * len(cfg.batch_sizes) * len(cfg.noise_multipliers)
             note = f"stopped after {len(rows)} of the grid's {grid} settings"
             (out / "validate.txt").write_text(f"{grid_table(rows)}\n{note}\n", encoding="utf-8")
         raise
@@ -611,13 +625,17 @@ def _row(*, step, b, s, c, ident, fano, mia, mi_pixels, ig, dlg, base, lg_psnr, 
 
 
 # ---------------------------------------------------------------------- correlations
-def target_verdict(rho: float, low: float, high: float) -> str:
-    """Whether rho >= ``CORRELATION_TARGET`` holds given its interval: "met" when the interval's
-    lower end clears the target, "missed" when its upper end is below it (or rho is undefined),
-    "inconclusive" when the interval contains the target or there is none (no bootstrap). A
-    point estimate alone cannot tell 0.800 [0.64, 0.90] from a miss."""
+def target_verdict(rho: float, low: float, high: float, *, pairs: int) -> str:
+    """Whether rho >= ``CORRELATION_TARGET`` holds given its interval over ``pairs`` settings:
+    "met" when the interval's lower end clears the target, "missed" when its upper end is below
+    it, "inconclusive" when the interval contains the target, there is none (no bootstrap) or
+    it comes from fewer than ``MIN_PAIRS`` settings, "undefined" when there is no rho (a
+    constant column, such as an MI saturated at ln n, or fewer than 3 settings). A point
+    estimate alone cannot tell 0.800 [0.64, 0.90] from a miss."""
     if not is_finite_number(rho):
-        return "missed"
+        return "undefined"
+    if pairs < MIN_PAIRS:
+        return "inconclusive"
     if is_finite_number(low) and low >= CORRELATION_TARGET:
         return "met"
     if is_finite_number(high) and high < CORRELATION_TARGET:
@@ -631,7 +649,8 @@ def compute_correlations(
     """Spearman's rho of every MI estimate against every attack metric, over the grid's rows,
     with a 95% percentile bootstrap interval (rows resampled with their own numpy Generator)
     and its :func:`target_verdict`. A row whose MI or attack value is NaN is left out of that
-    pair's correlation: ``pairs`` counts the rows used, ``settings`` the grid's."""
+    pair's correlation: ``pairs`` counts the rows used, ``settings`` the grid's; ``note`` says
+    why a rho is undefined or has no verdict, and how many settings it used if not all."""
     from .attacks import spearman, spearman_bootstrap
 
     out = []
@@ -645,7 +664,8 @@ def compute_correlations(
                 rho, lo, hi = spearman_bootstrap(x, y, resamples=resamples, rng=rng)
             else:
                 rho, lo, hi = spearman(x, y), math.nan, math.nan
-            verdict = target_verdict(rho, lo, hi)
+            verdict = target_verdict(rho, lo, hi, pairs=pairs)
+            note = _note(verdict, x, y, pairs, len(rows), m_name)
             out.append(
                 {
                     "mi": m_key,
@@ -659,9 +679,23 @@ def compute_correlations(
                     "pairs": pairs,
                     "meets_target": int(verdict == "met"),
                     "verdict": verdict,
+                    "note": note,
                 }
             )
     return out
+
+
+def _note(verdict: str, x: list, y: list, pairs: int, settings: int, mi_name: str) -> str:
+    used = f"{pairs} of {settings}" if pairs < settings else f"{pairs}"
+    used += " setting" if settings == 1 else " settings"
+    if verdict == "undefined":
+        if pairs < 3:
+            return f"{used}, rho needs 3"
+        kept = [(u, v) for u, v in zip(x, y, strict=True) if not (_is_nan(u) or _is_nan(v))]
+        return f"{mi_name} constant" if len({u for u, _ in kept}) == 1 else "attack constant"
+    if pairs < MIN_PAIRS:
+        return f"{used}, fewer than {MIN_PAIRS}"
+    return used if pairs < settings else ""
 
 
 def _is_nan(v: Any) -> bool:
@@ -762,8 +796,10 @@ def correlation_table(correlations: list[dict[str, Any]], width: int = 140) -> s
         for m_key, _ in MI_ESTIMATES:
             c = next(c for c in correlations if c["mi"] == m_key and c["attack"] == a_key)
             cell = f"{_fmt(c['spearman'], 3)} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
+            if c["verdict"] == "undefined":
+                cell = "undefined"
             cell += " *" if c["meets_target"] else ""
-            cells.append(cell + (f" ({c['pairs']} of {n} settings)" if c["pairs"] != n else ""))
+            cells.append(cell + (f" ({c['note']})" if c["note"] else ""))
         table.add_row(*cells)
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
@@ -804,6 +840,7 @@ def write_outputs(
         "pairs",
         "meets_target",
         "verdict",
+        "note",
         "mi_name",
         "attack_name",
     )
@@ -826,7 +863,8 @@ def write_outputs(
         "e.g. scipy.stats.spearmanr(mi_pixels, ig_psnr);\n"
         "interval: 2.5-97.5% percentiles over bootstrap resamples of the rows;\n*: target met, the "
         f"interval's lower end is >= {CORRELATION_TARGET} (an interval containing "
-        f"{CORRELATION_TARGET} is inconclusive).",
+        f"{CORRELATION_TARGET} is inconclusive, as is one over fewer than {MIN_PAIRS} settings, "
+        "where the bootstrap is degenerate).",
         _verdict(correlations),
     ]
     if left_out(rows):
@@ -849,25 +887,27 @@ def write_outputs(
     return text, files
 
 
-def _rho(value: Any) -> str:
-    return _fmt(value, 3) if is_finite_number(value) else "undefined"
-
-
 def _verdict(correlations: list[dict[str, Any]]) -> str:
     lines = []
     for a_key, a_name in (ATTACK_METRICS[0], ATTACK_METRICS[2]):
-        by: dict[str, list[str]] = {"met": [], "inconclusive": [], "missed": []}
+        by: dict[str, list[str]] = {"met": [], "inconclusive": [], "missed": [], "undefined": []}
         for c in correlations:
             if c["attack"] == a_key:
+                note = f", {c['note']}" if c["note"] else ""
+                if c["verdict"] == "undefined":
+                    by["undefined"].append(f"{c['mi_name']} ({c['note']})")
+                    continue
                 ci = f" [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
                 if not is_finite_number(c["ci_low"]):
-                    ci = ", no interval" if is_finite_number(c["spearman"]) else ""
-                by[c["verdict"]].append(f"{c['mi_name']} ({_rho(c['spearman'])}{ci})")
+                    ci = ", no interval"
+                by[c["verdict"]].append(f"{c['mi_name']} ({_fmt(c['spearman'], 3)}{ci}{note})")
         parts = [f"met by {', '.join(by['met'])}" if by["met"] else "met by no estimate"]
         if by["inconclusive"]:
             parts.append(f"inconclusive for {', '.join(by['inconclusive'])}")
         if by["missed"]:
             parts.append(f"missed by {', '.join(by['missed'])}")
+        if by["undefined"]:
+            parts.append(f"undefined for {', '.join(by['undefined'])}")
         lines.append(f"{a_name}: rho >= {CORRELATION_TARGET} " + "; ".join(parts))
     return "\n".join(lines)
 

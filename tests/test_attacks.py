@@ -542,22 +542,22 @@ def test_validate_names_the_settings_a_correlation_leaves_out(tmp_path, monkeypa
     monkeypatch.setattr(A, "pixel_information", nan_at_003)
     cfg = _tiny_validate(
         out=str(tmp_path / "nan"), stages=(0,), batch_sizes=(1,), images=1, candidates=8,
-        noise_multipliers=(0.0, 0.01, 0.03, 0.1, 0.3), bootstrap=50,
+        noise_multipliers=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0), bootstrap=50,
     )  # fmt: skip
     result = V.run_validate(cfg, progress=False)
     rows = read_validate_csv(tmp_path / "nan" / "validate.csv")
-    assert [math.isnan(r["mi_pixels"]) for r in rows] == [False, False, True, False, False]
+    assert [math.isnan(r["mi_pixels"]) for r in rows] == [False, False, True, False, False, False]
     with open(tmp_path / "nan" / "correlations.csv", newline="") as fh:
         corr = list(csv.DictReader(fh))
     for c in corr:
         used = [r for r in rows if not math.isnan(r[c["mi"]])]
         ref = stats.spearmanr([r[c["mi"]] for r in used], [r[c["attack"]] for r in used])[0]
         assert float(c["spearman"]) == pytest.approx(ref, abs=1e-12), c
-        assert (c["settings"], c["pairs"]) == ("5", "4" if c["mi"] == "mi_pixels" else "5")
+        assert (c["settings"], c["pairs"]) == ("6", "5" if c["mi"] == "mi_pixels" else "6")
     text = (tmp_path / "nan" / "validate.txt").read_text(encoding="utf-8")
     assert "left out of the correlations with a NaN: step0_B1_sigma0.03 (MI pixels: NaN)" in text
-    assert text.count("(4 of 5 settings)") == len(V.ATTACK_METRICS)  # the MI pixels column
-    assert result.correlations[0]["pairs"] == 5
+    assert text.count("(5 of 6 settings)") == len(V.ATTACK_METRICS)  # the MI pixels column
+    assert result.correlations[0]["pairs"] == 6
 
 
 def test_validate_refuses_noise_multipliers_that_share_a_name(tmp_path):
@@ -621,6 +621,89 @@ def test_correlation_target_is_met_only_when_the_interval_clears_it():
     assert {c["verdict"] for c in bare if c["spearman"] > 0} == {"inconclusive"}
 
 
+def _correlation_rows(mi, attack):
+    """Rows with every MI estimate equal to ``mi`` and every attack score to ``attack``."""
+    from opacus_mi import validate as V
+
+    return [
+        {k: m for k, _ in V.MI_ESTIMATES} | {k: a for k, _ in V.ATTACK_METRICS}
+        for m, a in zip(mi, attack, strict=True)
+    ]
+
+
+def test_no_verdict_from_fewer_settings_than_the_bootstrap_can_judge():
+    """Every non-constant resample of 3 monotone points has rho = 1, so 3 such settings were
+    "met" at 1.000 [1.00, 1.00], and with MI and attack independent normals the interval's lower
+    end cleared 0.8 in 17% of 3-setting grids and 3.4% of 4-setting ones (0.9% of 5-setting
+    ones). Below MIN_PAIRS = 5 settings the verdict is now "inconclusive"."""
+    from opacus_mi import validate as V
+
+    three = V.compute_correlations(_correlation_rows([1.0, 2.0, 3.0], [5.0, 6.0, 7.0]))
+    for c in three:
+        assert (c["spearman"], c["ci_low"], c["ci_high"], c["pairs"]) == (1.0, 1.0, 1.0, 3)
+        assert (c["verdict"], c["meets_target"]) == ("inconclusive", 0)
+        assert c["note"] == "3 settings, fewer than 5"
+    assert "1.000 [1.00, 1.00] (3 settings, fewer than 5)" in V.correlation_table(three)
+    assert V._verdict(three).splitlines()[0] == (
+        "inversion PSNR (Inverting Gradients): rho >= 0.8 met by no estimate; inconclusive for "
+        "MI oracle (1.000 [1.00, 1.00], 3 settings, fewer than 5), MI pixels (1.000 "
+        "[1.00, 1.00], 3 settings, fewer than 5)"
+    )
+    five = V.compute_correlations(_correlation_rows([1.0, 2, 3, 4, 5], [5.0, 6, 7, 8, 9]))
+    assert {(c["verdict"], c["note"]) for c in five} == {("met", "")}  # permutation p = 1/120
+    rng = np.random.default_rng(3)
+    cleared = 0
+    for _ in range(150):  # 4 settings, MI and attack independent
+        x, y = rng.normal(size=4), rng.normal(size=4)
+        rho, lo, hi = A.spearman_bootstrap(x, y, resamples=300, rng=np.random.default_rng(0))
+        cleared += lo >= 0.8  # what the old verdict called "met"
+        assert V.target_verdict(rho, lo, hi, pairs=4) != "met"
+    assert cleared > 0 and V.MIN_PAIRS == 5
+
+
+def test_an_undefined_correlation_is_undefined_not_missed():
+    """A rho that does not exist (a constant column, such as an MI saturated at ln n, or fewer
+    than 3 settings) was reported "missed"; it is "undefined", and the table says why."""
+    from opacus_mi import validate as V
+
+    flat = V.compute_correlations(_correlation_rows([7.27] * 6, [30.0, 25, 20, 15, 10, 8]))
+    assert {(c["verdict"], c["meets_target"]) for c in flat} == {("undefined", 0)}
+    assert {c["note"] for c in flat} == {"MI oracle constant", "MI pixels constant"}
+    assert math.isnan(flat[0]["spearman"]) and math.isnan(flat[0]["ci_low"])
+    assert "undefined (MI oracle constant)" in V.correlation_table(flat)
+    assert V._verdict(flat).splitlines()[0] == (
+        "inversion PSNR (Inverting Gradients): rho >= 0.8 met by no estimate; undefined for MI "
+        "oracle (MI oracle constant), MI pixels (MI pixels constant)"
+    )
+    attack_flat = V.compute_correlations(_correlation_rows([1.0, 2, 3, 4, 5], [0.5] * 5))
+    assert {(c["verdict"], c["note"]) for c in attack_flat} == {("undefined", "attack constant")}
+    one = V.compute_correlations(_correlation_rows([1.0], [5.0]))
+    assert {(c["verdict"], c["note"]) for c in one} == {("undefined", "1 setting, rho needs 3")}
+    two = V.compute_correlations(_correlation_rows([1.0, 2.0, math.nan], [5.0, 6.0, 7.0]))
+    assert two[0]["note"] == "2 of 3 settings, rho needs 3" and two[0]["verdict"] == "undefined"
+
+
+def test_validate_warns_of_a_grid_too_small_for_a_verdict(tmp_path):
+    """A 1-setting grid exited 0 reporting every correlation "missed". It still runs (a quick
+    look at one setting's attacks), but warns naming the three flags that make the grid."""
+    out = tmp_path / "one"
+    rc, stdout, stderr = _main([*TINY_VALIDATE, "--noise-multipliers", "0", "--out", str(out)])
+    assert rc == 0, stderr
+    assert stderr.splitlines() == [
+        "opacus-mi: warning: a grid of 1 setting (1 --stages x 1 --batch-sizes x 1 "
+        "--noise-multipliers) is too small for a correlation verdict, which needs 5 settings: "
+        "add values to any of these flags"
+    ]
+    with open(out / "correlations.csv", newline="") as fh:
+        assert {(c["verdict"], c["note"]) for c in csv.DictReader(fh)} == {
+            ("undefined", "1 setting, rho needs 3")
+        }
+    assert "met by no estimate; undefined for MI oracle (1 setting, rho needs 3)" in stdout
+    five = ["0", "0.01", "0.03", "0.1", "0.3"]
+    rc, _, stderr = _main([*TINY_VALIDATE, "--noise-multipliers", *five, "--out", str(out)])
+    assert rc == 0 and "warning" not in stderr, stderr
+
+
 def _tiny_validate(**settings):
     """A validate grid of one noise-free setting, one attack iteration and no bootstrap."""
     from opacus_mi.validate import ValidateConfig
@@ -636,6 +719,7 @@ def _strict_json(path):
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
 def test_validate_tilde_out_empty_batches_and_strict_json(tmp_path, monkeypatch):
     """``out="~/val"`` (as ``--out=~/val`` arrives) is written under the home folder; DP-SGD
     steps whose Poisson batch is empty (q = 1/1437 here) train as Opacus does; undefined
@@ -655,6 +739,7 @@ def test_validate_tilde_out_empty_batches_and_strict_json(tmp_path, monkeypatch)
     assert all(c["ci_low"] == c["ci_high"] == "nan" for c in summary["correlations"])
 
 
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
 def test_reconstructions_are_plotted_beside_the_inputs_they_were_matched_to(tmp_path, monkeypatch):
     """A perfect attack that returns each batch in reversed order scores 60 dB after matching;
     the figure must show each input beside that same reconstruction."""
@@ -726,6 +811,7 @@ def test_validate_plot_draws_the_oracle_intervals(tmp_path, monkeypatch):
         assert not [c for c in ax.collections if isinstance(c, LineCollection)]
 
 
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
 def test_validate_leaves_the_callers_global_rngs_as_they_were(tmp_path):
     """run_validate seeded torch's and numpy's global generators (model initialisation, Opacus's
     noise) and left them so: the caller's next draws were validate's seed's. Its own results
