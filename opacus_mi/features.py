@@ -19,12 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .hooks import GuestHook
 
 MAX_FEATURES = 1024
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+# What may sit between the GradSampleModule and the user's own model under torchrun: layer
+# names are the user's model's, as on one process (and so is a checkpoint's features setting).
+DATA_PARALLEL = (DifferentiallyPrivateDistributedDataParallel, DistributedDataParallel)
 
 
 def pool_features(x: torch.Tensor, max_dim: int = MAX_FEATURES) -> torch.Tensor:
@@ -83,8 +88,8 @@ class FeatureCapture:
 
     Args:
         module: the module returned by ``make_private`` (a GradSampleModule).
-        layers: names (as in ``module._module.named_modules()``) of intermediate layers whose
-            outputs become features.
+        layers: names (as in the user's model's ``named_modules()``: ``module._module``, inside
+            DPDDP/DDP its ``.module``) of intermediate layers whose outputs become features.
         fn: optional callable ``inputs -> (B, d)`` features, computed without autograd.
         use_input: whether the (pooled) input batch is a feature.
         batch_first: the module's layout (``make_private(batch_first=...)``): with False the
@@ -111,6 +116,8 @@ class FeatureCapture:
         self._active = active
         self.pending: list[Capture] = []
         inner = getattr(module, "_module", module)
+        if isinstance(inner, DATA_PARALLEL):
+            inner = inner.module
         named = dict(inner.named_modules())
         missing = [n for n in self.layer_names if n not in named]
         if missing:

@@ -276,6 +276,60 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+def _local_loader(rank: int) -> DataLoader:
+    data = make_data(N)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    return DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+
+
+def _features_run(rank: int, tmp: str) -> dict:
+    """features=["fc"], named as in the user's own model (DPDDP wraps it as ``module``)."""
+    torch.manual_seed(0)
+    net = TinyCNN()
+    engine, model, opt, loader = _make_private(DPDDP(net), _local_loader(rank))
+    fc_outputs: list[torch.Tensor] = []  # the reference: what the user's layer computed
+    net.fc.register_forward_hook(lambda m, args, out: fc_outputs.append(out.detach().clone()))
+    settings = {"delta": 1e-5, "views": ("clipped",), "estimator": "infonce", "train_every": 1}
+    try:
+        LeakageMonitor(engine, model, opt, features=["module.fc"], **settings).detach()
+        wrapper_name = "accepted"
+    except ValueError as exc:
+        wrapper_name = str(exc)
+    monitor = LeakageMonitor(engine, model, opt, features=["fc"], every=1, **settings)
+    seen = _record_inputs(monitor)
+    _train(model, opt, loader, nn.CrossEntropyLoss())  # no labels: the features are fc's alone
+    monitor.detach()
+    return {
+        "seen": [x for _, x, _ in seen],
+        "fc": fc_outputs,
+        "saved": monitor.state_dict()["settings"]["features"],
+        "wrapper_name": wrapper_name,
+    }
+
+
+def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
+    """Each case's result, or the error it raised (a desynchronised collective times out)."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        out = {}
+        cases = {"features": _features_run}
+        for name, case in cases.items():
+            try:
+                out[name] = case(rank, tmp)
+            except Exception as exc:
+                out[name] = f"{type(exc).__name__}: {exc}"
+        torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _single_process() -> dict:
     """One process, global batches in rank order, one BatchMemoryManager chunk per rank."""
     torch.manual_seed(0)
@@ -313,18 +367,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("ddp"))
-    ctx = mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
+def _spawn(worker, tmp: str, seconds: float) -> list[dict]:
+    """Run ``worker(rank, port, tmp)`` on WORLD processes and load what each saved as
+    ``out<rank>.pt``; fail (never hang) after ``seconds``."""
+    ctx = mp.spawn(worker, args=(_free_port(), tmp), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + seconds
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("DDP workers did not finish within 180 s (a hung collective?)")
-    ranks = [torch.load(os.path.join(tmp, f"out{r}.pt"), weights_only=False) for r in range(WORLD)]
-    return ranks, _single_process(), tmp
+            pytest.fail(f"DDP workers did not finish within {seconds:g} s (a hung collective?)")
+    return [torch.load(os.path.join(tmp, f"out{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("ddp"))
+    return _spawn(_worker, tmp, 180), _single_process(), tmp
 
 
 def _same_record(a: dict, b: dict, *, rtol: float = 1e-4, atol: float = 1e-6) -> None:
@@ -498,3 +557,23 @@ def test_a_padding_distributed_sampler_is_warned_about(runs):
     (said,) = ranks[0]["padding"]  # once, by rank 0
     assert "97 examples over 2 ranks: if the data loader's DistributedSampler" in said
     assert "drop_last=True" in said and not ranks[1]["padding"]
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("ddp_lifecycle"))
+    return _spawn(_lifecycle_worker, tmp, 150), tmp
+
+
+def test_feature_layers_are_named_as_in_the_users_model_under_ddp(lifecycle):
+    """features=["fc"] raised under DPDDP (it wanted "module.fc"); the critic now reads fc's
+    outputs of the global batch, rank 0's rows then rank 1's, as the layer computed them."""
+    ranks, _ = lifecycle
+    r0, r1 = (out["features"] for out in ranks)
+    assert isinstance(r0, dict) and isinstance(r1, dict), (r0, r1)
+    assert r0["saved"] == r1["saved"] == ["fc"]  # a checkpoint's setting, as on one process
+    assert "features names layers ['module.fc']" in r0["wrapper_name"]
+    assert "'fc'" in r0["wrapper_name"]
+    assert len(r0["seen"]) == len(r0["fc"]) == N // (WORLD * LOCAL_BATCH)
+    for seen0, seen1, *local in zip(r0["seen"], r1["seen"], r0["fc"], r1["fc"], strict=True):
+        assert torch.equal(seen0, torch.cat(local)) and torch.equal(seen1, seen0)
