@@ -98,6 +98,27 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def check_same_on_every_rank(settings: dict[str, Any]) -> None:
+    """Raise a ValueError on every rank alike if any of ``settings`` (argument name -> value)
+    differs between ranks: one gather of them all (a collective: every rank must call it)."""
+    every = all_gather_objects(settings)  # identical on all ranks, and so is the decision
+    differ: dict[str, str] = {}
+    for name, value in every[0].items():
+        values = [s.get(name) for s in every]
+        if any(v != value for v in values):
+            ranks: dict[str, list[int]] = {}
+            for r, v in enumerate(values):
+                ranks.setdefault(repr(v), []).append(r)
+            differ[name] = "; ".join(f"{v} on ranks {rs}" for v, rs in ranks.items())
+    if differ:
+        shown = ", ".join(f"{name} ({values})" for name, values in differ.items())
+        raise ValueError(
+            f"the monitor's arguments differ between ranks: {shown}. Under DPDDP every rank "
+            "measures the same steps and makes the same records from the gathered batch: pass "
+            f"the same {', '.join(differ)} on every rank"
+        )
+
+
 def all_gather_flat(local: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
     """Every rank's 1-D ``local`` (whose lengths ``sizes`` all ranks already know), in rank order.
 

@@ -36,8 +36,9 @@ so at the end of each monitored logical step every rank's chunks are all-gathere
 (:mod:`opacus_mi.distributed`) and every rank estimates MI on the global batch, identically;
 rank 0 alone calls the sinks (JSONL included), every rank keeps ``history``. Epsilon is each
 rank's own accountant, which Opacus steps with the global sample rate. Create the monitor on
-every rank: the gathers are collectives, made unconditionally on each monitored step (a local
-failure sends an empty, flagged contribution rather than skipping the call). A collective that
+every rank, with the same arguments (compared as it is created): the gathers are collectives,
+made unconditionally on each monitored step (a local failure sends an empty, flagged
+contribution rather than skipping the call). A collective that
 itself fails means a broken process group, which stops training's gradient all-reduce as well.
 """
 
@@ -71,7 +72,7 @@ from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sa
 from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
 from .checks import is_int_at_least, is_torch_seed, python_number
 from .chunks import Chunk, empty_item, pack, unpack
-from .distributed import all_gather_items, should_gather, world_size
+from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
@@ -478,6 +479,29 @@ class LeakageMonitor:
         if jsonl is not None and not isinstance(jsonl, (str, os.PathLike)):
             raise ValueError(
                 f"jsonl must be a file path (str or os.PathLike) or None; got {jsonl!r}"
+            )
+        if self.distributed:  # (checked before anything attaches, like everything above)
+            # What decides the steps every rank gathers at and the records, critics and
+            # generator each computes alike from the gathered batch. Not ``budget``: every rank
+            # follows rank 0's plan.
+            use_input, layers, fn = feature_spec
+            read = "callable" if fn is not None else ["input"] * use_input + list(layers)
+            check_same_on_every_rank(
+                {
+                    "every": every,
+                    "train_every": train_every,
+                    "views": views,
+                    "estimator": estimator,
+                    "token_dim": token_dim,
+                    "features": read,
+                    "seed": seed,
+                    "tokenizer": tokenizer,
+                    "control": control,
+                    "semi_oracle": semi_oracle,
+                    "train_iters": train_iters,
+                    "window": window,
+                    "oracle_draws": oracle_draws,
+                }
             )
         self.engine, self.module, self.optimizer = engine, module, optimizer
         self.delta = float(delta)

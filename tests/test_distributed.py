@@ -307,6 +307,35 @@ def _features_run(rank: int, tmp: str) -> dict:
     }
 
 
+COLLECTIVES = ("all_gather_object", "all_gather", "all_reduce", "broadcast", "barrier", "gather")
+
+
+def _settings_run(rank: int, tmp: str) -> dict:
+    """Arguments that differ between ranks, and the collectives a monitor's construction makes."""
+    engine, model, opt, _ = _make_private(DPDDP(TinyCNN()), _local_loader(rank))
+    errors = {}
+    for case, differ in (
+        ("every", {"every": 1 + rank}),
+        ("two", {"token_dim": 8 << rank, "seed": rank, "budget": 0.01 * (1 + rank)}),
+    ):
+        try:
+            LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, **differ).detach()
+            errors[case] = None
+        except ValueError as exc:
+            errors[case] = str(exc)
+    calls: list[str] = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+    for name, fn in originals.items():
+        setattr(dist, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    try:  # (budget may differ: every rank follows rank 0's plan)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, budget=0.01 * (1 + rank))
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    monitor.detach()
+    return {"errors": errors, "calls": calls}
+
+
 def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
     """Each case's result, or the error it raised (a desynchronised collective times out)."""
     torch.set_num_threads(1)
@@ -319,7 +348,7 @@ def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
     )
     try:
         out = {}
-        cases = {"features": _features_run}
+        cases = {"features": _features_run, "settings": _settings_run}
         for name, case in cases.items():
             try:
                 out[name] = case(rank, tmp)
@@ -563,6 +592,20 @@ def test_a_padding_distributed_sampler_is_warned_about(runs):
 def lifecycle(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ddp_lifecycle"))
     return _spawn(_lifecycle_worker, tmp, 150), tmp
+
+
+def test_arguments_that_differ_between_ranks_raise_on_every_rank(lifecycle):
+    """every=1 on rank 0 and 2 on rank 1 hung at the second step; now construction raises."""
+    ranks, _ = lifecycle
+    for out in ranks:
+        errors = out["settings"]["errors"]
+        assert "every (1 on ranks [0]; 2 on ranks [1])" in errors["every"]
+        assert "pass the same every on every rank" in errors["every"]
+        assert "token_dim (8 on ranks [0]; 16 on ranks [1])" in errors["two"]
+        assert "pass the same token_dim, seed on every rank" in errors["two"]
+        assert "budget" not in errors["two"]  # (every rank follows rank 0's plan)
+        assert out["settings"]["calls"] == ["all_gather_object"]  # one collective, no more
+    assert ranks[0]["settings"] == ranks[1]["settings"]
 
 
 def test_feature_layers_are_named_as_in_the_users_model_under_ddp(lifecycle):
