@@ -687,6 +687,7 @@ class LeakageMonitor:
                 raise
         self._worker = Worker() if self.overlap else None
         self._delivering = False  # (a sink that calls back: see _deliver)
+        self._stop_requested = False  # DPDDP: a sink detached the monitor (see detach)
         self._finaliser = None
         if self._worker is not None:
             # The last records reach the sinks at exit (the worker's thread is joined by then):
@@ -759,8 +760,17 @@ class LeakageMonitor:
 
     def detach(self) -> None:
         """Remove every hook and wrapper: the optimizer and module are exactly as before.
-        Records still being made (overlap) are finished and delivered first."""
+        Records still being made (overlap) are finished and delivered first.
+
+        Under DPDDP, called by a sink (rank 0's: the only rank calling them) it takes effect at
+        the next monitored step, on every rank together: that step's gather carries the
+        request, and the step gets no record (every rank's history ends with the record the
+        sink was given, as on one process)."""
         if not self.attached:
+            return
+        if self.distributed and self._delivering:
+            # This rank alone letting go would leave the others waiting in the next gather.
+            self._stop_requested = True
             return
         self.flush()
         if self._worker is not None:
@@ -1418,6 +1428,9 @@ class LeakageMonitor:
             self._gather_wait += waited
             if span is not None:
                 span.exclude(waited)
+            if self._stop_requested:  # a sink detached the monitor: every rank lets go here
+                self.detach()
+                return
         self._next_in, self._planned = plan.next_in, (step, step + plan.next_in)
         self._plan_costed = plan.costed
         # None: the critics' own schedule (train_every); else the budget's decision.
@@ -1644,10 +1657,12 @@ class LeakageMonitor:
             items = [empty_item([f"error:{type(exc).__name__}"])]
         for meta, _ in items:  # the plan rides along; every rank follows rank 0's
             meta["plan"] = (plan.next_in, plan.train, plan.epsilon)
+            meta["stop"] = self._stop_requested  # (and so does a sink's detach: see detach)
         chunks = []  # every rank's, in rank order
         timings: dict[str, float] = {}
         gathered = all_gather_items(items, device=self.device, timings=timings)
         plan = Plan(*gathered[0][0]["plan"])
+        self._stop_requested = any(meta["stop"] for meta, _ in gathered)
         for item in gathered:
             chunk, clipped, gram, std = unpack(item)
             if std is not None:

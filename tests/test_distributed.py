@@ -336,6 +336,30 @@ def _settings_run(rank: int, tmp: str) -> dict:
     return {"errors": errors, "calls": calls}
 
 
+def _sink_detach_run(rank: int, tmp: str) -> dict:
+    """A sink (rank 0 alone calls them) detaches the monitor at step 2: an early stop."""
+    torch.manual_seed(0)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), _local_loader(rank))
+    sunk = []
+
+    def stop(record):
+        sunk.append(record.step)
+        if record.step == 2:
+            monitor.detach()
+
+    jsonl = os.path.join(tmp, "stop.jsonl")
+    monitor = LeakageMonitor(engine, model, opt, jsonl=jsonl, sinks=[stop], **MONITOR)
+    _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    return {
+        "attached": monitor.attached,
+        "wrapped": "pre_step" in vars(opt),
+        "history": [r.step for r in monitor.history],
+        "sunk": sunk,
+        "accounted": sum(int(h[2]) for h in engine.accountant.history),
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
 def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
     """Each case's result, or the error it raised (a desynchronised collective times out)."""
     torch.set_num_threads(1)
@@ -347,8 +371,9 @@ def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
         timeout=datetime.timedelta(seconds=30),
     )
     try:
-        out = {}
+        out = {"without": _ddp_run(rank, False, tmp)}
         cases = {"features": _features_run, "settings": _settings_run}
+        cases["sink_detach"] = _sink_detach_run  # last: it hung, leaving the group unusable
         for name, case in cases.items():
             try:
                 out[name] = case(rank, tmp)
@@ -592,6 +617,25 @@ def test_a_padding_distributed_sampler_is_warned_about(runs):
 def lifecycle(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ddp_lifecycle"))
     return _spawn(_lifecycle_worker, tmp, 150), tmp
+
+
+def test_a_sink_may_detach_the_monitor_under_ddp(lifecycle):
+    """As on one process (test_overlap.py::test_a_sink_may_detach_the_monitor): rank 0's sink
+    detached, rank 1 gathered at the next step alone, and training hung."""
+    ranks, tmp = lifecycle
+    r0, r1 = (out["sink_detach"] for out in ranks)
+    assert isinstance(r0, dict) and isinstance(r1, dict), (r0, r1)
+    assert r0["sunk"] == [0, 1, 2] and r1["sunk"] == []
+    assert [r.step for r in read_jsonl(os.path.join(tmp, "stop.jsonl"))] == [0, 1, 2]
+    for out in (r0, r1):  # every rank let go together, after the record the sink was given
+        assert out["history"] == [0, 1, 2]
+        assert not out["attached"] and not out["wrapped"]
+        assert out["accounted"] == N // (
+            WORLD * LOCAL_BATCH
+        )  # every step trained and was accounted
+    for out in ranks:  # training is exactly the unmonitored one
+        for p, q in zip(out["sink_detach"]["params"], out["without"]["params"], strict=True):
+            assert torch.equal(p, q)
 
 
 def test_arguments_that_differ_between_ranks_raise_on_every_rank(lifecycle):
