@@ -73,17 +73,21 @@ def kronecker_dims(rows: int, cols: int, token_dim: int) -> tuple[int, int]:
     return best
 
 
-def _balanced_hash(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Count-sketch tables with orthonormal rows: bucket of every entry and its signed weight."""
+def _balanced_hash(
+    n: int, k: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Count-sketch tables with orthonormal rows: bucket of every entry and its signed weight,
+    and whether a sign was flipped (below: such a table differs from earlier versions')."""
     buckets = (torch.arange(n) % k)[torch.randperm(n, generator=gen)]
     signs = torch.randint(0, 2, (n,), generator=gen).mul_(2).sub_(1).float()
-    if k == 1 and n > 1 and bool((signs == signs[0]).all()):
+    flipped = k == 1 and n > 1 and bool((signs == signs[0]).all())
+    if flipped:
         # One bucket of every entry, all of one sign, sums them: a classifier head's backprops,
         # which sum to 0 over the classes, sketched to exactly 0 (a 2-class head on 111 of 200
         # seeds). One sign flipped; other tables are as drawn.
         signs[-1] = -signs[-1]
     counts = torch.bincount(buckets, minlength=k).float()
-    return buckets, signs / counts[buckets].sqrt()
+    return buckets, signs / counts[buckets].sqrt(), flipped
 
 
 @dataclass
@@ -177,6 +181,9 @@ class KroneckerTokenizer:
         self._count_index: list[int | None] = []
         count_shapes = []
         self.dims: list[int] = []
+        # Tables whose one-bucket axis had a sign flipped (_balanced_hash): a checkpoint of a
+        # version before that flip holds critics fitted on other tokens.
+        self.sign_flips = 0
         for shape, rc in zip(shapes, kron, strict=True):
             if rc is not None and rc[0] * rc[1] != shape.numel():
                 raise ValueError(f"kron factorisation {rc} does not match parameter shape {shape}")
@@ -187,8 +194,12 @@ class KroneckerTokenizer:
                 self.dims.append(min(token_dim, shape.numel()))
                 continue
             k1, k2 = kronecker_dims(rc[0], rc[1], token_dim)
-            out_axis = _Axis(*_balanced_hash(rc[0], k1, gen), k1)
-            in_axis = _Axis(*_balanced_hash(rc[1], k2, gen), k2)
+            (*out_tables, out_flip), (*in_tables, in_flip) = (
+                _balanced_hash(rc[0], k1, gen),
+                _balanced_hash(rc[1], k2, gen),
+            )
+            self.sign_flips += out_flip + in_flip
+            out_axis, in_axis = _Axis(*out_tables, k1), _Axis(*in_tables, k2)
             self._axes.append((out_axis, in_axis))
             self._count_index.append(None)
             self.dims.append(k1 * k2)

@@ -110,6 +110,7 @@ _NOT_COPIED = (
     "pickled: copy monitor.state_dict() (or pickle it) and load it into a new monitor instead"
 )
 MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in an engine checkpoint
+SKETCH_SIGNS = 2  # the sketch's sign rule, saved with a checkpoint's settings
 _GHOST_HINT = (
     "ghost clipping is supported for grad_sample_mode='ghost' (GradSampleModuleFastGradientClipping"
     " with DPOptimizerFastGradientClipping or its DDP variant), not 'ghost_fsdp' or tensor "
@@ -1876,6 +1877,8 @@ class LeakageMonitor:
             "token_dims": list(self.tokenizer.dims),
             # The features' width, which the critics are built for: None, names or "callable".
             "features": self._features_setting,
+            # 2: a one-bucket sketch axis never has all of one sign (see _balanced_hash).
+            "sketch_signs": SKETCH_SIGNS,
         }
 
     def check_state(self, state: Any) -> None:
@@ -1894,6 +1897,14 @@ class LeakageMonitor:
                 f"not a LeakageMonitor.state_dict() (missing {missing or 'everything'}){hint}"
             )
         saved = state.get("settings")  # (absent from checkpoints of earlier versions)
+        if (saved is None or "sketch_signs" not in saved) and self.tokenizer.sign_flips:
+            raise ValueError(
+                "this checkpoint was saved by an earlier version of opacus-mi, whose sketch of "
+                "this model at this seed differs from today's (one of its one-bucket axes had "
+                "all of one sign, which sketched a classifier head's backprops to 0): its "
+                "critics were fitted on other tokens; start a fresh monitor (its state is only "
+                "the monitor's: training resumes from the rest of the checkpoint unchanged)"
+            )
         if saved is not None:
             differ = {  # (a setting an earlier version did not save is not compared)
                 k: (v, saved[k])
