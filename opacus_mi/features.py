@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -200,10 +200,16 @@ class FeatureCapture:
         """The first forward's ``(B, d)`` features when the step's are several forwards of
         ``batch`` examples each behind ``batch`` gradient rows: forwards of one batch through
         one backward (a regulariser's second forward), which Opacus sums into one per-sample
-        gradient row per example. None otherwise (their rows cannot be told apart)."""
+        gradient row per example. None otherwise (their rows cannot be told apart). The labels
+        are the loss's, whichever forward the criterion followed (forwards of one batch, so
+        they are every forward's)."""
         if len(captures) < 2 or any(self._examples(c) != batch for c in captures):
             return None
-        return self._features_of(captures[0], batch)
+        first = captures[0]
+        labelled = next((c for c in captures if c.labels is not None), first)
+        if labelled is not first:  # (both forwards ran before the criterion)
+            first = replace(first, labels=labelled.labels, num_classes=labelled.num_classes)
+        return self._features_of(first, batch)
 
     def _examples(self, capture: Capture) -> int | None:
         """How many examples one forward's input holds (along dim 1 when time-major)."""

@@ -643,13 +643,15 @@ def test_forwards_under_disable_hooks_are_no_examples(overlap, attack_first):
     assert rank_one == [{2}] * len(trained)  # the head, called once with hooks on
 
 
+@pytest.mark.parametrize("both_first", [False, True], ids=["criterion-between", "both-first"])
 @pytest.mark.parametrize("features", [None, "mean", ["conv"]], ids=["inputs", "callable", "layer"])
-def test_a_regularisers_second_forward_pairs_the_first_forwards_features(features):
+def test_a_regularisers_second_forward_pairs_the_first_forwards_features(features, both_first):
     """A loss adding a regulariser on a second forward of the batch: Opacus sums both forwards
     into one gradient row per example, and the captures (2B rows against B) were flagged
     features_unpaired at every step, whatever features= was: no learned figure was ever made.
     Reference: the first forward's own batch (its input, the callable or the layer on it,
-    and its one-hot labels), not the second forward's perturbed copy."""
+    and its one-hot labels), not the second forward's perturbed copy. With both forwards
+    before the criterion, the labels (recorded on the last forward) were left out."""
     engine, model, opt, loader = make_private(poisson=False)
     if features == "mean":
         features = lambda x: x.mean(dim=(1, 2, 3))[:, None]  # noqa: E731
@@ -675,7 +677,11 @@ def test_a_regularisers_second_forward_pairs_the_first_forwards_features(feature
                 expected.append(torch.cat([own, nn.functional.one_hot(y, 3).float()], 1))
                 opt.zero_grad()
                 noisy = x + 0.1 * torch.randn_like(x)
-                loss = criterion(model(x), y) + 0.1 * model(noisy).pow(2).mean()
+                if both_first:
+                    out, reg = model(x), model(noisy)
+                    loss = criterion(out, y) + 0.1 * reg.pow(2).mean()
+                else:
+                    loss = criterion(model(x), y) + 0.1 * model(noisy).pow(2).mean()
                 loss.backward()
                 assert opt.grad_samples[0].shape[0] == len(x)  # one row per example
                 opt.step()
