@@ -73,9 +73,7 @@ def kronecker_dims(rows: int, cols: int, token_dim: int) -> tuple[int, int]:
     return best
 
 
-def _balanced_hash(
-    n: int, k: int, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _balanced_hash(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Count-sketch tables with orthonormal rows: bucket of every entry and its signed weight,
     and whether a sign was flipped (below: such a table differs from earlier versions')."""
     buckets = (torch.arange(n) % k)[torch.randperm(n, generator=gen)]

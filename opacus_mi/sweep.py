@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .accounting import gaussian_channel_bound
 from .checks import is_finite_number
 from .records import LeakageRecord
 from .report import mean_with_ci, read_csv_rows, write_csv_rows
@@ -82,7 +83,7 @@ def sweep_row(result: RunResult, *, setting: str, target_epsilon: float | None) 
         "clipped_mi": c_m,
         "clipped_ci_low": c_lo,
         "clipped_ci_high": c_hi,
-        "bound_per_step": 1.0 / (2.0 * sigma**2) if sigma > 0 else math.inf,
+        "bound_per_step": gaussian_channel_bound(sigma),
         "wall_seconds": result.wall_seconds,
         "out": str(result.out_dir),
     }

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from .accounting import gaussian_channel_bound
 from .checks import (
     flag,
     is_finite_number,
@@ -591,7 +592,7 @@ def _round(v: float) -> float:
 def _row(*, step, b, s, c, ident, fano, mia, mi_pixels, ig, dlg, base, lg_psnr, label_acc,
          images, test_acc) -> dict[str, Any]:  # fmt: skip
     half = 1.96 * ident.mi_se
-    bound = math.inf if s == 0 else 0.5 / s / s  # (s**2 is 0.0 below s = 1.6e-162)
+    bound = gaussian_channel_bound(s)
     row = {
         "setting": f"step{step}_B{b}_sigma{sigma_label(s)}",
         "step": step,

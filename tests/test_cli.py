@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -822,3 +823,14 @@ def test_tensorboard_ends_at_the_runs_epsilon_and_numbers_steps_as_records(tmp_p
     assert steps == sorted(set(steps))  # each step once
     per_epoch = result["steps"] // 2
     assert [s for s, _ in points["test/accuracy"]] == [per_epoch - 1, last]
+
+
+@pytest.mark.parametrize("sigma, bound", [(1e-170, math.inf), (1e155, 0.0), (2.0, 0.125)])
+def test_a_sweep_row_bounds_any_noise(tmp_path, sigma, bound):
+    """sweep_row kept its own 1/(2 sigma^2): a ZeroDivisionError at 1e-170 and an
+    OverflowError at 1e155, after both runs had trained."""
+    from opacus_mi.sweep import sweep_row
+    from opacus_mi.training import RunResult
+
+    result = RunResult([], 1.0, 0.5, 1.0, tmp_path, noise_multiplier=sigma)
+    assert sweep_row(result, setting="s", target_epsilon=None)["bound_per_step"] == bound
