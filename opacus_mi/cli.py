@@ -315,14 +315,18 @@ def _refuse_unused(args: argparse.Namespace) -> None:
             f"--fake-size sizes --dataset fake only (this run trains on {args.dataset!r}); drop "
             "it, or pass --dataset fake"
         )
-    if getattr(args, "estimator", None) == "none" and not getattr(args, "semi_oracle", False):
-        given = [n for n in _LEARNING_FLAGS if getattr(args, n) is not None]
-        given = [f"--{n}".replace("_", "-") for n in given]
+    if getattr(args, "estimator", None) == "none":
+        # The semi-oracle learns from tokens too, but reads the sketch's (or its subspace's):
+        # a token encoder is for the learned critics alone.
+        semi = getattr(args, "semi_oracle", False)
+        unused = ("tokenizer",) if semi else _LEARNING_FLAGS
+        given = [f"--{n}".replace("_", "-") for n in unused if getattr(args, n) is not None]
         if given:
+            what = "no critic is learnt" if semi else "nothing is learnt"
             raise ValueError(
-                f"{' '.join(given)}: with --estimator none nothing is learnt (only the private "
-                "view's Gram oracle is made, from no tokens), so these set nothing; drop them, "
-                "or pick an estimator, e.g. --estimator mine"
+                f"{' '.join(given)}: with --estimator none {what} (the private view's Gram "
+                "oracle needs no tokens, the semi-oracle reads the sketch's), so these set "
+                "nothing; drop them, or pick an estimator, e.g. --estimator mine"
             )
 
 

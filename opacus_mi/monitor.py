@@ -102,6 +102,7 @@ from .views import (
     raw_gram,
     release_noise_std,
     scale_gram,
+    unmeasured_views,
 )
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -127,18 +128,30 @@ def _iterable(value: Any) -> bool:
 
 
 def _check_combination(
-    views: tuple[str, ...], estimator: str | None, *, control: bool, semi_oracle: bool
+    views: tuple[str, ...],
+    estimator: str | None,
+    *,
+    control: bool,
+    semi_oracle: bool,
+    tokenizer: str = "sketch",
 ) -> None:
-    """Refuse settings under which a requested figure could never be made: without a learned
-    estimator only the private view has a figure (its oracle), and the semi-oracle and the
-    control are of the private view and of a learned critic."""
-    unmeasured = [v for v in views if v != "private"]
-    if estimator is None and unmeasured:
+    """Refuse settings under which a requested figure could never be made, or an option would
+    do nothing: without a learned estimator only the private view has a figure (its oracle),
+    the semi-oracle and the control are of the private view and of a learned critic, and a
+    token encoder is for the learned critics alone (the semi-oracle reads the sketch)."""
+    unmeasured = unmeasured_views(views, estimator)
+    if unmeasured:
         raise ValueError(
             f"views={views!r} with estimator=None: without a learned estimator only the private "
             f"view has a figure (its Gram oracle), so {unmeasured!r} would never be measured; "
             "pass views=('private',) (the default without an estimator) or an estimator, e.g. "
             "estimator='mine'"
+        )
+    if tokenizer != "sketch" and estimator is None:
+        raise ValueError(
+            f"tokenizer={tokenizer!r} encodes tokens for the learned critics, and estimator=None "
+            "trains none (the oracle needs no tokens, the semi-oracle reads the sketch's); "
+            "pass an estimator, e.g. estimator='mine', or leave tokenizer at 'sketch'"
         )
     if control and estimator is None:
         raise ValueError(
@@ -469,7 +482,9 @@ class LeakageMonitor:
         bad = [v for v in views if v not in VIEWS]
         if not views or bad:
             raise ValueError(f"views must be a non-empty subset of {VIEWS}; got {views!r}")
-        _check_combination(views, estimator, control=control, semi_oracle=semi_oracle)
+        _check_combination(
+            views, estimator, control=control, semi_oracle=semi_oracle, tokenizer=tokenizer
+        )
         feature_spec = self._parse_features(features)  # checked before anything attaches
         sinks = [sinks] if callable(sinks) else list(sinks) if _iterable(sinks) else [sinks]
         if not all(callable(s) for s in sinks):

@@ -38,7 +38,7 @@ from .data import DATASETS
 from .models import MODELS
 from .records import _MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
 from .report import csv_cell
-from .views import default_views
+from .views import default_views, unmeasured_views
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "nwj", "smile", "none")
@@ -134,8 +134,8 @@ class RunConfig:
                 f"got {list(views)!r}"
             )
         learned = self.estimator_or_none is not None
-        unmeasured = [v for v in views if v != "private"]
-        if not learned and unmeasured:
+        unmeasured = unmeasured_views(views, self.estimator_or_none)
+        if unmeasured:
             raise ValueError(
                 f"{flag('views')} {' '.join(views)} with {flag('estimator')} none: without a "
                 f"learned estimator only the private view has a figure (its Gram oracle), so "

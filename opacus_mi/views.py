@@ -22,6 +22,12 @@ from opacus.optimizers import AdaClipDPOptimizer
 VIEWS = ("raw", "clipped", "private")
 
 
+def unmeasured_views(views: Sequence[str], estimator: str | None) -> list[str]:
+    """The views in ``views`` that would never get a figure: without a learned estimator all
+    but the private view (its Gram oracle)."""
+    return [] if estimator is not None else [v for v in views if v != "private"]
+
+
 def default_views(estimator: str | None) -> tuple[str, ...]:
     """The views measured when none are named: clipped and private with a learned estimator,
     the private view alone without one (only it has a figure then: its Gram oracle)."""

@@ -128,6 +128,16 @@ def test_every_argument_is_checked_before_anything_runs(private_setup, name, bad
         ({"views": ("clipped", "private"), "estimator": None}, r"\['clipped'\] would never"),
         ({"views": ("private",), "estimator": None, "control": True}, "control=True trains"),
         ({"views": ("clipped",), "semi_oracle": True}, "semi_oracle=True scores the private"),
+        # the encoder was built, saved in checkpoints, and never used
+        (
+            {
+                "views": ("private",),
+                "estimator": None,
+                "semi_oracle": True,
+                "tokenizer": "transformer",
+            },
+            "tokenizer='transformer' encodes tokens for the learned critics",
+        ),  # fmt: skip
     ],
 )
 def test_settings_that_could_never_make_a_requested_figure_are_refused(private_setup, kwargs, says):
@@ -135,7 +145,7 @@ def test_settings_that_could_never_make_a_requested_figure_are_refused(private_s
     with pytest.raises(ValueError, match=says):
         LeakageMonitor(engine, model, opt, delta=1e-5, **kwargs)
     # the neighbouring settings that do measure something are accepted
-    ok = dict(kwargs, views=("private",), control=False)
+    ok = dict(kwargs, views=("private",), control=False, tokenizer="sketch")
     LeakageMonitor(engine, model, opt, delta=1e-5, **ok).detach()
 
 

@@ -373,13 +373,17 @@ def test_flags_without_effect_are_refused_before_anything_runs(tmp_path, capsys,
     assert not out.exists()
 
 
-def test_learning_flags_stay_with_the_semi_oracle(tmp_path):
-    """The semi-oracle learns from tokens without an estimator: its flags take effect."""
+def test_learning_flags_stay_with_the_semi_oracle_but_a_token_encoder_does_not(tmp_path):
+    """The semi-oracle learns from sketch tokens without an estimator: the sketch's width and
+    its training flags reach the monitor; a token encoder (the critics' alone) is refused."""
     from opacus_mi.cli import _config, build_parser
 
     argv = ["run", *TINY, "--estimator", "none", "--semi-oracle", "--token-dim", "8"]
-    cfg = _config(build_parser().parse_args([*argv, "--out", str(tmp_path / "x")]))
-    assert cfg.token_dim == 8 and cfg.train_iters == cli._DEFAULTS.train_iters
+    argv += ["--train-iters", "3", "--out", str(tmp_path / "x")]
+    cfg = _config(build_parser().parse_args(argv))
+    assert cfg.token_dim == 8 and cfg.train_iters == 3 and cfg.tokenizer == "sketch"
+    with pytest.raises(ValueError, match="--tokenizer: with --estimator none no critic"):
+        _config(build_parser().parse_args([*argv, "--tokenizer", "transformer"]))
 
 
 def test_progress_bar_redraws_rarely_off_a_terminal(tmp_path, monkeypatch):
