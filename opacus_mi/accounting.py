@@ -633,6 +633,20 @@ def mi_upper_bound(
     return steps * step_kl(noise_multiplier, sample_rate)
 
 
+def history_continues(history: tuple, earlier: tuple) -> bool:
+    """Whether an accountant's ``history`` continues ``earlier`` (its ``(noise, rate, steps)``
+    entries): the same entries, the last of them with as many steps or more."""
+    if len(earlier) > len(history):
+        return False
+    if not earlier:
+        return True
+    *head, (noise, rate, steps) = earlier
+    if tuple(history[: len(head)]) != tuple(head):
+        return False
+    later = history[len(head)]
+    return (later[0], later[1]) == (noise, rate) and later[2] >= steps
+
+
 def _check_number(name: str, value: Any) -> None:
     """A real number (NumPy's too), not a bool: ``True`` was taken as 1, ``"1"`` failed in a
     comparison that named neither the argument nor the fix."""

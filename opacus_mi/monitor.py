@@ -68,7 +68,13 @@ from opacus.grad_sample import (
 )
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 
-from .accounting import EpsilonTracker, MIAccountant, gaussian_channel_bound, sample_rate_of
+from .accounting import (
+    EpsilonTracker,
+    MIAccountant,
+    gaussian_channel_bound,
+    history_continues,
+    sample_rate_of,
+)
 from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
 from .checks import is_int_at_least, is_torch_seed, python_number
 from .chunks import Chunk, empty_item, pack, unpack
@@ -76,7 +82,7 @@ from .distributed import all_gather_items, check_same_on_every_rank, should_gath
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
-from .estimators.oracle import UNION_NEAR, gram_oracle, oracle_interval, union_mean
+from .estimators.oracle import floored_interval, gram_oracle, oracle_interval, union_mean
 from .estimators.semi_oracle import SemiOracleEstimator
 from .factored import (
     FactoredCapture,
@@ -220,20 +226,6 @@ def _hooked_accountant(optimizer) -> Any:
             if isinstance(cell.cell_contents, IAccountant):
                 return cell.cell_contents
     return None
-
-
-def _continues(history: tuple, earlier: tuple) -> bool:
-    """Whether an accountant's ``history`` continues ``earlier`` (its ``(noise, rate, steps)``
-    entries): the same entries, the last of them with as many steps or more."""
-    if len(earlier) > len(history):
-        return False
-    if not earlier:
-        return True
-    *head, (noise, rate, steps) = earlier
-    if tuple(history[: len(head)]) != tuple(head):
-        return False
-    later = history[len(head)]
-    return (later[0], later[1]) == (noise, rate) and later[2] >= steps
 
 
 def _is_ghost(module, optimizer) -> bool:
@@ -1462,7 +1454,7 @@ class LeakageMonitor:
             plan.epsilon
             or latest is None
             or latest > step
-            or not _continues(accounting, self._epsilon_history)
+            or not history_continues(accounting, self._epsilon_history)
         ):
             # Booked as its own kind only where it has its own share (see _plan), and only a
             # real computation (a cached value, e.g. after summary(), would teach the budget
@@ -1634,13 +1626,10 @@ class LeakageMonitor:
                 out.flags.append("estimate_nonfinite:private/oracle")
             mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
             log_b = sum(t.numel() * math.log(t.numel()) for t in terms) / n_oracle
-            if union is not None:
-                union_nats = reads[union][0]
-            elif log_b - mean < UNION_NEAR:  # (else the floor is not used: not made)
-                union_nats = float(union_mean(grams))
+            if union is not None:  # (made on the device with the figures, read with them)
+                mean, lo, hi = oracle_interval(mean, lo, hi, log_b, reads[union][0])
             else:
-                union_nats = math.nan
-            mean, lo, hi = oracle_interval(mean, lo, hi, log_b, union_nats)
+                mean, lo, hi = floored_interval(mean, lo, hi, log_b, lambda: grams)
             out.mi["private/oracle"] = MIValue(
                 nats=mean, ci_low=lo, ci_high=hi, n=n_oracle, ceiling=log_b
             )
@@ -1739,16 +1728,15 @@ class LeakageMonitor:
             private = torch.cat([c.tokens["private"] for c in usable])
         value = self.semi_oracle.evaluate(feats, private, std)
         if value is not None and math.isfinite(value.matched):
-            mean, lo, hi = value.matched, value.ci_low, value.ci_high
-            log_n = math.log(value.n)
-            if log_n - mean < UNION_NEAR and std > 0:
-                # Near ln n its row terms are rare confusions one draw mostly misses, as the
-                # oracle's are (its t interval's low end lay above the truth in 9-43% of
-                # batches): the union floor of the clean tokens' Gram bounds I(J; private
-                # tokens), which the semi's figure bounds from below.
-                c = clean.double()
-                union = float(union_mean([(c @ c.T, std)]))
-                mean, lo, hi = oracle_interval(mean, lo, hi, log_n, union)
+            # Near ln n its row terms are rare confusions one draw mostly misses, as the
+            # oracle's are (its t interval's low end lay above the truth in 9-43% of batches):
+            # the union floor of the clean tokens' Gram bounds I(J; private tokens), which the
+            # semi's figure bounds from below.
+            c = clean.double()
+            mean, lo, hi = floored_interval(
+                value.matched, value.ci_low, value.ci_high, math.log(value.n),
+                lambda: [(c @ c.T, std)],
+            )  # fmt: skip
             record.mi["private/semi"] = MIValue(
                 nats=mean, ci_low=lo, ci_high=hi, n=value.n, mismatched=value.mismatched
             )

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-_MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control", "ceiling")
+MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control", "ceiling")
 _OPTIONAL_MI_FIELDS = ("mismatched", "control", "ceiling")
 
 
@@ -111,14 +111,14 @@ class LeakageRecord:
         mi = d.pop("mi", {})
         if not isinstance(mi, dict) or not all(isinstance(v, dict) for v in mi.values()):
             raise TypeError(f"mi is {mi!r}, not a mapping of estimates")
-        mi = {k: MIValue(**{f: float_of(v.get(f)) for f in _MI_FIELDS}) for k, v in mi.items()}
+        mi = {k: MIValue(**{f: float_of(v.get(f)) for f in MI_FIELDS}) for k, v in mi.items()}
         for key, value in mi.items():
             for f in ("nats", "ci_low", "ci_high"):  # (null, as NaN once was: NaN again)
                 if getattr(value, f) is None:
                     setattr(value, f, math.nan)
             bad = {
                 f: getattr(value, f)
-                for f in _MI_FIELDS
+                for f in MI_FIELDS
                 if not _number_or_none(getattr(value, f), optional=f in _OPTIONAL_MI_FIELDS)
             }
             if bad:

@@ -36,7 +36,7 @@ from .checks import (
 )
 from .data import DATASETS
 from .models import MODELS
-from .records import _MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
+from .records import MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
 from .report import csv_cell
 from .views import default_views, unmeasured_views
 
@@ -707,7 +707,7 @@ def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike)
     ``ceiling`` (the oracle's: the mean ln of its candidate sets' sizes).
     """
     keys = mi_keys(records)
-    header = list(_RECORD_COLUMNS) + [f"{k}_{f}" for k in keys for f in _MI_FIELDS] + ["flags"]
+    header = list(_RECORD_COLUMNS) + [f"{k}_{f}" for k in keys for f in MI_FIELDS] + ["flags"]
     path = Path(path)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -716,7 +716,7 @@ def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike)
             row: list[Any] = [csv_cell(getattr(r, c)) for c in _RECORD_COLUMNS]
             for k in keys:
                 v = r.mi.get(k)
-                row += [csv_cell(None if v is None else getattr(v, f)) for f in _MI_FIELDS]
+                row += [csv_cell(None if v is None else getattr(v, f)) for f in MI_FIELDS]
             row.append(";".join(r.flags))
             w.writerow(row)
     return path

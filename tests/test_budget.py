@@ -873,7 +873,7 @@ def test_a_paced_epsilon_is_reused_only_where_the_history_continues_its_own(monk
     ref.history = [tuple(h) for h in engine.accountant.history]
     assert record.step == record.epsilon_step == 0 and record.noise_multiplier == 3.0
     assert record.epsilon == ref.get_epsilon(1e-5)
-    from opacus_mi.monitor import _continues
+    from opacus_mi.accounting import history_continues as _continues
 
     assert _continues(((1.0, 0.1, 5),), ((1.0, 0.1, 3),))
     assert _continues(((1.0, 0.1, 5), (2.0, 0.1, 1)), ((1.0, 0.1, 5),))

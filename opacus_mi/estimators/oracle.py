@@ -14,6 +14,7 @@ exact for the full gradient (a k-dim sketch would keep only ~k/P of the signal e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,3 +231,13 @@ def oracle_interval(
     # (I(J; Y) >= 0: a floor below 0, at small B where ln B itself is < UNION_NEAR, says
     # nothing a floor of 0 does not.)
     return mean, min(low, max(0.0, log_b - union), mean), high
+
+
+def floored_interval(
+    mean: float, low: float, high: float, log_b: float, grams: Callable[[], list]
+) -> tuple[float, float, float]:
+    """:func:`oracle_interval`, its union made from ``grams()`` (``(gram, noise std)`` pairs,
+    as :func:`union_mean` takes) only where the floor can be used, within ``UNION_NEAR`` of
+    ln B: the oracle's, and the semi-oracle's from its clean tokens' Gram."""
+    union = float(union_mean(grams())) if log_b - mean < UNION_NEAR else math.nan
+    return oracle_interval(mean, low, high, log_b, union)
