@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -700,7 +701,9 @@ def _note(verdict: str, x: list, y: list, pairs: int, settings: int, mi_name: st
 
 
 def _is_nan(v: Any) -> bool:
-    return isinstance(v, float) and math.isnan(v)
+    """NaN as :func:`~opacus_mi.attacks.spearman` drops it (its float64 array: None and NumPy
+    floats too), so ``pairs`` counts the rows the correlation used."""
+    return v is None or (isinstance(v, numbers.Real) and math.isnan(float(v)))
 
 
 def left_out(rows: list[dict[str, Any]]) -> list[str]:

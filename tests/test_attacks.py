@@ -832,3 +832,14 @@ def test_validate_leaves_the_callers_global_rngs_as_they_were(tmp_path):
         assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1])
         assert after[2:] == numpy_state[2:]
     assert rows[0] == rows[1]
+
+
+def test_validate_counts_the_pairs_spearman_keeps():
+    """validate counted only Python-float NaNs while spearman drops every value its float64
+    array reads as NaN (None, NumPy's NaNs): the pairs it reported could exceed those used."""
+    from opacus_mi.validate import _is_nan
+
+    x = [1.0, None, np.float32("nan"), 4.0, np.float64("nan"), 6.0, 7.0]
+    y = [2.0, 1.0, 3.0, 5.0, 4.0, 7.0, 6.0]
+    a = np.asarray(x, dtype=np.float64)
+    assert sum(not _is_nan(v) for v in x) == int((~np.isnan(a)).sum()) == 4
