@@ -60,7 +60,7 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     (log of the batch size, the ceiling of any batch-contrastive bound) is dotted, and the
     oracle's own ceiling dash-dotted where its chunks make it lower (``MIValue.ceiling``).
     """
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10.5, 4.5))
     for key in _keys(records):
         pts = [(r.step, r.mi[key]) for r in records if key in r.mi]
         steps = [s for s, _ in pts]
@@ -145,8 +145,8 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     )
     if not records:
         ax.text(0.5, 0.5, "no monitored steps", ha="center", va="center", transform=ax.transAxes)
-    else:
-        ax.legend(loc="best", fontsize="small")
+    else:  # beside the axes: inside, it covered series and the ln B line
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
