@@ -1811,6 +1811,11 @@ class LeakageMonitor:
             )
         return value
 
+    def epsilon_now(self) -> float:
+        """The accountant's epsilon at ``delta`` after every step so far (computed now, on the
+        caller's time), or NaN, warned once, where the accountant cannot compute one."""
+        return self._epsilon_or_nan(None, float(self.optimizer.noise_multiplier))
+
     def summary(self, last: int = 20) -> str:
         """A readable table of every MI series over the last ``last`` records; where the last
         carries an earlier step's (paced) epsilon, the accountant's epsilon now beside it."""
@@ -1820,7 +1825,7 @@ class LeakageMonitor:
         now = None
         if records and records[-1].carries_earlier_epsilon:
             # one fresh epsilon, on the caller's time
-            now = self._epsilon_or_nan(None, float(self.optimizer.noise_multiplier))
+            now = self.epsilon_now()
         return summary_table(records, last=last, note=self.schedule_note(), epsilon_now=now)
 
     def schedule_note(self) -> str | None:

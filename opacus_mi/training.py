@@ -192,6 +192,12 @@ class RunResult:
     files: list[Path] = field(default_factory=list)
 
 
+def opacus_sample_rate(examples: int, batch_size: int) -> float:
+    """Opacus's sampling rate for a loader of ``batch_size`` over ``examples``: 1 / len(loader),
+    which make_private gives Poisson sampling and the accountant."""
+    return 1 / math.ceil(examples / batch_size)
+
+
 # ---------------------------------------------------------------------- validation helpers
 def _check_device(device: Any) -> None:
     available_device(flag("device"), device)
@@ -351,7 +357,7 @@ def _check_calibration(cfg: RunConfig, *, n_train: int, option: str = "target_ep
     from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import MAX_SIGMA
 
-    sample_rate = 1 / math.ceil(n_train / cfg.batch_size)  # Opacus's: 1 / len(loader)
+    sample_rate = opacus_sample_rate(n_train, cfg.batch_size)
     steps = int(cfg.epochs / sample_rate)
     rdp = RDPAccountant()
     if cfg.accountant == "rdp":
@@ -407,7 +413,7 @@ def _calibration_error(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (GDP's "experimental" warning: the run gives it)
             gdp = GaussianAccountant()
-        sample_rate = 1 / math.ceil(n_train / cfg.batch_size)  # Opacus's: 1 / len(loader)
+        sample_rate = opacus_sample_rate(n_train, cfg.batch_size)
         gdp.history = [(_FIRST_SIGMA, sample_rate, int(cfg.epochs / sample_rate))]
         try:
             first = gdp.get_epsilon(float(cfg.delta))
@@ -441,7 +447,7 @@ def calibrate_noise(cfg: RunConfig, *, n_train: int, option: str = "target_epsil
         return get_noise_multiplier(
             target_epsilon=float(cfg.target_epsilon),
             target_delta=float(cfg.delta),
-            sample_rate=1 / math.ceil(n_train / cfg.batch_size),  # Opacus's: 1 / len(loader)
+            sample_rate=opacus_sample_rate(n_train, cfg.batch_size),
             epochs=cfg.epochs,
             accountant=cfg.accountant,
         )
@@ -602,12 +608,12 @@ def _train(
             for r in fresh:
                 _tb_record(writer, r)
             if completed:
-                _tb_final_epsilon(writer, monitor, sigma)
+                _tb_final_epsilon(writer, monitor)
             writer.flush()
             writer.close()
 
     # The monitor's tracker: Opacus's own value, or NaN (warned) where it cannot compute one.
-    epsilon = monitor._epsilon_or_nan(None, sigma) if monitor.steps else 0.0
+    epsilon = monitor.epsilon_now() if monitor.steps else 0.0
     wall = time.perf_counter() - t_start
     records = list(monitor.history)
     results = {
@@ -636,7 +642,7 @@ def _train(
     )
 
 
-def _tb_final_epsilon(writer, monitor, sigma: float) -> None:
+def _tb_final_epsilon(writer, monitor) -> None:
     """The run's closing epsilon at its last step, where no record logged it there: a paced
     PRV epsilon left the curve at the last value a record computed (3.745 at step 160 of the
     README's main job, 3.975 at its end)."""
@@ -644,7 +650,7 @@ def _tb_final_epsilon(writer, monitor, sigma: float) -> None:
     step = monitor.steps - 1
     if step < 0 or (last is not None and last.step == step and not last.carries_earlier_epsilon):
         return
-    epsilon = monitor._epsilon_or_nan(None, sigma)
+    epsilon = monitor.epsilon_now()
     if math.isfinite(epsilon):
         writer.add_scalar("privacy/epsilon", epsilon, step)
 

@@ -880,3 +880,10 @@ def test_a_paced_epsilon_is_reused_only_where_the_history_continues_its_own(monk
     assert not _continues(((1.0, 0.1, 2),), ((1.0, 0.1, 3),))  # rolled back past it
     assert not _continues(((3.0, 0.1, 1),), ((1.0, 0.1, 1),))  # retaken with other noise
     assert not _continues(((1.0, 0.1, 4),), ((1.0, 0.1, 3), (2.0, 0.1, 1)))
+
+
+def test_epsilon_now_is_the_engines_epsilon_after_every_step():
+    engine, model, opt, loader = make_private(n=64, batch_size=16, poisson=False, accountant="prv")
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=3)
+    train(model, opt, loader, epochs=1)
+    assert monitor.epsilon_now() == engine.get_epsilon(1e-5) > 0
