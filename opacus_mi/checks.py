@@ -49,6 +49,15 @@ def is_torch_seed(x: Any) -> bool:
     return is_int_at_least(x, -(2**63)) and x < 2**64
 
 
+def check_torch_seed(value: Any) -> None:
+    """Refuse a ``seed`` torch's ``manual_seed`` would not take, saying its range."""
+    if not is_torch_seed(value):
+        raise ValueError(
+            "seed must be an integer from -2**63 to 2**64 - 1, as torch's manual_seed takes; "
+            f"got {value!r}"
+        )
+
+
 def available_device(name: str, value: Any) -> Any:
     """``torch.device(value)``, refused naming ``name`` if torch does not know it (``"gpu"``)
     or this machine lacks it (CUDA without a GPU or past its last index, MPS off a Mac)."""

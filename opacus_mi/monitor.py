@@ -76,7 +76,7 @@ from .accounting import (
     sample_rate_of,
 )
 from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
-from .checks import is_int_at_least, is_torch_seed, python_number
+from .checks import check_torch_seed, is_int_at_least, python_number
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
 from .distributed import rank as dist_rank
@@ -437,11 +437,7 @@ class LeakageMonitor:
                 "than steps, a learned critic keeps to train on (it trains on at least 4; "
                 f"default 4096); got {window!r}"
             )
-        if not is_torch_seed(seed):
-            raise ValueError(
-                "seed must be an integer from -2**63 to 2**64 - 1, as torch's manual_seed takes; "
-                f"got {seed!r}"
-            )
+        check_torch_seed(seed)
         budget = check_fraction(budget)  # also on a fixed schedule: a quarter paces PRV's epsilon
         if budget >= 2:  # (a percentage given as one: 6 for 6% would be 600%)
             warnings.warn(

@@ -20,9 +20,9 @@ import torch
 
 from ..checks import (
     available_device,
+    check_torch_seed,
     is_finite_number,
     is_int_at_least,
-    is_torch_seed,
     python_number,
 )
 from .bounds import (
@@ -234,11 +234,7 @@ def _estimate_mi(
             f"resamples at confidence={confidence}, got {bootstrap!r}"
         )
     seed, lr, critic_bound = python_number(seed), python_number(lr), python_number(critic_bound)
-    if not is_torch_seed(seed):
-        raise ValueError(
-            "seed must be an integer from -2**63 to 2**64 - 1, as torch's manual_seed takes; "
-            f"got {seed!r}"
-        )
+    check_torch_seed(seed)
     if not (is_finite_number(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if critic_bound is not None and not (is_finite_number(critic_bound) and critic_bound > 0):
