@@ -173,6 +173,8 @@ def _check_layout(
     """Return the data root if it holds the expected files, else raise ``DataRootError``."""
     if data_root is None:
         raise DataRootError(_data_root_message(dataset, None, layout, ""))
+    # (as torchvision reads it: "--data-root=~/data" reaches us with its ~ unexpanded)
+    data_root = os.path.expanduser(os.fspath(data_root))
     base = os.path.join(data_root, folder)
     if not os.path.isdir(base):
         missing = [f"folder {folder}/"]
@@ -274,8 +276,11 @@ def _load_fake(*, seed: int, size: int) -> DatasetSplit:
     """Random 3x32x32 images with random labels: a stand-in for CLI tests, nothing to learn."""
     from torchvision import datasets, transforms
 
-    if size < 4:
-        raise ValueError(f"fake_size must be at least 4 so the test split is not empty, got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 4:
+        raise ValueError(
+            f"fake_size must be an integer of at least 4 (the test split gets a quarter), got "
+            f"{size!r}"
+        )
     to_tensor = transforms.ToTensor()
     # FakeData seeds image i with i + random_offset; offsetting the test set by the train
     # size keeps the two sets disjoint.

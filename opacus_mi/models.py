@@ -9,7 +9,6 @@ weights from the global torch RNG; callers seed it, nothing here does.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Sequence
 
 import torch
@@ -100,8 +99,10 @@ def resnet18_groupnorm(num_classes: int = 10, *, in_channels: int = 3) -> nn.Mod
     for m in model.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
-        if isinstance(m, BasicBlock):
-            m.forward = types.MethodType(_basic_block_forward, m)
+        if type(m) is BasicBlock:
+            # (a class, not a bound method on each block: that pickled as a lookup of
+            # "_basic_block_forward" on BasicBlock, so torch.save(model) could not be loaded)
+            m.__class__ = __getattr__("_OutOfPlaceBasicBlock")
     return model
 
 
@@ -111,6 +112,23 @@ def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.bn2(self.conv2(out))
     return self.relu(out + identity)
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    """``_OutOfPlaceBasicBlock``: torchvision's ``BasicBlock`` with ``_basic_block_forward``,
+    made on first use (importing this module does not import torchvision) and found here by
+    pickle when a saved ResNet-18 is loaded."""
+    if name != "_OutOfPlaceBasicBlock":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        from torchvision.models.resnet import BasicBlock
+
+        _LAZY[name] = type(name, (BasicBlock,), {"forward": _basic_block_forward})
+        _LAZY[name].__module__ = __name__
+    return _LAZY[name]
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

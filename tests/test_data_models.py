@@ -386,3 +386,36 @@ def test_a_data_root_for_a_built_in_dataset_is_warned_about(tmp_path) -> None:
     """--dataset digits --data-root /some/cifar ran digits without a word."""
     with pytest.warns(UserWarning, match=r"--data-root .* is not read: 'digits' is built in"):
         load_dataset("digits", data_root=str(tmp_path))
+
+
+def test_a_data_root_with_a_tilde_is_read_as_torchvision_reads_it(tmp_path, monkeypatch):
+    """"--data-root=~/data" reaches the program with its ~ unexpanded: the layout check said
+    the folder was missing where torchvision would have read it (the home directory's)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (base / f).write_bytes(b"not the real file")
+    # past the layout check: torchvision itself now reads the files (and its checksum fails)
+    with pytest.raises(DataRootError, match="checksum of them failed"):
+        load_dataset("cifar10", data_root="~")
+
+
+@pytest.mark.parametrize("size", [4.5, "8", True])
+def test_a_fake_size_that_is_no_integer_is_named(size):
+    with pytest.raises(ValueError, match="fake_size must be an integer of at least 4"):
+        load_dataset("fake", fake_size=size)
+
+
+def test_a_saved_resnet18_loads_back_and_computes_the_same(tmp_path):
+    """Each block's out-of-place forward was a bound method, which pickled as a lookup of
+    '_basic_block_forward' on torchvision's BasicBlock: torch.save(model) wrote a file that
+    torch.load could not read."""
+    from opacus_mi.models import resnet18_groupnorm
+
+    torch.manual_seed(0)
+    model = resnet18_groupnorm(10).eval()
+    torch.save(model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), again(x))
