@@ -389,7 +389,7 @@ def test_a_data_root_for_a_built_in_dataset_is_warned_about(tmp_path) -> None:
 
 
 def test_a_data_root_with_a_tilde_is_read_as_torchvision_reads_it(tmp_path, monkeypatch):
-    """"--data-root=~/data" reaches the program with its ~ unexpanded: the layout check said
+    """ "--data-root=~/data" reaches the program with its ~ unexpanded: the layout check said
     the folder was missing where torchvision would have read it (the home directory's)."""
     monkeypatch.setenv("HOME", str(tmp_path))
     base = tmp_path / "cifar-10-batches-py"
