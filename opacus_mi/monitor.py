@@ -2004,6 +2004,12 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
     os.register_at_fork(after_in_child=_stand_aside_after_fork)
 
 
+def _said_not_raised() -> None:
+    """Inside ``catch_warnings()``: the user's filters, but an "error" one only says (a
+    "default" for all of them also said what the user had told to "ignore")."""
+    warnings.filters[:] = [("default", *f[1:]) if f[0] == "error" else f for f in warnings.filters]
+
+
 def _flush_at_exit(ref: weakref.ref) -> None:
     """Deliver an overlap worker's last records when the interpreter exits (its thread has been
     joined by then). Its warnings are said, never raised: under a warnings-as-errors filter the
@@ -2012,7 +2018,7 @@ def _flush_at_exit(ref: weakref.ref) -> None:
     if monitor is not None:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("default")
+                _said_not_raised()
                 monitor.flush()
         except Exception:  # exiting: nothing left to protect
             pass
@@ -2028,7 +2034,7 @@ def _deliver_rest(done: deque, jsonl: JsonlSink, said: deque) -> None:
             pass
     jsonl.close()
     with warnings.catch_warnings():  # (said, never raised: see _flush_at_exit)
-        warnings.simplefilter("default")
+        _said_not_raised()
         while said:
             warnings.warn(said.popleft(), RuntimeWarning, stacklevel=2)
 

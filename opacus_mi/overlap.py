@@ -84,10 +84,15 @@ def keep_input(t: torch.Tensor, *, later: bool) -> torch.Tensor:
     """A layer's input that a hook saw, kept to be read after its step.
 
     Autograd's own activations are never written again, but a tensor no graph produced (the
-    loop's batch, or a view of it) may be a buffer the loop refills for its next step: one that
-    is read ``later`` (on the overlap worker, while the next step runs) is copied.
+    loop's batch, or a view of it) may be a buffer the loop refills for its next step, and a
+    view of a parameter (``latent.expand(B, -1)``: its own grad_fn, the parameter's storage)
+    changes at the optimizer's step: one that is read ``later`` (on the overlap worker, while
+    the next step runs) is copied where the tensor whose storage it shares has no grad_fn.
     """
-    return t.detach().clone() if later and t.grad_fn is None else t.detach()
+    root = t
+    while root._base is not None:
+        root = root._base
+    return t.detach().clone() if later and root.grad_fn is None else t.detach()
 
 
 class Worker:
