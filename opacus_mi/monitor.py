@@ -80,7 +80,7 @@ from .checks import check_torch_seed, is_int_at_least, python_number
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
 from .distributed import rank as dist_rank
-from .estimators.bounds import BOUNDS, interval_from, mean_sd
+from .estimators.bounds import BOUNDS, interval_from, mean_sd, random_cycle
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
 from .estimators.oracle import floored_interval, gram_oracle, oracle_interval, union_mean
 from .estimators.semi_oracle import SemiOracleEstimator
@@ -1703,10 +1703,7 @@ class LeakageMonitor:
 
     def _derangement(self, n: int) -> torch.Tensor:
         """A uniformly random n-cycle from the monitor's generator: no index maps to itself."""
-        order = torch.randperm(n, generator=self.generator, device=self.generator.device)
-        perm = torch.empty_like(order)
-        perm[order] = order.roll(-1)
-        return perm.to(self.device)
+        return random_cycle(n, self.generator).to(self.device)
 
     def _semi_oracle_step(
         self, record: LeakageRecord, usable: list[Chunk], std: float, train: bool | None

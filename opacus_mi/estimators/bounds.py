@@ -281,6 +281,15 @@ def random_permutations(n: int, count: int, generator: torch.Generator) -> torch
     return keys.argsort(dim=1)
 
 
+def random_cycle(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random n-cycle of ``range(n)`` (one ``randperm`` of ``generator``): a
+    re-pairing in which no index keeps its own partner."""
+    order = torch.randperm(n, generator=generator, device=generator.device)
+    cycle = torch.empty_like(order)
+    cycle[order] = order.roll(-1)
+    return cycle
+
+
 def permuted_bounds(
     kind: str,
     scores: torch.Tensor,
