@@ -253,6 +253,9 @@ class _Taken:
     max_grad_norm: float = 0.0
     noise_std: float = 0.0  # of the noise Opacus adds (views.release_noise_std)
     max_grad_norms: list[float] | None = None  # per-layer clipping
+    # Ghost clipping in half precision: the norms Opacus clipped with, in their own precision
+    # (the monitor's float64 norms of the same factors gave factors 4e-3 off).
+    ghost_norms: torch.Tensor | None = None
     error: Exception | None = None  # taking them failed: the chunk is flagged
 
     def release(self) -> None:
@@ -988,6 +991,9 @@ class LeakageMonitor:
                 taken.max_grad_norms = [float(c) for c in opt.max_grad_norms]
             if self._factored is not None:
                 taken.factored = self._factored.take()
+                norms = getattr(self.module, "_per_sample_gradient_norms", None)
+                if isinstance(norms, torch.Tensor) and norms.dtype in _HALF:
+                    taken.ghost_norms = norms  # (Opacus assigns a new one at each backward)
             else:
                 if self._linear_inputs is not None:
                     taken.linear_inputs = self._linear_inputs.take()
@@ -1185,7 +1191,10 @@ class LeakageMonitor:
         gram32 = None  # raw float32 Gram (hooks mode, flat clipping, private view)
         backprops: dict[int, torch.Tensor] = {}
         if factored is not None:
-            clip = factored.clip_info(taken.max_grad_norm)  # the bound ghost clipping used
+            if taken.ghost_norms is not None and len(taken.ghost_norms) == batch:
+                clip = flat_clip(taken.ghost_norms, taken.max_grad_norm)  # Opacus's, in bf16
+            else:
+                clip = factored.clip_info(taken.max_grad_norm)  # the bound ghost clipping used
         else:
             per_layer = taken.max_grad_norms is not None
             bound = taken.max_grad_norms if per_layer else taken.max_grad_norm

@@ -729,3 +729,40 @@ def test_plain_cnn_and_mlp_keep_the_rank_one_shortcut(mode, name):
     train(model, opt, loader)
     monitor.detach()
     assert taken == [linears, linears]
+
+
+def test_ghost_clipping_in_bfloat16_takes_opacus_clip_factors():
+    """Ghost mode built its clip factors from its own float64 norms of the layer factors;
+    Opacus clips with norms in the model's precision: in bfloat16 they were 4.3e-3 apart
+    (the oracle 0.24% off hooks mode's). Now they are Opacus's, bit for bit."""
+    import opacus_mi.monitor as monitor_mod
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.a, self.b = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(self.e(x))).mean(1))
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 50, (16, 8)), torch.randint(0, 5, (16,))
+    model = Net().to(torch.bfloat16)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, criterion, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=16), noise_multiplier=1.0,
+        max_grad_norm=0.01, grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss(),
+        poisson_sampling=False,
+    )  # fmt: skip
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=False)
+    made, flat_clip = [], monitor_mod.flat_clip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(monitor_mod, "flat_clip", lambda n, c: made.append(flat_clip(n, c)) or made[-1])
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opacus = (0.01 / (model.per_sample_gradient_norms + 1e-6)).clamp(max=1.0)
+        opt.step()
+    assert len(made) == 1 and made[0].factors.dtype == torch.bfloat16
+    assert torch.equal(made[0].factors, opacus)
+    assert monitor.history and "private/oracle" in monitor.history[-1].mi
