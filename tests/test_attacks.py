@@ -296,13 +296,18 @@ def test_ledoit_wolf_matches_sklearn():
     assert channel.floor == pytest.approx(np.trace(centered.T @ centered / 25) / 60, rel=1e-9)
 
 
-def test_pixel_information_closed_form_and_monotone():
+def _pixel_model():
+    """A 30-candidate channel and a pixel model on it: ``(channel, jac, var, model)``."""
     gen = torch.Generator().manual_seed(0)
-    g = _random_pool(n=30, p=50)
-    channel = A.CandidateChannel(g)
+    channel = A.CandidateChannel(_random_pool(n=30, p=50))
     jac = torch.randn((50, 6), generator=gen, dtype=torch.float64) * 0.1
     var = torch.rand(6, generator=gen, dtype=torch.float64)
     model = A.PixelModel(jtj=jac.T @ jac, proj=channel.project(jac), prior_var=var)
+    return channel, jac, var, model
+
+
+def test_pixel_information_closed_form_and_monotone():
+    channel, jac, var, model = _pixel_model()
     s = 0.05
     mi, post = A.pixel_information(model, channel, 1, s)
     m = var.sqrt()[:, None] * (jac.T @ jac) / s**2 * var.sqrt()[None, :]
@@ -319,12 +324,7 @@ def test_pixel_information_when_the_noise_variance_underflows():
     overflows: at 1e-160 the Fisher matrix held inf - inf and the MI was NaN, which validate
     then dropped from its correlations. Such noise is the noise-free limit: inf at B = 1 (the
     MI grows without bound as the noise shrinks), the other examples alone at B > 1."""
-    gen = torch.Generator().manual_seed(0)
-    g = _random_pool(n=30, p=50)
-    channel = A.CandidateChannel(g)
-    jac = torch.randn((50, 6), generator=gen, dtype=torch.float64) * 0.1
-    var = torch.rand(6, generator=gen, dtype=torch.float64)
-    model = A.PixelModel(jtj=jac.T @ jac, proj=channel.project(jac), prior_var=var)
+    channel, jac, var, model = _pixel_model()
     # Just above the floor: the closed form 1/2 sum log(1 + mu / s^2), in logs (s^2 = 1e-300).
     mu = torch.linalg.eigvalsh(var.sqrt()[:, None] * (jac.T @ jac) * var.sqrt()[None, :])
     ref = 0.5 * float(np.logaddexp(0.0, np.log(mu.numpy()) - 2 * math.log(1e-150)).sum())

@@ -252,15 +252,21 @@ def _primitives(rank: int) -> dict:
     }
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
+def _join(rank: int, port: int, seconds: int) -> None:
+    """One thread, and the gloo group on ``port``: a desynchronised collective fails after
+    ``seconds``, not hangs."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),  # a desynchronised collective fails, not hangs
+        timeout=datetime.timedelta(seconds=seconds),
     )
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    _join(rank, port, 60)
     try:
         out = {"primitives": _primitives(rank)}
         out["with"] = _ddp_run(rank, True, tmp)
@@ -362,14 +368,7 @@ def _sink_detach_run(rank: int, tmp: str) -> dict:
 
 def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
     """Each case's result, or the error it raised (a desynchronised collective times out)."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    _join(rank, port, 30)
     try:
         out = {"without": _ddp_run(rank, False, tmp)}
         cases = {"features": _features_run, "settings": _settings_run}

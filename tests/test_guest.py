@@ -280,18 +280,11 @@ def test_drop_in_engine_refuses_monitor_options_given_to_make_private():
         )
 
 
-def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
-    """A second make_private on the same engine (two models, one accountant) detached the
-    first model's monitor with no word, and its checkpoints saved the latest monitor's state
-    whichever module they held."""
-    import copy
-    import pickle
-
+def _two_models(engine, *, n: int, batch_size: int) -> list[tuple]:
+    """Two TinyCNNs (seeds 0 and 1, each on its own data) made private by one engine: their
+    ``(model, optimizer, loader)``."""
     from conftest import TinyCNN, make_data
-    from torch.utils.data import DataLoader
 
-    path = tmp_path / "records.jsonl"
-    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, estimator=None, jsonl=path)
     made = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -300,12 +293,25 @@ def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
             engine.make_private(
                 module=net,
                 optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-                data_loader=DataLoader(make_data(32, seed=seed), batch_size=16),
+                data_loader=DataLoader(make_data(n, seed=seed), batch_size=batch_size),
                 noise_multiplier=1.0,
                 max_grad_norm=1.0,
                 poisson_sampling=False,
             )
         )
+    return made
+
+
+def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
+    """A second make_private on the same engine (two models, one accountant) detached the
+    first model's monitor with no word, and its checkpoints saved the latest monitor's state
+    whichever module they held."""
+    import copy
+    import pickle
+
+    path = tmp_path / "records.jsonl"
+    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, estimator=None, jsonl=path)
+    made = _two_models(engine, n=32, batch_size=16)
     for model, opt, loader in made:
         train(model, opt, loader)
     first, second = engine.monitors
@@ -343,23 +349,8 @@ def test_models_on_one_engine_are_each_measured_every_nth_of_their_own_steps(eve
     Reference: the interleaving, walked step by step; each
     record is named after the accountant's count (the engine's get_epsilon there). A state
     round trip halfway (an odd step) keeps the schedule."""
-    from conftest import TinyCNN, make_data
-
     engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, every=every, estimator=None)
-    made = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        net = TinyCNN()
-        made.append(
-            engine.make_private(
-                module=net,
-                optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-                data_loader=DataLoader(make_data(96, seed=seed), batch_size=8),
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                poisson_sampling=False,
-            )
-        )
+    made = _two_models(engine, n=96, batch_size=8)
     order = torch.randperm(24, generator=torch.Generator().manual_seed(0)) % 2
     batches = [iter(loader) for _, _, loader in made]
     own, expected, epsilons = [0, 0], [[], []], {}
