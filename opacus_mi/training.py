@@ -318,8 +318,10 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
             f"{flag('batch_size')} {cfg.batch_size} exceeds the {n_train} training examples of "
             f"{cfg.dataset}; pass at most {n_train} (q = 1, every example in every step)"
         )
+    # Calibrated before --out is made: a target Opacus cannot reach leaves no empty folder.
+    sigma = cfg.noise_multiplier
     if cfg.target_epsilon is not None:
-        _check_calibration(cfg, n_train=n_train)
+        sigma = calibrate_noise(cfg, n_train=n_train)
     out = prepare_out_dir(cfg.out)
     jsonl = out / "records.jsonl"
 
@@ -337,7 +339,7 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, split, model, device, out, jsonl, t_start, progress)
+        return _train(cfg, split, model, device, out, jsonl, t_start, progress, sigma)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -488,8 +490,18 @@ def _start_run_folder(out: Path, cfg: RunConfig) -> dict[str, Any]:
 
 
 def _train(
-    cfg: RunConfig, split, model, device, out: Path, jsonl: Path, t_start: float, progress: bool
+    cfg: RunConfig,
+    split,
+    model,
+    device,
+    out: Path,
+    jsonl: Path,
+    t_start: float,
+    progress: bool,
+    noise_multiplier: float,
 ) -> RunResult:
+    """The run itself, at ``noise_multiplier`` (``cfg``'s, or the one ``calibrate_noise`` gave
+    its target: the sigma Opacus's ``make_private_with_epsilon`` would pick)."""
     import torch
     from opacus import PrivacyEngine
     from torch import nn
@@ -503,29 +515,13 @@ def _train(
     test_loader = DataLoader(split.test, batch_size=max(cfg.batch_size, 256))
 
     engine = PrivacyEngine(accountant=cfg.accountant)
-    private = {
-        "module": model,
-        "optimizer": optimizer,
-        "data_loader": train_loader,
-        "max_grad_norm": float(cfg.max_grad_norm),
-    }
-    if cfg.target_epsilon is None:
-        model, optimizer, train_loader = engine.make_private(
-            **private, noise_multiplier=float(cfg.noise_multiplier)
-        )
-    else:
-        try:
-            model, optimizer, train_loader = engine.make_private_with_epsilon(
-                **private,
-                target_epsilon=float(cfg.target_epsilon),
-                target_delta=float(cfg.delta),
-                epochs=cfg.epochs,
-            )
-        except ValueError as err:  # Opacus's "The privacy budget is too low." names no flag
-            translated = _calibration_error(cfg, err, n_train=len(split.train))
-            if translated is None:
-                raise
-            raise translated from err
+    model, optimizer, train_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=train_loader,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(cfg.max_grad_norm),
+    )
     sigma = float(optimizer.noise_multiplier)
     config = _start_run_folder(out, cfg)
 

@@ -610,6 +610,38 @@ def test_a_gdp_target_too_large_to_calibrate_asks_for_a_smaller_one(tmp_path, ca
         err = capsys.readouterr().err
         _assert_one_line_error(rc, err, f"--target-epsilon {target}:", f"Pass a {way} target")
         assert "--noise-multiplier" in err
+        assert not (tmp_path / target).exists()  # calibrated before --out was made
+
+
+def test_a_target_epsilon_runs_at_the_noise_opacus_make_private_with_epsilon_picks(tmp_path):
+    """The run calibrates before it makes --out, then trains at that sigma: it must be the one
+    Opacus's own make_private_with_epsilon gives the same loader, target and epochs."""
+    import warnings
+
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    from opacus_mi.data import load_dataset
+
+    out = tmp_path / "x"
+    argv = ["run", *TINY, "--target-epsilon", "3", "--estimator", "none", "--out", str(out)]
+    assert cli.main(argv) == 0
+    run_sigma = json.loads((out / "result.json").read_text())["noise_multiplier"]
+    split = load_dataset("fake", seed=0, fake_size=64)
+    model = torch.nn.Linear(2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, optimizer, _ = PrivacyEngine(accountant="rdp").make_private_with_epsilon(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(split.train, batch_size=16),
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            epochs=1,
+            max_grad_norm=1.0,
+        )
+    assert run_sigma == optimizer.noise_multiplier
 
 
 @pytest.mark.parametrize(
