@@ -17,8 +17,10 @@ budget does not pile up into a long burst later
 (a cumulative account would let a monitor that sat idle for a while spend a lot at once).
 
 Decisions are made once per measured step, as a plan: how many logical steps until the next
-measured one, and whether the critics train on this one. Under DPDDP every rank follows rank 0's
-plan (it travels with the gathered chunks), so the ranks never disagree about a collective.
+measured one, and whether the critics train on this one. Under DPDDP every rank's plan travels
+with the gathered chunks and all ranks follow the most frugal (the longest interval; critics and
+an expensive epsilon only where every rank affords them): the ranks never disagree about a
+collective, and no rank's work exceeds its own budget.
 Timing makes the schedule, hence the records, vary run to run; pass integers to ``every`` and
 ``train_every`` for a reproducible schedule.
 

@@ -490,7 +490,7 @@ class LeakageMonitor:
         if self.distributed:  # (checked before anything attaches, like everything above)
             # What decides the steps every rank gathers at and the records, critics and
             # generator each computes alike from the gathered batch. Not ``budget``: every rank
-            # follows rank 0's plan.
+            # follows the most frugal rank's plan.
             use_input, layers, fn = feature_spec
             read = "callable" if fn is not None else ["input"] * use_input + list(layers)
             check_same_on_every_rank(
@@ -1039,7 +1039,7 @@ class LeakageMonitor:
         except Exception as exc:
             self._warn_once(f"step:{type(exc).__name__}", f"leakage record failed: {exc!r}")
             if not (self.distributed and self._planned is not None and self._planned[0] == step):
-                # (Under DPDDP, once rank 0's plan for this step is in, it holds: a rank of
+                # (Under DPDDP, once the ranks' plan for this step is in, it holds: a rank of
                 # its own measuring the next step would meet the others' gradient all-reduce
                 # with its gather, and training would hang.)
                 self._next_in, self._planned = 1, (step, step + 1)
@@ -1432,7 +1432,7 @@ class LeakageMonitor:
             if work > self._epsilon_work:
                 plan = self._plan(work)
         # Gathering comes first: nothing local may fail before this rank joins the collectives.
-        # Under DPDDP every rank follows rank 0's plan, which travels with its chunks.
+        # Under DPDDP every rank's plan travels with its chunks; all follow the most frugal.
         if self.distributed:
             chunks, plan, waited = self._gather_chunks(chunks, plan)
             # Waiting there for a slower rank is training's time (it would wait at Opacus's
@@ -1665,13 +1665,21 @@ class LeakageMonitor:
         except Exception as exc:  # still join the collectives, with nothing
             self._warn_once(f"pack:{type(exc).__name__}", f"leakage gather failed: {exc!r}")
             items = [empty_item([f"error:{type(exc).__name__}"])]
-        for meta, _ in items:  # the plan rides along; every rank follows rank 0's
+        for meta, _ in items:  # the plan rides along (every rank follows the most frugal)
             meta["plan"] = (plan.next_in, plan.train, plan.epsilon)
             meta["stop"] = self._stop_requested  # (and so does a sink's detach: see detach)
         chunks = []  # every rank's, in rank order
         timings: dict[str, float] = {}
         gathered = all_gather_items(items, device=self.device, timings=timings)
-        plan = Plan(*gathered[0][0]["plan"])
+        # Every rank follows the most frugal of the ranks' plans, so no rank's work exceeds its
+        # own budget (rank 0's alone let a rank with slower measurements spend 65% on its
+        # books while rank 0's read 6%); all ranks reach the same plan from the same metadata.
+        plans = [Plan(*meta["plan"]) for meta, _ in gathered]
+        plan = Plan(
+            next_in=max(p.next_in for p in plans),
+            train=all(p.train for p in plans),
+            epsilon=all(p.epsilon for p in plans),
+        )
         self._stop_requested = any(meta["stop"] for meta, _ in gathered)
         for item in gathered:
             chunk, clipped, gram, std = unpack(item)

@@ -150,19 +150,21 @@ def _robustness_run(rank: int, tmp: str) -> dict:
     }
 
 
-def _budget_run(rank: int) -> dict:
-    """The wall-time budget schedule, with very different budgets per rank: rank 1 alone would
-    measure every step, rank 0 alone rarely. Both must follow rank 0's plan (else a gather has
-    no partner and the 60 s collective timeout fails the run)."""
+def _budget_run(rank: int, frugal: int = 0) -> dict:
+    """The wall-time budget schedule, with very different budgets per rank: the ``frugal`` rank
+    alone would measure rarely, the other every step. Both must follow the frugal rank's plan
+    (else a gather has no partner and the 60 s collective timeout fails the run, or one rank
+    spends far beyond its budget)."""
     torch.manual_seed(0)
     data = make_data(N)
     sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
-    kwargs = {**MONITOR, "every": None, "train_every": None, "budget": 1e-3 if rank == 0 else 1e3}
+    budget = 1e-3 if rank == frugal else 1e3
+    kwargs = {**MONITOR, "every": None, "train_every": None, "budget": budget}
     monitor = LeakageMonitor(engine, model, opt, **kwargs)
-    if rank == 1:  # its second record fails after the gather (an OOM on one GPU, say): it
-        fail_estimate_at(monitor, 2)  # measured the next step alone, and training hung
+    if rank == 1 and frugal == 0:  # its second record fails after the gather (an OOM on one
+        fail_estimate_at(monitor, 2)  # GPU, say): it measured the next step alone, and hung
     for _ in range(3):
         _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
     monitor.detach()
@@ -172,7 +174,7 @@ def _budget_run(rank: int) -> dict:
 def _prv_run(rank: int) -> dict:
     """A fixed schedule with Opacus's PRV accountant, its epsilon paced, with very different
     budgets per rank (rank 0's would recompute it once in a while, rank 1's at every record):
-    every rank's records must carry rank 0's choice."""
+    every rank's records must carry the frugal rank's (rank 0's) choice."""
     torch.manual_seed(0)
     data = make_data(N)
     sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
@@ -273,6 +275,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out["without"] = _ddp_run(rank, False, tmp)
         out["robust"] = _robustness_run(rank, tmp)
         out["budget"] = _budget_run(rank)
+        out["budget_frugal_1"] = _budget_run(rank, frugal=1)
         out["prv"] = _prv_run(rank)
         out["straggler"] = _straggler_run(rank)
         out["local"] = _local_run(rank, tmp)
@@ -333,7 +336,7 @@ def _settings_run(rank: int, tmp: str) -> dict:
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
     for name, fn in originals.items():
         setattr(dist, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
-    try:  # (budget may differ: every rank follows rank 0's plan)
+    try:  # (budget may differ: every rank follows the most frugal rank's plan)
         monitor = LeakageMonitor(engine, model, opt, delta=1e-5, budget=0.01 * (1 + rank))
     finally:
         for name, fn in originals.items():
@@ -543,8 +546,17 @@ def test_local_failure_and_empty_rank_do_not_desynchronise(runs):
     assert [r.step for r in written] == [0, 2, 4]
 
 
-def test_budget_schedule_follows_rank0_under_ddp(runs):
+def test_budget_schedule_follows_the_most_frugal_rank_under_ddp(runs):
     ranks, _, _ = runs
+    # rank 1's tiny budget decides too: rank 0's huge one alone measured every step, and rank 1
+    # (a slower rank, say) spent far beyond its own budget
+    a, b = ranks[0]["budget_frugal_1"], ranks[1]["budget_frugal_1"]
+    assert a["steps"] == b["steps"] > 0
+    steps = [r["step"] for r in a["history"]]
+    assert steps == [r["step"] for r in b["history"]]
+    assert 0 < len(steps) < a["steps"]
+    for x, y in zip(a["history"], b["history"], strict=True):
+        _same_record(x, y, rtol=0, atol=0)
     a, b = ranks[0]["budget"], ranks[1]["budget"]
     assert a["steps"] == b["steps"] > 0
     steps = [r["step"] for r in a["history"]]
@@ -646,7 +658,7 @@ def test_arguments_that_differ_between_ranks_raise_on_every_rank(lifecycle):
         assert "pass the same every on every rank" in errors["every"]
         assert "token_dim (8 on ranks [0]; 16 on ranks [1])" in errors["two"]
         assert "pass the same token_dim, seed on every rank" in errors["two"]
-        assert "budget" not in errors["two"]  # (every rank follows rank 0's plan)
+        assert "budget" not in errors["two"]  # (every rank follows the most frugal plan)
         assert out["settings"]["calls"] == ["all_gather_object"]  # one collective, no more
     assert ranks[0]["settings"] == ranks[1]["settings"]
 
