@@ -878,6 +878,10 @@ class FactoredCapture:
         finally:
             self._reset()
 
+    def discard(self) -> None:
+        """Forget what was captured since the last :meth:`take` (forwards no step will take)."""
+        self._reset()
+
     def remove(self) -> None:
         """Remove every hook this capture registered."""
         for h in self._handles:

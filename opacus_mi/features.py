@@ -73,6 +73,13 @@ def _hooks_enabled(module: nn.Module) -> bool:
     return getattr(module, "hooks_enabled", True)
 
 
+def training_forward(module: nn.Module) -> bool:
+    """Whether a forward of the Opacus-wrapped ``module`` makes per-sample gradients of the
+    coming step (so the monitor captures it when due): training mode, autograd on, Opacus's
+    hooks enabled."""
+    return module.training and torch.is_grad_enabled() and _hooks_enabled(module)
+
+
 @dataclass
 class Capture:
     """What one training forward showed: its input, named activations and (optional) labels."""
@@ -135,12 +142,7 @@ class FeatureCapture:
             self._handles.append(named[name].register_forward_hook(hook))
 
     def _capturing(self, module: nn.Module) -> bool:
-        return (
-            module.training
-            and torch.is_grad_enabled()
-            and _hooks_enabled(module)
-            and self._active()
-        )
+        return training_forward(module) and self._active()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._open = self._capturing(module)  # (reset by every forward, even one that raised)

@@ -91,7 +91,8 @@ from .factored import (
     LinearInputs,
     rank_one_backprop,
 )
-from .features import FeatureCapture, FeatureFn
+from .features import FeatureCapture, FeatureFn, training_forward
+from .hooks import GuestHook
 from .learned_tokens import TOKEN_ENCODERS
 from .overlap import Worker, resolve_overlap
 from .reads import ReadBatch
@@ -663,6 +664,9 @@ class LeakageMonitor:
         # Features and tokens are what the learned critics read; the oracle needs neither, so
         # without critics none are made (the benchmarks set it to time tokens + oracle).
         self._tokens = bool(self.estimators) or self.semi_oracle is not None
+        # Registered before the captures' hooks, so it sees each forward before they do.
+        self._forward_versions: tuple[int, ...] | None = None
+        self._watch = module.register_forward_pre_hook(GuestHook(self._on_forward))
         self._capture = FeatureCapture(
             module,
             layers=layers,
@@ -789,6 +793,7 @@ class LeakageMonitor:
     def _unhook(self) -> None:
         if vars(self.optimizer).get("pre_step") == self._pre_step:
             del self.optimizer.pre_step
+        self._watch.remove()
         self._capture.remove()
         if self._factored is not None:
             self._factored.remove()
@@ -836,6 +841,29 @@ class LeakageMonitor:
         return wrapped
 
     # ------------------------------------------------------------------ the hot path
+    def _on_forward(self, module: torch.nn.Module, _args: tuple) -> None:
+        """Drop the captures of earlier forwards when the parameters changed since them with no
+        step of this optimizer: another optimizer trains the model now (``make_private`` run
+        again on it, with no monitor of its own), and without this the captures of every batch
+        it saw piled up here, never to be taken."""
+        if not (training_forward(module) and self._due()):
+            return
+        versions = tuple(p._version for p in self.optimizer.params)
+        if self._forward_versions is not None and versions != self._forward_versions:
+            self._capture.take()
+            if self._linear_inputs is not None:
+                self._linear_inputs.take()
+            if self._factored is not None:
+                self._factored.discard()
+            self._warn_once(
+                "forward:stale",
+                "the model's parameters changed between two training forwards with no step of "
+                "this monitor's optimizer (another optimizer trains the model: make_private "
+                "called again?); the earlier forwards' captures are dropped. Call "
+                "monitor.detach() when its optimizer is done, or attach a monitor to the new one",
+            )
+        self._forward_versions = versions
+
     def _due(self) -> bool:
         if not self.attached:
             return False
@@ -854,6 +882,7 @@ class LeakageMonitor:
                 return self._original_pre_step(closure)
         monitored = self._due()
         captures = self._capture.take()
+        self._forward_versions = None  # (the next forward is this optimizer's next step's)
         if monitored:
             # This step's clipping bound for its record, read before pre_step (where adaptive
             # clipping moves it) and on this thread (a scheduler moves it after the step).

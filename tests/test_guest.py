@@ -373,10 +373,19 @@ def test_models_on_one_engine_are_each_measured_every_nth_of_their_own_steps(eve
         assert [r.epsilon for r in monitor.history] == [epsilons[at] for at in expected[k]]
 
 
-def _make_private_twice(engine, *, monitored: bool, jsonl=None, second_noise: float = 0.5):
+def _make_private_twice(
+    engine,
+    *,
+    monitored: bool,
+    jsonl=None,
+    second_noise: float = 0.5,
+    again: bool = True,
+):
     """A notebook cell ``model, opt, loader = engine.make_private(...); monitor = ...; train``
     run twice: Opacus returns the same GradSampleModule and a new DPOptimizer. The monitors
-    made (a MonitoredPrivacyEngine makes its own) and the parameters trained."""
+    made (a MonitoredPrivacyEngine makes its own; ``again=False``: none the second time), each
+    measuring every step (the budget's schedule follows the machine's load), and the
+    parameters trained."""
     from conftest import TinyCNN, make_data
 
     torch.manual_seed(0)
@@ -395,12 +404,14 @@ def _make_private_twice(engine, *, monitored: bool, jsonl=None, second_noise: fl
         criterion = nn.CrossEntropyLoss()
         if isinstance(engine, MonitoredPrivacyEngine):
             monitors.append(engine.monitor)
-        elif monitored:
-            monitors.append(LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=jsonl))
-        if monitors:
+        elif monitored and (again or not monitors):
+            monitors.append(LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=jsonl, every=1))
+        elif monitors:  # (again=False: the second phase trains with no monitor of its own)
+            monitors = [*monitors, None]
+        if monitors and monitors[-1] is not None:
             criterion = monitors[-1].wrap_criterion(criterion)
         train(model, opt, loader, criterion=criterion)
-    return monitors, [p.detach().clone() for p in model.parameters()]
+    return [m for m in monitors if m is not None], [p.detach().clone() for p in model.parameters()]
 
 
 def _assert_let_go(old, new, params, reference) -> None:
@@ -430,6 +441,30 @@ def test_a_model_made_private_again_lets_its_old_monitor_go(tmp_path):
     assert [r.step for r in read_jsonl(path)] == list(range(12))  # both, one file
 
 
+def test_a_monitor_whose_optimizer_was_replaced_keeps_no_batch_of_the_new_one():
+    """make_private run again with no monitor for the new optimizer: the old monitor, never
+    stepped again and always due, cloned every batch the model saw (inputs and each Linear's
+    input: 6 of each after one epoch, growing with every batch). Now each forward that follows
+    a parameter change by another optimizer drops the captures before it, with one warning."""
+    import warnings
+
+    _, reference = _make_private_twice(PrivacyEngine(accountant="rdp"), monitored=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        (old,), params = _make_private_twice(
+            PrivacyEngine(accountant="rdp"), monitored=True, again=False
+        )
+    stale = [w for w in said if "no step of this monitor's optimizer" in str(w.message)]
+    assert len(stale) == 1 and "monitor.detach()" in str(stale[0].message)
+    assert old.attached and old.record_count == 6  # its own epoch, measured as before
+    # at most the last batch's capture is held (every=1: due, its optimizer never steps again)
+    assert len(old._capture.pending) <= 1
+    assert all(len(seen) <= 1 for seen in old._linear_inputs._seen.values())
+    for a, b in zip(reference, params, strict=True):
+        assert torch.equal(a, b), "the monitor changed the model parameters"
+    old.detach()
+
+
 def test_drop_in_engine_gives_a_model_made_private_again_one_monitor(tmp_path):
     """The old monitor stayed in ``engine.monitors``, hooked to the model, and the new one
     wrote to ``<name>.model1.jsonl`` as if it were a second model's."""
@@ -437,7 +472,7 @@ def test_drop_in_engine_gives_a_model_made_private_again_one_monitor(tmp_path):
 
     _, reference = _make_private_twice(PrivacyEngine(accountant="rdp"), monitored=False)
     path = tmp_path / "records.jsonl"
-    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, jsonl=path)
+    engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, jsonl=path, every=1)
     with pytest.warns(UserWarning, match="already had a LeakageMonitor"):
         (old, new), params = _make_private_twice(engine, monitored=True)
     _assert_let_go(old, new, params, reference)
