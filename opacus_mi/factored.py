@@ -781,6 +781,9 @@ class FactoredCapture:
         self._results = _Results(self, self._exact)
         self._recorded: list[_Backward] = []
         self._error: BaseException | None = None
+        # Ghost clipping's second backward ran since: a whole loss.backward() is in, whose
+        # gradients the next zero_grad discards unless a step reads them first.
+        self.reweighted = False
         for layer in self._layers.values():
             layer.pending.clear()
 
@@ -805,6 +808,7 @@ class FactoredCapture:
 
     def _backward_hook(self, m: nn.Module, _grad_input, grad_output) -> None:
         if not self._gsm.hooks_enabled:
+            self.reweighted = True
             return  # ghost clipping's second, clip-reweighted pass
         layer = self._layers[m]
         if not layer.pending:

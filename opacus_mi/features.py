@@ -73,13 +73,6 @@ def _hooks_enabled(module: nn.Module) -> bool:
     return getattr(module, "hooks_enabled", True)
 
 
-def training_forward(module: nn.Module) -> bool:
-    """Whether a forward of the Opacus-wrapped ``module`` makes per-sample gradients of the
-    coming step (so the monitor captures it when due): training mode, autograd on, Opacus's
-    hooks enabled."""
-    return module.training and torch.is_grad_enabled() and _hooks_enabled(module)
-
-
 @dataclass
 class Capture:
     """What one training forward showed: its input, named activations and (optional) labels."""
@@ -132,7 +125,13 @@ class FeatureCapture:
                 f"features names layers {missing} that the model does not have; valid names "
                 f"are {sorted(k for k in named if k)[:20]}"
             )
+        # The layers whose per-sample gradients Opacus records: it skips a forward where they
+        # are in eval mode (``model.eval()`` on the user's own model leaves the wrapper's flag).
+        self._trainable = [
+            m for m in inner.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
         self._open = False  # a captured training forward of the module is running
+        self._labelled = False  # the latest forward of the module was captured (its labels)
         self._handles = [
             module.register_forward_pre_hook(GuestHook(self._on_forward), with_kwargs=True),
             module.register_forward_hook(GuestHook(self._after_forward)),
@@ -141,11 +140,23 @@ class FeatureCapture:
             hook = GuestHook(self._layer_hook(name))
             self._handles.append(named[name].register_forward_hook(hook))
 
-    def _capturing(self, module: nn.Module) -> bool:
-        return training_forward(module) and self._active()
+    def training_forward(self) -> bool:
+        """Whether a forward of the module now makes per-sample gradients of the coming step,
+        as Opacus decides (each layer's mode, autograd on, its hooks enabled): the forwards the
+        monitor captures when due."""
+        return (
+            self.module.training
+            and torch.is_grad_enabled()
+            and _hooks_enabled(self.module)
+            and any(m.training for m in self._trainable)
+        )
+
+    def _capturing(self) -> bool:
+        return self.training_forward() and self._active()
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._open = self._capturing(module)  # (reset by every forward, even one that raised)
+        self._open = self._capturing()  # (reset by every forward, even one that raised)
+        self._labelled = self._open
         if not self._open:
             return
         x = _first_tensor(args, kwargs)
@@ -170,8 +181,9 @@ class FeatureCapture:
         return hook
 
     def record_labels(self, labels: torch.Tensor, num_classes: int | None) -> None:
-        """Attach the labels the loss saw to the current chunk."""
-        if self._active() and self.pending and _hooks_enabled(self.module):
+        """Attach the labels the loss saw to the current chunk: only where the loss follows a
+        captured forward (an evaluation batch's loss between backward and step lends none)."""
+        if self._labelled and self._active() and self.pending and _hooks_enabled(self.module):
             self.pending[-1].labels = labels.detach().clone()
             self.pending[-1].num_classes = num_classes
 

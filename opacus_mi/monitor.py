@@ -91,7 +91,7 @@ from .factored import (
     LinearInputs,
     rank_one_backprop,
 )
-from .features import FeatureCapture, FeatureFn, training_forward
+from .features import FeatureCapture, FeatureFn
 from .hooks import GuestHook
 from .learned_tokens import TOKEN_ENCODERS
 from .overlap import Worker, resolve_overlap
@@ -664,9 +664,6 @@ class LeakageMonitor:
         # Features and tokens are what the learned critics read; the oracle needs neither, so
         # without critics none are made (the benchmarks set it to time tokens + oracle).
         self._tokens = bool(self.estimators) or self.semi_oracle is not None
-        # Registered before the captures' hooks, so it sees each forward before they do.
-        self._forward_versions: tuple[int, ...] | None = None
-        self._watch = module.register_forward_pre_hook(GuestHook(self._on_forward))
         self._capture = FeatureCapture(
             module,
             layers=layers,
@@ -675,6 +672,9 @@ class LeakageMonitor:
             batch_first=getattr(module, "batch_first", True),
             active=lambda: self._tokens and self._due(),
         )
+        # Registered before the layers' hooks, so it sees each forward before they do.
+        self._forward_versions: tuple[int, ...] | None = None
+        self._watch = module.register_forward_pre_hook(GuestHook(self._on_forward))
         # Hooks/functorch: inputs of the 2-D Linear layers Opacus hooks (none in ew mode), whose
         # rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
@@ -714,6 +714,10 @@ class LeakageMonitor:
                 self._finaliser.atexit = False  # (at exit, the flush above: every sink)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
+        # The per-sample gradients the latest pre_step read (see _zero_grad).
+        self._consumed: weakref.ref | None = None
+        self._original_zero_grad = optimizer.zero_grad
+        optimizer.zero_grad = self._zero_grad  # (as pre_step)
         self.attached = True
         _ATTACHED.add(self)
 
@@ -793,6 +797,8 @@ class LeakageMonitor:
     def _unhook(self) -> None:
         if vars(self.optimizer).get("pre_step") == self._pre_step:
             del self.optimizer.pre_step
+        if vars(self.optimizer).get("zero_grad") == self._zero_grad:
+            del self.optimizer.zero_grad
         self._watch.remove()
         self._capture.remove()
         if self._factored is not None:
@@ -846,15 +852,11 @@ class LeakageMonitor:
         step of this optimizer: another optimizer trains the model now (``make_private`` run
         again on it, with no monitor of its own), and without this the captures of every batch
         it saw piled up here, never to be taken."""
-        if not (training_forward(module) and self._due()):
+        if not (self._capture.training_forward() and self._due()):
             return
         versions = tuple(p._version for p in self.optimizer.params)
         if self._forward_versions is not None and versions != self._forward_versions:
-            self._capture.take()
-            if self._linear_inputs is not None:
-                self._linear_inputs.take()
-            if self._factored is not None:
-                self._factored.discard()
+            self._discard_captures()
             self._warn_once(
                 "forward:stale",
                 "the model's parameters changed between two training forwards with no step of "
@@ -863,6 +865,32 @@ class LeakageMonitor:
                 "monitor.detach() when its optimizer is done, or attach a monitor to the new one",
             )
         self._forward_versions = versions
+
+    def _zero_grad(self, *args, **kwargs):
+        """Opacus's ``zero_grad``, after dropping the captures of a step skipped after its
+        backward (``zero_grad(); continue`` on a non-finite loss, say): Opacus drops that
+        backward's per-sample gradients, and its captures were paired with the next step's.
+        Per-sample gradients the latest pre_step read are a past step's (the loop may call
+        ``zero_grad`` between its forward and backward): those leave the captures alone, as
+        does ghost clipping's own ``zero_grad`` between its two backward passes."""
+        if self._factored is not None:
+            discarded = self._factored.reweighted
+        else:
+            latest = _per_sample_marker(self.optimizer.params)
+            discarded = latest is not None and (
+                self._consumed is None or self._consumed() is not latest
+            )
+        if discarded:
+            self._discard_captures()
+        return self._original_zero_grad(*args, **kwargs)
+
+    def _discard_captures(self) -> None:
+        """Forget what the hooks kept since the last step: forwards no step will read."""
+        self._capture.take()
+        if self._linear_inputs is not None:
+            self._linear_inputs.take()
+        if self._factored is not None:
+            self._factored.discard()
 
     def _due(self) -> bool:
         if not self.attached:
@@ -883,6 +911,8 @@ class LeakageMonitor:
         monitored = self._due()
         captures = self._capture.take()
         self._forward_versions = None  # (the next forward is this optimizer's next step's)
+        latest = _per_sample_marker(self.optimizer.params)
+        self._consumed = weakref.ref(latest) if latest is not None else None
         if monitored:
             # This step's clipping bound for its record, read before pre_step (where adaptive
             # clipping moves it) and on this thread (a scheduler moves it after the step).
@@ -2018,6 +2048,19 @@ _ATTACHED: weakref.WeakSet[LeakageMonitor] = weakref.WeakSet()
 def _stand_aside_after_fork() -> None:
     for monitor in list(_ATTACHED):
         monitor._stand_aside()
+
+
+def _per_sample_marker(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The newest ``grad_sample`` Opacus attached to the first parameter that has one (the
+    last of an accumulated list): each backward makes a new one, so it tells whether a
+    backward ran since it was last seen."""
+    for p in params:
+        latest = getattr(p, "grad_sample", None)
+        if isinstance(latest, list):
+            latest = latest[-1] if latest else None
+        if isinstance(latest, torch.Tensor):
+            return latest
+    return None
 
 
 def _detach_replaced(module, optimizer) -> None:

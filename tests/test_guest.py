@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_private, train, without_timing
+from conftest import make_data, make_private, train, without_timing
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -830,3 +830,63 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
     whole = torch.load(path, weights_only=False)
     with pytest.raises(ValueError, match="'opacus_mi_monitor_state_dict' entry, or load it with"):
         engine.monitor.load_state_dict(whole)
+
+
+def _loop_records(mode: str, variant: str) -> tuple[list[dict], list[torch.Tensor]]:
+    """Records and parameters of 20 fixed batches trained with ``variant`` of the loop:
+    "plain"; "skip" (batch 1 run forward and backward, then dropped by ``zero_grad``);
+    "unseen" (batch 1 never run: what "skip" must equal); "validate" (an evaluation batch's
+    wrapped loss between backward and step, under no_grad); "inner_eval" (the user's own
+    model put in eval, and a validation forward without no_grad, between steps)."""
+    engine, model, opt, crit, loader = make_private(
+        mode=mode, poisson=False, n=320, with_criterion=True
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
+    criterion = monitor.wrap_criterion(crit)
+    val_x, val_y = make_data(16, seed=1).tensors
+    for i, (x, y) in enumerate(loader):
+        if variant == "unseen" and i == 1:
+            continue
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        if variant == "skip" and i == 1:
+            opt.zero_grad()  # (a non-finite loss, say: Opacus drops these gradients)
+            continue
+        if variant == "validate":
+            model.eval()
+            with torch.no_grad():
+                criterion(model(val_x), val_y)
+            model.train()
+        opt.step()
+        if variant == "inner_eval":
+            model._module.eval()  # the user's own model: the wrapper's flag stays True
+            nn.functional.cross_entropy(model(val_x), val_y)
+            model._module.train()
+    monitor.detach()
+    return without_timing(monitor.history), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_step_skipped_after_its_backward_lends_the_next_step_nothing(mode):
+    """``zero_grad(); continue`` after a backward: Opacus drops those per-sample gradients,
+    but the monitor kept the batch's capture and paired the next step's gradients with it
+    (flagged features_first_forward, or features_unpaired under Poisson sampling)."""
+    skipped, params = _loop_records(mode, "skip")
+    unseen, reference = _loop_records(mode, "unseen")
+    assert len(skipped) == 19 and not any(r["flags"] for r in skipped)
+    assert skipped == unseen
+    for a, b in zip(params, reference, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", ["validate", "inner_eval"])
+def test_evaluation_batches_between_steps_leave_the_records_alone(variant):
+    """An evaluation loss through the wrapped criterion between backward and step lent its
+    labels to the training batch (12 of 36 records differed; the critics read 0 nats); a
+    forward with the user's own model in eval (Opacus skips it: each layer's mode) was
+    captured as a training forward and paired with the next step."""
+    records, params = _loop_records("hooks", variant)
+    reference, trained = _loop_records("hooks", "plain")
+    assert len(records) == 20 and records == reference
+    for a, b in zip(params, trained, strict=True):
+        assert torch.equal(a, b)
