@@ -101,13 +101,23 @@ def clip_factors(
     if batch == 0:
         empty = torch.zeros((0, len(bounds)), device=device)
         return ClipInfo(factors=empty, norms=empty, per_layer=True)
-    norms = torch.stack(
-        [g.norm(2, dim=tuple(range(1, g.ndim))).to(device) for g in grad_samples], dim=1
-    )
-    bound_t = _bounds_tensor(tuple(float(b) for b in bounds), norms.dtype, device)
-    # Opacus divides a Python float by the norms, which torch evaluates as reciprocal() * C;
-    # a true division rounds differently in ~20% of the factors (by up to 1.2e-7).
-    factors = ((norms + _OPACUS_EPS).reciprocal() * bound_t).clamp(max=1.0)
+    per_layer = [g.norm(2, dim=tuple(range(1, g.ndim))) for g in grad_samples]
+    norms = torch.stack([n.to(device) for n in per_layer], dim=1)
+    if all(n.dtype in (torch.float32, torch.float64) for n in per_layer):
+        bound_t = _bounds_tensor(tuple(float(b) for b in bounds), norms.dtype, device)
+        # Opacus divides a Python float by the norms, which torch evaluates as reciprocal() *
+        # C; a true division rounds differently in ~20% of the factors (by up to 1.2e-7).
+        factors = ((norms + _OPACUS_EPS).reciprocal() * bound_t).clamp(max=1.0)
+    else:
+        # Half precision: C stays a float in Opacus's product (computed in float32, rounded
+        # once); a half-precision tensor of bounds rounds C too (up to 7.5e-3 off in bf16).
+        factors = torch.stack(
+            [
+                (float(b) / (n + _OPACUS_EPS)).clamp(max=1.0).to(device)
+                for b, n in zip(bounds, per_layer, strict=True)
+            ],
+            dim=1,
+        )
     return ClipInfo(factors=factors, norms=norms, per_layer=True)
 
 

@@ -38,14 +38,25 @@ def test_clipped_view_sums_to_opacus_summed_grad(clipping, clip):
             assert (v.flatten(1).norm(dim=1) <= clip * (1 + 1e-5)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_clip_factors_are_opacus_bit_for_bit(clipping):
+def test_clip_factors_are_opacus_bit_for_bit(clipping, dtype):
     # Opacus weights each example's gradient by its factor (einsum "i,i...") into summed_grad:
     # our factors must reproduce that sum exactly, not to rounding (per-layer clipping divides a
-    # Python float by the norms, which torch evaluates as reciprocal() * C).
+    # Python float by the norms, which torch evaluates as reciprocal() * C; in half precision
+    # C stays a float there: as a bfloat16 tensor, 79 of 192 factors differed by up to 7.5e-3).
+    from conftest import TinyCNN, make_data
+
     clip = [0.3, 0.2, 0.7, 0.1] if clipping == "per_layer" else 0.3
+    x, y = make_data(64).tensors
     _, model, opt, loader = make_private(
-        clipping=clipping, clip=clip, poisson=False, batch_size=64, n=64, noise=0.0
+        clipping=clipping,
+        clip=clip,
+        poisson=False,
+        batch_size=64,
+        noise=0.0,
+        net=lambda: TinyCNN().to(dtype),
+        data=torch.utils.data.TensorDataset(x.to(dtype), y),
     )
     _one_backward(opt, model, loader)
     gs = [g.clone() for g in opt.grad_samples]
