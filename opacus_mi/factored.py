@@ -781,9 +781,7 @@ class FactoredCapture:
         self._results = _Results(self, self._exact)
         self._recorded: list[_Backward] = []
         self._error: BaseException | None = None
-        # Ghost clipping's second backward ran since: a whole loss.backward() is in, whose
-        # gradients the next zero_grad discards unless a step reads them first.
-        self.reweighted = False
+        self.new_step()
         for layer in self._layers.values():
             layer.pending.clear()
 
@@ -807,9 +805,12 @@ class FactoredCapture:
         )
 
     def _backward_hook(self, m: nn.Module, _grad_input, grad_output) -> None:
-        if not self._gsm.hooks_enabled:
-            self.reweighted = True
-            return  # ghost clipping's second, clip-reweighted pass
+        if not self._gsm.hooks_enabled:  # ghost clipping's second, clip-reweighted pass
+            if not self.reweighted:
+                self.reweighted = True
+                self.passes += 1
+            return
+        self.reweighted = False  # a first pass: a (micro-)batch's backward is under way
         layer = self._layers[m]
         if not layer.pending:
             return
@@ -881,6 +882,13 @@ class FactoredCapture:
             return self._results.batch_of()
         finally:
             self._reset()
+
+    def new_step(self) -> None:
+        """Start counting backward passes afresh (every optimizer step, measured or not)."""
+        # Ghost clipping's second pass is the latest to have run: a whole loss.backward() is
+        # in, whose gradients the next zero_grad discards unless a step reads them first.
+        self.reweighted = False
+        self.passes = 0  # second passes finished since (micro-batches: Opacus keeps the last)
 
     def discard(self) -> None:
         """Forget what was captured since the last :meth:`take` (forwards no step will take)."""

@@ -187,6 +187,10 @@ class FeatureCapture:
             self.pending[-1].labels = labels.detach().clone()
             self.pending[-1].num_classes = num_classes
 
+    def keep_last(self) -> None:
+        """Forget every capture but the latest forward's (those of gradients Opacus dropped)."""
+        del self.pending[:-1]
+
     def take(self) -> list[Capture]:
         """Hand over the captures since the last optimizer step and start afresh."""
         captured, self.pending = self.pending, []

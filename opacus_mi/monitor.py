@@ -875,6 +875,10 @@ class LeakageMonitor:
         does ghost clipping's own ``zero_grad`` between its two backward passes."""
         if self._factored is not None:
             discarded = self._factored.reweighted
+            if not discarded and self._factored.passes:
+                # Opacus's own zero_grad between the passes of a later micro-batch: the earlier
+                # ones' gradients go (Opacus steps with the last), and so do their forwards.
+                self._capture.keep_last()
         else:
             latest = _per_sample_marker(self.optimizer.params)
             discarded = latest is not None and (
@@ -911,6 +915,8 @@ class LeakageMonitor:
         monitored = self._due()
         captures = self._capture.take()
         self._forward_versions = None  # (the next forward is this optimizer's next step's)
+        if self._factored is not None:
+            self._factored.new_step()
         latest = _per_sample_marker(self.optimizer.params)
         self._consumed = weakref.ref(latest) if latest is not None else None
         if monitored:

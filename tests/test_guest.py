@@ -832,23 +832,29 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
         engine.monitor.load_state_dict(whole)
 
 
-def _loop_records(mode: str, variant: str) -> tuple[list[dict], list[torch.Tensor]]:
+def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], list[torch.Tensor]]:
     """Records and parameters of 20 fixed batches trained with ``variant`` of the loop:
     "plain"; "skip" (batch 1 run forward and backward, then dropped by ``zero_grad``);
     "unseen" (batch 1 never run: what "skip" must equal); "validate" (an evaluation batch's
     wrapped loss between backward and step, under no_grad); "inner_eval" (the user's own
-    model put in eval, and a validation forward without no_grad, between steps)."""
+    model put in eval, and a validation forward without no_grad, between steps); ghost mode's
+    "no_zero_grad" (its loss's backward clears the gradients itself); "accumulate" (two
+    batches' backwards, then a step: ghost clipping steps with the last) and "odd" (the second
+    of each pair alone: what "accumulate" must equal in ghost mode)."""
     engine, model, opt, crit, loader = make_private(
         mode=mode, poisson=False, n=320, with_criterion=True
     )
-    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=every, train_every=1)
     criterion = monitor.wrap_criterion(crit)
     val_x, val_y = make_data(16, seed=1).tensors
     for i, (x, y) in enumerate(loader):
-        if variant == "unseen" and i == 1:
+        if variant == "unseen" and i == 1 or variant == "odd" and i % 2 == 0:
             continue
-        opt.zero_grad()
+        if variant != "no_zero_grad" and not (variant == "accumulate" and i % 2):
+            opt.zero_grad()
         criterion(model(x), y).backward()
+        if variant == "accumulate" and i % 2 == 0:
+            continue
         if variant == "skip" and i == 1:
             opt.zero_grad()  # (a non-finite loss, say: Opacus drops these gradients)
             continue
@@ -876,6 +882,23 @@ def test_a_step_skipped_after_its_backward_lends_the_next_step_nothing(mode):
     assert len(skipped) == 19 and not any(r["flags"] for r in skipped)
     assert skipped == unseen
     for a, b in zip(params, reference, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_ghost_loops_without_zero_grad_or_with_micro_batches_are_measured(every):
+    """Ghost clipping's loss clears the gradients between its two passes: a loop may skip its
+    own zero_grad, and of micro-batches accumulated before one step Opacus steps with the last.
+    Either way the monitor's zero_grad check (a finished second pass discarded) had dropped
+    the step's own first pass: every measured step after an unmeasured one failed (B = 0)."""
+    records, params = _loop_records("ghost", "no_zero_grad", every)
+    reference, trained = _loop_records("ghost", "plain", every)
+    assert len(records) == 20 // every and records == reference
+    accumulated, params_2 = _loop_records("ghost", "accumulate", every)
+    last_only, trained_2 = _loop_records("ghost", "odd", every)
+    assert len(accumulated) == 10 // every and accumulated == last_only
+    assert not any(r["flags"] for r in records + accumulated)
+    for a, b in zip(params + params_2, trained + trained_2, strict=True):
         assert torch.equal(a, b)
 
 
