@@ -1357,12 +1357,9 @@ class LeakageMonitor:
                         rank_one=linear_inputs,
                         backprops=backprops,
                     )
-                if self.distributed or chunk.keep is not None:
-                    # Drawn after gathering, in rank order (DPDDP), or once the rows to keep
-                    # are known (sync-free): see _finish_step.
-                    chunk.pending = (clipped, gram, std)
-                else:
-                    self._privatise(chunk, clipped, gram, std)
+                # Drawn at the record, chunk by chunk (after gathering, in rank order, under
+                # DPDDP; once the rows to keep are known, sync-free): see _estimate.
+                chunk.pending = (clipped, gram, std)
         chunk.features = feats
         return chunk
 
@@ -1618,9 +1615,13 @@ class LeakageMonitor:
         """The step's private-view draws, held-out critic scores and oracle, read back in one
         transfer: off the CPU each read is a host sync. None if that read shows a sync-free
         chunk had non-finite rows: they are dropped, and the caller estimates again."""
-        for c in chunks:
-            if c.pending is not None and not self.distributed:  # sync-free: drawn here
-                self._privatise(c, *c.pending)
+        if not self.distributed:
+            # With the noise of the step's last chunk, whose pre_step adds it (a scheduler
+            # stepped after every physical batch changes it from chunk to chunk).
+            drawn = [c for c in chunks if c.pending is not None]
+            for c in drawn:
+                clipped, gram, _ = c.pending
+                self._privatise(c, clipped, gram, drawn[-1].pending[2])
         out = _Estimates()
         reads = ReadBatch(self.device)
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]

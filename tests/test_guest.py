@@ -173,6 +173,38 @@ def test_every_monitors_one_step_in_n():
     assert monitor.steps == 12
 
 
+def test_a_noise_scheduler_stepped_per_chunk_draws_every_chunk_at_the_noise_opacus_adds():
+    """A scheduler stepped after every physical batch changes sigma from chunk to chunk, but
+    Opacus adds one noise per logical step, at its last chunk: the monitor drew each chunk at
+    its own sigma (0.5, 0.4, 0.32, 0.256 where Opacus added 0.256), understating leakage."""
+    from opacus.schedulers import ExponentialNoise
+
+    engine, model, opt, loader = make_private(poisson=False, batch_size=32, n=96, noise=0.5)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    drawn, added = [], []  # the monitor's stds, step by step; Opacus's (sigma C at add_noise)
+    privatise = monitor._privatise
+    monitor._privatise = lambda chunk, clipped, gram, std: (
+        drawn[-1].append(std),
+        privatise(chunk, clipped, gram, std),
+    )[1]
+    add_noise = opt.add_noise
+    opt.add_noise = lambda: (added.append(opt.noise_multiplier * opt.max_grad_norm), add_noise())
+    scheduler = ExponentialNoise(opt, gamma=0.8)
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=opt) as mm:
+        for x, y in mm:
+            if not drawn or len(drawn[-1]) == 4:
+                drawn.append([])
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            scheduler.step()  # (per physical batch: Opacus's noise is the last chunk's)
+    monitor.flush()
+    del opt.add_noise
+    assert len(added) == len(monitor.history) == 3
+    assert drawn == [[std] * 4 for std in added]
+    assert len(set(added)) == 3
+
+
 def test_batch_memory_manager_every_chunk_seen_and_paired():
     """Logical batch 32 in physical chunks of 8: records cover all chunks, features paired."""
     engine, model, opt, loader = make_private(poisson=False, batch_size=32, n=96)
