@@ -657,7 +657,11 @@ class _Results:
         tokens = []
         for slot, dim in enumerate(cap._tokenizer.dims if self.tokens else ()):  # () unwanted
             t = self.tokens.get(slot)  # a layer unused in this forward has zero gradient
-            tokens.append(t if t is not None else torch.zeros((batch, dim), device=device))
+            tokens.append(
+                t
+                if t is not None
+                else torch.zeros((batch, dim), device=device, dtype=torch.float32)
+            )
         pids = dict.fromkeys(id(p) for layer in cap._layers.values() for p in layer.params)
         norms_list = [self.norms.get(pid) for pid in pids]  # a shared parameter counted once
         norms = torch.stack(

@@ -55,9 +55,9 @@ def pool_features(x: torch.Tensor, max_dim: int = MAX_FEATURES) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _identity(classes: int, device: torch.device) -> torch.Tensor:
-    """The float identity whose rows are one-hot labels, made once per size and device (never
+    """The float32 identity whose rows are one-hot labels, made once per size and device (never
     written to)."""
-    return torch.eye(classes, device=device)
+    return torch.eye(classes, device=device, dtype=torch.float32)  # as pooled features, always
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:

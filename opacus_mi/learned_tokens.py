@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .estimators.critics import ELU, SeparableCritic, _linear, _mlp
+from .estimators.critics import DTYPE, ELU, SeparableCritic, _linear, _mlp
 
 TOKEN_ENCODERS: tuple[str, ...] = ("sketch", "autoencoder", "transformer")
 
@@ -67,7 +67,8 @@ def split_layers(y: torch.Tensor, layer_dims: Sequence[int]) -> tuple[torch.Tens
 @torch.no_grad()
 def _fill_uniform(p: torch.Tensor, bound: float, generator: torch.Generator) -> None:
     # Drawn on the generator's device, then moved: the same numbers on every device.
-    v = torch.empty(p.shape, device=generator.device).uniform_(-bound, bound, generator=generator)
+    v = torch.empty(p.shape, device=generator.device, dtype=DTYPE)
+    v.uniform_(-bound, bound, generator=generator)
     p.copy_(v)
 
 
@@ -172,7 +173,7 @@ class LayerTransformer(TokenEncoder):
         self.pool = pool
         self.proj = nn.ModuleList(_linear(k, d_model, generator, device) for k in self.layer_dims)
         n_layers = len(self.layer_dims)
-        self.layer_embed = nn.Parameter(torch.empty(n_layers, d_model, device=device))
+        self.layer_embed = nn.Parameter(torch.empty(n_layers, d_model, device=device, dtype=DTYPE))
         _fill_uniform(self.layer_embed, 1.0 / math.sqrt(d_model), generator)
         block = torch.nn.utils.skip_init(
             nn.TransformerEncoderLayer,
@@ -184,9 +185,10 @@ class LayerTransformer(TokenEncoder):
             batch_first=True,
             norm_first=True,
             device=device,
+            dtype=DTYPE,
         )
         self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model, device=device)
+        self.norm = nn.LayerNorm(d_model, device=device, dtype=DTYPE)
         with torch.no_grad():
             for name, p in self.encoder.named_parameters():
                 if "norm" in name:

@@ -1387,8 +1387,11 @@ class LeakageMonitor:
     ):
         """The chunk's random draws: private-view token noise, then the oracle's noise."""
         if clipped is not None:
-            noise = torch.randn(
-                clipped.shape, generator=self.generator, device=self.generator.device
+            noise = torch.randn(  # float32 draws, whatever torch's default dtype
+                clipped.shape,
+                generator=self.generator,
+                device=self.generator.device,
+                dtype=torch.float32,
             )
             if noise.device != clipped.device:
                 noise = noise.to(clipped.device)
@@ -1797,7 +1800,12 @@ class LeakageMonitor:
             if not all("semi" in c.tokens for c in usable):
                 return  # the subspace is not fitted yet
             clean = torch.cat([c.tokens["semi"] for c in usable])
-            noise = torch.randn(clean.shape, generator=self.generator, device=self.generator.device)
+            noise = torch.randn(
+                clean.shape,
+                generator=self.generator,
+                device=self.generator.device,
+                dtype=torch.float32,
+            )
             private = clean + std * noise.to(clean.device)
         else:
             clean = torch.cat([c.tokens["clipped"] for c in usable])

@@ -44,6 +44,21 @@ def test_estimate_mi_recovers_closed_form_gaussian_mi(estimator, d, mi):
     assert est.shuffled < 0.1
 
 
+def test_estimate_mi_does_not_follow_a_float64_default_dtype():
+    """The critic's weights and buffers, its initial draws and the shuffles are float32 whatever
+    torch's default dtype: the same figures, exactly, under ``set_default_dtype(float64)``."""
+    x, y = correlated_gaussians(400, 2, 0.5, seed=3)
+    out = {}
+    old = torch.get_default_dtype()
+    for default in (torch.float32, torch.float64):
+        torch.set_default_dtype(default)
+        try:
+            out[default] = estimate_mi(x, y, "mine", seed=1, max_steps=40)
+        finally:
+            torch.set_default_dtype(old)
+    assert out[torch.float64] == out[torch.float32]
+
+
 def test_estimate_mi_independent_pairs_is_near_zero():
     g = torch.Generator().manual_seed(0)
     est = estimate_mi(torch.randn(3000, 3, generator=g), torch.randn(3000, 2, generator=g))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from conftest import make_private, train
+from conftest import make_private, train, without_timing
 
 from opacus_mi import LeakageMonitor
 from opacus_mi.estimators.oracle import gram_oracle
@@ -183,3 +184,42 @@ def test_semi_oracle_interval_near_ln_b_stays_below_its_exact_target(monkeypatch
     near = [(s, t) for s, t in zip(semis, targets, strict=True) if math.log(8) - s.nats < 3.5]
     assert len(near) > 100  # (the regime at issue: nearly identifiable batches)
     assert sum(s.ci_low > t + 1e-9 for s, t in near) <= 0.025 * len(near)
+
+
+@pytest.mark.parametrize("tokenizer", ["sketch", "transformer"])
+def test_a_float64_default_dtype_changes_no_record_and_no_training_step(tokenizer):
+    """``torch.set_default_dtype(torch.float64)`` in the user's program: the monitor's own
+    modules and draws stay float32, so the records equal the float32 default's bit for bit
+    (the same float32 numbers in the same order; before, the semi-oracle's float64 regressor
+    failed on float32 inputs and every record after its first round was an error)."""
+
+    def run(default: torch.dtype):
+        # The same float32 model and data; only what happens after the default changes differs.
+        engine, model, opt, loader = make_private(poisson=False, noise=0.3)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            monitor = LeakageMonitor(
+                engine,
+                model,
+                opt,
+                delta=1e-5,
+                views=("private",),
+                semi_oracle=True,
+                control=True,
+                train_every=1,
+                tokenizer=tokenizer,
+                overlap=False,
+            )
+            train(model, opt, loader, epochs=2)
+            monitor.flush()
+        finally:
+            torch.set_default_dtype(old)
+        return without_timing(monitor.history), [p.detach().clone() for p in model.parameters()]
+
+    records32, params32 = run(torch.float32)
+    records64, params64 = run(torch.float64)
+    assert not any(f.startswith("error") for r in records64 for f in r["flags"]), records64
+    assert any("private/semi" in r["mi"] for r in records64)
+    assert records64 == records32
+    assert all(torch.equal(a, b) for a, b in zip(params64, params32, strict=True))

@@ -277,7 +277,9 @@ def bootstrap_bound(
 
 def random_permutations(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """``(count, n)`` independent uniform permutations of ``range(n)`` from ``generator``."""
-    keys = torch.rand((count, n), generator=generator, device=generator.device)
+    keys = torch.rand(  # float32 keys, whatever torch's default dtype: the same permutations
+        (count, n), generator=generator, device=generator.device, dtype=torch.float32
+    )
     return keys.argsort(dim=1)
 
 

@@ -16,16 +16,21 @@ import math
 import torch
 from torch import nn
 
+# The dtype of the estimators' modules and buffers, named rather than left to torch's default:
+# their inputs are float32 whatever the user's default, and a user's
+# torch.set_default_dtype(torch.float64) must change neither the figures nor whether they run.
+DTYPE = torch.float32
+
 
 def _linear(d_in: int, d_out: int, generator: torch.Generator, device) -> nn.Linear:
-    layer = torch.nn.utils.skip_init(nn.Linear, d_in, d_out, device=device)
+    layer = torch.nn.utils.skip_init(nn.Linear, d_in, d_out, device=device, dtype=DTYPE)
     bound = 1.0 / math.sqrt(d_in)
     with torch.no_grad():
         # Values are drawn on the generator's device, then moved: same numbers on every device.
-        w = torch.empty((d_out, d_in), device=generator.device).uniform_(
+        w = torch.empty((d_out, d_in), device=generator.device, dtype=DTYPE).uniform_(
             -bound, bound, generator=generator
         )
-        b = torch.empty((d_out,), device=generator.device).uniform_(
+        b = torch.empty((d_out,), device=generator.device, dtype=DTYPE).uniform_(
             -bound, bound, generator=generator
         )
         layer.weight.copy_(w)
@@ -105,8 +110,8 @@ class SeparableCritic(nn.Module):
         self.psi = _mlp(y_dim, hidden, embed, generator, device)
         self.scale = 1.0 / math.sqrt(embed)
         for name, dim in (("x", x_dim), ("y", y_dim)):
-            self.register_buffer(f"{name}_mean", torch.zeros(dim, device=device))
-            self.register_buffer(f"{name}_std", torch.ones(dim, device=device))
+            self.register_buffer(f"{name}_mean", torch.zeros(dim, device=device, dtype=DTYPE))
+            self.register_buffer(f"{name}_std", torch.ones(dim, device=device, dtype=DTYPE))
 
     @torch.no_grad()
     def fit_scaler(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -157,7 +157,9 @@ def _own_log_posterior(
 ) -> torch.Tensor:
     """``(draws, B)``: ``log p(J = j | y_j)`` for ``draws`` noise draws per example."""
     b = g.shape[0]
-    eps = torch.randn((draws, b, b), generator=generator, device=generator.device)
+    eps = torch.randn(  # float32 draws (then widened), whatever torch's default dtype
+        (draws, b, b), generator=generator, device=generator.device, dtype=torch.float32
+    )
     # logits[d, j, i] = (2 <y_j, g_i> - |g_i|^2) / (2 s^2) = (G_ji - |g_i|^2 / 2) / s^2 + z_j(i) / s
     # with z[d, j] = L eps[d, j] ~ N(0, G): one batched GEMM adds the noise to the fixed part,
     # both scales folded into it (beta, alpha).
