@@ -54,10 +54,33 @@ def pool_features(x: torch.Tensor, max_dim: int = MAX_FEATURES) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _identity(classes: int, device: torch.device) -> torch.Tensor:
-    """The float32 identity whose rows are one-hot labels, made once per size and device (never
-    written to)."""
-    return torch.eye(classes, device=device, dtype=torch.float32)  # as pooled features, always
+def _one_hot_rows(classes: int, device: torch.device) -> torch.Tensor:
+    """``(classes + 2, classes)`` float32 rows a label picks, made once per size and device
+    (never written to): all-zero, the identity's, then NaN (see :func:`one_hot_labels`)."""
+    eye = torch.eye(classes, device=device, dtype=torch.float32)  # as pooled features, always
+    zero = torch.zeros((1, classes), device=device, dtype=torch.float32)
+    return torch.cat([zero, eye, torch.full_like(zero, math.nan)])
+
+
+def one_hot_labels(labels: torch.Tensor, classes: int, *, check: bool = True) -> torch.Tensor:
+    """``(B, classes)`` one-hot rows of integer ``labels``; a negative label, one the loss
+    ignores (``CrossEntropyLoss``'s ``ignore_index=-100``), is an all-zero row.
+
+    A label >= ``classes`` raises with ``check``, a host read; without it (where that read
+    would be a device sync each step) its row is NaN, which the monitor drops and flags
+    (``nonfinite_features``). Rows of a cached table, picked in one gather: ``F.one_hot``
+    range-checks with host reads and refuses negative labels.
+    """
+    if check and labels.numel() and int(labels.max()) >= classes:
+        bad = sorted(set(labels[labels >= classes].tolist()))
+        raise ValueError(
+            f"the labels given to the wrapped criterion include {bad[:5]}, outside the "
+            f"model's {classes} outputs: a label must be a class index in [0, {classes}), or "
+            "negative for an example the loss ignores (ignore_index=-100)"
+        )
+    return _one_hot_rows(classes, labels.device).index_select(
+        0, labels.long().clamp(-1, classes) + 1
+    )
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -96,6 +119,8 @@ class FeatureCapture:
             input's examples lie along its dim 1, as Opacus reads them.
         active: callable telling whether the current forward is worth capturing (the monitor
             only pays for copies on monitored steps).
+        check_labels: callable telling whether a label past the output raises, a host read
+            (see :func:`one_hot_labels`; the monitor makes none where it would be a sync).
     """
 
     def __init__(
@@ -107,6 +132,7 @@ class FeatureCapture:
         use_input: bool = True,
         batch_first: bool = True,
         active: Callable[[], bool] = lambda: True,
+        check_labels: Callable[[], bool] = lambda: True,
     ):
         self.module = module
         self.fn = fn
@@ -114,6 +140,7 @@ class FeatureCapture:
         self.batch_first = batch_first
         self.layer_names = tuple(layers)
         self._active = active
+        self._check_labels = check_labels
         self.pending: list[Capture] = []
         inner = getattr(module, "_module", module)
         if isinstance(inner, DATA_PARALLEL):
@@ -284,10 +311,7 @@ class FeatureCapture:
                 k = capture.num_classes
                 if not k or k < 2:  # a single-logit head: classes from the labels themselves
                     k = max(2, int(labels.max().item()) + 1 if batch else 2)
-                # Rows of a cached identity, one operation: F.one_hot range-checks the labels
-                # with two host reads on the CPU (syncs on a GPU); a bad label still fails
-                # here, in index_select's own bounds check.
-                parts.append(_identity(k, labels.device).index_select(0, labels.long()))
+                parts.append(one_hot_labels(labels, k, check=self._check_labels()))
             else:
                 parts.append(pool_features(labels.reshape(batch, -1)))
         if not parts:

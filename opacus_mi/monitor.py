@@ -671,6 +671,7 @@ class LeakageMonitor:
             use_input=use_input,
             batch_first=getattr(module, "batch_first", True),
             active=lambda: self._tokens and self._due(),
+            check_labels=lambda: not self._sync_free,  # a host read: a sync off the CPU
         )
         # Registered before the layers' hooks, so it sees each forward before they do.
         self._forward_versions: tuple[int, ...] | None = None

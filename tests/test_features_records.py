@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import fail_estimate_at, make_private, train, without_timing
+from conftest import fail_estimate_at, make_data, make_private, train, without_timing
 from torch import nn
 
 from opacus_mi import LeakageMonitor, LeakageRecord, MIValue, mi_upper_bound, read_jsonl
-from opacus_mi.features import pool_features
+from opacus_mi.features import one_hot_labels, pool_features
 
 
 def test_pool_features_caps_dimension_and_keeps_small_inputs():
@@ -56,6 +56,67 @@ def test_default_features_are_inputs_plus_one_hot_labels():
     assert feats.shape == (16, 36 + 3)
     assert torch.equal(feats[:, :36], x.reshape(16, 36))
     assert torch.equal(feats[:, 36:], nn.functional.one_hot(y, 3).float())
+
+
+def _one_hot_reference(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Brute force: row i has a 1 at column labels[i] if 0 <= labels[i] < classes, NaNs past
+    the output, and no 1 at all for a negative (ignored) label."""
+    out = torch.zeros(len(labels), classes)
+    for i, label in enumerate(labels.tolist()):
+        if label >= classes:
+            out[i] = math.nan
+        elif label >= 0:
+            out[i, label] = 1.0
+    return out
+
+
+def test_labels_the_loss_ignores_are_all_zero_one_hot_rows():
+    """CrossEntropyLoss(ignore_index=-100) labels: index_select failed on -100, so every record
+    was flagged features_error and the learned critics skipped every step."""
+    x, y = make_data(48).tensors
+    y[::5] = -100
+    engine, model, opt, loader = make_private(
+        poisson=False, data=torch.utils.data.TensorDataset(x, y)
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", train_every=1)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss(ignore_index=-100))
+    got = _capture_features(monitor, model, opt, loader, criterion)
+    monitor.flush()  # (an overlap worker's last step)
+    labels = [yb for _, yb in loader]
+    assert len(got) == len(labels) == 3 and (labels[0] == -100).sum() == 4
+    for (_, feats), yb in zip(got, labels, strict=True):
+        assert torch.equal(feats[:, 36:], _one_hot_reference(yb, 3))
+    assert not any(r.flags for r in monitor.history)
+    assert all("clipped/mine" in r.mi for r in monitor.history[1:])
+
+
+def test_a_label_past_the_outputs_is_named_in_a_features_error():
+    """A label the loss accepts but the output has no column for (ignore_index=3 with three
+    outputs): a features_error whose warning names the labels and the width."""
+    x, y = make_data(32).tensors
+    y[::4] = 3
+    engine, model, opt, loader = make_private(
+        poisson=False, data=torch.utils.data.TensorDataset(x, y)
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine")
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss(ignore_index=3))
+    with pytest.warns(RuntimeWarning, match=r"include \[3\], outside the model's 3 outputs"):
+        train(model, opt, loader, criterion=criterion)
+    assert [r.flags for r in monitor.history] == [["features_error"]] * 2
+    assert all("private/oracle" in r.mi for r in monitor.history)
+
+
+def test_one_hot_labels_against_brute_force_with_and_without_the_range_check():
+    labels = torch.tensor([2, -100, 0, -1, 4, 1, 5, 0])
+    assert torch.equal(
+        one_hot_labels(labels[labels < 4], 4), _one_hot_reference(labels[labels < 4], 4)
+    )
+    # Unchecked (no host read, as on a GPU): a label past the output is a NaN row.
+    got = one_hot_labels(labels, 4, check=False)
+    assert torch.equal(got.isnan(), _one_hot_reference(labels, 4).isnan())
+    assert torch.equal(got.nan_to_num(), _one_hot_reference(labels, 4).nan_to_num())
+    with pytest.raises(ValueError, match=r"include \[4, 5\], outside the model's 4 outputs"):
+        one_hot_labels(labels, 4)
 
 
 def test_wrapped_criterion_takes_keywords_as_the_loss_does():
