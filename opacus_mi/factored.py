@@ -755,7 +755,10 @@ class FactoredCapture:
         for m in module.iterate_submodules(module._module):
             if type(m) in (DPRNN, DPLSTM, DPGRU):
                 continue  # their RNNLinear cells are hooked instead (as Opacus does)
-            ps = [p for _, p in trainable_parameters(m)]
+            # A module with a grad sampler makes its own parameters' rows (Opacus hooks its
+            # children too); one it leaves to functorch, its whole subtree's.
+            recurse = type(m) not in module.GRAD_SAMPLERS
+            ps = [p for p in m.parameters(recurse=recurse) if p.requires_grad]
             slots = [slot_of.get(id(p)) for p in ps]
             covered.update(s for s in slots if s is not None)
             kind = _kind(m)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import make_data, make_private, train
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -423,10 +424,45 @@ class _TiedTextNet(nn.Module):
         return self.head(torch.tanh(self.seq(self.emb(ids))).mean(1))
 
 
+class _ScaledLinear(nn.Module):
+    """A block with a parameter of its own and a child Linear, with a registered grad sampler
+    for its own parameter only: Opacus hooks the child as well (it goes into the children of a
+    module it has a sampler for)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d_out))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+@register_grad_sampler(_ScaledLinear)
+def _scaled_linear_grad_sample(layer, activations, backprops):
+    with torch.no_grad():
+        return {layer.scale: layer.fc(activations[0]) * backprops}
+
+
+class _RegisteredBlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _ScaledLinear(36, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.block(x.flatten(1))))
+
+
 @pytest.mark.parametrize(
     "net,text",
-    [(_GhostNet, False), (_TextNet, True), (_SharedConvNet, False)],
-    ids=["conv-groupnorm-linear", "embedding-seq", "shared-conv"],
+    [
+        (_GhostNet, False),
+        (_TextNet, True),
+        (_SharedConvNet, False),
+        (_RegisteredBlockNet, False),
+    ],
+    ids=["conv-groupnorm-linear", "embedding-seq", "shared-conv", "registered-block"],
 )
 def test_ghost_clip_factors_equal_opacus_ghost_and_hooks_mode(net, text):
     _, ghost, gopt, criterion, _ = _make("ghost", text=text, net=net)
