@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
-from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
+from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN, RNNLinear
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
@@ -822,7 +822,9 @@ class FactoredCapture:
         if not layer.pending:
             return
         try:
-            batch_dim = 0 if self._gsm.batch_first else 1
+            # Opacus's rule (rearrange_grad_samples): its RNN cells see (B, d) steps whatever
+            # batch_first says.
+            batch_dim = 0 if self._gsm.batch_first or type(m) is RNNLinear else 1
             n = max(a[-1].shape[batch_dim] for a in layer.pending)  # Opacus's max_batch_len
             acts = layer.pending.pop()
             call = _Backward(

@@ -8,6 +8,7 @@ hooks-mode runs of the same training.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import warnings
 
@@ -16,6 +17,7 @@ import torch
 from conftest import make_data, make_private, train
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample import register_grad_sampler
+from opacus.layers import DPGRU, DPLSTM, DPRNN
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -486,6 +488,47 @@ def test_ghost_clip_factors_equal_opacus_ghost_and_hooks_mode(net, text):
     dense = torch.cat([g.flatten(1).double() for g in hopt.grad_samples], 1)
     ref_gram = dense @ dense.T
     torch.testing.assert_close(fb.gram, ref_gram, rtol=1e-5, atol=1e-6 * float(ref_gram.max()))
+
+
+class _TimeMajorRNN(nn.Module):
+    """An Opacus RNN on a (T, B, hidden) input, its head on every step (read at dim 1)."""
+
+    def __init__(self, cls, hidden):
+        super().__init__()
+        self.rnn, self.fc = cls(hidden, hidden), nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])[-1]
+
+
+@pytest.mark.parametrize(
+    "cls,hidden", [(DPRNN, 8), (DPLSTM, 6), (DPGRU, 5)], ids=["rnn-hidden=B", "lstm", "gru"]
+)
+def test_ghost_time_major_rnn_cells_are_read_batch_first_as_opacus_does(cls, hidden):
+    """make_private(batch_first=False): Opacus reads its RNNLinear cells batch-first whatever
+    batch_first says. The capture read them at dim 1: every record failed (hidden != B), or
+    with hidden == B the Gram was 33-51% off, silently. References: the norms Opacus's ghost
+    clipping used, and Opacus's hooks-mode grad_sample on a twin."""
+    torch.manual_seed(0)
+    model = _TimeMajorRNN(cls, hidden)
+    twin = GradSampleModule(copy.deepcopy(model), batch_first=False)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 8, hidden, generator=g), torch.randint(0, 3, (8,), generator=g)
+    ghost, opt, criterion, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x.transpose(0, 1), y), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, batch_first=False, poisson_sampling=False,
+        grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss(),
+    )  # fmt: skip
+    tok = KroneckerTokenizer.for_params(ghost, opt.params, 16, seed=0)
+    cap = FactoredCapture(ghost, opt.params, tok)
+    criterion(ghost(x), y).backward()
+    nn.functional.cross_entropy(twin(x), y).backward()
+    fb = cap.take()
+    torch.testing.assert_close(fb.norms.float(), ghost.per_sample_gradient_norms)
+    dense = torch.cat([p.grad_sample.flatten(1).double() for p in twin.parameters()], 1)
+    torch.testing.assert_close(fb.gram, dense @ dense.T, rtol=1e-5, atol=1e-7)
+    cap.remove()
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["in-hook", "recorded"])
