@@ -483,6 +483,7 @@ class _Layer:
     slots: list[int | None]  # index of each parameter among the optimizer's, None if absent
     kind: str  # "linear", "conv2d", "embedding" (factored) or "generic" (Opacus grad sampler)
     pending: list[list[torch.Tensor]] = field(default_factory=list)  # forward inputs
+    n: int | None = None  # Opacus's max_batch_len, fixed at the pass's first backward call
 
 
 @dataclass
@@ -791,6 +792,7 @@ class FactoredCapture:
         self.new_step()
         for layer in self._layers.values():
             layer.pending.clear()
+            layer.n = None
 
     def _forward_hook(self, m: nn.Module, inputs, _output) -> None:
         # Opacus's capture condition (ghost mode), plus: only on monitored steps.
@@ -825,8 +827,15 @@ class FactoredCapture:
             # Opacus's rule (rearrange_grad_samples): its RNN cells see (B, d) steps whatever
             # batch_first says.
             batch_dim = 0 if self._gsm.batch_first or type(m) is RNNLinear else 1
-            n = max(a[-1].shape[batch_dim] for a in layer.pending)  # Opacus's max_batch_len
+            if layer.n is None:
+                # Opacus's max_batch_len: set at the pass's first call, over all of its calls,
+                # and kept for the rest (a packed bidirectional RNN's reverse cells pop their
+                # longest step first)
+                layer.n = max(a[-1].shape[batch_dim] for a in layer.pending)
+            n = layer.n
             acts = layer.pending.pop()
+            if not layer.pending:
+                layer.n = None
             call = _Backward(
                 layer,
                 acts,
@@ -844,6 +853,7 @@ class FactoredCapture:
             if self._error is None:
                 self._error = exc
             layer.pending.clear()
+            layer.n = None
             self._results.calls.pop(layer, None)
 
     # ------------------------------------------------------------------ per layer
