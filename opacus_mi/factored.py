@@ -36,7 +36,7 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from .hooks import GuestHook
-from .overlap import keep_input
+from .overlap import keep_input, without_autocast
 from .tokens import TINY_SKETCH_ELEMS, CountSketchTokenizer, dense_sketch_t
 from .views import _OPACUS_EPS, ClipInfo, gram_product
 
@@ -848,7 +848,8 @@ class FactoredCapture:
             if self.defer:
                 self._recorded.append(call)
             else:
-                self._results.add(call)
+                with without_autocast():  # (the user's backward may run under autocast)
+                    self._results.add(call)
         except Exception as exc:  # never break the user's backward: report it at take()
             if self._error is None:
                 self._error = exc

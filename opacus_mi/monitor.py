@@ -94,7 +94,7 @@ from .factored import (
 from .features import FeatureCapture, FeatureFn
 from .hooks import GuestHook
 from .learned_tokens import TOKEN_ENCODERS
-from .overlap import Worker, resolve_overlap
+from .overlap import Worker, resolve_overlap, without_autocast
 from .reads import ReadBatch
 from .records import JsonlSink, LeakageRecord, MIValue
 from .subspace import GradientSubspace
@@ -925,7 +925,8 @@ class LeakageMonitor:
             # clipping moves it) and on this thread (a scheduler moves it after the step).
             self._step_bound = float(self.optimizer.max_grad_norm)
             if self._worker is None:
-                self._chunks.append(self._measure_safely(captures))
+                with without_autocast():  # (the user's, thread-local: a worker never has it)
+                    self._chunks.append(self._measure_safely(captures))
             else:
                 taken = self._take(captures)
                 # At most one chunk in flight: its per-sample gradients live until it is read.
@@ -963,7 +964,8 @@ class LeakageMonitor:
             chunks, self._chunks = self._chunks, []
             if self._worker is None:
                 try:
-                    self._finish_safely(chunks, self.steps, accounting)
+                    with without_autocast():
+                        self._finish_safely(chunks, self.steps, accounting)
                     self._deliver()
                 except BaseException:  # (Ctrl-C: the step happened, and its record is made)
                     self.steps += 1

@@ -42,10 +42,11 @@ each layer's inputs and backprops (references) and the worker replays them
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any
@@ -93,6 +94,25 @@ def keep_input(t: torch.Tensor, *, later: bool) -> torch.Tensor:
     while root._base is not None:
         root = root._base
     return t.detach().clone() if later and root.grad_fn is None else t.detach()
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+@contextlib.contextmanager
+def without_autocast() -> Iterator[None]:
+    """The monitor's own arithmetic, out of the user's ``torch.autocast``.
+
+    Autocast is thread-local, and a worker's thread never has it: inline (in a backward hook,
+    at ``optimizer.step()``) the monitor computes what the worker would, in the precision of
+    the tensors it reads, instead of a Gram formed in bfloat16 or a float32-by-bfloat16 product
+    that fails.
+    """
+    with contextlib.ExitStack() as stack:
+        for device in _AUTOCAST_DEVICES:
+            if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 class Worker:

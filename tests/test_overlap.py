@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import fail_estimate_at, make_private, train, without_timing
+from conftest import TinyCNN, fail_estimate_at, make_private, train, without_timing
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
@@ -354,6 +354,50 @@ def test_ghost_clipping_overlaps_and_gives_the_synchronous_records(bmm, monkeypa
     for got, want in zip(params, ref_params, strict=True):
         assert torch.equal(got, want)
     assert records[-1]["epsilon"] == engine.get_epsilon(1e-5)
+
+
+def _autocast_run(mode, overlap):
+    """Forward, backward and step under CPU bfloat16 autocast: float32 parameters with ghost
+    clipping; bfloat16 ones in hooks mode, where Opacus cannot train float32 ones so (its
+    clipped sum, an einsum under autocast, is bfloat16 and not assignable to a float32
+    ``.grad``). ``overlap=None``: no monitor."""
+    dtype = torch.float32 if mode == "ghost" else torch.bfloat16
+    engine, model, opt, criterion, loader = make_private(
+        mode=mode, n=128, batch_size=16, with_criterion=True, net=lambda: TinyCNN().to(dtype)
+    )
+    monitor = None
+    if overlap is not None:
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, views=("raw", "clipped", "private"),
+            train_every=1, overlap=overlap,
+        )  # fmt: skip
+    for _ in range(3):
+        for x, y in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                opt.zero_grad()
+                criterion(model(x), y).backward()
+                opt.step()
+    return monitor, [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_inline_measurement_under_the_users_autocast_gives_the_overlap_records(mode):
+    """Autocast is thread-local: the worker never has it, but inline the ghost backward hook and
+    the step's measurement ran under the user's, so ghost clipping on a conv net failed every
+    record (float32 by bfloat16 products), hooks mode every record too, and a Gram or the
+    critics' rounds ran in bfloat16. References: the overlap monitor's records and generator,
+    bit for bit, and an unmonitored run's training and RNG."""
+    sync, *_ = _autocast_run(mode, False)
+    over, params, rng = _autocast_run(mode, True)
+    _, ref_params, ref_rng = _autocast_run(mode, None)
+    records = without_timing(sync.history)
+    assert all(not r["flags"] for r in records)
+    assert any(r["mi"].get("clipped/mine", {}).get("nats", 0) > 0 for r in records)  # learned
+    assert records == without_timing(over.history)
+    assert torch.equal(over.generator.get_state(), sync.generator.get_state())
+    assert torch.equal(rng, ref_rng)
+    for got, want in zip(params, ref_params, strict=True):
+        assert torch.equal(got, want)
 
 
 _EXIT_SCRIPT = """
