@@ -1740,6 +1740,7 @@ class LeakageMonitor:
         for meta, _ in items:  # the plan rides along (every rank follows the most frugal)
             meta["plan"] = (plan.next_in, plan.train, plan.epsilon)
             meta["stop"] = self._stop_requested  # (and so does a sink's detach: see detach)
+            meta["rank"] = self.rank
         chunks = []  # every rank's, in rank order
         timings: dict[str, float] = {}
         gathered = all_gather_items(items, device=self.device, timings=timings)
@@ -1753,11 +1754,15 @@ class LeakageMonitor:
             epsilon=all(p.epsilon for p in plans),
         )
         self._stop_requested = any(meta["stop"] for meta, _ in gathered)
-        for item in gathered:
-            chunk, clipped, gram, std = unpack(item)
+        unpacked = [(item[0]["rank"], *unpack(item)) for item in gathered]
+        # One std for every chunk: rank 0 adds the noise, at its last chunk's pre_step (a
+        # scheduler stepped after every physical batch changes it from chunk to chunk).
+        stds = [(r, std) for r, *_, std in unpacked if std is not None]
+        released = next((std for r, std in reversed(stds) if r == 0), stds[-1][1] if stds else 0)
+        for _, chunk, clipped, gram, std in unpacked:
             if std is not None:
                 try:  # local arithmetic only: no collective left in this step
-                    self._privatise(chunk, clipped, gram, std)
+                    self._privatise(chunk, clipped, gram, released)
                 except Exception as exc:
                     self._warn_once(
                         f"chunk:{type(exc).__name__}", f"leakage measurement failed: {exc!r}"

@@ -212,6 +212,42 @@ def _straggler_run(rank: int) -> dict:
 STRAGGLE = 0.05
 
 
+def _scheduler_run(rank: int) -> dict:
+    """A noise scheduler stepped after every physical chunk (4 per logical step on each rank):
+    sigma changes from chunk to chunk, but rank 0 adds one noise per logical step, at its last
+    chunk's pre_step. The stds every rank drew each step's chunks with, and (rank 0) the std
+    of the noise Opacus added."""
+    from opacus.schedulers import ExponentialNoise
+
+    torch.manual_seed(0)
+    data = make_data(N)
+    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    drawn: list[list[float]] = []
+    privatise = monitor._privatise
+    monitor._privatise = lambda chunk, clipped, gram, std: (
+        drawn[-1].append(std),
+        privatise(chunk, clipped, gram, std),
+    )[1]
+    gather = monitor._gather_chunks
+    monitor._gather_chunks = lambda *a: (drawn.append([]), gather(*a))[1]
+    added: list[float] = []
+    add_noise = opt.add_noise
+    opt.add_noise = lambda: (added.append(opt.noise_multiplier * opt.max_grad_norm), add_noise())
+    scheduler = ExponentialNoise(opt, gamma=0.8)
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=2, optimizer=opt) as mm:
+        for x, y in mm:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            scheduler.step()
+    monitor.detach()
+    del opt.add_noise
+    return {"drawn": drawn, "added": added if rank == 0 else None}
+
+
 def _local_run(rank: int, tmp: str) -> dict:
     """distributed=False under DPDDP: each rank measures its own local batch."""
     torch.manual_seed(0)
@@ -278,6 +314,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         out["budget_frugal_1"] = _budget_run(rank, frugal=1)
         out["prv"] = _prv_run(rank)
         out["straggler"] = _straggler_run(rank)
+        out["scheduler"] = _scheduler_run(rank)
         out["local"] = _local_run(rank, tmp)
         out["padding"] = _padding_warning(rank)
         torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
@@ -600,6 +637,17 @@ def test_waiting_for_a_slower_rank_is_not_booked_as_monitor_time(runs):
     seconds = sorted(ranks[0]["straggler"]["seconds"])
     assert len(seconds) == 6
     assert seconds[len(seconds) // 2] < STRAGGLE / 2, seconds
+
+
+def test_every_chunk_is_drawn_at_the_noise_rank_0_adds(runs):
+    """A scheduler stepped per physical chunk: each gathered chunk had been drawn at its own
+    sigma (the oracle a third low at the first step), where Opacus adds rank 0's last chunk's."""
+    ranks, _, _ = runs
+    added = ranks[0]["scheduler"]["added"]
+    assert len(added) == 6 and len(set(added)) == 6
+    for r in range(WORLD):
+        drawn = ranks[r]["scheduler"]["drawn"]
+        assert drawn == [[std] * 8 for std in added]  # 4 chunks of 2 on each of the 2 ranks
 
 
 def test_local_monitors_write_a_file_per_rank(runs):
