@@ -207,11 +207,18 @@ class FeatureCapture:
 
         return hook
 
-    def record_labels(self, labels: torch.Tensor, num_classes: int | None) -> None:
+    def record_labels(
+        self, labels: torch.Tensor, num_classes: int | None, ignore_index: int | None = None
+    ) -> None:
         """Attach the labels the loss saw to the current chunk: only where the loss follows a
-        captured forward (an evaluation batch's loss between backward and step lends none)."""
+        captured forward (an evaluation batch's loss between backward and step lends none).
+        Labels equal to the loss's non-negative ``ignore_index`` (255, say) become -1: no
+        class, an all-zero row (see :func:`one_hot_labels`)."""
         if self._labelled and self._active() and self.pending and _hooks_enabled(self.module):
-            self.pending[-1].labels = labels.detach().clone()
+            labels = labels.detach().clone()
+            if ignore_index is not None and ignore_index >= 0 and not labels.is_floating_point():
+                labels[labels == ignore_index] = -1
+            self.pending[-1].labels = labels
             self.pending[-1].num_classes = num_classes
 
     def keep_last(self) -> None:

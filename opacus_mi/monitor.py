@@ -829,8 +829,12 @@ class LeakageMonitor:
 
             criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
 
-        Labels become one-hot features (classes taken from the output's last dimension).
+        Labels become one-hot features (classes taken from the output's last dimension); a
+        label the loss ignores (its ``ignore_index``) is an all-zero row.
         """
+        loss = getattr(criterion, "criterion", criterion)  # (ghost: Opacus's wrapper's loss)
+        ignore_index = getattr(loss, "ignore_index", None)
+        ignore_index = ignore_index if isinstance(ignore_index, int) else None
 
         def wrapped(*args, **kwargs):
             # Called as the loss is: positionally, or as torch's losses name them.
@@ -842,7 +846,7 @@ class LeakageMonitor:
                     if isinstance(output, torch.Tensor) and output.ndim > 1
                     else None
                 )
-                self._capture.record_labels(target, classes)
+                self._capture.record_labels(target, classes, ignore_index)
             return criterion(*args, **kwargs)
 
         return wrapped

@@ -70,36 +70,41 @@ def _one_hot_reference(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return out
 
 
-def test_labels_the_loss_ignores_are_all_zero_one_hot_rows():
+@pytest.mark.parametrize("ignore", [-100, 3])
+def test_labels_the_loss_ignores_are_all_zero_one_hot_rows(ignore):
     """CrossEntropyLoss(ignore_index=-100) labels: index_select failed on -100, so every record
-    was flagged features_error and the learned critics skipped every step."""
+    was flagged features_error and the learned critics skipped every step. An ignore_index
+    past the outputs (255 in segmentation; 3 here) is the loss's to ignore too."""
     x, y = make_data(48).tensors
-    y[::5] = -100
+    y[::5] = ignore
     engine, model, opt, loader = make_private(
         poisson=False, data=torch.utils.data.TensorDataset(x, y)
     )
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", train_every=1)
-    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss(ignore_index=-100))
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss(ignore_index=ignore))
     got = _capture_features(monitor, model, opt, loader, criterion)
     monitor.flush()  # (an overlap worker's last step)
     labels = [yb for _, yb in loader]
-    assert len(got) == len(labels) == 3 and (labels[0] == -100).sum() == 4
+    assert len(got) == len(labels) == 3 and (labels[0] == ignore).sum() == 4
     for (_, feats), yb in zip(got, labels, strict=True):
-        assert torch.equal(feats[:, 36:], _one_hot_reference(yb, 3))
+        assert torch.equal(feats[:, 36:], _one_hot_reference(yb.masked_fill(yb == ignore, -1), 3))
     assert not any(r.flags for r in monitor.history)
     assert all("clipped/mine" in r.mi for r in monitor.history[1:])
 
 
 def test_a_label_past_the_outputs_is_named_in_a_features_error():
-    """A label the loss accepts but the output has no column for (ignore_index=3 with three
-    outputs): a features_error whose warning names the labels and the width."""
+    """A label the loss accepts but the output has no column for (a loss function ignoring 3
+    with three outputs, whose ignore_index the wrapper cannot see): a features_error whose
+    warning names the labels and the width."""
     x, y = make_data(32).tensors
     y[::4] = 3
     engine, model, opt, loader = make_private(
         poisson=False, data=torch.utils.data.TensorDataset(x, y)
     )
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine")
-    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss(ignore_index=3))
+    criterion = monitor.wrap_criterion(
+        lambda out, target: nn.functional.cross_entropy(out, target, ignore_index=3)
+    )
     with pytest.warns(RuntimeWarning, match=r"include \[3\], outside the model's 3 outputs"):
         train(model, opt, loader, criterion=criterion)
     assert [r.flags for r in monitor.history] == [["features_error"]] * 2
