@@ -222,6 +222,9 @@ class OverheadBudget:
         self._last_tick: float | None = None
         self._first_interval: float | None = None  # checked against the second (see _tick)
         self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
+        # Host seconds the training thread spent inside brackets or excluded waits, ever: what
+        # the step wrapper's own time leaves out (see host_booked).
+        self._host_booked = 0.0
         self._pending: list[tuple[_Span, str, float]] = []
         # An expensive epsilon's cost grows with the run (Opacus's PRV domain follows epsilon
         # and the steps): its cost is estimated per unit of work (EpsilonTracker.work), and
@@ -266,6 +269,8 @@ class OverheadBudget:
             span.charged = True
             span.concurrent = concurrent
             span.stop()
+            if not concurrent:
+                self._host_booked += max(0.0, span.t1 - span.t0 - getattr(span, "excluded", 0))
             if not span.cuda and not concurrent:  # a GPU bracket: once its device time is known
                 self._spent_since_tick += span.seconds()
             self._pending.append((span, kind, work))
@@ -276,6 +281,7 @@ class OverheadBudget:
         for an overlap worker whose work is booked as it runs): not training time."""
         with self._lock:
             self._spent_since_tick += seconds
+            self._host_booked += seconds
 
     def book_overhead(self, seconds: float) -> None:
         """Host seconds the monitor spent on the training thread outside any bracket (its
@@ -294,6 +300,14 @@ class OverheadBudget:
         """Monitor seconds taken out of the current training interval so far."""
         with self._lock:
             return self._spent_since_tick
+
+    def host_booked(self) -> float:
+        """Host seconds, ever, of the training thread inside brackets (charged, or waiting
+        excluded): the step wrapper books its own time less these. On a GPU a bracket is its
+        device time, and the host's wait in it for training's queued kernels (the monitor's
+        one read per step) is training's, booked neither as the bracket's nor as overhead."""
+        with self._lock:
+            return self._host_booked
 
     def _settle(self) -> None:
         waiting = []

@@ -217,7 +217,7 @@ class FeatureCapture:
         if self._labelled and self._active() and self.pending and _hooks_enabled(self.module):
             labels = labels.detach().clone()
             if ignore_index is not None and ignore_index >= 0 and not labels.is_floating_point():
-                labels[labels == ignore_index] = -1
+                labels = labels.masked_fill(labels == ignore_index, -1)
             self.pending[-1].labels = labels
             self.pending[-1].num_classes = num_classes
 

@@ -911,7 +911,7 @@ class LeakageMonitor:
     def _pre_step(self, closure=None):
         # The wrapper's own time, less what brackets book, is monitor time too (book_overhead).
         budget, t0 = self.budget, time.perf_counter()
-        booked = budget.spent_since_tick() if budget is not None else 0.0
+        booked = budget.host_booked() if budget is not None else 0.0
         if self._done:
             self._deliver()  # records an overlap worker finished since the last step
             if not self.attached:  # a sink detached the monitor: the step is Opacus's alone
@@ -1016,11 +1016,12 @@ class LeakageMonitor:
 
     def _book_wrapper(self, before: float, since: float, booked: float) -> None:
         """Book ``pre_step``'s own time (``before`` Opacus's step, and from ``since`` on) less
-        what brackets booked meanwhile (``booked`` was the books' figure on entry)."""
+        the host time inside brackets meanwhile (``booked``: ``budget.host_booked()`` on
+        entry)."""
         waited, self._gather_wait = self._gather_wait, 0.0  # training's time (_finish_step)
         if self.budget is not None:
             own = before + time.perf_counter() - since - waited
-            self.budget.book_overhead(own - (self.budget.spent_since_tick() - booked))
+            self.budget.book_overhead(own - (self.budget.host_booked() - booked))
 
     def _adopt_plan(self) -> None:
         """Follow the latest plan (training thread, between steps: the forward hooks and
