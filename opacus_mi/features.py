@@ -183,7 +183,8 @@ class FeatureCapture:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._open = self._capturing()  # (reset by every forward, even one that raised)
-        self._labelled = self._open
+        if torch.is_grad_enabled():  # (a no_grad forward before the loss leaves its labels)
+            self._labelled = self._open
         if not self._open:
             return
         x = _first_tensor(args, kwargs)
@@ -214,7 +215,13 @@ class FeatureCapture:
         captured forward (an evaluation batch's loss between backward and step lends none).
         Labels equal to the loss's non-negative ``ignore_index`` (255, say) become -1: no
         class, an all-zero row (see :func:`one_hot_labels`)."""
-        if self._labelled and self._active() and self.pending and _hooks_enabled(self.module):
+        if (
+            self._labelled
+            and torch.is_grad_enabled()
+            and self._active()
+            and self.pending
+            and _hooks_enabled(self.module)
+        ):
             labels = labels.detach().clone()
             if ignore_index is not None and ignore_index >= 0 and not labels.is_floating_point():
                 labels = labels.masked_fill(labels == ignore_index, -1)

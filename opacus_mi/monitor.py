@@ -673,9 +673,14 @@ class LeakageMonitor:
             active=lambda: self._tokens and self._due(),
             check_labels=lambda: not self._sync_free,  # a host read: a sync off the CPU
         )
-        # Registered before the layers' hooks, so it sees each forward before they do.
+        # The parameters' versions after the latest captured forward (its own writes, such as
+        # an Embedding's max_norm, included), compared before the next: prepended, so a stale
+        # capture goes before the features' hook takes the new forward's.
         self._forward_versions: tuple[int, ...] | None = None
-        self._watch = module.register_forward_pre_hook(GuestHook(self._on_forward))
+        self._watch = [
+            module.register_forward_pre_hook(GuestHook(self._on_forward), prepend=True),
+            module.register_forward_hook(GuestHook(self._after_forward)),
+        ]
         # Hooks/functorch: inputs of the 2-D Linear layers Opacus hooks (none in ew mode), whose
         # rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
@@ -715,8 +720,10 @@ class LeakageMonitor:
                 self._finaliser.atexit = False  # (at exit, the flush above: every sink)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
-        # The per-sample gradients the latest pre_step read (see _zero_grad).
-        self._consumed: weakref.ref | None = None
+        # The per-sample gradients the latest pre_step read (see _zero_grad): at attach, any
+        # the loop holds are a past step's (a monitor attached mid-run).
+        latest = _per_sample_marker(optimizer.params)
+        self._consumed: weakref.ref | None = weakref.ref(latest) if latest is not None else None
         self._original_zero_grad = optimizer.zero_grad
         optimizer.zero_grad = self._zero_grad  # (as pre_step)
         self.attached = True
@@ -800,7 +807,8 @@ class LeakageMonitor:
             del self.optimizer.pre_step
         if vars(self.optimizer).get("zero_grad") == self._zero_grad:
             del self.optimizer.zero_grad
-        self._watch.remove()
+        for handle in self._watch:
+            handle.remove()
         self._capture.remove()
         if self._factored is not None:
             self._factored.remove()
@@ -857,10 +865,9 @@ class LeakageMonitor:
         step of this optimizer: another optimizer trains the model now (``make_private`` run
         again on it, with no monitor of its own), and without this the captures of every batch
         it saw piled up here, never to be taken."""
-        if not (self._capture.training_forward() and self._due()):
+        if self._forward_versions is None or not (self._capture.training_forward() and self._due()):
             return
-        versions = tuple(p._version for p in self.optimizer.params)
-        if self._forward_versions is not None and versions != self._forward_versions:
+        if tuple(p._version for p in self.optimizer.params) != self._forward_versions:
             self._discard_captures()
             self._warn_once(
                 "forward:stale",
@@ -869,7 +876,10 @@ class LeakageMonitor:
                 "called again?); the earlier forwards' captures are dropped. Call "
                 "monitor.detach() when its optimizer is done, or attach a monitor to the new one",
             )
-        self._forward_versions = versions
+
+    def _after_forward(self, module: torch.nn.Module, _args: tuple, _output) -> None:
+        if self._capture.training_forward() and self._due():
+            self._forward_versions = tuple(p._version for p in self.optimizer.params)
 
     def _zero_grad(self, *args, **kwargs):
         """Opacus's ``zero_grad``, after dropping the captures of a step skipped after its
@@ -891,6 +901,7 @@ class LeakageMonitor:
             )
         if discarded:
             self._discard_captures()
+            self._forward_versions = None  # (nothing captured is left to go stale)
         return self._original_zero_grad(*args, **kwargs)
 
     def _discard_captures(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -872,7 +873,10 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
     model put in eval, and a validation forward without no_grad, between steps); ghost mode's
     "no_zero_grad" (its loss's backward clears the gradients itself); "accumulate" (two
     batches' backwards, then a step: ghost clipping steps with the last) and "odd" (the second
-    of each pair alone: what "accumulate" must equal in ghost mode)."""
+    of each pair alone: what "accumulate" must equal in ghost mode); "rollback" (as "skip",
+    then the weights loaded back in place); "nograd_forward" (a no_grad forward between the
+    training forward and its loss); "sam" / "sam_data" (a second backward at perturbed
+    weights, perturbed and restored in place, or through ``.data``: no version change)."""
     engine, model, opt, crit, loader = make_private(
         mode=mode, poisson=False, n=320, with_criterion=True
     )
@@ -884,12 +888,27 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
             continue
         if variant != "no_zero_grad" and not (variant == "accumulate" and i % 2):
             opt.zero_grad()
-        criterion(model(x), y).backward()
+        out = model(x)
+        if variant == "nograd_forward":
+            with torch.no_grad():
+                model(val_x)
+        criterion(out, y).backward()
         if variant == "accumulate" and i % 2 == 0:
             continue
-        if variant == "skip" and i == 1:
+        if variant in ("skip", "rollback") and i == 1:
             opt.zero_grad()  # (a non-finite loss, say: Opacus drops these gradients)
+            if variant == "rollback":  # the last good weights, loaded back (in place)
+                model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
             continue
+        if variant in ("sam", "sam_data"):
+            with torch.no_grad():
+                for p in model.parameters():
+                    (p.data if variant == "sam_data" else p).add_(0.01)
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    (p.data if variant == "sam_data" else p).sub_(0.01)
         if variant == "validate":
             model.eval()
             with torch.no_grad():
@@ -909,12 +928,56 @@ def test_a_step_skipped_after_its_backward_lends_the_next_step_nothing(mode):
     """``zero_grad(); continue`` after a backward: Opacus drops those per-sample gradients,
     but the monitor kept the batch's capture and paired the next step's gradients with it
     (flagged features_first_forward, or features_unpaired under Poisson sampling)."""
-    skipped, params = _loop_records(mode, "skip")
     unseen, reference = _loop_records(mode, "unseen")
-    assert len(skipped) == 19 and not any(r["flags"] for r in skipped)
-    assert skipped == unseen
-    for a, b in zip(params, reference, strict=True):
+    for variant in ("skip", "rollback"):
+        skipped, params = _loop_records(mode, variant)
+        assert len(skipped) == 19 and not any(r["flags"] for r in skipped)
+        assert skipped == unseen
+        for a, b in zip(params, reference, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_weights_perturbed_in_place_for_a_second_backward_are_no_other_optimizer(mode):
+    """A SAM-like step (backward, weights perturbed in place, zero_grad, backward there,
+    weights restored, step): the parameter-version watch dropped the second forward's own
+    capture as stale (every record features_unpaired, a warning of another optimizer). It
+    must equal the same arithmetic through ``.data``, which changes no version."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (no "another optimizer" warning)
+        records, params = _loop_records(mode, "sam")
+    reference, trained = _loop_records(mode, "sam_data")
+    assert len(records) == 20 and not any(r["flags"] for r in records)
+    assert records == reference
+    for a, b in zip(params, trained, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_monitor_attached_mid_run_keeps_its_first_steps_capture():
+    """Attached after unmonitored steps of a loop that zeroes gradients between forward and
+    backward: the last step's per-sample gradients, already read by Opacus, looked unread, so
+    zero_grad dropped the first monitored step's capture (features_unpaired)."""
+
+    def run(zero_grad_first: bool) -> list[dict]:
+        engine, model, opt, crit, loader = make_private(poisson=False, n=96, with_criterion=True)
+        monitor = None
+        for i, (x, y) in enumerate(loader):
+            if i == 2:
+                monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+                crit = monitor.wrap_criterion(crit)
+            if zero_grad_first:
+                opt.zero_grad()
+            out = model(x)
+            if not zero_grad_first:
+                opt.zero_grad()
+            crit(out, y).backward()
+            opt.step()
+        monitor.detach()
+        return without_timing(monitor.history)
+
+    records = run(zero_grad_first=False)
+    assert len(records) == 4 and not any(r["flags"] for r in records)
+    assert records == run(zero_grad_first=True)
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -934,14 +997,51 @@ def test_ghost_loops_without_zero_grad_or_with_micro_batches_are_measured(every)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("variant", ["validate", "inner_eval"])
+@pytest.mark.parametrize("variant", ["validate", "inner_eval", "nograd_forward"])
 def test_evaluation_batches_between_steps_leave_the_records_alone(variant):
     """An evaluation loss through the wrapped criterion between backward and step lent its
     labels to the training batch (12 of 36 records differed; the critics read 0 nats); a
     forward with the user's own model in eval (Opacus skips it: each layer's mode) was
-    captured as a training forward and paired with the next step."""
+    captured as a training forward and paired with the next step; a no_grad forward between
+    the training forward and its loss took the labels away (the critics' width 36, not 39)."""
     records, params = _loop_records("hooks", variant)
     reference, trained = _loop_records("hooks", "plain")
     assert len(records) == 20 and records == reference
     for a, b in zip(params, trained, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_forward_that_renormalises_its_own_weights_is_no_other_optimizer():
+    """nn.Embedding(max_norm=...) rescales its rows in place inside the forward: with two
+    micro-batches per step, the parameter-version watch took the first forward's own write for
+    another optimizer's and dropped its capture (every record features_unpaired)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 4, max_norm=1.0)
+            self.fc = nn.Linear(20, 3)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).flatten(1))
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (64,), generator=g)
+    x = (torch.randint(0, 6, (64, 5), generator=g) + 6 * y.view(-1, 1)).clamp(max=19)
+    engine, model, opt, loader = make_private(
+        poisson=False, data=TensorDataset(x, y), net=Net, batch_size=8
+    )
+    versions = model._module.emb.weight._version
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (no "another optimizer" warning)
+        for i, (xb, yb) in enumerate(loader):
+            criterion(model(xb), yb).backward()
+            if i % 2:
+                opt.step()
+                opt.zero_grad()
+    monitor.detach()
+    assert model._module.emb.weight._version > versions + 8  # the forwards wrote in place
+    assert [r.batch_size for r in monitor.history] == [16] * 4
+    assert not any(r.flags for r in monitor.history)
