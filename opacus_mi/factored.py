@@ -817,9 +817,11 @@ class FactoredCapture:
         if not self._gsm.hooks_enabled:  # ghost clipping's second, clip-reweighted pass
             if not self.reweighted:
                 self.reweighted = True
+                self.opened = False
                 self.passes += 1
             return
         self.reweighted = False  # a first pass: a (micro-)batch's backward is under way
+        self.opened = True
         layer = self._layers[m]
         if not layer.pending:
             return
@@ -908,6 +910,7 @@ class FactoredCapture:
         # Ghost clipping's second pass is the latest to have run: a whole loss.backward() is
         # in, whose gradients the next zero_grad discards unless a step reads them first.
         self.reweighted = False
+        self.opened = False  # a first pass ran with no second pass after it (yet)
         self.passes = 0  # second passes finished since (micro-batches: Opacus keeps the last)
 
     def discard(self) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +161,9 @@ class FeatureCapture:
         ]
         self._open = False  # a captured training forward of the module is running
         self._labelled = False  # the latest forward of the module was captured (its labels)
+        # The outputs of the latest captured and uncaptured (grad-enabled) forwards: a loss on
+        # one of them says whose labels it has, whatever forward ran in between.
+        self._outputs: dict[bool, weakref.ref] = {}
         self._handles = [
             module.register_forward_pre_hook(GuestHook(self._on_forward), with_kwargs=True),
             module.register_forward_hook(GuestHook(self._after_forward)),
@@ -194,6 +199,8 @@ class FeatureCapture:
         self.pending.append(Capture(inputs=None if x is None else x.detach().clone()))
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
+        if isinstance(output, torch.Tensor) and torch.is_grad_enabled():
+            self._outputs[self._open] = weakref.ref(output)
         self._open = False
 
     def _layer_hook(self, name: str):
@@ -209,14 +216,24 @@ class FeatureCapture:
         return hook
 
     def record_labels(
-        self, labels: torch.Tensor, num_classes: int | None, ignore_index: int | None = None
+        self,
+        labels: torch.Tensor,
+        num_classes: int | None,
+        ignore_index: int | None = None,
+        output: Any = None,
     ) -> None:
-        """Attach the labels the loss saw to the current chunk: only where the loss follows a
-        captured forward (an evaluation batch's loss between backward and step lends none).
-        Labels equal to the loss's non-negative ``ignore_index`` (255, say) become -1: no
-        class, an all-zero row (see :func:`one_hot_labels`)."""
+        """Attach the labels the loss saw to the current chunk: only where the loss is on a
+        captured forward's ``output`` (an evaluation batch's loss between backward and step
+        lends none; nor does one on a forward Opacus skips, in eval or with its hooks off),
+        or, on an output neither forward returned, follows a captured forward. Labels equal
+        to the loss's non-negative ``ignore_index`` (255, say) become -1: no class, an
+        all-zero row (see :func:`one_hot_labels`)."""
+        lend = self._labelled
+        for captured, ref in self._outputs.items():
+            if output is not None and ref() is output:
+                lend = captured
         if (
-            self._labelled
+            lend
             and torch.is_grad_enabled()
             and self._active()
             and self.pending
@@ -228,9 +245,9 @@ class FeatureCapture:
             self.pending[-1].labels = labels
             self.pending[-1].num_classes = num_classes
 
-    def keep_last(self) -> None:
-        """Forget every capture but the latest forward's (those of gradients Opacus dropped)."""
-        del self.pending[:-1]
+    def drop_first(self, count: int) -> None:
+        """Forget the ``count`` earliest captures (forwards whose gradients Opacus dropped)."""
+        del self.pending[:count]
 
     def take(self) -> list[Capture]:
         """Hand over the captures since the last optimizer step and start afresh."""

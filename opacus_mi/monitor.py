@@ -720,6 +720,7 @@ class LeakageMonitor:
                 self._finaliser.atexit = False  # (at exit, the flush above: every sink)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
+        self._ghost_zero_grad: tuple[int, int] | None = None  # (see _settle_ghost_zero_grad)
         # The per-sample gradients the latest pre_step read (see _zero_grad): at attach, any
         # the loop holds are a past step's (a monitor attached mid-run).
         latest = _per_sample_marker(optimizer.params)
@@ -854,7 +855,7 @@ class LeakageMonitor:
                     if isinstance(output, torch.Tensor) and output.ndim > 1
                     else None
                 )
-                self._capture.record_labels(target, classes, ignore_index)
+                self._capture.record_labels(target, classes, ignore_index, output)
             return criterion(*args, **kwargs)
 
         return wrapped
@@ -864,7 +865,10 @@ class LeakageMonitor:
         """Drop the captures of earlier forwards when the parameters changed since them with no
         step of this optimizer: another optimizer trains the model now (``make_private`` run
         again on it, with no monitor of its own), and without this the captures of every batch
-        it saw piled up here, never to be taken."""
+        it saw piled up here, never to be taken. (And settles a ghost zero_grad: see
+        ``_settle_ghost_zero_grad``.)"""
+        if self._ghost_zero_grad is not None:
+            self._settle_ghost_zero_grad()
         if self._forward_versions is None or not (self._capture.training_forward() and self._due()):
             return
         if tuple(p._version for p in self.optimizer.params) != self._forward_versions:
@@ -889,11 +893,13 @@ class LeakageMonitor:
         ``zero_grad`` between its forward and backward): those leave the captures alone, as
         does ghost clipping's own ``zero_grad`` between its two backward passes."""
         if self._factored is not None:
+            self._settle_ghost_zero_grad()  # (one with no second pass since was the user's)
             discarded = self._factored.reweighted
-            if not discarded and self._factored.passes:
-                # Opacus's own zero_grad between the passes of a later micro-batch: the earlier
-                # ones' gradients go (Opacus steps with the last), and so do their forwards.
-                self._capture.keep_last()
+            if not discarded and self._factored.opened:
+                # A first pass with no second yet: ghost clipping's own zero_grad between its
+                # passes, or the user's after a plain backward (an adversarial example's input
+                # gradient): told apart by whether a second pass follows.
+                self._ghost_zero_grad = (len(self._capture.pending), self._factored.passes)
         else:
             latest = _per_sample_marker(self.optimizer.params)
             discarded = latest is not None and (
@@ -903,6 +909,21 @@ class LeakageMonitor:
             self._discard_captures()
             self._forward_versions = None  # (nothing captured is left to go stale)
         return self._original_zero_grad(*args, **kwargs)
+
+    def _settle_ghost_zero_grad(self) -> None:
+        """Act on the latest ambiguous ghost ``zero_grad`` (see ``_zero_grad``), at the next
+        training forward, step or ``zero_grad``: followed by a second pass it was Opacus's, and
+        the forwards of micro-batches before it go (Opacus steps with the last); followed by
+        anything else it was the user's, and the forwards before it go with their backward."""
+        mark, self._ghost_zero_grad = self._ghost_zero_grad, None
+        if mark is None:
+            return
+        count, passes = mark
+        if self._factored.passes > passes:
+            self._capture.drop_first(count - 1 if passes else 0)
+        else:
+            self._capture.drop_first(count)
+            self._factored.discard()
 
     def _discard_captures(self) -> None:
         """Forget what the hooks kept since the last step: forwards no step will read."""
@@ -929,6 +950,8 @@ class LeakageMonitor:
                 self._chunks = []
                 return self._original_pre_step(closure)
         monitored = self._due()
+        if self._ghost_zero_grad is not None:
+            self._settle_ghost_zero_grad()
         captures = self._capture.take()
         self._forward_versions = None  # (the next forward is this optimizer's next step's)
         if self._factored is not None:

@@ -875,8 +875,11 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
     batches' backwards, then a step: ghost clipping steps with the last) and "odd" (the second
     of each pair alone: what "accumulate" must equal in ghost mode); "rollback" (as "skip",
     then the weights loaded back in place); "nograd_forward" (a no_grad forward between the
-    training forward and its loss); "sam" / "sam_data" (a second backward at perturbed
-    weights, perturbed and restored in place, or through ``.data``: no version change)."""
+    training forward and its loss); "eval_forward" (the same in eval() with grad on: a
+    forward Opacus skips); "sam" / "sam_data" (a second backward at perturbed weights,
+    perturbed and restored in place, or through ``.data``: no version change); "fgsm" /
+    "fgsm_nohooks" (an adversarial example from the input's gradient, a plain backward then
+    zero_grad, with Opacus's hooks on or disabled for it)."""
     engine, model, opt, crit, loader = make_private(
         mode=mode, poisson=False, n=320, with_criterion=True
     )
@@ -886,12 +889,23 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
     for i, (x, y) in enumerate(loader):
         if variant == "unseen" and i == 1 or variant == "odd" and i % 2 == 0:
             continue
+        if variant in ("fgsm", "fgsm_nohooks"):
+            if variant == "fgsm_nohooks":
+                model.disable_hooks()
+            xr = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xr), y), xr)
+            model.enable_hooks()
+            x = x + 0.1 * g.sign()
         if variant != "no_zero_grad" and not (variant == "accumulate" and i % 2):
             opt.zero_grad()
         out = model(x)
         if variant == "nograd_forward":
             with torch.no_grad():
                 model(val_x)
+        if variant == "eval_forward":
+            model.eval()
+            model(val_x)
+            model.train()
         criterion(out, y).backward()
         if variant == "accumulate" and i % 2 == 0:
             continue
@@ -953,6 +967,21 @@ def test_weights_perturbed_in_place_for_a_second_backward_are_no_other_optimizer
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_an_adversarial_examples_plain_backward_lends_the_step_nothing(mode):
+    """FGSM-style training: the input's gradient through the private model (Opacus's hooks
+    on: in ghost mode a first pass with no second), then zero_grad, then the DP step on the
+    adversarial batch. Ghost mode kept the first forward's capture and paired it with the
+    step's gradients (every record features_first_forward); it must equal the same loop with
+    the hooks disabled for that pass."""
+    records, params = _loop_records(mode, "fgsm")
+    reference, trained = _loop_records(mode, "fgsm_nohooks")
+    assert len(records) == 20 and not any(r["flags"] for r in records)
+    assert records == reference
+    for a, b in zip(params, trained, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_monitor_attached_mid_run_keeps_its_first_steps_capture():
     """Attached after unmonitored steps of a loop that zeroes gradients between forward and
     backward: the last step's per-sample gradients, already read by Opacus, looked unread, so
@@ -997,7 +1026,7 @@ def test_ghost_loops_without_zero_grad_or_with_micro_batches_are_measured(every)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("variant", ["validate", "inner_eval", "nograd_forward"])
+@pytest.mark.parametrize("variant", ["validate", "inner_eval", "nograd_forward", "eval_forward"])
 def test_evaluation_batches_between_steps_leave_the_records_alone(variant):
     """An evaluation loss through the wrapped criterion between backward and step lent its
     labels to the training batch (12 of 36 records differed; the critics read 0 nats); a
