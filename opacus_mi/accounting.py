@@ -167,6 +167,7 @@ class _RdpSum:
             else:
                 self.blocks[-1] &= table.done
             table.summed = True
+            table._lower = table._known = None  # (caches: made again if ever needed)
             self.generations.append(table.generation)  # (read before its arrays are)
             self.tables.append(table)
             self.state = _compose(self.state, table, steps)
@@ -252,6 +253,9 @@ class EpsilonTracker:
         # two order-only terms of its conversion, as its ``get_privacy_spent`` forms them: the
         # epsilon vector is then ``rdp - sub + add`` operation for operation, bit for bit.
         self._orders = np.atleast_1d(orders)
+        # One list every table shares (Opacus's function takes the orders as floats): a list
+        # of its own in each was 6 KB per (noise, rate), a scheduler stepped per step's growth.
+        self._order_list = [float(a) for a in self._orders]
         self._sub = (np.log(delta) + np.log(self._orders)) / (self._orders - 1)
         self._add = np.log((self._orders - 1) / self._orders)
         self._seed = [orders.index(a) for a in self._SEED_ORDERS if a in orders]
@@ -408,7 +412,7 @@ class EpsilonTracker:
     def _table(self, noise: float, rate: float) -> _LazyRdp:
         table = self._rdp_cache.get((noise, rate))
         if table is None:
-            table = self._rdp_cache[(noise, rate)] = _LazyRdp(noise, rate, list(self._orders))
+            table = self._rdp_cache[(noise, rate)] = _LazyRdp(noise, rate, self._order_list)
         return table
 
     def _prefix(self, history: tuple) -> _RdpSum:

@@ -545,6 +545,7 @@ class LeakageMonitor:
         self._slow_epsilon = not exact_epsilon and not self.epsilon.cheap
         self._epsilon_pacer: EpsilonPacer | None = None
         self._epsilon_work = 1.0  # the latest recomputation's (EpsilonTracker.work)
+        self._work_seen = 1.0  # the largest EpsilonTracker.work figured since
         self._noise_std: float | None = None  # the latest private view's (release_noise_std)
         if every is not None and self._slow_epsilon:
             self._epsilon_pacer = EpsilonPacer(budget * EPSILON_SHARE)
@@ -1529,13 +1530,17 @@ class LeakageMonitor:
         # the plan weighs the recomputation this step would make, not the last one. The last
         # one's work is a lower bound: only a plan that affords that needs the true figure
         # (~70 us).
-        work = self._epsilon_work
+        # The largest work figure seen is a lower bound too (work only grows): a plan declined
+        # at it is not worth asking again (an O(history) call each record, with a scheduler
+        # stepped every step, that never led to a recomputation).
+        work = max(self._epsilon_work, self._work_seen)
         plan = self._plan(work)
         if plan.epsilon and self._slow_epsilon:
             try:
                 work = self.epsilon.work(accounting)
             except Exception:  # (sigma = 0: Opacus's own epsilon fails the same way, below)
                 work = self._epsilon_work
+            self._work_seen = max(self._work_seen, work)
             if work > self._epsilon_work:
                 plan = self._plan(work)
         # Gathering comes first: nothing local may fail before this rank joins the collectives.

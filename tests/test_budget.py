@@ -951,3 +951,41 @@ def test_on_a_gpu_the_reads_wait_for_training_is_not_booked_as_monitor_time(
     # the same device work: the same schedule, give or take the machine's load
     assert after >= before / 2, (before, after)
     assert overhead < 0.25 * 0.02 * after  # each measured read waited 20 ms: not booked
+
+
+def test_a_noise_scheduler_stepped_every_step_costs_prv_pacing_no_work_per_record():
+    """PRV, a fixed schedule, sigma changed every step (one accountant entry each): each record
+    whose pacer afforded the last recomputation asked EpsilonTracker.work for the next one's
+    size, an O(history) call (h PRVs, an RDP epsilon per entry) whose answer only ever grows,
+    then declined it; step time grew linearly (61 ms a step by step 1,250, for a 0.4 ms DP
+    step). A declined figure is now kept. (The pacer here affords exactly the first work
+    figure: what wall time did in the reviewer's run.) Under RDP the per-entry tables share
+    one list of orders (one each was 6 KB per entry)."""
+    from opacus.schedulers import ExponentialNoise
+
+    def run(accountant: str):
+        engine, model, opt, loader = make_private(poisson=False, n=16 * 60, accountant=accountant)
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=False
+        )
+        figures = []
+        if accountant == "prv":
+            work = monitor.epsilon.work
+            monitor.epsilon.work = lambda accounting: (w := work(accounting), figures.append(w))[0]
+            monitor._epsilon_pacer.due = lambda w: not figures or w <= figures[0]
+        scheduler = ExponentialNoise(opt, gamma=0.999)
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            scheduler.step()
+        monitor.detach()
+        assert len(monitor.history) == len(engine.accountant.history) == 60
+        return monitor, figures
+
+    monitor, figures = run("prv")
+    assert 2 <= len(figures) <= 3, len(figures)  # the first, then one that grew: declined
+    assert any(r.epsilon_step < r.step for r in monitor.history)  # paced: declined indeed
+    monitor, _ = run("rdp")
+    tables = monitor.epsilon._rdp_cache.values()
+    assert len(tables) == 60 and len({id(t.orders) for t in tables}) == 1
