@@ -724,8 +724,8 @@ class LeakageMonitor:
         self._ghost_zero_grad: tuple[int, int] | None = None  # (see _settle_ghost_zero_grad)
         # The per-sample gradients the latest pre_step read (see _zero_grad): at attach, any
         # the loop holds are a past step's (a monitor attached mid-run).
-        latest = _per_sample_marker(optimizer.params)
-        self._consumed: weakref.ref | None = weakref.ref(latest) if latest is not None else None
+        self._consumed: weakref.ref | None = None
+        self._mark_read()
         self._original_zero_grad = optimizer.zero_grad
         optimizer.zero_grad = self._zero_grad  # (as pre_step)
         self.attached = True
@@ -872,7 +872,7 @@ class LeakageMonitor:
             self._settle_ghost_zero_grad()
         if self._forward_versions is None or not (self._capture.training_forward() and self._due()):
             return
-        if tuple(p._version for p in self.optimizer.params) != self._forward_versions:
+        if self._param_versions() != self._forward_versions:
             self._discard_captures()
             self._warn_once(
                 "forward:stale",
@@ -884,7 +884,7 @@ class LeakageMonitor:
 
     def _after_forward(self, module: torch.nn.Module, _args: tuple, _output) -> None:
         if self._capture.training_forward() and self._due():
-            self._forward_versions = tuple(p._version for p in self.optimizer.params)
+            self._forward_versions = self._param_versions()
 
     def _zero_grad(self, *args, **kwargs):
         """Opacus's ``zero_grad``, after dropping the captures of a step skipped after its
@@ -910,6 +910,14 @@ class LeakageMonitor:
             self._discard_captures()
             self._forward_versions = None  # (nothing captured is left to go stale)
         return self._original_zero_grad(*args, **kwargs)
+
+    def _mark_read(self) -> None:
+        """Note the per-sample gradients the loop holds now as read (see ``_zero_grad``)."""
+        latest = _per_sample_marker(self.optimizer.params)
+        self._consumed = weakref.ref(latest) if latest is not None else None
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.optimizer.params)
 
     def _settle_ghost_zero_grad(self) -> None:
         """Act on the latest ambiguous ghost ``zero_grad`` (see ``_zero_grad``), at the next
@@ -957,8 +965,7 @@ class LeakageMonitor:
         self._forward_versions = None  # (the next forward is this optimizer's next step's)
         if self._factored is not None:
             self._factored.new_step()
-        latest = _per_sample_marker(self.optimizer.params)
-        self._consumed = weakref.ref(latest) if latest is not None else None
+        self._mark_read()
         if monitored:
             # This step's clipping bound for its record, read before pre_step (where adaptive
             # clipping moves it) and on this thread (a scheduler moves it after the step).
@@ -1666,12 +1673,11 @@ class LeakageMonitor:
         transfer: off the CPU each read is a host sync. None if that read shows a sync-free
         chunk had non-finite rows: they are dropped, and the caller estimates again."""
         if not self.distributed:
-            # With the noise of the step's last chunk, whose pre_step adds it (a scheduler
-            # stepped after every physical batch changes it from chunk to chunk).
             drawn = [c for c in chunks if c.pending is not None]
+            std = _released_std([(0, c.pending[2]) for c in drawn])
             for c in drawn:
                 clipped, gram, _ = c.pending
-                self._privatise(c, clipped, gram, drawn[-1].pending[2])
+                self._privatise(c, clipped, gram, std)
         out = _Estimates()
         reads = ReadBatch(self.device)
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
@@ -1799,10 +1805,7 @@ class LeakageMonitor:
         )
         self._stop_requested = any(meta["stop"] for meta, _ in gathered)
         unpacked = [(item[0]["rank"], *unpack(item)) for item in gathered]
-        # One std for every chunk: rank 0 adds the noise, at its last chunk's pre_step (a
-        # scheduler stepped after every physical batch changes it from chunk to chunk).
-        stds = [(r, std) for r, *_, std in unpacked if std is not None]
-        released = next((std for r, std in reversed(stds) if r == 0), stds[-1][1] if stds else 0)
+        released = _released_std([(r, std) for r, *_, std in unpacked if std is not None])
         for _, chunk, clipped, gram, std in unpacked:
             if std is not None:
                 try:  # local arithmetic only: no collective left in this step
@@ -2115,6 +2118,13 @@ _ATTACHED: weakref.WeakSet[LeakageMonitor] = weakref.WeakSet()
 def _stand_aside_after_fork() -> None:
     for monitor in list(_ATTACHED):
         monitor._stand_aside()
+
+
+def _released_std(stds: Sequence[tuple[int, float]]) -> float:
+    """The std of the noise Opacus added in a logical step, from its chunks' ``(rank, std)``
+    in order: rank 0 adds it, at its last chunk's pre_step (a scheduler stepped after every
+    physical batch changes the std from chunk to chunk); every chunk is drawn with it."""
+    return next((std for r, std in reversed(stds) if r == 0), stds[-1][1] if stds else 0.0)
 
 
 def _per_sample_marker(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
