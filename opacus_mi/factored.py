@@ -26,6 +26,7 @@ import collections
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -786,13 +787,18 @@ class FactoredCapture:
     # ------------------------------------------------------------------ hooks
     def _reset(self) -> None:
         """Forget everything: results, recorded calls, the error and half-finished passes."""
-        self._results = _Results(self, self._exact)
-        self._recorded: list[_Backward] = []
-        self._error: BaseException | None = None
+        self.discard_passes()
         self.new_step()
         for layer in self._layers.values():
             layer.pending.clear()
             layer.n = None
+
+    def discard_passes(self) -> None:
+        """Forget the backward passes made so far (results, recorded calls, their error), not
+        the inputs of forwards whose backward is still to come."""
+        self._results = _Results(self, self._exact)
+        self._recorded: list[_Backward] = []
+        self._error: BaseException | None = None
 
     def _forward_hook(self, m: nn.Module, inputs, _output) -> None:
         # Opacus's capture condition (ghost mode), plus: only on monitored steps.
@@ -814,14 +820,16 @@ class FactoredCapture:
         )
 
     def _backward_hook(self, m: nn.Module, _grad_input, grad_output) -> None:
-        if not self._gsm.hooks_enabled:  # ghost clipping's second, clip-reweighted pass
-            if not self.reweighted:
-                self.reweighted = True
-                self.opened = False
+        if not self._gsm.hooks_enabled:
+            if self.opened:  # ghost clipping's second, clip-reweighted pass
+                self.reweighted, self.opened, self.zeroed = True, False, False
                 self.passes += 1
-            return
-        self.reweighted = False  # a first pass: a (micro-)batch's backward is under way
-        self.opened = True
+            return  # (or a plain backward with Opacus's hooks disabled: neither pass)
+        if not self.opened or self.zeroed:
+            # A first pass begins (after a zero_grad a pass never continues: Opacus's own is
+            # followed by its second pass, with the hooks off)
+            self.firsts += 1
+            self.reweighted, self.opened, self.zeroed = False, True, False
         layer = self._layers[m]
         if not layer.pending:
             return
@@ -906,12 +914,16 @@ class FactoredCapture:
             self._reset()
 
     def new_step(self) -> None:
-        """Start counting backward passes afresh (every optimizer step, measured or not)."""
+        """A new optimizer step (measured or not): no pass is under way."""
         # Ghost clipping's second pass is the latest to have run: a whole loss.backward() is
         # in, whose gradients the next zero_grad discards unless a step reads them first.
         self.reweighted = False
         self.opened = False  # a first pass ran with no second pass after it (yet)
-        self.passes = 0  # second passes finished since (micro-batches: Opacus keeps the last)
+        self.zeroed = False  # a zero_grad came since that first pass began
+        # First passes begun and second passes finished, ever (forwards are stamped with the
+        # former: see LeakageMonitor._zero_grad).
+        self.firsts = getattr(self, "firsts", 0)
+        self.passes = getattr(self, "passes", 0)
 
     def discard(self) -> None:
         """Forget what was captured since the last :meth:`take` (forwards no step will take)."""
@@ -989,10 +1001,12 @@ class LinearInputs:
         active: Callable[[], bool],
         *,
         later: bool = False,
+        stamp: Callable[[], Any] = lambda: None,
     ):
         index = {id(p): i for i, p in enumerate(params)}
-        self._gsm, self._active, self._later = module, active, later
-        self._seen: dict[int, list[torch.Tensor]] = {}
+        self._gsm, self._active, self._later, self._stamp = module, active, later, stamp
+        # Per parameter index, each forward's (stamp, input): see FeatureCapture's stamps.
+        self._seen: dict[int, list[tuple[Any, torch.Tensor]]] = {}
         self._handles = []
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
         # is exactly its backprop ``b_i`` (Opacus sums backprops over no positions).
@@ -1024,14 +1038,20 @@ class LinearInputs:
                 and self._active()
                 and args
             ):
-                self._seen.setdefault(layer, []).append(keep_input(args[0], later=self._later))
+                kept = keep_input(args[0], later=self._later)
+                self._seen.setdefault(layer, []).append((self._stamp(), kept))
 
         return hook
 
     def take(self) -> dict[int, torch.Tensor]:
         """Per parameter index, the one 2-D input its layer saw since the last call."""
         seen, self._seen = self._seen, {}
-        return {k: v[0] for k, v in seen.items() if len(v) == 1 and v[0].ndim == 2}
+        return {k: v[0][1] for k, v in seen.items() if len(v) == 1 and v[0][1].ndim == 2}
+
+    def keep(self, stamped: Callable[[Any], bool]) -> None:
+        """Keep only the inputs of forwards whose stamp passes ``stamped``."""
+        kept = {k: [e for e in v if stamped(e[0])] for k, v in self._seen.items()}
+        self._seen = {k: v for k, v in kept.items() if v}
 
     def remove(self) -> None:
         for h in self._handles:

@@ -106,6 +106,7 @@ class Capture:
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: torch.Tensor | None = None
     num_classes: int | None = None
+    stamp: Any = None  # which backward came before it (see FeatureCapture's ``stamp``)
 
 
 class FeatureCapture:
@@ -135,6 +136,7 @@ class FeatureCapture:
         batch_first: bool = True,
         active: Callable[[], bool] = lambda: True,
         check_labels: Callable[[], bool] = lambda: True,
+        stamp: Callable[[], Any] = lambda: None,
     ):
         self.module = module
         self.fn = fn
@@ -143,6 +145,7 @@ class FeatureCapture:
         self.layer_names = tuple(layers)
         self._active = active
         self._check_labels = check_labels
+        self._stamp = stamp
         self.pending: list[Capture] = []
         inner = getattr(module, "_module", module)
         if isinstance(inner, DATA_PARALLEL):
@@ -161,9 +164,10 @@ class FeatureCapture:
         ]
         self._open = False  # a captured training forward of the module is running
         self._labelled = False  # the latest forward of the module was captured (its labels)
-        # The outputs of the latest captured and uncaptured (grad-enabled) forwards: a loss on
-        # one of them says whose labels it has, whatever forward ran in between.
-        self._outputs: dict[bool, weakref.ref] = {}
+        # The outputs (tensors, or those a tuple, list or dict holds) of the latest captured
+        # and uncaptured (grad-enabled) forwards: a loss on one of them says whose labels it
+        # has, whatever forward ran in between.
+        self._outputs: dict[bool, list[weakref.ref]] = {}
         self._handles = [
             module.register_forward_pre_hook(GuestHook(self._on_forward), with_kwargs=True),
             module.register_forward_hook(GuestHook(self._after_forward)),
@@ -196,11 +200,19 @@ class FeatureCapture:
         # Each training forward adds to the per-sample gradients of the coming step (Opacus
         # concatenates the rows of separate backwards and sums forwards of one backward row by
         # row: see first_forward); labels arrive later through the criterion.
-        self.pending.append(Capture(inputs=None if x is None else x.detach().clone()))
+        self.pending.append(
+            Capture(inputs=None if x is None else x.detach().clone(), stamp=self._stamp())
+        )
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
-        if isinstance(output, torch.Tensor) and torch.is_grad_enabled():
-            self._outputs[self._open] = weakref.ref(output)
+        if torch.is_grad_enabled():
+            if isinstance(output, dict):
+                output = list(output.values())
+            elif isinstance(output, torch.Tensor):
+                output = [output]
+            if isinstance(output, (list, tuple)):
+                refs = [weakref.ref(t) for t in output if isinstance(t, torch.Tensor)]
+                self._outputs[self._open] = refs
         self._open = False
 
     def _layer_hook(self, name: str):
@@ -229,9 +241,12 @@ class FeatureCapture:
         to the loss's non-negative ``ignore_index`` (255, say) become -1: no class, an
         all-zero row (see :func:`one_hot_labels`)."""
         lend = self._labelled
-        for captured, ref in self._outputs.items():
-            if output is not None and ref() is output:
-                lend = captured
+        if isinstance(output, torch.Tensor):
+            if not output.requires_grad:  # (a loss that cannot reach the gradients: eval's)
+                return
+            for captured, refs in self._outputs.items():
+                if any(ref() is output for ref in refs):
+                    lend = captured
         if (
             lend
             and torch.is_grad_enabled()
@@ -245,9 +260,10 @@ class FeatureCapture:
             self.pending[-1].labels = labels
             self.pending[-1].num_classes = num_classes
 
-    def drop_first(self, count: int) -> None:
-        """Forget the ``count`` earliest captures (forwards whose gradients Opacus dropped)."""
-        del self.pending[:count]
+    def keep(self, stamped: Callable[[Any], bool]) -> None:
+        """Keep only the captures whose stamp passes ``stamped`` (the others are forwards whose
+        gradients Opacus dropped)."""
+        self.pending = [c for c in self.pending if stamped(c.stamp)]
 
     def take(self) -> list[Capture]:
         """Hand over the captures since the last optimizer step and start afresh."""

@@ -673,6 +673,7 @@ class LeakageMonitor:
             batch_first=getattr(module, "batch_first", True),
             active=lambda: self._tokens and self._due(),
             check_labels=lambda: not self._sync_free,  # a host read: a sync off the CPU
+            stamp=self._stamp,
         )
         # The parameters' versions after the latest captured forward (its own writes, such as
         # an Embedding's max_norm, included), compared before the next: prepended, so a stale
@@ -686,7 +687,9 @@ class LeakageMonitor:
         # rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
         if not _is_ghost(module, optimizer):
-            self._linear_inputs = LinearInputs(module, params, active=self._due, later=self.overlap)
+            self._linear_inputs = LinearInputs(
+                module, params, active=self._due, later=self.overlap, stamp=self._stamp
+            )
         self._factored: FactoredCapture | None = None  # ghost clipping: layer factors
         if _is_ghost(module, optimizer):
             try:
@@ -893,23 +896,42 @@ class LeakageMonitor:
         Per-sample gradients the latest pre_step read are a past step's (the loop may call
         ``zero_grad`` between its forward and backward): those leave the captures alone, as
         does ghost clipping's own ``zero_grad`` between its two backward passes."""
-        if self._factored is not None:
+        fc = self._factored
+        if fc is not None:
             self._settle_ghost_zero_grad()  # (one with no second pass since was the user's)
-            discarded = self._factored.reweighted
-            if not discarded and self._factored.opened:
+            if fc.reweighted:  # a whole DP backward no step read: it goes, and its forwards
+                first = fc.firsts
+                self._capture.keep(lambda stamp: stamp >= first)
+                fc.discard_passes()
+                fc.reweighted = False
+                self._forward_versions = None
+            elif fc.opened:
                 # A first pass with no second yet: ghost clipping's own zero_grad between its
                 # passes, or the user's after a plain backward (an adversarial example's input
                 # gradient): told apart by whether a second pass follows.
-                self._ghost_zero_grad = (len(self._capture.pending), self._factored.passes)
+                fc.zeroed = True
+                self._ghost_zero_grad = (fc.firsts, fc.passes)
         else:
             latest = _per_sample_marker(self.optimizer.params)
-            discarded = latest is not None and (
-                self._consumed is None or self._consumed() is not latest
-            )
-        if discarded:
-            self._discard_captures()
-            self._forward_versions = None  # (nothing captured is left to go stale)
+            if latest is not None and (self._consumed is None or self._consumed() is not latest):
+                # Forwards made after that backward are the next step's (a loop may zero the
+                # gradients between its forward and backward): only the ones before it go.
+                def after(stamp) -> bool:
+                    return stamp is not None and stamp() is latest
+
+                self._capture.keep(after)
+                if self._linear_inputs is not None:
+                    self._linear_inputs.keep(after)
+                self._forward_versions = None
         return self._original_zero_grad(*args, **kwargs)
+
+    def _stamp(self) -> Any:
+        """What a captured forward is stamped with: the backward passes before it (ghost:
+        first passes begun; hooks: a reference to the newest per-sample gradients)."""
+        if self._factored is not None:
+            return self._factored.firsts
+        latest = _per_sample_marker(self.optimizer.params)
+        return None if latest is None else weakref.ref(latest)
 
     def _mark_read(self) -> None:
         """Note the per-sample gradients the loop holds now as read (see ``_zero_grad``)."""
@@ -921,18 +943,22 @@ class LeakageMonitor:
 
     def _settle_ghost_zero_grad(self) -> None:
         """Act on the latest ambiguous ghost ``zero_grad`` (see ``_zero_grad``), at the next
-        training forward, step or ``zero_grad``: followed by a second pass it was Opacus's, and
-        the forwards of micro-batches before it go (Opacus steps with the last); followed by
-        anything else it was the user's, and the forwards before it go with their backward."""
+        forward, step or ``zero_grad``. Followed by a second pass, it was Opacus's: forwards
+        before the previous first pass go (micro-batches: Opacus steps with the last).
+        Otherwise it was the user's, and the pass then open went: the forwards before it go,
+        and its results unless a later pass has begun (which supersedes them)."""
         mark, self._ghost_zero_grad = self._ghost_zero_grad, None
         if mark is None:
             return
-        count, passes = mark
-        if self._factored.passes > passes:
-            self._capture.drop_first(count - 1 if passes else 0)
+        first, passes = mark  # the first pass open at that zero_grad, the second passes then
+        fc = self._factored
+        if fc.passes > passes:
+            self._capture.keep(lambda stamp: stamp >= first - 1)
         else:
-            self._capture.drop_first(count)
-            self._factored.discard()
+            self._capture.keep(lambda stamp: stamp >= first)
+            if fc.firsts == first:
+                fc.discard_passes()
+                fc.opened = False
 
     def _discard_captures(self) -> None:
         """Forget what the hooks kept since the last step: forwards no step will read."""

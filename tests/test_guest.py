@@ -879,7 +879,11 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
     forward Opacus skips); "sam" / "sam_data" (a second backward at perturbed weights,
     perturbed and restored in place, or through ``.data``: no version change); "fgsm" /
     "fgsm_nohooks" (an adversarial example from the input's gradient, a plain backward then
-    zero_grad, with Opacus's hooks on or disabled for it)."""
+    zero_grad, with Opacus's hooks on or disabled for it); "eval_loss" (an evaluation loss
+    through the wrapped criterion on an output made under no_grad, itself outside it). A
+    "late_" prefix zeroes the gradients between the forward and the backward instead."""
+    late = variant.startswith("late_")
+    variant = variant.removeprefix("late_")
     engine, model, opt, crit, loader = make_private(
         mode=mode, poisson=False, n=320, with_criterion=True
     )
@@ -896,9 +900,12 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
             (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xr), y), xr)
             model.enable_hooks()
             x = x + 0.1 * g.sign()
-        if variant != "no_zero_grad" and not (variant == "accumulate" and i % 2):
+        zero_grad = variant != "no_zero_grad" and not (variant == "accumulate" and i % 2)
+        if zero_grad and not late:
             opt.zero_grad()
         out = model(x)
+        if zero_grad and late:
+            opt.zero_grad()
         if variant == "nograd_forward":
             with torch.no_grad():
                 model(val_x)
@@ -910,7 +917,8 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
         if variant == "accumulate" and i % 2 == 0:
             continue
         if variant in ("skip", "rollback") and i == 1:
-            opt.zero_grad()  # (a non-finite loss, say: Opacus drops these gradients)
+            if not late:  # (late: the next iteration's zero_grad, after its forward, drops them)
+                opt.zero_grad()  # (a non-finite loss, say: Opacus drops these gradients)
             if variant == "rollback":  # the last good weights, loaded back (in place)
                 model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
             continue
@@ -923,10 +931,14 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
             with torch.no_grad():
                 for p in model.parameters():
                     (p.data if variant == "sam_data" else p).sub_(0.01)
-        if variant == "validate":
+        if variant in ("validate", "eval_loss"):
             model.eval()
             with torch.no_grad():
-                criterion(model(val_x), val_y)
+                val_out = model(val_x)
+                if variant == "validate":
+                    criterion(val_out, val_y)
+            if variant == "eval_loss":
+                criterion(val_out, val_y)
             model.train()
         opt.step()
         if variant == "inner_eval":
@@ -942,8 +954,9 @@ def test_a_step_skipped_after_its_backward_lends_the_next_step_nothing(mode):
     """``zero_grad(); continue`` after a backward: Opacus drops those per-sample gradients,
     but the monitor kept the batch's capture and paired the next step's gradients with it
     (flagged features_first_forward, or features_unpaired under Poisson sampling)."""
-    unseen, reference = _loop_records(mode, "unseen")
-    for variant in ("skip", "rollback"):
+    for variant in ("skip", "rollback", "late_skip"):
+        # (late_: the gradients zeroed after the next forward: its capture is the next step's)
+        unseen, reference = _loop_records(mode, "late_unseen" if "late" in variant else "unseen")
         skipped, params = _loop_records(mode, variant)
         assert len(skipped) == 19 and not any(r["flags"] for r in skipped)
         assert skipped == unseen
@@ -967,15 +980,17 @@ def test_weights_perturbed_in_place_for_a_second_backward_are_no_other_optimizer
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["zero-grad-first", "zero-grad-late"])
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_an_adversarial_examples_plain_backward_lends_the_step_nothing(mode):
+def test_an_adversarial_examples_plain_backward_lends_the_step_nothing(mode, late):
     """FGSM-style training: the input's gradient through the private model (Opacus's hooks
     on: in ghost mode a first pass with no second), then zero_grad, then the DP step on the
     adversarial batch. Ghost mode kept the first forward's capture and paired it with the
     step's gradients (every record features_first_forward); it must equal the same loop with
     the hooks disabled for that pass."""
-    records, params = _loop_records(mode, "fgsm")
-    reference, trained = _loop_records(mode, "fgsm_nohooks")
+    prefix = "late_" if late else ""
+    records, params = _loop_records(mode, prefix + "fgsm")
+    reference, trained = _loop_records(mode, prefix + "fgsm_nohooks")
     assert len(records) == 20 and not any(r["flags"] for r in records)
     assert records == reference
     for a, b in zip(params, trained, strict=True):
@@ -1026,7 +1041,9 @@ def test_ghost_loops_without_zero_grad_or_with_micro_batches_are_measured(every)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("variant", ["validate", "inner_eval", "nograd_forward", "eval_forward"])
+@pytest.mark.parametrize(
+    "variant", ["validate", "inner_eval", "nograd_forward", "eval_forward", "eval_loss"]
+)
 def test_evaluation_batches_between_steps_leave_the_records_alone(variant):
     """An evaluation loss through the wrapped criterion between backward and step lent its
     labels to the training batch (12 of 36 records differed; the critics read 0 nats); a
