@@ -78,7 +78,8 @@ def one_hot_labels(labels: torch.Tensor, classes: int, *, check: bool = True) ->
         raise ValueError(
             f"the labels given to the wrapped criterion include {bad[:5]}, outside the "
             f"model's {classes} outputs: a label must be a class index in [0, {classes}), or "
-            "negative for an example the loss ignores (ignore_index=-100)"
+            "negative for an example the loss ignores (ignore_index=-100; wrap a loss module "
+            "such as nn.CrossEntropyLoss(ignore_index=...) and its ignore_index is read)"
         )
     return _one_hot_rows(classes, labels.device).index_select(
         0, labels.long().clamp(-1, classes) + 1

@@ -544,8 +544,9 @@ class LeakageMonitor:
         # overhead budget from its epsilon share, on a fixed schedule by the wall-time pacer.
         self._slow_epsilon = not exact_epsilon and not self.epsilon.cheap
         self._epsilon_pacer: EpsilonPacer | None = None
-        self._epsilon_work = 1.0  # the latest recomputation's (EpsilonTracker.work)
-        self._work_seen = 1.0  # the largest EpsilonTracker.work figured since
+        # The largest EpsilonTracker.work figured: a lower bound on the next recomputation's
+        # (work grows with the history; after a rollback it only makes pacing wait longer).
+        self._epsilon_work = 1.0
         self._noise_std: float | None = None  # the latest private view's (release_noise_std)
         if every is not None and self._slow_epsilon:
             self._epsilon_pacer = EpsilonPacer(budget * EPSILON_SHARE)
@@ -1434,7 +1435,8 @@ class LeakageMonitor:
                         backprops=backprops,
                     )
                 # Drawn at the record, chunk by chunk (after gathering, in rank order, under
-                # DPDDP; once the rows to keep are known, sync-free): see _estimate.
+                # DPDDP, see _gather_chunks; once the rows to keep are known, sync-free): see
+                # _estimate.
                 chunk.pending = (clipped, gram, std)
         chunk.features = feats
         return chunk
@@ -1563,18 +1565,17 @@ class LeakageMonitor:
         # the plan weighs the recomputation this step would make, not the last one. The last
         # one's work is a lower bound: only a plan that affords that needs the true figure
         # (~70 us).
-        # The largest work figure seen is a lower bound too (work only grows): a plan declined
-        # at it is not worth asking again (an O(history) call each record, with a scheduler
-        # stepped every step, that never led to a recomputation).
-        work = max(self._epsilon_work, self._work_seen)
+        # A figure a plan declined is kept too: asking again each record was an O(history)
+        # call that, with a scheduler stepped every step, never led to a recomputation.
+        work = lower = self._epsilon_work
         plan = self._plan(work)
         if plan.epsilon and self._slow_epsilon:
             try:
                 work = self.epsilon.work(accounting)
             except Exception:  # (sigma = 0: Opacus's own epsilon fails the same way, below)
-                work = self._epsilon_work
-            self._work_seen = max(self._work_seen, work)
-            if work > self._epsilon_work:
+                work = lower
+            self._epsilon_work = max(lower, work)
+            if work > lower:
                 plan = self._plan(work)
         # Gathering comes first: nothing local may fail before this rank joins the collectives.
         # Under DPDDP every rank's plan travels with its chunks; all follow the most frugal.
@@ -1620,7 +1621,6 @@ class LeakageMonitor:
             t_eps = time.thread_time()
             epsilon = self._epsilon_or_nan(accounting, sigma)
             self._epsilon, self._epsilon_history = (epsilon, step), accounting
-            self._epsilon_work = work
             if self._epsilon_pacer is not None and fresh:
                 self._epsilon_pacer.done(time.thread_time() - t_eps, work)
             if slow:

@@ -12,7 +12,6 @@ through the Gram matrix (see :mod:`opacus_mi.tokens` and :mod:`opacus_mi.estimat
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -103,29 +102,17 @@ def clip_factors(
         return ClipInfo(factors=empty, norms=empty, per_layer=True)
     per_layer = [g.norm(2, dim=tuple(range(1, g.ndim))) for g in grad_samples]
     norms = torch.stack([n.to(device) for n in per_layer], dim=1)
-    if all(n.dtype in (torch.float32, torch.float64) for n in per_layer):
-        bound_t = _bounds_tensor(tuple(float(b) for b in bounds), norms.dtype, device)
-        # Opacus divides a Python float by the norms, which torch evaluates as reciprocal() *
-        # C; a true division rounds differently in ~20% of the factors (by up to 1.2e-7).
-        factors = ((norms + _OPACUS_EPS).reciprocal() * bound_t).clamp(max=1.0)
-    else:
-        # Half precision: C stays a float in Opacus's product (computed in float32, rounded
-        # once); a half-precision tensor of bounds rounds C too (up to 7.5e-3 off in bf16).
-        factors = torch.stack(
-            [
-                (float(b) / (n + _OPACUS_EPS)).clamp(max=1.0).to(device)
-                for b, n in zip(bounds, per_layer, strict=True)
-            ],
-            dim=1,
-        )
+    # Opacus's own expression, layer by layer: C a Python float divided by the norms (torch
+    # computes reciprocal() * C, in half precision in float32 and rounded once). A tensor of
+    # bounds rounded C to the norms' dtype too (up to 7.5e-3 off in bf16).
+    factors = torch.stack(
+        [
+            (float(b) / (n + _OPACUS_EPS)).clamp(max=1.0).to(device)
+            for b, n in zip(bounds, per_layer, strict=True)
+        ],
+        dim=1,
+    )
     return ClipInfo(factors=factors, norms=norms, per_layer=True)
-
-
-@functools.lru_cache(maxsize=16)
-def _bounds_tensor(bounds: tuple[float, ...], dtype: torch.dtype, device: torch.device):
-    """Per-layer bounds as a tensor on ``device``, made once: a fresh one every step would be a
-    host-to-device copy, which off the CPU waits for the device (a sync). Never written to."""
-    return torch.tensor(bounds, dtype=dtype, device=device)
 
 
 def clipped_grad_samples(

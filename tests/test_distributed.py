@@ -607,7 +607,7 @@ def test_budget_schedule_follows_the_most_frugal_rank_under_ddp(runs):
             _same_record(x, y, rtol=0, atol=0)
 
 
-def test_paced_prv_epsilon_follows_rank0_under_ddp(runs):
+def test_paced_prv_epsilon_follows_the_most_frugal_rank_under_ddp(runs):
     ranks, _, _ = runs
     a, b = ranks[0]["prv"], ranks[1]["prv"]
     assert a["steps"] == b["steps"] == len(a["history"]) == 18

@@ -435,16 +435,16 @@ def _make_private_twice(
             max_grad_norm=1.0,
         )
         criterion = nn.CrossEntropyLoss()
+        monitor = None  # (again=False: the second phase trains with no monitor of its own)
         if isinstance(engine, MonitoredPrivacyEngine):
-            monitors.append(engine.monitor)
+            monitor = engine.monitor
         elif monitored and (again or not monitors):
-            monitors.append(LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=jsonl, every=1))
-        elif monitors:  # (again=False: the second phase trains with no monitor of its own)
-            monitors = [*monitors, None]
-        if monitors and monitors[-1] is not None:
-            criterion = monitors[-1].wrap_criterion(criterion)
+            monitor = LeakageMonitor(engine, model, opt, delta=1e-5, jsonl=jsonl, every=1)
+        if monitor is not None:
+            monitors.append(monitor)
+            criterion = monitor.wrap_criterion(criterion)
         train(model, opt, loader, criterion=criterion)
-    return [m for m in monitors if m is not None], [p.detach().clone() for p in model.parameters()]
+    return monitors, [p.detach().clone() for p in model.parameters()]
 
 
 def _assert_let_go(old, new, params, reference) -> None:
@@ -949,6 +949,20 @@ def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], 
     return without_timing(monitor.history), [p.detach().clone() for p in model.parameters()]
 
 
+def _assert_loops_agree(
+    mode: str, variant: str, reference: str, steps: int, every: int = 1
+) -> list[dict]:
+    """``variant``'s records (flag-free, ``steps`` of them) and parameters equal
+    ``reference``'s, the loop that must give the same result."""
+    records, params = _loop_records(mode, variant, every)
+    expected, trained = _loop_records(mode, reference, every)
+    assert len(records) == steps and not any(r["flags"] for r in records)
+    assert records == expected
+    for a, b in zip(params, trained, strict=True):
+        assert torch.equal(a, b)
+    return records
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_a_step_skipped_after_its_backward_lends_the_next_step_nothing(mode):
     """``zero_grad(); continue`` after a backward: Opacus drops those per-sample gradients,
@@ -956,12 +970,8 @@ def test_a_step_skipped_after_its_backward_lends_the_next_step_nothing(mode):
     (flagged features_first_forward, or features_unpaired under Poisson sampling)."""
     for variant in ("skip", "rollback", "late_skip"):
         # (late_: the gradients zeroed after the next forward: its capture is the next step's)
-        unseen, reference = _loop_records(mode, "late_unseen" if "late" in variant else "unseen")
-        skipped, params = _loop_records(mode, variant)
-        assert len(skipped) == 19 and not any(r["flags"] for r in skipped)
-        assert skipped == unseen
-        for a, b in zip(params, reference, strict=True):
-            assert torch.equal(a, b)
+        unseen = "late_unseen" if "late" in variant else "unseen"
+        _assert_loops_agree(mode, variant, unseen, steps=19)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -972,12 +982,7 @@ def test_weights_perturbed_in_place_for_a_second_backward_are_no_other_optimizer
     must equal the same arithmetic through ``.data``, which changes no version."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # (no "another optimizer" warning)
-        records, params = _loop_records(mode, "sam")
-    reference, trained = _loop_records(mode, "sam_data")
-    assert len(records) == 20 and not any(r["flags"] for r in records)
-    assert records == reference
-    for a, b in zip(params, trained, strict=True):
-        assert torch.equal(a, b)
+        _assert_loops_agree(mode, "sam", "sam_data", steps=20)
 
 
 @pytest.mark.parametrize("late", [False, True], ids=["zero-grad-first", "zero-grad-late"])
@@ -989,12 +994,7 @@ def test_an_adversarial_examples_plain_backward_lends_the_step_nothing(mode, lat
     step's gradients (every record features_first_forward); it must equal the same loop with
     the hooks disabled for that pass."""
     prefix = "late_" if late else ""
-    records, params = _loop_records(mode, prefix + "fgsm")
-    reference, trained = _loop_records(mode, prefix + "fgsm_nohooks")
-    assert len(records) == 20 and not any(r["flags"] for r in records)
-    assert records == reference
-    for a, b in zip(params, trained, strict=True):
-        assert torch.equal(a, b)
+    _assert_loops_agree(mode, prefix + "fgsm", prefix + "fgsm_nohooks", steps=20)
 
 
 def test_a_monitor_attached_mid_run_keeps_its_first_steps_capture():
@@ -1030,15 +1030,8 @@ def test_ghost_loops_without_zero_grad_or_with_micro_batches_are_measured(every)
     own zero_grad, and of micro-batches accumulated before one step Opacus steps with the last.
     Either way the monitor's zero_grad check (a finished second pass discarded) had dropped
     the step's own first pass: every measured step after an unmeasured one failed (B = 0)."""
-    records, params = _loop_records("ghost", "no_zero_grad", every)
-    reference, trained = _loop_records("ghost", "plain", every)
-    assert len(records) == 20 // every and records == reference
-    accumulated, params_2 = _loop_records("ghost", "accumulate", every)
-    last_only, trained_2 = _loop_records("ghost", "odd", every)
-    assert len(accumulated) == 10 // every and accumulated == last_only
-    assert not any(r["flags"] for r in records + accumulated)
-    for a, b in zip(params + params_2, trained + trained_2, strict=True):
-        assert torch.equal(a, b)
+    _assert_loops_agree("ghost", "no_zero_grad", "plain", steps=20 // every, every=every)
+    _assert_loops_agree("ghost", "accumulate", "odd", steps=10 // every, every=every)
 
 
 @pytest.mark.parametrize(
@@ -1050,11 +1043,7 @@ def test_evaluation_batches_between_steps_leave_the_records_alone(variant):
     forward with the user's own model in eval (Opacus skips it: each layer's mode) was
     captured as a training forward and paired with the next step; a no_grad forward between
     the training forward and its loss took the labels away (the critics' width 36, not 39)."""
-    records, params = _loop_records("hooks", variant)
-    reference, trained = _loop_records("hooks", "plain")
-    assert len(records) == 20 and records == reference
-    for a, b in zip(params, trained, strict=True):
-        assert torch.equal(a, b)
+    _assert_loops_agree("hooks", variant, "plain", steps=20)
 
 
 def test_a_forward_that_renormalises_its_own_weights_is_no_other_optimizer():
