@@ -645,7 +645,8 @@ class _Results:
         if self.batch is None:
             raise RuntimeError(
                 "no activations/backprops were captured for this step: run the forward and "
-                "backward pass of the module returned by make_private before optimizer.step()"
+                "backward pass of the module returned by make_private before optimizer.step() "
+                "(a monitor attached after this step's forward sees none until the next step)"
             )
         batch = self.batch
         if batch == 0:
