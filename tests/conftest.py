@@ -121,6 +121,22 @@ def train(model, opt, loader, *, epochs: int = 1, criterion=None, after_step=Non
                 after_step()
 
 
+def spy_noise_stds(monitor, opt) -> tuple[list[float], list[float]]:
+    """Test-only taps: the std each of the monitor's private draws is made with (one per
+    chunk, in order) and the std of each noise Opacus adds (sigma C at ``add_noise``; undo
+    with ``del opt.add_noise``)."""
+    drawn: list[float] = []
+    added: list[float] = []
+    privatise = monitor._privatise
+    monitor._privatise = lambda chunk, clipped, gram, std: (
+        drawn.append(std),
+        privatise(chunk, clipped, gram, std),
+    )[1]
+    add_noise = opt.add_noise
+    opt.add_noise = lambda: (added.append(opt.noise_multiplier * opt.max_grad_norm), add_noise())
+    return drawn, added
+
+
 def fail_estimate_at(monitor, call: int) -> None:
     """Make the monitor's ``call``-th estimate (1-based) raise, as a bug in it would."""
     original, calls = monitor._estimate, []

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TinyCNN, fail_estimate_at, make_data
+from conftest import TinyCNN, fail_estimate_at, make_data, spy_noise_stds
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -225,17 +225,7 @@ def _scheduler_run(rank: int) -> dict:
     loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
-    drawn: list[list[float]] = []
-    privatise = monitor._privatise
-    monitor._privatise = lambda chunk, clipped, gram, std: (
-        drawn[-1].append(std),
-        privatise(chunk, clipped, gram, std),
-    )[1]
-    gather = monitor._gather_chunks
-    monitor._gather_chunks = lambda *a: (drawn.append([]), gather(*a))[1]
-    added: list[float] = []
-    add_noise = opt.add_noise
-    opt.add_noise = lambda: (added.append(opt.noise_multiplier * opt.max_grad_norm), add_noise())
+    drawn, added = spy_noise_stds(monitor, opt)
     scheduler = ExponentialNoise(opt, gamma=0.8)
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=2, optimizer=opt) as mm:
         for x, y in mm:
@@ -647,7 +637,7 @@ def test_every_chunk_is_drawn_at_the_noise_rank_0_adds(runs):
     assert len(added) == 6 and len(set(added)) == 6
     for r in range(WORLD):
         drawn = ranks[r]["scheduler"]["drawn"]
-        assert drawn == [[std] * 8 for std in added]  # 4 chunks of 2 on each of the 2 ranks
+        assert drawn == [std for std in added for _ in range(8)]  # 4 chunks on each of 2 ranks
 
 
 def test_local_monitors_write_a_file_per_rank(runs):

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_data, make_private, train, without_timing
+from conftest import make_data, make_private, spy_noise_stds, train, without_timing
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -182,19 +182,10 @@ def test_a_noise_scheduler_stepped_per_chunk_draws_every_chunk_at_the_noise_opac
 
     engine, model, opt, loader = make_private(poisson=False, batch_size=32, n=96, noise=0.5)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
-    drawn, added = [], []  # the monitor's stds, step by step; Opacus's (sigma C at add_noise)
-    privatise = monitor._privatise
-    monitor._privatise = lambda chunk, clipped, gram, std: (
-        drawn[-1].append(std),
-        privatise(chunk, clipped, gram, std),
-    )[1]
-    add_noise = opt.add_noise
-    opt.add_noise = lambda: (added.append(opt.noise_multiplier * opt.max_grad_norm), add_noise())
+    drawn, added = spy_noise_stds(monitor, opt)
     scheduler = ExponentialNoise(opt, gamma=0.8)
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=opt) as mm:
         for x, y in mm:
-            if not drawn or len(drawn[-1]) == 4:
-                drawn.append([])
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
@@ -202,7 +193,7 @@ def test_a_noise_scheduler_stepped_per_chunk_draws_every_chunk_at_the_noise_opac
     monitor.flush()
     del opt.add_noise
     assert len(added) == len(monitor.history) == 3
-    assert drawn == [[std] * 4 for std in added]
+    assert drawn == [std for std in added for _ in range(4)]  # 4 chunks a step
     assert len(set(added)) == 3
 
 
