@@ -674,12 +674,16 @@ class LeakageMonitor:
             batch_first=getattr(module, "batch_first", True),
             active=lambda: self._tokens and self._due(),
             check_labels=lambda: not self._sync_free,  # a host read: a sync off the CPU
-            stamp=self._stamp,
+            stamp=lambda: self._forward_stamp,
         )
         # The parameters' versions after the latest captured forward (its own writes, such as
         # an Embedding's max_norm, included), compared before the next: prepended, so a stale
-        # capture goes before the features' hook takes the new forward's.
+        # capture goes before the features' hook takes the new forward's. It also decides, once
+        # per forward, whether the forward is one to watch and the stamp its captures get.
+        self._params = list(params)  # (the optimizer's, as built for: see ParamsChanged)
         self._forward_versions: tuple[int, ...] | None = None
+        self._watching = False
+        self._forward_stamp: Any = None
         self._watch = [
             module.register_forward_pre_hook(GuestHook(self._on_forward), prepend=True),
             module.register_forward_hook(GuestHook(self._after_forward)),
@@ -689,7 +693,11 @@ class LeakageMonitor:
         self._linear_inputs: LinearInputs | None = None
         if not _is_ghost(module, optimizer):
             self._linear_inputs = LinearInputs(
-                module, params, active=self._due, later=self.overlap, stamp=self._stamp
+                module,
+                params,
+                active=self._due,
+                later=self.overlap,
+                stamp=lambda: self._forward_stamp,
             )
         self._factored: FactoredCapture | None = None  # ghost clipping: layer factors
         if _is_ghost(module, optimizer):
@@ -874,9 +882,11 @@ class LeakageMonitor:
         ``_settle_ghost_zero_grad``.)"""
         if self._ghost_zero_grad is not None:
             self._settle_ghost_zero_grad()
-        if self._forward_versions is None or not (self._capture.training_forward() and self._due()):
+        self._watching = self._capture.training_forward() and self._due()
+        if not self._watching:
             return
-        if self._param_versions() != self._forward_versions:
+        self._forward_stamp = self._stamp()
+        if self._forward_versions is not None and self._param_versions() != self._forward_versions:
             self._discard_captures()
             self._warn_once(
                 "forward:stale",
@@ -887,7 +897,7 @@ class LeakageMonitor:
             )
 
     def _after_forward(self, module: torch.nn.Module, _args: tuple, _output) -> None:
-        if self._capture.training_forward() and self._due():
+        if self._watching:
             self._forward_versions = self._param_versions()
 
     def _zero_grad(self, *args, **kwargs):
@@ -913,7 +923,7 @@ class LeakageMonitor:
                 fc.zeroed = True
                 self._ghost_zero_grad = (fc.firsts, fc.passes)
         else:
-            latest = _per_sample_marker(self.optimizer.params)
+            latest = _per_sample_marker(self._params)
             if latest is not None and (self._consumed is None or self._consumed() is not latest):
                 # Forwards made after that backward are the next step's (a loop may zero the
                 # gradients between its forward and backward): only the ones before it go.
@@ -931,16 +941,16 @@ class LeakageMonitor:
         first passes begun; hooks: a reference to the newest per-sample gradients)."""
         if self._factored is not None:
             return self._factored.firsts
-        latest = _per_sample_marker(self.optimizer.params)
+        latest = _per_sample_marker(self._params)
         return None if latest is None else weakref.ref(latest)
 
     def _mark_read(self) -> None:
         """Note the per-sample gradients the loop holds now as read (see ``_zero_grad``)."""
-        latest = _per_sample_marker(self.optimizer.params)
+        latest = _per_sample_marker(self._params)
         self._consumed = weakref.ref(latest) if latest is not None else None
 
     def _param_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.optimizer.params)
+        return tuple(p._version for p in self._params)
 
     def _settle_ghost_zero_grad(self) -> None:
         """Act on the latest ambiguous ghost ``zero_grad`` (see ``_zero_grad``), at the next
