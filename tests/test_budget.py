@@ -973,12 +973,7 @@ def test_a_noise_scheduler_stepped_every_step_costs_prv_pacing_no_work_per_recor
             work = monitor.epsilon.work
             monitor.epsilon.work = lambda accounting: (w := work(accounting), figures.append(w))[0]
             monitor._epsilon_pacer.due = lambda w: not figures or w <= figures[0]
-        scheduler = ExponentialNoise(opt, gamma=0.999)
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            scheduler.step()
+        train(model, opt, loader, after_step=ExponentialNoise(opt, gamma=0.999).step)
         monitor.detach()
         assert len(monitor.history) == len(engine.accountant.history) == 60
         return monitor, figures

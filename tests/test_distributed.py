@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TinyCNN, fail_estimate_at, make_data, spy_noise_stds
+from conftest import TinyCNN, fail_estimate_at, make_data, spy_noise_stds, train
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -90,9 +90,7 @@ def _train(model, opt, loader, criterion):
 
 def _ddp_run(rank: int, monitored: bool, tmp: str) -> dict:
     torch.manual_seed(0)
-    data = make_data(N)
-    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    loader = _local_loader(rank)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     criterion = nn.CrossEntropyLoss()
     out: dict = {}
@@ -156,9 +154,7 @@ def _budget_run(rank: int, frugal: int = 0) -> dict:
     (else a gather has no partner and the 60 s collective timeout fails the run, or one rank
     spends far beyond its budget)."""
     torch.manual_seed(0)
-    data = make_data(N)
-    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    loader = _local_loader(rank)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     budget = 1e-3 if rank == frugal else 1e3
     kwargs = {**MONITOR, "every": None, "train_every": None, "budget": budget}
@@ -176,9 +172,7 @@ def _prv_run(rank: int) -> dict:
     budgets per rank (rank 0's would recompute it once in a while, rank 1's at every record):
     every rank's records must carry the frugal rank's (rank 0's) choice."""
     torch.manual_seed(0)
-    data = make_data(N)
-    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    loader = _local_loader(rank)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader, accountant="prv")
     monitor = LeakageMonitor(
         engine, model, opt, delta=1e-5, every=1, estimator=None, budget=1e-3 if rank == 0 else 1e3
@@ -193,9 +187,7 @@ def _straggler_run(rank: int) -> dict:
     """Rank 1 reaches each step 50 ms after rank 0, which waits for it at the monitor's first
     gather: training's time (it would wait at Opacus's all-reduce), not the monitor's."""
     torch.manual_seed(0)
-    data = make_data(N)
-    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    loader = _local_loader(rank)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
@@ -220,19 +212,13 @@ def _scheduler_run(rank: int) -> dict:
     from opacus.schedulers import ExponentialNoise
 
     torch.manual_seed(0)
-    data = make_data(N)
-    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    loader = _local_loader(rank)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
     drawn, added = spy_noise_stds(monitor, opt)
     scheduler = ExponentialNoise(opt, gamma=0.8)
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=2, optimizer=opt) as mm:
-        for x, y in mm:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            scheduler.step()
+        train(model, opt, mm, after_step=scheduler.step)
     monitor.detach()
     del opt.add_noise
     return {"drawn": drawn, "added": added if rank == 0 else None}
@@ -241,9 +227,7 @@ def _scheduler_run(rank: int) -> dict:
 def _local_run(rank: int, tmp: str) -> dict:
     """distributed=False under DPDDP: each rank measures its own local batch."""
     torch.manual_seed(0)
-    data = make_data(N)
-    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=LOCAL_BATCH, sampler=sampler)
+    loader = _local_loader(rank)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), loader)
     jsonl = os.path.join(tmp, "local.jsonl")  # the same path on both ranks, as a user writes it
     monitor = LeakageMonitor(

@@ -185,11 +185,8 @@ def test_a_noise_scheduler_stepped_per_chunk_draws_every_chunk_at_the_noise_opac
     drawn, added = spy_noise_stds(monitor, opt)
     scheduler = ExponentialNoise(opt, gamma=0.8)
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=opt) as mm:
-        for x, y in mm:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            scheduler.step()  # (per physical batch: Opacus's noise is the last chunk's)
+        # (stepped per physical batch: Opacus's noise is the last chunk's)
+        train(model, opt, mm, after_step=scheduler.step)
     monitor.flush()
     del opt.add_noise
     assert len(added) == len(monitor.history) == 3
