@@ -23,6 +23,7 @@ that layer (as Opacus itself does in ghost mode), one layer at a time.
 from __future__ import annotations
 
 import collections
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -566,17 +567,28 @@ class _Results:
         exact = bool(self._exact())
         tokens = bool(cap.need_tokens())
         grads: dict[int, torch.Tensor] = {}
+        norm_pair = None  # (left, right) of Opacus's per-sample gradient where it differs
+        opacus: dict[int, torch.Tensor] = {}  # Opacus's version where it differs (its norms)
         if layer.kind == "generic":
+            differs = any("opacus" in c for c in calls)
             for c in calls:  # several calls of one layer add up (Opacus pads to max_batch_len)
-                for pid, g in c["grads"].items():
-                    acc = grads.setdefault(pid, g.new_zeros((n,) + g.shape[1:]))
-                    acc[: g.shape[0]] += g
+                for out, key in (
+                    ((grads, "grads"), (opacus, "opacus")) if differs else ((grads, "grads"),)
+                ):
+                    for pid, g in c.get(key, c["grads"]).items():
+                        acc = out.setdefault(pid, g.new_zeros((n,) + g.shape[1:]))
+                        acc[: g.shape[0]] += g
         else:
             if any(c["right"].shape[0] != n for c in calls):
                 raise ValueError(f"{type(layer.module).__name__} saw different batch sizes")
             # A layer called several times (weight sharing) sums over all its positions.
             left = _cat_positions([c["left"] for c in calls])
             right = _cat_positions([c["right"] for c in calls])
+            if any("norm" in c for c in calls):  # Opacus's per-sample gradient is not released
+                norm_pair = tuple(
+                    _cat_positions([c.get("norm", (c["left"], c["right"]))[k] for c in calls])
+                    for k in (0, 1)
+                )
             bias = getattr(layer.module, "bias", None)
             # Trainable when the capture was built (as every slot is), not now: a recording
             # may be computed after the user froze it (the step after is refused).
@@ -595,24 +607,37 @@ class _Results:
                         f"{type(layer.module).__name__}"
                     )
                 part = part.reshape(n, -1)
+                theirs = opacus.pop(pid, None)
+                if norm_pair is not None and factored_weight:
+                    theirs = _materialise(*norm_pair, p.shape[0], slice(None))
+                theirs = None if theirs is None else theirs.reshape(n, -1)
                 before = self.shared.get(pid)
-                self.shared[pid] = (slot, part if before is None else before[1] + part)
+                if before is not None:
+                    if theirs is not None or before[2] is not None:
+                        theirs = _or(before[2], before[1]) + _or(theirs, part)
+                    part = before[1] + part
+                self.shared[pid] = (slot, part, theirs)
                 continue
             if pid in grads:
-                token, gram, sq = self._of_flat(slot, grads.pop(pid).reshape(n, -1), exact, tokens)
+                theirs = opacus.pop(pid, None)
+                theirs = None if theirs is None else theirs.reshape(n, -1)
+                flat = grads.pop(pid).reshape(n, -1)
+                token, gram, sq = self._of_flat(slot, flat, exact, tokens, theirs)
             elif factored_weight:
                 token = (
                     None
                     if slot is None or not tokens
                     else cap._tokenizer.factored_token(slot, left, right)
                 )
-                rows = p.shape[0]
+                rows, method = p.shape[0], cap.gram_method
+                gram = sq = None
                 if cap.need_gram:
-                    gram = layer_gram(left, right, rows, method=cap.gram_method, exact=exact)
-                    sq = gram.diagonal()
-                else:
-                    sq = layer_sqnorms(left, right, rows, method=cap.gram_method, exact=exact)
-                    gram = None
+                    gram = layer_gram(left, right, rows, method=method, exact=exact)
+                    sq = gram.diagonal() if norm_pair is None else None
+                if sq is None:
+                    sq = layer_sqnorms(
+                        *(norm_pair or (left, right)), rows, method=method, exact=exact
+                    )
             else:
                 raise ValueError(
                     f"no per-sample gradient for a {tuple(p.shape)} parameter of "
@@ -621,14 +646,24 @@ class _Results:
             self._add(pid, slot, token, gram, sq)
 
     def _of_flat(
-        self, slot: int | None, flat: torch.Tensor, exact: bool, tokens: bool
+        self,
+        slot: int | None,
+        flat: torch.Tensor,
+        exact: bool,
+        tokens: bool,
+        opacus: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Token, Gram term and squared norms of a materialised ``(B, P)`` per-sample gradient."""
+        """Token, Gram term and squared norms of a materialised ``(B, P)`` per-sample gradient
+        (the norms of ``opacus``, Opacus's version of it, where that is another tensor)."""
         cap = self._capture
+        dtype = torch.float64 if exact else torch.float32
         token = None if slot is None or not tokens else cap._tokenizer.sketch_layer(slot, flat)
-        f = flat.to(torch.float64 if exact else torch.float32)
+        f = flat.to(dtype)
         gram = (f @ f.T).to(torch.float64) if cap.need_gram else None
-        sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
+        if opacus is not None:
+            sq = opacus.to(dtype).pow(2).sum(dim=1).double()
+        else:
+            sq = gram.diagonal() if gram is not None else f.pow(2).sum(dim=1).double()
         return token, gram, sq
 
     def _add(self, pid: int, slot: int | None, token, gram, sq: torch.Tensor) -> None:
@@ -653,8 +688,8 @@ class _Results:
             return FactoredBatch(tokens=[], gram=None, norms=torch.zeros(0), batch=0)
         if self.shared:  # every owner's part is in: a shared parameter's gradient is their sum
             exact, tokens = bool(self._exact()), bool(cap.need_tokens())
-            for pid, (slot, flat) in self.shared.items():
-                self._add(pid, slot, *self._of_flat(slot, flat, exact, tokens))
+            for pid, (slot, flat, opacus) in self.shared.items():
+                self._add(pid, slot, *self._of_flat(slot, flat, exact, tokens, opacus))
             self.shared = {}
         device = next(iter(self.norms.values())).device
         tokens = []
@@ -877,25 +912,55 @@ class FactoredCapture:
                 fn = self._gsm.GRAD_SAMPLERS[type(m)]
             else:
                 fn = ft_compute_per_sample_gradient
-            grads = fn(m, acts, back)
-            return {"n": n, "grads": {id(p): _widen(g) for p, g in grads.items()}}
+            grads = {id(p): _widen(g) for p, g in fn(m, acts, back).items()}
+            if fn is not ft_compute_per_sample_gradient and _zero_padded_by_opacus(m):
+                # (as for Conv2d below) Opacus's norms; the released per-sample gradients are
+                # its sampler's on the padded input, unpadded
+                padded = nn.functional.pad(
+                    acts[0], m._reversed_padding_repeated_twice, mode=m.padding_mode
+                )
+                unpadded = copy.copy(m)  # (shares the parameters, the grads' keys)
+                unpadded.padding, unpadded.padding_mode = (0,) * len(m.kernel_size), "zeros"
+                released = fn(unpadded, [padded, *acts[1:]], back)
+                return {
+                    "n": n,
+                    "grads": {id(p): _widen(g) for p, g in released.items()},
+                    "opacus": grads,
+                }
+            return {"n": n, "grads": grads}
         back, a = _widen(back), acts[0]
+        call: dict[str, Any] = {"n": n}
         if layer.kind == "embedding":
             left, right = a.reshape(batch, -1).long(), back.reshape(batch, -1, m.embedding_dim)
+            if m.padding_idx is not None:
+                # Opacus's grad sampler and norm sampler give the padding row its tokens'
+                # backprops; the second pass, which is what ghost clipping releases, gives it
+                # none. Norms (hence clip factors) as Opacus's, tokens and Gram as released.
+                call["norm"] = (left, right)
+                right = right.masked_fill((left == m.padding_idx)[..., None], 0)
         elif layer.kind == "linear":
             left = back.reshape(batch, -1, m.out_features)
             right = a.to(back.dtype).reshape(batch, -1, m.in_features)
         else:  # conv2d, unfolded exactly as Opacus's conv grad sampler does
-            cols = unfold2d(
-                a.to(back.dtype),
-                kernel_size=m.kernel_size,
-                padding=m.padding,
-                stride=m.stride,
-                dilation=m.dilation,
-            )
-            right = cols.transpose(1, 2)
             left = back.reshape(batch, m.out_channels, -1).transpose(1, 2)
-        return {"n": n, "left": left, "right": right}
+            right = self._unfold(m, a.to(back.dtype), m.padding)
+            if _zero_padded_by_opacus(m):
+                # Opacus unfolds with zeros whatever the mode (its norms, hence clip factors);
+                # the second pass differentiates the reflect/replicate/circular padding.
+                call["norm"] = (left, right)
+                padded = nn.functional.pad(
+                    a.to(back.dtype), m._reversed_padding_repeated_twice, mode=m.padding_mode
+                )
+                right = self._unfold(m, padded, (0, 0))
+        call.update(left=left, right=right)
+        return call
+
+    @staticmethod
+    def _unfold(m: nn.Conv2d, a: torch.Tensor, padding) -> torch.Tensor:
+        cols = unfold2d(
+            a, kernel_size=m.kernel_size, padding=padding, stride=m.stride, dilation=m.dilation
+        )
+        return cols.transpose(1, 2)
 
     # ------------------------------------------------------------------ results
     def take(self) -> FactoredBatch | FactoredRecording:
@@ -940,6 +1005,16 @@ class FactoredCapture:
 
 def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _zero_padded_by_opacus(m: nn.Module) -> bool:
+    """Opacus's conv grad sampler unfolds with zeros whatever the layer's ``padding_mode``:
+    its per-sample gradient (hence norm) is not the one autograd's second pass releases."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros"
+
+
+def _or(x: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return default if x is None else x
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,7 @@ def _check_combination(
     """Refuse settings under which a requested figure could never be made, or an option would
     do nothing: without a learned estimator only the private view has a figure (its oracle),
     the semi-oracle and the control are of the private view and of a learned critic, and a
-    token encoder is for the learned critics alone (the semi-oracle reads the sketch)."""
+    token encoder is for the learned critics alone (the semi-oracle reads its own tokens)."""
     unmeasured = unmeasured_views(views, estimator)
     if unmeasured:
         raise ValueError(
@@ -157,7 +157,7 @@ def _check_combination(
     if tokenizer != "sketch" and estimator is None:
         raise ValueError(
             f"tokenizer={tokenizer!r} encodes tokens for the learned critics, and estimator=None "
-            "trains none (the oracle needs no tokens, the semi-oracle reads the sketch's); "
+            "trains none (the oracle needs no tokens, the semi-oracle makes its own); "
             "pass an estimator, e.g. estimator='mine', or leave tokenizer at 'sketch'"
         )
     if control and estimator is None:

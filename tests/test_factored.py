@@ -890,3 +890,73 @@ def test_ghost_clipping_in_bfloat16_takes_opacus_clip_factors():
     assert len(made) == 1 and made[0].factors.dtype == torch.bfloat16
     assert torch.equal(made[0].factors, opacus)
     assert monitor.history and "private/oracle" in monitor.history[-1].mi
+
+
+class _PaddingIdxText(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(9, 4, padding_idx=0), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.emb(ids)).mean(1))
+
+
+class _NonZeroPaddingConvs(nn.Module):
+    """A reflect-padded Conv2d (factored) and a circular Conv1d (Opacus's grad sampler)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c2 = nn.Conv2d(1, 3, 3, padding=1, padding_mode="reflect")
+        self.c1 = nn.Conv1d(3, 2, 3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c1(torch.tanh(self.c2(x)).mean(2))).mean(2))
+
+
+@pytest.mark.parametrize("net", [_PaddingIdxText, _NonZeroPaddingConvs], ids=["padding_idx", "pad"])
+def test_ghost_tokens_and_gram_are_of_the_released_gradient_where_opacus_grad_sampler_errs(net):
+    """Opacus's grad and norm samplers give an Embedding's ``padding_idx`` row its tokens'
+    backprops and unfold every conv with zeros whatever its ``padding_mode``; ghost clipping
+    clips with those norms but releases autograd's second pass. The monitor's tokens and Gram
+    were of Opacus's per-sample gradients (18% / 9% off the released ones): now they are of the
+    gradients the second pass sums (checked against Opacus's own sum), with Opacus's clip
+    factors."""
+    g = torch.Generator().manual_seed(1)
+    if net is _PaddingIdxText:
+        x = torch.randint(0, 9, (8, 5), generator=g)
+        x[:, :2] = 0
+    else:
+        x = torch.randn(8, 1, 5, 5, generator=g)
+    y = torch.arange(8) % 3
+    torch.manual_seed(0)
+    model, ref = net(), net()
+    ref.load_state_dict(model.state_dict())
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, criterion, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8), noise_multiplier=1.0,
+        max_grad_norm=0.05, grad_sample_mode="ghost", poisson_sampling=False,
+        criterion=nn.CrossEntropyLoss(),
+    )  # fmt: skip
+    tok = KroneckerTokenizer.for_params(model, opt.params, 16, seed=0)
+    cap = FactoredCapture(model, opt.params, tok, exact=lambda: True)
+    criterion(model(x), y).backward()
+    fb = cap.take()
+    clip = fb.clip_info(model.max_grad_norm)
+    opacus_norms = model.per_sample_gradient_norms  # what ghost clipping clipped with
+    torch.testing.assert_close(clip.norms.float(), opacus_norms, rtol=1e-5, atol=1e-7)
+    assert (clip.factors < 0.99).all(), "the bound must bite for this comparison to mean much"
+    per_example = []  # autograd's per-example gradients, one example at a time
+    for i in range(len(x)):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
+        per_example.append([p.grad.clone() for p in ref.parameters()])
+    grads = [torch.stack(g) for g in zip(*per_example, strict=True)]
+    for p, g in zip(model.parameters(), grads, strict=True):  # what the second pass summed
+        released = torch.einsum("i,i...->...", clip.factors.float(), g)
+        torch.testing.assert_close(p.grad, released, rtol=1e-5, atol=1e-8)
+    for mine, theirs in zip(fb.tokens, tok.sketch(grads), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    dense = torch.cat([g.flatten(1).double() for g in grads], 1)
+    torch.testing.assert_close(fb.gram, dense @ dense.T, rtol=1e-5, atol=1e-7)
