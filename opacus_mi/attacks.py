@@ -422,9 +422,9 @@ def spearman_bootstrap(
         r = spearman(a[idx], b[idx])
         if not math.isnan(r):
             stats.append(r)
-    if not stats:
-        return rho, math.nan, math.nan
     tail = (1 - level) / 2 * 100
+    if len(stats) < math.ceil(100 / tail - 1e-9):  # (fewer leave a tail with no resample in it)
+        return rho, math.nan, math.nan
     lo, hi = np.percentile(stats, [tail, 100 - tail])
     return rho, float(lo), float(hi)
 

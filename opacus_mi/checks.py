@@ -27,6 +27,16 @@ def python_number(value: Any) -> Any:
     return value
 
 
+def plain_numbers(config: Any) -> None:
+    """A config dataclass's NumPy scalars (also inside tuples and lists) as Python numbers, in
+    place: a grid built with ``np.arange`` or ``np.int64`` counts is taken as typed."""
+    for name in getattr(config, "__dataclass_fields__", {}):
+        value = getattr(config, name)
+        if isinstance(value, (tuple, list)):
+            value = type(value)(python_number(v) for v in value)
+        setattr(config, name, python_number(value))
+
+
 def is_finite_number(x: Any) -> bool:
     """A finite int or float (``bool`` is an int to Python, but never a valid number here; an
     int too large for a float is not finite either, rather than an ``OverflowError``)."""

@@ -286,7 +286,12 @@ def _add_validate_parser(sub) -> None:
         help="random restarts per Inverting Gradients inversion (DLG runs once)",
     )
     val.add_argument("--iters", type=int, default=d.iters, help="optimiser steps per inversion")
-    val.add_argument("--images", type=int, default=d.images, help="inputs attacked per setting")
+    val.add_argument(
+        "--images",
+        type=int,
+        default=d.images,
+        help="inputs attacked per setting (rounded up to whole batches)",
+    )
     val.add_argument(
         "--candidates",
         type=int,

@@ -28,6 +28,7 @@ from .checks import (
     available_device,
     flag,
     is_finite_number,
+    plain_numbers,
     require_choice,
     require_folder,
     require_int_at_least,
@@ -94,6 +95,7 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every value; raise ``ValueError`` naming the offending flag. Returns self."""
+        plain_numbers(self)
         require_choice("dataset", self.dataset, DATASETS)
         require_choice("model", self.model, MODELS)
         require_choice("accountant", self.accountant, ACCOUNTANTS)

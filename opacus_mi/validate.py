@@ -47,6 +47,8 @@ from .accounting import gaussian_channel_bound
 from .checks import (
     flag,
     is_finite_number,
+    is_int_at_least,
+    plain_numbers,
     require_folder,
     require_int_at_least,
     require_positive,
@@ -65,6 +67,8 @@ PSNR_CAP = 60.0  # dB; a per-image PSNR above this counts as 60 when averaged (e
 # float32 release sum clip(g) + N(0, sigma^2 C^2 I) overflows and the attacks fail on infinities.
 MAX_NOISE_MULTIPLIER = 1e6
 CORRELATION_TARGET = 0.8
+# Resamples a 95% percentile bootstrap interval needs: one in each 2.5% tail.
+MIN_BOOTSTRAP = 40
 # A correlation's verdict needs this many settings with both values. A 95% percentile bootstrap
 # over fewer is degenerate (every non-constant resample of 3 monotone points has rho = 1): with
 # MI and attack independent normals, it put the interval's lower end at >= 0.8 in 17% of grids of
@@ -156,6 +160,7 @@ class ValidateConfig:
 
     def validate(self) -> ValidateConfig:
         """Check every value; raise ``ValueError`` naming the flag. Returns self."""
+        plain_numbers(self)
         if self.dataset not in VALIDATE_DATASETS:
             raise ValueError(
                 f"--dataset must be one of {', '.join(VALIDATE_DATASETS)}; got {self.dataset!r}"
@@ -177,10 +182,16 @@ class ValidateConfig:
                 )
         self.batch_sizes = _values("batch_sizes", self.batch_sizes, int, lambda v: v >= 1, ">= 1")
         self.stages = _values("stages", self.stages, int, lambda v: v >= 0, ">= 0")
-        for name in ("restarts", "iters", "images", "draws", "train_batch_size"):
+        for name in ("restarts", "iters", "images", "train_batch_size"):
             require_int_at_least(name, getattr(self, name), 1)
+        # (one draw has no standard error: Fano's check would read it as violated)
+        require_int_at_least("draws", self.draws, 2)
         require_seed(self.seed)
-        require_int_at_least("bootstrap", self.bootstrap, 0)
+        if not (self.bootstrap == 0 or is_int_at_least(self.bootstrap, MIN_BOOTSTRAP)):
+            raise ValueError(
+                f"--bootstrap must be 0 (no intervals) or an integer >= {MIN_BOOTSTRAP} (a 95% "
+                f"percentile interval needs a resample in each 2.5% tail); got {self.bootstrap!r}"
+            )
         if self.candidates is not None:
             require_int_at_least("candidates", self.candidates, 2)
         for name in ("max_grad_norm", "train_noise_multiplier", "lr"):
@@ -215,6 +226,8 @@ def sigma_label(sigma: float) -> str:
 def _values(name, values, kind, ok, rule) -> tuple:
     if isinstance(values, (int, float)):
         values = (values,)
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{flag(name)} must be a number or a sequence of numbers; got {values!r}")
     values = tuple(values)
     if not values:
         raise ValueError(f"{flag(name)} needs at least one value")
@@ -415,7 +428,10 @@ def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
     for b in cfg.batch_sizes:
         t = math.ceil(cfg.images / b)
         if t * b > n_pool:
-            raise ValueError(f"--images {cfg.images} at batch size {b} needs {t * b} candidates")
+            raise ValueError(
+                f"--images {cfg.images} at batch size {b} needs {t * b} candidates (whole "
+                f"batches): pass --candidates >= {t * b} (at most {n_train}) or fewer --images"
+            )
         batches[b] = order[: t * b].reshape(t, b)
     block = 1
     while (
@@ -446,9 +462,8 @@ def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
             for b in cfg.batch_sizes:
                 idx = batches[b]
                 bar.set_description(f"step {step} B={b}: pixel information")
-                pix_idx = idx.reshape(-1)[: cfg.images]
-                pixel_models = []
-                for i in pix_idx.tolist():
+                pixel_models = []  # every attacked input's, as the attacks are scored on all
+                for i in idx.reshape(-1).tolist():
                     jac = A.input_jacobian(gf, x_pool[i], y_pool[i], max_grad_norm=c, block=block)
                     jac = jac.double()
                     pixel_models.append(

@@ -240,6 +240,12 @@ def test_spearman_matches_scipy_with_ties_and_infinities():
     assert lo < rho < hi
     again = A.spearman_bootstrap(x, y, rng=np.random.default_rng(1), resamples=500)
     assert again == (rho, lo, hi)
+    # A 95% percentile interval from fewer than 40 resamples has an empty tail: none is made
+    # (one resample read [1, 1] and a verdict "met" on 8 settings).
+    for few in (1, 39):
+        r, lo, hi = A.spearman_bootstrap(x, y, rng=np.random.default_rng(1), resamples=few)
+        assert r == rho and math.isnan(lo) and math.isnan(hi)
+    assert not math.isnan(A.spearman_bootstrap(x, y, resamples=40)[1])
 
 
 def test_fano_bound_formula():
@@ -717,6 +723,30 @@ def _strict_json(path):
         raise ValueError(f"non-standard JSON constant {constant}")
 
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
+def test_validate_pixel_information_is_of_every_input_the_attacks_are_scored_on(
+    tmp_path, monkeypatch
+):
+    """With --images 2 and B = 4 the attacks reconstruct and score the whole batch of 4, but the
+    pixel MI and the linear-Gaussian PSNR beside them were of its first 2 inputs only."""
+    from opacus_mi.validate import run_validate
+
+    seen: list[int] = []
+    jacobian = A.input_jacobian
+
+    def spy(gf, x, y, **kwargs):
+        seen.append(int(y))  # (called once per input whose pixel information is modelled)
+        return jacobian(gf, x, y, **kwargs)
+
+    monkeypatch.setattr(A, "input_jacobian", spy)
+    cfg = _tiny_validate(
+        out=str(tmp_path / "val"), stages=(0,), batch_sizes=(1, 4), images=2, candidates=8
+    )
+    rows = run_validate(cfg, progress=False).rows
+    assert [(r["batch_size"], r["images"]) for r in rows] == [(1, 2), (4, 4)]
+    assert len(seen) == 2 + 4  # every attacked input, at each batch size
 
 
 @pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")

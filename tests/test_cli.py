@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import without_timing
 
@@ -307,7 +308,12 @@ def test_validate_config_names_the_flag_of_a_bad_value():
     for field, value, message in [
         ("lr", 0, "--lr must be a positive finite number; got 0"),
         ("train_noise_multiplier", float("inf"), "--train-noise-multiplier must be a positive"),
-        ("bootstrap", -1, "--bootstrap must be an integer >= 0; got -1"),
+        ("bootstrap", -1, r"--bootstrap must be 0 \(no intervals\) or an integer >= 40"),
+        # (a 95% interval from one resample read [1, 1] and a verdict "met" on 8 settings)
+        ("bootstrap", 1, r"--bootstrap must be 0 \(no intervals\) .*; got 1"),
+        # (one draw has no standard error: every setting read "Fano violated")
+        ("draws", 1, "--draws must be an integer >= 2; got 1"),
+        ("stages", "3", "--stages must be a number or a sequence of numbers; got '3'"),
         ("candidates", 1, "--candidates must be an integer >= 2; got 1"),
         ("out", " ", "--out must be a folder path; got ' '"),
         ("out", None, "--out must be a folder path; got None"),
@@ -315,6 +321,21 @@ def test_validate_config_names_the_flag_of_a_bad_value():
     ]:
         with pytest.raises(ValueError, match=message):
             replace(ValidateConfig(), **{field: value}).validate()
+
+
+def test_configs_take_numpy_scalars_as_the_numbers_they_hold():
+    """A grid built with NumPy (``np.int64`` counts, ``np.arange`` sigmas) was refused as "must
+    be an integer", or failed with a TypeError naming no flag."""
+    from opacus_mi.training import RunConfig
+    from opacus_mi.validate import ValidateConfig
+
+    cfg = ValidateConfig(
+        images=np.int64(8), stages=np.int64(3), noise_multipliers=tuple(np.arange(1, 3.0))
+    ).validate()
+    assert (cfg.images, cfg.stages, cfg.noise_multipliers) == (8, (3,), (1.0, 2.0))
+    assert type(cfg.images) is int and all(type(s) is float for s in cfg.noise_multipliers)
+    run = RunConfig(epochs=np.int64(2), noise_multiplier=np.float32(0.5)).validate()
+    assert (run.epochs, run.noise_multiplier) == (2, 0.5) and type(run.epochs) is int
 
 
 def test_overlap_on_and_off_write_the_same_records(tmp_path):
