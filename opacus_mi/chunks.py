@@ -24,6 +24,7 @@ class Chunk:
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     features: torch.Tensor | None = None
     oracle_terms: torch.Tensor | None = None
+    oracle_var: torch.Tensor | None = None  # each term's Monte Carlo variance (OracleResult)
     # The Gram matrix and noise std the oracle drew with, until the record: its union floor
     # (estimators.oracle.union_deficits) is made from them where it reads near ln B.
     oracle_gram: tuple[torch.Tensor, float] | None = None
@@ -45,6 +46,7 @@ def pack(chunk: Chunk) -> Item:
     tensors: dict[str, torch.Tensor | None] = {f"tokens/{v}": t for v, t in chunk.tokens.items()}
     tensors["features"] = chunk.features
     tensors["oracle_terms"] = chunk.oracle_terms
+    tensors["oracle_var"] = chunk.oracle_var
     std = None
     if chunk.pending is not None:
         clipped, gram, std = chunk.pending
@@ -70,6 +72,7 @@ def unpack(item: Item) -> tuple[Chunk, torch.Tensor | None, torch.Tensor | None,
         batch=meta["batch"],
         features=tensors.pop("features", None),
         oracle_terms=tensors.pop("oracle_terms", None),
+        oracle_var=tensors.pop("oracle_var", None),
         flags=list(meta["flags"]),
     )
     chunk.tokens = {k.removeprefix("tokens/"): t for k, t in tensors.items()}

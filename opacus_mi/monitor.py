@@ -1484,9 +1484,10 @@ class LeakageMonitor:
             if noise.device != clipped.device:
                 noise = noise.to(clipped.device)
             chunk.tokens["private"] = torch.add(clipped, noise, alpha=std)
-        chunk.oracle_terms = gram_oracle(
+        oracle = gram_oracle(
             gram, std, draws=self.oracle_draws, generator=self.generator, sync_free=self._sync_free
-        ).terms
+        )
+        chunk.oracle_terms, chunk.oracle_var = oracle.terms, oracle.mc_var
         chunk.oracle_gram = (gram, std)  # for the union floor, at the record
 
     def _flag_nonfinite(
@@ -1509,7 +1510,7 @@ class LeakageMonitor:
         keep, grads_ok = chunk.keep, chunk.grads_ok
         chunk.keep = chunk.grads_ok = None
         self._flag_nonfinite(chunk, grads_ok, chunk.features, kept)
-        chunk.oracle_terms = chunk.oracle_gram = None
+        chunk.oracle_terms = chunk.oracle_var = chunk.oracle_gram = None
         if kept == 0:  # nothing left to measure
             chunk.tokens, chunk.features, chunk.pending = {}, None, None
             return
@@ -1746,14 +1747,16 @@ class LeakageMonitor:
                 if value is not None:
                     slots = [reads.add(v) if v is not None else None for v in (value, control)]
                     scored.append((view, est.kind, *slots))
-        terms = [
-            c.oracle_terms for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
-        ]
+        oracled = [c for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()]
+        terms = [c.oracle_terms for c in oracled]
         n_oracle = sum(t.numel() for t in terms)
-        oracle = reads.add(mean_sd(torch.cat(terms))) if terms else None
-        grams = [
-            c.oracle_gram for c in chunks if c.oracle_terms is not None and c.oracle_terms.numel()
-        ]
+        mc_var = (  # (one draw per example has none)
+            torch.cat([c.oracle_var for c in oracled])
+            if oracled and all(c.oracle_var is not None for c in oracled)
+            else None
+        )
+        oracle = reads.add(mean_sd(torch.cat(terms), mc_var, self.oracle_draws)) if terms else None
+        grams = [c.oracle_gram for c in oracled]
         # The union floor's mean (see oracle_interval): off the CPU made always and read with
         # the rest; on the CPU below, only where the oracle reads near ln B (~0.1 ms at B = 64).
         union = reads.add(union_mean(grams).reshape(1)) if terms and self._sync_free else None
@@ -1784,10 +1787,10 @@ class LeakageMonitor:
             else:
                 out.flags.append(f"estimate_nonfinite:{view}")
         if oracle is not None:
-            mean, sd = reads[oracle]
+            mean, sd, mc_se, mc_df = reads[oracle]
             if not math.isfinite(mean):  # (off the CPU: a Gram its factor could not take)
                 out.flags.append("estimate_nonfinite:private/oracle")
-            mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS)
+            mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS, mc=(mc_se, mc_df))
             log_b = sum(t.numel() * math.log(t.numel()) for t in terms) / n_oracle
             if union is not None:  # (made on the device with the figures, read with them)
                 mean, lo, hi = oracle_interval(mean, lo, hi, log_b, reads[union][0])

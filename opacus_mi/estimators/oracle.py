@@ -37,6 +37,10 @@ class OracleResult:
 
     terms: torch.Tensor  # (B,) float64
     batch_size: int
+    # (B,) float64: each term's Monte Carlo variance (its draws' variance / draws); None from
+    # one draw. The spread between terms alone understates the error where a few examples
+    # carry the batch's information (see bounds.mean_sd).
+    mc_var: torch.Tensor | None = None
 
     @property
     def nats(self) -> float:
@@ -134,17 +138,27 @@ def gram_oracle(
         # largest, distinct small gradients of well-fit examples counted as one)
         tol = 1e-12 * torch.maximum(sq[:, None], sq[None, :])
         same = (dist2 <= tol).sum(dim=1).to(torch.float64)
-        return OracleResult(terms=math.log(b) - torch.log(same), batch_size=b)
+        terms = math.log(b) - torch.log(same)
+        return OracleResult(terms=terms, batch_size=b, mc_var=torch.zeros_like(terms))
     factor = _psd_sqrt_factor(g, sync_free, noise_std)
     block = max(MIN_BLOCK_DRAWS, BLOCK_LOGITS // (b * b))
+    mc_var = None
     if draws <= block:
-        own = _own_log_posterior(g, sq, factor, noise_std, draws, generator).mean(dim=0)
-    else:
-        own = sum(
-            _own_log_posterior(g, sq, factor, noise_std, min(block, draws - d), generator).sum(0)
-            for d in range(0, draws, block)
-        ).div_(draws)
-    return OracleResult(terms=own.add_(math.log(b)), batch_size=b)
+        drawn = _own_log_posterior(g, sq, factor, noise_std, draws, generator)
+        if draws > 1:
+            var, own = torch.var_mean(drawn, dim=0)
+            mc_var = var.div_(draws)
+        else:
+            own = drawn[0]
+    else:  # sums and sums of squares, a block at a time
+        own, squares = torch.zeros_like(sq), torch.zeros_like(sq)
+        for d in range(0, draws, block):
+            drawn = _own_log_posterior(g, sq, factor, noise_std, min(block, draws - d), generator)
+            own += drawn.sum(0)
+            squares += drawn.pow(2).sum(0)
+        own /= draws
+        mc_var = (squares - draws * own.pow(2)).clamp_min_(0).div_((draws - 1) * draws)
+    return OracleResult(terms=own.add_(math.log(b)), batch_size=b, mc_var=mc_var)
 
 
 def _own_log_posterior(
