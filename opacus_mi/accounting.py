@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
@@ -602,7 +603,11 @@ def step_kl(noise_multiplier: float, sample_rate: float) -> float:
         def f(t: float) -> float:
             return math.exp(-0.5 * t * t) / math.sqrt(2 * math.pi) * log_ratio(mu + s * t)
 
-        value, _ = integrate.quad(f, -40.0, 40.0, points=[(0.5 - mu) / s], limit=400, epsabs=0)
+        # (At q <= 1e-6 quad warns that it cannot reach its relative tolerance on a KL of
+        # ~1e-13: the value is right to ~1e-7 against a 50-digit quadrature, so not said.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", integrate.IntegrationWarning)
+            value, _ = integrate.quad(f, -40.0, 40.0, points=[(0.5 - mu) / s], limit=400, epsabs=0)
         return value
 
     kl = (1.0 - q) * expect(0.0) + q * expect(1.0)
@@ -629,12 +634,24 @@ def mi_upper_bound(
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0 (DP-SGD steps taken), got {steps!r}")
     steps = int(steps)  # (NumPy's integers too, as for the other arguments)
+    poisson_sampling = _sampling_flag(poisson_sampling)
     _check_step_settings(noise_multiplier, sample_rate)  # at steps = 0 too
     if steps == 0:
         return 0.0
     if not poisson_sampling:
         return once_per_epoch_bound([(noise_multiplier, sample_rate, steps)])
     return steps * step_kl(noise_multiplier, sample_rate)
+
+
+def _sampling_flag(poisson_sampling: Any) -> bool:
+    """``poisson_sampling`` as a bool (NumPy's too); anything else is refused: its truthiness
+    picked a bound (``"False"`` gave the Poisson one, not valid without Poisson sampling)."""
+    if isinstance(poisson_sampling, (bool, np.bool_)):
+        return bool(poisson_sampling)
+    raise ValueError(
+        f"poisson_sampling must be True or False (as given to make_private), got "
+        f"{poisson_sampling!r}"
+    )
 
 
 def history_continues(history: tuple, earlier: tuple) -> bool:
@@ -757,11 +774,7 @@ class MIAccountant:
     """
 
     def __init__(self, accountant: IAccountant | None = None, *, poisson_sampling: bool = True):
-        if not isinstance(poisson_sampling, bool):
-            raise ValueError(
-                f"poisson_sampling must be True or False (as given to make_private), "
-                f"got {poisson_sampling!r}"
-            )
+        poisson_sampling = _sampling_flag(poisson_sampling)
         if accountant is not None and not isinstance(getattr(accountant, "history", None), list):
             raise ValueError(
                 f"accountant must be an Opacus accountant (one with a history list: "

@@ -181,6 +181,18 @@ def test_bad_step_settings_are_refused_where_they_are_given():
         MIAccountant().step(noise_multiplier=1.0, sample_rate=2.0)
     with pytest.raises(ValueError, match="poisson_sampling must be True or False"):
         MIAccountant(poisson_sampling="no")
+    # mi_upper_bound went by truthiness: "False" gave the Poisson bound (1.326, not valid for
+    # the once-per-epoch sampling asked for: 2.0), None the other
+    for wrong in ("False", None, 1):
+        with pytest.raises(ValueError, match="poisson_sampling must be True or False"):
+            mi_upper_bound(0.5, 0.5, 2, poisson_sampling=wrong)
+    import numpy as np
+
+    for flag in (False, True):
+        assert mi_upper_bound(0.5, 0.5, 2, poisson_sampling=np.bool_(flag)) == mi_upper_bound(
+            0.5, 0.5, 2, poisson_sampling=flag
+        )
+        assert MIAccountant(poisson_sampling=np.bool_(flag)).poisson_sampling is flag
     # An engine (or a name) for its accountant, and step() beside an accountant, were taken
     # and then ignored: the bound read 0 after 100 steps
     from opacus import PrivacyEngine

@@ -819,6 +819,12 @@ def test_estimate_mi_does_not_change_with_each_columns_shift_and_scale():
         estimate_mi(x[:0], y[:0])  # (not amax's IndexError)
 
 
+def copy_gen(gen: torch.Generator) -> torch.Generator:
+    copy = torch.Generator()
+    copy.set_state(gen.get_state())
+    return copy
+
+
 def test_the_oracle_refuses_what_it_cannot_take_by_name():
     """A 4 x 3 or 1-D Gram failed deep inside; a negative noise_std was taken as noise-free;
     draws=0 or NaN noise gave NaN; generator=None an AttributeError."""
@@ -839,3 +845,9 @@ def test_the_oracle_refuses_what_it_cannot_take_by_name():
     with pytest.raises(ValueError, match="noise_std must be > 0 for a union bound"):
         union_deficits(gram, 0.0)
     assert gram_oracle(gram, 0.0, generator=gen).nats == pytest.approx(math.log(4))
+    # NumPy's scalars are the numbers they hold (they were refused as "not a finite number")
+    import numpy as np
+
+    same = gram_oracle(gram, np.float32(1.0), draws=np.int64(4), generator=copy_gen(gen))
+    assert torch.equal(same.terms, gram_oracle(gram, 1.0, draws=4, generator=copy_gen(gen)).terms)
+    assert torch.equal(union_deficits(gram, np.float64(0.5)), union_deficits(gram, 0.5))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..checks import is_finite_number
+from ..checks import is_finite_number, python_number
 
 # Noise draws are scored in blocks of at most BLOCK_LOGITS logits (B x B a draw; with their
 # normals and log-softmax ~28 bytes each, ~120 MB a block: 10**5 draws at B = 128 at once asked
@@ -121,6 +121,7 @@ def gram_oracle(
         sync_free: factorise without reading anything back to the host (default: off the
             CPU, where each read is a sync); a Gram that is not numerically PD then gives NaN.
     """
+    noise_std, draws = python_number(noise_std), python_number(draws)  # (NumPy's scalars)
     _check_gram(gram, noise_std)
     if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
         raise ValueError(f"draws must be an integer >= 1 (noise draws per example), got {draws!r}")
@@ -211,6 +212,7 @@ def union_deficits(gram: torch.Tensor, noise_std: float) -> torch.Tensor:
     Carlo in it (7-15% looser in the union terms than the exact softplus means). Float64,
     ``(B,)``.
     """
+    noise_std = python_number(noise_std)
     _check_gram(gram, noise_std)
     if noise_std == 0:
         raise ValueError("noise_std must be > 0 for a union bound (a noise-free release has none)")
