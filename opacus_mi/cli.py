@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="train once with the leakage monitor",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
         description="Train once with DP-SGD and the leakage monitor attached.",
     )
     noise = run.add_mutually_exclusive_group()
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep",
         help="one run per noise multiplier or target epsilon",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
         description="One monitored run per setting; tabulates MI and accuracy against epsilon.",
     )
     grid = sweep.add_mutually_exclusive_group(required=True)
@@ -233,7 +233,7 @@ def _add_validate_parser(sub) -> None:
     val = sub.add_parser(
         "validate",
         help="check the measured MI against real attacks over noise, batch size and training",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
         description=(
             "Train once with DP-SGD, then at each training stage, batch size and noise "
             "multiplier measure the MI of one example with the step's release and attack the "
@@ -308,12 +308,23 @@ def _add_validate_parser(sub) -> None:
 _LEARNING_FLAGS = ("tokenizer", "token_dim", "train_every", "train_iters")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except for flags whose None default only tells the CLI
+    whether they were given (their help says the real default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _refuse_unused(args: argparse.Namespace) -> None:
     """A flag given where it has no effect is refused: it was accepted and silently ignored."""
     if args.data_root is not None and args.dataset in ("digits", "fake"):
+        local = "cifar10" if args.command == "validate" else "cifar10 or celeba"
         raise ValueError(
-            f"--data-root is read only for --dataset cifar10 or celeba ({args.dataset!r} is "
-            "built in); drop it, or pick one of those data sets"
+            f"--data-root is read only for --dataset {local} ({args.dataset!r} is built in); "
+            "drop it, or pick a data set it holds"
         )
     if getattr(args, "fake_size", None) is not None and args.dataset != "fake":
         raise ValueError(

@@ -28,8 +28,8 @@ from .training import (
     _settings_for_html,
     _write_json,
     calibrate_noise,
-    check_folder_kind,
     mi_keys,
+    preflight,
     prepare_out_dir,
     train_and_monitor,
 )
@@ -116,14 +116,12 @@ def run_sweep(
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} values must be distinct; got {values!r}")
     base = replace(base, target_epsilon=None).validate()
+    # Every run's own checks (the data set, the batch size against it, TensorBoard) come before
+    # anything is written: a failing first run had cleared the last sweep's outputs.
+    split = preflight(base, kind="sweep")
     if target_epsilons is not None:
         # Every target is calibrated as its run will be before anything is written or trained,
         # not in its turn (at most seconds per target, under any accountant).
-        from .data import load_dataset
-
-        split = load_dataset(
-            base.dataset, data_root=base.data_root, seed=base.seed, fake_size=base.fake_size
-        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (Opacus's; each run gives them in its turn)
             for v in values:
@@ -137,7 +135,6 @@ def run_sweep(
             f"{flag} values {clash} would share the run folder {same}/ (named to 6 significant "
             "digits): pass values that differ there"
         )
-    check_folder_kind(base.out, "sweep")
     out = prepare_out_dir(base.out)
     configs = []
     for name, v in zip(names, values, strict=True):
@@ -145,7 +142,8 @@ def run_sweep(
             cfg = replace(base, noise_multiplier=float(v), out=str(out / name))
         else:
             cfg = replace(base, target_epsilon=float(v), out=str(out / name))
-        configs.append((name, cfg.validate()))
+        preflight(cfg, split)  # (its folder's kind: a file or a sweep's folder there)
+        configs.append((name, cfg))
     for stale in SWEEP_OUTPUTS:  # an earlier sweep's, which would be rendered over these runs
         (out / stale).unlink(missing_ok=True)
     settings = {k: v for k, v in base.as_dict().items() if k not in ("noise_multiplier", "out")}

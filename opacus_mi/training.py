@@ -291,28 +291,21 @@ def _latest(records: Sequence[LeakageRecord], key_prefix: str) -> float | None:
     return None
 
 
-def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
-    """Train ``cfg.model`` on ``cfg.dataset`` with DP-SGD and the leakage monitor attached.
-
-    Writes everything into ``cfg.out`` (``records.jsonl`` is started afresh) and returns the
-    records, final epsilon at ``cfg.delta``, final test accuracy and wall seconds.
-    """
+def preflight(cfg: RunConfig, split: Any = None, *, kind: str = "run") -> Any:
+    """Every check a run makes before it writes anything (the config, ``--out``'s ``kind``,
+    TensorBoard, the data set and the batch size against it); returns the data split (``split``:
+    one already loaded for this config's data set). A sweep makes them for itself and each of
+    its runs before it clears the last sweep's outputs."""
     cfg.validate()
-    check_folder_kind(cfg.out, "run")
+    check_folder_kind(cfg.out, kind)
     if cfg.tensorboard:
         _check_tensorboard()
+    if split is None:
+        from .data import load_dataset
 
-    import torch
-    from opacus.validators import ModuleValidator
-
-    from .data import load_dataset
-    from .models import build_model
-
-    t_start = time.perf_counter()
-    _seed_everything(cfg.seed)
-    split = load_dataset(
-        cfg.dataset, data_root=cfg.data_root, seed=cfg.seed, fake_size=cfg.fake_size
-    )
+        split = load_dataset(
+            cfg.dataset, data_root=cfg.data_root, seed=cfg.seed, fake_size=cfg.fake_size
+        )
     n_train = len(split.train)
     if cfg.batch_size > n_train:
         # Opacus's sampling rate is 1 / len(loader): a larger batch would silently become q = 1.
@@ -320,6 +313,25 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
             f"{flag('batch_size')} {cfg.batch_size} exceeds the {n_train} training examples of "
             f"{cfg.dataset}; pass at most {n_train} (q = 1, every example in every step)"
         )
+    return split
+
+
+def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
+    """Train ``cfg.model`` on ``cfg.dataset`` with DP-SGD and the leakage monitor attached.
+
+    Writes everything into ``cfg.out`` (``records.jsonl`` is started afresh) and returns the
+    records, final epsilon at ``cfg.delta``, final test accuracy and wall seconds.
+    """
+    t_start = time.perf_counter()
+    split = preflight(cfg)
+    n_train = len(split.train)
+
+    import torch
+    from opacus.validators import ModuleValidator
+
+    from .models import build_model
+
+    _seed_everything(cfg.seed)
     # Calibrated before --out is made: a target Opacus cannot reach leaves no empty folder.
     sigma = cfg.noise_multiplier
     if cfg.target_epsilon is not None:
@@ -361,6 +373,12 @@ def _check_calibration(cfg: RunConfig, *, n_train: int, option: str = "target_ep
     from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import MAX_SIGMA
 
+    if math.ulp(cfg.target_epsilon) >= 0.01:  # (from about 7e13)
+        raise ValueError(
+            f"{flag(option)} {cfg.target_epsilon:g} is too large for Opacus's calibration, "
+            "whose search stops within 0.01 of the target, finer than floats are apart there "
+            f"(it never ends): pass a target below 1e13, or {flag('noise_multiplier')}"
+        )
     sample_rate = opacus_sample_rate(n_train, cfg.batch_size)
     steps = int(cfg.epochs / sample_rate)
     rdp = RDPAccountant()

@@ -384,7 +384,6 @@ def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
     from .training import prepare_out_dir
 
     split = load_dataset(cfg.dataset, data_root=cfg.data_root, seed=cfg.seed)
-    out = prepare_out_dir(cfg.out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
 
@@ -428,9 +427,14 @@ def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
     for b in cfg.batch_sizes:
         t = math.ceil(cfg.images / b)
         if t * b > n_pool:
+            fix = (
+                f"pass --candidates >= {t * b} (at most {n_train}) or fewer --images"
+                if t * b <= n_train
+                else f"pass --images <= {n_train // b * b}"
+            )
             raise ValueError(
                 f"--images {cfg.images} at batch size {b} needs {t * b} candidates (whole "
-                f"batches): pass --candidates >= {t * b} (at most {n_train}) or fewer --images"
+                f"batches): {fix}"
             )
         batches[b] = order[: t * b].reshape(t, b)
     block = 1
@@ -441,6 +445,7 @@ def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
     pooled = torch.nn.functional.avg_pool2d(x_pool, block) if block > 1 else x_pool
     prior_var = pooled.var(dim=0).reshape(-1).double()
 
+    out = prepare_out_dir(cfg.out)  # (once every check has passed: no empty folder left)
     sigmas = list(cfg.noise_multipliers)
     total = max(cfg.stages) + len(cfg.stages) * len(cfg.batch_sizes) * (2 * cfg.iters + len(sigmas))
     bar = tqdm(total=total, disable=not progress, unit="it", dynamic_ncols=True, leave=True)

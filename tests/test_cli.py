@@ -323,6 +323,30 @@ def test_validate_config_names_the_flag_of_a_bad_value():
             replace(ValidateConfig(), **{field: value}).validate()
 
 
+def test_validate_argument_errors_leave_no_empty_out_folder(tmp_path, capsys):
+    """Its --out was made before the checks against the data: each error left an empty folder
+    (and --images beyond the data asked for more candidates than there are)."""
+    base = ["validate", "--noise-multipliers", "0", "0.1", "--stages", "0", "--iters", "1"]
+    for extra, message in [
+        (["--candidates", "5000"], "--candidates 5000 exceeds the 1437"),
+        (["--batch-sizes", "1", "4", "2000"], "batch sizes up to"),
+        (["--images", "2000", "--candidates", "100"], "pass --images <= 1437"),
+    ]:
+        rc = cli.main([*base, *extra, "--out", str(tmp_path / "v")])
+        _assert_one_line_error(rc, capsys.readouterr().err, message)
+        assert not (tmp_path / "v").exists()
+
+
+def test_help_gives_one_default_per_flag():
+    """Flags whose None default says "not given" read "(default 64) (default: None)"."""
+    for command in ("run", "sweep", "validate", "report"):
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            assert cli.main([command, "--help"]) == 0
+        assert "(default: None)" not in text.getvalue()
+        assert command == "report" or "(default: " in text.getvalue()
+
+
 def test_configs_take_numpy_scalars_as_the_numbers_they_hold():
     """A grid built with NumPy (``np.int64`` counts, ``np.arange`` sigmas) was refused as "must
     be an integer", or failed with a TypeError naming no flag."""
@@ -601,6 +625,33 @@ def test_a_target_epsilon_out_of_rdps_reach_is_refused_before_anything_is_writte
     rc = cli.main([*sweep, "--out", str(tmp_path / "s")])
     _assert_one_line_error(rc, capsys.readouterr().err, "--target-epsilons", "out of reach")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_target_epsilon_too_large_for_the_calibration_to_end_is_refused(tmp_path, capsys):
+    """From about 7e13 Opacus's RDP search (within 0.01 of the target) never ended."""
+    rc = cli.main(["run", *TINY, "--target-epsilon", "1e14", "--out", str(tmp_path / "x")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--target-epsilon 1e+14 is too large")
+    assert not (tmp_path / "x").exists()
+    sweep = ["sweep", *TINY, "--target-epsilons", "5", "1e300", "--estimator", "none"]
+    rc = cli.main([*sweep, "--out", str(tmp_path / "s")])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--target-epsilons 1e+300 is too large")
+
+
+def test_a_sweep_whose_first_run_would_fail_keeps_the_last_sweeps_outputs(tmp_path, capsys):
+    """A batch larger than the data (or a missing --data-root) failed in the first run, after
+    the last sweep's sweep.csv, plots and report had been deleted and its sweep_config.json
+    overwritten: `opacus-mi report` could no longer render it."""
+    out = tmp_path / "s"
+    sweep = ["sweep", *TINY, "--noise-multipliers", "1", "2", "--estimator", "none"]
+    assert cli.main([*sweep, "--out", str(out)]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    assert "sweep.csv" in before
+    capsys.readouterr()
+    rc = cli.main([*sweep, "--batch-size", "5000", "--out", str(out)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--batch-size 5000 exceeds")
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    rc = cli.main([*sweep, "--batch-size", "5000", "--out", str(tmp_path / "new")])
+    assert rc == 2 and not (tmp_path / "new").exists()
 
 
 def test_a_gdp_target_too_large_to_calibrate_asks_for_a_smaller_one(tmp_path, capsys):

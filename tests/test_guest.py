@@ -681,7 +681,7 @@ def test_a_monitor_is_never_copied_or_pickled_and_training_goes_on():
 def test_a_nearly_identifiable_batchs_oracle_interval_reaches_down_to_the_union_floor(sync_free):
     """At small noise the oracle's interval takes the union floor of the step's own Gram (the
     clipped per-sample gradients Opacus made): its low end, a bound, not an estimate."""
-    from opacus_mi.estimators.bounds import interval_from
+    from opacus_mi.estimators.bounds import interval_from, mean_sd
     from opacus_mi.estimators.oracle import (
         UNION_NEAR,
         UNION_TIGHT,
@@ -706,8 +706,9 @@ def test_a_nearly_identifiable_batchs_oracle_interval_reaches_down_to_the_union_
     gen = torch.Generator().manual_seed(3)
     floored = 0
     for record, gram in zip(monitor.history, grams, strict=True):
-        terms = gram_oracle(gram, noise, draws=monitor.oracle_draws, generator=gen).terms
-        mean, lo, _ = interval_from(float(terms.mean()), float(terms.std()), 16, min_n=8)
+        oracle = gram_oracle(gram, noise, draws=monitor.oracle_draws, generator=gen)
+        mean, sd, *mc = mean_sd(oracle.terms, oracle.mc_var, monitor.oracle_draws).tolist()
+        mean, lo, _ = interval_from(mean, sd, 16, min_n=8, mc=mc)
         union = float(union_deficits(gram, noise).mean())
         floor = math.log(16) - union
         value = record.mi["private/oracle"]
