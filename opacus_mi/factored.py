@@ -567,7 +567,7 @@ class _Results:
         exact = bool(self._exact())
         tokens = bool(cap.need_tokens())
         grads: dict[int, torch.Tensor] = {}
-        norm_pair = None  # (left, right) of Opacus's per-sample gradient where it differs
+        opacus_pair = None  # (left, right) of Opacus's per-sample gradient where it differs
         opacus: dict[int, torch.Tensor] = {}  # Opacus's version where it differs (its norms)
         if layer.kind == "generic":
             differs = any("opacus" in c for c in calls)
@@ -584,9 +584,9 @@ class _Results:
             # A layer called several times (weight sharing) sums over all its positions.
             left = _cat_positions([c["left"] for c in calls])
             right = _cat_positions([c["right"] for c in calls])
-            if any("norm" in c for c in calls):  # Opacus's per-sample gradient is not released
-                norm_pair = tuple(
-                    _cat_positions([c.get("norm", (c["left"], c["right"]))[k] for c in calls])
+            if any("opacus" in c for c in calls):  # Opacus's per-sample gradient is not released
+                opacus_pair = tuple(
+                    _cat_positions([c.get("opacus", (c["left"], c["right"]))[k] for c in calls])
                     for k in (0, 1)
                 )
             bias = getattr(layer.module, "bias", None)
@@ -608,8 +608,8 @@ class _Results:
                     )
                 part = part.reshape(n, -1)
                 theirs = opacus.pop(pid, None)
-                if norm_pair is not None and factored_weight:
-                    theirs = _materialise(*norm_pair, p.shape[0], slice(None))
+                if opacus_pair is not None and factored_weight:
+                    theirs = _materialise(*opacus_pair, p.shape[0], slice(None))
                 theirs = None if theirs is None else theirs.reshape(n, -1)
                 before = self.shared.get(pid)
                 if before is not None:
@@ -633,10 +633,10 @@ class _Results:
                 gram = sq = None
                 if cap.need_gram:
                     gram = layer_gram(left, right, rows, method=method, exact=exact)
-                    sq = gram.diagonal() if norm_pair is None else None
+                    sq = gram.diagonal() if opacus_pair is None else None
                 if sq is None:
                     sq = layer_sqnorms(
-                        *(norm_pair or (left, right)), rows, method=method, exact=exact
+                        *(opacus_pair or (left, right)), rows, method=method, exact=exact
                     )
             else:
                 raise ValueError(
@@ -936,7 +936,7 @@ class FactoredCapture:
                 # Opacus's grad sampler and norm sampler give the padding row its tokens'
                 # backprops; the second pass, which is what ghost clipping releases, gives it
                 # none. Norms (hence clip factors) as Opacus's, tokens and Gram as released.
-                call["norm"] = (left, right)
+                call["opacus"] = (left, right)
                 right = right.masked_fill((left == m.padding_idx)[..., None], 0)
         elif layer.kind == "linear":
             left = back.reshape(batch, -1, m.out_features)
@@ -947,7 +947,7 @@ class FactoredCapture:
             if _zero_padded_by_opacus(m):
                 # Opacus unfolds with zeros whatever the mode (its norms, hence clip factors);
                 # the second pass differentiates the reflect/replicate/circular padding.
-                call["norm"] = (left, right)
+                call["opacus"] = (left, right)
                 padded = nn.functional.pad(
                     a.to(back.dtype), m._reversed_padding_repeated_twice, mode=m.padding_mode
                 )
