@@ -913,7 +913,7 @@ class FactoredCapture:
             else:
                 fn = ft_compute_per_sample_gradient
             grads = {id(p): _widen(g) for p, g in fn(m, acts, back).items()}
-            if fn is not ft_compute_per_sample_gradient and _zero_padded_by_opacus(m):
+            if fn is not ft_compute_per_sample_gradient and zero_padded_by_opacus(m):
                 # (as for Conv2d below) Opacus's norms; the released per-sample gradients are
                 # its sampler's on the padded input, unpadded
                 padded = nn.functional.pad(
@@ -944,7 +944,7 @@ class FactoredCapture:
         else:  # conv2d, unfolded exactly as Opacus's conv grad sampler does
             left = back.reshape(batch, m.out_channels, -1).transpose(1, 2)
             right = self._unfold(m, a.to(back.dtype), m.padding)
-            if _zero_padded_by_opacus(m):
+            if zero_padded_by_opacus(m):
                 # Opacus unfolds with zeros whatever the mode (its norms, hence clip factors);
                 # the second pass differentiates the reflect/replicate/circular padding.
                 call["opacus"] = (left, right)
@@ -1007,7 +1007,7 @@ def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _zero_padded_by_opacus(m: nn.Module) -> bool:
+def zero_padded_by_opacus(m: nn.Module) -> bool:
     """Opacus's conv grad sampler unfolds with zeros whatever the layer's ``padding_mode``:
     its per-sample gradient (hence norm) is not the one autograd's second pass releases."""
     return isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros"

@@ -90,6 +90,7 @@ from .factored import (
     KroneckerTokenizer,
     LinearInputs,
     rank_one_backprop,
+    zero_padded_by_opacus,
 )
 from .features import FeatureCapture, FeatureFn
 from .hooks import GuestHook
@@ -715,6 +716,22 @@ class LeakageMonitor:
             except Exception:
                 self._capture.remove()  # leave no hook behind
                 raise
+            padded = sorted(
+                {
+                    f"{type(m).__name__}(padding_mode={m.padding_mode!r})"
+                    for m in module.modules()
+                    if zero_padded_by_opacus(m) and any(p.requires_grad for p in m.parameters())
+                }
+            )
+            if padded:
+                self._warn_once(
+                    "ghost:padding_mode",
+                    f"ghost clipping clips {', '.join(padded)} with the norms of Opacus's grad "
+                    "sampler, which pads with zeros, and releases autograd's true gradients: an "
+                    "example can contribute more than max_grad_norm, which Opacus's epsilon does "
+                    "not allow for (the monitor measures what is released). Use "
+                    "padding_mode='zeros', or grad_sample_mode='hooks'",
+                )
         self._worker = Worker() if self.overlap else None
         self._delivering = False  # (a sink that calls back: see _deliver)
         self._stop_requested = False  # DPDDP: a sink detached the monitor (see detach)

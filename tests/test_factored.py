@@ -960,3 +960,30 @@ def test_ghost_tokens_and_gram_are_of_the_released_gradient_where_opacus_grad_sa
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     dense = torch.cat([g.flatten(1).double() for g in grads], 1)
     torch.testing.assert_close(fb.gram, dense @ dense.T, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_a_ghost_monitor_says_when_opacus_releases_more_than_it_clipped(mode):
+    """Under ghost clipping a conv with another padding_mode is clipped with zero-padded norms
+    and released with its true gradient (1.03 C in the test above): said once, at attach. In
+    hooks mode Opacus clips and releases its own per-sample gradients: nothing to say."""
+    torch.manual_seed(0)
+    model = _NonZeroPaddingConvs()
+    engine = PrivacyEngine(accountant="rdp")
+    x = torch.randn(8, 1, 5, 5)
+    out = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, torch.arange(8) % 3), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(),
+    )  # fmt: skip
+    model, opt = out[0], out[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=False)
+    said = [str(w.message) for w in caught if "padding_mode" in str(w.message)]
+    if mode == "hooks":
+        assert said == []
+    else:
+        assert len(said) == 1
+        assert "Conv1d(padding_mode='circular'), Conv2d(padding_mode='reflect')" in said[0]
