@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,9 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.rnn import PackedSequence
 
 from .hooks import GuestHook
 
@@ -86,11 +89,23 @@ def one_hot_labels(labels: torch.Tensor, classes: int, *, check: bool = True) ->
     )
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a forward's arguments, or inside a dict, tuple, list or
+    ``PackedSequence`` among them (a tokenizer's dict batch: its first field)."""
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
     return None
+
+
+def _kept(value: Any) -> Any:
+    """A forward's first argument as the monitor keeps it: its tensors detached and copied
+    (the loop may refill its input buffers in place), its structure as given."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, PackedSequence):  # (a tuple subclass pytree would take apart)
+        return PackedSequence(*(_kept(v) if v is not None else None for v in value))
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), value)
 
 
 def _hooks_enabled(module: nn.Module) -> bool:
@@ -103,7 +118,8 @@ def _hooks_enabled(module: nn.Module) -> bool:
 class Capture:
     """What one training forward showed: its input, named activations and (optional) labels."""
 
-    inputs: torch.Tensor | None = None
+    # The forward's first argument (a tensor, or the dict, tuple or PackedSequence given)
+    inputs: Any = None
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: torch.Tensor | None = None
     num_classes: int | None = None
@@ -117,7 +133,8 @@ class FeatureCapture:
         module: the module returned by ``make_private`` (a GradSampleModule).
         layers: names (as in the user's model's ``named_modules()``: ``module._module``, inside
             DPDDP/DDP its ``.module``) of intermediate layers whose outputs become features.
-        fn: optional callable ``inputs -> (B, d)`` features, computed without autograd.
+        fn: optional callable ``inputs -> (B, d)`` features, computed without autograd: the
+            forward's first argument (batch-first; a dict, tuple or ``PackedSequence`` as given).
         use_input: whether the (pooled) input batch is a feature.
         batch_first: the module's layout (``make_private(batch_first=...)``): with False the
             input's examples lie along its dim 1, as Opacus reads them.
@@ -125,6 +142,7 @@ class FeatureCapture:
             only pays for copies on monitored steps).
         check_labels: callable telling whether a label past the output raises, a host read
             (see :func:`one_hot_labels`; the monitor makes none where it would be a sync).
+        warn: ``(key, message)``, said once per key (the monitor's ``_warn_once``).
     """
 
     def __init__(
@@ -138,8 +156,10 @@ class FeatureCapture:
         active: Callable[[], bool] = lambda: True,
         check_labels: Callable[[], bool] = lambda: True,
         stamp: Callable[[], Any] = lambda: None,
+        warn: Callable[[str, str], None] | None = None,
     ):
         self.module = module
+        self._warn = warn or self._warn_once
         self.fn = fn
         self.use_input = use_input
         self.batch_first = batch_first
@@ -177,6 +197,12 @@ class FeatureCapture:
             hook = GuestHook(self._layer_hook(name))
             self._handles.append(named[name].register_forward_hook(hook))
 
+    def _warn_once(self, key: str, message: str) -> None:
+        said = self.__dict__.setdefault("_said", set())
+        if key not in said:
+            said.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def training_forward(self) -> bool:
         """Whether a forward of the module now makes per-sample gradients of the coming step,
         as Opacus decides (each layer's mode, autograd on, its hooks enabled): the forwards the
@@ -197,13 +223,12 @@ class FeatureCapture:
             self._labelled = self._open
         if not self._open:
             return
-        x = _first_tensor(args, kwargs)
+        # (the first argument that holds a tensor: a dict batch, a PackedSequence, a tensor)
+        first = next((a for a in (*args, *kwargs.values()) if _first_tensor(a) is not None), None)
         # Each training forward adds to the per-sample gradients of the coming step (Opacus
         # concatenates the rows of separate backwards and sums forwards of one backward row by
         # row: see first_forward); labels arrive later through the criterion.
-        self.pending.append(
-            Capture(inputs=None if x is None else x.detach().clone(), stamp=self._stamp())
-        )
+        self.pending.append(Capture(inputs=_kept(first), stamp=self._stamp()))
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
         if torch.is_grad_enabled():
@@ -224,7 +249,16 @@ class FeatureCapture:
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
             if isinstance(out, torch.Tensor) and self.pending:
-                self.pending[-1].layers[name] = out.detach().clone()
+                layers = self.pending[-1].layers
+                if name in layers:  # the first call's output is the feature
+                    self._warn(
+                        f"features:twice:{name}",
+                        f"features layer {name!r} ran more than once in one forward: its first "
+                        "call's output is the feature (name a layer called once, or pass a "
+                        "callable)",
+                    )
+                    return
+                layers[name] = out.detach().clone()
 
         return hook
 
@@ -248,6 +282,8 @@ class FeatureCapture:
             for captured, refs in self._outputs.items():
                 if any(ref() is output for ref in refs):
                     lend = captured
+        if labels.ndim == 0:  # (a penalty's scalar target: no example's label)
+            return
         if (
             lend
             and torch.is_grad_enabled()
@@ -255,11 +291,20 @@ class FeatureCapture:
             and self.pending
             and _hooks_enabled(self.module)
         ):
+            capture = self.pending[-1]
+            if capture.labels is not None:  # a second wrapped loss on the same forward
+                self._warn(
+                    "features:labels:twice",
+                    "the wrapped criterion saw a second target for one forward: the first "
+                    "loss's targets are the label features (wrap only the loss whose targets "
+                    "describe the examples)",
+                )
+                return
             labels = labels.detach().clone()
             if ignore_index is not None and ignore_index >= 0 and not labels.is_floating_point():
                 labels = labels.masked_fill(labels == ignore_index, -1)
-            self.pending[-1].labels = labels
-            self.pending[-1].num_classes = num_classes
+            capture.labels = labels
+            capture.num_classes = num_classes
 
     def keep(self, stamped: Callable[[Any], bool]) -> None:
         """Keep only the captures whose stamp passes ``stamped`` (the others are forwards whose
@@ -307,28 +352,29 @@ class FeatureCapture:
     def _examples(self, capture: Capture) -> int | None:
         """How many examples one forward's input holds (along dim 1 when time-major)."""
         x = capture.inputs
-        if x is None or x.ndim == 0:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
             return None
         return x.shape[1] if not self.batch_first and x.ndim >= 2 else x.shape[0]
 
     def _features_of(self, capture: Capture, batch: int | None) -> torch.Tensor | None:
         """One forward's ``(rows, d)`` features; ``batch``: its rows where known (else the
         input's examples)."""
-        if capture.inputs is None:
-            return None
-        x = capture.inputs
-        if not self.batch_first and x.ndim >= 2:
-            x = x.movedim(1, 0)  # (T, B, ...): one row per example, as Opacus reads it
+        inputs = capture.inputs
+        if not self.batch_first and isinstance(inputs, torch.Tensor) and inputs.ndim >= 2:
+            inputs = inputs.movedim(1, 0)  # (T, B, ...): one row per example, as Opacus reads it
+        x = _first_tensor(inputs)
         if batch is None:
+            if not isinstance(x, torch.Tensor) or x.ndim == 0:
+                return None  # (no rows to count: unpaired)
             batch = x.shape[0]
         parts: list[torch.Tensor] = []
         if self.use_input:
-            if x.ndim == 0 or x.shape[0] != batch:
+            if x is None or x.ndim == 0 or x.shape[0] != batch:
                 return None  # not one row per example: unpaired (the warning names features=)
             parts.append(pool_features(x))
         if self.fn is not None:
             with torch.no_grad():
-                user = self.fn(capture.inputs)
+                user = self.fn(inputs)  # (batch-first, whatever the model's layout)
             if (
                 not isinstance(user, torch.Tensor)
                 or user.ndim == 0
@@ -353,6 +399,13 @@ class FeatureCapture:
                     "pass a callable"
                 )
             parts.append(pool_features(act))
+        if capture.labels is not None and capture.labels.shape[0] != batch:
+            self._warn(
+                "features:labels:rows",
+                f"the wrapped criterion's targets have {capture.labels.shape[0]} rows for "
+                f"{batch} examples (one label per token?): they are not label features; pass "
+                "features= a callable of the inputs that builds per-example ones",
+            )
         if capture.labels is not None and capture.labels.shape[0] == batch:
             labels = capture.labels
             if labels.ndim == 1 and not torch.is_floating_point(labels):

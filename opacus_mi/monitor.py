@@ -676,6 +676,7 @@ class LeakageMonitor:
             active=lambda: self._tokens and self._due(),
             check_labels=lambda: not self._sync_free,  # a host read: a sync off the CPU
             stamp=lambda: self._forward_stamp,
+            warn=self._warn_once,
         )
         # The parameters' versions after the latest captured forward (its own writes, such as
         # an Embedding's max_norm, included), compared before the next: prepended, so a stale

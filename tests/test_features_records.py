@@ -1019,3 +1019,150 @@ def test_mi_plot_shows_isolated_figures_and_the_oracles_own_ceiling(tmp_path, mo
     plots.plot_mi([record(s, 0.3, math.log(32)) for s in range(3)], tmp_path / "mi.png")
     labels = [ln.get_label() for ln in seen.pop().get_lines()]
     assert "ln B (InfoNCE / oracle ceiling)" in labels and not any("chunks" in x for x in labels)
+
+
+class _DictNet(nn.Module):
+    """Called with a dict batch, as a tokenizer's collate gives one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb, self.fc = nn.Linear(5, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return self.fc(torch.tanh(self.fa(batch["a"]) + self.fb(batch["b"])))
+
+
+@pytest.mark.parametrize("features", ["layer", "callable", "default"])
+def test_a_dict_batch_pairs_through_a_layer_a_callable_or_its_first_field(features):
+    """A dict (or tuple) batch had no features at all, even with features= a layer name or a
+    callable, the fixes the monitor's own warning offered: every record features_unpaired."""
+    from torch.utils.data import TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(48, 5, generator=gen),
+        torch.randn(48, 3, generator=gen),
+        torch.randint(0, 3, (48,), generator=gen),
+    )
+    engine, model, opt, loader = make_private(poisson=False, net=_DictNet, data=data)
+    chosen = {
+        "layer": ["fa"],
+        "callable": lambda batch: torch.cat([batch["a"], batch["b"]], dim=1),
+        "default": None,
+    }[features]
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator="mine", features=chosen, overlap=False
+    )
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    got = []
+    original = monitor._capture.features
+    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    for a, b, y in loader:
+        with torch.no_grad():  # (before the step moves the weights)
+            if features == "layer":
+                expected = model._module.fa(a)
+            else:  # (the default: the first field)
+                expected = torch.cat([a, b], dim=1) if features == "callable" else a
+        opt.zero_grad()
+        criterion(model({"a": a, "b": b}), y).backward()
+        opt.step()
+        torch.testing.assert_close(got[-1][:, :-3], expected)
+        assert torch.equal(got[-1][:, -3:], nn.functional.one_hot(y, 3).float())
+    assert not any(r.flags for r in monitor.history)
+    assert "clipped/mine" in monitor.history[-1].mi
+
+
+def test_targets_that_are_no_examples_labels_are_said_not_paired_or_failed():
+    """A penalty's scalar target made every record features_error (an IndexError); a second
+    wrapped loss replaced the first's labels; token-level targets (k B rows) were dropped
+    without a word."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+    ce = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    mse = monitor.wrap_criterion(nn.MSELoss())
+    got = []
+    original = monitor._capture.features
+    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    with pytest.warns(RuntimeWarning, match="a second target for one forward"):
+        for x, y in loader:
+            opt.zero_grad()
+            out = model(x)
+            loss = ce(out, y)
+            loss = loss + mse(out.pow(2).mean(), torch.tensor(0.0))  # a scalar target
+            loss = loss + mse(out, torch.zeros_like(out))  # another per-example target
+            loss.backward()
+            opt.step()
+            assert torch.equal(got[-1][:, 36:], nn.functional.one_hot(y, 3).float())
+    assert not any(r.flags for r in monitor.history)
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+    ce = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    with pytest.warns(RuntimeWarning, match="targets have 32 rows for 16 examples"):
+        for x, y in loader:
+            opt.zero_grad()
+            out = model(x)
+            ce(torch.cat([out, out]), torch.cat([y, y])).backward()  # two "tokens" each
+            opt.step()
+
+
+class _ReusedRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(36, 6), nn.Linear(6, 3), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x.flatten(1)))))
+
+
+def test_a_named_layer_called_twice_gives_its_first_output_and_says_so():
+    """Its last call's output was the feature, with no word."""
+    engine, model, opt, loader = make_private(poisson=False, net=_ReusedRelu)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator="mine", features=["act"], overlap=False
+    )
+    got = []
+    original = monitor._capture.features
+    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    with pytest.warns(RuntimeWarning, match="'act' ran more than once in one forward"):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            with torch.no_grad():  # (before the step moves the weights)
+                expected = torch.relu(model._module.a(x.flatten(1)))
+            opt.step()
+            torch.testing.assert_close(got[-1], expected)
+
+
+def test_a_time_major_models_features_callable_gets_the_batch_first_input():
+    """The README's recipe (one-hot ids summed over positions) got the (T, B) input and summed
+    over the batch: at T == B every row was another example's, with no flag."""
+    from torch.utils.data import TensorDataset
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):  # (T, B): every layer time-major, as Opacus reads them
+            return self.fc(self.emb(ids)).mean(0)
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randint(0, 20, (64, 16), generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    )
+    engine, model, opt, loader = make_private(
+        poisson=False, net=Tokens, data=data, private_kwargs={"batch_first": False}
+    )
+    bags = lambda ids: nn.functional.one_hot(ids, 20).sum(1).float()  # noqa: E731
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator="mine", features=bags, overlap=False
+    )
+    got = []
+    original = monitor._capture.features
+    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    for ids, y in loader:  # (B, T) ids, given time-major
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids.T), y).backward()
+        opt.step()
+        torch.testing.assert_close(got[-1], bags(ids))
+    assert not any(r.flags for r in monitor.history)
