@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -187,8 +188,41 @@ class EpsilonPacer:
         self.count += 1
 
 
+class _Foreground:
+    """Every open budget's monitor seconds on the training thread, summed, in this process:
+    with two monitors in one loop (two models) each is told the other's time, which is not
+    its training time, and each plans for its part of the fraction (see ``_tick``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.budgets: weakref.WeakSet = weakref.WeakSet()
+        self.lock = threading.Lock()  # (taken inside a budget's own lock, never around one)
+
+    def add(self, seconds: float) -> None:
+        with self.lock:
+            self.seconds += seconds
+
+    def read(self) -> float:
+        with self.lock:
+            return self.seconds
+
+    def ticked_since(self, since: float, me: OverheadBudget) -> int:
+        """Open budgets other than ``me`` that ended a step after ``since``: monitors of the
+        same loop."""
+        with self.lock:
+            others = [b for b in self.budgets if b is not me and not b.closed]
+        return sum(1 for b in others if (b.last_tick or -math.inf) > since)
+
+
+_FOREGROUND = _Foreground()
+
+
 class OverheadBudget:
     """Tracks training vs monitor time and plans the monitor's work to fit ``fraction``.
+
+    Monitors of several models in one loop (one process) share the fraction: each leaves
+    the others' time out of its training time and plans for ``fraction / n``, ``n`` the
+    budgets that ended a step during its last one (see ``_Foreground``).
 
     Args:
         fraction: the most monitor time per unit of training time (0.06: at most 6%).
@@ -245,6 +279,24 @@ class OverheadBudget:
         self.critics = True  # whether critics share the budget (set by each plan)
         self.slow_epsilon = False  # whether epsilon has a share (set by each plan)
         self._lock = threading.RLock()  # the training thread ticks, an overlap worker charges
+        self.sharing = 1  # budgets of this loop (ticked within this one's last step)
+        self.closed = False
+        self._foreground_at_tick = _FOREGROUND.read()
+        with _FOREGROUND.lock:
+            _FOREGROUND.budgets.add(self)
+
+    @property
+    def last_tick(self) -> float | None:
+        return self._last_tick
+
+    def close(self) -> None:
+        """The monitor is done (detached): other budgets stop sharing with this one."""
+        self.closed = True
+
+    def _foreground(self, seconds: float) -> None:
+        """``seconds`` of this monitor's time on the training thread, out of this interval."""
+        self._spent_since_tick += seconds
+        _FOREGROUND.add(seconds)
 
     # ------------------------------------------------------------------ bookkeeping
     def span(self) -> _Span:
@@ -272,7 +324,7 @@ class OverheadBudget:
             if not concurrent:
                 self._host_booked += max(0.0, span.t1 - span.t0 - getattr(span, "excluded", 0))
             if not span.cuda and not concurrent:  # a GPU bracket: once its device time is known
-                self._spent_since_tick += span.seconds()
+                self._foreground(span.seconds())
             self._pending.append((span, kind, work))
             self._settle()
 
@@ -280,7 +332,7 @@ class OverheadBudget:
         """Seconds the training thread spent on the monitor that no kind is charged for (waiting
         for an overlap worker whose work is booked as it runs): not training time."""
         with self._lock:
-            self._spent_since_tick += seconds
+            self._foreground(seconds)
             self._host_booked += seconds
 
     def book_overhead(self, seconds: float) -> None:
@@ -292,7 +344,7 @@ class OverheadBudget:
         if not seconds > 0:  # (a GPU bracket settling meanwhile can make the remainder < 0)
             return
         with self._lock:
-            self._spent_since_tick += seconds
+            self._foreground(seconds)
             self.overhead_seconds += seconds
             self.measure_credit -= seconds
 
@@ -317,7 +369,7 @@ class OverheadBudget:
                 waiting.append((span, kind, work))
                 continue
             if span.cuda and not getattr(span, "concurrent", False):
-                self._spent_since_tick += sec
+                self._foreground(sec)
             if kind not in self._seen and kind in _SETUP_KINDS:
                 self.setup_seconds += sec
                 self._seen_this_step.add(kind)
@@ -341,8 +393,13 @@ class OverheadBudget:
     def _tick(self) -> None:
         now = time.perf_counter()
         self._settle()  # GPU brackets finished by now count against this interval
+        foreground = _FOREGROUND.read()
+        # Other monitors' time on this thread since the last tick: not this loop's training.
+        others = max(0.0, foreground - self._foreground_at_tick - self._spent_since_tick)
+        self._foreground_at_tick = foreground
         if self._last_tick is not None:
-            own = max(0.0, now - self._last_tick - self._spent_since_tick)
+            self.sharing = 1 + _FOREGROUND.ticked_since(self._last_tick, self)
+            own = max(0.0, now - self._last_tick - self._spent_since_tick - others)
             if self.step_seconds:
                 # A pause between steps (an evaluation loop, a checkpoint, another job) is not
                 # training time: credit at most a few typical steps for one interval.
@@ -391,6 +448,9 @@ class OverheadBudget:
         measure = self.measure_share if critics else 1.0
         return {"measure": (1 - eps) * measure, "critic": (1 - eps) * (1 - measure), "epsilon": eps}
 
+    def _fraction(self) -> float:
+        return self.fraction / self.sharing
+
     def _refill(self, seconds: float, critics: bool, slow_epsilon: bool = False) -> None:
         """Add ``fraction x seconds`` of training time to the buckets at their shares; what
         overflows a full bucket goes to the others (measurement first), the rest expires."""
@@ -404,7 +464,7 @@ class OverheadBudget:
             caps[kind] = (
                 0.0 if shares[kind] == 0 else (math.inf if cost is None else _CAP[kind] * cost)
             )
-            credit = getattr(self, f"{kind}_credit") + shares[kind] * self.fraction * seconds
+            credit = getattr(self, f"{kind}_credit") + shares[kind] * self._fraction() * seconds
             excess += max(0.0, credit - caps[kind])
             setattr(self, f"{kind}_credit", min(credit, caps[kind]))
         for kind in KINDS:
@@ -448,7 +508,7 @@ class OverheadBudget:
         next_in = 1
         if cost is not None and step:
             short = cost - self.measure_credit
-            rate = self._shares(critics, slow_epsilon)["measure"] * self.fraction
+            rate = self._shares(critics, slow_epsilon)["measure"] * self._fraction()
             rate *= step
             if short > 0:
                 next_in = max(1, min(1_000_000, math.ceil(short / max(rate, 1e-12))))
