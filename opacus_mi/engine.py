@@ -79,7 +79,16 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         return self._latest
 
     def _monitor_of(self, module: Any) -> LeakageMonitor | None:
-        return next((m for m in reversed(self.monitors) if m.module is module), None)
+        """The monitor of ``module``: the module ``make_private`` returned, or the model inside
+        it (which Opacus's checkpoints take as well)."""
+        return next(
+            (
+                m
+                for m in reversed(self.monitors)
+                if m.module is module or getattr(m.module, "_module", None) is module
+            ),
+            None,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         # The monitors reference the DPOptimizer, whose copy (torch's Optimizer.__setstate__)

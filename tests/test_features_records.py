@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -299,6 +300,46 @@ def test_state_dict_round_trip_continues_identically():
     for ra, rb in zip(a, b, strict=True):
         ra.pop("monitor_seconds"), rb.pop("monitor_seconds")
         assert ra == rb
+
+
+def test_a_state_kept_in_memory_is_a_snapshot_and_loads_into_its_own_copy():
+    """The critics' weights and Adam moments in ``state_dict()`` were the live ones: a state
+    kept in memory went on training with the monitor (a rollback to it scored pairs its critic
+    had trained on: clipped/mine 1.61 -> 4.10), and a monitor loaded from it shared its Adam
+    moments with the source."""
+    import io
+
+    def critic_tensors(state):
+        est = state["estimators"]["clipped"]
+        return [*est["critic"].values(), *itertools.chain.from_iterable(
+            v.values() for v in est["optimizer"]["state"].values()
+        )]  # fmt: skip
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, train_every=1, views=("clipped", "private")
+    )
+    crit = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    train(model, opt, loader, criterion=crit)
+    state = monitor.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    kept = [t.clone() for t in critic_tensors(state)]
+    train(model, opt, loader, criterion=crit)  # the monitor's critic trains on
+    assert all(torch.equal(a, b) for a, b in zip(critic_tensors(state), kept, strict=True))
+    buffer.seek(0)
+    from_disk = torch.load(buffer, weights_only=True)
+    engine2, model2, opt2, _ = make_private(poisson=False)
+    other = LeakageMonitor(
+        engine2, model2, opt2, delta=1e-5, every=1, train_every=1, views=("clipped", "private")
+    )
+    other.load_state_dict(state)
+    theirs = other.estimators["clipped"].optimizer.state_dict()["state"]
+    mine = monitor.estimators["clipped"].optimizer.state_dict()["state"]
+    shared = {id(t) for v in mine.values() for t in v.values() if isinstance(t, torch.Tensor)}
+    assert not any(id(t) in shared for v in theirs.values() for t in v.values())
+    pairs = zip(critic_tensors(state), critic_tensors(from_disk), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_schedule_note_after_a_resume_counts_the_whole_run():

@@ -374,3 +374,32 @@ def test_a_state_saved_before_the_first_batch_rewinds_to_no_critic():
     est.load_state_dict(fresh)
     est.generator.manual_seed(0)
     assert run(est, torch.Generator().manual_seed(1)) == first
+
+
+def test_a_diverged_round_keeps_the_reporting_critic():
+    """The reset after a diverged training round replaced the separately kept, finite
+    reporting critic too: no figure until the next round, then one from a fresh critic of a
+    single round (0.17-0.48 nats in a monitor where the kept one read ~1.0)."""
+    g = torch.Generator().manual_seed(0)
+
+    def pairs(n=64):
+        x = torch.randn(n, 2, generator=g)
+        return x, 0.9 * x + math.sqrt(1 - 0.81) * torch.randn(n, 2, generator=g)
+
+    est = OnlineEstimator(
+        "infonce", train_every=1, warmup=0, generator=torch.Generator().manual_seed(1), hidden=32
+    )
+    for _ in range(40):
+        est.observe(*pairs())
+    probe = pairs()
+    before = est.evaluate(*probe)
+    rounds, kept = est.updates, [p.clone() for p in est.selected.parameters()]
+    assert before.matched > 0.5 and not est.null_selected
+    with torch.no_grad():  # the training iterate goes non-finite
+        next(est.critic.parameters()).fill_(math.nan)
+    est.observe(*pairs())
+    assert est.resets == 1 and est.updates == rounds
+    assert all(torch.equal(a, b) for a, b in zip(est.selected.parameters(), kept, strict=True))
+    after = est.evaluate(*probe)  # the same critic reports, on the same pairs
+    assert after is not None and after.matched == before.matched
+    assert all(torch.isfinite(p).all() for p in est.critic.parameters())  # a fresh iterate

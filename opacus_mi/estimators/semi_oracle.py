@@ -11,6 +11,7 @@ any ``mu`` (and the Bayes-optimal one when ``mu`` is exact), evaluated before tr
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -168,6 +169,10 @@ class SemiOracleEstimator:
         return last
 
     def state_dict(self) -> dict:
+        """A snapshot (see ``OnlineEstimator.state_dict``)."""
+        return copy.deepcopy(self._state())
+
+    def _state(self) -> dict:
         return {
             "net": None if self.net is None else self.net.state_dict(),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
@@ -179,6 +184,7 @@ class SemiOracleEstimator:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        state = copy.deepcopy(state)  # (see OnlineEstimator.load_state_dict)
         if state["dims"] is not None:
             self._build(*state["dims"])
             self.net.load_state_dict(state["net"])
