@@ -326,6 +326,13 @@ def _refuse_unused(args: argparse.Namespace) -> None:
             f"--data-root is read only for --dataset {local} ({args.dataset!r} is built in); "
             "drop it, or pick a data set it holds"
         )
+    accountant = getattr(args, "accountant", None)
+    if getattr(args, "exact_epsilon", False) and accountant in ("rdp", "gdp"):
+        raise ValueError(
+            f"--exact-epsilon: with --accountant {accountant} every record's epsilon is already "
+            "exact (it is cheap), so the flag would set nothing; drop it, or pass --accountant "
+            "prv"
+        )
     if getattr(args, "fake_size", None) is not None and args.dataset != "fake":
         raise ValueError(
             f"--fake-size sizes --dataset fake only (this run trains on {args.dataset!r}); drop "

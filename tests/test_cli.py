@@ -389,6 +389,11 @@ def test_missing_data_root(tmp_path, capsys):
         (["run", "--dataset", "digits", "--data-root", "/my/cifar"], "--data-root is read only"),
         (["validate", "--data-root", "/my/cifar"], "--data-root is read only"),
         (["run", "--dataset", "digits", "--fake-size", "50"], "--fake-size sizes --dataset fake"),
+        (["run", "--accountant", "rdp", "--exact-epsilon"], "--exact-epsilon: with --accountant"),
+        (
+            ["sweep", "--noise-multipliers", "1", "--accountant", "gdp", "--exact-epsilon"],
+            "already",
+        ),
         (["run", *TINY, "--estimator", "none", "--token-dim", "8"], "--token-dim: with"),
         (
             [
