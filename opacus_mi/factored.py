@@ -936,7 +936,8 @@ class FactoredCapture:
                 # Opacus's grad sampler and norm sampler give the padding row its tokens'
                 # backprops; the second pass, which is what ghost clipping releases, gives it
                 # none. Norms (hence clip factors) as Opacus's, tokens and Gram as released.
-                call["opacus"] = (left, right)
+                if opacus_samples(self._gsm, m):  # (else functorch's true ones: the same)
+                    call["opacus"] = (left, right)
                 right = right.masked_fill((left == m.padding_idx)[..., None], 0)
         elif layer.kind == "linear":
             left = back.reshape(batch, -1, m.out_features)
@@ -947,7 +948,8 @@ class FactoredCapture:
             if zero_padded_by_opacus(m):
                 # Opacus unfolds with zeros whatever the mode (its norms, hence clip factors);
                 # the second pass differentiates the reflect/replicate/circular padding.
-                call["opacus"] = (left, right)
+                if opacus_samples(self._gsm, m):  # (else functorch's true ones: the same)
+                    call["opacus"] = (left, right)
                 padded = nn.functional.pad(
                     a.to(back.dtype), m._reversed_padding_repeated_twice, mode=m.padding_mode
                 )
@@ -1010,7 +1012,20 @@ def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
 def zero_padded_by_opacus(m: nn.Module) -> bool:
     """Opacus's conv grad sampler unfolds with zeros whatever the layer's ``padding_mode``:
     its per-sample gradient (hence norm) is not the one autograd's second pass releases."""
-    return isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros"
+    return (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and m.padding_mode != "zeros"
+        and any(m._reversed_padding_repeated_twice)  # (no padding: nothing differs)
+    )
+
+
+def opacus_samples(gsm: nn.Module, m: nn.Module) -> bool:
+    """Whether Opacus computes ``m``'s per-sample norms with its own norm or grad sampler (as
+    in ``GradSampleModuleFastGradientClipping.capture_backprops_hook``), not functorch's true
+    per-sample gradients (``force_functorch``, or no sampler)."""
+    if getattr(gsm, "use_ghost_clipping", False) and type(m) in getattr(gsm, "NORM_SAMPLERS", {}):
+        return True
+    return not getattr(gsm, "force_functorch", False) and type(m) in gsm.GRAD_SAMPLERS
 
 
 def _or(x: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,7 @@ from .factored import (
     FactoredRecording,
     KroneckerTokenizer,
     LinearInputs,
+    opacus_samples,
     rank_one_backprop,
     zero_padded_by_opacus,
 )
@@ -717,11 +718,16 @@ class LeakageMonitor:
             except Exception:
                 self._capture.remove()  # leave no hook behind
                 raise
+            sampled = [
+                m
+                for m in module.modules()
+                if opacus_samples(module, m) and any(p.requires_grad for p in m.parameters())
+            ]
             padded = sorted(
                 {
                     f"{type(m).__name__}(padding_mode={m.padding_mode!r})"
-                    for m in module.modules()
-                    if zero_padded_by_opacus(m) and any(p.requires_grad for p in m.parameters())
+                    for m in sampled
+                    if zero_padded_by_opacus(m)
                 }
             )
             if padded:
@@ -732,6 +738,16 @@ class LeakageMonitor:
                     "example can contribute more than max_grad_norm, which Opacus's epsilon does "
                     "not allow for (the monitor measures what is released). Use "
                     "padding_mode='zeros', or grad_sample_mode='hooks'",
+                )
+            if any(isinstance(m, torch.nn.EmbeddingBag) for m in sampled):
+                self._warn_once(
+                    "ghost:embedding_bag",
+                    "ghost clipping clips an EmbeddingBag with the norms of Opacus's grad "
+                    "sampler, which counts an id repeated within a bag once, and releases "
+                    "autograd's true gradients: such an example can contribute more than "
+                    "max_grad_norm, which Opacus's epsilon does not allow for, and the monitor's "
+                    "figures follow Opacus's per-sample gradients, not the released ones. Use "
+                    "grad_sample_mode='hooks', or bags without repeated ids",
                 )
         self._worker = Worker() if self.overlap else None
         self._delivering = False  # (a sink that calls back: see _deliver)

@@ -987,3 +987,35 @@ def test_a_ghost_monitor_says_when_opacus_releases_more_than_it_clipped(mode):
     else:
         assert len(said) == 1
         assert "Conv1d(padding_mode='circular'), Conv2d(padding_mode='reflect')" in said[0]
+
+
+def test_the_ghost_warning_names_only_layers_opacus_samples_and_pads():
+    """A reflect conv with no padding (nothing differs) and Opacus's functorch path
+    (``force_functorch``: true per-sample gradients and norms) were warned of, and under
+    functorch the monitor clipped with zero-padded norms Opacus never used (7.6e-2 off)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from opacus_mi.factored import opacus_samples, zero_padded_by_opacus
+
+    unpadded = nn.Conv2d(1, 2, 3, padding=0, padding_mode="reflect")
+    padded = nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")
+    assert not zero_padded_by_opacus(unpadded) and zero_padded_by_opacus(padded)
+    net = nn.Sequential(padded, nn.Flatten(), nn.Linear(50, 3))
+    for force, samples in ((False, True), (True, False)):
+        gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(net), force_functorch=force)
+        assert opacus_samples(gsm, gsm._module[0]) is samples
+    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(net), force_functorch=True)
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=0.05,
+        expected_batch_size=8,
+    )  # fmt: skip
+    tok = KroneckerTokenizer.for_params(gsm, opt.params, 16, seed=0)
+    cap = FactoredCapture(gsm, opt.params, tok, exact=lambda: True)
+    x, y = torch.randn(8, 1, 5, 5), torch.arange(8) % 3
+    nn.functional.cross_entropy(gsm(x), y).backward()  # the first (mean-reduced) pass
+    ref, true = copy.deepcopy(net), []  # functorch's norms: the true per-example gradients'
+    for i in range(8):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
+        true.append(torch.cat([p.grad.flatten() for p in ref.parameters()]).norm())
+    torch.testing.assert_close(cap.take().norms.float(), torch.stack(true), rtol=1e-5, atol=1e-7)
