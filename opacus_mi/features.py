@@ -16,7 +16,7 @@ import functools
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -89,10 +89,18 @@ def one_hot_labels(labels: torch.Tensor, classes: int, *, check: bool = True) ->
     )
 
 
+def _plain(value: Any) -> Any:
+    """A mapping pytree does not open (``UserDict``: a tokenizer's ``BatchEncoding``) as a
+    dict; anything else as it is."""
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        return dict(value)
+    return value
+
+
 def _first_tensor(value: Any) -> torch.Tensor | None:
     """The first tensor in a forward's arguments, or inside a dict, tuple, list or
     ``PackedSequence`` among them (a tokenizer's dict batch: its first field)."""
-    for leaf in pytree.tree_leaves(value):
+    for leaf in pytree.tree_leaves(_plain(value)):
         if isinstance(leaf, torch.Tensor):
             return leaf
     return None
@@ -100,12 +108,32 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 def _kept(value: Any) -> Any:
     """A forward's first argument as the monitor keeps it: its tensors detached and copied
-    (the loop may refill its input buffers in place), its structure as given."""
+    (the loop may refill its input buffers in place), its structure as given (a mapping as a
+    dict)."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, PackedSequence):  # (a tuple subclass pytree would take apart)
         return PackedSequence(*(_kept(v) if v is not None else None for v in value))
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), value)
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), _plain(value))
+
+
+def _batch_first(value: Any) -> Any:
+    """A time-major forward's input with its examples first: every tensor of it moved from
+    dim 1 to 0 (a ``PackedSequence`` is neither, and stays)."""
+    if isinstance(value, PackedSequence):
+        return value
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: t.movedim(1, 0) if t.ndim >= 2 else t, value
+    )
+
+
+def _rows(value: Any) -> int | None:
+    """How many examples a (batch-first) input holds: a ``PackedSequence``'s longest step's
+    batch, else its first tensor's first dimension."""
+    if isinstance(value, PackedSequence):
+        return int(value.batch_sizes[0]) if len(value.batch_sizes) else 0
+    x = _first_tensor(value)
+    return None if x is None or x.ndim == 0 else x.shape[0]
 
 
 def _hooks_enabled(module: nn.Module) -> bool:
@@ -351,22 +379,21 @@ class FeatureCapture:
 
     def _examples(self, capture: Capture) -> int | None:
         """How many examples one forward's input holds (along dim 1 when time-major)."""
-        x = capture.inputs
-        if not isinstance(x, torch.Tensor) or x.ndim == 0:
-            return None
-        return x.shape[1] if not self.batch_first and x.ndim >= 2 else x.shape[0]
+        return _rows(self._inputs(capture))
+
+    def _inputs(self, capture: Capture) -> Any:
+        """One forward's input, batch-first (as Opacus reads a time-major model's)."""
+        return capture.inputs if self.batch_first else _batch_first(capture.inputs)
 
     def _features_of(self, capture: Capture, batch: int | None) -> torch.Tensor | None:
         """One forward's ``(rows, d)`` features; ``batch``: its rows where known (else the
         input's examples)."""
-        inputs = capture.inputs
-        if not self.batch_first and isinstance(inputs, torch.Tensor) and inputs.ndim >= 2:
-            inputs = inputs.movedim(1, 0)  # (T, B, ...): one row per example, as Opacus reads it
+        inputs = self._inputs(capture)
         x = _first_tensor(inputs)
         if batch is None:
-            if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            batch = _rows(inputs)
+            if batch is None:
                 return None  # (no rows to count: unpaired)
-            batch = x.shape[0]
         parts: list[torch.Tensor] = []
         if self.use_input:
             if x is None or x.ndim == 0 or x.shape[0] != batch:

@@ -1207,3 +1207,41 @@ def test_a_time_major_models_features_callable_gets_the_batch_first_input():
         opt.step()
         torch.testing.assert_close(got[-1], bags(ids))
     assert not any(r.flags for r in monitor.history)
+
+
+def test_a_userdict_or_time_major_dict_batch_pairs_as_a_dict_does():
+    """A UserDict batch (a tokenizer's BatchEncoding) was no container to the monitor (the
+    callable got None), and a time-major model's dict batch was counted along its T."""
+    from collections import UserDict
+
+    from torch.utils.data import TensorDataset
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 3)
+
+        def forward(self, batch):  # {"ids": (T, B)}
+            return self.fc(self.emb(batch["ids"])).mean(0)
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randint(0, 20, (48, 5), generator=gen), torch.randint(0, 3, (48,), generator=gen)
+    )
+    bags = lambda b: nn.functional.one_hot(b["ids"], 20).sum(1).float()  # noqa: E731
+    for container in (dict, UserDict):
+        engine, model, opt, loader = make_private(
+            poisson=False, net=Tokens, data=data, private_kwargs={"batch_first": False}
+        )
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, estimator="mine", features=bags, overlap=False
+        )
+        got = []
+        original = monitor._capture.features
+        monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+        for ids, y in loader:  # (B, T) ids, given time-major
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(container(ids=ids.T)), y).backward()
+            opt.step()
+            torch.testing.assert_close(got[-1], bags({"ids": ids}))
+        assert not any(r.flags for r in monitor.history), container
