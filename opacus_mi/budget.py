@@ -56,7 +56,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -189,13 +188,14 @@ class EpsilonPacer:
 
 
 class _Foreground:
-    """Every open budget's monitor seconds on the training thread, summed, in this process:
-    with two monitors in one loop (two models) each is told the other's time, which is not
-    its training time, and each plans for its part of the fraction (see ``_tick``)."""
+    """Every budget's monitor seconds on the training thread, and its steps, summed over this
+    process: with monitors of several models in one loop (a GAN's two), each is told the
+    others' time, which is not its training time, and how many steps of theirs its own step
+    spanned, so that each plans for its part of the fraction (see ``OverheadBudget._tick``)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.budgets: weakref.WeakSet = weakref.WeakSet()
+        self.ticks = 0
         self.lock = threading.Lock()  # (taken inside a budget's own lock, never around one)
 
     def add(self, seconds: float) -> None:
@@ -206,12 +206,11 @@ class _Foreground:
         with self.lock:
             return self.seconds
 
-    def ticked_since(self, since: float, me: OverheadBudget) -> int:
-        """Open budgets other than ``me`` that ended a step after ``since``: monitors of the
-        same loop."""
+    def tick(self) -> int:
+        """Count a step of some budget's loop; the count after it."""
         with self.lock:
-            others = [b for b in self.budgets if b is not me and not b.closed]
-        return sum(1 for b in others if (b.last_tick or -math.inf) > since)
+            self.ticks += 1
+            return self.ticks
 
 
 _FOREGROUND = _Foreground()
@@ -221,8 +220,8 @@ class OverheadBudget:
     """Tracks training vs monitor time and plans the monitor's work to fit ``fraction``.
 
     Monitors of several models in one loop (one process) share the fraction: each leaves
-    the others' time out of its training time and plans for ``fraction / n``, ``n`` the
-    budgets that ended a step during its last one (see ``_Foreground``).
+    the others' time out of its training time and plans for ``fraction / n``, ``n`` - 1 the
+    other budgets' steps that ended during its last one (see ``_Foreground``).
 
     Args:
         fraction: the most monitor time per unit of training time (0.06: at most 6%).
@@ -279,19 +278,9 @@ class OverheadBudget:
         self.critics = True  # whether critics share the budget (set by each plan)
         self.slow_epsilon = False  # whether epsilon has a share (set by each plan)
         self._lock = threading.RLock()  # the training thread ticks, an overlap worker charges
-        self.sharing = 1  # budgets of this loop (ticked within this one's last step)
-        self.closed = False
+        self.sharing = 1  # 1 + the other budgets' steps within this one's last step
         self._foreground_at_tick = _FOREGROUND.read()
-        with _FOREGROUND.lock:
-            _FOREGROUND.budgets.add(self)
-
-    @property
-    def last_tick(self) -> float | None:
-        return self._last_tick
-
-    def close(self) -> None:
-        """The monitor is done (detached): other budgets stop sharing with this one."""
-        self.closed = True
+        self._ticks_at_tick = 0
 
     def _foreground(self, seconds: float) -> None:
         """``seconds`` of this monitor's time on the training thread, out of this interval."""
@@ -397,8 +386,9 @@ class OverheadBudget:
         # Other monitors' time on this thread since the last tick: not this loop's training.
         others = max(0.0, foreground - self._foreground_at_tick - self._spent_since_tick)
         self._foreground_at_tick = foreground
+        ticks = _FOREGROUND.tick()
         if self._last_tick is not None:
-            self.sharing = 1 + _FOREGROUND.ticked_since(self._last_tick, self)
+            self.sharing = 1 + max(0, ticks - 1 - self._ticks_at_tick)
             own = max(0.0, now - self._last_tick - self._spent_since_tick - others)
             if self.step_seconds:
                 # A pause between steps (an evaluation loop, a checkpoint, another job) is not
@@ -421,7 +411,7 @@ class OverheadBudget:
                 # would cap every later interval at zero and the budget would never refill)
                 self.step_seconds = _ema(self.step_seconds, own)
             self._refill(own, self.critics, self.slow_epsilon)
-        self._last_tick = now
+        self._last_tick, self._ticks_at_tick = now, ticks
         self._spent_since_tick = 0.0
         self._seen |= self._seen_this_step
         self._seen_this_step = set()

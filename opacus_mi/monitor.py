@@ -864,8 +864,6 @@ class LeakageMonitor:
             self._linear_inputs.remove()
         if self._finaliser is not None:
             self._finaliser.detach()  # delivered, or (a forked child) the parent's to deliver
-        if self.budget is not None:
-            self.budget.close()  # (another model's monitor stops sharing its fraction with it)
         self.attached = False
         _ATTACHED.discard(self)
 
