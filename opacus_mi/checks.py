@@ -31,10 +31,17 @@ def plain_numbers(config: Any) -> None:
     """A config dataclass's NumPy scalars (also inside tuples and lists) as Python numbers, in
     place: a grid built with ``np.arange`` or ``np.int64`` counts is taken as typed."""
     for name in getattr(config, "__dataclass_fields__", {}):
-        value = getattr(config, name)
-        if isinstance(value, (tuple, list)):
-            value = type(value)(python_number(v) for v in value)
-        setattr(config, name, python_number(value))
+        setattr(config, name, plain_values(getattr(config, name)))
+
+
+def plain_values(value: Any) -> Any:
+    """:func:`python_number` of a value, or of each in a tuple, list or 1-D NumPy array (one
+    made with ``np.arange``: a tuple)."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", 0) == 1:
+        value = tuple(value.tolist())
+    if isinstance(value, (tuple, list)):
+        return type(value)(python_number(v) for v in value)
+    return python_number(value)
 
 
 def is_finite_number(x: Any) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import gaussian_channel_bound
-from .checks import is_finite_number
+from .checks import is_finite_number, plain_values
 from .records import LeakageRecord
 from .report import mean_with_ci, read_csv_rows, write_csv_rows
 from .training import (
@@ -106,7 +106,9 @@ def run_sweep(
     """
     if (noise_multipliers is None) == (target_epsilons is None):
         raise ValueError("give exactly one of --noise-multipliers or --target-epsilons")
-    values = list(noise_multipliers if noise_multipliers is not None else target_epsilons)
+    values = list(
+        plain_values(noise_multipliers if noise_multipliers is not None else target_epsilons)
+    )
     flag = "--noise-multipliers" if noise_multipliers is not None else "--target-epsilons"
     if not values:
         raise ValueError(f"{flag} needs at least one value")

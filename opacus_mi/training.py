@@ -298,6 +298,12 @@ def preflight(cfg: RunConfig, split: Any = None, *, kind: str = "run") -> Any:
     its runs before it clears the last sweep's outputs."""
     cfg.validate()
     check_folder_kind(cfg.out, kind)
+    out = Path(os.path.expanduser(str(cfg.out)))
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{flag('out')} {str(cfg.out)!r} is a file, not a folder: pass a folder path (or "
+            "move the file)"
+        )
     if cfg.tensorboard:
         _check_tensorboard()
     if split is None:

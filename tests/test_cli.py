@@ -360,6 +360,29 @@ def test_configs_take_numpy_scalars_as_the_numbers_they_hold():
     assert type(cfg.images) is int and all(type(s) is float for s in cfg.noise_multipliers)
     run = RunConfig(epochs=np.int64(2), noise_multiplier=np.float32(0.5)).validate()
     assert (run.epochs, run.noise_multiplier) == (2, 0.5) and type(run.epochs) is int
+    grid = ValidateConfig(stages=np.arange(0, 181, 90), batch_sizes=np.array([1, 4])).validate()
+    assert (grid.stages, grid.batch_sizes) == ((0, 90, 180), (1, 4))
+
+
+def test_a_sweep_takes_a_numpy_grid_and_refuses_a_file_where_a_run_folder_goes(tmp_path, capsys):
+    """np.arange noise multipliers were refused as not positive finite numbers; a file named
+    like a run's folder failed the first run after the last sweep's outputs were deleted."""
+    from opacus_mi.sweep import run_sweep
+    from opacus_mi.training import RunConfig
+
+    out = tmp_path / "s"
+    base = RunConfig(
+        dataset="fake", fake_size=64, epochs=1, batch_size=16, accountant="rdp", estimator=None,
+        out=str(out),
+    )  # fmt: skip
+    rows, _, _ = run_sweep(base, noise_multipliers=np.arange(1.0, 3.0), progress=False)
+    assert [r["setting"] for r in rows] == ["sigma_1", "sigma_2"]
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    (out / "sigma_3").write_text("not a folder")
+    with pytest.raises(ValueError, match="--out .*sigma_3' is a file, not a folder"):
+        run_sweep(base, noise_multipliers=[1.0, 3.0], progress=False)
+    after = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != "sigma_3"}
+    assert after == before
 
 
 def test_overlap_on_and_off_write_the_same_records(tmp_path):
