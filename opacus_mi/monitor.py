@@ -836,7 +836,10 @@ class LeakageMonitor:
         Under DPDDP, called by a sink (rank 0's: the only rank calling them) it takes effect at
         the next monitored step, on every rank together: that step's gather carries the
         request, and the step gets no record (every rank's history ends with the record the
-        sink was given, as on one process)."""
+        sink was given, as on one process). Called directly, it must be called on every rank
+        at the same step (after training, say): a rank that lets go alone leaves the others
+        waiting at their next gather until the process group's timeout. To stop monitoring
+        from one rank while training goes on, call :meth:`request_stop` there."""
         if not self.attached:
             return
         if self.distributed and self._delivering:
@@ -849,6 +852,17 @@ class LeakageMonitor:
         self._unhook()
         if self._jsonl is not None and not self._delivering:
             self._jsonl.close()  # (a sink detaching: once the record it got is delivered)
+
+    def request_stop(self) -> None:
+        """Detach every rank's monitor at the next monitored step (DPDDP: the request travels
+        with that step's gather, as a sink's :meth:`detach` does); on one process, now.
+        Callable from one rank alone, such as ``if rank == 0:`` code."""
+        if not self.attached:
+            return
+        if self.distributed:
+            self._stop_requested = True
+        else:
+            self.detach()
 
     def _unhook(self) -> None:
         if vars(self.optimizer).get("pre_step") == self._pre_step:

@@ -380,12 +380,33 @@ def _sink_detach_run(rank: int, tmp: str) -> dict:
     }
 
 
+def _request_stop_run(rank: int, tmp: str) -> dict:
+    """Rank 0 alone asks to stop after step 2, outside any sink (``if rank == 0:`` code):
+    ``detach()`` there left rank 1 waiting at its next gather until the group's timeout."""
+    torch.manual_seed(0)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), _local_loader(rank))
+    monitor = LeakageMonitor(engine, model, opt, **MONITOR)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    for step, (x, y) in enumerate(loader):
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+        if step == 2 and rank == 0:
+            monitor.request_stop()
+    return {
+        "attached": monitor.attached,
+        "history": [r.step for r in monitor.history],
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
 def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
     """Each case's result, or the error it raised (a desynchronised collective times out)."""
     _join(rank, port, 30)
     try:
         out = {"without": _ddp_run(rank, False, tmp)}
         cases = {"features": _features_run, "settings": _settings_run}
+        cases["request_stop"] = _request_stop_run
         cases["sink_detach"] = _sink_detach_run  # last: it hung, leaving the group unusable
         for name, case in cases.items():
             try:
@@ -650,6 +671,17 @@ def test_a_padding_distributed_sampler_is_warned_about(runs):
 def lifecycle(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ddp_lifecycle"))
     return _spawn(_lifecycle_worker, tmp, 150), tmp
+
+
+def test_one_rank_may_request_the_stop_outside_a_sink(lifecycle):
+    ranks, _ = lifecycle
+    r0, r1 = (out["request_stop"] for out in ranks)
+    assert isinstance(r0, dict) and isinstance(r1, dict), (r0, r1)
+    for out in (r0, r1):  # both let go at step 3's gather, which made no record
+        assert out["history"] == [0, 1, 2] and not out["attached"]
+    for out in ranks:  # training is exactly the unmonitored one
+        for p, q in zip(out["request_stop"]["params"], out["without"]["params"], strict=True):
+            assert torch.equal(p, q)
 
 
 def test_a_sink_may_detach_the_monitor_under_ddp(lifecycle):
