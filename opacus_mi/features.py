@@ -89,6 +89,10 @@ def one_hot_labels(labels: torch.Tensor, classes: int, *, check: bool = True) ->
     )
 
 
+def _packed(value: Any) -> bool:
+    return isinstance(value, PackedSequence)
+
+
 def _plain(value: Any) -> Any:
     """A mapping pytree does not open (``UserDict``: a tokenizer's ``BatchEncoding``) as a
     dict; anything else as it is."""
@@ -97,42 +101,56 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in a forward's arguments, or inside a dict, tuple, list or
-    ``PackedSequence`` among them (a tokenizer's dict batch: its first field)."""
-    for leaf in pytree.tree_leaves(_plain(value)):
-        if isinstance(leaf, torch.Tensor):
+def _first_leaf(value: Any) -> Any:
+    """The first tensor or ``PackedSequence`` in a forward's argument (a dict, tuple or list
+    of them: a tokenizer's dict batch gives its first field), or None."""
+    for leaf in pytree.tree_leaves(_plain(value), is_leaf=_packed):
+        if isinstance(leaf, (torch.Tensor, PackedSequence)):
             return leaf
     return None
 
 
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    leaf = _first_leaf(value)
+    return leaf if isinstance(leaf, torch.Tensor) else None
+
+
 def _kept(value: Any) -> Any:
     """A forward's first argument as the monitor keeps it: its tensors detached and copied
-    (the loop may refill its input buffers in place), its structure as given (a mapping as a
-    dict)."""
+    (the loop may refill its input buffers in place), its structure as given (a mapping of
+    another type rebuilt as that type where it can be, else a dict)."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, PackedSequence):  # (a tuple subclass pytree would take apart)
         return PackedSequence(*(_kept(v) if v is not None else None for v in value))
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), _plain(value))
+    kept = pytree.tree_map_only(
+        (torch.Tensor, PackedSequence), _kept, _plain(value), is_leaf=_packed
+    )
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        try:
+            return type(value)(kept)
+        except Exception:  # (a mapping type that takes no dict)
+            return kept
+    return kept
 
 
 def _batch_first(value: Any) -> Any:
     """A time-major forward's input with its examples first: every tensor of it moved from
     dim 1 to 0 (a ``PackedSequence`` is neither, and stays)."""
-    if isinstance(value, PackedSequence):
-        return value
     return pytree.tree_map_only(
-        torch.Tensor, lambda t: t.movedim(1, 0) if t.ndim >= 2 else t, value
+        torch.Tensor,
+        lambda t: t.movedim(1, 0) if t.ndim >= 2 else t,
+        _plain(value),
+        is_leaf=_packed,
     )
 
 
 def _rows(value: Any) -> int | None:
     """How many examples a (batch-first) input holds: a ``PackedSequence``'s longest step's
     batch, else its first tensor's first dimension."""
-    if isinstance(value, PackedSequence):
-        return int(value.batch_sizes[0]) if len(value.batch_sizes) else 0
-    x = _first_tensor(value)
+    x = _first_leaf(value)
+    if isinstance(x, PackedSequence):
+        return int(x.batch_sizes[0]) if len(x.batch_sizes) else 0
     return None if x is None or x.ndim == 0 else x.shape[0]
 
 
@@ -251,8 +269,10 @@ class FeatureCapture:
             self._labelled = self._open
         if not self._open:
             return
-        # (the first argument that holds a tensor: a dict batch, a PackedSequence, a tensor)
-        first = next((a for a in (*args, *kwargs.values()) if _first_tensor(a) is not None), None)
+        # (the first argument that holds a tensor: a dict batch, a PackedSequence, a tensor;
+        # else the first argument as it is: a dataclass batch, for a features callable)
+        given = (*args, *kwargs.values())
+        first = next((a for a in given if _first_leaf(a) is not None), given[0] if given else None)
         # Each training forward adds to the per-sample gradients of the coming step (Opacus
         # concatenates the rows of separate backwards and sums forwards of one backward row by
         # row: see first_forward); labels arrive later through the criterion.

@@ -1245,3 +1245,61 @@ def test_a_userdict_or_time_major_dict_batch_pairs_as_a_dict_does():
             opt.step()
             torch.testing.assert_close(got[-1], bags({"ids": ids}))
         assert not any(r.flags for r in monitor.history), container
+
+
+def test_batches_keep_their_kind_and_are_counted_by_their_examples():
+    """A PackedSequence inside a dict was taken apart (its data's dims swapped for a
+    time-major model, its tokens counted as examples); a UserDict reached a callable as a
+    plain dict (no attribute access); a dataclass batch reached it as None."""
+    from collections import UserDict
+    from dataclasses import dataclass
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from opacus_mi import features as F
+
+    class Encoding(UserDict):  # as transformers' BatchEncoding: fields as attributes too
+        def __getattr__(self, name):
+            return self.data[name]
+
+    seqs = torch.randn(5, 4, 3)  # (T, B, 3), lengths 5, 4, 3, 2
+    packed = pack_padded_sequence(seqs, torch.tensor([5, 4, 3, 2]))
+    for batch in (packed, {"seq": packed}, (packed, torch.ones(4))):
+        for layout in (lambda v: v, F._batch_first):
+            kept = layout(F._kept(batch))
+            inner = kept if isinstance(kept, F.PackedSequence) else next(iter(
+                kept.values() if isinstance(kept, dict) else kept
+            ))  # fmt: skip
+            assert isinstance(inner, F.PackedSequence) and torch.equal(inner.data, packed.data)
+            assert F._rows(kept) == 4
+    ids = torch.arange(12).reshape(4, 3)
+    kept = F._kept(Encoding(input_ids=ids))
+    assert isinstance(kept, Encoding) and torch.equal(kept.input_ids, ids)
+    assert kept.input_ids is not ids  # (a copy: the loop may refill its buffer)
+
+    @dataclass
+    class Batch:
+        a: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(36, 3)
+
+        def forward(self, batch):
+            return self.fc(batch.a.flatten(1))
+
+    engine, model, opt, loader = make_private(poisson=False, net=Net)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator="mine", overlap=False,
+        features=lambda b: b.a.flatten(1),
+    )  # fmt: skip
+    got = []
+    original = monitor._capture.features
+    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(Batch(x)), y).backward()
+        opt.step()
+        assert torch.equal(got[-1], x.flatten(1))
+    assert not any(r.flags for r in monitor.history)
