@@ -216,6 +216,13 @@ class _Foreground:
 _FOREGROUND = _Foreground()
 
 
+def foreground(seconds: float) -> None:
+    """A monitor without a budget (a fixed schedule) reports its training-thread seconds: a
+    budgeted monitor of another model in the loop leaves them out of its training time."""
+    if seconds > 0:
+        _FOREGROUND.add(seconds)
+
+
 class OverheadBudget:
     """Tracks training vs monitor time and plans the monitor's work to fit ``fraction``.
 

@@ -75,7 +75,14 @@ from .accounting import (
     history_continues,
     sample_rate_of,
 )
-from .budget import EPSILON_SHARE, EpsilonPacer, OverheadBudget, Plan, check_fraction
+from .budget import (
+    EPSILON_SHARE,
+    EpsilonPacer,
+    OverheadBudget,
+    Plan,
+    check_fraction,
+    foreground,
+)
 from .checks import check_torch_seed, is_int_at_least, python_number
 from .chunks import Chunk, empty_item, pack, unpack
 from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
@@ -1084,6 +1091,8 @@ class LeakageMonitor:
             if monitored and self._worker is not None:
                 self._chunks[-1] = self._worker.submit(self._measure_safely, self._chunks[-1])
             self._book_wrapper(t1 - t0, t2, booked)
+            if budget is None:
+                foreground(t1 - t0 + time.perf_counter() - t2)
             return result
         if monitored:
             # The accountant has just stepped (its hook runs inside pre_step): this step's
@@ -1125,6 +1134,8 @@ class LeakageMonitor:
             # The tick's own bookkeeping (~10 us a step on a CPU) falls in the interval it
             # opens: monitor time there, like the rest of the wrapper.
             budget.book_overhead(time.perf_counter() - t3)
+        else:  # (a fixed schedule: told to other models' budgeted monitors, see foreground)
+            foreground(t1 - t0 + time.perf_counter() - t2)
         return result
 
     def _follow_accountant(self, accounting: tuple) -> None:
