@@ -545,6 +545,9 @@ class _Results:
             back = back.movedim(call.batch_dim, 0)
         layer = call.layer
         if call.n == 0:  # an empty Poisson batch: nothing to factor, the monitor records B = 0
+            if layer in self.done:  # a pass like any other: it supersedes the last
+                self.clear()
+            self.done.add(layer)
             self.calls.pop(layer, None)
             self.batch = 0
             return

@@ -381,6 +381,28 @@ def test_ghost_empty_poisson_batch_is_recorded_as_empty_not_as_a_failure(overlap
         assert r.flags == (["empty_batch"] if r.batch_size == 0 else []), (r.step, r.flags)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_ghost_pass_on_an_empty_batch_is_superseded_like_any_other(overlap):
+    """An empty Poisson batch's backward, then a batch of 2 before the step (Opacus keeps the
+    last pass): every record was error:RuntimeError ('layers saw different batch sizes (0 and
+    2)'). It is the batch of 2's, as Opacus's step is, with the oracle."""
+    engine, model, opt, criterion, _ = _make("ghost", text=False)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=overlap
+    )
+    x, y = make_data(16, seed=3).tensors
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*leakage measurement failed")
+        for _ in range(2):
+            opt.zero_grad()
+            criterion(model(x[:0]), y[:0]).backward()
+            criterion(model(x[4:6]), y[4:6]).backward()
+            opt.step()
+    monitor.flush()
+    assert [(r.batch_size, r.flags) for r in monitor.history] == [(2, []), (2, [])]
+    assert all("private/oracle" in r.mi for r in monitor.history)
+
+
 def test_ghost_with_batch_memory_manager_sees_every_chunk():
     _, ghost, *_ = _run("ghost", True, bmm=True, n=64)
     _, hooks, *_ = _run("hooks", True, bmm=True, n=64)
