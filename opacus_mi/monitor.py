@@ -266,6 +266,9 @@ class _Taken:
     # Ghost clipping in half precision: the norms Opacus clipped with, in their own precision
     # (the monitor's float64 norms of the same factors gave factors 4e-3 off).
     ghost_norms: torch.Tensor | None = None
+    # (the bound Opacus clipped with, the one its noise is scaled by) where they differ: a
+    # grad-clip scheduler moves only ``optimizer.max_grad_norm``
+    mismatch: tuple[float, float] | None = None
     error: Exception | None = None  # taking them failed: the chunk is flagged
 
     def release(self) -> None:
@@ -1200,6 +1203,14 @@ class LeakageMonitor:
             taken.noise_std = release_noise_std(opt)
             if isinstance(opt, DPPerLayerOptimizer):
                 taken.max_grad_norms = [float(c) for c in opt.max_grad_norms]
+            clipped = (  # the bound the examples were clipped to, as a whole
+                math.hypot(*taken.max_grad_norms)
+                if taken.max_grad_norms is not None
+                else taken.max_grad_norm
+            )
+            noised = float(opt.max_grad_norm)  # the one Opacus scales its noise by
+            if not math.isclose(clipped, noised, rel_tol=1e-5):
+                taken.mismatch = (clipped, noised)
             if self._factored is not None:
                 taken.factored = self._factored.take()
                 norms = getattr(self.module, "_per_sample_gradient_norms", None)
@@ -1394,6 +1405,19 @@ class LeakageMonitor:
             batch = len(grad_samples[0])
             linear_inputs = {k: a for k, a in linear_inputs.items() if a.shape[0] == batch}
         chunk = Chunk(batch=batch)
+        if taken.mismatch is not None:
+            chunk.flags.append("noise_clip_mismatch")
+            self._warn_once(
+                "noise_clip_mismatch",
+                f"Opacus clipped this step's examples to {taken.mismatch[0]:g}"
+                f"{' (per-layer bounds, together)' if taken.max_grad_norms else ''} but scaled "
+                f"its noise by max_grad_norm {taken.mismatch[1]:g}: a grad-clip scheduler moves "
+                "only optimizer.max_grad_norm, not per-layer clipping's max_grad_norms or ghost "
+                "clipping's module.max_grad_norm, so the release is not what Opacus's epsilon "
+                "and the MI bound assume (the oracle measures what it is; flag "
+                "'noise_clip_mismatch'). Move those bounds with the scheduler, or use flat "
+                "clipping in hooks mode",
+            )
         if batch == 0:
             return chunk
         feats = self._chunk_features(captures, batch, chunk) if self._tokens else None

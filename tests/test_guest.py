@@ -1072,3 +1072,26 @@ def test_a_forward_that_renormalises_its_own_weights_is_no_other_optimizer():
     assert model._module.emb.weight._version > versions + 8  # the forwards wrote in place
     assert [r.batch_size for r in monitor.history] == [16] * 4
     assert not any(r.flags for r in monitor.history)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_a_grad_clip_scheduler_that_moves_only_the_noise_is_flagged(clipping):
+    """Opacus's grad-clip schedulers move optimizer.max_grad_norm, which scales the noise;
+    per-layer clipping clips with max_grad_norms (ghost clipping with the module's bound), so
+    the noise shrank while the bound stayed: the oracle read ln B against a 0.5-nat bound, said
+    only by the bug check exceeds_bound."""
+    from opacus.schedulers import StepGradClip
+
+    clip = [0.5] * 4 if clipping == "per_layer" else 1.0
+    engine, model, opt, loader = make_private(poisson=False, clip=clip, clipping=clipping)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    scheduler = StepGradClip(opt, step_size=1, gamma=0.25)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, loader, after_step=scheduler.step)
+    flagged = ["noise_clip_mismatch" in r.flags for r in monitor.history]
+    said = [w for w in caught if "noise_clip_mismatch" in str(w.message)]
+    if clipping == "flat":  # (flat clipping clips with the bound the scheduler moves)
+        assert not any(flagged) and not said
+    else:
+        assert flagged == [False] + [True] * (len(flagged) - 1) and len(said) == 1
