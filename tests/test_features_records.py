@@ -46,6 +46,14 @@ def _capture_features(monitor, model, opt, loader, criterion, after_step=None):
     return got
 
 
+def _spy_features(monitor) -> list:
+    """Each measured step's features, as the monitor made them (appended as they are made)."""
+    got: list = []
+    original = monitor._capture.features
+    monitor._capture.features = lambda c, b: got.append(original(c, b)) or got[-1]
+    return got
+
+
 def test_default_features_are_inputs_plus_one_hot_labels():
     engine, model, opt, loader = make_private(poisson=False)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine")
@@ -869,9 +877,7 @@ def test_a_time_major_models_features_are_each_examples_own_input():
             features=["input", "fc"],
         )
         criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
-        got = []
-        original = monitor._capture.features
-        monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+        got = _spy_features(monitor)
         for x, y in loader:  # x: (B, T, 4)
             with torch.no_grad():  # the named layer's (T, B, 3) output, example by example
                 fc = model._module.fc(x).reshape(len(x), -1)
@@ -1095,9 +1101,7 @@ def test_a_dict_batch_pairs_through_a_layer_a_callable_or_its_first_field(featur
         engine, model, opt, delta=1e-5, estimator="mine", features=chosen, overlap=False
     )
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
-    got = []
-    original = monitor._capture.features
-    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    got = _spy_features(monitor)
     for a, b, y in loader:
         with torch.no_grad():  # (before the step moves the weights)
             if features == "layer":
@@ -1121,9 +1125,7 @@ def test_targets_that_are_no_examples_labels_are_said_not_paired_or_failed():
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
     ce = monitor.wrap_criterion(nn.CrossEntropyLoss())
     mse = monitor.wrap_criterion(nn.MSELoss())
-    got = []
-    original = monitor._capture.features
-    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    got = _spy_features(monitor)
     with pytest.warns(RuntimeWarning, match="a second target for one forward"):
         for x, y in loader:
             opt.zero_grad()
@@ -1161,9 +1163,7 @@ def test_a_named_layer_called_twice_gives_its_first_output_and_says_so():
     monitor = LeakageMonitor(
         engine, model, opt, delta=1e-5, estimator="mine", features=["act"], overlap=False
     )
-    got = []
-    original = monitor._capture.features
-    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    got = _spy_features(monitor)
     with pytest.warns(RuntimeWarning, match="'act' ran more than once in one forward"):
         for x, y in loader:
             opt.zero_grad()
@@ -1174,44 +1174,12 @@ def test_a_named_layer_called_twice_gives_its_first_output_and_says_so():
             torch.testing.assert_close(got[-1], expected)
 
 
-def test_a_time_major_models_features_callable_gets_the_batch_first_input():
+@pytest.mark.parametrize("container", ["tensor", "dict", "UserDict"])
+def test_a_time_major_models_features_callable_gets_the_batch_first_input(container):
     """The README's recipe (one-hot ids summed over positions) got the (T, B) input and summed
-    over the batch: at T == B every row was another example's, with no flag."""
-    from torch.utils.data import TensorDataset
-
-    class Tokens(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 3)
-
-        def forward(self, ids):  # (T, B): every layer time-major, as Opacus reads them
-            return self.fc(self.emb(ids)).mean(0)
-
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.randint(0, 20, (64, 16), generator=gen), torch.randint(0, 3, (64,), generator=gen)
-    )
-    engine, model, opt, loader = make_private(
-        poisson=False, net=Tokens, data=data, private_kwargs={"batch_first": False}
-    )
-    bags = lambda ids: nn.functional.one_hot(ids, 20).sum(1).float()  # noqa: E731
-    monitor = LeakageMonitor(
-        engine, model, opt, delta=1e-5, estimator="mine", features=bags, overlap=False
-    )
-    got = []
-    original = monitor._capture.features
-    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
-    for ids, y in loader:  # (B, T) ids, given time-major
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(ids.T), y).backward()
-        opt.step()
-        torch.testing.assert_close(got[-1], bags(ids))
-    assert not any(r.flags for r in monitor.history)
-
-
-def test_a_userdict_or_time_major_dict_batch_pairs_as_a_dict_does():
-    """A UserDict batch (a tokenizer's BatchEncoding) was no container to the monitor (the
-    callable got None), and a time-major model's dict batch was counted along its T."""
+    over the batch: at T == B every row was another example's, with no flag. A UserDict batch
+    (a tokenizer's BatchEncoding) was no container to the monitor (the callable got None), and
+    a time-major dict batch was counted along its T."""
     from collections import UserDict
 
     from torch.utils.data import TensorDataset
@@ -1221,30 +1189,34 @@ def test_a_userdict_or_time_major_dict_batch_pairs_as_a_dict_does():
             super().__init__()
             self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 3)
 
-        def forward(self, batch):  # {"ids": (T, B)}
-            return self.fc(self.emb(batch["ids"])).mean(0)
+        def forward(self, ids):  # (T, B), or {"ids": (T, B)}: every layer time-major
+            ids = ids if isinstance(ids, torch.Tensor) else ids["ids"]
+            return self.fc(self.emb(ids)).mean(0)
 
+    wrap = {"tensor": lambda ids: ids, "dict": lambda ids: {"ids": ids}}
+    wrap["UserDict"] = lambda ids: UserDict(ids=ids)
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(
-        torch.randint(0, 20, (48, 5), generator=gen), torch.randint(0, 3, (48,), generator=gen)
+        torch.randint(0, 20, (64, 16), generator=gen), torch.randint(0, 3, (64,), generator=gen)
     )
-    bags = lambda b: nn.functional.one_hot(b["ids"], 20).sum(1).float()  # noqa: E731
-    for container in (dict, UserDict):
-        engine, model, opt, loader = make_private(
-            poisson=False, net=Tokens, data=data, private_kwargs={"batch_first": False}
-        )
-        monitor = LeakageMonitor(
-            engine, model, opt, delta=1e-5, estimator="mine", features=bags, overlap=False
-        )
-        got = []
-        original = monitor._capture.features
-        monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
-        for ids, y in loader:  # (B, T) ids, given time-major
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(container(ids=ids.T)), y).backward()
-            opt.step()
-            torch.testing.assert_close(got[-1], bags({"ids": ids}))
-        assert not any(r.flags for r in monitor.history), container
+    engine, model, opt, loader = make_private(
+        poisson=False, net=Tokens, data=data, private_kwargs={"batch_first": False}
+    )
+
+    def bags(batch):
+        ids = batch if isinstance(batch, torch.Tensor) else batch["ids"]
+        return nn.functional.one_hot(ids, 20).sum(1).float()
+
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator="mine", features=bags, overlap=False
+    )
+    got = _spy_features(monitor)
+    for ids, y in loader:  # (B, T) ids, given time-major
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(wrap[container](ids.T)), y).backward()
+        opt.step()
+        torch.testing.assert_close(got[-1], bags(ids))
+    assert not any(r.flags for r in monitor.history)
 
 
 def test_batches_keep_their_kind_and_are_counted_by_their_examples():
@@ -1294,9 +1266,7 @@ def test_batches_keep_their_kind_and_are_counted_by_their_examples():
         engine, model, opt, delta=1e-5, estimator="mine", overlap=False,
         features=lambda b: b.a.flatten(1),
     )  # fmt: skip
-    got = []
-    original = monitor._capture.features
-    monitor._capture.features = lambda c, b, f=original, g=got: g.append(f(c, b)) or g[-1]
+    got = _spy_features(monitor)
     for x, y in loader:
         opt.zero_grad()
         nn.functional.cross_entropy(model(Batch(x)), y).backward()
