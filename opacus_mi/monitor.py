@@ -238,6 +238,49 @@ def _hooked_accountant(optimizer) -> Any:
     return None
 
 
+def _ghost_release_warnings(module) -> list[tuple[str, str]]:
+    """``(key, message)`` for the layers whose released gradient can exceed the clipping bound
+    under Opacus ghost clipping: Opacus clips them with its samplers' norms, which are not
+    those of the true per-example gradients that its second pass releases."""
+    sampled = [
+        m
+        for m in module.modules()
+        if opacus_samples(module, m) and any(p.requires_grad for p in m.parameters())
+    ]
+    said = []
+    padded = sorted(
+        {
+            f"{type(m).__name__}(padding_mode={m.padding_mode!r})"
+            for m in sampled
+            if zero_padded_by_opacus(m)
+        }
+    )
+    if padded:
+        said.append(
+            (
+                "ghost:padding_mode",
+                f"ghost clipping clips {', '.join(padded)} with the norms of Opacus's grad "
+                "sampler, which pads with zeros, and releases autograd's true gradients: an "
+                "example can contribute more than max_grad_norm, which Opacus's epsilon does "
+                "not allow for (the monitor measures what is released). Use "
+                "padding_mode='zeros', or grad_sample_mode='hooks'",
+            )
+        )
+    if any(isinstance(m, torch.nn.EmbeddingBag) for m in sampled):
+        said.append(
+            (
+                "ghost:embedding_bag",
+                "ghost clipping clips an EmbeddingBag with the norms of Opacus's grad "
+                "sampler, which counts an id repeated within a bag once, and releases "
+                "autograd's true gradients: such an example can contribute more than "
+                "max_grad_norm, which Opacus's epsilon does not allow for, and the monitor's "
+                "figures follow Opacus's per-sample gradients, not the released ones. Use "
+                "grad_sample_mode='hooks', or bags without repeated ids",
+            )
+        )
+    return said
+
+
 def _is_ghost(module, optimizer) -> bool:
     """Ghost (fast gradient) clipping: per-sample gradients never exist, only layer factors."""
     return isinstance(module, GradSampleModuleFastGradientClipping) or isinstance(
@@ -728,37 +771,8 @@ class LeakageMonitor:
             except Exception:
                 self._capture.remove()  # leave no hook behind
                 raise
-            sampled = [
-                m
-                for m in module.modules()
-                if opacus_samples(module, m) and any(p.requires_grad for p in m.parameters())
-            ]
-            padded = sorted(
-                {
-                    f"{type(m).__name__}(padding_mode={m.padding_mode!r})"
-                    for m in sampled
-                    if zero_padded_by_opacus(m)
-                }
-            )
-            if padded:
-                self._warn_once(
-                    "ghost:padding_mode",
-                    f"ghost clipping clips {', '.join(padded)} with the norms of Opacus's grad "
-                    "sampler, which pads with zeros, and releases autograd's true gradients: an "
-                    "example can contribute more than max_grad_norm, which Opacus's epsilon does "
-                    "not allow for (the monitor measures what is released). Use "
-                    "padding_mode='zeros', or grad_sample_mode='hooks'",
-                )
-            if any(isinstance(m, torch.nn.EmbeddingBag) for m in sampled):
-                self._warn_once(
-                    "ghost:embedding_bag",
-                    "ghost clipping clips an EmbeddingBag with the norms of Opacus's grad "
-                    "sampler, which counts an id repeated within a bag once, and releases "
-                    "autograd's true gradients: such an example can contribute more than "
-                    "max_grad_norm, which Opacus's epsilon does not allow for, and the monitor's "
-                    "figures follow Opacus's per-sample gradients, not the released ones. Use "
-                    "grad_sample_mode='hooks', or bags without repeated ids",
-                )
+            for key, message in _ghost_release_warnings(module):
+                self._warn_once(key, message)
         self._worker = Worker() if self.overlap else None
         self._delivering = False  # (a sink that calls back: see _deliver)
         self._stop_requested = False  # DPDDP: a sink detached the monitor (see detach)
