@@ -1108,8 +1108,6 @@ class LeakageMonitor:
             if monitored and self._worker is not None:
                 self._chunks[-1] = self._worker.submit(self._measure_safely, self._chunks[-1])
             self._book_wrapper(t1 - t0, t2, booked)
-            if budget is None:
-                foreground(t1 - t0 + time.perf_counter() - t2)
             return result
         if monitored:
             # The accountant has just stepped (its hook runs inside pre_step): this step's
@@ -1144,15 +1142,13 @@ class LeakageMonitor:
         self.steps += 1
         self._own_step += 1
         self._adopt_plan()
+        self._book_wrapper(t1 - t0, t2, booked)
         if budget is not None:
-            self._book_wrapper(t1 - t0, t2, booked)
             t3 = time.perf_counter()
             budget.tick()
             # The tick's own bookkeeping (~10 us a step on a CPU) falls in the interval it
             # opens: monitor time there, like the rest of the wrapper.
             budget.book_overhead(time.perf_counter() - t3)
-        else:  # (a fixed schedule: told to other models' budgeted monitors, see foreground)
-            foreground(t1 - t0 + time.perf_counter() - t2)
         return result
 
     def _follow_accountant(self, accounting: tuple) -> None:
@@ -1174,9 +1170,11 @@ class LeakageMonitor:
         the host time inside brackets meanwhile (``booked``: ``budget.host_booked()`` on
         entry)."""
         waited, self._gather_wait = self._gather_wait, 0.0  # training's time (_finish_step)
+        own = before + time.perf_counter() - since - waited
         if self.budget is not None:
-            own = before + time.perf_counter() - since - waited
             self.budget.book_overhead(own - (self.budget.host_booked() - booked))
+        else:  # (a fixed schedule: told to other models' budgeted monitors, see foreground)
+            foreground(own)
 
     def _adopt_plan(self) -> None:
         """Follow the latest plan (training thread, between steps: the forward hooks and
