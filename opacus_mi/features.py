@@ -104,6 +104,8 @@ def _plain(value: Any) -> Any:
 def _first_leaf(value: Any) -> Any:
     """The first tensor or ``PackedSequence`` in a forward's argument (a dict, tuple or list
     of them: a tokenizer's dict batch gives its first field), or None."""
+    if isinstance(value, (torch.Tensor, PackedSequence)):  # (the usual batch: no tree walk)
+        return value
     for leaf in pytree.tree_leaves(_plain(value), is_leaf=_packed):
         if isinstance(leaf, (torch.Tensor, PackedSequence)):
             return leaf
@@ -206,6 +208,7 @@ class FeatureCapture:
     ):
         self.module = module
         self._warn = warn or self._warn_once
+        self._said: set[str] = set()  # (the keys _warn_once has said)
         self.fn = fn
         self.use_input = use_input
         self.batch_first = batch_first
@@ -244,9 +247,8 @@ class FeatureCapture:
             self._handles.append(named[name].register_forward_hook(hook))
 
     def _warn_once(self, key: str, message: str) -> None:
-        said = self.__dict__.setdefault("_said", set())
-        if key not in said:
-            said.add(key)
+        if key not in self._said:
+            self._said.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def training_forward(self) -> bool:
