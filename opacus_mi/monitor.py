@@ -683,18 +683,6 @@ class LeakageMonitor:
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         self._worker_warnings: deque[str] = deque()  # warnings the worker had to say
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
-        # Before this monitor opens its JSONL: the one it replaces may still have records to
-        # write there (see _detach_replaced).
-        _detach_replaced(module, optimizer)
-        # Under DPDDP every rank holds the same records; only rank 0 writes them out. Kept
-        # local (distributed=False), each rank's records are its own: in a file of its own.
-        self._writes = self.rank == 0 or not self.distributed
-        if jsonl and self._writes and self.rank > 0:
-            path = Path(jsonl)
-            jsonl = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
-        self._jsonl = JsonlSink(jsonl) if jsonl and self._writes else None
-        if self._jsonl is not None:  # first: a user sink that raises Ctrl-C cannot keep it out
-            self.sinks.insert(0, self._jsonl)
         # Logical steps, numbered as the accountant counts them: a monitor attached to an
         # engine that has trained already (a resumed checkpoint, a re-attach) names each
         # record's step so that its epsilon is get_epsilon after that step.
@@ -721,17 +709,6 @@ class LeakageMonitor:
         # Features and tokens are what the learned critics read; the oracle needs neither, so
         # without critics none are made (the benchmarks set it to time tokens + oracle).
         self._tokens = bool(self.estimators) or self.semi_oracle is not None
-        self._capture = FeatureCapture(
-            module,
-            layers=layers,
-            fn=fn,
-            use_input=use_input,
-            batch_first=getattr(module, "batch_first", True),
-            active=lambda: self._tokens and self._due(),
-            check_labels=lambda: not self._sync_free,  # a host read: a sync off the CPU
-            stamp=lambda: self._forward_stamp,
-            warn=self._warn_once,
-        )
         # The parameters' versions after the latest captured forward (its own writes, such as
         # an Embedding's max_norm, included), compared before the next: prepended, so a stale
         # capture goes before the features' hook takes the new forward's. It also decides, once
@@ -740,24 +717,35 @@ class LeakageMonitor:
         self._forward_versions: tuple[int, ...] | None = None
         self._watching = False
         self._forward_stamp: Any = None
-        self._watch = [
-            module.register_forward_pre_hook(GuestHook(self._on_forward), prepend=True),
-            module.register_forward_hook(GuestHook(self._after_forward)),
-        ]
+        self._ghost_zero_grad: tuple[int, int] | None = None  # (see _settle_ghost_zero_grad)
+        self._watch: list = []
+        self._capture: FeatureCapture | None = None
         # Hooks/functorch: inputs of the 2-D Linear layers Opacus hooks (none in ew mode), whose
         # rank-one token and Gram are cheap.
         self._linear_inputs: LinearInputs | None = None
-        if not _is_ghost(module, optimizer):
-            self._linear_inputs = LinearInputs(
-                module,
-                params,
-                active=self._due,
-                later=self.overlap,
-                stamp=lambda: self._forward_stamp,
-            )
         self._factored: FactoredCapture | None = None  # ghost clipping: layer factors
-        if _is_ghost(module, optimizer):
-            try:
+        self._jsonl: JsonlSink | None = None
+        self._worker: Worker | None = None
+        # Hooks first, then what is opened or replaced: a refusal on the way (a features layer
+        # or ghost-mode parameters not found, a JSONL path that cannot be opened) leaves no
+        # hook of a half-made monitor on the model, whose next forward it broke.
+        try:
+            self._capture = FeatureCapture(
+                module,
+                layers=layers,
+                fn=fn,
+                use_input=use_input,
+                batch_first=getattr(module, "batch_first", True),
+                active=lambda: self._tokens and self._due(),
+                check_labels=lambda: not self._sync_free,  # a host read: a sync off the CPU
+                stamp=lambda: self._forward_stamp,
+                warn=self._warn_once,
+            )
+            self._watch = [
+                module.register_forward_pre_hook(GuestHook(self._on_forward), prepend=True),
+                module.register_forward_hook(GuestHook(self._after_forward)),
+            ]
+            if _is_ghost(module, optimizer):
                 self._factored = FactoredCapture(
                     module,
                     params,
@@ -768,12 +756,35 @@ class LeakageMonitor:
                     need_tokens=lambda: self._tokens,
                     defer=self.overlap,  # the hooks only keep references; the worker computes
                 )
-            except Exception:
-                self._capture.remove()  # leave no hook behind
-                raise
+            else:
+                self._linear_inputs = LinearInputs(
+                    module,
+                    params,
+                    active=self._due,
+                    later=self.overlap,
+                    stamp=lambda: self._forward_stamp,
+                )
+            # Before this monitor opens its JSONL: the one it replaces may still have records
+            # to write there (see _detach_replaced).
+            _detach_replaced(module, optimizer)
+            # Under DPDDP every rank holds the same records; only rank 0 writes them out. Kept
+            # local (distributed=False), each rank's records are its own: in a file of its own.
+            self._writes = self.rank == 0 or not self.distributed
+            if jsonl and self._writes and self.rank > 0:
+                path = Path(jsonl)
+                jsonl = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+            self._jsonl = JsonlSink(jsonl) if jsonl and self._writes else None
+            self._worker = Worker() if self.overlap else None
+        except BaseException:
+            self._remove_hooks()
+            if self._jsonl is not None:
+                self._jsonl.close()
+            raise
+        if self._jsonl is not None:  # first: a user sink that raises Ctrl-C cannot keep it out
+            self.sinks.insert(0, self._jsonl)
+        if self._factored is not None:
             for key, message in _ghost_release_warnings(module):
                 self._warn_once(key, message)
-        self._worker = Worker() if self.overlap else None
         self._delivering = False  # (a sink that calls back: see _deliver)
         self._stop_requested = False  # DPDDP: a sink detached the monitor (see detach)
         self._finaliser = None
@@ -791,7 +802,6 @@ class LeakageMonitor:
                 self._finaliser.atexit = False  # (at exit, the flush above: every sink)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
-        self._ghost_zero_grad: tuple[int, int] | None = None  # (see _settle_ghost_zero_grad)
         # The per-sample gradients the latest pre_step read (see _zero_grad): at attach, any
         # the loop holds are a past step's (a monitor attached mid-run).
         self._consumed: weakref.ref | None = None
@@ -893,17 +903,18 @@ class LeakageMonitor:
             del self.optimizer.pre_step
         if vars(self.optimizer).get("zero_grad") == self._zero_grad:
             del self.optimizer.zero_grad
-        for handle in self._watch:
-            handle.remove()
-        self._capture.remove()
-        if self._factored is not None:
-            self._factored.remove()
-        if self._linear_inputs is not None:
-            self._linear_inputs.remove()
+        self._remove_hooks()
         if self._finaliser is not None:
             self._finaliser.detach()  # delivered, or (a forked child) the parent's to deliver
         self.attached = False
         _ATTACHED.discard(self)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._watch:
+            handle.remove()
+        for capture in (self._capture, self._factored, self._linear_inputs):
+            if capture is not None:
+                capture.remove()
 
     def _stand_aside(self) -> None:
         """In a forked child (``os.fork``, a multiprocessing "fork" process) the copy lets go of

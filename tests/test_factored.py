@@ -645,6 +645,51 @@ def test_mismatched_ghost_pair_is_refused():
         LeakageMonitor(engine, model, ghost_opt, delta=1e-5)
 
 
+def test_a_refused_monitor_leaves_the_model_and_the_monitor_it_would_replace_as_they_were(tmp_path):
+    """Given one ghost model and another's optimizer, the monitor was refused after its forward
+    hooks were on the model: every later forward of it raised from inside opacus_mi, monitored
+    or not. It had also detached the model's monitor and opened its JSONL already."""
+    engine = PrivacyEngine(accountant="rdp")
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    made = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        made.append(
+            engine.make_private(
+                module=net,
+                optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=16),
+                criterion=nn.CrossEntropyLoss(),
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                grad_sample_mode="ghost",
+            )
+        )
+    (model_a, opt_a, crit_a, _), (_, opt_b, _, _) = made
+
+    def hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model_a.modules())
+
+    def step():
+        opt_a.zero_grad()
+        crit_a(model_a(x[:16]), y[:16]).backward()
+        opt_a.step()
+
+    opacus_own = hooks()
+    mon = LeakageMonitor(engine, model_a, opt_a, delta=1e-5, every=1, estimator=None)
+    step()
+    before, opened = hooks(), tmp_path / "refused.jsonl"
+    with pytest.raises(ValueError, match="belong to no layer"):
+        LeakageMonitor(engine, model_a, opt_b, delta=1e-5, jsonl=opened)
+    assert hooks() == before and mon.attached and not opened.exists()
+    step()
+    assert len(mon.history) == 2 and not any(r.flags for r in mon.history)
+    mon.detach()
+    step()  # unmonitored: no hook of either monitor left to fail
+    assert hooks() == opacus_own
+
+
 def _private_mlp(*, last_bias: bool):
     """A 12-16-5 MLP made private (RDP, C = 0.5), one batch of 32, no Poisson sampling:
     ``(engine, model, optimizer, loader)``."""
