@@ -499,6 +499,23 @@ class _Backward:
     scale: int | None  # mean-reduced loss: Opacus scales the backprops by n
     batch_dim: int
     last: bool  # the layer's last pending call: its results can be made
+    # A generic layer's per-sample gradients, made in the hook even when the rest is deferred:
+    # functorch (and a grad sampler may) read the layer's parameters, which the step changes
+    # before an overlap worker gets to the call.
+    done: dict | None = None
+
+    def prepared(self) -> tuple[list, torch.Tensor]:
+        """The activations and backprops batch-first, the backprops scaled as Opacus scales
+        them (``n`` for a mean-reduced loss: each example's own gradient)."""
+        back, acts = self.back, self.acts
+        if self.scale is not None:
+            back = back * self.scale
+        if self.batch_dim:
+            acts = [
+                a.movedim(self.batch_dim, 0) if isinstance(a, torch.Tensor) else a for a in acts
+            ]
+            back = back.movedim(self.batch_dim, 0)
+        return acts, back
 
 
 def _kind(m: nn.Module) -> str:
@@ -535,14 +552,6 @@ class _Results:
         self.batch: int | None = None
 
     def add(self, call: _Backward) -> None:
-        back, acts = call.back, call.acts
-        if call.scale is not None:
-            back = back * call.scale  # as Opacus: the per-example gradient of a mean-reduced loss
-        if call.batch_dim:
-            acts = [
-                a.movedim(call.batch_dim, 0) if isinstance(a, torch.Tensor) else a for a in acts
-            ]
-            back = back.movedim(call.batch_dim, 0)
         layer = call.layer
         if call.n == 0:  # an empty Poisson batch: nothing to factor, the monitor records B = 0
             if layer in self.done:  # a pass like any other: it supersedes the last
@@ -551,7 +560,10 @@ class _Results:
             self.calls.pop(layer, None)
             self.batch = 0
             return
-        self.calls.setdefault(layer, []).append(self._capture._call(layer, acts, back, call.n))
+        done = call.done
+        if done is None:
+            done = self._capture._call(layer, *call.prepared(), call.n)
+        self.calls.setdefault(layer, []).append(done)
         if call.last:
             self._finish(layer)
 
@@ -895,6 +907,9 @@ class FactoredCapture:
                 last=not layer.pending,
             )
             if self.defer:
+                if layer.kind == "generic" and n:  # (see _Backward.done)
+                    with without_autocast():
+                        call.done = self._call(layer, *call.prepared(), n)
                 self._recorded.append(call)
             else:
                 with without_autocast():  # (the user's backward may run under autocast)

@@ -6,6 +6,7 @@ run without any monitor (training and the global RNG, bit for bit), and Opacus's
 
 from __future__ import annotations
 
+import copy
 import gc
 import threading
 import time
@@ -354,6 +355,78 @@ def test_ghost_clipping_overlaps_and_gives_the_synchronous_records(bmm, monkeypa
     for got, want in zip(params, ref_params, strict=True):
         assert torch.equal(got, want)
     assert records[-1]["epsilon"] == engine.get_epsilon(1e-5)
+
+
+class _TopParameter(nn.Module):
+    """A model owning a raw parameter (a ViT's position embedding): Opacus's ghost clipping
+    hands the whole model to functorch, which reads its parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(4, 6) * 0.1)
+        self.hidden, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x + self.pos)).mean(1))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ghost_functorch_layers_are_measured_with_their_steps_parameters(overlap, monkeypatch):
+    """With overlap the worker made a functorch layer's per-sample gradients from the parameters
+    as the step had left them: its Gram diagonal was 1.2-2.2x each example's squared gradient
+    norm (per-example autograd, the reference). The worker is held here until the step is done,
+    as it is whenever training outruns it."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    stepped = threading.Event()
+    compute = factored_mod.FactoredRecording.compute
+
+    def after_the_step(self):
+        assert stepped.wait(10)
+        stepped.clear()
+        return compute(self)
+
+    monkeypatch.setattr(factored_mod.FactoredRecording, "compute", after_the_step)
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 4, 6), torch.randint(0, 3, (48,))
+    net = _TopParameter()
+    twin = copy.deepcopy(net)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, criterion, _ = engine.make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=10.0,  # none clipped: the clipped Gram's diagonal is the squared norms
+        grad_sample_mode="ghost",
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, overlap=overlap)
+    assert monitor.overlap is overlap
+    grams, want = [], []
+    privatise = monitor._privatise
+    monkeypatch.setattr(
+        monitor, "_privatise", lambda c, t, g, s: (grams.append(g.clone()), privatise(c, t, g, s))
+    )
+    for step in range(3):
+        xb, yb = x[16 * step : 16 * step + 16], y[16 * step : 16 * step + 16]
+        twin.load_state_dict(model._module.state_dict())
+        norms = []
+        for i in range(16):
+            twin.zero_grad()
+            nn.functional.cross_entropy(twin(xb[i : i + 1]), yb[i : i + 1]).backward()
+            norms.append(sum(p.grad.double().square().sum() for p in twin.parameters()))
+        want.append(torch.stack(norms))
+        opt.zero_grad()
+        criterion(model(xb), yb).backward()
+        opt.step()
+        stepped.set()
+    monitor.flush()
+    monitor.detach()
+    assert len(grams) == 3
+    for gram, norms in zip(grams, want, strict=True):
+        torch.testing.assert_close(gram.diagonal().double(), norms, rtol=1e-5, atol=0)
 
 
 def _autocast_run(mode, overlap):
