@@ -331,6 +331,10 @@ class _Estimates:
     features: torch.Tensor | None = None
     learned: dict[str, torch.Tensor] = field(default_factory=dict)
     usable: list[Chunk] = field(default_factory=list)  # the chunks paired with features
+    # The largest norm of an example's clipped gradient, over the oracle's chunks (the square
+    # root of its Gram's largest diagonal entry): at most the clipping bound, unless Opacus
+    # released more than it clipped (see exceeds_clip).
+    contribution: float | None = None
 
 
 class LeakageMonitor:
@@ -1237,7 +1241,7 @@ class LeakageMonitor:
             if self._factored is not None:
                 taken.factored = self._factored.take()
                 norms = getattr(self.module, "_per_sample_gradient_norms", None)
-                if isinstance(norms, torch.Tensor) and norms.dtype in _HALF:
+                if isinstance(norms, torch.Tensor):
                     taken.ghost_norms = norms  # (Opacus assigns a new one at each backward)
             else:
                 if self._linear_inputs is not None:
@@ -1309,6 +1313,27 @@ class LeakageMonitor:
         sigma = float(accounting[-1][0]) if accounting else float(self.optimizer.noise_multiplier)
         bound = self._step_bounds.get(step)  # (let go of in _finish_safely)
         return sigma, float(self.optimizer.max_grad_norm) if bound is None else bound
+
+    def _check_contribution(self, record: LeakageRecord, largest: float | None, bound: float):
+        """Flag a step whose release let an example contribute more than the clipping bound,
+        which Opacus's epsilon and the MI bounds take as the most any example can change the
+        sum. More than 1% above: rounding stays below that (a float32 Gram's near 1e-6, and
+        half-precision norms, which Opacus clips bfloat16 models with, 0.5%). A step already
+        flagged ``noise_clip_mismatch`` says why it exceeds, and is not flagged twice."""
+        if largest is None or not largest > bound * 1.01 or "noise_clip_mismatch" in record.flags:
+            return
+        record.flags.append("exceeds_clip")
+        self._warn_once(
+            "exceeds_clip",
+            f"at step {record.step} an example's clipped gradient, as released, has norm "
+            f"{largest / bound:.4g} x the clipping bound {bound:g} (flag 'exceeds_clip'): "
+            "Opacus's epsilon and the MI upper bound assume at most 1 x, so neither holds for "
+            "such steps. Under ghost clipping this is a layer whose per-sample norm Opacus's "
+            "norm sampler gets wrong (a conv with a padding_mode other than 'zeros', an "
+            "EmbeddingBag with an id repeated in a bag, a weight also used by a module Opacus "
+            "has no sampler for); train it with grad_sample_mode='hooks'. With a grad-clip "
+            "scheduler, see 'noise_clip_mismatch'",
+        )
 
     def _settings_record(
         self, step: int, batch: int, chunks: int, accounting: tuple, sigma: float, bound: float
@@ -1450,7 +1475,11 @@ class LeakageMonitor:
         backprops: dict[int, torch.Tensor] = {}
         if factored is not None:
             if taken.ghost_norms is not None and len(taken.ghost_norms) == batch:
-                clip = flat_clip(taken.ghost_norms, taken.max_grad_norm)  # Opacus's, in bf16
+                # The norms Opacus clipped with, so its clip factors exactly, in its precision.
+                # Its norm samplers can miss part of a gradient (a weight tied to a module it
+                # has no sampler for; a layer this step skipped, whose last norm it reuses):
+                # the release is clipped with these all the same.
+                clip = flat_clip(taken.ghost_norms, taken.max_grad_norm)
             else:
                 clip = factored.clip_info(taken.max_grad_norm)  # the bound ghost clipping used
         else:
@@ -1762,6 +1791,7 @@ class LeakageMonitor:
             record.flags.append("empty_batch")  # (not a failed measurement's zero rows)
         record.mi.update(estimates.mi)
         record.flags.extend(estimates.flags)
+        self._check_contribution(record, estimates.contribution, bound)
         learned, feats = estimates.learned, estimates.features
         if span is not None:
             self._charge(span, "measure")
@@ -1866,6 +1896,11 @@ class LeakageMonitor:
         # The union floor's mean (see oracle_interval): off the CPU made always and read with
         # the rest; on the CPU below, only where the oracle reads near ln B (~0.1 ms at B = 64).
         union = reads.add(union_mean(grams).reshape(1)) if terms and self._sync_free else None
+        largest = (
+            reads.add(torch.stack([g.diagonal().max().double() for g, _ in grams]).max())
+            if grams
+            else None
+        )
         deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
         reads.read()
         dropped = False
@@ -1892,6 +1927,8 @@ class LeakageMonitor:
                 )
             else:
                 out.flags.append(f"estimate_nonfinite:{view}")
+        if largest is not None:
+            out.contribution = math.sqrt(max(reads[largest][0], 0.0))
         if oracle is not None:
             mean, sd, mc_se, mc_df = reads[oracle]
             if not math.isfinite(mean):  # (off the CPU: a Gram its factor could not take)

@@ -117,6 +117,12 @@ def summary_table(
     flagged = sorted({f for r in records for f in r.flags})
     if any(f.startswith("exceeds_bound") for f in flagged):
         flagged.insert(0, "BUG? an estimate exceeded its bound beyond its CI")
+    if "exceeds_clip" in flagged:  # (which also lets an estimate exceed the bounds)
+        flagged.insert(
+            0,
+            "Opacus released an example above its clipping bound: epsilon and the bounds "
+            "do not hold there",
+        )
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
     text = buf.getvalue().rstrip()

@@ -1032,28 +1032,43 @@ def test_ghost_tokens_and_gram_are_of_the_released_gradient_where_opacus_grad_sa
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
 def test_a_ghost_monitor_says_when_opacus_releases_more_than_it_clipped(mode):
     """Under ghost clipping a conv with another padding_mode is clipped with zero-padded norms
-    and released with its true gradient (1.03 C in the test above): said once, at attach. In
-    hooks mode Opacus clips and releases its own per-sample gradients: nothing to say."""
+    and released with its true gradient (1.03 C in the test above): said once, at attach, and
+    each step where an example's release exceeds C by more than 1% is flagged (reference:
+    per-example autograd norms times Opacus's clip factors). In hooks mode Opacus clips and
+    releases its own per-sample gradients: nothing to say."""
     torch.manual_seed(0)
     model = _NonZeroPaddingConvs()
+    ref = copy.deepcopy(model)
     engine = PrivacyEngine(accountant="rdp")
-    x = torch.randn(8, 1, 5, 5)
+    x, y = torch.randn(8, 1, 5, 5, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
     out = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x, torch.arange(8) % 3), batch_size=8),
-        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
-        criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=0.05, grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(), poisson_sampling=False,
     )  # fmt: skip
-    model, opt = out[0], out[1]
+    model, opt, criterion = out[0], out[1], out[2] if mode == "ghost" else nn.CrossEntropyLoss()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=False)
-    said = [str(w.message) for w in caught if "padding_mode" in str(w.message)]
+        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=False)
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+    said = [str(w.message) for w in caught if "ghost clipping clips" in str(w.message)]
     if mode == "hooks":
-        assert said == []
-    else:
-        assert len(said) == 1
-        assert "Conv1d(padding_mode='circular'), Conv2d(padding_mode='reflect')" in said[0]
+        assert said == [] and mon.history[0].flags == []
+        return
+    assert len(said) == 1
+    assert "Conv1d(padding_mode='circular'), Conv2d(padding_mode='reflect')" in said[0]
+    norms = []
+    for i in range(len(x)):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
+        norms.append(torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).norm())
+    factors = (0.05 / (model.per_sample_gradient_norms + 1e-6)).clamp(max=1.0)
+    largest = (factors * torch.stack(norms)).max().item()
+    assert largest > 0.0505, "the case must release above the bound for the check to mean much"
+    assert mon.history[0].flags == ["exceeds_clip"]
 
 
 def test_the_ghost_warning_names_only_layers_opacus_samples_and_pads():
@@ -1086,3 +1101,103 @@ def test_the_ghost_warning_names_only_layers_opacus_samples_and_pads():
         nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
         true.append(torch.cat([p.grad.flatten() for p in ref.parameters()]).norm())
     torch.testing.assert_close(cap.take().norms.float(), torch.stack(true), rtol=1e-5, atol=1e-7)
+
+
+class _Gate(nn.Module):
+    """A module Opacus has no grad sampler for, using another layer's weight."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, h):
+        return h @ self.weight.T
+
+
+class _TiedToUnsampled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.fc = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.gate = _Gate(self.lin.weight)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.gate(torch.tanh(self.lin(x)))).mean(1))
+
+
+class _SkipsABranch(nn.Module):
+    """A branch on every other forward: Opacus's ghost clipping reuses its last norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.branch, self.fc = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        self.calls += 1
+        if self.calls % 2:
+            h = h + torch.tanh(self.branch(h))
+        return self.fc(h.mean(1))
+
+
+@pytest.mark.parametrize("net", [_TiedToUnsampled, _SkipsABranch])
+def test_ghost_clip_factors_are_opacus_and_an_example_released_above_the_bound_is_flagged(net):
+    """Where Opacus's ghost norms miss part of a gradient (a weight also used by a module it has
+    no sampler for) or keep a stale part (a layer skipped this step), the release is clipped
+    with them. The monitor clipped with its own exact norms: its clipped tokens summed to 7-10%
+    off the sketch of what Opacus released, and the tied model's examples, released at up to
+    1.16 C, read exactly C. Reference: Opacus's summed p.grad, and per-example autograd norms
+    scaled by Opacus's factors for the flag."""
+    bound = 0.3
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4, 6), torch.randint(0, 3, (32,))
+    twin_net = net()
+    twin = copy.deepcopy(twin_net)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, crit, _ = engine.make_private(
+        module=twin_net,
+        optimizer=torch.optim.SGD(twin_net.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=16),
+        criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0,
+        max_grad_norm=bound,
+        grad_sample_mode="ghost",
+    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        mon = LeakageMonitor(
+            engine, model, opt, delta=1e-5, every=1, overlap=False, estimator="infonce"
+        )
+        clipped = []
+        privatise = mon._privatise
+        mon._privatise = lambda c, t, g, s: (clipped.append(t.double()), privatise(c, t, g, s))[1]
+        for step in range(2):
+            xb, yb = x[16 * step : 16 * step + 16], y[16 * step : 16 * step + 16]
+            twin.load_state_dict(model._module.state_dict())
+            norms = []
+            for i in range(16):
+                twin.calls = getattr(model._module, "calls", 0)  # (the branch the model takes)
+                twin.zero_grad()
+                nn.functional.cross_entropy(twin(xb[i : i + 1]), yb[i : i + 1]).backward()
+                grads = [p.grad.reshape(-1) for p in twin.parameters() if p.grad is not None]
+                norms.append(torch.cat(grads).norm())
+            opt.zero_grad()
+            crit(model(xb), yb).backward()
+            factors = (bound / (model.per_sample_gradient_norms + 1e-6)).clamp(max=1.0)
+            largest = (factors.double() * torch.stack(norms).double()).max().item()
+            released = torch.cat(
+                [
+                    mon.tokenizer.dense_matrix(i) @ p.grad.reshape(-1).double()
+                    for i, p in enumerate(opt.params)
+                ]
+            )
+            opt.step()
+            torch.testing.assert_close(clipped[-1].sum(0), released, rtol=1e-5, atol=1e-7)
+            assert ("exceeds_clip" in mon.history[-1].flags) == (largest > 1.01 * bound)
+    mon.detach()
+    flagged = [r.flags for r in mon.history]
+    if net is _TiedToUnsampled:
+        assert all(f == ["exceeds_clip"] for f in flagged)
+        assert sum("(flag 'exceeds_clip')" in str(w.message) for w in said) == 1
+    else:
+        assert flagged == [[], []]
