@@ -18,6 +18,8 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -496,6 +498,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     tqdm.write(f"{PROG}: warning: {text}", file=file or sys.stderr)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit, ``docker stop``) raised
+    as an interrupt, so that a run stops as on Ctrl-C: the monitor detached, every finished
+    step's record written. Python's default would end the process with neither."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises :class:`_Terminated` while a command runs (the main thread only: signal
+    handlers cannot be set elsewhere, e.g. in a test's or a notebook's worker thread)."""
+    try:
+        before = signal.signal(signal.SIGTERM, _terminate)
+    except (ValueError, AttributeError, OSError):  # not the main thread, or no SIGTERM
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``opacus-mi`` console script; returns the exit status."""
     parser = build_parser()
@@ -517,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.showwarning = _show_warning
         try:
-            return commands[args.command](args)
+            with _sigterm_interrupts():
+                return commands[args.command](args)
         except DataRootError as err:
             return _error(err)
         except MissingDependencyError as err:
@@ -528,9 +556,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(f"permission denied: {err}")
         except OSError as err:
             return _error(err)
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as stop:
+            what, status = (
+                ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
+            )
+            out = getattr(args, "out", None)
+            kept = ""
+            if args.command in ("run", "sweep") and out and Path(out).is_dir():
+                kept = f"; what was finished is in {out} (`{PROG} report {out}` renders it)"
+            print(f"{PROG}: {what}{kept}", file=sys.stderr)
+            return status
 
 
 if __name__ == "__main__":  # pragma: no cover

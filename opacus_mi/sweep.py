@@ -28,6 +28,7 @@ from .training import (
     _settings_for_html,
     _write_json,
     calibrate_noise,
+    claim_out_dir,
     mi_keys,
     preflight,
     prepare_out_dir,
@@ -138,27 +139,28 @@ def run_sweep(
             "digits): pass values that differ there"
         )
     out = prepare_out_dir(base.out)
-    configs = []
-    for name, v in zip(names, values, strict=True):
-        if noise_multipliers is not None:
-            cfg = replace(base, noise_multiplier=float(v), out=str(out / name))
-        else:
-            cfg = replace(base, target_epsilon=float(v), out=str(out / name))
-        preflight(cfg, split)  # (its folder's kind: a file or a sweep's folder there)
-        configs.append((name, cfg))
-    for stale in SWEEP_OUTPUTS:  # an earlier sweep's, which would be rendered over these runs
-        (out / stale).unlink(missing_ok=True)
-    settings = {k: v for k, v in base.as_dict().items() if k not in ("noise_multiplier", "out")}
-    settings["out"] = str(out)
-    settings["swept"] = f"{flag} {' '.join(f'{v:g}' for v in values)}"
-    _write_json(out / "sweep_config.json", settings)
-    rows = []
-    for name, cfg in configs:
-        result = train_and_monitor(cfg, progress=progress)
-        rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
-        write_sweep_csv(rows, out / "sweep.csv")  # a sweep that stops keeps its finished rows
-    table, files = write_sweep_outputs(out, rows, settings=settings)
-    return rows, table, files
+    with claim_out_dir(out):
+        configs = []
+        for name, v in zip(names, values, strict=True):
+            if noise_multipliers is not None:
+                cfg = replace(base, noise_multiplier=float(v), out=str(out / name))
+            else:
+                cfg = replace(base, target_epsilon=float(v), out=str(out / name))
+            preflight(cfg, split)  # (its folder's kind: a file or a sweep's folder there)
+            configs.append((name, cfg))
+        for stale in SWEEP_OUTPUTS:  # an earlier sweep's, which would be rendered over these runs
+            (out / stale).unlink(missing_ok=True)
+        settings = {k: v for k, v in base.as_dict().items() if k not in ("noise_multiplier", "out")}
+        settings["out"] = str(out)
+        settings["swept"] = f"{flag} {' '.join(f'{v:g}' for v in values)}"
+        _write_json(out / "sweep_config.json", settings)
+        rows = []
+        for name, cfg in configs:
+            result = train_and_monitor(cfg, progress=progress)
+            rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
+            write_sweep_csv(rows, out / "sweep.csv")  # a sweep that stops keeps its finished rows
+        table, files = write_sweep_outputs(out, rows, settings=settings)
+        return rows, table, files
 
 
 def write_sweep_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:

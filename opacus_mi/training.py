@@ -10,6 +10,7 @@ or target epsilons.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -237,6 +238,36 @@ def prepare_out_dir(out: str | os.PathLike, *, name: str = "--out") -> Path:
     return path
 
 
+@contextlib.contextmanager
+def claim_out_dir(path: Path, *, name: str = "--out"):
+    """Hold ``path`` for one run, sweep or validation (an advisory lock on its
+    ``.opacus-mi.lock``, let go at the end or when the process dies). A second opacus-mi
+    process given the same folder, the default ``runs/latest`` from two terminals, is refused:
+    it cleared the first one's files, which went on writing records into a deleted file, and
+    left the folder a mix of the two runs' outputs."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows: no advisory locks; nothing is claimed)
+        yield path
+        return
+    with open(path / ".opacus-mi.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise OSError(
+                f"output folder {name} {str(path)!r} is in use by another opacus-mi process"
+                f"{f' (pid {holder})' if holder.isdigit() else ''}: pass another {name}, or "
+                "wait for that one to end"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield path
+
+
 # ---------------------------------------------------------------------- training
 def _seed_everything(seed: int) -> None:
     import numpy as np
@@ -343,25 +374,26 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
     if cfg.target_epsilon is not None:
         sigma = calibrate_noise(cfg, n_train=n_train)
     out = prepare_out_dir(cfg.out)
-    jsonl = out / "records.jsonl"
+    with claim_out_dir(out):
+        jsonl = out / "records.jsonl"
 
-    device = torch.device(cfg.device)
-    model = build_model(cfg.model, split.input_shape, split.num_classes)
-    if ModuleValidator.validate(model, strict=False):
-        model = ModuleValidator.fix(model)
-    ModuleValidator.validate(model, strict=True)
-    model = model.to(device)
-    threads = cfg.threads
-    if threads is None and device.type == "cpu":
-        if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
-            threads = 1
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _train(cfg, split, model, device, out, jsonl, t_start, progress, sigma)
-    finally:
-        torch.set_num_threads(previous_threads)
+        device = torch.device(cfg.device)
+        model = build_model(cfg.model, split.input_shape, split.num_classes)
+        if ModuleValidator.validate(model, strict=False):
+            model = ModuleValidator.fix(model)
+        ModuleValidator.validate(model, strict=True)
+        model = model.to(device)
+        threads = cfg.threads
+        if threads is None and device.type == "cpu":
+            if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+                threads = 1
+        previous_threads = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            return _train(cfg, split, model, device, out, jsonl, t_start, progress, sigma)
+        finally:
+            torch.set_num_threads(previous_threads)
 
 
 # Below this noise multiplier one PRV epsilon takes seconds to minutes and, from ~0.1, is inf

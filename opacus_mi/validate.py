@@ -30,6 +30,7 @@ settings it finished.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -347,12 +348,13 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
     # The grid seeds torch's and numpy's global generators (model initialisation, Opacus's
     # noise): the caller's streams are put back as they were.
     numpy_state = np.random.get_state()
+    held = contextlib.ExitStack()  # --out, claimed once made, until every file is written
     try:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            extras = _run_grid(cfg, progress, rows)
+            extras = _run_grid(cfg, progress, rows, held)
         correlations = compute_correlations(rows, resamples=cfg.bootstrap, seed=cfg.seed)
         wall = time.perf_counter() - t0
         text, files = write_outputs(out, rows, correlations, config=cfg.as_dict(), extras=extras)
@@ -370,10 +372,13 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
     finally:
         torch.set_num_threads(previous_threads)
         np.random.set_state(numpy_state)
+        held.close()
     return ValidateResult(rows, correlations, text, out, files, wall)
 
 
-def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
+def _run_grid(
+    cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]], held: contextlib.ExitStack
+):
     import torch
     from opacus.validators import ModuleValidator
     from tqdm.auto import tqdm
@@ -381,7 +386,7 @@ def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
     from . import attacks as A
     from .data import load_dataset
     from .models import build_model
-    from .training import prepare_out_dir
+    from .training import claim_out_dir, prepare_out_dir
 
     split = load_dataset(cfg.dataset, data_root=cfg.data_root, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -446,6 +451,7 @@ def _run_grid(cfg: ValidateConfig, progress: bool, rows: list[dict[str, Any]]):
     prior_var = pooled.var(dim=0).reshape(-1).double()
 
     out = prepare_out_dir(cfg.out)  # (once every check has passed: no empty folder left)
+    held.enter_context(claim_out_dir(out))
     sigmas = list(cfg.noise_multipliers)
     total = max(cfg.stages) + len(cfg.stages) * len(cfg.batch_sizes) * (2 * cfg.iters + len(sigmas))
     bar = tqdm(total=total, disable=not progress, unit="it", dynamic_ncols=True, leave=True)

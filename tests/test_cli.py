@@ -970,3 +970,60 @@ def test_a_sweep_row_bounds_any_noise(tmp_path, sigma, bound):
 
     result = RunResult([], 1.0, 0.5, 1.0, tmp_path, noise_multiplier=sigma)
     assert sweep_row(result, setting="s", target_epsilon=None)["bound_per_step"] == bound
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_every_finished_steps_record(tmp_path, how):
+    """``kill``, ``timeout`` and a scheduler's time limit send SIGTERM: the process died with
+    no message, and with overlap (the default with a free core) the last finished step's record
+    never reached the JSONL. Reference: the same run stopped with Ctrl-C at the same point (the
+    first evaluation, after the first epoch's steps), and the steps the optimizer took."""
+    out = tmp_path / "run"
+    script = f"""
+import os, signal, sys
+from opacus.optimizers import DPOptimizer
+from opacus_mi import cli, training
+steps = []
+step = DPOptimizer.step
+def counted(self, *a, **k):
+    result = step(self, *a, **k)
+    steps.append(1)
+    return result
+DPOptimizer.step = counted
+def stop(*a, **k):
+    sys.stderr.write(f"steps taken {{len(steps)}}\\n")
+    os.kill(os.getpid(), signal.{how})
+    raise AssertionError("the signal should have stopped the run")
+training._evaluate = stop
+argv = {[*TINY, "--overlap", "on", "--epochs", "2", "--out", str(out)]!r}
+sys.exit(cli.main(["run", *argv]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    taken = int(done.stderr.split("steps taken ")[1].split()[0])
+    word, status = ("terminated", 143) if how == "SIGTERM" else ("interrupted", 130)
+    assert done.returncode == status, done.stderr
+    assert f"opacus-mi: {word}; what was finished is in {out}" in done.stderr
+    records = read_jsonl(out / "records.jsonl")
+    assert taken > 0 and [r.step for r in records] == list(range(taken))
+
+
+def test_a_folder_in_use_by_another_run_is_refused_and_left_as_it_is(tmp_path, capsys):
+    """Two runs into one --out (the default runs/latest from two terminals): the second cleared
+    the first's files mid-run; the first went on writing records into a deleted file and ended
+    with its result.json beside the second's records. Now the second is refused. Here the
+    first is this process holding the folder's claim, as a running opacus-mi does."""
+    from opacus_mi.training import claim_out_dir
+
+    run = ["run", *TINY, "--estimator", "none"]
+    sweep = ["sweep", *TINY, "--estimator", "none", "--noise-multipliers", "1", "2"]
+    for argv, out in ((run, tmp_path / "latest"), (sweep, tmp_path / "sweep")):
+        assert cli.main([*argv, "--out", str(out)]) == 0
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        with claim_out_dir(out):
+            rc = cli.main([*argv, "--seed", "1", "--out", str(out)])
+            _assert_one_line_error(rc, capsys.readouterr().err, "--out", "is in use by another")
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert cli.main([*argv, "--out", str(out)]) == 0  # let go: it runs
