@@ -511,19 +511,49 @@ def test_many_oracle_draws_are_made_in_blocks_of_bounded_memory(monkeypatch):
     "sync_free, noise",
     # (off the CPU the jitter keeps >= 1e-12 of the largest squared norm, for a factor that
     # cannot be checked without a sync: logit noise 0.1 at noise 1e-5, a bias of 0.004)
-    [(False, 1e-5), (False, 1e-3), (False, 0.03), (True, 1e-3), (True, 0.03)],
-)
+    [(False, 1e-8), (False, 1e-7), (False, 1e-5), (False, 1e-3), (False, 0.03), (True, 1e-3),
+     (True, 0.03)],
+)  # fmt: skip
 def test_gram_oracle_keeps_ties_between_equal_gradients_at_small_noise(sync_free, noise):
     """Examples sharing a gradient (duplicates, exactly-zero rows) tie: at small noise the
     posterior splits 1/k among them, I = ln B - ln k here. The factor's jitter added noise of
     its own to each one's inner product, over noise_std in the logits, which broke the ties:
-    1.04 nats for 1.39 at noise 1e-3 off the CPU, and at 1e-5 on it."""
+    1.04 nats for 1.39 at noise 1e-3 off the CPU, and at 1e-5 on it. Below 1e-6 the rounding
+    of G / s^2 broke them on the CPU too (-1.3 nats for 0 at 1e-8): equal gradients are now
+    scored as one candidate there."""
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(4, 30, dtype=torch.float64, generator=gen)
     rows = rows / rows.norm(dim=1, keepdim=True)  # clipped: norm C = 1
     g = rows.repeat(4, 1)  # B = 16: four examples, four times each
     res = gram_oracle(g @ g.T, noise, draws=64, generator=gen, sync_free=sync_free)
     assert res.nats == pytest.approx(math.log(16) - math.log(4), abs=2e-3)
+
+
+def test_merged_equal_gradients_give_the_p_dimensional_posteriors_figure():
+    """Below a noise variance of 1e-6 of the largest squared norm, equal gradients are scored
+    as one candidate of weight k. Reference: the release drawn in P dimensions, each candidate
+    scored from its own difference to it (no Gram, no rounding of |y|^2 - 2 <y, g>), with
+    groups of equal rows and distinct rows about a noise std apart (partly told apart)."""
+    from opacus_mi.estimators import oracle
+
+    s = 1e-4
+    gen = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(1, 12, dtype=torch.float64, generator=gen))
+    offsets = s * 0.3 * torch.randn(4, 12, dtype=torch.float64, generator=gen)
+    rows = (base + offsets)[[0, 0, 0, 1, 2, 2, 3, 3]]  # groups of 3, 1, 2, 2
+    gram = rows @ rows.T
+    assert s**2 < oracle.TINY_NOISE * float(gram.diagonal().max())
+    merged = oracle._merged_duplicates(gram, gram.diagonal())
+    assert merged is not None and merged.tolist() == [0, 0, 0, 3, 4, 4, 6, 6]
+    got = gram_oracle(gram, s, draws=2000, generator=torch.Generator().manual_seed(0))
+    ref, draws = 0.0, 2000
+    for _ in range(draws):
+        y = rows + s * torch.randn(rows.shape, dtype=torch.float64, generator=gen)
+        logits = -((y[:, None, :] - rows[None, :, :]) ** 2).sum(-1) / (2 * s**2)
+        ref += float((logits.diagonal() - torch.logsumexp(logits, 1)).mean()) / draws
+    ref += math.log(8)
+    assert got.nats == pytest.approx(ref, abs=0.02)
+    assert 0.3 < ref < math.log(8) - (3 * math.log(3) + 2 * 2 * math.log(2)) / 8 - 0.1
 
 
 def test_sync_free_oracle_takes_a_float32_gram_at_sigma_001():
