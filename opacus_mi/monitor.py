@@ -1896,11 +1896,12 @@ class LeakageMonitor:
         # The union floor's mean (see oracle_interval): off the CPU made always and read with
         # the rest; on the CPU below, only where the oracle reads near ln B (~0.1 ms at B = 64).
         union = reads.add(union_mean(grams).reshape(1)) if terms and self._sync_free else None
-        largest = (
-            reads.add(torch.stack([g.diagonal().max().double() for g, _ in grams]).max())
-            if grams
-            else None
-        )
+        tops = [g.diagonal().max() for g, _ in grams]  # (read as float64 with the rest)
+        largest = None
+        if tops:
+            largest = reads.add(
+                tops[0] if len(tops) == 1 else torch.stack([t.double() for t in tops]).max()
+            )
         deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
         reads.read()
         dropped = False
