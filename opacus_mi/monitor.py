@@ -2255,6 +2255,26 @@ class LeakageMonitor:
                 f"monitor's for {sorted(self.estimators)}: create it with the same views and "
                 "estimator"
             )
+        # Each critic's own kind and token encoder (saved with it since before the settings
+        # were: a checkpoint of an earlier version has no "tokenizer" setting to compare),
+        # here and not only in the critic's load_state_dict, which runs once the monitor's
+        # steps and history have been replaced.
+        ours = {**self.estimators, **{f"control:{v}": e for v, e in self.controls.items()}}
+        theirs = {**state["estimators"]}
+        theirs.update({f"control:{v}": e for v, e in (state.get("controls") or {}).items()})
+        for name, est in ours.items():
+            saved_est = theirs.get(name)
+            if not isinstance(saved_est, dict):
+                continue
+            for key, mine in (("kind", est.kind), ("token_encoder", est.token_encoder)):
+                saved_value = saved_est.get(key, "sketch" if key == "token_encoder" else mine)
+                if saved_value != mine:
+                    setting = "tokenizer" if key == "token_encoder" else "estimator"
+                    raise ValueError(
+                        f"this checkpoint's {name} critic was saved with {key}="
+                        f"{saved_value!r}, this monitor's has {mine!r}: create the monitor "
+                        f"with {setting}={saved_value!r} to continue from it"
+                    )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Checked before anything changes: a checkpoint of
