@@ -15,6 +15,15 @@ from typing import Any
 
 import torch
 
+# How far above the clipping bound an example's released gradient may read before the step is
+# flagged exceeds_clip (see LeakageMonitor._check_contribution): rounding stays below this.
+CLIP_SLACK = 0.01
+
+
+def half_slack(dtype: torch.dtype) -> float:
+    """The slack for gradients or norms in a half precision: 4 ulps of one (3.1% in bfloat16)."""
+    return max(CLIP_SLACK, 4 * torch.finfo(dtype).eps)
+
 
 @dataclass
 class Chunk:
@@ -29,6 +38,7 @@ class Chunk:
     # (estimators.oracle.union_deficits) is made from them where it reads near ln B.
     oracle_gram: tuple[torch.Tensor, float] | None = None
     flags: list[str] = field(default_factory=list)
+    slack: float = CLIP_SLACK  # (see half_slack)
     # Distributed only: (clipped tokens, Gram matrix, noise std) whose random draws wait until
     # every rank's chunks are gathered.
     pending: tuple[torch.Tensor, torch.Tensor, float] | None = None
@@ -53,7 +63,7 @@ def pack(chunk: Chunk) -> Item:
         if chunk.tokens.get("clipped") is not clipped:  # else sent once, as tokens/clipped
             tensors["pending/clipped"] = clipped
         tensors["pending/gram"] = gram
-    return {"batch": chunk.batch, "flags": chunk.flags, "std": std}, tensors
+    return {"batch": chunk.batch, "flags": chunk.flags, "std": std, "slack": chunk.slack}, tensors
 
 
 def empty_item(flags: list[str] | None = None) -> Item:
@@ -74,6 +84,7 @@ def unpack(item: Item) -> tuple[Chunk, torch.Tensor | None, torch.Tensor | None,
         oracle_terms=tensors.pop("oracle_terms", None),
         oracle_var=tensors.pop("oracle_var", None),
         flags=list(meta["flags"]),
+        slack=meta.get("slack", CLIP_SLACK),
     )
     chunk.tokens = {k.removeprefix("tokens/"): t for k, t in tensors.items()}
     if meta["std"] is not None and clipped is None:

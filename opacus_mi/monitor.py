@@ -84,7 +84,7 @@ from .budget import (
     foreground,
 )
 from .checks import check_torch_seed, is_int_at_least, python_number
-from .chunks import Chunk, empty_item, pack, unpack
+from .chunks import CLIP_SLACK, Chunk, empty_item, half_slack, pack, unpack
 from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd, random_cycle
@@ -333,8 +333,9 @@ class _Estimates:
     usable: list[Chunk] = field(default_factory=list)  # the chunks paired with features
     # The largest norm of an example's clipped gradient, over the oracle's chunks (the square
     # root of its Gram's largest diagonal entry): at most the clipping bound, unless Opacus
-    # released more than it clipped (see exceeds_clip).
+    # released more than it clipped (see exceeds_clip), by more than ``slack`` (rounding).
     contribution: float | None = None
+    slack: float = CLIP_SLACK
 
 
 class LeakageMonitor:
@@ -768,15 +769,17 @@ class LeakageMonitor:
                     later=self.overlap,
                     stamp=lambda: self._forward_stamp,
                 )
-            # Before this monitor opens its JSONL: the one it replaces may still have records
-            # to write there (see _detach_replaced).
-            _detach_replaced(module, optimizer)
             # Under DPDDP every rank holds the same records; only rank 0 writes them out. Kept
             # local (distributed=False), each rank's records are its own: in a file of its own.
             self._writes = self.rank == 0 or not self.distributed
             if jsonl and self._writes and self.rank > 0:
                 path = Path(jsonl)
                 jsonl = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+            if jsonl and self._writes:
+                _check_appendable(jsonl)  # (before the monitor it replaces lets go)
+            # Before this monitor opens its JSONL: the one it replaces may still have records
+            # to write there (see _detach_replaced).
+            _detach_replaced(module, optimizer)
             self._jsonl = JsonlSink(jsonl) if jsonl and self._writes else None
             self._worker = Worker() if self.overlap else None
         except BaseException:
@@ -1314,13 +1317,20 @@ class LeakageMonitor:
         bound = self._step_bounds.get(step)  # (let go of in _finish_safely)
         return sigma, float(self.optimizer.max_grad_norm) if bound is None else bound
 
-    def _check_contribution(self, record: LeakageRecord, largest: float | None, bound: float):
+    def _check_contribution(
+        self, record: LeakageRecord, largest: float | None, bound: float, slack: float
+    ) -> None:
         """Flag a step whose release let an example contribute more than the clipping bound,
         which Opacus's epsilon and the MI bounds take as the most any example can change the
-        sum. More than 1% above: rounding stays below that (a float32 Gram's near 1e-6, and
-        half-precision norms, which Opacus clips bfloat16 models with, 0.5%). A step already
-        flagged ``noise_clip_mismatch`` says why it exceeds, and is not flagged twice."""
-        if largest is None or not largest > bound * 1.01 or "noise_clip_mismatch" in record.flags:
+        sum. More than ``slack`` above, which rounding stays below: 1% in single precision (a
+        float32 Gram's rounding is near 1e-6), 4 ulps of one in half precision (3.1% in
+        bfloat16, whose rounded norms and factors let Opacus release up to 1.012 C). A step
+        already flagged ``noise_clip_mismatch`` says why it exceeds, and is not flagged twice."""
+        if (
+            largest is None
+            or not largest > bound * (1 + slack)
+            or "noise_clip_mismatch" in record.flags
+        ):
             return
         record.flags.append("exceeds_clip")
         self._warn_once(
@@ -1474,6 +1484,8 @@ class LeakageMonitor:
         gram32 = None  # raw float32 Gram (hooks mode, flat clipping, private view)
         backprops: dict[int, torch.Tensor] = {}
         if factored is not None:
+            if taken.ghost_norms is not None and taken.ghost_norms.dtype in _HALF:
+                chunk.slack = half_slack(taken.ghost_norms.dtype)
             if taken.ghost_norms is not None and len(taken.ghost_norms) == batch:
                 # The norms Opacus clipped with, so its clip factors exactly, in its precision.
                 # Its norm samplers can miss part of a gradient (a weight tied to a module it
@@ -1487,7 +1499,9 @@ class LeakageMonitor:
             bound = taken.max_grad_norms if per_layer else taken.max_grad_norm
             # Half-precision gradients are sketched in float32; their clip factors are
             # Opacus's, from norms in their own precision (a float32 norm moved them ~1e-2).
-            half = any(g.dtype in _HALF for g in grad_samples)
+            half = [g.dtype for g in grad_samples if g.dtype in _HALF]
+            if half:
+                chunk.slack = max(half_slack(d) for d in half)
             wide = [g.float() if g.dtype in _HALF else g for g in grad_samples]
             backprops = self._rank_one_backprops(wide, linear_inputs) if fast else {}
             if fast and not per_layer and "private" in self.views:
@@ -1791,7 +1805,7 @@ class LeakageMonitor:
             record.flags.append("empty_batch")  # (not a failed measurement's zero rows)
         record.mi.update(estimates.mi)
         record.flags.extend(estimates.flags)
-        self._check_contribution(record, estimates.contribution, bound)
+        self._check_contribution(record, estimates.contribution, bound, estimates.slack)
         learned, feats = estimates.learned, estimates.features
         if span is not None:
             self._charge(span, "measure")
@@ -1930,6 +1944,7 @@ class LeakageMonitor:
                 out.flags.append(f"estimate_nonfinite:{view}")
         if largest is not None:
             out.contribution = math.sqrt(max(reads[largest][0], 0.0))
+            out.slack = max(c.slack for c in oracled)
         if oracle is not None:
             mean, sd, mc_se, mc_df = reads[oracle]
             if not math.isfinite(mean):  # (off the CPU: a Gram its factor could not take)
@@ -2341,6 +2356,20 @@ def _per_sample_marker(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
         if isinstance(latest, torch.Tensor):
             return latest
     return None
+
+
+def _check_appendable(path: str | os.PathLike) -> None:
+    """Refuse, naming ``jsonl``, a path no record could be appended to (a folder, no write
+    permission), before anything is changed; it opens nothing that stays open."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise OSError(
+            f"jsonl={str(path)!r} cannot be opened to append records: "
+            f"{err.strerror or err}; pass a writable file path (or None)"
+        ) from None
 
 
 def _detach_replaced(module, optimizer) -> None:

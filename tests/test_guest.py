@@ -462,6 +462,26 @@ def test_a_model_made_private_again_lets_its_old_monitor_go(tmp_path):
     assert [r.step for r in read_jsonl(path)] == list(range(12))  # both, one file
 
 
+def test_a_monitor_refused_for_its_jsonl_path_leaves_the_models_monitor_attached(tmp_path):
+    """make_private again, then a monitor given a folder as jsonl: a raw IsADirectoryError,
+    after the model's working monitor had been detached with a warning saying the new one
+    records from here on (there was none)."""
+    import warnings
+
+    engine, model, opt, loader = make_private(poisson=False)
+    old = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    model2, opt2, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(OSError, match=r"jsonl=.* cannot be opened .* pass a writable file"):
+            LeakageMonitor(engine, model2, opt2, delta=1e-5, jsonl=tmp_path)
+    assert old.attached and not any("already had" in str(w.message) for w in said)
+    old.detach()
+
+
 def test_a_monitor_whose_optimizer_was_replaced_keeps_no_batch_of_the_new_one():
     """make_private run again with no monitor for the new optimizer: the old monitor, never
     stepped again and always due, cloned every batch the model saw (inputs and each Linear's
