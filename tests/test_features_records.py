@@ -399,7 +399,7 @@ def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
         fresh.load_state_dict({"model": {}})
     # A corrupt record or a generator state of another size: refused before anything changed
     # (steps and critics were replaced, then it raised)
-    corrupt = {**state, "settings": fresh._settings(), "steps": 999}
+    corrupt = {**fresh.state_dict(), "steps": 999}  # (its own settings and critics)
     for bad in (
         {"history": [{**state["history"][0], "step": "zero"}]},
         {"generator": torch.zeros(3, dtype=torch.uint8)},
