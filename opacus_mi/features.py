@@ -172,6 +172,9 @@ class Capture:
     labels: torch.Tensor | None = None
     num_classes: int | None = None
     stamp: Any = None  # which backward came before it (see FeatureCapture's ``stamp``)
+    # [whether a backward has reached the forward's output]; None where it could not be seen
+    # (an output with no tensor that requires grad): see FeatureCapture.take
+    reached: list[bool] | None = None
 
 
 class FeatureCapture:
@@ -287,9 +290,28 @@ class FeatureCapture:
             elif isinstance(output, torch.Tensor):
                 output = [output]
             if isinstance(output, (list, tuple)):
-                refs = [weakref.ref(t) for t in output if isinstance(t, torch.Tensor)]
-                self._outputs[self._open] = refs
+                tensors = [t for t in output if isinstance(t, torch.Tensor)]
+                self._outputs[self._open] = [weakref.ref(t) for t in tensors]
+                if self._open and self.pending:
+                    self._watch_backward(self.pending[-1], tensors)
         self._open = False
+
+    @staticmethod
+    def _watch_backward(capture: Capture, outputs: list[torch.Tensor]) -> None:
+        """Note when a backward reaches this forward's output: a forward whose loss was never
+        backpropagated (the loop caught an exception between the two and went on) adds
+        nothing to the step's gradients, and must not be paired with them. The hook only
+        reads: it returns None, so the gradient flows on unchanged."""
+        flowing = [t for t in outputs if t.requires_grad]
+        if not flowing:
+            return
+        reached = capture.reached = [False]
+
+        def seen(grad: torch.Tensor) -> None:
+            reached[0] = True
+
+        for t in flowing:
+            t.register_hook(seen)
 
     def _layer_hook(self, name: str):
         def hook(mod: nn.Module, args: tuple, output) -> None:
@@ -362,8 +384,12 @@ class FeatureCapture:
         self.pending = [c for c in self.pending if stamped(c.stamp)]
 
     def take(self) -> list[Capture]:
-        """Hand over the captures since the last optimizer step and start afresh."""
+        """Hand over the captures since the last optimizer step and start afresh. Forwards no
+        backward reached are left out, where another one of the step's was seen reached (so
+        the loop's outputs do show their backward)."""
         captured, self.pending = self.pending, []
+        if any(c.reached is not None and c.reached[0] for c in captured):
+            captured = [c for c in captured if c.reached is None or c.reached[0]]
         return captured
 
     def features(self, captures: Sequence[Capture], batch: int) -> torch.Tensor | None:

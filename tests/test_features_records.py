@@ -1273,3 +1273,37 @@ def test_batches_keep_their_kind_and_are_counted_by_their_examples():
         opt.step()
         assert torch.equal(got[-1], x.flatten(1))
     assert not any(r.flags for r in monitor.history)
+
+
+@pytest.mark.parametrize("where", ["after_forward", "in_criterion"])
+def test_a_forward_whose_loss_never_ran_backward_is_not_paired_with_the_next_step(where):
+    """A loop that catches an exception between forward and backward (a user bug, a bad target
+    inside the wrapped criterion) and goes on: in ew mode (the others fail in Opacus on such a
+    loop) the abandoned forward's batch was paired with the next step's gradients, as a
+    regulariser's second forward, and a bad target's labels made it features_error. Reference:
+    the same loop skipping that batch before its forward; records identical."""
+
+    def run(abandon: bool):
+        engine, model, opt, loader = make_private(poisson=False, mode="ew", n=96)
+        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
+        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+        for i, (x, y) in enumerate(itertools.chain(loader, loader)):
+            opt.zero_grad()
+            if i in (2, 6):
+                if not abandon:
+                    continue
+                try:
+                    out = model(x)
+                    if where == "after_forward":
+                        raise ValueError("a bug in the user's loop")
+                    criterion(out, torch.full_like(y, 99))  # a target out of range
+                except (ValueError, IndexError):
+                    continue
+            criterion(model(x), y).backward()
+            opt.step()
+        mon.detach()
+        return without_timing(mon.history)
+
+    reference = run(abandon=False)
+    assert len(reference) == 10 and any("clipped/mine" in r["mi"] for r in reference)
+    assert run(abandon=True) == reference
