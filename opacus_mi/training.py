@@ -240,8 +240,8 @@ def prepare_out_dir(out: str | os.PathLike, *, name: str = "--out") -> Path:
 
 @contextlib.contextmanager
 def claim_out_dir(path: Path, *, name: str = "--out"):
-    """Hold ``path`` for one run, sweep or validation (an advisory lock on its
-    ``.opacus-mi.lock``, let go at the end or when the process dies). A second opacus-mi
+    """Hold ``path`` for one run, sweep or validation (an advisory lock on the folder itself,
+    let go at the end or when the process dies; no file is left in it). A second opacus-mi
     process given the same folder, the default ``runs/latest`` from two terminals, is refused:
     it cleared the first one's files, which went on writing records into a deleted file, and
     left the folder a mix of the two runs' outputs."""
@@ -250,22 +250,18 @@ def claim_out_dir(path: Path, *, name: str = "--out"):
     except ImportError:  # (Windows: no advisory locks; nothing is claimed)
         yield path
         return
-    with open(path / ".opacus-mi.lock", "a+") as lock:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip()
             raise OSError(
-                f"output folder {name} {str(path)!r} is in use by another opacus-mi process"
-                f"{f' (pid {holder})' if holder.isdigit() else ''}: pass another {name}, or "
-                "wait for that one to end"
+                f"output folder {name} {str(path)!r} is in use by another opacus-mi process: "
+                f"pass another {name}, or wait for that one to end"
             ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
         yield path
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------- training
