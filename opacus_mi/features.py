@@ -175,6 +175,8 @@ class Capture:
     # [whether a backward has reached the forward's output]; None where it could not be seen
     # (an output with no tensor that requires grad): see FeatureCapture.take
     reached: list[bool] | None = None
+    returned: bool = False  # the forward returned (one that raised added nothing to a step)
+    outputs: list = field(default_factory=list)  # weakrefs to its output tensors (its labels)
 
 
 class FeatureCapture:
@@ -285,15 +287,19 @@ class FeatureCapture:
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
         if torch.is_grad_enabled():
-            if isinstance(output, dict):
-                output = list(output.values())
-            elif isinstance(output, torch.Tensor):
-                output = [output]
-            if isinstance(output, (list, tuple)):
-                tensors = [t for t in output if isinstance(t, torch.Tensor)]
-                self._outputs[self._open] = [weakref.ref(t) for t in tensors]
-                if self._open and self.pending:
-                    self._watch_backward(self.pending[-1], tensors)
+            # Every tensor the output holds, nested ones too (a ModelOutput's hidden_states)
+            if isinstance(output, torch.Tensor):
+                tensors = [output]
+            else:
+                leaves = pytree.tree_leaves(_plain(output), is_leaf=_packed)
+                leaves = [t.data if isinstance(t, PackedSequence) else t for t in leaves]
+                tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            self._outputs[self._open] = [weakref.ref(t) for t in tensors]
+            if self._open and self.pending:
+                self.pending[-1].outputs = self._outputs[True]
+                self._watch_backward(self.pending[-1], tensors)
+        if self._open and self.pending:
+            self.pending[-1].returned = True
         self._open = False
 
     @staticmethod
@@ -307,6 +313,7 @@ class FeatureCapture:
             return
         reached = capture.reached = [False]
 
+        @torch.utils.hooks.unserializable_hook  # (torch.save of an output: no warning)
         def seen(grad: torch.Tensor) -> None:
             reached[0] = True
 
@@ -363,7 +370,16 @@ class FeatureCapture:
             and self.pending
             and _hooks_enabled(self.module)
         ):
-            capture = self.pending[-1]
+            # The forward whose output the loss is on (a later forward, say a detached
+            # target's, ran in between), else the latest.
+            capture = next(
+                (
+                    c
+                    for c in reversed(self.pending)
+                    if isinstance(output, torch.Tensor) and any(r() is output for r in c.outputs)
+                ),
+                self.pending[-1],
+            )
             if capture.labels is not None:  # a second wrapped loss on the same forward
                 self._warn(
                     "features:labels:twice",
@@ -388,6 +404,7 @@ class FeatureCapture:
         backward reached are left out, where another one of the step's was seen reached (so
         the loop's outputs do show their backward)."""
         captured, self.pending = self.pending, []
+        captured = [c for c in captured if c.returned]  # (a forward that raised: none of it)
         if any(c.reached is not None and c.reached[0] for c in captured):
             captured = [c for c in captured if c.reached is None or c.reached[0]]
         return captured

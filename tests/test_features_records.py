@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import fail_estimate_at, make_data, make_private, train, without_timing
+from conftest import TinyCNN, fail_estimate_at, make_data, make_private, train, without_timing
 from torch import nn
 
 from opacus_mi import LeakageMonitor, LeakageRecord, MIValue, mi_upper_bound, read_jsonl
@@ -1307,3 +1307,105 @@ def test_a_forward_whose_loss_never_ran_backward_is_not_paired_with_the_next_ste
     reference = run(abandon=False)
     assert len(reference) == 10 and any("clipped/mine" in r["mi"] for r in reference)
     assert run(abandon=True) == reference
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_a_forward_that_raised_inside_the_model_is_not_paired_with_the_next_step(mode):
+    """A malformed batch raising inside the model, caught, the loop training on: the dead
+    forward's capture (added before the forward ran) was paired with the next step's
+    gradients and flagged as a regulariser's second forward. Reference: the same loop
+    skipping that batch before its forward; records identical."""
+
+    def run(malformed: bool):
+        engine, model, opt, loader = make_private(poisson=False, mode=mode, n=96)
+        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
+        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+        for i, (x, y) in enumerate(loader):
+            opt.zero_grad()
+            if i == 2:
+                if not malformed:
+                    continue
+                with pytest.raises(RuntimeError):
+                    model(x[:, :, :, :5].flatten(2))  # (B, 1, 30): no image the conv takes
+                continue
+            criterion(model(x), y).backward()
+            opt.step()
+        mon.detach()
+        return without_timing(mon.history)
+
+    reference = run(malformed=False)
+    assert len(reference) == 5 and any("clipped/mine" in r["mi"] for r in reference)
+    assert run(malformed=True) == reference
+
+
+def test_a_detached_forward_after_the_private_one_leaves_the_labels_with_the_loss():
+    """``out = model(x); target = model(x2).detach(); criterion(out, y).backward()`` (a
+    consistency target): the labels went to the latest forward, the detached one, which the
+    step then left out as no backward reached it. The step's features lost their labels, the
+    critics were built for that width, and every later step was features_width_changed with
+    no learned figure. Reference: the same loop without the detached forward (ew mode, whose
+    detached forward adds nothing to the per-sample gradients); records identical."""
+
+    def run(detached: bool):
+        engine, model, opt, loader = make_private(poisson=False, mode="ew", n=96)
+        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
+        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+        for x, y in itertools.chain(loader, loader):
+            opt.zero_grad()
+            out = model(x)
+            if detached:
+                model(x.flip(0)).detach()
+            criterion(out, y).backward()
+            opt.step()
+        mon.detach()
+        return without_timing(mon.history)
+
+    reference = run(detached=False)
+    assert len(reference) == 12 and all(not r["flags"] for r in reference)
+    assert sum("clipped/mine" in r["mi"] for r in reference) >= 10
+    assert run(detached=True) == reference
+
+
+class _NestedOutputCNN(TinyCNN):
+    """Returns what a HuggingFace model does: a dict with a tuple of hidden states in it."""
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(1)
+        return {"logits": self.fc(h), "hidden_states": (h,)}
+
+
+@pytest.mark.filterwarnings("ignore:opacus-mi. several training forwards")
+@pytest.mark.parametrize("through", ["logits", "hidden_states"])
+def test_a_second_forward_counts_through_any_tensor_of_its_output(through):
+    """A regulariser's second forward whose loss uses only a nested tensor of the output
+    (hidden_states) was taken for a forward no backward reached and left out, so the step
+    lost its features_first_forward flag, although Opacus summed both forwards into each row.
+    Reference: the same loop through the top-level logits."""
+    engine, model, opt, loader = make_private(net=_NestedOutputCNN, mode="ew")
+    mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2, overlap=False)
+    criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+    g = torch.Generator().manual_seed(5)
+    for _, (x, y) in zip(range(3), loader, strict=False):
+        opt.zero_grad()
+        out, other = model(x), model(torch.randn(len(x), 1, 6, 6, generator=g))
+        extra = other["hidden_states"][0] if through == "hidden_states" else other["logits"]
+        (criterion(out["logits"], y) + 0.1 * extra.pow(2).mean()).backward()
+        opt.step()
+    mon.detach()
+    assert [r.flags for r in mon.history] == [["features_first_forward"]] * 3
+
+
+def test_a_monitored_output_saves_without_a_warning():
+    """The hook that notes a backward reaching a forward's output made torch.save of that
+    output warn that a backward hook is not serialized: an error under -W error."""
+    import io
+
+    engine, model, opt, loader = make_private()
+    mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1)
+    x, _ = next(iter(loader))
+    out = model(x)
+    assert out.grad_fn is not None and out._backward_hooks  # (watched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.save(out, io.BytesIO())
+    mon.detach()
