@@ -543,7 +543,7 @@ def test_merged_equal_gradients_give_the_p_dimensional_posteriors_figure():
     rows = (base + offsets)[[0, 0, 0, 1, 2, 2, 3, 3]]  # groups of 3, 1, 2, 2
     gram = rows @ rows.T
     assert s**2 < oracle.TINY_NOISE * float(gram.diagonal().max())
-    merged = oracle._merged_duplicates(gram, gram.diagonal())
+    merged = oracle._merged_duplicates(gram, gram.diagonal(), s)
     assert merged is not None and merged.tolist() == [0, 0, 0, 3, 4, 4, 6, 6]
     got = gram_oracle(gram, s, draws=2000, generator=torch.Generator().manual_seed(0))
     ref, draws = 0.0, 2000
@@ -554,6 +554,49 @@ def test_merged_equal_gradients_give_the_p_dimensional_posteriors_figure():
     ref += math.log(8)
     assert got.nats == pytest.approx(ref, abs=0.02)
     assert 0.3 < ref < math.log(8) - (3 * math.log(3) + 2 * 2 * math.log(2)) / 8 - 0.1
+
+
+@pytest.mark.parametrize("s", [1e-7, 3e-8])
+def test_rows_the_noise_tells_apart_are_not_merged_however_small_the_noise(s):
+    """Two rows 1e-7 of their norm apart are told apart by noise of that size: merged at the
+    noise-free case's 1e-12 of the squared norms, they read 1.04 nats where the truth is
+    1.09-1.33. Reference: the release drawn in P dimensions, scored from differences."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(4, 16, dtype=torch.float64, generator=gen))
+    rows = torch.stack([base[0], base[0] + 1e-7 * base[1], base[2], base[3]])
+    got = gram_oracle(rows @ rows.T, s, draws=2000, generator=torch.Generator().manual_seed(1))
+    ref, draws = 0.0, 2000
+    for _ in range(draws):
+        y = rows + s * torch.randn(rows.shape, dtype=torch.float64, generator=gen)
+        logits = -((y[:, None, :] - rows[None, :, :]) ** 2).sum(-1) / (2 * s**2)
+        ref += float((logits.diagonal() - torch.logsumexp(logits, 1)).mean()) / draws
+    ref += math.log(4)
+    assert ref > math.log(4) - math.log(2) / 2 + 0.04  # (the pair partly told apart)
+    assert got.nats == pytest.approx(ref, abs=0.01)
+
+
+def test_merged_draws_are_made_in_blocks_of_bounded_memory(monkeypatch):
+    """The merged path drew all (draws, B, R) normals at once, as gram_oracle once did."""
+    from opacus_mi.estimators import oracle
+
+    drawn = []
+    randn = torch.randn
+
+    def spy(size, *args, **kwargs):
+        drawn.append(math.prod(size))
+        return randn(size, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.nn.functional.normalize(torch.randn(6, 20, dtype=torch.float64, generator=gen))
+    rows = rows[[0, 0, 1, 2, 3, 4, 5, 5]]  # R = 6 candidates for B = 8
+    gram = rows @ rows.T
+    whole = gram_oracle(gram, 1e-4, draws=50, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(torch, "randn", spy)
+    monkeypatch.setattr(oracle, "BLOCK_LOGITS", 16 * 48)  # 16 draws at B x R = 48
+    blocked = gram_oracle(gram, 1e-4, draws=50, generator=torch.Generator().manual_seed(1))
+    assert drawn and max(drawn) <= 16 * 48
+    assert blocked.nats == pytest.approx(whole.nats, abs=1e-9)  # (the same normals, in turn)
+    torch.testing.assert_close(blocked.mc_var, whole.mc_var, rtol=1e-6, atol=1e-12)
 
 
 def test_sync_free_oracle_takes_a_float32_gram_at_sigma_001():
