@@ -37,6 +37,7 @@ class Chunk:
     # The Gram matrix and noise std the oracle drew with, until the record: its union floor
     # (estimators.oracle.union_deficits) is made from them where it reads near ln B.
     oracle_gram: tuple[torch.Tensor, float] | None = None
+    oracle_top: float | torch.Tensor | None = None  # its largest diagonal entry (OracleResult)
     flags: list[str] = field(default_factory=list)
     slack: float = CLIP_SLACK  # (see half_slack)
     # Distributed only: (clipped tokens, Gram matrix, noise std) whose random draws wait until

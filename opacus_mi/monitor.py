@@ -1638,6 +1638,7 @@ class LeakageMonitor:
         )
         chunk.oracle_terms, chunk.oracle_var = oracle.terms, oracle.mc_var
         chunk.oracle_gram = (gram, std)  # for the union floor, at the record
+        chunk.oracle_top = oracle.largest_sq  # (for exceeds_clip)
 
     def _flag_nonfinite(
         self, chunk: Chunk, grads_ok: torch.Tensor, feats: torch.Tensor | None, kept: int
@@ -1659,7 +1660,7 @@ class LeakageMonitor:
         keep, grads_ok = chunk.keep, chunk.grads_ok
         chunk.keep = chunk.grads_ok = None
         self._flag_nonfinite(chunk, grads_ok, chunk.features, kept)
-        chunk.oracle_terms = chunk.oracle_var = chunk.oracle_gram = None
+        chunk.oracle_terms = chunk.oracle_var = chunk.oracle_gram = chunk.oracle_top = None
         if kept == 0:  # nothing left to measure
             chunk.tokens, chunk.features, chunk.pending = {}, None, None
             return
@@ -1910,12 +1911,16 @@ class LeakageMonitor:
         # The union floor's mean (see oracle_interval): off the CPU made always and read with
         # the rest; on the CPU below, only where the oracle reads near ln B (~0.1 ms at B = 64).
         union = reads.add(union_mean(grams).reshape(1)) if terms and self._sync_free else None
-        tops = [g.diagonal().max() for g, _ in grams]  # (read as float64 with the rest)
-        largest = None
-        if tops:
-            largest = reads.add(
-                tops[0] if len(tops) == 1 else torch.stack([t.double() for t in tops]).max()
-            )
+        # The largest squared norm of a clipped example (exceeds_clip): read by the oracle on
+        # the CPU already, else read with the rest.
+        tops = [c.oracle_top for c in oracled if c.oracle_top is not None]
+        largest = known = None
+        if tops and all(isinstance(t, float) for t in tops):
+            known = max(tops)
+        elif tops:  # (sync-free: tensors on the Gram's device, none read yet)
+            on = next(t for t in tops if isinstance(t, torch.Tensor)).device
+            wide = [torch.as_tensor(t, dtype=torch.float64, device=on) for t in tops]
+            largest = reads.add(torch.stack(wide).max())
         deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
         reads.read()
         dropped = False
@@ -1943,7 +1948,9 @@ class LeakageMonitor:
             else:
                 out.flags.append(f"estimate_nonfinite:{view}")
         if largest is not None:
-            out.contribution = math.sqrt(max(reads[largest][0], 0.0))
+            known = reads[largest][0]
+        if known is not None:
+            out.contribution = math.sqrt(max(known, 0.0))
             out.slack = max(c.slack for c in oracled)
         if oracle is not None:
             mean, sd, mc_se, mc_df = reads[oracle]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,9 @@ class OracleResult:
     # one draw. The spread between terms alone understates the error where a few examples
     # carry the batch's information (see bounds.mean_sd).
     mc_var: torch.Tensor | None = None
+    # The largest squared norm (the Gram's largest diagonal entry): a float where it was read
+    # already (on the CPU), else a 0-d tensor, read with the record (see exceeds_clip).
+    largest_sq: float | torch.Tensor | None = None
 
     @property
     def nats(self) -> float:
@@ -133,6 +136,9 @@ def gram_oracle(
         return OracleResult(terms=torch.zeros(0, dtype=torch.float64), batch_size=0)
     g = gram.to(torch.float64)
     sq = g.diagonal()
+    if sync_free is None:
+        sync_free = g.device.type != "cpu"
+    top = sq.max() if sync_free else float(sq.max())
     if noise_std <= 0:
         # Noise-free release: Y identifies J up to examples with identical clipped gradients.
         dist2 = sq[:, None] + sq[None, :] - 2 * g
@@ -141,13 +147,14 @@ def gram_oracle(
         tol = 1e-12 * torch.maximum(sq[:, None], sq[None, :])
         same = (dist2 <= tol).sum(dim=1).to(torch.float64)
         terms = math.log(b) - torch.log(same)
-        return OracleResult(terms=terms, batch_size=b, mc_var=torch.zeros_like(terms))
-    if sync_free is None:
-        sync_free = g.device.type != "cpu"
-    if not sync_free and noise_std**2 < TINY_NOISE * float(sq.max()):
+        return OracleResult(
+            terms=terms, batch_size=b, mc_var=torch.zeros_like(terms), largest_sq=top
+        )
+    if not sync_free and noise_std**2 < TINY_NOISE * top:
         merged = _merged_duplicates(g, sq, noise_std)
         if merged is not None:
-            return _merged_oracle(g, sq, merged, noise_std, draws, generator)
+            result = _merged_oracle(g, sq, merged, noise_std, draws, generator)
+            return replace(result, largest_sq=top)
     factor = _psd_sqrt_factor(g, sync_free, noise_std)
     block = max(MIN_BLOCK_DRAWS, BLOCK_LOGITS // (b * b))
     mc_var = None
@@ -166,7 +173,7 @@ def gram_oracle(
             squares += drawn.pow(2).sum(0)
         own /= draws
         mc_var = (squares - draws * own.pow(2)).clamp_min_(0).div_((draws - 1) * draws)
-    return OracleResult(terms=own.add_(math.log(b)), batch_size=b, mc_var=mc_var)
+    return OracleResult(terms=own.add_(math.log(b)), batch_size=b, mc_var=mc_var, largest_sq=top)
 
 
 # Below this noise variance, relative to the largest squared norm (sigma below ~1e-3), equal
