@@ -529,6 +529,18 @@ def test_gram_oracle_keeps_ties_between_equal_gradients_at_small_noise(sync_free
     assert res.nats == pytest.approx(math.log(16) - math.log(4), abs=2e-3)
 
 
+def _drawn_in_p_dimensions(rows: torch.Tensor, s: float, draws: int, gen) -> float:
+    """I(J; Y) with the release ``y_j = g_j + s xi`` drawn in P dimensions and every candidate
+    scored from its own difference to it (no Gram, no rounding of |y|^2 - 2 <y, g>: exact ties
+    for equal rows at any noise)."""
+    total = 0.0
+    for _ in range(draws):
+        y = rows + s * torch.randn(rows.shape, dtype=torch.float64, generator=gen)
+        logits = -((y[:, None, :] - rows[None, :, :]) ** 2).sum(-1) / (2 * s**2)
+        total += float((logits.diagonal() - torch.logsumexp(logits, 1)).mean()) / draws
+    return total + math.log(len(rows))
+
+
 def test_merged_equal_gradients_give_the_p_dimensional_posteriors_figure():
     """Below a noise variance of 1e-6 of the largest squared norm, equal gradients are scored
     as one candidate of weight k. Reference: the release drawn in P dimensions, each candidate
@@ -546,12 +558,7 @@ def test_merged_equal_gradients_give_the_p_dimensional_posteriors_figure():
     merged = oracle._merged_duplicates(gram, gram.diagonal(), s)
     assert merged is not None and merged.tolist() == [0, 0, 0, 3, 4, 4, 6, 6]
     got = gram_oracle(gram, s, draws=2000, generator=torch.Generator().manual_seed(0))
-    ref, draws = 0.0, 2000
-    for _ in range(draws):
-        y = rows + s * torch.randn(rows.shape, dtype=torch.float64, generator=gen)
-        logits = -((y[:, None, :] - rows[None, :, :]) ** 2).sum(-1) / (2 * s**2)
-        ref += float((logits.diagonal() - torch.logsumexp(logits, 1)).mean()) / draws
-    ref += math.log(8)
+    ref = _drawn_in_p_dimensions(rows, s, 2000, gen)
     assert got.nats == pytest.approx(ref, abs=0.02)
     assert 0.3 < ref < math.log(8) - (3 * math.log(3) + 2 * 2 * math.log(2)) / 8 - 0.1
 
@@ -565,12 +572,7 @@ def test_rows_the_noise_tells_apart_are_not_merged_however_small_the_noise(s):
     base = torch.nn.functional.normalize(torch.randn(4, 16, dtype=torch.float64, generator=gen))
     rows = torch.stack([base[0], base[0] + 1e-7 * base[1], base[2], base[3]])
     got = gram_oracle(rows @ rows.T, s, draws=2000, generator=torch.Generator().manual_seed(1))
-    ref, draws = 0.0, 2000
-    for _ in range(draws):
-        y = rows + s * torch.randn(rows.shape, dtype=torch.float64, generator=gen)
-        logits = -((y[:, None, :] - rows[None, :, :]) ** 2).sum(-1) / (2 * s**2)
-        ref += float((logits.diagonal() - torch.logsumexp(logits, 1)).mean()) / draws
-    ref += math.log(4)
+    ref = _drawn_in_p_dimensions(rows, s, 2000, gen)
     assert ref > math.log(4) - math.log(2) / 2 + 0.04  # (the pair partly told apart)
     assert got.nats == pytest.approx(ref, abs=0.01)
 
