@@ -93,12 +93,15 @@ def _packed(value: Any) -> bool:
     return isinstance(value, PackedSequence)
 
 
+def _opaque_mapping(value: Any) -> bool:
+    """A mapping pytree does not open, taking it for one leaf: a ``UserDict`` (a tokenizer's
+    ``BatchEncoding``) or a dict subclass it has no registration for (an ``EasyDict`` output)."""
+    return isinstance(value, Mapping) and type(value) not in pytree.SUPPORTED_NODES
+
+
 def _plain(value: Any) -> Any:
-    """A mapping pytree does not open (``UserDict``: a tokenizer's ``BatchEncoding``) as a
-    dict; anything else as it is."""
-    if isinstance(value, Mapping) and not isinstance(value, dict):
-        return dict(value)
-    return value
+    """A mapping pytree does not open as a dict; anything else as it is."""
+    return dict(value) if _opaque_mapping(value) else value
 
 
 def _first_leaf(value: Any) -> Any:
@@ -128,7 +131,7 @@ def _kept(value: Any) -> Any:
     kept = pytree.tree_map_only(
         (torch.Tensor, PackedSequence), _kept, _plain(value), is_leaf=_packed
     )
-    if isinstance(value, Mapping) and not isinstance(value, dict):
+    if _opaque_mapping(value):
         try:
             return type(value)(kept)
         except Exception:  # (a mapping type that takes no dict)
@@ -406,8 +409,24 @@ class FeatureCapture:
         captured, self.pending = self.pending, []
         captured = [c for c in captured if c.returned]  # (a forward that raised: none of it)
         if any(c.reached is not None and c.reached[0] for c in captured):
+            left = [c for c in captured if c.reached is not None and not c.reached[0]]
             captured = [c for c in captured if c.reached is None or c.reached[0]]
+            self._move_labels(left, captured)
         return captured
+
+    def _move_labels(self, left: list[Capture], kept: list[Capture]) -> None:
+        """Labels on a forward left out go to the latest kept one of their rows, where no kept
+        one has any: a loss on a transform of the output (``log_softmax(out)``, ``out[:, :k]``)
+        is not known as that output's, so its labels went to the latest forward, which may be
+        a detached one (a consistency target) that no backward reached."""
+        orphan = next((c for c in reversed(left) if c.labels is not None), None)
+        if orphan is None or any(c.labels is not None for c in kept):
+            return
+        rows = len(orphan.labels)
+        for c in reversed(kept):
+            if self._examples(c) == rows:
+                c.labels, c.num_classes = orphan.labels, orphan.num_classes
+                return
 
     def features(self, captures: Sequence[Capture], batch: int) -> torch.Tensor | None:
         """The ``(B, d)`` features of the forwards behind one step's per-sample gradients.

@@ -1338,13 +1338,20 @@ def test_a_forward_that_raised_inside_the_model_is_not_paired_with_the_next_step
     assert run(malformed=True) == reference
 
 
-def test_a_detached_forward_after_the_private_one_leaves_the_labels_with_the_loss():
+@pytest.mark.parametrize(
+    "transform",
+    [lambda out: out, lambda out: out.log_softmax(1), lambda out: out[:, :3]],
+    ids=["output", "log_softmax", "slice"],
+)
+def test_a_detached_forward_after_the_private_one_leaves_the_labels_with_the_loss(transform):
     """``out = model(x); target = model(x2).detach(); criterion(out, y).backward()`` (a
     consistency target): the labels went to the latest forward, the detached one, which the
     step then left out as no backward reached it. The step's features lost their labels, the
     critics were built for that width, and every later step was features_width_changed with
-    no learned figure. Reference: the same loop without the detached forward (ew mode, whose
-    detached forward adds nothing to the per-sample gradients); records identical."""
+    no learned figure; on a transform of the output (not known as that output's) the labels
+    were lost at every step, with no flag. Reference: the same loop without the detached
+    forward (ew mode, whose detached forward adds nothing to the per-sample gradients);
+    records identical."""
 
     def run(detached: bool):
         engine, model, opt, loader = make_private(poisson=False, mode="ew", n=96)
@@ -1355,7 +1362,7 @@ def test_a_detached_forward_after_the_private_one_leaves_the_labels_with_the_los
             out = model(x)
             if detached:
                 model(x.flip(0)).detach()
-            criterion(out, y).backward()
+            criterion(transform(out), y).backward()
             opt.step()
         mon.detach()
         return without_timing(mon.history)
@@ -1393,6 +1400,44 @@ def test_a_second_forward_counts_through_any_tensor_of_its_output(through):
         opt.step()
     mon.detach()
     assert [r.flags for r in mon.history] == [["features_first_forward"]] * 3
+
+
+class _DictSubclassOutputCNN(TinyCNN):
+    """Returns a dict subclass pytree has no registration for (an EasyDict-style output)."""
+
+    class Out(dict):
+        pass
+
+    def forward(self, x):
+        return self.Out(logits=super().forward(x))
+
+
+def test_a_dict_subclass_output_is_watched_as_a_dict_is():
+    """pytree takes an unregistered dict subclass for one leaf: no output tensor was watched,
+    so a forward whose loss never ran backward (a bad target, caught) was paired with the next
+    step and its labels made it features_error. Reference: the same loop skipping that batch."""
+
+    def run(abandon: bool):
+        engine, model, opt, loader = make_private(
+            poisson=False, mode="ew", n=80, net=_DictSubclassOutputCNN
+        )
+        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
+        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+        for i, (x, y) in enumerate(loader):
+            opt.zero_grad()
+            if i == 2:
+                if abandon:
+                    with pytest.raises(IndexError):
+                        criterion(model(x)["logits"], torch.full_like(y, 99))
+                continue
+            criterion(model(x)["logits"], y).backward()
+            opt.step()
+        mon.detach()
+        return without_timing(mon.history)
+
+    reference = run(abandon=False)
+    assert len(reference) == 4 and any("clipped/mine" in r["mi"] for r in reference)
+    assert run(abandon=True) == reference
 
 
 def test_a_monitored_output_saves_without_a_warning():
