@@ -17,7 +17,8 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -113,6 +114,29 @@ def _first_leaf(value: Any) -> Any:
         if isinstance(leaf, (torch.Tensor, PackedSequence)):
             return leaf
     return None
+
+
+def _output_tensors(value: Any, depth: int = 0) -> list[torch.Tensor]:
+    """Every tensor a forward's output holds: in mappings (a dict subclass, a ModelOutput),
+    sequences, a ``PackedSequence``'s data, and the fields of a dataclass or a
+    ``SimpleNamespace``, which pytree takes for one leaf (nothing of theirs was watched)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, PackedSequence):
+        return [value.data]
+    if depth >= 8:  # (deeper than any output: a structure that refers to itself)
+        return []
+    if isinstance(value, Mapping):
+        children: Any = value.values()
+    elif isinstance(value, (list, tuple)):
+        children = value
+    elif is_dataclass(value) and not isinstance(value, type):
+        children = [getattr(value, f.name, None) for f in fields(value)]
+    elif isinstance(value, SimpleNamespace):
+        children = vars(value).values()
+    else:
+        return []
+    return [t for child in children for t in _output_tensors(child, depth + 1)]
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -291,12 +315,7 @@ class FeatureCapture:
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
         if torch.is_grad_enabled():
             # Every tensor the output holds, nested ones too (a ModelOutput's hidden_states)
-            if isinstance(output, torch.Tensor):
-                tensors = [output]
-            else:
-                leaves = pytree.tree_leaves(_plain(output), is_leaf=_packed)
-                leaves = [t.data if isinstance(t, PackedSequence) else t for t in leaves]
-                tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            tensors = _output_tensors(output)
             self._outputs[self._open] = [weakref.ref(t) for t in tensors]
             if self._open and self.pending:
                 self.pending[-1].outputs = self._outputs[True]

@@ -7,6 +7,8 @@ import json
 import math
 import re
 import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1402,25 +1404,36 @@ def test_a_second_forward_counts_through_any_tensor_of_its_output(through):
     assert [r.flags for r in mon.history] == [["features_first_forward"]] * 3
 
 
-class _DictSubclassOutputCNN(TinyCNN):
-    """Returns a dict subclass pytree has no registration for (an EasyDict-style output)."""
-
-    class Out(dict):
-        pass
-
-    def forward(self, x):
-        return self.Out(logits=super().forward(x))
+class _LogitsDict(dict):
+    """A dict subclass pytree has no registration for (an EasyDict-style output)."""
 
 
-def test_a_dict_subclass_output_is_watched_as_a_dict_is():
-    """pytree takes an unregistered dict subclass for one leaf: no output tensor was watched,
-    so a forward whose loss never ran backward (a bad target, caught) was paired with the next
-    step and its labels made it features_error. Reference: the same loop skipping that batch."""
+@dataclass
+class _LogitsRecord:
+    logits: torch.Tensor
+
+
+_OUTPUT_KINDS = {  # (wrap the logits, read them back)
+    "dict_subclass": (lambda t: _LogitsDict(logits=t), lambda out: out["logits"]),
+    "dataclass": (_LogitsRecord, lambda out: out.logits),
+    "namespace": (lambda t: SimpleNamespace(logits=t), lambda out: out.logits),
+}
+
+
+@pytest.mark.parametrize("kind", list(_OUTPUT_KINDS))
+def test_outputs_pytree_does_not_open_are_watched_as_a_dict_is(kind):
+    """pytree takes an unregistered dict subclass, a dataclass or a SimpleNamespace for one
+    leaf: no output tensor was watched, so a forward whose loss never ran backward (a bad
+    target, caught) was paired with the next step and its labels made it features_error.
+    Reference: the same loop skipping that batch."""
+    wrap, logits = _OUTPUT_KINDS[kind]
+
+    class Net(TinyCNN):
+        def forward(self, x):
+            return wrap(super().forward(x))
 
     def run(abandon: bool):
-        engine, model, opt, loader = make_private(
-            poisson=False, mode="ew", n=80, net=_DictSubclassOutputCNN
-        )
+        engine, model, opt, loader = make_private(poisson=False, mode="ew", n=80, net=Net)
         mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
         criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
         for i, (x, y) in enumerate(loader):
@@ -1428,9 +1441,9 @@ def test_a_dict_subclass_output_is_watched_as_a_dict_is():
             if i == 2:
                 if abandon:
                     with pytest.raises(IndexError):
-                        criterion(model(x)["logits"], torch.full_like(y, 99))
+                        criterion(logits(model(x)), torch.full_like(y, 99))
                 continue
-            criterion(model(x)["logits"], y).backward()
+            criterion(logits(model(x)), y).backward()
             opt.step()
         mon.detach()
         return without_timing(mon.history)
