@@ -116,27 +116,36 @@ def _first_leaf(value: Any) -> Any:
     return None
 
 
-def _output_tensors(value: Any, depth: int = 0) -> list[torch.Tensor]:
-    """Every tensor a forward's output holds: in mappings (a dict subclass, a ModelOutput),
-    sequences, a ``PackedSequence``'s data, and the fields of a dataclass or a
-    ``SimpleNamespace``, which pytree takes for one leaf (nothing of theirs was watched)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, PackedSequence):
-        return [value.data]
-    if depth >= 8:  # (deeper than any output: a structure that refers to itself)
-        return []
-    if isinstance(value, Mapping):
-        children: Any = value.values()
-    elif isinstance(value, (list, tuple)):
-        children = value
-    elif is_dataclass(value) and not isinstance(value, type):
-        children = [getattr(value, f.name, None) for f in fields(value)]
-    elif isinstance(value, SimpleNamespace):
-        children = vars(value).values()
-    else:
-        return []
-    return [t for child in children for t in _output_tensors(child, depth + 1)]
+def _output_tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor a forward's output holds, once each: in mappings (a dict subclass, a
+    ModelOutput), sequences, a ``PackedSequence``'s data, and the fields of a dataclass or a
+    ``SimpleNamespace``, which pytree takes for one leaf (nothing of theirs was watched). Each
+    container is opened once (an output whose parts link back to it cost n^3 a forward)."""
+    found: dict[int, torch.Tensor] = {}
+    opened: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, PackedSequence):
+            item = item.data
+        if isinstance(item, torch.Tensor):
+            found.setdefault(id(item), item)
+            continue
+        if id(item) in opened:
+            continue
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        elif is_dataclass(item) and not isinstance(item, type):
+            children = [getattr(item, f.name, None) for f in fields(item)]
+        elif isinstance(item, SimpleNamespace):
+            children = vars(item).values()
+        else:
+            continue
+        opened.add(id(item))
+        stack.extend(reversed(list(children)))
+    return list(found.values())
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -377,12 +386,20 @@ class FeatureCapture:
         to the loss's non-negative ``ignore_index`` (255, say) become -1: no class, an
         all-zero row (see :func:`one_hot_labels`)."""
         lend = self._labelled
+        owner = None  # the captured forward whose output the loss is on, if it is one's
         if isinstance(output, torch.Tensor):
             if not output.requires_grad:  # (a loss that cannot reach the gradients: eval's)
                 return
             for captured, refs in self._outputs.items():
                 if any(ref() is output for ref in refs):
                     lend = captured
+            # Any captured forward of the step, not only the latest: forwards (a regulariser's,
+            # an eval-mode one) may have run between it and its loss.
+            owner = next(
+                (c for c in reversed(self.pending) if any(r() is output for r in c.outputs)),
+                None,
+            )
+            lend = lend or owner is not None
         if labels.ndim == 0:  # (a penalty's scalar target: no example's label)
             return
         if (
@@ -392,16 +409,9 @@ class FeatureCapture:
             and self.pending
             and _hooks_enabled(self.module)
         ):
-            # The forward whose output the loss is on (a later forward, say a detached
-            # target's, ran in between), else the latest.
-            capture = next(
-                (
-                    c
-                    for c in reversed(self.pending)
-                    if isinstance(output, torch.Tensor) and any(r() is output for r in c.outputs)
-                ),
-                self.pending[-1],
-            )
+            # That forward (a later one, say a detached target's, may have run in between),
+            # else the latest.
+            capture = owner if owner is not None else self.pending[-1]
             if capture.labels is not None:  # a second wrapped loss on the same forward
                 self._warn(
                     "features:labels:twice",
