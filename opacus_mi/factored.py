@@ -801,6 +801,8 @@ class FactoredCapture:
         self._gsm, self._tokenizer = module, tokenizer
         self._active, self._exact, self.gram_method = active, exact, gram
         self.need_gram, self.need_tokens, self.defer = need_gram, need_tokens, defer
+        # (layer, pending inputs it held) at the start of a forward not yet returned
+        self._unfinished: list[tuple[_Layer, int]] | None = None
         self._params = list(params)
         slot_of = {id(p): i for i, p in enumerate(self._params)}
         self._layers: dict[nn.Module, _Layer] = {}
@@ -843,6 +845,7 @@ class FactoredCapture:
         for layer in self._layers.values():
             layer.pending.clear()
             layer.n = None
+        self._unfinished = None
 
     def discard_passes(self) -> None:
         """Forget the backward passes made so far (results, recorded calls, their error), not
@@ -870,7 +873,26 @@ class FactoredCapture:
             [keep_input(t, later=self.defer) if isinstance(t, torch.Tensor) else t for t in inputs]
         )
 
+    def begin_forward(self) -> None:
+        """A forward of the module starts: if it raises, the inputs its layers that ran kept
+        are dropped at the next forward or backward (no backward takes them; the next one
+        popped them for its own, or its layers never finished, and its step lost them from
+        its tokens and Gram, or failed)."""
+        self.end_forward()
+        self._unfinished = [(layer, len(layer.pending)) for layer in self._layers.values()]
+
+    def end_forward(self) -> None:
+        """The forward returned (or one that raised is let go of: its inputs dropped)."""
+        for layer, held in self._unfinished or ():
+            del layer.pending[held:]
+        self._unfinished = None
+
+    def returned(self) -> None:
+        self._unfinished = None
+
     def _backward_hook(self, m: nn.Module, _grad_input, grad_output) -> None:
+        if self._unfinished is not None:
+            self.end_forward()  # (a forward that raised since the last one returned)
         if not self._gsm.hooks_enabled:
             if self.opened:  # ghost clipping's second, clip-reweighted pass
                 self.reweighted, self.opened, self.zeroed = True, False, False

@@ -972,6 +972,8 @@ class LeakageMonitor:
         ``_settle_ghost_zero_grad``.)"""
         if self._ghost_zero_grad is not None:
             self._settle_ghost_zero_grad()
+        if self._factored is not None:
+            self._factored.begin_forward()  # (see FactoredCapture.begin_forward)
         self._watching = self._capture.training_forward() and self._due()
         if not self._watching:
             return
@@ -987,6 +989,8 @@ class LeakageMonitor:
             )
 
     def _after_forward(self, module: torch.nn.Module, _args: tuple, _output) -> None:
+        if self._factored is not None:
+            self._factored.returned()
         if self._watching:
             self._forward_versions = self._param_versions()
 
