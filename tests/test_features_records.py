@@ -1277,6 +1277,24 @@ def test_batches_keep_their_kind_and_are_counted_by_their_examples():
     assert not any(r.flags for r in monitor.history)
 
 
+def _same_records_with_and_without(loop, **private) -> list[dict]:
+    """Records of a fixed-schedule monitor (every step measured, critics every second one) over
+    ``loop(model, opt, criterion, loader, extra)``, run without its extra forwards (the
+    reference) and with them: they must be equal. Returns the reference's, for the test's own
+    checks that it measured something."""
+
+    def records(extra: bool) -> list[dict]:
+        engine, model, opt, loader = make_private(poisson=False, **private)
+        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
+        loop(model, opt, mon.wrap_criterion(nn.CrossEntropyLoss()), loader, extra)
+        mon.detach()
+        return without_timing(mon.history)
+
+    reference = records(False)
+    assert records(True) == reference
+    return reference
+
+
 @pytest.mark.parametrize("where", ["after_forward", "in_criterion"])
 def test_a_forward_whose_loss_never_ran_backward_is_not_paired_with_the_next_step(where):
     """A loop that catches an exception between forward and backward (a user bug, a bad target
@@ -1285,10 +1303,7 @@ def test_a_forward_whose_loss_never_ran_backward_is_not_paired_with_the_next_ste
     regulariser's second forward, and a bad target's labels made it features_error. Reference:
     the same loop skipping that batch before its forward; records identical."""
 
-    def run(abandon: bool):
-        engine, model, opt, loader = make_private(poisson=False, mode="ew", n=96)
-        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
-        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+    def loop(model, opt, criterion, loader, abandon):
         for i, (x, y) in enumerate(itertools.chain(loader, loader)):
             opt.zero_grad()
             if i in (2, 6):
@@ -1303,12 +1318,9 @@ def test_a_forward_whose_loss_never_ran_backward_is_not_paired_with_the_next_ste
                     continue
             criterion(model(x), y).backward()
             opt.step()
-        mon.detach()
-        return without_timing(mon.history)
 
-    reference = run(abandon=False)
+    reference = _same_records_with_and_without(loop, mode="ew", n=96)
     assert len(reference) == 10 and any("clipped/mine" in r["mi"] for r in reference)
-    assert run(abandon=True) == reference
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
@@ -1318,26 +1330,19 @@ def test_a_forward_that_raised_inside_the_model_is_not_paired_with_the_next_step
     gradients and flagged as a regulariser's second forward. Reference: the same loop
     skipping that batch before its forward; records identical."""
 
-    def run(malformed: bool):
-        engine, model, opt, loader = make_private(poisson=False, mode=mode, n=96)
-        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
-        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+    def loop(model, opt, criterion, loader, malformed):
         for i, (x, y) in enumerate(loader):
             opt.zero_grad()
             if i == 2:
-                if not malformed:
-                    continue
-                with pytest.raises(RuntimeError):
-                    model(x[:, :, :, :5].flatten(2))  # (B, 1, 30): no image the conv takes
+                if malformed:
+                    with pytest.raises(RuntimeError):
+                        model(x[:, :, :, :5].flatten(2))  # (B, 1, 30): no image the conv takes
                 continue
             criterion(model(x), y).backward()
             opt.step()
-        mon.detach()
-        return without_timing(mon.history)
 
-    reference = run(malformed=False)
+    reference = _same_records_with_and_without(loop, mode=mode, n=96)
     assert len(reference) == 5 and any("clipped/mine" in r["mi"] for r in reference)
-    assert run(malformed=True) == reference
 
 
 @pytest.mark.parametrize(
@@ -1355,10 +1360,7 @@ def test_a_detached_forward_after_the_private_one_leaves_the_labels_with_the_los
     forward (ew mode, whose detached forward adds nothing to the per-sample gradients);
     records identical."""
 
-    def run(detached: bool):
-        engine, model, opt, loader = make_private(poisson=False, mode="ew", n=96)
-        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
-        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+    def loop(model, opt, criterion, loader, detached):
         for x, y in itertools.chain(loader, loader):
             opt.zero_grad()
             out = model(x)
@@ -1366,13 +1368,10 @@ def test_a_detached_forward_after_the_private_one_leaves_the_labels_with_the_los
                 model(x.flip(0)).detach()
             criterion(transform(out), y).backward()
             opt.step()
-        mon.detach()
-        return without_timing(mon.history)
 
-    reference = run(detached=False)
+    reference = _same_records_with_and_without(loop, mode="ew", n=96)
     assert len(reference) == 12 and all(not r["flags"] for r in reference)
     assert sum("clipped/mine" in r["mi"] for r in reference) >= 10
-    assert run(detached=True) == reference
 
 
 class _NestedOutputCNN(TinyCNN):
@@ -1432,10 +1431,7 @@ def test_outputs_pytree_does_not_open_are_watched_as_a_dict_is(kind):
         def forward(self, x):
             return wrap(super().forward(x))
 
-    def run(abandon: bool):
-        engine, model, opt, loader = make_private(poisson=False, mode="ew", n=80, net=Net)
-        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
-        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+    def loop(model, opt, criterion, loader, abandon):
         for i, (x, y) in enumerate(loader):
             opt.zero_grad()
             if i == 2:
@@ -1445,12 +1441,9 @@ def test_outputs_pytree_does_not_open_are_watched_as_a_dict_is(kind):
                 continue
             criterion(logits(model(x)), y).backward()
             opt.step()
-        mon.detach()
-        return without_timing(mon.history)
 
-    reference = run(abandon=False)
+    reference = _same_records_with_and_without(loop, mode="ew", n=80, net=Net)
     assert len(reference) == 4 and any("clipped/mine" in r["mi"] for r in reference)
-    assert run(abandon=True) == reference
 
 
 def test_a_monitored_output_saves_without_a_warning():
@@ -1476,10 +1469,7 @@ def test_labels_go_to_the_forward_the_loss_is_on_whatever_ran_after_it():
     nor the latest uncaptured one, so its labels were dropped at every step, unflagged.
     Reference: the same loop with C under no_grad."""
 
-    def run(probe_with_grad: bool):
-        engine, model, opt, loader = make_private(poisson=False, n=64)
-        mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=2)
-        criterion = mon.wrap_criterion(nn.CrossEntropyLoss())
+    def loop(model, opt, criterion, loader, probe_with_grad):
         for x, y in loader:
             opt.zero_grad()
             out, again = model(x), model(x + 0.01)
@@ -1489,12 +1479,9 @@ def test_labels_go_to_the_forward_the_loss_is_on_whatever_ran_after_it():
             model.train()
             (criterion(out, y) + 0.1 * (out - again).pow(2).mean()).backward()
             opt.step()
-        mon.detach()
-        return without_timing(mon.history)
 
-    reference = run(probe_with_grad=False)
+    reference = _same_records_with_and_without(loop, n=64)
     assert len(reference) == 4 and any("clipped/mine" in r["mi"] for r in reference)
-    assert run(probe_with_grad=True) == reference
 
 
 def test_an_output_linking_back_to_itself_is_walked_once():
