@@ -157,13 +157,20 @@ def csv_cell(value: Any) -> Any:
 def write_csv_rows(
     rows: Iterable[dict[str, Any]], path: str | os.PathLike, columns: Sequence[str]
 ) -> Path:
-    """Write dict rows under ``columns`` (missing keys blank, extra keys ignored)."""
+    """Write dict rows under ``columns`` (missing keys blank, extra keys ignored), whole or not
+    at all: into a file beside it, then renamed over it, so an interrupt mid-write (Ctrl-C,
+    SIGTERM) leaves the last complete file (a sweep's finished rows were emptied)."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: csv_cell(row.get(k)) for k in columns})
+    part = path.with_name(f".{path.name}.part")
+    try:
+        with open(part, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: csv_cell(row.get(k)) for k in columns})
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
     return path
 
 

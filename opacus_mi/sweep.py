@@ -147,6 +147,9 @@ def run_sweep(
             else:
                 cfg = replace(base, target_epsilon=float(v), out=str(out / name))
             preflight(cfg, split)  # (its folder's kind: a file or a sweep's folder there)
+            if Path(cfg.out).is_dir():  # another process's run there: refused before clearing
+                with claim_out_dir(Path(cfg.out)):
+                    pass
             configs.append((name, cfg))
         for stale in SWEEP_OUTPUTS:  # an earlier sweep's, which would be rendered over these runs
             (out / stale).unlink(missing_ok=True)

@@ -211,7 +211,14 @@ def check_folder_kind(out: str | os.PathLike, kind: str) -> None:
     would overwrite each other and ``opacus-mi report`` would render one over the other."""
     path = Path(out).expanduser()
     other, theirs = ("sweep.csv", "a sweep") if kind == "run" else ("records.jsonl", "a run")
-    if (path / other).is_file():
+    try:
+        held = (path / other).is_file()
+    except OSError as err:  # (a folder without execute permission)
+        raise OSError(
+            f"cannot use output folder {flag('out')} {str(out)!r}: {err.strerror or err}; give "
+            f"yourself access (chmod u+rwx) or pass another {flag('out')}"
+        ) from None
+    if held:
         raise ValueError(
             f"{flag('out')} {str(out)!r} holds {theirs} ({other}); a {kind} there would mix "
             f"their files. Pass another {flag('out')} (a run's default is runs/latest, a "
@@ -250,7 +257,13 @@ def claim_out_dir(path: Path, *, name: str = "--out"):
     except ImportError:  # (Windows: no advisory locks; nothing is claimed)
         yield path
         return
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:  # (a folder without read permission)
+        raise OSError(
+            f"cannot use output folder {name} {str(path)!r}: {err.strerror or err}; give "
+            f"yourself access (chmod u+rwx) or pass another {name}"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

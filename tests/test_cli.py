@@ -1027,3 +1027,56 @@ def test_a_folder_in_use_by_another_run_is_refused_and_left_as_it_is(tmp_path, c
             _assert_one_line_error(rc, capsys.readouterr().err, "--out", "is in use by another")
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
         assert cli.main([*argv, "--out", str(out)]) == 0  # let go: it runs
+
+
+def test_csv_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """sweep.csv and validate.csv are rewritten after each run: an interrupt (a SIGTERM) during
+    the rewrite emptied them, finished rows and all."""
+    from opacus_mi.report import read_csv_rows, write_csv_rows
+
+    path = tmp_path / "sweep.csv"
+    write_csv_rows([{"a": 1.0}, {"a": 2.0}], path, ["a"])
+
+    def rows():
+        yield {"a": 1.0}
+        raise KeyboardInterrupt  # (the signal, mid-write)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_csv_rows(rows(), path, ["a"])
+    assert [r["a"] for r in read_csv_rows(path)] == [1.0, 2.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.csv"]  # (no part file left)
+
+
+def test_a_sweep_whose_run_folder_is_in_use_is_refused_before_it_clears_anything(tmp_path, capsys):
+    """A run writing into a sweep's sigma_1/ (started by hand): the sweep started again was
+    refused at that run, after it had deleted the last sweep's sweep.csv, plots and report."""
+    from opacus_mi.training import claim_out_dir
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", *TINY, "--estimator", "none", "--noise-multipliers", "1", "2"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with claim_out_dir(out / "sigma_1"):
+        rc = cli.main([*argv, "--seed", "1", "--out", str(out)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "sigma_1", "is in use by another")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_folder_that_cannot_be_opened_is_named(tmp_path, capsys, monkeypatch):
+    """A folder without read permission: a raw '[Errno 13] Permission denied' naming neither
+    --out nor the fix. (Root ignores permissions: the refusal is made by hand here.)"""
+    import os as os_module
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    real = os_module.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if Path(path) == out:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os_module, "open", refusing)
+    rc = cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--out", "Permission denied", "chmod")
