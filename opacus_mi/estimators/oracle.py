@@ -156,24 +156,34 @@ def gram_oracle(
             result = _merged_oracle(g, sq, merged, noise_std, draws, generator)
             return replace(result, largest_sq=top)
     factor = _psd_sqrt_factor(g, sync_free, noise_std)
-    block = max(MIN_BLOCK_DRAWS, BLOCK_LOGITS // (b * b))
-    mc_var = None
-    if draws <= block:
-        drawn = _own_log_posterior(g, sq, factor, noise_std, draws, generator)
-        if draws > 1:
-            var, own = torch.var_mean(drawn, dim=0)
-            mc_var = var.div_(draws)
-        else:
-            own = drawn[0]
-    else:  # sums and sums of squares, a block at a time
-        own, squares = torch.zeros_like(sq), torch.zeros_like(sq)
-        for d in range(0, draws, block):
-            drawn = _own_log_posterior(g, sq, factor, noise_std, min(block, draws - d), generator)
-            own += drawn.sum(0)
-            squares += drawn.pow(2).sum(0)
-        own /= draws
-        mc_var = (squares - draws * own.pow(2)).clamp_min_(0).div_((draws - 1) * draws)
+    own, mc_var = _averaged(
+        lambda n: _own_log_posterior(g, sq, factor, noise_std, n, generator),
+        draws,
+        max(MIN_BLOCK_DRAWS, BLOCK_LOGITS // (b * b)),
+        sq,
+    )
     return OracleResult(terms=own.add_(math.log(b)), batch_size=b, mc_var=mc_var, largest_sq=top)
+
+
+def _averaged(
+    drawn: Callable[[int], torch.Tensor], draws: int, block: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each example's mean over ``draws`` draws of ``drawn(n) -> (n, B)``, and that mean's
+    Monte Carlo variance (None from one draw), made at most ``block`` draws at a time: sums
+    and sums of squares where they take several blocks (bounded memory)."""
+    if draws <= block:
+        each = drawn(draws)
+        if draws == 1:
+            return each[0], None
+        var, mean = torch.var_mean(each, dim=0)
+        return mean, var.div_(draws)
+    mean, squares = torch.zeros_like(like), torch.zeros_like(like)
+    for d in range(0, draws, block):
+        each = drawn(min(block, draws - d))
+        mean += each.sum(0)
+        squares += each.pow(2).sum(0)
+    mean /= draws
+    return mean, (squares - draws * mean.pow(2)).clamp_min_(0).div_((draws - 1) * draws)
 
 
 # Below this noise variance, relative to the largest squared norm (sigma below ~1e-3), equal
@@ -230,19 +240,7 @@ def _merged_oracle(
         own = torch.log_softmax(logits, dim=2).gather(2, group.expand(n, b)[..., None])[..., 0]
         return own - log_k[group]
 
-    block = max(MIN_BLOCK_DRAWS, BLOCK_LOGITS // (b * r))  # (as gram_oracle: bounded memory)
-    if draws <= block:
-        own = drawn(draws)
-        var, mean = torch.var_mean(own, dim=0) if draws > 1 else (None, own[0])
-        mc_var = None if var is None else var.div_(draws)
-    else:  # sums and sums of squares, a block at a time
-        mean, squares = torch.zeros_like(sq), torch.zeros_like(sq)
-        for d in range(0, draws, block):
-            own = drawn(min(block, draws - d))
-            mean += own.sum(0)
-            squares += own.pow(2).sum(0)
-        mean /= draws
-        mc_var = (squares - draws * mean.pow(2)).clamp_min_(0).div_((draws - 1) * draws)
+    mean, mc_var = _averaged(drawn, draws, max(MIN_BLOCK_DRAWS, BLOCK_LOGITS // (b * r)), sq)
     return OracleResult(terms=mean + math.log(b), batch_size=b, mc_var=mc_var)
 
 
