@@ -1916,15 +1916,13 @@ class LeakageMonitor:
         # the rest; on the CPU below, only where the oracle reads near ln B (~0.1 ms at B = 64).
         union = reads.add(union_mean(grams).reshape(1)) if terms and self._sync_free else None
         # The largest squared norm of a clipped example (exceeds_clip): read by the oracle on
-        # the CPU already, else read with the rest.
+        # the CPU already (floats), else float64 tensors on the Gram's device, read here.
         tops = [c.oracle_top for c in oracled if c.oracle_top is not None]
         largest = known = None
-        if tops and all(isinstance(t, float) for t in tops):
+        if tops and not self._sync_free:
             known = max(tops)
-        elif tops:  # (sync-free: tensors on the Gram's device, none read yet)
-            on = next(t for t in tops if isinstance(t, torch.Tensor)).device
-            wide = [torch.as_tensor(t, dtype=torch.float64, device=on) for t in tops]
-            largest = reads.add(torch.stack(wide).max())
+        elif tops:
+            largest = reads.add(torch.stack(tops).max())
         deferred = [(c, reads.add(c.keep.sum())) for c in chunks if c.keep is not None]
         reads.read()
         dropped = False
