@@ -214,10 +214,7 @@ def check_folder_kind(out: str | os.PathLike, kind: str) -> None:
     try:
         held = (path / other).is_file()
     except OSError as err:  # (a folder without execute permission)
-        raise OSError(
-            f"cannot use output folder {flag('out')} {str(out)!r}: {err.strerror or err}; give "
-            f"yourself access (chmod u+rwx) or pass another {flag('out')}"
-        ) from None
+        raise _unusable_folder(flag("out"), out, err) from None
     if held:
         raise ValueError(
             f"{flag('out')} {str(out)!r} holds {theirs} ({other}); a {kind} there would mix "
@@ -245,6 +242,14 @@ def prepare_out_dir(out: str | os.PathLike, *, name: str = "--out") -> Path:
     return path
 
 
+def _unusable_folder(name: str, path: str | os.PathLike, err: OSError) -> OSError:
+    """The error for an output folder the process may not read or search, naming the flag."""
+    return OSError(
+        f"cannot use output folder {name} {str(path)!r}: {err.strerror or err}; give yourself "
+        f"access (chmod u+rwx) or pass another {name}"
+    )
+
+
 @contextlib.contextmanager
 def claim_out_dir(path: Path, *, name: str = "--out"):
     """Hold ``path`` for one run, sweep or validation (an advisory lock on the folder itself,
@@ -260,10 +265,7 @@ def claim_out_dir(path: Path, *, name: str = "--out"):
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as err:  # (a folder without read permission)
-        raise OSError(
-            f"cannot use output folder {name} {str(path)!r}: {err.strerror or err}; give "
-            f"yourself access (chmod u+rwx) or pass another {name}"
-        ) from None
+        raise _unusable_folder(name, path, err) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
