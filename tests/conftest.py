@@ -99,6 +99,22 @@ def make_private(
     return engine, model, opt, criterion or nn.CrossEntropyLoss(), loader
 
 
+def per_example_norms(model: nn.Module, x, y, before=None) -> torch.Tensor:
+    """Each example's gradient norm by plain autograd, one example at a time (the reference the
+    monitor's per-sample figures are checked against): a mean-reduced cross-entropy of that
+    example alone; parameters it gives no gradient count 0. ``before()`` runs before each
+    example's forward (a model whose forward keeps state)."""
+    norms = []
+    for i in range(len(x)):
+        if before is not None:
+            before()
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+        norms.append(torch.cat(grads).norm())
+    return torch.stack(norms)
+
+
 def without_timing(records) -> list[dict]:
     """Records as dicts without ``monitor_seconds`` (wall time, the one field that differs
     between two runs that must otherwise agree exactly)."""

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_data, make_private, train
+from conftest import make_data, make_private, per_example_norms, train
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample import register_grad_sampler
 from opacus.layers import DPGRU, DPLSTM, DPRNN
@@ -289,6 +289,23 @@ def _make(mode, *, n=96, batch_size=16, seed=0, text=False, net=None, poisson=Tr
     else:
         (model, opt, loader), criterion = out, nn.CrossEntropyLoss()
     return engine, model, opt, criterion, loader
+
+
+def _ghost_private(net, x, y, *, max_grad_norm, lr=0.1, batch_size=16, poisson=True):
+    """``net`` made private with ghost clipping on ``(x, y)`` (RDP, sigma 1, SGD):
+    ``(engine, model, optimizer, criterion)``; the tests feed their own batches."""
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, crit, _ = engine.make_private(
+        module=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=lr),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+        criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode="ghost",
+        poisson_sampling=poisson,
+    )
+    return engine, model, opt, crit
 
 
 def _run(
@@ -1060,13 +1077,8 @@ def test_a_ghost_monitor_says_when_opacus_releases_more_than_it_clipped(mode):
         return
     assert len(said) == 1
     assert "Conv1d(padding_mode='circular'), Conv2d(padding_mode='reflect')" in said[0]
-    norms = []
-    for i in range(len(x)):
-        ref.zero_grad()
-        nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
-        norms.append(torch.cat([p.grad.reshape(-1) for p in ref.parameters()]).norm())
     factors = (0.05 / (model.per_sample_gradient_norms + 1e-6)).clamp(max=1.0)
-    largest = (factors * torch.stack(norms)).max().item()
+    largest = (factors * per_example_norms(ref, x, y)).max().item()
     assert largest > 0.0505, "the case must release above the bound for the check to mean much"
     assert mon.history[0].flags == ["exceeds_clip"]
 
@@ -1095,12 +1107,8 @@ def test_the_ghost_warning_names_only_layers_opacus_samples_and_pads():
     cap = FactoredCapture(gsm, opt.params, tok, exact=lambda: True)
     x, y = torch.randn(8, 1, 5, 5), torch.arange(8) % 3
     nn.functional.cross_entropy(gsm(x), y).backward()  # the first (mean-reduced) pass
-    ref, true = copy.deepcopy(net), []  # functorch's norms: the true per-example gradients'
-    for i in range(8):
-        ref.zero_grad()
-        nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
-        true.append(torch.cat([p.grad.flatten() for p in ref.parameters()]).norm())
-    torch.testing.assert_close(cap.take().norms.float(), torch.stack(true), rtol=1e-5, atol=1e-7)
+    true = per_example_norms(copy.deepcopy(net), x, y)  # (functorch's: the true gradients')
+    torch.testing.assert_close(cap.take().norms.float(), true, rtol=1e-5, atol=1e-7)
 
 
 class _Gate(nn.Module):
@@ -1153,16 +1161,7 @@ def test_ghost_clip_factors_are_opacus_and_an_example_released_above_the_bound_i
     x, y = torch.randn(32, 4, 6), torch.randint(0, 3, (32,))
     twin_net = net()
     twin = copy.deepcopy(twin_net)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, crit, _ = engine.make_private(
-        module=twin_net,
-        optimizer=torch.optim.SGD(twin_net.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=16),
-        criterion=nn.CrossEntropyLoss(),
-        noise_multiplier=1.0,
-        max_grad_norm=bound,
-        grad_sample_mode="ghost",
-    )
+    engine, model, opt, crit = _ghost_private(twin_net, x, y, max_grad_norm=bound)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         mon = LeakageMonitor(
@@ -1174,17 +1173,15 @@ def test_ghost_clip_factors_are_opacus_and_an_example_released_above_the_bound_i
         for step in range(2):
             xb, yb = x[16 * step : 16 * step + 16], y[16 * step : 16 * step + 16]
             twin.load_state_dict(model._module.state_dict())
-            norms = []
-            for i in range(16):
-                twin.calls = getattr(model._module, "calls", 0)  # (the branch the model takes)
-                twin.zero_grad()
-                nn.functional.cross_entropy(twin(xb[i : i + 1]), yb[i : i + 1]).backward()
-                grads = [p.grad.reshape(-1) for p in twin.parameters() if p.grad is not None]
-                norms.append(torch.cat(grads).norm())
+
+            def branch():  # (the one the model takes)
+                twin.calls = getattr(model._module, "calls", 0)
+
+            norms = per_example_norms(twin, xb, yb, before=branch)
             opt.zero_grad()
             crit(model(xb), yb).backward()
             factors = (bound / (model.per_sample_gradient_norms + 1e-6)).clamp(max=1.0)
-            largest = (factors.double() * torch.stack(norms).double()).max().item()
+            largest = (factors.double() * norms.double()).max().item()
             released = torch.cat(
                 [
                     mon.tokenizer.dense_matrix(i) @ p.grad.reshape(-1).double()
@@ -1219,25 +1216,18 @@ def test_bfloat16_rounding_alone_is_not_flagged_as_a_release_above_the_bound():
             )
 
         net, bound = mlp().to(torch.bfloat16), 0.0107 * (seed + 1) ** 1.37
-        engine = PrivacyEngine(accountant="rdp")
-        data = DataLoader(TensorDataset(x.bfloat16(), y), batch_size=64)
-        model, opt, crit, _ = engine.make_private(
-            module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05), data_loader=data,
-            noise_multiplier=1.0, max_grad_norm=bound, grad_sample_mode="ghost",
-            poisson_sampling=False, criterion=nn.CrossEntropyLoss(),
-        )  # fmt: skip
+        engine, model, opt, crit = _ghost_private(
+            net, x.bfloat16(), y, max_grad_norm=bound, lr=0.05, batch_size=64, poisson=False
+        )
         mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=False)
-        for xb, yb in data:
+        for xb, yb in DataLoader(TensorDataset(x.bfloat16(), y), batch_size=64):
             opt.zero_grad()
             crit(model(xb), yb).backward()
             factors = (bound / (model.per_sample_gradient_norms + 1e-6)).clamp(max=1.0)
             twin = mlp().double()  # (made here, its draws from the global generator included)
             twin.load_state_dict({k: v.double() for k, v in model._module.state_dict().items()})
-            for i in range(len(xb)):
-                twin.zero_grad()
-                nn.functional.cross_entropy(twin(xb[i : i + 1].double()), yb[i : i + 1]).backward()
-                norm = torch.cat([p.grad.reshape(-1) for p in twin.parameters()]).norm()
-                largest = max(largest, float(factors[i].double() * norm) / bound)
+            released = factors.double() * per_example_norms(twin, xb.double(), yb)
+            largest = max(largest, float(released.max()) / bound)
             opt.step()
         mon.detach()
         flagged += [r.step for r in mon.history if "exceeds_clip" in r.flags]
@@ -1274,12 +1264,7 @@ def test_ghost_inputs_a_forward_that_raised_left_are_dropped(overlap):
     x, y = torch.randn(48, 1, 6, 6), torch.randint(0, 3, (48,))
     net = _RaisesMidway()
     twin = copy.deepcopy(net)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, crit, _ = engine.make_private(
-        module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=16), criterion=nn.CrossEntropyLoss(),
-        noise_multiplier=1.0, max_grad_norm=bound, grad_sample_mode="ghost", poisson_sampling=False,
-    )  # fmt: skip
+    engine, model, opt, crit = _ghost_private(net, x, y, max_grad_norm=bound, poisson=False)
     mon = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, overlap=overlap, train_every=1)
     seen = []
     privatise = mon._privatise
@@ -1298,11 +1283,7 @@ def test_ghost_inputs_a_forward_that_raised_left_are_dropped(overlap):
             model._module.fail = False
         crit(model(xb), yb).backward()
         twin.load_state_dict(model._module.state_dict())
-        norms = []
-        for i in range(16):
-            twin.zero_grad()
-            nn.functional.cross_entropy(twin(xb[i : i + 1]), yb[i : i + 1]).backward()
-            norms.append(torch.cat([p.grad.reshape(-1) for p in twin.parameters()]).norm())
+        norms = per_example_norms(twin, xb, yb)
         factors = (bound / (model.per_sample_gradient_norms + 1e-6)).clamp(max=1.0).double()
         released = torch.cat(
             [
@@ -1310,7 +1291,7 @@ def test_ghost_inputs_a_forward_that_raised_left_are_dropped(overlap):
                 for i, p in enumerate(opt.params)
             ]
         )
-        want.append((torch.stack(norms).double() * factors, released))
+        want.append((norms.double() * factors, released))
         opt.step()
     mon.flush()
     assert len(seen) == 3

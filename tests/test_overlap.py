@@ -15,7 +15,14 @@ import weakref
 
 import pytest
 import torch
-from conftest import TinyCNN, fail_estimate_at, make_private, train, without_timing
+from conftest import (
+    TinyCNN,
+    fail_estimate_at,
+    make_private,
+    per_example_norms,
+    train,
+    without_timing,
+)
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
@@ -376,8 +383,7 @@ def test_ghost_functorch_layers_are_measured_with_their_steps_parameters(overlap
     as the step had left them: its Gram diagonal was 1.2-2.2x each example's squared gradient
     norm (per-example autograd, the reference). The worker is held here until the step is done,
     as it is whenever training outruns it."""
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from test_factored import _ghost_private
 
     stepped = threading.Event()
     compute = factored_mod.FactoredRecording.compute
@@ -392,16 +398,8 @@ def test_ghost_functorch_layers_are_measured_with_their_steps_parameters(overlap
     x, y = torch.randn(48, 4, 6), torch.randint(0, 3, (48,))
     net = _TopParameter()
     twin = copy.deepcopy(net)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, criterion, _ = engine.make_private(
-        module=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
-        criterion=nn.CrossEntropyLoss(),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=16),
-        noise_multiplier=1.0,
-        max_grad_norm=10.0,  # none clipped: the clipped Gram's diagonal is the squared norms
-        grad_sample_mode="ghost",
-    )
+    # (C = 10 clips none: the clipped Gram's diagonal is the squared norms)
+    engine, model, opt, criterion = _ghost_private(net, x, y, max_grad_norm=10.0, lr=1.0)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, overlap=overlap)
     assert monitor.overlap is overlap
     grams, want = [], []
@@ -412,12 +410,7 @@ def test_ghost_functorch_layers_are_measured_with_their_steps_parameters(overlap
     for step in range(3):
         xb, yb = x[16 * step : 16 * step + 16], y[16 * step : 16 * step + 16]
         twin.load_state_dict(model._module.state_dict())
-        norms = []
-        for i in range(16):
-            twin.zero_grad()
-            nn.functional.cross_entropy(twin(xb[i : i + 1]), yb[i : i + 1]).backward()
-            norms.append(sum(p.grad.double().square().sum() for p in twin.parameters()))
-        want.append(torch.stack(norms))
+        want.append(per_example_norms(twin, xb, yb).double().square())
         opt.zero_grad()
         criterion(model(xb), yb).backward()
         opt.step()
