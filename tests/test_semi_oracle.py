@@ -12,26 +12,32 @@ from opacus_mi.estimators.semi_oracle import SemiOracleEstimator
 from opacus_mi.subspace import GradientSubspace
 
 
+def _semi_on_a_channel(clean_of, s: float, *, steps: int, learn: int, draws: int):
+    """The semi-oracle's held-out figures on a synthetic channel (features ``f ~ N(0, I_6)``,
+    clean tokens ``clean_of(f, w, g)`` of 12 dims, private tokens ``clean + s N(0, I)``) after
+    ``learn`` batches of 64, and each batch's exact target: the Gram oracle on its clean
+    tokens, the Bayes posterior over the batch."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 6, generator=g) / 6**0.5
+    est = SemiOracleEstimator(train_every=1, train_iters=20, generator=torch.Generator())
+    values, targets = [], []
+    for step in range(steps):
+        f = torch.randn(64, 6, generator=g)
+        clean = clean_of(f, w, g)
+        private = clean + s * torch.randn(64, 12, generator=g)
+        value = est.evaluate(f, private, s)
+        if step >= learn:
+            values.append(value)
+            c = clean.double()
+            targets.append(gram_oracle(c @ c.T, s, draws=draws, generator=torch.Generator()).nats)
+        est.observe(f, clean)
+    return values, targets
+
+
 def test_semi_oracle_approaches_the_exact_oracle_on_a_learnable_channel():
     """Clean token = W f (learnable); the exact posterior over the batch is the Gram oracle."""
-    g = torch.Generator().manual_seed(0)
-    d, k, s, batch = 6, 12, 0.5, 64
-    w = torch.randn(k, d, generator=g) / d**0.5
-    est = SemiOracleEstimator(train_every=1, train_iters=20, generator=torch.Generator())
-    semi, exact = [], []
-    for step in range(60):
-        f = torch.randn(batch, d, generator=g)
-        clean = f @ w.T
-        private = clean + s * torch.randn(batch, k, generator=g)
-        value = est.evaluate(f, private, s)
-        if step >= 40:
-            semi.append(value.matched)
-            oracle = gram_oracle(
-                (clean @ clean.T).double(), s, draws=64, generator=torch.Generator()
-            )
-            exact.append(oracle.nats)
-        est.observe(f, clean)
-    semi_mean, exact_mean = sum(semi) / len(semi), sum(exact) / len(exact)
+    values, exact = _semi_on_a_channel(lambda f, w, g: f @ w.T, 0.5, steps=60, learn=40, draws=64)
+    semi_mean, exact_mean = sum(v.matched for v in values) / len(values), sum(exact) / len(exact)
     assert exact_mean > 0.5
     assert semi_mean > 0.8 * exact_mean, (semi_mean, exact_mean)
     assert semi_mean < exact_mean + 0.1  # a lower bound: never well above the exact value
@@ -231,21 +237,11 @@ def test_a_regressor_that_misses_by_more_than_the_noise_is_not_confidently_negat
     (-42 nats at sigma 0.03 on digits), a bound that says nothing. Scored with the noise plus
     what the regressor misses, the figure is a usable lower bound: at or above zero within its
     interval, and below its exact target (the oracle on the clean tokens' Gram)."""
-    g = torch.Generator().manual_seed(0)
-    d, k, s, batch = 6, 12, 0.03, 64
-    w = torch.randn(k, d, generator=g) / d**0.5
-    est = SemiOracleEstimator(train_every=1, train_iters=20, generator=torch.Generator())
-    values, targets = [], []
-    for step in range(40):
-        f = torch.randn(batch, d, generator=g)
-        clean = torch.tanh(3 * f @ w.T) + 0.3 * torch.randn(batch, k, generator=g)
-        private = clean + s * torch.randn(batch, k, generator=g)
-        value = est.evaluate(f, private, s)
-        if step >= 10:
-            values.append(value)
-            c = clean.double()
-            targets.append(gram_oracle(c @ c.T, s, draws=16, generator=torch.Generator()).nats)
-        est.observe(f, clean)
+
+    def partly_predictable(f, w, g):
+        return torch.tanh(3 * f @ w.T) + 0.3 * torch.randn(64, 12, generator=g)
+
+    values, targets = _semi_on_a_channel(partly_predictable, 0.03, steps=40, learn=10, draws=16)
     assert all(v.ci_high >= 0 for v in values)
     mean = sum(v.matched for v in values) / len(values)
     assert 0.5 < mean < sum(targets) / len(targets)
