@@ -793,20 +793,22 @@ class LeakageMonitor:
             for key, message in _ghost_release_warnings(module):
                 self._warn_once(key, message)
         self._delivering = False  # (a sink that calls back: see _deliver)
+        self._sending: LeakageRecord | None = None  # the record being delivered, and
+        self._sent = 0  # the sinks that have had it (an interrupted delivery goes on there)
         self._stop_requested = False  # DPDDP: a sink detached the monitor (see detach)
         self._finaliser = None
-        if self._worker is not None:
-            # The last records reach the sinks at exit (the worker's thread is joined by then):
-            # a script that never reads ``history`` still gets every JSONL line.
-            atexit.register(_flush_at_exit, weakref.ref(self))
-            if self._jsonl is not None:
-                # And the JSONL gets them if the monitor is collected first (a run in a
-                # function that returned). What the finaliser holds never refers back to
-                # the monitor (a user's sink might: it would never be collected).
-                self._finaliser = weakref.finalize(
-                    self, _deliver_rest, self._done, self._jsonl, self._worker_warnings
-                )
-                self._finaliser.atexit = False  # (at exit, the flush above: every sink)
+        # The last records reach the sinks at exit (an overlap worker's thread is joined by
+        # then; without one, a record an interrupt cut short): a script that never reads
+        # ``history`` still gets every JSONL line.
+        atexit.register(_flush_at_exit, weakref.ref(self))
+        if self._jsonl is not None:
+            # And the JSONL gets them if the monitor is collected first (a run in a function
+            # that returned, or that an interrupt ended). What the finaliser holds never
+            # refers back to the monitor (a user's sink might: it would never be collected).
+            self._finaliser = weakref.finalize(
+                self, _deliver_rest, self._done, self._jsonl, self._worker_warnings
+            )
+            self._finaliser.atexit = False  # (at exit, the flush above: every sink)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
         # The per-sample gradients the latest pre_step read (see _zero_grad): at attach, any
@@ -1388,20 +1390,28 @@ class LeakageMonitor:
         """Hand finished records to ``history`` and the sinks, on the training thread (and the
         worker's warnings to the user's filters first). A sink that calls back (reads
         ``history``, detaches the monitor) finds the delivery under way: this loop goes on
-        with every record, in order, and a detach closes the JSONL after it."""
+        with every record, in order, and a detach closes the JSONL after it.
+
+        A record leaves the queue only once every sink has had it, so an interrupt (Ctrl-C, the
+        CLI's SIGTERM) landing mid-delivery loses nothing: the next delivery, the flush at exit
+        or the finaliser goes on from the sink it stopped at (the JSONL skips a record it has
+        just written). Popped first, the record was lost to the JSONL."""
         if self._delivering:
             return
-        self._delivering = True
         try:
+            self._delivering = True
             while self._worker_warnings:
                 warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
             while self._done:
-                record = self._done.popleft()
-                self._history.append(record)
-                self._record_count += 1
-                self._trim_history()
+                record = self._done[0]
+                if self._sending is not record:  # (else an interrupted delivery's record)
+                    self._sending, self._sent = record, 0
+                    self._history.append(record)
+                    self._record_count += 1
+                    self._trim_history()
                 if self._writes:  # under DPDDP every rank has this record; one writes it
-                    for sink in self.sinks:
+                    while self._sent < len(self.sinks):
+                        sink = self.sinks[self._sent]
                         try:
                             sink(record)
                         except Exception as exc:  # a full disk or a buggy callback: go on
@@ -1409,6 +1419,8 @@ class LeakageMonitor:
                                 f"sink:{type(exc).__name__}",
                                 f"a record sink failed: {exc!r} (the record stays in history)",
                             )
+                        self._sent += 1
+                self._done.popleft()
         finally:
             self._delivering = False
         if not self.attached and self._jsonl is not None:
@@ -2415,9 +2427,10 @@ def _said_not_raised() -> None:
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:
-    """Deliver an overlap worker's last records when the interpreter exits (its thread has been
-    joined by then). Its warnings are said, never raised: under a warnings-as-errors filter the
-    first raised here took the records after it with it."""
+    """Deliver the last records when the interpreter exits: an overlap worker's (its thread
+    has been joined by then), or one an interrupt cut short. Its warnings are said, never
+    raised: under a warnings-as-errors filter the first raised here took the records after
+    it with it."""
     monitor = ref()
     if monitor is not None:
         try:
@@ -2429,8 +2442,8 @@ def _flush_at_exit(ref: weakref.ref) -> None:
 
 
 def _deliver_rest(done: deque, jsonl: JsonlSink, said: deque) -> None:
-    """The JSONL lines (and warnings) of a collected overlap monitor that it had not
-    delivered yet."""
+    """The JSONL lines (and warnings) of a collected monitor that it had not delivered yet
+    (an overlap worker's, or one an interrupt cut short)."""
     while done:
         try:
             jsonl(done.popleft())

@@ -195,6 +195,7 @@ class JsonlSink:
         self._key = os.path.realpath(self.path)
         self._serial = _NEWEST[self._key] = next(_SERIALS)
         self.left_out = 0  # records not written: a newer sink had the file
+        self._written: LeakageRecord | None = None  # the latest record written
 
     def __call__(self, record: LeakageRecord) -> None:
         if _NEWEST.get(self._key) != self._serial:
@@ -208,7 +209,10 @@ class JsonlSink:
                     stacklevel=2,
                 )
             return
+        if record is self._written:  # (a delivery an interrupt cut short, resumed)
+            return
         self._fh.write(json.dumps(record.as_dict()) + "\n")
+        self._written = record
         self._fh.flush()
         if self.fsync:
             os.fsync(self._fh.fileno())

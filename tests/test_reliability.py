@@ -265,6 +265,90 @@ def test_sigkill_mid_run_loses_no_completed_record(tmp_path, overlap):
     assert steps[:delivered] == list(range(delivered))
 
 
+def _interrupt_at(function: str, *, event: str = "call"):
+    """A trace function raising Ctrl-C the first time ``function`` reaches ``event``: an
+    interrupt landing at an exact point of the monitor's (or a sink's) code."""
+    fired = []
+
+    def tracer(frame, seen, arg):
+        if not fired and seen == event and frame.f_code.co_name == function:
+            fired.append(True)
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return tracer
+
+    return tracer, fired
+
+
+@pytest.mark.parametrize(
+    ("where", "event", "in_detach", "overlap"),
+    [
+        ("__call__", "call", False, False),  # the JSONL's write not begun, mid-run
+        ("__call__", "call", False, True),
+        # The same in detach's last delivery (an overlap worker's record: the CLI's SIGTERM).
+        ("__call__", "call", True, True),
+        ("__call__", "return", True, True),  # the JSONL written, the delivery not told so
+        ("sink", "call", False, False),  # a user sink after the JSONL not reached
+        ("sink", "call", False, True),
+    ],
+)
+def test_an_interrupt_mid_delivery_loses_no_record(tmp_path, overlap, where, event, in_detach):
+    """Ctrl-C (or the CLI's SIGTERM) landing while a record is handed out: the record was
+    popped first, so the JSONL and every sink after the interrupted one never got it, and a
+    run ended by the interrupt lost its last record from disk. Each record now reaches every
+    sink exactly once: at the next delivery, or (the JSONL) from the finaliser once the
+    interrupted monitor is collected."""
+    import gc
+
+    engine, model, opt, loader = make_private()
+    path = tmp_path / "records.jsonl"
+    seen = []
+
+    def sink(record):
+        seen.append(record.step)
+
+    tracer, fired = _interrupt_at(where, event=event)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator=None, overlap=overlap, jsonl=path, sinks=[sink]
+    )
+    interrupted = False
+    for i, (x, y) in enumerate(loader):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if i == 2 and not in_detach:
+            sys.settrace(tracer)
+        try:
+            opt.step()  # (interrupted, the step counts if Opacus's pre_step had finished)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            sys.settrace(None)
+    steps = sum(n for _, _, n in engine.accountant.history)  # the steps Opacus released
+    if in_detach:
+        sys.settrace(tracer)
+        try:
+            monitor.detach()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            sys.settrace(None)
+        history = [r.step for r in monitor._history]
+        del monitor, model, opt  # (the CLI returns: the interrupted monitor is collected)
+        gc.collect()
+    else:
+        monitor.detach()
+        history = [r.step for r in monitor.history]
+    assert fired and interrupted
+    everything = list(range(steps))
+    assert [r.step for r in read_jsonl(path)] == everything
+    assert len(path.read_text().splitlines()) == steps  # (and none written twice)
+    assert history == everything
+    if in_detach:  # (a user sink hears of the last record at a delivery the CLI never makes)
+        assert seen == everything[: len(seen)] and len(seen) >= steps - 1
+    else:
+        assert seen == everything
+
+
 def _private_bfloat16(*, clip: float):
     """The tiny CNN and its 64 images in bfloat16, made private (fixed batches of 16)."""
     from torch.utils.data import TensorDataset
