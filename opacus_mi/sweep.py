@@ -29,9 +29,11 @@ from .training import (
     _write_json,
     calibrate_noise,
     claim_out_dir,
+    json_keys_are,
     mi_keys,
     preflight,
     prepare_out_dir,
+    refuse_foreign_outputs,
     train_and_monitor,
 )
 
@@ -122,6 +124,14 @@ def run_sweep(
     # Every run's own checks (the data set, the batch size against it, TensorBoard) come before
     # anything is written: a failing first run had cleared the last sweep's outputs.
     split = preflight(base, kind="sweep")
+    if Path(base.out).expanduser().is_dir():
+        refuse_foreign_outputs(
+            base.out,
+            SWEEP_OUTPUTS,
+            kind="sweep",
+            signature="sweep_config.json",
+            ours=json_keys_are(frozenset({"dataset", "epochs", "delta", "out"})),
+        )
     if target_epsilons is not None:
         # Every target is calibrated as its run will be before anything is written or trained,
         # not in its turn (at most seconds per target, under any accountant).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -223,6 +224,83 @@ def check_folder_kind(out: str | os.PathLike, kind: str) -> None:
         )
 
 
+# Keys every run's config.json has held: how a run tells an earlier run's folder from a
+# folder of someone else's files that happen to share an output's name.
+_RUN_CONFIG_KEYS = frozenset({"dataset", "epochs", "batch_size", "delta", "seed", "estimator"})
+
+
+def json_keys_are(keys: frozenset[str]):
+    """A test that a file is a JSON object holding ``keys`` (an earlier output of ours)."""
+
+    def ours(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and keys <= data.keys()
+
+    return ours
+
+
+def csv_header_has(columns: frozenset[str]):
+    """A test that a file is a CSV whose header holds ``columns`` (an earlier output of ours)."""
+
+    def ours(path: Path) -> bool:
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+        except (OSError, ValueError, csv.Error):
+            return False
+        return columns <= set(header)
+
+    return ours
+
+
+def refuse_foreign_outputs(
+    out: str | os.PathLike,
+    outputs: Sequence[str],
+    *,
+    kind: str,
+    signature: str,
+    ours,
+    extra: Sequence[str] = (),
+) -> None:
+    """Refuse ``out`` if it holds files under the names a ``kind`` writes (``outputs``; and the
+    relative paths ``extra``) while its ``signature`` file is not an earlier ``kind``'s
+    (``ours(path)``): the ``kind`` clears its last outputs, and it cleared and overwrote
+    anyone's (``--out .`` in a project with a config.json or a report.html)."""
+    path = Path(out).expanduser()
+    try:
+        present = [n for n in outputs if os.path.lexists(path / n)]
+        present += [e for e in extra if os.path.lexists(path / e)]
+        if not present:
+            return
+        sig = path / signature
+        if sig.is_file() and ours(sig):
+            return
+    except OSError as err:  # (a folder without execute permission)
+        raise _unusable_folder(flag("out"), out, err) from None
+    if os.path.lexists(sig):
+        why = f"the {signature} there is not a {kind}'s"
+    else:
+        why = f"a {kind}'s {signature} is not there"
+    raise ValueError(
+        f"{flag('out')} {str(out)!r} holds {', '.join(present)}, which a {kind} would clear "
+        f"or overwrite, and no earlier opacus-mi {kind} wrote them ({why}). Pass a new or "
+        f"empty {flag('out')}, or move those files"
+    )
+
+
+def _tensorboard_events(out: Path) -> list[str]:
+    """The TensorBoard event files a run with ``--tensorboard`` left in ``out``."""
+    try:
+        return sorted(
+            str(p.relative_to(out)) for p in (out / "tensorboard").glob("events.out.tfevents.*")
+        )
+    except OSError:
+        return []
+
+
 def prepare_out_dir(out: str | os.PathLike, *, name: str = "--out") -> Path:
     """Create ``out`` (and parents) and check that files can be written there.
 
@@ -237,9 +315,37 @@ def prepare_out_dir(out: str | os.PathLike, *, name: str = "--out") -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as err:
-        reason = err.strerror or str(err)
+        reason = _not_a_folder(path, name) or err.strerror or str(err)
         raise OSError(f"cannot write to output folder {name} {str(out)!r}: {reason}") from None
     return path
+
+
+def _not_a_folder(path: Path, name: str) -> str | None:
+    """Why ``path`` cannot become a folder, where the OS's reason ("File exists") says less:
+    a file in the way, or a symbolic link to nothing."""
+    try:
+        if path.is_symlink():
+            target = os.readlink(path)
+            try:
+                path.resolve(strict=True)
+            except (RuntimeError, OSError) as err:  # (3.11 raises RuntimeError on a loop)
+                if isinstance(err, RuntimeError) or err.errno == errno.ELOOP:
+                    return (
+                        f"it is a symbolic link (to {target!r}) that loops; remove the link "
+                        f"or pass another {name}"
+                    )
+                return (
+                    f"it is a symbolic link to {target!r}, which does not exist; create that "
+                    f"folder, remove the link, or pass another {name}"
+                )
+        if path.exists() and not path.is_dir():
+            return f"it is a file, not a folder; pass another {name} (a folder is created)"
+        for parent in path.parents:
+            if parent.exists() and not parent.is_dir():
+                return f"{str(parent)!r} is a file, not a folder; pass another {name}"
+    except OSError:  # (a parent the process may not search: the OS's reason says so)
+        return None
+    return None
 
 
 def _unusable_folder(name: str, path: str | os.PathLike, err: OSError) -> OSError:
@@ -345,6 +451,15 @@ def preflight(cfg: RunConfig, split: Any = None, *, kind: str = "run") -> Any:
         raise ValueError(
             f"{flag('out')} {str(cfg.out)!r} is a file, not a folder: pass a folder path (or "
             "move the file)"
+        )
+    if kind == "run" and out.is_dir():
+        refuse_foreign_outputs(
+            out,
+            RUN_OUTPUTS,
+            kind="run",
+            signature="config.json",
+            ours=json_keys_are(_RUN_CONFIG_KEYS),
+            extra=_tensorboard_events(out),
         )
     if cfg.tensorboard:
         _check_tensorboard()

@@ -386,7 +386,12 @@ def _run_grid(
     from . import attacks as A
     from .data import load_dataset
     from .models import build_model
-    from .training import claim_out_dir, prepare_out_dir
+    from .training import (
+        claim_out_dir,
+        csv_header_has,
+        prepare_out_dir,
+        refuse_foreign_outputs,
+    )
 
     split = load_dataset(cfg.dataset, data_root=cfg.data_root, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -450,6 +455,14 @@ def _run_grid(
     pooled = torch.nn.functional.avg_pool2d(x_pool, block) if block > 1 else x_pool
     prior_var = pooled.var(dim=0).reshape(-1).double()
 
+    if Path(cfg.out).is_dir():
+        refuse_foreign_outputs(
+            cfg.out,
+            VALIDATE_OUTPUTS,
+            kind="validate",
+            signature="validate.csv",
+            ours=csv_header_has(frozenset({"setting", "step", "batch_size", "noise_multiplier"})),
+        )
     out = prepare_out_dir(cfg.out)  # (once every check has passed: no empty folder left)
     held.enter_context(claim_out_dir(out))
     sigmas = list(cfg.noise_multipliers)

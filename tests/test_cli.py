@@ -793,6 +793,7 @@ def test_a_stopped_run_leaves_its_own_records_and_config_not_the_last_runs(tmp_p
 def test_a_new_run_leaves_other_tensorboard_logs_in_the_folder(tmp_path):
     """Clearing the last run's files removed <out>/tensorboard whole, a user's logs with it."""
     out = tmp_path / "proj"
+    assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)]) == 0
     theirs = out / "tensorboard" / "resnet_experiment_3" / "events.out.tfevents.1"
     theirs.parent.mkdir(parents=True)
     theirs.write_bytes(b"someone else's")
@@ -800,6 +801,60 @@ def test_a_new_run_leaves_other_tensorboard_logs_in_the_folder(tmp_path):
     ours.write_bytes(b"a last run's")
     assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)]) == 0
     assert theirs.read_bytes() == b"someone else's" and not ours.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "files"),
+    [
+        ("run", {"config.json": '{"lr": 0.0003}', "report.html": "<p>my notes</p>"}),
+        ("run", {"tensorboard/events.out.tfevents.1700000000.host": "my logs"}),
+        ("run", {"records.csv": "a,b\n1,2\n"}),  # (no config.json at all)
+        ("sweep", {"report.html": "<p>my notes</p>", "sweep_config.json": "[1, 2]"}),
+        ("validate", {"validate.txt": "my notes", "validate.csv": "x,y\n"}),
+    ],
+)
+def test_a_folder_of_someone_elses_files_is_refused_not_cleared(tmp_path, capsys, command, files):
+    """``--out .`` in a project: a run cleared or overwrote the config.json, report.html,
+    records.csv or summary.txt it found there, and deleted tensorboard/events.out.tfevents.*,
+    whoever had written them (a sweep and a validate likewise their own names). Each now
+    clears only what an earlier one of its kind wrote (a run's config.json, a sweep's
+    sweep_config.json, a validate's validate.csv) and is refused by name, before anything is
+    written, otherwise."""
+    argv = {
+        "run": ["run", *TINY, "--estimator", "none"],
+        "sweep": ["sweep", *TINY, "--estimator", "none", "--noise-multipliers", "1", "2"],
+        "validate": "validate --stages 0 --batch-sizes 1 --iters 1 --restarts 1 --images 1 "
+        "--candidates 8 --no-progress --noise-multipliers 0 0.01 0.03 0.1 0.3".split(),
+    }[command]
+    out = tmp_path / "project"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text, encoding="utf-8")
+    (out / "notes.md").write_text("mine", encoding="utf-8")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc = cli.main([*argv, "--out", str(out)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "--out", f"no earlier opacus-mi {command}")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_folder_that_is_a_broken_link_or_a_file_says_so(tmp_path):
+    """A dangling or looping symbolic link, or a file, at --out was refused with the OS's
+    "File exists", which names neither the link nor the fix."""
+    from opacus_mi.training import prepare_out_dir
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    cases = {
+        "dangling": "symbolic link to '.*nowhere', which does not exist; create that folder",
+        "loop": "symbolic link .* that loops; remove the link or pass another --out",
+        "file": "it is a file, not a folder; pass another --out",
+        "file/sub": "'.*file' is a file, not a folder; pass another --out",
+    }
+    for name, says in cases.items():
+        with pytest.raises(OSError, match=f"output folder --out '.*{name}': (it is a )?{says}"):
+            prepare_out_dir(tmp_path / name)
+    assert prepare_out_dir(tmp_path / "new" / "run").is_dir()
 
 
 def test_sweep_keeps_finished_rows_and_refuses_clashing_folders(tmp_path, capsys, monkeypatch):
