@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -685,6 +686,10 @@ class LeakageMonitor:
         )
         self._history: list[LeakageRecord] = []
         self._record_count = 0  # every record made, kept in history or not (max_history)
+        # The step a loaded state ended at (load_state_dict), until the first step after it
+        # has been checked against the accountant and the features.
+        self._resumed_at: int | None = None
+        self._unchecked_resume = self._features_unchecked = False
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         self._worker_warnings: deque[str] = deque()  # warnings the worker had to say
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
@@ -1180,9 +1185,21 @@ class LeakageMonitor:
         (Opacus's ``load_checkpoint`` after ``make_private``, a rolled-back history, another
         model on the same engine): each record names the step whose ``get_epsilon`` it carries.
         A fixed ``every`` goes on counting this optimizer's own steps (``_own_step``)."""
+        unchecked, self._unchecked_resume = self._unchecked_resume, False
         if not accounting:
             return
-        shift = sum(int(h[2]) for h in accounting) - 1 - self.steps
+        counted = sum(int(h[2]) for h in accounting)
+        shift = counted - 1 - self.steps
+        if shift and unchecked:
+            self._warn_once(
+                "state:accountant",
+                f"the monitor state loaded was saved after {self._resumed_at} steps, but the "
+                f"privacy engine's accountant had counted {counted - 1} before this one: the "
+                f"records follow the accountant, so the history jumps from step "
+                f"{self._resumed_at - 1} to {counted - 1}. Restore the accountant from the same "
+                "checkpoint as the monitor (Opacus's load_checkpoint, or "
+                "engine.accountant.load_state_dict) before training on",
+            )
         if shift:
             self.steps += shift
             self._first_step += shift
@@ -1892,6 +1909,15 @@ class LeakageMonitor:
             # e.g. sequences padded per batch) can be neither scored nor learned from. Said, not
             # skipped silently (the critic used to be rebuilt from scratch on each change).
             out.flags.append("features_width_changed")
+            if self._features_unchecked and built is not None:  # (the first since a load)
+                self._warn_once(
+                    "features:width",
+                    f"the monitor state loaded has critics for features of width {built}, "
+                    f"this model's have width {sorted(widths - {built})[0]}: the state was "
+                    "saved with another model or input size, so its critics can neither "
+                    "score nor learn here (flag 'features_width_changed'). Load a state saved "
+                    "with this model and input size, or start a fresh monitor",
+                )
             self._warn_once(
                 "features:width",
                 f"features changed width ({built or sorted(widths)[0]} -> "
@@ -1904,6 +1930,8 @@ class LeakageMonitor:
             )
             usable = []
         out.usable = usable
+        if usable:
+            self._features_unchecked = False
         scored = []  # (view, kind, slot of its figures, slot of its control's or None)
         if usable:
             out.features = feats = torch.cat([c.features for c in usable])
@@ -2203,11 +2231,14 @@ class LeakageMonitor:
             )
         share = b.spent / b.train_seconds if b.train_seconds > 0 else math.nan
         parts = [f"measured {self._record_count} of {self.steps - self._first_step} steps"]
+        # (The budget's books are this process's: a resumed run's start from the resume.)
+        resumed = f" since the resume at step {self._resumed_at}" if self._resumed_at else ""
         if self.train_every is None and self.estimators:
             parts.append(f"{rounds} critic rounds")
         return (
             f"schedule: overhead budget {b.fraction:.0%} - {', '.join(parts)}; monitor time "
-            f"{share:.1%} of the training loop's (+{b.setup_seconds:.2f} s one-off setup). "
+            f"{share:.1%} of the training loop's{resumed} (+{b.setup_seconds:.2f} s one-off "
+            "setup). "
             "For every step: every=1, train_every=8."
         )
 
@@ -2226,6 +2257,7 @@ class LeakageMonitor:
             "history": [r.as_dict() for r in self.history],
             "record_count": self._record_count,
             "settings": self._settings(),
+            "delta": self.delta,  # (not a setting: another delta is warned, not refused)
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -2311,6 +2343,18 @@ class LeakageMonitor:
                         f"{saved_value!r}, this monitor's has {mine!r}: create the monitor "
                         f"with {setting}={saved_value!r} to continue from it"
                     )
+            # Its weights, into a throwaway critic: one that cannot load (a damaged state)
+            # failed in load_state_dict, after Opacus's checkpoint had been loaded.
+            try:
+                est.check_state_dict(saved_est)
+            except (RuntimeError, KeyError, TypeError, ValueError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                raise ValueError(
+                    f"this checkpoint's {name} critic does not load ({first}): the state is "
+                    "damaged or was saved with another model; load an undamaged one, or start "
+                    "a fresh monitor (training resumes from the rest of the checkpoint "
+                    "unchanged)"
+                ) from err
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Checked before anything changes: a checkpoint of
@@ -2325,6 +2369,46 @@ class LeakageMonitor:
         record_count = int(state.get("record_count", len(history)))
         torch.Generator(device=self.generator.device).set_state(state["generator"])
         self.flush()  # nothing of the old state may land after the new one
+        undo = self._loadable_state()
+        try:
+            self._replace_state(state, steps, first_step, own_step)
+        except BaseException:  # (a part that would not load: the monitor goes on as it was)
+            self._replace_state(undo, undo["steps"], undo["first_step"], undo["own_step"])
+            self._measure_at, self._planned, self._adopted, self._last_measured = undo["plan"]
+            raise
+        self._history = history
+        self._trim_history()
+        self._record_count = record_count  # (before max_history a checkpoint held every record)
+        self._resumed_at, self._unchecked_resume = steps, True
+        self._features_unchecked = True
+        saved_delta = state.get("delta")
+        if saved_delta is not None and float(saved_delta) != self.delta:
+            self._warn_once(
+                "state:delta",
+                f"this monitor state's records carry epsilon at delta {float(saved_delta):g}, "
+                f"this monitor's at delta {self.delta:g}: its history mixes the two (epsilon "
+                f"jumps at step {steps}). Create the monitor with delta={float(saved_delta):g} "
+                "to continue as before",
+            )
+
+    def _loadable_state(self) -> dict[str, Any]:
+        """What :meth:`_replace_state` replaces, to put back if a part of a state fails to
+        load (each critic's state is a snapshot: see ``OnlineEstimator.state_dict``)."""
+        return {
+            "steps": self.steps,
+            "first_step": self._first_step,
+            "own_step": self._own_step,
+            "plan": (self._measure_at, self._planned, self._adopted, self._last_measured),
+            "generator": self.generator.get_state(),
+            "estimators": {k: e.state_dict() for k, e in self.estimators.items()},
+            "controls": {k: e.state_dict() for k, e in self.controls.items()},
+            "semi_oracle": _snapshot(self.semi_oracle),
+            "subspace": _snapshot(self.subspace),
+        }
+
+    def _replace_state(
+        self, state: dict[str, Any], steps: int, first_step: int, own_step: int
+    ) -> None:
         self.steps, self._first_step, self._own_step = steps, first_step, own_step
         # The schedule restarts here: plans made for steps of the state replaced do not hold.
         self._measure_at, self._planned = self.steps, None
@@ -2339,9 +2423,6 @@ class LeakageMonitor:
         if self.subspace is not None and state.get("subspace") is not None:
             self.subspace.load_state_dict(state["subspace"])
         self.generator.set_state(state["generator"])
-        self._history = history
-        self._trim_history()
-        self._record_count = record_count  # (before max_history a checkpoint held every record)
 
     def __repr__(self) -> str:
         return (
@@ -2352,6 +2433,11 @@ class LeakageMonitor:
 
 # Attached monitors, for a forked child to set aside (see LeakageMonitor._stand_aside).
 _ATTACHED: weakref.WeakSet[LeakageMonitor] = weakref.WeakSet()
+
+
+def _snapshot(part: Any) -> dict | None:
+    """A copy of ``part.state_dict()`` that nothing live shares (None for no part)."""
+    return None if part is None else copy.deepcopy(part.state_dict())
 
 
 def _stand_aside_after_fork() -> None:

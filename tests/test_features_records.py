@@ -368,6 +368,101 @@ def test_schedule_note_after_a_resume_counts_the_whole_run():
     assert f"measured {second.record_count} of {2 * len(loader)} steps" in note, note
 
 
+def _trained_monitor(seed: int = 0, **settings):
+    """The tiny CNN trained one epoch (6 fixed batches) with a monitor measuring every 3rd
+    step and training its critics at each measured one."""
+    engine, model, opt, loader = make_private(poisson=False, seed=seed)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=3, train_every=1, **settings)
+    train(model, opt, loader)
+    return engine, model, opt, loader, monitor
+
+
+@pytest.mark.parametrize("damage", ["critic weights", "a later part"])
+def test_a_state_that_fails_to_load_leaves_the_monitor_as_it_was(monkeypatch, damage):
+    """A state with a part that would not load (a critic's weights of another shape) raised
+    once the steps, the schedule, the first critic and the generator had been replaced: the
+    monitor then measured steps 0, 3, 5, 8, 11 (not 0, 3, 6, 9) with other figures. Critic
+    weights are now tried on a throwaway critic first (a ValueError naming the critic, before
+    Opacus's checkpoint is loaded too), and any other part that fails puts back what was
+    replaced: the monitor goes on exactly as one never given the state."""
+    engine, model, opt, loader, reference = _trained_monitor()
+    train(model, opt, loader)
+    expected = without_timing(reference.history)
+
+    state = _trained_monitor(seed=1)[-1].state_dict()  # another run's, of the same settings
+    engine, model, opt, loader, monitor = _trained_monitor()  # (seeded as the reference)
+    if damage == "critic weights":
+        weights = state["estimators"]["private"]["critic"]
+        name = next(iter(weights))
+        weights[name] = torch.zeros(*weights[name].shape[:-1], weights[name].shape[-1] + 1)
+        with pytest.raises(ValueError, match="private critic does not load .*damaged"):
+            monitor.load_state_dict(state)
+    else:
+        victim = monitor.estimators["private"]  # loaded after the clipped view's critic
+        calls = []
+
+        def fails_once(part_state):
+            calls.append(True)
+            if len(calls) == 1:
+                raise RuntimeError("a damaged window")
+            return type(victim).load_state_dict(victim, part_state)
+
+        monkeypatch.setattr(victim, "load_state_dict", fails_once)
+        with pytest.raises(RuntimeError, match="a damaged window"):
+            monitor.load_state_dict(state)
+        assert len(calls) == 2  # (the second: its own state put back)
+    train(model, opt, loader)
+    assert [r["step"] for r in expected] == [0, 3, 6, 9]
+    assert without_timing(monitor.history) == expected
+
+
+def test_a_state_the_engines_accountant_does_not_match_is_warned():
+    """A monitor state loaded without the accountant of its checkpoint (model, optimizer and
+    monitor saved by hand, the accountant left fresh): the records followed the accountant's
+    count without a word, so the history ran 0..5, 0, 1, ... and epsilon fell back."""
+    *_, first = _trained_monitor()
+    state = first.state_dict()
+    engine, model, opt, loader = make_private(poisson=False, seed=0)  # a fresh accountant
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=3, train_every=1)
+    monitor.load_state_dict(state)
+    says = "saved after 6 steps, but the privacy engine's accountant had counted 0 .* 5 to 0"
+    with pytest.warns(RuntimeWarning, match=says):
+        train(model, opt, loader)
+    # Restored with it (the engine's own checkpoint state), nothing is said.
+    engine, model, opt, loader = make_private(poisson=False, seed=0)
+    engine.accountant.load_state_dict(first.engine.accountant.state_dict())
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=3, train_every=1)
+    monitor.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train(model, opt, loader)
+    assert [r.step for r in monitor.history] == [0, 3, 6, 9]
+
+
+def test_a_state_of_another_input_size_or_delta_says_so():
+    """Critics saved for features of another width (another model or input size, the same
+    settings) loaded silently and were then blamed on 'inputs of varying shape'; a state of
+    another delta mixed two deltas' epsilons in one history without a word."""
+    *_, first = _trained_monitor(features=lambda x: x.flatten(1))  # 36 per example
+    state = first.state_dict()
+    for delta, features in ((1e-6, lambda x: x.flatten(1)), (1e-5, lambda x: x.flatten(1)[:, :20])):
+        engine, model, opt, loader = make_private(poisson=False, seed=0)
+        engine.accountant.load_state_dict(first.engine.accountant.state_dict())
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=delta, every=3, train_every=1, features=features
+        )
+        if delta != 1e-5:
+            mixed = "at delta 1e-05, this monitor's at delta 1e-06"
+            with pytest.warns(RuntimeWarning, match=mixed):
+                monitor.load_state_dict(state)
+            continue
+        monitor.load_state_dict(state)
+        says = "features of width 36, this model's have width 20: the state was saved with another"
+        with pytest.warns(RuntimeWarning, match=says):
+            train(model, opt, loader)
+        assert all("features_width_changed" in r.flags for r in monitor.history[-2:])
+
+
 @pytest.mark.parametrize(
     "other, says",
     [

@@ -370,30 +370,34 @@ class OnlineEstimator:
         self.val.clear()
         self.batches_seen = 0
 
-    def _new_critic(self, x_dim: int, y_dim: int) -> None:
+    def _make_critic(self, x_dim: int, y_dim: int, generator: torch.Generator):
+        """A critic for ``x_dim`` features and ``y_dim`` token coordinates, and its Adam."""
         if self.token_encoder == "sketch":
-            self.critic = SeparableCritic(
+            critic = SeparableCritic(
                 x_dim,
                 y_dim,
                 hidden=self.hidden,
                 embed=self.embed,
-                generator=self.generator,
+                generator=generator,
                 device=self.device,
             )
         else:  # encoder params are critic params: the same Adam and state_dict train/save them
             from ..learned_tokens import EncodedCritic
 
-            self.critic = EncodedCritic(
+            critic = EncodedCritic(
                 x_dim,
                 y_dim,
                 self.token_encoder,
                 self.layer_dims,
                 hidden=self.hidden,
                 embed=self.embed,
-                generator=self.generator,
+                generator=generator,
                 device=self.device,
             )
-        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.lr, foreach=True)
+        return critic, torch.optim.Adam(critic.parameters(), lr=self.lr, foreach=True)
+
+    def _new_critic(self, x_dim: int, y_dim: int) -> None:
+        self.critic, self.optimizer = self._make_critic(x_dim, y_dim, self.generator)
         self.loss = CriticLoss(self.kind)
         self.selected = None
         self.null_selected = False
@@ -680,6 +684,25 @@ class OnlineEstimator:
             "null_selected": self.null_selected,
             "baseline": self.baseline,
         }
+
+    def check_state_dict(self, state: dict) -> None:
+        """Raise what :meth:`load_state_dict` would on ``state``'s critic (another token
+        encoder; weights of other shapes or names: a damaged state, or another model's), with
+        nothing of this estimator changed: they are loaded into a throwaway critic."""
+        saved = state.get("token_encoder", "sketch")
+        if saved != self.token_encoder:
+            raise ValueError(
+                f"this state was saved with token_encoder={saved!r} but the estimator uses "
+                f"{self.token_encoder!r}; build it (or the monitor's tokenizer) with {saved!r}"
+            )
+        if state.get("dims") is None:
+            return
+        spare = torch.Generator(device=self.generator.device)
+        critic, optimizer = self._make_critic(*state["dims"], spare)
+        critic.load_state_dict(state["critic"])
+        optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if state.get("selected") is not None:
+            critic.load_state_dict(state["selected"])
 
     def load_state_dict(self, state: dict) -> None:
         # A copy: Adam keeps the moment tensors it is given, and the state stays the caller's.
