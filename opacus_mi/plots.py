@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .records import LeakageRecord  # noqa: E402
 
@@ -69,7 +70,9 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
         hi = [_finite(v.ci_high) for _, v in pts]
         # (A lone point: a line and a band of one point draw nothing; a marker and a bar do.)
         lone = len(steps) == 1
-        (line,) = ax.plot(steps, nats, label=key, linewidth=1.3, marker="o" if lone else None)
+        # (A series with no finite figure draws nothing: its legend entry says so.)
+        label = key if any(math.isfinite(v) for v in nats) else f"{key} (no finite figure)"
+        (line,) = ax.plot(steps, nats, label=label, linewidth=1.3, marker="o" if lone else None)
         if not lone:
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
             # The line breaks at NaN too: a finite figure with none on either side gets a dot.
@@ -98,7 +101,7 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
                 linewidth=3,
             )
     bound = [(r.step, _finite(r.mi_bound)) for r in records if r.mi_bound is not None]
-    if bound:
+    if any(math.isfinite(b) for _, b in bound):  # (sigma 0: infinite, noted by _robust_ylim)
         ax.plot(
             [s for s, _ in bound],
             [b for _, b in bound],
@@ -136,7 +139,7 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
             )
     _robust_ylim(ax, records)
     ax.axhline(0.0, color="lightgray", linewidth=0.8, zorder=0)
-    ax.set_xlabel("step")
+    _step_axis(ax, [r.step for r in records])
     ax.set_ylabel("mutual information (nats)")
     smile = any(k.endswith("/smile") for k in _keys(records))
     ax.set_title(
@@ -149,6 +152,14 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _step_axis(ax, steps: Sequence[int]) -> None:
+    """Label the x axis with whole steps (one record's axis read -0.04 .. 0.04)."""
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(set(steps)) == 1:
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
 
 
 def _robust_ylim(ax, records: Sequence[LeakageRecord]) -> None:
@@ -164,14 +175,20 @@ def _robust_ylim(ax, records: Sequence[LeakageRecord]) -> None:
     values = [v for v in values if math.isfinite(v)]
     bounds = [b for b in (_finite(r.mi_bound) for r in records) if math.isfinite(b)]
     # The bound joins the range unless it dwarfs everything measured (small sigma: 200 nats
-    # against estimates under ln B flattened every line); then its value is noted instead.
+    # against estimates under ln B flattened every line); then its value is noted instead, as
+    # is an infinite one (sigma 0: no noise), which no line can draw.
+    above = None
     if bounds and (not values or max(bounds) <= 2 * max(max(values), 0.1)):
         values += bounds
     elif bounds:
+        above = f"{max(bounds):.4g}"
+    if any(r.mi_bound is not None and math.isinf(r.mi_bound) for r in records):
+        above = "inf (sigma 0)"
+    if above is not None:
         ax.text(
             0.99,
             0.99,
-            f"bound/step {max(bounds):.4g} nats: above the axis",
+            f"bound/step {above} nats: above the axis",
             transform=ax.transAxes,
             fontsize="x-small",
             color="black",
@@ -179,11 +196,13 @@ def _robust_ylim(ax, records: Sequence[LeakageRecord]) -> None:
             va="top",
             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
         )
-    if not values:
+    if not values:  # (every figure NaN: the zero line in view, not matplotlib's 0.5 +- 0.05)
+        if records:
+            ax.set_ylim(-0.1, 1.0)
         return
     top = max(max(values), 0.1)
     floor = -max(1.0, top / 4)
-    low = min(values)
+    low = min(min(values), 0.0)  # (the zero line always in view: MI is >= 0)
     pad = 0.05 * (top - max(low, floor))
     if low < floor:
         ax.set_ylim(floor, top + pad)
@@ -222,7 +241,7 @@ def plot_epsilon(
     ax.plot(
         steps, [exact[s] for s in steps], color="tab:red", linewidth=1.5, marker=".", markersize=3
     )
-    ax.set_xlabel("step")
+    _step_axis(ax, steps)
     delta = records[-1].delta if records else math.nan
     ax.set_ylabel(f"epsilon (delta {delta:g})")
     ax.set_title("Privacy budget spent (accountant)")

@@ -18,9 +18,24 @@ from .records import LeakageRecord
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    """``digits`` decimals; a small figure to ``digits`` significant ones (a bound of 0.00125
+    nats at sigma 20 read 0.001); an infinite bound (sigma 0) as ``inf``, not the ``-`` of a
+    figure that does not apply or is missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x != 0 and abs(x) < 10 ** (1 - digits):
+        return f"{x:.{digits}g}"
     return f"{x:.{digits}f}"
+
+
+def render_table(table: Table, width: int) -> str:
+    """``table`` as plain text ``width`` wide, without the trailing spaces rich pads a wrapped
+    title's lines with (they went into summary.txt and the sweep's and validate's tables)."""
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
+    return "\n".join(line.rstrip() for line in buf.getvalue().rstrip().splitlines())
 
 
 def mean_with_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -97,7 +112,11 @@ def summary_table(
     for key in keys:
         latest = next(r for r in reversed(records) if key in r.mi)
         v = latest.mi[key]
-        mean, lo, hi = mean_with_ci([r.mi[key].nats for r in tail if key in r.mi])
+        series = [r.mi[key].nats for r in tail if key in r.mi]
+        mean, lo, hi = mean_with_ci(series)
+        averaged = sum(1 for x in series if math.isfinite(x))
+        # (A series some of the last records lack, or hold as NaN: says how many it averages.)
+        over = "" if averaged == len(tail) else f" (n={averaged})"
         mism = [r.mi[key].mismatched for r in tail if key in r.mi]
         mism_mean = mean_with_ci([m for m in mism if m is not None])[0]
         ctrl_mean = mean_with_ci([r.mi[key].control for r in tail if key in r.mi])[0]
@@ -107,7 +126,7 @@ def summary_table(
         table.add_row(
             key,
             f"{_fmt(v.nats)} [{_fmt(v.ci_low)}, {_fmt(v.ci_high)}]",
-            f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]",
+            f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]{over}",
             _fmt(mism_mean),
             *((_fmt(ctrl_mean),) if has_control else ()),
             detected,
@@ -123,9 +142,7 @@ def summary_table(
             "Opacus released an example above its clipping bound: epsilon and the bounds "
             "do not hold there",
         )
-    buf = io.StringIO()
-    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
-    text = buf.getvalue().rstrip()
+    text = render_table(table, width)
     text += (
         "\nnats per example per step; learned rows are lower bounds on pairs the critic never"
         "\ntrained on; 'detected' needs the CI over steps above 0 and above the shuffled controls"

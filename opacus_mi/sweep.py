@@ -8,7 +8,6 @@ train_and_monitor` per setting (``<out>/sigma_<v>/`` or ``<out>/eps_<v>/``) and 
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import warnings
@@ -20,7 +19,7 @@ from typing import Any
 from .accounting import gaussian_channel_bound
 from .checks import is_finite_number, plain_values
 from .records import LeakageRecord
-from .report import mean_with_ci, read_csv_rows, write_csv_rows
+from .report import mean_with_ci, read_csv_rows, render_table, write_csv_rows
 from .training import (
     RunConfig,
     RunResult,
@@ -207,7 +206,6 @@ def sweep_table(
 ) -> str:
     """The sweep summary as a text table (rich), one row per setting; ``estimator`` (the
     learned one, if known) names the clipped view's column."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -233,9 +231,7 @@ def sweep_table(
             _f(r.get("wall_seconds"), 1),
         ]
         table.add_row(*cells)
-    buf = io.StringIO()
-    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
-    return buf.getvalue().rstrip()
+    return render_table(table, width)
 
 
 def write_sweep_outputs(

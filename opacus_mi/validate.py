@@ -31,7 +31,6 @@ settings it finished.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import numbers
@@ -56,7 +55,7 @@ from .checks import (
     require_seed,
 )
 from .records import json_safe
-from .report import read_csv_rows, write_csv_rows
+from .report import read_csv_rows, render_table, write_csv_rows
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
 DEFAULT_NOISE: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
@@ -774,7 +773,6 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def grid_table(rows: list[dict[str, Any]], width: int = 140) -> str:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -816,13 +814,10 @@ def grid_table(rows: list[dict[str, Any]], width: int = 140) -> str:
             _fmt(r["ig_ssim"]),
             _fmt(r["label_acc"]),
         )
-    buf = io.StringIO()
-    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
-    return buf.getvalue().rstrip()
+    return render_table(table, width)
 
 
 def correlation_table(correlations: list[dict[str, Any]], width: int = 140) -> str:
-    from rich.console import Console
     from rich.table import Table
 
     n = correlations[0]["settings"] if correlations else 0
@@ -844,9 +839,7 @@ def correlation_table(correlations: list[dict[str, Any]], width: int = 140) -> s
             cell += " *" if c["meets_target"] else ""
             cells.append(cell + (f" ({c['note']})" if c["note"] else ""))
         table.add_row(*cells)
-    buf = io.StringIO()
-    Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
-    return buf.getvalue().rstrip()
+    return render_table(table, width)
 
 
 NOTES = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -273,6 +274,73 @@ def test_record_contents_and_summary():
     for word in ("private/oracle", "clipped/mine", "epsilon", f"{r.epsilon:.3f}"):
         assert word in text
     assert "not bounds" not in text
+
+
+def _cells(text: str, key: str) -> list[str]:
+    """The cells of the summary table's row for ``key``."""
+    row = next(line for line in text.splitlines() if line.startswith(f"│ {key} "))
+    return [c.strip() for c in row.strip("│").split("│")]
+
+
+def test_the_table_shows_small_and_infinite_bounds_and_what_each_mean_averages(monkeypatch):
+    """At sigma 20 the bound per step, 1/(2 * 400) = 0.00125 nats, read 0.001; at sigma 0 its
+    infinite bound read '-', the mark of a figure that does not apply, and mi.png listed it in
+    the legend with no line and no note; a series some of the last records lack was headed
+    'mean of last N' over fewer than N values."""
+    from opacus_mi import plots
+    from opacus_mi.report import _fmt, mean_with_ci, summary_table
+
+    texts = []
+    monkeypatch.setattr(
+        plots, "_save", lambda fig, path: texts.extend(t.get_text() for t in fig.axes[0].texts)
+    )
+    for sigma, bound in ((20.0, "0.00125"), (0.0, "inf")):
+        engine, model, opt, loader = make_private(poisson=False, noise=sigma)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+        train(model, opt, loader)
+        records = list(monitor.history)
+        assert _cells(summary_table(records), "private/oracle")[-1] == bound
+        texts.clear()
+        plots.plot_mi(records, "unused.png")
+        assert any(f"bound/step {bound}" in t for t in texts) == (sigma == 0)
+    # (The learned figures begin once the critics' windows hold pairs: not at the first step.)
+    learned = [r.mi["clipped/mine"].nats for r in records if "clipped/mine" in r.mi]
+    finite = [x for x in learned if math.isfinite(x)]
+    assert 0 < len(finite) < len(records) == 6
+    mean, lo, hi = mean_with_ci(finite)
+    text = summary_table(records)
+    assert "mean of last 6" in text
+    cells = _cells(text, "clipped/mine")
+    assert cells[2] == f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}] (n={len(finite)})"
+    assert "(n=" not in _cells(text, "private/oracle")[2]
+
+
+def test_plots_of_one_record_or_no_finite_figure(monkeypatch):
+    """One record put the step axis at -0.04 .. 0.04; a run with no finite figure left the
+    zero line out of view and listed its series as if they had data."""
+    from opacus_mi import plots
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    train(model, opt, loader)
+    one = [monitor.history[0]]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.plot_mi(one, "unused.png")
+    plots.plot_epsilon(one, "unused.png")
+    for fig in figures:
+        ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    figures.clear()
+    blank = copy.deepcopy(one)
+    for v in blank[0].mi.values():
+        v.nats = v.ci_low = v.ci_high = math.nan
+    plots.plot_mi(blank, "unused.png")
+    ax = figures[0].axes[0]
+    low, high = ax.get_ylim()
+    assert low < 0 < high
+    labels = ax.get_legend_handles_labels()[1]
+    assert "private/oracle (no finite figure)" in labels
 
 
 def test_the_summary_does_not_call_smile_rows_lower_bounds(monkeypatch):
