@@ -195,7 +195,10 @@ class JsonlSink:
         self._key = os.path.realpath(self.path)
         self._serial = _NEWEST[self._key] = next(_SERIALS)
         self.left_out = 0  # records not written: a newer sink had the file
-        self._written: LeakageRecord | None = None  # the latest record written
+        # The latest record begun, and where its line starts: a resumed delivery of it writes
+        # it only if the file has not grown since (see __call__).
+        self._writing: LeakageRecord | None = None
+        self._writing_at = 0
 
     def __call__(self, record: LeakageRecord) -> None:
         if _NEWEST.get(self._key) != self._serial:
@@ -209,10 +212,14 @@ class JsonlSink:
                     stacklevel=2,
                 )
             return
-        if record is self._written:  # (a delivery an interrupt cut short, resumed)
+        line = json.dumps(record.as_dict()) + "\n"
+        if record is self._writing and self._fh.tell() != self._writing_at:
+            # A delivery an interrupt cut short, resumed: the line went out before it landed.
+            self._fh.flush()
             return
-        self._fh.write(json.dumps(record.as_dict()) + "\n")
-        self._written = record
+        self._writing_at = self._fh.tell()  # (first: an interrupt between the two rewrites)
+        self._writing = record
+        self._fh.write(line)
         self._fh.flush()
         if self.fsync:
             os.fsync(self._fh.fileno())
