@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
@@ -604,11 +603,14 @@ def step_kl(noise_multiplier: float, sample_rate: float) -> float:
             return math.exp(-0.5 * t * t) / math.sqrt(2 * math.pi) * log_ratio(mu + s * t)
 
         # (At q <= 1e-6 quad warns that it cannot reach its relative tolerance on a KL of
-        # ~1e-13: the value is right to ~1e-7 against a 50-digit quadrature, so not said.)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", integrate.IntegrationWarning)
-            value, _ = integrate.quad(f, -40.0, 40.0, points=[(0.5 - mu) / s], limit=400, epsabs=0)
-        return value
+        # ~1e-13: the value is right to ~1e-7 against a 50-digit quadrature, so not said.
+        # full_output keeps it quiet; warnings.catch_warnings here reset which warnings the
+        # user's loop had already shown, so a "once" warning came back at every new sigma,
+        # and it is not thread-safe, while this runs on an overlap worker.)
+        result = integrate.quad(
+            f, -40.0, 40.0, points=[(0.5 - mu) / s], limit=400, epsabs=0, full_output=1
+        )
+        return result[0]
 
     kl = (1.0 - q) * expect(0.0) + q * expect(1.0)
     # NaN where the integrand overflowed (s far below any DP noise): no finite bound is known,

@@ -70,6 +70,19 @@ def test_bounds_refuse_what_has_no_meaning(call, says):
         call()
 
 
+def test_the_bound_leaves_the_warnings_a_loop_has_shown_alone():
+    """Each new sigma's KL integral ran inside warnings.catch_warnings(), which resets which
+    warnings have been shown: a loop's own "once per location" warning (Opacus's, say) came
+    back at every step whose noise had changed."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for i in range(5):
+            warnings.warn("a loop's warning", UserWarning, stacklevel=1)
+            step_kl(0.5 + 0.1 * i, 0.05)
+            step_kl(2.0, 1e-7)  # (where quad cannot reach its tolerance: said before, not now)
+    assert [str(w.message) for w in seen] == ["a loop's warning"]
+
+
 def test_step_kl_limits():
     assert step_kl(1.7, 1.0) == pytest.approx(1 / (2 * 1.7**2))
     assert step_kl(1.0, 0.0) == 0.0
