@@ -219,6 +219,11 @@ class _RdpSum:
 # it, a cost per point learnt on the tiny domain of the first steps (1.7 us a point at 5.5k)
 # predicted 40 ms where 15 ms came, and one slow early call paced PRV out of a whole run.
 PRV_FIXED_POINTS = 25_000
+# The largest discretisation domain (points) a PRV epsilon is computed over: above it Opacus's
+# call takes minutes and gigabytes (sigma 0.01 on digits: 16 GB and no value after 2 minutes at
+# 23 steps, a MemoryError at 2.9 GiB). Such a domain is ~2 L / mesh with L just above epsilon,
+# so epsilon is in the hundreds there: reported as inf (an empty guarantee), with a warning.
+PRV_MAX_POINTS = 40_000_000
 
 
 class EpsilonTracker:
@@ -238,6 +243,7 @@ class EpsilonTracker:
         self.delta = delta
         self._key: tuple | None = None
         self._value: float = 0.0
+        self._infinite: tuple | None = None  # a history whose epsilon was inf (see epsilon)
         # Per (noise, rate): Opacus's per-step RDP by order (shared with the PRV domain's).
         self._rdp_cache = {} if _tables is None else _tables
         # PRV and GDP: Opacus's computation replicated at less cost, and whether the replica
@@ -294,6 +300,11 @@ class EpsilonTracker:
             value = 0.0
         elif _noiseless(key):
             value = math.inf  # no noise, no guarantee (Opacus's PRV and GDP raise instead)
+        elif self._infinite is not None and _extends(key, self._infinite):
+            self._key, self._value = key, math.inf
+            return math.inf  # more steps of a history whose epsilon was inf: inf again
+        elif type(self.accountant) is PRVAccountant and self.prv_too_large(key):
+            value = math.inf
         elif type(self.accountant) is RDPAccountant:
             value = self._rdp_epsilon(key)
         elif type(self.accountant) in self._replica and self._replica_ok is not False:
@@ -303,7 +314,19 @@ class EpsilonTracker:
         else:
             value = self._opacus_epsilon(key)
         self._key, self._value = key, value
+        if value == math.inf and key and not _noiseless(key):
+            # Epsilon never falls as steps are added: an overflowed PRV (sigma ~0.01) stays
+            # inf, where recomputing it for each longer history took minutes and gigabytes.
+            self._infinite = key
         return value
+
+    def prv_too_large(self, history: tuple | None = None) -> bool:
+        """Whether Opacus's PRV epsilon for ``history`` would run over more than
+        ``PRV_MAX_POINTS`` points (epsilon in the hundreds; it is then reported as inf)."""
+        key = self.history() if history is None else history
+        if type(self.accountant) is not PRVAccountant or not key or _noiseless(key):
+            return False
+        return self._prv_domain_of(key)[0].size > PRV_MAX_POINTS
 
     def _opacus_epsilon(self, history: tuple) -> float:
         """Opacus's own ``get_epsilon``, on a copy of the accountant holding ``history``."""
@@ -550,6 +573,15 @@ class EpsilonTracker:
                 float(self._sub[best]),
                 float(self._add[best]),
             )
+
+
+def _extends(history: tuple, earlier: tuple) -> bool:
+    """Whether ``history`` is ``earlier`` with steps added (the same entries, its last one
+    counting at least as many steps, then any more): its epsilon is at least ``earlier``'s."""
+    if len(history) < len(earlier) or history[: len(earlier) - 1] != earlier[:-1]:
+        return False
+    last, now = earlier[-1], history[len(earlier) - 1]
+    return now[:2] == last[:2] and now[2] >= last[2]
 
 
 def _noiseless(history: tuple) -> bool:

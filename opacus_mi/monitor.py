@@ -70,6 +70,7 @@ from opacus.grad_sample import (
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, DPPerLayerOptimizer
 
 from .accounting import (
+    PRV_MAX_POINTS,
     EpsilonTracker,
     MIAccountant,
     gaussian_channel_bound,
@@ -2193,7 +2194,9 @@ class LeakageMonitor:
             self._warn_once(
                 "epsilon-inf",
                 f"the accountant's epsilon is inf at sigma {sigma:g}, as Opacus's PRV accountant "
-                f"gives when its discretisation overflows (a valid but empty guarantee); {fix}",
+                "gives when its discretisation overflows, or where it would run over more than "
+                f"{PRV_MAX_POINTS:,} points (minutes and gigabytes a call: epsilon is in the "
+                f"hundreds there); a valid but empty guarantee; {fix}",
             )
         return value
 

@@ -474,6 +474,46 @@ def test_prv_replica_that_disagrees_with_opacus_is_not_used():
     assert tracker.epsilon() == acc.get_epsilon(1e-5)
 
 
+def test_an_infinite_prv_epsilon_stays_infinite_without_recomputing_it(monkeypatch):
+    """At sigma 0.01 Opacus's PRV gave inf from the second step, and each longer history was
+    computed again: at 23 steps the monitor's summary() used 16 GB and never returned. Epsilon
+    never falls as steps are added, so a history extending one whose epsilon was inf is inf;
+    and a history whose discretisation would exceed PRV_MAX_POINTS (minutes and gigabytes a
+    call; 391 million points there) is inf without a call."""
+    from opacus.accountants import PRVAccountant
+
+    from opacus_mi.accounting import PRV_MAX_POINTS, _extends
+
+    calls = []
+
+    def opacus_or_replica(history):
+        calls.append(history)
+        return math.inf if history[-1][2] >= 2 else 706.6
+
+    acc = PRVAccountant()
+    tracker = EpsilonTracker(acc, 1e-5)
+    monkeypatch.setattr(tracker, "_replica_ok", True)
+    tracker._replica[PRVAccountant] = opacus_or_replica
+    for steps, want in ((1, 706.6), (2, math.inf), (3, math.inf), (23, math.inf)):
+        assert tracker.epsilon(((0.01, 1 / 6, steps),)) == want
+    assert calls == [((0.01, 1 / 6, 1),), ((0.01, 1 / 6, 2),)]
+    # Another setting after it (a noise change) extends it too; fewer steps, or another
+    # earlier setting, do not.
+    assert tracker.epsilon(((0.01, 1 / 6, 2), (1.0, 1 / 6, 5))) == math.inf
+    assert len(calls) == 2
+    assert not _extends(((0.01, 1 / 6, 1), (1.0, 1 / 6, 5)), ((0.01, 1 / 6, 2),))
+    assert not _extends(((0.02, 1 / 6, 5),), ((0.01, 1 / 6, 2),))
+    assert _extends(((1.0, 0.1, 3), (0.01, 1 / 6, 4)), ((1.0, 0.1, 3), (0.01, 1 / 6, 2)))
+    # The domain check, on a fresh tracker: Opacus's own domain size, and no call above it.
+    tracker = EpsilonTracker(PRVAccountant(), 1e-5)
+    tracker._replica[PRVAccountant] = opacus_or_replica
+    monkeypatch.setattr(tracker, "_opacus_epsilon", opacus_or_replica)
+    huge = ((0.01, 1 / 6, 23),)
+    assert tracker.work(huge) > PRV_MAX_POINTS and tracker.prv_too_large(huge)
+    assert not tracker.prv_too_large(((1.0, 0.045, 1000),))
+    assert tracker.epsilon(huge) == math.inf and len(calls) == 2
+
+
 def test_prv_work_is_the_size_of_opacus_own_domain():
     """``EpsilonTracker.work`` (what the budget scales an epsilon's cost by) is the number of
     points Opacus's PRV discretises over, as its own ``_get_domain`` builds them (from a few
