@@ -686,7 +686,7 @@ class LeakageMonitor:
             engine.accountant, poisson_sampling=self._sampling(engine, module, poisson_sampling)
         )
         self._history: list[LeakageRecord] = []
-        self._record_count = 0  # every record made, kept in history or not (max_history)
+        self._trimmed = 0  # records max_history let go of (see _record_count)
         # The step a loaded state ended at (load_state_dict), until the first step after it
         # has been checked against the accountant and the features.
         self._resumed_at: int | None = None
@@ -1092,6 +1092,8 @@ class LeakageMonitor:
         # The wrapper's own time, less what brackets book, is monitor time too (book_overhead).
         budget, t0 = self.budget, time.perf_counter()
         booked = budget.host_booked() if budget is not None else 0.0
+        if self._unchecked_resume:  # (before Opacus's step: an error filter spends nothing)
+            self._check_resumed_accountant()
         if self._done:
             self._deliver()  # records an overlap worker finished since the last step
             if not self.attached:  # a sink detached the monitor: the step is Opacus's alone
@@ -1181,26 +1183,31 @@ class LeakageMonitor:
             budget.book_overhead(time.perf_counter() - t3)
         return result
 
+    def _check_resumed_accountant(self) -> None:
+        """At the first step after :meth:`load_state_dict`: warn if the engine's accountant
+        has not counted the steps the state was saved after (the accountant not restored with
+        it): records follow the accountant's count, and the history would jump."""
+        self._unchecked_resume = False
+        counted = sum(int(h[2]) for h in self.epsilon.history())
+        if counted != self.steps:
+            self._warn_once(
+                "state:accountant",
+                f"the monitor state loaded was saved after {self._resumed_at} steps, but the "
+                f"privacy engine's accountant has counted {counted}: the records follow the "
+                f"accountant, so the history jumps from step {self._resumed_at - 1} to "
+                f"{counted}. Restore the accountant from the same checkpoint as the monitor "
+                "(Opacus's load_checkpoint, or engine.accountant.load_state_dict) before "
+                "training on",
+            )
+
     def _follow_accountant(self, accounting: tuple) -> None:
         """Number this step as the accountant counts it, if its count jumped since attach
         (Opacus's ``load_checkpoint`` after ``make_private``, a rolled-back history, another
         model on the same engine): each record names the step whose ``get_epsilon`` it carries.
         A fixed ``every`` goes on counting this optimizer's own steps (``_own_step``)."""
-        unchecked, self._unchecked_resume = self._unchecked_resume, False
         if not accounting:
             return
-        counted = sum(int(h[2]) for h in accounting)
-        shift = counted - 1 - self.steps
-        if shift and unchecked:
-            self._warn_once(
-                "state:accountant",
-                f"the monitor state loaded was saved after {self._resumed_at} steps, but the "
-                f"privacy engine's accountant had counted {counted - 1} before this one: the "
-                f"records follow the accountant, so the history jumps from step "
-                f"{self._resumed_at - 1} to {counted - 1}. Restore the accountant from the same "
-                "checkpoint as the monitor (Opacus's load_checkpoint, or "
-                "engine.accountant.load_state_dict) before training on",
-            )
+        shift = sum(int(h[2]) for h in accounting) - 1 - self.steps
         if shift:
             self.steps += shift
             self._first_step += shift
@@ -1422,11 +1429,11 @@ class LeakageMonitor:
                 warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
             while self._done:
                 record = self._done[0]
-                if self._sending is not record:  # (else an interrupted delivery's record)
-                    self._sending, self._sent = record, 0
+                if not (self._history and self._history[-1] is record):  # (else resumed)
                     self._history.append(record)
-                    self._record_count += 1
                     self._trim_history()
+                if self._sending is not record:
+                    self._sending, self._sent = record, 0
                 if self._writes:  # under DPDDP every rank has this record; one writes it
                     while self._sent < len(self.sinks):
                         sink = self.sinks[self._sent]
@@ -1437,6 +1444,14 @@ class LeakageMonitor:
                                 f"sink:{type(exc).__name__}",
                                 f"a record sink failed: {exc!r} (the record stays in history)",
                             )
+                        except BaseException:
+                            # A sink that stops training (sys.exit, a StopTraining of its
+                            # own, Ctrl-C inside it) has had the record: called again with
+                            # it at every later delivery, it stopped each one, detach()'s
+                            # too. The JSONL alone is retried (it writes a line once).
+                            if sink is not self._jsonl:
+                                self._sent += 1
+                            raise
                         self._sent += 1
                 self._done.popleft()
         finally:
@@ -1912,13 +1927,15 @@ class LeakageMonitor:
             out.flags.append("features_width_changed")
             if self._features_unchecked and built is not None:  # (the first since a load)
                 self._warn_once(
-                    "features:width",
+                    "features:width:state",
                     f"the monitor state loaded has critics for features of width {built}, "
-                    f"this model's have width {sorted(widths - {built})[0]}: the state was "
-                    "saved with another model or input size, so its critics can neither "
-                    "score nor learn here (flag 'features_width_changed'). Load a state saved "
-                    "with this model and input size, or start a fresh monitor",
+                    f"this step's have width {sorted(widths - {built})[0]}: the state was "
+                    "saved with another model or input size (or this model's inputs vary in "
+                    "shape), so its critics can neither score nor learn on such steps (flag "
+                    "'features_width_changed'). Load a state saved with this model and input "
+                    "size, or start a fresh monitor",
                 )
+                self._warned.add("features:width")  # (the message above names both causes)
             self._warn_once(
                 "features:width",
                 f"features changed width ({built or sorted(widths)[0]} -> "
@@ -2145,7 +2162,15 @@ class LeakageMonitor:
     def _trim_history(self) -> None:
         """Keep the latest ``max_history`` records (all of them when it is None)."""
         if self.max_history is not None and len(self._history) > self.max_history:
-            del self._history[: len(self._history) - self.max_history]
+            gone = len(self._history) - self.max_history
+            del self._history[:gone]
+            self._trimmed += gone
+
+    @property
+    def _record_count(self) -> int:
+        """Every record made, kept in history or not: counted from the history itself, so an
+        interrupt mid-delivery cannot leave the count and the history apart."""
+        return self._trimmed + len(self._history)
 
     # ------------------------------------------------------------------ results
     @property
@@ -2381,7 +2406,8 @@ class LeakageMonitor:
             raise
         self._history = history
         self._trim_history()
-        self._record_count = record_count  # (before max_history a checkpoint held every record)
+        # (Before max_history a checkpoint held every record.)
+        self._trimmed = max(0, record_count - len(self._history))
         self._resumed_at, self._unchecked_resume = steps, True
         self._features_unchecked = True
         saved_delta = state.get("delta")

@@ -39,6 +39,8 @@ from .training import (
 SWEEP_OUT = "runs/sweep"  # the CLI's default --out for a sweep (a run's is runs/latest)
 # Everything a sweep writes at its top level (each run has its own folder below).
 SWEEP_OUTPUTS = ("sweep.csv", "sweep.txt", "sweep.png", "report.html", "sweep_config.json")
+# Keys every sweep_config.json has held: how a sweep tells an earlier one's folder.
+_SWEEP_MARK = frozenset({"dataset", "epochs", "delta", "out"})
 SWEEP_LAST = 10  # sweep MI figures average the last this-many records of each run
 
 SWEEP_COLUMNS = (
@@ -128,8 +130,7 @@ def run_sweep(
             base.out,
             SWEEP_OUTPUTS,
             kind="sweep",
-            signature="sweep_config.json",
-            ours=json_keys_are(frozenset({"dataset", "epochs", "delta", "out"})),
+            marks=(("sweep_config.json", json_keys_are(_SWEEP_MARK)),),
         )
     if target_epsilons is not None:
         # Every target is calibrated as its run will be before anything is written or trained,

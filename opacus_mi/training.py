@@ -256,39 +256,50 @@ def csv_header_has(columns: frozenset[str]):
     return ours
 
 
+def records_file(path: Path) -> bool:
+    """A test that a file is a records.jsonl (its first line a leakage record): a run of a
+    version that wrote config.json last, stopped before it, left only that."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = next((line for line in fh if line.strip()), "")
+        LeakageRecord.from_dict(json.loads(first))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return False
+    return True
+
+
 def refuse_foreign_outputs(
     out: str | os.PathLike,
     outputs: Sequence[str],
     *,
     kind: str,
-    signature: str,
-    ours,
+    marks: Sequence[tuple[str, Any]],
     extra: Sequence[str] = (),
 ) -> None:
     """Refuse ``out`` if it holds files under the names a ``kind`` writes (``outputs``; and the
-    relative paths ``extra``) while its ``signature`` file is not an earlier ``kind``'s
-    (``ours(path)``): the ``kind`` clears its last outputs, and it cleared and overwrote
-    anyone's (``--out .`` in a project with a config.json or a report.html)."""
+    relative paths ``extra``) while none of its ``marks`` (``(name, test)``: a file an earlier
+    ``kind`` wrote, and the test that it is one) is there: the ``kind`` clears its last
+    outputs, and it cleared and overwrote anyone's (``--out .`` in a project with a
+    config.json or a report.html)."""
     path = Path(out).expanduser()
     try:
         present = [n for n in outputs if os.path.lexists(path / n)]
         present += [e for e in extra if os.path.lexists(path / e)]
-        if not present:
-            return
-        sig = path / signature
-        if sig.is_file() and ours(sig):
+        if not present or any((path / n).is_file() and ours(path / n) for n, ours in marks):
             return
     except OSError as err:  # (a folder without execute permission)
         raise _unusable_folder(flag("out"), out, err) from None
-    if os.path.lexists(sig):
-        why = f"the {signature} there is not a {kind}'s"
-    else:
-        why = f"a {kind}'s {signature} is not there"
+    names = " or ".join(n for n, _ in marks)
     raise ValueError(
         f"{flag('out')} {str(out)!r} holds {', '.join(present)}, which a {kind} would clear "
-        f"or overwrite, and no earlier opacus-mi {kind} wrote them ({why}). Pass a new or "
-        f"empty {flag('out')}, or move those files"
+        f"or overwrite, and no earlier opacus-mi {kind} wrote them (no {names} of a {kind}'s "
+        f"is there). Pass a new or empty {flag('out')}, or move those files"
     )
+
+
+# A run's folder: its config.json, or (a version that wrote config.json last, stopped before
+# it) its records.jsonl.
+_RUN_MARKS = (("config.json", json_keys_are(_RUN_CONFIG_KEYS)), ("records.jsonl", records_file))
 
 
 def _tensorboard_events(out: Path) -> list[str]:
@@ -457,8 +468,7 @@ def preflight(cfg: RunConfig, split: Any = None, *, kind: str = "run") -> Any:
             out,
             RUN_OUTPUTS,
             kind="run",
-            signature="config.json",
-            ours=json_keys_are(_RUN_CONFIG_KEYS),
+            marks=_RUN_MARKS,
             extra=_tensorboard_events(out),
         )
     if cfg.tensorboard:

@@ -84,6 +84,8 @@ VALIDATE_OUTPUTS = (
     "validate.json",
 )
 SMALL_MODEL_PARAMS = 1_000_000
+# Columns every validate.csv has had: how a validate tells an earlier one's folder.
+_VALIDATE_MARK = frozenset({"setting", "step", "batch_size", "noise_multiplier"})
 
 # The grid's columns, in validate.csv order.
 COLUMNS: tuple[str, ...] = (
@@ -459,8 +461,7 @@ def _run_grid(
             cfg.out,
             VALIDATE_OUTPUTS,
             kind="validate",
-            signature="validate.csv",
-            ours=csv_header_has(frozenset({"setting", "step", "batch_size", "noise_multiplier"})),
+            marks=(("validate.csv", csv_header_has(_VALIDATE_MARK)),),
         )
     out = prepare_out_dir(cfg.out)  # (once every check has passed: no empty folder left)
     held.enter_context(claim_out_dir(out))

@@ -837,6 +837,19 @@ def test_a_folder_of_someone_elses_files_is_refused_not_cleared(tmp_path, capsys
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_folder_of_an_earlier_version_stopped_before_its_config_is_reused(tmp_path):
+    """Versions before this one wrote config.json last: one stopped midway left records.jsonl
+    alone, and the check for someone else's files refused that folder (the default
+    runs/latest) as not a run's. Its records.jsonl marks it as a run's too."""
+    out = tmp_path / "latest"
+    assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)]) == 0
+    for p in out.iterdir():
+        if p.is_file() and p.name != "records.jsonl":
+            p.unlink()
+    assert cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)]) == 0
+    assert (out / "config.json").is_file()
+
+
 def test_an_output_folder_that_is_a_broken_link_or_a_file_says_so(tmp_path):
     """A dangling or looping symbolic link, or a file, at --out was refused with the OS's
     "File exists", which names neither the link nor the fix."""

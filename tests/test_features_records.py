@@ -493,7 +493,7 @@ def test_a_state_the_engines_accountant_does_not_match_is_warned():
     engine, model, opt, loader = make_private(poisson=False, seed=0)  # a fresh accountant
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=3, train_every=1)
     monitor.load_state_dict(state)
-    says = "saved after 6 steps, but the privacy engine's accountant had counted 0 .* 5 to 0"
+    says = "saved after 6 steps, but the privacy engine's accountant has counted 0: .* 5 to 0"
     with pytest.warns(RuntimeWarning, match=says):
         train(model, opt, loader)
     # Restored with it (the engine's own checkpoint state), nothing is said.
@@ -525,7 +525,7 @@ def test_a_state_of_another_input_size_or_delta_says_so():
                 monitor.load_state_dict(state)
             continue
         monitor.load_state_dict(state)
-        says = "features of width 36, this model's have width 20: the state was saved with another"
+        says = "features of width 36, this step's have width 20: the state was saved with another"
         with pytest.warns(RuntimeWarning, match=says):
             train(model, opt, loader)
         assert all("features_width_changed" in r.flags for r in monitor.history[-2:])

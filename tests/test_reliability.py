@@ -288,16 +288,17 @@ def _interrupt_at(function: str, *, event: str = "call"):
         # The same in detach's last delivery (an overlap worker's record: the CLI's SIGTERM).
         ("__call__", "call", True, True),
         ("__call__", "return", True, True),  # the JSONL written, the delivery not told so
-        ("sink", "call", False, False),  # a user sink after the JSONL not reached
+        ("sink", "call", False, False),  # inside a user sink, after the JSONL
         ("sink", "call", False, True),
     ],
 )
 def test_an_interrupt_mid_delivery_loses_no_record(tmp_path, overlap, where, event, in_detach):
     """Ctrl-C (or the CLI's SIGTERM) landing while a record is handed out: the record was
     popped first, so the JSONL and every sink after the interrupted one never got it, and a
-    run ended by the interrupt lost its last record from disk. Each record now reaches every
-    sink exactly once: at the next delivery, or (the JSONL) from the finaliser once the
-    interrupted monitor is collected."""
+    run ended by the interrupt lost its last record from disk. Each record now reaches the
+    JSONL exactly once and every other sink once, but the one the interrupt landed in (it had
+    it): at the next delivery, or (the JSONL) from the finaliser once the interrupted monitor
+    is collected."""
     import gc
 
     engine, model, opt, loader = make_private()
@@ -345,8 +346,42 @@ def test_an_interrupt_mid_delivery_loses_no_record(tmp_path, overlap, where, eve
     assert history == everything
     if in_detach:  # (a user sink hears of the last record at a delivery the CLI never makes)
         assert seen == everything[: len(seen)] and len(seen) >= steps - 1
+    elif where == "sink":  # (the sink the interrupt landed in is not called again with it)
+        assert len(seen) == steps - 1 and seen == sorted(set(seen))
     else:
         assert seen == everything
+        assert monitor.record_count == steps
+
+
+class _StopTraining(BaseException):
+    """What a sink raises to end a loop (an exception no ``except Exception`` swallows)."""
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_sink_that_stops_training_is_not_called_again_with_its_record(tmp_path, overlap):
+    """A sink that ends training by raising a BaseException at step 2 was called again with
+    the same record at every later delivery, and raised again: detach(), history, summary()
+    and the next step all raised it, and a new monitor on the model could not attach."""
+    engine, model, opt, loader = make_private()
+    path = tmp_path / "records.jsonl"
+    calls = []
+
+    def stop_at_two(record):
+        calls.append(record.step)
+        if record.step == 2:
+            raise _StopTraining
+
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator=None, overlap=overlap, jsonl=path,
+        sinks=[stop_at_two],
+    )  # fmt: skip
+    with pytest.raises(_StopTraining):
+        train(model, opt, loader)
+    monitor.detach()  # (raised _StopTraining, every time)
+    assert calls == [0, 1, 2] and [r.step for r in monitor.history] == [0, 1, 2]
+    assert [r.step for r in read_jsonl(path)] == [0, 1, 2]
+    assert "private/oracle" in monitor.summary()
+    LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None).detach()
 
 
 def _private_bfloat16(*, clip: float):
