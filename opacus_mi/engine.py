@@ -157,6 +157,11 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         return result
 
     def make_private(self, *args: Any, **kwargs: Any):
+        """Opacus's ``make_private`` (same arguments, same returned tuple), then a
+        :class:`LeakageMonitor` attached to the model and optimizer it returns, as ``.monitor``
+        (with the engine's monitor options; ``delta`` is required here). Monitor options passed
+        here instead of to the engine, and ``wrap_model=False`` (no per-sample gradients to
+        read), are refused before anything is made private."""
         # make_private_with_epsilon calls this too, after setting _target_delta.
         self._check_before(kwargs)
         result = super().make_private(*args, **kwargs)
@@ -188,6 +193,8 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         return checkpoint
 
     def make_private_with_epsilon(self, *args: Any, target_delta: float, **kwargs: Any):
+        """Opacus's ``make_private_with_epsilon``, then a monitor as :meth:`make_private`
+        attaches, whose ``delta`` defaults to ``target_delta``."""
         self._target_delta = target_delta
         try:
             return super().make_private_with_epsilon(*args, target_delta=target_delta, **kwargs)

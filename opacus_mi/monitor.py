@@ -446,7 +446,7 @@ class LeakageMonitor:
         features: FeatureFn | Sequence[str] | None = None,
         seed: int = 0,
         jsonl: str | os.PathLike | None = None,
-        sinks: Iterable[Callable[[LeakageRecord], Any]] = (),
+        sinks: Iterable[Callable[[LeakageRecord], Any]] | Callable[[LeakageRecord], Any] = (),
         max_history: int | None = None,
         train_every: int | None = None,
         train_iters: int = 4,
@@ -956,7 +956,22 @@ class LeakageMonitor:
         ignore_index = getattr(loss, "ignore_index", None)
         ignore_index = ignore_index if isinstance(ignore_index, int) else None
 
+        said = []
+
         def wrapped(*args, **kwargs):
+            if not self.attached:
+                # (A notebook's next monitor, the criterion kept from the cell before: its
+                # critics would learn without the labels, and nothing said so.)
+                if not said:
+                    said.append(True)
+                    warnings.warn(
+                        "opacus-mi: this criterion was wrapped by a monitor that is detached, "
+                        "so it passes labels to no monitor; wrap the loss again with the monitor "
+                        "now attached: criterion = monitor.wrap_criterion(loss)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return criterion(*args, **kwargs)
             # Called as the loss is: positionally, or as torch's losses name them.
             output = args[0] if args else kwargs.get("input")
             target = args[1] if len(args) > 1 else kwargs.get("target")
@@ -2188,10 +2203,30 @@ class LeakageMonitor:
         return self._history
 
     def series(self, key: str) -> list[tuple[int, MIValue]]:
-        """``(step, value)`` for one MI series, e.g. ``"private/oracle"`` or ``"clipped/mine"``."""
-        return [(r.step, r.mi[key]) for r in self.history if key in r.mi]
+        """``(step, value)`` for one MI series, e.g. ``"private/oracle"`` or ``"clipped/mine"``
+        (empty until it has a figure). A key this monitor never reports is a KeyError listing
+        those it does: a misspelled one read as an empty series, "nothing measured"."""
+        history = self.history
+        if not any(key in r.mi for r in history) and key not in self._series_names():
+            raise KeyError(
+                f"no MI series {key!r} in this monitor: it reports {self._series_names()}"
+            )
+        return [(r.step, r.mi[key]) for r in history if key in r.mi]
+
+    def _series_names(self) -> list[str]:
+        """The series this monitor reports: each view's learned estimator, the private
+        view's oracle (and semi-oracle), and any other the history holds."""
+        names = {f"{view}/{self.estimator}": None for view in self.views if self.estimator}
+        if "private" in self.views:
+            names["private/oracle"] = None
+            if self.semi_oracle is not None:
+                names["private/semi"] = None
+        names.update(dict.fromkeys(self.keys()))
+        return list(names)
 
     def keys(self) -> list[str]:
+        """The MI series the history holds (``"private/oracle"``, ``"clipped/mine"``, ...), in
+        the order they first appear: what :meth:`series` takes."""
         seen: dict[str, None] = {}
         for r in self.history:
             for k in r.mi:
@@ -2272,6 +2307,9 @@ class LeakageMonitor:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on as this one would (steps, the generator, each
+        critic with its windows and Adam state, the history, the settings it was made with):
+        save it beside Opacus's checkpoint; :meth:`load_state_dict` continues from it."""
         self.flush()  # the worker's generator and critics are settled, its records in
         return {
             "steps": self.steps,

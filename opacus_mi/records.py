@@ -44,9 +44,12 @@ class MIValue:
 
     @property
     def difference(self) -> float | None:
+        """Matched less shuffled pairs' figure: what the critic finds beyond what it reads
+        where there is nothing to find (None where no shuffled figure is made)."""
         return None if self.mismatched is None else self.nats - self.mismatched
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as plain values, with ``difference`` (a JSON line's ``mi`` entries)."""
         d = asdict(self)
         d["difference"] = self.difference
         return d
@@ -81,6 +84,8 @@ class LeakageRecord:
         return self.epsilon_step is not None and self.epsilon_step != self.step
 
     def as_dict(self) -> dict[str, Any]:
+        """The record as plain values (one JSON line of ``records.jsonl``; ``from_dict`` reads
+        it back)."""
         d = asdict(self)
         d["mi"] = {k: v.as_dict() for k, v in self.mi.items()}
         return json_safe(d)

@@ -926,3 +926,15 @@ def test_the_oracle_refuses_what_it_cannot_take_by_name():
     same = gram_oracle(gram, np.float32(1.0), draws=np.int64(4), generator=copy_gen(gen))
     assert torch.equal(same.terms, gram_oracle(gram, 1.0, draws=4, generator=copy_gen(gen)).terms)
     assert torch.equal(union_deficits(gram, np.float64(0.5)), union_deficits(gram, 0.5))
+
+
+def test_estimate_mi_shows_its_options_and_names_a_misspelled_one():
+    """help(estimate_mi) showed (x, y, estimator='mine', **kwargs): no option, no default."""
+    import inspect
+
+    from opacus_mi import estimate_mi
+
+    params = inspect.signature(estimate_mi).parameters
+    assert params["eval_fraction"].default == 0.3 and params["max_steps"].default == 3000
+    with pytest.raises(TypeError, match="unknown options 'eval_fracion'"):
+        estimate_mi(torch.zeros(32, 2), torch.zeros(32, 2), eval_fracion=0.5)

@@ -343,6 +343,28 @@ def test_plots_of_one_record_or_no_finite_figure(monkeypatch):
     assert "private/oracle (no finite figure)" in labels
 
 
+def test_a_misspelled_series_and_a_detached_monitors_criterion_say_so():
+    """series('private/orcale') returned [] (read as "nothing measured"); a criterion wrapped
+    by a monitor since detached went on passing its labels to no monitor, and the next
+    monitor's critics learned without them, with no word."""
+    engine, model, opt, loader = make_private(poisson=False)
+    first = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    criterion = first.wrap_criterion(nn.CrossEntropyLoss())
+    train(model, opt, loader, criterion=criterion)
+    with pytest.raises(KeyError, match=r"'private/orcale'.* reports \['clipped/mine', "):
+        first.series("private/orcale")
+    assert first.series("private/oracle")
+    assert set(first.keys()) == {"clipped/mine", "private/mine", "private/oracle"}
+    first.detach()
+    second = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    assert second.series("clipped/mine") == []  # (reported, not yet measured)
+    x, y = next(iter(loader))
+    with pytest.warns(RuntimeWarning, match="wrapped by a monitor that is detached"):
+        loss = criterion(model(x), y)
+    assert torch.equal(loss, nn.functional.cross_entropy(model(x), y))
+    second.detach()
+
+
 def test_the_summary_does_not_call_smile_rows_lower_bounds(monkeypatch):
     """SMILE clips its critic's marginal term: on a known 5 nats it read 5.36 on average, so
     the table's and the plot's 'learned rows are lower bounds' must except it."""

@@ -11,6 +11,7 @@ p-value for "any leakage at all" (``p_value``).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import reprlib
 from dataclasses import asdict, dataclass
@@ -62,6 +63,7 @@ class MIEstimate:
     heldout_ci_high: float = float("nan")  # the held-out bound's bootstrap high end alone
 
     def as_dict(self) -> dict:
+        """The fields as plain values (for JSON or a DataFrame row)."""
         return asdict(self)
 
     def __str__(self) -> str:
@@ -153,8 +155,6 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
             touched.
         device: where the critic trains (refused if this machine lacks it).
     """
-    import inspect
-
     valid = list(inspect.signature(_estimate_mi).parameters)[3:]
     unknown = [k for k in kwargs if k not in valid]
     if unknown:  # (named here: the TypeError of the function below names a private one)
@@ -358,3 +358,8 @@ def _estimate_mi(
         p_value=p_value,
         in_sample=in_sample,
     )
+
+
+# What help(estimate_mi) and editors show: every option with its default (estimate_mi takes
+# them as **kwargs only to name a misspelled one itself).
+estimate_mi.__signature__ = inspect.signature(_estimate_mi)  # type: ignore[attr-defined]
