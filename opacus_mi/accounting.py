@@ -244,6 +244,7 @@ class EpsilonTracker:
         self._key: tuple | None = None
         self._value: float = 0.0
         self._infinite: tuple | None = None  # a history whose epsilon was inf (see epsilon)
+        self._domain_memo: tuple | None = None  # the latest PRV domain (see _prv_domain_of)
         # Per (noise, rate): Opacus's per-step RDP by order (shared with the PRV domain's).
         self._rdp_cache = {} if _tables is None else _tables
         # PRV and GDP: Opacus's computation replicated at less cost, and whether the replica
@@ -394,7 +395,15 @@ class EpsilonTracker:
     def _prv_domain_of(self, history: tuple, eps_error: float = 0.01) -> tuple[Any, list]:
         """``(domain, prvs)``: Opacus's PRV discretisation domain for ``history`` (its
         ``_get_domain``) and the history's PRVs, with the two RDP epsilons of its
-        ``compute_safe_domain_size`` from this tracker's tables."""
+        ``compute_safe_domain_size`` from this tracker's tables. The latest is kept: the
+        budget's ``work``, the size check and the epsilon itself each ask for the same one."""
+        if self._domain_memo is not None and self._domain_memo[0] == (history, eps_error):
+            return self._domain_memo[1]
+        result = self._prv_domain_uncached(history, eps_error)
+        self._domain_memo = ((history, eps_error), result)
+        return result
+
+    def _prv_domain_uncached(self, history: tuple, eps_error: float) -> tuple[Any, list]:
         # PRVAccountant.get_epsilon's defaults: eps_error 0.01, delta_error = delta / 1000.
         delta_error = self.delta / 1000
         prvs = [prv_analysis.PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]

@@ -514,6 +514,23 @@ def test_an_infinite_prv_epsilon_stays_infinite_without_recomputing_it(monkeypat
     assert tracker.epsilon(huge) == math.inf and len(calls) == 2
 
 
+def test_prv_domain_is_sized_once_per_history(monkeypatch):
+    """The budget's work(), the size check and the epsilon each sized Opacus's PRV domain
+    (two RDP epsilons and a grid) for the same history: three times a record."""
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    tracker = EpsilonTracker(acc, 1e-5)
+    sized = []
+    real = tracker._prv_domain_uncached
+    monkeypatch.setattr(tracker, "_prv_domain_uncached", lambda h, e: sized.append(h) or real(h, e))
+    for _ in range(3):
+        acc.step(noise_multiplier=1.0, sample_rate=0.05)
+        tracker.work()
+        assert tracker.epsilon() == acc.get_epsilon(1e-5)
+    assert sized == [((1.0, 0.05, n),) for n in (1, 2, 3)]
+
+
 def test_prv_work_is_the_size_of_opacus_own_domain():
     """``EpsilonTracker.work`` (what the budget scales an epsilon's cost by) is the number of
     points Opacus's PRV discretises over, as its own ``_get_domain`` builds them (from a few
