@@ -961,8 +961,9 @@ class LeakageMonitor:
         def wrapped(*args, **kwargs):
             if not self.attached:
                 # (A notebook's next monitor, the criterion kept from the cell before: its
-                # critics would learn without the labels, and nothing said so.)
-                if not said:
+                # critics would learn without the labels, and nothing said so. A test loss
+                # after training, with no monitor on the model, is fine as it is.)
+                if not said and any(m.module is self.module for m in list(_ATTACHED)):
                     said.append(True)
                     warnings.warn(
                         "opacus-mi: this criterion was wrapped by a monitor that is detached, "
@@ -1424,6 +1425,8 @@ class LeakageMonitor:
         record.flags.append(f"error:{type(exc).__name__}")
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
+        if accounting and self.epsilon.used_rdp(accounting):
+            record.flags.append("epsilon_rdp")
         return record
 
     def _deliver(self) -> None:
@@ -1866,6 +1869,8 @@ class LeakageMonitor:
         record.flags = sorted({f for c in chunks for f in c.flags})
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
+        if self._epsilon_history and self.epsilon.used_rdp(self._epsilon_history):
+            record.flags.append("epsilon_rdp")  # (PRV's would cost minutes: see EpsilonTracker)
         if batch == 0 and not any(f.startswith("error:") for f in record.flags):
             record.flags.append("empty_batch")  # (not a failed measurement's zero rows)
         record.mi.update(estimates.mi)
@@ -2254,9 +2259,15 @@ class LeakageMonitor:
             self._warn_once(
                 "epsilon-inf",
                 f"the accountant's epsilon is inf at sigma {sigma:g}, as Opacus's PRV accountant "
-                "gives when its discretisation overflows, or where it would run over more than "
-                f"{PRV_MAX_POINTS:,} points (minutes and gigabytes a call: epsilon is in the "
-                f"hundreds there); a valid but empty guarantee; {fix}",
+                f"gives when its discretisation overflows (a valid but empty guarantee); {fix}",
+            )
+        if accounting and self.epsilon.used_rdp(accounting):
+            self._warn_once(
+                "epsilon-rdp",
+                f"Opacus's PRV epsilon would now run over more than {PRV_MAX_POINTS:,} points "
+                "(minutes and gigabytes a call; the domain grows with the steps): records "
+                "carry Opacus's RDP epsilon for the same history instead, a valid and slightly "
+                "looser bound (flag 'epsilon_rdp')",
             )
         return value
 

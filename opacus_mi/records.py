@@ -221,6 +221,8 @@ class JsonlSink:
         if record is self._writing and self._fh.tell() != self._writing_at:
             # A delivery an interrupt cut short, resumed: the line went out before it landed.
             self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
             return
         self._writing_at = self._fh.tell()  # (first: an interrupt between the two rewrites)
         self._writing = record

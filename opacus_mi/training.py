@@ -283,8 +283,9 @@ def refuse_foreign_outputs(
     config.json or a report.html)."""
     path = Path(out).expanduser()
     try:
-        present = [n for n in outputs if os.path.lexists(path / n)]
-        present += [e for e in extra if os.path.lexists(path / e)]
+        # (An empty file loses nothing: a run of an earlier version stopped at its first step
+        # left an empty records.jsonl and no config.json.)
+        present = [n for n in (*outputs, *extra) if _holds_something(path / n)]
         if not present or any((path / n).is_file() and ours(path / n) for n, ours in marks):
             return
     except OSError as err:  # (a folder without execute permission)
@@ -300,6 +301,11 @@ def refuse_foreign_outputs(
 # A run's folder: its config.json, or (a version that wrote config.json last, stopped before
 # it) its records.jsonl.
 _RUN_MARKS = (("config.json", json_keys_are(_RUN_CONFIG_KEYS)), ("records.jsonl", records_file))
+
+
+def _holds_something(path: Path) -> bool:
+    """Whether ``path`` is there and not an empty file (a link or a folder counts)."""
+    return os.path.lexists(path) and not (path.is_file() and path.stat().st_size == 0)
 
 
 def _tensorboard_events(out: Path) -> list[str]:

@@ -479,7 +479,7 @@ def test_an_infinite_prv_epsilon_stays_infinite_without_recomputing_it(monkeypat
     computed again: at 23 steps the monitor's summary() used 16 GB and never returned. Epsilon
     never falls as steps are added, so a history extending one whose epsilon was inf is inf;
     and a history whose discretisation would exceed PRV_MAX_POINTS (minutes and gigabytes a
-    call; 391 million points there) is inf without a call."""
+    call; 391 million points there) gets Opacus's RDP epsilon instead, without a PRV call."""
     from opacus.accountants import PRVAccountant
 
     from opacus_mi.accounting import PRV_MAX_POINTS, _extends
@@ -511,7 +511,11 @@ def test_an_infinite_prv_epsilon_stays_infinite_without_recomputing_it(monkeypat
     huge = ((0.01, 1 / 6, 23),)
     assert tracker.work(huge) > PRV_MAX_POINTS and tracker.prv_too_large(huge)
     assert not tracker.prv_too_large(((1.0, 0.045, 1000),))
-    assert tracker.epsilon(huge) == math.inf and len(calls) == 2
+    rdp = RDPAccountant()
+    for history in (huge, ((0.01, 1 / 6, 24),), ((0.01, 1 / 6, 24), (0.5, 0.2, 3))):
+        rdp.history = list(history)
+        assert tracker.epsilon(history) == rdp.get_epsilon(1e-5) and tracker.used_rdp(history)
+    assert len(calls) == 2 and not tracker.used_rdp(((0.01, 1 / 6, 22),))
 
 
 def test_prv_domain_is_sized_once_per_history(monkeypatch):

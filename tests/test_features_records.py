@@ -363,6 +363,10 @@ def test_a_misspelled_series_and_a_detached_monitors_criterion_say_so():
         loss = criterion(model(x), y)
     assert torch.equal(loss, nn.functional.cross_entropy(model(x), y))
     second.detach()
+    with warnings.catch_warnings():  # (a test loss after training, no monitor on the model)
+        warnings.simplefilter("error")
+        fresh = first.wrap_criterion(nn.CrossEntropyLoss())
+        fresh(model(x), y)
 
 
 def test_the_summary_does_not_call_smile_rows_lower_bounds(monkeypatch):

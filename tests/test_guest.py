@@ -122,25 +122,44 @@ def test_a_noiseless_run_is_recorded_with_infinite_epsilon(accountant):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # inside Opacus's PRV
 @pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha:UserWarning")  # its RDP
-def test_an_epsilon_the_accountant_cannot_compute_is_nan_and_the_records_keep_their_mi():
-    """At sigma 1e-4 Opacus's PRV accountant asks for a grid of hundreds of GiB (MemoryError):
-    the monitor lost every record, summary() raised, and the CLI crashed after training."""
+def test_an_epsilon_prv_cannot_afford_is_rdps_and_one_that_fails_is_nan(monkeypatch):
+    """At sigma 1e-4 Opacus's PRV accountant asks for a grid of hundreds of GiB (MemoryError);
+    at 0.01 each call took minutes and, by 23 steps, 16 GB. The monitor lost every record,
+    then gave NaN; now a history whose PRV grid would exceed PRV_MAX_POINTS carries Opacus's
+    RDP epsilon for the same history (flag epsilon_rdp, said once), and an accountant that
+    fails still gives NaN flagged epsilon_failed. The records keep their MI either way."""
     import math
 
-    from opacus.accountants import PRVAccountant
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
-    reference = PRVAccountant()  # Opacus's own call fails the same way after one step
+    reference = PRVAccountant()  # Opacus's own call fails after one step
     reference.history = [(1e-4, 1 / 6, 1)]  # (sigma, q = 16 of 96, steps)
     with pytest.raises(MemoryError):
         reference.get_epsilon(1e-5)
     engine, model, opt, loader = make_private(accountant="prv", noise=1e-4, poisson=False)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
-    with pytest.warns(RuntimeWarning, match="could not compute epsilon at sigma 0.0001"):
+    with pytest.warns(RuntimeWarning, match="PRV epsilon would now run over more than 40,000"):
         train(model, opt, loader, epochs=1)
         monitor.flush()
     records = monitor.history
     assert [r.step for r in records] == list(range(len(loader)))
     for r in records:
+        rdp = RDPAccountant()
+        rdp.history = [(1e-4, r.sample_rate, r.epsilon_step + 1)]
+        assert r.epsilon == rdp.get_epsilon(1e-5) and "epsilon_rdp" in r.flags
+        assert 0 < r.mi["private/oracle"].nats <= math.log(r.batch_size) + 1e-9
+    assert "epsilon_rdp" in monitor.summary()
+
+    engine, model, opt, loader = make_private(accountant="rdp", noise=1.0, poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
+
+    def fails(history=None):
+        raise MemoryError("an accountant that cannot compute")
+
+    monkeypatch.setattr(monitor.epsilon, "epsilon", fails)
+    with pytest.warns(RuntimeWarning, match="could not compute epsilon at sigma 1"):
+        train(model, opt, loader, epochs=1)
+    for r in monitor.history:
         assert math.isnan(r.epsilon) and "epsilon_failed" in r.flags
         assert 0 < r.mi["private/oracle"].nats <= math.log(r.batch_size) + 1e-9
     assert "epsilon nan" in monitor.summary()

@@ -353,6 +353,31 @@ def test_an_interrupt_mid_delivery_loses_no_record(tmp_path, overlap, where, eve
         assert monitor.record_count == steps
 
 
+def test_a_jsonl_write_an_interrupt_cut_short_is_resumed_once_and_synced(tmp_path, monkeypatch):
+    """An interrupt after the line was written but before its fsync: the resumed call wrote
+    nothing (right) but synced nothing either, so detach() closed an unsynced last record."""
+    from opacus_mi.records import JsonlSink, LeakageRecord
+
+    path = tmp_path / "records.jsonl"
+    sink = JsonlSink(path, fsync=True)
+    record = LeakageRecord(step=0, batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0,
+                           sample_rate=0.1, epsilon=1.0, delta=1e-5)  # fmt: skip
+    synced = []
+
+    def fsync(fd):
+        synced.append(fd)
+        if len(synced) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        sink(record)
+    sink(record)  # (the delivery, resumed)
+    sink.close()
+    assert len(synced) == 2 and [r.step for r in read_jsonl(path)] == [0]
+    assert len(path.read_text().splitlines()) == 1
+
+
 class _StopTraining(BaseException):
     """What a sink raises to end a loop (an exception no ``except Exception`` swallows)."""
 
