@@ -16,6 +16,8 @@ from opacus_mi.estimators.bounds import (
     bootstrap_counts,
     bound,
     infonce_bound,
+    infonce_jackknife,
+    jackknife_interval,
     js_objective,
     nwj_bound,
     permutation_p_value,
@@ -102,6 +104,36 @@ def test_bootstrap_bound_against_explicit_resampling(kind):
         torch.testing.assert_close(got[r], _brute(kind, s, idx))
 
 
+def test_bootstrap_bound_refuses_infonce():
+    """Resampling its rows alone understates InfoNCE's spread (they share the candidates)."""
+    with pytest.raises(ValueError, match="infonce_jackknife"):
+        bootstrap_bound("infonce", _scores(), bootstrap_counts(7, 2, torch.Generator()))
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3])
+def test_infonce_jackknife_against_deleting_each_pair(scale):
+    """Pair i leaves the rows and the candidates. At scale 1e3 a row's largest entry holds all
+    of its sum but e^-1000 of it: taking it out by subtraction would leave 0 (log: -inf)."""
+    n = 9
+    s = _scores(n=n, scale=scale, seed=4)
+    s[2, 5] = s[2].max() + 3 * scale  # a row whose top entry is not its own pair's
+
+    def brute(keep: list[int]) -> torch.Tensor:
+        sub = s[keep][:, keep]
+        return (sub.diagonal() - torch.logsumexp(sub, dim=1)).mean() + math.log(len(keep))
+
+    want = torch.stack([brute([j for j in range(n) if j != i]) for i in range(n)])
+    torch.testing.assert_close(infonce_jackknife(s), want, rtol=0, atol=1e-9)
+
+
+def test_jackknife_interval_is_t_times_the_jackknife_standard_error():
+    values = torch.tensor([0.9, 1.1, 1.0, 1.3, 0.7], dtype=torch.float64)
+    se = math.sqrt(4 / 5 * sum((v - 1.0) ** 2 for v in values.tolist()))
+    t = 2.7764451051977987  # Student's t, 4 df, 97.5%
+    got = jackknife_interval(values, torch.tensor(2.0), 0.95)
+    torch.testing.assert_close(got, torch.tensor([2.0 - t * se, 2.0 + t * se], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("kind", BOUNDS)
 def test_permuted_bounds_match_bound_of_repaired_scores(kind):
     s = _scores(n=9, scale=3.0, seed=2)
@@ -139,8 +171,7 @@ def test_infonce_never_exceeds_ln_n():
         s = 50 * torch.randn(n, n, generator=g, dtype=torch.float64)
         s.diagonal().add_(1e3)  # a perfectly separating critic
         assert infonce_bound(s) <= math.log(n) + 1e-12
-        counts = bootstrap_counts(n, 50, g)
-        assert (bootstrap_bound("infonce", s, counts) <= math.log(n) + 1e-9).all()
+        assert (infonce_jackknife(s) <= math.log(n - 1) + 1e-9).all()
         perms = random_permutations(n, 20, g)
         assert (permuted_bounds("infonce", s, perms) <= math.log(n) + 1e-9).all()
 

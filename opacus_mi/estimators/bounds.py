@@ -280,7 +280,7 @@ def bootstrap_bound(
     (a, b) of distinct draws of distinct pairs, so its marginal mean is
     ``sum_{i != j} w_i w_j e^{T_ij} / (n^2 - sum_i w_i^2)``, computed without materialising it.
     NWJ and SMILE use the same resampled marginal mean (of ``e^(T-1)``, of ``e^clip(T)``).
-    InfoNCE: the per-row terms are resampled (the candidate set stays the full evaluation set).
+    InfoNCE: none (a resample repeats pairs among the candidates; :func:`infonce_jackknife`).
     MINE with a ``baseline``: :func:`baseline_bound`'s form of the same resampled terms.
     """
     _check_kind(kind)
@@ -288,8 +288,11 @@ def bootstrap_bound(
     n = s.shape[0]
     w = counts.to(torch.float64)
     if kind == "infonce":
-        rows = s.diagonal() - torch.logsumexp(s, dim=1) + math.log(n)
-        return (w @ rows) / n
+        raise ValueError(
+            "bootstrap_bound does not resample InfoNCE: its row terms share the candidates, so "
+            "resampling the rows understates its spread; use infonce_jackknife and "
+            "jackknife_interval"
+        )
     joint = (w @ s.diagonal()) / n
     if kind == "mine" and baseline is not None:
         return joint - (baseline - 1.0) - torch.exp(_bootstrap_log_marginal(s, w) - baseline)
@@ -299,6 +302,49 @@ def bootstrap_bound(
         return joint - torch.exp(_bootstrap_log_marginal(s, w) - 1.0)
     clipped = s.clamp(-SMILE_TAU, SMILE_TAU)
     return joint - _bootstrap_log_marginal(clipped, w)
+
+
+def infonce_jackknife(scores: torch.Tensor) -> torch.Tensor:
+    """InfoNCE on the n pairs less pair i, for each i: ``(n,)`` float64, where the scores are.
+
+    Pair i leaves both the rows and every row's candidate set. A resample of the rows alone
+    keeps the candidates fixed and treats the row terms, which all share those candidates, as
+    independent: at 5 nats on 48 pairs the interval from it put its low end above the figure's
+    own expectation in 12.6% of batches (nominal 2.5%); this jackknife's, 4.8%.
+
+    ``O(n^2)``, in the scores' precision (float32 at least): a row's sum without one candidate
+    is its sum less that entry, scaled by the row's second-largest entry, with the largest added
+    back through ``log1p``; without the largest it is the scaled sum itself. So nothing small is
+    left from cancelling large terms, and no entry is floored.
+    """
+    s = scores.detach()
+    s = s if s.dtype == torch.float64 else s.float()
+    n = s.shape[0]
+    if n < 2:  # no pair to leave out
+        return torch.full((n,), math.nan, dtype=torch.float64, device=s.device)
+    top2 = s.topk(2, dim=1)
+    m, m2 = top2.values[:, :1], top2.values[:, 1:]
+    top = top2.indices[:, :1]
+    e = torch.exp((s - m2).scatter(1, top, -math.inf))  # all but the row's largest: <= 1
+    rest = e.sum(dim=1, keepdim=True)  # >= 1 (the second largest)
+    # row r without candidate i: log(e^m + e^m2 (rest - e_ri)); without its largest: m2 + ln rest
+    lse = (m + torch.log1p(torch.exp(m2 - m) * (rest - e))).scatter(1, top, m2 + torch.log(rest))
+    terms = (s.diagonal()[:, None] - lse).masked_fill(_eye(n, s.device), 0.0)  # row i leaves too
+    return terms.double().sum(dim=0) / (n - 1) + math.log(n - 1)
+
+
+def jackknife_se(values: torch.Tensor) -> torch.Tensor:
+    """The jackknife standard error of a figure from its n leave-one-out ``values``."""
+    n = values.shape[0]
+    v = values.double()
+    return torch.sqrt((n - 1) / n * ((v - v.mean()) ** 2).sum())
+
+
+def jackknife_interval(values: torch.Tensor, point: torch.Tensor, level: float) -> torch.Tensor:
+    """``[low, high]``: ``point`` -/+ Student's t quantile (n - 1 df) times the jackknife
+    standard error of leave-one-out ``values`` (n of them), where they are (no host read)."""
+    half = t_quantile(level, values.shape[0] - 1) * jackknife_se(values)
+    return torch.stack([point.double() - half, point.double() + half])
 
 
 def random_permutations(n: int, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -27,9 +27,10 @@ from .bounds import (
     bootstrap_bound,
     bootstrap_counts,
     bound,
+    infonce_jackknife,
+    jackknife_interval,
     percentile_tensor,
     random_cycle,
-    t_quantile,
 )
 from .critics import SeparableCritic
 
@@ -43,16 +44,23 @@ MIN_CI_PAIRS = 8
 # over-reaches when its own figure reads high). InfoNCE's per-row terms are bounded: 8 pairs.
 MIN_CI_PAIRS_EXP = 32
 PAIRS_PER_NAT = 8
+# InfoNCE's likewise near its ceiling ln n: n (ln n - figure) is the batch's summed loss, in nats,
+# of picking each pair's partner among the n candidates; under ~8 the critic's rare confusions
+# are mostly missing from the batch, and nothing in it shows their spread. The jackknife's low
+# end, exact critic (nominal 2.5%): 11% at a summed loss of 4 (4 nats, 16 pairs), 26-37% at 1-2
+# (8-10 nats, 64-128 pairs); withheld below 8, at most 0.1% in 13 settings of 1-10 nats and
+# 8-256 pairs, all kept where the expected loss is 58 or more.
+INFONCE_MIN_LOSS = 8.0
 MIN_VALIDATION = 64  # validation pairs before a learned critic may report
 NULL_MARGIN_SE = 2.0  # a learned critic must validate this many standard errors above 0
 
 
 def interval_withheld(kind: str, n: int, figure: float | torch.Tensor) -> bool | torch.Tensor:
-    """Whether n pairs are too few for an interval of a ``kind`` figure (the rule of
-    ``MIN_CI_PAIRS_EXP`` above; also ``estimate_mi``'s). A tensor ``figure`` gives a tensor,
-    where it is (no host read)."""
+    """Whether n pairs are too few for an interval of a ``kind`` figure (the rules of
+    ``MIN_CI_PAIRS_EXP`` and ``INFONCE_MIN_LOSS`` above; also ``estimate_mi``'s). A tensor
+    ``figure`` gives a tensor, where it is (no host read)."""
     if kind == "infonce":
-        return n < MIN_CI_PAIRS
+        return (n < MIN_CI_PAIRS) | (n * (math.log(max(n, 1)) - figure) < INFONCE_MIN_LOSS)
     return (n < MIN_CI_PAIRS_EXP) | (figure * PAIRS_PER_NAT > n)
 
 
@@ -237,16 +245,21 @@ def held_out_figures(
     generator: torch.Generator,
     bootstrap: int,
     baseline: float | None = None,
+    *,
+    withhold_near_ceiling: bool = True,
 ) -> torch.Tensor:
     """``[matched, mismatched, ci_low, ci_high]`` of a fixed critic's scores on a batch, as one
     float64 tensor where the scores are (not read: off the CPU each read is a sync).
 
     Mismatched: the same critic on one random re-pairing (the estimator's bias floor). The
-    interval: InfoNCE's, Student's t over its row terms (from ``MIN_CI_PAIRS`` pairs); the
-    bounds with a marginal mean of ``e^T``, a percentile bootstrap over the pairs (from
-    ``MIN_CI_PAIRS_EXP`` pairs and ``PAIRS_PER_NAT`` per nat of the figure); else NaN.
-    ``baseline``: MINE's figures in :func:`~opacus_mi.estimators.bounds.baseline_bound`'s form
-    with this ``c`` (unbiased on a batch of any size), not DV's.
+    interval: InfoNCE's, Student's t with a delete-one-pair jackknife's standard error (from
+    ``MIN_CI_PAIRS`` pairs and a summed loss of ``INFONCE_MIN_LOSS``;
+    :func:`~opacus_mi.estimators.bounds.infonce_jackknife`); the bounds with a marginal mean of
+    ``e^T``, a percentile bootstrap over the pairs (from ``MIN_CI_PAIRS_EXP`` pairs and
+    ``PAIRS_PER_NAT`` per nat of the figure); else NaN. ``baseline``: MINE's figures in
+    :func:`~opacus_mi.estimators.bounds.baseline_bound`'s form with this ``c`` (unbiased on a
+    batch of any size), not DV's. ``withhold_near_ceiling=False``: InfoNCE's interval near
+    ``ln n`` too, for a caller that floors its low end there by a bound (the semi-oracle).
     """
     n = scores.shape[0]
 
@@ -262,12 +275,13 @@ def held_out_figures(
     # average, the matched figure itself in half the batches at n = 2).
     mismatched = figure(scores[:, random_cycle(n, generator).to(scores.device)])
     if kind == "infonce" and n >= MIN_CI_PAIRS:
-        # A mean of n row terms: Student's t (a percentile bootstrap of it is too narrow at
-        # 8-16 pairs, its plug-in spread and normal quantiles: 4.5-6.4% above the truth).
-        rows = scores.diagonal() - torch.logsumexp(scores, dim=1)
-        sd, mean = torch.std_mean(rows.double() + math.log(n))
-        half = t_quantile(0.95, n - 1) * sd / math.sqrt(n)
-        interval = torch.stack([mean - half, mean + half])
+        # Its row terms share their candidates, so they are not independent: Student's t with
+        # a delete-one-pair jackknife's spread (a percentile bootstrap of the rows put the low
+        # end above the truth 4.5-6.4% of the time at 8-16 pairs; t over the rows, 12.6% at 5
+        # nats on 48; this, 2-5%, and near ln n see INFONCE_MIN_LOSS).
+        interval = jackknife_interval(infonce_jackknife(scores), matched, 0.95)
+        if withhold_near_ceiling:
+            interval = torch.where(interval_withheld(kind, n, matched), math.nan, interval)
     elif kind != "infonce" and n >= MIN_CI_PAIRS_EXP:
         counts = bootstrap_counts(n, bootstrap, generator, scores.device)
         interval = percentile_tensor(bootstrap_bound(kind, scores, counts, baseline))
