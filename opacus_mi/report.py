@@ -90,6 +90,7 @@ def summary_table(
             f"q {final.sample_rate:.4g})"
             + (
                 f"; MI accountant: any one example has leaked <= {final.mi_upper_bound:.4g} nats"
+                " over the run"
                 if final.mi_upper_bound is not None
                 else ""
             )
@@ -147,7 +148,13 @@ def summary_table(
         "\nnats per example per step; learned rows are lower bounds on pairs the critic never"
         "\ntrained on; 'detected' needs the CI over steps above 0 and above the shuffled controls"
         "\n(shuffled: the same critic on re-paired pairs; control: a critic trained on them);"
-        "\nbound/step = 1/(2 sigma^2), the Gaussian channel limit of one private release."
+        "\nbound/step = 1/(2 sigma^2), the Gaussian channel limit of one private release"
+        + (
+            ";\nthe MI accountant's figure is over the whole run as Opacus releases each example"
+            "\n(in a noisy sum, in a fraction q of the steps), not a bound on these rows."
+            if final.mi_upper_bound is not None
+            else "."
+        )
     )
     if any(k.endswith("/smile") for k in keys):
         text += "\nsmile rows are estimates, not bounds: its clipped critic can read above truth."

@@ -274,6 +274,11 @@ def test_record_contents_and_summary():
     for word in ("private/oracle", "clipped/mine", "epsilon", f"{r.epsilon:.3f}"):
         assert word in text
     assert "not bounds" not in text
+    # Per-step rows beside a whole-run figure: the summary says which is which.
+    one = " ".join(text.split())
+    assert f"any one example has leaked <= {r.mi_upper_bound:.4g} nats over the run" in one
+    assert "MI accountant's figure is over the whole run" in one
+    assert "not a bound on these rows" in one
 
 
 def _cells(text: str, key: str) -> list[str]:
