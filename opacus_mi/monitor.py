@@ -692,7 +692,13 @@ class LeakageMonitor:
         self._resumed_at: int | None = None
         self._unchecked_resume = self._features_unchecked = False
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
-        self._worker_warnings: deque[str] = deque()  # warnings the worker had to say
+        # Warnings not said where they arose: the worker's, and the training thread's own after
+        # Opacus's step (see _in_tail); said by the next delivery outside that tail.
+        self._worker_warnings: deque[str] = deque()
+        # Between Opacus's pre_step and the optimizer's update: a warning a user's error filter
+        # turned into an exception there stopped the update of a step the accountant had
+        # counted (a failing sink's, with overlap off: the default on a busy CPU).
+        self._in_tail = False
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
         # Logical steps, numbered as the accountant counts them: a monitor attached to an
         # engine that has trained already (a resumed checkpoint, a re-attach) names each
@@ -1110,12 +1116,25 @@ class LeakageMonitor:
         booked = budget.host_booked() if budget is not None else 0.0
         if self._unchecked_resume:  # (before Opacus's step: an error filter spends nothing)
             self._check_resumed_accountant()
-        if self._done:
-            self._deliver()  # records an overlap worker finished since the last step
+        if self._done or self._worker_warnings:
+            self._deliver()  # records an overlap worker finished since the last step (and
+            # warnings: before Opacus's step, one an error filter raises spends nothing)
             if not self.attached:  # a sink detached the monitor: the step is Opacus's alone
                 self._chunks = []
                 return self._original_pre_step(closure)
         monitored = self._due()
+        if monitored and self._worker is not None:
+            # At most one chunk in flight (its per-sample gradients live until it is read):
+            # every earlier record is made, and delivered, before this step's captures are
+            # taken, so that a sink's error (or its warning under an error filter) refuses
+            # the step whole: retried, it finds its captures (taken, they were lost to it).
+            waited = self._worker.wait()
+            if self.budget is not None:
+                self.budget.exclude(waited)
+            self._deliver()
+            if not self.attached:  # (as above: a sink detached it)
+                self._chunks = []
+                return self._original_pre_step(closure)
         if self._ghost_zero_grad is not None:
             self._settle_ghost_zero_grad()
         captures = self._capture.take()
@@ -1130,18 +1149,8 @@ class LeakageMonitor:
             if self._worker is None:
                 with without_autocast():  # (the user's, thread-local: a worker never has it)
                     self._chunks.append(self._measure_safely(captures))
-            else:
-                taken = self._take(captures)
-                # At most one chunk in flight: its per-sample gradients live until it is read.
-                waited = self._worker.wait()
-                if self.budget is not None:
-                    self.budget.exclude(waited)
-                self._deliver()  # every earlier record is made by now
-                if not self.attached:  # (as above: a sink detached it)
-                    taken.release()
-                    self._chunks = []
-                    return self._original_pre_step(closure)
-                self._chunks.append(taken)  # handed over below, with the record if it is the last
+            else:  # handed over below, with the record if it is the last
+                self._chunks.append(self._take(captures))
         t1 = time.perf_counter()
         try:
             result = self._original_pre_step(closure)
@@ -1151,6 +1160,18 @@ class LeakageMonitor:
             self._chunks = []
             raise
         t2 = time.perf_counter()
+        self._in_tail = True
+        try:
+            return self._step_tail(result, monitored, t0, t1, t2, booked)
+        finally:
+            self._in_tail = False
+
+    def _step_tail(
+        self, result: Any, monitored: bool, t0: float, t1: float, t2: float, booked: float
+    ) -> Any:
+        """The rest of :meth:`_pre_step`, after Opacus's (the accountant has counted the step;
+        the optimizer updates the parameters once it returns): the record, the next plan."""
+        budget = self.budget
         if getattr(self.optimizer, "_is_last_step_skipped", False):
             # A BatchMemoryManager chunk: the logical step is not over yet; measure it now.
             if monitored and self._worker is not None:
@@ -1443,7 +1464,7 @@ class LeakageMonitor:
             return
         try:
             self._delivering = True
-            while self._worker_warnings:
+            while self._worker_warnings and not self._in_tail:
                 warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
             while self._done:
                 record = self._done[0]
@@ -1458,10 +1479,14 @@ class LeakageMonitor:
                         try:
                             sink(record)
                         except Exception as exc:  # a full disk or a buggy callback: go on
+                            # (It has had the record: a warning raised by an error filter
+                            # stops this delivery, and the next must not call it again.)
+                            self._sent += 1
                             self._warn_once(
                                 f"sink:{type(exc).__name__}",
                                 f"a record sink failed: {exc!r} (the record stays in history)",
                             )
+                            continue
                         except BaseException:
                             # A sink that stops training (sys.exit, a StopTraining of its
                             # own, Ctrl-C inside it) has had the record: called again with
@@ -2172,9 +2197,10 @@ class LeakageMonitor:
             self._warned.add(key)
             message = f"opacus-mi: {message}; training continues unchanged"
             worker = getattr(self, "_worker", None)
-            if worker is not None and worker.on_worker():
-                # Said on the training thread (see _deliver): the user's warning filters act
-                # there, and a warning turned error on the worker lost the step's record.
+            if (worker is not None and worker.on_worker()) or getattr(self, "_in_tail", False):
+                # Said on the training thread (see _deliver), outside Opacus's step: the user's
+                # warning filters act there, and a warning turned error on the worker lost the
+                # step's record; in the step's tail it skipped the update (see _in_tail).
                 self._worker_warnings.append(message)
             else:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)

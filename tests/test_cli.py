@@ -1071,7 +1071,10 @@ def counted(self, *a, **k):
 DPOptimizer.step = counted
 def stop(*a, **k):
     sys.stderr.write(f"steps taken {{len(steps)}}\\n")
-    os.kill(os.getpid(), signal.{how})
+    # (raise_signal: to this thread, its handler run before it returns; os.kill let the
+    # kernel hand it to the overlap worker's thread, and on a busy machine the main thread
+    # reached the next line first)
+    signal.raise_signal(signal.{how})
     raise AssertionError("the signal should have stopped the run")
 training._evaluate = stop
 argv = {[*TINY, "--overlap", "on", "--epochs", "2", "--out", str(out)]!r}

@@ -1071,7 +1071,10 @@ def test_a_ghost_monitor_says_when_opacus_releases_more_than_it_clipped(mode):
         opt.zero_grad()
         criterion(model(x), y).backward()
         opt.step()
+        mon.flush()  # (what it had to say after Opacus's step, said here)
     said = [str(w.message) for w in caught if "ghost clipping clips" in str(w.message)]
+    exceeds = [w for w in caught if "as released, has norm" in str(w.message)]
+    assert len(exceeds) == (1 if mode == "ghost" else 0)
     if mode == "hooks":
         assert said == [] and mon.history[0].flags == []
         return

@@ -165,6 +165,56 @@ def test_an_epsilon_prv_cannot_afford_is_rdps_and_one_that_fails_is_nan(monkeypa
     assert "epsilon nan" in monitor.summary()
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_warning_an_error_filter_raises_never_skips_an_accounted_update(overlap):
+    """With overlap off (the default on a busy CPU) the record is made and delivered after
+    Opacus's step, before the optimizer's update: a failing sink's warning, raised there by a
+    ``-W error`` filter, left the update of a step the accountant had counted undone. It is
+    said at the next step instead, before Opacus's: that step is refused whole (nothing spent),
+    and trained when retried; every update matches an unmonitored run's, bit for bit. With
+    overlap the refusal came after the step's captures were taken: the retried step's record
+    was flagged features_unpaired, and the sink was called twice with one record."""
+    _, _, reference, _ = _run(False, epochs=1, poisson=False, noise=0.7)
+    engine, model, opt, loader = make_private(poisson=False, noise=0.7)
+
+    calls = []
+
+    def full_disk(record):
+        calls.append(record.step)
+        raise OSError("disk full")
+
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, overlap=overlap, sinks=[full_disk]
+    )
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    refused = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="opacus-mi: a record sink failed")
+        for x, y in loader:
+            counted = engine.accountant.history[-1][2] if engine.accountant.history else 0
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            try:
+                opt.step()
+            except RuntimeWarning:  # said before Opacus's step: nothing counted, no update
+                refused += 1
+                now = engine.accountant.history[-1][2] if engine.accountant.history else 0
+                assert now == counted
+                assert all(
+                    torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)
+                )
+                opt.step()  # (the gradients are still there: the step goes ahead)
+    assert refused == 1  # (said once)
+    assert engine.accountant.history[-1][2] == len(loader)
+    for a, b in zip(reference, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert monitor.record_count == len(loader)
+    monitor.flush()
+    assert calls == list(range(len(loader)))  # each record once, the refused one too
+    assert all(r.flags == [] for r in monitor.history)  # (a retried step's captures intact)
+
+
 def test_accountant_hook_untouched_and_detach_restores_optimizer():
     engine, model, opt, loader = make_private()
     before = dict(vars(opt))
