@@ -22,9 +22,10 @@ learned critics; <code>private/oracle</code> is the white-box Bayes oracle for t
 computed exactly from the Gram matrix of the clipped gradients.</li>
 <li><b>last / mean [95% CI].</b> Learned estimates are <b>lower bounds evaluated on held-out
 pairs</b> the critic never trained on (<code>smile</code>'s excepted: its clipping can
-overshoot), with Student-t (<code>infonce</code>) or bootstrap intervals; the oracle's is
-Student-t, reaching down to a proven floor near ln B. The mean averages the last records with an
-interval across steps.</li>
+overshoot), with Student-t intervals from a delete-one-pair jackknife (<code>infonce</code>;
+blank near ln B, where a batch cannot show its spread) or bootstrap intervals (blank on too
+few pairs for the figure); the oracle's is Student-t, reaching down to a proven floor near ln B.
+The mean averages the last records with an interval across steps.</li>
 <li><b>shuffled.</b> The same critic on <b>shuffled (mismatched) pairs</b>: a control showing
 what the estimator reports when there is nothing to find. A real signal sits well above it.</li>
 <li><b>detected.</b> Where shown: "yes" when the interval over steps lies above 0 and above the

@@ -90,7 +90,7 @@ from .chunks import CLIP_SLACK, Chunk, empty_item, half_slack, pack, unpack
 from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd, random_cycle
-from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
+from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator, interval_withheld
 from .estimators.oracle import floored_interval, gram_oracle, oracle_interval, union_mean
 from .estimators.semi_oracle import SemiOracleEstimator
 from .factored import (
@@ -338,6 +338,9 @@ class _Estimates:
     # released more than it clipped (see exceeds_clip), by more than ``slack`` (rounding).
     contribution: float | None = None
     slack: float = CLIP_SLACK
+    # The intervals withheld from ``mi`` (InfoNCE's near ln B), for the bug check alone: a
+    # private figure there reads far above the bound exactly when something is wrong.
+    withheld: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class LeakageMonitor:
@@ -692,13 +695,14 @@ class LeakageMonitor:
         self._resumed_at: int | None = None
         self._unchecked_resume = self._features_unchecked = False
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
-        # Warnings not said where they arose: the worker's, and the training thread's own after
-        # Opacus's step (see _in_tail); said by the next delivery outside that tail.
+        # Warnings not said where they arose: the worker's, and the training thread's own
+        # inside a step (see _deferring); said by the next delivery outside one.
         self._worker_warnings: deque[str] = deque()
-        # Between Opacus's pre_step and the optimizer's update: a warning a user's error filter
-        # turned into an exception there stopped the update of a step the accountant had
-        # counted (a failing sink's, with overlap off: the default on a busy CPU).
-        self._in_tail = False
+        # From the step's captures taken to the optimizer's update: a warning a user's error
+        # filter turned into an exception after Opacus's pre_step stopped the update of a
+        # step the accountant had counted (a failing sink's, with overlap off: the default on
+        # a busy CPU); before it, it lost the step's captures to its retry.
+        self._deferring = False
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
         # Logical steps, numbered as the accountant counts them: a monitor attached to an
         # engine that has trained already (a resumed checkpoint, a re-attach) names each
@@ -813,14 +817,14 @@ class LeakageMonitor:
         # then; without one, a record an interrupt cut short): a script that never reads
         # ``history`` still gets every JSONL line.
         atexit.register(_flush_at_exit, weakref.ref(self))
-        if self._jsonl is not None:
-            # And the JSONL gets them if the monitor is collected first (a run in a function
-            # that returned, or that an interrupt ended). What the finaliser holds never
-            # refers back to the monitor (a user's sink might: it would never be collected).
-            self._finaliser = weakref.finalize(
-                self, _deliver_rest, self._done, self._jsonl, self._worker_warnings
-            )
-            self._finaliser.atexit = False  # (at exit, the flush above: every sink)
+        # And the JSONL gets them if the monitor is collected first (a run in a function that
+        # returned, or that an interrupt ended), and the warnings it kept are said. What the
+        # finaliser holds never refers back to the monitor (a user's sink might: it would
+        # never be collected).
+        self._finaliser = weakref.finalize(
+            self, _deliver_rest, self._done, self._jsonl, self._worker_warnings
+        )
+        self._finaliser.atexit = False  # (at exit, the flush above: every sink)
         self._original_pre_step = optimizer.pre_step
         optimizer.pre_step = self._pre_step  # instance attribute; detach() deletes it
         # The per-sample gradients the latest pre_step read (see _zero_grad): at attach, any
@@ -901,12 +905,14 @@ class LeakageMonitor:
             # This rank alone letting go would leave the others waiting in the next gather.
             self._stop_requested = True
             return
-        self.flush()
-        if self._worker is not None:
-            self._worker.close()
-        self._unhook()
-        if self._jsonl is not None and not self._delivering:
-            self._jsonl.close()  # (a sink detaching: once the record it got is delivered)
+        try:
+            self.flush()  # (its last warnings may raise, under an error filter: detached still)
+        finally:
+            if self._worker is not None:
+                self._worker.close()
+            self._unhook()
+            if self._jsonl is not None and not self._delivering:
+                self._jsonl.close()  # (a sink detaching: once the record it got is delivered)
 
     def request_stop(self) -> None:
         """Detach every rank's monitor at the next monitored step (DPDDP: the request travels
@@ -925,8 +931,13 @@ class LeakageMonitor:
         if vars(self.optimizer).get("zero_grad") == self._zero_grad:
             del self.optimizer.zero_grad
         self._remove_hooks()
-        if self._finaliser is not None:
-            self._finaliser.detach()  # delivered, or (a forked child) the parent's to deliver
+        if self._finaliser is not None and not (
+            self._worker_warnings or getattr(self, "_deferring", False)
+        ):
+            # Delivered, or (a forked child) the parent's to deliver. Warnings still queued, or
+            # yet to come (a sink detached the monitor inside a step), are said by a later
+            # flush, at exit, or when it is collected.
+            self._finaliser.detach()
         self.attached = False
         _ATTACHED.discard(self)
 
@@ -1135,6 +1146,15 @@ class LeakageMonitor:
             if not self.attached:  # (as above: a sink detached it)
                 self._chunks = []
                 return self._original_pre_step(closure)
+        self._deferring = True
+        try:
+            return self._step(closure, monitored, t0, booked)
+        finally:
+            self._deferring = False
+
+    def _step(self, closure: Any, monitored: bool, t0: float, booked: float) -> Any:
+        """:meth:`_pre_step` from the moment it takes the step's captures: its warnings wait
+        for the next delivery outside it (see ``_deferring``)."""
         if self._ghost_zero_grad is not None:
             self._settle_ghost_zero_grad()
         captures = self._capture.take()
@@ -1160,11 +1180,7 @@ class LeakageMonitor:
             self._chunks = []
             raise
         t2 = time.perf_counter()
-        self._in_tail = True
-        try:
-            return self._step_tail(result, monitored, t0, t1, t2, booked)
-        finally:
-            self._in_tail = False
+        return self._step_tail(result, monitored, t0, t1, t2, booked)
 
     def _step_tail(
         self, result: Any, monitored: bool, t0: float, t1: float, t2: float, booked: float
@@ -1451,10 +1467,10 @@ class LeakageMonitor:
         return record
 
     def _deliver(self) -> None:
-        """Hand finished records to ``history`` and the sinks, on the training thread (and the
-        worker's warnings to the user's filters first). A sink that calls back (reads
-        ``history``, detaches the monitor) finds the delivery under way: this loop goes on
-        with every record, in order, and a detach closes the JSONL after it.
+        """Hand finished records to ``history`` and the sinks, on the training thread, then the
+        warnings kept for it (the worker's, a step's) to the user's filters. A sink that calls
+        back (reads ``history``, detaches the monitor) finds the delivery under way: this loop
+        goes on with every record, in order, and a detach closes the JSONL after it.
 
         A record leaves the queue only once every sink has had it, so an interrupt (Ctrl-C, the
         CLI's SIGTERM) landing mid-delivery loses nothing: the next delivery, the flush at exit
@@ -1464,8 +1480,6 @@ class LeakageMonitor:
             return
         try:
             self._delivering = True
-            while self._worker_warnings and not self._in_tail:
-                warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
             while self._done:
                 record = self._done[0]
                 if not (self._history and self._history[-1] is record):  # (else resumed)
@@ -1497,15 +1511,19 @@ class LeakageMonitor:
                             raise
                         self._sent += 1
                 self._done.popleft()
+            # After the records: a warning an error filter raises leaves none undelivered.
+            while self._worker_warnings and not self._deferring:
+                warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
         finally:
             self._delivering = False
         if not self.attached and self._jsonl is not None:
             self._jsonl.close()  # (a sink detached the monitor meanwhile)
 
     def flush(self) -> None:
-        """Wait for records an overlap worker is still making and deliver them (a no-op
-        without overlap). Reading ``history``, ``summary()`` or ``state_dict()`` flushes; call
-        it before reading the critics' state (``estimators``, ``controls``) directly."""
+        """Wait for records an overlap worker is still making and deliver them, and say the
+        warnings the last step kept (see ``_deferring``). Reading ``history``, ``summary()`` or
+        ``state_dict()`` flushes; call it before reading the critics' state (``estimators``,
+        ``controls``) directly."""
         if self._worker is not None:
             # (The plan that came with them waits for the next pre_step: adopted here, mid-step
             # (history read between backward and step), it moved the step's own decision after
@@ -1943,6 +1961,9 @@ class LeakageMonitor:
             self._charge(span, "critic" if train else "measure")
             span = self.budget.span()
         for key, value in record.mi.items():
+            if key in estimates.withheld:  # (see _Estimates.withheld)
+                low, high = estimates.withheld[key]
+                value = dataclasses.replace(value, ci_low=low, ci_high=high)
             if key.startswith("private/") and _exceeds(value, record.mi_bound):
                 record.flags.append(f"exceeds_bound:{key}")
         record.monitor_seconds = self._chunk_seconds + (time.perf_counter() - t0)
@@ -2042,10 +2063,14 @@ class LeakageMonitor:
             value = BatchEstimate.of(reads[slot], len(out.features))
             control = math.nan if control_slot is None else reads[control_slot][0]
             if math.isfinite(value.matched):
+                low, high = value.ci_low, value.ci_high
+                if kind == "infonce" and interval_withheld(kind, value.n, value.matched):
+                    out.withheld[f"{view}/{kind}"] = (low, high)
+                    low = high = math.nan
                 out.mi[f"{view}/{kind}"] = MIValue(
                     nats=value.matched,
-                    ci_low=value.ci_low,
-                    ci_high=value.ci_high,
+                    ci_low=low,
+                    ci_high=high,
                     n=value.n,
                     mismatched=value.mismatched,
                     control=control if math.isfinite(control) else None,
@@ -2197,10 +2222,10 @@ class LeakageMonitor:
             self._warned.add(key)
             message = f"opacus-mi: {message}; training continues unchanged"
             worker = getattr(self, "_worker", None)
-            if (worker is not None and worker.on_worker()) or getattr(self, "_in_tail", False):
-                # Said on the training thread (see _deliver), outside Opacus's step: the user's
+            if (worker is not None and worker.on_worker()) or getattr(self, "_deferring", False):
+                # Said on the training thread (see _deliver), outside a step: the user's
                 # warning filters act there, and a warning turned error on the worker lost the
-                # step's record; in the step's tail it skipped the update (see _in_tail).
+                # step's record; inside a step it skipped its update (see _deferring).
                 self._worker_warnings.append(message)
             else:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -2631,15 +2656,16 @@ def _flush_at_exit(ref: weakref.ref) -> None:
             pass
 
 
-def _deliver_rest(done: deque, jsonl: JsonlSink, said: deque) -> None:
+def _deliver_rest(done: deque, jsonl: JsonlSink | None, said: deque) -> None:
     """The JSONL lines (and warnings) of a collected monitor that it had not delivered yet
     (an overlap worker's, or one an interrupt cut short)."""
-    while done:
+    while done and jsonl is not None:
         try:
             jsonl(done.popleft())
         except Exception:  # collected: nothing left to protect
             pass
-    jsonl.close()
+    if jsonl is not None:
+        jsonl.close()
     with warnings.catch_warnings():  # (said, never raised: see _flush_at_exit)
         _said_not_raised()
         while said:

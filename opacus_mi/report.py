@@ -150,7 +150,7 @@ def summary_table(
         "\n(shuffled: the same critic on re-paired pairs; control: a critic trained on them);"
         "\nbound/step = 1/(2 sigma^2), the Gaussian channel limit of one private release"
         + (
-            ";\nthe MI accountant's figure is over the whole run as Opacus releases each example"
+            ";\nthe MI accountant's figure is over the run so far as Opacus releases each example"
             "\n(in a noisy sum, in a fraction q of the steps), not a bound on these rows."
             if final.mi_upper_bound is not None
             else "."

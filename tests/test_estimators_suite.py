@@ -110,20 +110,29 @@ def test_bootstrap_bound_refuses_infonce():
         bootstrap_bound("infonce", _scores(), bootstrap_counts(7, 2, torch.Generator()))
 
 
-@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3])
-def test_infonce_jackknife_against_deleting_each_pair(scale):
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3, "ties", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_infonce_jackknife_against_deleting_each_pair(scale, dtype):
     """Pair i leaves the rows and the candidates. At scale 1e3 a row's largest entry holds all
-    of its sum but e^-1000 of it: taking it out by subtraction would leave 0 (log: -inf)."""
+    of its sum but e^-1000 of it: taking it out by subtraction would leave 0 (log: -inf). A
+    row whose entries are -inf but its largest (a perfect critic) read NaN."""
     n = 9
-    s = _scores(n=n, scale=scale, seed=4)
-    s[2, 5] = s[2].max() + 3 * scale  # a row whose top entry is not its own pair's
+    s = _scores(n=n, scale=30.0 if isinstance(scale, str) else scale, seed=4)
+    s[2, 5] = s[2].max() + 3 * s.abs().max()  # a row whose top entry is not its own pair's
+    if scale == "ties":
+        s[3, 3] = s[3, 1] = s[3, 7] = s[3].max()  # three entries share a row's maximum
+    if scale == "-inf":
+        s[0, 1:] = -math.inf
+        s[4, :4] = s[4, 5:] = -math.inf  # only its own pair's finite
+    s = s.to(dtype)
 
     def brute(keep: list[int]) -> torch.Tensor:
         sub = s[keep][:, keep]
         return (sub.diagonal() - torch.logsumexp(sub, dim=1)).mean() + math.log(len(keep))
 
-    want = torch.stack([brute([j for j in range(n) if j != i]) for i in range(n)])
-    torch.testing.assert_close(infonce_jackknife(s), want, rtol=0, atol=1e-9)
+    want = torch.stack([brute([j for j in range(n) if j != i]) for i in range(n)]).double()
+    atol = 1e-9 if dtype == torch.float64 else 1e-6 * float(s[s.isfinite()].abs().max())
+    torch.testing.assert_close(infonce_jackknife(s), want, rtol=0, atol=atol)
 
 
 def test_jackknife_interval_is_t_times_the_jackknife_standard_error():

@@ -277,7 +277,7 @@ def test_record_contents_and_summary():
     # Per-step rows beside a whole-run figure: the summary says which is which.
     one = " ".join(text.split())
     assert f"any one example has leaked <= {r.mi_upper_bound:.4g} nats over the run" in one
-    assert "MI accountant's figure is over the whole run" in one
+    assert "MI accountant's figure is over the run so far" in one
     assert "not a bound on these rows" in one
 
 
@@ -1689,3 +1689,33 @@ def test_an_output_linking_back_to_itself_is_walked_once():
     root.total = root.parts[0].value  # (one tensor reached twice)
     found = _output_tensors(root)
     assert [float(t[0]) for t in found] == [float(i) for i in range(60)]
+
+
+def test_a_private_infonce_figure_at_ln_b_keeps_its_bug_check(monkeypatch):
+    """Near ln B an InfoNCE record's interval is withheld (NaN: the batch lacks the rare
+    confusions that would show its spread), and the bug check read that as 'no interval,
+    nothing to check': a private figure of ln B at a bound of 0.5 nats went unflagged. The
+    check now reads the jackknife's interval the record does not show. A figure short of the
+    ceiling keeps its interval in the record, and nothing is flagged there."""
+    from opacus_mi.estimators.online import OnlineEstimator
+
+    def scripted(gap):
+        def evaluate_on_device(self, x, y):  # [matched, mismatched, ci_low, ci_high]
+            top = math.log(x.shape[0])
+            return torch.tensor([top - gap, 0.0, top - gap - 0.002, top - gap + 0.002])
+
+        return evaluate_on_device
+
+    for gap, flagged in ((0.01, True), (2.5, False)):
+        monkeypatch.setattr(OnlineEstimator, "evaluate_on_device", scripted(gap))
+        engine, model, opt, loader = make_private(poisson=False, noise=1.0)
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, estimator="infonce", views=("private",)
+        )
+        train(model, opt, loader, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+        r = monitor.history[-1]
+        v = r.mi["private/infonce"]
+        assert v.nats == pytest.approx(math.log(16) - gap) and r.mi_bound == 0.5
+        assert math.isnan(v.ci_low) == flagged  # 16 x 0.01 < 8: withheld; 16 x 2.5: kept
+        assert ("exceeds_bound:private/infonce" in r.flags) == flagged, r.flags
+        monitor.detach()

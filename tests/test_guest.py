@@ -215,6 +215,89 @@ def test_a_warning_an_error_filter_raises_never_skips_an_accounted_update(overla
     assert all(r.flags == [] for r in monitor.history)  # (a retried step's captures intact)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_measurements_warning_under_an_error_filter_refuses_its_step_and_keeps_its_record(
+    overlap,
+):
+    """A feature callable failing once warns while the step is measured, after its captures
+    are taken (inline: before Opacus's step). Raised there by an error filter, it refused the
+    step, and the retried step, its captures gone, lost its record's figures (error, no
+    oracle). It is said at the next step now: the records match a run without the filter. And
+    a warning said by detach() no longer leaves the monitor attached."""
+
+    def run(error_filter: bool):
+        engine, model, opt, loader = make_private(noise=0.7)
+        calls = []
+
+        def features(x):
+            calls.append(1)
+            if len(calls) == 3:
+                raise ValueError("bad batch")
+            return x.flatten(1)
+
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=overlap, features=features)
+        criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+        refused = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if error_filter:
+                warnings.filterwarnings("error", message="opacus-mi")
+            for x, y in loader:
+                opt.zero_grad()
+                criterion(model(x), y).backward()
+                try:
+                    opt.step()
+                except RuntimeWarning:
+                    refused += 1
+                    opt.step()
+            try:
+                monitor.detach()
+            except RuntimeWarning:
+                refused += 1
+        assert not monitor.attached and "pre_step" not in vars(opt)
+        records = [(r.step, r.flags, sorted(r.mi)) for r in monitor.history]
+        return refused, records, list(model.parameters())
+
+    _, plain, reference = run(False)
+    refused, records, params = run(True)
+    assert refused == 1 and records == plain
+    assert any(flags == ["features_error"] for _, flags, _ in records)
+    for a, b in zip(reference, params, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("detach_in_sink", [False, True])
+def test_a_warning_a_step_kept_is_said_when_the_monitor_is_collected(detach_in_sink):
+    """Kept for the next step, a failing sink's warning at the last step of a run whose
+    monitor nothing held on to afterwards (no JSONL: no finaliser) was never said; nor where
+    an earlier sink had detached the monitor inside the step (the finaliser let go)."""
+    import gc
+
+    def train_and_drop():
+        engine, model, opt, loader = make_private(noise=0.7, poisson=False)
+        last = len(loader) - 1
+        held = {}
+
+        def detacher(record):
+            if detach_in_sink and record.step == last:
+                held["monitor"].detach()
+
+        def full_disk(record):
+            if record.step == last:
+                raise OSError("disk full")
+
+        held["monitor"] = LeakageMonitor(
+            engine, model, opt, delta=1e-5, overlap=False, sinks=[detacher, full_disk]
+        )
+        train(model, opt, loader, criterion=held["monitor"].wrap_criterion(nn.CrossEntropyLoss()))
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train_and_drop()
+        gc.collect()
+    assert sum("a record sink failed: OSError('disk full')" in str(w.message) for w in seen) == 1
+
+
 def test_accountant_hook_untouched_and_detach_restores_optimizer():
     engine, model, opt, loader = make_private()
     before = dict(vars(opt))

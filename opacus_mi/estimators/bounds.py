@@ -324,6 +324,7 @@ def infonce_jackknife(scores: torch.Tensor) -> torch.Tensor:
         return torch.full((n,), math.nan, dtype=torch.float64, device=s.device)
     top2 = s.topk(2, dim=1)
     m, m2 = top2.values[:, :1], top2.values[:, 1:]
+    m2 = torch.where(torch.isfinite(m2), m2, m)  # (a row all -inf but its largest: rest is 0)
     top = top2.indices[:, :1]
     e = torch.exp((s - m2).scatter(1, top, -math.inf))  # all but the row's largest: <= 1
     rest = e.sum(dim=1, keepdim=True)  # >= 1 (the second largest)

@@ -9,6 +9,7 @@ minibatches drawn from that window with its own Adam and its own generator.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -433,13 +434,19 @@ class OnlineEstimator:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> BatchEstimate | None:
         """Held-out bound on this batch; None before the critic has trained or if n < 2."""
         values = self.evaluate_on_device(x, y)
-        return None if values is None else BatchEstimate.of(values.tolist(), x.shape[0])
+        if values is None:
+            return None
+        value = BatchEstimate.of(values.tolist(), x.shape[0])
+        if self.kind == "infonce" and interval_withheld(self.kind, value.n, value.matched):
+            value = dataclasses.replace(value, ci_low=math.nan, ci_high=math.nan)
+        return value
 
     @torch.no_grad()
     def evaluate_on_device(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """:meth:`evaluate`'s ``[matched, mismatched, ci_low, ci_high]`` as one float64 tensor
         on the critic's device, not yet read: off the CPU each read is a host sync, and the
-        monitor reads a record's figures in one transfer."""
+        monitor reads a record's figures in one transfer. InfoNCE's interval near ln n is
+        not withheld here (:func:`interval_withheld`): the caller decides, once it is read."""
         n = x.shape[0]
         if (
             not self.ready
@@ -453,8 +460,15 @@ class OnlineEstimator:
         critic = self.selected if self.selected is not None else self.critic
         critic.eval()
         scores = critic.scores(x.to(self.device).float(), y.to(self.device).float())
+        # (InfoNCE's interval near ln n too: the monitor withholds it from the record, and
+        # checks the figure against the proven bound with it; see interval_withheld)
         return held_out_figures(
-            self.kind, scores, self.generator, self.bootstrap, baseline=self.baseline
+            self.kind,
+            scores,
+            self.generator,
+            self.bootstrap,
+            baseline=self.baseline,
+            withhold_near_ceiling=False,
         )
 
     def observe(
