@@ -17,11 +17,12 @@ from .estimators.bounds import t_quantile
 from .records import LeakageRecord
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
+def fmt_number(x: Any, digits: int = 3) -> str:
     """``digits`` decimals; a small figure to ``digits`` significant ones (a bound of 0.00125
     nats at sigma 20 read 0.001); an infinite bound (sigma 0) as ``inf``, not the ``-`` of a
-    figure that does not apply or is missing."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    figure that does not apply or is missing (None, NaN, not a number). The summary's, the
+    sweep's and validate's tables alike."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
         return "-"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
@@ -126,13 +127,13 @@ def summary_table(
         detected = "yes" if math.isfinite(lo) and lo > floor else "no"
         table.add_row(
             key,
-            f"{_fmt(v.nats)} [{_fmt(v.ci_low)}, {_fmt(v.ci_high)}]",
-            f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}]{over}",
-            _fmt(mism_mean),
-            *((_fmt(ctrl_mean),) if has_control else ()),
+            f"{fmt_number(v.nats)} [{fmt_number(v.ci_low)}, {fmt_number(v.ci_high)}]",
+            f"{fmt_number(mean)} [{fmt_number(lo)}, {fmt_number(hi)}]{over}",
+            fmt_number(mism_mean),
+            *((fmt_number(ctrl_mean),) if has_control else ()),
             detected,
-            _fmt(v.log_b) if math.isfinite(v.log_b) else "-",
-            _fmt(latest.mi_bound) if key.startswith("private") else "-",
+            fmt_number(v.log_b) if math.isfinite(v.log_b) else "-",
+            fmt_number(latest.mi_bound) if key.startswith("private") else "-",
         )
     flagged = sorted({f for r in records for f in r.flags})
     if any(f.startswith("exceeds_bound") for f in flagged):

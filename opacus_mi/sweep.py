@@ -19,7 +19,7 @@ from typing import Any
 from .accounting import gaussian_channel_bound
 from .checks import is_finite_number, plain_values
 from .records import LeakageRecord
-from .report import mean_with_ci, read_csv_rows, render_table, write_csv_rows
+from .report import fmt_number, mean_with_ci, read_csv_rows, render_table, write_csv_rows
 from .training import (
     RunConfig,
     RunResult,
@@ -185,12 +185,6 @@ def read_sweep_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     return read_csv_rows(path, text_columns=("setting", "out"))
 
 
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return "-"
-    return f"{x:.{digits}f}"
-
-
 def _g(x: Any) -> str:
     return f"{x:.4g}" if is_finite_number(x) else "-"
 
@@ -199,7 +193,8 @@ def _ci_cell(row: dict[str, Any], prefix: str) -> str:
     mid = row.get(f"{prefix}_mi")
     if not is_finite_number(mid):
         return "-"
-    return f"{_f(mid)} [{_f(row.get(f'{prefix}_ci_low'))}, {_f(row.get(f'{prefix}_ci_high'))}]"
+    lo, hi = row.get(f"{prefix}_ci_low"), row.get(f"{prefix}_ci_high")
+    return f"{fmt_number(mid)} [{fmt_number(lo)}, {fmt_number(hi)}]"
 
 
 def sweep_table(
@@ -224,12 +219,12 @@ def sweep_table(
         if targets:
             cells.append(_g(r.get("target_epsilon")))
         cells += [
-            _f(r.get("epsilon")),
-            _f(r.get("test_accuracy")),
+            fmt_number(r.get("epsilon")),
+            fmt_number(r.get("test_accuracy")),
             _ci_cell(r, "oracle"),
             _ci_cell(r, "clipped"),
-            _f(r.get("bound_per_step")),
-            _f(r.get("wall_seconds"), 1),
+            fmt_number(r.get("bound_per_step")),
+            fmt_number(r.get("wall_seconds"), 1),
         ]
         table.add_row(*cells)
     return render_table(table, width)

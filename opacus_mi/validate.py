@@ -55,7 +55,7 @@ from .checks import (
     require_seed,
 )
 from .records import json_safe
-from .report import read_csv_rows, render_table, write_csv_rows
+from .report import fmt_number, read_csv_rows, render_table, write_csv_rows
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
 DEFAULT_NOISE: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
@@ -766,11 +766,7 @@ def read_validate_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
-    if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if math.isinf(v):
-        return "inf"
-    return f"{v:.{digits}f}"
+    return fmt_number(v, digits)  # (two decimals here)
 
 
 def grid_table(rows: list[dict[str, Any]], width: int = 140) -> str:

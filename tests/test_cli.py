@@ -1051,6 +1051,35 @@ def test_a_sweep_row_bounds_any_noise(tmp_path, sigma, bound):
     assert sweep_row(result, setting="s", target_epsilon=None)["bound_per_step"] == bound
 
 
+def test_the_sweep_and_validate_tables_show_infinite_and_small_figures():
+    """The sweep's table showed sigma 0's infinite bound and epsilon as '-' (a figure that
+    does not apply) and a bound of 0.00125 nats (sigma 20) as 0.001; validate's showed -inf
+    as inf. One formatter now, the summary's."""
+    from opacus_mi.sweep import sweep_table
+    from opacus_mi.validate import _fmt
+
+    rows = [
+        {"noise_multiplier": 0.0, "epsilon": math.inf, "bound_per_step": math.inf},
+        {"noise_multiplier": 20.0, "epsilon": 0.25, "bound_per_step": 1 / (2 * 20.0**2)},
+    ]
+    lines = sweep_table(rows, width=200).splitlines()
+    zero = next(
+        line for line in lines if line.startswith("│ ") and line.split("│")[1].strip() == "0"
+    )
+    twenty = next(
+        line for line in lines if line.startswith("│ ") and line.split("│")[1].strip() == "20"
+    )
+    assert [c.strip() for c in zero.split("│")[2:4]] == ["inf", "-"]  # epsilon, test acc
+    assert "inf" in [c.strip() for c in zero.split("│")]  # the bound
+    assert "0.00125" in [c.strip() for c in twenty.split("│")]
+    assert (_fmt(-math.inf), _fmt(math.inf), _fmt(0.0034), _fmt(None)) == (
+        "-inf",
+        "inf",
+        "0.0034",
+        "-",
+    )
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
 def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_every_finished_steps_record(tmp_path, how):
     """``kill``, ``timeout`` and a scheduler's time limit send SIGTERM: the process died with

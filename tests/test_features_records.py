@@ -293,7 +293,7 @@ def test_the_table_shows_small_and_infinite_bounds_and_what_each_mean_averages(m
     the legend with no line and no note; a series some of the last records lack was headed
     'mean of last N' over fewer than N values."""
     from opacus_mi import plots
-    from opacus_mi.report import _fmt, mean_with_ci, summary_table
+    from opacus_mi.report import fmt_number, mean_with_ci, summary_table
 
     texts = []
     monkeypatch.setattr(
@@ -316,7 +316,7 @@ def test_the_table_shows_small_and_infinite_bounds_and_what_each_mean_averages(m
     text = summary_table(records)
     assert "mean of last 6" in text
     cells = _cells(text, "clipped/mine")
-    assert cells[2] == f"{_fmt(mean)} [{_fmt(lo)}, {_fmt(hi)}] (n={len(finite)})"
+    assert cells[2] == f"{fmt_number(mean)} [{fmt_number(lo)}, {fmt_number(hi)}] (n={len(finite)})"
     assert "(n=" not in _cells(text, "private/oracle")[2]
 
 
