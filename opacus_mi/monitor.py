@@ -703,6 +703,7 @@ class LeakageMonitor:
         # step the accountant had counted (a failing sink's, with overlap off: the default on
         # a busy CPU); before it, it lost the step's captures to its retry.
         self._deferring = False
+        self._detach_at_step_end = False
         self.sinks: list[Callable[[LeakageRecord], Any]] = list(sinks)
         # Logical steps, numbered as the accountant counts them: a monitor attached to an
         # engine that has trained already (a resumed checkpoint, a re-attach) names each
@@ -905,14 +906,26 @@ class LeakageMonitor:
             # This rank alone letting go would leave the others waiting in the next gather.
             self._stop_requested = True
             return
+        if getattr(self, "_deferring", False):
+            # Inside a step (a user's step hook, a sink, request_stop from either): the step
+            # is finished, its record made, and the monitor lets go at its end. At once, the
+            # step went on with the worker closed and the JSONL shut (with overlap it raised
+            # after the accountant had counted the step: the update was skipped).
+            self._detach_at_step_end = True
+            return
+        self._detach()
+
+    def _detach(self) -> None:
         try:
             self.flush()  # (its last warnings may raise, under an error filter: detached still)
         finally:
             if self._worker is not None:
                 self._worker.close()
             self._unhook()
-            if self._jsonl is not None and not self._delivering:
-                self._jsonl.close()  # (a sink detaching: once the record it got is delivered)
+            if self._jsonl is not None and not self._delivering and not self._done:
+                # (A sink detaching: once the record it got is delivered. Records an interrupt
+                # left undelivered keep it open: the exit flush or the finaliser writes them.)
+                self._jsonl.close()
 
     def request_stop(self) -> None:
         """Detach every rank's monitor at the next monitored step (DPDDP: the request travels
@@ -932,7 +945,7 @@ class LeakageMonitor:
             del self.optimizer.zero_grad
         self._remove_hooks()
         if self._finaliser is not None and not (
-            self._worker_warnings or getattr(self, "_deferring", False)
+            self._worker_warnings or self._done or getattr(self, "_deferring", False)
         ):
             # Delivered, or (a forked child) the parent's to deliver. Warnings still queued, or
             # yet to come (a sink detached the monitor inside a step), are said by a later
@@ -1150,6 +1163,9 @@ class LeakageMonitor:
         try:
             return self._step(closure, monitored, t0, booked)
         finally:
+            if self._detach_at_step_end:  # (asked inside the step: see detach)
+                self._detach_at_step_end = False
+                self._detach()  # (still deferring: what it has to say waits, see _unhook)
             self._deferring = False
 
     def _step(self, closure: Any, monitored: bool, t0: float, booked: float) -> Any:
@@ -1510,7 +1526,8 @@ class LeakageMonitor:
                                 self._sent += 1
                             raise
                         self._sent += 1
-                self._done.popleft()
+                if self._done and self._done[0] is record:  # (a sink that forked: cleared)
+                    self._done.popleft()
             # After the records: a warning an error filter raises leaves none undelivered.
             while self._worker_warnings and not self._deferring:
                 warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)

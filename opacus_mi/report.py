@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,11 +23,13 @@ def fmt_number(x: Any, digits: int = 3) -> str:
     nats at sigma 20 read 0.001); an infinite bound (sigma 0) as ``inf``, not the ``-`` of a
     figure that does not apply or is missing (None, NaN, not a number). The summary's, the
     sweep's and validate's tables alike."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or math.isnan(x):
         return "-"
+    x = float(x)  # (NumPy's scalars too)
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
-    if x != 0 and abs(x) < 10 ** (1 - digits):
+    # (decided on the rounded figure: 0.96 at one decimal is 1.0, as 1.04 is)
+    if x != 0 and abs(float(f"{x:.{digits}g}")) < 10 ** (1 - digits):
         return f"{x:.{digits}g}"
     return f"{x:.{digits}f}"
 

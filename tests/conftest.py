@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 # Small tensors: one intra-op thread avoids oversubscription on a loaded 2-core CI box.
 torch.set_num_threads(1)
-warnings.filterwarnings("ignore", module="opacus")
+warnings.filterwarnings("ignore", module=r"opacus\.")  # (Opacus's own, not opacus_mi's)
 warnings.filterwarnings("ignore", message=".*Secure RNG.*")
 warnings.filterwarnings("ignore", message=".*full backward hook.*")
 

@@ -1078,6 +1078,9 @@ def test_the_sweep_and_validate_tables_show_infinite_and_small_figures():
         "0.0034",
         "-",
     )
+    # decided on the rounded figure; NumPy's scalars are numbers
+    got = (_fmt(0.96, 1), _fmt(1.04, 1), _fmt(0.0999), _fmt(np.float32(0.5)))
+    assert got == ("1.0", "1.0", "0.10", "0.50")
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])

@@ -298,6 +298,45 @@ def test_a_warning_a_step_kept_is_said_when_the_monitor_is_collected(detach_in_s
     assert sum("a record sink failed: OSError('disk full')" in str(w.message) for w in seen) == 1
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_detach_inside_a_step_lets_go_at_its_end(overlap, tmp_path):
+    """detach() from a user's step hook (inside Opacus's pre_step, after the accountant's
+    hook): the step went on with the worker closed (with overlap it raised after the step was
+    counted: the update skipped) and the JSONL shut (its line lost, a sink warning queued). It
+    takes effect at the step's end now: that step is recorded, and training is unchanged."""
+    from opacus_mi import read_jsonl
+
+    _, _, reference, _ = _run(False, epochs=1, poisson=False, noise=0.7)
+    engine, model, opt, loader = make_private(poisson=False, noise=0.7)
+    seen = []
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        overlap=overlap,
+        sinks=[lambda r: seen.append(r.step)],
+        jsonl=tmp_path / "r.jsonl",
+    )
+    accountants, steps = opt.step_hook, []
+
+    def hook(optimizer):
+        accountants(optimizer)
+        steps.append(1)
+        if len(steps) == 3:
+            monitor.detach()
+
+    opt.step_hook = hook
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (ours: no sink may fail)
+        train(model, opt, loader, epochs=1)
+    assert not monitor.attached and "pre_step" not in vars(opt)
+    assert seen == [r.step for r in monitor.history] == [0, 1, 2]
+    assert [r.step for r in read_jsonl(tmp_path / "r.jsonl")] == [0, 1, 2]
+    for a, b in zip(reference, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_accountant_hook_untouched_and_detach_restores_optimizer():
     engine, model, opt, loader = make_private()
     before = dict(vars(opt))

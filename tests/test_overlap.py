@@ -916,3 +916,30 @@ def test_record_count_waits_for_the_worker_as_history_does():
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=True)
     train(model, opt, loader)
     assert monitor.record_count == len(loader) == len(monitor.history)
+
+
+def test_an_interrupt_during_detach_loses_no_jsonl_line(tmp_path):
+    """Ctrl-C while detach() delivers the worker's last record: detach let go all the same
+    (so it does not stay attached) but closed the JSONL with that record undelivered, and the
+    flush at exit could not write it. The JSONL stays open while records wait."""
+    from opacus_mi import monitor as monitor_mod
+    from opacus_mi import read_jsonl
+
+    engine, model, opt, loader = make_private(noise=0.7, poisson=False)
+    path = tmp_path / "r.jsonl"
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=True, jsonl=path)
+    train(model, opt, loader, epochs=1)
+    monitor._worker.wait()
+    handle = monitor._jsonl._fh
+    write = handle.write
+
+    def interrupted(text):
+        handle.write = write  # (once)
+        raise KeyboardInterrupt
+
+    handle.write = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        monitor.detach()
+    assert not monitor.attached
+    monitor_mod._flush_at_exit(weakref.ref(monitor))  # what the interpreter's exit runs
+    assert [r.step for r in read_jsonl(path)] == list(range(len(loader)))
