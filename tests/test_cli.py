@@ -1092,6 +1092,9 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_keeping_every_finished_steps_record(
     out = tmp_path / "run"
     script = f"""
 import os, signal, sys
+# Ctrl-C's handler, as in a terminal: a test run launched in the background (nohup, a shell's
+# &) hands its children SIGINT ignored, and Python then installs none (the run went on).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from opacus.optimizers import DPOptimizer
 from opacus_mi import cli, training
 steps = []
@@ -1103,10 +1106,7 @@ def counted(self, *a, **k):
 DPOptimizer.step = counted
 def stop(*a, **k):
     sys.stderr.write(f"steps taken {{len(steps)}}\\n")
-    # (raise_signal: to this thread, its handler run before it returns; os.kill let the
-    # kernel hand it to the overlap worker's thread, and on a busy machine the main thread
-    # reached the next line first)
-    signal.raise_signal(signal.{how})
+    signal.raise_signal(signal.{how})  # (to this thread: its handler runs before it returns)
     raise AssertionError("the signal should have stopped the run")
 training._evaluate = stop
 argv = {[*TINY, "--overlap", "on", "--epochs", "2", "--out", str(out)]!r}
