@@ -90,7 +90,7 @@ from .chunks import CLIP_SLACK, Chunk, empty_item, half_slack, pack, unpack
 from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd, random_cycle
-from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator, interval_withheld
+from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
 from .estimators.oracle import floored_interval, gram_oracle, oracle_interval, union_mean
 from .estimators.semi_oracle import SemiOracleEstimator
 from .factored import (
@@ -2080,14 +2080,13 @@ class LeakageMonitor:
             value = BatchEstimate.of(reads[slot], len(out.features))
             control = math.nan if control_slot is None else reads[control_slot][0]
             if math.isfinite(value.matched):
-                low, high = value.ci_low, value.ci_high
-                if kind == "infonce" and interval_withheld(kind, value.n, value.matched):
-                    out.withheld[f"{view}/{kind}"] = (low, high)
-                    low = high = math.nan
+                shown = value.shown(kind)
+                if shown is not value:
+                    out.withheld[f"{view}/{kind}"] = (value.ci_low, value.ci_high)
                 out.mi[f"{view}/{kind}"] = MIValue(
                     nats=value.matched,
-                    ci_low=low,
-                    ci_high=high,
+                    ci_low=shown.ci_low,
+                    ci_high=shown.ci_high,
                     n=value.n,
                     mismatched=value.mismatched,
                     control=control if math.isfinite(control) else None,

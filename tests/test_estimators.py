@@ -417,7 +417,7 @@ def test_infonce_record_intervals_cover_their_figure_at_high_mi(mi, d, n):
     (near the ceiling ln 64 = 4.16). A delete-one-pair jackknife: 5% and 26%; withheld where the
     batch's summed loss n (ln n - figure) is under INFONCE_MIN_LOSS: 0.1% and 0%. The
     expectation: a Monte Carlo mean over 3,000 other batches."""
-    from opacus_mi.estimators.online import INFONCE_MIN_LOSS, held_out_figures
+    from opacus_mi.estimators.online import INFONCE_MIN_LOSS, BatchEstimate, held_out_figures
 
     gen = torch.Generator().manual_seed(0)
     rho = math.sqrt(1 - math.exp(-2 * mi / d))
@@ -429,14 +429,20 @@ def test_infonce_record_intervals_cover_their_figure_at_high_mi(mi, d, n):
         return -d / 2 * math.log(1 - rho**2) - quad / (2 * (1 - rho**2))
 
     expected = sum(float(infonce_bound(scores())) for _ in range(3000)) / 3000
-    figures = torch.stack([held_out_figures("infonce", scores(), gen, 200) for _ in range(800)])
+
+    def shown() -> list[float]:  # as a record shows the batch's figures
+        v = BatchEstimate.of(held_out_figures("infonce", scores(), gen, 200).tolist(), n)
+        v = v.shown("infonce")
+        return [v.matched, v.mismatched, v.ci_low, v.ci_high]
+
+    figures = torch.tensor([shown() for _ in range(800)], dtype=torch.float64)
     assert (figures[:, 2] > expected).double().mean() <= 0.03
     assert (figures[:, 3] < expected).double().mean() <= 0.03
     withheld = figures[:, 2].isnan()
     assert torch.equal(withheld, n * (math.log(n) - figures[:, 0]) < INFONCE_MIN_LOSS)
     assert withheld.double().mean() <= (0.2 if mi == 5.0 else 1.0)
-    # The semi-oracle floors the low end near ln n itself: it keeps every interval.
-    kept = held_out_figures("infonce", scores(), gen, 200, withhold_near_ceiling=False)
+    # The figures themselves keep every interval (the bug check and the semi-oracle's floor).
+    kept = held_out_figures("infonce", scores(), gen, 200)
     assert kept[2:].isfinite().all() and kept[2] <= kept[0] <= kept[3]
 
 

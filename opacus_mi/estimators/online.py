@@ -239,6 +239,14 @@ class BatchEstimate:
         matched, mismatched, lo, hi = values
         return cls(matched=matched, mismatched=mismatched, ci_low=lo, ci_high=hi, n=n)
 
+    def shown(self, kind: str) -> BatchEstimate:
+        """As a record shows it: InfoNCE's interval withheld near ln n (``INFONCE_MIN_LOSS``;
+        :func:`held_out_figures` computes it there too, for the bug check and the semi-oracle's
+        floor)."""
+        if kind == "infonce" and interval_withheld(kind, self.n, self.matched):
+            return dataclasses.replace(self, ci_low=math.nan, ci_high=math.nan)
+        return self
+
 
 def held_out_figures(
     kind: str,
@@ -246,8 +254,6 @@ def held_out_figures(
     generator: torch.Generator,
     bootstrap: int,
     baseline: float | None = None,
-    *,
-    withhold_near_ceiling: bool = True,
 ) -> torch.Tensor:
     """``[matched, mismatched, ci_low, ci_high]`` of a fixed critic's scores on a batch, as one
     float64 tensor where the scores are (not read: off the CPU each read is a sync).
@@ -259,8 +265,9 @@ def held_out_figures(
     ``e^T``, a percentile bootstrap over the pairs (from ``MIN_CI_PAIRS_EXP`` pairs and
     ``PAIRS_PER_NAT`` per nat of the figure); else NaN. ``baseline``: MINE's figures in
     :func:`~opacus_mi.estimators.bounds.baseline_bound`'s form with this ``c`` (unbiased on a
-    batch of any size), not DV's. ``withhold_near_ceiling=False``: InfoNCE's interval near
-    ``ln n`` too, for a caller that floors its low end there by a bound (the semi-oracle).
+    batch of any size), not DV's. InfoNCE's interval is given near ``ln n`` too: a record
+    withholds it there (:meth:`BatchEstimate.shown`), the monitor's bug check and the
+    semi-oracle's union floor read it.
     """
     n = scores.shape[0]
 
@@ -281,8 +288,6 @@ def held_out_figures(
         # end above the truth 4.5-6.4% of the time at 8-16 pairs; t over the rows, 12.6% at 5
         # nats on 48; this, 2-5%, and near ln n see INFONCE_MIN_LOSS).
         interval = jackknife_interval(infonce_jackknife(scores), matched, 0.95)
-        if withhold_near_ceiling:
-            interval = torch.where(interval_withheld(kind, n, matched), math.nan, interval)
     elif kind != "infonce" and n >= MIN_CI_PAIRS_EXP:
         counts = bootstrap_counts(n, bootstrap, generator, scores.device)
         interval = percentile_tensor(bootstrap_bound(kind, scores, counts, baseline))
@@ -436,17 +441,14 @@ class OnlineEstimator:
         values = self.evaluate_on_device(x, y)
         if values is None:
             return None
-        value = BatchEstimate.of(values.tolist(), x.shape[0])
-        if self.kind == "infonce" and interval_withheld(self.kind, value.n, value.matched):
-            value = dataclasses.replace(value, ci_low=math.nan, ci_high=math.nan)
-        return value
+        return BatchEstimate.of(values.tolist(), x.shape[0]).shown(self.kind)
 
     @torch.no_grad()
     def evaluate_on_device(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """:meth:`evaluate`'s ``[matched, mismatched, ci_low, ci_high]`` as one float64 tensor
         on the critic's device, not yet read: off the CPU each read is a host sync, and the
         monitor reads a record's figures in one transfer. InfoNCE's interval near ln n is
-        not withheld here (:func:`interval_withheld`): the caller decides, once it is read."""
+        not withheld here (:meth:`BatchEstimate.shown`): the caller decides, once it is read."""
         n = x.shape[0]
         if (
             not self.ready
@@ -460,15 +462,8 @@ class OnlineEstimator:
         critic = self.selected if self.selected is not None else self.critic
         critic.eval()
         scores = critic.scores(x.to(self.device).float(), y.to(self.device).float())
-        # (InfoNCE's interval near ln n too: the monitor withholds it from the record, and
-        # checks the figure against the proven bound with it; see interval_withheld)
         return held_out_figures(
-            self.kind,
-            scores,
-            self.generator,
-            self.bootstrap,
-            baseline=self.baseline,
-            withhold_near_ceiling=False,
+            self.kind, scores, self.generator, self.bootstrap, baseline=self.baseline
         )
 
     def observe(
