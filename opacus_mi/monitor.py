@@ -50,6 +50,7 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -1530,7 +1531,7 @@ class LeakageMonitor:
                     self._done.popleft()
             # After the records: a warning an error filter raises leaves none undelivered.
             while self._worker_warnings and not self._deferring:
-                warnings.warn(self._worker_warnings.popleft(), RuntimeWarning, stacklevel=3)
+                _say(self._worker_warnings.popleft())
         finally:
             self._delivering = False
         if not self.attached and self._jsonl is not None:
@@ -2244,7 +2245,7 @@ class LeakageMonitor:
                 # step's record; inside a step it skipped its update (see _deferring).
                 self._worker_warnings.append(message)
             else:
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                _say(message)
 
     def _trim_history(self) -> None:
         """Keep the latest ``max_history`` records (all of them when it is None)."""
@@ -2670,6 +2671,28 @@ def _flush_at_exit(ref: weakref.ref) -> None:
                 monitor.flush()
         except Exception:  # exiting: nothing left to protect
             pass
+
+
+def _say(message: str) -> None:
+    """``warnings.warn`` a monitor's ``RuntimeWarning`` at the first caller outside opacus_mi,
+    Opacus and torch: the user's line (``optimizer.step()``, ``loss.backward()``).
+
+    A fixed ``stacklevel`` named whichever frame sat there: Opacus's optimizer module for a
+    warning said in its ``pre_step``, so a user's filter that quiets Opacus's own warnings
+    (``module="opacus"``) hid the monitor's too, and the location shown was Opacus's.
+    """
+    frame, level = sys._getframe(1), 2  # (stacklevel 2: _say's caller)
+    while frame is not None and _internal(frame.f_globals.get("__name__", "")):
+        frame, level = frame.f_back, level + 1
+    # (None: nothing outside them, e.g. a finaliser at exit: said at the caller.)
+    warnings.warn(message, RuntimeWarning, stacklevel=level if frame is not None else 2)
+
+
+def _internal(module: str) -> bool:
+    """Whether frames of ``module`` sit between a user's loop and the monitor."""
+    return any(
+        module == name or module.startswith(name + ".") for name in ("opacus_mi", "opacus", "torch")
+    )
 
 
 def _deliver_rest(done: deque, jsonl: JsonlSink | None, said: deque) -> None:

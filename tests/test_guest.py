@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
 
 import pytest
@@ -1306,3 +1307,48 @@ def test_a_grad_clip_scheduler_that_moves_only_the_noise_is_flagged(clipping):
         assert not any(flagged) and not said
     else:
         assert flagged == [False] + [True] * (len(flagged) - 1) and len(said) == 1
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_monitors_warnings_point_at_the_users_loop_not_at_opacus(overlap):
+    """A warning the monitor kept from a step is said from inside Opacus's ``step``: with a
+    fixed stacklevel it was attributed to Opacus's optimizer module, so the filter a user sets
+    to quiet Opacus's own warnings (``module="opacus"``) hid the monitor's too, and the
+    location shown was Opacus's. It points at the user's ``opt.step()`` line now."""
+    engine, model, opt, loader = make_private(poisson=False, noise=0.7)
+
+    def full_disk(record):
+        raise OSError("disk full")
+
+    calls = []
+
+    def features(x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("bad batch")
+        return x.flatten(1)
+
+    LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        every=1,
+        overlap=overlap,
+        sinks=[full_disk],
+        features=features,
+    )
+    here = __file__
+    step_lines = set()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module="opacus")  # (Opacus's own, as users quiet it)
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            step_lines.add(sys._getframe().f_lineno + 1)
+            opt.step()
+    ours = [w for w in seen if str(w.message).startswith("opacus-mi:")]
+    said = {str(w.message).split(":")[1].strip() for w in ours}
+    assert said == {"a record sink failed", "feature extraction failed"}
+    assert {(w.filename, w.lineno) for w in ours} == {(here, line) for line in step_lines}
