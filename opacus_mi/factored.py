@@ -1122,7 +1122,10 @@ class LinearInputs:
     input (a copy only where :func:`keep_input` needs one: ``later``, the inputs are read after
     the step, on an overlap worker) and only on forwards the monitor will measure (as Opacus,
     none while the GradSampleModule's hooks are disabled); a layer applied more than once, or
-    to inputs with more dimensions, is left to the GEMM.
+    to inputs with more dimensions, is left to the GEMM. So is an input written in place
+    since its forward (the loop's batch perturbed or refilled between ``backward()`` and
+    ``step()``): ``grad_sample`` was made from what it held then, and the Gram formed from what
+    it holds now was wrong, unflagged.
     """
 
     def __init__(
@@ -1136,8 +1139,9 @@ class LinearInputs:
     ):
         index = {id(p): i for i, p in enumerate(params)}
         self._gsm, self._active, self._later, self._stamp = module, active, later, stamp
-        # Per parameter index, each forward's (stamp, input): see FeatureCapture's stamps.
-        self._seen: dict[int, list[tuple[Any, torch.Tensor]]] = {}
+        # Per parameter index, each forward's (stamp, input, the input's version then): see
+        # FeatureCapture's stamps. (A reference shares its tensor's version counter.)
+        self._seen: dict[int, list[tuple[Any, torch.Tensor, int]]] = {}
         self._handles = []
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
         # is exactly its backprop ``b_i`` (Opacus sums backprops over no positions).
@@ -1170,14 +1174,21 @@ class LinearInputs:
                 and args
             ):
                 kept = keep_input(args[0], later=self._later)
-                self._seen.setdefault(layer, []).append((self._stamp(), kept))
+                self._seen.setdefault(layer, []).append((self._stamp(), kept, kept._version))
 
         return hook
 
     def take(self) -> dict[int, torch.Tensor]:
-        """Per parameter index, the one 2-D input its layer saw since the last call."""
+        """Per parameter index, the one 2-D input its layer saw since the last call, as it was
+        then (one written in place since is left out: the GEMM reads ``grad_sample``)."""
         seen, self._seen = self._seen, {}
-        return {k: v[0][1] for k, v in seen.items() if len(v) == 1 and v[0][1].ndim == 2}
+        taken = {}
+        for k, v in seen.items():
+            if len(v) == 1:
+                _, kept, version = v[0]
+                if kept.ndim == 2 and kept._version == version:
+                    taken[k] = kept
+        return taken
 
     def keep(self, stamped: Callable[[Any], bool]) -> None:
         """Keep only the inputs of forwards whose stamp passes ``stamped``."""

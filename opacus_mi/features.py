@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+from opacus.grad_sample import GradSampleModuleExpandedWeights
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import PackedSequence
@@ -295,7 +296,10 @@ class FeatureCapture:
     def training_forward(self) -> bool:
         """Whether a forward of the module now makes per-sample gradients of the coming step,
         as Opacus decides (each layer's mode, autograd on, its hooks enabled): the forwards the
-        monitor captures when due."""
+        monitor captures when due. Expanded Weights (``grad_sample_mode="ew"``) samples every
+        forward with autograd on, in ``eval()`` too (fine-tuning with dropout off)."""
+        if isinstance(self.module, GradSampleModuleExpandedWeights):
+            return torch.is_grad_enabled()
         return (
             self.module.training
             and torch.is_grad_enabled()
@@ -338,8 +342,10 @@ class FeatureCapture:
         """Note when a backward reaches this forward's output: a forward whose loss was never
         backpropagated (the loop caught an exception between the two and went on) adds
         nothing to the step's gradients, and must not be paired with them. The hook only
-        reads: it returns None, so the gradient flows on unchanged."""
-        flowing = [t for t in outputs if t.requires_grad]
+        reads: it returns None, so the gradient flows on unchanged. Not on a leaf the forward
+        returns (a parameter, for a penalty): a hook there outlives the forward (one more per
+        step, kept after detach()), and any backward through the model reaches it."""
+        flowing = [t for t in outputs if t.requires_grad and t.grad_fn is not None]
         if not flowing:
             return
         reached = capture.reached = [False]

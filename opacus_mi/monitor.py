@@ -212,6 +212,16 @@ def _check_attach(engine, module, optimizer) -> None:
             f"unsupported ghost-clipping pair {type(module).__name__} / "
             f"{type(optimizer).__name__}: {_GHOST_HINT}"
         )
+    own = {id(p) for p in module.parameters()}
+    strangers = sum(id(p) not in own for p in optimizer.params)
+    if strangers:
+        # (Two models made private by one engine, mixed up: the records paired one model's
+        # inputs with the other's per-sample gradients, unflagged with fixed-size batches.)
+        raise ValueError(
+            f"module and optimizer do not belong together: {strangers} of the optimizer's "
+            f"{len(optimizer.params)} trainable parameters are not the module's; pass the "
+            "module and the optimizer that one make_private call returned"
+        )
     if not hasattr(engine, "accountant"):
         raise TypeError(
             f"engine must be the opacus.PrivacyEngine that made the optimizer private, got "
@@ -834,6 +844,8 @@ class LeakageMonitor:
         self._consumed: weakref.ref | None = None
         self._mark_read()
         self._original_zero_grad = optimizer.zero_grad
+        # (An instance's own zero_grad, another tool's wrapper, say: put back at detach.)
+        self._own_zero_grad = vars(optimizer).get("zero_grad")
         optimizer.zero_grad = self._zero_grad  # (as pre_step)
         self.attached = True
         _ATTACHED.add(self)
@@ -943,7 +955,10 @@ class LeakageMonitor:
         if vars(self.optimizer).get("pre_step") == self._pre_step:
             del self.optimizer.pre_step
         if vars(self.optimizer).get("zero_grad") == self._zero_grad:
-            del self.optimizer.zero_grad
+            if self._own_zero_grad is None:
+                del self.optimizer.zero_grad
+            else:
+                self.optimizer.zero_grad = self._own_zero_grad
         self._remove_hooks()
         if self._finaliser is not None and not (
             self._worker_warnings or self._done or getattr(self, "_deferring", False)

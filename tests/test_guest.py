@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_data, make_private, spy_noise_stds, train, without_timing
+from conftest import TinyCNN, make_data, make_private, spy_noise_stds, train, without_timing
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -338,8 +338,20 @@ def test_detach_inside_a_step_lets_go_at_its_end(overlap, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_accountant_hook_untouched_and_detach_restores_optimizer():
+@pytest.mark.parametrize("own_zero_grad", [False, True])
+def test_accountant_hook_untouched_and_detach_restores_optimizer(own_zero_grad):
+    """``own_zero_grad``: the optimizer has an instance ``zero_grad`` of its own (another
+    tool's wrapper), which detach() deleted with the monitor's."""
     engine, model, opt, loader = make_private()
+    zeroed = []
+    if own_zero_grad:
+        inner = opt.zero_grad
+
+        def counting(*args, **kwargs):
+            zeroed.append(1)
+            return inner(*args, **kwargs)
+
+        opt.zero_grad = counting
     before = dict(vars(opt))
     hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
     conv_hooks = dict(model._module.conv._forward_hooks)
@@ -356,6 +368,7 @@ def test_accountant_hook_untouched_and_detach_restores_optimizer():
     train(model, opt, loader)
     assert monitor.steps == steps  # detached: sees nothing more
     assert len(engine.accountant.history) and engine.get_epsilon(1e-5) > 0
+    assert len(zeroed) == (2 * len(loader) if own_zero_grad else 0)
 
 
 def test_every_monitors_one_step_in_n():
@@ -778,6 +791,18 @@ def test_attach_errors_name_the_argument():
     # another engine: its accountant never steps (every record read epsilon 0, unflagged)
     with pytest.raises(ValueError, match="engine is not the PrivacyEngine that made"):
         LeakageMonitor(PrivacyEngine(), model, opt, delta=1e-5)
+    # two models made private by one engine, mixed up: the records paired one model's inputs
+    # with the other's per-sample gradients, unflagged
+    other = TinyCNN()
+    other, other_opt, _ = engine.make_private(
+        module=other,
+        optimizer=torch.optim.SGD(other.parameters(), lr=0.1),
+        data_loader=DataLoader(make_data(32), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    with pytest.raises(ValueError, match="module and optimizer do not belong together"):
+        LeakageMonitor(engine, model, other_opt, delta=1e-5)
     for kwargs, word in [
         ({"delta": 0.0}, "delta"),
         ({"delta": 1e-5, "every": 0}, "every"),
@@ -1352,3 +1377,91 @@ def test_the_monitors_warnings_point_at_the_users_loop_not_at_opacus(overlap):
     said = {str(w.message).split(":")[1].strip() for w in ours}
     assert said == {"a record sink failed", "feature extraction failed"}
     assert {(w.filename, w.lineno) for w in ours} == {(here, line) for line in step_lines}
+
+
+def _flat_mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_batch_written_in_place_after_its_backward_changes_no_record(overlap):
+    """The loop perturbs (or refills) its batch tensor in place between ``backward()`` and
+    ``step()``. Opacus's per-sample gradients were made in the backward, so nothing the step
+    releases changes; inline, the monitor's Gram for the first Linear layer (formed from its
+    input, kept by reference) read the written batch: the oracle's figures moved by ~10%,
+    unflagged. Reference: the same run without the write (to rounding: the Gram of a written
+    input's layer now comes from ``grad_sample``, a different sum of the same terms)."""
+
+    def run(write: bool):
+        engine, model, opt, loader = make_private(net=_flat_mlp, poisson=False, noise=0.7)
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, every=1, overlap=overlap, estimator=None
+        )
+        criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+        for x, y in loader:
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            if write:
+                x.mul_(0.5)
+            opt.step()
+        monitor.flush()
+        records = [(r.flags, {k: v.nats for k, v in r.mi.items()}) for r in monitor.history]
+        return records, [p.detach().clone() for p in model.parameters()]
+
+    plain, reference = run(False)
+    written, params = run(True)
+    assert [flags for flags, _ in written] == [flags for flags, _ in plain]
+    assert [mi for _, mi in written] == [pytest.approx(mi, rel=1e-5) for _, mi in plain]
+    assert len(plain) == 6 and all("private/oracle" in mi for _, mi in plain)
+    for a, b in zip(reference, params, strict=True):
+        assert torch.equal(a, b)
+
+
+class _ReturnsItsWeight(nn.Module):
+    """A forward that returns one of its parameters beside the logits (for a penalty)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(36, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x.flatten(1)))), self.head.weight
+
+
+def test_a_parameter_the_forward_returns_gets_no_hook_from_the_monitor():
+    """The monitor watches a forward's outputs for the backward that reaches them; on a
+    parameter returned as one it added a hook per measured step that detach() left behind
+    (backward slowed as they piled up)."""
+    engine, model, opt, loader = make_private(net=_ReturnsItsWeight, poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1)
+    weight = model._module.head.weight
+    for _ in range(2):
+        for x, y in loader:
+            opt.zero_grad()
+            logits, w = model(x)
+            (nn.functional.cross_entropy(logits, y) + 1e-3 * w.pow(2).sum()).backward()
+            opt.step()
+    assert monitor.record_count == 2 * len(loader)
+    assert all(r.flags == [] and "private/oracle" in r.mi for r in monitor.history)
+    assert not weight._backward_hooks
+    monitor.detach()
+    assert not weight._backward_hooks
+
+
+def test_ew_mode_measures_a_model_trained_in_eval_mode():
+    """Expanded Weights samples every forward with autograd on, ``eval()`` ones too (dropout
+    off while fine-tuning); the monitor took those forwards for ones Opacus skips, and every
+    record was flagged ``features_unpaired``, with a warning blaming a regulariser. Reference:
+    the same run in train mode (the model has no layer that eval() changes)."""
+
+    def run(eval_mode: bool):
+        engine, model, opt, loader = make_private(net=_flat_mlp, poisson=False, mode="ew")
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
+        criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+        model.train(not eval_mode)
+        train(model, opt, loader, criterion=criterion)
+        return [(r.flags, {k: v.nats for k, v in r.mi.items()}) for r in monitor.history]
+
+    plain = run(False)
+    assert run(True) == plain
+    assert all(flags == [] and "clipped/mine" in mi for flags, mi in plain[1:])
