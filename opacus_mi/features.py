@@ -214,6 +214,9 @@ class Capture:
     reached: list[bool] | None = None
     returned: bool = False  # the forward returned (one that raised added nothing to a step)
     outputs: list = field(default_factory=list)  # weakrefs to its output tensors (its labels)
+    # The features callable's output for this forward, or what it raised: see
+    # FeatureCapture.evaluate (None: not called yet)
+    user: Any = None
 
 
 class FeatureCapture:
@@ -463,6 +466,21 @@ class FeatureCapture:
                 c.labels, c.num_classes = orphan.labels, orphan.num_classes
                 return
 
+    def evaluate(self, captures: Sequence[Capture]) -> None:
+        """Call the features callable on each forward's input now, at the step, on the training
+        thread. It may read the model's weights (features from the model's own layers): an
+        overlap worker measures after the optimizer's update, and read them changed, or while
+        the update wrote them; inline they were the forward's."""
+        if self.fn is None:
+            return
+        for capture in captures:
+            if capture.user is None:
+                try:
+                    with torch.no_grad():
+                        capture.user = self.fn(self._inputs(capture))
+                except Exception as exc:  # (raised where the measurement reads it)
+                    capture.user = exc
+
     def features(self, captures: Sequence[Capture], batch: int) -> torch.Tensor | None:
         """The ``(B, d)`` features of the forwards behind one step's per-sample gradients.
 
@@ -519,8 +537,10 @@ class FeatureCapture:
                 return None  # not one row per example: unpaired (the warning names features=)
             parts.append(pool_features(x))
         if self.fn is not None:
-            with torch.no_grad():
-                user = self.fn(inputs)  # (batch-first, whatever the model's layout)
+            self.evaluate([capture])  # (batch-first, whatever the model's layout)
+            user = capture.user
+            if isinstance(user, Exception):
+                raise user
             if (
                 not isinstance(user, torch.Tensor)
                 or user.ndim == 0

@@ -77,6 +77,44 @@ def test_overlap_gives_the_synchronous_records_and_leaves_training_unchanged(mem
     assert records[-1]["epsilon"] == engine.get_epsilon(1e-5)
 
 
+def test_a_features_callable_reads_the_weights_of_its_forward_with_overlap_too():
+    """A features callable may read the model's own weights (features from its first layer).
+    The worker called it after the optimizer's update, or while the update wrote them: it saw
+    the forward's weights in about half the steps, and the records differed from inline ones
+    by timing. It is called at the step on the training thread now."""
+
+    def run(overlap: bool):
+        engine, model, opt, loader = make_private(poisson=True, n=128, batch_size=16)
+        conv = model._module.conv
+        at_forward, seen = [], []
+        handle = model._module.register_forward_pre_hook(
+            lambda m, args: at_forward.append(conv.weight.detach().clone())
+        )
+
+        def features(x):
+            seen.append(conv.weight.detach().clone())
+            return conv(x).flatten(1)
+
+        monitor = LeakageMonitor(
+            engine,
+            model,
+            opt,
+            delta=1e-5,
+            every=1,
+            train_every=1,
+            features=features,
+            overlap=overlap,
+        )
+        train(model, opt, loader, epochs=2, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+        monitor.detach()
+        handle.remove()
+        assert len(seen) == len(at_forward) == monitor.record_count > 10
+        assert all(torch.equal(a, b) for a, b in zip(seen, at_forward, strict=True))
+        return without_timing(monitor.history)
+
+    assert run(True) == run(False)
+
+
 @pytest.mark.parametrize("memory_manager", [False, True], ids=["whole", "chunks"])
 def test_overlap_keeps_one_chunk_in_flight_and_detach_stops_the_worker(memory_manager):
     """Every hand-over finds the worker idle, so at most one chunk's per-sample gradients are
