@@ -2368,11 +2368,21 @@ class LeakageMonitor:
         from .report import summary_table
 
         records = self.history  # (flushes: an overlap worker is idle, the tracker free)
-        now = None
-        if records and records[-1].carries_earlier_epsilon:
+        now = bound = None
+        behind = bool(records) and self.steps > records[-1].step + 1  # (every > 1)
+        if records and (records[-1].carries_earlier_epsilon or behind):
             # one fresh epsilon, on the caller's time
             now = self.epsilon_now()
-        return summary_table(records, last=last, note=self.schedule_note(), epsilon_now=now)
+        if behind:
+            bound = self.mi_accountant.bound()
+        return summary_table(
+            records,
+            last=last,
+            note=self.schedule_note(),
+            epsilon_now=now,
+            steps=self.steps,
+            mi_bound_now=bound,
+        )
 
     def schedule_note(self) -> str | None:
         """One line on what the overhead budget let the monitor do (None on a fixed schedule;

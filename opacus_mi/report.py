@@ -34,6 +34,12 @@ def fmt_number(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _epsilon(x: float) -> str:
+    """Epsilon as :func:`fmt_number` gives it (2.5e-05 at sigma 1e4 read 0.000), and NaN, an
+    accountant that could not compute it, as ``nan``."""
+    return "nan" if isinstance(x, float) and math.isnan(x) else fmt_number(x)
+
+
 def render_table(table: Table, width: int) -> str:
     """``table`` as plain text ``width`` wide, without the trailing spaces rich pads a wrapped
     title's lines with (they went into summary.txt and the sweep's and validate's tables)."""
@@ -62,14 +68,20 @@ def summary_table(
     width: int = 132,
     note: str | None = None,
     epsilon_now: float | None = None,
+    steps: int | None = None,
+    mi_bound_now: float | None = None,
 ) -> str:
     """Render the leakage table: one row per MI series, averaged over the last records.
 
-    ``last`` value is the latest held-out estimate with its bootstrap CI; ``mean`` averages the
+    ``last`` value is the latest held-out estimate with its CI (its step named where the last
+    record has none: a semi-oracle still warming up, non-finite gradients); ``mean`` averages the
     last ``last`` records with a 95% interval across steps; ``shuffled`` is the same critic on
     mismatched pairs (what the estimator reports when there is nothing to find). ``note`` is
     appended as a last line (the monitor's schedule). ``epsilon_now``: the accountant's epsilon
     now, shown beside a last record that carries an earlier step's (a paced PRV epsilon).
+    ``steps``: the steps the run has taken; where the last record is of an earlier one
+    (``every`` > 1), the title says so and gives ``epsilon_now`` and ``mi_bound_now`` (the MI
+    accountant's figure) after the last step, not the record's as the run's.
     """
     if not records:
         return "no monitored steps yet"
@@ -79,12 +91,22 @@ def summary_table(
     for r in records:
         for k in r.mi:
             keys.setdefault(k, None)
+    behind = steps is not None and steps > final.step + 1
+    after = [  # (the run after its last step, where the last record is older)
+        *([f"epsilon {_epsilon(epsilon_now)}"] if epsilon_now is not None else []),
+        *([f"MI accountant <= {mi_bound_now:.4g} nats"] if mi_bound_now is not None else []),
+    ]
     table = Table(
         title=(
-            f"opacus-mi leakage after step {final.step} - epsilon {final.epsilon:.3f}"
+            (
+                f"opacus-mi leakage at step {final.step}, the last measured of {steps}"
+                if behind
+                else f"opacus-mi leakage after step {final.step}"
+            )
+            + f" - epsilon {_epsilon(final.epsilon)}"
             + (
                 f" (exact at step {final.epsilon_step}"
-                + ("" if epsilon_now is None else f"; {epsilon_now:.3f} now")
+                + ("" if epsilon_now is None or behind else f"; {_epsilon(epsilon_now)} now")
                 + ")"
                 if final.carries_earlier_epsilon
                 else ""
@@ -93,11 +115,15 @@ def summary_table(
             f"delta {final.delta:g} (sigma {final.noise_multiplier:g}, C {final.max_grad_norm:g}, "
             f"q {final.sample_rate:.4g})"
             + (
-                f"; MI accountant: any one example has leaked <= {final.mi_upper_bound:.4g} nats"
-                " over the run"
+                f"; MI accountant: any one example had leaked <= {final.mi_upper_bound:.4g} "
+                "nats by then"
+                if behind and final.mi_upper_bound is not None
+                else f"; MI accountant: any one example has leaked <= {final.mi_upper_bound:.4g}"
+                " nats over the run"
                 if final.mi_upper_bound is not None
                 else ""
             )
+            + (f"; after step {steps - 1}: {', '.join(after)}" if behind and after else "")
         ),
         title_justify="left",
     )
@@ -128,9 +154,11 @@ def summary_table(
         # Leakage is only claimed when the interval clears zero and both shuffled controls.
         floor = max([0.0] + [m for m in (mism_mean, ctrl_mean) if math.isfinite(m)])
         detected = "yes" if math.isfinite(lo) and lo > floor else "no"
+        # (A series the last record lacks: its latest figure is an earlier step's, said.)
+        stale = "" if latest is final else f" (step {latest.step})"
         table.add_row(
             key,
-            f"{fmt_number(v.nats)} [{fmt_number(v.ci_low)}, {fmt_number(v.ci_high)}]",
+            f"{fmt_number(v.nats)} [{fmt_number(v.ci_low)}, {fmt_number(v.ci_high)}]{stale}",
             f"{fmt_number(mean)} [{fmt_number(lo)}, {fmt_number(hi)}]{over}",
             fmt_number(mism_mean),
             *((fmt_number(ctrl_mean),) if has_control else ()),

@@ -820,6 +820,7 @@ def _train(
         "accuracy_per_epoch": accuracies,
         "wall_seconds": wall,
         "steps": monitor.steps,
+        "mi_upper_bound": monitor.mi_accountant.bound(),  # (over the run: every step)
         "records": len(records),
         "monitor_seconds": sum(r.monitor_seconds for r in records),
     }
@@ -969,12 +970,18 @@ def write_run_outputs(
 
     out = Path(out)
     files = [write_records_csv(records, out / "records.csv")]
-    table = summary_table(records, epsilon_now=(results or {}).get("epsilon"))
+    done = results or {}
+    steps = done.get("steps")
+    table = summary_table(
+        records,
+        epsilon_now=done.get("epsilon"),
+        steps=int(steps) if steps is not None and math.isfinite(steps) else None,
+        mi_bound_now=done.get("mi_upper_bound"),
+    )
     items = _results_items(results)
     summary = "\n".join([table] + [f"{k}: {v}" for k, v in items.items()])
     (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
     files.append(out / "summary.txt")
-    done = results or {}
     final = None
     if done.get("steps") and done.get("epsilon") is not None:
         final = (int(done["steps"]) - 1, float(done["epsilon"]))  # after the last step

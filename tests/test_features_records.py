@@ -1719,3 +1719,57 @@ def test_a_private_infonce_figure_at_ln_b_keeps_its_bug_check(monkeypatch):
         assert math.isnan(v.ci_low) == flagged  # 16 x 0.01 < 8: withheld; 16 x 2.5: kept
         assert ("exceeds_bound:private/infonce" in r.flags) == flagged, r.flags
         monitor.detach()
+
+
+def test_a_summary_whose_last_record_is_older_than_the_run_says_so_and_gives_the_run_now():
+    """With ``every`` > 1 the last record can be of an earlier step than the run's last. The
+    title said "leakage after step 0 - epsilon 2.717 ...; any one example has leaked <= 0.04
+    nats over the run" after four steps (epsilon 4.2, bound 0.16). It now names the record's
+    step as the last measured and gives, after the last step, Opacus's epsilon and the closed
+    form's MI bound."""
+    engine, model, opt, loader = make_private(poisson=True, n=64, batch_size=16)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=3)
+    train(model, opt, loader, epochs=2)  # steps 0..7; measured 0, 3, 6
+    assert [r.step for r in monitor.history] == [0, 3, 6]
+    title = monitor.summary().split("\n┏")[0].replace("\n", " ")
+    noise, rate, steps = engine.accountant.history[-1]
+    assert steps == 8
+    assert title.startswith("opacus-mi leakage at step 6, the last measured of 8 - epsilon ")
+    assert f"had leaked <= {monitor.history[-1].mi_upper_bound:.4g} nats by then" in title
+    now = engine.get_epsilon(1e-5)
+    bound = mi_upper_bound(noise, rate, 8)
+    assert title.endswith(f"after step 7: epsilon {now:.3f}, MI accountant <= {bound:.4g} nats")
+    assert bound > monitor.history[-1].mi_upper_bound
+    from torch.utils.data import DataLoader, TensorDataset
+
+    two = DataLoader(TensorDataset(*loader.dataset[:32]), batch_size=16)
+    train(model, opt, two)  # steps 8, 9; measured 9, the last
+    assert monitor.history[-1].step == 9
+    assert monitor.summary().startswith("opacus-mi leakage after step 9 - epsilon ")
+
+
+def test_a_series_the_last_record_lacks_shows_its_latest_figure_with_its_step():
+    """The "last" column took each series' latest record that had it, under a title naming the
+    last record's step: step 0's figure read as step 7's (a run whose gradients went
+    non-finite after step 0). It names its step now."""
+    from opacus_mi.report import summary_table
+
+    def record(step: int, keys: tuple[str, ...]) -> LeakageRecord:
+        return LeakageRecord(
+            step=step,
+            batch_size=16,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.25,
+            epsilon=1.0,
+            delta=1e-5,
+            mi={k: MIValue(nats=0.25 + step, ci_low=0.0, ci_high=1.0, n=16) for k in keys},
+        )
+
+    rows = summary_table(
+        [record(0, ("private/oracle", "clipped/mine")), record(7, ("private/oracle",))]
+    ).splitlines()
+    mine = next(line for line in rows if "clipped/mine" in line)
+    oracle = next(line for line in rows if "private/oracle" in line)
+    assert "0.250 [0.000, 1.000] (step 0)" in mine
+    assert "7.250 [0.000, 1.000] " in oracle and "(step" not in oracle
