@@ -172,7 +172,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, out: str | None = None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``opacus-mi`` argument parser (subcommands run, sweep, report)."""
+    """The ``opacus-mi`` argument parser (subcommands run, sweep, report, validate)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
@@ -560,12 +560,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             what, status = (
                 ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
             )
-            out = getattr(args, "out", None)
-            kept = ""
-            if args.command in ("run", "sweep") and out and Path(out).is_dir():
-                kept = f"; what was finished is in {out} (`{PROG} report {out}` renders it)"
-            print(f"{PROG}: {what}{kept}", file=sys.stderr)
+            print(f"{PROG}: {what}{_kept(args)}", file=sys.stderr)
             return status
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """Where a stopped run's or sweep's finished work is, and the command that renders it."""
+    out = getattr(args, "out", None)
+    if args.command not in ("run", "sweep") or not out or not Path(out).is_dir():
+        return ""
+    folder = Path(out)
+    if args.command == "sweep" and not (folder / "sweep.csv").exists():
+        # No run of the sweep finished (sweep.csv is written after each): `report OUT` found
+        # neither a sweep nor a run there. The stopped run's own records are in its folder.
+        runs = [p for p in folder.glob("*/records.jsonl") if p.is_file()]
+        if not runs:
+            return ""
+        stopped = max(runs, key=lambda p: p.stat().st_mtime).parent
+        return (
+            f"; no run finished; the stopped one's records are in {stopped} "
+            f"(`{PROG} report {stopped}` renders them)"
+        )
+    if args.command == "run" and not (folder / "records.jsonl").exists():
+        return ""
+    return f"; what was finished is in {out} (`{PROG} report {out}` renders it)"
 
 
 if __name__ == "__main__":  # pragma: no cover

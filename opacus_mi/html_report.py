@@ -17,8 +17,8 @@ measured per DP-SGD step: how much one step's gradient view tells about which ex
 batch produced it, paired with that example's data.</li>
 <li><b>view / estimator.</b> <code>raw</code> = per-sample gradients before clipping,
 <code>clipped</code> = after clipping to the max grad norm, <code>private</code> = clipped plus
-Opacus's Gaussian noise (what DP-SGD releases). <code>mine</code> / <code>infonce</code> are
-learned critics; <code>private/oracle</code> is the white-box Bayes oracle for the private view,
+Opacus's Gaussian noise (what DP-SGD releases). <code>mine</code>, <code>infonce</code>,
+<code>nwj</code> and <code>smile</code> are learned critics; <code>private/oracle</code> is the white-box Bayes oracle for the private view,
 computed exactly from the Gram matrix of the clipped gradients.</li>
 <li><b>last / mean [95% CI].</b> Learned estimates are <b>lower bounds evaluated on held-out
 pairs</b> the critic never trained on (<code>smile</code>'s excepted: its clipping can
@@ -30,10 +30,11 @@ The mean averages the last records with an interval across steps.</li>
 what the estimator reports when there is nothing to find. A real signal sits well above it.</li>
 <li><b>detected.</b> Where shown: "yes" when the interval over steps lies above 0 and above the
 shuffled control.</li>
-<li><b>ln B.</b> The log of the batch size: InfoNCE and the oracle cannot exceed it (the
-<code>e^T</code> bounds, <code>mine</code>, <code>nwj</code>, <code>smile</code>, can). On the
-oracle's row, the mean log of its candidate sets' sizes: each physical chunk under
-BatchMemoryManager, each rank's batch under DPDDP.</li>
+<li><b>ln B.</b> The log of the number of pairs a figure was measured on (on a learned row,
+its held-out pairs): InfoNCE and the oracle cannot exceed it (the <code>e^T</code> bounds,
+<code>mine</code>, <code>nwj</code>, <code>smile</code>, can). On the oracle's row, the mean log
+of its candidate sets' sizes: the batch, each physical chunk under BatchMemoryManager, each
+rank's batch under DPDDP.</li>
 <li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats, the capacity-style bound of one use of the
 Gaussian channel with noise multiplier sigma (signal norm at most C, noise std sigma*C). The
 private view's MI per step cannot exceed it; epsilon composes the whole run instead.</li>

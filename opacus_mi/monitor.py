@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opacus.accountants import IAccountant
+from opacus.accountants import IAccountant, PRVAccountant
 from opacus.grad_sample import (
     AbstractGradSampleHooks,
     AbstractGradSampleModule,
@@ -2337,8 +2337,12 @@ class LeakageMonitor:
                 "epsilon",
                 f"the accountant could not compute epsilon at sigma {sigma:g} "
                 f"({type(exc).__name__}: {str(exc)[:120]}); records carry NaN, flagged "
-                f"epsilon_failed. Opacus's PRV accountant fails this way at small noise "
-                f"multipliers: {fix}",
+                "epsilon_failed"
+                + (
+                    f". Opacus's PRV accountant fails this way at small noise multipliers: {fix}"
+                    if isinstance(self.epsilon.accountant, PRVAccountant)
+                    else f" ({type(self.epsilon.accountant).__name__})"
+                ),
             )
             return math.nan
         if value == math.inf and sigma > 0 and not self.epsilon.cheap:

@@ -15,6 +15,7 @@ import csv
 import errno
 import json
 import math
+import numbers
 import os
 import random
 import sys
@@ -208,20 +209,27 @@ def _check_device(device: Any) -> None:
 
 
 def check_folder_kind(out: str | os.PathLike, kind: str) -> None:
-    """Refuse to write a run into a sweep's folder or a sweep into a run's: their report.html
-    would overwrite each other and ``opacus-mi report`` would render one over the other."""
+    """Refuse to write a run, a sweep or a validate (``kind``) into another's folder: a run's
+    and a sweep's report.html would overwrite each other, ``opacus-mi report`` would render one
+    over the other, and a validate's files among a run's belong to neither."""
     path = Path(out).expanduser()
-    other, theirs = ("sweep.csv", "a sweep") if kind == "run" else ("records.jsonl", "a run")
-    try:
-        held = (path / other).is_file()
-    except OSError as err:  # (a folder without execute permission)
-        raise _unusable_folder(flag("out"), out, err) from None
-    if held:
-        raise ValueError(
-            f"{flag('out')} {str(out)!r} holds {theirs} ({other}); a {kind} there would mix "
-            f"their files. Pass another {flag('out')} (a run's default is runs/latest, a "
-            "sweep's runs/sweep)"
-        )
+    for other, theirs in _FOLDER_MARKS.items():
+        if theirs == f"a {kind}":
+            continue
+        try:
+            held = (path / other).is_file()
+        except OSError as err:  # (a folder without execute permission)
+            raise _unusable_folder(flag("out"), out, err) from None
+        if held:
+            raise ValueError(
+                f"{flag('out')} {str(out)!r} holds {theirs} ({other}); a {kind} there would mix "
+                f"their files. Pass another {flag('out')} (a run's default is runs/latest, a "
+                "sweep's runs/sweep, a validate's runs/validate)"
+            )
+
+
+# The file each kind of folder is told by (each writes it, and no other kind does).
+_FOLDER_MARKS = {"records.jsonl": "a run", "sweep.csv": "a sweep", "validate.csv": "a validate"}
 
 
 # Keys every run's config.json has held: how a run tells an earlier run's folder from a
@@ -1022,8 +1030,45 @@ def rerender_run(out: str | os.PathLike) -> tuple[str, list[Path]]:
     config = _read_json(out / "config.json")
     results = _read_json(out / "result.json")
     if results is not None:  # its numbers only: a config's text (a folder "inf") stays text
-        results = {k: float_of(v) for k, v in results.items()}
+        results = _numbers_only(out / "result.json", {k: float_of(v) for k, v in results.items()})
     return write_run_outputs(out, records, config=config, results=results)
+
+
+def _numbers_only(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` without (and a warning naming) the fields a run writes as numbers that hold
+    something else: an edited ``result.json`` with ``"epsilon": "abc"`` failed in a format
+    call whose error named neither the file nor the field."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    bad = [
+        k
+        for k, v in results.items()
+        if (k in _RESULT_NUMBERS and v is not None and not number(v))
+        or (k == "accuracy_per_epoch" and not (isinstance(v, list) and all(map(number, v))))
+    ]
+    if bad:
+        warnings.warn(
+            f"{path}: {', '.join(bad)} not a number as a run writes it; rendered without",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return {k: v for k, v in results.items() if k not in bad}
+
+
+# result.json's numbers (see train_and_monitor)
+_RESULT_NUMBERS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "test_accuracy",
+    "wall_seconds",
+    "steps",
+    "records",
+    "monitor_seconds",
+    "mi_upper_bound",
+)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -388,6 +388,7 @@ def _run_grid(
     from .data import load_dataset
     from .models import build_model
     from .training import (
+        check_folder_kind,
         claim_out_dir,
         csv_header_has,
         prepare_out_dir,
@@ -456,6 +457,7 @@ def _run_grid(
     pooled = torch.nn.functional.avg_pool2d(x_pool, block) if block > 1 else x_pool
     prior_var = pooled.var(dim=0).reshape(-1).double()
 
+    check_folder_kind(cfg.out, "validate")
     if Path(cfg.out).is_dir():
         refuse_foreign_outputs(
             cfg.out,

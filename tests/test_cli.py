@@ -537,6 +537,52 @@ def test_report_says_which_run_file_it_could_not_read(run_dir, tmp_path, capsys)
     assert warned[0].startswith(f"opacus-mi: warning: {out / 'config.json'}: not read (")
 
 
+def test_report_renders_an_edited_result_json_without_a_field_that_is_not_a_number(
+    run_dir, tmp_path, capsys
+):
+    """``"epsilon": "abc"`` in result.json stopped ``report`` with "Unknown format code 'f'
+    for object of type 'str'", naming neither the file nor the field."""
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(run_dir[0], out)
+    result = json.loads((out / "result.json").read_text())
+    result.update(epsilon="abc", test_accuracy=None, accuracy_per_epoch=["x"])
+    (out / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    assert cli.main(["report", str(out)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [
+        f"opacus-mi: warning: {out / 'result.json'}: epsilon, accuracy_per_epoch not a number "
+        "as a run writes it; rendered without"
+    ]
+    summary = (out / "summary.txt").read_text()
+    assert "epsilon: " not in summary and "test accuracy" not in summary
+
+
+def test_a_stopped_sweeps_hint_names_a_folder_report_renders(run_dir, tmp_path, capsys):
+    """Stopped before its first run finished, a sweep has no sweep.csv yet: the hint named
+    ``report OUT``, which refused it (neither a run nor a sweep); the stopped run's records are
+    in its own folder."""
+    import argparse
+    import shutil
+
+    out = tmp_path / "sweep"
+    shutil.copytree(run_dir[0], out / "sigma_1")
+    args = argparse.Namespace(command="sweep", out=str(out))
+    hint = cli._kept(args)
+    assert hint == (
+        f"; no run finished; the stopped one's records are in {out / 'sigma_1'} "
+        f"(`opacus-mi report {out / 'sigma_1'}` renders them)"
+    )
+    assert cli.main(["report", str(out / "sigma_1")]) == 0
+    assert cli.main(["report", str(out)]) == 2  # (what the hint named before)
+    (out / "sweep.csv").write_text("noise_multiplier,epsilon\n1,2\n", encoding="utf-8")
+    assert (
+        cli._kept(args) == f"; what was finished is in {out} (`opacus-mi report {out}` renders it)"
+    )
+    assert cli._kept(argparse.Namespace(command="sweep", out=str(tmp_path / "none"))) == ""
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
@@ -879,6 +925,26 @@ def test_an_output_folder_that_is_a_broken_link_or_a_file_says_so(tmp_path):
         with pytest.raises(OSError, match=f"output folder --out '.*{name}': (it is a )?{says}"):
             prepare_out_dir(tmp_path / name)
     assert prepare_out_dir(tmp_path / "new" / "run").is_dir()
+
+
+def test_run_sweep_and_validate_each_refuse_the_others_folders(run_dir, tmp_path, capsys):
+    """A run and a sweep refused each other's folders, but a validate wrote into either, and
+    either into a validate's (the README said a run refused one)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir[0], run)
+    quick = ["--iters", "2", "--restarts", "1", "--images", "2", "--no-progress"]
+    rc = cli.main(["validate", *quick, "--out", str(run)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "holds a run (records.jsonl)")
+    checked = tmp_path / "validate"
+    checked.mkdir()
+    (checked / "validate.csv").write_text("setting,step,batch_size,noise_multiplier\n")
+    rc = cli.main(["run", *TINY, "--out", str(checked)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "holds a validate (validate.csv)")
+    rc = cli.main(["sweep", *TINY, "--noise-multipliers", "1", "2", "--out", str(checked)])
+    _assert_one_line_error(rc, capsys.readouterr().err, "holds a validate (validate.csv)")
+    assert sorted(p.name for p in checked.iterdir()) == ["validate.csv"]
 
 
 def test_sweep_keeps_finished_rows_and_refuses_clashing_folders(tmp_path, capsys, monkeypatch):
