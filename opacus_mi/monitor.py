@@ -1202,8 +1202,7 @@ class LeakageMonitor:
                 with without_autocast():  # (the user's, thread-local: a worker never has it)
                     self._chunks.append(self._measure_safely(captures))
             else:  # handed over below, with the record if it is the last
-                with without_autocast():  # (a features callable runs in _take: see there)
-                    self._chunks.append(self._take(captures))
+                self._chunks.append(self._take(captures))
         t1 = time.perf_counter()
         try:
             result = self._original_pre_step(closure)
@@ -1330,8 +1329,11 @@ class LeakageMonitor:
         """References to what this chunk's measurement reads (on the training thread)."""
         opt = self.optimizer
         taken = _Taken(captures=captures)
-        if self._tokens:  # (the learned critics' features: a callable's read the weights now)
-            self._capture.evaluate(captures)
+        if self._tokens and self._capture.fn is not None:
+            # The learned critics' features: a callable's read the model's weights now. (Out
+            # of the user's autocast, as inline and on a worker, which never has it.)
+            with without_autocast():
+                self._capture.evaluate(captures)
         try:
             if tuple(map(id, opt.params)) != self._param_ids:
                 for capture in (self._factored, self._linear_inputs):
