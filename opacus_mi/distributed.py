@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -79,6 +80,18 @@ def should_gather(distributed: bool | None, optimizer: Any) -> bool:
             "distributed=True needs an initialised torch.distributed process group: call "
             "torch.distributed.init_process_group(...) (torchrun sets the environment) before "
             "creating the monitor, or pass distributed=None"
+        )
+    if distributed and not isinstance(optimizer, DISTRIBUTED_OPTIMIZERS):
+        # (Allowed: a loop that averages the ranks' gradients itself. But for ranks that each
+        # train a model of their own, their records would mix unrelated batches as one.)
+        warnings.warn(
+            f"opacus-mi: distributed=True with a {type(optimizer).__name__}, not the "
+            "distributed optimizer Opacus makes for a DPDDP- or DDP-wrapped module: the "
+            "records gather every rank's examples as one global batch, which is right only if "
+            "the ranks train one model together; for ranks training models of their own pass "
+            "distributed=False (or None)",
+            RuntimeWarning,
+            stacklevel=3,
         )
     return distributed
 

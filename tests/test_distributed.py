@@ -613,6 +613,23 @@ def test_paced_prv_epsilon_follows_the_most_frugal_rank_under_ddp(runs):
         _same_record(x, y, rtol=0, atol=0)
 
 
+def test_distributed_true_with_a_local_optimizer_is_warned_about(private_setup, monkeypatch):
+    """``distributed=True`` where Opacus made no distributed optimizer (the model not wrapped
+    in DPDDP: each rank trains its own) was accepted without a word, and the records mixed the
+    ranks' unrelated batches as one global batch."""
+    from opacus.optimizers import DistributedDPOptimizer
+
+    _, _, opt, _ = private_setup()
+    monkeypatch.setattr(mi_dist, "process_group_active", lambda: True)
+    with pytest.warns(RuntimeWarning, match="distributed=True with a DPOptimizer, not the"):
+        assert mi_dist.should_gather(True, opt)
+    ddp_opt = object.__new__(DistributedDPOptimizer)  # (the type is what is checked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mi_dist.should_gather(True, ddp_opt)
+        assert not mi_dist.should_gather(False, opt)
+
+
 def test_distributed_argument_is_validated(private_setup):
     engine, model, opt, _ = private_setup()
     assert not dist.is_initialized()
