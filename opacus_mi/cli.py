@@ -572,11 +572,20 @@ def _kept(args: argparse.Namespace) -> str:
     folder = Path(out)
     if args.command == "sweep" and not (folder / "sweep.csv").exists():
         # No run of the sweep finished (sweep.csv is written after each): `report OUT` found
-        # neither a sweep nor a run there. The stopped run's own records are in its folder.
-        runs = [p for p in folder.glob("*/records.jsonl") if p.is_file()]
+        # neither a sweep nor a run there. The stopped run's own records are in its folder,
+        # written since this sweep's sweep_config.json (an earlier sweep's runs stay beside).
+        started = folder / "sweep_config.json"
+        if not started.is_file():
+            return ""
+        since = started.stat().st_mtime_ns
+        runs = [
+            p
+            for p in folder.glob("*/records.jsonl")
+            if p.is_file() and p.stat().st_mtime_ns >= since
+        ]
         if not runs:
             return ""
-        stopped = max(runs, key=lambda p: p.stat().st_mtime).parent
+        stopped = max(runs, key=lambda p: p.stat().st_mtime_ns).parent
         return (
             f"; no run finished; the stopped one's records are in {stopped} "
             f"(`{PROG} report {stopped}` renders them)"

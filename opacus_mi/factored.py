@@ -1118,14 +1118,13 @@ class LinearInputs:
 
     A Linear layer applied once, to a ``(B, d_in)`` input, has rank-one per-sample weight
     gradients, whose Gram matrix :func:`rank_one_gram` forms from that input and ``grad_sample``
-    far more cheaply than a GEMM over ``d_out x d_in``. The hooks keep a reference to the
-    input (a copy only where :func:`keep_input` needs one: ``later``, the inputs are read after
-    the step, on an overlap worker) and only on forwards the monitor will measure (as Opacus,
-    none while the GradSampleModule's hooks are disabled); a layer applied more than once, or
-    to inputs with more dimensions, is left to the GEMM. So is an input written in place
-    since its forward (the loop's batch perturbed or refilled between ``backward()`` and
-    ``step()``): ``grad_sample`` was made from what it held then, and the Gram formed from what
-    it holds now was wrong, unflagged.
+    far more cheaply than a GEMM over ``d_out x d_in``. The hooks keep the input (a copy where
+    :func:`keep_input` makes one for a later read: a tensor the loop owns, its batch) and only
+    on forwards the monitor will measure (as Opacus, none while the GradSampleModule's hooks
+    are disabled); a layer applied more than once, or to inputs with more dimensions, is left
+    to the GEMM. The copy is made inline too: a batch written in place between ``backward()``
+    and ``step()`` (an adversarial perturbation, a refilled buffer; through ``.data`` or NumPy
+    too, which no version counter sees) gave a Gram of what ``grad_sample`` was not made from.
     """
 
     def __init__(
@@ -1134,14 +1133,12 @@ class LinearInputs:
         params: Sequence[torch.Tensor],
         active: Callable[[], bool],
         *,
-        later: bool = False,
         stamp: Callable[[], Any] = lambda: None,
     ):
         index = {id(p): i for i, p in enumerate(params)}
-        self._gsm, self._active, self._later, self._stamp = module, active, later, stamp
-        # Per parameter index, each forward's (stamp, input, the input's version then): see
-        # FeatureCapture's stamps. (A reference shares its tensor's version counter.)
-        self._seen: dict[int, list[tuple[Any, torch.Tensor, int]]] = {}
+        self._gsm, self._active, self._stamp = module, active, stamp
+        # Per parameter index, each forward's (stamp, input): see FeatureCapture's stamps.
+        self._seen: dict[int, list[tuple[Any, torch.Tensor]]] = {}
         self._handles = []
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
         # is exactly its backprop ``b_i`` (Opacus sums backprops over no positions).
@@ -1173,22 +1170,15 @@ class LinearInputs:
                 and self._active()
                 and args
             ):
-                kept = keep_input(args[0], later=self._later)
-                self._seen.setdefault(layer, []).append((self._stamp(), kept, kept._version))
+                kept = keep_input(args[0], later=True)  # (inline too: see the class)
+                self._seen.setdefault(layer, []).append((self._stamp(), kept))
 
         return hook
 
     def take(self) -> dict[int, torch.Tensor]:
-        """Per parameter index, the one 2-D input its layer saw since the last call, as it was
-        then (one written in place since is left out: the GEMM reads ``grad_sample``)."""
+        """Per parameter index, the one 2-D input its layer saw since the last call."""
         seen, self._seen = self._seen, {}
-        taken = {}
-        for k, v in seen.items():
-            if len(v) == 1:
-                _, kept, version = v[0]
-                if kept.ndim == 2 and kept._version == version:
-                    taken[k] = kept
-        return taken
+        return {k: v[0][1] for k, v in seen.items() if len(v) == 1 and v[0][1].ndim == 2}
 
     def keep(self, stamped: Callable[[Any], bool]) -> None:
         """Keep only the inputs of forwards whose stamp passes ``stamped``."""

@@ -199,6 +199,9 @@ def _hooks_enabled(module: nn.Module) -> bool:
     return getattr(module, "hooks_enabled", True)
 
 
+NOT_CALLED = object()  # (a Capture's features callable, not called yet)
+
+
 @dataclass
 class Capture:
     """What one training forward showed: its input, named activations and (optional) labels."""
@@ -215,8 +218,8 @@ class Capture:
     returned: bool = False  # the forward returned (one that raised added nothing to a step)
     outputs: list = field(default_factory=list)  # weakrefs to its output tensors (its labels)
     # The features callable's output for this forward, or what it raised: see
-    # FeatureCapture.evaluate (None: not called yet)
-    user: Any = None
+    # FeatureCapture.evaluate (NOT_CALLED: not called yet; None is a callable's output)
+    user: Any = NOT_CALLED
 
 
 class FeatureCapture:
@@ -474,10 +477,14 @@ class FeatureCapture:
         if self.fn is None:
             return
         for capture in captures:
-            if capture.user is None:
+            if capture.user is NOT_CALLED:
+                inputs = self._inputs(capture)
+                x = _first_tensor(inputs)
+                cuda = [x.device] if x is not None and x.device.type == "cuda" else []
                 try:
-                    with torch.no_grad():
-                        capture.user = self.fn(self._inputs(capture))
+                    # (Its own draws, dropout in a layer it runs: not from training's generators)
+                    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                        capture.user = self.fn(inputs)
                 except Exception as exc:  # (raised where the measurement reads it)
                     capture.user = exc
 

@@ -18,8 +18,9 @@ batch produced it, paired with that example's data.</li>
 <li><b>view / estimator.</b> <code>raw</code> = per-sample gradients before clipping,
 <code>clipped</code> = after clipping to the max grad norm, <code>private</code> = clipped plus
 Opacus's Gaussian noise (what DP-SGD releases). <code>mine</code>, <code>infonce</code>,
-<code>nwj</code> and <code>smile</code> are learned critics; <code>private/oracle</code> is the white-box Bayes oracle for the private view,
-computed exactly from the Gram matrix of the clipped gradients.</li>
+<code>nwj</code> and <code>smile</code> are learned critics; <code>private/oracle</code> is the
+white-box Bayes oracle for the private view, computed exactly from the Gram matrix of the
+clipped gradients.</li>
 <li><b>last / mean [95% CI].</b> Learned estimates are <b>lower bounds evaluated on held-out
 pairs</b> the critic never trained on (<code>smile</code>'s excepted: its clipping can
 overshoot), with Student-t intervals from a delete-one-pair jackknife (<code>infonce</code>;

@@ -74,6 +74,7 @@ from .accounting import (
     PRV_MAX_POINTS,
     EpsilonTracker,
     MIAccountant,
+    first_steps,
     gaussian_channel_bound,
     history_continues,
     sample_rate_of,
@@ -794,7 +795,6 @@ class LeakageMonitor:
                     module,
                     params,
                     active=self._due,
-                    later=self.overlap,
                     stamp=lambda: self._forward_stamp,
                 )
             # Under DPDDP every rank holds the same records; only rank 0 writes them out. Kept
@@ -2376,11 +2376,13 @@ class LeakageMonitor:
         records = self.history  # (flushes: an overlap worker is idle, the tracker free)
         now = bound = None
         behind = bool(records) and self.steps > records[-1].step + 1  # (every > 1)
+        # The run as the monitor saw it: after detach() the accountant may have gone on.
+        history = None if self.attached else first_steps(self.epsilon.history(), self.steps)
         if records and (records[-1].carries_earlier_epsilon or behind):
             # one fresh epsilon, on the caller's time
-            now = self.epsilon_now()
+            now = self._epsilon_or_nan(history, float(self.optimizer.noise_multiplier))
         if behind:
-            bound = self.mi_accountant.bound()
+            bound = self.mi_accountant.bound(history)
         return summary_table(
             records,
             last=last,

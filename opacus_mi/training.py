@@ -1030,7 +1030,13 @@ def rerender_run(out: str | os.PathLike) -> tuple[str, list[Path]]:
     config = _read_json(out / "config.json")
     results = _read_json(out / "result.json")
     if results is not None:  # its numbers only: a config's text (a folder "inf") stays text
-        results = _numbers_only(out / "result.json", {k: float_of(v) for k, v in results.items()})
+        results = _numbers_only(
+            out / "result.json",
+            {
+                k: list(map(float_of, v)) if isinstance(v, list) else float_of(v)
+                for k, v in results.items()
+            },
+        )
     return write_run_outputs(out, records, config=config, results=results)
 
 

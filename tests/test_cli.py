@@ -557,6 +557,12 @@ def test_report_renders_an_edited_result_json_without_a_field_that_is_not_a_numb
     ]
     summary = (out / "summary.txt").read_text()
     assert "epsilon: " not in summary and "test accuracy" not in summary
+    # a run's own result.json (its NaN accuracies written "nan") renders without a warning
+    result = json.loads((run_dir[0] / "result.json").read_text())
+    result["accuracy_per_epoch"] = ["nan", *result["accuracy_per_epoch"]]
+    (out / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    assert cli.main(["report", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_stopped_sweeps_hint_names_a_folder_report_renders(run_dir, tmp_path, capsys):
@@ -567,8 +573,13 @@ def test_a_stopped_sweeps_hint_names_a_folder_report_renders(run_dir, tmp_path, 
     import shutil
 
     out = tmp_path / "sweep"
-    shutil.copytree(run_dir[0], out / "sigma_1")
+    shutil.copytree(run_dir[0], out / "sigma_2")  # an earlier sweep's run: not this one's
+    os.utime(out / "sigma_2" / "records.jsonl", ns=(1, 1))
+    (out / "sweep_config.json").write_text("{}", encoding="utf-8")
     args = argparse.Namespace(command="sweep", out=str(out))
+    assert cli._kept(args) == ""
+    shutil.copytree(run_dir[0], out / "sigma_1")
+    os.utime(out / "sigma_1" / "records.jsonl")  # (written since the config, as a run's is)
     hint = cli._kept(args)
     assert hint == (
         f"; no run finished; the stopped one's records are in {out / 'sigma_1'} "

@@ -697,7 +697,7 @@ def test_a_refused_monitor_leaves_the_model_and_the_monitor_it_would_replace_as_
     mon = LeakageMonitor(engine, model_a, opt_a, delta=1e-5, every=1, estimator=None)
     step()
     before, opened = hooks(), tmp_path / "refused.jsonl"
-    with pytest.raises(ValueError, match="belong to no layer"):
+    with pytest.raises(ValueError, match="module and optimizer do not belong together"):
         LeakageMonitor(engine, model_a, opt_b, delta=1e-5, jsonl=opened)
     assert hooks() == before and mon.attached and not opened.exists()
     step()

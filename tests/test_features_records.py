@@ -1740,12 +1740,31 @@ def test_a_summary_whose_last_record_is_older_than_the_run_says_so_and_gives_the
     bound = mi_upper_bound(noise, rate, 8)
     assert title.endswith(f"after step 7: epsilon {now:.3f}, MI accountant <= {bound:.4g} nats")
     assert bound > monitor.history[-1].mi_upper_bound
+    from opacus.accountants import RDPAccountant
     from torch.utils.data import DataLoader, TensorDataset
 
+    # Detached, it still speaks of the run it saw, not of the accountant's steps since
+    monitor.detach()
+    train(model, opt, loader)
+    title = monitor.summary().split("\n┏")[0].replace("\n", " ")
+    assert title.endswith(f"after step 7: epsilon {now:.3f}, MI accountant <= {bound:.4g} nats")
+    assert engine.accountant.history[-1][2] == 12
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=3)
     two = DataLoader(TensorDataset(*loader.dataset[:32]), batch_size=16)
-    train(model, opt, two)  # steps 8, 9; measured 9, the last
-    assert monitor.history[-1].step == 9
-    assert monitor.summary().startswith("opacus-mi leakage after step 9 - epsilon ")
+    train(model, opt, two)  # steps 12, 13; measured 12 (its first), then 15 would be next
+    assert [r.step for r in monitor.history] == [12]
+    ref = RDPAccountant()
+    ref.history = [(noise, rate, 14)]
+    title = monitor.summary().split("\n┏")[0].replace("\n", " ")
+    assert title.startswith("opacus-mi leakage at step 12, the last measured of 14 - epsilon ")
+    assert title.endswith(
+        f"after step 13: epsilon {ref.get_epsilon(1e-5):.3f}, MI accountant <= "
+        f"{mi_upper_bound(noise, rate, 14):.4g} nats"
+    )
+    train(model, opt, DataLoader(TensorDataset(*loader.dataset[:16]), batch_size=16))  # 14
+    train(model, opt, DataLoader(TensorDataset(*loader.dataset[:16]), batch_size=16))  # 15
+    assert monitor.history[-1].step == 15
+    assert monitor.summary().startswith("opacus-mi leakage after step 15 - epsilon ")
 
 
 def test_a_series_the_last_record_lacks_shows_its_latest_figure_with_its_step():

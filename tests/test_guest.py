@@ -1386,16 +1386,16 @@ def _flat_mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_a_batch_written_in_place_after_its_backward_changes_no_record(overlap):
+@pytest.mark.parametrize("write", ["in_place", "data", "numpy"])
+def test_a_batch_written_in_place_after_its_backward_changes_no_record(write):
     """The loop perturbs (or refills) its batch tensor in place between ``backward()`` and
-    ``step()``. Opacus's per-sample gradients were made in the backward, so nothing the step
-    releases changes; inline, the monitor's Gram for the first Linear layer (formed from its
-    input, kept by reference) read the written batch: the oracle's figures moved by ~10%,
-    unflagged. Reference: the same run without the write (to rounding: the Gram of a written
-    input's layer now comes from ``grad_sample``, a different sum of the same terms)."""
+    ``step()``: through the tensor, its ``.data`` (an FGSM step) or a NumPy view. Opacus's
+    per-sample gradients were made in the backward, so nothing the step releases changes;
+    inline, the monitor's Gram for the first Linear layer (formed from its input, kept by
+    reference) read the written batch: the oracle's figures moved by ~10%, unflagged.
+    Reference: the same run without the write, inline and with overlap, bit for bit."""
 
-    def run(write: bool):
+    def run(write: str | None, overlap: bool):
         engine, model, opt, loader = make_private(net=_flat_mlp, poisson=False, noise=0.7)
         monitor = LeakageMonitor(
             engine, model, opt, delta=1e-5, every=1, overlap=overlap, estimator=None
@@ -1404,20 +1404,24 @@ def test_a_batch_written_in_place_after_its_backward_changes_no_record(overlap):
         for x, y in loader:
             opt.zero_grad()
             criterion(model(x), y).backward()
-            if write:
+            if write == "in_place":
                 x.mul_(0.5)
+            elif write == "data":
+                x.data.add_(x.data.sign(), alpha=0.1)
+            elif write == "numpy":
+                x.numpy()[:] *= 0.5
             opt.step()
         monitor.flush()
-        records = [(r.flags, {k: v.nats for k, v in r.mi.items()}) for r in monitor.history]
+        records = without_timing(monitor.history)
         return records, [p.detach().clone() for p in model.parameters()]
 
-    plain, reference = run(False)
-    written, params = run(True)
-    assert [flags for flags, _ in written] == [flags for flags, _ in plain]
-    assert [mi for _, mi in written] == [pytest.approx(mi, rel=1e-5) for _, mi in plain]
-    assert len(plain) == 6 and all("private/oracle" in mi for _, mi in plain)
-    for a, b in zip(reference, params, strict=True):
-        assert torch.equal(a, b)
+    plain, reference = run(None, False)
+    assert len(plain) == 6 and all("private/oracle" in r["mi"] for r in plain)
+    for overlap in (False, True):
+        written, params = run(write, overlap)
+        assert written == plain
+        for a, b in zip(reference, params, strict=True):
+            assert torch.equal(a, b)
 
 
 class _ReturnsItsWeight(nn.Module):
@@ -1468,3 +1472,32 @@ def test_ew_mode_measures_a_model_trained_in_eval_mode():
     plain = run(False)
     assert run(True) == plain
     assert all(flags == [] and "clipped/mine" in mi for flags, mi in plain[1:])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_features_callable_that_draws_random_numbers_leaves_training_unchanged(overlap):
+    """A features callable through a layer with dropout (the model's own body, in train mode)
+    drew from torch's global generator, which training's own dropout and Opacus's noise read
+    next: the parameters differed from an unmonitored run's. Its draws are its own now."""
+
+    def run(monitored: bool):
+        engine, model, opt, loader = make_private(net=_flat_mlp, poisson=False, noise=0.7)
+        if monitored:
+            LeakageMonitor(
+                engine,
+                model,
+                opt,
+                delta=1e-5,
+                every=1,
+                train_every=1,
+                overlap=overlap,
+                features=lambda x: nn.functional.dropout(x.flatten(1), 0.5, training=True),
+            )
+        train(model, opt, loader, epochs=2)
+        return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+    reference, reference_rng = run(False)
+    params, rng = run(True)
+    for a, b in zip(reference, params, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(rng, reference_rng)
