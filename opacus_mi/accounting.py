@@ -715,18 +715,6 @@ def _sampling_flag(poisson_sampling: Any) -> bool:
     )
 
 
-def first_steps(history: Sequence, steps: int) -> tuple:
-    """The first ``steps`` steps of an accountant's ``history`` (its ``(noise, rate, steps)``
-    entries, the last one cut short where it runs past them)."""
-    kept, left = [], steps
-    for noise, rate, count in history:
-        if left <= 0:
-            break
-        kept.append((noise, rate, min(int(count), left)))
-        left -= int(count)
-    return tuple(kept)
-
-
 def history_continues(history: tuple, earlier: tuple) -> bool:
     """Whether an accountant's ``history`` continues ``earlier`` (its ``(noise, rate, steps)``
     entries): the same entries, the last of them with as many steps or more."""

@@ -1137,8 +1137,9 @@ class LinearInputs:
     ):
         index = {id(p): i for i, p in enumerate(params)}
         self._gsm, self._active, self._stamp = module, active, stamp
-        # Per parameter index, each forward's (stamp, input): see FeatureCapture's stamps.
-        self._seen: dict[int, list[tuple[Any, torch.Tensor]]] = {}
+        # Per parameter index, each forward's (stamp, input or None): see FeatureCapture's
+        # stamps.
+        self._seen: dict[int, list[tuple[Any, torch.Tensor | None]]] = {}
         self._handles = []
         # Weight index -> bias index: a Linear layer's per-sample bias gradient on a 2-D input
         # is exactly its backprop ``b_i`` (Opacus sums backprops over no positions).
@@ -1170,15 +1171,18 @@ class LinearInputs:
                 and self._active()
                 and args
             ):
-                kept = keep_input(args[0], later=True)  # (inline too: see the class)
-                self._seen.setdefault(layer, []).append((self._stamp(), kept))
+                seen, x = self._seen.setdefault(layer, []), args[0]
+                # Kept only where take() can use it: a 2-D input, the layer's first this step
+                # (a copy of a sequence batch, or of every call, was made and thrown away).
+                useful = isinstance(x, torch.Tensor) and x.ndim == 2 and not seen
+                seen.append((self._stamp(), keep_input(x, later=True) if useful else None))
 
         return hook
 
     def take(self) -> dict[int, torch.Tensor]:
         """Per parameter index, the one 2-D input its layer saw since the last call."""
         seen, self._seen = self._seen, {}
-        return {k: v[0][1] for k, v in seen.items() if len(v) == 1 and v[0][1].ndim == 2}
+        return {k: v[0][1] for k, v in seen.items() if len(v) == 1 and v[0][1] is not None}
 
     def keep(self, stamped: Callable[[Any], bool]) -> None:
         """Keep only the inputs of forwards whose stamp passes ``stamped``."""

@@ -479,8 +479,9 @@ class FeatureCapture:
         for capture in captures:
             if capture.user is NOT_CALLED:
                 inputs = self._inputs(capture)
-                x = _first_tensor(inputs)
-                cuda = [x.device] if x is not None and x.device.type == "cuda" else []
+                # (Every CUDA device: a batch's first tensor can be a CPU one, lengths, or
+                # none, a PackedSequence's; Opacus's noise comes from the default generators.)
+                cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
                 try:
                     # (Its own draws, dropout in a layer it runs: not from training's generators)
                     with torch.random.fork_rng(devices=cuda), torch.no_grad():

@@ -74,7 +74,6 @@ from .accounting import (
     PRV_MAX_POINTS,
     EpsilonTracker,
     MIAccountant,
-    first_steps,
     gaussian_channel_bound,
     history_continues,
     sample_rate_of,
@@ -952,6 +951,9 @@ class LeakageMonitor:
             self.detach()
 
     def _unhook(self) -> None:
+        # The accountant's history as the monitor leaves it: a detached summary() speaks of
+        # the run it saw (the accountant may go on, or be rolled back, without it).
+        self._seen_history = self.epsilon.history()
         if vars(self.optimizer).get("pre_step") == self._pre_step:
             del self.optimizer.pre_step
         if vars(self.optimizer).get("zero_grad") == self._zero_grad:
@@ -2374,10 +2376,12 @@ class LeakageMonitor:
         from .report import summary_table
 
         records = self.history  # (flushes: an overlap worker is idle, the tracker free)
+        # The run as the monitor saw it (detached, the accountant may have gone on without
+        # it), its steps counted as the records' are: the accountant's.
+        history = self.epsilon.history() if self.attached else self._seen_history
+        steps = sum(int(entry[2]) for entry in history)
         now = bound = None
-        behind = bool(records) and self.steps > records[-1].step + 1  # (every > 1)
-        # The run as the monitor saw it: after detach() the accountant may have gone on.
-        history = None if self.attached else first_steps(self.epsilon.history(), self.steps)
+        behind = bool(records) and steps > records[-1].step + 1  # (every > 1)
         if records and (records[-1].carries_earlier_epsilon or behind):
             # one fresh epsilon, on the caller's time
             now = self._epsilon_or_nan(history, float(self.optimizer.noise_multiplier))
@@ -2388,7 +2392,7 @@ class LeakageMonitor:
             last=last,
             note=self.schedule_note(),
             epsilon_now=now,
-            steps=self.steps,
+            steps=steps,
             mi_bound_now=bound,
         )
 

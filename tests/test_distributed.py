@@ -621,8 +621,14 @@ def test_distributed_true_with_a_local_optimizer_is_warned_about(private_setup, 
 
     _, _, opt, _ = private_setup()
     monkeypatch.setattr(mi_dist, "process_group_active", lambda: True)
+    monkeypatch.setattr(mi_dist, "world_size", lambda: 2)
     with pytest.warns(RuntimeWarning, match="distributed=True with a DPOptimizer, not the"):
         assert mi_dist.should_gather(True, opt)
+    monkeypatch.setattr(mi_dist, "world_size", lambda: 1)  # (nothing to mix up)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mi_dist.should_gather(True, opt)
+    monkeypatch.setattr(mi_dist, "world_size", lambda: 2)
     ddp_opt = object.__new__(DistributedDPOptimizer)  # (the type is what is checked)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

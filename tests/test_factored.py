@@ -749,8 +749,18 @@ def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples()
         tol = 1e-12 if exact else 1e-6
         torch.testing.assert_close(fast, ref, rtol=tol, atol=tol * scale)
     assert capture.take() == {}  # taken once
-    nn.functional.cross_entropy(model(x.unsqueeze(1)).squeeze(1), y).backward()  # 3-D input
-    assert capture.take() == {}  # not rank-one per example: left to the GEMM
+    copies = []
+    keep = factored.keep_input
+    factored.keep_input = lambda t, later: copies.append(t) or keep(t, later=later)
+    try:
+        nn.functional.cross_entropy(model(x.unsqueeze(1)).squeeze(1), y).backward()  # 3-D
+        assert capture.take() == {}  # not rank-one per example: left to the GEMM
+        # (nor copied for nothing: a sequence batch, at every measured step)
+        assert copies == []
+        model(x), model(x)  # layers applied twice: left to the GEMM, each kept once
+        assert capture.take() == {} and len(copies) == 2
+    finally:
+        factored.keep_input = keep
     capture.remove()
     opt.zero_grad()
 

@@ -1744,7 +1744,9 @@ def test_a_summary_whose_last_record_is_older_than_the_run_says_so_and_gives_the
     from torch.utils.data import DataLoader, TensorDataset
 
     # Detached, it still speaks of the run it saw, not of the accountant's steps since
+    attached = monitor.summary()
     monitor.detach()
+    assert monitor.summary() == attached
     train(model, opt, loader)
     title = monitor.summary().split("\n┏")[0].replace("\n", " ")
     assert title.endswith(f"after step 7: epsilon {now:.3f}, MI accountant <= {bound:.4g} nats")
