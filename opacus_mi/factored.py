@@ -1171,11 +1171,13 @@ class LinearInputs:
                 and self._active()
                 and args
             ):
-                seen, x = self._seen.setdefault(layer, []), args[0]
-                # Kept only where take() can use it: a 2-D input, the layer's first this step
-                # (a copy of a sequence batch, or of every call, was made and thrown away).
-                useful = isinstance(x, torch.Tensor) and x.ndim == 2 and not seen
-                seen.append((self._stamp(), keep_input(x, later=True) if useful else None))
+                x = args[0]
+                # Kept only where take() can use it: a 2-D input (a copy of a sequence batch
+                # was made at every measured step and thrown away). A layer's second call in a
+                # step is kept too: keep() may drop its first (a forward of a skipped step).
+                useful = isinstance(x, torch.Tensor) and x.ndim == 2
+                kept = keep_input(x, later=True) if useful else None
+                self._seen.setdefault(layer, []).append((self._stamp(), kept))
 
         return hook
 

@@ -757,8 +757,8 @@ def test_rank_one_gram_of_linear_layers_equals_the_gemm_on_opacus_grad_samples()
         assert capture.take() == {}  # not rank-one per example: left to the GEMM
         # (nor copied for nothing: a sequence batch, at every measured step)
         assert copies == []
-        model(x), model(x)  # layers applied twice: left to the GEMM, each kept once
-        assert capture.take() == {} and len(copies) == 2
+        model(x), model(x)  # layers applied twice: left to the GEMM
+        assert capture.take() == {}
     finally:
         factored.keep_input = keep
     capture.remove()
