@@ -621,6 +621,12 @@ def _noiseless(history: tuple) -> bool:
     return any(noise == 0 and rate > 0 and steps > 0 for noise, rate, steps in history)
 
 
+def steps_counted(history: Sequence) -> int:
+    """How many steps an accountant's ``history`` (``(noise, rate, steps)`` entries) counts:
+    the steps a record after them is numbered from."""
+    return sum(int(entry[2]) for entry in history)
+
+
 def sample_rate_of(accountant: IAccountant | None, history: Sequence | None = None) -> float:
     """Sample rate of the accountant's latest step, or of ``history``'s (NaN before any)."""
     if history is None:

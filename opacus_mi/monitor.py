@@ -77,6 +77,7 @@ from .accounting import (
     gaussian_channel_bound,
     history_continues,
     sample_rate_of,
+    steps_counted,
 )
 from .budget import (
     EPSILON_SHARE,
@@ -719,9 +720,7 @@ class LeakageMonitor:
         # Logical steps, numbered as the accountant counts them: a monitor attached to an
         # engine that has trained already (a resumed checkpoint, a re-attach) names each
         # record's step so that its epsilon is get_epsilon after that step.
-        self.steps = self._first_step = sum(
-            int(h[2]) for h in getattr(engine.accountant, "history", ())
-        )
+        self.steps = self._first_step = steps_counted(getattr(engine.accountant, "history", ()))
         # This optimizer's own logical steps, counted on from there: what ``every`` schedules
         # on. ``steps`` follows the accountant, which other models made private by the same
         # engine step too (it jumped past their steps, and ``every=2`` measured all of one
@@ -1275,7 +1274,7 @@ class LeakageMonitor:
         has not counted the steps the state was saved after (the accountant not restored with
         it): records follow the accountant's count, and the history would jump."""
         self._unchecked_resume = False
-        counted = sum(int(h[2]) for h in self.epsilon.history())
+        counted = steps_counted(self.epsilon.history())
         if counted != self.steps:
             self._warn_once(
                 "state:accountant",
@@ -1294,7 +1293,7 @@ class LeakageMonitor:
         A fixed ``every`` goes on counting this optimizer's own steps (``_own_step``)."""
         if not accounting:
             return
-        shift = sum(int(h[2]) for h in accounting) - 1 - self.steps
+        shift = steps_counted(accounting) - 1 - self.steps
         if shift:
             self.steps += shift
             self._first_step += shift
@@ -2379,7 +2378,7 @@ class LeakageMonitor:
         # The run as the monitor saw it (detached, the accountant may have gone on without
         # it), its steps counted as the records' are: the accountant's.
         history = self.epsilon.history() if self.attached else self._seen_history
-        steps = sum(int(entry[2]) for entry in history)
+        steps = steps_counted(history)
         now = bound = None
         behind = bool(records) and steps > records[-1].step + 1  # (every > 1)
         if records and (records[-1].carries_earlier_epsilon or behind):
