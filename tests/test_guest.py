@@ -219,6 +219,19 @@ def test_a_warning_an_error_filter_raises_never_skips_an_accounted_update(overla
     assert all(r.flags == [] for r in monitor.history)  # (a retried step's captures intact)
 
 
+def _features_failing_at(call: int):
+    """A features callable (the flattened input) that raises on its ``call``-th call."""
+    calls = []
+
+    def features(x):
+        calls.append(1)
+        if len(calls) == call:
+            raise ValueError("bad batch")
+        return x.flatten(1)
+
+    return features
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_measurements_warning_under_an_error_filter_refuses_its_step_and_keeps_its_record(
     overlap,
@@ -231,14 +244,7 @@ def test_a_measurements_warning_under_an_error_filter_refuses_its_step_and_keeps
 
     def run(error_filter: bool):
         engine, model, opt, loader = make_private(noise=0.7)
-        calls = []
-
-        def features(x):
-            calls.append(1)
-            if len(calls) == 3:
-                raise ValueError("bad batch")
-            return x.flatten(1)
-
+        features = _features_failing_at(3)
         monitor = LeakageMonitor(engine, model, opt, delta=1e-5, overlap=overlap, features=features)
         criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
         refused = 0
@@ -1348,14 +1354,6 @@ def test_the_monitors_warnings_point_at_the_users_loop_not_at_opacus(overlap):
     def full_disk(record):
         raise OSError("disk full")
 
-    calls = []
-
-    def features(x):
-        calls.append(1)
-        if len(calls) == 2:
-            raise ValueError("bad batch")
-        return x.flatten(1)
-
     LeakageMonitor(
         engine,
         model,
@@ -1364,7 +1362,7 @@ def test_the_monitors_warnings_point_at_the_users_loop_not_at_opacus(overlap):
         every=1,
         overlap=overlap,
         sinks=[full_disk],
-        features=features,
+        features=_features_failing_at(2),
     )
     here = __file__
     step_lines = set()
