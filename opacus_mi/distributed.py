@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,6 +29,8 @@ from opacus.optimizers import (
     FSDPOptimizerFastGradientClipping,
 )
 from opacus.optimizers.ddp_perlayeroptimizer import DistributedPerLayerOptimizer
+
+from .warn import say
 
 # What make_private builds for a DPDDP/DDP/FSDP module (SimpleDistributedPerLayerOptimizer
 # subclasses DistributedDPOptimizer); each calls pre_step, then all-reduces the gradients.
@@ -84,14 +85,12 @@ def should_gather(distributed: bool | None, optimizer: Any) -> bool:
     if distributed and world_size() > 1 and not isinstance(optimizer, DISTRIBUTED_OPTIMIZERS):
         # (Allowed: a loop that averages the ranks' gradients itself. But for ranks that each
         # train a model of their own, their records would mix unrelated batches as one.)
-        warnings.warn(
+        say(
             f"opacus-mi: distributed=True with a {type(optimizer).__name__}, not the "
             "distributed optimizer Opacus makes for a DPDDP- or DDP-wrapped module: the "
             "records gather every rank's examples as one global batch, which is right only if "
             "the ranks train one model together; for ranks training models of their own pass "
             "distributed=False (or None)",
-            RuntimeWarning,
-            stacklevel=3,
         )
     return distributed
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -31,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import PackedSequence
 
 from .hooks import GuestHook
+from .warn import say
 
 MAX_FEATURES = 1024
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -297,7 +297,7 @@ class FeatureCapture:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._said:
             self._said.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            say(message)
 
     def training_forward(self) -> bool:
         """Whether a forward of the module now makes per-sample gradients of the coming step,

@@ -50,7 +50,6 @@ import copy
 import dataclasses
 import math
 import os
-import sys
 import time
 import warnings
 import weakref
@@ -124,6 +123,7 @@ from .views import (
     scale_gram,
     unmeasured_views,
 )
+from .warn import say
 
 _HALF = (torch.float16, torch.bfloat16)
 _NOT_COPIED = (
@@ -521,11 +521,10 @@ class LeakageMonitor:
         check_torch_seed(seed)
         budget = check_fraction(budget)  # also on a fixed schedule: a quarter paces PRV's epsilon
         if budget >= 2:  # (a percentage given as one: 6 for 6% would be 600%)
-            warnings.warn(
+            say(
                 f"opacus-mi: budget={budget:g} lets the monitor take {budget:.0%} of the "
                 f"training loop's time; for {budget:g}% pass budget={budget / 100:g}",
                 UserWarning,
-                stacklevel=2,
             )
         for name, value in (("semi_oracle", semi_oracle), ("control", control)):
             if not isinstance(value, bool):
@@ -1552,7 +1551,7 @@ class LeakageMonitor:
                     self._done.popleft()
             # After the records: a warning an error filter raises leaves none undelivered.
             while self._worker_warnings and not self._deferring:
-                _say(self._worker_warnings.popleft())
+                say(self._worker_warnings.popleft())
         finally:
             self._delivering = False
         if not self.attached and self._jsonl is not None:
@@ -2266,7 +2265,7 @@ class LeakageMonitor:
                 # step's record; inside a step it skipped its update (see _deferring).
                 self._worker_warnings.append(message)
             else:
-                _say(message)
+                say(message)
 
     def _trim_history(self) -> None:
         """Keep the latest ``max_history`` records (all of them when it is None)."""
@@ -2677,13 +2676,12 @@ def _detach_replaced(module, optimizer) -> None:
             continue
         old.detach()
         kept = f" and in {old._jsonl.path}" if old._jsonl is not None else ""
-        warnings.warn(
+        say(
             "opacus-mi: this model already had a LeakageMonitor, attached to another optimizer "
             "(make_private called again on it, e.g. a re-run notebook cell); that monitor is "
             f"detached now, and its {old.record_count} records so far stay in its history"
             f"{kept}. The new monitor records the model's steps from here on",
             UserWarning,
-            stacklevel=3,
         )
 
 
@@ -2710,28 +2708,6 @@ def _flush_at_exit(ref: weakref.ref) -> None:
                 monitor.flush()
         except Exception:  # exiting: nothing left to protect
             pass
-
-
-def _say(message: str) -> None:
-    """``warnings.warn`` a monitor's ``RuntimeWarning`` at the first caller outside opacus_mi,
-    Opacus and torch: the user's line (``optimizer.step()``, ``loss.backward()``).
-
-    A fixed ``stacklevel`` named whichever frame sat there: Opacus's optimizer module for a
-    warning said in its ``pre_step``, so a user's filter that quiets Opacus's own warnings
-    (``module="opacus"``) hid the monitor's too, and the location shown was Opacus's.
-    """
-    frame, level = sys._getframe(1), 2  # (stacklevel 2: _say's caller)
-    while frame is not None and _internal(frame.f_globals.get("__name__", "")):
-        frame, level = frame.f_back, level + 1
-    # (None: nothing outside them, e.g. a finaliser at exit: said at the caller.)
-    warnings.warn(message, RuntimeWarning, stacklevel=level if frame is not None else 2)
-
-
-def _internal(module: str) -> bool:
-    """Whether frames of ``module`` sit between a user's loop and the monitor."""
-    return any(
-        module == name or module.startswith(name + ".") for name in ("opacus_mi", "opacus", "torch")
-    )
 
 
 def _deliver_rest(done: deque, jsonl: JsonlSink | None, said: deque) -> None:

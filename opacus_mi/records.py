@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .warn import say
+
 MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control", "ceiling")
 _OPTIONAL_MI_FIELDS = ("mismatched", "control", "ceiling")
 
@@ -209,12 +211,10 @@ class JsonlSink:
         if _NEWEST.get(self._key) != self._serial:
             self.left_out += 1
             if self.left_out == 1:
-                warnings.warn(
+                say(
                     f"opacus-mi: the record of step {record.step} was not written to "
                     f"{self.path}: a newer monitor writes to that file (this one was never "
-                    "detached; call detach() when a run ends or is abandoned)",
-                    RuntimeWarning,
-                    stacklevel=2,
+                    "detached; call detach() when a run ends or is abandoned)"
                 )
             return
         line = json.dumps(record.as_dict()) + "\n"

@@ -1499,3 +1499,64 @@ def test_a_features_callable_that_draws_random_numbers_leaves_training_unchanged
     for a, b in zip(reference, params, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(rng, reference_rng)
+
+
+class _ActTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(36, 6), nn.Linear(6, 3), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x.flatten(1)))))
+
+
+def test_warnings_said_in_make_private_or_a_forward_point_at_the_users_line(monkeypatch, tmp_path):
+    """Warnings the monitor says inside ``MonitoredPrivacyEngine.make_private`` (its
+    constructor's) or inside a forward (a features hook's) had fixed stacklevels, which named
+    the engine's module or torch's ``Module`` instead of the user's line."""
+    import torch.distributed as dist
+
+    from opacus_mi import distributed as mi_dist
+    from opacus_mi import monitor as mi_monitor
+
+    here = __file__
+    # (distributed=True with a local optimizer, said when there are 2 ranks: a group of one
+    # serves the constructor, should_gather is told there are 2, and the ranks agree)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(mi_dist, "world_size", lambda: 2)
+        monkeypatch.setattr(mi_monitor, "check_same_on_every_rank", lambda settings: None)
+        _said_in_make_private(here)
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.undo()
+    engine, model, opt, loader = make_private(poisson=False, net=_ActTwice)
+    LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", features=["act"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(next(iter(loader))[0])
+    said = [w for w in seen if "ran more than once in one forward" in str(w.message)]
+    # (the user's line that calls the layer again, inside their forward)
+    line = _ActTwice.forward.__code__.co_firstlineno + 1
+    assert [(w.filename, w.lineno) for w in said] == [(here, line)]
+
+
+def _said_in_make_private(here: str) -> None:
+    torch.manual_seed(0)
+    model = _ActTwice()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(make_data(32), batch_size=16)
+    engine = MonitoredPrivacyEngine(
+        accountant="rdp", delta=1e-5, budget=6, distributed=True, estimator=None
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False,
+        )  # fmt: skip
+    said = [w for w in seen if str(w.message).startswith("opacus-mi:")]
+    assert len(said) == 2, [str(w.message) for w in said]  # budget=6, distributed=True
+    assert {(w.filename, w.lineno) for w in said} == {(here, line)}
+    engine.monitor.detach()
