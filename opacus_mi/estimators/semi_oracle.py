@@ -201,6 +201,8 @@ class SemiOracleEstimator:
             self._build(*state["dims"])
             self.net.load_state_dict(state["net"])
             self.optimizer.load_state_dict(state["optimizer"])
+        else:  # saved before its first batch: no network yet (this one's trained one went on)
+            self.net = self.optimizer = self.dims = None
         self.stats = state["stats"]
         self.pairs.load_state_dict(state["pairs"])
         self.batches_seen, self.updates = state["batches_seen"], state["updates"]
