@@ -704,6 +704,7 @@ class LeakageMonitor:
         # The step a loaded state ended at (load_state_dict), until the first step after it
         # has been checked against the accountant and the features.
         self._resumed_at: int | None = None
+        self._resumed_accountant = 0  # the accountant's count when the state loaded was saved
         self._unchecked_resume = self._features_unchecked = False
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         # Warnings not said where they arose: the worker's, and the training thread's own
@@ -1274,11 +1275,14 @@ class LeakageMonitor:
         it): records follow the accountant's count, and the history would jump."""
         self._unchecked_resume = False
         counted = steps_counted(self.epsilon.history())
-        if counted != self.steps:
+        # (Behind only: another model on the same engine may have stepped since the state was
+        # saved, and a state of an earlier version has only its own steps to compare.)
+        if counted < self._resumed_accountant:
             self._warn_once(
                 "state:accountant",
-                f"the monitor state loaded was saved after {self._resumed_at} steps, but the "
-                f"privacy engine's accountant has counted {counted}: the records follow the "
+                f"the monitor state loaded was saved when the privacy engine's accountant had "
+                f"counted {self._resumed_accountant} steps, but it has counted {counted}: the "
+                "records follow the "
                 f"accountant, so the history jumps from step {self._resumed_at - 1} to "
                 f"{counted}. Restore the accountant from the same checkpoint as the monitor "
                 "(Opacus's load_checkpoint, or engine.accountant.load_state_dict) before "
@@ -2439,6 +2443,8 @@ class LeakageMonitor:
             "subspace": None if self.subspace is None else self.subspace.state_dict(),
             "history": [r.as_dict() for r in self.history],
             "record_count": self._record_count,
+            # (More than steps when another model on the same engine stepped since this one.)
+            "accountant_steps": steps_counted(self.epsilon.history()),
             "settings": self._settings(),
             "delta": self.delta,  # (not a setting: another delta is warned, not refused)
         }
@@ -2465,6 +2471,12 @@ class LeakageMonitor:
     def check_state(self, state: Any) -> None:
         """Raise the ValueError :meth:`load_state_dict` would, without changing anything: a
         caller that loads other state with it (a checkpoint) can check first."""
+        self._parsed_state(state)
+
+    def _parsed_state(self, state: Any) -> tuple[int, int, int, list[LeakageRecord], int, int]:
+        """Check ``state`` (see :meth:`check_state`) and parse what :meth:`load_state_dict`
+        takes from it: ``(steps, first_step, own_step, history, record_count,
+        accountant_steps)``."""
         keys = ("steps", "generator", "estimators", "history")
         missing = [k for k in keys if k not in state] if isinstance(state, dict) else []
         if not isinstance(state, dict) or missing:
@@ -2538,19 +2550,36 @@ class LeakageMonitor:
                     "a fresh monitor (training resumes from the rest of the checkpoint "
                     "unchanged)"
                 ) from err
+        # The rest, parsed here too (a corrupt record, a generator state of another size): it
+        # failed in load_state_dict, after Opacus's checkpoint had replaced the model.
+        part = "steps"
+        try:
+            steps, first_step = _count(state["steps"]), _count(state.get("first_step", 0))
+            part = "own_step"  # (absent from earlier versions' states)
+            own_step = _count(state.get("own_step", steps))
+            part = "history"
+            history = [LeakageRecord.from_dict(d) for d in state["history"]]
+            part = "record_count"
+            record_count = _count(state.get("record_count", len(history)))
+            part = "accountant_steps"  # (absent from earlier versions' states)
+            accountant_steps = _count(state.get("accountant_steps", steps))
+            part = "generator"
+            torch.Generator(device=self.generator.device).set_state(state["generator"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise ValueError(
+                f"this monitor state's {part} does not load ({first}): the state is damaged; "
+                "load an undamaged one, or start a fresh monitor (training resumes from the "
+                "rest of the checkpoint unchanged)"
+            ) from err
+        return steps, first_step, own_step, history, record_count, accountant_steps
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Checked before anything changes: a checkpoint of
         another kind, or of a monitor with other settings (whose critics would not fit this
-        one's tokens and views), is a ValueError naming what differs."""
-        self.check_state(state)
-        # What can fail is parsed before anything changes (a corrupt record, a generator state
-        # of another size: steps and critics were replaced, then it raised).
-        steps, first_step = int(state["steps"]), int(state.get("first_step", 0))
-        own_step = int(state.get("own_step", steps))  # (absent from earlier versions' states)
-        history = [LeakageRecord.from_dict(d) for d in state["history"]]
-        record_count = int(state.get("record_count", len(history)))
-        torch.Generator(device=self.generator.device).set_state(state["generator"])
+        one's tokens and views), or a damaged one, is a ValueError naming what differs."""
+        parsed = self._parsed_state(state)
+        steps, first_step, own_step, history, record_count, accountant_steps = parsed
         self.flush()  # nothing of the old state may land after the new one
         undo = self._loadable_state()
         try:
@@ -2564,6 +2593,7 @@ class LeakageMonitor:
         # (Before max_history a checkpoint held every record.)
         self._trimmed = max(0, record_count - len(self._history))
         self._resumed_at, self._unchecked_resume = steps, True
+        self._resumed_accountant = accountant_steps
         self._features_unchecked = True
         saved_delta = state.get("delta")
         if saved_delta is not None and float(saved_delta) != self.delta:
@@ -2613,6 +2643,16 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={self._record_count}, attached={self.attached})"
         )
+
+
+def _count(value: Any) -> int:
+    """A saved step count or index: a non-negative integer (a float 6.0 as saved by JSON
+    tools is one), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{value!r} is not a whole number")
+    if value < 0:
+        raise ValueError(f"{value!r} is negative")
+    return int(value)
 
 
 # Attached monitors, for a forked child to set aside (see LeakageMonitor._stand_aside).

@@ -537,6 +537,42 @@ def _two_models(engine, *, n: int, batch_size: int) -> list[tuple]:
     return made
 
 
+def test_two_models_on_one_engine_resume_as_they_ran_and_without_a_warning(tmp_path):
+    """Each model's checkpoint restores the shared accountant, which the other model's step
+    had moved on since its monitor's last step: the check compared the accountant's count
+    with the monitor's own and told the user the accountant had not been restored."""
+
+    def setup():
+        engine = MonitoredPrivacyEngine(accountant="rdp", delta=1e-5, every=1, train_every=1)
+        return engine, _two_models(engine, n=48, batch_size=16)
+
+    def epoch(made):  # the models step in turn
+        for batches in zip(*(loader for *_, loader in made), strict=True):
+            for (model, opt, _), (x, y) in zip(made, batches, strict=True):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    engine, made = setup()
+    epoch(made)
+    epoch(made)
+    whole = [without_timing(m.history) for m in engine.monitors]
+    engine, made = setup()
+    epoch(made)
+    for k, (model, opt, _) in enumerate(made):
+        engine.save_checkpoint(path=tmp_path / f"{k}.pt", module=model, optimizer=opt)
+    rng = torch.get_rng_state()
+    engine, made = setup()
+    for k, (model, opt, _) in enumerate(made):
+        engine.load_checkpoint(path=tmp_path / f"{k}.pt", module=model, optimizer=opt)
+    torch.set_rng_state(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        epoch(made)
+    assert [without_timing(m.history) for m in engine.monitors] == whole
+    assert [r["step"] for r in whole[0]] == [0, 2, 4, 6, 8, 10]
+
+
 def test_drop_in_engine_monitors_every_model_it_made_private(tmp_path):
     """A second make_private on the same engine (two models, one accountant) detached the
     first model's monitor with no word, and its checkpoints saved the latest monitor's state
@@ -1101,6 +1137,38 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
     whole = torch.load(path, weights_only=False)
     with pytest.raises(ValueError, match="'opacus_mi_monitor_state_dict' entry, or load it with"):
         engine.monitor.load_state_dict(whole)
+
+
+@pytest.mark.parametrize(
+    "part, damage, says",
+    [
+        ("history", lambda st: st["history"][2].update(epsilon="garbage"), "epsilon is 'garbage'"),
+        ("generator", lambda st: st.update(generator=st["generator"][:100]), "RNG state size"),
+        ("steps", lambda st: st.update(steps="six"), "'six' is not a whole number"),
+        ("record_count", lambda st: st.update(record_count=-1), "-1 is negative"),
+    ],
+)
+def test_a_checkpoint_with_a_damaged_monitor_state_is_refused_before_anything_loads(
+    tmp_path, part, damage, says
+):
+    """Only the settings and the critics were checked first: a damaged record, generator state
+    or step count failed in the monitor's load_state_dict, after Opacus had replaced the
+    model, the optimizer and the accountant, with an error that did not say it was the
+    checkpoint's (``TypeError: epsilon is 'garbage', not a number``)."""
+    kwargs = {"delta": 1e-5, "every": 1, "train_every": 1}
+    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
+    train(model, opt, loader)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt)
+    checkpoint = torch.load(path, weights_only=False)
+    damage(checkpoint["opacus_mi_monitor_state_dict"])
+    torch.save(checkpoint, path)
+    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, seed=1, **kwargs)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=f"monitor state's {part} does not load .*{says}"):
+        engine.load_checkpoint(path=path, module=model, optimizer=opt)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    assert engine.accountant.history == [] and engine.monitor.steps == 0
 
 
 def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], list[torch.Tensor]]:
