@@ -57,6 +57,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -185,6 +186,16 @@ class EpsilonPacer:
             self.cost = per_unit if self.cost is None else min(self.cost, per_unit)
         self._end = time.perf_counter()
         self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pace learned so far (the wall clock is the process's: not saved)."""
+        return {"cost": self.cost, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on at a saved pace from now: a resumed run's first recomputation waits a pace,
+        as the saved run's next one would have, instead of learning the cost again."""
+        self.cost, self.count = state["cost"], state["count"]
+        self._end = time.perf_counter() if self.count else None
 
 
 class _Foreground:

@@ -2445,6 +2445,15 @@ class LeakageMonitor:
             "record_count": self._record_count,
             # (More than steps when another model on the same engine stepped since this one.)
             "accountant_steps": steps_counted(self.epsilon.history()),
+            # A paced epsilon (PRV on a fixed schedule): the latest exact value the records
+            # carry on, and the pace, which a resumed run goes on with.
+            "epsilon": {
+                "value": self._epsilon[0],
+                "step": self._epsilon[1],
+                "history": [list(entry) for entry in self._epsilon_history],
+                "work": self._epsilon_work,
+                "pacer": None if self._epsilon_pacer is None else self._epsilon_pacer.state_dict(),
+            },
             "settings": self._settings(),
             "delta": self.delta,  # (not a setting: another delta is warned, not refused)
         }
@@ -2473,10 +2482,10 @@ class LeakageMonitor:
         caller that loads other state with it (a checkpoint) can check first."""
         self._parsed_state(state)
 
-    def _parsed_state(self, state: Any) -> tuple[int, int, int, list[LeakageRecord], int, int]:
+    def _parsed_state(self, state: Any) -> tuple:
         """Check ``state`` (see :meth:`check_state`) and parse what :meth:`load_state_dict`
         takes from it: ``(steps, first_step, own_step, history, record_count,
-        accountant_steps)``."""
+        accountant_steps, epsilon)``."""
         keys = ("steps", "generator", "estimators", "history")
         missing = [k for k in keys if k not in state] if isinstance(state, dict) else []
         if not isinstance(state, dict) or missing:
@@ -2561,8 +2570,10 @@ class LeakageMonitor:
             history = [LeakageRecord.from_dict(d) for d in state["history"]]
             part = "record_count"
             record_count = _count(state.get("record_count", len(history)))
-            part = "accountant_steps"  # (absent from earlier versions' states)
+            part = "accountant_steps"  # (absent from earlier versions' states, as epsilon)
             accountant_steps = _count(state.get("accountant_steps", steps))
+            part = "epsilon"
+            epsilon = _epsilon_state(state.get("epsilon"))
             part = "generator"
             torch.Generator(device=self.generator.device).set_state(state["generator"])
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
@@ -2572,14 +2583,14 @@ class LeakageMonitor:
                 "load an undamaged one, or start a fresh monitor (training resumes from the "
                 "rest of the checkpoint unchanged)"
             ) from err
-        return steps, first_step, own_step, history, record_count, accountant_steps
+        return steps, first_step, own_step, history, record_count, accountant_steps, epsilon
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Checked before anything changes: a checkpoint of
         another kind, or of a monitor with other settings (whose critics would not fit this
         one's tokens and views), or a damaged one, is a ValueError naming what differs."""
         parsed = self._parsed_state(state)
-        steps, first_step, own_step, history, record_count, accountant_steps = parsed
+        steps, first_step, own_step, history, record_count, accountant_steps, epsilon = parsed
         self.flush()  # nothing of the old state may land after the new one
         undo = self._loadable_state()
         try:
@@ -2594,6 +2605,11 @@ class LeakageMonitor:
         self._trimmed = max(0, record_count - len(self._history))
         self._resumed_at, self._unchecked_resume = steps, True
         self._resumed_accountant = accountant_steps
+        if epsilon is not None:  # (records check that the accountant's history continues it)
+            self._epsilon, self._epsilon_history = epsilon["latest"], epsilon["history"]
+            self._epsilon_work = epsilon["work"]
+            if self._epsilon_pacer is not None and epsilon["pacer"] is not None:
+                self._epsilon_pacer.load_state_dict(epsilon["pacer"])
         self._features_unchecked = True
         saved_delta = state.get("delta")
         if saved_delta is not None and float(saved_delta) != self.delta:
@@ -2643,6 +2659,35 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={self._record_count}, attached={self.attached})"
         )
+
+
+def _epsilon_state(saved: Any) -> dict[str, Any] | None:
+    """A state's paced epsilon (see ``state_dict``), checked; None if it has none."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{saved!r} is not a mapping")
+    value, step = saved["value"], saved["step"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"value {value!r} is not a number")
+    history = tuple(tuple(entry) for entry in saved["history"])
+    if not all(len(entry) == 3 for entry in history):
+        raise ValueError(f"history {saved['history']!r} is not (noise, rate, steps) entries")
+    pacer = saved.get("pacer")
+    if pacer is not None:
+        cost = pacer["cost"]
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float))):
+            raise ValueError(f"pacer cost {cost!r} is not a number")
+        pacer = {"cost": None if cost is None else float(cost), "count": _count(pacer["count"])}
+    work = saved["work"]
+    if isinstance(work, bool) or not isinstance(work, (int, float)):
+        raise ValueError(f"work {work!r} is not a number")
+    return {
+        "latest": (float(value), None if step is None else _count(step)),
+        "history": history,
+        "work": float(work),
+        "pacer": pacer,
+    }
 
 
 def _count(value: Any) -> int:

@@ -1110,6 +1110,36 @@ def test_drop_in_engine_checkpoints_resume_the_monitor_where_it_stopped(tmp_path
         assert without_timing(engine.monitor.history) == whole
 
 
+def test_a_resumed_run_goes_on_with_the_paced_epsilon(tmp_path, monkeypatch):
+    """PRV on a fixed schedule recomputes epsilon at the pace its cost allows (here: at the
+    first two records only, a pace fixed for the test), and records in between carry the
+    latest exact value and its step. The state had neither, so a resumed run recomputed it
+    at its first two records: 3.805 at step 6 where the uninterrupted run carried 2.633 of
+    step 1."""
+    from opacus_mi.budget import EpsilonPacer
+
+    monkeypatch.setattr(EpsilonPacer, "due", lambda self, work=1.0: self.count < 2)
+    kwargs = {"delta": 1e-5, "every": 1, "train_every": 1, "accountant": "prv"}
+
+    def setup():
+        return make_private(engine_cls=MonitoredPrivacyEngine, poisson=False, **kwargs)
+
+    engine, model, opt, loader = setup()
+    train(model, opt, loader, epochs=2)
+    whole = without_timing(engine.monitor.history)
+    assert {(r["epsilon"], r["epsilon_step"]) for r in whole[1:]} == {(whole[1]["epsilon"], 1)}
+    engine, model, opt, loader = setup()
+    train(model, opt, loader)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt)
+    rng = torch.get_rng_state()
+    engine, model, opt, loader = setup()
+    engine.load_checkpoint(path=path, module=model, optimizer=opt)
+    torch.set_rng_state(rng)
+    train(model, opt, loader)
+    assert without_timing(engine.monitor.history) == whole
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["path", "file-object"])
 def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads(tmp_path, stream):
     """The settings check ran after Opacus had loaded the model, optimizer and accountant, so
@@ -1146,6 +1176,7 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
         ("generator", lambda st: st.update(generator=st["generator"][:100]), "RNG state size"),
         ("steps", lambda st: st.update(steps="six"), "'six' is not a whole number"),
         ("record_count", lambda st: st.update(record_count=-1), "-1 is negative"),
+        ("epsilon", lambda st: st["epsilon"].update(value="x"), "value 'x' is not a number"),
     ],
 )
 def test_a_checkpoint_with_a_damaged_monitor_state_is_refused_before_anything_loads(
