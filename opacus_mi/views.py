@@ -16,7 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from opacus.optimizers import AdaClipDPOptimizer
+from opacus.optimizers import (
+    AdaClipDPOptimizer,
+    DPOptimizerFastGradientClipping,
+    FSDPOptimizerFastGradientClipping,
+)
 
 VIEWS = ("raw", "clipped", "private")
 
@@ -53,15 +57,25 @@ class ClipInfo:
 def release_noise_std(optimizer) -> float:
     """The std per coordinate of the noise Opacus adds to the summed clipped gradient.
 
-    ``sigma * C``, except under adaptive clipping (``AdaClipDPOptimizer``), which also releases a
-    noisy count of unclipped examples and so adds gradient noise of
-    ``(sigma^-2 - (2 sigma_u)^-2)^(-1/2) * C`` (its Theorem 1, as its ``add_noise`` does), while
-    the accountant composes ``sigma``. The private view is the gradient's release, so it uses this
-    std; the per-step bound ``1/(2 sigma^2)`` still covers both releases together.
+    ``sigma * C``, except under adaptive clipping, which also releases a noisy count of
+    unclipped examples and so adds gradient noise of ``(sigma^-2 - (2 sigma_u)^-2)^(-1/2) * C``
+    (Andrew et al.'s Theorem 1), while the accountant composes ``sigma``: ``AdaClipDPOptimizer``
+    computes it in its ``add_noise``; ghost clipping's (``PrivacyEngineAdaptiveClipping``, with
+    ``sigma_u = B / 20``) sets it each backward as ``_adjusted_noise_multiplier``, which its
+    optimizer's ``add_noise`` uses (FSDP's does not). The private view is the gradient's
+    release, so it uses this std; the per-step bound ``1/(2 sigma^2)`` still covers both
+    releases together.
     """
     sigma, bound = float(optimizer.noise_multiplier), float(optimizer.max_grad_norm)
     if isinstance(optimizer, AdaClipDPOptimizer) and sigma > 0:
         sigma = (sigma**-2 - (2 * float(optimizer.unclipped_num_std)) ** -2) ** -0.5
+    adjusted = getattr(optimizer, "_adjusted_noise_multiplier", None)
+    if (
+        adjusted is not None
+        and isinstance(optimizer, DPOptimizerFastGradientClipping)
+        and not isinstance(optimizer, FSDPOptimizerFastGradientClipping)
+    ):
+        sigma = float(adjusted)
     return sigma * bound
 
 

@@ -208,3 +208,74 @@ def test_the_private_view_is_drawn_with_the_noise_of_its_own_step_under_adaptive
         opt.step()
     assert len(set(bounds)) > 3  # C did move
     assert drawn == pytest.approx([c / math.sqrt(0.75) for c in bounds], rel=1e-12)
+
+
+def test_ghost_adaptive_clippings_private_view_has_the_noise_opacus_adds():
+    """Opacus's ghost-clipping adaptive clipping (``PrivacyEngineAdaptiveClipping``) sets each
+    backward a noise multiplier larger than sigma (its noisy unclipped count takes a share),
+    which its optimizer's ``add_noise`` uses: the private view and the oracle were drawn at
+    ``sigma C``, too little noise (2.2-10x the MI of the released gradient). Reference:
+    Opacus's own ``add_noise`` on zero sums at each step's settings."""
+    import math
+
+    from opacus.utils.adaptive_clipping import PrivacyEngineAdaptiveClipping
+
+    from opacus_mi import LeakageMonitor
+    from opacus_mi.views import release_noise_std
+
+    adaptive = {
+        "target_unclipped_quantile": 0.5,
+        "min_clipbound": 0.01,
+        "clipbound_learning_rate": 0.5,
+    }
+    engine, model, opt, criterion, loader = make_private(
+        engine_cls=PrivacyEngineAdaptiveClipping,
+        mode="ghost",
+        noise=1.0,
+        poisson=False,
+        n=16 * 6,
+        with_criterion=True,
+        private_kwargs=adaptive,
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+    drawn, opacus = [], []
+    privatise = monitor._privatise
+    monitor._privatise = lambda chunk, clipped, gram, std: (
+        drawn.append(std),
+        privatise(chunk, clipped, gram, std),
+    )
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opacus.append(_std_of_opacus_noise(opt))
+        opt.step()
+    monitor.detach()
+    # (B = 16, so sigma_u = 0.8: sigma_eff = (1 - 1/2.56)^(-1/2) = 1.28 at sigma = 1)
+    assert drawn == pytest.approx(opacus, rel=0.03)
+    sigma_eff = (1 - 1 / 1.6**2) ** -0.5
+    assert release_noise_std(opt) == pytest.approx(sigma_eff * opt.max_grad_norm, rel=1e-12)
+    assert not math.isclose(sigma_eff, 1.0, rel_tol=0.1)  # (the case this guards)
+
+
+def _std_of_opacus_noise(opt) -> float:
+    """The std per coordinate of what ``opt.add_noise()`` adds now (~60k coordinates of it, on
+    zero sums; its generator state put back)."""
+    saved = {p: (p.grad, p.__dict__.get("summed_grad", _ABSENT)) for p in opt.params}
+    state = torch.get_rng_state()
+    draws = []
+    while sum(len(d) for d in draws) < 60_000:
+        for p in opt.params:
+            p.summed_grad = torch.zeros_like(p)
+        opt.add_noise()
+        draws += [p.grad.reshape(-1) for p in opt.params]
+    torch.set_rng_state(state)
+    for p, (grad, summed) in saved.items():
+        p.grad = grad
+        if summed is _ABSENT:
+            del p.summed_grad
+        else:
+            p.summed_grad = summed
+    return float(torch.cat(draws).std())
+
+
+_ABSENT = object()
