@@ -953,15 +953,19 @@ class FactoredCapture:
             else:
                 fn = ft_compute_per_sample_gradient
             grads = {id(p): _widen(g) for p, g in fn(m, acts, back).items()}
-            if fn is not ft_compute_per_sample_gradient and zero_padded_by_opacus(m):
+            if fn is not ft_compute_per_sample_gradient and (
+                zero_padded_by_opacus(m) or misread_by_opacus(m, acts[0])
+            ):
                 # (as for Conv2d below) Opacus's norms; the released per-sample gradients are
-                # its sampler's on the padded input, unpadded
-                padded = nn.functional.pad(
-                    acts[0], m._reversed_padding_repeated_twice, mode=m.padding_mode
-                )
-                unpadded = copy.copy(m)  # (shares the parameters, the grads' keys)
-                unpadded.padding, unpadded.padding_mode = (0,) * len(m.kernel_size), "zeros"
-                released = fn(unpadded, [padded, *acts[1:]], back)
+                # its sampler's on the input in its own layout, padded as the layer pads
+                first, layer = acts[0].contiguous(), m
+                if zero_padded_by_opacus(m):
+                    first = nn.functional.pad(
+                        first, m._reversed_padding_repeated_twice, mode=m.padding_mode
+                    ).contiguous()
+                    layer = copy.copy(m)  # (shares the parameters, the grads' keys)
+                    layer.padding, layer.padding_mode = (0,) * len(m.kernel_size), "zeros"
+                released = fn(layer, [first, *acts[1:]], back)
                 return {
                     "n": n,
                     "grads": {id(p): _widen(g) for p, g in released.items()},
@@ -984,16 +988,21 @@ class FactoredCapture:
             right = a.to(back.dtype).reshape(batch, -1, m.in_features)
         else:  # conv2d, unfolded exactly as Opacus's conv grad sampler does
             left = back.reshape(batch, m.out_channels, -1).transpose(1, 2)
-            right = self._unfold(m, a.to(back.dtype), m.padding)
-            if zero_padded_by_opacus(m):
-                # Opacus unfolds with zeros whatever the mode (its norms, hence clip factors);
-                # the second pass differentiates the reflect/replicate/circular padding.
+            a = a.to(back.dtype)
+            right = self._unfold(m, a, m.padding)
+            if zero_padded_by_opacus(m) or misread_by_opacus(m, a):
+                # Opacus unfolds with zeros whatever the mode, and reads the input as if it
+                # were NCHW-contiguous (its norms, hence clip factors); the second pass
+                # differentiates the layer's own padding of the input in its own layout.
                 if opacus_samples(self._gsm, m):  # (else functorch's true ones: the same)
                     call["opacus"] = (left, right)
-                padded = nn.functional.pad(
-                    a.to(back.dtype), m._reversed_padding_repeated_twice, mode=m.padding_mode
-                )
-                right = self._unfold(m, padded, (0, 0))
+                if zero_padded_by_opacus(m):
+                    padded = nn.functional.pad(
+                        a.contiguous(), m._reversed_padding_repeated_twice, mode=m.padding_mode
+                    )
+                    right = self._unfold(m, padded.contiguous(), (0, 0))
+                else:
+                    right = self._unfold(m, a.contiguous(), m.padding)
         call.update(left=left, right=right)
         return call
 
@@ -1057,6 +1066,19 @@ def zero_padded_by_opacus(m: nn.Module) -> bool:
         and m.padding_mode != "zeros"
         and any(m._reversed_padding_repeated_twice)  # (no padding: nothing differs)
     )
+
+
+def misread_by_opacus(m: nn.Module, a: torch.Tensor) -> bool:
+    """Opacus's ``unfold2d`` reads its zero-padded Conv2d input with NCHW-contiguous strides
+    (``as_strided``): an input in another layout that ``F.pad`` keeps (channels_last, a
+    transposed view; a strided one is copied) is unfolded from the wrong entries, so its
+    per-sample gradient (hence norm) is not the one autograd's second pass releases."""
+    if not isinstance(m, nn.Conv2d) or a.is_contiguous():
+        return False
+    # (F.pad's output layout, as unfold2d pads, found on a tensor without data)
+    probe = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+    pads = m._reversed_padding_repeated_twice
+    return not nn.functional.pad(probe, pads).is_contiguous()
 
 
 def opacus_samples(gsm: nn.Module, m: nn.Module) -> bool:

@@ -1008,14 +1008,37 @@ class _NonZeroPaddingConvs(nn.Module):
         return self.fc(torch.tanh(self.c1(torch.tanh(self.c2(x)).mean(2))).mean(2))
 
 
-@pytest.mark.parametrize("net", [_PaddingIdxText, _NonZeroPaddingConvs], ids=["padding_idx", "pad"])
+class _OtherLayoutConvs(nn.Module):
+    """Conv2d inputs that Opacus's ``unfold2d`` reads as if NCHW-contiguous: channels_last into
+    a padded conv (factored) and into a grouped one (Opacus's grad sampler), and a transposed
+    view into an unpadded conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c2 = nn.Conv2d(2, 4, 3, padding=1)
+        self.g2 = nn.Conv2d(4, 4, 3, groups=2)
+        self.t2 = nn.Conv2d(4, 2, 2)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = x.repeat(1, 2, 1, 1).contiguous(memory_format=torch.channels_last)
+        h = torch.tanh(self.g2(torch.tanh(self.c2(h))))  # (channels_last in, channels_last out)
+        h = torch.tanh(self.t2(h.contiguous().transpose(2, 3)))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "net",
+    [_PaddingIdxText, _NonZeroPaddingConvs, _OtherLayoutConvs],
+    ids=["padding_idx", "pad", "layout"],
+)
 def test_ghost_tokens_and_gram_are_of_the_released_gradient_where_opacus_grad_sampler_errs(net):
     """Opacus's grad and norm samplers give an Embedding's ``padding_idx`` row its tokens'
-    backprops and unfold every conv with zeros whatever its ``padding_mode``; ghost clipping
-    clips with those norms but releases autograd's second pass. The monitor's tokens and Gram
-    were of Opacus's per-sample gradients (18% / 9% off the released ones): now they are of the
-    gradients the second pass sums (checked against Opacus's own sum), with Opacus's clip
-    factors."""
+    backprops, unfold every conv with zeros whatever its ``padding_mode`` and read a Conv2d
+    input in another layout as NCHW; ghost clipping clips with those norms but releases
+    autograd's second pass. The monitor's tokens and Gram were of Opacus's per-sample gradients
+    (18% / 9% / 60% off the released ones): now they are of the gradients the second pass sums
+    (checked against Opacus's own sum), with Opacus's clip factors."""
     g = torch.Generator().manual_seed(1)
     if net is _PaddingIdxText:
         x = torch.randint(0, 9, (8, 5), generator=g)
