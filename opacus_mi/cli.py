@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -543,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.showwarning = _show_warning
+        started = time.time_ns()
         try:
             with _sigterm_interrupts():
                 return commands[args.command](args)
@@ -560,16 +562,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             what, status = (
                 ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
             )
-            print(f"{PROG}: {what}{_kept(args)}", file=sys.stderr)
+            print(f"{PROG}: {what}{_kept(args, started)}", file=sys.stderr)
             return status
 
 
-def _kept(args: argparse.Namespace) -> str:
-    """Where a stopped run's or sweep's finished work is, and the command that renders it."""
+def _kept(args: argparse.Namespace, started: int) -> str:
+    """Where a stopped run's, sweep's or validate's finished work is, and the command that
+    renders it (``started``: when this command began, in ``time.time_ns()``)."""
     out = getattr(args, "out", None)
-    if args.command not in ("run", "sweep") or not out or not Path(out).is_dir():
+    if args.command not in ("run", "sweep", "validate") or not out or not Path(out).is_dir():
         return ""
     folder = Path(out)
+    if args.command == "validate":  # (its text is written when it stops, if a setting finished)
+        text = folder / "validate.txt"
+        # (A second's margin: file times come from a coarser clock than time_ns.)
+        if not text.is_file() or text.stat().st_mtime_ns < started - 1_000_000_000:
+            return ""
+        return f"; what was finished is in {folder / 'validate.csv'} and {text}"
     if args.command == "sweep" and not (folder / "sweep.csv").exists():
         # No run of the sweep finished (sweep.csv is written after each): `report OUT` found
         # neither a sweep nor a run there. The stopped run's own records are in its folder,

@@ -350,6 +350,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
     # noise): the caller's streams are put back as they were.
     numpy_state = np.random.get_state()
     held = contextlib.ExitStack()  # --out, claimed once made, until every file is written
+    correlations = None
     try:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning)
@@ -367,8 +368,18 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
     except (Exception, KeyboardInterrupt):  # Ctrl-C or a crash: keep what the grid has done
         if rows:
             write_csv(rows, out / "validate.csv", COLUMNS)
-            note = f"stopped after {len(rows)} of the grid's {grid} settings"
-            (out / "validate.txt").write_text(f"{grid_table(rows)}\n{note}\n", encoding="utf-8")
+            txt = out / "validate.txt"
+            if correlations is not None and _has_correlations(txt):
+                # Stopped while the plots were drawn: the whole grid's text is kept as written.
+                note = (
+                    "stopped while writing the plots and validate.json; the grid and its "
+                    "correlations above are complete (correlations.csv)"
+                )
+                with txt.open("a", encoding="utf-8") as f:
+                    f.write(note + "\n")
+            else:
+                note = f"stopped after {len(rows)} of the grid's {grid} settings"
+                txt.write_text(f"{grid_table(rows)}\n{note}\n", encoding="utf-8")
         raise
     finally:
         torch.set_num_threads(previous_threads)
@@ -396,7 +407,7 @@ def _run_grid(
     )
 
     split = load_dataset(cfg.dataset, data_root=cfg.data_root, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.default_generator.manual_seed(cfg.seed)  # (the CPU's: the grid runs there)
     np.random.seed(cfg.seed % 2**32)
 
     def fresh_model():
@@ -905,6 +916,8 @@ def write_outputs(
     if left_out(rows):
         lines.insert(-1, "left out of the correlations with a NaN: " + "; ".join(left_out(rows)))
     text = "\n".join(lines)
+    # (Before the plots: a stop while they are drawn keeps the whole grid's text.)
+    (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
     files.append(out / "validate.txt")
     files.append(plot_validate(rows, correlations, out / "validate.png"))
     if extras and extras.get("recon"):
@@ -920,6 +933,14 @@ def write_outputs(
     (out / "validate.json").write_text(text_json + "\n", encoding="utf-8")
     files.append(out / "validate.json")
     return text, files
+
+
+def _has_correlations(txt: Path) -> bool:
+    """Whether ``validate.txt`` is the whole grid's text (its correlation table written)."""
+    try:
+        return "rho: Spearman over the rows of validate.csv" in txt.read_text(encoding="utf-8")
+    except OSError:
+        return False
 
 
 def _verdict(correlations: list[dict[str, Any]]) -> str:

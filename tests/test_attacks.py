@@ -505,6 +505,7 @@ def test_a_stopped_validate_keeps_its_finished_rows(tmp_path, monkeypatch, where
     if stop is KeyboardInterrupt:
         rc, _, stderr = _main([*argv, "--out", str(out)])
         assert rc == 130 and "opacus-mi: interrupted" in stderr
+        assert f"what was finished is in {out / 'validate.csv'} and" in stderr
     else:
         with pytest.raises(RuntimeError):
             _main([*argv, "--out", str(out)])
@@ -514,6 +515,41 @@ def test_a_stopped_validate_keeps_its_finished_rows(tmp_path, monkeypatch, where
     rows = read_validate_csv(full / "validate.csv")[:kept]
     note = f"stopped after {kept} of the grid's 2 settings"
     assert (out / "validate.txt").read_text(encoding="utf-8") == f"{V.grid_table(rows)}\n{note}\n"
+
+
+def test_a_validate_stopped_while_drawing_its_plots_keeps_the_whole_grids_text(
+    tmp_path, monkeypatch
+):
+    """Stopped once the grid and its correlations were done, while the plots were drawn: the
+    text was overwritten with "stopped after 2 of the grid's 2 settings" and no correlation
+    table, beside the correlations.csv already written, and nothing could render it again."""
+    from opacus_mi import validate as V
+
+    argv = [*TINY_VALIDATE, "--noise-multipliers", "0", "0.1"]
+    full = tmp_path / "full"
+    assert _main([*argv, "--out", str(full)])[0] == 0
+
+    def stops(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(V, "plot_validate", stops)
+    out = tmp_path / "stopped"
+    rc, _, stderr = _main([*argv, "--out", str(out)])
+    assert rc == 130 and "what was finished is in" in stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "correlations.csv",
+        "validate.csv",
+        "validate.txt",
+    ]
+    for name in ("validate.csv", "correlations.csv"):
+        assert (out / name).read_bytes() == (full / name).read_bytes()
+    whole = (full / "validate.txt").read_text(encoding="utf-8")
+    text = (out / "validate.txt").read_text(encoding="utf-8")
+    assert whole.startswith(text.splitlines()[0]) and "wall time" in whole.splitlines()[-1]
+    assert text == whole[: whole.rindex("wall time")] + (
+        "stopped while writing the plots and validate.json; the grid and its correlations "
+        "above are complete (correlations.csv)\n"
+    )
 
 
 def test_validate_noise_multipliers_whose_variance_underflows_are_noise_free(tmp_path):
@@ -842,12 +878,16 @@ def test_validate_plot_draws_the_oracle_intervals(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
-def test_validate_leaves_the_callers_global_rngs_as_they_were(tmp_path):
+def test_validate_leaves_the_callers_global_rngs_as_they_were(tmp_path, monkeypatch):
     """run_validate seeded torch's and numpy's global generators (model initialisation, Opacus's
     noise) and left them so: the caller's next draws were validate's seed's. Its own results
-    still come from its seed alone, whatever the caller's streams."""
+    still come from its seed alone, whatever the caller's streams. (Its seeding reseeded every
+    CUDA generator too, which nothing put back; the grid runs on the CPU.)"""
     from opacus_mi.validate import run_validate
 
+    cuda_seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", cuda_seeded.append)
     rows = []
     for k, seed in enumerate((1234, 99)):
         torch.manual_seed(seed)
@@ -862,6 +902,7 @@ def test_validate_leaves_the_callers_global_rngs_as_they_were(tmp_path):
         assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1])
         assert after[2:] == numpy_state[2:]
     assert rows[0] == rows[1]
+    assert cuda_seeded == [1234, 99]  # (the test's own torch.manual_seed calls only)
 
 
 def test_validate_counts_the_pairs_spearman_keeps():

@@ -577,10 +577,10 @@ def test_a_stopped_sweeps_hint_names_a_folder_report_renders(run_dir, tmp_path, 
     os.utime(out / "sigma_2" / "records.jsonl", ns=(1, 1))
     (out / "sweep_config.json").write_text("{}", encoding="utf-8")
     args = argparse.Namespace(command="sweep", out=str(out))
-    assert cli._kept(args) == ""
+    assert cli._kept(args, 0) == ""
     shutil.copytree(run_dir[0], out / "sigma_1")
     os.utime(out / "sigma_1" / "records.jsonl")  # (written since the config, as a run's is)
-    hint = cli._kept(args)
+    hint = cli._kept(args, 0)
     assert hint == (
         f"; no run finished; the stopped one's records are in {out / 'sigma_1'} "
         f"(`opacus-mi report {out / 'sigma_1'}` renders them)"
@@ -589,9 +589,10 @@ def test_a_stopped_sweeps_hint_names_a_folder_report_renders(run_dir, tmp_path, 
     assert cli.main(["report", str(out)]) == 2  # (what the hint named before)
     (out / "sweep.csv").write_text("noise_multiplier,epsilon\n1,2\n", encoding="utf-8")
     assert (
-        cli._kept(args) == f"; what was finished is in {out} (`opacus-mi report {out}` renders it)"
+        cli._kept(args, 0)
+        == f"; what was finished is in {out} (`opacus-mi report {out}` renders it)"
     )
-    assert cli._kept(argparse.Namespace(command="sweep", out=str(tmp_path / "none"))) == ""
+    assert cli._kept(argparse.Namespace(command="sweep", out=str(tmp_path / "none")), 0) == ""
 
 
 @pytest.mark.parametrize(
