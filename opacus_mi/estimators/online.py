@@ -75,10 +75,14 @@ class PairWindow:
     Rows are stored in bfloat16 by default (``dtype``): the window is the monitor's largest
     state, and a critic that standardises its inputs loses nothing to a 2^-8 relative rounding
     (float32's range is kept, so tiny clipped tokens do not underflow as in float16). They are
-    stored less the first batch's column means, so that rounding is relative to a column's
+    stored less float32 column means (offsets), so that rounding is relative to a column's
     spread, not to its offset (a feature of 2000 + z, rounded whole, kept steps of 8 and none
-    of z). Rows are rounded once on the way in, so the running sums see exactly the values
-    stored, and read back as float32.
+    of z). Once a window's worth of rows has arrived since the offsets were fixed, they are
+    fixed again from the newest batch and the rows held are stored anew: tokens shrink as
+    training goes on, and rows of 1e-3 of the first batch's spread, stored less its means,
+    kept 3 distinct values (a known 1.02 nats read -8.9). Rows are rounded on the way in (and
+    at such a re-anchoring), so the running sums see exactly the values stored, and read back
+    as float32.
     """
 
     def __init__(self, size: int, dtype: torch.dtype = torch.bfloat16):
@@ -90,6 +94,7 @@ class PairWindow:
         # [sum x, sum x^2, sum y, sum y^2] of the stored (offset) rows, float64
         self._sums: list[torch.Tensor] = []
         self._offsets: tuple[torch.Tensor, torch.Tensor] | None = None  # float32 column means
+        self._since_anchor = 0  # rows added since the offsets were fixed
 
     def __len__(self) -> int:
         return len(self._x)
@@ -106,19 +111,28 @@ class PairWindow:
         return None if t is None else t.float() + self._offsets[which]
 
     def anchor(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Fix the stored rows' offsets from this batch, unless already fixed (the first
-        :meth:`add` does it otherwise). In float64, then rounded to the stored precision: the
-        same rows in any order (the control critic's re-paired batch) give the same offsets,
-        so the same stored rows. Float32 or wider rows are stored as they are."""
-        if self._offsets is not None or x.shape[0] == 0:
+        """Fix the stored rows' offsets from this batch, if none are fixed yet or if with it a
+        window's worth of rows will have arrived since (:meth:`add` does it otherwise; then the
+        rows held are stored anew). Column means in float64, kept as float32 (a bfloat16
+        offset was off by up to half its ulp, which the residuals then carried): the same rows
+        in any order (the control critic's re-paired batch) give the same offsets, so the same
+        stored rows. Float32 or wider rows are stored as they are."""
+        if x.shape[0] == 0:
             return
         narrow = torch.finfo(self.dtype).bits < 32
-        self._offsets = tuple(
-            v.double().mean(0).to(self.dtype).float()
-            if narrow
-            else v.new_zeros(v.shape[1], dtype=torch.float32)
+        due = narrow and self._since_anchor + x.shape[0] > self.size
+        if self._offsets is not None and not due:
+            return
+        new = tuple(
+            v.double().mean(0).float() if narrow else v.new_zeros(v.shape[1], dtype=torch.float32)
             for v in (x, y)
         )
+        if self._offsets is not None and len(self):  # the rows held, less the new offsets
+            for ring, old, offset in zip((self._x, self._y), self._offsets, new, strict=True):
+                rows = ring.valid()  # (a view of the ring's storage)
+                rows.copy_((rows.float() + old - offset).to(self.dtype))
+            self.resync()  # (the sums are of the rows as stored)
+        self._offsets, self._since_anchor = new, 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.shape[0] == 0:
@@ -135,6 +149,7 @@ class PairWindow:
         if old_x is not None:  # the displaced oldest rows leave the running sums
             self._update_sums(old_x, old_y, -1.0)
         self._update_sums(x[-self.size :], y[-self.size :], 1.0)
+        self._since_anchor += x.shape[0]
 
     def _update_sums(self, x: torch.Tensor, y: torch.Tensor, sign: float) -> None:
         x64, y64 = x.to(torch.float64), y.to(torch.float64)
@@ -165,6 +180,7 @@ class PairWindow:
         self._y.clear()
         self._sums = []
         self._offsets = None
+        self._since_anchor = 0
 
     def recent(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[-n:], self.y[-n:]
@@ -182,7 +198,7 @@ class PairWindow:
         resumed run draws the same minibatches from the same values as one never stopped."""
         if self._x.buf is None:  # no rows; the offsets an anchor fixed still hold
             offsets = None if self._offsets is None else [o.clone() for o in self._offsets]
-            return {"x": None, "y": None, "offsets": offsets}
+            return {"x": None, "y": None, "offsets": offsets, "since_anchor": self._since_anchor}
         n = len(self)
         return {
             "stored": {
@@ -192,6 +208,7 @@ class PairWindow:
                 "head": self._x.head,
                 "offsets": [o.clone() for o in self._offsets],
                 "sums": [t.clone() for t in self._sums],
+                "since_anchor": self._since_anchor,
             }
         }
 
@@ -207,6 +224,8 @@ class PairWindow:
                 ring.restore(rows, stored["head"])
             self._offsets = tuple(o.clone() for o in stored["offsets"])
             self._sums = [t.clone() for t in stored["sums"]]
+            # (An earlier version's state: its offsets were fixed at its first batch.)
+            self._since_anchor = int(stored.get("since_anchor", len(self)))
             return
         if stored is not None:  # another window size or precision: re-add the rows, oldest first
             n = len(stored["x"])
@@ -217,6 +236,7 @@ class PairWindow:
             self.add(state["x"], state["y"])
         elif state.get("offsets") is not None:  # empty, anchored
             self._offsets = tuple(o.clone() for o in state["offsets"])
+            self._since_anchor = int(state.get("since_anchor", 0))
 
 
 @dataclass(frozen=True)
