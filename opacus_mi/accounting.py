@@ -334,6 +334,12 @@ class EpsilonTracker:
         ``history`` extends the first such (the PRV domain only grows with the steps)."""
         return self._rdp_from is not None and _extends(history, self._rdp_from)
 
+    def rdp_from(self, history: tuple) -> None:
+        """Take Opacus's RDP epsilon for ``history`` and its extensions, as a run resumed from
+        a state whose epsilon was already RDP's had done (PRV's would cost minutes)."""
+        if self._rdp_from is None:
+            self._rdp_from = tuple(history)
+
     def _rdp_instead(self, history: tuple) -> float:
         if self._rdp is None:
             self._rdp = EpsilonTracker(RDPAccountant(), self.delta, _tables=self._rdp_cache)

@@ -49,6 +49,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import time
 import warnings
@@ -1275,9 +1276,15 @@ class LeakageMonitor:
         it): records follow the accountant's count, and the history would jump."""
         self._unchecked_resume = False
         counted = steps_counted(self.epsilon.history())
-        # (Behind only: another model on the same engine may have stepped since the state was
-        # saved, and a state of an earlier version has only its own steps to compare.)
-        if counted < self._resumed_accountant:
+        # Ahead is warned of only where no other monitor shares the accountant (another model
+        # on the same engine may have stepped since the state was saved).
+        shared = any(
+            m is not self and m.attached and m.epsilon.accountant is self.epsilon.accountant
+            for m in list(_ATTACHED)
+        )
+        if counted < self._resumed_accountant or (
+            counted > self._resumed_accountant and not shared
+        ):
             self._warn_once(
                 "state:accountant",
                 f"the monitor state loaded was saved when the privacy engine's accountant had "
@@ -2453,6 +2460,8 @@ class LeakageMonitor:
                 "history": [list(entry) for entry in self._epsilon_history],
                 "work": self._epsilon_work,
                 "pacer": None if self._epsilon_pacer is None else self._epsilon_pacer.state_dict(),
+                # (Opacus's RDP epsilon where PRV's would cost minutes: flagged on the records)
+                "rdp": bool(self._epsilon_history) and self.epsilon.used_rdp(self._epsilon_history),
             },
             "settings": self._settings(),
             "delta": self.delta,  # (not a setting: another delta is warned, not refused)
@@ -2605,13 +2614,19 @@ class LeakageMonitor:
         self._trimmed = max(0, record_count - len(self._history))
         self._resumed_at, self._unchecked_resume = steps, True
         self._resumed_accountant = accountant_steps
-        if epsilon is not None:  # (records check that the accountant's history continues it)
+        saved_delta = state.get("delta")
+        # (Records check that the accountant's history continues it; one at another delta is
+        # not this monitor's epsilon.)
+        if epsilon is not None and (saved_delta is None or float(saved_delta) == self.delta):
             self._epsilon, self._epsilon_history = epsilon["latest"], epsilon["history"]
             self._epsilon_work = epsilon["work"]
             if self._epsilon_pacer is not None and epsilon["pacer"] is not None:
                 self._epsilon_pacer.load_state_dict(epsilon["pacer"])
+            if epsilon["rdp"] and self._epsilon_history:
+                self.epsilon.rdp_from(self._epsilon_history)
+        else:
+            self._epsilon, self._epsilon_history = (0.0, None), ()
         self._features_unchecked = True
-        saved_delta = state.get("delta")
         if saved_delta is not None and float(saved_delta) != self.delta:
             self._warn_once(
                 "state:delta",
@@ -2687,13 +2702,18 @@ def _epsilon_state(saved: Any) -> dict[str, Any] | None:
         "history": history,
         "work": float(work),
         "pacer": pacer,
+        "rdp": bool(saved.get("rdp", False)),
     }
 
 
 def _count(value: Any) -> int:
-    """A saved step count or index: a non-negative integer (a float 6.0 as saved by JSON
-    tools is one), else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    """A saved step count or index: a non-negative integer (NumPy's, a 0-d tensor's, or a
+    float 6.0 as JSON tools save one), else a ValueError."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{value!r} is not a whole number")
+    if not math.isfinite(value) or value != int(value):
         raise ValueError(f"{value!r} is not a whole number")
     if value < 0:
         raise ValueError(f"{value!r} is negative")

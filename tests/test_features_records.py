@@ -527,6 +527,16 @@ def test_a_state_the_engines_accountant_does_not_match_is_warned():
     says = "accountant had counted 6 steps, but it has counted 0: .* 5 to 0"
     with pytest.warns(RuntimeWarning, match=says):
         train(model, opt, loader)
+    # An accountant ahead of the state (restored from a later checkpoint, or never rolled back
+    # with the model and the monitor in a notebook) is one too: the history jumped 5 to 12.
+    engine, model, opt, loader = make_private(poisson=False, seed=0)
+    train(model, opt, loader, epochs=2)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=3, train_every=1)
+    monitor.load_state_dict(state)
+    says = "accountant had counted 6 steps, but it has counted 12: .* 5 to 12"
+    with pytest.warns(RuntimeWarning, match=says):
+        train(model, opt, loader)
+    monitor.detach()
     # Restored with it (the engine's own checkpoint state), nothing is said.
     engine, model, opt, loader = make_private(poisson=False, seed=0)
     engine.accountant.load_state_dict(first.engine.accountant.state_dict())

@@ -1110,15 +1110,35 @@ def test_drop_in_engine_checkpoints_resume_the_monitor_where_it_stopped(tmp_path
         assert without_timing(engine.monitor.history) == whole
 
 
-def test_a_resumed_run_goes_on_with_the_paced_epsilon(tmp_path, monkeypatch):
+def test_a_states_counts_may_be_numpy_or_tensor_integers():
+    """A state whose counts a user's tooling converted (NumPy integers, 0-d tensors, JSON's
+    6.0) is not damaged; they were refused as 'not a whole number' by the parse that checks
+    a state before a checkpoint loads."""
+    import numpy as np
+
+    from opacus_mi.monitor import _count
+
+    for value in (6, 6.0, np.int64(6), np.float32(6.0), torch.tensor(6), torch.tensor(6.0)):
+        assert _count(value) == 6 and type(_count(value)) is int
+    for value in (6.5, math.nan, -math.inf, "6", None, True, torch.tensor([6])):
+        with pytest.raises(ValueError, match="is not a whole number"):
+            _count(value)
+
+
+@pytest.mark.parametrize("too_large", [False, True], ids=["prv", "rdp-instead"])
+def test_a_resumed_run_goes_on_with_the_paced_epsilon(tmp_path, monkeypatch, too_large):
     """PRV on a fixed schedule recomputes epsilon at the pace its cost allows (here: at the
     first two records only, a pace fixed for the test), and records in between carry the
     latest exact value and its step. The state had neither, so a resumed run recomputed it
     at its first two records: 3.805 at step 6 where the uninterrupted run carried 2.633 of
-    step 1."""
+    step 1. Where PRV would cost minutes, the value carried is RDP's, and the resumed
+    records' flag said nothing of it."""
+    from opacus_mi.accounting import EpsilonTracker
     from opacus_mi.budget import EpsilonPacer
 
     monkeypatch.setattr(EpsilonPacer, "due", lambda self, work=1.0: self.count < 2)
+    if too_large:
+        monkeypatch.setattr(EpsilonTracker, "prv_too_large", lambda self, history=None: True)
     kwargs = {"delta": 1e-5, "every": 1, "train_every": 1, "accountant": "prv"}
 
     def setup():
@@ -1138,6 +1158,18 @@ def test_a_resumed_run_goes_on_with_the_paced_epsilon(tmp_path, monkeypatch):
     torch.set_rng_state(rng)
     train(model, opt, loader)
     assert without_timing(engine.monitor.history) == whole
+    assert all(("epsilon_rdp" in r["flags"]) == too_large for r in whole)
+    # Into a monitor of another delta: its own epsilon from the first record on (it carried
+    # the state's, of the other delta, until the pacer allowed a recomputation)
+    engine = MonitoredPrivacyEngine(accountant="prv", delta=1e-3, every=1, train_every=1)
+    _, model, opt, loader = make_private(
+        engine_cls=lambda **kw: engine, accountant="prv", poisson=False
+    )
+    with pytest.warns(RuntimeWarning, match="records carry epsilon at delta 1e-05"):
+        engine.load_checkpoint(path=path, module=model, optimizer=opt)
+    train(model, opt, loader)
+    first = engine.monitor.history[len(whole) // 2]
+    assert first.step == first.epsilon_step == len(whole) // 2
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["path", "file-object"])
@@ -1176,6 +1208,7 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
         ("generator", lambda st: st.update(generator=st["generator"][:100]), "RNG state size"),
         ("steps", lambda st: st.update(steps="six"), "'six' is not a whole number"),
         ("record_count", lambda st: st.update(record_count=-1), "-1 is negative"),
+        ("record_count", lambda st: st.update(record_count=math.inf), "inf is not a whole"),
         ("epsilon", lambda st: st["epsilon"].update(value="x"), "value 'x' is not a number"),
     ],
 )
