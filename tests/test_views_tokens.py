@@ -194,12 +194,7 @@ def test_the_private_view_is_drawn_with_the_noise_of_its_own_step_under_adaptive
         clipping="adaptive", noise=1.0, poisson=False, private_kwargs=_ADAPTIVE
     )
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
-    drawn, bounds = [], []
-    privatise = monitor._privatise
-    monitor._privatise = lambda chunk, clipped, gram, std: (
-        drawn.append(std),
-        privatise(chunk, clipped, gram, std),
-    )
+    drawn, bounds = _spy_noise_std(monitor), []
     criterion = torch.nn.CrossEntropyLoss()
     for x, y in loader:
         opt.zero_grad()
@@ -238,12 +233,7 @@ def test_ghost_adaptive_clippings_private_view_has_the_noise_opacus_adds():
         private_kwargs=adaptive,
     )
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
-    drawn, opacus = [], []
-    privatise = monitor._privatise
-    monitor._privatise = lambda chunk, clipped, gram, std: (
-        drawn.append(std),
-        privatise(chunk, clipped, gram, std),
-    )
+    drawn, opacus = _spy_noise_std(monitor), []
     for x, y in loader:
         opt.zero_grad()
         criterion(model(x), y).backward()
@@ -255,6 +245,17 @@ def test_ghost_adaptive_clippings_private_view_has_the_noise_opacus_adds():
     sigma_eff = (1 - 1 / 1.6**2) ** -0.5
     assert release_noise_std(opt) == pytest.approx(sigma_eff * opt.max_grad_norm, rel=1e-12)
     assert not math.isclose(sigma_eff, 1.0, rel_tol=0.1)  # (the case this guards)
+
+
+def _spy_noise_std(monitor) -> list[float]:
+    """The noise std each of ``monitor``'s private-view draws is made with, as they happen."""
+    drawn = []
+    privatise = monitor._privatise
+    monitor._privatise = lambda chunk, clipped, gram, std: (
+        drawn.append(std),
+        privatise(chunk, clipped, gram, std),
+    )
+    return drawn
 
 
 def _std_of_opacus_noise(opt) -> float:
