@@ -337,7 +337,7 @@ class EpsilonTracker:
     def rdp_from(self, history: tuple) -> None:
         """Take Opacus's RDP epsilon for ``history`` and its extensions, as a run resumed from
         a state whose epsilon was already RDP's had done (PRV's would cost minutes)."""
-        if self._rdp_from is None:
+        if self._rdp_from is None and type(self.accountant) is PRVAccountant:
             self._rdp_from = tuple(history)
 
     def _rdp_instead(self, history: tuple) -> float:

@@ -706,6 +706,7 @@ class LeakageMonitor:
         # has been checked against the accountant and the features.
         self._resumed_at: int | None = None
         self._resumed_accountant = 0  # the accountant's count when the state loaded was saved
+        self._accountant_at_load = 0  # and when it was loaded
         self._unchecked_resume = self._features_unchecked = False
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         # Warnings not said where they arose: the worker's, and the training thread's own
@@ -1276,15 +1277,11 @@ class LeakageMonitor:
         it): records follow the accountant's count, and the history would jump."""
         self._unchecked_resume = False
         counted = steps_counted(self.epsilon.history())
-        # Ahead is warned of only where no other monitor shares the accountant (another model
-        # on the same engine may have stepped since the state was saved).
-        shared = any(
-            m is not self and m.attached and m.epsilon.accountant is self.epsilon.accountant
-            for m in list(_ATTACHED)
-        )
-        if counted < self._resumed_accountant or (
-            counted > self._resumed_accountant and not shared
-        ):
+        # Ahead only if it was ahead at the load too: another model on the same engine may
+        # have stepped since (the accountant, restored with the state, was not ahead then),
+        # and a plain engine's accountant may be restored after the monitor's state.
+        saved = self._resumed_accountant
+        if counted < saved or (counted > saved and self._accountant_at_load > saved):
             self._warn_once(
                 "state:accountant",
                 f"the monitor state loaded was saved when the privacy engine's accountant had "
@@ -2583,6 +2580,9 @@ class LeakageMonitor:
             accountant_steps = _count(state.get("accountant_steps", steps))
             part = "epsilon"
             epsilon = _epsilon_state(state.get("epsilon"))
+            part = "delta"
+            if state.get("delta") is not None:
+                _real(state["delta"], "delta")
             part = "generator"
             torch.Generator(device=self.generator.device).set_state(state["generator"])
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
@@ -2614,6 +2614,7 @@ class LeakageMonitor:
         self._trimmed = max(0, record_count - len(self._history))
         self._resumed_at, self._unchecked_resume = steps, True
         self._resumed_accountant = accountant_steps
+        self._accountant_at_load = steps_counted(self.epsilon.history())
         saved_delta = state.get("delta")
         # (Records check that the accountant's history continues it; one at another delta is
         # not this monitor's epsilon.)
@@ -2622,7 +2623,7 @@ class LeakageMonitor:
             self._epsilon_work = epsilon["work"]
             if self._epsilon_pacer is not None and epsilon["pacer"] is not None:
                 self._epsilon_pacer.load_state_dict(epsilon["pacer"])
-            if epsilon["rdp"] and self._epsilon_history:
+            if epsilon["rdp"] and self._epsilon_history:  # (a PRV accountant's only)
                 self.epsilon.rdp_from(self._epsilon_history)
         else:
             self._epsilon, self._epsilon_history = (0.0, None), ()
@@ -2682,28 +2683,30 @@ def _epsilon_state(saved: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(saved, dict):
         raise ValueError(f"{saved!r} is not a mapping")
-    value, step = saved["value"], saved["step"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"value {value!r} is not a number")
     history = tuple(tuple(entry) for entry in saved["history"])
     if not all(len(entry) == 3 for entry in history):
         raise ValueError(f"history {saved['history']!r} is not (noise, rate, steps) entries")
     pacer = saved.get("pacer")
     if pacer is not None:
-        cost = pacer["cost"]
-        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float))):
-            raise ValueError(f"pacer cost {cost!r} is not a number")
-        pacer = {"cost": None if cost is None else float(cost), "count": _count(pacer["count"])}
-    work = saved["work"]
-    if isinstance(work, bool) or not isinstance(work, (int, float)):
-        raise ValueError(f"work {work!r} is not a number")
+        cost = None if pacer["cost"] is None else _real(pacer["cost"], "pacer cost")
+        pacer = {"cost": cost, "count": _count(pacer["count"])}
+    step = saved["step"]
     return {
-        "latest": (float(value), None if step is None else _count(step)),
+        "latest": (_real(saved["value"], "value"), None if step is None else _count(step)),
         "history": history,
-        "work": float(work),
+        "work": _real(saved["work"], "work"),
         "pacer": pacer,
         "rdp": bool(saved.get("rdp", False)),
     }
+
+
+def _real(value: Any, name: str) -> float:
+    """A saved number (NumPy's or a 0-d tensor's too) as a float, else a ValueError naming it."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} {value!r} is not a number")
+    return float(value)
 
 
 def _count(value: Any) -> int:

@@ -661,3 +661,20 @@ def test_mi_accountant_folds_only_new_entries_and_equals_the_whole_fold(poisson,
         calls.clear()
         assert acc.bound(list(history)) == whole(history)
         assert len(calls) <= 2 or step in (40, 50)  # the new entry and the last, once a step
+
+
+def test_a_resumed_rdp_instead_of_prv_is_a_prv_accountants_only():
+    """A state whose carried epsilon was RDP's (PRV's too costly) tells the tracker so; a
+    tracker of an RDP or GDP accountant flagged every record 'epsilon_rdp' after such a
+    state and warned of PRV's cost."""
+    from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+
+    history = ((1.0, 0.01, 100),)
+    for accountant, kept in ((PRVAccountant(), True), (RDPAccountant(), False)):
+        tracker = EpsilonTracker(accountant, 1e-5)
+        tracker.rdp_from(history)
+        assert tracker.used_rdp(history) is kept
+        assert tracker.used_rdp(((1.0, 0.01, 150),)) is kept  # (and every extension)
+    tracker = EpsilonTracker(GaussianAccountant(), 1e-5)
+    tracker.rdp_from(history)
+    assert not tracker.used_rdp(history)

@@ -515,6 +515,59 @@ def test_a_state_that_fails_to_load_leaves_the_monitor_as_it_was(monkeypatch, da
     assert without_timing(monitor.history) == expected
 
 
+def test_a_resume_beside_an_unmonitored_model_on_the_engine_is_not_warned():
+    """One engine, two private models, a monitor on A only; B steps before A. The accountant
+    and A's state, saved together and restored together, looked 'ahead' at A's first step
+    (B's step had counted), and the user was told to restore the accountant they had."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    def setup():
+        torch.manual_seed(0)
+        engine = PrivacyEngine(accountant="rdp")
+        made = []
+        for seed in (0, 1):
+            model = TinyCNN()
+            made.append(
+                engine.make_private(
+                    module=model,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    data_loader=DataLoader(make_data(48, seed=seed), batch_size=16),
+                    noise_multiplier=1.0,
+                    max_grad_norm=1.0,
+                    poisson_sampling=False,
+                )
+            )
+        a, b = made
+        return engine, a, b, LeakageMonitor(engine, a[0], a[1], delta=1e-5, every=1)
+
+    def epoch(a, b):
+        for (xa, ya), (xb, yb) in zip(a[2], b[2], strict=True):
+            for (model, opt, _), x, y in ((b, xb, yb), (a, xa, ya)):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+
+    engine, a, b, monitor = setup()
+    epoch(a, b)
+    saved = copy.deepcopy((engine.accountant.state_dict(), a[0].state_dict(), b[0].state_dict()))
+    state, rng = monitor.state_dict(), torch.get_rng_state()
+    epoch(a, b)
+    whole = without_timing(monitor.history)
+    monitor.detach()
+    engine, a, b, monitor = setup()
+    engine.accountant.load_state_dict(saved[0])
+    a[0].load_state_dict(saved[1])
+    b[0].load_state_dict(saved[2])
+    monitor.load_state_dict(state)
+    torch.set_rng_state(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        epoch(a, b)
+    assert without_timing(monitor.history) == whole
+    assert [r["step"] for r in whole] == [1, 3, 5, 7, 9, 11]
+
+
 def test_a_state_the_engines_accountant_does_not_match_is_warned():
     """A monitor state loaded without the accountant of its checkpoint (model, optimizer and
     monitor saved by hand, the accountant left fresh): the records followed the accountant's
@@ -529,14 +582,22 @@ def test_a_state_the_engines_accountant_does_not_match_is_warned():
         train(model, opt, loader)
     # An accountant ahead of the state (restored from a later checkpoint, or never rolled back
     # with the model and the monitor in a notebook) is one too: the history jumped 5 to 12.
+    # (Beside an attached monitor of another model on the engine: a notebook's earlier cell)
     engine, model, opt, loader = make_private(poisson=False, seed=0)
     train(model, opt, loader, epochs=2)
+    other = TinyCNN()
+    other, other_opt, _ = engine.make_private(
+        module=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1),
+        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+    )  # fmt: skip
+    stale = LeakageMonitor(engine, other, other_opt, delta=1e-5, every=3)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=3, train_every=1)
     monitor.load_state_dict(state)
     says = "accountant had counted 6 steps, but it has counted 12: .* 5 to 12"
     with pytest.warns(RuntimeWarning, match=says):
         train(model, opt, loader)
     monitor.detach()
+    stale.detach()
     # Restored with it (the engine's own checkpoint state), nothing is said.
     engine, model, opt, loader = make_private(poisson=False, seed=0)
     engine.accountant.load_state_dict(first.engine.accountant.state_dict())

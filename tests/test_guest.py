@@ -1110,19 +1110,23 @@ def test_drop_in_engine_checkpoints_resume_the_monitor_where_it_stopped(tmp_path
         assert without_timing(engine.monitor.history) == whole
 
 
-def test_a_states_counts_may_be_numpy_or_tensor_integers():
-    """A state whose counts a user's tooling converted (NumPy integers, 0-d tensors, JSON's
-    6.0) is not damaged; they were refused as 'not a whole number' by the parse that checks
-    a state before a checkpoint loads."""
+def test_a_states_numbers_may_be_numpy_or_tensor_ones():
+    """A state whose numbers a user's tooling converted (NumPy's, 0-d tensors, JSON's 6.0) is
+    not damaged; they were refused as 'not a whole number' or 'not a number' by the parse that
+    checks a state before a checkpoint loads."""
     import numpy as np
 
-    from opacus_mi.monitor import _count
+    from opacus_mi.monitor import _count, _real
 
     for value in (6, 6.0, np.int64(6), np.float32(6.0), torch.tensor(6), torch.tensor(6.0)):
         assert _count(value) == 6 and type(_count(value)) is int
+        assert _real(value, "value") == 6.0 and type(_real(value, "value")) is float
     for value in (6.5, math.nan, -math.inf, "6", None, True, torch.tensor([6])):
         with pytest.raises(ValueError, match="is not a whole number"):
             _count(value)
+    for value in ("6", None, True, torch.tensor([6.0])):
+        with pytest.raises(ValueError, match="value .* is not a number"):
+            _real(value, "value")
 
 
 @pytest.mark.parametrize("too_large", [False, True], ids=["prv", "rdp-instead"])
@@ -1210,6 +1214,7 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
         ("record_count", lambda st: st.update(record_count=-1), "-1 is negative"),
         ("record_count", lambda st: st.update(record_count=math.inf), "inf is not a whole"),
         ("epsilon", lambda st: st["epsilon"].update(value="x"), "value 'x' is not a number"),
+        ("delta", lambda st: st.update(delta="1e-5x"), "delta '1e-5x' is not a number"),
     ],
 )
 def test_a_checkpoint_with_a_damaged_monitor_state_is_refused_before_anything_loads(
