@@ -30,6 +30,17 @@ def fixed_schedule(monkeypatch):
     monkeypatch.setitem(defaults, "train_every", 8)
 
 
+class ReusedRelu(nn.Module):
+    """An MLP on 1x6x6 inputs whose one ReLU module runs twice in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(36, 6), nn.Linear(6, 3), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x.flatten(1)))))
+
+
 class TinyCNN(nn.Module):
     """Small conv net on 1x6x6 inputs: conv + linear layers, ~600 parameters."""
 

@@ -13,7 +13,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TinyCNN, fail_estimate_at, make_data, make_private, train, without_timing
+from conftest import (
+    ReusedRelu,
+    TinyCNN,
+    fail_estimate_at,
+    make_data,
+    make_private,
+    train,
+    without_timing,
+)
 from torch import nn
 
 from opacus_mi import LeakageMonitor, LeakageRecord, MIValue, mi_upper_bound, read_jsonl
@@ -1415,18 +1423,9 @@ def test_targets_that_are_no_examples_labels_are_said_not_paired_or_failed():
             opt.step()
 
 
-class _ReusedRelu(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.act = nn.Linear(36, 6), nn.Linear(6, 3), nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.b(self.act(self.a(x.flatten(1)))))
-
-
 def test_a_named_layer_called_twice_gives_its_first_output_and_says_so():
     """Its last call's output was the feature, with no word."""
-    engine, model, opt, loader = make_private(poisson=False, net=_ReusedRelu)
+    engine, model, opt, loader = make_private(poisson=False, net=ReusedRelu)
     monitor = LeakageMonitor(
         engine, model, opt, delta=1e-5, estimator="mine", features=["act"], overlap=False
     )

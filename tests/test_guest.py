@@ -13,7 +13,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyCNN, make_data, make_private, spy_noise_stds, train, without_timing
+from conftest import (
+    ReusedRelu,
+    TinyCNN,
+    make_data,
+    make_private,
+    spy_noise_stds,
+    train,
+    without_timing,
+)
 from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
@@ -1638,15 +1646,6 @@ def test_a_features_callable_that_draws_random_numbers_leaves_training_unchanged
     assert torch.equal(rng, reference_rng)
 
 
-class _ActTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.act = nn.Linear(36, 6), nn.Linear(6, 3), nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.b(self.act(self.a(x.flatten(1)))))
-
-
 def test_warnings_said_in_make_private_or_a_forward_point_at_the_users_line(monkeypatch, tmp_path):
     """Warnings the monitor says inside ``MonitoredPrivacyEngine.make_private`` (its
     constructor's) or inside a forward (a features hook's) had fixed stacklevels, which named
@@ -1667,20 +1666,20 @@ def test_warnings_said_in_make_private_or_a_forward_point_at_the_users_line(monk
     finally:
         dist.destroy_process_group()
     monkeypatch.undo()
-    engine, model, opt, loader = make_private(poisson=False, net=_ActTwice)
+    engine, model, opt, loader = make_private(poisson=False, net=ReusedRelu)
     LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", features=["act"])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model(next(iter(loader))[0])
     said = [w for w in seen if "ran more than once in one forward" in str(w.message)]
     # (the user's line that calls the layer again, inside their forward)
-    line = _ActTwice.forward.__code__.co_firstlineno + 1
-    assert [(w.filename, w.lineno) for w in said] == [(here, line)]
+    code = ReusedRelu.forward.__code__
+    assert [(w.filename, w.lineno) for w in said] == [(code.co_filename, code.co_firstlineno + 1)]
 
 
 def _said_in_make_private(here: str) -> None:
     torch.manual_seed(0)
-    model = _ActTwice()
+    model = ReusedRelu()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(make_data(32), batch_size=16)
     engine = MonitoredPrivacyEngine(
