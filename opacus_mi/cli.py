@@ -433,6 +433,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .sweep import rerender_sweep
     from .training import prepare_out_dir, rerender_run
+    from .validate import rerender_validate
 
     out = Path(args.outdir)
     if not out.is_dir():
@@ -443,9 +444,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     elif (out / "sweep.csv").is_file():
         prepare_out_dir(out, name="OUTDIR")
         text, files = rerender_sweep(out)
+    elif (out / "validate.csv").is_file():
+        prepare_out_dir(out, name="OUTDIR")
+        text, files = rerender_validate(out)
     else:
         raise ValueError(
-            f"OUTDIR {str(out)!r} has neither records.jsonl (a run) nor sweep.csv (a sweep)"
+            f"OUTDIR {str(out)!r} has none of records.jsonl (a run), sweep.csv (a sweep) or "
+            "validate.csv (a validate)"
         )
     print(text)
     print(f"re-rendered in {out}/: " + ", ".join(f.name for f in files))
@@ -578,7 +583,7 @@ def _kept(args: argparse.Namespace, started: int) -> str:
         # (A second's margin: file times come from a coarser clock than time_ns.)
         if not text.is_file() or text.stat().st_mtime_ns < started - 1_000_000_000:
             return ""
-        return f"; what was finished is in {folder / 'validate.csv'} and {text}"
+        return f"; what was finished is in {out} (`{PROG} report {out}` renders it)"
     if args.command == "sweep" and not (folder / "sweep.csv").exists():
         # No run of the sweep finished (sweep.csv is written after each): `report OUT` found
         # neither a sweep nor a run there. The stopped run's own records are in its folder,

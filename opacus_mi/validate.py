@@ -873,9 +873,12 @@ def write_outputs(
     *,
     config: dict[str, Any],
     extras: dict[str, Any] | None = None,
+    rows_csv: bool = True,
 ) -> tuple[str, list[Path]]:
+    """Write a validate's outputs into ``out`` and return its text and the files written
+    (``rows_csv=False``: ``validate.csv`` is the source, read and not rewritten)."""
     out = Path(out)
-    files = [write_csv(rows, out / "validate.csv", COLUMNS)]
+    files = [write_csv(rows, out / "validate.csv", COLUMNS)] if rows_csv else []
     corr_cols = (
         "mi",
         "attack",
@@ -932,6 +935,44 @@ def write_outputs(
     text_json = json.dumps(json_safe(summary), indent=2, default=str)
     (out / "validate.json").write_text(text_json + "\n", encoding="utf-8")
     files.append(out / "validate.json")
+    return text, files
+
+
+def rerender_validate(out: str | os.PathLike) -> tuple[str, list[Path]]:
+    """Render a validate folder's text, correlations, plot and JSON again from its
+    ``validate.csv`` (read, never rewritten): a stopped grid's finished settings, whose
+    correlations and plot needed the whole grid, or a finished one's, drawn again. The
+    correlations' bootstrap and seed are the run's (``validate.json``) where it has them."""
+    from .training import csv_header_has
+
+    out = Path(out)
+    if not csv_header_has(_VALIDATE_MARK)(out / "validate.csv"):
+        raise ValueError(
+            f"OUTDIR {str(out)!r}: its validate.csv is not an opacus-mi validate's (written "
+            "by `opacus-mi validate`)"
+        )
+    rows = read_validate_csv(out / "validate.csv")
+    if not rows:
+        raise ValueError(f"OUTDIR {str(out)!r}: its validate.csv has no settings to render")
+    summary: dict[str, Any] = {}
+    try:
+        summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass  # (a stopped validate has none: ValidateConfig's defaults)
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    defaults = ValidateConfig()
+    correlations = compute_correlations(
+        rows,
+        resamples=int(config.get("bootstrap", defaults.bootstrap)),
+        seed=int(config.get("seed", defaults.seed)),
+    )
+    text, files = write_outputs(out, rows, correlations, config=config, rows_csv=False)
+    if "wall_seconds" in summary:  # (the run's, kept)
+        text += f"\nwall time: {float(summary['wall_seconds']):.1f} s"
+        written = json.loads((out / "validate.json").read_text(encoding="utf-8"))
+        written["wall_seconds"] = summary["wall_seconds"]
+        (out / "validate.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
+        (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
     return text, files
 
 

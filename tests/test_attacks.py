@@ -505,7 +505,7 @@ def test_a_stopped_validate_keeps_its_finished_rows(tmp_path, monkeypatch, where
     if stop is KeyboardInterrupt:
         rc, _, stderr = _main([*argv, "--out", str(out)])
         assert rc == 130 and "opacus-mi: interrupted" in stderr
-        assert f"what was finished is in {out / 'validate.csv'} and" in stderr
+        assert f"what was finished is in {out} (`opacus-mi report {out}` renders it)" in stderr
     else:
         with pytest.raises(RuntimeError):
             _main([*argv, "--out", str(out)])
@@ -550,6 +550,56 @@ def test_a_validate_stopped_while_drawing_its_plots_keeps_the_whole_grids_text(
         "stopped while writing the plots and validate.json; the grid and its correlations "
         "above are complete (correlations.csv)\n"
     )
+    # `opacus-mi report` draws what is missing, from validate.csv (which it does not rewrite)
+    monkeypatch.undo()
+    before = (out / "validate.csv").stat().st_mtime_ns
+    rc, stdout, _ = _main(["report", str(out)])
+    assert rc == 0 and "re-rendered in" in stdout
+    assert {"validate.png", "validate.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "validate.csv").stat().st_mtime_ns == before
+    assert (out / "correlations.csv").read_bytes() == (full / "correlations.csv").read_bytes()
+    assert (out / "validate.txt").read_text(encoding="utf-8") == whole[: whole.rindex("wall")]
+
+
+def test_report_renders_a_stopped_validates_finished_settings(tmp_path, monkeypatch):
+    """A validate stopped mid-grid keeps its finished rows; `opacus-mi report OUTDIR` refused
+    the folder ("has neither records.jsonl ... nor sweep.csv"), so its correlations and plot
+    needed the whole grid run again. A finished validate's outputs render alike, with its
+    bootstrap and seed (validate.json) and its wall time."""
+    from opacus_mi import validate as V
+
+    argv = [*TINY_VALIDATE, "--noise-multipliers", "0", "0.1", "0.3"]
+    full = tmp_path / "full"
+    assert _main([*argv, "--out", str(full)])[0] == 0
+    before = {p.name: p.read_bytes() for p in full.iterdir() if p.suffix != ".png"}
+    rc, stdout, _ = _main(["report", str(full)])
+    assert rc == 0
+    after = {p.name: p.read_bytes() for p in full.iterdir() if p.suffix != ".png"}
+    assert after == before  # (the text and JSON, wall time included, as the run wrote them)
+    row, calls = V._row, []
+
+    def stops(*args, **kwargs):
+        calls.append(True)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return row(*args, **kwargs)
+
+    monkeypatch.setattr(V, "_row", stops)
+    out = tmp_path / "stopped"
+    assert _main([*argv, "--out", str(out)])[0] == 130
+    monkeypatch.undo()
+    rc, stdout, _ = _main(["report", str(out)])
+    assert rc == 0 and "validate.png" in stdout
+    rows = read_validate_csv(out / "validate.csv")
+    assert len(rows) == 2 and rows == read_validate_csv(full / "validate.csv")[:2]
+    text = (out / "validate.txt").read_text(encoding="utf-8")
+    assert V.grid_table(rows) in text and "rho: Spearman over the rows" in text
+    # (the correlations of 2 settings of the 3)
+    assert (out / "correlations.csv").read_bytes() != (full / "correlations.csv").read_bytes()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "validate.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    rc, _, stderr = _main(["report", str(tmp_path / "other")])
+    assert rc == 2 and "is not an opacus-mi validate's" in stderr
 
 
 def test_validate_noise_multipliers_whose_variance_underflows_are_noise_free(tmp_path):
