@@ -1137,6 +1137,7 @@ def test_a_states_numbers_may_be_numpy_or_tensor_ones():
             _real(value, "value")
 
 
+@pytest.mark.filterwarnings("ignore:.*PRV epsilon would now run over:RuntimeWarning")
 @pytest.mark.parametrize("too_large", [False, True], ids=["prv", "rdp-instead"])
 def test_a_resumed_run_goes_on_with_the_paced_epsilon(tmp_path, monkeypatch, too_large):
     """PRV on a fixed schedule recomputes epsilon at the pace its cost allows (here: at the
