@@ -359,12 +359,9 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
             extras = _run_grid(cfg, progress, rows, held)
         correlations = compute_correlations(rows, resamples=cfg.bootstrap, seed=cfg.seed)
         wall = time.perf_counter() - t0
-        text, files = write_outputs(out, rows, correlations, config=cfg.as_dict(), extras=extras)
-        text += f"\nwall time: {wall:.1f} s"
-        summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
-        summary["wall_seconds"] = wall
-        (out / "validate.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
+        text, files = write_outputs(
+            out, rows, correlations, config=cfg.as_dict(), extras=extras, wall_seconds=wall
+        )
     except (Exception, KeyboardInterrupt):  # Ctrl-C or a crash: keep what the grid has done
         if rows:
             write_csv(rows, out / "validate.csv", COLUMNS)
@@ -874,9 +871,11 @@ def write_outputs(
     config: dict[str, Any],
     extras: dict[str, Any] | None = None,
     rows_csv: bool = True,
+    wall_seconds: float | None = None,
 ) -> tuple[str, list[Path]]:
     """Write a validate's outputs into ``out`` and return its text and the files written
-    (``rows_csv=False``: ``validate.csv`` is the source, read and not rewritten)."""
+    (``rows_csv=False``: ``validate.csv`` is the source, read and not rewritten;
+    ``wall_seconds``: the grid's, added to the text and the JSON once they are complete)."""
     out = Path(out)
     files = [write_csv(rows, out / "validate.csv", COLUMNS)] if rows_csv else []
     corr_cols = (
@@ -931,10 +930,15 @@ def write_outputs(
         "fano_holds": fano_all,
         "settings": len(rows),
     }
+    if wall_seconds is not None:
+        summary["wall_seconds"] = wall_seconds
     # Strict JSON: an undefined correlation (NaN) is written "nan", as records write it.
     text_json = json.dumps(json_safe(summary), indent=2, default=str)
     (out / "validate.json").write_text(text_json + "\n", encoding="utf-8")
     files.append(out / "validate.json")
+    if wall_seconds is not None:  # (the text without it is the one a stop above keeps)
+        text += f"\nwall time: {wall_seconds:.1f} s"
+        (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
     return text, files
 
 
@@ -966,14 +970,15 @@ def rerender_validate(out: str | os.PathLike) -> tuple[str, list[Path]]:
         resamples=int(config.get("bootstrap", defaults.bootstrap)),
         seed=int(config.get("seed", defaults.seed)),
     )
-    text, files = write_outputs(out, rows, correlations, config=config, rows_csv=False)
-    if "wall_seconds" in summary:  # (the run's, kept)
-        text += f"\nwall time: {float(summary['wall_seconds']):.1f} s"
-        written = json.loads((out / "validate.json").read_text(encoding="utf-8"))
-        written["wall_seconds"] = summary["wall_seconds"]
-        (out / "validate.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
-        (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
-    return text, files
+    wall = summary.get("wall_seconds")  # (the run's, kept)
+    return write_outputs(
+        out,
+        rows,
+        correlations,
+        config=config,
+        rows_csv=False,
+        wall_seconds=None if wall is None else float(wall),
+    )
 
 
 def _has_correlations(txt: Path) -> bool:
