@@ -1285,7 +1285,7 @@ class LeakageMonitor:
             self._warn_once(
                 "state:accountant",
                 f"the monitor state loaded was saved when the privacy engine's accountant had "
-                f"counted {self._resumed_accountant} steps, but it has counted {counted}: the "
+                f"counted {saved} steps, but it has counted {counted}: the "
                 "records follow the "
                 f"accountant, so the history jumps from step {self._resumed_at - 1} to "
                 f"{counted}. Restore the accountant from the same checkpoint as the monitor "
@@ -2616,9 +2616,10 @@ class LeakageMonitor:
         self._resumed_accountant = accountant_steps
         self._accountant_at_load = steps_counted(self.epsilon.history())
         saved_delta = state.get("delta")
+        other_delta = saved_delta is not None and float(saved_delta) != self.delta
         # (Records check that the accountant's history continues it; one at another delta is
         # not this monitor's epsilon.)
-        if epsilon is not None and (saved_delta is None or float(saved_delta) == self.delta):
+        if epsilon is not None and not other_delta:
             self._epsilon, self._epsilon_history = epsilon["latest"], epsilon["history"]
             self._epsilon_work = epsilon["work"]
             if self._epsilon_pacer is not None and epsilon["pacer"] is not None:
@@ -2628,7 +2629,7 @@ class LeakageMonitor:
         else:
             self._epsilon, self._epsilon_history = (0.0, None), ()
         self._features_unchecked = True
-        if saved_delta is not None and float(saved_delta) != self.delta:
+        if other_delta:
             self._warn_once(
                 "state:delta",
                 f"this monitor state's records carry epsilon at delta {float(saved_delta):g}, "
@@ -2700,10 +2701,14 @@ def _epsilon_state(saved: Any) -> dict[str, Any] | None:
     }
 
 
+def _unwrapped(value: Any) -> Any:
+    """A 0-d tensor's Python number (anything else as it is): saved numbers may be tensors."""
+    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+
+
 def _real(value: Any, name: str) -> float:
     """A saved number (NumPy's or a 0-d tensor's too) as a float, else a ValueError naming it."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        value = value.item()
+    value = _unwrapped(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} {value!r} is not a number")
     return float(value)
@@ -2712,11 +2717,13 @@ def _real(value: Any, name: str) -> float:
 def _count(value: Any) -> int:
     """A saved step count or index: a non-negative integer (NumPy's, a 0-d tensor's, or a
     float 6.0 as JSON tools save one), else a ValueError."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{value!r} is not a whole number")
-    if not math.isfinite(value) or value != int(value):
+    value = _unwrapped(value)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise ValueError(f"{value!r} is not a whole number")
     if value < 0:
         raise ValueError(f"{value!r} is negative")
