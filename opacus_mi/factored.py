@@ -953,13 +953,14 @@ class FactoredCapture:
             else:
                 fn = ft_compute_per_sample_gradient
             grads = {id(p): _widen(g) for p, g in fn(m, acts, back).items()}
+            other_mode = zero_padded_by_opacus(m)
             if fn is not ft_compute_per_sample_gradient and (
-                zero_padded_by_opacus(m) or misread_by_opacus(m, acts[0])
+                other_mode or misread_by_opacus(m, acts[0])
             ):
                 # (as for Conv2d below) Opacus's norms; the released per-sample gradients are
                 # its sampler's on the input in its own layout, padded as the layer pads
                 first, layer = acts[0].contiguous(), m
-                if zero_padded_by_opacus(m):
+                if other_mode:
                     first = nn.functional.pad(
                         first, m._reversed_padding_repeated_twice, mode=m.padding_mode
                     ).contiguous()
@@ -990,13 +991,14 @@ class FactoredCapture:
             left = back.reshape(batch, m.out_channels, -1).transpose(1, 2)
             a = a.to(back.dtype)
             right = self._unfold(m, a, m.padding)
-            if zero_padded_by_opacus(m) or misread_by_opacus(m, a):
+            other_mode = zero_padded_by_opacus(m)
+            if other_mode or misread_by_opacus(m, a):
                 # Opacus unfolds with zeros whatever the mode, and reads the input as if it
                 # were NCHW-contiguous (its norms, hence clip factors); the second pass
                 # differentiates the layer's own padding of the input in its own layout.
                 if opacus_samples(self._gsm, m):  # (else functorch's true ones: the same)
                     call["opacus"] = (left, right)
-                if zero_padded_by_opacus(m):
+                if other_mode:
                     padded = nn.functional.pad(
                         a.contiguous(), m._reversed_padding_repeated_twice, mode=m.padding_mode
                     )
