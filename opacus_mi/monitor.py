@@ -780,12 +780,14 @@ class LeakageMonitor:
                 module.register_forward_hook(GuestHook(self._after_forward)),
             ]
             if _is_ghost(module, optimizer):
+                # A float64 model's Gram in float64: float32 squares overflow past ~1.8e19.
+                wide = any(p.dtype == torch.float64 for p in params)
                 self._factored = FactoredCapture(
                     module,
                     params,
                     self.tokenizer,
                     active=self._due,
-                    exact=lambda: float(self.optimizer.noise_multiplier) < 0.01,
+                    exact=lambda: wide or float(self.optimizer.noise_multiplier) < 0.01,
                     need_gram="private" in views,
                     need_tokens=lambda: self._tokens,
                     defer=self.overlap,  # the hooks only keep references; the worker computes
@@ -1635,8 +1637,12 @@ class LeakageMonitor:
         if batch == 0:
             return chunk
         feats = self._chunk_features(captures, batch, chunk) if self._tokens else None
-        # sigma >= 0.01: float32 Gram and rank-one Linear layers (see views.clipped_gram).
-        fast = sigma >= 0.01
+        # sigma >= 0.01: float32 Gram and rank-one Linear layers (see views.clipped_gram). Not
+        # for a float64 model: its squared norms past ~3e38 (norms Opacus clips as usual) are
+        # inf in float32, and those examples were dropped as non-finite.
+        fast = sigma >= 0.01 and not (
+            grad_samples is not None and any(g.dtype == torch.float64 for g in grad_samples)
+        )
         gram32 = None  # raw float32 Gram (hooks mode, flat clipping, private view)
         backprops: dict[int, torch.Tensor] = {}
         if factored is not None:

@@ -47,6 +47,68 @@ def test_nan_per_sample_gradient_is_flagged_excluded_and_warned_once():
     assert "nonfinite_grad_sample" in r2.flags and not r2.mi  # nothing finite left to measure
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_float64_model_keeps_examples_whose_squared_norms_pass_float32s_range(mode):
+    """Norms of ~4e20 are finite in float64 and Opacus clips them as usual; the monitor's
+    float32 Gram squared them to inf: it dropped those examples as non-finite (hooks) or
+    measured an infinite Gram (ghost clipping)."""
+    import copy
+
+    from opacus_mi.estimators.oracle import gram_oracle
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) * 1e20
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4).double(), torch.randint(0, 3, (24,)))
+    module = Scaled().double()
+    reference = copy.deepcopy(module)
+    engine = PrivacyEngine(accountant="rdp")
+    made = engine.make_private(
+        module=module,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.0),
+        data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+        grad_sample_mode=mode,
+        **({"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}),
+    )
+    if mode == "ghost":  # (Opacus's ghost clipping returns its loss third)
+        model, opt, criterion, loader = made
+    else:
+        (model, opt, loader), criterion = made, nn.CrossEntropyLoss()
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, overlap=False, estimator=None, oracle_draws=4000
+    )
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    criterion(model(x), y).backward()
+    opt.step()
+    monitor.flush()
+    # Each example's gradient by a loop, clipped as Opacus clips in float64.
+    grads = []
+    for i in range(8):
+        reference.zero_grad()
+        nn.functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in reference.parameters()]))
+    flat = torch.stack(grads)
+    norms = flat.norm(dim=1)
+    assert float(norms.max()) > 1e20 and torch.isfinite(norms).all()
+    flat = flat * (1.0 / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    truth = gram_oracle(flat @ flat.T, 1.0, draws=20000, generator=torch.Generator().manual_seed(1))
+    (record,) = monitor.history
+    assert "nonfinite_grad_sample" not in record.flags
+    assert record.mi["private/oracle"].n == 8
+    assert record.mi["private/oracle"].nats == pytest.approx(truth.nats, abs=0.05)
+    monitor.detach()
+
+
 def test_nan_features_exclude_only_the_bad_pairs():
     def feature(x):
         f = x.mean(dim=(1, 2, 3))[:, None].clone()
