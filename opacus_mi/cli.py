@@ -588,10 +588,12 @@ def _kept(args: argparse.Namespace, started: int) -> str:
         # No run of the sweep finished (sweep.csv is written after each): `report OUT` found
         # neither a sweep nor a run there. The stopped run's own records are in its folder,
         # written since this sweep's sweep_config.json (an earlier sweep's runs stay beside).
-        started = folder / "sweep_config.json"
-        if not started.is_file():
+        config = folder / "sweep_config.json"
+        if not config.is_file():
             return ""
-        since = started.stat().st_mtime_ns
+        since = config.stat().st_mtime_ns
+        if since < started - 1_000_000_000:  # (an earlier sweep's: this one stopped before it)
+            return ""
         runs = [
             p
             for p in folder.glob("*/records.jsonl")
@@ -604,6 +606,11 @@ def _kept(args: argparse.Namespace, started: int) -> str:
             f"; no run finished; the stopped one's records are in {stopped} "
             f"(`{PROG} report {stopped}` renders them)"
         )
+    # A run's config.json is written as it starts, a sweep's sweep.csv as each run finishes:
+    # older ones are an earlier command's, there until this one gets that far.
+    mark = folder / ("config.json" if args.command == "run" else "sweep.csv")
+    if not mark.is_file() or mark.stat().st_mtime_ns < started - 1_000_000_000:
+        return ""
     if args.command == "run" and not (folder / "records.jsonl").exists():
         return ""
     return f"; what was finished is in {out} (`{PROG} report {out}` renders it)"

@@ -2355,7 +2355,8 @@ class LeakageMonitor:
                 f"({type(exc).__name__}: {str(exc)[:120]}); records carry NaN, flagged "
                 "epsilon_failed"
                 + (
-                    f". Opacus's PRV accountant fails this way at small noise multipliers: {fix}"
+                    f". Opacus's PRV accountant fails this way at small noise multipliers and "
+                    f"at a very small delta (this one's: {self.delta:g}): {fix}"
                     if isinstance(self.epsilon.accountant, PRVAccountant)
                     else f" ({type(self.epsilon.accountant).__name__})"
                 ),

@@ -201,7 +201,8 @@ def csv_cell(value: Any) -> Any:
     """A CSV cell that reads back exactly: None/NaN blank, +-inf spelled out, floats by repr."""
     if value is None:
         return ""
-    if isinstance(value, float):
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)  # (NumPy's: repr(np.float64(3.2)) is "np.float64(3.2)", read as NaN)
         if math.isnan(value):
             return ""
         if math.isinf(value):
@@ -231,18 +232,41 @@ def write_csv_rows(
 
 
 def read_csv_rows(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[dict]:
-    """Rows written by :func:`write_csv_rows`, numbers parsed (blank or unparsable -> NaN)."""
+    """Rows written by :func:`write_csv_rows`, numbers parsed (blank or unparsable -> NaN).
+
+    A file edited since (a row with more or fewer cells than the header, text that is not
+    UTF-8, a NUL byte) is refused with its name and line: its rows were misread or dropped.
+    """
     rows = []
+    fix = "write it again as UTF-8 CSV with one cell per column, or run the command again"
     with open(path, newline="", encoding="utf-8") as fh:
-        for raw in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            for key, cell in raw.items():
-                if key in text_columns:
-                    row[key] = cell
-                    continue
-                try:
-                    row[key] = float(cell) if cell not in ("", None) else math.nan
-                except ValueError:
-                    row[key] = math.nan
-            rows.append(row)
+        reader = csv.DictReader(fh)
+        try:
+            for raw in reader:
+                if None in raw or None in raw.values():  # (DictReader's extra / missing cells)
+                    cells = len(raw.get(None) or ()) + sum(
+                        v is not None for k, v in raw.items() if k is not None
+                    )
+                    raise ValueError(
+                        f"{path}, line {reader.line_num}: {cells} cells where its header has "
+                        f"{len(reader.fieldnames or ())} (edited since it was written?): {fix}"
+                    )
+                rows.append(_parsed_row(raw, text_columns))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason}): {fix}") from None
+        except csv.Error as err:
+            raise ValueError(f"{path}, line {reader.line_num}: {err}: {fix}") from None
     return rows
+
+
+def _parsed_row(raw: dict[str, str], text_columns: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for key, cell in raw.items():
+        if key in text_columns:
+            row[key] = cell
+            continue
+        try:
+            row[key] = float(cell) if cell != "" else math.nan
+        except ValueError:
+            row[key] = math.nan
+    return row

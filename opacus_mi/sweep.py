@@ -186,7 +186,9 @@ def read_sweep_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _g(x: Any) -> str:
-    return f"{x:.4g}" if is_finite_number(x) else "-"
+    """A setting as its folder is named (``:g``): settings 4 digits told apart (1.00001 and
+    1.00004) read alike at ``.4g``."""
+    return f"{x:g}" if is_finite_number(x) else "-"
 
 
 def _ci_cell(row: dict[str, Any], prefix: str) -> str:

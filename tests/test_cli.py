@@ -1239,6 +1239,82 @@ def test_csv_files_are_replaced_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.csv"]  # (no part file left)
 
 
+def test_csv_cells_read_back_numpy_floats_and_edited_files_are_refused_by_name(tmp_path):
+    """NumPy 2 writes repr(np.float64(3.2)) as "np.float64(3.2)", which read back as NaN; an
+    edited sweep.csv (an extra cell, another encoding, a NUL) failed with a TypeError or a codec
+    message naming neither the file nor the fix, or lost rows without a word."""
+    from opacus_mi.report import read_csv_rows, write_csv_rows
+
+    path = tmp_path / "sweep.csv"
+    values = [np.float64(3.2), np.float32(0.1), np.float64("inf"), np.float64("nan"), np.int64(7)]
+    write_csv_rows([{"a": v} for v in values], path, ["a"])
+    got = [r["a"] for r in read_csv_rows(path)]
+    assert got[:3] == [3.2, float(np.float32(0.1)), math.inf] and got[4] == 7.0
+    assert math.isnan(got[3])
+
+    for text, says in [
+        ("setting,epsilon\nsigma_1,2,a note\n", "line 2: 3 cells where its header has 2"),
+        ("setting,epsilon\nsigma_1,2\nsigma_2\n", "line 3: 1 cells where its header has 2"),
+        ('setting,epsilon\nsigma_1,2\n"sigma_2,3\nsigma_3,4\n', "line 4: 1 cells where"),
+        ("setting,epsilon\nsigma_1,2\n\x00\x00\x00\n", "line 3: 1 cells"),  # (a crash's tail)
+    ]:
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match="sweep.csv, " + says):
+            read_csv_rows(path, text_columns=("setting",))
+    path.write_bytes("setting,epsilon\ncaf\u00e9,2\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="sweep.csv is not UTF-8 text"):
+        read_csv_rows(path, text_columns=("setting",))
+
+
+def test_the_sweep_table_tells_settings_apart_as_their_folders_do():
+    from opacus_mi.sweep import _setting_name, sweep_table
+
+    rows = [
+        {"noise_multiplier": v, "target_epsilon": t}
+        for v, t in [(1.00001, 2.00001), (1.00004, 2.00004)]
+    ]
+    cells = [
+        [c.strip() for c in line.split("│")[1:3]]
+        for line in sweep_table(rows, width=200).splitlines()
+        if line.startswith("│ ") and "1.0000" in line
+    ]
+    assert cells == [["1.00001", "2.00001"], ["1.00004", "2.00004"]]
+    assert [_setting_name("sigma", r["noise_multiplier"]) for r in rows] == [
+        "sigma_" + c[0] for c in cells
+    ]
+
+
+def test_a_stopped_command_names_no_earlier_commands_results_as_its_own(run_dir, tmp_path):
+    """A run stopped before it started writing (in Opacus's calibration, say) said "what was
+    finished is in OUT" of the previous run's files; a sweep likewise of an earlier sweep's."""
+    import argparse
+    import shutil
+    import time
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir[0], out)
+    for name in ("config.json", "records.jsonl"):
+        os.utime(out / name, ns=(1, 1))  # an earlier run's
+    now = time.time_ns()
+    assert cli._kept(argparse.Namespace(command="run", out=str(out)), now) == ""
+    os.utime(out / "config.json")  # this run started (its config is written as it does)
+    assert "what was finished is in" in cli._kept(
+        argparse.Namespace(command="run", out=str(out)), now
+    )
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(run_dir[0], sweep / "sigma_1")
+    (sweep / "sweep.csv").write_text("noise_multiplier,epsilon\n1,2\n", encoding="utf-8")
+    (sweep / "sweep_config.json").write_text("{}", encoding="utf-8")
+    for path in [sweep / "sweep.csv", sweep / "sweep_config.json", *sweep.rglob("*.jsonl")]:
+        os.utime(path, ns=(1, 1))
+    args = argparse.Namespace(command="sweep", out=str(sweep))
+    assert cli._kept(args, now) == ""
+    (sweep / "sweep.csv").unlink()  # an earlier sweep stopped before a run finished
+    os.utime(sweep / "sigma_1" / "records.jsonl", ns=(2, 2))
+    assert cli._kept(args, now) == ""
+
+
 def test_a_sweep_whose_run_folder_is_in_use_is_refused_before_it_clears_anything(tmp_path, capsys):
     """A run writing into a sweep's sigma_1/ (started by hand): the sweep started again was
     refused at that run, after it had deleted the last sweep's sweep.csv, plots and report."""
