@@ -234,8 +234,9 @@ def write_csv_rows(
 def read_csv_rows(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[dict]:
     """Rows written by :func:`write_csv_rows`, numbers parsed (blank or unparsable -> NaN).
 
-    A file edited since (a row with more or fewer cells than the header, text that is not
-    UTF-8, a NUL byte) is refused with its name and line: its rows were misread or dropped.
+    A file changed since (a row with more or fewer cells than the header: an unquoted comma,
+    an unclosed quote, a crash's tail of NUL bytes; text that is not UTF-8) is refused with its
+    name and line: its rows were misread or dropped without a word.
     """
     rows = []
     fix = "write it again as UTF-8 CSV with one cell per column, or run the command again"
