@@ -30,9 +30,15 @@ import opacus_mi.monitor as monitor_module
 from opacus_mi import LeakageMonitor, read_jsonl
 from opacus_mi import distributed as mi_dist
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed gloo missing"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="torch.distributed gloo missing",
+    ),
+    # One pytest-xdist worker runs every process group (the module's fixtures spawn them once,
+    # and two groups' four processes on two cores are not left to share them).
+    pytest.mark.xdist_group("process_groups"),
+]
 
 WORLD, LOCAL_BATCH, N = 2, 8, 96  # 6 logical steps of 16 examples
 MONITOR = {

@@ -76,6 +76,7 @@ def test_noise_sweep_rows_fall_with_sigma_and_stay_under_the_bound(capsys):
     assert "MI/step" in capsys.readouterr().out
 
 
+@pytest.mark.xdist_group("process_groups")  # (with tests/test_distributed.py's)
 def test_ddp_torchrun_on_two_processes_matches_the_single_process_epsilon(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
