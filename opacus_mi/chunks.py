@@ -47,6 +47,7 @@ class Chunk:
     # gradients alone), still on the device; rows are dropped once the record has read them.
     keep: torch.Tensor | None = None
     grads_ok: torch.Tensor | None = None
+    seconds: float = 0.0  # the time measuring it took (on this rank): its record's to report
 
 
 Item = tuple[dict[str, Any], dict[str, torch.Tensor | None]]

@@ -430,8 +430,8 @@ class LeakageMonitor:
             hardware the two threads share: ``benchmarks/contention.py``).
             ``None`` (default): on for a CPU model on one process when a core is free (more
             usable cores than ``torch.get_num_threads()``); with ghost clipping the hooks then
-            only record each layer's factors. Sinks are still called on the training thread; a
-            ``features`` callable runs on the worker.
+            only record each layer's factors. Sinks and a ``features`` callable are still called
+            on the training thread (the callable at the step, before the weights change).
         exact_epsilon: compute the accountant's epsilon afresh for every record, whatever it
             costs. Off (default): an accountant whose ``get_epsilon`` is cheap (RDP, composed
             here from cached values, bit-identical to Opacus; GDP) is exact at every record
@@ -729,7 +729,7 @@ class LeakageMonitor:
         # model's steps and half of the other's).
         self._own_step = self.steps
         self._chunks: list[Chunk] = []
-        self._chunk_seconds = 0.0
+        self._recorded = -1  # the last step with a record made (see _finish_safely)
         self._gather_wait = 0.0  # DPDDP: seconds waited for other ranks since the last booking
         self._step_bound = 0.0
         self._step_bounds: dict[int, float] = {}  # step -> its clipping bound, until recorded
@@ -1403,7 +1403,9 @@ class LeakageMonitor:
             taken.release()
         if span is not None:
             self.budget.charge(span, "measure", concurrent=self.overlap)
-        self._chunk_seconds += time.perf_counter() - t0
+        # Its own: a step that failed after its chunks were measured (pre_step raised) left
+        # their time in an accumulator, added to the next record's monitor_seconds.
+        chunk.seconds = time.perf_counter() - t0
         return chunk
 
     def _finish_safely(self, chunks: list, step: int, accounting: tuple) -> None:
@@ -1426,19 +1428,22 @@ class LeakageMonitor:
                 # its own measuring the next step would meet the others' gradient all-reduce
                 # with its gather, and training would hang.)
                 self._next_in, self._planned = 1, (step, step + 1)
-            try:  # the step still gets its record: settings, epsilon and bounds, flagged
-                self._done.append(self._failed_record(chunks, step, accounting, exc))
-            except Exception:  # (already warned about: nothing more to say)
-                pass
+            if self._recorded != step:  # (a failure after its record was made: kept)
+                try:  # the step still gets its record: settings, epsilon and bounds, flagged
+                    self._done.append(self._failed_record(chunks, step, accounting, exc))
+                except Exception:  # (already warned about: nothing more to say)
+                    pass
         except BaseException as exc:
             # Ctrl-C while the record is made (inline: the accountant has counted the step):
             # the step keeps its record, flagged error:KeyboardInterrupt; the interrupt goes on.
-            with contextlib.suppress(Exception):
-                self._done.append(self._failed_record(chunks, step, accounting, exc))
+            # (Once its record is made, in the budget's last charge, it keeps that one: a
+            # second, failed record of the same step followed it.)
+            if self._recorded != step:
+                with contextlib.suppress(Exception):
+                    self._done.append(self._failed_record(chunks, step, accounting, exc))
             raise
         finally:
             self._step_bounds.pop(step, None)
-            self._chunk_seconds = 0.0
 
     def _step_settings(self, step: int, accounting: tuple) -> tuple[float, float]:
         """The noise multiplier and clipping bound step ``step`` used: the accountant's entry
@@ -1882,6 +1887,7 @@ class LeakageMonitor:
         """The record of logical step ``step`` from its chunks (``accounting``: the accountant's
         history right after that step), and the critics' learning; plans the next measurement."""
         t0 = time.perf_counter()
+        measured = sum(c.seconds for c in chunks)  # (this rank's, before any gather)
         span = self.budget.span() if self.budget is not None else None
         opt = self.optimizer
         # An expensive epsilon's cost follows the run (PRV: its domain, which only grows), so
@@ -2018,8 +2024,9 @@ class LeakageMonitor:
                 value = dataclasses.replace(value, ci_low=low, ci_high=high)
             if key.startswith("private/") and _exceeds(value, record.mi_bound):
                 record.flags.append(f"exceeds_bound:{key}")
-        record.monitor_seconds = self._chunk_seconds + (time.perf_counter() - t0)
+        record.monitor_seconds = measured + (time.perf_counter() - t0)
         self._done.append(record)  # delivered to history and the sinks on the training thread
+        self._recorded = step
         if span is not None:
             self._charge(span, "measure")
 
@@ -2381,6 +2388,8 @@ class LeakageMonitor:
     def epsilon_now(self) -> float:
         """The accountant's epsilon at ``delta`` after every step so far (computed now, on the
         caller's time), or NaN, warned once, where the accountant cannot compute one."""
+        if self._worker is not None:  # its records use the tracker too (one cache, no lock):
+            self._worker.wait()  # a record could carry the previous step's epsilon
         return self._epsilon_or_nan(None, float(self.optimizer.noise_multiplier))
 
     def summary(self, last: int = 20) -> str:

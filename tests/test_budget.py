@@ -6,6 +6,7 @@ References: the plan's closed form from the recorded seconds; Opacus itself for 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -946,11 +947,13 @@ def test_on_a_gpu_the_reads_wait_for_training_is_not_booked_as_monitor_time(
         monitor.detach()
         return len(monitor.history), monitor.budget.overhead_seconds
 
-    before, _ = run(True)
+    before, own = run(True)  # (own: the wrapper's overhead where no read waits)
     after, overhead = run(False)
     # the same device work: the same schedule, give or take the machine's load
     assert after >= before / 2, (before, after)
-    assert overhead < 0.25 * 0.02 * after  # each measured read waited 20 ms: not booked
+    # Each measured read waited 20 ms: not booked. (Against the same loop's own overhead, not
+    # an absolute figure: on a loaded machine that alone passed 5 ms a measured step.)
+    assert overhead - own < 0.5 * 0.02 * after, (overhead, own, after)
 
 
 def test_a_noise_scheduler_stepped_every_step_costs_prv_pacing_no_work_per_record():
@@ -1045,3 +1048,71 @@ def test_a_fixed_schedule_neighbours_time_is_not_a_budgets_training_time(monkeyp
         budget_module.foreground(0.050)
         b.tick()
     assert b.train_seconds == pytest.approx(99 * 0.020, rel=1e-6) and b.sharing == 1
+
+
+def test_ctrl_c_in_the_budgets_last_charge_leaves_one_record_of_the_step(monkeypatch):
+    """A Ctrl-C in the charge that follows a step's record (inline, budgeted critics): the
+    step kept its record and got a second one, flagged error:KeyboardInterrupt, in the
+    history, the sinks and the JSONL alike."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, train_every=None, overlap=False
+    )
+    assert monitor.budget is not None  # (the critics' rounds are budgeted)
+    charge, armed = OverheadBudget.charge, [False]
+
+    def interrupted(self, span, kind, **kwargs):
+        charge(self, span, kind, **kwargs)
+        if armed[0] and monitor._done and monitor._done[-1].step == monitor.steps:
+            armed[0] = False  # (the record is made: a Ctrl-C arrives now)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(OverheadBudget, "charge", interrupted)
+    stopped = 0
+    for i, (x, y) in enumerate(loader):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        armed[0] = i == 2
+        try:
+            opt.step()
+        except KeyboardInterrupt:  # (a notebook trains on)
+            stopped += 1
+    assert stopped == 1
+    assert [r.step for r in monitor.history] == list(range(monitor.steps))
+    assert not any(f.startswith("error:") for r in monitor.history for f in r.flags)
+    monitor.detach()
+
+
+def test_a_failed_steps_measuring_time_is_not_the_next_records(monkeypatch):
+    """A monitored step whose Opacus pre_step raised (its chunks dropped) left their time in an
+    accumulator: the next record's monitor_seconds included it."""
+    engine, model, opt, loader = make_private(poisson=False)
+    calls = [0]
+
+    def features(x):  # 1 s at the step that fails, nothing at the others
+        calls[0] += 1
+        if calls[0] == 3:
+            time.sleep(1.0)
+        return x.flatten(1)
+
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, train_every=8, overlap=False, features=features
+    )
+    hook, failed = opt.step_hook, []
+
+    def flaky(optimizer):  # (Opacus calls it in pre_step, before the accountant counts)
+        if calls[0] == 3 and not failed:
+            failed.append(True)
+            raise RuntimeError("a step hook's transient failure")
+        hook(optimizer)
+
+    opt.step_hook = flaky
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with contextlib.suppress(RuntimeError):
+            opt.step()
+    assert failed and len(monitor.history) == monitor.steps
+    seconds = [r.monitor_seconds for r in monitor.history]
+    assert max(seconds) - min(seconds) < 0.5, seconds
+    monitor.detach()

@@ -981,3 +981,39 @@ def test_an_interrupt_during_detach_loses_no_jsonl_line(tmp_path):
     assert not monitor.attached
     monitor_mod._flush_at_exit(weakref.ref(monitor))  # what the interpreter's exit runs
     assert [r.step for r in read_jsonl(path)] == list(range(len(loader)))
+
+
+def test_epsilon_now_waits_for_the_worker_that_shares_its_tracker():
+    """The epsilon tracker's one-entry cache has no lock: epsilon_now() on the training thread
+    while the worker made a record could hand that record the previous step's epsilon (4 of
+    10 records, the race widened). epsilon_now() now waits for the worker first."""
+    from opacus_mi.accounting import EpsilonTracker
+
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None, overlap=True)
+    assert monitor._worker is not None
+    epsilon, busy, overlapped, nows = EpsilonTracker.epsilon, [0], [], []
+
+    def watched(self, *args, **kwargs):
+        overlapped.append(busy[0])  # calls under way on the other thread
+        busy[0] += 1
+        try:
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.05)  # (the worker's call: long enough to be met)
+            return epsilon(self, *args, **kwargs)
+        finally:
+            busy[0] -= 1
+
+    try:
+        EpsilonTracker.epsilon = watched
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            nows.append(monitor.epsilon_now())
+    finally:
+        EpsilonTracker.epsilon = epsilon
+    monitor.flush()
+    assert len(overlapped) >= 2 * len(monitor.history) and not any(overlapped)
+    assert [r.epsilon for r in monitor.history] == [nows[r.step] for r in monitor.history]
+    monitor.detach()
