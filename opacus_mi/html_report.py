@@ -19,18 +19,23 @@ batch produced it, paired with that example's data.</li>
 <code>clipped</code> = after clipping to the max grad norm, <code>private</code> = clipped plus
 Opacus's Gaussian noise (what DP-SGD releases). <code>mine</code>, <code>infonce</code>,
 <code>nwj</code> and <code>smile</code> are learned critics; <code>private/oracle</code> is the
-white-box Bayes oracle for the private view, computed exactly from the Gram matrix of the
-clipped gradients.</li>
+white-box Bayes oracle for the private view: a Monte Carlo estimate of its exact MI (unbiased,
+not a bound), drawn from the Gram matrix of the clipped gradients.</li>
 <li><b>last / mean [95% CI].</b> Learned estimates are <b>lower bounds evaluated on held-out
 pairs</b> the critic never trained on (<code>smile</code>'s excepted: its clipping can
 overshoot), with Student-t intervals from a delete-one-pair jackknife (<code>infonce</code>;
 blank near ln B, where a batch cannot show its spread) or bootstrap intervals (blank on too
 few pairs for the figure); the oracle's is Student-t, reaching down to a proven floor near ln B.
 The mean averages the last records with an interval across steps.</li>
-<li><b>shuffled.</b> The same critic on <b>shuffled (mismatched) pairs</b>: a control showing
-what the estimator reports when there is nothing to find. A real signal sits well above it.</li>
+<li><b>shuffled.</b> The same critic on <b>shuffled (mismatched) pairs</b>: what it scores on
+pairs that tell nothing of each other. Strongly negative for <code>mine</code>, <code>nwj</code>
+and <code>smile</code> (their <code>e^T</code> terms punish it), so a real signal sits well above
+it; the zero-MI baseline is the control's.</li>
+<li><b>control.</b> Where shown (<code>control=True</code>, CLI <code>--control</code>): a second
+critic trained on shuffled pairs with the same windows and schedule, what the estimator reads
+when there is nothing to find (about 0).</li>
 <li><b>detected.</b> Where shown: "yes" when the interval over steps lies above 0 and above the
-shuffled control.</li>
+shuffled and control figures.</li>
 <li><b>ln B.</b> The log of the number of pairs a figure was measured on (on a learned row,
 its held-out pairs): InfoNCE and the oracle cannot exceed it (the <code>e^T</code> bounds,
 <code>mine</code>, <code>nwj</code>, <code>smile</code>, can). On the oracle's row, the mean log
@@ -38,7 +43,12 @@ of its candidate sets' sizes: the batch, each physical chunk under BatchMemoryMa
 rank's batch under DPDDP.</li>
 <li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats, the capacity-style bound of one use of the
 Gaussian channel with noise multiplier sigma (signal norm at most C, noise std sigma*C). The
-private view's MI per step cannot exceed it; epsilon composes the whole run instead.</li>
+private view's true MI per step cannot exceed it; the oracle's Monte Carlo figure and interval
+can lie a little above it by sampling noise (a record is flagged <code>exceeds_bound</code> only
+3.3 standard errors beyond). Epsilon composes the whole run instead.</li>
+<li><b>MI accountant.</b> In the title: a bound on what any one example leaked over the run so
+far as Opacus releases it (in a noisy sum, in a fraction q of the steps), not a bound on the
+per-step rows.</li>
 </ul>
 """
 
@@ -68,7 +78,8 @@ for), each a full monitored run in its own folder.</li>
 records with a 95% interval across them. The oracle is the white-box Bayes estimate for the
 private view; clipped MI is {clipped}.</li>
 <li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats: what one private release can carry at
-most; the private view's MI per step cannot exceed it.</li>
+most. The private view's true MI per step cannot exceed it; the oracle's Monte Carlo mean and
+interval can lie a little above it by sampling noise.</li>
 <li><b>wall s.</b> The run's wall-clock seconds, training and monitor together.</li>
 </ul>
 """
