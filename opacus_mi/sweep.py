@@ -248,6 +248,8 @@ def write_sweep_outputs(
     files = [write_sweep_csv(rows, out / "sweep.csv")] if csv else []
     estimator = (settings or {}).get("estimator")
     estimator = estimator if isinstance(estimator, str) else None
+    views = (settings or {}).get("views")  # (None: the default views, which include it)
+    views = views if isinstance(views, list) else ["clipped"]
     table = sweep_table(rows, estimator=estimator)
     (out / "sweep.txt").write_text(table + "\n", encoding="utf-8")
     files.append(out / "sweep.txt")
@@ -260,7 +262,7 @@ def write_sweep_outputs(
             settings=_settings_for_html(settings),
             table=table,
             images=[image],
-            explanation=sweep_explanation(estimator),
+            explanation=sweep_explanation(estimator, clipped_view="clipped" in views),
         )
     )
     return table, files

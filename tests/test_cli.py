@@ -169,24 +169,26 @@ def test_sweep_writes_rows_and_noise_lowers_epsilon(sweep_dir):
 
 
 @pytest.mark.parametrize(
-    "estimator, says, header",
+    "estimator, views, says, header",
     [
-        ("smile", "an estimate, not a bound", "clipped/smile MI"),
-        ("mine", "(mine) held-out lower bound", "clipped/mine MI"),
-        (None, "held-out figure", "clipped MI"),  # a sweep folder without its settings
+        ("smile", None, "an estimate, not a bound", "clipped/smile MI"),
+        ("mine", ["clipped", "private"], "(mine) held-out lower bound", "clipped/mine MI"),
+        (None, None, "held-out figure", "clipped MI"),  # a sweep folder without its settings
+        # (its column empty, where the page described the critic's clipped figure)
+        ("mine", ["raw", "private"], "did not measure the clipped view", "clipped/mine MI"),
     ],
 )
-def test_sweep_report_says_what_its_clipped_column_is(tmp_path, estimator, says, header):
+def test_sweep_report_says_what_its_clipped_column_is(tmp_path, estimator, views, says, header):
     """The sweep's page called SMILE's figure a held-out lower bound whatever the estimator."""
     from opacus_mi.sweep import write_sweep_outputs
 
     row = {"setting": "sigma_1", "noise_multiplier": 1.0, "epsilon": 2.0, "clipped_mi": 0.4,
            "clipped_ci_low": 0.3, "clipped_ci_high": 0.5}  # fmt: skip
-    settings = None if estimator is None else {"estimator": estimator}
+    settings = None if estimator is None else {"estimator": estimator, "views": views}
     table, _ = write_sweep_outputs(tmp_path, [row], settings=settings)
     page = (tmp_path / "report.html").read_text()
     assert says in page
-    assert ("lower bound" in page) == (estimator == "mine")
+    assert ("lower bound" in page) == (estimator == "mine" and "clipped" in (views or []))
     assert header in table
 
 
