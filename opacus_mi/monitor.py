@@ -729,7 +729,7 @@ class LeakageMonitor:
         # model's steps and half of the other's).
         self._own_step = self.steps
         self._chunks: list[Chunk] = []
-        self._recorded = -1  # the last step with a record made (see _finish_safely)
+        self._recorded = -1  # the step whose record _finish_safely has made (see there)
         self._gather_wait = 0.0  # DPDDP: seconds waited for other ranks since the last booking
         self._step_bound = 0.0
         self._step_bounds: dict[int, float] = {}  # step -> its clipping bound, until recorded
@@ -1411,6 +1411,7 @@ class LeakageMonitor:
     def _finish_safely(self, chunks: list, step: int, accounting: tuple) -> None:
         """The logical step's record (see :meth:`_finish_step`); a failure is warned about and
         the next step measured, never raised."""
+        self._recorded = -1  # (a state loaded since may replay this step: not an old record's)
         try:
             chunks = [
                 c.result()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyCNN, make_data, make_private, train, without_timing
+from conftest import TinyCNN, fail_estimate_at, make_data, make_private, train, without_timing
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
@@ -519,3 +519,30 @@ def test_bfloat16_clip_factors_are_opacus_own(monkeypatch):
     LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
     train(model, opt, loader)
     assert len(errors) == 4 and max(errors) < 4e-3
+
+
+def test_a_replayed_step_whose_record_fails_still_gets_its_flagged_record():
+    """Rolled back (accountant and monitor state) to before a step it had recorded, the
+    monitor took that step's record as made when its replay failed: the step had none."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    batches = iter(loader)
+
+    def step():
+        x, y = next(batches)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        monitor.flush()
+
+    step(), step()
+    state, accountant = monitor.state_dict(), engine.accountant.state_dict()
+    step()  # step 2, recorded
+    engine.accountant.load_state_dict(accountant)
+    monitor.load_state_dict(state)
+    fail_estimate_at(monitor, 1)
+    with pytest.warns(RuntimeWarning, match="leakage record failed"):
+        step()  # step 2 again: its record fails
+    assert [r.step for r in monitor.history] == [0, 1, 2]
+    assert "error:RuntimeError" in monitor.history[-1].flags
+    monitor.detach()
