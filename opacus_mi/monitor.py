@@ -2494,6 +2494,9 @@ class LeakageMonitor:
             # The sketch's hash and per-layer widths: critics fitted on other tokens.
             "seed": self.seed,
             "token_dims": list(self.tokenizer.dims),
+            # The model's size: per-layer widths can agree across models (a 3x3 and a 5x5 conv
+            # at token_dim 8), and the subspace's rows and basis are P-dimensional.
+            "parameters": sum(p.numel() for p in self._params),
             # The features' width, which the critics are built for: None, names or "callable".
             "features": self._features_setting,
             # 2: a one-bucket sketch axis never has all of one sign (see _balanced_hash).

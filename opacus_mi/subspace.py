@@ -122,8 +122,17 @@ class GradientSubspace:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self._rows.clear()
         stored = state.get("stored")
+        rows = stored["rows"] if stored is not None else state.get("buf")
+        widths = {int(t.shape[-1]) for t in (rows,) if t is not None and t.numel()}
+        if state.get("basis") is not None:
+            widths.add(int(state["basis"].shape[0]))
+        if widths - {self.num_params}:
+            raise ValueError(
+                f"this subspace state is of a model with {sorted(widths - {self.num_params})[0]} "
+                f"parameters, this one has {self.num_params}: load a state saved with this model"
+            )
+        self._rows.clear()
         if stored is not None and stored["size"] == self.rows and stored["rows"].numel():
             self._rows.restore(stored["rows"].to(self.device, torch.float32), stored["head"])
         elif stored is not None and stored["rows"].numel():  # another buffer size: oldest first

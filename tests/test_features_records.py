@@ -1864,3 +1864,39 @@ def test_a_series_the_last_record_lacks_shows_its_latest_figure_with_its_step():
     oracle = next(line for line in rows if "private/oracle" in line)
     assert "0.250 [0.000, 1.000] (step 0)" in mine
     assert "7.250 [0.000, 1.000] " in oracle and "(step" not in oracle
+
+
+def test_a_state_of_a_model_of_another_size_is_refused_by_name():
+    """A 3x3 and a 5x5 conv sketch to the same per-layer widths at token_dim 8: the state of
+    one loaded into the other's monitor, whose semi-oracle's subspace rows and basis are
+    P-dimensional, and every later record (the exact oracle's too) failed on a shape error."""
+    from opacus_mi.subspace import GradientSubspace
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 5), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    def build(net):
+        engine, model, opt, loader = make_private(poisson=False, net=net)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1,
+                                 estimator=None, semi_oracle=True, views=("private",),
+                                 token_dim=8)  # fmt: skip
+        return model, opt, loader, monitor
+
+    model, opt, loader, monitor = build(TinyCNN)
+    train(model, opt, loader, epochs=3)
+    state = monitor.state_dict()
+    *_, other = build(Wide)
+    assert other.tokenizer.dims == monitor.tokenizer.dims  # (what the check compared)
+    sizes = (monitor.subspace.num_params, other.subspace.num_params)
+    with pytest.raises(ValueError, match=f"parameters={sizes[0]} there, {sizes[1]} here"):
+        other.load_state_dict(state)
+    assert not other.history
+    assert monitor.subspace.basis is not None  # (it had fitted one)
+    with pytest.raises(ValueError, match=f"model with {sizes[0]} parameters, this one has"):
+        GradientSubspace(sizes[1], 8).load_state_dict(monitor.subspace.state_dict())
+    monitor.detach(), other.detach()
