@@ -57,12 +57,12 @@ def sweep_explanation(estimator: str | None, *, clipped_view: bool = True) -> st
     """The sweep's column notes, with what its clipped column is for ``estimator`` (a run
     config's: ``"none"``, or None where the sweep's settings are not known) and whether its
     runs measured the clipped view (``--views`` without it leaves the column empty)."""
-    if not clipped_view:
+    if estimator == "none":
+        clipped = "empty: the sweep ran without a learned estimator"
+    elif not clipped_view:
         clipped = "empty: the sweep's runs did not measure the clipped view (--views)"
     elif estimator == "smile":
         clipped = "SMILE's held-out estimate on the clipped view (an estimate, not a bound)"
-    elif estimator == "none":
-        clipped = "empty: the sweep ran without a learned estimator"
     elif estimator is None:
         clipped = "the learned critic's held-out figure on the clipped view"
     else:

@@ -176,6 +176,7 @@ def test_sweep_writes_rows_and_noise_lowers_epsilon(sweep_dir):
         (None, None, "held-out figure", "clipped MI"),  # a sweep folder without its settings
         # (its column empty, where the page described the critic's clipped figure)
         ("mine", ["raw", "private"], "did not measure the clipped view", "clipped/mine MI"),
+        ("none", ["private"], "without a learned estimator", "clipped MI"),
     ],
 )
 def test_sweep_report_says_what_its_clipped_column_is(tmp_path, estimator, views, says, header):
