@@ -579,9 +579,7 @@ def _kept(args: argparse.Namespace, started: int) -> str:
         return ""
     folder = Path(out)
     if args.command == "validate":  # (its text is written when it stops, if a setting finished)
-        text = folder / "validate.txt"
-        # (A second's margin: file times come from a coarser clock than time_ns.)
-        if not text.is_file() or text.stat().st_mtime_ns < started - 1_000_000_000:
+        if not _written_since(folder / "validate.txt", started):
             return ""
         return f"; what was finished is in {out} (`{PROG} report {out}` renders it)"
     if args.command == "sweep" and not (folder / "sweep.csv").exists():
@@ -589,11 +587,9 @@ def _kept(args: argparse.Namespace, started: int) -> str:
         # neither a sweep nor a run there. The stopped run's own records are in its folder,
         # written since this sweep's sweep_config.json (an earlier sweep's runs stay beside).
         config = folder / "sweep_config.json"
-        if not config.is_file():
+        if not _written_since(config, started):  # (none, or an earlier sweep's)
             return ""
         since = config.stat().st_mtime_ns
-        if since < started - 1_000_000_000:  # (an earlier sweep's: this one stopped before it)
-            return ""
         runs = [
             p
             for p in folder.glob("*/records.jsonl")
@@ -609,11 +605,17 @@ def _kept(args: argparse.Namespace, started: int) -> str:
     # A run's config.json is written as it starts, a sweep's sweep.csv as each run finishes:
     # older ones are an earlier command's, there until this one gets that far.
     mark = folder / ("config.json" if args.command == "run" else "sweep.csv")
-    if not mark.is_file() or mark.stat().st_mtime_ns < started - 1_000_000_000:
+    if not _written_since(mark, started):
         return ""
     if args.command == "run" and not (folder / "records.jsonl").exists():
         return ""
     return f"; what was finished is in {out} (`{PROG} report {out}` renders it)"
+
+
+def _written_since(path: Path, started: int) -> bool:
+    """Whether ``path`` is a file this command wrote (since ``started``, in
+    ``time.time_ns()``; a second's margin: file times come from a coarser clock)."""
+    return path.is_file() and path.stat().st_mtime_ns >= started - 1_000_000_000
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -779,15 +779,17 @@ class LeakageMonitor:
                 module.register_forward_pre_hook(GuestHook(self._on_forward), prepend=True),
                 module.register_forward_hook(GuestHook(self._after_forward)),
             ]
+            # A float64 model's Gram in float64: its squared norms past ~3e38 (norms Opacus
+            # clips as usual) are inf in float32, which dropped those examples as non-finite
+            # (hooks) or made the Gram infinite (ghost clipping).
+            self._float64 = any(p.dtype == torch.float64 for p in params)
             if _is_ghost(module, optimizer):
-                # A float64 model's Gram in float64: float32 squares overflow past ~1.8e19.
-                wide = any(p.dtype == torch.float64 for p in params)
                 self._factored = FactoredCapture(
                     module,
                     params,
                     self.tokenizer,
                     active=self._due,
-                    exact=lambda: wide or float(self.optimizer.noise_multiplier) < 0.01,
+                    exact=lambda: self._float64 or float(self.optimizer.noise_multiplier) < 0.01,
                     need_gram="private" in views,
                     need_tokens=lambda: self._tokens,
                     defer=self.overlap,  # the hooks only keep references; the worker computes
@@ -1643,12 +1645,9 @@ class LeakageMonitor:
         if batch == 0:
             return chunk
         feats = self._chunk_features(captures, batch, chunk) if self._tokens else None
-        # sigma >= 0.01: float32 Gram and rank-one Linear layers (see views.clipped_gram). Not
-        # for a float64 model: its squared norms past ~3e38 (norms Opacus clips as usual) are
-        # inf in float32, and those examples were dropped as non-finite.
-        fast = sigma >= 0.01 and not (
-            grad_samples is not None and any(g.dtype == torch.float64 for g in grad_samples)
-        )
+        # sigma >= 0.01: float32 Gram and rank-one Linear layers (see views.clipped_gram); not
+        # for a float64 model (see _float64).
+        fast = sigma >= 0.01 and not self._float64
         gram32 = None  # raw float32 Gram (hooks mode, flat clipping, private view)
         backprops: dict[int, torch.Tensor] = {}
         if factored is not None:
