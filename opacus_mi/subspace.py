@@ -124,7 +124,9 @@ class GradientSubspace:
     def load_state_dict(self, state: dict) -> None:
         stored = state.get("stored")
         rows = stored["rows"] if stored is not None else state.get("buf")
-        widths = {int(t.shape[-1]) for t in (rows,) if t is not None and t.numel()}
+        widths = set()  # P of the rows and of the basis (P x k)
+        if rows is not None and rows.numel():
+            widths.add(int(rows.shape[-1]))
         if state.get("basis") is not None:
             widths.add(int(state["basis"].shape[0]))
         if widths - {self.num_params}:
