@@ -395,7 +395,8 @@ class LeakageMonitor:
             the training loop's own time (0.06: the monitor's own work adds at most 6%; what no
             clock of its own sees, caches its work leaves cold and its hooks, adds 1-5% more:
             1.056-1.098x measured side by side on the digits CNN; README, Performance). Half is kept
-            for the per-step measurement when critics exist. The schedule then depends on
+            for the per-step measurement when critics exist (none with ``every`` fixed: the
+            critics get all of it). The schedule then depends on
             timing: pass integers for both for reproducible records. A quarter of it also
             paces an expensive accountant's epsilon (see ``exact_epsilon``).
         oracle_draws: noise draws per example for the oracle.
@@ -614,7 +615,10 @@ class LeakageMonitor:
         budgeted_critics = train_every is None and estimator is not None
         self.budget: OverheadBudget | None = None
         if every is None or budgeted_critics or semi_oracle and train_every is None:
-            self.budget = OverheadBudget(budget, device=self.device)
+            # Measured on a fixed schedule, the measurement is outside the budget: the critics
+            # get all of it (a measurement share would sit in debt to the fixed schedule).
+            share = 0.5 if every is None else 0.0
+            self.budget = OverheadBudget(budget, measure_share=share, device=self.device)
         self.epsilon = EpsilonTracker(engine.accountant, self.delta)
         self.exact_epsilon = exact_epsilon
         # An expensive accountant (PRV) recomputes epsilon as the budget affords it: under the

@@ -596,6 +596,28 @@ def test_summary_says_what_the_budget_let_the_monitor_do(budget_defaults):
     )
 
 
+def test_on_a_fixed_every_the_budgeted_critics_get_all_of_the_budget(private_setup):
+    """every=2, train_every=None: the measurement follows its fixed schedule, outside the
+    budget, yet half the budget was kept for it (where the fixed measurements' charges kept
+    that half in debt): the critics trained on half of what the budget allowed."""
+    engine, model, opt, _ = private_setup()
+    mixed = LeakageMonitor(engine, model, opt, delta=1e-5, every=2, train_every=None, budget=0.1)
+    b = mixed.budget
+    b.measure_cost = b.critic_cost = 1.0  # caps far above what one refill adds
+    b._refill(2.0, critics=True)  # 2 s of training at 10%
+    assert b.critic_credit == pytest.approx(0.2) and b.measure_credit == 0
+    mixed.detach()
+    engine, model, opt, _ = private_setup()
+    budgeted = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=None, train_every=None, budget=0.1
+    )
+    b = budgeted.budget  # measured on the budget too: half each, as documented
+    b.measure_cost = b.critic_cost = 1.0
+    b._refill(2.0, critics=True)
+    assert (b.measure_credit, b.critic_credit) == pytest.approx((0.1, 0.1))
+    budgeted.detach()
+
+
 class _GpuSpan:
     """A stand-in for a CUDA-event bracket: its device time is unknown until it completes."""
 
