@@ -113,6 +113,40 @@ def require_positive(name: str, value: Any) -> None:
         raise ValueError(f"{flag(name)} must be a positive finite number; got {value!r}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the models' weights are float32
+
+
+def require_learning_rate(name: str, value: Any) -> None:
+    """A positive learning rate that a float32 step can take (above float32's largest number
+    torch's SGD fails inside ``optimizer.step()`` with an overflow traceback)."""
+    require_positive(name, value)
+    if value > FLOAT32_MAX:
+        raise ValueError(
+            f"{flag(name)} must be at most {FLOAT32_MAX:.3g} (float32's largest number, the "
+            f"weights' type); got {value!r}. SGD on these models takes about 0.05-1"
+        )
+
+
+def require_finite_weights(
+    model: Any, *, when: str, lr: float, noise: float, records: str = ""
+) -> None:
+    """Stop a run whose weights have gone NaN or infinite: every later step, the accuracy and
+    the monitor's records would be of a diverged model (test accuracy at chance, flags only).
+    ``noise``: the DP noise's standard deviation, sigma x C.
+    One host read of the model's weights: call it at an epoch's end, not every step."""
+    import torch
+
+    with torch.no_grad():
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if not finite:
+        raise ValueError(
+            f"training diverged {when}: the model's weights are no longer finite (NaN or inf), "
+            f"so its accuracy and any later figure would mean nothing. Lower {flag('lr')} "
+            f"({lr:g} here) or the noise's standard deviation, {flag('noise_multiplier')} x "
+            f"{flag('max_grad_norm')} ({noise:g} here){records}"
+        )
+
+
 def require_int_at_least(name: str, value: Any, low: int) -> None:
     if not is_int_at_least(value, low):
         raise ValueError(f"{flag(name)} must be an integer >= {low}; got {value!r}")

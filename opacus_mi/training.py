@@ -33,8 +33,10 @@ from .checks import (
     is_finite_number,
     plain_numbers,
     require_choice,
+    require_finite_weights,
     require_folder,
     require_int_at_least,
+    require_learning_rate,
     require_positive,
     require_seed,
 )
@@ -121,7 +123,7 @@ class RunConfig:
                 f"{flag('overlap')} on needs {flag('device')} cpu: on {self.device} the kernels "
                 f"already run asynchronously. Pass {flag('overlap')} auto or off"
             )
-        require_positive("lr", self.lr)
+        require_learning_rate("lr", self.lr)
         require_positive("max_grad_norm", self.max_grad_norm)
         if self.target_epsilon is None:
             require_positive("noise_multiplier", self.noise_multiplier)
@@ -798,6 +800,13 @@ def _train(
                     fresh.clear()
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
+            require_finite_weights(
+                model,
+                when=f"in epoch {epoch + 1} of {cfg.epochs} (by step {monitor.steps})",
+                lr=cfg.lr,
+                noise=sigma * cfg.max_grad_norm,
+                records=f"; the records up to then are in {jsonl}",
+            )
             acc = _evaluate(model, test_loader, device)
             accuracies.append(acc)
             postfix["acc"] = f"{acc:.3f}"

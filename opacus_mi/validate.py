@@ -49,8 +49,10 @@ from .checks import (
     is_finite_number,
     is_int_at_least,
     plain_numbers,
+    require_finite_weights,
     require_folder,
     require_int_at_least,
+    require_learning_rate,
     require_positive,
     require_seed,
 )
@@ -196,8 +198,9 @@ class ValidateConfig:
             )
         if self.candidates is not None:
             require_int_at_least("candidates", self.candidates, 2)
-        for name in ("max_grad_norm", "train_noise_multiplier", "lr"):
+        for name in ("max_grad_norm", "train_noise_multiplier"):
             require_positive(name, getattr(self, name))
+        require_learning_rate("lr", self.lr)
         require_folder("out", self.out)
         self.out = os.path.expanduser(str(self.out))  # "--out=~/x" reaches us unexpanded
         return self
@@ -291,6 +294,9 @@ def _train_checkpoints(cfg: ValidateConfig, split, model, progress_bar) -> dict[
     snaps: dict[int, dict] = {}
 
     def snap(step):
+        if step:  # (the attacks on a diverged model's gradients would measure nothing)
+            noise = cfg.train_noise_multiplier * cfg.max_grad_norm
+            require_finite_weights(model, when=f"by step {step}", lr=cfg.lr, noise=noise)
         snaps[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     step = 0

@@ -965,3 +965,21 @@ def test_validate_counts_the_pairs_spearman_keeps():
     kept = [(u, v) for u, v in zip(x, y, strict=True) if not _is_nan(u)]
     assert len(kept) == 4  # the rows spearman's float64 array keeps, and it reads them alone
     assert A.spearman(x, y) == A.spearman(*zip(*kept, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
+def test_validate_stops_at_a_diverged_checkpoint_and_names_the_learning_rate(tmp_path):
+    """At lr 1e30 the weights were NaN by the first stage, and the attacks and MI were of a NaN
+    model's gradients: now the checkpoint stops the run, naming what to lower."""
+    from opacus_mi.validate import run_validate
+
+    cfg = _tiny_validate(
+        out=str(tmp_path / "val"),
+        stages=(0, 4),
+        batch_sizes=(1,),
+        images=1,
+        candidates=4,
+        lr=1e30,
+    )
+    with pytest.raises(ValueError, match=r"training diverged by step 4: .* Lower --lr \(1e\+30"):
+        run_validate(cfg, progress=False)

@@ -257,6 +257,8 @@ def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
         ("lr", True, "--lr must be a positive finite number; got True"),
         ("lr", 10**400, "--lr must be a positive finite number"),  # no OverflowError
         ("lr", float("nan"), "--lr must be a positive finite number; got nan"),
+        # (float32 overflowed inside torch's SGD step: a traceback at the first step)
+        ("lr", 1e308, "--lr must be at most 3.4e.38 (float32's largest number"),
         ("batch_size", 2.0, "--batch-size must be an integer >= 1; got 2.0"),
         ("seed", -1, "--seed must be an integer from 0 to 4294967295; got -1"),
         ("seed", 2**32, "--seed must be an integer from 0 to 4294967295; got 4294967296"),
@@ -294,6 +296,28 @@ def test_run_config_refuses_settings_that_measure_nothing_asked(changes, message
 
     with pytest.raises(ValueError, match=message):
         replace(RunConfig(), **changes).validate()
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--lr", "1e30"], "Lower --lr (1e+30 here)"),
+        (["--noise-multiplier", "1e37", "--max-grad-norm", "1000"], "--max-grad-norm (1e+40 here)"),
+    ],
+)
+def test_a_diverged_run_stops_at_the_epochs_end_and_says_why(tmp_path, capsys, args, says):
+    """It ran to the end and printed a table of a NaN model (test accuracy 0.1, only flags):
+    now the first epoch's end stops it, naming the setting to lower, and its records stay."""
+    out = tmp_path / "x"
+    rc = cli.main(["run", *TINY, "--epochs", "3", *args, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = [ln for ln in err.splitlines() if ln.startswith("opacus-mi: error:")]
+    assert len(line) == 1 and "training diverged in epoch 1 of 3 (by step 4)" in line[0]
+    assert says in line[0] and f"the records up to then are in {out / 'records.jsonl'}" in line[0]
+    records = [json.loads(s) for s in (out / "records.jsonl").read_text().splitlines()]
+    assert records and max(r["step"] for r in records) == 3  # the first epoch's, all kept
+    assert not (out / "result.json").exists()  # no results of a diverged model
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path, capsys):
