@@ -48,6 +48,7 @@ class Chunk:
     keep: torch.Tensor | None = None
     grads_ok: torch.Tensor | None = None
     seconds: float = 0.0  # the time measuring it took (on this rank): its record's to report
+    rank: int = 0  # the DPDDP rank that measured it (0 in one process)
 
 
 Item = tuple[dict[str, Any], dict[str, torch.Tensor | None]]

@@ -2054,7 +2054,18 @@ class LeakageMonitor:
             # e.g. sequences padded per batch) can be neither scored nor learned from. Said, not
             # skipped silently (the critic used to be rebuilt from scratch on each change).
             out.flags.append("features_width_changed")
-            if self._features_unchecked and built is not None:  # (the first since a load)
+            ranks = {c.rank: c.features.shape[1] for c in usable}
+            if len(set(ranks.values())) > 1:  # (DPDDP: one step's ranks, not a change in time)
+                self._warn_once(
+                    "features:width:ranks",
+                    "the ranks' features differ in width this step ("
+                    + ", ".join(f"rank {r}: {w}" for r, w in sorted(ranks.items()))
+                    + " per example): every rank must feed inputs of one shape (the same "
+                    "data pipeline and model). The learned critics need one width, so such steps "
+                    "get the oracle only (flag 'features_width_changed')",
+                )
+                self._warned.add("features:width")  # (not a change over time: said above)
+            elif self._features_unchecked and built is not None:  # (the first since a load)
                 self._warn_once(
                     "features:width:state",
                     f"the monitor state loaded has critics for features of width {built}, "
@@ -2203,7 +2214,8 @@ class LeakageMonitor:
         self._stop_requested = any(meta["stop"] for meta, _ in gathered)
         unpacked = [(item[0]["rank"], *unpack(item)) for item in gathered]
         released = _released_std([(r, std) for r, *_, std in unpacked if std is not None])
-        for _, chunk, clipped, gram, std in unpacked:
+        for rank, chunk, clipped, gram, std in unpacked:
+            chunk.rank = rank
             if std is not None:
                 try:  # local arithmetic only: no collective left in this step
                     self._privatise(chunk, clipped, gram, released)

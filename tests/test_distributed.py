@@ -333,6 +333,30 @@ def _features_run(rank: int, tmp: str) -> dict:
     }
 
 
+def _width_run(rank: int, tmp: str) -> dict:
+    """Features of another width on each rank (as a rank-dependent pipeline would give)."""
+    torch.manual_seed(0)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), _local_loader(rank))
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        every=1,
+        train_every=1,
+        views=("clipped",),
+        features=lambda x: x.flatten(1)[:, : 10 + rank],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
+        monitor.detach()
+    return {
+        "warnings": [str(w.message) for w in caught if "opacus-mi" in str(w.message)],
+        "flags": [r.flags for r in monitor.history],
+    }
+
+
 COLLECTIVES = ("all_gather_object", "all_gather", "all_reduce", "broadcast", "barrier", "gather")
 
 
@@ -412,6 +436,7 @@ def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
     try:
         out = {"without": _ddp_run(rank, False, tmp)}
         cases = {"features": _features_run, "settings": _settings_run}
+        cases["width"] = _width_run
         cases["request_stop"] = _request_stop_run
         cases["sink_detach"] = _sink_detach_run  # last: it hung, leaving the group unusable
         for name, case in cases.items():
@@ -758,3 +783,17 @@ def test_feature_layers_are_named_as_in_the_users_model_under_ddp(lifecycle):
     assert len(r0["seen"]) == len(r0["fc"]) == N // (WORLD * LOCAL_BATCH)
     for seen0, seen1, *local in zip(r0["seen"], r1["seen"], r0["fc"], r1["fc"], strict=True):
         assert torch.equal(seen0, torch.cat(local)) and torch.equal(seen1, seen0)
+
+
+def test_features_of_another_width_on_each_rank_are_said_to_be_the_ranks(lifecycle):
+    """The warning blamed "inputs of varying shape, e.g. sequences padded per batch?" when
+    the ranks fed features of different widths; it now names each rank's width."""
+    ranks, _ = lifecycle
+    for out in ranks:
+        assert isinstance(out["width"], dict), out["width"]
+        said = [w for w in out["width"]["warnings"] if "width" in w]
+        assert len(said) == 1, said
+        widths = "(rank 0: 13, rank 1: 14"  # (10 + rank input columns, 3 one-hot labels)
+        assert f"the ranks' features differ in width this step {widths}" in said[0]
+        assert "padded" not in said[0]
+        assert all("features_width_changed" in f for f in out["width"]["flags"])
