@@ -48,6 +48,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -669,14 +670,16 @@ class LeakageMonitor:
         )
         self.tokenizer_kind = tokenizer
         self.semi_oracle: SemiOracleEstimator | None = None
+        self._new_semi_oracle = functools.partial(
+            SemiOracleEstimator,
+            window=window,
+            train_every=train_every or 8,
+            train_iters=train_iters,
+            generator=self.generator,
+            device=self.device,
+        )
         if semi_oracle:  # with the private view (_check_combination)
-            self.semi_oracle = SemiOracleEstimator(
-                window=window,
-                train_every=train_every or 8,
-                train_iters=train_iters,
-                generator=self.generator,
-                device=self.device,
-            )
+            self.semi_oracle = self._new_semi_oracle()
         # The semi-oracle's tokens: the principal subspace of recent clipped gradients, which
         # keeps ~90% of their energy where a sketch keeps ~k/P (see opacus_mi/subspace.py).
         # It needs materialised per-sample gradients on one process; otherwise: sketch tokens.
@@ -695,10 +698,11 @@ class LeakageMonitor:
                     "gradient subspace)",
                 )
             else:
+                self._new_subspace = functools.partial(
+                    GradientSubspace, sum(p.numel() for p in params), token_dim, device=self.device
+                )
                 try:
-                    self.subspace = GradientSubspace(
-                        sum(p.numel() for p in params), token_dim, device=self.device
-                    )
+                    self.subspace = self._new_subspace()
                 except ValueError as exc:
                     self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
         self.mi_accountant = MIAccountant(
@@ -2506,6 +2510,8 @@ class LeakageMonitor:
             "tokenizer": self.tokenizer_kind,
             "control": bool(self.controls),
             "semi_oracle": self.semi_oracle is not None,
+            # Which tokens it learns on (one process: a gradient subspace; else sketch tokens).
+            "semi_tokens": self._semi_tokens(),
             # The sketch's hash and per-layer widths: critics fitted on other tokens.
             "seed": self.seed,
             "token_dims": list(self.tokenizer.dims),
@@ -2517,6 +2523,11 @@ class LeakageMonitor:
             # 2: a one-bucket sketch axis never has all of one sign (see _balanced_hash).
             "sketch_signs": SKETCH_SIGNS,
         }
+
+    def _semi_tokens(self) -> str | None:
+        if self.semi_oracle is None:
+            return None
+        return "subspace" if self.subspace is not None else "sketch"
 
     def check_state(self, state: Any) -> None:
         """Raise the ValueError :meth:`load_state_dict` would, without changing anything: a
@@ -2552,7 +2563,7 @@ class LeakageMonitor:
             differ = {  # (a setting an earlier version did not save is not compared)
                 k: (v, saved[k])
                 for k, v in self._settings().items()
-                if k in saved and saved[k] != v
+                if k in saved and saved[k] != v and k != "semi_tokens"  # (see _replace_state)
             }
             if differ:
                 parts = ", ".join(
@@ -2701,9 +2712,23 @@ class LeakageMonitor:
             if k in self.controls:
                 self.controls[k].load_state_dict(est_state)
         if self.semi_oracle is not None and state.get("semi_oracle") is not None:
-            self.semi_oracle.load_state_dict(state["semi_oracle"])
-        if self.subspace is not None and state.get("subspace") is not None:
-            self.subspace.load_state_dict(state["subspace"])
+            theirs, ours = _semi_tokens(state), self._semi_tokens()
+            if theirs == ours:
+                self.semi_oracle.load_state_dict(state["semi_oracle"])
+                if self.subspace is not None and state.get("subspace") is not None:
+                    self.subspace.load_state_dict(state["subspace"])
+            else:
+                # Its regression window and network are of another coordinate system (a run
+                # moved from one process to DPDDP, or from hooks to ghost clipping): continuing
+                # would mix the two in one window. Everything else loads; it starts afresh.
+                self.semi_oracle = self._new_semi_oracle()
+                if self.subspace is not None:
+                    self.subspace = self._new_subspace()
+                say(
+                    f"opacus-mi: this checkpoint's semi-oracle learned on {theirs} tokens, this "
+                    f"monitor's reads {ours} tokens ({_SEMI_TOKENS[ours]}): it starts afresh "
+                    "here, and everything else continues from the checkpoint",
+                )
         self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
@@ -2711,6 +2736,21 @@ class LeakageMonitor:
             f"LeakageMonitor(views={self.views}, estimator={self.estimator!r}, every={self.every}, "
             f"token_dim={self.token_dim}, records={self._record_count}, attached={self.attached})"
         )
+
+
+_SEMI_TOKENS = {
+    "subspace": "a gradient subspace, on one process with per-sample gradients",
+    "sketch": "under DPDDP, with ghost clipping, or where a subspace would not fit",
+}
+
+
+def _semi_tokens(state: dict[str, Any]) -> str:
+    """The tokens a saved semi-oracle learned on (a checkpoint of an earlier version without
+    the setting: a saved subspace says which)."""
+    saved = (state.get("settings") or {}).get("semi_tokens")
+    if saved is not None:
+        return saved
+    return "subspace" if state.get("subspace") is not None else "sketch"
 
 
 def _epsilon_state(saved: Any) -> dict[str, Any] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import make_private, train, without_timing
@@ -270,3 +272,42 @@ def test_a_state_saved_before_the_first_batch_rewinds_the_semi_oracle():
     train(model, opt, loader)
     assert without_timing(monitor.history) == first
     monitor.detach()
+
+
+@pytest.mark.filterwarnings("ignore:opacus-mi. with ghost clipping the semi-oracle uses sketch")
+@pytest.mark.parametrize("saved_mode, loaded_mode", [("hooks", "ghost"), ("ghost", "hooks")])
+def test_a_semi_oracle_saved_on_other_tokens_starts_afresh_with_a_warning(saved_mode, loaded_mode):
+    """A hooks run's semi-oracle learns on gradient-subspace tokens; under ghost clipping (and
+    DPDDP) it reads sketch tokens. Its state loaded silently across the two, and its regression
+    window then mixed rows of both coordinate systems. Now it starts afresh, said; the rest of
+    the state (steps, records, the learned critics) continues."""
+    kw = dict(delta=1e-5, every=1, train_every=1, semi_oracle=True, token_dim=8)
+    engine, model, opt, crit, loader = make_private(mode=saved_mode, with_criterion=True)
+    saver = LeakageMonitor(engine, model, opt, **kw)
+    train(model, opt, loader, criterion=saver.wrap_criterion(crit))
+    state = saver.state_dict()
+    saver.detach()
+    assert state["settings"]["semi_tokens"] == ("subspace" if saved_mode == "hooks" else "sketch")
+    seen = state["semi_oracle"]["batches_seen"]
+    assert seen > 0
+    engine, model, opt, crit, loader = make_private(mode=loaded_mode, with_criterion=True)
+    loader_monitor = LeakageMonitor(engine, model, opt, **kw)
+    theirs, ours = ("subspace", "sketch") if saved_mode == "hooks" else ("sketch", "subspace")
+    with pytest.warns(
+        RuntimeWarning,
+        match=f"semi-oracle learned on {theirs} tokens, this "
+        f"monitor's reads {ours} tokens .*: it starts afresh",
+    ):
+        loader_monitor.load_state_dict(state)
+    assert loader_monitor.semi_oracle.batches_seen == 0 and loader_monitor.semi_oracle.net is None
+    if loaded_mode == "hooks":
+        assert not loader_monitor.subspace.fitted
+    assert loader_monitor.steps == saver.steps and len(loader_monitor.history) == 6
+    for view, est in loader_monitor.estimators.items():  # the learned critics continue
+        assert est.updates == saver.estimators[view].updates > 0
+    # Saved and loaded on the same tokens, it continues as before.
+    same = LeakageMonitor(*make_private(mode=saved_mode)[:3], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        same.load_state_dict(state)
+    assert same.semi_oracle.batches_seen == seen
