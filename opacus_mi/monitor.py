@@ -588,6 +588,8 @@ class LeakageMonitor:
                     "train_iters": train_iters,
                     "window": window,
                     "oracle_draws": oracle_draws,
+                    # (else rank 0, which writes the records, followed the other ranks' pacing)
+                    "exact_epsilon": exact_epsilon,
                 }
             )
         self.engine, self.module, self.optimizer = engine, module, optimizer

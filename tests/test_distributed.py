@@ -367,6 +367,8 @@ def _settings_run(rank: int, tmp: str) -> dict:
     for case, differ in (
         ("every", {"every": 1 + rank}),
         ("two", {"token_dim": 8 << rank, "seed": rank, "budget": 0.01 * (1 + rank)}),
+        # (rank 0 alone asking for it wrote records of a paced, out-of-date PRV epsilon)
+        ("exact", {"exact_epsilon": rank == 0}),
     ):
         try:
             LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, **differ).detach()
@@ -767,6 +769,7 @@ def test_arguments_that_differ_between_ranks_raise_on_every_rank(lifecycle):
         assert "token_dim (8 on ranks [0]; 16 on ranks [1])" in errors["two"]
         assert "pass the same token_dim, seed on every rank" in errors["two"]
         assert "budget" not in errors["two"]  # (every rank follows the most frugal plan)
+        assert "exact_epsilon (True on ranks [0]; False on ranks [1])" in errors["exact"]
         assert out["settings"]["calls"] == ["all_gather_object"]  # one collective, no more
     assert ranks[0]["settings"] == ranks[1]["settings"]
 
