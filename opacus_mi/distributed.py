@@ -154,6 +154,11 @@ def all_gather_flat(local: torch.Tensor, sizes: Sequence[int]) -> list[torch.Ten
     return [t[:n] for t, n in zip(out, sizes, strict=True)]
 
 
+class GatherError(RuntimeError):
+    """A collective of the monitor's gather failed: the process group is broken (a rank
+    stopped or timed out), so the step cannot complete on any rank. Raised, not recorded."""
+
+
 def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``(n_r, ...)`` tensor along dim 0 in rank order (``n_r`` may be 0).
 

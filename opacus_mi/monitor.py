@@ -90,7 +90,13 @@ from .budget import (
 )
 from .checks import check_torch_seed, is_int_at_least, python_number
 from .chunks import CLIP_SLACK, Chunk, empty_item, half_slack, pack, unpack
-from .distributed import all_gather_items, check_same_on_every_rank, should_gather, world_size
+from .distributed import (
+    GatherError,
+    all_gather_items,
+    check_same_on_every_rank,
+    should_gather,
+    world_size,
+)
 from .distributed import rank as dist_rank
 from .estimators.bounds import BOUNDS, interval_from, mean_sd, random_cycle
 from .estimators.online import MIN_CI_PAIRS, BatchEstimate, OnlineEstimator
@@ -1434,6 +1440,8 @@ class LeakageMonitor:
                 for c in chunks
             ]
             self._finish_step(chunks, step, accounting)
+        except GatherError:  # (DPDDP: the step will not complete on any rank; no record)
+            raise
         except Exception as exc:
             self._warn_once(f"step:{type(exc).__name__}", f"leakage record failed: {exc!r}")
             if not (self.distributed and self._planned is not None and self._planned[0] == step):
@@ -2207,7 +2215,15 @@ class LeakageMonitor:
             meta["rank"] = self.rank
         chunks = []  # every rank's, in rank order
         timings: dict[str, float] = {}
-        gathered = all_gather_items(items, device=self.device, timings=timings)
+        try:
+            gathered = all_gather_items(items, device=self.device, timings=timings)
+        except Exception as exc:  # the group is broken: not a measurement's failure
+            raise GatherError(
+                f"opacus-mi: the monitor's gather of step {self.steps} across the DPDDP ranks "
+                f"failed ({type(exc).__name__}: {str(exc).strip()[:300]}): another rank "
+                "stopped, failed or timed out before its optimizer.step(), and Opacus's "
+                "gradient all-reduce, next, cannot complete either"
+            ) from exc
         # Every rank follows the most frugal of the ranks' plans, so no rank's work exceeds its
         # own budget (rank 0's alone let a rank with slower measurements spend 65% on its
         # books while rank 0's read 6%); all ranks reach the same plan from the same metadata.

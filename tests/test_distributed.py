@@ -451,6 +451,46 @@ def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+def _broken_group_worker(rank: int, port: int, tmp: str) -> None:
+    """Rank 1 stops after its first step (a user error) and lets go of its group; rank 0 goes
+    on to its second step."""
+    _join(rank, port, 20)
+    torch.manual_seed(0)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), _local_loader(rank))
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    out: dict = {"raised": None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for step, (x, y) in enumerate(loader):
+                opt.zero_grad()
+                criterion(model(x), y).backward()
+                if rank == 1 and step == 1:
+                    break  # (its exception, caught by the user's own code)
+                opt.step()
+        except Exception as exc:
+            out["raised"] = (type(exc).__name__, str(exc), type(exc.__cause__).__name__)
+    out["steps"] = [r.step for r in monitor.history]
+    out["warnings"] = [str(w.message) for w in caught if "opacus-mi" in str(w.message)]
+    torch.save(out, os.path.join(tmp, f"out{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_rank_that_stops_makes_the_others_gather_raise_not_record(tmp_path):
+    """The gather's failure was taken for a measurement's: rank 0 delivered a record flagged
+    error:RuntimeError for a step that never completed, and the user then saw Opacus's vaguer
+    all-reduce failure ("pair closure") with the monitor's warning only at exit."""
+    rank0, rank1 = _spawn(_broken_group_worker, str(tmp_path), 120)
+    assert rank1["raised"] is None and rank1["steps"] == [0]
+    name, message, cause = rank0["raised"]
+    assert name == "GatherError" and cause in ("RuntimeError", "DistBackendError"), rank0
+    assert "the monitor's gather of step 1 across the DPDDP ranks failed" in message
+    assert "another rank stopped, failed or timed out before its optimizer.step()" in message
+    assert rank0["steps"] == [0]  # no record of the step that never completed
+    assert not [w for w in rank0["warnings"] if "leakage record failed" in w]
+
+
 def _single_process() -> dict:
     """One process, global batches in rank order, one BatchMemoryManager chunk per rank."""
     torch.manual_seed(0)
