@@ -45,7 +45,9 @@ rank's batch under DPDDP.</li>
 Gaussian channel with noise multiplier sigma (signal norm at most C, noise std sigma*C). The
 private view's true MI per step cannot exceed it; the oracle's Monte Carlo figure and interval
 can lie a little above it by sampling noise (a record is flagged <code>exceeds_bound</code> only
-3.3 standard errors beyond). Epsilon composes the whole run instead.</li>
+beyond the 99.9% quantile of its noise, which a correct estimate is in 0.05% of records, and
+the summary calls the flags a bug only where more of them than chance explains). Epsilon
+composes the whole run instead.</li>
 <li><b>MI accountant.</b> In the title: a bound on what any one example leaked over the run so
 far as Opacus releases it (in a noisy sum, in a fraction q of the steps), not a bound on the
 per-step rows.</li>

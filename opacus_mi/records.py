@@ -12,11 +12,19 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .warn import say
+
+# A record's private-view estimate is flagged ``exceeds_bound`` above its proven bound at this
+# two-sided level (see the monitor's _exceeds): a correct estimate whose truth is at the bound
+# is flagged in EXCEEDS_RATE of records, so a long run shows some by chance; the report calls a
+# run's flags a bug only where they are more than that rate explains (exceedances).
+EXCEEDS_LEVEL = 0.999
+EXCEEDS_RATE = (1 - EXCEEDS_LEVEL) / 2
 
 MI_FIELDS = ("nats", "ci_low", "ci_high", "n", "mismatched", "control", "ceiling")
 _OPTIONAL_MI_FIELDS = ("mismatched", "control", "ceiling")
@@ -296,4 +304,23 @@ def read_jsonl(path: str | os.PathLike) -> list[LeakageRecord]:
             RuntimeWarning,
             stacklevel=2,
         )
+    return out
+
+
+def exceedances(records: Sequence[LeakageRecord]) -> list[tuple[str, int, int, float]]:
+    """Per key flagged ``exceeds_bound``: ``(key, flagged, records, p)``, ``p`` the chance
+    that a correct estimate is flagged on at least that many of the records measuring it
+    (a binomial tail at EXCEEDS_RATE a record)."""
+    from scipy.stats import binom
+
+    out = []
+    flagged: dict[str, int] = {}
+    for r in records:
+        for f in r.flags:
+            if f.startswith("exceeds_bound:"):
+                key = f.removeprefix("exceeds_bound:")
+                flagged[key] = flagged.get(key, 0) + 1
+    for key, k in sorted(flagged.items()):
+        n = sum(1 for r in records if key in r.mi and r.mi_bound is not None)
+        out.append((key, k, max(n, k), float(binom.sf(k - 1, max(n, k), EXCEEDS_RATE))))
     return out

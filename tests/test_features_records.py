@@ -1900,3 +1900,55 @@ def test_a_state_of_a_model_of_another_size_is_refused_by_name():
     with pytest.raises(ValueError, match=f"model with {sizes[0]} parameters, this one has"):
         GradientSubspace(sizes[1], 8).load_state_dict(monitor.subspace.state_dict())
     monitor.detach(), other.detach()
+
+
+def test_the_bound_check_flags_a_correct_estimate_at_its_stated_rate():
+    """The check read its standard error off the 95% interval as if normal, but the interval
+    is Student's t over the batch's n terms: at n = 8 a correct estimate whose truth sits at
+    the bound was flagged in 0.27% of records, not 0.05%. Reference: the closed-form rate of
+    the t interval over normal terms, P(T_7 > t_{0.9995}) = 0.0005."""
+    import numpy as np
+
+    from opacus_mi.estimators.bounds import interval_from
+    from opacus_mi.monitor import _exceeds
+    from opacus_mi.records import EXCEEDS_RATE, MIValue
+
+    rng = np.random.default_rng(0)
+    n, draws, bound = 8, 200_000, 0.05
+    terms = bound + 0.01 * rng.standard_normal((draws, n))  # the truth at the bound
+    flagged = 0
+    for mean, sd in zip(terms.mean(1), terms.std(1, ddof=1), strict=True):
+        m, lo, hi = interval_from(float(mean), float(sd), n)
+        flagged += _exceeds(MIValue(m, lo, hi, n), bound)
+    expected = EXCEEDS_RATE * draws  # 100, Poisson sd 10
+    assert abs(flagged - expected) < 4 * expected**0.5, (flagged, expected)
+
+
+def test_a_runs_bound_flags_are_called_a_bug_only_beyond_chance():
+    """A 9,000-record run of a correct oracle had 2 records flagged exceeds_bound (0.05% of
+    records are, by chance) and its summary opened with "BUG? an estimate exceeded its bound".
+    Reference: the binomial tail at 0.05% a record (scipy)."""
+    from scipy.stats import binom
+
+    from opacus_mi.records import EXCEEDS_RATE
+    from opacus_mi.report import summary_table
+
+    def run(n: int, flagged: set[int]) -> list[LeakageRecord]:
+        records = []
+        for step in range(n):
+            flags = ["exceeds_bound:private/oracle"] if step in flagged else []
+            mi = {"private/oracle": MIValue(0.05, 0.04, 0.06, 64)}
+            records.append(
+                LeakageRecord(
+                    step, 64, 3.0, 1.0, 0.05, 1.0, 1e-5, mi=mi, mi_bound=0.0556, flags=flags
+                )
+            )
+        return records
+
+    text = summary_table(run(9000, {3001, 5341}))
+    assert "BUG?" not in text
+    assert "exceeds_bound:private/oracle (2 of 9000 records: as often as noise flags" in text
+    p = binom.sf(2, 100, EXCEEDS_RATE)  # 3 of 100: p ~ 2e-5
+    text = summary_table(run(100, {5, 50, 90}))
+    said = "BUG? private/oracle exceeded its bound beyond its CI in 3 of 100 records"
+    assert f"{said} (by chance: p = {p:.1g})" in text.replace("\n", " ")
