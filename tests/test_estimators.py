@@ -65,6 +65,17 @@ def test_estimate_mi_independent_pairs_is_near_zero():
     assert abs(est.nats) < 0.05 and est.ci_low < 0.02
 
 
+@pytest.mark.parametrize("estimator", ["mine", "nwj", "infonce"])
+def test_a_constant_columns_interval_holds_zero_the_only_mi_it_can_have(estimator):
+    """x constant: I(x; y) = 0 exactly. The held-out bounds read a hair below 0 with an
+    interval of the same hair (mine -3.9e-5 [-5.4e-5, -2.3e-5]): a '95% CI' for an MI that
+    excluded its only possible value. The high end is now at least 0."""
+    g = torch.Generator().manual_seed(0)
+    est = estimate_mi(torch.ones(600, 3), torch.randn(600, 2, generator=g), estimator, seed=0)
+    assert est.ci_low <= 0 <= est.ci_high and abs(est.nats) < 1e-3
+    assert est.heldout_ci_high <= est.ci_high  # (the noise-only end is kept as it was)
+
+
 def test_estimate_mi_accepts_numpy_and_1d_and_rejects_bad_input():
     import numpy as np
 

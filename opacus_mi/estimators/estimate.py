@@ -148,7 +148,8 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
             Why: the held-out figure is pessimistic by the critic's estimation error and the
             in-sample one optimistic by it; on the ground-truth tasks the held-out bound sat ~4%
             under the truth (outside a pure evaluation-noise interval 20-40% of the time) while the
-            in-sample bound averaged within 1% of it. ``heldout_ci_high`` keeps the
+            in-sample bound averaged within 1% of it; and at least 0, as MI is (a constant
+            column's held-out bounds read -4e-5 [-5e-5, -2e-5]). ``heldout_ci_high`` keeps the
             evaluation-noise-only high end. Too few evaluation pairs for an interval (the online
             estimator's rule: 32, and 8 per nat the figure reads; InfoNCE 8, and n_eval (ln
             n_eval - figure) >= 8 near its ceiling) give a NaN one, the
@@ -361,7 +362,9 @@ def _estimate_mi(
     return MIEstimate(
         nats=point,
         ci_low=lo,
-        ci_high=min(max(hi, in_sample + (hi - point)), cap) if math.isfinite(hi) else math.nan,
+        ci_high=max(0.0, min(max(hi, in_sample + (hi - point)), cap))
+        if math.isfinite(hi)
+        else math.nan,
         heldout_ci_high=hi,
         estimator=estimator,
         n_train=int(n_train),
