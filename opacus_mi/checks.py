@@ -166,6 +166,6 @@ def require_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def require_folder(name: str, value: Any) -> None:
-    """A folder to write into: a path, not blank (it need not exist yet)."""
+    """A folder path, not blank (one to write into need not exist yet)."""
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise ValueError(f"{flag(name)} must be a folder path; got {value!r}")

@@ -221,10 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
-        help="re-render table, plots and report.html of a run or sweep folder",
-        description="Re-render from OUTDIR/records.jsonl (a run) or OUTDIR/sweep.csv (a sweep).",
+        help="re-render the tables, plots and report.html of a run, sweep or validate folder",
+        description="Re-render from OUTDIR/records.jsonl (a run), OUTDIR/sweep.csv (a sweep) or "
+        "OUTDIR/validate.csv (a validate).",
     )
-    report.add_argument("outdir", metavar="OUTDIR", help="folder written by run or sweep")
+    report.add_argument("outdir", metavar="OUTDIR", help="folder written by run, sweep or validate")
     _add_validate_parser(sub)
     return parser
 
@@ -300,8 +301,8 @@ def _add_validate_parser(sub) -> None:
         type=int,
         default=d.candidates,
         metavar="N",
-        help="candidate pool of the identification attacker; None: all 1,437 digits training "
-        "images, 512 for cifar10",
+        help="candidate pool of the identification attacker (default: all 1,437 digits "
+        "training images, 512 for cifar10)",
     )
     val.add_argument("--no-progress", action="store_true", help="no progress bar")
 

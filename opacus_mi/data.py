@@ -187,13 +187,37 @@ def _check_layout(
     return data_root
 
 
-def _unreadable(err: RuntimeError) -> str:
-    if "download=True" in str(err):  # torchvision's integrity check; we never download
-        return (
-            "its files are there but torchvision's checksum of them failed: a file is "
-            "incomplete or not the official one (extract the archive again)"
-        )
-    return f"torchvision could not read it: {err}"
+def _unreadable(err: RuntimeError, dataset_cls, root: str) -> str:
+    """What torchvision's failure to load a local data set means, naming the files."""
+    if "download=True" not in str(err):  # (its integrity check's wording: we never download)
+        return f"torchvision could not read it: {err}"
+    failing = _failing_checksums(dataset_cls, root)
+    files = ", ".join(failing) if failing else "a file"
+    if dataset_cls.base_folder == _CELEBA_FOLDER:
+        fix = "download each again (every CelebA text file is its own download)"
+    else:
+        fix = "extract cifar-10-python.tar.gz again"
+    return f"torchvision's checksum of {files} failed: incomplete, or not the official file; {fix}"
+
+
+def _failing_checksums(dataset_cls, root: str) -> list[str]:
+    """The files of a torchvision data set whose MD5 is not the official one (as torchvision
+    checks them: CelebA's archives may be deleted once extracted)."""
+    from torchvision.datasets.utils import check_integrity
+
+    if hasattr(dataset_cls, "file_list"):  # CelebA: (id, md5, name)
+        entries = [
+            (n, md5) for _, md5, n in dataset_cls.file_list if not n.endswith((".zip", ".7z"))
+        ]
+    else:  # CIFAR: [name, md5] lists and the meta file
+        meta = dataset_cls.meta
+        entries = [*dataset_cls.train_list, *dataset_cls.test_list, (meta["filename"], meta["md5"])]
+    base = dataset_cls.base_folder
+    return [
+        f"{base}/{name}"
+        for name, md5 in entries
+        if not check_integrity(os.path.join(root, base, name), md5)
+    ]
 
 
 def _load_cifar10(data_root: str | None) -> DatasetSplit:
@@ -209,7 +233,9 @@ def _load_cifar10(data_root: str | None) -> DatasetSplit:
         test = datasets.CIFAR10(root=root, train=False, download=False, transform=transform)
     except RuntimeError as err:  # torchvision: files present but corrupted / wrong checksum
         raise DataRootError(
-            _data_root_message("cifar10", root, _CIFAR10_LAYOUT, _unreadable(err))
+            _data_root_message(
+                "cifar10", root, _CIFAR10_LAYOUT, _unreadable(err, datasets.CIFAR10, root)
+            )
         ) from err
     return DatasetSplit(
         train=train, test=test, num_classes=10, input_shape=(3, 32, 32), name="cifar10"
@@ -245,31 +271,78 @@ def _load_celeba(data_root: str | None) -> DatasetSplit:
             for split in ("train", "test")
         }
     except RuntimeError as err:  # torchvision: files present but corrupted / wrong checksum
-        message = _data_root_message("celeba", root, _CELEBA_LAYOUT, _unreadable(err))
-        raise DataRootError(message) from err
-    for split in splits.values():  # the images are read lazily: check one now, not mid-run
-        name = split.filename[0] if len(split) else None
-        try:
-            if name is not None:
-                split[0]
-        except OSError as err:  # missing (an archive unzipped one level deeper) or unreadable
-            image = f"{_CELEBA_FOLDER}/img_align_celeba/{name}"
-            raise DataRootError(
-                _data_root_message(
-                    "celeba",
-                    root,
-                    _CELEBA_LAYOUT,
-                    f"cannot read {image} ({type(err).__name__}); the images must sit directly "
-                    "in img_align_celeba/, not in a folder inside it",
-                )
-            ) from err
+        raise _celeba_error(root, _unreadable(err, datasets.CelebA, root)) from err
+    _check_celeba_images(root, splits)
     return DatasetSplit(
-        train=splits["train"],
-        test=splits["test"],
+        train=_CelebAImages(splits["train"], root),
+        test=_CelebAImages(splits["test"], root),
         num_classes=2,
         input_shape=(3, 32, 32),
         name="celeba",
     )
+
+
+def _celeba_error(root: str, problem: str) -> DataRootError:
+    return DataRootError(_data_root_message("celeba", root, _CELEBA_LAYOUT, problem))
+
+
+def _check_celeba_images(root: str, splits: dict) -> None:
+    """Every image the splits name is in img_align_celeba/, and the first reads: the images
+    are read lazily, so a partly extracted folder failed mid-run (after --out was cleared)
+    with a bare file-not-found. One listing of the folder (~200k names, well under a second)."""
+    folder = os.path.join(root, _CELEBA_FOLDER, "img_align_celeba")
+    listed = os.listdir(folder)
+    present = set(listed)
+    names = [name for split in splits.values() for name in split.filename]
+    missing = [name for name in names if name not in present]
+    if missing:
+        if not listed:
+            problem = "img_align_celeba/ is empty: extract img_align_celeba.zip into it"
+        elif not (present & set(names)) and any(
+            os.path.isdir(os.path.join(folder, f)) for f in listed
+        ):
+            problem = (
+                "img_align_celeba/ holds a folder, not the images: they must sit directly in "
+                "img_align_celeba/ (an archive unzipped one level deeper)"
+            )
+        else:
+            problem = (
+                f"{len(missing):,} of the {len(names):,} images the partitions name are not in "
+                f"img_align_celeba/ (e.g. {', '.join(missing[:3])}): its extraction is "
+                "incomplete; extract img_align_celeba.zip again"
+            )
+        raise _celeba_error(root, problem)
+    for split in splits.values():
+        if len(split):
+            try:
+                split[0]
+            except OSError as err:  # present but unreadable
+                raise _celeba_error(root, _unreadable_image(split.filename[0], err)) from err
+
+
+def _unreadable_image(name: str, err: OSError) -> str:
+    return (
+        f"cannot read {_CELEBA_FOLDER}/img_align_celeba/{name} ({type(err).__name__}: {err}): "
+        "the file is damaged; extract img_align_celeba.zip again"
+    )
+
+
+class _CelebAImages(Dataset):
+    """A CelebA split whose unreadable image (damaged on disk, found only when read) stops
+    training with the file named and the fix, not a bare OSError."""
+
+    def __init__(self, split, root: str):
+        self.split, self.root = split, root
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.split[index]
+        except OSError as err:
+            name = self.split.filename[index]
+            raise _celeba_error(self.root, _unreadable_image(name, err)) from err
 
 
 def _load_fake(*, seed: int, size: int) -> DatasetSplit:

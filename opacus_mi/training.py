@@ -161,8 +161,8 @@ class RunConfig:
                 f"{' '.join(views)} leaves out; add private to {flag('views')}"
             )
         require_folder("out", self.out)
-        if self.data_root is not None and not isinstance(self.data_root, (str, os.PathLike)):
-            raise ValueError(f"{flag('data_root')} must be a folder path; got {self.data_root!r}")
+        if self.data_root is not None:  # (blank, an unset shell variable's: it read ./)
+            require_folder("data_root", self.data_root)
         _check_device(self.device)
         return self
 

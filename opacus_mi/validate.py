@@ -202,6 +202,8 @@ class ValidateConfig:
             require_positive(name, getattr(self, name))
         require_learning_rate("lr", self.lr)
         require_folder("out", self.out)
+        if self.data_root is not None:
+            require_folder("data_root", self.data_root)
         self.out = os.path.expanduser(str(self.out))  # "--out=~/x" reaches us unexpanded
         return self
 

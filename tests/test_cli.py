@@ -265,6 +265,8 @@ def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
         ("fake_size", 3, "--fake-size must be an integer >= 4; got 3"),
         ("model", "vgg", "--model must be one of"),
         ("delta", 10**400, "--delta must lie strictly between 0 and 1"),
+        # (an unset shell variable's '': it trained on ./cifar-10-batches-py)
+        ("data_root", "", "--data-root must be a folder path; got ''"),
         ("overlap", "on", "--overlap on needs --device cpu"),  # (with device="cuda", below)
     ],
 )
@@ -344,6 +346,7 @@ def test_validate_config_names_the_flag_of_a_bad_value():
         ("candidates", 1, "--candidates must be an integer >= 2; got 1"),
         ("out", " ", "--out must be a folder path; got ' '"),
         ("out", None, "--out must be a folder path; got None"),
+        ("data_root", " ", "--data-root must be a folder path; got ' '"),
         ("seed", 2**32, "--seed must be an integer from 0 to 4294967295"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -352,34 +353,82 @@ def _tiny_celeba(root, *, nested: bool = False, n: int = 6) -> None:
     )
 
 
-@pytest.mark.parametrize("problem", ["none", "nested", "corrupt"])
-def test_celeba_images_are_checked_when_loading_not_mid_run(problem, tmp_path, monkeypatch):
-    """Images unzipped one folder too deep (or unreadable) passed the layout check and failed
-    at the first batch with a bare path error naming neither --data-root nor the fix."""
+@pytest.mark.parametrize(
+    "problem, says",
+    [
+        ("none", None),
+        ("nested", "img_align_celeba/ holds a folder, not the images: they must sit directly"),
+        ("corrupt", "cannot read celeba/img_align_celeba/000001.jpg (UnidentifiedImageError"),
+        # (the zip not extracted yet: the advice was the nested folder's)
+        ("empty", "img_align_celeba/ is empty: extract img_align_celeba.zip into it"),
+        # (a partial extraction passed, cleared --out and failed mid-run on a bare path error)
+        (
+            "partial",
+            "2 of the 6 images the partitions name are not in img_align_celeba/ "
+            "(e.g. 000003.jpg, 000005.jpg): its extraction is incomplete",
+        ),
+    ],
+)
+def test_celeba_images_are_checked_when_loading_not_mid_run(problem, says, tmp_path, monkeypatch):
+    """Images unzipped one folder too deep (or unreadable, or missing) passed the layout check
+    and failed at a batch with a bare path error naming neither --data-root nor the fix."""
     import torchvision.datasets.celeba as tv_celeba
 
     monkeypatch.setattr(tv_celeba, "check_integrity", lambda *a, **k: True)  # tiny stand-ins
     _tiny_celeba(tmp_path, nested=problem == "nested")
+    images = tmp_path / "celeba" / "img_align_celeba"
     if problem == "corrupt":
-        (tmp_path / "celeba" / "img_align_celeba" / "000001.jpg").write_bytes(b"not a jpeg")
+        (images / "000001.jpg").write_bytes(b"not a jpeg")
+    elif problem == "empty":
+        for f in images.iterdir():
+            f.unlink()
+    elif problem == "partial":
+        (images / "000003.jpg").unlink()
+        (images / "000005.jpg").unlink()
     if problem == "none":
         split = load_dataset("celeba", data_root=str(tmp_path))
         assert len(split.train) == 4 and len(split.test) == 2
         x, y = split.train[0]
         assert tuple(x.shape) == (3, 32, 32) and int(y) == 1
         return
-    with pytest.raises(DataRootError, match="cannot read celeba/img_align_celeba/000001.jpg"):
+    with pytest.raises(DataRootError, match=re.escape(says)) as info:
         load_dataset("celeba", data_root=str(tmp_path))
+    assert "--data-root" in str(info.value)
 
 
-def test_a_failed_checksum_says_so_rather_than_suggesting_a_download(tmp_path):
+def test_a_celeba_image_damaged_past_the_first_is_named_when_read(tmp_path, monkeypatch):
+    """Damage only found by reading it (a truncated JPEG) stops training with the file and the
+    fix named, not a bare 'cannot identify image file'."""
+    import torchvision.datasets.celeba as tv_celeba
+
+    monkeypatch.setattr(tv_celeba, "check_integrity", lambda *a, **k: True)
+    _tiny_celeba(tmp_path)
+    (tmp_path / "celeba" / "img_align_celeba" / "000003.jpg").write_bytes(b"\xff\xd8 cut")
+    split = load_dataset("celeba", data_root=str(tmp_path))
+    with pytest.raises(DataRootError, match=r"cannot read celeba/img_align_celeba/000003.jpg"):
+        next(iter(torch.utils.data.DataLoader(split.train, batch_size=4)))
+
+
+def test_a_failed_checksum_names_the_files_and_the_fix_rather_than_a_download(tmp_path):
     base = tmp_path / "cifar-10-batches-py"
     base.mkdir()
     for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         (base / f).write_bytes(b"not the real file")
-    with pytest.raises(DataRootError, match="checksum of them failed") as info:
+    with pytest.raises(
+        DataRootError, match="checksum of cifar-10-batches-py/data_batch_1, "
+    ) as info:
         load_dataset("cifar10", data_root=str(tmp_path))
     assert "download=True" not in str(info.value)
+    assert "; extract cifar-10-python.tar.gz again" in str(info.value)
+    # CelebA's text files are separate downloads, not an archive's: each failing one is named.
+    _tiny_celeba(tmp_path)
+    with pytest.raises(DataRootError) as info:
+        load_dataset("celeba", data_root=str(tmp_path))
+    said = str(info.value)
+    for name in ("list_attr_celeba.txt", "identity_CelebA.txt", "list_eval_partition.txt"):
+        assert f"celeba/{name}" in said
+    assert "img_align_celeba.zip" not in said  # (an archive may be deleted once extracted)
+    assert "download each again (every CelebA text file is its own download)" in said
 
 
 def test_a_data_root_for_a_built_in_dataset_is_warned_about(tmp_path) -> None:
@@ -397,7 +446,7 @@ def test_a_data_root_with_a_tilde_is_read_as_torchvision_reads_it(tmp_path, monk
     for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         (base / f).write_bytes(b"not the real file")
     # past the layout check: torchvision itself now reads the files (and its checksum fails)
-    with pytest.raises(DataRootError, match="checksum of them failed"):
+    with pytest.raises(DataRootError, match="checksum of cifar-10-batches-py/data_batch_1"):
         load_dataset("cifar10", data_root="~")
 
 
