@@ -8,7 +8,8 @@ the step's release ``y = (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / B`` is
   ``n`` real examples (the monitor's Gram-matrix oracle; the other ``B - 1`` examples of the step
   are part of the release's noise), and ``mi_pixels``, the MI between the example's pixels and
   the release in the model linearised around the example (it does not saturate at ``ln n``);
-* **attacked**: gradient inversion (Inverting Gradients and DLG, with iDLG labels at ``B = 1``)
+* **attacked**: gradient inversion (Inverting Gradients and DLG; labels recovered by iDLG at
+  ``B = 1``, given at ``B > 1``, a stronger attacker than DP-SGD's)
   scored by PSNR / SSIM, Bayes re-identification (which candidates are in the step) checked
   against Fano's inequality, and a likelihood-ratio membership test.
 
