@@ -1004,3 +1004,41 @@ def test_estimate_mi_shows_its_options_and_names_a_misspelled_one():
     assert params["eval_fraction"].default == 0.3 and params["max_steps"].default == 3000
     with pytest.raises(TypeError, match="unknown options 'eval_fracion'"):
         estimate_mi(torch.zeros(32, 2), torch.zeros(32, 2), eval_fracion=0.5)
+
+
+def test_heavy_tailed_columns_are_tamed_by_a_bijection_and_others_left_bit_for_bit():
+    """A Cauchy column's few outliers set its std, so standardised, 2/3 of its values sat
+    within 0.05 of 0 and the critic read half the MI. Reference: numpy, column by column."""
+    import numpy as np
+
+    from opacus_mi.estimators.estimate import _as_2d_float
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    g = rng.standard_normal(n)
+    columns = {
+        "gaussian": g,
+        "student-t 5": rng.standard_t(5, n),
+        "gaussian cubed": g**3,
+        "binary": (g > 1).astype(float),
+        "cauchy": rng.standard_cauchy(n),
+    }
+    out = _as_2d_float("x", np.stack(list(columns.values()), axis=1)).numpy()
+    for i, (name, col) in enumerate(columns.items()):
+        if name == "cauchy":
+            q1, med, q3 = np.percentile(col, [25, 50, 75], method="lower")
+            col = np.arcsinh((col - med) / ((q3 - q1) / 1.349))
+        expected = ((col - col.mean()) / col.std()).astype(np.float32)
+        np.testing.assert_allclose(out[:, i], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_heavy_tailed_channels_estimate_is_not_halved_by_its_outliers():
+    """X ~ Cauchy, Y = X + Cauchy noise: I(X; Y) = ln 2 = 0.693 exactly (Y ~ Cauchy(0, 2)).
+    Standardised, the critic read 0.17-0.31; tamed, 0.47-0.49. (A separable critic still
+    cannot represent this channel's density ratio: the figure stays below the truth.)"""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_cauchy(2000)
+    est = estimate_mi(x, x + rng.standard_cauchy(2000), "mine", seed=0)
+    assert 0.4 < est.nats < math.log(2)

@@ -108,7 +108,28 @@ def _as_2d_float(name: str, v) -> torch.Tensor:
     _, exponent = torch.frexp(t.abs().amax(dim=0))
     t = torch.ldexp(torch.ldexp(t, -(exponent // 2)), -(exponent - exponent // 2))
     std, mean = torch.std_mean(t, dim=0, unbiased=False)
+    # Nor with any monotone map of a column. A heavy-tailed one (Cauchy: a few outliers set
+    # its std, and standardised 2/3 of its values sat within 0.05 of 0) is first brought to
+    # asinh((x - median) / (IQR / 1.349)), a bijection that keeps its middle and compresses its
+    # tails logarithmically: X, Y = X + Cauchy noise (ln 2 = 0.693 nats) read 0.26 standardised,
+    # 0.49 so. Others (Gaussian, Student-t 5: std / robust std 1.0, 1.2) are left as they
+    # were, bit for bit; a Gaussian cubed (8.5, its sample's above 10 in 1% of 2,000 pairs) is
+    # tamed only then, by a bijection, which changes no MI.
+    ordered = t.sort(dim=0).values
+    n = t.shape[0] - 1
+    robust = (ordered[(3 * n) // 4] - ordered[n // 4]) / 1.349
+    heavy = (robust > 0) & (std > HEAVY_TAILS * robust)
+    if bool(heavy.any()):
+        centre = ordered[n // 2]
+        tamed = torch.asinh((t - centre) / torch.where(heavy, robust, torch.ones_like(robust)))
+        t = torch.where(heavy, tamed, t)
+        std, mean = torch.std_mean(t, dim=0, unbiased=False)
     return ((t - mean) / torch.where(std > 0, std, torch.ones_like(std))).to(torch.float32)
+
+
+# A column whose std exceeds this many robust stds (IQR / 1.349) has heavy tails: see
+# _as_2d_float.
+HEAVY_TAILS = 10.0
 
 
 def _adam(params, lr: float) -> torch.optim.Optimizer:
