@@ -273,9 +273,13 @@ def _load_celeba(data_root: str | None) -> DatasetSplit:
     except RuntimeError as err:  # torchvision: files present but corrupted / wrong checksum
         raise _celeba_error(root, _unreadable(err, datasets.CelebA, root)) from err
     _check_celeba_images(root, splits)
+    train, test = (_CelebAImages(splits[split], root) for split in ("train", "test"))
+    for split in (train, test):  # (present but unreadable: said with the file and the fix)
+        if len(split):
+            split[0]
     return DatasetSplit(
-        train=_CelebAImages(splits["train"], root),
-        test=_CelebAImages(splits["test"], root),
+        train=train,
+        test=test,
         num_classes=2,
         input_shape=(3, 32, 32),
         name="celeba",
@@ -287,9 +291,9 @@ def _celeba_error(root: str, problem: str) -> DataRootError:
 
 
 def _check_celeba_images(root: str, splits: dict) -> None:
-    """Every image the splits name is in img_align_celeba/, and the first reads: the images
-    are read lazily, so a partly extracted folder failed mid-run (after --out was cleared)
-    with a bare file-not-found. One listing of the folder (~200k names, well under a second)."""
+    """Every image the splits name is in img_align_celeba/: the images are read lazily, so a
+    partly extracted folder failed mid-run (after --out was cleared) with a bare
+    file-not-found. One listing of the folder (~200k names, well under a second)."""
     folder = os.path.join(root, _CELEBA_FOLDER, "img_align_celeba")
     listed = os.listdir(folder)
     present = set(listed)
@@ -312,12 +316,6 @@ def _check_celeba_images(root: str, splits: dict) -> None:
                 "incomplete; extract img_align_celeba.zip again"
             )
         raise _celeba_error(root, problem)
-    for split in splits.values():
-        if len(split):
-            try:
-                split[0]
-            except OSError as err:  # present but unreadable
-                raise _celeba_error(root, _unreadable_image(split.filename[0], err)) from err
 
 
 def _unreadable_image(name: str, err: OSError) -> str:
