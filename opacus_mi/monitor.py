@@ -2730,7 +2730,7 @@ class LeakageMonitor:
             if k in self.controls:
                 self.controls[k].load_state_dict(est_state)
         if self.semi_oracle is not None and state.get("semi_oracle") is not None:
-            theirs, ours = _semi_tokens(state), self._semi_tokens()
+            theirs, ours = _saved_semi_tokens(state), self._semi_tokens()
             if theirs == ours:
                 self.semi_oracle.load_state_dict(state["semi_oracle"])
                 if self.subspace is not None and state.get("subspace") is not None:
@@ -2762,7 +2762,7 @@ _SEMI_TOKENS = {
 }
 
 
-def _semi_tokens(state: dict[str, Any]) -> str:
+def _saved_semi_tokens(state: dict[str, Any]) -> str:
     """The tokens a saved semi-oracle learned on (a checkpoint of an earlier version without
     the setting: a saved subspace says which)."""
     saved = (state.get("settings") or {}).get("semi_tokens")
