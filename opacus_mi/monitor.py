@@ -361,6 +361,10 @@ class _Estimates:
     # The intervals withheld from ``mi`` (InfoNCE's near ln B), for the bug check alone: a
     # private figure there reads far above the bound exactly when something is wrong.
     withheld: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # The bug check's half-width where the displayed interval cannot give it (see _exceeds):
+    # the oracle's, whose interval is as wide as its Monte Carlo part's t with few degrees of
+    # freedom where that part dominates.
+    margins: dict[str, float] = field(default_factory=dict)
 
 
 class LeakageMonitor:
@@ -724,6 +728,7 @@ class LeakageMonitor:
         self._resumed_accountant = 0  # the accountant's count when the state loaded was saved
         self._accountant_at_load = 0  # and when it was loaded
         self._unchecked_resume = self._features_unchecked = False
+        self._rank_widths: dict[int, int] = {}  # each rank's feature width at its last step
         self._done: deque[LeakageRecord] = deque()  # records made, not yet delivered
         # Warnings not said where they arose: the worker's, and the training thread's own
         # inside a step (see _deferring); said by the next delivery outside one.
@@ -2040,7 +2045,8 @@ class LeakageMonitor:
             if key in estimates.withheld:  # (see _Estimates.withheld)
                 low, high = estimates.withheld[key]
                 value = dataclasses.replace(value, ci_low=low, ci_high=high)
-            if key.startswith("private/") and _exceeds(value, record.mi_bound):
+            margin = estimates.margins.get(key)
+            if key.startswith("private/") and _exceeds(value, record.mi_bound, margin):
                 record.flags.append(f"exceeds_bound:{key}")
         record.monitor_seconds = measured + (time.perf_counter() - t0)
         self._done.append(record)  # delivered to history and the sinks on the training thread
@@ -2063,13 +2069,18 @@ class LeakageMonitor:
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
         widths = {c.features.shape[1] for c in usable}
         built = self._feature_width()
+        ranks = {c.rank: c.features.shape[1] for c in usable}
+        # (DPDDP: whether any rank's own width moved since its last step, as padding per batch
+        # moves it; only ranks each steady in width are blamed on their pipelines differing)
+        moved = any(self._rank_widths.get(r, w) != w for r, w in ranks.items())
+        self._rank_widths.update(ranks)
         if len(widths) > 1 or (built is not None and widths and widths != {built}):
             # A critic learns on one feature width: a batch of another (inputs of varying shape,
             # e.g. sequences padded per batch) can be neither scored nor learned from. Said, not
             # skipped silently (the critic used to be rebuilt from scratch on each change).
             out.flags.append("features_width_changed")
-            ranks = {c.rank: c.features.shape[1] for c in usable}
-            if len(set(ranks.values())) > 1:  # (DPDDP: one step's ranks, not a change in time)
+            between_ranks = len(set(ranks.values())) > 1 and not moved
+            if between_ranks:  # (DPDDP: one step's ranks, not a change in time)
                 self._warn_once(
                     "features:width:ranks",
                     "the ranks' features differ in width this step ("
@@ -2078,7 +2089,6 @@ class LeakageMonitor:
                     "data pipeline and model). The learned critics need one width, so such steps "
                     "get the oracle only (flag 'features_width_changed')",
                 )
-                self._warned.add("features:width")  # (not a change over time: said above)
             elif self._features_unchecked and built is not None:  # (the first since a load)
                 self._warn_once(
                     "features:width:state",
@@ -2090,16 +2100,17 @@ class LeakageMonitor:
                     "size, or start a fresh monitor",
                 )
                 self._warned.add("features:width")  # (the message above names both causes)
-            self._warn_once(
-                "features:width",
-                f"features changed width ({built or sorted(widths)[0]} -> "
-                f"{sorted(widths - {built})[0] if built else sorted(widths)[-1]} per example): "
-                "inputs of varying shape, e.g. sequences padded per batch? The learned critics "
-                "need one width, so such steps get the oracle only (flag "
-                "'features_width_changed'). Pass features= a callable giving a fixed width per "
-                "example (token ids: lambda ids: F.one_hot(ids, vocab_size).sum(1).float()) or "
-                "names of layers whose outputs have a fixed width",
-            )
+            if not between_ranks:  # (a rank's own width moved: said below, when it does)
+                self._warn_once(
+                    "features:width",
+                    f"features changed width ({built or sorted(widths)[0]} -> "
+                    f"{sorted(widths - {built})[0] if built else sorted(widths)[-1]} per example): "
+                    "inputs of varying shape, e.g. sequences padded per batch? The learned critics "
+                    "need one width, so such steps get the oracle only (flag "
+                    "'features_width_changed'). Pass features= a callable giving a fixed width per "
+                    "example (token ids: lambda ids: F.one_hot(ids, vocab_size).sum(1).float()) or "
+                    "names of layers whose outputs have a fixed width",
+                )
             usable = []
         out.usable = usable
         if usable:
@@ -2173,7 +2184,9 @@ class LeakageMonitor:
             mean, sd, mc_se, mc_df = reads[oracle]
             if not math.isfinite(mean):  # (off the CPU: a Gram its factor could not take)
                 out.flags.append("estimate_nonfinite:private/oracle")
-            mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS, mc=(mc_se, mc_df))
+            mc = (mc_se, mc_df)
+            mean, lo, hi = interval_from(mean, sd, n_oracle, min_n=MIN_CI_PAIRS, mc=mc)
+            out.margins["private/oracle"] = _oracle_margin(mean, sd, n_oracle, mc)
             log_b = sum(t.numel() * math.log(t.numel()) for t in terms) / n_oracle
             if union is not None:  # (made on the device with the figures, read with them)
                 mean, lo, hi = oracle_interval(mean, lo, hi, log_b, reads[union][0])
@@ -2221,8 +2234,9 @@ class LeakageMonitor:
             raise GatherError(
                 f"opacus-mi: the monitor's gather of step {self.steps} across the DPDDP ranks "
                 f"failed ({type(exc).__name__}: {str(exc).strip()[:300]}): another rank "
-                "stopped, failed or timed out before its optimizer.step(), and Opacus's "
-                "gradient all-reduce, next, cannot complete either"
+                "stopped, failed or timed out before its optimizer.step(), or this rank's "
+                "collective failed (the error above), and Opacus's gradient all-reduce, next, "
+                "cannot complete either"
             ) from exc
         # Every rank follows the most frugal of the ranks' plans, so no rank's work exceeds its
         # own budget (rank 0's alone let a rank with slower measurements spend 65% on its
@@ -2934,20 +2948,28 @@ def _deliver_rest(done: deque, jsonl: JsonlSink | None, said: deque) -> None:
             warnings.warn(said.popleft(), RuntimeWarning, stacklevel=2)
 
 
-def _exceeds(value: MIValue, bound: float | None) -> bool:
+def _oracle_margin(mean: float, sd: float, n: int, mc: tuple[float, float]) -> float:
+    """The oracle's bug-check half-width (see _exceeds): its interval's, at EXCEEDS_LEVEL."""
+    return mean - interval_from(mean, sd, n, min_n=MIN_CI_PAIRS, level=EXCEEDS_LEVEL, mc=mc)[1]
+
+
+def _exceeds(value: MIValue, bound: float | None, margin: float | None = None) -> bool:
     """Whether an estimate lies above a proven bound beyond its noise (a bug, if often).
 
     The displayed CIs are 95%: over hundreds of steps some would miss a true value near the
-    bound by chance. The check asks for the 99.9% quantile instead, with the standard error
-    read off the 95% interval, both of Student's t with ``n - 1`` degrees of freedom as the
-    interval is (read as normal, at a batch of 8 the check flagged 0.27% of correct records,
-    not 0.05%).
+    bound by chance. The check asks for the 99.9% quantile instead: ``margin``, that quantile's
+    half-width, where the figure's maker knows it (the oracle's: its interval may be as wide as
+    its Monte Carlo part's t with about ``oracle_draws - 1`` degrees of freedom, which the
+    standard error read off the 95% interval with ``n - 1`` misreads, flagging 0.6% of correct
+    records, not 0.05%); else the standard error read off the 95% interval, both of Student's t
+    with ``n - 1`` degrees of freedom as that interval is (read as normal, at a batch of 8 the
+    check flagged 0.27% of correct records, not 0.05%).
     """
-    if (
-        bound is None
-        or value.n < 2
-        or not (math.isfinite(value.ci_low) and math.isfinite(value.ci_high))
-    ):
+    if bound is None or value.n < 2:
+        return False
+    if margin is not None:
+        return math.isfinite(margin) and value.nats - margin > bound + 1e-9
+    if not (math.isfinite(value.ci_low) and math.isfinite(value.ci_high)):
         return False
     df = value.n - 1
     se = (value.ci_high - value.ci_low) / (2 * t_quantile(0.95, df))

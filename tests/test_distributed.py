@@ -9,6 +9,7 @@ the model, Opacus's noise and the monitor are shared. Everything runs in one spa
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 import socket
@@ -357,6 +358,29 @@ def _width_run(rank: int, tmp: str) -> dict:
     }
 
 
+def _padded_run(rank: int, tmp: str) -> dict:
+    """Each rank's features change width from step to step (sequences padded per batch), so
+    the ranks differ at some steps too."""
+    torch.manual_seed(0)
+    engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), _local_loader(rank))
+    calls = itertools.count()
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        every=1,
+        train_every=1,
+        views=("clipped",),
+        features=lambda x: x.flatten(1)[:, : 10 + (next(calls) + rank) % 3],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, opt, loader, monitor.wrap_criterion(nn.CrossEntropyLoss()))
+        monitor.detach()
+    return {"warnings": [str(w.message) for w in caught if "opacus-mi" in str(w.message)]}
+
+
 COLLECTIVES = ("all_gather_object", "all_gather", "all_reduce", "broadcast", "barrier", "gather")
 
 
@@ -439,6 +463,7 @@ def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
         out = {"without": _ddp_run(rank, False, tmp)}
         cases = {"features": _features_run, "settings": _settings_run}
         cases["width"] = _width_run
+        cases["padded"] = _padded_run
         cases["request_stop"] = _request_stop_run
         cases["sink_detach"] = _sink_detach_run  # last: it hung, leaving the group unusable
         for name, case in cases.items():
@@ -840,3 +865,13 @@ def test_features_of_another_width_on_each_rank_are_said_to_be_the_ranks(lifecyc
         assert f"the ranks' features differ in width this step {widths}" in said[0]
         assert "padded" not in said[0]
         assert all("features_width_changed" in f for f in out["width"]["flags"])
+
+
+def test_features_padded_per_batch_on_each_rank_get_the_padding_advice(lifecycle):
+    """Under DPDDP, features whose width each rank changes step by step (padding per batch)
+    were blamed on the ranks' pipelines differing and the padding advice was withheld."""
+    ranks, _ = lifecycle
+    for out in ranks:
+        assert isinstance(out["padded"], dict), out["padded"]
+        said = [w for w in out["padded"]["warnings"] if "width" in w]
+        assert any("padded per batch" in w and "features=" in w for w in said), said

@@ -1924,6 +1924,34 @@ def test_the_bound_check_flags_a_correct_estimate_at_its_stated_rate():
     assert abs(flagged - expected) < 4 * expected**0.5, (flagged, expected)
 
 
+def test_the_bound_check_reads_the_oracles_monte_carlo_width_at_its_own_df():
+    """The oracle's interval is as wide as its Monte Carlo part's t with ``oracle_draws - 1``
+    degrees of freedom where that part dominates; read off the interval with n - 1 = 63 (the
+    check's reading before), a correct estimate at the bound was flagged in 0.59% of records,
+    not 0.05%. Reference: the mean's Monte Carlo error over its estimated standard error from
+    4 draws is exactly Student's t with 3 degrees of freedom, flagged at the stated rate."""
+    import numpy as np
+
+    from opacus_mi.estimators.bounds import interval_from
+    from opacus_mi.monitor import _exceeds, _oracle_margin
+    from opacus_mi.records import EXCEEDS_RATE, MIValue
+
+    rng = np.random.default_rng(1)
+    n, draws, bound, se, df = 64, 200_000, 0.05, 0.01, 3.0
+    means = bound + se * rng.standard_normal(draws)  # the truth at the bound
+    mc_se = se * np.sqrt(rng.chisquare(df, draws) / df)  # estimated from 4 draws
+    sd = 1e-4  # the rows' spread: far below the Monte Carlo part's
+    flagged = read_off = 0
+    for mean, s in zip(means, mc_se, strict=True):
+        m, lo, hi = interval_from(float(mean), sd, n, mc=(float(s), df))
+        value = MIValue(m, lo, hi, n)
+        flagged += _exceeds(value, bound, _oracle_margin(m, sd, n, (float(s), df)))
+        read_off += _exceeds(value, bound)
+    expected = EXCEEDS_RATE * draws  # 100, Poisson sd 10
+    assert abs(flagged - expected) < 4 * expected**0.5, (flagged, expected)
+    assert read_off > 8 * expected  # (what the record's interval alone gives: ~0.6%)
+
+
 def test_a_runs_bound_flags_are_called_a_bug_only_beyond_chance():
     """A 9,000-record run of a correct oracle had 2 records flagged exceeds_bound (0.05% of
     records are, by chance) and its summary opened with "BUG? an estimate exceeded its bound".
