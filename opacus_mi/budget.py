@@ -63,6 +63,7 @@ import torch
 
 _EMA = 0.2  # weight of the newest cost in the running cost estimates
 _GAP = 3.0  # one interval between steps counts as at most this many typical steps
+_EARLY = 3  # the first intervals, judged together (their median is the first typical step)
 # A bucket holds at most this many units of its work: two (cheap) measurements, or one critic
 # round and a quarter (so rounds never come back to back after a quiet spell).
 _CAP = {"measure": 2.0, "critic": 1.25, "epsilon": 1.25}
@@ -271,7 +272,8 @@ class OverheadBudget:
             setattr(self, f"{kind}_cost", None)
             setattr(self, f"{kind}_credit", 0.0)
         self._last_tick: float | None = None
-        self._first_interval: float | None = None  # checked against the second (see _tick)
+        # The first intervals, uncapped until they are judged together (see _tick); None after.
+        self._early: list[float] | None = []
         self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
         # Host seconds the training thread spent inside brackets or excluded waits, ever: what
         # the step wrapper's own time leaves out (see host_booked).
@@ -408,26 +410,36 @@ class OverheadBudget:
         if self._last_tick is not None:
             self.sharing = 1 + max(0, ticks - 1 - self._ticks_at_tick)
             own = max(0.0, now - self._last_tick - self._spent_since_tick - others)
-            if self.step_seconds:
+            typical = None
+            if self._early is not None:
+                # No typical step yet to cap an interval by: the first few are judged together,
+                # each capped at a few of their median, and the step time is seeded from that.
+                # Not the first alone (an evaluation at step 0 counted as training, and the step
+                # time it set made plans measure every step for dozens of steps), nor the first
+                # by the second: a monitored read that waits for training's queued kernels (a
+                # GPU loop syncing after the step) moves that wait into the interval before it,
+                # leaving the next one short; a typical first interval was then taken for a
+                # pause, and the step time seeded from the short one capped the next ten (a
+                # 0.1 s loop booked 2.3 s of training in 30 steps, not 3.0; it measured 22).
+                if own > 0:  # (a zero interval is a clock artefact, see below)
+                    self._early.append(own)
+                if len(self._early) == _EARLY:
+                    typical = sorted(self._early)[_EARLY // 2]
+                    excess = sum(max(0.0, e - _GAP * typical) for e in self._early)
+                    if excess > 0:
+                        self.train_seconds -= excess
+                        self._refill(-excess, self.critics, self.slow_epsilon)
+                    self._early = None  # (this interval's own excess is in it: not capped)
+            elif self.step_seconds:
                 # A pause between steps (an evaluation loop, a checkpoint, another job) is not
                 # training time: credit at most a few typical steps for one interval.
                 own = min(own, _GAP * self.step_seconds)
-                first, self._first_interval = self._first_interval, None
-                if first is not None and own > 0 and first > _GAP * own:
-                    # The first interval had no typical step to cap it (an evaluation at step
-                    # 0): what exceeds a few of the second's is taken back, and the step time
-                    # it set (which made every plan for dozens of steps measure at once) is
-                    # seeded again from the second.
-                    excess = first - _GAP * own
-                    self.train_seconds -= excess
-                    self._refill(-excess, self.critics, self.slow_epsilon)
-                    self.step_seconds = None
-            elif own > 0:
-                self._first_interval = own
             self.train_seconds += own
             if own > 0:  # (a step of no training time is a clock artefact: a zero estimate
                 # would cap every later interval at zero and the budget would never refill)
                 self.step_seconds = _ema(self.step_seconds, own)
+            if typical is not None:
+                self.step_seconds = typical
             self._refill(own, self.critics, self.slow_epsilon)
         self._last_tick, self._ticks_at_tick = now, ticks
         self._spent_since_tick = 0.0
