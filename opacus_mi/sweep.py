@@ -169,9 +169,14 @@ def run_sweep(
         _write_json(out / "sweep_config.json", settings)
         rows = []
         for name, cfg in configs:
-            result = train_and_monitor(cfg, progress=progress)
-            rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
-            write_sweep_csv(rows, out / "sweep.csv")  # a sweep that stops keeps its finished rows
+
+            def keep(result: RunResult, name: str = name, cfg: RunConfig = cfg) -> None:
+                # A sweep that stops keeps its finished rows: a run's row is written once its
+                # result.json is, before its plots (a stop while they were drawn lost the row).
+                rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
+                write_sweep_csv(rows, out / "sweep.csv")
+
+            train_and_monitor(cfg, progress=progress, trained=keep)
         table, files = write_sweep_outputs(out, rows, settings=settings)
         return rows, table, files
 

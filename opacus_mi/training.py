@@ -22,8 +22,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -505,11 +505,18 @@ def preflight(cfg: RunConfig, split: Any = None, *, kind: str = "run") -> Any:
     return split
 
 
-def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
+def train_and_monitor(
+    cfg: RunConfig,
+    progress: bool = True,
+    trained: Callable[[RunResult], None] | None = None,
+) -> RunResult:
     """Train ``cfg.model`` on ``cfg.dataset`` with DP-SGD and the leakage monitor attached.
 
     Writes everything into ``cfg.out`` (``records.jsonl`` is started afresh) and returns the
     records, final epsilon at ``cfg.delta``, final test accuracy and wall seconds.
+    ``trained``: called with that result (no summary or files yet) once ``result.json`` is
+    written, before the plots and report: a sweep keeps the run's row from there, so a stop
+    while they are drawn does not lose a run whose figures are all on disk.
     """
     t_start = time.perf_counter()
     split = preflight(cfg)
@@ -543,7 +550,7 @@ def train_and_monitor(cfg: RunConfig, progress: bool = True) -> RunResult:
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            return _train(cfg, split, model, device, out, jsonl, t_start, progress, sigma)
+            return _train(cfg, split, model, device, out, jsonl, t_start, progress, sigma, trained)
         finally:
             torch.set_num_threads(previous_threads)
 
@@ -709,6 +716,7 @@ def _train(
     t_start: float,
     progress: bool,
     noise_multiplier: float,
+    trained: Callable[[RunResult], None] | None = None,
 ) -> RunResult:
     """The run itself, at ``noise_multiplier`` (``cfg``'s, or the one ``calibrate_noise`` gave
     its target: the sigma Opacus's ``make_private_with_epsilon`` would pick)."""
@@ -842,8 +850,7 @@ def _train(
         "monitor_seconds": sum(r.monitor_seconds for r in records),
     }
     _write_json(out / "result.json", results)
-    summary, files = write_run_outputs(out, records, config=config, results=results)
-    return RunResult(
+    result = RunResult(
         records=records,
         epsilon=epsilon,
         test_accuracy=results["test_accuracy"],
@@ -851,9 +858,11 @@ def _train(
         out_dir=out,
         noise_multiplier=sigma,
         accuracy_per_epoch=accuracies,
-        summary=summary,
-        files=files,
     )
+    if trained is not None:
+        trained(result)
+    summary, files = write_run_outputs(out, records, config=config, results=results)
+    return replace(result, summary=summary, files=files)
 
 
 def _tb_final_epsilon(writer, monitor) -> None:

@@ -415,6 +415,40 @@ def test_a_sweep_takes_a_numpy_grid_and_refuses_a_file_where_a_run_folder_goes(t
     assert after == before
 
 
+def test_a_sweep_stopped_while_a_finished_run_is_plotted_keeps_that_runs_row(tmp_path, monkeypatch):
+    """A run's row was added once its plots and report were drawn (~1 s): Ctrl-C there lost
+    the row of a run whose records and result.json were all on disk. Reference: the rows an
+    uninterrupted sweep of the same settings writes."""
+    import opacus_mi.training as training
+    from opacus_mi.sweep import read_sweep_csv, run_sweep
+    from opacus_mi.training import RunConfig
+
+    def base(out):
+        return RunConfig(
+            dataset="fake", fake_size=64, epochs=1, batch_size=16, accountant="rdp",
+            estimator=None, out=str(out),
+        )  # fmt: skip
+
+    full, _, _ = run_sweep(base(tmp_path / "full"), noise_multipliers=[1.0, 2.0], progress=False)
+    drawn = training.write_run_outputs
+
+    def stop_at_the_second(out, *args, **kwargs):
+        if Path(out).name == "sigma_2":
+            raise KeyboardInterrupt
+        return drawn(out, *args, **kwargs)
+
+    monkeypatch.setattr(training, "write_run_outputs", stop_at_the_second)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(base(out), noise_multipliers=[1.0, 2.0], progress=False)
+    kept = read_sweep_csv(out / "sweep.csv")
+    assert [r["setting"] for r in kept] == ["sigma_1", "sigma_2"]
+    for got, want in zip(kept, read_sweep_csv(tmp_path / "full" / "sweep.csv"), strict=True):
+        for key in ("epsilon", "oracle_mi", "oracle_ci_low", "test_accuracy", "noise_multiplier"):
+            assert got[key] == want[key], key
+    assert [r["setting"] for r in full] == ["sigma_1", "sigma_2"]
+
+
 def test_overlap_on_and_off_write_the_same_records(tmp_path):
     """The worker thread changes when a record is made, not what it holds (nor training)."""
     got = {}
