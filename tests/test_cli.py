@@ -1412,3 +1412,45 @@ def test_an_output_folder_that_cannot_be_opened_is_named(tmp_path, capsys, monke
     monkeypatch.setattr(os_module, "open", refusing)
     rc = cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)])
     _assert_one_line_error(rc, capsys.readouterr().err, "--out", "Permission denied", "chmod")
+
+
+def test_a_ctrl_c_while_the_cli_imports_torch_ends_as_an_interrupt(monkeypatch, capsys):
+    """The CLI's imports (torch, Opacus: 2.5-4 s here) came before its Ctrl-C handler: an
+    interrupt in them printed a traceback through the import and died of SIGINT. Reference:
+    the exit an interrupt later gives (one line, status 130)."""
+    import importlib.abc
+
+    import tomllib
+
+    from opacus_mi import _console
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "opacus_mi.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "opacus_mi.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert _console.main() == 130
+    assert capsys.readouterr().err == "opacus-mi: interrupted\n"
+    scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["opacus-mi"] == "opacus_mi._console:main"
+
+
+def test_the_package_imports_without_torch_and_names_its_api():
+    """``import opacus_mi`` (and so the console script's first line) imported torch and Opacus;
+    the public names now load on first use, as ``from opacus_mi import ...`` always did."""
+    code = (
+        "import sys, opacus_mi; assert 'torch' not in sys.modules, 'torch imported'; "
+        "from opacus_mi import LeakageMonitor, mi_upper_bound, estimate_mi, read_jsonl; "
+        "assert set(opacus_mi.__all__) <= set(dir(opacus_mi)) and set(opacus_mi.__all__) == set(opacus_mi._EXPORTS); "
+        "assert opacus_mi.LeakageMonitor is LeakageMonitor; print(mi_upper_bound(1, 1 / 23, 184))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(0.2733, abs=5e-5)
+    import opacus_mi
+
+    with pytest.raises(AttributeError, match="no attribute 'LeakageMonitors'"):
+        opacus_mi.LeakageMonitors  # noqa: B018
