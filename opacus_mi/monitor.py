@@ -303,6 +303,13 @@ def _ghost_release_warnings(module) -> list[tuple[str, str]]:
     return said
 
 
+def _is_ghost_loss(criterion) -> bool:
+    """Whether ``criterion`` is Opacus's ghost-clipping loss (its two backward passes)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    return isinstance(criterion, DPLossFastGradientClipping)
+
+
 def _is_ghost(module, optimizer) -> bool:
     """Ghost (fast gradient) clipping: per-sample gradients never exist, only layer factors."""
     return isinstance(module, GradSampleModuleFastGradientClipping) or isinstance(
@@ -773,6 +780,7 @@ class LeakageMonitor:
         self._watching = False
         self._forward_stamp: Any = None
         self._ghost_zero_grad: tuple[int, int] | None = None  # (see _settle_ghost_zero_grad)
+        self._unclipped_steps: set[int] = set()  # ghost clipping's unclipped releases, unrecorded
         self._watch: list = []
         self._capture: FeatureCapture | None = None
         # Hooks/functorch: inputs of the 2-D Linear layers Opacus hooks (none in ew mode), whose
@@ -1026,6 +1034,15 @@ class LeakageMonitor:
         Labels become one-hot features (classes taken from the output's last dimension); a
         label the loss ignores (its ``ignore_index``) is an all-zero row.
         """
+        if self._factored is not None and not _is_ghost_loss(criterion):
+            raise ValueError(
+                f"wrap_criterion got {type(criterion).__name__}, a plain loss, under ghost "
+                "clipping: its backward is one pass, and Opacus then releases the gradient "
+                "unclipped (not differentially private). Wrap the criterion make_private "
+                "returned, which runs Opacus's two passes: model, optimizer, criterion, loader "
+                "= engine.make_private(..., criterion=nn.CrossEntropyLoss(), "
+                "grad_sample_mode='ghost'); criterion = monitor.wrap_criterion(criterion)"
+            )
         loss = getattr(criterion, "criterion", criterion)  # (ghost: Opacus's wrapper's loss)
         ignore_index = getattr(loss, "ignore_index", None)
         ignore_index = ignore_index if isinstance(ignore_index, int) else None
@@ -1163,6 +1180,23 @@ class LeakageMonitor:
                 fc.discard_passes()
                 fc.opened = False
 
+    def _unclipped_release(self, monitored: bool) -> None:
+        """Ghost clipping, a step after a first backward pass with no second: a plain
+        ``loss.backward()``, not the loss ``make_private`` returned. Opacus's optimizer takes
+        the gradient as clipped and releases it as it is: said, and its record flagged."""
+        if monitored:  # (its record takes the flag: see _release_flags)
+            self._unclipped_steps.add(self.steps)
+        self._warn_once(
+            "ghost:unclipped",
+            f"step {self.steps}'s backward was one plain pass under ghost clipping, not the "
+            "criterion make_private returned (which runs Opacus's two passes): Opacus released "
+            "that gradient unclipped, so the step is not differentially private, and the "
+            "private view's figures, made as if it were clipped, understate what it revealed "
+            "(flag 'unclipped_release'). Compute the loss with the criterion make_private "
+            "returned: model, optimizer, criterion, loader = engine.make_private(..., "
+            "criterion=nn.CrossEntropyLoss(), grad_sample_mode='ghost')",
+        )
+
     def _discard_captures(self) -> None:
         """Forget what the hooks kept since the last step: forwards no step will read."""
         self._capture.take()
@@ -1220,6 +1254,8 @@ class LeakageMonitor:
         captures = self._capture.take()
         self._forward_versions = None  # (the next forward is this optimizer's next step's)
         if self._factored is not None:
+            if self._factored.opened and not self._factored.reweighted:
+                self._unclipped_release(monitored)
             self._factored.new_step()
         self._mark_read()
         if monitored:
@@ -1524,6 +1560,13 @@ class LeakageMonitor:
             chunks=chunks,
         )
 
+    def _release_flags(self, step: int) -> set[str]:
+        """A step's flags from its release itself (see _unclipped_release)."""
+        if step not in self._unclipped_steps:
+            return set()
+        self._unclipped_steps.discard(step)
+        return {"unclipped_release"}
+
     def _failed_record(
         self, chunks: list, step: int, accounting: tuple, exc: BaseException
     ) -> LeakageRecord:
@@ -1536,7 +1579,7 @@ class LeakageMonitor:
             step, sum(c.batch for c in measured), len(chunks), accounting, sigma, bound
         )
         record.epsilon, record.epsilon_step = epsilon, step
-        record.flags = sorted({f for c in measured for f in c.flags})
+        record.flags = sorted({f for c in measured for f in c.flags} | self._release_flags(step))
         record.flags.append(f"error:{type(exc).__name__}")
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
@@ -1990,7 +2033,7 @@ class LeakageMonitor:
         if estimates is None:
             self.generator.set_state(state)
             estimates = self._estimate(chunks)
-        record.flags = sorted({f for c in chunks for f in c.flags})
+        record.flags = sorted({f for c in chunks for f in c.flags} | self._release_flags(step))
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
         if self._epsilon_history and self.epsilon.used_rdp(self._epsilon_history):

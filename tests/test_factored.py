@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_data, make_private, per_example_norms, train
+from conftest import TinyCNN, make_data, make_private, per_example_norms, train
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample import register_grad_sampler
 from opacus.layers import DPGRU, DPLSTM, DPRNN
@@ -1337,3 +1337,50 @@ def test_ghost_inputs_a_forward_that_raised_left_are_dropped(overlap):
     flagged = ["exceeds_clip" in r.flags for r in mon.history]
     assert flagged == [bool(n.max() > 1.01 * bound) for n, _ in want] and flagged[1]
     mon.detach()
+
+
+def test_ghost_clipping_with_a_plain_loss_is_refused_or_flagged_as_unclipped():
+    """Under ghost clipping the loss make_private returns runs Opacus's two passes; a plain
+    loss's backward is one, and Opacus then releases the gradient unclipped. Wrapping a plain
+    loss was accepted, and such a loop's records read ~0.5 nats (as if clipped) where the truth
+    was ~ln B, with no flag. Reference: Opacus's own release at zero noise against the plain
+    mean gradient and the clipped mean (per-example autograd)."""
+    engine, model, opt, criterion, loader = make_private(
+        mode="ghost", with_criterion=True, poisson=False, noise=0.0, clip=0.01
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    with pytest.raises(ValueError, match="a plain loss, under ghost clipping.*make_private"):
+        monitor.wrap_criterion(nn.CrossEntropyLoss())
+    wrapped = monitor.wrap_criterion(criterion)  # (the right one: accepted)
+    x, y = next(iter(loader))
+    reference = TinyCNN()  # (the same weights, without Opacus's hooks)
+    reference.load_state_dict(model._module.state_dict())
+    norms = per_example_norms(reference, x, y)
+    reference.zero_grad()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    mean_grad = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+    released = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for loss_fn in (nn.CrossEntropyLoss(), wrapped, nn.CrossEntropyLoss()):
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            released.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+            with torch.no_grad():  # (the same batch again, from the same weights)
+                for p, b in zip(model.parameters(), before, strict=True):
+                    p.copy_(b)
+        monitor.detach()
+    # Opacus released the plain mean unclipped (norm >> C); the two-pass loss a clipped one
+    # Opacus divides the released sum by the batch size: the plain loss's gradient, already a
+    # mean, went out as mean / B, far above C (a clipped release is at most C); the two-pass
+    # loss's went out clipped.
+    assert torch.allclose(released[0] * len(x), mean_grad, rtol=1e-5, atol=1e-7)
+    assert released[0].norm() > 5 * 0.01
+    assert released[1].norm() <= 0.01 * (1 + 1e-5)
+    assert (norms > 0.01).all()  # (every example's gradient is clipped at C = 0.01)
+    flags = [r.flags for r in monitor.history]
+    assert ["unclipped_release" in f for f in flags] == [True, False, True], flags
+    said = [str(w.message) for w in caught if "unclipped" in str(w.message)]
+    assert len(said) == 1 and "not differentially private" in said[0], said
