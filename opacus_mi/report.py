@@ -174,6 +174,13 @@ def summary_table(
         else:  # (a long run's noise: 0.05% of a correct estimate's records are flagged)
             i = flagged.index(f"exceeds_bound:{key}")
             flagged[i] += f" ({k} of {n} records: as often as noise flags a correct estimate)"
+    if "unclipped_release" in flagged:  # (ghost clipping trained with a plain loss)
+        flagged.insert(
+            0,
+            "Opacus released a step's gradient unclipped (ghost clipping, a plain loss): "
+            "train with the criterion make_private returned; epsilon and the bounds do not "
+            "hold there",
+        )
     if "exceeds_clip" in flagged:  # (which also lets an estimate exceed the bounds)
         flagged.insert(
             0,

@@ -1384,3 +1384,4 @@ def test_ghost_clipping_with_a_plain_loss_is_refused_or_flagged_as_unclipped():
     assert ["unclipped_release" in f for f in flags] == [True, False, True], flags
     said = [str(w.message) for w in caught if "unclipped" in str(w.message)]
     assert len(said) == 1 and "not differentially private" in said[0], said
+    assert "Opacus released a step's gradient unclipped" in monitor.summary()
