@@ -8,6 +8,7 @@ them ends as one later does (see :mod:`opacus_mi._console`), and ``opacus-mi --h
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 # name -> the module that defines it
@@ -49,9 +50,14 @@ if TYPE_CHECKING:  # (for type checkers and IDEs: the names as they resolve)
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # A submodule, as ``import opacus_mi; opacus_mi.monitor`` found it when the package
+        # imported its modules eagerly (importing it sets the attribute: not called again).
+        return importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # (once: later lookups find it without this function)
     return value
 

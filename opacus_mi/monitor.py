@@ -1272,8 +1272,10 @@ class LeakageMonitor:
             result = self._original_pre_step(closure)
         except BaseException:
             # The step did not happen (an error, or Ctrl-C caught by a notebook that trains
-            # on): its chunks must not join the next step's record.
+            # on): its chunks must not join the next step's record, nor its release's flag
+            # (a retry with the two-pass loss is clipped).
             self._chunks = []
+            self._unclipped_steps.discard(self.steps)
             raise
         t2 = time.perf_counter()
         return self._step_tail(result, monitored, t0, t1, t2, booked)

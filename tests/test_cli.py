@@ -1443,10 +1443,12 @@ def test_the_package_imports_without_torch_and_names_its_api():
     the public names now load on first use, as ``from opacus_mi import ...`` always did."""
     code = (
         "import sys, opacus_mi; assert 'torch' not in sys.modules, 'torch imported'; "
+        "monitor_module = opacus_mi.monitor; "  # (a submodule as an attribute, as before)
         "from opacus_mi import LeakageMonitor, mi_upper_bound, estimate_mi, read_jsonl; "
         "assert set(opacus_mi.__all__) <= set(dir(opacus_mi)); "
         "assert set(opacus_mi.__all__) == set(opacus_mi._EXPORTS); "
-        "assert opacus_mi.LeakageMonitor is LeakageMonitor; print(mi_upper_bound(1, 1 / 23, 184))"
+        "assert opacus_mi.LeakageMonitor is LeakageMonitor is monitor_module.LeakageMonitor; "
+        "print(mi_upper_bound(1, 1 / 23, 184))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

@@ -1385,3 +1385,33 @@ def test_ghost_clipping_with_a_plain_loss_is_refused_or_flagged_as_unclipped():
     said = [str(w.message) for w in caught if "unclipped" in str(w.message)]
     assert len(said) == 1 and "not differentially private" in said[0], said
     assert "Opacus released a step's gradient unclipped" in monitor.summary()
+
+
+def test_a_refused_plain_loss_step_retried_with_the_two_pass_loss_is_not_flagged():
+    """A plain-loss step under ghost clipping whose Opacus step raised (an error filter, a
+    caught Ctrl-C) left its unclipped_release mark behind: the retry, clipped by the two-pass
+    loss, was flagged. Reference: the same retry without the refused attempt."""
+    engine, model, opt, criterion, loader = make_private(
+        mode="ghost", with_criterion=True, poisson=False, noise=0.0
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    wrapped = monitor.wrap_criterion(criterion)
+    x, y = next(iter(loader))
+    original = monitor._original_pre_step
+
+    def refused(*args, **kwargs):
+        monitor._original_pre_step = original
+        raise RuntimeError("step refused")
+
+    monitor._original_pre_step = refused
+    opt.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the unclipped pass is said: not what is tested)
+        with pytest.raises(RuntimeError, match="step refused"):
+            opt.step()
+    opt.zero_grad()
+    wrapped(model(x), y).backward()
+    opt.step()
+    monitor.detach()
+    assert [r.flags for r in monitor.history] == [[]]
