@@ -274,6 +274,7 @@ class OverheadBudget:
         self._last_tick: float | None = None
         # The first intervals, uncapped until they are judged together (see _tick); None after.
         self._early: list[float] | None = []
+        self._early_taken = 0.0  # what their judgement so far took back from training time
         self._spent_since_tick = 0.0  # host seconds of monitor work since the last tick
         # Host seconds the training thread spent inside brackets or excluded waits, ever: what
         # the step wrapper's own time leaves out (see host_booked).
@@ -413,7 +414,8 @@ class OverheadBudget:
             typical = None
             if self._early is not None:
                 # No typical step yet to cap an interval by: the first few are judged together,
-                # each capped at a few of their median, and the step time is seeded from that.
+                # each capped at a few of their median (of two, the smaller), and the step time
+                # is seeded from that.
                 # Not the first alone (an evaluation at step 0 counted as training, and the step
                 # time it set made plans measure every step for dozens of steps), nor the first
                 # by the second: a monitored read that waits for training's queued kernels (a
@@ -423,13 +425,15 @@ class OverheadBudget:
                 # 0.1 s loop booked 2.3 s of training in 30 steps, not 3.0; it measured 22).
                 if own > 0:  # (a zero interval is a clock artefact, see below)
                     self._early.append(own)
-                if len(self._early) == _EARLY:
-                    typical = sorted(self._early)[_EARLY // 2]
+                if len(self._early) >= 2:  # (judged again as each comes: a short run too)
+                    typical = sorted(self._early)[(len(self._early) - 1) // 2]
                     excess = sum(max(0.0, e - _GAP * typical) for e in self._early)
-                    if excess > 0:
-                        self.train_seconds -= excess
-                        self._refill(-excess, self.critics, self.slow_epsilon)
-                    self._early = None  # (this interval's own excess is in it: not capped)
+                    change, self._early_taken = excess - self._early_taken, excess
+                    if change:
+                        self.train_seconds -= change
+                        self._refill(-change, self.critics, self.slow_epsilon)
+                    if len(self._early) == _EARLY:
+                        self._early = None  # (this interval's own excess is in it: not capped)
             elif self.step_seconds:
                 # A pause between steps (an evaluation loop, a checkpoint, another job) is not
                 # training time: credit at most a few typical steps for one interval.
