@@ -342,6 +342,7 @@ class _Taken:
     # grad-clip scheduler moves only ``optimizer.max_grad_norm``
     mismatch: tuple[float, float] | None = None
     error: Exception | None = None  # taking them failed: the chunk is flagged
+    unclipped: bool = False  # ghost clipping released it unclipped (see _unclipped_release)
 
     def release(self) -> None:
         """Drop the references once measured. With overlap the hand-over (a task's arguments)
@@ -780,7 +781,8 @@ class LeakageMonitor:
         self._watching = False
         self._forward_stamp: Any = None
         self._ghost_zero_grad: tuple[int, int] | None = None  # (see _settle_ghost_zero_grad)
-        self._unclipped_steps: set[int] = set()  # ghost clipping's unclipped releases, unrecorded
+        # Ghost clipping: this step's backward was one plain pass (see _unclipped_release).
+        self._unclipped_now = False
         self._watch: list = []
         self._capture: FeatureCapture | None = None
         # Hooks/functorch: inputs of the 2-D Linear layers Opacus hooks (none in ew mode), whose
@@ -1180,12 +1182,11 @@ class LeakageMonitor:
                 fc.discard_passes()
                 fc.opened = False
 
-    def _unclipped_release(self, monitored: bool) -> None:
+    def _unclipped_release(self) -> None:
         """Ghost clipping, a step after a first backward pass with no second: a plain
         ``loss.backward()``, not the loss ``make_private`` returned. Opacus's optimizer takes
-        the gradient as clipped and releases it as it is: said, and its record flagged."""
-        if monitored:  # (its record takes the flag: see _release_flags)
-            self._unclipped_steps.add(self.steps)
+        the gradient as clipped and releases it as it is: said, and its chunks flagged (as
+        ``_Taken.unclipped`` carries it to :meth:`_measure_safely`)."""
         self._warn_once(
             "ghost:unclipped",
             f"step {self.steps}'s backward was one plain pass under ghost clipping, not the "
@@ -1254,8 +1255,9 @@ class LeakageMonitor:
         captures = self._capture.take()
         self._forward_versions = None  # (the next forward is this optimizer's next step's)
         if self._factored is not None:
-            if self._factored.opened and not self._factored.reweighted:
-                self._unclipped_release(monitored)
+            self._unclipped_now = self._factored.opened and not self._factored.reweighted
+            if self._unclipped_now:
+                self._unclipped_release()
             self._factored.new_step()
         self._mark_read()
         if monitored:
@@ -1272,10 +1274,8 @@ class LeakageMonitor:
             result = self._original_pre_step(closure)
         except BaseException:
             # The step did not happen (an error, or Ctrl-C caught by a notebook that trains
-            # on): its chunks must not join the next step's record, nor its release's flag
-            # (a retry with the two-pass loss is clipped).
+            # on): its chunks must not join the next step's record.
             self._chunks = []
-            self._unclipped_steps.discard(self.steps)
             raise
         t2 = time.perf_counter()
         return self._step_tail(result, monitored, t0, t1, t2, booked)
@@ -1399,7 +1399,7 @@ class LeakageMonitor:
     def _take(self, captures) -> _Taken:
         """References to what this chunk's measurement reads (on the training thread)."""
         opt = self.optimizer
-        taken = _Taken(captures=captures)
+        taken = _Taken(captures=captures, unclipped=self._unclipped_now)
         if self._tokens and self._capture.fn is not None:
             # The learned critics' features: a callable's read the model's weights now. (Out
             # of the user's autocast, as inline and on a worker, which never has it.)
@@ -1460,6 +1460,9 @@ class LeakageMonitor:
         except Exception as exc:  # never let the monitor break training
             self._warn_once(f"chunk:{type(exc).__name__}", f"leakage measurement failed: {exc!r}")
             chunk = Chunk(batch=0, flags=[f"error:{type(exc).__name__}"])
+        # (inline, ``taken`` is still the captures where taking them raised: this step's)
+        if taken.unclipped if isinstance(taken, _Taken) else self._unclipped_now:
+            chunk.flags.append("unclipped_release")
         if isinstance(taken, _Taken):  # read: let go of the step's tensors (see _Taken)
             taken.release()
         if span is not None:
@@ -1562,13 +1565,6 @@ class LeakageMonitor:
             chunks=chunks,
         )
 
-    def _release_flags(self, step: int) -> set[str]:
-        """A step's flags from its release itself (see _unclipped_release)."""
-        if step not in self._unclipped_steps:
-            return set()
-        self._unclipped_steps.discard(step)
-        return {"unclipped_release"}
-
     def _failed_record(
         self, chunks: list, step: int, accounting: tuple, exc: BaseException
     ) -> LeakageRecord:
@@ -1581,7 +1577,7 @@ class LeakageMonitor:
             step, sum(c.batch for c in measured), len(chunks), accounting, sigma, bound
         )
         record.epsilon, record.epsilon_step = epsilon, step
-        record.flags = sorted({f for c in measured for f in c.flags} | self._release_flags(step))
+        record.flags = sorted({f for c in measured for f in c.flags})
         record.flags.append(f"error:{type(exc).__name__}")
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
@@ -2035,7 +2031,7 @@ class LeakageMonitor:
         if estimates is None:
             self.generator.set_state(state)
             estimates = self._estimate(chunks)
-        record.flags = sorted({f for c in chunks for f in c.flags} | self._release_flags(step))
+        record.flags = sorted({f for c in chunks for f in c.flags})
         if math.isnan(epsilon):
             record.flags.append("epsilon_failed")
         if self._epsilon_history and self.epsilon.used_rdp(self._epsilon_history):
