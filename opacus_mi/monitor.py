@@ -303,6 +303,13 @@ def _ghost_release_warnings(module) -> list[tuple[str, str]]:
     return said
 
 
+# How a ghost-clipping loop gets the loss whose backward clips (named where one did not).
+_GHOST_LOSS = (
+    "model, optimizer, criterion, loader = engine.make_private(..., "
+    "criterion=nn.CrossEntropyLoss(), grad_sample_mode='ghost')"
+)
+
+
 def _is_ghost_loss(criterion) -> bool:
     """Whether ``criterion`` is Opacus's ghost-clipping loss (its two backward passes)."""
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -1041,9 +1048,8 @@ class LeakageMonitor:
                 f"wrap_criterion got {type(criterion).__name__}, a plain loss, under ghost "
                 "clipping: its backward is one pass, and Opacus then releases the gradient "
                 "unclipped (not differentially private). Wrap the criterion make_private "
-                "returned, which runs Opacus's two passes: model, optimizer, criterion, loader "
-                "= engine.make_private(..., criterion=nn.CrossEntropyLoss(), "
-                "grad_sample_mode='ghost'); criterion = monitor.wrap_criterion(criterion)"
+                f"returned, which runs Opacus's two passes: {_GHOST_LOSS}; criterion = "
+                "monitor.wrap_criterion(criterion)"
             )
         loss = getattr(criterion, "criterion", criterion)  # (ghost: Opacus's wrapper's loss)
         ignore_index = getattr(loss, "ignore_index", None)
@@ -1194,8 +1200,7 @@ class LeakageMonitor:
             "that gradient unclipped, so the step is not differentially private, and the "
             "private view's figures, made as if it were clipped, understate what it revealed "
             "(flag 'unclipped_release'). Compute the loss with the criterion make_private "
-            "returned: model, optimizer, criterion, loader = engine.make_private(..., "
-            "criterion=nn.CrossEntropyLoss(), grad_sample_mode='ghost')",
+            f"returned: {_GHOST_LOSS}",
         )
 
     def _discard_captures(self) -> None:
