@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--target-epsilons", type=float, nargs="+", metavar="EPS", help="target epsilons"
     )
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs in --out that finished with these settings (each run's config.json "
+        "and result.json say so) and train only the others: a stopped sweep goes on from there",
+    )
     _add_training_options(sweep, out=SWEEP_OUT)
 
     report = sub.add_parser(
@@ -423,6 +429,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         noise_multipliers=args.noise_multipliers,
         target_epsilons=args.target_epsilons,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     print(table)
     out = Path(cfg.out)
@@ -568,7 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             what, status = (
                 ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
             )
-            print(f"{PROG}: {what}{_kept(args, started)}", file=sys.stderr)
+            print(
+                f"{PROG}: {what}{_kept(args, started)}{_resumable(args, started)}", file=sys.stderr
+            )
             return status
 
 
@@ -611,6 +620,18 @@ def _kept(args: argparse.Namespace, started: int) -> str:
     if args.command == "run" and not (folder / "records.jsonl").exists():
         return ""
     return f"; what was finished is in {out} (`{PROG} report {out}` renders it)"
+
+
+def _resumable(args: argparse.Namespace, started: int) -> str:
+    """How a stopped sweep goes on, once it has started (written its sweep_config.json)."""
+    out = getattr(args, "out", None)
+    if (
+        args.command != "sweep"
+        or not out
+        or not _written_since(Path(out) / "sweep_config.json", started)
+    ):
+        return ""
+    return "; the same command with --resume goes on from there, keeping the finished runs"
 
 
 def _written_since(path: Path, started: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,6 +29,7 @@ from .training import (
     _write_json,
     calibrate_noise,
     claim_out_dir,
+    finished_run,
     json_keys_are,
     mi_keys,
     preflight,
@@ -103,10 +105,14 @@ def run_sweep(
     noise_multipliers: Sequence[float] | None = None,
     target_epsilons: Sequence[float] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> tuple[list[dict[str, Any]], str, list[Path]]:
     """One run per noise multiplier (``<out>/sigma_<v>/``) or target epsilon (``eps_<v>/``).
 
-    Returns the sweep rows, the rendered table, and the files written at the sweep level.
+    ``resume``: a setting whose folder holds a run that finished with the same settings
+    (:func:`~opacus_mi.training.finished_run`) is kept, not trained again; each setting's
+    outcome is said on stderr. Returns the sweep rows, the rendered table, and the files
+    written at the sweep level.
     """
     if (noise_multipliers is None) == (target_epsilons is None):
         raise ValueError("give exactly one of --noise-multipliers or --target-epsilons")
@@ -169,6 +175,13 @@ def run_sweep(
         _write_json(out / "sweep_config.json", settings)
         rows = []
         for name, cfg in configs:
+            if resume:
+                kept, why = finished_run(cfg)
+                print(f"{name}/: {'kept' if kept else 'to train'}: {why}", file=sys.stderr)
+                if kept is not None:
+                    rows.append(sweep_row(kept, setting=name, target_epsilon=cfg.target_epsilon))
+                    write_sweep_csv(rows, out / "sweep.csv")
+                    continue
 
             def keep(result: RunResult, name: str = name, cfg: RunConfig = cfg) -> None:
                 # A sweep that stops keeps its finished rows: a run's row is written once its

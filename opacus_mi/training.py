@@ -865,6 +865,72 @@ def _train(
     return replace(result, summary=summary, files=files)
 
 
+# Settings a finished run may have had otherwise and still stand for this one (``--resume``):
+# where it was written and how it was run, not what it computed. (Torch's thread count can move
+# a float's last bits, no figure a table shows.)
+RESUME_IGNORES = frozenset({"out", "tensorboard", "threads", "overlap"})
+
+
+def finished_run(cfg: RunConfig) -> tuple[RunResult | None, str]:
+    """The run in ``cfg.out`` if it finished with ``cfg``'s settings (its ``config.json`` says
+    so, its ``result.json`` was written, its records are all there), else None and why not.
+
+    A sweep's ``--resume`` keeps such a run instead of training it again. A run stopped while
+    its plots were drawn has its figures but not all its files: they are drawn here."""
+    out = Path(cfg.out).expanduser()
+    if not (out / "config.json").is_file():
+        return None, "no run there"
+    if not (out / "result.json").is_file():
+        return None, "its run did not finish (no result.json)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a damaged file is a reason, said below, not a warning)
+        config, results = _read_json(out / "config.json"), _read_json(out / "result.json")
+    if config is None or results is None:
+        return None, "its config.json or result.json cannot be read"
+    want = cfg.as_dict()
+    if cfg.target_epsilon is not None:
+        want["noise_multiplier"] = None  # (as _start_run_folder writes it)
+    want = json.loads(json.dumps(json_safe(want)))
+    keys = (want.keys() | config.keys()) - RESUME_IGNORES
+    differ = sorted(k for k in keys if config.get(k, "(unset)") != want.get(k, "(unset)"))
+    if differ:
+        said = ", ".join(
+            f"{flag(k)} {config.get(k, '(unset)')!r} there, {want.get(k, '(unset)')!r} now"
+            for k in differ[:3]
+        )
+        return None, f"it ran with other settings ({said}{', ...' if len(differ) > 3 else ''})"
+    needed = ("epsilon", "test_accuracy", "wall_seconds", "noise_multiplier", "records")
+    got = {k: float_of(results.get(k)) for k in needed}
+    bad = [k for k, v in got.items() if not isinstance(v, numbers.Real) or isinstance(v, bool)]
+    if bad:
+        return None, f"its result.json holds no number for {', '.join(bad)}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a skipped or superseded line: not a finished run's
+            records = read_jsonl(out / "records.jsonl")
+    except (OSError, ValueError, RuntimeWarning) as err:
+        return None, f"its records.jsonl cannot be read whole ({err})"
+    if len(records) < got["records"]:
+        return None, (
+            f"its records.jsonl holds {len(records)} records, its result.json says "
+            f"{got['records']:g}"
+        )
+    accuracies = results.get("accuracy_per_epoch")
+    result = RunResult(
+        records=records,
+        epsilon=float(got["epsilon"]),
+        test_accuracy=float(got["test_accuracy"]),
+        wall_seconds=float(got["wall_seconds"]),
+        out_dir=out,
+        noise_multiplier=float(got["noise_multiplier"]),
+        accuracy_per_epoch=list(accuracies) if isinstance(accuracies, list) else [],
+    )
+    if not all((out / name).is_file() for name in RUN_OUTPUTS):
+        summary, files = rerender_run(out)  # (stopped while they were drawn)
+        result = replace(result, summary=summary, files=files)
+    return result, "finished with these settings"
+
+
 def _tb_final_epsilon(writer, monitor) -> None:
     """The run's closing epsilon at its last step, where no record logged it there: a paced
     PRV epsilon left the curve at the last value a record computed (3.745 at step 160 of the

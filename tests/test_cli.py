@@ -1457,3 +1457,106 @@ def test_the_package_imports_without_torch_and_names_its_api():
 
     with pytest.raises(AttributeError, match="no attribute 'LeakageMonitors'"):
         opacus_mi.LeakageMonitors  # noqa: B018
+
+
+def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_sweeps_rows(
+    tmp_path, capsys, monkeypatch
+):
+    """``sweep --resume`` after a stop: the finished run is kept (not trained again), the
+    stopped one trained; the rows are those of an uninterrupted sweep of the same settings.
+    Other settings, a damaged result, or no --resume train again."""
+    from opacus_mi import sweep as sweep_module
+    from opacus_mi.sweep import read_sweep_csv
+
+    base = ["sweep", *TINY, "--estimator", "none", "--noise-multipliers", "1", "2"]
+    assert cli.main([*base, "--out", str(tmp_path / "full")]) == 0
+    full = read_sweep_csv(tmp_path / "full" / "sweep.csv")
+    import opacus_mi.training as training
+
+    train, write_json = sweep_module.train_and_monitor, training._write_json
+    trained: list[str] = []
+
+    def counting(cfg, **kwargs):
+        trained.append(Path(cfg.out).name)
+        return train(cfg, **kwargs)
+
+    def stop_before_the_second_result(path, obj):
+        if path.name == "result.json" and path.parent.name == "sigma_2":
+            raise KeyboardInterrupt  # its config and records are written, its result not
+        write_json(path, obj)
+
+    monkeypatch.setattr(sweep_module, "train_and_monitor", counting)
+    monkeypatch.setattr(training, "_write_json", stop_before_the_second_result)
+    out = str(tmp_path / "s")
+    assert cli.main([*base, "--out", out]) == 130  # (Ctrl-C: the CLI's stop)
+    assert (tmp_path / "s" / "sigma_2" / "records.jsonl").stat().st_size > 0
+    monkeypatch.setattr(training, "_write_json", write_json)
+    trained.clear()
+    capsys.readouterr()
+    assert cli.main([*base, "--out", out, "--resume"]) == 0
+    assert trained == ["sigma_2"]
+    err = capsys.readouterr().err
+    assert "sigma_1/: kept: finished with these settings" in err
+    assert "sigma_2/: to train: its run did not finish (no result.json)" in err
+    got = read_sweep_csv(tmp_path / "s" / "sweep.csv")
+    assert [r["setting"] for r in got] == ["sigma_1", "sigma_2"]
+    for g, w in zip(got, full, strict=True):
+        for key in ("epsilon", "test_accuracy", "oracle_mi", "oracle_ci_low", "oracle_ci_high"):
+            assert g[key] == w[key], key
+
+    # everything finished: nothing trains; without --resume, everything does
+    trained.clear()
+    assert cli.main([*base, "--out", out, "--resume", "--overlap", "off"]) == 0
+    assert trained == []
+    assert cli.main([*base, "--out", out]) == 0
+    assert trained == ["sigma_1", "sigma_2"]
+    # another setting, or a run whose records are not all there, is trained again
+    trained.clear()
+    capsys.readouterr()
+    assert cli.main([*base, "--out", out, "--resume", "--lr", "0.25"]) == 0
+    assert trained == ["sigma_1", "sigma_2"]
+    assert "it ran with other settings (--lr 0.5 there, 0.25 now)" in capsys.readouterr().err
+    jsonl = tmp_path / "s" / "sigma_2" / "records.jsonl"
+    jsonl.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:-1]))
+    trained.clear()
+    assert cli.main([*base, "--out", out, "--resume", "--lr", "0.25"]) == 0
+    assert trained == ["sigma_2"]
+    assert "its records.jsonl holds" in capsys.readouterr().err
+
+
+def test_a_resumed_sweep_draws_a_kept_runs_missing_files(tmp_path, monkeypatch):
+    """A run stopped while its plots were drawn has its figures on disk but not all its files:
+    --resume keeps it and draws them (as ``report`` would)."""
+    import opacus_mi.training as training
+    from opacus_mi import sweep as sweep_module
+
+    base = ["sweep", *TINY, "--estimator", "none", "--noise-multipliers", "1"]
+    drawn = training.write_run_outputs
+
+    def stop(out, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "write_run_outputs", stop)
+    assert cli.main([*base, "--out", str(tmp_path / "s")]) == 130
+    run = tmp_path / "s" / "sigma_1"
+    assert not (run / "report.html").exists()
+    monkeypatch.setattr(training, "write_run_outputs", drawn)
+    monkeypatch.setattr(sweep_module, "train_and_monitor", None)  # (kept: never called)
+    assert cli.main([*base, "--out", str(tmp_path / "s"), "--resume"]) == 0
+    assert all((run / name).is_file() for name in RUN_FILES)
+
+
+def test_a_stopped_sweep_says_how_to_go_on(tmp_path):
+    """The stop message of a sweep that started names --resume; before it started (its
+    sweep_config.json an earlier sweep's) and for a run it does not."""
+    import argparse
+    import time
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    args = argparse.Namespace(command="sweep", out=str(out))
+    assert cli._resumable(args, 0) == ""  # (no sweep_config.json)
+    (out / "sweep_config.json").write_text("{}", encoding="utf-8")
+    assert "the same command with --resume goes on from there" in cli._resumable(args, 0)
+    assert cli._resumable(args, time.time_ns() + 10**10) == ""  # an earlier sweep's
+    assert cli._resumable(argparse.Namespace(command="run", out=str(out)), 0) == ""
