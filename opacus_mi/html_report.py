@@ -81,7 +81,11 @@ for), each a full monitored run in its own folder.</li>
 <li><b>test acc.</b> The model's accuracy on the held-out split after training.</li>
 <li><b>private/oracle MI, clipped MI.</b> Nats per example per step: the mean of the run's last
 records with a 95% interval across them. The oracle is the white-box Bayes estimate for the
-private view; clipped MI is {clipped}.</li>
+private view; clipped MI is {clipped}. A raw MI column (the learned critic on the unclipped
+per-sample gradients) appears where the runs measured that view (<code>--views</code>);
+<code>sweep.csv</code> also holds the learned critic's figure on the private view
+(<code>private_mi</code>), usually near 0 where the oracle reads more: the critic must learn
+through the noise what the oracle is given.</li>
 <li><b>bound/step.</b> <code>1/(2 sigma^2)</code> nats: what one private release can carry at
 most. The private view's true MI per step cannot exceed it; the oracle's Monte Carlo mean and
 interval can lie a little above it by sampling noise.</li>

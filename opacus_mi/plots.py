@@ -277,7 +277,8 @@ def _errorbar(ax, xs, mids, los, his, **kw) -> None:
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Two panels against epsilon: MI (oracle, clipped, per-step bound) and test accuracy."""
+    """Two panels against epsilon: MI (oracle, clipped, raw where measured, per-step bound)
+    and test accuracy."""
     fig, (ax_mi, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     eps = [_finite(r.get("epsilon")) for r in rows]
 
@@ -300,6 +301,10 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
         col("clipped_ci_high"),
         label="clipped (learned)",
     )
+    if any(math.isfinite(v) for v in col("raw_mi")):  # (an opt-in view)
+        _errorbar(
+            ax_mi, eps, col("raw_mi"), col("raw_ci_low"), col("raw_ci_high"), label="raw (learned)"
+        )
     bound = sorted(
         (e, b) for e, b in zip(eps, col("bound_per_step"), strict=True) if math.isfinite(e)
     )

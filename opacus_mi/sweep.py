@@ -2,8 +2,8 @@
 
 ``run_sweep`` is what ``opacus-mi sweep`` does: it repeats :func:`~opacus_mi.training.
 train_and_monitor` per setting (``<out>/sigma_<v>/`` or ``<out>/eps_<v>/``) and writes
-``sweep.csv`` (one row per run: epsilon, accuracy, oracle and clipped-view MI with CIs),
-``sweep.png`` and a sweep ``report.html``.
+``sweep.csv`` (one row per run: epsilon, accuracy, the private view's oracle MI and each
+view's learned MI, with CIs), ``sweep.png`` and a sweep ``report.html``.
 """
 
 from __future__ import annotations
@@ -57,10 +57,22 @@ SWEEP_COLUMNS = (
     "clipped_mi",
     "clipped_ci_low",
     "clipped_ci_high",
+    "raw_mi",  # (the raw view, where measured: --views raw)
+    "raw_ci_low",
+    "raw_ci_high",
+    "private_mi",  # the learned critic's on the private view (the oracle's is oracle_mi)
+    "private_ci_low",
+    "private_ci_high",
     "bound_per_step",
     "wall_seconds",
     "out",
 )
+
+
+# A sweep row's learned-critic figures, one per view; the private view's oracle (and the
+# semi-oracle, which learns only the clean token) are not a learned critic's.
+_LEARNED_VIEWS = ("clipped", "raw", "private")
+_NOT_LEARNED = frozenset({"private/oracle", "private/semi"})
 
 
 def _mean_ci_of(records: Sequence[LeakageRecord], key: str | None) -> tuple[float, float, float]:
@@ -73,9 +85,13 @@ def _mean_ci_of(records: Sequence[LeakageRecord], key: str | None) -> tuple[floa
 def sweep_row(result: RunResult, *, setting: str, target_epsilon: float | None) -> dict[str, Any]:
     """One ``sweep.csv`` row from a finished run (MI averaged over the last 10 records)."""
     records = result.records
-    clipped_key = next((k for k in mi_keys(records) if k.startswith("clipped/")), None)
-    o_m, o_lo, o_hi = _mean_ci_of(records, "private/oracle")
-    c_m, c_lo, c_hi = _mean_ci_of(records, clipped_key)
+    keys = mi_keys(records)
+
+    def learned(view: str) -> str | None:  # the view's learned critic (not the oracle's)
+        return next((k for k in keys if k.startswith(f"{view}/") and k not in _NOT_LEARNED), None)
+
+    figures = {"oracle": _mean_ci_of(records, "private/oracle")}
+    figures.update({view: _mean_ci_of(records, learned(view)) for view in _LEARNED_VIEWS})
     sigma = result.noise_multiplier
     return {
         "setting": setting,
@@ -83,12 +99,11 @@ def sweep_row(result: RunResult, *, setting: str, target_epsilon: float | None) 
         "target_epsilon": math.nan if target_epsilon is None else float(target_epsilon),
         "epsilon": result.epsilon,
         "test_accuracy": result.test_accuracy,
-        "oracle_mi": o_m,
-        "oracle_ci_low": o_lo,
-        "oracle_ci_high": o_hi,
-        "clipped_mi": c_m,
-        "clipped_ci_low": c_lo,
-        "clipped_ci_high": c_hi,
+        **{
+            f"{name}_{part}": value
+            for name, triple in figures.items()
+            for part, value in zip(("mi", "ci_low", "ci_high"), triple, strict=True)
+        },
         "bound_per_step": gaussian_channel_bound(sigma),
         "wall_seconds": result.wall_seconds,
         "out": str(result.out_dir),
@@ -231,7 +246,9 @@ def sweep_table(
     targets = any(is_finite_number(r.get("target_epsilon")) for r in rows)
     columns = ["noise"] + (["target eps"] if targets else []) + ["epsilon", "test acc"]
     clipped = f"clipped/{estimator} MI" if estimator not in (None, "none") else "clipped MI"
-    columns += ["private/oracle MI", clipped, "bound/step 1/(2 sigma^2)", "wall s"]
+    raw = any(is_finite_number(r.get("raw_mi")) for r in rows)  # (an opt-in view)
+    columns += ["private/oracle MI", clipped] + ([clipped.replace("clipped", "raw")] if raw else [])
+    columns += ["bound/step 1/(2 sigma^2)", "wall s"]
     for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
@@ -243,6 +260,7 @@ def sweep_table(
             fmt_number(r.get("test_accuracy")),
             _ci_cell(r, "oracle"),
             _ci_cell(r, "clipped"),
+            *([_ci_cell(r, "raw")] if raw else []),
             fmt_number(r.get("bound_per_step")),
             fmt_number(r.get("wall_seconds"), 1),
         ]

@@ -1560,3 +1560,41 @@ def test_a_stopped_sweep_says_how_to_go_on(tmp_path):
     assert "the same command with --resume goes on from there" in cli._resumable(args, 0)
     assert cli._resumable(args, time.time_ns() + 10**10) == ""  # an earlier sweep's
     assert cli._resumable(argparse.Namespace(command="run", out=str(out)), 0) == ""
+
+
+def test_a_sweep_row_holds_each_views_learned_figure_and_the_table_a_measured_raw_view():
+    """The sweep's row held the oracle and the clipped view only: a sweep measuring the raw
+    view (``--views raw``) lost it, and the learned critic's private figure was in no table.
+    Reference: each key's mean and CI over the last SWEEP_LAST records, computed here."""
+    from opacus_mi.records import LeakageRecord, MIValue
+    from opacus_mi.report import mean_with_ci
+    from opacus_mi.sweep import SWEEP_LAST, sweep_row, sweep_table
+    from opacus_mi.training import RunResult
+
+    keys = {"private/oracle": 0.1, "clipped/mine": 2.0, "raw/mine": 3.0, "private/mine": 0.01}
+    keys["private/semi"] = 0.5  # (learns only the clean token: not the private view's critic)
+
+    def record(i: int) -> LeakageRecord:
+        return LeakageRecord(
+            step=i, batch_size=16, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25,
+            epsilon=1.0, delta=1e-5, epsilon_step=i,
+            mi={k: MIValue(v + 0.01 * (i % 7), v - 1, v + 1, 16) for k, v in keys.items()},
+        )  # fmt: skip
+
+    records = [record(i) for i in range(SWEEP_LAST + 5)]
+    row = sweep_row(
+        RunResult(records, 1.0, 0.5, 1.0, Path("x"), 1.0), setting="s", target_epsilon=None
+    )
+    for column, key in [("oracle", "private/oracle"), ("clipped", "clipped/mine"),
+                        ("raw", "raw/mine"), ("private", "private/mine")]:  # fmt: skip
+        want = mean_with_ci([r.mi[key].nats for r in records[-SWEEP_LAST:]])
+        got = (row[f"{column}_mi"], row[f"{column}_ci_low"], row[f"{column}_ci_high"])
+        assert got == pytest.approx(want, rel=1e-12), column
+    assert "raw/mine MI" in sweep_table([row], estimator="mine", width=300)
+    for r in records:
+        del r.mi["raw/mine"]
+    row = sweep_row(
+        RunResult(records, 1.0, 0.5, 1.0, Path("x"), 1.0), setting="s", target_epsilon=None
+    )
+    assert math.isnan(row["raw_mi"])
+    assert "raw" not in sweep_table([row], estimator="mine", width=300)
