@@ -2550,6 +2550,18 @@ class LeakageMonitor:
         critic with its windows and Adam state, the history, the settings it was made with):
         save it beside Opacus's checkpoint; :meth:`load_state_dict` continues from it."""
         self.flush()  # the worker's generator and critics are settled, its records in
+        if getattr(self.optimizer, "_is_last_step_skipped", False):
+            # Saved between a BatchMemoryManager logical step's physical batches: neither this
+            # nor Opacus's checkpoint holds the chunks summed so far (nor does a resumed run
+            # release them), and the generator has drawn for the measured ones.
+            say(
+                f"state_dict() was taken in the middle of logical step {self.steps} (physical "
+                "batches of a BatchMemoryManager step still to come): neither it nor Opacus's "
+                "checkpoint holds that step's batches so far, so a run resumed from here "
+                "releases and records that step from the resume on, and its later records "
+                "differ from an uninterrupted run's. Save after a step that ends a logical "
+                "batch (optimizer._is_last_step_skipped is False)"
+            )
         return {
             "steps": self.steps,
             "own_step": self._own_step,
