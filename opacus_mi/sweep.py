@@ -233,10 +233,12 @@ def _ci_cell(row: dict[str, Any], prefix: str) -> str:
 
 
 def sweep_table(
-    rows: Sequence[dict[str, Any]], *, width: int = 120, estimator: str | None = None
+    rows: Sequence[dict[str, Any]], *, width: int | None = None, estimator: str | None = None
 ) -> str:
     """The sweep summary as a text table (rich), one row per setting; ``estimator`` (the
-    learned one, if known) names the clipped view's column."""
+    learned one, if known) names the clipped view's column. ``width=None``: at least 120
+    characters, wider (up to 200) where the columns need it, so no cell wraps (a raw column
+    or target epsilons split every interval over two lines)."""
     from rich.table import Table
 
     table = Table(
@@ -265,7 +267,15 @@ def sweep_table(
             fmt_number(r.get("wall_seconds"), 1),
         ]
         table.add_row(*cells)
+    if width is None:
+        from rich.console import Console
+
+        needed = Console(width=1000).measure(table).maximum
+        width = min(_TABLE_MAX_WIDTH, max(_TABLE_WIDTH, needed))
     return render_table(table, width)
+
+
+_TABLE_WIDTH, _TABLE_MAX_WIDTH = 120, 200
 
 
 def write_sweep_outputs(

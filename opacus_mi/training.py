@@ -866,8 +866,8 @@ def _train(
 
 
 # Settings a finished run may have had otherwise and still stand for this one (``--resume``):
-# where it was written and how it was run, not what it computed. (Torch's thread count can move
-# a float's last bits, no figure a table shows.)
+# where it was written and how it was run, not what it computed (torch's thread count can move
+# a float's last bits, no figure a table shows); --tensorboard only where the run has its logs.
 RESUME_IGNORES = frozenset({"out", "tensorboard", "threads", "overlap"})
 
 
@@ -891,7 +891,10 @@ def finished_run(cfg: RunConfig) -> tuple[RunResult | None, str]:
     if cfg.target_epsilon is not None:
         want["noise_multiplier"] = None  # (as _start_run_folder writes it)
     want = json.loads(json.dumps(json_safe(want)))
-    keys = (want.keys() | config.keys()) - RESUME_IGNORES
+    ignored = set(RESUME_IGNORES)
+    if cfg.tensorboard and not any((out / "tensorboard").glob("events.out.tfevents.*")):
+        ignored.discard("tensorboard")  # (asked for now: a run without its logs is trained)
+    keys = (want.keys() | config.keys()) - ignored
     differ = sorted(k for k in keys if config.get(k, "(unset)") != want.get(k, "(unset)"))
     if differ:
         said = ", ".join(

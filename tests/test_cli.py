@@ -1522,6 +1522,16 @@ def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_swee
     assert cli.main([*base, "--out", out, "--resume", "--lr", "0.25"]) == 0
     assert trained == ["sigma_2"]
     assert "its records.jsonl holds" in capsys.readouterr().err
+    # --tensorboard: a run that has its logs is kept, one without them trained
+    trained.clear()
+    lr = ["--lr", "0.25", "--tensorboard"]
+    assert cli.main([*base, "--out", out, "--resume", *lr]) == 0
+    assert trained == ["sigma_1", "sigma_2"]
+    assert "--tensorboard False there, True now" in capsys.readouterr().err
+    trained.clear()
+    assert cli.main([*base, "--out", out, "--resume", *lr]) == 0
+    assert cli.main([*base, "--out", out, "--resume", "--lr", "0.25"]) == 0
+    assert trained == []
 
 
 def test_a_resumed_sweep_draws_a_kept_runs_missing_files(tmp_path, monkeypatch):
@@ -1591,6 +1601,9 @@ def test_a_sweep_row_holds_each_views_learned_figure_and_the_table_a_measured_ra
         got = (row[f"{column}_mi"], row[f"{column}_ci_low"], row[f"{column}_ci_high"])
         assert got == pytest.approx(want, rel=1e-12), column
     assert "raw/mine MI" in sweep_table([row], estimator="mine", width=300)
+    row["target_epsilon"] = 3.0  # a raw column and targets: wider, no interval split in two
+    lines = [line for line in sweep_table([row], estimator="mine").splitlines() if "[" in line]
+    assert len(lines) == 2 and lines[1].count("[") == lines[1].count("]") == 3
     for r in records:
         del r.mi["raw/mine"]
     row = sweep_row(
