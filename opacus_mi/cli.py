@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="calibrate sigma to reach this epsilon after --epochs",
     )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the run in --out from the end of its latest epoch (checkpoint.pt, kept "
+        "until a run finishes) if it ran with these settings; a finished one is kept as it is",
+    )
     _add_training_options(run)
 
     sweep = sub.add_parser(
@@ -221,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="keep the runs in --out that finished with these settings (each run's config.json "
-        "and result.json say so) and train only the others: a stopped sweep goes on from there",
+        "and result.json say so), go on with a stopped one from the end of its latest epoch, "
+        "and train the others: a stopped sweep goes on from there",
     )
     _add_training_options(sweep, out=SWEEP_OUT)
 
@@ -411,7 +418,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .training import train_and_monitor
 
     cfg = _config(args)
-    result = train_and_monitor(cfg, progress=not args.no_progress)
+    result = train_and_monitor(cfg, progress=not args.no_progress, resume=args.resume)
     print(result.summary)
     print(f"files written to {result.out_dir}/:")
     extra = ("records.jsonl", "config.json", "result.json")
@@ -623,14 +630,14 @@ def _kept(args: argparse.Namespace, started: int) -> str:
 
 
 def _resumable(args: argparse.Namespace, started: int) -> str:
-    """How a stopped sweep goes on, once it has started (written its sweep_config.json)."""
+    """How a stopped sweep goes on, once it has started (written its sweep_config.json), and
+    a stopped run, once an epoch of it finished (written its checkpoint.pt)."""
     out = getattr(args, "out", None)
-    if (
-        args.command != "sweep"
-        or not out
-        or not _written_since(Path(out) / "sweep_config.json", started)
-    ):
+    mark = {"sweep": "sweep_config.json", "run": "checkpoint.pt"}.get(args.command)
+    if mark is None or not out or not _written_since(Path(out) / mark, started):
         return ""
+    if args.command == "run":
+        return "; the same command with --resume goes on from the end of its latest epoch"
     return "; the same command with --resume goes on from there, keeping the finished runs"
 
 

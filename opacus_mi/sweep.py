@@ -204,7 +204,7 @@ def run_sweep(
                 rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
                 write_sweep_csv(rows, out / "sweep.csv")
 
-            train_and_monitor(cfg, progress=progress, trained=keep)
+            train_and_monitor(cfg, progress=progress, trained=keep, resume=resume)
         table, files = write_sweep_outputs(out, rows, settings=settings)
         return rows, table, files
 

@@ -509,6 +509,7 @@ def train_and_monitor(
     cfg: RunConfig,
     progress: bool = True,
     trained: Callable[[RunResult], None] | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Train ``cfg.model`` on ``cfg.dataset`` with DP-SGD and the leakage monitor attached.
 
@@ -517,10 +518,26 @@ def train_and_monitor(
     ``trained``: called with that result (no summary or files yet) once ``result.json`` is
     written, before the plots and report: a sweep keeps the run's row from there, so a stop
     while they are drawn does not lose a run whose figures are all on disk.
+
+    Until it finishes, a run keeps its state at the end of its latest epoch in
+    ``checkpoint.pt`` (Opacus's checkpoint, with the monitor's state and the random number
+    generators'). ``resume``: a run in ``cfg.out`` that finished with these settings is
+    returned as it is; one stopped after an epoch with these settings goes on from its
+    checkpoint, as it would have gone on unstopped; what it does is said on stderr.
     """
     t_start = time.perf_counter()
     split = preflight(cfg)
     n_train = len(split.train)
+    if resume:
+        done, why = finished_run(cfg)
+        if done is not None:
+            print(f"{cfg.out}: kept: {why}", file=sys.stderr)
+            if trained is not None:
+                trained(done)
+            if not done.files:  # (all drawn: drawn again for the summary it returns)
+                summary, files = rerender_run(done.out_dir)
+                done = replace(done, summary=summary, files=files)
+            return done
 
     import torch
     from opacus.validators import ModuleValidator
@@ -550,7 +567,10 @@ def train_and_monitor(
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            return _train(cfg, split, model, device, out, jsonl, t_start, progress, sigma, trained)
+            start = _resume_point(out, cfg) if resume else None
+            return _train(
+                cfg, split, model, device, out, jsonl, t_start, progress, sigma, trained, start
+            )
         finally:
             torch.set_num_threads(previous_threads)
 
@@ -695,7 +715,7 @@ def _start_run_folder(out: Path, cfg: RunConfig) -> dict[str, Any]:
     sure to start (after Opacus's calibration): a run that fails before keeps the last one's
     files, and one stopped midway leaves its own records beside its own config, never a mix
     (``records.jsonl`` is appended to; TensorBoard adds event files to its folder)."""
-    for name in RUN_OUTPUTS:
+    for name in (*RUN_OUTPUTS, CHECKPOINT):
         (out / name).unlink(missing_ok=True)
     for events in (out / "tensorboard").glob("events.out.tfevents.*"):  # ours only: no folders
         events.unlink(missing_ok=True)
@@ -717,6 +737,7 @@ def _train(
     progress: bool,
     noise_multiplier: float,
     trained: Callable[[RunResult], None] | None = None,
+    start: dict[str, Any] | None = None,
 ) -> RunResult:
     """The run itself, at ``noise_multiplier`` (``cfg``'s, or the one ``calibrate_noise`` gave
     its target: the sigma Opacus's ``make_private_with_epsilon`` would pick)."""
@@ -741,7 +762,12 @@ def _train(
         max_grad_norm=float(cfg.max_grad_norm),
     )
     sigma = float(optimizer.noise_multiplier)
-    config = _start_run_folder(out, cfg)
+    if start is None:
+        config = _start_run_folder(out, cfg)
+    else:
+        config = _read_json(out / "config.json")
+        _restore_training(start, model, optimizer, engine, out)
+        _keep_records_before(jsonl, int(start["monitor"]["steps"]))
 
     fresh: list = []  # records not yet shown or logged
     monitor = LeakageMonitor(
@@ -768,8 +794,15 @@ def _train(
     writer = _tensorboard_writer(out / "tensorboard") if cfg.tensorboard else None
 
     accuracies: list[float] = []
+    first_epoch, earlier_seconds = 0, 0.0
+    if start is not None:
+        monitor.load_state_dict(start["monitor"])
+        _set_rng_states(start["rng"], device)  # (last: building the monitor drew nothing)
+        first_epoch, earlier_seconds = int(start["epoch"]), float(start["seconds"])
+        accuracies = [float(a) for a in start["accuracies"]]
     steps_per_epoch = max(len(train_loader), 1)
     bar = tqdm(
+        initial=first_epoch * steps_per_epoch,
         total=cfg.epochs * steps_per_epoch,
         disable=not progress,
         unit="step",
@@ -782,7 +815,7 @@ def _train(
     postfix: dict[str, str] = {}
     completed = False
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(first_epoch, cfg.epochs):
             bar.set_description(f"sigma {sigma:.3g} epoch {epoch + 1}/{cfg.epochs}", refresh=False)
             model.train()
             for x, y in train_loader:
@@ -821,6 +854,10 @@ def _train(
             bar.set_postfix(postfix)
             if writer is not None:  # (at the epoch's last step, as records number steps)
                 writer.add_scalar("test/accuracy", acc, monitor.steps - 1)
+            if epoch + 1 < cfg.epochs:  # (what --resume goes on from)
+                seconds = earlier_seconds + time.perf_counter() - t_start
+                _save_training(out, engine, model, optimizer, monitor, epoch + 1, accuracies,
+                               seconds, device)  # fmt: skip
         completed = True
     finally:
         bar.close()
@@ -835,7 +872,7 @@ def _train(
 
     # The monitor's tracker: Opacus's own value, or NaN (warned) where it cannot compute one.
     epsilon = monitor.epsilon_now() if monitor.steps else 0.0
-    wall = time.perf_counter() - t_start
+    wall = earlier_seconds + time.perf_counter() - t_start
     records = list(monitor.history)
     results = {
         "epsilon": epsilon,
@@ -850,6 +887,7 @@ def _train(
         "monitor_seconds": sum(r.monitor_seconds for r in records),
     }
     _write_json(out / "result.json", results)
+    (out / CHECKPOINT).unlink(missing_ok=True)  # (finished: result.json is what a resume keeps)
     result = RunResult(
         records=records,
         epsilon=epsilon,
@@ -865,10 +903,125 @@ def _train(
     return replace(result, summary=summary, files=files)
 
 
+CHECKPOINT = "checkpoint.pt"  # an unfinished run's state after its latest epoch (--resume)
+_CHECKPOINT_KEYS = ("module_state_dict", "privacy_accountant_state_dict", "monitor", "rng",
+                    "epoch", "accuracies", "seconds")  # fmt: skip
+
+
+def _save_training(
+    out: Path, engine, model, optimizer, monitor, epoch: int, accuracies, seconds, device
+) -> None:
+    """Opacus's checkpoint of the run after ``epoch`` epochs, with the monitor's state and the
+    generators' that training draws from (data order, Poisson sampling, noise), written whole
+    or not at all (a stop while it is written keeps the one before)."""
+    import torch
+
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    extra = {"monitor": monitor.state_dict(), "rng": rng, "epoch": epoch,
+             "accuracies": list(accuracies), "seconds": seconds}  # fmt: skip
+    part = out / f".{CHECKPOINT}.part"
+    engine.save_checkpoint(path=part, module=model, optimizer=optimizer, checkpoint_dict=extra)
+    os.replace(part, out / CHECKPOINT)
+
+
+def _resume_point(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The checkpoint a stopped run left in ``out``, if it ran with ``cfg``'s settings; else
+    None (the run starts over). What it found is said on stderr."""
+    import torch
+
+    path = out / CHECKPOINT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a damaged file is a reason, said below)
+        config = _read_json(out / "config.json") if path.is_file() else None
+    if not path.is_file():
+        why = "no epoch of a run there finished (no checkpoint.pt)"
+    elif config is None:
+        why = "its config.json cannot be read"
+    else:  # (its TensorBoard logs must go on as they began)
+        why = _other_settings(config, cfg, set(RESUME_IGNORES) - {"tensorboard"})
+    state = None
+    if why is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+            if missing:
+                raise ValueError(f"it has no {', '.join(missing)}")
+        except Exception as err:  # noqa: BLE001 - any unreadable file: said, then trained afresh
+            why, state = f"its checkpoint.pt cannot be read ({err})", None
+    if state is None:
+        print(f"{out}: trained from the start: {why}", file=sys.stderr)
+        return None
+    print(f"{out}: resumed after epoch {state['epoch']} of {cfg.epochs}", file=sys.stderr)
+    return state
+
+
+def _restore_training(state: dict[str, Any], model, optimizer, engine, out: Path) -> None:
+    """Load a checkpoint's model, optimizer and accountant (Opacus's parts), or refuse in
+    words that name the file (it matched the settings, so only a damaged one fails here)."""
+    try:
+        model.load_state_dict(state["module_state_dict"])
+        engine.accountant.load_state_dict(state["privacy_accountant_state_dict"])
+        if state.get("optimizer_state_dict"):
+            optimizer.load_state_dict(state["optimizer_state_dict"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{out / CHECKPOINT} does not fit this run ({err}): delete it, or run without "
+            f"--resume, to train from the start"
+        ) from err
+
+
+def _set_rng_states(rng: dict[str, Any], device) -> None:
+    import torch
+
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _keep_records_before(jsonl: Path, step: int) -> None:
+    """Drop from ``records.jsonl`` the records a stopped run wrote after its checkpoint (the
+    resumed run writes them again), and a line it was cut off writing."""
+    if not jsonl.exists():
+        return
+    kept = []
+    for line in jsonl.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break  # (a torn last line)
+        if not line.endswith("\n") or record.get("step", step) >= step:
+            break
+        kept.append(line)
+    part = jsonl.with_name(f".{jsonl.name}.part")
+    part.write_text("".join(kept), encoding="utf-8")
+    os.replace(part, jsonl)
+
+
 # Settings a finished run may have had otherwise and still stand for this one (``--resume``):
 # where it was written and how it was run, not what it computed (torch's thread count can move
 # a float's last bits, no figure a table shows); --tensorboard only where the run has its logs.
 RESUME_IGNORES = frozenset({"out", "tensorboard", "threads", "overlap"})
+
+
+def _other_settings(config: dict[str, Any], cfg: RunConfig, ignored: set[str]) -> str | None:
+    """How a run folder's ``config.json`` differs from ``cfg``'s (the settings not
+    ``ignored``), said for the user; None if it does not."""
+    want = cfg.as_dict()
+    if cfg.target_epsilon is not None:
+        want["noise_multiplier"] = None  # (as _start_run_folder writes it)
+    want = json.loads(json.dumps(json_safe(want)))
+    keys = (want.keys() | config.keys()) - ignored
+    differ = sorted(k for k in keys if config.get(k, "(unset)") != want.get(k, "(unset)"))
+    if not differ:
+        return None
+    said = ", ".join(
+        f"{flag(k)} {config.get(k, '(unset)')!r} there, {want.get(k, '(unset)')!r} now"
+        for k in differ[:3]
+    )
+    return f"it ran with other settings ({said}{', ...' if len(differ) > 3 else ''})"
 
 
 def finished_run(cfg: RunConfig) -> tuple[RunResult | None, str]:
@@ -887,21 +1040,12 @@ def finished_run(cfg: RunConfig) -> tuple[RunResult | None, str]:
         config, results = _read_json(out / "config.json"), _read_json(out / "result.json")
     if config is None or results is None:
         return None, "its config.json or result.json cannot be read"
-    want = cfg.as_dict()
-    if cfg.target_epsilon is not None:
-        want["noise_multiplier"] = None  # (as _start_run_folder writes it)
-    want = json.loads(json.dumps(json_safe(want)))
     ignored = set(RESUME_IGNORES)
     if cfg.tensorboard and not any((out / "tensorboard").glob("events.out.tfevents.*")):
         ignored.discard("tensorboard")  # (asked for now: a run without its logs is trained)
-    keys = (want.keys() | config.keys()) - ignored
-    differ = sorted(k for k in keys if config.get(k, "(unset)") != want.get(k, "(unset)"))
+    differ = _other_settings(config, cfg, ignored)
     if differ:
-        said = ", ".join(
-            f"{flag(k)} {config.get(k, '(unset)')!r} there, {want.get(k, '(unset)')!r} now"
-            for k in differ[:3]
-        )
-        return None, f"it ran with other settings ({said}{', ...' if len(differ) > 3 else ''})"
+        return None, differ
     needed = ("epsilon", "test_accuracy", "wall_seconds", "noise_multiplier", "records")
     got = {k: float_of(results.get(k)) for k in needed}
     bad = [k for k, v in got.items() if not isinstance(v, numbers.Real) or isinstance(v, bool)]

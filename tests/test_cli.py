@@ -1611,3 +1611,48 @@ def test_a_sweep_row_holds_each_views_learned_figure_and_the_table_a_measured_ra
     )
     assert math.isnan(row["raw_mi"])
     assert "raw" not in sweep_table([row], estimator="mine", width=300)
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_run_stopped_in_an_epoch_resumes_from_the_last_one_as_if_never_stopped(
+    tmp_path, capsys, monkeypatch, overlap
+):
+    """``run --resume`` after a stop in epoch 3 of 3 goes on from the checkpoint written at the
+    end of epoch 2: its records (critics included), epsilon and accuracies are those of an
+    uninterrupted run of the same settings, and the records the stopped run wrote after the
+    checkpoint are not in the file twice. Reference: the uninterrupted run."""
+    import opacus_mi.training as training
+
+    argv = ["run", *TINY, "--epochs", "3", "--overlap", overlap]
+    assert cli.main([*argv, "--out", str(tmp_path / "full")]) == 0
+    evaluate, calls = training._evaluate, []
+
+    def stop_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "_evaluate", stop_at_the_third)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(out)]) == 130
+    assert "--resume goes on from the end of its latest epoch" in capsys.readouterr().err
+    stopped = read_jsonl(out / "records.jsonl")
+    assert (out / "checkpoint.pt").is_file() and not (out / "result.json").exists()
+    monkeypatch.setattr(training, "_evaluate", evaluate)
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    assert "resumed after epoch 2 of 3" in capsys.readouterr().err
+    want = without_timing(read_jsonl(tmp_path / "full" / "records.jsonl"))
+    got = without_timing(read_jsonl(out / "records.jsonl"))
+    assert len(stopped) == len(want) and got == want  # (the stop came after epoch 3's steps)
+    assert any(k.startswith("clipped/") for k in got[-1]["mi"])  # (the critics' state resumed)
+    full, resumed = (json.loads((d / "result.json").read_text()) for d in (tmp_path / "full", out))
+    for key in ("epsilon", "test_accuracy", "accuracy_per_epoch", "steps", "records"):
+        assert resumed[key] == full[key], key
+    assert not (out / "checkpoint.pt").exists()
+    # finished: --resume keeps it; other settings start over
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    assert "kept: finished with these settings" in capsys.readouterr().err
+    assert cli.main([*argv, "--out", str(out), "--resume", "--lr", "0.25"]) == 0
+    assert "trained from the start: no epoch of a run there finished" in capsys.readouterr().err
