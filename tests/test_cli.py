@@ -1656,3 +1656,36 @@ def test_a_run_stopped_in_an_epoch_resumes_from_the_last_one_as_if_never_stopped
     assert "kept: finished with these settings" in capsys.readouterr().err
     assert cli.main([*argv, "--out", str(out), "--resume", "--lr", "0.25"]) == 0
     assert "trained from the start: no epoch of a run there finished" in capsys.readouterr().err
+
+
+def test_a_resumed_sweep_goes_on_with_its_stopped_run_from_that_runs_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    """A sweep stopped in its run's second epoch: --resume goes on from the run's checkpoint,
+    and the row is an unstopped sweep's."""
+    import opacus_mi.training as training
+    from opacus_mi.sweep import read_sweep_csv
+
+    base = ["sweep", *TINY, "--epochs", "2", "--noise-multipliers", "1"]
+    assert cli.main([*base, "--out", str(tmp_path / "full")]) == 0
+    evaluate, calls = training._evaluate, []
+
+    def stop_at_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "_evaluate", stop_at_the_second)
+    out = str(tmp_path / "s")
+    assert cli.main([*base, "--out", out]) == 130
+    monkeypatch.setattr(training, "_evaluate", evaluate)
+    capsys.readouterr()
+    assert cli.main([*base, "--out", out, "--resume"]) == 0
+    assert "resumed after epoch 1 of 2" in capsys.readouterr().err
+    (got,), (want,) = (
+        read_sweep_csv(tmp_path / "s" / "sweep.csv"),
+        read_sweep_csv(tmp_path / "full" / "sweep.csv"),
+    )
+    for key in ("epsilon", "test_accuracy", "oracle_mi", "oracle_ci_low", "clipped_mi"):
+        assert got[key] == want[key], key
