@@ -351,13 +351,15 @@ def test_e_t_intervals_need_more_pairs_as_the_figure_grows(kind):
     """Correlated Gaussians (closed form), the optimal critic soft-bounded as the library's are,
     batches of 40 pairs. At 8 nats the interval's low end lay above the truth in 9-15% of
     batches (nominal 2.5%) when 32 pairs sufficed at any figure; with 8 pairs per nat read, the
-    intervals that over-reach are withheld. At 3 nats nearly all are kept, and cover."""
+    intervals that over-reach are withheld. At 3 nats nearly all are kept, and cover. At 7 nats
+    in one dimension, 64 pairs (8 per nat) still over-reached in 6-8% (a review's 2,000
+    batches): the pairs needed grow like e^I, and a figure above ln n + 2 has none."""
     from opacus_mi.estimators.bounds import _offdiag_logmeanexp
-    from opacus_mi.estimators.online import PAIRS_PER_NAT, held_out_figures
+    from opacus_mi.estimators.online import held_out_figures, interval_withheld
 
     gen = torch.Generator().manual_seed(0)
-    n, reps = 40, 300
-    for mi, d in [(8.0, 8), (3.0, 3)]:
+    reps = 300
+    for mi, d, n in [(8.0, 8, 40), (3.0, 3, 40), (7.0, 1, 64)]:
         r2 = 1 - math.exp(-2 * mi / d)
 
         def scores(k: int, d=d, r2=r2) -> torch.Tensor:
@@ -375,12 +377,12 @@ def test_e_t_intervals_need_more_pairs_as_the_figure_grows(kind):
             f = held_out_figures(kind, scores(n), gen, 200, c if kind == "mine" else None)
             f = f.tolist()
             if math.isnan(f[2]):
-                assert f[0] * PAIRS_PER_NAT > n  # withheld only where the figure reads high
+                assert interval_withheld(kind, n, f[0])  # withheld only where it reads high
             else:
                 kept += 1
                 over += f[2] > mi
-        if mi == 8.0:
-            assert over / reps <= 0.025
+        if mi > 3:
+            assert over / reps <= 0.025, (mi, over)
         else:  # (1.0-2.2% over 1,000 batches; SMILE is no bound, so its share is the highest)
             assert kept / reps >= 0.9 and over / reps <= 0.04
 
