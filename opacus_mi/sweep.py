@@ -192,7 +192,7 @@ def run_sweep(
         for name, cfg in configs:
             if resume:
                 kept, why = finished_run(cfg)
-                print(f"{name}/: {'kept' if kept else 'to train'}: {why}", file=sys.stderr)
+                print(f"{name}/: {'kept' if kept else 'not kept'}: {why}", file=sys.stderr)
                 if kept is not None:
                     rows.append(sweep_row(kept, setting=name, target_epsilon=cfg.target_epsilon))
                     write_sweep_csv(rows, out / "sweep.csv")

@@ -1497,7 +1497,7 @@ def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_swee
     assert trained == ["sigma_2"]
     err = capsys.readouterr().err
     assert "sigma_1/: kept: finished with these settings" in err
-    assert "sigma_2/: to train: its run did not finish (no result.json)" in err
+    assert "sigma_2/: not kept: its run did not finish (no result.json)" in err
     got = read_sweep_csv(tmp_path / "s" / "sweep.csv")
     assert [r["setting"] for r in got] == ["sigma_1", "sigma_2"]
     for g, w in zip(got, full, strict=True):
