@@ -622,7 +622,7 @@ def _kept(args: argparse.Namespace, started: int) -> str:
     # A run's config.json is written as it starts, a sweep's sweep.csv as each run finishes:
     # older ones are an earlier command's, there until this one gets that far.
     mark = folder / ("config.json" if args.command == "run" else "sweep.csv")
-    if not _written_since(mark, started):
+    if not (_ours(args, mark, started) if args.command == "run" else _written_since(mark, started)):
         return ""
     if args.command == "run" and not (folder / "records.jsonl").exists():
         return ""
@@ -634,11 +634,19 @@ def _resumable(args: argparse.Namespace, started: int) -> str:
     a stopped run, once an epoch of it finished (written its checkpoint.pt)."""
     out = getattr(args, "out", None)
     mark = {"sweep": "sweep_config.json", "run": "checkpoint.pt"}.get(args.command)
-    if mark is None or not out or not _written_since(Path(out) / mark, started):
+    if mark is None or not out or not _ours(args, Path(out) / mark, started):
         return ""
     if args.command == "run":
         return "; the same command with --resume goes on from the end of its latest epoch"
     return "; the same command with --resume goes on from there, keeping the finished runs"
+
+
+def _ours(args: argparse.Namespace, path: Path, started: int) -> bool:
+    """Whether ``path`` is this command's run's: written since it began, or there when a
+    ``run --resume`` took the folder's run up (its config.json, its last checkpoint)."""
+    if getattr(args, "resume", False) and args.command == "run":
+        return path.is_file()
+    return _written_since(path, started)
 
 
 def _written_since(path: Path, started: int) -> bool:

@@ -422,7 +422,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tensorboard_writer(log_dir: Path):
+def _tensorboard_writer(log_dir: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
@@ -430,7 +430,7 @@ def _tensorboard_writer(log_dir: Path):
             "--tensorboard needs the tensorboard package, which is not installed; "
             "run `pip install tensorboard` (or leave out --tensorboard)"
         ) from err
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def _check_tensorboard() -> None:
@@ -528,6 +528,7 @@ def train_and_monitor(
     t_start = time.perf_counter()
     split = preflight(cfg)
     n_train = len(split.train)
+    why = ""
     if resume:
         done, why = finished_run(cfg)
         if done is not None:
@@ -567,7 +568,7 @@ def train_and_monitor(
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            start = _resume_point(out, cfg) if resume else None
+            start = _resume_point(out, cfg, why) if resume else None
             return _train(
                 cfg, split, model, device, out, jsonl, t_start, progress, sigma, trained, start
             )
@@ -715,7 +716,7 @@ def _start_run_folder(out: Path, cfg: RunConfig) -> dict[str, Any]:
     sure to start (after Opacus's calibration): a run that fails before keeps the last one's
     files, and one stopped midway leaves its own records beside its own config, never a mix
     (``records.jsonl`` is appended to; TensorBoard adds event files to its folder)."""
-    for name in (*RUN_OUTPUTS, CHECKPOINT):
+    for name in (*RUN_OUTPUTS, CHECKPOINT, f".{CHECKPOINT}.part"):
         (out / name).unlink(missing_ok=True)
     for events in (out / "tensorboard").glob("events.out.tfevents.*"):  # ours only: no folders
         events.unlink(missing_ok=True)
@@ -767,7 +768,7 @@ def _train(
     else:
         config = _read_json(out / "config.json")
         _restore_training(start, model, optimizer, engine, out)
-        _keep_records_before(jsonl, int(start["monitor"]["steps"]))
+        _restore_records(jsonl, start["monitor"])  # (before the monitor's sink opens it)
 
     fresh: list = []  # records not yet shown or logged
     monitor = LeakageMonitor(
@@ -791,12 +792,21 @@ def _train(
         sinks=[fresh.append],  # records as they are delivered (with overlap, a step later)
     )
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
-    writer = _tensorboard_writer(out / "tensorboard") if cfg.tensorboard else None
+    writer = None
+    if cfg.tensorboard:  # (resumed: the stopped run's events from the checkpoint on are purged)
+        purge = None if start is None else int(start["monitor"]["steps"])
+        writer = _tensorboard_writer(out / "tensorboard", purge_step=purge)
 
     accuracies: list[float] = []
     first_epoch, earlier_seconds = 0, 0.0
     if start is not None:
-        monitor.load_state_dict(start["monitor"])
+        try:
+            monitor.load_state_dict(start["monitor"])
+        except ValueError as err:
+            raise ValueError(
+                f"{out / CHECKPOINT} does not fit this run ({err}): delete it, or run without "
+                "--resume, to train from the start"
+            ) from err
         _set_rng_states(start["rng"], device)  # (last: building the monitor drew nothing)
         first_epoch, earlier_seconds = int(start["epoch"]), float(start["seconds"])
         accuracies = [float(a) for a in start["accuracies"]]
@@ -857,7 +867,7 @@ def _train(
             if epoch + 1 < cfg.epochs:  # (what --resume goes on from)
                 seconds = earlier_seconds + time.perf_counter() - t_start
                 _save_training(out, engine, model, optimizer, monitor, epoch + 1, accuracies,
-                               seconds, device)  # fmt: skip
+                               seconds, device, config)  # fmt: skip
         completed = True
     finally:
         bar.close()
@@ -905,30 +915,33 @@ def _train(
 
 CHECKPOINT = "checkpoint.pt"  # an unfinished run's state after its latest epoch (--resume)
 _CHECKPOINT_KEYS = ("module_state_dict", "privacy_accountant_state_dict", "monitor", "rng",
-                    "epoch", "accuracies", "seconds")  # fmt: skip
+                    "epoch", "accuracies", "seconds", "config")  # fmt: skip
 
 
 def _save_training(
-    out: Path, engine, model, optimizer, monitor, epoch: int, accuracies, seconds, device
+    out: Path, engine, model, optimizer, monitor, epoch: int, accuracies, seconds, device, config
 ) -> None:
     """Opacus's checkpoint of the run after ``epoch`` epochs, with the monitor's state and the
     generators' that training draws from (data order, Poisson sampling, noise), written whole
-    or not at all (a stop while it is written keeps the one before)."""
+    or not at all (a stop while it is written keeps the one before). It carries the run's
+    settings (``config``): a checkpoint copied from another run's folder is told apart."""
     import torch
 
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     extra = {"monitor": monitor.state_dict(), "rng": rng, "epoch": epoch,
-             "accuracies": list(accuracies), "seconds": seconds}  # fmt: skip
+             "accuracies": list(accuracies), "seconds": seconds,
+             "config": json.loads(json.dumps(json_safe(config)))}  # fmt: skip
     part = out / f".{CHECKPOINT}.part"
     engine.save_checkpoint(path=part, module=model, optimizer=optimizer, checkpoint_dict=extra)
     os.replace(part, out / CHECKPOINT)
 
 
-def _resume_point(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
+def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, Any] | None:
     """The checkpoint a stopped run left in ``out``, if it ran with ``cfg``'s settings; else
-    None (the run starts over). What it found is said on stderr."""
+    None (the run starts over). What it found is said on stderr; ``finished``: why a finished
+    run there is not kept (:func:`finished_run`), said where there is no checkpoint."""
     import torch
 
     path = out / CHECKPOINT
@@ -936,7 +949,8 @@ def _resume_point(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
         warnings.simplefilter("ignore")  # (a damaged file is a reason, said below)
         config = _read_json(out / "config.json") if path.is_file() else None
     if not path.is_file():
-        why = "no epoch of a run there finished (no checkpoint.pt)"
+        finished = finished if (out / "result.json").is_file() else ""
+        why = finished or "no epoch of a run there finished (no checkpoint.pt)"
     elif config is None:
         why = "its config.json cannot be read"
     else:  # (its TensorBoard logs must go on as they began)
@@ -950,6 +964,10 @@ def _resume_point(out: Path, cfg: RunConfig) -> dict[str, Any] | None:
                 raise ValueError(f"it has no {', '.join(missing)}")
         except Exception as err:  # noqa: BLE001 - any unreadable file: said, then trained afresh
             why, state = f"its checkpoint.pt cannot be read ({err})", None
+        else:  # (one copied from another run's folder)
+            other = _other_settings(state["config"], cfg, set(RESUME_IGNORES) - {"tensorboard"})
+            if other is not None:
+                why, state = f"its checkpoint.pt is another run's: {other}", None
     if state is None:
         print(f"{out}: trained from the start: {why}", file=sys.stderr)
         return None
@@ -979,6 +997,20 @@ def _set_rng_states(rng: dict[str, Any], device) -> None:
     random.setstate(rng["python"])
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _restore_records(jsonl: Path, monitor_state: dict[str, Any]) -> None:
+    """``records.jsonl`` as it was at the checkpoint: its records are the monitor state's
+    history, line for line as its sink wrote them (a file deleted or cut since, or holding the
+    stopped run's records after the checkpoint, which the resumed run writes again, is made
+    whole). A history ``max_history`` trimmed: the file's records before the checkpoint."""
+    history = monitor_state.get("history")
+    if isinstance(history, list) and monitor_state.get("record_count") == len(history):
+        part = jsonl.with_name(f".{jsonl.name}.part")
+        part.write_text("".join(json.dumps(d) + "\n" for d in history), encoding="utf-8")
+        os.replace(part, jsonl)
+    else:
+        _keep_records_before(jsonl, int(monitor_state["steps"]))
 
 
 def _keep_records_before(jsonl: Path, step: int) -> None:
@@ -1075,6 +1107,8 @@ def finished_run(cfg: RunConfig) -> tuple[RunResult | None, str]:
     if not all((out / name).is_file() for name in RUN_OUTPUTS):
         summary, files = rerender_run(out)  # (stopped while they were drawn)
         result = replace(result, summary=summary, files=files)
+    for stale in (CHECKPOINT, f".{CHECKPOINT}.part"):  # (a stop before the run removed it)
+        (out / stale).unlink(missing_ok=True)
     return result, "finished with these settings"
 
 

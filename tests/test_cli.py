@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1169,7 +1170,7 @@ def test_tensorboard_ends_at_the_runs_epsilon_and_numbers_steps_as_records(tmp_p
 
         close = flush
 
-    monkeypatch.setattr(training, "_tensorboard_writer", lambda log_dir: Writer())
+    monkeypatch.setattr(training, "_tensorboard_writer", lambda log_dir, purge_step=None: Writer())
     out = tmp_path / "tb"
     argv = ["run", *TINY, "--accountant", "prv", "--epochs", "2", "--tensorboard"]
     assert cli.main([*argv, "--estimator", "none", "--out", str(out)]) == 0
@@ -1655,7 +1656,9 @@ def test_a_run_stopped_in_an_epoch_resumes_from_the_last_one_as_if_never_stopped
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
     assert "kept: finished with these settings" in capsys.readouterr().err
     assert cli.main([*argv, "--out", str(out), "--resume", "--lr", "0.25"]) == 0
-    assert "trained from the start: no epoch of a run there finished" in capsys.readouterr().err
+    assert "trained from the start: it ran with other settings (--lr 0.5 there, 0.25 now)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_resumed_sweep_goes_on_with_its_stopped_run_from_that_runs_checkpoint(
@@ -1689,3 +1692,106 @@ def test_a_resumed_sweep_goes_on_with_its_stopped_run_from_that_runs_checkpoint(
     )
     for key in ("epsilon", "test_accuracy", "oracle_mi", "oracle_ci_low", "clipped_mi"):
         assert got[key] == want[key], key
+
+
+def _stop_in_the_third_epoch(monkeypatch):
+    """Make the next run raise KeyboardInterrupt at its third evaluation (epoch 3's end, its
+    steps done and recorded, the checkpoint of epoch 2 on disk); returns the undo."""
+    import opacus_mi.training as training
+
+    evaluate, calls = training._evaluate, []
+
+    def stop(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "_evaluate", stop)
+    return lambda: monkeypatch.setattr(training, "_evaluate", evaluate)
+
+
+def test_run_resume_refuses_another_runs_checkpoint_and_mends_its_records_file(
+    tmp_path, capsys, monkeypatch
+):
+    """From a review of run --resume: a checkpoint.pt copied from another run's folder was
+    taken up (records with steps 6-7 missing, another run's accuracies), and a records.jsonl
+    deleted or cut before --resume ended a run with fewer records than result.json counts.
+    Reference: an unstopped run of the same settings."""
+    import shutil
+
+    argv = ["run", *TINY, "--epochs", "3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "full")]) == 0
+    want = without_timing(read_jsonl(tmp_path / "full" / "records.jsonl"))
+    other, out = tmp_path / "other", tmp_path / "run"
+    for folder, extra in ((other, ["--fake-size", "128"]), (out, [])):
+        undo = _stop_in_the_third_epoch(monkeypatch)
+        assert cli.main([*argv, *extra, "--out", str(folder)]) == 130
+        undo()
+    saved = out / "checkpoint.pt.own"
+    shutil.copy(out / "checkpoint.pt", saved)
+    shutil.copy(other / "checkpoint.pt", out / "checkpoint.pt")
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "trained from the start: its checkpoint.pt is another run's" in err
+    assert "--fake-size 128 there, 64 now" in err
+    assert without_timing(read_jsonl(out / "records.jsonl")) == want
+    # its own checkpoint, with the records file cut to two lines: made whole from the state
+    undo = _stop_in_the_third_epoch(monkeypatch)
+    assert cli.main([*argv, "--out", str(out)]) == 130
+    undo()
+    jsonl = out / "records.jsonl"
+    jsonl.write_text("".join(jsonl.read_text().splitlines(keepends=True)[:2]))
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    assert without_timing(read_jsonl(jsonl)) == want
+    assert json.loads((out / "result.json").read_text())["records"] == len(want)
+
+
+def test_run_resume_purges_tensorboards_steps_after_the_checkpoint(tmp_path, monkeypatch):
+    """A resumed run's TensorBoard showed the steps after the checkpoint twice (the stopped
+    run's events and its own); now each step once, as an unstopped run's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = ["run", *TINY, "--epochs", "3", "--tensorboard"]
+    out = tmp_path / "run"
+    undo = _stop_in_the_third_epoch(monkeypatch)
+    assert cli.main([*argv, "--out", str(out)]) == 130
+    undo()
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("privacy/epsilon")]
+    assert steps == [r.step for r in read_jsonl(out / "records.jsonl")]
+    per_epoch = len(steps) // 3
+    assert [e.step for e in acc.Scalars("test/accuracy")] == [per_epoch * k - 1 for k in (1, 2, 3)]
+
+
+def test_run_resume_says_why_a_finished_run_is_not_kept_and_how_a_resumed_one_goes_on(
+    tmp_path, capsys
+):
+    """A finished run with other settings was 'trained from the start: no epoch of a run there
+    finished'; a resumed run stopped again before its next checkpoint had no hint; a kept run
+    kept a stray checkpoint.pt."""
+    import argparse
+    import shutil
+
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY, "--out", str(out)]) == 0
+    shutil.copy(out / "config.json", out / "checkpoint.pt")  # (a stop before it was removed)
+    capsys.readouterr()
+    assert cli.main(["run", *TINY, "--out", str(out), "--resume"]) == 0
+    assert "kept: finished with these settings" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+    assert cli.main(["run", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    assert "trained from the start: it ran with other settings (--epochs 1 there, 2 now)" in (
+        capsys.readouterr().err
+    )
+    (out / "checkpoint.pt").write_bytes(b"")  # (an earlier command's)
+    args = argparse.Namespace(command="run", out=str(out), resume=True)
+    later = time.time_ns() + 10**10
+    assert "--resume goes on from the end of its latest epoch" in cli._resumable(args, later)
+    assert "what was finished is in" in cli._kept(args, later)
+    args.resume = False
+    assert cli._resumable(args, later) == "" and cli._kept(args, later) == ""
