@@ -192,8 +192,8 @@ def run_sweep(
         for name, cfg in configs:
             if resume:
                 kept, why = finished_run(cfg)
-                print(f"{name}/: {'kept' if kept else 'not kept'}: {why}", file=sys.stderr)
-                if kept is not None:
+                if kept is not None:  # (else the run says whether it resumes, and why not)
+                    print(f"{name}/: kept: {why}", file=sys.stderr)
                     rows.append(sweep_row(kept, setting=name, target_epsilon=cfg.target_epsilon))
                     write_sweep_csv(rows, out / "sweep.csv")
                     continue

@@ -865,6 +865,12 @@ def _train(
             if writer is not None:  # (at the epoch's last step, as records number steps)
                 writer.add_scalar("test/accuracy", acc, monitor.steps - 1)
             if epoch + 1 < cfg.epochs:  # (what --resume goes on from)
+                if writer is not None:  # every step before the checkpoint on disk: a resume
+                    monitor.flush()  # purges TensorBoard from it, and a kill loses the rest
+                    for r in fresh:
+                        _tb_record(writer, r)
+                    fresh.clear()
+                    writer.flush()
                 seconds = earlier_seconds + time.perf_counter() - t_start
                 _save_training(out, engine, model, optimizer, monitor, epoch + 1, accuracies,
                                seconds, device, config)  # fmt: skip
@@ -950,7 +956,11 @@ def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, An
         config = _read_json(out / "config.json") if path.is_file() else None
     if not path.is_file():
         finished = finished if (out / "result.json").is_file() else ""
-        why = finished or "no epoch of a run there finished (no checkpoint.pt)"
+        why = finished or (
+            "no epoch of a run there finished (no checkpoint.pt)"
+            if (out / "config.json").is_file()
+            else "no run there"
+        )
     elif config is None:
         why = "its config.json cannot be read"
     else:  # (its TensorBoard logs must go on as they began)

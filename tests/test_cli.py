@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from conftest import without_timing
 
 from opacus_mi import cli
 from opacus_mi.records import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "--dataset",
@@ -1498,7 +1501,7 @@ def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_swee
     assert trained == ["sigma_2"]
     err = capsys.readouterr().err
     assert "sigma_1/: kept: finished with these settings" in err
-    assert "sigma_2/: not kept: its run did not finish (no result.json)" in err
+    assert "sigma_2: trained from the start: no epoch of a run there finished" in err
     got = read_sweep_csv(tmp_path / "s" / "sweep.csv")
     assert [r["setting"] for r in got] == ["sigma_1", "sigma_2"]
     for g, w in zip(got, full, strict=True):
@@ -1795,3 +1798,36 @@ def test_run_resume_says_why_a_finished_run_is_not_kept_and_how_a_resumed_one_go
     assert "what was finished is in" in cli._kept(args, later)
     args.resume = False
     assert cli._resumable(args, later) == "" and cli._kept(args, later) == ""
+
+
+def test_run_resume_after_a_kill_keeps_every_tensorboard_step_before_the_checkpoint(tmp_path):
+    """Killed (no finally) right after a checkpoint, a run had the epoch's last record only in
+    memory, never in TensorBoard, and the resumed run purges from the checkpoint's step on:
+    that step was missing for good. Reference: the records, every step once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    argv = ["run", *TINY, "--epochs", "3", "--tensorboard", "--out", str(out)]
+    child = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        import opacus_mi.training as training
+        from opacus_mi import cli
+        save = training._save_training
+        def kill_after(out, engine, model, opt, monitor, epoch, *rest):
+            save(out, engine, model, opt, monitor, epoch, *rest)
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # (a preempted job, the OOM killer)
+        training._save_training = kill_after
+        sys.exit(cli.main({argv!r}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert cli.main([*argv, "--resume"]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("privacy/epsilon")]
+    assert steps == [r.step for r in read_jsonl(out / "records.jsonl")] == list(range(len(steps)))

@@ -172,7 +172,7 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
             in-sample bound averaged within 1% of it; and at least 0, as MI is (a constant
             column's held-out bounds read -4e-5 [-5e-5, -2e-5]). ``heldout_ci_high`` keeps the
             evaluation-noise-only high end. Too few evaluation pairs for an interval (the online
-            estimator's rule: 32, 8 per nat the figure reads, and a figure under ln n_eval + 2;
+            estimator's rule: 32, 8 per nat the figure reads, and a figure at most ln n_eval + 2;
             InfoNCE 8, and n_eval (ln
             n_eval - figure) >= 8 near its ceiling) give a NaN one, the
             figure still reported.
