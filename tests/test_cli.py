@@ -1617,6 +1617,23 @@ def test_a_sweep_row_holds_each_views_learned_figure_and_the_table_a_measured_ra
     assert "raw" not in sweep_table([row], estimator="mine", width=300)
 
 
+def _stop_at_evaluation(monkeypatch, k: int):
+    """Make the next run raise KeyboardInterrupt at its ``k``-th evaluation (epoch k's end, its
+    steps done and recorded, the checkpoint of epoch k - 1 on disk); returns the undo."""
+    import opacus_mi.training as training
+
+    evaluate, calls = training._evaluate, []
+
+    def stop(*args):
+        calls.append(1)
+        if len(calls) == k:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "_evaluate", stop)
+    return lambda: monkeypatch.setattr(training, "_evaluate", evaluate)
+
+
 @pytest.mark.parametrize("overlap", ["off", "on"])
 def test_a_run_stopped_in_an_epoch_resumes_from_the_last_one_as_if_never_stopped(
     tmp_path, capsys, monkeypatch, overlap
@@ -1625,26 +1642,16 @@ def test_a_run_stopped_in_an_epoch_resumes_from_the_last_one_as_if_never_stopped
     end of epoch 2: its records (critics included), epsilon and accuracies are those of an
     uninterrupted run of the same settings, and the records the stopped run wrote after the
     checkpoint are not in the file twice. Reference: the uninterrupted run."""
-    import opacus_mi.training as training
-
     argv = ["run", *TINY, "--epochs", "3", "--overlap", overlap]
     assert cli.main([*argv, "--out", str(tmp_path / "full")]) == 0
-    evaluate, calls = training._evaluate, []
-
-    def stop_at_the_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return evaluate(*args)
-
-    monkeypatch.setattr(training, "_evaluate", stop_at_the_third)
+    undo = _stop_at_evaluation(monkeypatch, 3)
     out = tmp_path / "run"
     capsys.readouterr()
     assert cli.main([*argv, "--out", str(out)]) == 130
     assert "--resume goes on from the end of its latest epoch" in capsys.readouterr().err
     stopped = read_jsonl(out / "records.jsonl")
     assert (out / "checkpoint.pt").is_file() and not (out / "result.json").exists()
-    monkeypatch.setattr(training, "_evaluate", evaluate)
+    undo()
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
     assert "resumed after epoch 2 of 3" in capsys.readouterr().err
     want = without_timing(read_jsonl(tmp_path / "full" / "records.jsonl"))
@@ -1669,23 +1676,14 @@ def test_a_resumed_sweep_goes_on_with_its_stopped_run_from_that_runs_checkpoint(
 ):
     """A sweep stopped in its run's second epoch: --resume goes on from the run's checkpoint,
     and the row is an unstopped sweep's."""
-    import opacus_mi.training as training
     from opacus_mi.sweep import read_sweep_csv
 
     base = ["sweep", *TINY, "--epochs", "2", "--noise-multipliers", "1"]
     assert cli.main([*base, "--out", str(tmp_path / "full")]) == 0
-    evaluate, calls = training._evaluate, []
-
-    def stop_at_the_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args)
-
-    monkeypatch.setattr(training, "_evaluate", stop_at_the_second)
+    undo = _stop_at_evaluation(monkeypatch, 2)
     out = str(tmp_path / "s")
     assert cli.main([*base, "--out", out]) == 130
-    monkeypatch.setattr(training, "_evaluate", evaluate)
+    undo()
     capsys.readouterr()
     assert cli.main([*base, "--out", out, "--resume"]) == 0
     assert "resumed after epoch 1 of 2" in capsys.readouterr().err
@@ -1695,23 +1693,6 @@ def test_a_resumed_sweep_goes_on_with_its_stopped_run_from_that_runs_checkpoint(
     )
     for key in ("epsilon", "test_accuracy", "oracle_mi", "oracle_ci_low", "clipped_mi"):
         assert got[key] == want[key], key
-
-
-def _stop_in_the_third_epoch(monkeypatch):
-    """Make the next run raise KeyboardInterrupt at its third evaluation (epoch 3's end, its
-    steps done and recorded, the checkpoint of epoch 2 on disk); returns the undo."""
-    import opacus_mi.training as training
-
-    evaluate, calls = training._evaluate, []
-
-    def stop(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return evaluate(*args)
-
-    monkeypatch.setattr(training, "_evaluate", stop)
-    return lambda: monkeypatch.setattr(training, "_evaluate", evaluate)
 
 
 def test_run_resume_refuses_another_runs_checkpoint_and_mends_its_records_file(
@@ -1728,7 +1709,7 @@ def test_run_resume_refuses_another_runs_checkpoint_and_mends_its_records_file(
     want = without_timing(read_jsonl(tmp_path / "full" / "records.jsonl"))
     other, out = tmp_path / "other", tmp_path / "run"
     for folder, extra in ((other, ["--fake-size", "128"]), (out, [])):
-        undo = _stop_in_the_third_epoch(monkeypatch)
+        undo = _stop_at_evaluation(monkeypatch, 3)
         assert cli.main([*argv, *extra, "--out", str(folder)]) == 130
         undo()
     saved = out / "checkpoint.pt.own"
@@ -1741,7 +1722,7 @@ def test_run_resume_refuses_another_runs_checkpoint_and_mends_its_records_file(
     assert "--fake-size 128 there, 64 now" in err
     assert without_timing(read_jsonl(out / "records.jsonl")) == want
     # its own checkpoint, with the records file cut to two lines: made whole from the state
-    undo = _stop_in_the_third_epoch(monkeypatch)
+    undo = _stop_at_evaluation(monkeypatch, 3)
     assert cli.main([*argv, "--out", str(out)]) == 130
     undo()
     jsonl = out / "records.jsonl"
@@ -1759,7 +1740,7 @@ def test_run_resume_purges_tensorboards_steps_after_the_checkpoint(tmp_path, mon
 
     argv = ["run", *TINY, "--epochs", "3", "--tensorboard"]
     out = tmp_path / "run"
-    undo = _stop_in_the_third_epoch(monkeypatch)
+    undo = _stop_at_evaluation(monkeypatch, 3)
     assert cli.main([*argv, "--out", str(out)]) == 130
     undo()
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
