@@ -622,7 +622,7 @@ def _kept(args: argparse.Namespace, started: int) -> str:
     # A run's config.json is written as it starts, a sweep's sweep.csv as each run finishes:
     # older ones are an earlier command's, there until this one gets that far.
     mark = folder / ("config.json" if args.command == "run" else "sweep.csv")
-    if not (_ours(args, mark, started) if args.command == "run" else _written_since(mark, started)):
+    if not _ours(args, mark, started):
         return ""
     if args.command == "run" and not (folder / "records.jsonl").exists():
         return ""

@@ -7,7 +7,7 @@ import io
 import math
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,17 +233,32 @@ def write_csv_rows(
     at all: into a file beside it, then renamed over it, so an interrupt mid-write (Ctrl-C,
     SIGTERM) leaves the last complete file (a sweep's finished rows were emptied)."""
     path = Path(path)
-    part = path.with_name(f".{path.name}.part")
-    try:
+
+    def write(part: Path) -> None:
         with open(part, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: csv_cell(row.get(k)) for k in columns})
+
+    write_whole(path, write)
+    return path
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` into a file beside ``path``, then rename it over ``path``: an interrupt
+    mid-write (Ctrl-C, SIGTERM) leaves the last complete file, and no part of the new one."""
+    part = partial_path(path)
+    try:
+        write(part)
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
-    return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where :func:`write_whole` writes ``path`` before it is complete (a hidden sibling)."""
+    return path.with_name(f".{path.name}.part")
 
 
 def read_csv_rows(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[dict]:

@@ -190,13 +190,6 @@ def run_sweep(
         _write_json(out / "sweep_config.json", settings)
         rows = []
         for name, cfg in configs:
-            if resume:
-                kept, why = finished_run(cfg)
-                if kept is not None:  # (else the run says whether it resumes, and why not)
-                    print(f"{name}/: kept: {why}", file=sys.stderr)
-                    rows.append(sweep_row(kept, setting=name, target_epsilon=cfg.target_epsilon))
-                    write_sweep_csv(rows, out / "sweep.csv")
-                    continue
 
             def keep(result: RunResult, name: str = name, cfg: RunConfig = cfg) -> None:
                 # A sweep that stops keeps its finished rows: a run's row is written once its
@@ -204,6 +197,12 @@ def run_sweep(
                 rows.append(sweep_row(result, setting=name, target_epsilon=cfg.target_epsilon))
                 write_sweep_csv(rows, out / "sweep.csv")
 
+            if resume:
+                kept, why = finished_run(cfg)
+                if kept is not None:  # (else the run says whether it resumes, and why not)
+                    print(f"{name}/: kept: {why}", file=sys.stderr)
+                    keep(kept)
+                    continue
             train_and_monitor(cfg, progress=progress, trained=keep, resume=resume)
         table, files = write_sweep_outputs(out, rows, settings=settings)
         return rows, table, files

@@ -43,7 +43,7 @@ from .checks import (
 from .data import DATASETS
 from .models import MODELS
 from .records import MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
-from .report import csv_cell
+from .report import csv_cell, partial_path, write_whole
 from .views import default_views, unmeasured_views
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
@@ -716,8 +716,8 @@ def _start_run_folder(out: Path, cfg: RunConfig) -> dict[str, Any]:
     sure to start (after Opacus's calibration): a run that fails before keeps the last one's
     files, and one stopped midway leaves its own records beside its own config, never a mix
     (``records.jsonl`` is appended to; TensorBoard adds event files to its folder)."""
-    for name in (*RUN_OUTPUTS, CHECKPOINT, f".{CHECKPOINT}.part"):
-        (out / name).unlink(missing_ok=True)
+    for path in (*(out / name for name in RUN_OUTPUTS), *_checkpoint_files(out)):
+        path.unlink(missing_ok=True)
     for events in (out / "tensorboard").glob("events.out.tfevents.*"):  # ours only: no folders
         events.unlink(missing_ok=True)
     config = cfg.as_dict()
@@ -766,7 +766,7 @@ def _train(
     if start is None:
         config = _start_run_folder(out, cfg)
     else:
-        config = _read_json(out / "config.json")
+        config = start["config"]  # (config.json's, as _resume_point compared it)
         _restore_training(start, model, optimizer, engine, out)
         _restore_records(jsonl, start["monitor"])  # (before the monitor's sink opens it)
 
@@ -797,16 +797,20 @@ def _train(
         purge = None if start is None else int(start["monitor"]["steps"])
         writer = _tensorboard_writer(out / "tensorboard", purge_step=purge)
 
+    def to_tensorboard() -> None:
+        """Log the records delivered since the last call (none are kept without a writer)."""
+        if writer is not None:
+            for r in fresh:
+                _tb_record(writer, r)
+        fresh.clear()
+
     accuracies: list[float] = []
     first_epoch, earlier_seconds = 0, 0.0
     if start is not None:
         try:
             monitor.load_state_dict(start["monitor"])
         except ValueError as err:
-            raise ValueError(
-                f"{out / CHECKPOINT} does not fit this run ({err}): delete it, or run without "
-                "--resume, to train from the start"
-            ) from err
+            raise _misfit(out, err) from err
         _set_rng_states(start["rng"], device)  # (last: building the monitor drew nothing)
         first_epoch, earlier_seconds = int(start["epoch"]), float(start["seconds"])
         accuracies = [float(a) for a in start["accuracies"]]
@@ -845,10 +849,7 @@ def _train(
                     clipped = _latest([rec], "clipped")
                     if clipped is not None:
                         postfix["clipped"] = f"{clipped:.3f}"
-                    if writer is not None:
-                        for r in fresh:
-                            _tb_record(writer, r)
-                    fresh.clear()
+                    to_tensorboard()
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
             require_finite_weights(
@@ -867,9 +868,7 @@ def _train(
             if epoch + 1 < cfg.epochs:  # (what --resume goes on from)
                 if writer is not None:  # every step before the checkpoint on disk: a resume
                     monitor.flush()  # purges TensorBoard from it, and a kill loses the rest
-                    for r in fresh:
-                        _tb_record(writer, r)
-                    fresh.clear()
+                    to_tensorboard()
                     writer.flush()
                 seconds = earlier_seconds + time.perf_counter() - t_start
                 _save_training(out, engine, model, optimizer, monitor, epoch + 1, accuracies,
@@ -879,8 +878,7 @@ def _train(
         bar.close()
         monitor.detach()  # delivers the records still being made
         if writer is not None:
-            for r in fresh:
-                _tb_record(writer, r)
+            to_tensorboard()
             if completed:
                 _tb_final_epsilon(writer, monitor)
             writer.flush()
@@ -924,6 +922,16 @@ _CHECKPOINT_KEYS = ("module_state_dict", "privacy_accountant_state_dict", "monit
                     "epoch", "accuracies", "seconds", "config")  # fmt: skip
 
 
+def _checkpoint_files(out: Path) -> tuple[Path, Path]:
+    """A run folder's checkpoint, and the part a kill while it was written can leave."""
+    return out / CHECKPOINT, partial_path(out / CHECKPOINT)
+
+
+def _as_read_back(obj: Any) -> Any:
+    """``obj`` as a JSON file holding it reads back (how a config is compared and kept)."""
+    return json.loads(json.dumps(json_safe(obj)))
+
+
 def _save_training(
     out: Path, engine, model, optimizer, monitor, epoch: int, accuracies, seconds, device, config
 ) -> None:
@@ -938,10 +946,13 @@ def _save_training(
         rng["cuda"] = torch.cuda.get_rng_state(device)
     extra = {"monitor": monitor.state_dict(), "rng": rng, "epoch": epoch,
              "accuracies": list(accuracies), "seconds": seconds,
-             "config": json.loads(json.dumps(json_safe(config)))}  # fmt: skip
-    part = out / f".{CHECKPOINT}.part"
-    engine.save_checkpoint(path=part, module=model, optimizer=optimizer, checkpoint_dict=extra)
-    os.replace(part, out / CHECKPOINT)
+             "config": _as_read_back(config)}  # fmt: skip
+    write_whole(
+        out / CHECKPOINT,
+        lambda part: engine.save_checkpoint(
+            path=part, module=model, optimizer=optimizer, checkpoint_dict=extra
+        ),
+    )
 
 
 def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, Any] | None:
@@ -963,8 +974,8 @@ def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, An
         )
     elif config is None:
         why = "its config.json cannot be read"
-    else:  # (its TensorBoard logs must go on as they began)
-        why = _other_settings(config, cfg, set(RESUME_IGNORES) - {"tensorboard"})
+    else:
+        why = _other_settings(config, cfg, _CHECKPOINT_IGNORES)
     state = None
     if why is None:
         try:
@@ -975,7 +986,7 @@ def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, An
         except Exception as err:  # noqa: BLE001 - any unreadable file: said, then trained afresh
             why, state = f"its checkpoint.pt cannot be read ({err})", None
         else:  # (one copied from another run's folder)
-            other = _other_settings(state["config"], cfg, set(RESUME_IGNORES) - {"tensorboard"})
+            other = _other_settings(state["config"], cfg, _CHECKPOINT_IGNORES)
             if other is not None:
                 why, state = f"its checkpoint.pt is another run's: {other}", None
     if state is None:
@@ -994,10 +1005,15 @@ def _restore_training(state: dict[str, Any], model, optimizer, engine, out: Path
         if state.get("optimizer_state_dict"):
             optimizer.load_state_dict(state["optimizer_state_dict"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise ValueError(
-            f"{out / CHECKPOINT} does not fit this run ({err}): delete it, or run without "
-            f"--resume, to train from the start"
-        ) from err
+        raise _misfit(out, err) from err
+
+
+def _misfit(out: Path, err: Exception) -> ValueError:
+    """The error of a checkpoint that matched the settings but does not load (damaged)."""
+    return ValueError(
+        f"{out / CHECKPOINT} does not fit this run ({err}): delete it, or run without "
+        "--resume, to train from the start"
+    )
 
 
 def _set_rng_states(rng: dict[str, Any], device) -> None:
@@ -1010,42 +1026,20 @@ def _set_rng_states(rng: dict[str, Any], device) -> None:
 
 
 def _restore_records(jsonl: Path, monitor_state: dict[str, Any]) -> None:
-    """``records.jsonl`` as it was at the checkpoint: its records are the monitor state's
-    history, line for line as its sink wrote them (a file deleted or cut since, or holding the
-    stopped run's records after the checkpoint, which the resumed run writes again, is made
-    whole). A history ``max_history`` trimmed: the file's records before the checkpoint."""
-    history = monitor_state.get("history")
-    if isinstance(history, list) and monitor_state.get("record_count") == len(history):
-        part = jsonl.with_name(f".{jsonl.name}.part")
-        part.write_text("".join(json.dumps(d) + "\n" for d in history), encoding="utf-8")
-        os.replace(part, jsonl)
-    else:
-        _keep_records_before(jsonl, int(monitor_state["steps"]))
-
-
-def _keep_records_before(jsonl: Path, step: int) -> None:
-    """Drop from ``records.jsonl`` the records a stopped run wrote after its checkpoint (the
-    resumed run writes them again), and a line it was cut off writing."""
-    if not jsonl.exists():
-        return
-    kept = []
-    for line in jsonl.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break  # (a torn last line)
-        if not line.endswith("\n") or record.get("step", step) >= step:
-            break
-        kept.append(line)
-    part = jsonl.with_name(f".{jsonl.name}.part")
-    part.write_text("".join(kept), encoding="utf-8")
-    os.replace(part, jsonl)
+    """``records.jsonl`` as it was at the checkpoint: the monitor state's history, line for
+    line as its sink wrote them (a file deleted or cut since, or holding the stopped run's
+    records after the checkpoint, which the resumed run writes again, is made whole). The
+    run's monitor has no ``max_history``: its history is every record."""
+    lines = "".join(json.dumps(d) + "\n" for d in monitor_state["history"])
+    write_whole(jsonl, lambda part: part.write_text(lines, encoding="utf-8"))
 
 
 # Settings a finished run may have had otherwise and still stand for this one (``--resume``):
 # where it was written and how it was run, not what it computed (torch's thread count can move
 # a float's last bits, no figure a table shows); --tensorboard only where the run has its logs.
 RESUME_IGNORES = frozenset({"out", "tensorboard", "threads", "overlap"})
+# A checkpoint's run goes on: its TensorBoard logs must go on as they began.
+_CHECKPOINT_IGNORES = RESUME_IGNORES - {"tensorboard"}
 
 
 def _other_settings(config: dict[str, Any], cfg: RunConfig, ignored: set[str]) -> str | None:
@@ -1054,7 +1048,7 @@ def _other_settings(config: dict[str, Any], cfg: RunConfig, ignored: set[str]) -
     want = cfg.as_dict()
     if cfg.target_epsilon is not None:
         want["noise_multiplier"] = None  # (as _start_run_folder writes it)
-    want = json.loads(json.dumps(json_safe(want)))
+    want = _as_read_back(want)
     keys = (want.keys() | config.keys()) - ignored
     differ = sorted(k for k in keys if config.get(k, "(unset)") != want.get(k, "(unset)"))
     if not differ:
@@ -1117,8 +1111,8 @@ def finished_run(cfg: RunConfig) -> tuple[RunResult | None, str]:
     if not all((out / name).is_file() for name in RUN_OUTPUTS):
         summary, files = rerender_run(out)  # (stopped while they were drawn)
         result = replace(result, summary=summary, files=files)
-    for stale in (CHECKPOINT, f".{CHECKPOINT}.part"):  # (a stop before the run removed it)
-        (out / stale).unlink(missing_ok=True)
+    for stale in _checkpoint_files(out):  # (a stop before the run removed them)
+        stale.unlink(missing_ok=True)
     return result, "finished with these settings"
 
 
