@@ -979,6 +979,7 @@ def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, An
     state = None
     if why is None:
         try:
+            _check_intact(path)
             state = torch.load(path, map_location="cpu", weights_only=False)
             missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
             if missing:
@@ -994,6 +995,18 @@ def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, An
         return None
     print(f"{out}: resumed after epoch {state['epoch']} of {cfg.epochs}", file=sys.stderr)
     return state
+
+
+def _check_intact(path: Path) -> None:
+    """Refuse a checkpoint whose bytes changed since it was written: ``torch.save`` writes a
+    zip archive with a CRC-32 per record, which ``torch.load`` never checks (a flipped byte in
+    a tensor loads as a wrong weight, and the run would go on from it without a word)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"its record {bad} fails its CRC check: the file changed since written")
 
 
 def _restore_training(state: dict[str, Any], model, optimizer, engine, out: Path) -> None:

@@ -1732,6 +1732,34 @@ def test_run_resume_refuses_another_runs_checkpoint_and_mends_its_records_file(
     assert json.loads((out / "result.json").read_text())["records"] == len(want)
 
 
+def test_run_resume_refuses_a_checkpoint_whose_bytes_changed(tmp_path, capsys, monkeypatch):
+    """``torch.load`` never checks the CRC-32 that ``torch.save``'s zip holds per record: a
+    checkpoint with one flipped byte in a tensor loaded, and the run went on from a wrong
+    weight without a word. Reference: an unstopped run of the same settings."""
+    import zipfile
+
+    argv = ["run", *TINY, "--epochs", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "full")]) == 0
+    out = tmp_path / "run"
+    undo = _stop_at_evaluation(monkeypatch, 2)
+    assert cli.main([*argv, "--out", str(out)]) == 130
+    undo()
+    path = out / "checkpoint.pt"
+    with zipfile.ZipFile(path) as archive:  # the largest tensor's bytes (model or critic)
+        info = max(archive.infolist(), key=lambda i: i.file_size if "/data/" in i.filename else 0)
+    data, h = bytearray(path.read_bytes()), info.header_offset  # (its local header at h:)
+    name_and_extra = sum(int.from_bytes(data[h + i : h + i + 2], "little") for i in (26, 28))
+    data[h + 30 + name_and_extra + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "trained from the start: its checkpoint.pt cannot be read (its record" in err
+    assert "fails its CRC check" in err
+    want = without_timing(read_jsonl(tmp_path / "full" / "records.jsonl"))
+    assert without_timing(read_jsonl(out / "records.jsonl")) == want
+
+
 def test_run_resume_purges_tensorboards_steps_after_the_checkpoint(tmp_path, monkeypatch):
     """A resumed run's TensorBoard showed the steps after the checkpoint twice (the stopped
     run's events and its own); now each step once, as an unstopped run's."""
