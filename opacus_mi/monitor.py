@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -310,11 +311,29 @@ _GHOST_LOSS = (
 )
 
 
-def _is_ghost_loss(criterion) -> bool:
-    """Whether ``criterion`` is Opacus's ghost-clipping loss (its two backward passes)."""
+def _plain_loss_under_ghost(criterion) -> bool:
+    """Whether ``criterion`` is known, before it is called, to be a plain loss: a module that
+    is not Opacus's ghost-clipping loss (whose backward runs its two passes). Any other
+    callable (a function around that loss, a monitor's wrapper of it) is judged by what it
+    returns (:func:`_plain_pass`)."""
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-    return isinstance(criterion, DPLossFastGradientClipping)
+    return isinstance(criterion, torch.nn.Module) and not isinstance(
+        criterion, DPLossFastGradientClipping
+    )
+
+
+def _plain_pass(loss) -> bool:
+    """Whether a loss under ghost clipping is a plain tensor, whose ``backward()`` is one
+    pass (Opacus's loss returns its own type, arithmetic on it included)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    return not isinstance(loss, DPTensorFastGradientClipping)
+
+
+# The monitor whose wrapped criterion is running (a wrapper inside it neither records the
+# labels a second time nor says they reach no monitor).
+_TAKING_LABELS: contextvars.ContextVar[Any] = contextvars.ContextVar("_TAKING_LABELS", default=None)
 
 
 def _is_ghost(module, optimizer) -> bool:
@@ -1043,26 +1062,38 @@ class LeakageMonitor:
         Labels become one-hot features (classes taken from the output's last dimension); a
         label the loss ignores (its ``ignore_index``) is an all-zero row.
         """
-        if self._factored is not None and not _is_ghost_loss(criterion):
-            raise ValueError(
-                f"wrap_criterion got {type(criterion).__name__}, a plain loss, under ghost "
-                "clipping: its backward is one pass, and Opacus then releases the gradient "
-                "unclipped (not differentially private). Wrap the criterion make_private "
-                f"returned, which runs Opacus's two passes: {_GHOST_LOSS}; criterion = "
-                "monitor.wrap_criterion(criterion)"
+
+        def plain_loss(what: str) -> ValueError:
+            return ValueError(
+                f"wrap_criterion got {what} under ghost clipping: its backward is one pass, "
+                "and Opacus then releases the gradient unclipped (not differentially private). "
+                "Wrap the criterion make_private returned, which runs Opacus's two passes: "
+                f"{_GHOST_LOSS}; criterion = monitor.wrap_criterion(criterion)"
             )
-        loss = getattr(criterion, "criterion", criterion)  # (ghost: Opacus's wrapper's loss)
-        ignore_index = getattr(loss, "ignore_index", None)
+
+        if self._factored is not None and _plain_loss_under_ghost(criterion):
+            raise plain_loss(f"{type(criterion).__name__}, a plain loss,")
+        # (ghost: Opacus's wrapper's loss; a monitor's wrapper: the loss it wraps)
+        inner = getattr(criterion, "criterion", criterion)
+        ignore_index = getattr(inner, "ignore_index", None)
         ignore_index = ignore_index if isinstance(ignore_index, int) else None
 
         said = []
 
         def wrapped(*args, **kwargs):
+            taking = _TAKING_LABELS.get()
+            if taking is self:  # (wrapped twice: the outer wrapper has recorded them)
+                return criterion(*args, **kwargs)
             if not self.attached:
                 # (A notebook's next monitor, the criterion kept from the cell before: its
                 # critics would learn without the labels, and nothing said so. A test loss
-                # after training, with no monitor on the model, is fine as it is.)
-                if not said and any(m.module is self.module for m in list(_ATTACHED)):
+                # after training, with no monitor on the model, is fine as it is; so is this
+                # wrapper inside the attached monitor's, which has recorded them.)
+                if (
+                    taking is None
+                    and not said
+                    and any(m.module is self.module for m in list(_ATTACHED))
+                ):
                     said.append(True)
                     warnings.warn(
                         "opacus-mi: this criterion was wrapped by a monitor that is detached, "
@@ -1082,8 +1113,16 @@ class LeakageMonitor:
                     else None
                 )
                 self._capture.record_labels(target, classes, ignore_index, output)
-            return criterion(*args, **kwargs)
+            token = _TAKING_LABELS.set(self)
+            try:
+                loss = criterion(*args, **kwargs)
+            finally:
+                _TAKING_LABELS.reset(token)
+            if self._factored is not None and _plain_pass(loss):
+                raise plain_loss(f"a callable returning a plain {type(loss).__name__}")
+            return loss
 
+        wrapped.criterion = inner  # (a wrapper of this wrapper reads its ignore_index there)
         return wrapped
 
     # ------------------------------------------------------------------ the hot path
@@ -2376,7 +2415,7 @@ class LeakageMonitor:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            message = f"opacus-mi: {message}; training continues unchanged"
+            message = f"opacus-mi: {message}; the monitor left training unchanged"
             worker = getattr(self, "_worker", None)
             if (worker is not None and worker.on_worker()) or getattr(self, "_deferring", False):
                 # Said on the training thread (see _deliver), outside a step: the user's

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyCNN, make_data, make_private, per_example_norms, train
+from conftest import TinyCNN, make_data, make_private, per_example_norms, train, without_timing
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample import register_grad_sampler
 from opacus.layers import DPGRU, DPLSTM, DPRNN
@@ -1385,6 +1385,55 @@ def test_ghost_clipping_with_a_plain_loss_is_refused_or_flagged_as_unclipped():
     said = [str(w.message) for w in caught if "unclipped" in str(w.message)]
     assert len(said) == 1 and "not differentially private" in said[0], said
     assert "Opacus released a step's gradient unclipped" in monitor.summary()
+
+
+def test_ghost_wrap_criterion_judges_a_function_by_the_loss_it_returns():
+    """From a review: under ghost clipping wrap_criterion refused every callable but Opacus's
+    loss object as 'a plain loss', a function around that loss (``crit(out.logits, y)``) and
+    a detached monitor's wrapper of it too, though both run Opacus's two passes. Reference:
+    the loss wrapped itself (records and weights); a function around a plain loss is refused
+    at its first call, before its backward."""
+
+    def run(wrap):
+        engine, model, opt, criterion, loader = make_private(
+            mode="ghost", with_criterion=True, poisson=False
+        )
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+        loss_fn, monitor = wrap(monitor, criterion, lambda: LeakageMonitor(
+            engine, model, opt, delta=1e-5, every=1, estimator=None))  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (nothing said either)
+            train(model, opt, loader, criterion=loss_fn)
+            monitor.detach()
+        return without_timing(monitor.history), [p.detach().clone() for p in model.parameters()]
+
+    def itself(monitor, criterion, _):
+        return monitor.wrap_criterion(criterion), monitor
+
+    def in_a_function(monitor, criterion, _):
+        return monitor.wrap_criterion(lambda out, y: criterion(out, y) * 1.0), monitor
+
+    def a_detached_monitors_wrapper(monitor, criterion, new_monitor):
+        wrapped = monitor.wrap_criterion(criterion)
+        monitor.detach()
+        monitor = new_monitor()
+        return monitor.wrap_criterion(wrapped), monitor
+
+    want_records, want_weights = run(itself)
+    assert len(want_records) > 1 and all(not r["flags"] for r in want_records)
+    for wrap in (in_a_function, a_detached_monitors_wrapper):
+        records, weights = run(wrap)
+        assert records == want_records, wrap.__name__
+        assert all(torch.equal(a, b) for a, b in zip(weights, want_weights, strict=True))
+    engine, model, opt, criterion, loader = make_private(
+        mode="ghost", with_criterion=True, poisson=False
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    plain = monitor.wrap_criterion(lambda out, y: nn.functional.cross_entropy(out, y))
+    x, y = next(iter(loader))
+    with pytest.raises(ValueError, match="a callable returning a plain Tensor under ghost clip"):
+        plain(model(x), y)
+    monitor.detach()
 
 
 def test_a_refused_plain_loss_step_retried_with_the_two_pass_loss_is_not_flagged():

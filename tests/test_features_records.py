@@ -382,6 +382,43 @@ def test_a_misspelled_series_and_a_detached_monitors_criterion_say_so():
         fresh(model(x), y)
 
 
+def test_a_criterion_wrapped_twice_records_its_labels_once_and_says_nothing():
+    """From a review: the warning's own advice (wrap again with the monitor now attached) around
+    a detached monitor's wrapper warned at each run that the labels reach no monitor, though the
+    outer wrapper passed them; one monitor's wrapper wrapped again by it warned of a second
+    target for one forward. Reference: the loss wrapped once (records, weights)."""
+
+    def run(wrap):
+        engine, model, opt, loader = make_private(poisson=False)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+        loss_fn, monitor = wrap(monitor, lambda: LeakageMonitor(
+            engine, model, opt, delta=1e-5, train_every=1))  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (nothing said either)
+            train(model, opt, loader, criterion=loss_fn)
+            monitor.detach()
+        return without_timing(monitor.history), [p.detach().clone() for p in model.parameters()]
+
+    def once(monitor, _):
+        return monitor.wrap_criterion(nn.CrossEntropyLoss()), monitor
+
+    def twice(monitor, _):
+        return monitor.wrap_criterion(monitor.wrap_criterion(nn.CrossEntropyLoss())), monitor
+
+    def around_a_detached_monitors(monitor, new_monitor):
+        wrapped = monitor.wrap_criterion(nn.CrossEntropyLoss())
+        monitor.detach()
+        monitor = new_monitor()
+        return monitor.wrap_criterion(wrapped), monitor
+
+    want_records, want_weights = run(once)
+    assert any(k.startswith("clipped/") for k in want_records[-1]["mi"])
+    for wrap in (twice, around_a_detached_monitors):
+        records, weights = run(wrap)
+        assert records == want_records, wrap.__name__
+        assert all(torch.equal(a, b) for a, b in zip(weights, want_weights, strict=True))
+
+
 def test_the_summary_does_not_call_smile_rows_lower_bounds(monkeypatch):
     """SMILE clips its critic's marginal term: on a known 5 nats it read 5.36 on average, so
     the table's and the plot's 'learned rows are lower bounds' must except it."""

@@ -170,7 +170,9 @@ def test_an_epsilon_prv_cannot_afford_is_rdps_and_one_that_fails_is_nan(monkeypa
         train(model, opt, loader, epochs=1)
     # (the RDP accountant's failure: not put down to PRV, with PRV's fix)
     message = next(str(w.message) for w in said if "could not compute" in str(w.message))
-    assert message.endswith("flagged epsilon_failed (RDPAccountant); training continues unchanged")
+    assert message.endswith(
+        "flagged epsilon_failed (RDPAccountant); the monitor left training unchanged"
+    )
     for r in monitor.history:
         assert math.isnan(r.epsilon) and "epsilon_failed" in r.flags
         assert 0 < r.mi["private/oracle"].nats <= math.log(r.batch_size) + 1e-9
