@@ -140,6 +140,7 @@ def summary_table(
     )
     for col in columns:
         table.add_column(col, justify="left" if col.startswith("view") else "right")
+    below = []  # learned rows whose mean's whole CI is under 0 (said under the table)
     for key in keys:
         latest = next(r for r in reversed(records) if key in r.mi)
         v = latest.mi[key]
@@ -154,6 +155,8 @@ def summary_table(
         # Leakage is only claimed when the interval clears zero and both shuffled controls.
         floor = max([0.0] + [m for m in (mism_mean, ctrl_mean) if math.isfinite(m)])
         detected = "yes" if math.isfinite(lo) and lo > floor else "no"
+        if hi < 0 and key.rpartition("/")[2] not in ("oracle", "semi"):
+            below.append(key)
         # (A series the last record lacks: its latest figure is an earlier step's, said.)
         stale = "" if latest is final else f" (step {latest.step})"
         table.add_row(
@@ -202,6 +205,12 @@ def summary_table(
     )
     if any(k.endswith("/smile") for k in keys):
         text += "\nsmile rows are estimates, not bounds: its clipped critic can read above truth."
+    if below:
+        text += (
+            f"\n{', '.join(below)}: below 0 over these steps, an empty lower bound (MI is >= 0),"
+            "\nnot a measurement of 0: the critic does not fit these steps' pairs (the gradients"
+            "\nmove faster than it learns: high sigma, early training)."
+        )
     if flagged:
         text += f"\nflags seen: {', '.join(flagged)}"
     if note:

@@ -1380,6 +1380,34 @@ def test_mi_plot_shows_isolated_figures_and_the_oracles_own_ceiling(tmp_path, mo
     assert "ln B (InfoNCE / oracle ceiling)" in labels and not any("chunks" in x for x in labels)
 
 
+def test_a_learned_row_below_zero_is_said_to_be_an_empty_bound_not_a_measurement():
+    """From a review: at sigma 4 early in training a critic that validated above 0 read
+    confidently below 0 on the next steps' pairs (raw/mine -0.99 [-1.48, -0.50] as the mean of
+    the last 20), and the summary said nothing of what a negative MI figure means. Only a
+    learned row whose mean's whole CI (the one the table shows) is below 0 is named."""
+    from opacus_mi.report import mean_with_ci, summary_table
+
+    def record(step, learned, oracle):
+        return LeakageRecord(
+            step=step, batch_size=32, noise_multiplier=4.0, max_grad_norm=1.0,
+            sample_rate=0.1, epsilon=1.0, delta=1e-5,
+            mi={"raw/mine": MIValue(learned, learned - 1, learned + 1, 32),
+                "clipped/mine": MIValue(learned + 1.2, learned, learned + 2, 32),
+                "private/oracle": MIValue(oracle, oracle - 0.1, oracle + 0.1, 32)},
+        )  # fmt: skip
+
+    below = [-1.0, -0.4, -1.6, -0.8, -1.2]  # raw: mean -1, CI below 0; clipped: around 0
+    records = [record(s, v, -0.05 * (s % 2) - 0.1) for s, v in enumerate(below)]
+    for key, under in (("raw/mine", True), ("clipped/mine", False), ("private/oracle", True)):
+        hi = mean_with_ci([r.mi[key].nats for r in records])[2]
+        assert (hi < 0) == under, key
+    text = summary_table(records)
+    assert "\nraw/mine: below 0 over these steps, an empty lower bound (MI is >= 0)," in text
+    assert "clipped/mine:" not in text and "private/oracle:" not in text  # (an oracle: noise)
+    lifted = [record(s, v + 2, 0.1) for s, v in enumerate(below)]
+    assert "below 0 over these steps" not in summary_table(lifted)
+
+
 class _DictNet(nn.Module):
     """Called with a dict batch, as a tokenizer's collate gives one."""
 
