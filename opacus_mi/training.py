@@ -973,7 +973,8 @@ def _resume_point(out: Path, cfg: RunConfig, finished: str = "") -> dict[str, An
             else "no run there"
         )
     elif config is None:
-        why = "its config.json cannot be read"
+        there = (out / "config.json").exists()
+        why = f"its config.json {'cannot be read' if there else 'is missing'}"
     else:
         why = _other_settings(config, cfg, _CHECKPOINT_IGNORES)
     state = None

@@ -1738,6 +1738,8 @@ def test_run_resume_refuses_a_checkpoint_whose_bytes_changed(tmp_path, capsys, m
     weight without a word. Reference: an unstopped run of the same settings."""
     import zipfile
 
+    import opacus_mi.training as training
+
     argv = ["run", *TINY, "--epochs", "2"]
     assert cli.main([*argv, "--out", str(tmp_path / "full")]) == 0
     out = tmp_path / "run"
@@ -1745,6 +1747,14 @@ def test_run_resume_refuses_a_checkpoint_whose_bytes_changed(tmp_path, capsys, m
     assert cli.main([*argv, "--out", str(out)]) == 130
     undo()
     path = out / "checkpoint.pt"
+    config = (out / "config.json").read_bytes()  # (and its config.json missing, or damaged)
+    for damaged, why in ((None, "is missing"), (b"{", "cannot be read")):
+        (out / "config.json").unlink(missing_ok=True)
+        if damaged is not None:
+            (out / "config.json").write_bytes(damaged)
+        assert training._resume_point(out, training.RunConfig()) is None
+        assert f"trained from the start: its config.json {why}" in capsys.readouterr().err
+    (out / "config.json").write_bytes(config)
     with zipfile.ZipFile(path) as archive:  # the largest tensor's bytes (model or critic)
         info = max(archive.infolist(), key=lambda i: i.file_size if "/data/" in i.filename else 0)
     data, h = bytearray(path.read_bytes()), info.header_offset  # (its local header at h:)
