@@ -1615,6 +1615,12 @@ def test_a_sweep_row_holds_each_views_learned_figure_and_the_table_a_measured_ra
     )
     assert math.isnan(row["raw_mi"])
     assert "raw" not in sweep_table([row], estimator="mine", width=300)
+    assert "below 0" not in sweep_table([row], estimator="mine")
+    # a learned figure whose whole CI is under 0 (a stale critic, sigma 4): said, as in a run's
+    row["clipped_mi"], row["clipped_ci_low"], row["clipped_ci_high"] = -0.99, -1.48, -0.5
+    row["noise_multiplier"] = 4.0
+    text = sweep_table([row], estimator="mine")
+    assert "\nclipped at noise 4: below 0, an empty lower bound (MI is >= 0)" in text
 
 
 def _stop_at_evaluation(monkeypatch, k: int):
