@@ -1106,6 +1106,7 @@ class LeakageMonitor:
             # Called as the loss is: positionally, or as torch's losses name them.
             output = args[0] if args else kwargs.get("input")
             target = args[1] if len(args) > 1 else kwargs.get("target")
+            token = None
             if isinstance(target, torch.Tensor):
                 classes = (
                     output.shape[-1]
@@ -1113,11 +1114,12 @@ class LeakageMonitor:
                     else None
                 )
                 self._capture.record_labels(target, classes, ignore_index, output)
-            token = _TAKING_LABELS.set(self)
+                token = _TAKING_LABELS.set(self)  # (recorded: a wrapper inside need not)
             try:
                 loss = criterion(*args, **kwargs)
             finally:
-                _TAKING_LABELS.reset(token)
+                if token is not None:
+                    _TAKING_LABELS.reset(token)
             if self._factored is not None and _plain_pass(loss):
                 raise plain_loss(f"a callable returning a plain {type(loss).__name__}")
             return loss

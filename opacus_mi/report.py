@@ -140,7 +140,7 @@ def summary_table(
     )
     for col in columns:
         table.add_column(col, justify="left" if col.startswith("view") else "right")
-    below = []  # learned rows whose mean's whole CI is under 0 (said under the table)
+    below = []  # learned bounds whose mean's whole CI is under 0 (said under the table)
     for key in keys:
         latest = next(r for r in reversed(records) if key in r.mi)
         v = latest.mi[key]
@@ -155,7 +155,7 @@ def summary_table(
         # Leakage is only claimed when the interval clears zero and both shuffled controls.
         floor = max([0.0] + [m for m in (mism_mean, ctrl_mean) if math.isfinite(m)])
         detected = "yes" if math.isfinite(lo) and lo > floor else "no"
-        if hi < 0 and key.rpartition("/")[2] not in ("oracle", "semi"):
+        if hi < 0 and key.rpartition("/")[2] not in ("oracle", "semi", "smile"):
             below.append(key)
         # (A series the last record lacks: its latest figure is an earlier step's, said.)
         stale = "" if latest is final else f" (step {latest.step})"

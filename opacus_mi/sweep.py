@@ -271,12 +271,15 @@ def sweep_table(
 
         needed = Console(width=1000).measure(table).maximum
         width = min(_TABLE_MAX_WIDTH, max(_TABLE_WIDTH, needed))
-    below = [  # learned figures whose whole CI is under 0 (said, as a run's summary says them)
+    # Learned bounds whose whole CI is under 0, said as a run's summary says them (smile's
+    # figures are estimates, not bounds).
+    below = [
         f"{view} at noise {_g(r.get('noise_multiplier'))}"
         for r in rows
         for view in ("clipped", "raw")
         if is_finite_number(r.get(f"{view}_ci_high")) and r[f"{view}_ci_high"] < 0
     ]
+    below = [] if estimator == "smile" else below
     note = (
         f"\n{'; '.join(below)}: below 0, an empty lower bound (MI is >= 0), not a measurement"
         "\nof 0: the critic did not fit the run's last steps (see that run's summary)."

@@ -1621,6 +1621,7 @@ def test_a_sweep_row_holds_each_views_learned_figure_and_the_table_a_measured_ra
     row["noise_multiplier"] = 4.0
     text = sweep_table([row], estimator="mine")
     assert "\nclipped at noise 4: below 0, an empty lower bound (MI is >= 0)" in text
+    assert "below 0" not in sweep_table([row], estimator="smile")  # (an estimate, not a bound)
 
 
 def _stop_at_evaluation(monkeypatch, k: int):
@@ -1774,6 +1775,31 @@ def test_run_resume_refuses_a_checkpoint_whose_bytes_changed(tmp_path, capsys, m
     assert "fails its CRC check" in err
     want = without_timing(read_jsonl(tmp_path / "full" / "records.jsonl"))
     assert without_timing(read_jsonl(out / "records.jsonl")) == want
+
+
+def test_the_checkpoint_crc_check_passes_what_torch_wrote_without_crcs(tmp_path):
+    """From a review: a checkpoint saved with torch's CRC-32s turned off (a public option,
+    whose files torch.load reads) was refused as changed. Reference: torch.load itself."""
+    import torch
+
+    from opacus_mi.training import _check_intact
+
+    path = tmp_path / "c.pt"
+    state = {"w": torch.arange(4096.0)}
+    try:
+        torch.serialization.set_crc32_options(False)
+        torch.save(state, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    _check_intact(path)
+    assert torch.equal(torch.load(path)["w"], state["w"])
+    torch.save(state, path)  # with CRCs: a changed byte in the tensor is caught
+    data = bytearray(path.read_bytes())
+    data[data.find(torch.tensor([1234.0]).numpy().tobytes())] ^= 0x10  # (w[1234]'s bytes)
+    path.write_bytes(bytes(data))
+    assert torch.load(path)["w"][1234] != 1234  # (which torch.load takes as it is)
+    with pytest.raises(ValueError, match="fails its CRC check"):
+        _check_intact(path)
 
 
 def test_run_resume_purges_tensorboards_steps_after_the_checkpoint(tmp_path, monkeypatch):
