@@ -301,6 +301,22 @@ def _ghost_release_warnings(module) -> list[tuple[str, str]]:
                 "grad_sample_mode='hooks', or bags without repeated ids",
             )
         )
+    if any(
+        isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.scale_grad_by_freq
+        for m in sampled
+    ):
+        said.append(
+            (
+                "ghost:scale_grad_by_freq",
+                "ghost clipping clips an embedding with scale_grad_by_freq=True with the norms "
+                "of Opacus's grad sampler, which ignores the scaling, and releases autograd's "
+                "second pass, which divides each id's gradient by its count in the whole batch: "
+                "one example's ids change what the others release, which Opacus's epsilon does "
+                "not allow for, and the monitor's figures follow Opacus's per-sample gradients, "
+                "not the released ones. Use scale_grad_by_freq=False, or "
+                "grad_sample_mode='hooks'",
+            )
+        )
     return said
 
 
