@@ -38,6 +38,7 @@ import numbers
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -640,6 +641,23 @@ def _fano_consistent(ident, batch_size: int) -> bool:
     return centre - half <= ceiling + 1e-12
 
 
+def _fano_line(rows: Sequence[dict[str, Any]]) -> str:
+    """Whether Fano's ceiling held, as :func:`_fano_consistent` judges it (up to Monte Carlo
+    error), naming the settings whose point values cross it all the same (re-id 0.61 against
+    a ceiling of 0.60 read as "holds in every setting", with no word of the tolerance)."""
+    tolerance = (
+        "up to Monte Carlo error: the re-id accuracy's 95% Wilson lower limit against the "
+        "ceiling at the MI oracle's upper 95% limit"
+    )
+    broken = [r["setting"] for r in rows if not int(r["fano_ok"])]
+    if broken:
+        return f"Fano's inequality is violated ({tolerance}) in: {', '.join(broken)}"
+    crossed = [r["setting"] for r in rows if r["reid_acc"] > r["fano_bound"]]
+    return f"Fano's inequality holds in every setting ({tolerance})" + (
+        f"; the point values cross it in {', '.join(crossed)}" if crossed else ""
+    )
+
+
 def _round(v: float) -> float:
     """Values are stored with 8 significant digits, so correlations recomputed from
     validate.csv are exactly the reported ones."""
@@ -903,17 +921,13 @@ def write_outputs(
     )
     files.append(write_csv(correlations, out / "correlations.csv", corr_cols))
     base = next((r["psnr_mean_image"] for r in rows), math.nan)
-    fano_all = all(int(r["fano_ok"]) for r in rows)
     lines = [
         grid_table(rows),
         NOTES,
         f"baseline: predicting the mean training image scores {_fmt(base, 1)} dB PSNR "
         f"(B = {int(rows[0]['batch_size'])} inputs); candidates n = {int(rows[0]['candidates'])}, "
         f"ln n = {_fmt(rows[0]['ln_candidates'])}",
-        "Fano's inequality holds in every setting"
-        if fano_all
-        else "Fano's inequality is violated in: "
-        + ", ".join(r["setting"] for r in rows if not int(r["fano_ok"])),
+        _fano_line(rows),
         "",
         correlation_table(correlations),
         "rho: Spearman over the rows of validate.csv (average ranks for ties, inf ranks highest), "
@@ -936,7 +950,7 @@ def write_outputs(
     summary = {
         "config": config,
         "correlations": correlations,
-        "fano_holds": fano_all,
+        "fano_holds": all(int(r["fano_ok"]) for r in rows),
         "settings": len(rows),
     }
     if wall_seconds is not None:

@@ -373,6 +373,26 @@ def _main(argv):
     return rc, out.getvalue(), err.getvalue()
 
 
+def test_the_fano_line_names_its_tolerance_and_the_settings_whose_points_cross_it():
+    """From a review: with re-id 0.61 against a ceiling of 0.60 (within Monte Carlo error, so
+    fano_ok) the output said "Fano's inequality holds in every setting", no word of the
+    tolerance. Reference: the rows' own point values and flags."""
+    from opacus_mi.validate import _fano_line
+
+    rows = [
+        {"setting": "step0_B1_sigma0", "reid_acc": 0.50, "fano_bound": 0.90, "fano_ok": 1},
+        {"setting": "step180_B4_sigma0.001", "reid_acc": 0.61, "fano_bound": 0.60, "fano_ok": 1},
+    ]
+    line = _fano_line(rows)
+    assert line.startswith("Fano's inequality holds in every setting (up to Monte Carlo error")
+    assert line.endswith("; the point values cross it in step180_B4_sigma0.001")
+    assert "cross" not in _fano_line(rows[:1])
+    rows[1]["fano_ok"] = 0
+    line = _fano_line(rows)
+    assert line.startswith("Fano's inequality is violated (up to Monte Carlo error")
+    assert line.endswith(") in: step180_B4_sigma0.001")
+
+
 def test_validate_end_to_end_writes_csv_and_reproducible_correlations(tmp_path):
     out = tmp_path / "val"
     argv = [
