@@ -347,8 +347,8 @@ def _plain_pass(loss) -> bool:
     return not isinstance(loss, DPTensorFastGradientClipping)
 
 
-# The monitor whose wrapped criterion is running (a wrapper inside it neither records the
-# labels a second time nor says they reach no monitor).
+# The monitor whose wrapper recorded the labels of the loss call now running (a wrapper inside
+# it neither records them a second time nor says they reach no monitor).
 _TAKING_LABELS: contextvars.ContextVar[Any] = contextvars.ContextVar("_TAKING_LABELS", default=None)
 
 

@@ -155,7 +155,7 @@ def summary_table(
         # Leakage is only claimed when the interval clears zero and both shuffled controls.
         floor = max([0.0] + [m for m in (mism_mean, ctrl_mean) if math.isfinite(m)])
         detected = "yes" if math.isfinite(lo) and lo > floor else "no"
-        if hi < 0 and key.rpartition("/")[2] not in ("oracle", "semi", "smile"):
+        if hi < 0 and is_lower_bound(key.rpartition("/")[2]):
             below.append(key)
         # (A series the last record lacks: its latest figure is an earlier step's, said.)
         stale = "" if latest is final else f" (step {latest.step})"
@@ -207,15 +207,25 @@ def summary_table(
         text += "\nsmile rows are estimates, not bounds: its clipped critic can read above truth."
     if below:
         text += (
-            f"\n{', '.join(below)}: below 0 over these steps, an empty lower bound (MI is >= 0),"
-            "\nnot a measurement of 0: the critic does not fit these steps' pairs (the gradients"
-            "\nmove faster than it learns: high sigma, early training)."
+            f"\n{', '.join(below)}: below 0 over these steps, {EMPTY_BOUND}:"
+            "\nthe critic does not fit these steps' pairs (the gradients move faster than it"
+            "\nlearns: high sigma, early training)."
         )
     if flagged:
         text += f"\nflags seen: {', '.join(flagged)}"
     if note:
         text += f"\n{note}"
     return text
+
+
+# What a learned figure whose whole CI is below 0 is (under a run's summary, a sweep's table).
+EMPTY_BOUND = "an empty lower bound (MI is >= 0), not a measurement of 0"
+
+
+def is_lower_bound(kind: str | None) -> bool:
+    """Whether an estimator's figures are lower bounds on the MI: not the oracles' (estimates
+    of the exact value), nor smile's (its clipped critic can read above the truth)."""
+    return kind not in ("oracle", "semi", "smile")
 
 
 BUG_P = 1e-3  # how improbable a run's exceeds_bound flags must be to be called a bug

@@ -20,7 +20,15 @@ from typing import Any
 from .accounting import gaussian_channel_bound
 from .checks import is_finite_number, plain_values
 from .records import LeakageRecord
-from .report import fmt_number, mean_with_ci, read_csv_rows, render_table, write_csv_rows
+from .report import (
+    EMPTY_BOUND,
+    fmt_number,
+    is_lower_bound,
+    mean_with_ci,
+    read_csv_rows,
+    render_table,
+    write_csv_rows,
+)
 from .training import (
     RunConfig,
     RunResult,
@@ -271,19 +279,17 @@ def sweep_table(
 
         needed = Console(width=1000).measure(table).maximum
         width = min(_TABLE_MAX_WIDTH, max(_TABLE_WIDTH, needed))
-    # Learned bounds whose whole CI is under 0, said as a run's summary says them (smile's
-    # figures are estimates, not bounds).
+    # Learned bounds whose whole CI is under 0, said as a run's summary says them.
     below = [
         f"{view} at noise {_g(r.get('noise_multiplier'))}"
         for r in rows
         for view in ("clipped", "raw")
         if is_finite_number(r.get(f"{view}_ci_high")) and r[f"{view}_ci_high"] < 0
     ]
-    below = [] if estimator == "smile" else below
     note = (
-        f"\n{'; '.join(below)}: below 0, an empty lower bound (MI is >= 0), not a measurement"
-        "\nof 0: the critic did not fit the run's last steps (see that run's summary)."
-        if below
+        f"\n{'; '.join(below)}: below 0, {EMPTY_BOUND}:\nthe critic did not fit the run's last "
+        "steps (see that run's summary)."
+        if below and is_lower_bound(estimator)
         else ""
     )
     return render_table(table, width) + note
