@@ -584,6 +584,15 @@ class FeatureCapture:
             labels = capture.labels
             if labels.ndim == 1 and not torch.is_floating_point(labels):
                 k = capture.num_classes
+                if k is None:
+                    self._warn(
+                        "features:labels:classes",
+                        "the wrapped criterion's first argument is not the logits (nor has "
+                        "them as .logits), so the number of classes is read from each batch's "
+                        "largest label, and a batch without the top class changes the features' "
+                        "width (flag 'features_width_changed'); pass it: "
+                        "monitor.wrap_criterion(loss, num_classes=K)",
+                    )
                 if not k or k < 2:  # a single-logit head: classes from the labels themselves
                     k = max(2, int(labels.max().item()) + 1 if batch else 2)
                 parts.append(one_hot_labels(labels, k, check=self._check_labels()))

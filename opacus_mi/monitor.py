@@ -327,6 +327,16 @@ _GHOST_LOSS = (
 )
 
 
+def _classes_of(output: Any) -> int | None:
+    """The number of classes a loss's first argument shows: its last dimension, or that of its
+    ``.logits`` (a model output object's); 1 for a single logit per example (the classes are
+    then the labels'); None where it shows none."""
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        return None
+    return logits.shape[-1] if logits.ndim > 1 else 1
+
+
 def _plain_loss_under_ghost(criterion) -> bool:
     """Whether ``criterion`` is known, before it is called, to be a plain loss: a module that
     is not Opacus's ghost-clipping loss (whose backward runs its two passes). Any other
@@ -1070,14 +1080,27 @@ class LeakageMonitor:
         self._jsonl = None  # (the parent's file: neither written nor closed here)
         self._unhook()
 
-    def wrap_criterion(self, criterion: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def wrap_criterion(
+        self, criterion: Callable[..., torch.Tensor], *, num_classes: int | None = None
+    ) -> Callable[..., torch.Tensor]:
         """Return ``criterion`` that also shows the monitor each chunk's labels (one line)::
 
             criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
 
-        Labels become one-hot features (classes taken from the output's last dimension); a
-        label the loss ignores (its ``ignore_index``) is an all-zero row.
+        Labels become one-hot features; a label the loss ignores (its ``ignore_index``) is an
+        all-zero row. The number of classes is ``num_classes``, else the last dimension of the
+        loss's first argument (or of its ``.logits``, a model output object's): a loss called
+        with neither would take it from each batch's largest label, and a batch without the
+        top class would change the features' width, which the critics cannot follow.
         """
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(
+                f"wrap_criterion's num_classes={num_classes!r}: give the classifier's number of "
+                "classes (an int >= 2), or leave it None to read it from the loss's first "
+                "argument, the logits"
+            )
 
         def plain_loss(what: str) -> ValueError:
             return ValueError(
@@ -1124,11 +1147,7 @@ class LeakageMonitor:
             target = args[1] if len(args) > 1 else kwargs.get("target")
             token = None
             if isinstance(target, torch.Tensor):
-                classes = (
-                    output.shape[-1]
-                    if isinstance(output, torch.Tensor) and output.ndim > 1
-                    else None
-                )
+                classes = num_classes or _classes_of(output)
                 self._capture.record_labels(target, classes, ignore_index, output)
                 token = _TAKING_LABELS.set(self)  # (recorded: a wrapper inside need not)
             try:

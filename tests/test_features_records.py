@@ -2053,3 +2053,58 @@ def test_a_runs_bound_flags_are_called_a_bug_only_beyond_chance():
     text = summary_table(run(100, {5, 50, 90}))
     said = "BUG? private/oracle exceeded its bound beyond its CI in 3 of 100 records"
     assert f"{said} (by chance: p = {p:.1g})" in text.replace("\n", " ")
+
+
+def _first_batch_without_the_top_class() -> torch.utils.data.TensorDataset:
+    """make_data's 3 classes, ordered so that the first batch of 16 holds classes 0 and 1 only."""
+    x, y = make_data(96).tensors
+    order = torch.cat([torch.nonzero(y < 2).flatten()[:16], torch.nonzero(y == 2).flatten()])
+    rest = torch.tensor([i for i in range(96) if i not in set(order.tolist())], dtype=torch.long)
+    order = torch.cat([order[:16], rest, order[16:]])
+    return torch.utils.data.TensorDataset(x[order], y[order])
+
+
+@pytest.mark.parametrize("how", ["logits_attribute", "num_classes", "neither"])
+def test_the_label_width_holds_when_the_loss_is_not_given_the_logits_tensor(how):
+    """A model returning an output object, its loss called on the object: the wrapper read the
+    classes from each batch's largest label, so a first batch without the top class built the
+    critics one column narrow and every later step was flagged features_width_changed, with
+    no learned figure. The classes now come from the object's ``.logits`` or from
+    ``num_classes=``; where neither gives them, the monitor says so and how to give them."""
+
+    class Net(TinyCNN):
+        def forward(self, x):
+            out = super().forward(x)
+            return SimpleNamespace(logits=out) if how == "logits_attribute" else _LogitsDict(z=out)
+
+    data = _first_batch_without_the_top_class()
+    assert int(data.tensors[1][:16].max()) == 1 and int(data.tensors[1].max()) == 2
+    engine, model, opt, loader = make_private(poisson=False, data=data, net=Net)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", every=1)
+
+    def loss(out, y):
+        logits = out.logits if how == "logits_attribute" else out["z"]
+        return nn.functional.cross_entropy(logits, y)
+
+    criterion = monitor.wrap_criterion(loss, num_classes=3 if how == "num_classes" else None)
+    if how == "neither":
+        with pytest.warns(RuntimeWarning, match=r"num_classes=K"):
+            train(model, opt, loader, criterion=criterion)
+        assert any("features_width_changed" in r.flags for r in monitor.history)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="opacus-mi")
+            train(model, opt, loader, criterion=criterion)
+        assert not any(r.flags for r in monitor.history)
+        assert monitor._feature_width() == 36 + 3
+        assert "clipped/mine" in monitor.history[-1].mi
+    monitor.detach()
+
+
+@pytest.mark.parametrize("bad", [1, 0, 2.0, True, "3"])
+def test_wrap_criterion_names_a_bad_num_classes(bad):
+    engine, model, opt, _ = make_private()
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5)
+    with pytest.raises(ValueError, match=r"num_classes=.*an int >= 2"):
+        monitor.wrap_criterion(nn.CrossEntropyLoss(), num_classes=bad)
+    monitor.detach()
