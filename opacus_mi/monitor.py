@@ -3076,10 +3076,16 @@ def _deliver_rest(done: deque, jsonl: JsonlSink | None, said: deque) -> None:
             pass
     if jsonl is not None:
         jsonl.close()
-    with warnings.catch_warnings():  # (said, never raised: see _flush_at_exit)
-        _said_not_raised()
-        while said:
-            warnings.warn(said.popleft(), RuntimeWarning, stacklevel=2)
+    # Said, never raised (see _flush_at_exit), but without catch_warnings: the garbage
+    # collector runs this on whichever thread it collects on, another monitor's overlap worker
+    # included, and catch_warnings swaps the process's filters under the thread that set them
+    # (a test's warnings-as-errors or record block lost warnings, or its "error" filter).
+    while said:
+        message = said.popleft()
+        try:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        except Warning as raised:  # an "error" filter: say it as "default" would
+            warnings.showwarning(raised, RuntimeWarning, __file__, 0)
 
 
 def _oracle_margin(mean: float, sd: float, n: int, mc: tuple[float, float]) -> float:

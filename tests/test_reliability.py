@@ -581,3 +581,28 @@ def test_a_replayed_step_whose_record_fails_still_gets_its_flagged_record():
     assert [r.step for r in monitor.history] == [0, 1, 2]
     assert "error:RuntimeError" in monitor.history[-1].flags
     monitor.detach()
+
+
+def test_a_collected_monitors_last_warnings_leave_the_warning_filters_alone(monkeypatch):
+    """The garbage collector runs a collected monitor's finaliser on whichever thread it
+    collects on, another monitor's overlap worker included. It said its kept warnings inside
+    ``catch_warnings()``, which swaps the process's filter list for a copy: a test's (or a
+    user's) warnings-as-errors or record block on the training thread lost warnings, or its
+    "error" filter, meanwhile. They are now said with the filters as they are (an "error" one
+    only says), and the same list stays in place throughout."""
+    from collections import deque
+
+    from opacus_mi.monitor import _deliver_rest
+
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))  # (restored after)
+    warnings.filterwarnings("error", message="opacus-mi: raised")
+    filters = warnings.filters
+    seen = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        seen.append((str(message), warnings.filters is filters))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+    _deliver_rest(deque(), None, deque(["opacus-mi: raised", "opacus-mi: said"]))
+    assert seen == [("opacus-mi: raised", True), ("opacus-mi: said", True)]
+    assert warnings.filters is filters
