@@ -660,6 +660,10 @@ class LeakageMonitor:
                     "oracle_draws": oracle_draws,
                     # (else rank 0, which writes the records, followed the other ranks' pacing)
                     "exact_epsilon": exact_epsilon,
+                    # (each rank's epsilon and MI bound from its own: rank 1's history and
+                    # summary read other figures than the JSONL rank 0 writes)
+                    "delta": delta,
+                    "poisson_sampling": poisson_sampling,
                 }
             )
         self.engine, self.module, self.optimizer = engine, module, optimizer

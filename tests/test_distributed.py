@@ -382,9 +382,12 @@ def _settings_run(rank: int, tmp: str) -> dict:
         ("two", {"token_dim": 8 << rank, "seed": rank, "budget": 0.01 * (1 + rank)}),
         # (rank 0 alone asking for it wrote records of a paced, out-of-date PRV epsilon)
         ("exact", {"exact_epsilon": rank == 0}),
+        # (each rank's records held its own epsilon and MI bound, rank 0's alone written)
+        ("accounting", {"delta": [1e-5, 1e-3][rank], "poisson_sampling": rank > 0 or None}),
     ):
         try:
-            LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, **differ).detach()
+            kwargs = {"delta": 1e-5, "estimator": None, **differ}
+            LeakageMonitor(engine, model, opt, **kwargs).detach()
             errors[case] = None
         except ValueError as exc:
             errors[case] = str(exc)
@@ -824,6 +827,8 @@ def test_arguments_that_differ_between_ranks_raise_on_every_rank(lifecycle):
         assert "pass the same token_dim, seed on every rank" in errors["two"]
         assert "budget" not in errors["two"]  # (every rank follows the most frugal plan)
         assert "exact_epsilon (True on ranks [0]; False on ranks [1])" in errors["exact"]
+        assert "delta (1e-05 on ranks [0]; 0.001 on ranks [1])" in errors["accounting"]
+        assert "poisson_sampling (None on ranks [0]; True on ranks [1])" in errors["accounting"]
         assert out["settings"]["calls"] == ["all_gather_object"]  # one collective, no more
     assert ranks[0]["settings"] == ranks[1]["settings"]
 
