@@ -57,7 +57,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,9 +329,11 @@ _GHOST_LOSS = (
 
 def _classes_of(output: Any) -> int | None:
     """The number of classes a loss's first argument shows: its last dimension, or that of its
-    ``.logits`` (a model output object's); 1 for a single logit per example (the classes are
-    then the labels'); None where it shows none."""
+    ``.logits`` or ``["logits"]`` (a model output object's or dict's); 1 for a single logit per
+    example (the classes are then the labels'); None where it shows none."""
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
     if not isinstance(logits, torch.Tensor):
         return None
     return logits.shape[-1] if logits.ndim > 1 else 1

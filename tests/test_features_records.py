@@ -2064,7 +2064,7 @@ def _first_batch_without_the_top_class() -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(x[order], y[order])
 
 
-@pytest.mark.parametrize("how", ["logits_attribute", "num_classes", "neither"])
+@pytest.mark.parametrize("how", ["logits_attribute", "logits_key", "num_classes", "neither"])
 def test_the_label_width_holds_when_the_loss_is_not_given_the_logits_tensor(how):
     """A model returning an output object, its loss called on the object: the wrapper read the
     classes from each batch's largest label, so a first batch without the top class built the
@@ -2075,7 +2075,9 @@ def test_the_label_width_holds_when_the_loss_is_not_given_the_logits_tensor(how)
     class Net(TinyCNN):
         def forward(self, x):
             out = super().forward(x)
-            return SimpleNamespace(logits=out) if how == "logits_attribute" else _LogitsDict(z=out)
+            if how == "logits_attribute":
+                return SimpleNamespace(logits=out)
+            return {"logits": out} if how == "logits_key" else _LogitsDict(z=out)
 
     data = _first_batch_without_the_top_class()
     assert int(data.tensors[1][:16].max()) == 1 and int(data.tensors[1].max()) == 2
@@ -2083,7 +2085,7 @@ def test_the_label_width_holds_when_the_loss_is_not_given_the_logits_tensor(how)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", every=1)
 
     def loss(out, y):
-        logits = out.logits if how == "logits_attribute" else out["z"]
+        logits = out.logits if how == "logits_attribute" else out.get("logits", out.get("z"))
         return nn.functional.cross_entropy(logits, y)
 
     criterion = monitor.wrap_criterion(loss, num_classes=3 if how == "num_classes" else None)
