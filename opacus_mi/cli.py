@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -576,6 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(err)
         except PermissionError as err:
             return _error(f"permission denied: {err}")
+        except BrokenPipeError:
+            # Whoever read the output has gone (`| head -c 0`): the work written is kept, and
+            # the exit is a shell's on SIGPIPE, not an error (stdout to /dev/null, else the
+            # interpreter's last flush says it again).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # (128 + SIGPIPE)
         except OSError as err:
             return _error(err)
         except KeyboardInterrupt as stop:

@@ -20,7 +20,9 @@ batch produced it, paired with that example's data.</li>
 Opacus's Gaussian noise (what DP-SGD releases). <code>mine</code>, <code>infonce</code>,
 <code>nwj</code> and <code>smile</code> are learned critics; <code>private/oracle</code> is the
 white-box Bayes oracle for the private view: a Monte Carlo estimate of its exact MI (unbiased,
-not a bound), drawn from the Gram matrix of the clipped gradients.</li>
+not a bound), drawn from the Gram matrix of the clipped gradients; <code>private/semi</code>
+(with <code>--semi-oracle</code>) is an estimate too, not a bound: a learned model of each
+example's clean token, scored with the known noise.</li>
 <li><b>last / mean [95% CI].</b> Learned estimates are <b>lower bounds evaluated on held-out
 pairs</b> the critic never trained on (<code>smile</code>'s excepted: its clipping can
 overshoot), with Student-t intervals from a delete-one-pair jackknife (<code>infonce</code>;

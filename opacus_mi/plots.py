@@ -141,10 +141,11 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     ax.axhline(0.0, color="lightgray", linewidth=0.8, zorder=0)
     _step_axis(ax, [r.step for r in records])
     ax.set_ylabel("mutual information (nats)")
-    smile = any(k.endswith("/smile") for k in _keys(records))
+    estimates = [k for k in ("smile", "semi") if any(s.endswith(f"/{k}") for s in _keys(records))]
     ax.set_title(
         "Measured leakage per DP-SGD step\n(95% CI; learned rows: held-out lower bounds"
-        + ("; smile: an estimate)" if smile else ")")
+        + "".join(f"; {k}: an estimate" for k in estimates)
+        + ")"
     )
     if not records:
         ax.text(0.5, 0.5, "no monitored steps", ha="center", va="center", transform=ax.transAxes)

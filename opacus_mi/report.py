@@ -205,6 +205,11 @@ def summary_table(
     )
     if any(k.endswith("/smile") for k in keys):
         text += "\nsmile rows are estimates, not bounds: its clipped critic can read above truth."
+    if any(k.endswith("/semi") for k in keys):
+        text += (
+            "\nprivate/semi is an estimate, not a bound: a learned clean-token model scored with"
+            "\nthe known noise."
+        )
     if below:
         text += (
             f"\n{', '.join(below)}: below 0 over these steps, {EMPTY_BOUND}:"

@@ -1111,6 +1111,24 @@ def test_console_script(tmp_path):
     assert "Warning" not in proc.stderr, proc.stderr  # Opacus's chatter is filtered
     assert (out / "report.html").is_file()
 
+    # Its reader gone before it printed (`| head -c 0`): the files are written, and the exit
+    # is a shell's on SIGPIPE, not "error: [Errno 32] Broken pipe" with status 2.
+    (out / "report.html").unlink()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        gone = subprocess.run(
+            [str(script), "report", str(out)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert (gone.returncode, gone.stderr) == (141, "")
+    assert (out / "report.html").is_file()
+
     bad = subprocess.run(
         [str(script), "run", "--delta", "2"],
         capture_output=True,
