@@ -211,7 +211,16 @@ def run_sweep(
                     print(f"{name}/: kept: {why}", file=sys.stderr)
                     keep(kept)
                     continue
-            train_and_monitor(cfg, progress=progress, trained=keep, resume=resume)
+            try:
+                train_and_monitor(cfg, progress=progress, trained=keep, resume=resume)
+            except ValueError as err:  # (a setting that diverged, say: what the sweep kept)
+                kept = (
+                    f"{out / 'sweep.csv'} holds the rows of the settings finished before it "
+                    f"({len(rows)}), which --resume keeps"
+                    if rows
+                    else "no setting had finished before it"
+                )
+                raise ValueError(f"{name}/: {err}. The sweep stopped there: {kept}") from err
         table, files = write_sweep_outputs(out, rows, settings=settings)
         return rows, table, files
 

@@ -326,6 +326,24 @@ def test_a_diverged_run_stops_at_the_epochs_end_and_says_why(tmp_path, capsys, a
     assert not (out / "result.json").exists()  # no results of a diverged model
 
 
+def test_a_sweep_stopped_by_a_diverged_setting_says_which_and_what_it_kept(tmp_path, capsys):
+    """The run's message alone did not say which setting of the sweep it was, nor that the
+    finished settings' rows were kept in sweep.csv for --resume."""
+    from opacus_mi.sweep import read_sweep_csv
+
+    out = tmp_path / "sw"
+    argv = ["sweep", *TINY, "--estimator", "none", "--out", str(out)]
+    rc = cli.main([*argv, "--noise-multipliers", "1", "1e37", "--max-grad-norm", "1000"])
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("opacus-mi: error:")]
+    assert rc == 2 and len(line) == 1 and "Traceback" not in err
+    assert line[0].startswith("opacus-mi: error: sigma_1e+37/: training diverged in epoch 1")
+    assert f"{out / 'sweep.csv'} holds the rows of the settings finished before it (1)" in line[0]
+    assert [r["setting"] for r in read_sweep_csv(out / "sweep.csv")] == ["sigma_1"]
+    rc = cli.main([*argv, "--noise-multipliers", "1e37", "--max-grad-norm", "1000"])
+    assert rc == 2 and "no setting had finished before it" in capsys.readouterr().err
+
+
 def test_batch_larger_than_the_data_is_refused(tmp_path, capsys):
     """Opacus takes q = 1 / len(loader): a batch of 2,000 on 1,437 digits silently ran q = 1."""
     rc = cli.main(["run", "--epochs", "1", "--batch-size", "2000", "--out", str(tmp_path / "x")])
