@@ -161,10 +161,11 @@ def estimate_mi(x, y, estimator: str = "mine", **kwargs) -> MIEstimate:
         bootstrap, confidence: the interval (``bootstrap`` 0 or at least ``2 / (1 - confidence)``
             resamples, 40 at 0.95, so that each tail expects one). Its low end is the
             percentile-bootstrap limit of the held-out bound (evaluation noise only: a ~97.5% lower
-            confidence limit on the critic's bound, which a near-optimal critic puts above the truth
-            at about that rate); InfoNCE's is Student's t with a delete-one-pair jackknife's
-            standard error instead, since its row terms share the candidates (``bootstrap`` then
-            only says whether there is an interval). Its high end is the larger of that limit and
+            confidence limit on the critic's bound, nearer 96.8% at small MI, which a near-optimal
+            critic puts above the truth at about that rate); InfoNCE's is Student's t with a
+            delete-one-pair jackknife's standard error instead, since its row terms share the
+            candidates (``bootstrap`` then only says whether there is an interval). Its high end
+            is the larger of that limit and
             the same critic's bound on as many of its *training* pairs plus the same half-width.
             Why: the held-out figure is pessimistic by the critic's estimation error and the
             in-sample one optimistic by it; on the ground-truth tasks the held-out bound sat ~4%
