@@ -1170,3 +1170,40 @@ def test_a_failed_steps_measuring_time_is_not_the_next_records(monkeypatch):
     seconds = [r.monitor_seconds for r in monitor.history]
     assert max(seconds) - min(seconds) < 0.5, seconds
     monitor.detach()
+
+
+def test_the_sweep_plots_legend_covers_no_data_and_a_wide_epsilon_range_is_logarithmic(
+    tmp_path, monkeypatch
+):
+    """The leakage panel's legend ("best" inside the axes) sat on the bound/step line of the
+    README's sweep, and epsilon 0.56-21 crowded three of four settings into the left fifth of
+    both panels. The legend is outside the axes now, and a 10x range of epsilon is log-scaled."""
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig))
+    rows = [
+        {
+            "setting": f"sigma_{s:g}",
+            "epsilon": e,
+            "bound_per_step": 1 / (2 * s * s),
+            "oracle_mi": m,
+            "oracle_ci_low": m - 0.02,
+            "oracle_ci_high": m + 0.02,
+            "clipped_mi": 2.0,
+            "clipped_ci_low": 1.8,
+            "clipped_ci_high": 2.2,
+            "test_accuracy": 0.9,
+        }
+        for s, e, m in [(0.5, 21.25, 0.52), (1, 3.98, 0.17), (2, 1.29, 0.04), (4, 0.56, 0.015)]
+    ]
+    plots.plot_sweep(rows, tmp_path / "sweep.png")
+    plots.plot_sweep(rows[1:3], tmp_path / "sweep.png")  # (3.98 / 1.29: linear)
+    wide, narrow = seen
+    for fig in (wide, narrow):
+        fig.canvas.draw()
+        ax_mi = fig.axes[0]
+        legend = ax_mi.get_legend().get_window_extent()
+        assert not legend.overlaps(ax_mi.get_window_extent())
+    assert [ax.get_xscale() for ax in wide.axes] == ["log", "log"]
+    assert [ax.get_xscale() for ax in narrow.axes] == ["linear", "linear"]
