@@ -496,6 +496,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _error(message: str) -> int:
     line = " ".join(str(message).split())
     print(f"{PROG}: error: {line}", file=sys.stderr)
@@ -568,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.time_ns()
         try:
             with _sigterm_interrupts():
-                return commands[args.command](args)
+                status = commands[args.command](args)
+                sys.stdout.flush()  # (a closed pipe's error here, not at the interpreter's exit)
+                return status
         except DataRootError as err:
             return _error(err)
         except MissingDependencyError as err:
@@ -577,7 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(err)
         except PermissionError as err:
             return _error(f"permission denied: {err}")
-        except BrokenPipeError:
+        except BrokenPipeError as err:
+            if not _stdout_gone():  # a pipe or socket the command wrote: an error
+                return _error(err)
             # Whoever read the output has gone (`| head -c 0`): the work written is kept, and
             # the exit is a shell's on SIGPIPE, not an error (stdout to /dev/null, else the
             # interpreter's last flush says it again).

@@ -81,8 +81,9 @@ def one_hot_labels(labels: torch.Tensor, classes: int, *, check: bool = True) ->
     if check and labels.numel() and int(labels.max()) >= classes:
         bad = sorted(set(labels[labels >= classes].tolist()))
         raise ValueError(
-            f"the labels given to the wrapped criterion include {bad[:5]}, outside the "
-            f"model's {classes} outputs: a label must be a class index in [0, {classes}), or "
+            f"the labels given to the wrapped criterion include {bad[:5]}, outside its "
+            f"{classes} classes (wrap_criterion's num_classes, else the logits' last dimension): "
+            f"a label must be a class index in [0, {classes}), or "
             "negative for an example the loss ignores (ignore_index=-100; wrap a loss module "
             "such as nn.CrossEntropyLoss(ignore_index=...) and its ignore_index is read)"
         )
@@ -588,7 +589,8 @@ class FeatureCapture:
                     self._warn(
                         "features:labels:classes",
                         "the wrapped criterion's first argument is not the logits (nor has "
-                        "them as .logits), so the number of classes is read from each batch's "
+                        "them as .logits or ['logits']), so the number of classes is read from "
+                        "each batch's "
                         "largest label, and a batch without the top class changes the features' "
                         "width (flag 'features_width_changed'); pass it: "
                         "monitor.wrap_criterion(loss, num_classes=K)",

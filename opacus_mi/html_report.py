@@ -25,7 +25,8 @@ not a bound), drawn from the Gram matrix of the clipped gradients; <code>private
 example's clean token, scored with the known noise.</li>
 <li><b>last / mean [95% CI].</b> Learned estimates are <b>lower bounds evaluated on held-out
 pairs</b> the critic never trained on (<code>smile</code>'s excepted: its clipping can
-overshoot), with Student-t intervals from a delete-one-pair jackknife (<code>infonce</code>;
+overshoot; and <code>private/semi</code>, an estimate), with Student-t intervals from a
+delete-one-pair jackknife (<code>infonce</code>;
 blank near ln B, where a batch cannot show its spread) or bootstrap intervals (blank on too
 few pairs for the figure); the oracle's is Student-t, reaching down to a proven floor near ln B.
 The mean averages the last records with an interval across steps.</li>

@@ -53,6 +53,7 @@ import functools
 import math
 import numbers
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -1099,6 +1100,7 @@ class LeakageMonitor:
         with neither would take it from each batch's largest label, and a batch without the
         top class would change the features' width, which the critics cannot follow.
         """
+        num_classes = python_number(num_classes)
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
         ):
@@ -1120,6 +1122,8 @@ class LeakageMonitor:
             raise plain_loss(f"{type(criterion).__name__}, a plain loss,")
         # (ghost: Opacus's wrapper's loss; a monitor's wrapper: the loss it wraps)
         inner = getattr(criterion, "criterion", criterion)
+        # (a monitor's wrapper wrapped again: its classes, if given, unless these are)
+        num_classes = num_classes or getattr(criterion, "num_classes", None)
         ignore_index = getattr(inner, "ignore_index", None)
         ignore_index = ignore_index if isinstance(ignore_index, int) else None
 
@@ -1166,6 +1170,7 @@ class LeakageMonitor:
             return loss
 
         wrapped.criterion = inner  # (a wrapper of this wrapper reads its ignore_index there)
+        wrapped.num_classes = num_classes  # (and its classes here)
         return wrapped
 
     # ------------------------------------------------------------------ the hot path
@@ -3090,8 +3095,9 @@ def _deliver_rest(done: deque, jsonl: JsonlSink | None, said: deque) -> None:
         message = said.popleft()
         try:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-        except Warning as raised:  # an "error" filter: say it as "default" would
-            warnings.showwarning(raised, RuntimeWarning, __file__, 0)
+        except Warning as raised:  # an "error" filter: say it as "default" would, from where
+            caller = sys._getframe(1)  # warn's stacklevel=2 points (the collector's call)
+            warnings.showwarning(raised, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno)
 
 
 def _oracle_margin(mean: float, sd: float, n: int, mc: tuple[float, float]) -> float:

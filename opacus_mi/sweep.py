@@ -214,10 +214,12 @@ def run_sweep(
             try:
                 train_and_monitor(cfg, progress=progress, trained=keep, resume=resume)
             except ValueError as err:  # (a setting that diverged, say: what the sweep kept)
+                done = [r for r in rows if r.get("setting") != name]  # (its row may be in)
                 kept = (
                     f"{out / 'sweep.csv'} holds the rows of the settings finished before it "
-                    f"({len(rows)}), which --resume keeps"
-                    if rows
+                    f"({len(done)}), which sweep --resume keeps when rerun with the same other "
+                    "settings"
+                    if done
                     else "no setting had finished before it"
                 )
                 raise ValueError(f"{name}/: {err}. The sweep stopped there: {kept}") from err

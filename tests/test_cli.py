@@ -344,6 +344,21 @@ def test_a_sweep_stopped_by_a_diverged_setting_says_which_and_what_it_kept(tmp_p
     assert rc == 2 and "no setting had finished before it" in capsys.readouterr().err
 
 
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error(tmp_path, capsys, monkeypatch):
+    """Only a gone stdout reader ends a command silently (141): a pipe or socket the command
+    itself writes that breaks is an error, said as any other, and stdout's text is kept."""
+
+    def report(args):
+        print("the summary so far")
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_report", report)
+    rc = cli.main(["report", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "the summary so far\n"
+    assert err == "opacus-mi: error: [Errno 32] Broken pipe\n"
+
+
 def test_batch_larger_than_the_data_is_refused(tmp_path, capsys):
     """Opacus takes q = 1 / len(loader): a batch of 2,000 on 1,437 digits silently ran q = 1."""
     rc = cli.main(["run", "--epochs", "1", "--batch-size", "2000", "--out", str(tmp_path / "x")])
@@ -1134,13 +1149,15 @@ def test_console_script(tmp_path):
     (out / "report.html").unlink()
     read_end, write_end = os.pipe()
     os.close(read_end)
-    try:
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:  # (buffered, as by default: the pipe's error came at the interpreter's last flush)
         gone = subprocess.run(
             [str(script), "report", str(out)],
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
             timeout=120,
+            env=buffered,
         )
     finally:
         os.close(write_end)

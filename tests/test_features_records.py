@@ -125,7 +125,7 @@ def test_a_label_past_the_outputs_is_named_in_a_features_error():
     criterion = monitor.wrap_criterion(
         lambda out, target: nn.functional.cross_entropy(out, target, ignore_index=3)
     )
-    with pytest.warns(RuntimeWarning, match=r"include \[3\], outside the model's 3 outputs"):
+    with pytest.warns(RuntimeWarning, match=r"include \[3\], outside its 3 classes"):
         train(model, opt, loader, criterion=criterion)
     assert [r.flags for r in monitor.history] == [["features_error"]] * 2
     assert all("private/oracle" in r.mi for r in monitor.history)
@@ -140,7 +140,7 @@ def test_one_hot_labels_against_brute_force_with_and_without_the_range_check():
     got = one_hot_labels(labels, 4, check=False)
     assert torch.equal(got.isnan(), _one_hot_reference(labels, 4).isnan())
     assert torch.equal(got.nan_to_num(), _one_hot_reference(labels, 4).nan_to_num())
-    with pytest.raises(ValueError, match=r"include \[4, 5\], outside the model's 4 outputs"):
+    with pytest.raises(ValueError, match=r"include \[4, 5\], outside its 4 classes"):
         one_hot_labels(labels, 4)
 
 
@@ -2123,4 +2123,30 @@ def test_wrap_criterion_names_a_bad_num_classes(bad):
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5)
     with pytest.raises(ValueError, match=r"num_classes=.*an int >= 2"):
         monitor.wrap_criterion(nn.CrossEntropyLoss(), num_classes=bad)
+    monitor.detach()
+
+
+def test_a_wrappers_classes_reach_a_wrapper_around_it():
+    """A monitor's wrapper (num_classes=3) wrapped again, by the same monitor or a notebook's
+    next one: the outer wrapper, which records the labels, read only its own num_classes or the
+    output, so an output object without logits lost the classes given (and NumPy's int is an
+    int, as for every other argument)."""
+    import numpy as np
+
+    class Net(TinyCNN):
+        def forward(self, x):
+            return _LogitsDict(z=super().forward(x))
+
+    data = _first_batch_without_the_top_class()
+    engine, model, opt, loader = make_private(poisson=False, data=data, net=Net)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", every=1)
+    inner = monitor.wrap_criterion(
+        lambda out, y: nn.functional.cross_entropy(out["z"], y), num_classes=np.int64(3)
+    )
+    criterion = monitor.wrap_criterion(inner)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="opacus-mi")
+        train(model, opt, loader, criterion=criterion)
+    assert not any(r.flags for r in monitor.history)
+    assert monitor._feature_width() == 36 + 3
     monitor.detach()
