@@ -142,6 +142,7 @@ _NOT_COPIED = (
 )
 MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in an engine checkpoint
 SKETCH_SIGNS = 2  # the sketch's sign rule, saved with a checkpoint's settings
+STATE_FORMAT = 2  # state_dict's layout; a state of a higher one is refused (a newer version's)
 _GHOST_HINT = (
     "ghost clipping is supported for grad_sample_mode='ghost' (GradSampleModuleFastGradientClipping"
     " with DPOptimizerFastGradientClipping or its DDP variant), not 'ghost_fsdp' or tensor "
@@ -2650,6 +2651,7 @@ class LeakageMonitor:
                 "batch (optimizer._is_last_step_skipped is False)"
             )
         return {
+            "format": STATE_FORMAT,
             "steps": self.steps,
             "own_step": self._own_step,
             "first_step": self._first_step,  # where the run's first monitor attached
@@ -2728,6 +2730,20 @@ class LeakageMonitor:
                 f"not a LeakageMonitor.state_dict() (missing {missing or 'everything'}){hint}"
             )
         saved = state.get("settings")  # (absent from checkpoints of earlier versions)
+        # A newer version's state: another format, or settings this version does not know
+        # (whose critics were made with something it cannot set). Unknown settings are judged
+        # only in states that say their format: an earlier version's may hold ones since
+        # dropped.
+        fmt = state.get("format")
+        unknown = sorted(set(saved) - set(self._settings())) if fmt and saved else []
+        if (fmt is not None and (not isinstance(fmt, int) or fmt > STATE_FORMAT)) or unknown:
+            also = f"; settings {', '.join(unknown)} unknown here" if unknown else ""
+            raise ValueError(
+                f"this monitor state was saved by a newer opacus-mi (state format {fmt!r}, this "
+                f"one reads up to {STATE_FORMAT}{also}): upgrade opacus-mi to continue from it, "
+                "or start a fresh monitor (training resumes from the rest of the checkpoint "
+                "unchanged)"
+            )
         if (saved is None or "sketch_signs" not in saved) and self.tokenizer.sign_flips:
             raise ValueError(
                 "this checkpoint was saved by an earlier version of opacus-mi, whose sketch of "
@@ -2807,7 +2823,18 @@ class LeakageMonitor:
             if state.get("delta") is not None:
                 _real(state["delta"], "delta")
             part = "generator"
-            torch.Generator(device=self.generator.device).set_state(state["generator"])
+            spare = torch.Generator(device=self.generator.device)
+            spare.set_state(state["generator"])
+            if (  # (into throwaway ones, on a spare generator: this monitor's is not drawn)
+                self.semi_oracle is not None
+                and state.get("semi_oracle") is not None
+                and _saved_semi_tokens(state) == self._semi_tokens()
+            ):
+                part = "semi_oracle"
+                self._new_semi_oracle(generator=spare).load_state_dict(state["semi_oracle"])
+                if self.subspace is not None and state.get("subspace") is not None:
+                    part = "subspace"
+                    self._new_subspace().load_state_dict(state["subspace"])
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise ValueError(

@@ -1251,6 +1251,86 @@ def test_a_checkpoint_with_a_damaged_monitor_state_is_refused_before_anything_lo
     assert engine.accountant.history == [] and engine.monitor.steps == 0
 
 
+def _cut_window(st):
+    stored = st["estimators"]["clipped"]["pairs"]["stored"]
+    stored["x"] = stored["x"][:, :5]
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (
+            lambda st: st["estimators"]["clipped"]["pairs"]["stored"].pop("head"),
+            "clipped critic does not load \\('head'\\)",
+        ),
+        (_cut_window, "clipped critic does not load"),
+        (
+            lambda st: st["estimators"]["private"].update(batches_seen="three"),
+            "private critic does not load \\(batches_seen is 'three', not a count\\)",
+        ),
+        (
+            lambda st: st["semi_oracle"].update(dims=[7, 7]),  # (its net: none, or 7 wide)
+            "monitor state's semi_oracle does not load",
+        ),
+        (
+            lambda st: st["subspace"]["stored"].update(rows=torch.zeros(3, 7)),
+            "monitor state's subspace does not load \\(this subspace state is of a model with 7",
+        ),
+    ],
+)
+def test_a_checkpoint_with_damaged_windows_or_semi_oracle_is_refused_before_anything_loads(
+    tmp_path, damage, says
+):
+    """The check before Opacus loads a checkpoint tried the critics' weights but not their
+    sample windows, nor the semi-oracle or its gradient subspace: those failed in the monitor's
+    load_state_dict, after the model, optimizer and accountant had been replaced, with a bare
+    KeyError or RuntimeError; a window cut to other widths, or a count that was no count,
+    loaded, and every later record was flagged error:... instead."""
+    kwargs = {"delta": 1e-5, "every": 1, "train_every": 1, "semi_oracle": True}
+    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
+    train(model, opt, loader)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt)
+    checkpoint = torch.load(path, weights_only=False)
+    damage(checkpoint["opacus_mi_monitor_state_dict"])
+    torch.save(checkpoint, path)
+    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, seed=1, **kwargs)
+    weights = [p.detach().clone() for p in model.parameters()]
+    drawn = engine.monitor.generator.get_state()
+    with pytest.raises(ValueError, match=says):
+        engine.load_checkpoint(path=path, module=model, optimizer=opt)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    assert engine.accountant.history == [] and engine.monitor.steps == 0
+    assert torch.equal(engine.monitor.generator.get_state(), drawn)  # (checked on a spare one)
+
+
+@pytest.mark.parametrize(
+    "newer, says",
+    [
+        ({"format": 3}, "state format 3, this one reads up to 2"),
+        ({"settings:token_norm": "l2"}, "settings token_norm unknown here"),
+    ],
+)
+def test_a_newer_versions_monitor_state_is_refused_and_an_earlier_ones_is_not(newer, says):
+    """A state with a setting this version does not know (its critics made with something it
+    cannot set), or of a later format, loaded with no word. It is refused now; a state that
+    says no format (an earlier version's, which may hold settings since dropped) is not."""
+    engine, model, opt, loader = make_private()
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
+    train(model, opt, loader)
+    state = monitor.state_dict()
+    assert state["format"] == 2
+    for key, value in newer.items():
+        place, _, name = key.rpartition(":")
+        (state[place] if place else state)[name] = value
+    with pytest.raises(ValueError, match=f"saved by a newer opacus-mi \\(.*{says}"):
+        monitor.load_state_dict(state)
+    del state["format"]  # (an earlier version's: not judged by its settings' names)
+    monitor.load_state_dict(state)
+    assert monitor.steps == state["steps"] > 0
+    monitor.detach()
+
+
 def _loop_records(mode: str, variant: str, every: int = 1) -> tuple[list[dict], list[torch.Tensor]]:
     """Records and parameters of 20 fixed batches trained with ``variant`` of the loop:
     "plain"; "skip" (batch 1 run forward and backward, then dropped by ``zero_grad``);

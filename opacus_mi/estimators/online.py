@@ -747,10 +747,22 @@ class OnlineEstimator:
                 f"this state was saved with token_encoder={saved!r} but the estimator uses "
                 f"{self.token_encoder!r}; build it (or the monitor's tokenizer) with {saved!r}"
             )
-        if state.get("dims") is None:
+        for key in ("batches_seen", "updates"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int):
+                raise TypeError(f"{key} is {state[key]!r}, not a count")
+        # Its windows too, into throwaway ones (a damaged window failed in load_state_dict, or
+        # loaded and then failed every training round), of the critic's widths.
+        dims = state.get("dims")
+        for key, size in (("pairs", self.pairs.size), ("val", self.val.size)):
+            window = PairWindow(size, self.pairs.dtype)
+            window.load_state_dict(state[key] if key == "pairs" else state.get(key) or {})
+            widths = (window.x.shape[1], window.y.shape[1]) if len(window) else None
+            if dims is not None and widths is not None and widths != tuple(dims):
+                raise ValueError(f"its {key} window's rows are {widths} wide, its critic's {dims}")
+        if dims is None:
             return
         spare = torch.Generator(device=self.generator.device)
-        critic, optimizer = self._make_critic(*state["dims"], spare)
+        critic, optimizer = self._make_critic(*dims, spare)
         critic.load_state_dict(state["critic"])
         optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if state.get("selected") is not None:
