@@ -1235,7 +1235,16 @@ def test_a_checkpoint_with_a_damaged_monitor_state_is_refused_before_anything_lo
     or step count failed in the monitor's load_state_dict, after Opacus had replaced the
     model, the optimizer and the accountant, with an error that did not say it was the
     checkpoint's (``TypeError: epsilon is 'garbage', not a number``)."""
-    kwargs = {"delta": 1e-5, "every": 1, "train_every": 1}
+    _damaged_checkpoint_is_refused(
+        tmp_path, damage, f"monitor state's {part} does not load .*{says}", every=1
+    )
+
+
+def _damaged_checkpoint_is_refused(tmp_path, damage, says: str, **settings) -> None:
+    """Save a checkpoint after an epoch, ``damage`` its monitor state, and load it into a
+    fresh engine: refused with ``says`` before the model, the accountant, the monitor's steps
+    or its generator change."""
+    kwargs = {"delta": 1e-5, "train_every": 1, **settings}
     engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
     train(model, opt, loader)
     path = tmp_path / "ckpt.pt"
@@ -1245,10 +1254,12 @@ def test_a_checkpoint_with_a_damaged_monitor_state_is_refused_before_anything_lo
     torch.save(checkpoint, path)
     engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, seed=1, **kwargs)
     weights = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=f"monitor state's {part} does not load .*{says}"):
+    drawn = engine.monitor.generator.get_state()
+    with pytest.raises(ValueError, match=says):
         engine.load_checkpoint(path=path, module=model, optimizer=opt)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
     assert engine.accountant.history == [] and engine.monitor.steps == 0
+    assert torch.equal(engine.monitor.generator.get_state(), drawn)  # (checked on a spare one)
 
 
 def _cut_window(st):
@@ -1286,22 +1297,7 @@ def test_a_checkpoint_with_damaged_windows_or_semi_oracle_is_refused_before_anyt
     load_state_dict, after the model, optimizer and accountant had been replaced, with a bare
     KeyError or RuntimeError; a window cut to other widths, or a count that was no count,
     loaded, and every later record was flagged error:... instead."""
-    kwargs = {"delta": 1e-5, "every": 1, "train_every": 1, "semi_oracle": True}
-    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, **kwargs)
-    train(model, opt, loader)
-    path = tmp_path / "ckpt.pt"
-    engine.save_checkpoint(path=path, module=model, optimizer=opt)
-    checkpoint = torch.load(path, weights_only=False)
-    damage(checkpoint["opacus_mi_monitor_state_dict"])
-    torch.save(checkpoint, path)
-    engine, model, opt, loader = make_private(engine_cls=MonitoredPrivacyEngine, seed=1, **kwargs)
-    weights = [p.detach().clone() for p in model.parameters()]
-    drawn = engine.monitor.generator.get_state()
-    with pytest.raises(ValueError, match=says):
-        engine.load_checkpoint(path=path, module=model, optimizer=opt)
-    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
-    assert engine.accountant.history == [] and engine.monitor.steps == 0
-    assert torch.equal(engine.monitor.generator.get_state(), drawn)  # (checked on a spare one)
+    _damaged_checkpoint_is_refused(tmp_path, damage, says, every=1, semi_oracle=True)
 
 
 @pytest.mark.parametrize(
