@@ -5,9 +5,9 @@
 Each rank draws its own Poisson sample of its shard of the digits; the monitor all-gathers the
 ranks' tokens, features and Gram matrices at every monitored step, so the learned critics see
 the global batch. The white-box oracle's candidates stay each rank's own batch (its Gram needs
-that rank's per-sample gradients), so its ceiling is the mean ln of the local batch sizes, not
-ln of the global one. Every rank computes the same records; rank 0 alone prints and writes
-them (``runs/ddp_leakage.jsonl``).
+that rank's per-sample gradients), so its ceiling is the per-example mean of ln of the local
+batch sizes, not ln of the global one. Every rank computes the same records; rank 0 alone
+prints and writes them (``runs/ddp_leakage.jsonl``).
 Everything else is the usual Opacus DPDDP recipe; the monitor needs no distributed code of its
 own: create it on every rank, like the optimizer.
 """

@@ -42,7 +42,7 @@ class MIValue:
     control: float | None = None  # a critic trained on shuffled pairs, held out: should be ~0
     # The most the figure can read where that is not ln n: the oracle's candidates are each
     # physical chunk's (BatchMemoryManager) or rank's (DPDDP) examples, so its ceiling is the
-    # mean ln of their sizes, below the logical batch's ln B.
+    # per-example mean of ln of their sizes (sum n_i ln n_i / sum n_i), below ln B.
     ceiling: float | None = None
 
     @property
