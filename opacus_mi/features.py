@@ -590,9 +590,8 @@ class FeatureCapture:
                         "features:labels:classes",
                         "the wrapped criterion's first argument is not the logits (nor has "
                         "them as .logits or ['logits']), so the number of classes is read from "
-                        "each batch's "
-                        "largest label, and a batch without the top class changes the features' "
-                        "width (flag 'features_width_changed'); pass it: "
+                        "each batch's largest label, and a batch without the top class changes "
+                        "the features' width (flag 'features_width_changed'); pass it: "
                         "monitor.wrap_criterion(loss, num_classes=K)",
                     )
                 if not k or k < 2:  # a single-logit head: classes from the labels themselves

@@ -1102,9 +1102,7 @@ class LeakageMonitor:
         top class would change the features' width, which the critics cannot follow.
         """
         num_classes = python_number(num_classes)
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
-        ):
+        if num_classes is not None and not is_int_at_least(num_classes, 2):
             raise ValueError(
                 f"wrap_criterion's num_classes={num_classes!r}: give the classifier's number of "
                 "classes (an int >= 2), or leave it None to read it from the loss's first "
@@ -2734,8 +2732,8 @@ class LeakageMonitor:
         # (whose critics were made with something it cannot set). Unknown settings are judged
         # only in states that say their format: an earlier version's may hold ones since
         # dropped.
-        fmt = state.get("format")
-        unknown = sorted(set(saved) - set(self._settings())) if fmt and saved else []
+        fmt, mine = state.get("format"), self._settings()
+        unknown = sorted(set(saved) - set(mine)) if fmt and saved else []
         if (fmt is not None and (not isinstance(fmt, int) or fmt > STATE_FORMAT)) or unknown:
             also = f"; settings {', '.join(unknown)} unknown here" if unknown else ""
             raise ValueError(
@@ -2755,7 +2753,7 @@ class LeakageMonitor:
         if saved is not None:
             differ = {  # (a setting an earlier version did not save is not compared)
                 k: (v, saved[k])
-                for k, v in self._settings().items()
+                for k, v in mine.items()
                 if k in saved and saved[k] != v and k != "semi_tokens"  # (see _replace_state)
             }
             if differ:

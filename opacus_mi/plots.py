@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .records import LeakageRecord  # noqa: E402
+from .report import is_lower_bound  # noqa: E402
 
 
 def _finite(x: Any) -> float:
@@ -141,7 +142,8 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     ax.axhline(0.0, color="lightgray", linewidth=0.8, zorder=0)
     _step_axis(ax, [r.step for r in records])
     ax.set_ylabel("mutual information (nats)")
-    estimates = [k for k in ("smile", "semi") if any(s.endswith(f"/{k}") for s in _keys(records))]
+    kinds = dict.fromkeys(k.rpartition("/")[2] for k in _keys(records))  # (in order shown)
+    estimates = [k for k in kinds if k != "oracle" and not is_lower_bound(k)]
     ax.set_title(
         "Measured leakage per DP-SGD step\n(95% CI; learned rows: held-out lower bounds"
         + "".join(f"; {k}: an estimate" for k in estimates)
