@@ -34,6 +34,23 @@ def fmt_number(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def fmt_interval(mid: Any, low: Any, high: Any, digits: int = 3) -> str:
+    """``mid [low, high]``, the ends to the midpoint's decimals (``0.015 [0.009, 0.021]``, where
+    each by itself read ``0.015 [0.00915, 0.021]``: one end to more places than the figure it
+    brackets). A midpoint :func:`fmt_number` writes in exponent form, or that is missing, leaves
+    each end to its own rule; a missing or infinite end reads as :func:`fmt_number` says."""
+    text = fmt_number(mid, digits)
+    if text in ("-", "inf", "-inf") or "e" in text:
+        return f"{text} [{fmt_number(low, digits)}, {fmt_number(high, digits)}]"
+    places = len(text.partition(".")[2])
+
+    def end(x: Any) -> str:
+        said = fmt_number(x, digits)
+        return said if said in ("-", "inf", "-inf") else f"{float(x):.{places}f}"
+
+    return f"{text} [{end(low)}, {end(high)}]"
+
+
 def _epsilon(x: float) -> str:
     """Epsilon as :func:`fmt_number` gives it (2.5e-05 at sigma 1e4 read 0.000), and NaN, an
     accountant that could not compute it, as ``nan``."""
@@ -161,8 +178,8 @@ def summary_table(
         stale = "" if latest is final else f" (step {latest.step})"
         table.add_row(
             key,
-            f"{fmt_number(v.nats)} [{fmt_number(v.ci_low)}, {fmt_number(v.ci_high)}]{stale}",
-            f"{fmt_number(mean)} [{fmt_number(lo)}, {fmt_number(hi)}]{over}",
+            f"{fmt_interval(v.nats, v.ci_low, v.ci_high)}{stale}",
+            f"{fmt_interval(mean, lo, hi)}{over}",
             fmt_number(mism_mean),
             *((fmt_number(ctrl_mean),) if has_control else ()),
             detected,

@@ -22,6 +22,7 @@ from .checks import is_finite_number, plain_values
 from .records import LeakageRecord
 from .report import (
     EMPTY_BOUND,
+    fmt_interval,
     fmt_number,
     is_lower_bound,
     mean_with_ci,
@@ -247,7 +248,7 @@ def _ci_cell(row: dict[str, Any], prefix: str) -> str:
     if not is_finite_number(mid):
         return "-"
     lo, hi = row.get(f"{prefix}_ci_low"), row.get(f"{prefix}_ci_high")
-    return f"{fmt_number(mid)} [{fmt_number(lo)}, {fmt_number(hi)}]"
+    return fmt_interval(mid, lo, hi)
 
 
 def sweep_table(

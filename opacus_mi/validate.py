@@ -59,7 +59,7 @@ from .checks import (
     require_seed,
 )
 from .records import json_safe
-from .report import fmt_number, read_csv_rows, render_table, write_csv_rows
+from .report import fmt_interval, fmt_number, read_csv_rows, render_table, write_csv_rows
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
 DEFAULT_NOISE: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
@@ -831,8 +831,7 @@ def grid_table(rows: list[dict[str, Any]], width: int = 140) -> str:
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
-        lo, hi = _fmt(r["mi_oracle_ci_low"]), _fmt(r["mi_oracle_ci_high"])
-        mi = f"{_fmt(r['mi_oracle'])} [{lo}, {hi}]"
+        mi = fmt_interval(r["mi_oracle"], r["mi_oracle_ci_low"], r["mi_oracle_ci_high"], 2)
         pix = r["mi_pixels"]
         table.add_row(
             str(int(r["step"])),

@@ -301,7 +301,7 @@ def test_the_table_shows_small_and_infinite_bounds_and_what_each_mean_averages(m
     the legend with no line and no note; a series some of the last records lack was headed
     'mean of last N' over fewer than N values."""
     from opacus_mi import plots
-    from opacus_mi.report import fmt_number, mean_with_ci, summary_table
+    from opacus_mi.report import fmt_interval, mean_with_ci, summary_table
 
     texts = []
     monkeypatch.setattr(
@@ -324,7 +324,7 @@ def test_the_table_shows_small_and_infinite_bounds_and_what_each_mean_averages(m
     text = summary_table(records)
     assert "mean of last 6" in text
     cells = _cells(text, "clipped/mine")
-    assert cells[2] == f"{fmt_number(mean)} [{fmt_number(lo)}, {fmt_number(hi)}] (n={len(finite)})"
+    assert cells[2] == f"{fmt_interval(mean, lo, hi)} (n={len(finite)})"
     assert "(n=" not in _cells(text, "private/oracle")[2]
 
 
@@ -422,6 +422,31 @@ def test_a_criterion_wrapped_twice_records_its_labels_once_and_says_nothing():
         records, weights = run(wrap)
         assert records == want_records, wrap.__name__
         assert all(torch.equal(a, b) for a, b in zip(weights, want_weights, strict=True))
+
+
+def test_an_intervals_ends_are_given_to_its_midpoints_places():
+    """The sweep's sigma-4 oracle cell read 0.015 [0.00915, 0.021]: each figure by its own rule,
+    one end to more places than the figure it brackets. The ends now take the midpoint's
+    decimals, whatever the midpoint's own rule (3 decimals, or 3 significant digits below 0.01),
+    and a figure that is missing, infinite or in exponent form keeps its own."""
+    from opacus_mi.report import fmt_interval, fmt_number
+
+    nan, inf = math.nan, math.inf
+    cases = {
+        (0.015, 0.00915, 0.021): "0.015 [0.009, 0.021]",
+        (2.311, 1.5967, 3.0412): "2.311 [1.597, 3.041]",
+        (0.00125, 0.000912, 0.0016): "0.00125 [0.00091, 0.00160]",
+        (0.2, -0.0004, 0.5): "0.200 [-0.000, 0.500]",
+        (0.5, nan, inf): "0.500 [-, inf]",
+        (nan, 0.1, 0.2): "- [0.100, 0.200]",
+        (inf, 0.1, inf): "inf [0.100, inf]",
+        (1.5e-7, 1e-7, 2.5e-7): "1.5e-07 [1e-07, 2.5e-07]",
+    }
+    for (mid, lo, hi), said in cases.items():
+        assert fmt_interval(mid, lo, hi) == said
+        # (the midpoint itself as fmt_number gives it, always)
+        assert said.partition(" [")[0] == fmt_number(mid)
+    assert fmt_interval(0.432, 0.0091, 0.519, 2) == "0.43 [0.01, 0.52]"
 
 
 @pytest.mark.parametrize("kind", ["smile", "semi"])
