@@ -448,26 +448,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .sweep import rerender_sweep
-    from .training import prepare_out_dir, rerender_run
+    from .training import claim_out_dir, prepare_out_dir, rerender_run
     from .validate import rerender_validate
 
     out = Path(args.outdir)
     if not out.is_dir():
         raise ValueError(f"OUTDIR {str(out)!r} is not a folder")
-    if (out / "records.jsonl").is_file():
-        prepare_out_dir(out, name="OUTDIR")
-        text, files = rerender_run(out)
-    elif (out / "sweep.csv").is_file():
-        prepare_out_dir(out, name="OUTDIR")
-        text, files = rerender_sweep(out)
-    elif (out / "validate.csv").is_file():
-        prepare_out_dir(out, name="OUTDIR")
-        text, files = rerender_validate(out)
-    else:
+    kinds = (("records.jsonl", rerender_run), ("sweep.csv", rerender_sweep))
+    kinds += (("validate.csv", rerender_validate),)
+    rerender = next((how for name, how in kinds if (out / name).is_file()), None)
+    if rerender is None:
         raise ValueError(
             f"OUTDIR {str(out)!r} has none of records.jsonl (a run), sweep.csv (a sweep) or "
             "validate.csv (a validate)"
         )
+    prepare_out_dir(out, name="OUTDIR")
+    # (A folder a run is writing is refused, as a second run is: its own tables and plots
+    # are drawn into it at its end, and the two would write the same files.)
+    with claim_out_dir(out, name="OUTDIR"):
+        text, files = rerender(out)
     print(text)
     print(f"re-rendered in {out}/: " + ", ".join(f.name for f in files))
     return 0

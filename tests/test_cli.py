@@ -1325,8 +1325,9 @@ sys.exit(cli.main(["run", *argv]))
 def test_a_folder_in_use_by_another_run_is_refused_and_left_as_it_is(tmp_path, capsys):
     """Two runs into one --out (the default runs/latest from two terminals): the second cleared
     the first's files mid-run; the first went on writing records into a deleted file and ended
-    with its result.json beside the second's records. Now the second is refused. Here the
-    first is this process holding the folder's claim, as a running opacus-mi does."""
+    with its result.json beside the second's records. Now the second is refused, and so is a
+    ``report`` of the folder, which rewrote the running one's summary.txt, CSV and plots. Here
+    the first is this process holding the folder's claim, as a running opacus-mi does."""
     from opacus_mi.training import claim_out_dir
 
     run = ["run", *TINY, "--estimator", "none"]
@@ -1338,6 +1339,9 @@ def test_a_folder_in_use_by_another_run_is_refused_and_left_as_it_is(tmp_path, c
         with claim_out_dir(out):
             rc = cli.main([*argv, "--seed", "1", "--out", str(out)])
             _assert_one_line_error(rc, capsys.readouterr().err, "--out", "is in use by another")
+            # (report too: it draws the same tables and plots the run draws at its end)
+            rc = cli.main(["report", str(out)])
+            _assert_one_line_error(rc, capsys.readouterr().err, "OUTDIR", "is in use by another")
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
         assert cli.main([*argv, "--out", str(out)]) == 0  # let go: it runs
 
