@@ -209,7 +209,7 @@ def run_sweep(
             if resume:
                 kept, why = finished_run(cfg)
                 if kept is not None:  # (else the run says whether it resumes, and why not)
-                    print(f"{name}/: kept: {why}", file=sys.stderr)
+                    print(f"{cfg.out}: kept: {why}", file=sys.stderr)  # (as run says it)
                     keep(kept)
                     continue
             try:

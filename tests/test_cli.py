@@ -1557,8 +1557,9 @@ def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_swee
     assert cli.main([*base, "--out", out, "--resume"]) == 0
     assert trained == ["sigma_2"]
     err = capsys.readouterr().err
-    assert "sigma_1/: kept: finished with these settings" in err
-    assert "sigma_2: trained from the start: no epoch of a run there finished" in err
+    # (each run's folder named alike, whichever of the sweep and the run says it)
+    assert f"{Path(out) / 'sigma_1'}: kept: finished with these settings" in err
+    assert f"{Path(out) / 'sigma_2'}: trained from the start: no epoch of a run there" in err
     got = read_sweep_csv(tmp_path / "s" / "sweep.csv")
     assert [r["setting"] for r in got] == ["sigma_1", "sigma_2"]
     for g, w in zip(got, full, strict=True):
