@@ -1077,7 +1077,9 @@ def _other_settings(config: dict[str, Any], cfg: RunConfig, ignored: set[str]) -
         want["noise_multiplier"] = None  # (as _start_run_folder writes it)
     want = _as_read_back(want)
     keys = (want.keys() | config.keys()) - ignored
-    differ = sorted(k for k in keys if config.get(k, "(unset)") != want.get(k, "(unset)"))
+    differ = sorted(
+        k for k in keys if not _same_setting(k, config.get(k, "(unset)"), want.get(k, "(unset)"))
+    )
     if not differ:
         return None
     said = ", ".join(
@@ -1085,6 +1087,22 @@ def _other_settings(config: dict[str, Any], cfg: RunConfig, ignored: set[str]) -
         for k in differ[:3]
     )
     return f"it ran with other settings ({said}{', ...' if len(differ) > 3 else ''})"
+
+
+def _same_setting(key: str, there: Any, now: Any) -> bool:
+    """Whether a setting a run folder's config holds is the one given now. ``--data-root`` is
+    the same folder however it is written (``data``, ``data/``, ``./data``, its absolute path):
+    a trailing slash trained a finished run again, and deleted a stopped one's checkpoint. What
+    the folder holds is fixed by the data sets' own checksums, which loading it checks."""
+    if there == now:
+        return True
+    if key != "data_root" or not isinstance(there, str) or not isinstance(now, str):
+        return False
+    there, now = os.path.expanduser(there), os.path.expanduser(now)
+    try:
+        return os.path.samefile(there, now)
+    except OSError:  # (one that no longer exists: the same path, spelled otherwise)
+        return os.path.realpath(there) == os.path.realpath(now)
 
 
 def finished_run(cfg: RunConfig) -> tuple[RunResult | None, str]:

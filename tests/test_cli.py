@@ -1909,6 +1909,41 @@ def test_run_resume_says_why_a_finished_run_is_not_kept_and_how_a_resumed_one_go
     assert cli._resumable(args, later) == "" and cli._kept(args, later) == ""
 
 
+def test_resume_takes_a_data_root_written_otherwise_as_the_same_folder(tmp_path, monkeypatch):
+    """``--resume --data-root good/`` after a run with ``--data-root good`` trained a finished
+    run again, and a stopped one from the start, deleting its checkpoint: the settings were
+    compared as strings. The same folder is the same setting; another folder is not."""
+    from dataclasses import replace
+
+    from opacus_mi.training import RESUME_IGNORES, RunConfig, _as_read_back, _other_settings
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "good")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = RunConfig(dataset="cifar10", data_root="good", epochs=1)
+    config = _as_read_back(cfg.as_dict())  # (as config.json reads back)
+    for same in (
+        "good/",
+        "./good",
+        "good//",
+        str(tmp_path / "good"),
+        "~/good",
+        "link",
+        "x/../good",
+    ):
+        assert _other_settings(config, replace(cfg, data_root=same), RESUME_IGNORES) is None, same
+    for other in ("other", "link/..", None):
+        why = _other_settings(config, replace(cfg, data_root=other), RESUME_IGNORES)
+        assert why == f"it ran with other settings (--data-root 'good' there, {other!r} now)"
+    # (a folder gone since, spelled otherwise, is still the same path)
+    gone = RunConfig(dataset="cifar10", data_root="gone/", epochs=1)
+    config = _as_read_back(gone.as_dict())
+    assert _other_settings(config, replace(gone, data_root="./gone"), RESUME_IGNORES) is None
+    assert _other_settings(config, replace(gone, data_root="gone2"), RESUME_IGNORES) is not None
+
+
 def test_run_resume_after_a_kill_keeps_every_tensorboard_step_before_the_checkpoint(tmp_path):
     """Killed (no finally) right after a checkpoint, a run had the epoch's last record only in
     memory, never in TensorBoard, and the resumed run purges from the checkpoint's step on:
