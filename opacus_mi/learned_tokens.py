@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .checks import is_int_at_least, python_number
 from .estimators.critics import DTYPE, ELU, SeparableCritic, _linear, _mlp
 
 TOKEN_ENCODERS: tuple[str, ...] = ("sketch", "autoencoder", "transformer")
@@ -45,10 +46,15 @@ def check_layer_dims(layer_dims: Sequence[int] | None, y_dim: int | None = None)
             "layer_dims is required for a learned token encoder: the per-layer token sizes, "
             "e.g. CountSketchTokenizer(...).dims"
         )
-    dims = [int(d) for d in layer_dims]
-    if not dims or any(d < 1 for d in dims):
+    # (Each an int as given: int() made 2.5 a 2, "64" the sizes 6 and 4, and True a 1.)
+    try:
+        dims = [] if isinstance(layer_dims, (str, bytes)) else list(map(python_number, layer_dims))
+    except TypeError:  # (not a list at all: 64)
+        dims = []
+    if not dims or not all(is_int_at_least(d, 1) for d in dims):
         raise ValueError(
-            f"layer_dims must be a non-empty list of positive sizes; got {layer_dims!r}"
+            "layer_dims must be a non-empty list of positive integer sizes (the tokenizer's "
+            f"dims); got {layer_dims!r}"
         )
     if y_dim is not None and sum(dims) != y_dim:
         raise ValueError(

@@ -9,7 +9,9 @@ channel and the count-sketch critic on the same pairs (synthetic one-layer task)
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_private, train
@@ -199,6 +201,15 @@ def test_bad_tokenizer_is_a_clear_error():
         LeakageMonitor(engine, model, opt, delta=1e-5, tokenizer="vae")
     with pytest.raises(ValueError, match="layer_dims"):
         OnlineEstimator("mine", generator=_gen(), token_encoder="transformer")
+    # Each size as given: int() made [2.5, 2.5] the sizes [2, 2] of 4-dimensional tokens, with
+    # no word; "64" the sizes 6 and 4; True a 1; 64 and NaN failed without naming layer_dims.
+    for bad in ([2.5, 2.5], "64", 64, [math.nan], [None], [True, True, True, True], ["2", "2"]):
+        with pytest.raises(ValueError, match="layer_dims must be a non-empty list of positive"):
+            OnlineEstimator("mine", generator=_gen(), token_encoder="transformer", layer_dims=bad)
+    est = OnlineEstimator(  # (NumPy's ints are the sizes they hold)
+        "mine", generator=_gen(), token_encoder="transformer", layer_dims=np.array([2, 2])
+    )
+    assert est.layer_dims == [2, 2] and all(type(d) is int for d in est.layer_dims)
 
 
 def _online_bound(kind: str, steps: int = 90, batch: int = 64, snr: float = 0.5) -> float:
