@@ -102,6 +102,13 @@ def load_dataset(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
+    if data_root is not None and (
+        not isinstance(data_root, (str, os.PathLike)) or not str(data_root).strip()
+    ):  # (5 or b"/data" failed in os.fspath, not naming it)
+        raise ValueError(
+            "data_root (--data-root) must be a folder path, a str or os.PathLike; "
+            f"got {data_root!r}"
+        )
     if data_root is not None and name in ("digits", "fake"):
         warnings.warn(
             f"opacus-mi: --data-root {str(data_root)!r} is not read: {name!r} is built in (it "

@@ -108,6 +108,10 @@ def test_missing_data_root(name: str, folder: str, tmp_path) -> None:
         assert "--data-root" in message
         assert folder in message
         assert isinstance(info.value, FileNotFoundError)
+    # (not a path: os.fspath's bare TypeError named neither data_root nor what it takes)
+    for bad in (5, b"/data", "  ", ["/data"]):
+        with pytest.raises(ValueError, match=r"data_root \(--data-root\) must be a folder path"):
+            load_dataset(name, data_root=bad)
 
 
 def test_incomplete_cifar10_names_missing_file(tmp_path) -> None:
