@@ -223,6 +223,16 @@ class Capture:
     user: Any = NOT_CALLED
 
 
+class WidthsDiffer(ValueError):
+    """A step's forwards gave features of different widths (micro-batches of sequences padded
+    each to its own length): their rows pair with the gradients', but no one critic reads
+    them."""
+
+    def __init__(self, widths: Sequence[int]):
+        super().__init__(f"features of widths {', '.join(map(str, widths))} in one step")
+        self.widths = list(widths)
+
+
 class FeatureCapture:
     """Forward hooks on the Opacus-wrapped module that record the batch each chunk saw.
 
@@ -504,8 +514,9 @@ class FeatureCapture:
         rows = [r for r in rows if r is not None]
         if not rows or sum(r.shape[0] for r in rows) != batch:
             return None
-        if len({r.shape[1] for r in rows}) != 1:
-            return None
+        widths = sorted({r.shape[1] for r in rows})
+        if len(widths) > 1:  # (paired, but no one critic reads them: not "unpaired")
+            raise WidthsDiffer(widths)
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
     def first_forward(self, captures: Sequence[Capture], batch: int) -> torch.Tensor | None:

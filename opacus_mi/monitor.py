@@ -113,7 +113,7 @@ from .factored import (
     rank_one_backprop,
     zero_padded_by_opacus,
 )
-from .features import FeatureCapture, FeatureFn
+from .features import FeatureCapture, FeatureFn, WidthsDiffer
 from .hooks import GuestHook
 from .learned_tokens import TOKEN_ENCODERS
 from .overlap import Worker, resolve_overlap, without_autocast
@@ -143,6 +143,13 @@ _NOT_COPIED = (
 MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in an engine checkpoint
 SKETCH_SIGNS = 2  # the sketch's sign rule, saved with a checkpoint's settings
 STATE_FORMAT = 2  # state_dict's layout; a state of a higher one is refused (a newer version's)
+# What a step whose features change width gets, and what gives them one width.
+_WIDTH = (
+    "The learned critics need one width, so such steps get the oracle only (flag "
+    "'features_width_changed'). Pass features= a callable giving a fixed width per example "
+    "(token ids: lambda ids: F.one_hot(ids, vocab_size).sum(1).float()) or names of layers whose "
+    "outputs have a fixed width"
+)
 _GHOST_HINT = (
     "ghost clipping is supported for grad_sample_mode='ghost' (GradSampleModuleFastGradientClipping"
     " with DPOptimizerFastGradientClipping or its DDP variant), not 'ghost_fsdp' or tensor "
@@ -2011,6 +2018,15 @@ class LeakageMonitor:
             feats = self._capture.features(captures, batch)
             if feats is None:
                 feats = first = self._capture.first_forward(captures, batch)
+        except WidthsDiffer as exc:  # (forwards of one step, each padded to its own length)
+            chunk.flags.append("features_width_changed")
+            self._warn_once(
+                "features:width",
+                f"features changed width within one step ({exc.widths[0]} -> {exc.widths[-1]} "
+                "per example, across the forwards whose gradients it sums): inputs of varying "
+                f"shape, e.g. micro-batches of sequences padded each to its own length? {_WIDTH}",
+            )
+            return None
         except Exception as exc:  # a user feature callable failed: keep the oracle going
             self._warn_once(f"features:{type(exc).__name__}", f"feature extraction failed: {exc!r}")
             chunk.flags.append("features_error")
@@ -2237,11 +2253,7 @@ class LeakageMonitor:
                     "features:width",
                     f"features changed width ({built or sorted(widths)[0]} -> "
                     f"{sorted(widths - {built})[0] if built else sorted(widths)[-1]} per example): "
-                    "inputs of varying shape, e.g. sequences padded per batch? The learned critics "
-                    "need one width, so such steps get the oracle only (flag "
-                    "'features_width_changed'). Pass features= a callable giving a fixed width per "
-                    "example (token ids: lambda ids: F.one_hot(ids, vocab_size).sum(1).float()) or "
-                    "names of layers whose outputs have a fixed width",
+                    f"inputs of varying shape, e.g. sequences padded per batch? {_WIDTH}",
                 )
             usable = []
         out.usable = usable

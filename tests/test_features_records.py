@@ -866,6 +866,56 @@ def test_features_of_another_width_are_flagged_not_silently_dropped():
     assert est.batches_seen == len(widths) - len(flagged)
 
 
+def test_micro_batches_of_other_widths_in_one_step_are_flagged_as_of_another_width():
+    """Gradients accumulated over two micro-batches of token ids, each padded to its own length:
+    their 8 + 8 feature rows pair with the 16 gradient rows, only their widths differ. The step
+    was flagged features_unpaired, with a warning blaming a regulariser or EmbeddingBag; it is
+    a width change, flagged and said as one (with the fix), and the critics go on after it."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, _ = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    g = torch.Generator().manual_seed(1)
+    steps = [(6, 6)] * 4 + [(6, 7)] + [(6, 6)] * 2  # step 4: the two padded otherwise
+    with pytest.warns(RuntimeWarning, match="features changed width") as caught:
+        for widths in steps:
+            opt.zero_grad()
+            for width in widths:  # two micro-batches of 8 sequences into one step
+                x = torch.randint(0, 50, (8, width), generator=g)
+                criterion(model(x), x[:, 0] % 3).backward()
+            opt.step()
+    said = [str(w.message) for w in caught if "opacus-mi" in str(w.message)]
+    assert len(said) == 1 and "within one step (9 -> 10 per example" in said[0], said  # (+3 labels)
+    assert "features=" in said[0] and "do not pair" not in said[0]
+    records = monitor.history
+    assert [r.step for r in records if r.flags] == [4]
+    assert records[4].flags == ["features_width_changed"]
+    assert set(records[4].mi) == {"private/oracle"}
+    assert "clipped/mine" in records[6].mi  # the critics' width again: scored
+    assert monitor.estimators["clipped"].resets == 0
+
+
 def test_a_killed_runs_torn_line_is_named_and_a_resumed_run_keeps_its_records(tmp_path):
     """A killed run leaves a torn last line without a newline. The resumed run's first record
     was appended onto it, and read_jsonl skipped the merged line without a word: both lost."""
