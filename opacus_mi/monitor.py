@@ -967,6 +967,9 @@ class LeakageMonitor:
                 "features must be None, a callable inputs -> (B, d), or names ('input' and/or "
                 f"layer names of the model); got {features!r}"
             )
+        # A name given twice is the layer's output once, as repeated views are one view (each
+        # name's own hook doubled the feature and warned that the layer ran twice a forward).
+        names = tuple(dict.fromkeys(names))
         return "input" in names, tuple(n for n in names if n != "input"), None
 
     def _sampling(self, engine, module, poisson_sampling: bool | None) -> bool:

@@ -157,6 +157,22 @@ def test_wrapped_criterion_takes_keywords_as_the_loss_does():
     assert torch.equal(crit(out, target=y), nn.CrossEntropyLoss()(out, y))
 
 
+def test_a_layer_named_twice_in_features_is_its_output_once():
+    """features=("conv", "conv") hooked the layer twice: its output went into the features
+    twice, and the second hook warned that the layer ran twice in one forward (it ran once)."""
+    got = {}
+    for names in (("conv",), ("conv", "conv"), ("input", "conv", "input", "conv")):
+        engine, model, opt, loader = make_private(poisson=False)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=names, every=1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="opacus-mi")  # (no "ran more than once")
+            got[names] = [f for _, f in _capture_features(monitor, model, opt, loader, None)]
+    assert all(f.shape == (16, 4 * 4 * 4) for f in got[("conv",)])
+    for one, two in zip(got[("conv",)], got[("conv", "conv")], strict=True):
+        assert torch.equal(one, two)
+    assert all(f.shape[1] == 36 + 64 for f in got[("input", "conv", "input", "conv")])
+
+
 def test_named_layers_and_callable_features_come_from_the_same_forward():
     engine, model, opt, loader = make_private(poisson=False)
     calls = []
