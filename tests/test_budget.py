@@ -397,6 +397,32 @@ def test_a_wait_moved_between_the_first_intervals_is_not_taken_for_a_pause(inter
     assert b.step_seconds == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("second", [0.0028, 0.1], ids=["disagree", "agree"])
+def test_a_plan_from_first_intervals_that_disagree_goes_no_further_than_their_judging(second):
+    """The GPU loop above: its first two intervals 0.1 s and 2.8 s/1000 (the read's wait moved
+    between them). The plan made then took the smaller for the step time, and with a 50 ms
+    measurement planned the next one 315 steps away, kept after the third interval showed a
+    0.1 s step: a 30-step run measured steps 0, 1 and 3 only. Such a plan now goes no further
+    than the judging's end, and the one made then uses the typical step. First intervals
+    that agree plan as before. Reference: ceil(short / (fraction x step))."""
+    clock = iter(itertools.accumulate((0.0, 0.1, second, *[0.1] * 10)))
+    with mock.patch.object(time, "perf_counter", lambda: next(clock)):
+        b = OverheadBudget(0.06)
+        for _ in range(3):  # two intervals judged
+            b.tick()
+        b.measure_cost, b.measure_credit = 0.05, -0.0028
+        short = 0.05 + 0.0028
+        if second < 0.1:
+            assert math.ceil(short / (0.06 * second)) == 315  # what it planned
+            assert b.plan(critics=False).next_in == 2  # the third interval's end, and one
+        else:
+            assert b.plan(critics=False).next_in == math.ceil(short / (0.06 * 0.1))
+        b.tick()  # the third interval: the judging ends
+        assert b.step_seconds == pytest.approx(0.1)
+        b.measure_credit = -0.0028
+        assert b.plan(critics=False).next_in == math.ceil(short / (0.06 * 0.1)) == 9
+
+
 def test_critics_first_round_waits_for_a_prior_and_is_charged_like_any_other():
     from opacus_mi.budget import _FIRST_ROUND_STEPS
 
@@ -969,8 +995,11 @@ def test_on_a_gpu_the_reads_wait_for_training_is_not_booked_as_monitor_time(
             return (other.t - self.t) * 1e3
 
     def sync():  # the host waits for the training work queued so far
+        t0 = time.perf_counter()
         time.sleep(queued["s"])
-        clock["slept"] += queued["s"]
+        # (the device's clock stops for as long as the host really waited: on a loaded machine
+        # a 100 ms sleep overran by tens of ms, which the fake clock booked as monitor time)
+        clock["slept"] += time.perf_counter() - t0
         queued["s"] = 0.0
 
     read = ReadBatch.read
