@@ -51,7 +51,7 @@ def fmt_interval(mid: Any, low: Any, high: Any, digits: int = 3) -> str:
     return f"{text} [{end(low)}, {end(high)}]"
 
 
-def _epsilon(x: float) -> str:
+def fmt_epsilon(x: float) -> str:
     """Epsilon as :func:`fmt_number` gives it (2.5e-05 at sigma 1e4 read 0.000), and NaN, an
     accountant that could not compute it, as ``nan``."""
     return "nan" if isinstance(x, float) and math.isnan(x) else fmt_number(x)
@@ -110,7 +110,7 @@ def summary_table(
             keys.setdefault(k, None)
     behind = steps is not None and steps > final.step + 1
     after = [  # (the run after its last step, where the last record is older)
-        *([f"epsilon {_epsilon(epsilon_now)}"] if epsilon_now is not None else []),
+        *([f"epsilon {fmt_epsilon(epsilon_now)}"] if epsilon_now is not None else []),
         *([f"MI accountant <= {mi_bound_now:.4g} nats"] if mi_bound_now is not None else []),
     ]
     table = Table(
@@ -120,10 +120,10 @@ def summary_table(
                 if behind
                 else f"opacus-mi leakage after step {final.step}"
             )
-            + f" - epsilon {_epsilon(final.epsilon)}"
+            + f" - epsilon {fmt_epsilon(final.epsilon)}"
             + (
                 f" (exact at step {final.epsilon_step}"
-                + ("" if epsilon_now is None or behind else f"; {_epsilon(epsilon_now)} now")
+                + ("" if epsilon_now is None or behind else f"; {fmt_epsilon(epsilon_now)} now")
                 + ")"
                 if final.carries_earlier_epsilon
                 else ""

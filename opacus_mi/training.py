@@ -1257,15 +1257,21 @@ def _results_items(results: dict[str, Any] | None) -> dict[str, str]:
     """Readable ``label -> value`` lines for the result of a run."""
     if not results:
         return {}
+    from .report import fmt_epsilon
+
+    def number(key: str, spec: str) -> str:  # (a field left out of result.json: "-")
+        x = results.get(key)
+        return "-" if x is None else format(x, spec)
+
     items = {}
     acc = results.get("test_accuracy")
     if acc is not None:
         items["test accuracy"] = f"{acc:.4f}"
     eps = results.get("epsilon")
-    if eps is not None:
+    if eps is not None:  # (as the table's title gives it: 9.02e-05 at sigma 1e4, not 0.000)
         items["epsilon"] = (
-            f"{eps:.3f} at delta {results.get('delta', math.nan):g} "
-            f"(noise multiplier {results.get('noise_multiplier', math.nan):.4g})"
+            f"{fmt_epsilon(eps)} at delta {number('delta', 'g')} "
+            f"(noise multiplier {number('noise_multiplier', '.4g')})"
         )
     wall = results.get("wall_seconds")
     if wall is not None:
@@ -1301,6 +1307,11 @@ def write_run_outputs(
         mi_bound_now=done.get("mi_upper_bound"),
     )
     items = _results_items(results)
+    if config is not None and results is None:  # (an opacus-mi run's folder: it writes
+        # result.json once finished, so a stopped run's report would read like a finished one)
+        last = f"; its records end at step {records[-1].step}" if records else ""
+        resume = " (--resume goes on from its latest epoch)" if (out / CHECKPOINT).is_file() else ""
+        items = {"not finished": f"the run has no result.json{last}{resume}", **items}
     summary = "\n".join([table] + [f"{k}: {v}" for k, v in items.items()])
     (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
     files.append(out / "summary.txt")
@@ -1362,21 +1373,30 @@ def _numbers_only(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     def number(v: Any) -> bool:
         return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
+    def count(v: Any) -> bool:  # ("steps": "inf" or NaN failed in int(), a traceback)
+        return number(v) and math.isfinite(v) and float(v).is_integer() and v >= 0
+
     bad = [
         k
         for k, v in results.items()
         if (k in _RESULT_NUMBERS and v is not None and not number(v))
         or (k == "accuracy_per_epoch" and not (isinstance(v, list) and all(map(number, v))))
     ]
-    if bad:
-        warnings.warn(
-            f"{path}: {', '.join(bad)} not a number as a run writes it; rendered without",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return {k: v for k, v in results.items() if k not in bad}
+    uncounted = [
+        k for k in _RESULT_COUNTS if k not in bad and results.get(k) is not None
+        and not count(results[k])
+    ]  # fmt: skip
+    for keys, what in ((bad, "a number"), (uncounted, "a whole number")):
+        if keys:
+            warnings.warn(
+                f"{path}: {', '.join(keys)} not {what} as a run writes it; rendered without",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return {k: v for k, v in results.items() if k not in bad and k not in uncounted}
 
 
+_RESULT_COUNTS = ("steps", "records")
 # result.json's numbers (see train_and_monitor)
 _RESULT_NUMBERS = (
     "epsilon",

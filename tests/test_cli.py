@@ -738,6 +738,61 @@ def test_run_finishes_where_opacus_prv_cannot_compute_epsilon(tmp_path, capsys):
     assert result["epsilon"] == rdp.get_epsilon(result["delta"])
 
 
+@pytest.mark.parametrize(
+    "edit, says, line",
+    [
+        ({"delta": None, "noise_multiplier": None}, None, "at delta - (noise multiplier -)"),
+        ({"steps": "inf"}, "steps not a whole number", "at delta 1e-05 (noise multiplier 1)"),
+        ({"steps": math.nan}, "steps not a whole number", "at delta 1e-05"),
+        ({"steps": 2.5, "records": -1}, "steps, records not a whole number", "at delta"),
+        ({"epsilon": 9.023709355578559e-05}, None, "epsilon: 9.02e-05 at delta 1e-05"),
+    ],
+)
+def test_report_renders_result_json_fields_that_are_null_or_no_count(
+    run_dir, tmp_path, capsys, edit, says, line
+):
+    """``"delta": null`` failed with "unsupported format string passed to NoneType", naming
+    nothing; ``"steps": "inf"`` with an OverflowError traceback, after records.csv was
+    rewritten. And the results line gave a 9.02e-05 epsilon (sigma 1e4) as 0.000, where the
+    table's title gave it as 9.02e-05."""
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(run_dir[0], out)
+    result = json.loads((out / "result.json").read_text())
+    result.update(edit)
+    (out / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    assert cli.main(["report", str(out)]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warned == ([] if says is None else [
+        f"opacus-mi: warning: {out / 'result.json'}: {says} as a run writes it; rendered without"
+    ])  # fmt: skip
+    summary = (out / "summary.txt").read_text()
+    assert line in summary
+    assert line.removeprefix("epsilon: ") in (out / "report.html").read_text()
+
+
+def test_report_of_a_stopped_run_says_it_did_not_finish(run_dir, tmp_path, capsys):
+    """A run stopped by Ctrl-C, rendered by ``report``: its summary and report.html read like a
+    finished run's, less the results, with nothing saying it stopped."""
+    import shutil
+
+    out = tmp_path / "stopped"
+    shutil.copytree(run_dir[0], out)
+    (out / "result.json").unlink()
+    last = read_jsonl(out / "records.jsonl")[-1].step
+    assert cli.main(["report", str(out)]) == 0
+    said = f"not finished: the run has no result.json; its records end at step {last}"
+    assert said in (out / "summary.txt").read_text()
+    assert "not finished" in (out / "report.html").read_text()
+    (out / "checkpoint.pt").write_bytes(b"")  # (its latest epoch's, which --resume goes on from)
+    assert cli.main(["report", str(out)]) == 0
+    assert f"{said} (--resume goes on from its latest epoch)" in (out / "summary.txt").read_text()
+    shutil.copytree(run_dir[0], tmp_path / "finished")
+    assert cli.main(["report", str(tmp_path / "finished")]) == 0
+    assert "not finished" not in (tmp_path / "finished" / "summary.txt").read_text()
+
+
 def test_report_keeps_an_infinite_epsilon(tmp_path):
     """result.json wrote inf (a noiseless run's epsilon, or PRV's at a tiny sigma) as null, so a
     re-rendered summary lost the epsilon line the run's own summary had."""
