@@ -64,13 +64,17 @@ def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:
     """
     fig, ax = plt.subplots(figsize=(10.5, 4.5))
     for key in _keys(records):
-        pts = [(r.step, r.mi[key]) for r in records if key in r.mi]
+        # From the series' first figure on, a record without one (a step flagged, its
+        # estimate non-finite or its features of another width) breaks the line as NaN does:
+        # drawn across, it read as measured figures between the two sides.
+        first = next(i for i, r in enumerate(records) if key in r.mi)
+        pts = [(r.step, r.mi.get(key)) for r in records[first:]]
         steps = [s for s, _ in pts]
-        nats = [_finite(v.nats) for _, v in pts]
-        lo = [_finite(v.ci_low) for _, v in pts]
-        hi = [_finite(v.ci_high) for _, v in pts]
+        nats = [math.nan if v is None else _finite(v.nats) for _, v in pts]
+        lo = [math.nan if v is None else _finite(v.ci_low) for _, v in pts]
+        hi = [math.nan if v is None else _finite(v.ci_high) for _, v in pts]
         # (A lone point: a line and a band of one point draw nothing; a marker and a bar do.)
-        lone = len(steps) == 1
+        lone = sum(v is not None for _, v in pts) == 1
         # (A series with no finite figure draws nothing: its legend entry says so.)
         label = key if any(math.isfinite(v) for v in nats) else f"{key} (no finite figure)"
         (line,) = ax.plot(steps, nats, label=label, linewidth=1.3, marker="o" if lone else None)
@@ -272,11 +276,29 @@ def _errorbar(ax, xs, mids, los, his, **kw) -> None:
     if not pts:
         return
     pts.sort()
-    x = [p[0] for p in pts]
-    m = [p[1] for p in pts]
-    lower = [m_ - lo if math.isfinite(lo) else 0.0 for _, m_, lo, _ in pts]
-    upper = [hi - m_ if math.isfinite(hi) else 0.0 for _, m_, _, hi in pts]
-    ax.errorbar(x, m, yerr=[lower, upper], marker="o", capsize=3, **kw)
+    (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", **kw)
+    # A bar only where both ends are known: a missing end drawn at the midpoint, capped, read
+    # as a measured zero-width interval. A point without one is left hollow.
+    known = [p for p in pts if math.isfinite(p[2]) and math.isfinite(p[3])]
+    if known:
+        ax.errorbar(
+            [p[0] for p in known],
+            [p[1] for p in known],
+            yerr=[[m - lo for _, m, lo, _ in known], [hi - m for _, m, _, hi in known]],
+            linestyle="none",
+            capsize=3,
+            color=line.get_color(),
+        )
+    unknown = [p for p in pts if p not in known]
+    if unknown:
+        ax.plot(
+            [p[0] for p in unknown],
+            [p[1] for p in unknown],
+            linestyle="none",
+            marker="o",
+            markerfacecolor="white",
+            color=line.get_color(),
+        )
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:

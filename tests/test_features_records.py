@@ -1412,6 +1412,68 @@ def test_plots_show_lone_points_small_sigma_and_infinite_epsilon(tmp_path, monke
     assert any("no finite epsilon" in t.get_text() for t in seen.pop().texts)
 
 
+def test_mi_plot_breaks_a_series_at_records_without_its_figure(tmp_path, monkeypatch):
+    """A step whose learned figure is left out (its estimate non-finite, its features of
+    another width: flagged) was skipped over: one segment joined steps 2 and 7 as if measured
+    between them. It breaks there now, as a NaN figure does; the oracle, at every step, not."""
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+
+    def record(step):
+        mi = {"private/oracle": MIValue(0.2, 0.1, 0.3, 16)}
+        if step not in (3, 4, 5, 6):
+            mi["clipped/mine"] = MIValue(1.0 + step, 0.5 + step, 1.5 + step, 16)
+        return LeakageRecord(
+            step=step, batch_size=16, noise_multiplier=1.0, max_grad_norm=1.0,
+            sample_rate=0.1, epsilon=1.0, delta=1e-5, mi=mi,
+            flags=[] if "clipped/mine" in mi else ["estimate_nonfinite:clipped"],
+        )  # fmt: skip
+
+    plots.plot_mi([record(s) for s in range(10)], tmp_path / "mi.png")
+    lines = {line.get_label(): line for line in seen.pop().get_lines()}
+    x, y = (list(map(float, a)) for a in lines["clipped/mine"].get_data())
+    assert x == list(range(10))
+    drawn = [s for s, v in zip(x, y, strict=True) if math.isfinite(v)]
+    assert drawn == [0, 1, 2, 7, 8, 9]  # (segments only between neighbours that both have one)
+    assert all(math.isfinite(v) for v in lines["private/oracle"].get_ydata())
+
+
+def test_sweep_plot_draws_no_bar_for_an_interval_it_does_not_have(tmp_path, monkeypatch):
+    """A sweep row without a learned CI (sweep.txt's ``0.000 [-, -]``) was drawn with a capped
+    bar from the midpoint to itself, as a measured zero-width interval is; a missing lower end
+    as a bar from the midpoint. Such a point is hollow now, without a bar."""
+    from matplotlib.collections import LineCollection
+
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+    nan = math.nan
+    rows = [
+        {"setting": "a", "epsilon": 1.0, "clipped_mi": 0.5, "clipped_ci_low": nan,
+         "clipped_ci_high": nan},
+        {"setting": "b", "epsilon": 2.0, "clipped_mi": 0.5, "clipped_ci_low": 0.5,
+         "clipped_ci_high": 0.5},
+        {"setting": "c", "epsilon": 3.0, "clipped_mi": 0.5, "clipped_ci_low": nan,
+         "clipped_ci_high": 0.9},
+        {"setting": "d", "epsilon": 4.0, "clipped_mi": 0.6, "clipped_ci_low": 0.2,
+         "clipped_ci_high": 0.9},
+    ]  # fmt: skip
+    plots.plot_sweep(rows, tmp_path / "sweep.png")
+    ax = seen.pop()
+    bars = [
+        tuple(map(float, seg[:, 1]))
+        for c in ax.collections
+        if isinstance(c, LineCollection)
+        for seg in c.get_segments()
+    ]
+    assert sorted(bars) == [(0.2, 0.9), (0.5, 0.5)]  # d's, and b's measured zero width
+    hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
+    assert [list(map(float, ln.get_xdata())) for ln in hollow] == [[1.0, 3.0]]
+
+
 def test_mi_plot_draws_an_interval_whose_neighbours_have_none(tmp_path, monkeypatch):
     """Records of < 8 pairs have NaN intervals; fill_between breaks the band there, and an
     interval between two such records became a zero-width (invisible) polygon."""
