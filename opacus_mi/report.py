@@ -87,6 +87,7 @@ def summary_table(
     epsilon_now: float | None = None,
     steps: int | None = None,
     mi_bound_now: float | None = None,
+    expected: Sequence[str] = (),
 ) -> str:
     """Render the leakage table: one row per MI series, averaged over the last records.
 
@@ -98,7 +99,9 @@ def summary_table(
     now, shown beside a last record that carries an earlier step's (a paced PRV epsilon).
     ``steps``: the steps the run has taken; where the last record is of an earlier one
     (``every`` > 1), the title says so and gives ``epsilon_now`` and ``mi_bound_now`` (the MI
-    accountant's figure) after the last step, not the record's as the run's.
+    accountant's figure) after the last step, not the record's as the run's. ``expected``: the
+    series the run asked for (``view/estimator``); one no record holds is named under the
+    table (a short run's critics still filling their windows), not left out without a word.
     """
     if not records:
         return "no monitored steps yet"
@@ -232,6 +235,17 @@ def summary_table(
             f"\n{', '.join(below)}: below 0 over these steps, {EMPTY_BOUND}:"
             "\nthe critic does not fit these steps' pairs (the gradients move faster than it"
             "\nlearns: high sigma, early training)."
+        )
+    missing = [k for k in expected if k not in keys]
+    if missing:
+        why = []
+        if any(not k.endswith("/semi") for k in missing):
+            why.append("a learned critic's first figure comes once its windows hold pairs")
+        if any(k.endswith("/semi") for k in missing):
+            why.append("the semi-oracle's first figure comes once it has fitted its subspace")
+        text += (
+            f"\nno figure yet: {', '.join(missing)};\n{'; '.join(why)}"
+            "\n(after more measured steps, unless the flags below say what stopped it)"
         )
     if flagged:
         text += f"\nflags seen: {', '.join(flagged)}"

@@ -1281,6 +1281,21 @@ def _results_items(results: dict[str, Any] | None) -> dict[str, str]:
     return items
 
 
+def _series_asked(config: dict[str, Any] | None) -> list[str]:
+    """The ``view/estimator`` series a run's settings ask for (none where they cannot be read)."""
+    if not isinstance(config, dict):
+        return []
+    views = config.get("views")
+    views = [v for v in views if isinstance(v, str)] if isinstance(views, list) else []
+    estimator = config.get("estimator")
+    asked = ["private/oracle"] if "private" in views else []
+    if isinstance(estimator, str) and estimator != "none":
+        asked += [f"{v}/{estimator}" for v in views]
+        if config.get("semi_oracle") is True and "private" in views:
+            asked.append("private/semi")
+    return asked
+
+
 def write_run_outputs(
     out: str | os.PathLike,
     records: Sequence[LeakageRecord],
@@ -1305,6 +1320,7 @@ def write_run_outputs(
         epsilon_now=done.get("epsilon"),
         steps=int(steps) if steps is not None and math.isfinite(steps) else None,
         mi_bound_now=done.get("mi_upper_bound"),
+        expected=_series_asked(config),
     )
     items = _results_items(results)
     if config is not None and results is None:  # (an opacus-mi run's folder: it writes

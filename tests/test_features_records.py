@@ -440,6 +440,38 @@ def test_a_criterion_wrapped_twice_records_its_labels_once_and_says_nothing():
         assert all(torch.equal(a, b) for a, b in zip(weights, want_weights, strict=True))
 
 
+def test_the_summary_names_the_series_asked_for_that_have_no_figure(tmp_path):
+    """A one-step run with a critic: its summary, report.html and mi.png showed private/oracle
+    alone, and nothing said the clipped and private critics (or the semi-oracle) had no figure
+    yet. The series the run's settings ask for are named under the table when absent."""
+    from opacus_mi.report import summary_table
+    from opacus_mi.training import _series_asked, write_run_outputs
+
+    def record(step, keys):
+        return LeakageRecord(
+            step=step, batch_size=16, noise_multiplier=1.0, max_grad_norm=1.0,
+            sample_rate=0.1, epsilon=1.0, delta=1e-5,
+            mi={k: MIValue(0.2, 0.1, 0.3, 16) for k in keys},
+        )  # fmt: skip
+
+    config = {"views": ["clipped", "private"], "estimator": "mine", "semi_oracle": True}
+    asked = _series_asked(config)
+    assert asked == ["private/oracle", "clipped/mine", "private/mine", "private/semi"]
+    assert _series_asked({**config, "estimator": "none"}) == ["private/oracle"]
+    assert _series_asked({"views": ["raw"], "estimator": "nwj"}) == ["raw/nwj"]
+    assert _series_asked(None) == [] == _series_asked({"views": "clipped"})
+    early = [record(0, ["private/oracle"]), record(1, ["private/oracle", "clipped/mine"])]
+    text = summary_table(early, expected=asked)
+    assert "no figure yet: private/mine, private/semi;" in text
+    assert "windows hold pairs" in text and "fitted its subspace" in text
+    text = summary_table(early, expected=asked[:2])
+    assert "no figure yet" not in text  # (every series asked for has one)
+    assert "no figure yet" not in summary_table(early)  # (nothing asked: the API's tables)
+    summary, _ = write_run_outputs(tmp_path, early[:1], config=config, results=None)
+    assert "no figure yet: clipped/mine, private/mine, private/semi;" in summary
+    assert "no figure yet" in (tmp_path / "report.html").read_text()
+
+
 def test_an_intervals_ends_are_given_to_its_midpoints_places():
     """The sweep's sigma-4 oracle cell read 0.015 [0.00915, 0.021]: each figure by its own rule,
     one end to more places than the figure it brackets. The ends now take the midpoint's
