@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
@@ -757,6 +758,25 @@ def _check_step_settings(noise_multiplier: float, sample_rate: float) -> None:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
 
 
+def history_entry(entry: Any) -> tuple[float, float, int]:
+    """One accountant history entry, ``(noise_multiplier, sample_rate, steps)``, checked: a
+    hand-built or damaged one (negative or fractional steps, a missing field) gave a negative
+    "upper bound", truncated steps or an IndexError instead of naming it."""
+    try:
+        noise, rate, steps = entry
+    except (TypeError, ValueError):
+        raise ValueError(
+            "history entries must be (noise_multiplier, sample_rate, steps), as an Opacus "
+            f"accountant's; got {entry!r}"
+        ) from None
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(
+            f"history entry {entry!r}: steps must be an integer >= 0 (DP-SGD steps taken)"
+        )
+    _check_step_settings(noise, rate)
+    return float(noise), float(rate), int(steps)
+
+
 def once_per_epoch_bound(history: Sequence) -> float:
     """MI bound in nats for fixed-size batches that hold each example once per epoch.
 
@@ -782,12 +802,13 @@ _EPOCHS_START = (0.0, 0.0, 0, 0)
 def _epochs_after(state: tuple, entry: Sequence) -> tuple:
     """:func:`once_per_epoch_bound`'s state after one more history entry."""
     total, worst, position, epoch = state
-    noise, rate, steps = float(entry[0]), float(entry[1]), int(entry[2])
-    _check_step_settings(noise, rate)
+    noise, rate, steps = history_entry(entry)
     if rate == 0 or steps == 0:
         return state  # nothing released about anyone
     release = gaussian_channel_bound(noise)
-    length = max(1, math.floor(1.0 / rate * (1 + 1e-9)))  # (rounding: 1/(1/3) < 3)
+    inverse = 1.0 / rate * (1 + 1e-9)  # (rounding: 1/(1/3) < 3)
+    # (a subnormal rate's inverse is inf: an epoch longer than any run)
+    length = max(1, math.floor(inverse)) if math.isfinite(inverse) else sys.maxsize
     if length != epoch:  # a new epoch length: close the open epoch
         total, worst, position, epoch = total + worst, 0.0, 0, length
     if position:  # finish the open epoch
@@ -885,7 +906,13 @@ class MIAccountant:
     def bound(self, history: Sequence | None = None) -> float:
         """Cumulative bound in nats for any one example after all recorded steps (or after
         ``history``, a copy of the accountant's taken earlier)."""
-        entries = tuple(map(tuple, self._entries() if history is None else history))
+        try:
+            entries = tuple(map(tuple, self._entries() if history is None else history))
+        except TypeError:  # (an entry, or the history, that is no sequence)
+            raise ValueError(
+                "history must be a sequence of (noise_multiplier, sample_rate, steps) entries, "
+                f"as an Opacus accountant's; got {history!r}"
+            ) from None
         done, start = self._folded, 0.0 if self.poisson_sampling else _EPOCHS_START
         if (  # a rollback, another history, the other sampling: folded afresh
             entries[: len(done)] != done
@@ -905,7 +932,10 @@ class MIAccountant:
         """The bound's state after one more entry: once per epoch, or Poisson's KL sum."""
         if not self.poisson_sampling:
             return _epochs_after(state, entry)
-        key = (float(entry[0]), float(entry[1]))
+        noise, rate, steps = history_entry(entry)
+        if steps == 0:  # (0 x an infinite KL, sigma 0: nothing released)
+            return state
+        key = (noise, rate)
         if key not in self._kl:
             self._kl[key] = step_kl(*key)
-        return state + entry[2] * self._kl[key]
+        return state + steps * self._kl[key]

@@ -217,6 +217,41 @@ def test_bad_step_settings_are_refused_where_they_are_given():
         MIAccountant(RDPAccountant()).step(noise_multiplier=1.0, sample_rate=0.1)
 
 
+@pytest.mark.parametrize("poisson", [True, False])
+def test_a_history_given_to_bound_is_checked_entry_by_entry(poisson):
+    """``bound(history=...)`` checked each entry's sigma and rate but not its steps: -5 steps
+    gave a negative "upper bound" (Poisson) or 0, 2.5 steps a figure (truncated to 2 without
+    Poisson), a 0-step sigma-0 entry NaN (0 x inf), a short entry an IndexError."""
+    acc = MIAccountant(poisson_sampling=poisson)
+    for history, says in (
+        ([(1.0, 0.1, -5)], r"history entry \(1.0, 0.1, -5\): steps must be an integer >= 0"),
+        ([(1.0, 0.1, 2.5)], "steps must be an integer >= 0"),
+        ([(1.0, 0.1, True)], "steps must be an integer >= 0"),
+        ([(1.0, 0.1)], r"entries must be \(noise_multiplier, sample_rate, steps\)"),
+        ([5], "history must be a sequence of"),
+        ([(1.0, 2.0, 3)], "sample_rate must be in"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            acc.bound(history)
+    # A sigma-0 entry of no steps releases nothing: the bound of the others alone.
+    good = [(1.0, 0.25, 8)]
+    assert (
+        acc.bound([*good, (0.0, 0.25, 0)])
+        == acc.bound(good)
+        == mi_upper_bound(1.0, 0.25, 8, poisson_sampling=poisson)
+    )
+    # (a NumPy count is the count it holds)
+    assert acc.bound([(1.0, 0.25, np.int64(8))]) == acc.bound(good)
+
+
+def test_a_subnormal_sample_rate_gives_a_bound_without_poisson_sampling():
+    """1/1e-310 is inf: floor() of it raised OverflowError. One release at most: 1/(2 sigma^2)."""
+    assert mi_upper_bound(1.0, 1e-310, 3, poisson_sampling=False) == 0.5
+    acc = MIAccountant(poisson_sampling=False)
+    acc.step(noise_multiplier=2.0, sample_rate=1e-310)
+    assert acc.bound() == gaussian_channel_bound(2.0)
+
+
 def test_pure_dp_and_gaussian_channel_bounds():
     assert pure_dp_mi_bound(0.5) == 0.125 and pure_dp_mi_bound(3.0) == 3.0
     assert gaussian_channel_bound(1.0, dim=4) == pytest.approx(2 * math.log(1.25))
