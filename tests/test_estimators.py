@@ -795,6 +795,7 @@ def test_estimate_mi_options_are_checked_by_name(option, bad, says):
         ({"x": None}, "x must be numeric, of shape \\(n,\\) or \\(n, d\\).*got None"),
         ({"x": ["a"] * 64}, "x must be numeric.*got \\['a', 'a'"),
         ({"y": [[1.0, 2.0], [3.0]] * 32}, "y must be numeric.*equal-length rows"),
+        ({"x": torch.eye(64, 2).to_sparse()}, r"x is a torch.sparse_coo tensor: pass x.to_dense"),
         ({"bootstrap": 1}, r"bootstrap must be 0 \(no interval\) or at least .* = 40 "),
         ({"bootstrap": 199, "confidence": 0.99}, r"at least 2 / \(1 - confidence\) = 200"),
     ],
@@ -805,6 +806,22 @@ def test_estimate_mi_refuses_bad_values_naming_the_argument(bad, says):
     options = {k: v for k, v in bad.items() if k not in pairs}
     with pytest.raises(ValueError, match=says):
         estimate_mi(bad.get("x", pairs["x"]), bad.get("y", pairs["y"]), **options)
+
+
+def test_estimate_mi_takes_rows_that_require_grad_and_long_doubles_as_their_values():
+    """A list of row tensors that require grad failed in numpy() with torch's RuntimeError, and
+    a float128 array was "not numeric" (torch has no float128): each is now the values it
+    holds, as a tensor that requires grad or a float64 array already was."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 2, generator=g, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(96, 2, generator=g, dtype=torch.float64)
+    want = estimate_mi(x, y, seed=0, bootstrap=0)
+    rows = [r.clone().requires_grad_() for r in x]
+    assert estimate_mi(rows, y, seed=0, bootstrap=0) == want
+    assert all(r.grad is None for r in rows)  # (not reached by the critics' backward)
+    assert estimate_mi(x.numpy().astype(np.longdouble), y, seed=0, bootstrap=0) == want
 
 
 def test_online_estimator_refuses_a_one_pair_minibatch():

@@ -78,9 +78,20 @@ class MIEstimate:
 def _as_2d_float(name: str, v) -> torch.Tensor:
     # Detached: the critics' backward must not reach into the caller's graph (activations
     # straight from a model, or a leaf that requires grad).
+    if isinstance(v, torch.Tensor) and v.layout != torch.strided:  # (sparse: failed in isfinite)
+        raise ValueError(f"{name} is a {v.layout} tensor: pass {name}.to_dense()")
+    if isinstance(v, (list, tuple)) and any(isinstance(r, torch.Tensor) for r in v):
+        v = [r.detach() if isinstance(r, torch.Tensor) else r for r in v]  # (numpy() of a row
+        # that requires grad raised torch's RuntimeError)
     try:
-        t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v.detach())
-    except (TypeError, ValueError):  # None, strings, ragged rows: numpy's or torch's words
+        if isinstance(v, torch.Tensor):
+            t = v.detach()
+        else:
+            a = np.asarray(v)
+            if a.dtype.kind == "f" and a.dtype.itemsize > 8:  # (torch has no float128)
+                a = a.astype(np.float64)
+            t = torch.as_tensor(a)
+    except (TypeError, ValueError, RuntimeError):  # None, strings, ragged rows: their words
         raise ValueError(
             f"{name} must be numeric, of shape (n,) or (n, d): an array, a tensor or a list of "
             f"equal-length rows of numbers; got {reprlib.repr(v)}"
