@@ -25,8 +25,8 @@ per-sample view unless ``B = 1``.
 It writes ``validate.csv`` (one row per setting), ``correlations.csv`` (Spearman's rho between
 each MI estimate and each attack's success, with a bootstrap interval over settings),
 ``validate.txt`` (the printed tables), ``validate.png`` (scatter plots), ``reconstructions.png``
-and ``validate.json`` into ``--out``; one that stops keeps ``validate.csv`` and the table of the
-settings it finished.
+and ``validate.json`` into ``--out``; one that stops keeps ``validate.csv``, the table of the
+settings it finished and (``validate.json``) its settings and the grid's size.
 """
 
 from __future__ import annotations
@@ -387,6 +387,10 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
             else:
                 note = f"stopped after {len(rows)} of the grid's {grid} settings"
                 txt.write_text(f"{grid_table(rows)}\n{note}\n", encoding="utf-8")
+                # Its settings and the grid's size, for `report`: without them it rendered the
+                # finished settings as a whole grid of that size, with an empty config.
+                summary = {"config": cfg.as_dict(), "settings": len(rows), "grid": grid}
+                _write_summary(out, summary)
         raise
     finally:
         torch.set_num_threads(previous_threads)
@@ -898,10 +902,12 @@ def write_outputs(
     extras: dict[str, Any] | None = None,
     rows_csv: bool = True,
     wall_seconds: float | None = None,
+    grid: int | None = None,
 ) -> tuple[str, list[Path]]:
     """Write a validate's outputs into ``out`` and return its text and the files written
     (``rows_csv=False``: ``validate.csv`` is the source, read and not rewritten;
-    ``wall_seconds``: the grid's, added to the text and the JSON once they are complete)."""
+    ``wall_seconds``: the grid's, added to the text and the JSON once they are complete;
+    ``grid``: its settings in all, where it stopped before the last of them)."""
     out = Path(out)
     files = [write_csv(rows, out / "validate.csv", COLUMNS)] if rows_csv else []
     corr_cols = (
@@ -939,6 +945,12 @@ def write_outputs(
     ]
     if left_out(rows):
         lines.insert(-1, "left out of the correlations with a NaN: " + "; ".join(left_out(rows)))
+    stopped = grid is not None and grid > len(rows)
+    if stopped:
+        lines.append(
+            f"stopped after {len(rows)} of the grid's {grid} settings: the correlations are of "
+            "those alone"
+        )
     text = "\n".join(lines)
     # (Before the plots: a stop while they are drawn keeps the whole grid's text.)
     (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
@@ -951,17 +963,23 @@ def write_outputs(
         "correlations": correlations,
         "fano_holds": all(int(r["fano_ok"]) for r in rows),
         "settings": len(rows),
+        "grid": grid if stopped else len(rows),
     }
     if wall_seconds is not None:
         summary["wall_seconds"] = wall_seconds
-    # Strict JSON: an undefined correlation (NaN) is written "nan", as records write it.
-    text_json = json.dumps(json_safe(summary), indent=2, default=str)
-    (out / "validate.json").write_text(text_json + "\n", encoding="utf-8")
-    files.append(out / "validate.json")
+    files.append(_write_summary(out, summary))
     if wall_seconds is not None:  # (the text without it is the one a stop above keeps)
         text += f"\nwall time: {wall_seconds:.1f} s"
         (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
     return text, files
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> Path:
+    """``validate.json``. Strict JSON: an undefined correlation (NaN) is written "nan", as
+    records write it."""
+    text = json.dumps(json_safe(summary), indent=2, default=str)
+    (out / "validate.json").write_text(text + "\n", encoding="utf-8")
+    return out / "validate.json"
 
 
 def rerender_validate(out: str | os.PathLike) -> tuple[str, list[Path]]:
@@ -993,6 +1011,7 @@ def rerender_validate(out: str | os.PathLike) -> tuple[str, list[Path]]:
         seed=int(config.get("seed", defaults.seed)),
     )
     wall = summary.get("wall_seconds")  # (the run's, kept)
+    grid = summary.get("grid")  # (a stopped grid's size, said again)
     return write_outputs(
         out,
         rows,
@@ -1000,6 +1019,7 @@ def rerender_validate(out: str | os.PathLike) -> tuple[str, list[Path]]:
         config=config,
         rows_csv=False,
         wall_seconds=None if wall is None else float(wall),
+        grid=grid if isinstance(grid, int) and not isinstance(grid, bool) else None,
     )
 
 

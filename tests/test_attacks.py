@@ -529,7 +529,12 @@ def test_a_stopped_validate_keeps_its_finished_rows(tmp_path, monkeypatch, where
     else:
         with pytest.raises(RuntimeError):
             _main([*argv, "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["validate.csv", "validate.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "validate.csv", "validate.json", "validate.txt"
+    ]  # fmt: skip
+    summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
+    assert (summary["settings"], summary["grid"]) == (kept, 2)  # (and its settings, for report)
+    assert summary["config"]["noise_multipliers"] == [0.0, 0.1]
     finished = (full / "validate.csv").read_text(encoding="utf-8").splitlines()
     assert (out / "validate.csv").read_text(encoding="utf-8").splitlines() == finished[: 1 + kept]
     rows = read_validate_csv(full / "validate.csv")[:kept]
@@ -616,6 +621,15 @@ def test_report_renders_a_stopped_validates_finished_settings(tmp_path, monkeypa
     assert V.grid_table(rows) in text and "rho: Spearman over the rows" in text
     # (the correlations of 2 settings of the 3)
     assert (out / "correlations.csv").read_bytes() != (full / "correlations.csv").read_bytes()
+    # It says so, and keeps the grid's settings: the text read like a finished 2-setting grid,
+    # validate.json held "config": {} and its correlations the default seed's bootstrap.
+    assert text.rstrip().endswith("stopped after 2 of the grid's 3 settings: the correlations are "
+                                  "of those alone")  # fmt: skip
+    summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
+    ran = json.loads((full / "validate.json").read_text(encoding="utf-8"))["config"]
+    assert summary["config"] == {**ran, "out": str(out)}
+    assert (summary["settings"], summary["grid"]) == (2, 3)
+    assert "stopped after" not in (full / "validate.txt").read_text(encoding="utf-8")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "validate.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     rc, _, stderr = _main(["report", str(tmp_path / "other")])
