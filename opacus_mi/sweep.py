@@ -196,6 +196,7 @@ def run_sweep(
         settings = {k: v for k, v in base.as_dict().items() if k not in ("noise_multiplier", "out")}
         settings["out"] = str(out)
         settings["swept"] = f"{flag} {' '.join(f'{v:g}' for v in values)}"
+        settings["runs"] = names  # (what a stopped sweep's report names as missing)
         _write_json(out / "sweep_config.json", settings)
         rows = []
         for name, cfg in configs:
@@ -329,6 +330,14 @@ def write_sweep_outputs(
     views = (settings or {}).get("views")  # (None: the default views, which include it)
     views = views if isinstance(views, list) else ["clipped"]
     table = sweep_table(rows, estimator=estimator)
+    runs = (settings or {}).get("runs")
+    done = {r.get("setting") for r in rows}
+    missing = [n for n in runs if n not in done] if isinstance(runs, list) else []
+    if missing:  # (a stopped sweep's report read like a sweep of the settings it finished)
+        table += (
+            f"\nnot finished: no row for {', '.join(f'{n}/' for n in missing)}; the same "
+            "command with --resume goes on"
+        )
     (out / "sweep.txt").write_text(table + "\n", encoding="utf-8")
     files.append(out / "sweep.txt")
     image = plot_sweep(rows, out / "sweep.png")

@@ -1607,6 +1607,11 @@ def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_swee
     assert cli.main([*base, "--out", out]) == 130  # (Ctrl-C: the CLI's stop)
     assert (tmp_path / "s" / "sigma_2" / "records.jsonl").stat().st_size > 0
     monkeypatch.setattr(training, "_write_json", write_json)
+    # (its report said nothing of the setting it has no row for: as if a sweep of sigma 1)
+    assert cli.main(["report", out]) == 0
+    said = "not finished: no row for sigma_2/; the same command with --resume goes on"
+    assert said in (tmp_path / "s" / "sweep.txt").read_text()
+    assert said in (tmp_path / "s" / "report.html").read_text()
     trained.clear()
     capsys.readouterr()
     assert cli.main([*base, "--out", out, "--resume"]) == 0
@@ -1617,6 +1622,7 @@ def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_swee
     assert f"{Path(out) / 'sigma_2'}: trained from the start: no epoch of a run there" in err
     got = read_sweep_csv(tmp_path / "s" / "sweep.csv")
     assert [r["setting"] for r in got] == ["sigma_1", "sigma_2"]
+    assert "not finished" not in (tmp_path / "s" / "sweep.txt").read_text()
     for g, w in zip(got, full, strict=True):
         for key in ("epsilon", "test_accuracy", "oracle_mi", "oracle_ci_low", "oracle_ci_high"):
             assert g[key] == w[key], key
