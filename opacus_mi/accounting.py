@@ -761,7 +761,8 @@ def _check_step_settings(noise_multiplier: float, sample_rate: float) -> None:
 def history_entry(entry: Any) -> tuple[float, float, int]:
     """One accountant history entry, ``(noise_multiplier, sample_rate, steps)``, checked: a
     hand-built or damaged one (negative or fractional steps, a missing field) gave a negative
-    "upper bound", truncated steps or an IndexError instead of naming it."""
+    "upper bound", truncated steps or an IndexError instead of naming it. Each value as a
+    number, as Opacus keeps it (a noise multiplier set as a tensor, or from a scheduler)."""
     try:
         noise, rate, steps = entry
     except (TypeError, ValueError):
@@ -769,12 +770,21 @@ def history_entry(entry: Any) -> tuple[float, float, int]:
             "history entries must be (noise_multiplier, sample_rate, steps), as an Opacus "
             f"accountant's; got {entry!r}"
         ) from None
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+    values = []
+    for name, v in (("noise_multiplier", noise), ("sample_rate", rate), ("steps", steps)):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            values.append(float(v))
+        except (TypeError, ValueError, RuntimeError):  # (a tensor of more than one value too)
+            raise ValueError(f"history entry {entry!r}: {name} must be a number") from None
+    noise, rate, count = values
+    if not (math.isfinite(count) and count >= 0 and count.is_integer()):
         raise ValueError(
             f"history entry {entry!r}: steps must be an integer >= 0 (DP-SGD steps taken)"
         )
     _check_step_settings(noise, rate)
-    return float(noise), float(rate), int(steps)
+    return noise, rate, int(count)
 
 
 def once_per_epoch_bound(history: Sequence) -> float:

@@ -38,7 +38,8 @@ def fmt_interval(mid: Any, low: Any, high: Any, digits: int = 3) -> str:
     """``mid [low, high]``, the ends to the midpoint's decimals (``0.015 [0.009, 0.021]``, where
     each by itself read ``0.015 [0.00915, 0.021]``: one end to more places than the figure it
     brackets). A midpoint :func:`fmt_number` writes in exponent form, or that is missing, leaves
-    each end to its own rule; a missing or infinite end reads as :func:`fmt_number` says."""
+    each end to its own rule, as does a non-zero end those places round to zero; a missing or
+    infinite end reads as :func:`fmt_number` says."""
     text = fmt_number(mid, digits)
     if text in ("-", "inf", "-inf") or "e" in text:
         return f"{text} [{fmt_number(low, digits)}, {fmt_number(high, digits)}]"
@@ -46,7 +47,11 @@ def fmt_interval(mid: Any, low: Any, high: Any, digits: int = 3) -> str:
 
     def end(x: Any) -> str:
         said = fmt_number(x, digits)
-        return said if said in ("-", "inf", "-inf") else f"{float(x):.{places}f}"
+        if said in ("-", "inf", "-inf"):
+            return said
+        rounded = f"{float(x):.{places}f}"
+        # (an end the midpoint's places round to zero, -0.0003 as "-0.000": by its own rule)
+        return said if x != 0 and float(rounded) == 0 else rounded
 
     return f"{text} [{end(low)}, {end(high)}]"
 

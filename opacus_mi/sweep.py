@@ -332,7 +332,8 @@ def write_sweep_outputs(
     table = sweep_table(rows, estimator=estimator)
     runs = (settings or {}).get("runs")
     done = {r.get("setting") for r in rows}
-    missing = [n for n in runs if n not in done] if isinstance(runs, list) else []
+    runs = [n for n in runs if isinstance(n, str)] if isinstance(runs, list) else []
+    missing = [n for n in runs if n not in done]  # (a hand-edited entry of another kind: left)
     if missing:  # (a stopped sweep's report read like a sweep of the settings it finished)
         table += (
             f"\nnot finished: no row for {', '.join(f'{n}/' for n in missing)}; the same "

@@ -723,6 +723,9 @@ def _start_run_folder(out: Path, cfg: RunConfig) -> dict[str, Any]:
     config = cfg.as_dict()
     if cfg.target_epsilon is not None:
         config["noise_multiplier"] = None  # calibrated by Opacus: see result.json
+    if cfg.data_root is not None:  # (as a folder from anywhere: a --resume from another
+        # working directory compares it; see _same_setting)
+        config["data_root"] = os.path.abspath(os.path.expanduser(cfg.data_root))
     _write_json(out / "config.json", config)
     return config
 
@@ -1250,7 +1253,7 @@ def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike)
 def _settings_for_html(config: dict[str, Any] | None) -> dict[str, Any]:
     if not config:
         return {}
-    return {k: (", ".join(v) if isinstance(v, list) else v) for k, v in config.items()}
+    return {k: (", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()}
 
 
 def _results_items(results: dict[str, Any] | None) -> dict[str, str]:
@@ -1323,8 +1326,9 @@ def write_run_outputs(
         expected=_series_asked(config),
     )
     items = _results_items(results)
-    if config is not None and results is None:  # (an opacus-mi run's folder: it writes
-        # result.json once finished, so a stopped run's report would read like a finished one)
+    if config is not None and not (out / "result.json").exists():  # (an opacus-mi run's
+        # folder: it writes result.json once finished, so a stopped run's report read like a
+        # finished one; one that cannot be read is said where it is read)
         last = f"; its records end at step {records[-1].step}" if records else ""
         resume = " (--resume goes on from its latest epoch)" if (out / CHECKPOINT).is_file() else ""
         items = {"not finished": f"the run has no result.json{last}{resume}", **items}

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -226,7 +227,7 @@ def test_a_history_given_to_bound_is_checked_entry_by_entry(poisson):
     for history, says in (
         ([(1.0, 0.1, -5)], r"history entry \(1.0, 0.1, -5\): steps must be an integer >= 0"),
         ([(1.0, 0.1, 2.5)], "steps must be an integer >= 0"),
-        ([(1.0, 0.1, True)], "steps must be an integer >= 0"),
+        ([(1.0, 0.1, True)], "steps must be a number"),
         ([(1.0, 0.1)], r"entries must be \(noise_multiplier, sample_rate, steps\)"),
         ([5], "history must be a sequence of"),
         ([(1.0, 2.0, 3)], "sample_rate must be in"),
@@ -240,8 +241,34 @@ def test_a_history_given_to_bound_is_checked_entry_by_entry(poisson):
         == acc.bound(good)
         == mi_upper_bound(1.0, 0.25, 8, poisson_sampling=poisson)
     )
-    # (a NumPy count is the count it holds)
+    # (a NumPy count is the count it holds; a tensor sigma, which Opacus keeps in its history
+    # where the optimizer's noise_multiplier was set as one, the number it holds)
     assert acc.bound([(1.0, 0.25, np.int64(8))]) == acc.bound(good)
+    assert acc.bound([(torch.tensor(1.0), 0.25, 8)]) == acc.bound(good)
+    assert acc.bound([(np.float32(1.0), np.float64(0.25), 8.0)]) == acc.bound(good)
+    with pytest.raises(ValueError, match="noise_multiplier must be a number"):
+        acc.bound([(torch.ones(2), 0.25, 8)])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (Opacus's RDP of a tensor sigma)
+@pytest.mark.parametrize("poisson", [True, False])
+def test_a_tensor_noise_multiplier_is_recorded_as_before(poisson):
+    """Opacus takes ``optimizer.noise_multiplier = torch.tensor(1.0)`` and keeps the tensor in
+    its accountant's history: checking each entry as a plain number lost every record of such
+    a run ("leakage record failed: noise_multiplier must be a number")."""
+    from conftest import make_private, train
+
+    from opacus_mi import LeakageMonitor
+
+    engine, model, opt, loader = make_private(poisson=poisson)
+    opt.noise_multiplier = torch.tensor(1.0)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, estimator=None)
+    train(model, opt, loader, epochs=2)
+    monitor.flush()
+    assert len(monitor.history) == 2 * len(loader)
+    steps = 2 * len(loader)
+    want = mi_upper_bound(1.0, engine.accountant.history[-1][1], steps, poisson_sampling=poisson)
+    assert monitor.history[-1].mi_upper_bound == pytest.approx(want, rel=1e-12)
 
 
 def test_a_subnormal_sample_rate_gives_a_bound_without_poisson_sampling():

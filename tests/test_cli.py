@@ -791,6 +791,12 @@ def test_report_of_a_stopped_run_says_it_did_not_finish(run_dir, tmp_path, capsy
     shutil.copytree(run_dir[0], tmp_path / "finished")
     assert cli.main(["report", str(tmp_path / "finished")]) == 0
     assert "not finished" not in (tmp_path / "finished" / "summary.txt").read_text()
+    # (a finished run's result.json that cannot be read is said so, not called unfinished)
+    (tmp_path / "finished" / "result.json").write_text("{bad", encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "finished")]) == 0
+    assert "result.json: not read" in capsys.readouterr().err
+    assert "not finished" not in (tmp_path / "finished" / "summary.txt").read_text()
 
 
 def test_report_keeps_an_infinite_epsilon(tmp_path):
@@ -1612,6 +1618,13 @@ def test_a_resumed_sweep_trains_only_what_did_not_finish_and_gives_the_full_swee
     said = "not finished: no row for sigma_2/; the same command with --resume goes on"
     assert said in (tmp_path / "s" / "sweep.txt").read_text()
     assert said in (tmp_path / "s" / "report.html").read_text()
+    settings = json.loads((tmp_path / "s" / "sweep_config.json").read_text())
+    assert settings["runs"] == ["sigma_1", "sigma_2"]
+    edited = {**settings, "runs": ["sigma_1", ["x"], 3, "sigma_2"]}  # (by hand: not names)
+    (tmp_path / "s" / "sweep_config.json").write_text(json.dumps(edited), encoding="utf-8")
+    assert cli.main(["report", out]) == 0  # (was "error: unhashable type: 'list'")
+    assert said in (tmp_path / "s" / "sweep.txt").read_text()
+    (tmp_path / "s" / "sweep_config.json").write_text(json.dumps(settings), encoding="utf-8")
     trained.clear()
     capsys.readouterr()
     assert cli.main([*base, "--out", out, "--resume"]) == 0
@@ -1998,6 +2011,21 @@ def test_resume_takes_a_data_root_written_otherwise_as_the_same_folder(tmp_path,
     for other in ("other", "link/..", None):
         why = _other_settings(config, replace(cfg, data_root=other), RESUME_IGNORES)
         assert why == f"it ran with other settings (--data-root 'good' there, {other!r} now)"
+    # config.json keeps the folder as an absolute path: a --resume from another working
+    # directory, with the folder given relative to that one, is the same setting too.
+    from opacus_mi.training import _start_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    written = _start_run_folder(out, cfg)
+    assert written["data_root"] == str(tmp_path / "good")
+    assert json.loads((out / "config.json").read_text())["data_root"] == str(tmp_path / "good")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for same in ("../good", "../link/", str(tmp_path / "good")):
+        assert _other_settings(written, replace(cfg, data_root=same), RESUME_IGNORES) is None
+    assert _other_settings(written, replace(cfg, data_root="good"), RESUME_IGNORES) is not None
+    monkeypatch.chdir(tmp_path)
     # (a folder gone since, spelled otherwise, is still the same path)
     gone = RunConfig(dataset="cifar10", data_root="gone/", epochs=1)
     config = _as_read_back(gone.as_dict())
