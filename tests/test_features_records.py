@@ -863,18 +863,16 @@ def test_max_history_must_be_a_positive_integer(bad):
         LeakageMonitor(engine, model, opt, delta=1e-5, max_history=bad)
 
 
-def test_features_of_another_width_are_flagged_not_silently_dropped():
-    """Token ids padded per batch make the default features change width from step to step.
-    A critic learns on one width: such a step is flagged and warned about (with the fix), the
-    critics are neither scored nor fed on it nor rebuilt (they used to restart from scratch,
-    silently), and steps of the critics' width go on as before."""
+def _private_bag(classes: int):
+    """An embedding bag of token ids (mean of 8-d embeddings) to ``classes`` logits, made
+    private for batches of 16 (fixed-size: each test feeds its own batches)."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     class Bag(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 2)
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, classes)
 
         def forward(self, x):
             return self.fc(self.emb(x).mean(1))
@@ -882,16 +880,24 @@ def test_features_of_another_width_are_flagged_not_silently_dropped():
     torch.manual_seed(0)
     model = Bag()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = TensorDataset(torch.randint(0, 50, (64, 6)), torch.randint(0, 2, (64,)))
     engine = PrivacyEngine(accountant="rdp")
     model, opt, _ = engine.make_private(
         module=model,
         optimizer=opt,
-        data_loader=DataLoader(data, batch_size=16),
+        data_loader=DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         poisson_sampling=False,
     )
+    return engine, model, opt
+
+
+def test_features_of_another_width_are_flagged_not_silently_dropped():
+    """Token ids padded per batch make the default features change width from step to step.
+    A critic learns on one width: such a step is flagged and warned about (with the fix), the
+    critics are neither scored nor fed on it nor rebuilt (they used to restart from scratch,
+    silently), and steps of the critics' width go on as before."""
+    engine, model, opt = _private_bag(classes=2)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
     widths = [6] * 8 + [4] + [6] * 4 + [9]  # two steps whose batches were padded otherwise
@@ -925,29 +931,7 @@ def test_micro_batches_of_other_widths_in_one_step_are_flagged_as_of_another_wid
     their 8 + 8 feature rows pair with the 16 gradient rows, only their widths differ. The step
     was flagged features_unpaired, with a warning blaming a regulariser or EmbeddingBag; it is
     a width change, flagged and said as one (with the fix), and the critics go on after it."""
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Bag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.fc(self.emb(x).mean(1))
-
-    torch.manual_seed(0)
-    model = Bag()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, _ = engine.make_private(
-        module=model,
-        optimizer=opt,
-        data_loader=DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        poisson_sampling=False,
-    )
+    engine, model, opt = _private_bag(classes=3)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, train_every=1)
     criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
     g = torch.Generator().manual_seed(1)
