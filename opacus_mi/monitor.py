@@ -143,6 +143,8 @@ _NOT_COPIED = (
 MONITOR_STATE_KEY = "opacus_mi_monitor_state_dict"  # the monitor's entry in an engine checkpoint
 SKETCH_SIGNS = 2  # the sketch's sign rule, saved with a checkpoint's settings
 STATE_FORMAT = 2  # state_dict's layout; a state of a higher one is refused (a newer version's)
+# A chunk's flags that say its examples' features could not be paired with their gradients.
+_UNPAIRED = ("features_error", "features_unpaired", "features_width_changed")
 # What a step whose features change width gets, and what gives them one width.
 _WIDTH = (
     "The learned critics need one width, so such steps get the oracle only (flag "
@@ -2218,6 +2220,12 @@ class LeakageMonitor:
         out = _Estimates()
         reads = ReadBatch(self.device)
         usable = [c for c in chunks if c.batch > 0 and c.tokens and c.features is not None]
+        if any(f in c.flags for c in chunks for f in _UNPAIRED):
+            # A chunk whose examples have no features paired with them leaves the whole step to
+            # the oracle: the other chunks' rows alone (another rank's, under DPDDP; another
+            # physical batch's) gave a learned figure of part of the batch, which a single
+            # process's step of the same examples did not.
+            usable = []
         widths = {c.features.shape[1] for c in usable}
         built = self._feature_width()
         ranks = {c.rank: c.features.shape[1] for c in usable}

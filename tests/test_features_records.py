@@ -892,6 +892,39 @@ def _private_bag(classes: int):
     return engine, model, opt
 
 
+def test_a_step_with_a_chunk_whose_features_do_not_pair_gets_the_oracle_only():
+    """A step of two physical chunks (BatchMemoryManager's way), the second with a forward of
+    part of its batch besides (a regulariser): that chunk is unpaired, and the step's learned
+    figure was made from the first chunk's rows alone, half the batch, where the README says
+    such a step gets the oracle only (and, under DPDDP, another rank's rows alone: not what a
+    single process of the same examples gives). (No private view here: no oracle.)"""
+    engine, model, opt, loader = make_private(poisson=False, batch_size=16)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, every=1, train_every=1, views=("clipped",)
+    )
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    spoiled = {4, 5}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*do not pair with its per-sample")
+        for step, (x, y) in enumerate(loader):
+            for half in (slice(0, 8), slice(8, 16)):
+                opt.zero_grad()  # (Opacus keeps a skipped step's sum: BatchMemoryManager's loop)
+                loss = criterion(model(x[half]), y[half])
+                if step in spoiled and half.start:  # (a forward of 4 of its 8 examples)
+                    loss = loss + 0.0 * model(x[half][:4]).sum()
+                loss.backward()
+                opt.signal_skip_step(do_skip=not half.start)  # as BatchMemoryManager does
+                opt.step()
+    monitor.flush()
+    records = monitor.history
+    assert [r.chunks for r in records] == [2] * len(loader)
+    for r in records:
+        if r.step in spoiled:
+            assert "features_unpaired" in r.flags and not r.mi  # (views: clipped alone)
+        elif r.step > 1:  # (the critics' windows hold pairs from the second step on)
+            assert r.mi["clipped/mine"].n == 16, r.step
+
+
 def test_features_of_another_width_are_flagged_not_silently_dropped():
     """Token ids padded per batch make the default features change width from step to step.
     A critic learns on one width: such a step is flagged and warned about (with the fix), the
