@@ -165,7 +165,12 @@ def require_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{flag(name)} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def is_folder_path(value: Any) -> bool:
+    """A str or path-like that is not blank (whether a folder is there is another question)."""
+    return isinstance(value, (str, os.PathLike)) and bool(str(value).strip())
+
+
 def require_folder(name: str, value: Any) -> None:
     """A folder path, not blank (one to write into need not exist yet)."""
-    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+    if not is_folder_path(value):
         raise ValueError(f"{flag(name)} must be a folder path; got {value!r}")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from .checks import is_folder_path
+
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "celeba", "fake")
 
 # Per-channel statistics of the CIFAR-10 training set (the usual published values).
@@ -102,9 +104,8 @@ def load_dataset(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
-    if data_root is not None and (
-        not isinstance(data_root, (str, os.PathLike)) or not str(data_root).strip()
-    ):  # (5 or b"/data" failed in os.fspath, not naming it)
+    if data_root is not None and not is_folder_path(data_root):  # (5 or b"/data" failed in
+        # os.fspath, not naming it)
         raise ValueError(
             "data_root (--data-root) must be a folder path, a str or os.PathLike; "
             f"got {data_root!r}"
