@@ -131,6 +131,7 @@ from .views import (
     raw_gram,
     release_noise_std,
     scale_gram,
+    series_names,
     unmeasured_views,
 )
 from .warn import say
@@ -2537,11 +2538,8 @@ class LeakageMonitor:
     def _series_names(self) -> list[str]:
         """The series this monitor reports: each view's learned estimator, the private
         view's oracle (and semi-oracle), and any other the history holds."""
-        names = {f"{view}/{self.estimator}": None for view in self.views if self.estimator}
-        if "private" in self.views:
-            names["private/oracle"] = None
-            if self.semi_oracle is not None:
-                names["private/semi"] = None
+        asked = series_names(self.views, self.estimator, self.semi_oracle is not None)
+        names = dict.fromkeys(asked)
         names.update(dict.fromkeys(self.keys()))
         return list(names)
 

@@ -44,7 +44,7 @@ from .data import DATASETS
 from .models import MODELS
 from .records import MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
 from .report import csv_cell, partial_path, write_whole
-from .views import default_views, unmeasured_views
+from .views import default_views, series_names, unmeasured_views
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
 ESTIMATORS: tuple[str, ...] = ("mine", "infonce", "nwj", "smile", "none")
@@ -1291,12 +1291,8 @@ def _series_asked(config: dict[str, Any] | None) -> list[str]:
     views = config.get("views")
     views = [v for v in views if isinstance(v, str)] if isinstance(views, list) else []
     estimator = config.get("estimator")
-    asked = ["private/oracle"] if "private" in views else []
-    if isinstance(estimator, str) and estimator != "none":
-        asked += [f"{v}/{estimator}" for v in views]
-        if config.get("semi_oracle") is True and "private" in views:
-            asked.append("private/semi")
-    return asked
+    estimator = estimator if isinstance(estimator, str) and estimator != "none" else None
+    return series_names(views, estimator, config.get("semi_oracle") is True)
 
 
 def write_run_outputs(

@@ -37,6 +37,18 @@ def default_views(estimator: str | None) -> tuple[str, ...]:
     return ("clipped", "private") if estimator is not None else ("private",)
 
 
+def series_names(views: Sequence[str], estimator: str | None, semi_oracle: bool) -> list[str]:
+    """The MI series (record keys) these settings report: each view's learned estimator, then
+    the private view's Gram oracle and, if asked for, its semi-oracle (which learns without an
+    estimator too). One rule for the monitor's KeyError and a run summary's "no figure yet"."""
+    names = [f"{view}/{estimator}" for view in views] if estimator is not None else []
+    if "private" in views:
+        names.append("private/oracle")
+        if semi_oracle:
+            names.append("private/semi")
+    return names
+
+
 # Opacus adds this to per-sample norms before dividing (optimizer.py, perlayeroptimizer.py).
 _OPACUS_EPS = 1e-6
 

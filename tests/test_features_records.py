@@ -458,15 +458,17 @@ def test_the_summary_names_the_series_asked_for_that_have_no_figure(tmp_path):
 
     config = {"views": ["clipped", "private"], "estimator": "mine", "semi_oracle": True}
     asked = _series_asked(config)
-    assert asked == ["private/oracle", "clipped/mine", "private/mine", "private/semi"]
-    assert _series_asked({**config, "estimator": "none"}) == ["private/oracle"]
+    assert asked == ["clipped/mine", "private/mine", "private/oracle", "private/semi"]
+    # The semi-oracle learns without an estimator too (--estimator none --semi-oracle).
+    assert _series_asked({**config, "estimator": "none"}) == ["private/oracle", "private/semi"]
+    assert _series_asked({**config, "semi_oracle": False}) == asked[:3]
     assert _series_asked({"views": ["raw"], "estimator": "nwj"}) == ["raw/nwj"]
     assert _series_asked(None) == [] == _series_asked({"views": "clipped"})
     early = [record(0, ["private/oracle"]), record(1, ["private/oracle", "clipped/mine"])]
     text = summary_table(early, expected=asked)
     assert "no figure yet: private/mine, private/semi;" in text
     assert "windows hold pairs" in text and "fitted its subspace" in text
-    text = summary_table(early, expected=asked[:2])
+    text = summary_table(early, expected=["private/oracle", "clipped/mine"])
     assert "no figure yet" not in text  # (every series asked for has one)
     assert "no figure yet" not in summary_table(early)  # (nothing asked: the API's tables)
     summary, _ = write_run_outputs(tmp_path, early[:1], config=config, results=None)
