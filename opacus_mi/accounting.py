@@ -163,12 +163,17 @@ class _RdpSum:
     def extend(self, entries: tuple, tables: list[_LazyRdp]) -> None:
         for (_, _, steps), table in zip(entries, tables, strict=True):
             if len(self.tables) % self.BLOCK == 0:
+                # The block before is closed: it is re-summed only when an order is added
+                # everywhere. Its tables' caches (2.4 kB each, a table per step under a noise
+                # scheduler) go; the open block's stay, as its newest tables gain an order at
+                # most records, and each gain re-sums the block.
+                for done in self.tables[-self.BLOCK :]:
+                    done._lower = done._known = None  # (made again if ever needed)
                 self.marks.append(self.state)
                 self.blocks.append(table.done.copy())
             else:
                 self.blocks[-1] &= table.done
             table.summed = True
-            table._lower = table._known = None  # (caches: made again if ever needed)
             self.generations.append(table.generation)  # (read before its arrays are)
             self.tables.append(table)
             self.state = _compose(self.state, table, steps)
@@ -631,7 +636,9 @@ def _noiseless(history: tuple) -> bool:
 def steps_counted(history: Sequence) -> int:
     """How many steps an accountant's ``history`` (``(noise, rate, steps)`` entries) counts:
     the steps a record after them is numbered from."""
-    return sum(int(entry[2]) for entry in history)
+    # At C speed: under a noise scheduler the history has an entry a step, and this is read at
+    # every measured step (a Python loop over 8k entries took 1.2 ms a step).
+    return int(sum(map(itemgetter(2), history)))
 
 
 def sample_rate_of(accountant: IAccountant | None, history: Sequence | None = None) -> float:

@@ -471,6 +471,33 @@ def test_epsilon_tracker_per_record_work_does_not_grow_with_a_noise_scheduler(mo
     assert np.median(per_record[200:]) <= 3 and np.median(per_record[20:100]) <= 3
 
 
+def test_a_noise_schedulers_tables_keep_their_caches_only_in_the_open_block():
+    """A table a step under a noise scheduler: the sum kept cleared each table's caches and
+    then made them again (summing reads them), so every table of the run held four arrays,
+    3.8 kB a step (5 kB of RSS a step in a 10k-step run). A closed block's tables let theirs go;
+    the open block's keep them, as its newest tables gain orders. Still Opacus's epsilon."""
+    acc = RDPAccountant()
+    tracker = EpsilonTracker(acc, 1e-5)
+    for step in range(1, 301):
+        acc.step(noise_multiplier=1.5 * 0.999**step, sample_rate=0.01)
+        tracker.epsilon()
+    tables = list(tracker._rdp_cache.values())
+    assert len(tables) == 300
+    cached = [t for t in tables if t._known is not None or t._lower is not None]
+    assert len(cached) <= _RdpSum.BLOCK + 1, len(cached)
+    per_step = {
+        noise: rdp_analysis.compute_rdp(
+            q=0.01, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+        )
+        for noise, _, _ in acc.history
+    }
+    rdp = sum([per_step[noise] * steps for noise, _, steps in acc.history])
+    want = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=1e-5)[
+        0
+    ]
+    assert tracker.epsilon() == want
+
+
 @pytest.mark.parametrize("sigma,q", [(0.5, 0.01), (1.0, 0.0356), (2.0, 0.3), (0.8, 0.9)])
 def test_lazy_rdp_lower_bound_holds_against_every_order(sigma, q):
     """The convexity + monotonicity bound never exceeds Opacus's value at any order, whatever
