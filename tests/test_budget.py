@@ -14,6 +14,7 @@ import time
 import warnings
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_private, train
@@ -734,18 +735,69 @@ def test_concurrent_work_is_charged_but_not_taken_out_of_training_time():
     assert b.measure_credit - credit == pytest.approx(0.1 * (b.train_seconds - trained))
 
 
-def test_overhead_is_monitor_time_paid_from_the_measurement_bucket():
+def test_overhead_is_monitor_time_paid_from_every_bucket_at_its_share():
     b = OverheadBudget(0.1)
     b.tick()
-    b.measure_credit = 0.005
+    b.measure_credit = b.critic_credit = 0.005
     b.book_overhead(0.002)
     b.book_overhead(-1.0)  # a remainder below zero (a GPU bracket settled meanwhile): nothing
     assert b.spent_since_tick() == pytest.approx(0.002)
     assert b.overhead_seconds == pytest.approx(0.002) and b.spent == pytest.approx(0.002)
-    assert b.measure_credit == pytest.approx(0.003)
+    assert (b.measure_credit, b.critic_credit) == pytest.approx((0.004, 0.004))  # half each
     assert b.state()["overhead_seconds"] == pytest.approx(0.002)
     b.tick()
     assert b.spent_since_tick() == 0.0
+    b.plan(critics=False, slow_epsilon=True)  # no critics, a PRV epsilon: 3/4 and 1/4
+    b.measure_credit = b.critic_credit = b.epsilon_credit = 0.0
+    b.book_overhead(0.004)
+    assert (b.measure_credit, b.critic_credit, b.epsilon_credit) == pytest.approx(
+        (-0.003, 0.0, -0.001)
+    )
+
+
+def test_a_wrapper_costing_more_than_the_measurements_share_leaves_no_growing_debt(monkeypatch):
+    """A fake clock: a 0.64 ms step whose step wrapper costs 17 us every step (2.7%, more than
+    the measurement's share of a 6% budget with critics and a PRV epsilon, 2.25%, less than
+    the whole). Paid from the measurement's bucket alone, it left a debt that grew all run:
+    measured steps 114 apart at the start, 2,354 apart by step 20,000 (a real loop's). Paid at
+    each bucket's share, the gaps are what the budget affords, and the monitor's time stays
+    within it."""
+    import opacus_mi.budget as budget_module
+
+    clock = [time.perf_counter() + 3e6]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    b = OverheadBudget(0.06)
+    step, wrapper, measure, critic, epsilon = 0.00064, 0.000017, 0.0003, 0.005, 0.05
+    measured, due, spent, trained = [], 0, 0.0, 0.0
+    for i in range(20_000):
+        clock[0] += step
+        trained += step
+        plan = None
+        if i >= due:
+            span = b.span()
+            clock[0] += measure
+            b.charge(span, "measure")
+            spent += measure
+            plan = b.plan(critics=True, slow_epsilon=True)
+            for kind, cost in (("critic", critic), ("epsilon", epsilon)):
+                if getattr(plan, "train" if kind == "critic" else kind):
+                    span = b.span()
+                    clock[0] += cost
+                    b.charge(span, kind)
+                    spent += cost
+            measured.append(i)
+            due = i + plan.next_in
+        clock[0] += wrapper
+        b.book_overhead(wrapper)
+        spent += wrapper
+        b.tick()
+    gaps = np.diff(measured)
+    early, late = np.median(gaps[5:25]), np.median(gaps[-20:])
+    # What the measurement's share of the budget left after the wrapper affords: a 0.3 ms
+    # measurement every 0.3 / (0.375 x (0.06 x 0.64 - 0.017)) = 37 steps (449 from the debt).
+    afford = measure / (0.375 * (0.06 * step - wrapper))
+    assert early <= 1.5 * afford and late <= 1.5 * early, (afford, early, late)
+    assert spent / trained <= 0.065, spent / trained
 
 
 def test_a_slow_sink_is_booked_as_monitor_time_not_training_time(budget_defaults):
