@@ -54,6 +54,21 @@ def test_critics_train_only_with_a_full_round_of_credit():
     assert not b.plan(critics=False).train  # no critics: nothing to train
 
 
+@pytest.mark.parametrize("critics", [True, False])
+@pytest.mark.parametrize("slow_epsilon", [True, False])
+def test_the_shares_divide_the_whole_budget(critics, slow_epsilon):
+    """The buckets' shares add up to the budget, no more: with a PRV epsilon a quarter first,
+    the measurement and the critics splitting the rest (a critic share not scaled by the
+    epsilon's let the monitor overspend by a quarter of its critic share)."""
+    b = OverheadBudget(0.06, measure_share=0.4)
+    shares = b._shares(critics, slow_epsilon)
+    assert sum(shares.values()) == pytest.approx(1.0, rel=1e-12)
+    eps = 0.25 if slow_epsilon else 0.0
+    measure = 0.4 if critics else 1.0
+    want = {"measure": (1 - eps) * measure, "critic": (1 - eps) * (1 - measure), "epsilon": eps}
+    assert shares == pytest.approx(want, rel=1e-12)
+
+
 def test_buckets_refill_at_their_shares_overflow_into_each_other_and_are_capped():
     b = OverheadBudget(0.1)
     b.measure_cost, b.critic_cost = 0.01, 0.08  # caps 2 x 0.01 and 1.25 x 0.08

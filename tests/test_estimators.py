@@ -16,6 +16,8 @@ from opacus_mi.estimators.bounds import (
     bound,
     dv_bound,
     infonce_bound,
+    interval_from,
+    mean_sd,
     percentile_tensor,
     permuted_bounds,
 )
@@ -522,6 +524,39 @@ def test_gram_oracle_noise_free_and_duplicates():
     res = gram_oracle(g @ g.T, 0.0, generator=torch.Generator())
     expected = math.log(4) - (2 * math.log(2)) / 4  # two examples share a gradient
     assert res.nats == pytest.approx(expected)
+
+
+def test_noise_free_oracle_merges_only_gradients_equal_to_rounding():
+    """At sigma = 0 two examples share a release only if their clipped gradients are equal to
+    rounding: rows 1e-3 and 1e-5 apart (relative) are told apart, an exact duplicate is not.
+    Every earlier test used far-apart rows, so any tolerance up to ~1e-2 of the norms passed
+    them (at 1e-2, rows 5% apart read 1.04 nats for ln 4 = 1.39)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(6, 10, dtype=torch.float64, generator=gen)
+    g[1] = g[0] * (1 + 1e-3)
+    g[3] = g[2] + 1e-5 * g[2].norm() * torch.randn(10, dtype=torch.float64, generator=gen)
+    g[5] = g[4]
+    res = gram_oracle(g @ g.T, 0.0, generator=gen)
+    assert res.nats == pytest.approx(math.log(6) - 2 * math.log(2) / 6, rel=1e-12)
+
+
+def test_mean_sd_and_interval_are_the_sample_sd_and_students_t():
+    """Against NumPy's sample standard deviation (ddof 1) and SciPy's t quantile: the
+    population sd (ddof 0) made every interval sqrt((n-1)/n) as wide, 13% too narrow at n = 4,
+    and no test compared the spread with an independent one."""
+    import numpy as np
+    from scipy import stats
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (2, 4, 16, 64):
+        terms = torch.randn(n, dtype=torch.float64, generator=gen) * 2 + 1
+        mean, sd, _, _ = mean_sd(terms).tolist()
+        x = terms.numpy()
+        assert mean == pytest.approx(x.mean(), rel=1e-12)
+        assert sd == pytest.approx(np.std(x, ddof=1), rel=1e-12)
+        _, low, high = interval_from(mean, sd, n)
+        half = stats.t.ppf(0.975, n - 1) * np.std(x, ddof=1) / math.sqrt(n)
+        assert (low, high) == pytest.approx((x.mean() - half, x.mean() + half), rel=1e-9)
 
 
 def _oracle_of_draws(gram: torch.Tensor, noise: float, eps: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,9 @@ def test_semi_oracle_approaches_the_exact_oracle_on_a_learnable_channel():
     semi_mean, exact_mean = sum(v.matched for v in values) / len(values), sum(exact) / len(exact)
     assert exact_mean > 0.5
     assert semi_mean > 0.8 * exact_mean, (semi_mean, exact_mean)
+    # Within 0.06 nats of the exact figure (3.858 against 3.831 here): scored with the noise's
+    # variance taken as its std (s, not s^2) it read 3.743, which the line above let pass.
+    assert semi_mean > exact_mean - 0.06, (semi_mean, exact_mean)
     assert semi_mean < exact_mean + 0.1  # a lower bound: never well above the exact value
 
 

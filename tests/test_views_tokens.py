@@ -106,6 +106,22 @@ def test_sketch_of_isotropic_noise_is_isotropic():
     torch.testing.assert_close(cov, torch.eye(16), atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_sketch_keeps_a_zero_sum_vectors_norm_on_average_over_seeds(k):
+    """Random signs make the sketch an unbiased projection: over seeds, E|S x|^2 = |x|^2 k / P
+    for orthonormal rows of a balanced hash, whatever x. Without them (all signs +1) a
+    bucket sums its entries, and a vector summing to zero in it (a classifier head's bias
+    gradient) sketches to 0: k = 1 read exactly 0, k = 2 half the norm. The orthonormality
+    tests could not see it (their rows stay orthonormal)."""
+    x = torch.tensor([1.0, -1.0] * 50, dtype=torch.float64)  # sums to zero
+    norms = [
+        CountSketchTokenizer([(100,)], k, seed=seed).sketch_layer(0, x[None]).square().sum()
+        for seed in range(400)
+    ]
+    mean = torch.stack(norms).mean().item()
+    assert mean == pytest.approx(100 * k / 100, rel=0.2), mean
+
+
 def test_sketch_deterministic_per_seed_and_state_linear_in_params():
     shapes = [(32, 16, 3, 3), (32,), (10, 512)]
     a, b, c = (CountSketchTokenizer(shapes, 64, seed=s) for s in (5, 5, 6))
