@@ -461,6 +461,23 @@ def test_infonce_record_intervals_cover_their_figure_at_high_mi(mi, d, n):
     assert kept[2:].isfinite().all() and kept[2] <= kept[0] <= kept[3]
 
 
+def test_a_critics_scores_do_not_depend_on_the_scale_of_its_tokens():
+    """Tokens can be ~1e-4 or smaller (a well-fit model's clipped gradients): the scaler makes
+    a critic see the same standardised inputs at any scale, its std floor relative to the
+    largest std. No test pinned the floor: an absolute one (1e-3) squashed 1e-6-scale
+    tokens 1000x toward zero."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 6, generator=g), torch.randn(64, 9, generator=g)
+    y[:, 0] = 0.0  # a constant coordinate: its std is the floor's
+    out = []
+    for scale in (1.0, 1e-6):
+        critic = SeparableCritic(6, 9, hidden=16, embed=8, bound=10.0, generator=g.manual_seed(3))
+        critic.fit_scaler(x * scale, y * scale)
+        with torch.no_grad():
+            out.append(critic.scores(x * scale, y * scale))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-5)
+
+
 def test_critic_scores_are_bound_tanh_of_raw_scores():
     """The soft bound (computed through a sigmoid) is ``bound * tanh(raw / bound)``."""
     g = torch.Generator().manual_seed(1)
