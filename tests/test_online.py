@@ -451,3 +451,38 @@ def test_a_diverged_round_keeps_the_reporting_critic():
     after = est.evaluate(*probe)  # the same critic reports, on the same pairs
     assert after is not None and after.matched == before.matched
     assert all(torch.isfinite(p).all() for p in est.critic.parameters())  # a fresh iterate
+
+
+def test_mines_interval_is_a_bootstrap_of_its_figures_own_baseline_form():
+    """MINE's held-out figure is in the baseline (TUBA) form with the validation pairs' ``c``;
+    its percentile interval must resample that figure, not DV's (computed in DV form it
+    moved the interval 0.01-0.03 nats off the figure it brackets, and no test saw it).
+    Brute force per resample: a resample with multiplicities w has joint term
+    sum_i w_i T_ii / n and marginal mean sum_{i != j} w_i w_j e^T_ij / (n^2 - sum_i w_i^2)."""
+    from opacus_mi.estimators.bounds import (
+        baseline_bound,
+        bootstrap_counts,
+        percentile_tensor,
+        random_cycle,
+    )
+    from opacus_mi.estimators.online import held_out_figures
+
+    n, draws, c = 64, 200, 0.4
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(n, n, dtype=torch.float64, generator=gen) * 0.5
+    scores += torch.eye(n, dtype=torch.float64) * 1.5
+    replay = torch.Generator().set_state(gen.get_state())
+    got = held_out_figures("mine", scores, gen, draws, baseline=c)
+    random_cycle(n, replay)  # (the mismatched figure's draw comes first)
+    counts = bootstrap_counts(n, draws, replay)
+    off = ~torch.eye(n, dtype=torch.bool)
+    values = []
+    for w in counts:
+        joint = float((w * scores.diagonal()).sum()) / n
+        pair_w = (w[:, None] * w[None, :])[off]
+        marginal = float((pair_w * scores[off].exp()).sum()) / (n * n - float((w * w).sum()))
+        values.append(joint - (c - 1) - marginal / math.exp(c))
+    want = percentile_tensor(torch.tensor(values, dtype=torch.float64))
+    assert float(got[0]) == pytest.approx(float(baseline_bound(scores, c)), rel=1e-12)
+    assert float(got[2]) <= float(got[0]) <= float(got[3])
+    torch.testing.assert_close(got[2:], want, rtol=1e-9, atol=1e-12)
