@@ -486,3 +486,23 @@ def test_mines_interval_is_a_bootstrap_of_its_figures_own_baseline_form():
     assert float(got[0]) == pytest.approx(float(baseline_bound(scores, c)), rel=1e-12)
     assert float(got[2]) <= float(got[0]) <= float(got[3])
     torch.testing.assert_close(got[2:], want, rtol=1e-9, atol=1e-12)
+
+
+def test_the_constant_critic_reports_unless_the_learned_one_validates_two_se_above_zero():
+    """A critic fitted to noise can edge past 0 on the validation pairs by chance and score
+    far below 0 on the next batch: the constant critic (bound 0) reports unless the selected
+    critic validates more than NULL_MARGIN_SE = 2 standard errors above it. Each case from a
+    round's validation figures ``[new, se, c, previous, se, c]`` (no test set one inside the
+    margin: ``best <= 0`` passed them all)."""
+    from opacus_mi.estimators.online import NULL_MARGIN_SE
+
+    g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    est = OnlineEstimator("mine", train_every=1, generator=g)
+    for _ in range(10):
+        est.observe(*_rho_pairs(64, data))
+    assert NULL_MARGIN_SE == 2.0
+    for new, se, null in [(0.15, 0.1, True), (0.25, 0.1, False), (-0.1, 0.1, True)]:
+        est._select([1.0, 0.3, new, se, 0.2, -5.0, 0.1, 0.2], validate=True, created=False)
+        assert est.null_selected is null, (new, se)
+        figure = est.evaluate(*_rho_pairs(64, data))
+        assert (figure.matched == 0.0) is null, (new, se, figure.matched)
