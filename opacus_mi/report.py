@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .checks import is_int_at_least
 from .estimators.bounds import t_quantile
 from .records import LeakageRecord, exceedances
 
@@ -108,6 +109,8 @@ def summary_table(
     series the run asked for (``view/estimator``); one no record holds is named under the
     table (a short run's critics still filling their windows), not left out without a word.
     """
+    if not is_int_at_least(last, 1):  # (0 averaged every record: [-0:] is the whole list)
+        raise ValueError(f"last must be an integer >= 1, the records to average; got {last!r}")
     if not records:
         return "no monitored steps yet"
     tail = list(records)[-last:]

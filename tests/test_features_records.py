@@ -1098,6 +1098,18 @@ def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
         LeakageRecord.from_dict(row)
 
 
+@pytest.mark.parametrize("last", [0, -1, 2.5, True])
+def test_a_summary_over_no_records_is_refused_naming_last(last):
+    """``summary(last=0)`` averaged every record (``records[-0:]`` is the whole list), and a
+    negative ``last`` all but the first few: refused, naming the argument."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
+    train(model, opt, loader)
+    with pytest.raises(ValueError, match=r"last must be an integer >= 1.*got"):
+        monitor.summary(last=last)
+    assert "private/oracle" in monitor.summary(last=1)
+
+
 class _FrozenBackbone(nn.Module):
     """A frozen extractor the model runs in eval() under no_grad, then a trainable head."""
 
