@@ -612,6 +612,27 @@ def test_schedule_note_after_a_resume_counts_the_whole_run():
     assert f"measured {second.record_count} of {2 * len(loader)} steps" in note, note
 
 
+def test_an_accountant_loaded_after_attach_numbers_the_records_and_not_the_note():
+    """Opacus's ``load_checkpoint`` after the monitor was attached: the accountant's count jumps
+    by the earlier run's steps. Records follow the accountant's numbering; the schedule note
+    counts the steps this loop trained (a mutation audit found the note unguarded: it would
+    say 'measured 8 of 12 steps')."""
+    engine, model, opt, loader = make_private(poisson=False, n=16 * 4)
+    train(model, opt, loader)  # the earlier run: 4 steps counted
+    saved = copy.deepcopy(engine.accountant.state_dict())
+    engine, model, opt, loader = make_private(poisson=False, n=16 * 4, seed=1)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=None)
+    engine.accountant.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="opacus-mi: .*")
+        train(model, opt, loader, epochs=2)
+    records = monitor.history
+    assert records and records[0].step == len(loader)  # (numbered as the accountant counts)
+    assert records[-1].step < 3 * len(loader)
+    note = monitor.schedule_note()
+    assert f"measured {len(records)} of {2 * len(loader)} steps" in note, note
+
+
 def _trained_monitor(seed: int = 0, **settings):
     """The tiny CNN trained one epoch (6 fixed batches) with a monitor measuring every 3rd
     step and training its critics at each measured one."""
@@ -894,35 +915,60 @@ def _private_bag(classes: int):
     return engine, model, opt
 
 
-def test_a_step_with_a_chunk_whose_features_do_not_pair_gets_the_oracle_only():
-    """A step of two physical chunks (BatchMemoryManager's way), the second with a forward of
-    part of its batch besides (a regulariser): that chunk is unpaired, and the step's learned
-    figure was made from the first chunk's rows alone, half the batch, where the README says
-    such a step gets the oracle only (and, under DPDDP, another rank's rows alone: not what a
-    single process of the same examples gives). (No private view here: no oracle.)"""
+@pytest.mark.parametrize("which", ["first", "second"])
+@pytest.mark.parametrize("how", ["forward", "error"])
+def test_a_step_with_a_chunk_whose_features_do_not_pair_gets_the_oracle_only(how, which):
+    """A step of two physical chunks (BatchMemoryManager's way), one of them unpaired: by a
+    forward of part of its batch besides (a regulariser: features_unpaired) or by a features
+    callable that fails on it (features_error), in the first chunk or the second. The step's
+    learned figure was made from the other chunk's rows alone, where the README says such a
+    step gets the oracle only (and, under DPDDP, another rank's rows alone: not what a single
+    process of the same examples gives). A mutation audit found the first chunk's case and a
+    failing callable's unguarded. (No private view here: no oracle.)"""
     engine, model, opt, loader = make_private(poisson=False, batch_size=16)
+    halves = (slice(0, 6), slice(6, 16))  # (unequal: the callable knows its chunk by size)
+    spoiled_half = halves[0] if which == "first" else halves[1]
+    spoiled, now = {3, 4}, {"step": 0}
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        if now["step"] in spoiled and len(x) == spoiled_half.stop - spoiled_half.start:
+            raise RuntimeError("a user's bug")
+        return x.flatten(1)
+
     monitor = LeakageMonitor(
-        engine, model, opt, delta=1e-5, every=1, train_every=1, views=("clipped",)
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        every=1,
+        train_every=1,
+        views=("clipped",),
+        overlap=False,
+        **({"features": features} if how == "error" else {}),
     )
-    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
-    spoiled = {4, 5}
+    criterion = nn.CrossEntropyLoss()
+    if how == "forward":  # (its features: the wrapped criterion's inputs)
+        criterion = monitor.wrap_criterion(criterion)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*do not pair with its per-sample")
+        warnings.filterwarnings("ignore", message="opacus-mi: .*")
         for step, (x, y) in enumerate(loader):
-            for half in (slice(0, 8), slice(8, 16)):
+            now["step"] = step
+            for half in halves:
                 opt.zero_grad()  # (Opacus keeps a skipped step's sum: BatchMemoryManager's loop)
                 loss = criterion(model(x[half]), y[half])
-                if step in spoiled and half.start:  # (a forward of 4 of its 8 examples)
-                    loss = loss + 0.0 * model(x[half][:4]).sum()
+                if how == "forward" and step in spoiled and half == spoiled_half:
+                    loss = loss + 0.0 * model(x[half][:4]).sum()  # (4 of the chunk's examples)
                 loss.backward()
-                opt.signal_skip_step(do_skip=not half.start)  # as BatchMemoryManager does
+                opt.signal_skip_step(do_skip=half is halves[0])  # as BatchMemoryManager does
                 opt.step()
     monitor.flush()
     records = monitor.history
+    flag = "features_unpaired" if how == "forward" else "features_error"
     assert [r.chunks for r in records] == [2] * len(loader)
+    assert [r.batch_size for r in records] == [16] * len(loader)
     for r in records:
         if r.step in spoiled:
-            assert "features_unpaired" in r.flags and not r.mi  # (views: clipped alone)
+            assert flag in r.flags and not r.mi, (r.step, r.flags, r.mi)  # (clipped alone)
         elif r.step > 1:  # (the critics' windows hold pairs from the second step on)
             assert r.mi["clipped/mine"].n == 16, r.step
 
@@ -1096,6 +1142,73 @@ def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
     row["mi"]["clipped/test"]["nats"] = "high"
     with pytest.raises(TypeError, match="mi\\['clipped/test'\\] has \\{'nats': 'high'\\}"):
         LeakageRecord.from_dict(row)
+
+
+def test_a_figures_difference_is_matched_less_shuffled_and_booleans_stay_booleans():
+    """What a JSONL line says of a learned figure: ``difference`` is the matched pairs' figure
+    less the shuffled pairs' (None without a shuffled figure), and a truth value written through
+    ``json_safe`` (validate.json's ``fano_holds``) stays JSON's true, not 1. A mutation audit
+    found both unguarded."""
+    from opacus_mi.records import json_safe
+
+    value = MIValue(0.75, 0.5, 1.0, 64, mismatched=0.25)
+    assert value.difference == 0.75 - 0.25
+    record = LeakageRecord(3, 64, 1.0, 1.0, 0.1, 2.0, 1e-5, mi={"clipped/infonce": value})
+    line = json.loads(json.dumps(json_safe(record.as_dict())))
+    assert line["mi"]["clipped/infonce"]["difference"] == 0.5
+    assert MIValue(0.75, 0.5, 1.0, 64).difference is None
+    text = json.dumps(json_safe({"fano_holds": True, "nested": [False], "n": 3, "x": math.inf}))
+    assert json.loads(text) == {"fano_holds": True, "nested": [False], "n": 3, "x": "inf"}
+    assert json.loads(text)["fano_holds"] is True
+
+
+def test_a_step_written_again_replaces_its_earlier_record(tmp_path):
+    """A JSONL file whose last step was written twice (a run that wrote a step's record, then
+    was resumed from before it): reading it keeps one record of that step, the later line's,
+    and says it left one out. A mutation audit found the repeated step unguarded: kept twice."""
+
+    def record(step: int, nats: float) -> dict:
+        mi = {"private/oracle": MIValue(nats, 0.0, 1.0, 8)}
+        return LeakageRecord(step, 8, 1.0, 1.0, 0.1, 1.0, 1e-5, mi=mi).as_dict()
+
+    path = tmp_path / "records.jsonl"
+    lines = [record(0, 0.1), record(1, 0.2), record(2, 0.3), record(2, 0.9)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.warns(RuntimeWarning, match="left out 1 record"):
+        back = read_jsonl(path)
+    assert [r.step for r in back] == [0, 1, 2]
+    assert back[-1].mi["private/oracle"].nats == 0.9
+
+
+@pytest.mark.parametrize("case", ["control", "shuffled floor", "neither"])
+def test_detected_needs_the_whole_interval_above_zero_and_both_controls(case):
+    """The run summary's 'detected' column, as its note says: the 95% t interval over steps lies
+    above 0, above the shuffled pairs' mean and above the control critic's. A mutation audit
+    found the control and the interval's lower end (against the shuffled floor) unguarded.
+    The interval is scipy's here; each control is put between its lower end and the mean."""
+    from scipy import stats
+
+    from opacus_mi.report import summary_table
+
+    key, nats = "clipped/infonce", [0.30, 0.50, 0.40, 0.60, 0.45]
+    mean = sum(nats) / len(nats)
+    low, _ = stats.t.interval(0.95, len(nats) - 1, loc=mean, scale=stats.sem(nats))
+    between = (low + mean) / 2
+    assert 0 < low < between < mean
+    shuffled, control = {
+        "control": (0.0, between),
+        "shuffled floor": (between, None),
+        "neither": (low - 0.01, low - 0.01),
+    }[case]
+    records = [
+        LeakageRecord(
+            step, 64, 1.0, 1.0, 0.1, 1.0, 1e-5,
+            mi={key: MIValue(v, v - 0.1, v + 0.1, 64, mismatched=shuffled, control=control)},
+        )
+        for step, v in enumerate(nats)
+    ]  # fmt: skip
+    row = next(line for line in summary_table(records).splitlines() if key in line)
+    assert re.findall(r"\b(yes|no)\b", row) == ["yes" if case == "neither" else "no"], row
 
 
 @pytest.mark.parametrize("last", [0, -1, 2.5, True])

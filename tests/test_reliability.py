@@ -583,6 +583,49 @@ def test_a_replayed_step_whose_record_fails_still_gets_its_flagged_record():
     monitor.detach()
 
 
+def test_a_failure_after_a_step_was_recorded_adds_no_second_record_of_it(monkeypatch):
+    """The budget's last charge comes after the record is made: a failure there must keep that
+    record, not append a failed one of the same step beside it (a mutation audit found this
+    unguarded). Reference: one record per measured step, in order."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(  # (budgeted: a fixed schedule charges nothing)
+        engine, model, opt, delta=1e-5, estimator=None, every=None, overlap=False
+    )
+    charge = monitor._charge
+
+    def failing_once_recorded(span, kind, work=1.0):
+        if monitor._recorded == monitor.steps:  # (this step's record is made)
+            raise RuntimeError("the books")
+        return charge(span, kind, work)
+
+    monkeypatch.setattr(monitor, "_charge", failing_once_recorded)
+    with pytest.warns(RuntimeWarning, match="leakage record failed"):
+        train(model, opt, loader, epochs=2)
+    monitor.flush()
+    steps = [r.step for r in monitor.history]
+    assert steps[0] == 0 and steps == sorted(set(steps)), steps
+    assert not any(f.startswith("error:") for r in monitor.history for f in r.flags)
+
+
+def test_a_failed_record_carries_its_own_steps_epsilon():
+    """A failed measurement's record keeps the step's epsilon, named as that step's: the value
+    the engine's own accountant gives after it (a mutation audit found ``epsilon_step``
+    unguarded on failed records)."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1, overlap=False)
+    for call in range(1, len(loader) + 1):
+        fail_estimate_at(monitor, call)  # (each wraps the last: the call-th estimate fails)
+    epsilons: list[float] = []
+    with pytest.warns(RuntimeWarning, match="leakage record failed"):
+        train(model, opt, loader, after_step=lambda: epsilons.append(engine.get_epsilon(1e-5)))
+    monitor.flush()
+    history = monitor.history
+    assert [r.step for r in history] == list(range(len(loader)))
+    for r in history:
+        assert "error:RuntimeError" in r.flags
+        assert r.epsilon_step == r.step and r.epsilon == epsilons[r.step]
+
+
 def test_a_collected_monitors_last_warnings_leave_the_warning_filters_alone(monkeypatch):
     """The garbage collector runs a collected monitor's finaliser on whichever thread it
     collects on, another monitor's overlap worker included. It said its kept warnings inside
