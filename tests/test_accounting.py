@@ -19,6 +19,7 @@ from opacus_mi.accounting import (
     _LazyRdp,
     _RdpSum,
     once_per_epoch_bound,
+    sample_rate_of,
     step_kl,
 )
 
@@ -767,3 +768,16 @@ def test_a_resumed_rdp_instead_of_prv_is_a_prv_accountants_only():
     tracker = EpsilonTracker(GaussianAccountant(), 1e-5)
     tracker.rdp_from(history)
     assert not tracker.used_rdp(history)
+
+
+def test_the_sample_rate_is_the_latest_steps():
+    """A bound or tracker reads the rate of the latest step (a larger batch after a warm-up
+    changes it); a mutation audit found the first entry's read unguarded. Reference: Opacus's
+    own history after two settings."""
+    accountant = RDPAccountant()
+    for _ in range(3):
+        accountant.step(noise_multiplier=1.0, sample_rate=0.01)
+    accountant.step(noise_multiplier=1.0, sample_rate=0.05)
+    assert sample_rate_of(accountant) == accountant.history[-1][1] == 0.05
+    assert sample_rate_of(None, accountant.history[:1]) == 0.01
+    assert math.isnan(sample_rate_of(RDPAccountant()))

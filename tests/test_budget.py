@@ -609,6 +609,79 @@ def test_a_cheap_accountant_needs_no_pacer():
     assert all(r.epsilon_step == r.step for r in monitor.history)
 
 
+def test_a_resumed_epsilon_pacer_waits_one_pace_from_the_load(monkeypatch):
+    """A resumed run goes on at the saved pace from the moment of the load: its first
+    recomputation of a call of w units waits cost x w x (1/fraction - 1). A state saved before
+    any recomputation computes at once (a mutation audit found both unguarded)."""
+    import opacus_mi.budget as budget_module
+
+    clock = [50.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    saved = EpsilonPacer(0.1)
+    saved.done(1.0)  # setup: sets no pace
+    saved.done(0.02, work=2.0)  # 0.01 s a unit
+    state = saved.state_dict()
+    assert state == {"cost": pytest.approx(0.01), "count": 2}
+    clock[0] = 1000.0  # a new process, much later
+    resumed = EpsilonPacer(0.1)
+    resumed.load_state_dict(state)
+    pace = 0.01 * 3.0 * (1 / 0.1 - 1)  # a call of 3 units: 0.27 s
+    assert not resumed.due(work=3.0)
+    clock[0] += pace * 0.9
+    assert not resumed.due(work=3.0)
+    clock[0] += pace * 0.2
+    assert resumed.due(work=3.0)
+    fresh = EpsilonPacer(0.1)
+    fresh.load_state_dict(EpsilonPacer(0.1).state_dict())
+    assert fresh.due() and fresh.count == 0
+
+
+def test_a_pause_after_the_first_intervals_counts_as_at_most_a_few_steps(monkeypatch):
+    """Once the first intervals are judged, an interval between two steps (an evaluation, a
+    checkpoint) counts as at most _GAP typical steps of training, in the books and in the
+    step-time average (a mutation audit found the cap unguarded: the whole 100 s pause booked
+    as training, and a 'step' of 20 s planned from)."""
+    import opacus_mi.budget as budget_module
+
+    clock = [10.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    budget = OverheadBudget(0.1)
+    for _ in range(4):  # three intervals of 1 s: the typical step is 1 s
+        budget.tick()
+        clock[0] += 1.0
+    assert budget.step_seconds == pytest.approx(1.0)
+    assert budget.state()["train_seconds"] == pytest.approx(3.0)
+    clock[0] += 99.0  # this interval lasts 100 s
+    budget.tick()
+    gap, ema = budget_module._GAP, budget_module._EMA
+    assert budget.state()["train_seconds"] == pytest.approx(3.0 + gap * 1.0)
+    assert budget.step_seconds == pytest.approx((1 - ema) * 1.0 + ema * gap)
+
+
+def test_the_first_plan_takes_the_steps_training_time_net_of_the_measurement(monkeypatch):
+    """The first costed plan, before any step time is known, takes this step's time so far less
+    the monitor's own: at 0.5 s of training and a 1 s measurement, the bucket at -1 s refills
+    at 0.125 x 0.5 s a step, so the next measurement is ceil(2 / 0.0625) = 32 steps away, not
+    the 11 a 1.5 s 'step' gives (a mutation audit found this unguarded)."""
+    import opacus_mi.budget as budget_module
+
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    budget = OverheadBudget(0.125)
+    span = budget.span()
+    clock[0] += 1.0
+    budget.charge(span, "measure")  # step 0's measurement: setup, not charged
+    budget.tick()
+    clock[0] += 0.5  # step 1: 0.5 s of training, then a 1 s measurement
+    span = budget.span()
+    clock[0] += 1.0
+    budget.charge(span, "measure")
+    plan = budget.plan(critics=False)
+    assert budget.step_seconds is None and plan.costed
+    assert budget.measure_credit == -1.0
+    assert plan.next_in == math.ceil((1.0 - budget.measure_credit) / (0.125 * 0.5)) == 32
+
+
 def test_epsilon_pacer_keeps_recomputation_to_its_share_of_wall_time(monkeypatch):
     import opacus_mi.budget as budget_module
 
@@ -987,6 +1060,26 @@ def test_the_budgets_plans_are_followed_with_overlap_and_after_a_rollback(
     # Every gap is the plan's once the first plan is in (overlap may guess once at the start).
     assert {b - a for a, b in itertools.pairwise(before[1:])} == {interval}, steps
     assert after[0] >= 10 and {b - a for a, b in itertools.pairwise(after)} == {interval}, steps
+
+
+def test_a_resumed_budgeted_schedule_follows_its_plan_from_the_first_step(monkeypatch):
+    """After ``load_state_dict`` the first step is measured (the schedule restarts) and the plan
+    is followed from there: with "measure again in 3 steps", steps 6, 9, 12, 15 (a mutation
+    audit found the resumed state's last-measured step unguarded: 6, 7, 10, 13, 16). Inline:
+    with overlap, the step after a resume is measured on the setup's interval, by design."""
+    monkeypatch.setattr(
+        OverheadBudget, "plan", lambda self, **kw: Plan(next_in=3, train=False, epsilon=True)
+    )
+    engine, model, opt, loader = make_private(poisson=False, n=16 * 6)
+    settings = {"delta": 1e-5, "estimator": None, "every": None, "overlap": False}
+    first = LeakageMonitor(engine, model, opt, **settings)
+    train(model, opt, loader)  # steps 0-5
+    state = first.state_dict()
+    first.detach()
+    second = LeakageMonitor(engine, model, opt, **settings)
+    second.load_state_dict(state)
+    train(model, opt, loader, epochs=2)  # steps 6-17
+    assert [r.step for r in second.history if r.step >= 6] == list(range(6, 18, 3))
 
 
 def test_a_paced_epsilon_is_reused_only_where_the_history_continues_its_own(monkeypatch):

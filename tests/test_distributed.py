@@ -494,6 +494,42 @@ def _broken_group_worker(rank: int, port: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("own_clipped", [True, False])
+def test_a_chunk_crosses_the_gather_whole(own_clipped):
+    """A chunk's wire format (``chunks.pack``/``unpack``, what DPDDP's gather carries) keeps
+    everything its record reads. A mutation audit found the half-precision clip slack
+    unguarded: dropped, a bfloat16 DPDDP step whose release reads 1.01-1.03 C was flagged
+    ``exceeds_clip`` where one process of the same examples is not. The pending clipped tokens
+    travel once when they are the clipped view's tokens, on their own otherwise."""
+    from opacus_mi.chunks import CLIP_SLACK, Chunk, half_slack, pack, unpack
+
+    slack = half_slack(torch.bfloat16)
+    assert slack == 4 * 2.0**-7 > CLIP_SLACK  # 4 ulps of one in bfloat16 (eps = 2**-7)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 4, generator=gen)
+    clipped = tokens if own_clipped else torch.randn(3, 4, generator=gen)
+    gram = clipped @ clipped.T
+    chunk = Chunk(
+        batch=3,
+        tokens={"clipped": tokens, "raw": torch.randn(3, 4, generator=gen)},
+        features=torch.randn(3, 5, generator=gen),
+        oracle_terms=torch.randn(3, generator=gen),
+        oracle_var=torch.rand(3, generator=gen),
+        flags=["features_first_forward"],
+        slack=slack,
+        pending=(clipped, gram, 0.5),
+    )
+    meta, tensors = pack(chunk)
+    assert ("pending/clipped" in tensors) is not own_clipped
+    back, got_clipped, got_gram, std = unpack((meta, tensors))
+    assert (back.batch, back.flags, back.slack, std) == (3, ["features_first_forward"], slack, 0.5)
+    assert back.tokens.keys() == chunk.tokens.keys()
+    assert all(torch.equal(back.tokens[v], chunk.tokens[v]) for v in chunk.tokens)
+    for name in ("features", "oracle_terms", "oracle_var"):
+        assert torch.equal(getattr(back, name), getattr(chunk, name)), name
+    assert torch.equal(got_clipped, clipped) and torch.equal(got_gram, gram)
+
+
 def test_a_rank_that_stops_makes_the_others_gather_raise_not_record(tmp_path):
     """The gather's failure was taken for a measurement's: rank 0 delivered a record flagged
     error:RuntimeError for a step that never completed, and the user then saw Opacus's vaguer
@@ -701,6 +737,77 @@ def test_paced_prv_epsilon_follows_the_most_frugal_rank_under_ddp(runs):
     assert any(r["epsilon_step"] < r["step"] for r in a["history"])
     for x, y in zip(a["history"], b["history"], strict=True):
         _same_record(x, y, rtol=0, atol=0)
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo group of this process alone, for this test only (``distributed=True`` needs one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("peer", [(1, True, True), (3, False, True)])
+def test_a_peer_that_affords_less_decides_the_interval_and_the_critics(
+    group_of_one, monkeypatch, peer
+):
+    """Every rank follows the most frugal plan: the longest interval, critics only if every rank
+    trains them. The two-process runs only compare the ranks with each other, which a rule such
+    as 'critics if any rank trains' passes as well (a mutation audit found it). Here a phantom
+    peer rank joins each gather with an empty item carrying a fixed plan: a generous one changes
+    nothing (every step measured, critics trained), one measuring every 4th step and never
+    training makes every interval >= 3 and no critic round. This rank's own plan is pinned to
+    "measure every step and train" (the real one follows wall time)."""
+    from opacus_mi.budget import OverheadBudget, Plan
+
+    monkeypatch.setattr(
+        OverheadBudget, "plan", lambda self, **kw: Plan(next_in=1, train=True, epsilon=True)
+    )
+    real = monitor_module.all_gather_items
+
+    def with_a_peer(items, *args, **kwargs):
+        meta = {"batch": 0, "flags": [], "std": None, "plan": peer, "stop": False, "rank": 1}
+        return real(items, *args, **kwargs) + [(meta, {})]
+
+    monkeypatch.setattr(monitor_module, "all_gather_items", with_a_peer)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 6, generator=gen), torch.randint(0, 2, (256,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    monitor = LeakageMonitor(
+        engine,
+        model,
+        opt,
+        delta=1e-5,
+        every=None,
+        train_every=None,
+        estimator="infonce",
+        train_iters=2,
+        seed=3,
+        distributed=True,
+    )
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    train(model, opt, loader, epochs=2, criterion=criterion)
+    monitor.detach()
+    steps = [r.step for r in monitor.history]
+    rounds = sum(e.updates for e in monitor.estimators.values())
+    if peer[0] == 1:
+        assert steps == list(range(2 * len(loader))) and rounds > 0
+    else:
+        gaps = [b - a for a, b in itertools.pairwise(steps)]
+        assert gaps and min(gaps) >= peer[0] and rounds == 0, (gaps, rounds)
 
 
 def test_distributed_true_with_a_local_optimizer_is_warned_about(private_setup, monkeypatch):
