@@ -1311,6 +1311,22 @@ def test_a_sweep_row_bounds_any_noise(tmp_path, sigma, bound):
     assert sweep_row(result, setting="s", target_epsilon=None)["bound_per_step"] == bound
 
 
+@pytest.mark.parametrize("low, high, named", [(-0.2, 0.3, False), (-1.4, -0.5, True)])
+def test_the_sweep_names_a_figure_below_zero_only_when_its_whole_interval_is(low, high, named):
+    """The sweep table's 'below 0, an empty lower bound' note is for a learned figure whose whole
+    95% interval lies under 0 (the run summary's rule); one straddling 0 is a figure like any
+    other (a mutation audit found the interval's ends interchangeable)."""
+    from opacus_mi.sweep import sweep_table
+
+    row = {
+        "setting": "sigma_4", "noise_multiplier": 4.0, "epsilon": 1.0, "test_accuracy": 0.5,
+        "oracle_mi": 0.01, "oracle_ci_low": 0.0, "oracle_ci_high": 0.02,
+        "clipped_mi": (low + high) / 2, "clipped_ci_low": low, "clipped_ci_high": high,
+        "bound_per_step": 1 / 32, "wall_seconds": 1.0, "out": "x",
+    }  # fmt: skip
+    assert ("clipped at noise 4: below 0" in sweep_table([row], estimator="mine")) is named
+
+
 def test_the_sweep_and_validate_tables_show_infinite_and_small_figures():
     """The sweep's table showed sigma 0's infinite bound and epsilon as '-' (a figure that
     does not apply) and a bound of 0.00125 nats (sigma 20) as 0.001; validate's showed -inf
