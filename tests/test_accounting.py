@@ -120,6 +120,17 @@ def test_mi_upper_bound_composes_over_steps_and_follows_changing_history():
         standalone.step(noise_multiplier=1.0, sample_rate=0.02)
     assert standalone.history == [(1.0, 0.02, 3)]
     assert standalone.bound() == pytest.approx(3 * step_kl(1.0, 0.02))
+    # A step whose sample rate alone changes (a larger batch after a warm-up) starts an entry,
+    # as Opacus's own history does (a mutation audit found merging on the noise alone passed).
+    opacus = RDPAccountant()
+    for sigma, q in [(1.0, 0.02), (1.0, 0.05), (1.0, 0.05), (2.0, 0.05)]:
+        standalone.step(noise_multiplier=sigma, sample_rate=q)
+        opacus.step(noise_multiplier=sigma, sample_rate=q)
+    assert opacus.history == [(1.0, 0.02, 1), (1.0, 0.05, 2), (2.0, 0.05, 1)]
+    assert standalone.history == [(1.0, 0.02, 4), *opacus.history[1:]]
+    assert standalone.bound() == pytest.approx(
+        4 * step_kl(1.0, 0.02) + 2 * step_kl(1.0, 0.05) + step_kl(2.0, 0.05)
+    )
 
 
 def _shuffled_epoch_mi(s: float, steps: int, directions: int = 20_000, n: int = 400):
