@@ -742,10 +742,9 @@ def test_paced_prv_epsilon_follows_the_most_frugal_rank_under_ddp(runs):
 @pytest.fixture
 def group_of_one():
     """A gloo group of this process alone, for this test only (``distributed=True`` needs one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 
@@ -758,7 +757,7 @@ def test_a_peer_that_affords_less_decides_the_interval_and_the_critics(
     trains them. The two-process runs only compare the ranks with each other, which a rule such
     as 'critics if any rank trains' passes as well (a mutation audit found it). Here a phantom
     peer rank joins each gather with an empty item carrying a fixed plan: a generous one changes
-    nothing (every step measured, critics trained), one measuring every 4th step and never
+    nothing (every step measured, critics trained), one measuring every 3rd step and never
     training makes every interval >= 3 and no critic round. This rank's own plan is pinned to
     "measure every step and train" (the real one follows wall time)."""
     from opacus_mi.budget import OverheadBudget, Plan
@@ -777,15 +776,8 @@ def test_a_peer_that_affords_less_decides_the_interval_and_the_critics(
     x, y = torch.randn(256, 6, generator=gen), torch.randint(0, 2, (256,), generator=gen)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
-    engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        poisson_sampling=False,
-    )
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    engine, model, opt, loader = _make_private(model, loader)
     monitor = LeakageMonitor(
         engine,
         model,
