@@ -82,7 +82,12 @@ def should_gather(distributed: bool | None, optimizer: Any) -> bool:
             "torch.distributed.init_process_group(...) (torchrun sets the environment) before "
             "creating the monitor, or pass distributed=None"
         )
-    if distributed and world_size() > 1 and not isinstance(optimizer, DISTRIBUTED_OPTIMIZERS):
+    if (
+        distributed
+        and world_size() > 1
+        and rank() == 0  # (said once, for every rank: all were given the same optimizer type)
+        and not isinstance(optimizer, DISTRIBUTED_OPTIMIZERS)
+    ):
         # (Allowed: a loop that averages the ranks' gradients itself. But for ranks that each
         # train a model of their own, their records would mix unrelated batches as one.)
         say(

@@ -34,7 +34,10 @@ How it attaches, and why this way:
 Multi-process (Opacus DPDDP under torchrun): Opacus releases one noisy sum over the global batch,
 so at the end of each monitored logical step every rank's chunks are all-gathered in rank order
 (:mod:`opacus_mi.distributed`) and every rank estimates MI on the global batch, identically;
-rank 0 alone calls the sinks (JSONL included), every rank keeps ``history``. Epsilon is each
+rank 0 alone calls the sinks (JSONL included), every rank keeps ``history``. Warnings follow
+the same rule: rank 0 alone says those of what every rank has alike (the records, the critics,
+the settings), and a rank says its own (its features, a failure) as ``opacus-mi (rank r)``.
+Epsilon is each
 rank's own accountant, which Opacus steps with the global sample rate. Create the monitor on
 every rank, with the same arguments (compared as it is created): the gathers are collectives,
 made unconditionally on each monitored step (a local failure sends an empty, flagged
@@ -567,6 +570,7 @@ class LeakageMonitor:
         self._warned: set[str] = set()
         self.distributed = should_gather(distributed, optimizer)
         self.rank = dist_rank()  # (0 without a process group)
+        self._ranks = world_size()  # (1 without one; see _speaker)
         if tokenizer not in TOKEN_ENCODERS:
             raise ValueError(
                 f"tokenizer must be one of {TOKEN_ENCODERS} ('sketch' is the default); "
@@ -609,7 +613,7 @@ class LeakageMonitor:
         budget = check_fraction(budget)  # also on a fixed schedule: a quarter paces PRV's epsilon
         if budget >= 2:  # (a percentage given as one: 6 for 6% would be 600%)
             say(
-                f"opacus-mi: budget={budget:g} lets the monitor take {budget:.0%} of the "
+                f"{self._speaker()}: budget={budget:g} lets the monitor take {budget:.0%} of the "
                 f"training loop's time; for {budget:g}% pass budget={budget / 100:g}",
                 UserWarning,
             )
@@ -780,12 +784,14 @@ class LeakageMonitor:
                     "subspace:ghost",
                     "with ghost clipping the semi-oracle uses sketch tokens (no per-sample "
                     "gradients to fit a gradient subspace to), which keep far less of them",
+                    shared=True,
                 )
             elif self.distributed:
                 self._warn_once(
                     "subspace:ddp",
                     "under DPDDP the semi-oracle uses sketch tokens (each rank would fit its own "
                     "gradient subspace)",
+                    shared=True,
                 )
             else:
                 self._new_subspace = functools.partial(
@@ -794,7 +800,9 @@ class LeakageMonitor:
                 try:
                     self.subspace = self._new_subspace()
                 except ValueError as exc:
-                    self._warn_once("subspace:size", f"semi-oracle uses sketch tokens: {exc}")
+                    self._warn_once(
+                        "subspace:size", f"semi-oracle uses sketch tokens: {exc}", shared=True
+                    )
         self.mi_accountant = MIAccountant(
             engine.accountant, poisson_sampling=self._sampling(engine, module, poisson_sampling)
         )
@@ -923,8 +931,8 @@ class LeakageMonitor:
         if self._jsonl is not None:  # first: a user sink that raises Ctrl-C cannot keep it out
             self.sinks.insert(0, self._jsonl)
         if self._factored is not None:
-            for key, message in _ghost_release_warnings(module):
-                self._warn_once(key, message)
+            for key, message in _ghost_release_warnings(module):  # (the model's: every rank's)
+                self._warn_once(key, message, shared=True)
         self._delivering = False  # (a sink that calls back: see _deliver)
         self._sending: LeakageRecord | None = None  # the record being delivered, and
         self._sent = 0  # the sinks that have had it (an interrupted delivery goes on there)
@@ -985,7 +993,7 @@ class LeakageMonitor:
             size = len(getattr(engine, "dataset", None) or ())
         except TypeError:  # (an iterable dataset: its size is unknown)
             size = 0
-        if self.distributed and not poisson_sampling and size % world_size() and self.rank == 0:
+        if self.distributed and not poisson_sampling and size % world_size():
             # DistributedSampler (drop_last=False, its default) pads the data to a multiple of
             # the ranks: the padded examples are in two batches an epoch (or twice in one).
             self._warn_once(
@@ -994,6 +1002,7 @@ class LeakageMonitor:
                 "DistributedSampler keeps drop_last=False (its default), it repeats some of "
                 "them each epoch, which neither Opacus's epsilon nor the MI bound (one release "
                 "per epoch) allows for; pass DistributedSampler(..., drop_last=True)",
+                shared=True,
             )
         return poisson_sampling
 
@@ -1650,6 +1659,7 @@ class LeakageMonitor:
             "EmbeddingBag with an id repeated in a bag, a weight also used by a module Opacus "
             "has no sampler for); train it with grad_sample_mode='hooks'. With a grad-clip "
             "scheduler, see 'noise_clip_mismatch'",
+            shared=True,
         )
 
     def _settings_record(
@@ -1722,6 +1732,7 @@ class LeakageMonitor:
                             self._warn_once(
                                 f"sink:{type(exc).__name__}",
                                 f"a record sink failed: {exc!r} (the record stays in history)",
+                                shared=True,
                             )
                             continue
                         except BaseException:
@@ -2176,12 +2187,16 @@ class LeakageMonitor:
                 continue
             if control:
                 self._warn_once(
-                    f"reset:control:{view}", f"the {view}-view control critic was reset"
+                    f"reset:control:{view}",
+                    f"the {view}-view control critic was reset",
+                    shared=True,
                 )
                 continue
             record.flags.append(f"critic_reset:{view}")
             self._warn_once(
-                f"reset:{view}", f"the {view}-view critic diverged (non-finite loss) and was reset"
+                f"reset:{view}",
+                f"the {view}-view critic diverged (non-finite loss) and was reset",
+                shared=True,
             )
         if self.semi_oracle is not None and estimates.usable:
             # The std this step's private view was drawn with (taken at its pre_step: adaptive
@@ -2248,6 +2263,7 @@ class LeakageMonitor:
                     + " per example): every rank must feed inputs of one shape (the same "
                     "data pipeline and model). The learned critics need one width, so such steps "
                     "get the oracle only (flag 'features_width_changed')",
+                    shared=True,
                 )
             elif self._features_unchecked and built is not None:  # (the first since a load)
                 self._warn_once(
@@ -2258,6 +2274,7 @@ class LeakageMonitor:
                     "shape), so its critics can neither score nor learn on such steps (flag "
                     "'features_width_changed'). Load a state saved with this model and input "
                     "size, or start a fresh monitor",
+                    shared=True,
                 )
                 self._warned.add("features:width")  # (the message above names both causes)
             if not between_ranks:  # (a rank's own width moved: said below, when it does)
@@ -2266,6 +2283,7 @@ class LeakageMonitor:
                     f"features changed width ({built or sorted(widths)[0]} -> "
                     f"{sorted(widths - {built})[0] if built else sorted(widths)[-1]} per example): "
                     f"inputs of varying shape, e.g. sequences padded per batch? {_WIDTH}",
+                    shared=True,
                 )
             usable = []
         out.usable = usable
@@ -2483,10 +2501,20 @@ class LeakageMonitor:
         if self.semi_oracle.observe(feats, clean, train=train):
             record.flags.append("critic_reset:semi")
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, *, shared: bool = False) -> None:
+        """Say ``message`` once a run (once per ``key``).
+
+        ``shared``: of what every rank has alike under DPDDP (the records and critics of the
+        gathered batch, settings checked the same on every rank, the model, the accountant's
+        history), so rank 0 says it for all, as it writes the records, and the other ranks keep
+        quiet: said by each, a run on 8 GPUs printed it 8 times. Any other warning is of this
+        process's own step (its features, forwards, chunk, a failure): each process says its
+        own, naming its rank where there are several (see :meth:`_speaker`)."""
         if key not in self._warned:
             self._warned.add(key)
-            message = f"opacus-mi: {message}; the monitor left training unchanged"
+            if shared and self.distributed and self.rank != 0:
+                return
+            message = f"{self._speaker(shared)}: {message}; the monitor left training unchanged"
             worker = getattr(self, "_worker", None)
             if (worker is not None and worker.on_worker()) or getattr(self, "_deferring", False):
                 # Said on the training thread (see _deliver), outside a step: the user's
@@ -2495,6 +2523,13 @@ class LeakageMonitor:
                 self._worker_warnings.append(message)
             else:
                 say(message)
+
+    def _speaker(self, shared: bool = False) -> str:
+        """Who says a warning: ``opacus-mi``, or ``opacus-mi (rank r)`` where several processes
+        run (torchrun) and the warning is this process's own, not one rank 0 says for all."""
+        if self._ranks > 1 and not (shared and self.distributed):
+            return f"opacus-mi (rank {self.rank})"
+        return "opacus-mi"
 
     def _trim_history(self) -> None:
         """Keep the latest ``max_history`` records (all of them when it is None)."""
@@ -2579,6 +2614,7 @@ class LeakageMonitor:
                 "epsilon-inf",
                 f"the accountant's epsilon is inf at sigma {sigma:g}, as Opacus's PRV accountant "
                 f"gives when its discretisation overflows (a valid but empty guarantee); {fix}",
+                shared=True,
             )
         if accounting and self.epsilon.used_rdp(accounting):
             self._warn_once(
@@ -2587,6 +2623,7 @@ class LeakageMonitor:
                 "(minutes and gigabytes a call; the domain grows with the steps): records "
                 "carry Opacus's RDP epsilon for the same history instead, a valid and slightly "
                 "looser bound (flag 'epsilon_rdp')",
+                shared=True,
             )
         return value
 
@@ -2662,8 +2699,9 @@ class LeakageMonitor:
             # nor Opacus's checkpoint holds the chunks summed so far (nor does a resumed run
             # release them), and the generator has drawn for the measured ones.
             say(
-                f"state_dict() was taken in the middle of logical step {self.steps} (physical "
-                "batches of a BatchMemoryManager step still to come): neither it nor Opacus's "
+                f"{self._speaker()}: state_dict() was taken in the middle of logical step "
+                f"{self.steps} (physical batches of a BatchMemoryManager step still to come): "
+                "neither it nor Opacus's "
                 "checkpoint holds that step's batches so far, so a run resumed from here "
                 "releases and records that step from the resume on, and its later records "
                 "differ from an uninterrupted run's. Save after a step that ends a logical "
@@ -2948,9 +2986,9 @@ class LeakageMonitor:
                 if self.subspace is not None:
                     self.subspace = self._new_subspace()
                 say(
-                    f"opacus-mi: this checkpoint's semi-oracle learned on {theirs} tokens, this "
-                    f"monitor's reads {ours} tokens ({_SEMI_TOKENS[ours]}): it starts afresh "
-                    "here, and everything else continues from the checkpoint",
+                    f"{self._speaker()}: this checkpoint's semi-oracle learned on {theirs} "
+                    f"tokens, this monitor's reads {ours} tokens ({_SEMI_TOKENS[ours]}): it "
+                    "starts afresh here, and everything else continues from the checkpoint",
                 )
         self.generator.set_state(state["generator"])
 

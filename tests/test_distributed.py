@@ -334,7 +334,7 @@ def _features_run(rank: int, tmp: str) -> dict:
     }
 
 
-def _widths_run(rank: int, features) -> dict:
+def _widths_run(rank: int, features, distributed: bool | None = None) -> dict:
     """A run whose features are ``features(x)`` on this rank: warnings said, records' flags."""
     torch.manual_seed(0)
     engine, model, opt, loader = _make_private(DPDDP(TinyCNN()), _local_loader(rank))
@@ -347,6 +347,7 @@ def _widths_run(rank: int, features) -> dict:
         train_every=1,
         views=("clipped",),
         features=features,
+        distributed=distributed,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -368,6 +369,25 @@ def _padded_run(rank: int, tmp: str) -> dict:
     the ranks differ at some steps too."""
     calls = itertools.count()
     return _widths_run(rank, lambda x: x.flatten(1)[:, : 10 + (next(calls) + rank) % 3])
+
+
+def _rank_failure_run(rank: int, tmp: str) -> dict:
+    """Rank 1's features callable fails at every step (its own data pipeline, say); rank 0's
+    works. Then, each rank measuring its own batch (``distributed=False``), features padded per
+    batch."""
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        if rank == 1:
+            raise ZeroDivisionError("rank 1's pipeline")
+        return x.flatten(1)
+
+    calls = itertools.count()
+    return {
+        "failing": _widths_run(rank, features),
+        "local_padded": _widths_run(
+            rank, lambda x: x.flatten(1)[:, : 10 + next(calls) % 3], distributed=False
+        ),
+    }
 
 
 COLLECTIVES = ("all_gather_object", "all_gather", "all_reduce", "broadcast", "barrier", "gather")
@@ -456,6 +476,7 @@ def _lifecycle_worker(rank: int, port: int, tmp: str) -> None:
         cases = {"features": _features_run, "settings": _settings_run}
         cases["width"] = _width_run
         cases["padded"] = _padded_run
+        cases["rank_failure"] = _rank_failure_run
         cases["request_stop"] = _request_stop_run
         cases["sink_detach"] = _sink_detach_run  # last: it hung, leaving the group unusable
         for name, case in cases.items():
@@ -811,7 +832,12 @@ def test_distributed_true_with_a_local_optimizer_is_warned_about(private_setup, 
     _, _, opt, _ = private_setup()
     monkeypatch.setattr(mi_dist, "process_group_active", lambda: True)
     monkeypatch.setattr(mi_dist, "world_size", lambda: 2)
+    monkeypatch.setattr(mi_dist, "rank", lambda: 0)
     with pytest.warns(RuntimeWarning, match="distributed=True with a DPOptimizer, not the"):
+        assert mi_dist.should_gather(True, opt)
+    monkeypatch.setattr(mi_dist, "rank", lambda: 1)  # (rank 0 says it for every rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert mi_dist.should_gather(True, opt)
     monkeypatch.setattr(mi_dist, "world_size", lambda: 1)  # (nothing to mix up)
     with warnings.catch_warnings():
@@ -948,23 +974,45 @@ def test_feature_layers_are_named_as_in_the_users_model_under_ddp(lifecycle):
 
 def test_features_of_another_width_on_each_rank_are_said_to_be_the_ranks(lifecycle):
     """The warning blamed "inputs of varying shape, e.g. sequences padded per batch?" when
-    the ranks fed features of different widths; it now names each rank's width."""
+    the ranks fed features of different widths; it now names each rank's width. It is of the
+    gathered batch, which every rank has alike: rank 0 says it for all (every rank said it)."""
     ranks, _ = lifecycle
     for out in ranks:
         assert isinstance(out["width"], dict), out["width"]
-        said = [w for w in out["width"]["warnings"] if "width" in w]
-        assert len(said) == 1, said
-        widths = "(rank 0: 13, rank 1: 14"  # (10 + rank input columns, 3 one-hot labels)
-        assert f"the ranks' features differ in width this step {widths}" in said[0]
-        assert "padded" not in said[0]
         assert all("features_width_changed" in f for f in out["width"]["flags"])
+    said = [w for w in ranks[0]["width"]["warnings"] if "width" in w]
+    assert len(said) == 1, said
+    widths = "(rank 0: 13, rank 1: 14"  # (10 + rank input columns, 3 one-hot labels)
+    assert said[0].startswith(f"opacus-mi: the ranks' features differ in width this step {widths}")
+    assert "padded" not in said[0]
+    assert ranks[1]["width"]["warnings"] == []
 
 
 def test_features_padded_per_batch_on_each_rank_get_the_padding_advice(lifecycle):
     """Under DPDDP, features whose width each rank changes step by step (padding per batch)
     were blamed on the ranks' pipelines differing and the padding advice was withheld."""
     ranks, _ = lifecycle
-    for out in ranks:
-        assert isinstance(out["padded"], dict), out["padded"]
-        said = [w for w in out["padded"]["warnings"] if "width" in w]
-        assert any("padded per batch" in w and "features=" in w for w in said), said
+    assert isinstance(ranks[0]["padded"], dict), ranks[0]["padded"]
+    said = [w for w in ranks[0]["padded"]["warnings"] if "width" in w]
+    assert any("padded per batch" in w and "features=" in w for w in said), said
+    assert ranks[1]["padded"]["warnings"] == []  # (rank 0 said it for both)
+
+
+def test_a_ranks_own_warning_is_said_by_that_rank_and_names_it(lifecycle):
+    """Rank 1's features failing is rank 1's alone to say, with its rank (under torchrun the
+    processes' warnings interleave on one terminal); rank 0 has nothing to say of it. Each rank
+    of local monitors (``distributed=False``) says its own warnings, naming its rank."""
+    ranks, _ = lifecycle
+    r0, r1 = (out["rank_failure"] for out in ranks)
+    assert isinstance(r0, dict) and isinstance(r1, dict), (r0, r1)
+    (said,) = r1["failing"]["warnings"]
+    assert said.startswith("opacus-mi (rank 1): feature extraction failed: ZeroDivisionError(")
+    assert r0["failing"]["warnings"] == []
+    for out in (r0, r1):  # one record per step on both ranks, each flagged for rank 1's part
+        assert out["failing"]["flags"] and all(
+            "features_error" in f for f in out["failing"]["flags"]
+        )
+    for rank, out in enumerate((r0, r1)):
+        said = [w for w in out["local_padded"]["warnings"] if "width" in w]
+        assert len(said) == 1, said
+        assert said[0].startswith(f"opacus-mi (rank {rank}): features changed width")
