@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import opacus_mi.factored as factored
 from opacus_mi import LeakageMonitor
 from opacus_mi.factored import (
+    FactoredBatch,
     FactoredCapture,
     KroneckerTokenizer,
     gram_costs,
@@ -1498,3 +1499,236 @@ def test_a_refused_plain_loss_step_retried_with_the_two_pass_loss_is_not_flagged
     opt.step()
     monitor.detach()
     assert [r.flags for r in monitor.history] == [[]]
+
+
+# Paths a mutation audit of factored.py found unguarded (each test fails under its mutation):
+# the scatter sketch of large axes, a tokenizer's float64 after float32 tokens, int32 ids,
+# a selection that is not a prefix, a diagonal rounded below zero, EmbeddingBag's batch size
+# read from its offsets, bfloat16 factors, the exact Gram of a generic layer, and a tied weight
+# with padding_idx. References: the dense sketch matrix, Opacus's grad_sample, closed forms.
+
+
+def _dense_ref(tok: KroneckerTokenizer, layer: int, grads: torch.Tensor) -> torch.Tensor:
+    return grads.reshape(grads.shape[0], -1).double() @ tok.dense_matrix(layer).T
+
+
+# -- the O(n) scatter sketch
+@pytest.mark.parametrize("rows,cols,k", [(7, 5, 64), (20, 30, 16), (50, 120, 64), (3, 200, 12)])
+def test_large_axis_scatter_sketch_equals_the_dense_kronecker_sketch(rows, cols, k, monkeypatch):
+    """Axes too large for a dense (k, n) matrix are applied by ``_Axis.apply`` (index_add):
+    never reached by the default thresholds at test sizes, so force it."""
+    monkeypatch.setattr(factored, "_DENSE_SKETCH_ELEMS", 0)  # every axis "large"
+    monkeypatch.setattr(factored, "TINY_SKETCH_ELEMS", 0)  # no one-GEMM shortcut
+    tok = KroneckerTokenizer([(rows, cols)], k, kron=[(rows, cols)], seed=3)
+    out_axis, in_axis = tok._axes[0]
+    assert not out_axis.small() and not in_axis.small()
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(4, rows, cols, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(tok.sketch_layer(0, grads), _dense_ref(tok, 0, grads))
+    left = torch.randn(4, 3, rows, generator=g, dtype=torch.float64)
+    right = torch.randn(4, 3, cols, generator=g, dtype=torch.float64)
+    ref = _dense_ref(tok, 0, torch.einsum("bti,btj->bij", left, right))
+    torch.testing.assert_close(tok.factored_token(0, left, right), ref)
+    # rank-one (T = 1) route too
+    ref1 = _dense_ref(tok, 0, torch.einsum("bi,bj->bij", left[:, 0], right[:, 0]))
+    torch.testing.assert_close(tok.rank_one_token(0, left[:, 0], right[:, 0]), ref1)
+
+
+# -- dtypes and index types
+def test_one_tokenizer_sketches_float32_then_float64_like_the_dense_matrix():
+    """The dense axis matrices are cached per (device, dtype): a float64 token after a float32
+    one (same tokenizer) must be made with a float64 matrix, not the cached float32 one."""
+    rows, cols = 20, 30
+    tok = KroneckerTokenizer([(rows, cols)], 16, kron=[(rows, cols)], seed=1)
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(3, 4, rows, generator=g, dtype=torch.float64)
+    right = torch.randn(3, 4, cols, generator=g, dtype=torch.float64)
+    ref = _dense_ref(tok, 0, torch.einsum("bti,btj->bij", left, right))
+    t32 = tok.factored_token(0, left.float(), right.float())
+    assert t32.dtype == torch.float32
+    torch.testing.assert_close(t32.double(), ref, rtol=1e-5, atol=1e-5)
+    t64 = tok.factored_token(0, left, right)
+    assert t64.dtype == torch.float64
+    torch.testing.assert_close(t64, ref, rtol=1e-12, atol=1e-12)  # float64 accuracy
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_factored_token_takes_int32_and_int64_ids_as_one_hot_rows(dtype):
+    rows, cols = 11, 6
+    tok = KroneckerTokenizer([(rows, cols)], 12, kron=[(rows, cols)], seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, rows, (5, 4), generator=g)
+    right = torch.randn(5, 4, cols, generator=g, dtype=torch.float64)
+    onehot = nn.functional.one_hot(ids, rows).double()
+    ref = _dense_ref(tok, 0, torch.einsum("bti,btj->bij", onehot, right))
+    torch.testing.assert_close(tok.factored_token(0, ids.to(dtype), right), ref)
+
+
+# -- FactoredBatch.select
+def test_select_keeps_the_gram_of_the_selected_examples():
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    gram = flat @ flat.T
+    fb = FactoredBatch(tokens=[flat.float()], gram=gram, norms=flat.norm(dim=1), batch=6)
+    idx = torch.tensor([1, 3, 4])  # not a prefix of the batch
+    sel = fb.select(idx)
+    torch.testing.assert_close(sel.gram, flat[idx] @ flat[idx].T)
+    torch.testing.assert_close(sel.norms, flat[idx].norm(dim=1))
+    torch.testing.assert_close(sel.tokens[0], flat[idx].float())
+    assert sel.batch == 3
+
+
+# -- rounding below zero
+class _CenteredOverPositions(nn.Module):
+    """A Linear on T identical positions whose outputs are centred over the positions: each
+    example's backprops sum to ~0 over t, so its weight and bias gradients are pure rounding
+    noise, and the factored |g|^2 = |a|^2 sum_{t,s} b_t.b_s can round below zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        offsets = torch.randn(5, 6, generator=torch.Generator().manual_seed(7))
+        self.register_buffer("offsets", offsets)  # positions differ only after the layer
+
+    def forward(self, x):  # x: (B, 4)
+        h = self.lin(x[:, None, :].expand(-1, 5, -1)) + self.offsets
+        h = h - h.mean(1, keepdim=True)
+        return torch.tanh(h).pow(2).sum((1, 2))
+
+
+def test_norms_of_a_cancelling_gradient_are_finite_and_tiny():
+    torch.manual_seed(0)
+    gsm = GradSampleModule(_CenteredOverPositions(), loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    tok = KroneckerTokenizer.for_params(gsm, params, 8, seed=0)
+    # factored Gram in float32 (exact=False): its diagonal is where the rounding shows
+    cap = FactoredCapture(gsm, params, tok, gram="factored", exact=lambda: False)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1)) * 30
+    gsm(x).sum().backward()
+    fb = cap.take()
+    ref = torch.cat([p.grad_sample.reshape(64, -1) for p in params], 1).double().norm(dim=1)
+    assert torch.isfinite(fb.norms).all()
+    scale = float(x.norm(dim=1).max()) * 10  # |a| |b| for b of order 1: far above either
+    assert float(fb.norms.max()) < 1e-3 * scale and float(ref.max()) < 1e-3 * scale
+    clip = fb.clip_info(1.0)
+    assert torch.isfinite(clip.factors).all()
+    cap.remove()
+
+
+# -- EmbeddingBag (Opacus's n)
+class _BagNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(13, 4, mode="sum")
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids, offsets):
+        return self.fc(torch.tanh(self.bag(ids, offsets)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_embedding_bag_batch_size_is_read_from_its_offsets_as_opacus_does(reduction):
+    """Opacus's max_batch_len is read from a layer's *last* input (EmbeddingBag: the offsets,
+    one per bag); the flat ids are not the batch. Norms and tokens against Opacus's
+    grad_sample, the Gram against its GEMM."""
+    torch.manual_seed(0)
+    gsm = GradSampleModule(_BagNet(), loss_reduction=reduction)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    tok = KroneckerTokenizer.for_params(gsm, params, 8, seed=0)
+    cap = FactoredCapture(gsm, params, tok)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 13, (20,), generator=g)
+    offsets = torch.tensor([0, 3, 4, 9, 12, 16])  # 6 bags over 20 ids
+    y = torch.randint(0, 3, (6,), generator=g)
+    nn.functional.cross_entropy(gsm(ids, offsets), y, reduction=reduction).backward()
+    fb = cap.take()
+    assert fb.batch == 6
+    gs = [p.grad_sample.reshape(6, -1).double() for p in params]
+    flat = torch.cat(gs, 1)
+    torch.testing.assert_close(fb.norms, flat.norm(dim=1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fb.gram, flat @ flat.T, rtol=1e-5, atol=1e-6)
+    for i, gi in enumerate(gs):
+        torch.testing.assert_close(
+            fb.tokens[i].double(), gi @ tok.dense_matrix(i).T, rtol=1e-5, atol=1e-6
+        )
+    cap.remove()
+
+
+# -- half-precision factors
+def test_bfloat16_factors_are_sketched_in_float32():
+    """The capture widens bf16 activations/backprops to float32 before sketching: the tokens
+    are float32 and as accurate as float32 on the bf16 factors (recorded here by our own
+    hooks, per-sample gradients formed in float64)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40).to(torch.bfloat16)
+    gsm = GradSampleModule(nn.Sequential(lin), loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    tok = KroneckerTokenizer.for_params(gsm, params, 64, seed=0)
+    cap = FactoredCapture(gsm, params, tok)
+    seen = {}
+    h1 = lin.register_forward_hook(lambda m, i, o: seen.__setitem__("a", i[0].detach()))
+    h2 = lin.register_full_backward_hook(lambda m, gi, go: seen.__setitem__("b", go[0].detach()))
+    x = torch.randn(5, 7, 24, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    gsm(x).float().pow(2).sum().backward()
+    fb = cap.take()
+    a, b = seen["a"].double(), seen["b"].double()
+    ref_w = torch.einsum("bto,bti->boi", b, a)  # per-sample weight gradients, float64
+    ref = _dense_ref(tok, 0, ref_w)
+    assert fb.tokens[0].dtype == torch.float32
+    torch.testing.assert_close(fb.tokens[0].double(), ref, rtol=1e-4, atol=1e-4)
+    h1.remove(), h2.remove(), cap.remove()
+
+
+# -- exact (float64) Gram
+def test_exact_gram_of_a_generic_layer_is_float64_accurate():
+    """``exact`` (the default) asks for a float64 Gram: a generic layer's (GroupNorm, through
+    Opacus's grad sampler) included, against Opacus's grad_sample multiplied in float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.GroupNorm(2, 8), nn.Linear(8, 3))
+    for i in (0, 2):  # only the generic layer is trained (its grad_sample is Opacus's own)
+        net[i].requires_grad_(False)
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    tok = KroneckerTokenizer.for_params(gsm, params, 8, seed=0)
+    cap = FactoredCapture(gsm, params, tok, gram="materialised")
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
+    gsm(x).pow(2).sum().backward()
+    fb = cap.take()
+    flat = torch.cat([p.grad_sample.reshape(7, -1).double() for p in params], 1)
+    torch.testing.assert_close(fb.gram, flat @ flat.T, rtol=1e-12, atol=1e-12)
+    cap.remove()
+
+
+# -- tied weight + padding_idx
+class _TiedPadText(nn.Module):
+    """An Embedding with padding_idx whose weight is tied to the output head: the tied
+    parameter's per-sample gradient is the sum of both owners' parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, padding_idx=0)
+        self.head = nn.Linear(4, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+def test_tied_padding_idx_weight_norms_are_opacus_grad_sample_norms():
+    """Clip factors come from Opacus's norms: for a tied weight the padding row's part that
+    Opacus's embedding grad sampler includes must be in the norm too."""
+    torch.manual_seed(0)
+    gsm = GradSampleModule(_TiedPadText(), loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    assert len(params) == 1
+    tok = KroneckerTokenizer.for_params(gsm, params, 8, seed=0)
+    cap = FactoredCapture(gsm, params, tok)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 9, (6, 5), generator=g)
+    ids[:, 0] = 0  # every example has padding tokens
+    y = torch.randint(0, 9, (6,), generator=g)
+    nn.functional.cross_entropy(gsm(ids), y, reduction="sum").backward()
+    fb = cap.take()
+    ref = params[0].grad_sample.reshape(6, -1).double().norm(dim=1)
+    torch.testing.assert_close(fb.norms, ref, rtol=1e-5, atol=1e-7)
+    cap.remove()
