@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import without_timing
 
 from opacus_mi import cli
@@ -2080,3 +2081,77 @@ def test_run_resume_after_a_kill_keeps_every_tensorboard_step_before_the_checkpo
     acc.Reload()
     steps = [e.step for e in acc.Scalars("privacy/epsilon")]
     assert steps == [r.step for r in read_jsonl(out / "records.jsonl")] == list(range(len(steps)))
+
+
+# Rules of checks.py a mutation audit found unguarded (each test below fails under its
+# mutation), against closed forms, brute-force loops, torch itself or the documented rule.
+
+
+def test_finite_numbers_and_counts_at_their_edges():
+    from opacus_mi import checks
+
+    assert not checks.is_finite_number(True) and not checks.is_finite_number(False)
+    assert checks.is_finite_number(0) and not checks.is_finite_number(float("inf"))
+    assert checks.is_int_at_least(2, 2) and not checks.is_int_at_least(1, 2)
+    with pytest.raises(ValueError, match="--lr must be a positive finite number"):
+        checks.require_positive("lr", 0)
+    with pytest.raises(ValueError, match="--lr must be a positive finite number"):
+        checks.require_positive("lr", True)
+    checks.require_positive("lr", 1e-300)
+
+
+def test_torch_seed_range_is_what_torch_manual_seed_takes():
+    """Reference: torch itself, at both ends of the documented range."""
+    from opacus_mi import checks
+
+    for seed in (-(2**63), 2**64 - 1, -(2**63) - 1, 2**64):
+        try:
+            torch.Generator().manual_seed(seed)
+            torch_takes = True
+        except (RuntimeError, ValueError):  # ('Overflow when unpacking long long')
+            torch_takes = False
+        assert checks.is_torch_seed(seed) == torch_takes, seed
+
+
+def test_learning_rate_stops_at_float32s_largest_number():
+    from opacus_mi import checks
+
+    top = float(torch.finfo(torch.float32).max)
+    checks.require_learning_rate("lr", top)
+    with pytest.raises(ValueError, match="--lr must be at most"):
+        checks.require_learning_rate("lr", top * (1 + 5e-8))
+
+
+def test_seed_and_folder_edges():
+    from opacus_mi import checks
+
+    checks.require_seed(2**32 - 1)
+    checks.require_seed(0)
+    with pytest.raises(ValueError, match="--seed must be an integer from 0 to 4294967295"):
+        checks.require_seed(2**32)
+    assert not checks.is_folder_path("   ") and not checks.is_folder_path("")
+    assert checks.is_folder_path(" a ")
+
+
+def test_python_number_leaves_arrays_as_they_are():
+    """'A NumPy scalar as the Python number it holds; anything else as it is'."""
+    from opacus_mi import checks
+
+    arr = np.array([1.5, 2.5])
+    assert checks.python_number(arr) is arr
+    one = np.array([3])
+    assert checks.python_number(one) is one
+    assert type(checks.python_number(np.float32(0.5))) is float
+
+
+def test_a_gpu_past_the_last_index_is_refused(monkeypatch):
+    """'CUDA without a GPU or past its last index': with one GPU, cuda:0 is taken and cuda:1
+    refused (torch.cuda faked, no GPU needed)."""
+    from opacus_mi import checks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert checks.available_device("device", "cuda:0") == torch.device("cuda:0")
+    assert checks.available_device("device", "cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="asked for a GPU this machine lacks: it has 1"):
+        checks.available_device("device", "cuda:1")

@@ -2485,3 +2485,173 @@ def test_a_wrappers_classes_reach_a_wrapper_around_it():
     assert not any(r.flags for r in monitor.history)
     assert monitor._feature_width() == 36 + 3
     monitor.detach()
+
+
+# Rules of features.py a mutation audit found unguarded (each test below fails under its
+# mutation), against closed forms, brute-force loops, torch itself or the documented rule.
+
+
+def _label_features(data, criterion_of, *, net=None, num_classes=None):
+    """Each step's label columns (after the 36 input ones) and the labels the loader gave."""
+    kwargs = {} if net is None else {"net": net}
+    engine, model, opt, loader = make_private(poisson=False, data=data, **kwargs)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+    criterion = monitor.wrap_criterion(criterion_of(), num_classes=num_classes)
+    got = _spy_features(monitor)
+    targets = []
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+        targets.append(y)
+    return monitor, got, targets
+
+
+def test_pool_features_pools_an_image_to_the_largest_grid_within_max_dim():
+    """(B, 4, 64, 64) with max_dim 1024: per channel a 16 x 16 grid of 4 x 4 block means (the
+    largest square grid with 4 * h * w <= 1024), channels kept in order."""
+    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    ref = x.reshape(2, 4, 16, 4, 16, 4).mean(dim=(3, 5)).reshape(2, -1)  # brute block means
+    got = pool_features(x)
+    assert got.shape == (2, 1024)
+    torch.testing.assert_close(got, ref)
+
+
+def test_pool_features_adds_no_autograd_edge():
+    """The module's rule: features are read-only copies, no autograd edge to the model."""
+    x = torch.randn(3, 5, requires_grad=True)
+    for inp in (x, x * 2, (x * 2).reshape(3, 5, 1, 1).expand(3, 5, 32, 32)):
+        out = pool_features(inp)
+        assert not out.requires_grad and out.grad_fn is None
+
+
+def test_an_ignore_index_of_zero_makes_class_zeros_rows_all_zero():
+    """wrap_criterion: 'a label the loss ignores (its ignore_index) is an all-zero row'; 0 is a
+    valid ignore_index (record_labels: 'the loss's non-negative ignore_index')."""
+    x, y = make_data(48).tensors
+    assert (y == 0).any()
+    data = torch.utils.data.TensorDataset(x, y)
+    monitor, got, targets = _label_features(data, lambda: nn.CrossEntropyLoss(ignore_index=0))
+    assert len(got) == len(targets) == 3
+    for feats, yb in zip(got, targets, strict=True):
+        ref = torch.zeros(len(yb), 3)  # brute force
+        for i, label in enumerate(yb.tolist()):
+            if label != 0:
+                ref[i, label] = 1.0
+        assert torch.equal(feats[:, 36:], ref)
+
+
+def test_float_regression_targets_are_values_not_one_hot_classes():
+    """A 1-D float target (a regression loss) is no class index: its feature is the value."""
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(36, 1))
+
+    x, _ = make_data(48).tensors
+    target = torch.linspace(-1.5, 2.75, 48)
+    data = torch.utils.data.TensorDataset(x, target)
+    monitor, got, targets = _label_features(
+        data, lambda: lambda out, t: nn.functional.mse_loss(out.squeeze(1), t), net=net
+    )
+    assert len(got) == 3
+    for feats, yb in zip(got, targets, strict=True):
+        assert feats.shape == (16, 37)
+        assert torch.equal(feats[:, 36], yb)
+
+
+def test_a_label_past_two_given_classes_is_a_features_error():
+    """num_classes=2 given and a label 2 (a loss that ignores it): one_hot_labels' rule, 'a
+    label >= classes raises', holds at two classes too, not silently widened to three."""
+    x, y = make_data(32).tensors
+    assert (y == 2).any()
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(36, 2))
+
+    with pytest.warns(RuntimeWarning, match=r"include \[2\], outside its 2 classes"):
+        monitor, got, _ = _label_features(
+            data,
+            lambda: lambda out, t: nn.functional.cross_entropy(out, t, ignore_index=2),
+            net=net,
+            num_classes=2,
+        )
+    assert all("features_error" in r.flags for r in monitor.history)
+
+
+def test_a_loop_that_refills_its_input_and_label_buffers_before_the_step_changes_no_feature():
+    """The module's rule: 'nothing done to those tensors afterwards changes the features' (a
+    loop refilling one input buffer for its next step). Here the batch and its labels are
+    overwritten in place between backward and step; the features are still the batch's."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    got = _spy_features(monitor)
+    for x, y in loader:
+        ref = torch.cat([x.reshape(len(x), -1), nn.functional.one_hot(y, 3).float()], dim=1)
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        x.fill_(7.0)  # the next batch is written into the same buffers
+        y.fill_(1)
+        opt.step()
+        assert torch.equal(got[-1], ref)
+    assert len(got) == 6
+
+
+def _label_columns_with(loop_step) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, labels) of each step of a loop whose step is ``loop_step(model, crit, x, y)``
+    (it returns the loss to backpropagate)."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", overlap=False)
+    crit = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    penalty = monitor.wrap_criterion(lambda a, b: (a - b) ** 2)
+    got = _spy_features(monitor)
+    out = []
+    for x, y in loader:
+        opt.zero_grad()
+        loop_step(model, crit, penalty, x, y).backward()
+        opt.step()
+        out.append((got[-1], y))
+    assert not any(r.flags for r in monitor.history)
+    return out
+
+
+def test_a_penaltys_scalar_target_is_no_examples_label():
+    """A wrapped loss with a 0-d target (a penalty towards 0) runs before the classifier's: it
+    lends no labels, so the classifier's targets are the label features."""
+
+    def step(model, crit, penalty, x, y):
+        logits = model(x)
+        return penalty(logits.pow(2).mean(), torch.tensor(0.0)) + crit(logits, y)
+
+    for feats, y in _label_columns_with(step):
+        assert torch.equal(feats[:, 36:], nn.functional.one_hot(y, 3).float())
+
+
+def test_a_loss_on_a_detached_output_lends_no_labels():
+    """record_labels: 'a loss that cannot reach the gradients' (a logged metric on the
+    detached logits, here against a baseline of class 0) lends nothing; the loss that is
+    backpropagated does."""
+
+    def step(model, crit, penalty, x, y):
+        logits = model(x)
+        crit(logits.detach(), torch.zeros_like(y))  # (logged, never backpropagated)
+        return crit(logits, y)
+
+    for feats, y in _label_columns_with(step):
+        assert torch.equal(feats[:, 36:], nn.functional.one_hot(y, 3).float())
+
+
+def test_a_no_grad_forward_before_the_loss_leaves_its_labels():
+    """'(a no_grad forward before the loss leaves its labels)': a no_grad forward of the same
+    model (a target's) between the training forward and a loss on a transform of its output
+    (log_softmax, not known as the output's) still gives the training forward the labels."""
+
+    def step(model, crit, penalty, x, y):
+        logits = model(x)
+        with torch.no_grad():
+            model(x)
+        return crit(logits.log_softmax(-1), y)
+
+    for feats, y in _label_columns_with(step):
+        assert torch.equal(feats[:, 36:], nn.functional.one_hot(y, 3).float())

@@ -270,3 +270,57 @@ def test_an_earlier_versions_checkpoint_of_another_tokenizer_is_refused_before_a
         with pytest.raises(ValueError, match="token_encoder='sketch'.*tokenizer='sketch'"):
             check(state)
     assert (learned.steps, learned.record_count, [r.step for r in learned.history]) == before
+
+
+# Rules of learned_tokens.py a mutation audit found unguarded (each test below fails under its
+# mutation), against closed forms, brute-force loops, torch itself or the documented rule.
+
+
+def test_autoencoder_reconstruction_loss_is_the_mean_over_layers_in_training_only():
+    """The documented aux term: recon_weight x (mean over layers of the mean squared error of
+    each layer's decoded code), for a training-mode forward only."""
+    from opacus_mi.learned_tokens import LayerAutoencoder
+
+    dims = [4, 7, 2]
+    enc = LayerAutoencoder(
+        dims, code=3, recon_weight=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    y = torch.randn(6, sum(dims), generator=torch.Generator().manual_seed(1))
+    enc.train()
+    enc(y)
+    got = enc.aux_loss()
+    with torch.no_grad():  # brute force, layer by layer
+        errs, start = [], 0
+        for e, d, k in zip(enc.encoders, enc.decoders, dims, strict=True):
+            part = y[:, start : start + k]
+            errs.append(float(((d(e(part)) - part) ** 2).mean()))
+            start += k
+    assert float(got.detach()) == pytest.approx(0.5 * sum(errs) / len(errs), rel=1e-5)
+    enc.eval()
+    enc(y)
+    assert enc.aux_loss() is None
+
+
+def test_transformer_weights_are_drawn_as_nn_linear_draws_them_and_norms_start_at_identity():
+    """'uniform(+-1/sqrt(fan_in)), as nn.Linear's default'; norms as nn.LayerNorm starts."""
+    from opacus_mi.learned_tokens import LayerTransformer
+
+    enc = LayerTransformer(
+        [8, 8], d_model=32, heads=4, ff=64, generator=torch.Generator().manual_seed(0)
+    )
+    ref_norm = nn.LayerNorm(32)
+    for name, p in enc.encoder.named_parameters():
+        if "norm" in name:
+            ref = ref_norm.weight if name.endswith("weight") else ref_norm.bias
+            assert torch.equal(p.detach(), ref.detach()), name
+        elif p.ndim == 2:
+            bound = 1 / p.shape[1] ** 0.5  # fan_in of an (out, in) weight
+            top = float(p.detach().abs().max())
+            assert 0.9 * bound < top <= bound, name  # (thousands of draws: near the bound)
+
+
+def test_transformer_refuses_heads_that_do_not_divide_d_model_by_name():
+    from opacus_mi.learned_tokens import LayerTransformer
+
+    with pytest.raises(ValueError, match=r"d_model \(30\) must be divisible by heads \(4\)"):
+        LayerTransformer([4], d_model=30, heads=4, generator=torch.Generator())

@@ -314,3 +314,70 @@ def test_a_semi_oracle_saved_on_other_tokens_starts_afresh_with_a_warning(saved_
         warnings.simplefilter("error", RuntimeWarning)
         same.load_state_dict(state)
     assert same.semi_oracle.batches_seen == seen
+
+
+# Rules of subspace.py a mutation audit found unguarded (each test below fails under its
+# mutation), against closed forms, brute-force loops, torch itself or the documented rule.
+
+
+def _low_rank_rows(n: int, p: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(6, p, generator=g) * torch.linspace(3, 0.5, 6)[:, None]
+    return torch.randn(n, 6, generator=g) @ mix + 0.01 * torch.randn(n, p, generator=g)
+
+
+def test_subspace_refuses_a_zero_dim_and_takes_a_buffer_of_exactly_two_dims():
+
+    for dim, params in ((0, 10), (-1, 10), (4, 0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            GradientSubspace(params, dim)
+    GradientSubspace(50, 4, rows=8)  # '>= 2 * dim rows': 8 is enough
+    with pytest.raises(ValueError, match=r"needs a buffer of >= 8 gradient rows"):
+        GradientSubspace(50, 4, rows=7)
+
+
+def test_the_first_fit_comes_once_the_buffer_holds_two_dims_of_rows():
+    """The constructor's rule: a k-dim subspace needs >= 2k rows; with exactly 2k observed
+    the first step fits it, and the basis spans the rows' top-k right singular vectors."""
+
+    p, k = 40, 3
+    rows = _low_rank_rows(2 * k, p)
+    sub = GradientSubspace(p, k, rows=32)
+    sub.observe(rows[: 2 * k - 1])
+    assert sub.step() is None and not sub.fitted
+    sub.observe(rows[2 * k - 1 :])
+    assert sub.step() is None and sub.fitted
+    _, _, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+    ref = vh[:k].T.float()
+    torch.testing.assert_close(sub.basis @ sub.basis.T, ref @ ref.T, atol=1e-4, rtol=0)
+
+
+def test_a_dim_above_the_parameter_count_is_the_whole_space():
+    """dim = min(dim, num_params): with 5 parameters an 8-dim subspace is all of R^5, fitted as
+    soon as 2 * 5 rows are in, and it keeps every row's energy."""
+
+    rows = torch.randn(10, 5, generator=torch.Generator().manual_seed(0))
+    sub = GradientSubspace(5, 8, rows=64)
+    sub.observe(rows)
+    sub.step()
+    assert sub.fitted and sub.basis.shape == (5, 5)
+    torch.testing.assert_close(sub.basis.T @ sub.basis, torch.eye(5), atol=1e-5, rtol=0)
+    assert sub.energy(torch.randn(7, 5)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("size", [128, 32])
+def test_a_state_loaded_into_another_buffer_size_keeps_the_latest_rows_oldest_first(size):
+    """Reference: the rows as they were observed. 88 rows through a 64-row buffer (its write
+    head at 24, neither 0 nor half-way): another buffer size gets the latest rows in arrival
+    order (a larger one all 64, a smaller one the latest 32)."""
+
+    g = torch.Generator().manual_seed(0)
+    seen = [torch.randn(n, 20, generator=g) for n in (16, 16, 16, 16, 16, 8)]
+    a = GradientSubspace(20, 4, rows=64)
+    for b in seen:
+        a.observe(b)
+    assert a._rows.head == 24
+    other = GradientSubspace(20, 4, rows=size)
+    other.load_state_dict(a.state_dict())
+    latest = torch.cat(seen)[-min(64, size) :]
+    assert torch.equal(other._rows.ordered(), latest)
