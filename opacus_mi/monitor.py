@@ -37,12 +37,11 @@ so at the end of each monitored logical step every rank's chunks are all-gathere
 rank 0 alone calls the sinks (JSONL included), every rank keeps ``history``. Warnings follow
 the same rule: rank 0 alone says those of what every rank has alike (the records, the critics,
 the settings), and a rank says its own (its features, a failure) as ``opacus-mi (rank r)``.
-Epsilon is each
-rank's own accountant, which Opacus steps with the global sample rate. Create the monitor on
-every rank, with the same arguments (compared as it is created): the gathers are collectives,
-made unconditionally on each monitored step (a local failure sends an empty, flagged
-contribution rather than skipping the call). A collective that
-itself fails means a broken process group, which stops training's gradient all-reduce as well.
+Epsilon is each rank's own accountant, which Opacus steps with the global sample rate. Create
+the monitor on every rank, with the same arguments (compared as it is created): the gathers are
+collectives, made unconditionally on each monitored step (a local failure sends an empty,
+flagged contribution rather than skipping the call). A collective that itself fails means a
+broken process group, which stops training's gradient all-reduce as well.
 """
 
 from __future__ import annotations
@@ -2701,11 +2700,10 @@ class LeakageMonitor:
             say(
                 f"{self._speaker()}: state_dict() was taken in the middle of logical step "
                 f"{self.steps} (physical batches of a BatchMemoryManager step still to come): "
-                "neither it nor Opacus's "
-                "checkpoint holds that step's batches so far, so a run resumed from here "
-                "releases and records that step from the resume on, and its later records "
-                "differ from an uninterrupted run's. Save after a step that ends a logical "
-                "batch (optimizer._is_last_step_skipped is False)"
+                "neither it nor Opacus's checkpoint holds that step's batches so far, so a run "
+                "resumed from here releases and records that step from the resume on, and its "
+                "later records differ from an uninterrupted run's. Save after a step that ends "
+                "a logical batch (optimizer._is_last_step_skipped is False)"
             )
         return {
             "format": STATE_FORMAT,
