@@ -13,6 +13,7 @@ from opacus_mi.estimators.bounds import (
     SMILE_TAU,
     CriticLoss,
     MineLoss,
+    baseline_bound,
     bootstrap_bound,
     bootstrap_counts,
     bound,
@@ -154,6 +155,31 @@ def test_permuted_bounds_match_bound_of_repaired_scores(kind):
     for k in range(5):
         torch.testing.assert_close(got[k], bound(kind, s[:, perms[k]]))
     torch.testing.assert_close(permuted_bounds(kind, s, torch.arange(9)[None])[0], bound(kind, s))
+
+
+@pytest.mark.parametrize("kind", BOUNDS)
+def test_permuted_bounds_of_joint_scores_far_above_the_rest_match_bound(kind):
+    """Each row's marginal entries were its whole sum less the joint one, which cancelled to 0
+    where the joint score is ~37 nats above the rest; a clamp then made up a log-marginal of
+    -700 (the identity pairing read 712 nats for a critic at 40). Reference: ``bound`` of the
+    re-paired scores, summed without the joint entries."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    s.diagonal().add_(40.0)
+    perms = torch.cat([torch.arange(12)[None], random_permutations(12, 4, g)])
+    got = permuted_bounds(kind, s, perms)
+    want = torch.stack([bound(kind, s[:, p]) for p in perms])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    ties = torch.zeros(6, 6, dtype=torch.float64)
+    ties[:, 0] = 50.0  # every row's largest entry in one column, and two rows pairing with it
+    perms = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5]])
+    want = torch.stack([bound(kind, ties[:, p]) for p in perms])
+    torch.testing.assert_close(permuted_bounds(kind, ties, perms), want, rtol=1e-12, atol=1e-12)
+    if kind == "mine":
+        torch.testing.assert_close(
+            permuted_bounds(kind, s, torch.arange(12)[None], 1.5)[0],
+            baseline_bound(s, 1.5),
+        )
 
 
 def test_permutation_p_value_counts_ties_and_the_matched_pairing():
