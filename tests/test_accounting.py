@@ -18,9 +18,11 @@ from opacus_mi.accounting import (
     EpsilonTracker,
     _LazyRdp,
     _RdpSum,
+    history_continues,
     once_per_epoch_bound,
     sample_rate_of,
     step_kl,
+    steps_counted,
 )
 
 
@@ -186,6 +188,8 @@ def _per_step_epochs(history) -> float:
         [(1.0, 1 / 3, 2), (0.5, 1 / 3, 5), (2.0, 1 / 3, 4)],  # a schedule, changing mid-epoch
         [(1.0, 1 / 5, 3), (1.0, 1 / 2, 3), (0.7, 1 / 5, 12)],  # rates changing
         [(0.9, 1 / 7, 100), (1.1, 1 / 7, 1)],
+        # 1/(1/93) is 92.99999999999999: epochs of 93 steps all the same (2 releases, not 3)
+        [(1.0, 1 / 93, 186)],
     ],
 )
 def test_once_per_epoch_bound_against_a_step_by_step_count(history):
@@ -289,6 +293,22 @@ def test_a_subnormal_sample_rate_gives_a_bound_without_poisson_sampling():
     acc = MIAccountant(poisson_sampling=False)
     acc.step(noise_multiplier=2.0, sample_rate=1e-310)
     assert acc.bound() == gaussian_channel_bound(2.0)
+
+
+def test_steps_that_release_nothing_bound_nothing_whatever_the_noise():
+    """No steps, or steps that sample no one (q = 0), release nothing about the example: a
+    bound of 0 under either sampling, sigma = 0 included (whose per-step KL is inf: 0 x inf
+    was NaN). Without Poisson sampling a rate of 0 was a ZeroDivisionError; between two
+    epochs it changes nothing. Reference: I(example; nothing) = 0; an epoch of two steps at
+    q = 1/2 releases once, 1/(2 sigma^2)."""
+    for poisson in (True, False):
+        assert mi_upper_bound(0.0, 0.5, 0, poisson_sampling=poisson) == 0.0
+        assert mi_upper_bound(1.0, 0.0, 5, poisson_sampling=poisson) == 0.0
+        assert mi_upper_bound(0.0, 0.0, 5, poisson_sampling=poisson) == 0.0
+        acc = MIAccountant(poisson_sampling=poisson)
+        acc.step(noise_multiplier=1.0, sample_rate=0.0)
+        assert acc.bound() == 0.0
+    assert once_per_epoch_bound([(1.0, 0.5, 2), (1.0, 0.0, 3), (1.0, 0.5, 2)]) == 2 * 0.5
 
 
 def test_pure_dp_and_gaussian_channel_bounds():
@@ -695,6 +715,18 @@ def test_noiseless_history_has_infinite_epsilon_under_every_accountant():
     assert EpsilonTracker(acc, 1e-5).epsilon() == acc.get_epsilon(1e-5) < math.inf
 
 
+def test_epsilon_before_any_step_is_zero_under_every_accountant():
+    """Asked before the first step (a monitor attached to a fresh engine, a summary before
+    training), nothing has been released: epsilon 0, as Opacus's RDP says. Its PRV and GDP
+    raise on an empty history (ValueError, IndexError), as the tracker did for all three."""
+    from opacus.accountants import GaussianAccountant, PRVAccountant
+
+    assert RDPAccountant().get_epsilon(1e-5) == 0  # the reference
+    for kind in (RDPAccountant, PRVAccountant, GaussianAccountant):
+        tracker = EpsilonTracker(kind(), 1e-5)
+        assert tracker.epsilon() == 0.0 and tracker.epsilon(()) == 0.0
+
+
 def _prv(part: tuple, delta: float) -> float:
     from opacus.accountants import PRVAccountant
 
@@ -764,6 +796,22 @@ def test_mi_accountant_folds_only_new_entries_and_equals_the_whole_fold(poisson,
         assert len(calls) <= 2 or step in (40, 50)  # the new entry and the last, once a step
 
 
+def test_mi_accountant_integrates_one_kl_per_setting(monkeypatch):
+    """The per-step KL is a numerical integral: following a noise scheduler that cycles two
+    settings, one entry a step, costs one per setting however many entries and records.
+    Reference: the sum of each entry's steps times its setting's KL."""
+    from opacus_mi import accounting
+
+    real, calls = accounting.step_kl, []
+    monkeypatch.setattr(accounting, "step_kl", lambda s, q: calls.append((s, q)) or real(s, q))
+    acc = MIAccountant()
+    history = [((1.0, 1.3)[i % 2], 0.02, 1 + i % 3) for i in range(40)]
+    for end in (10, 25, 40):
+        want = sum(k * real(s, q) for s, q, k in history[:end])
+        assert acc.bound(history[:end]) == pytest.approx(want, rel=1e-12)
+    assert sorted(calls) == [(1.0, 0.02), (1.3, 0.02)]
+
+
 def test_a_resumed_rdp_instead_of_prv_is_a_prv_accountants_only():
     """A state whose carried epsilon was RDP's (PRV's too costly) tells the tracker so; a
     tracker of an RDP or GDP accountant flagged every record 'epsilon_rdp' after such a
@@ -792,3 +840,24 @@ def test_the_sample_rate_is_the_latest_steps():
     assert sample_rate_of(accountant) == accountant.history[-1][1] == 0.05
     assert sample_rate_of(None, accountant.history[:1]) == 0.01
     assert math.isnan(sample_rate_of(RDPAccountant()))
+
+
+def test_a_history_continues_another_only_as_opacus_own_history_grows():
+    """Whether a history continues an earlier one (an exact epsilon of the earlier stands in
+    until recomputed) and how many steps it counts. Reference: snapshots of an Opacus
+    accountant's own history as it is stepped, with the noise and then the rate changed;
+    shorter ones (a rollback) and runs retaken with another noise or rate do not continue."""
+    acc, snapshots = RDPAccountant(), [()]
+    for sigma, q, k in [(1.0, 0.02, 3), (1.3, 0.02, 2), (1.3, 0.05, 2)]:
+        for _ in range(k):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+            snapshots.append(tuple(acc.history))
+    for i, earlier in enumerate(snapshots):
+        assert steps_counted(earlier) == i
+        for j, later in enumerate(snapshots):
+            assert history_continues(later, earlier) is (j >= i), (j, i)
+    for sigma, q in [(1.5, 0.02), (1.3, 0.03)]:  # the same steps, the last two retaken
+        retaken = RDPAccountant()
+        for k in range(5):
+            retaken.step(noise_multiplier=1.0 if k < 3 else sigma, sample_rate=0.02 if k < 3 else q)
+        assert not history_continues(tuple(retaken.history), snapshots[5])

@@ -576,6 +576,43 @@ def test_mean_sd_and_interval_are_the_sample_sd_and_students_t():
         assert (low, high) == pytest.approx((x.mean() - half, x.mean() + half), rel=1e-9)
 
 
+def test_mean_sd_monte_carlo_error_is_welch_satterthwaites():
+    """The mean's own Monte Carlo error from each term's (``mc_var``: the variance of a mean of
+    ``draws`` draws): ``se = sqrt(sum v) / n`` and Welch-Satterthwaite's degrees of freedom
+    ``(sum v)^2 / sum(v^2 / (draws - 1))``, which pool to ``n (draws - 1)`` when the variances
+    are equal. Only the interval's coverage used them, which neither a sqrt(n) too wide an
+    error nor ``draws`` for ``draws - 1`` moved. Reference: NumPy."""
+
+    gen = torch.Generator().manual_seed(4)
+    n, draws = 16, 4
+    terms = torch.randn(n, dtype=torch.float64, generator=gen)
+    mc_var = torch.rand(n, dtype=torch.float64, generator=gen) * 0.1
+    v = mc_var.numpy()
+    _, _, se, df = mean_sd(terms, mc_var, draws).tolist()
+    assert se == pytest.approx(math.sqrt(v.sum()) / n, rel=1e-12)
+    assert df == pytest.approx(v.sum() ** 2 / (v**2 / (draws - 1)).sum(), rel=1e-12)
+    _, _, se, df = mean_sd(terms, torch.full((n,), 0.04, dtype=torch.float64), draws).tolist()
+    assert se == pytest.approx(0.2 / math.sqrt(n), rel=1e-12)
+    assert df == pytest.approx(n * (draws - 1), rel=1e-12)
+
+
+def test_mean_sd_of_one_term_has_no_spread_and_warns_nothing():
+    """One term has no spread (NumPy's ddof=1 sd of it is NaN): sd, Monte Carlo error and its
+    degrees of freedom NaN, without torch's degrees-of-freedom warning in the caller's loop
+    (a monitor's batch of one)."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = mean_sd(torch.tensor([0.7]), torch.tensor([0.01]), 4).tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(np.std([0.7], ddof=1))  # the reference
+    assert got[0] == pytest.approx(0.7) and all(math.isnan(v) for v in got[1:])
+
+
 def _oracle_of_draws(gram: torch.Tensor, noise: float, eps: torch.Tensor) -> torch.Tensor:
     """The oracle's terms from given normals ``eps`` (draws, B, B), one (draw, example) at a
     time: y_j's inner products G_j + s L eps_j, scored by the Bayes posterior over the batch."""

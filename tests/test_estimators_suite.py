@@ -112,6 +112,40 @@ def test_bootstrap_bound_refuses_infonce():
         bootstrap_bound("infonce", _scores(), bootstrap_counts(7, 2, torch.Generator()))
 
 
+def test_dv_nwj_and_their_bootstrap_of_a_separating_critic_against_brute_force():
+    """Joint scores far above the marginal ones (a critic without ``critic_bound``): the
+    marginal mean is taken relative to the largest marginal score. Relative to the largest
+    score (a joint one), the floor at -60 replaced every marginal term by e^-60 of it and the
+    bootstrap's e^(T - max) underflowed to 0 (a bound of +inf). Reference: explicit loops."""
+    s = _scores(scale=1.0, seed=3)
+    s.diagonal().add_(1000.0)
+    for kind in ("mine", "nwj"):
+        torch.testing.assert_close(bound(kind, s), _brute(kind, s))
+    counts = bootstrap_counts(7, 4, torch.Generator().manual_seed(0))
+    got = bootstrap_bound("mine", s, counts)
+    for r in range(4):
+        idx = [i for i in range(7) for _ in range(int(counts[r, i]))]
+        torch.testing.assert_close(got[r], _brute("mine", s, idx))
+
+
+def test_bootstrap_counts_are_multinomial_resamples_of_every_pair():
+    """A resample draws n of the n pairs with replacement, each equally likely: its
+    multiplicities sum to n and each pair's is Binomial(n, 1/n). Only the bound of given
+    counts was checked: counts that never drew the last pair passed. Reference: scipy's
+    binomial pmf, within 5 standard errors of each frequency."""
+    from scipy import stats
+
+    n, draws = 5, 20_000
+    counts = bootstrap_counts(n, draws, torch.Generator().manual_seed(0))
+    assert counts.shape == (draws, n) and counts.dtype == torch.float64
+    assert (counts.sum(dim=1) == n).all() and (counts == counts.round()).all()
+    for j in range(n):
+        for k in range(n + 1):
+            p = stats.binom.pmf(k, n, 1 / n)
+            freq = float((counts[:, j] == k).double().mean())
+            assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / draws) + 1e-12, (j, k)
+
+
 @pytest.mark.parametrize("scale", [1.0, 30.0, 1e3, "ties", "-inf"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_infonce_jackknife_against_deleting_each_pair(scale, dtype):
@@ -135,6 +169,17 @@ def test_infonce_jackknife_against_deleting_each_pair(scale, dtype):
     want = torch.stack([brute([j for j in range(n) if j != i]) for i in range(n)]).double()
     atol = 1e-9 if dtype == torch.float64 else 1e-6 * float(s[s.isfinite()].abs().max())
     torch.testing.assert_close(infonce_jackknife(s), want, rtol=0, atol=atol)
+
+
+def test_infonce_jackknife_of_one_pair_is_nan_and_of_two_is_each_pair_alone():
+    """One pair leaves none to keep: NaN (no interval), where ``topk(2)`` of its one score
+    raised. Two pairs leave one each, and InfoNCE of a lone pair, its own candidate only, is
+    ``T_ii - log e^T_ii + ln 1 = 0`` (brute force)."""
+    one = infonce_jackknife(torch.tensor([[0.3]], dtype=torch.float64))
+    assert one.shape == (1,) and one.isnan().all()
+    torch.testing.assert_close(
+        infonce_jackknife(_scores(n=2)), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 def test_jackknife_interval_is_t_times_the_jackknife_standard_error():
@@ -225,6 +270,29 @@ def test_mine_moving_average_is_the_exponential_average_of_e_to_the_marginal_ter
         # The loss: minus (joint mean - e^(log marginal) / ma), whose gradient is MINE's.
         want = -(s.diagonal().mean().item() - math.exp(log_marginal(s)) / ma)
         assert value.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_mine_moving_average_restarts_after_a_batch_with_no_finite_marginal_term():
+    """A batch whose marginal term is not finite (an overflowed score; or a damaged
+    checkpoint's ``log_ma``) leaves the moving average NaN: the next batch restarts it from
+    its own marginal mean, where folding it in kept every later MINE loss NaN. Reference:
+    the log of the brute-force off-diagonal mean of e^T."""
+    s = _scores(n=6, scale=1.0)
+    off = [float(s[i, j]) for i in range(6) for j in range(6) if i != j]
+    log_marginal = math.log(sum(math.exp(v) for v in off) / len(off))
+    bad = s.clone()
+    bad[0, 1] = math.inf
+    for start in ("overflow", "loaded"):
+        loss = MineLoss(rate=0.1)
+        if start == "overflow":
+            loss(bad)
+        else:
+            loss.log_ma = math.nan
+        assert math.isnan(loss.log_ma)
+        value = loss(s)
+        assert loss.log_ma == pytest.approx(log_marginal, rel=1e-12)
+        # e^(log marginal - log_ma) = 1: minus (joint mean - 1)
+        assert value.item() == pytest.approx(-(s.diagonal().mean().item() - 1.0), rel=1e-12)
 
 
 def test_infonce_never_exceeds_ln_n():
