@@ -96,6 +96,51 @@ def test_idlg_label_recovery_is_exact_at_batch_size_1(gradfn, digits):
             assert A.recover_label(release, gradfn) == int(y[i])
 
 
+def test_per_sample_gradients_in_chunks_are_every_examples_once(gradfn, digits):
+    """A detached batch larger than ``chunk`` goes a chunk at a time (a pool of candidates):
+    every example's gradient, once and in order, the last chunk short. Reference: plain
+    autograd on each example alone."""
+    x, y, _, _ = digits
+    g = gradfn.per_sample(x[:7], y[:7], chunk=3)
+    assert g.shape == (7, gradfn.dim)
+    for i in range(7):
+        gradfn.model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(gradfn.model(x[i : i + 1]), y[i : i + 1])
+        ref = torch.autograd.grad(loss, list(gradfn.model.parameters()))
+        torch.testing.assert_close(
+            g[i], torch.cat([r.reshape(-1) for r in ref]), rtol=1e-4, atol=1e-6
+        )
+
+
+def test_noise_without_a_clipping_bound_is_an_error(gradfn, digits):
+    """Noise is sigma times C: with no bound (an unclipped release) there is no scale."""
+    x, y, _, _ = digits
+    with pytest.raises(ValueError, match="noise needs a clipping bound"):
+        A.private_release(gradfn, x[:1], y[:1], max_grad_norm=None, noise_multiplier=0.5)
+
+
+def test_idlg_reads_the_last_linear_layer_and_its_bias_when_the_features_are_dead():
+    """In a model with several Linear layers the head is the last one; and when the example's
+    features are all zero (dead ReLUs) its weight gradient is zero and only the bias's,
+    ``p - onehot(c)``, names the label. Reference: the true labels."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(5, 4))  # the head: "4"
+    gf = A.GradientFunction(model.eval())
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(16) % 4
+    for i in range(16):
+        release = A.private_release(gf, x[i : i + 1], y[i : i + 1])
+        assert A.recover_label(release, gf) == int(y[i])
+    with torch.no_grad():  # every feature of the head's input dead
+        model[2].bias.fill_(-100.0)
+    gf = A.GradientFunction(model.eval())
+    for i in range(16):
+        release = A.private_release(gf, x[i : i + 1], y[i : i + 1])
+        assert torch.count_nonzero(release[gf.slice("4.weight")]) == 0
+        assert A.recover_label(release, gf) == int(y[i])
+
+
 # ------------------------------------------------------------------------------ inversion
 def test_inversion_recovers_input_from_noise_free_unclipped_gradient(gradfn, digits):
     x, y, lo, hi = digits
@@ -197,6 +242,98 @@ def test_inversion_milestones_are_unchanged_from_4_iterations_on():
     assert A._milestones(200) == [75, 125, 175]
 
 
+def test_total_variation_is_the_mean_absolute_neighbour_difference():
+    """Reference: a loop over every vertical and horizontal neighbour pair of each image,
+    each direction averaged over its own pairs (and channels)."""
+    x = torch.rand((2, 3, 2, 4, 5), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = A.total_variation(x)
+    assert got.shape == (2, 3)
+    for idx in np.ndindex(2, 3):
+        img = x[idx]
+        c, h, w = img.shape
+        dh = sum(
+            abs(float(img[k, i + 1, j] - img[k, i, j]))
+            for k in range(c)
+            for i in range(h - 1)
+            for j in range(w)
+        )
+        dw = sum(
+            abs(float(img[k, i, j + 1] - img[k, i, j]))
+            for k in range(c)
+            for i in range(h)
+            for j in range(w - 1)
+        )
+        ref = dh / (c * (h - 1) * w) + dw / (c * h * (w - 1))
+        assert float(got[idx]) == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["cosine", "l2"])
+def test_inversion_returns_the_restart_whose_projected_images_score_best(objective):
+    """With no step (``iters=0``) the reconstructions are the initial draws projected onto the
+    pixel bounds (per channel here): the restart returned per problem is the one with the
+    lowest attacker's objective, reported as its loss. Reference: the objective recomputed
+    per restart by hand, each example's gradient by plain autograd, Opacus's clip factor, the
+    batch mean, and the total variation averaged over the batch."""
+    torch.manual_seed(0)
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 5)
+        )
+        .double()
+        .eval()
+    )
+    gf = A.GradientFunction(model)
+    shape, t, restarts, b, clip, tv = (3, 6, 6), 2, 4, 2, 0.5, 0.3
+    lo = torch.tensor([-0.5, -1.0, 0.0], dtype=torch.float64)
+    hi = torch.tensor([0.5, 0.2, 1.5], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    truth = torch.rand((t, b, *shape), generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (t, b), generator=gen)
+    targets = torch.stack(
+        [A.private_release(gf, truth[k], labels[k], max_grad_norm=clip) for k in range(t)]
+    )
+    inv = A.invert_gradients(
+        gf,
+        targets,
+        labels,
+        input_shape=shape,
+        max_grad_norm=clip,
+        objective=objective,
+        tv=tv,
+        iters=0,
+        restarts=restarts,
+        bounds=(lo, hi),
+        generator=torch.Generator().manual_seed(5),
+    )
+    init = torch.randn(
+        (t, restarts, b, *shape), generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    init = torch.max(torch.min(init, hi.view(3, 1, 1)), lo.view(3, 1, 1))
+    assert (init == lo.view(3, 1, 1)).any() and (init == hi.view(3, 1, 1)).any()
+
+    def objective_of(images, k):
+        grads = []
+        for img, lab in zip(images, labels[k], strict=True):
+            loss = torch.nn.functional.cross_entropy(model(img[None]), lab[None])
+            g = torch.cat(
+                [r.reshape(-1) for r in torch.autograd.grad(loss, list(model.parameters()))]
+            )
+            grads.append(g * min(1.0, clip / (float(g.norm()) + 1e-6)))
+        g = torch.stack(grads).mean(0)
+        if objective == "cosine":
+            match = 1 - float(g @ targets[k]) / float(g.norm() * targets[k].norm())
+        else:
+            match = float(((g - targets[k]) ** 2).sum())
+        return match + tv * float(A.total_variation(images).mean())
+
+    for k in range(t):
+        scores = [objective_of(init[k, r], k) for r in range(restarts)]
+        best = int(np.argmin(scores))
+        assert best != int(np.argmax(scores))
+        torch.testing.assert_close(inv.images[k], init[k, best])
+        assert float(inv.loss[k]) == pytest.approx(scores[best], rel=1e-9)
+
+
 # ------------------------------------------------------------------------------ metrics
 def test_psnr_and_ssim_sanity():
     gen = torch.Generator().manual_seed(0)
@@ -275,6 +412,52 @@ def test_spearman_matches_scipy_with_ties_and_infinities():
     assert not math.isnan(A.spearman_bootstrap(x, y, resamples=40)[1])
 
 
+def test_ssim_is_the_mean_over_every_valid_window_and_channel():
+    """On 8x9 images the window shrinks to 7 (the largest odd size that fits) and slides over
+    every valid position; channels are averaged. Reference: a loop over positions and channels
+    with scipy's Gaussian window (std 1.5) and the classic formula, ranges 1 and 255."""
+    from scipy.signal.windows import gaussian
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand((2, 2, 8, 9), generator=gen, dtype=torch.float64)
+    b = (a + 0.3 * torch.rand(a.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    g1 = gaussian(7, 1.5)
+    win = np.outer(g1, g1) / np.outer(g1, g1).sum()
+    for scale in (1.0, 255.0):
+        x, y = (a * scale).numpy(), (b * scale).numpy()
+        c1, c2 = (0.01 * scale) ** 2, (0.03 * scale) ** 2
+        got = A.ssim(a * scale, b * scale, data_range=scale)
+        for n in range(2):
+            vals = []
+            for ch in range(2):
+                for i in range(8 - 6):
+                    for j in range(9 - 6):
+                        px, py = x[n, ch, i : i + 7, j : j + 7], y[n, ch, i : i + 7, j : j + 7]
+                        mx, my = (win * px).sum(), (win * py).sum()
+                        vx = (win * px * px).sum() - mx**2
+                        vy = (win * py * py).sum() - my**2
+                        cxy = (win * px * py).sum() - mx * my
+                        num = (2 * mx * my + c1) * (2 * cxy + c2)
+                        vals.append(num / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+            assert float(got[n]) == pytest.approx(np.mean(vals), rel=1e-10)
+
+
+def test_spearman_bootstrap_resamples_only_the_pairs_the_correlation_keeps():
+    """Rows with a NaN on either side are dropped before resampling (else the resamples hold
+    fewer usable pairs than the point estimate): the same as bootstrapping the clean pairs."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    y = x + rng.normal(size=30)
+    xs, ys = x.copy(), y.copy()
+    xs[[3, 11]] = np.nan
+    ys[[7, 20, 25]] = np.nan
+    keep = ~(np.isnan(xs) | np.isnan(ys))
+    got = A.spearman_bootstrap(xs, ys, rng=np.random.default_rng(4), resamples=300)
+    ref = A.spearman_bootstrap(x[keep], y[keep], rng=np.random.default_rng(4), resamples=300)
+    assert got == ref
+    assert got[0] == pytest.approx(stats.spearmanr(x[keep], y[keep]).correlation, abs=1e-12)
+
+
 def test_fano_bound_formula():
     assert A.fano_accuracy_bound(0.0, 64) == pytest.approx(math.log(2) / math.log(64))
     assert A.fano_accuracy_bound(1.5, 64) == pytest.approx((1.5 + math.log(2)) / math.log(64))
@@ -316,6 +499,90 @@ def test_batch_release_leaks_less_and_noise_lowers_every_attack():
     zero = channel.identify(4, 0.0, gen, draws=400)
     assert zero.accuracy_top_b > 0.9
     assert zero.mi == pytest.approx(math.log(60 / 4), abs=0.3)
+
+
+def test_a_candidate_pool_of_one_is_an_error():
+    """With one candidate there is nothing to identify (its centered Gram is 0: no axes)."""
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        A.CandidateChannel(_random_pool(n=1))
+    assert A.CandidateChannel(_random_pool(n=2)).rank == 1
+
+
+def test_candidate_channel_axes_are_the_pools_principal_covariance():
+    """Principal coordinates of the centered pool: as many axes as its rank (n = 40 examples in
+    30 dimensions: rank 30, not 39 numerically tiny ones), ``kappa`` the nonzero eigenvalues of
+    the pool's covariance (divisor n), ``coords`` reproducing every centered inner product,
+    and ``project`` the coordinates along unit axes, so ``proj^T proj`` is the columns'
+    projection onto the pool's span. Reference: NumPy's covariance, rank and least squares."""
+    g = _random_pool()  # n = 40, p = 30
+    channel = A.CandidateChannel(g)
+    centered = (g - g.mean(0)).numpy()
+    assert channel.rank == np.linalg.matrix_rank(centered) == 30
+    eig = np.linalg.eigvalsh(np.cov(centered.T, bias=True))
+    assert np.sort(channel.kappa.numpy()) == pytest.approx(np.sort(eig)[-30:], rel=1e-9)
+    z = channel.coords.numpy()
+    np.testing.assert_allclose(z @ z.T, centered @ centered.T, atol=1e-12)
+    jac = torch.randn((30, 4), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    proj = channel.project(jac).numpy()
+    span = centered.T @ np.linalg.lstsq(centered.T, jac.numpy(), rcond=None)[0]
+    np.testing.assert_allclose(proj.T @ proj, jac.numpy().T @ span, atol=1e-9)
+
+
+def test_draws_fill_the_batch_with_other_examples_without_replacement():
+    """The target sits in slot 1 and the ``B - 1`` others are distinct pool examples, never the
+    target nor ``exclude``: with ``B = n`` the release is the whole pool's sum, with
+    ``B = n - 1`` and an excluded example the pool less it. Reference: sums of the coordinates."""
+    channel = A.CandidateChannel(_random_pool(n=12, p=20))
+    z, n = channel.coords, 12
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.arange(n).repeat(5)
+    whole = channel.draw(targets, n, 0.0, gen)
+    torch.testing.assert_close(whole, z.sum(0).expand_as(whole))
+    exclude = (targets + 1 + torch.arange(len(targets)) % (n - 1)) % n
+    assert not (exclude == targets).any()
+    less = channel.draw(targets, n - 1, 0.0, gen, exclude=exclude)
+    torch.testing.assert_close(less, z.sum(0) - z[exclude])
+    pair = channel.draw(targets, 2, 0.0, gen, exclude=exclude) - z[targets]
+    other = torch.cdist(pair, z).argmin(dim=1)
+    torch.testing.assert_close(pair, z[other])
+    assert not (other == targets).any() and not (other == exclude).any()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("noise", [1e-5, 0.1])
+def test_logits_and_inclusion_scores_are_gaussian_log_likelihoods(batch, noise):
+    """In principal coordinates with ``K = (B - 1) kappa + s^2`` (diagonal): ``logits`` are
+    ``log N(v; u_i, K)`` up to a per-row constant, and ``inclusion_scores`` exactly
+    ``log N(v; u_i, K) - log N(v; 0, K + diag(kappa))``. Reference: scipy's multivariate
+    normal, at a noise (1e-5) whose variance is far below the pool's but above zero."""
+    channel = A.CandidateChannel(_random_pool(n=10, p=15, seed=3))
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.tensor([0, 4, 9])
+    v = channel.draw(targets, batch, noise, gen)
+    k = ((batch - 1) * channel.kappa + noise**2).numpy()
+    z = channel.coords.numpy()
+    logits = channel.logits(v, batch, noise).numpy()
+    incl = channel.inclusion_scores(v, batch, noise).numpy()
+    for row, vr in enumerate(v.numpy()):
+        ll = np.array([stats.multivariate_normal(z[i], np.diag(k)).logpdf(vr) for i in range(10)])
+        out = stats.multivariate_normal(np.zeros_like(k), np.diag(k + channel.kappa.numpy()))
+        scale = np.abs(ll).max()
+        np.testing.assert_allclose(
+            logits[row] - logits[row, 0], ll - ll[0], rtol=1e-9, atol=1e-9 * scale
+        )
+        np.testing.assert_allclose(incl[row], ll - out.logpdf(vr), rtol=1e-9, atol=1e-9 * scale)
+
+
+def test_membership_of_a_noise_free_single_release_is_certain_and_never_below_chance():
+    """B = 1 without noise: a release is its example's gradient, so members and non-members
+    (a different example) separate perfectly; with much noise the best balanced accuracy is
+    still at least 1/2 (a threshold above every score is right on every non-member)."""
+    channel = A.CandidateChannel(_random_pool(n=20, p=30))
+    gen = torch.Generator().manual_seed(0)
+    free = channel.membership(1, 0.0, gen, draws=300)
+    assert free.auc == 1.0 and free.tpr_at_1pct_fpr == 1.0 and free.balanced_accuracy == 1.0
+    noisy = channel.membership(1, 5.0, gen, draws=300)
+    assert 0.5 <= noisy.balanced_accuracy < 0.7 and noisy.auc < 0.7
 
 
 def test_ledoit_wolf_matches_sklearn():
@@ -369,6 +636,42 @@ def test_pixel_information_when_the_noise_variance_underflows():
         assert mi == math.inf and torch.equal(post, torch.zeros_like(var)), s
         mi, post = A.pixel_information(model, channel, 4, s)
         assert mi == free_b4[0] and torch.equal(post, free_b4[1]), s
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_pixel_information_is_the_dense_gaussian_closed_form(batch):
+    """The release's other examples and noise are Gaussian with the full ``P x P`` covariance
+    ``K = (B - 1) Sigma_LW + s^2 I`` (``Sigma_LW``: scikit-learn's Ledoit-Wolf estimate of the
+    pool's covariance); with ``M = V^1/2 J^T K^-1 J V^1/2`` the MI is ``1/2 logdet(I + M)`` and
+    the posterior variance the diagonal of ``V^1/2 (I + M)^-1 V^1/2``. The principal-axes
+    shortcut must agree with it at B > 1, where the pool's axes matter (at B = 1, K = s^2 I)."""
+    from sklearn.covariance import ledoit_wolf
+
+    channel, jac, var, model = _pixel_model()
+    g = _random_pool(n=30, p=50)
+    sigma_lw = torch.as_tensor(ledoit_wolf((g - g.mean(0)).numpy(), assume_centered=True)[0])
+    s = 0.05
+    cov = (batch - 1) * sigma_lw + s**2 * torch.eye(50, dtype=torch.float64)
+    m = var.sqrt()[:, None] * (jac.T @ torch.linalg.solve(cov, jac)) * var.sqrt()[None, :]
+    eye = torch.eye(6, dtype=torch.float64)
+    mi, post = A.pixel_information(model, channel, batch, s)
+    assert mi == pytest.approx(0.5 * float(torch.logdet(eye + m)), rel=1e-8)
+    want = (var.sqrt()[:, None] * torch.linalg.inv(eye + m) * var.sqrt()[None, :]).diagonal()
+    torch.testing.assert_close(post, want, rtol=1e-8, atol=1e-12)
+
+
+def test_input_jacobian_of_coarse_pixels_sums_its_fine_pixels_columns(digits):
+    """``block=2`` differentiates along 2x2 block-constant perturbations: by the chain rule each
+    coarse column is the sum of the four fine columns of its block. Reference: ``block=1``."""
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    gf = A.GradientFunction(DigitsCNN().double().eval())
+    xi = x[5].double()
+    fine = A.input_jacobian(gf, xi, y[5], max_grad_norm=1.0).reshape(gf.dim, 1, 8, 8)
+    coarse = A.input_jacobian(gf, xi, y[5], max_grad_norm=1.0, block=2)
+    assert coarse.shape == (gf.dim, 16)
+    ref = fine.reshape(gf.dim, 1, 4, 2, 4, 2).sum(dim=(3, 5)).reshape(gf.dim, 16)
+    torch.testing.assert_close(coarse, ref, rtol=1e-9, atol=1e-12)
 
 
 def test_input_jacobian_matches_finite_differences(digits):

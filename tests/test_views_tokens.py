@@ -86,6 +86,32 @@ def test_empty_batch_clip_factors():
         clip_factors(gs, [1.0])
 
 
+def test_clip_factors_refuse_more_bounds_than_parameters_at_every_batch_size():
+    """Too many per-layer bounds is the same mistake as too few: an empty batch returned a
+    ``(0, 3)`` ClipInfo for two parameters without a word, a non-empty one failed later inside
+    ``zip``, not with the message naming the rule."""
+    for batch in (0, 4):
+        gs = [torch.zeros(batch, 3, 2), torch.zeros(batch, 2)]
+        with pytest.raises(ValueError, match="one bound per trainable parameter"):
+            clip_factors(gs, [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_raw_gram_is_a_float32_product_whatever_the_gradients_dtype(dtype):
+    """``raw_gram`` promises float32 arithmetic: half-precision grad_samples (a bf16 model)
+    must not be multiplied in their own precision (a bf16 Gram is ~4e-3 off), nor float64 ones
+    give a float64 matrix. Reference: the float64 product of the same (rounded) values."""
+    from opacus_mi.views import raw_gram
+
+    gen = torch.Generator().manual_seed(1)
+    gs = [torch.randn(6, 40, 30, generator=gen).to(dtype), torch.randn(6, 30, generator=gen)]
+    gram = raw_gram(gs)
+    assert gram.dtype == torch.float32
+    dense = torch.cat([g.flatten(1).double() for g in gs], 1)
+    ref = dense @ dense.T
+    torch.testing.assert_close(gram.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.max()))
+
+
 @pytest.mark.parametrize("numel,k", [(1000, 64), (64, 64), (10, 64), (130, 7)])
 @pytest.mark.parametrize("tiny", [True, False], ids=["one-gemm", "scatter"])
 def test_sketch_rows_are_orthonormal_and_match_dense(numel, k, tiny, monkeypatch):
@@ -135,6 +161,67 @@ def test_sketch_deterministic_per_seed_and_state_linear_in_params():
     small = CountSketchTokenizer(shapes, 8).state_bytes()
     big = CountSketchTokenizer(shapes, 512).state_bytes()
     assert small == big <= 16 * params  # O(P) state whatever token_dim is: no P x k matrix
+
+
+def test_sketch_rejects_a_zero_token_dim_and_gradients_of_the_wrong_size():
+    """Misuse is named: ``token_dim`` 0 (a modulo by zero deep inside the hash), a gradient with
+    more or fewer entries than the parameter it is sketched as (an opaque index or matmul
+    error, by path), and a list of gradients of another length (``sketch`` silently returned
+    fewer tokens)."""
+    with pytest.raises(ValueError, match="token_dim must be a positive integer"):
+        CountSketchTokenizer([(10,)], 0)
+    tok = CountSketchTokenizer([(10,), (3000,)], 16)
+    for layer, numel in ((0, 10), (1, 3000)):
+        for wrong in (numel - 1, numel + 1):
+            with pytest.raises(ValueError, match=f"sketch was built for {numel}"):
+                tok.sketch_layer(layer, torch.zeros(2, wrong))
+    with pytest.raises(ValueError, match="expected 2 per-sample gradient tensors, got 1"):
+        tok.sketch([torch.zeros(2, 10)])
+
+
+def test_the_hash_is_a_seeded_random_balanced_assignment():
+    """Each seed draws its own bucket for every entry (a random permutation of a balanced
+    assignment): two given entries share a bucket with probability ``(P/k - 1) / (P - 1)``
+    over seeds. Without the permutation the buckets were ``i mod k`` on every seed: entries
+    0 and k always collided and 0 and 1 never (structured collisions in conv kernels), which
+    the orthonormality and sign tests cannot see. Reference: the dense matrix's supports."""
+    numel, k, seeds = 64, 8, 300
+    both = {(0, 1): 0, (0, k): 0}
+    for seed in range(seeds):
+        support = CountSketchTokenizer([(numel,)], k, seed=seed).dense_matrix(0) != 0
+        assert torch.equal(support.sum(dim=1), torch.full((k,), numel // k))  # balanced
+        bucket = support.int().argmax(dim=0)
+        for i, j in both:
+            both[(i, j)] += int(bucket[i] == bucket[j])
+    p = (numel // k - 1) / (numel - 1)  # 1/9
+    for pair, hits in both.items():
+        assert hits / seeds == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / seeds)), pair
+
+
+@pytest.mark.parametrize("numel,k", [(300, 20), (3000, 64)], ids=["one-gemm", "scatter"])
+def test_one_tokenizer_sketches_float32_and_float64_gradients_alike(numel, k):
+    """The hash tables (dense for a tiny parameter) are converted per dtype and cached: a
+    float32 sketch after a float64 one must not reuse the float64 tables (the GEMM refused the
+    mixed dtypes, index_add_ the promoted product), and each dtype's token has that dtype.
+    Reference: the dense sketch matrix, in each dtype's precision."""
+    tok = CountSketchTokenizer([(numel,)], k, seed=2)
+    dense = tok.dense_matrix(0)
+    g = torch.randn(3, numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = g @ dense.T
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.float64, 1e-12)):
+        got = tok.sketch_layer(0, g.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_state_bytes_counts_every_hash_table():
+    """``state_bytes`` is the memory the bucket and weight tables hold, both of them: summed
+    from each table's own ``nbytes`` (one int64 bucket and one float32 weight per entry)."""
+    shapes = [(32, 16, 3, 3), (32,), (10, 512)]
+    tok = CountSketchTokenizer(shapes, 64)
+    held = sum(t.nbytes for t in (*tok._buckets, *tok._weights))
+    params = sum(torch.Size(s).numel() for s in shapes)
+    assert tok.state_bytes() == held == params * (8 + 4)
 
 
 def test_sketch_is_linear_so_clipped_token_is_scaled_raw_token():
@@ -199,6 +286,55 @@ def test_release_noise_std_is_the_std_of_the_noise_opacus_adds():
             assert want == pytest.approx(0.7 / math.sqrt(1 - 0.25), rel=1e-12)
         else:
             assert want == 0.7
+
+
+def test_noiseless_adaptive_clipping_releases_no_noise():
+    """Adaptive clipping at sigma = 0 (allowed by Opacus: sigma < 2 sigma_u) adds nothing; the
+    effective-sigma formula ``(sigma^-2 - (2 sigma_u)^-2)^(-1/2)`` is undefined there and must
+    not be evaluated (ZeroDivisionError). Reference: Opacus's own ``add_noise`` on zero sums."""
+    from opacus_mi.views import release_noise_std
+
+    _, _, opt, _ = make_private(clipping="adaptive", noise=0.0, clip=0.7, private_kwargs=_ADAPTIVE)
+    for p in opt.params:
+        p.summed_grad = torch.zeros_like(p)
+    opt.unclipped_num = torch.tensor(0)
+    opt.add_noise()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in opt.params)
+    assert release_noise_std(opt) == 0.0
+
+
+def test_fsdp_ghost_clipping_releases_sigma_c_even_with_an_adjusted_multiplier(tmp_path):
+    """Ghost adaptive clipping sets ``_adjusted_noise_multiplier`` on its optimizer, which the
+    plain ghost optimizer's ``add_noise`` uses, but FSDP's ignores (it adds ``sigma C``): the
+    private view must follow what each actually adds. Reference: the FSDP optimizer's own
+    ``add_noise`` on zero sums (a gloo group of this process alone; world size 1)."""
+    import torch.distributed as dist
+    from opacus.optimizers import FSDPOptimizerFastGradientClipping
+
+    from opacus_mi.views import release_noise_std
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.zeros(200, 150))]
+        opt = FSDPOptimizerFastGradientClipping(
+            torch.optim.SGD(params, lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=0.7,
+            expected_batch_size=16,
+        )
+        opt._adjusted_noise_multiplier = 3.0  # what PrivacyEngineAdaptiveClipping would set
+        for p in opt.params:
+            p.grad = torch.zeros_like(p)
+            opt.grad_state[p]["summed_grad"] = torch.zeros_like(p)
+        opt.add_noise()
+        added = float(torch.cat([p.grad.reshape(-1) for p in opt.params]).std())
+        assert added == pytest.approx(0.7, rel=0.02)
+        assert release_noise_std(opt) == pytest.approx(0.7, rel=1e-12)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_the_private_view_is_drawn_with_the_noise_of_its_own_step_under_adaptive_clipping():
