@@ -95,6 +95,16 @@ def test_estimate_mi_accepts_numpy_and_1d_and_rejects_bad_input():
         estimate_mi(x, x, eval_fraction=0.99)  # not "too few pairs (400)"
 
 
+def test_estimate_mi_needs_sixteen_pairs():
+    """16 pairs are the fewest it takes (4 or more in each split); 15 are refused by name,
+    not split into 4 evaluation, 4 validation and 7 training pairs."""
+    x, y = correlated_gaussians(16, 1, 0.5, seed=11)
+    est = estimate_mi(x, y, max_steps=3, bootstrap=0, permutations=0)
+    assert (est.n_eval, est.n_train) == (5, 7)  # (round(4.8); round(1.65) = 2 -> 4 validate)
+    with pytest.raises(ValueError, match="at least 16 pairs to train and evaluate, got 15"):
+        estimate_mi(x[:15], y[:15], max_steps=3, bootstrap=0, permutations=0)
+
+
 def test_estimate_mi_leaves_the_callers_autograd_graph_alone():
     """Activations straight from a model (and a leaf that requires grad): the critic's
     backward wrote the model's .grad, then failed on the second pass through the graph."""
@@ -320,6 +330,350 @@ def test_estimate_mi_mine_reads_the_baseline_form_on_its_evaluation_pairs(n, max
     assert abs(float(dv) - est.nats) > 1e-5  # (the two forms differ on these pairs)
 
 
+def _recorded_estimate(monkeypatch, x, y, estimator="infonce", **options):
+    """estimate_mi with every critic call recorded: ``(training?, rows of x, parameters,
+    scores)`` (training calls are the ones under autograd), the training critic itself, and
+    the split of the standardised pairs as documented (eval_fraction 0.3, then 15% of the rest
+    validates; the first draw of the seeded generator orders them)."""
+    from opacus_mi.estimators import estimate as estimate_module
+
+    calls, built = [], []
+
+    class Recorded(SeparableCritic):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+        def scores(self, a, b):
+            out = super().scores(a, b)
+            params = [p.detach().clone() for p in self.parameters()]
+            calls.append((torch.is_grad_enabled(), a.detach().clone(), params, out.detach()))
+            return out
+
+    monkeypatch.setattr(estimate_module, "SeparableCritic", Recorded)
+    est = estimate_mi(x, y, estimator, **options)
+    n = len(x)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(options.get("seed", 0)))
+    n_eval = min(options.get("max_eval", 4096), round(0.3 * n))
+    n_val = min(options.get("max_eval", 4096), round(0.15 * (n - n_eval)))
+    split = perm[:n_eval], perm[n_eval : n_eval + n_val], perm[n_eval + n_val :]
+    xs = estimate_module._as_2d_float("x", x)
+    (critic,) = built
+    return est, calls, critic, split, xs
+
+
+def _infonce64(s: torch.Tensor) -> float:
+    s = s.double()
+    return float((s.diagonal() - torch.logsumexp(s, dim=1)).mean()) + math.log(len(s))
+
+
+def _rows_of(rows: torch.Tensor, pool: torch.Tensor) -> set[int]:
+    """Indices into ``pool`` of each of ``rows`` (every one must be found)."""
+    found = set()
+    for r in rows:
+        (hit,) = torch.nonzero((pool == r).all(dim=1)).flatten().tolist()[:1] or [None]
+        assert hit is not None, r
+        found.add(hit)
+    return found
+
+
+def _early_stopping(figures: list[float], patience: int) -> tuple[int, int]:
+    """The documented rule, by hand: a check improves on the best by more than 1e-3 or counts
+    as stale; ``patience`` stale checks in a row stop training. Returns (checks made, index of
+    the best)."""
+    best, where, stale = -math.inf, None, 0
+    for k, v in enumerate(figures):
+        if v > best + 1e-3:
+            best, where, stale = v, k, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                return k + 1, where
+    return len(figures), where
+
+
+def test_estimate_mi_stops_on_its_validation_pairs_and_reports_the_best_checked_critic(
+    monkeypatch,
+):
+    """Early stopping: each check scores the validation pairs (not the evaluation pairs), a
+    check within 1e-3 of the best so far is stale, ``patience`` stale checks stop training, and
+    the critic reported, on the evaluation pairs, is the best checked one. A tiny learning
+    rate makes every check after the first stale. Reference: the rule applied by hand to the
+    recorded checks' figures (InfoNCE by logsumexp in float64) and the recorded parameters."""
+    x, y = correlated_gaussians(305, 2, 1.0, seed=3)  # (0.3 x 305 = 91.5: rounded, to 92)
+    est, calls, _, (ev, val, train_idx), xs = _recorded_estimate(
+        monkeypatch,
+        x,
+        y,
+        lr=1e-7,
+        ema=0.0,
+        check_every=1,
+        patience=3,
+        max_steps=50,
+        bootstrap=0,
+        permutations=0,
+    )
+    checks = [c for c in calls if not c[0]][:-2]  # (then the evaluation and in-sample pairs)
+    training = [c for c in calls if c[0]]
+    assert all(torch.equal(c[1], xs[val]) for c in checks)
+    made, best = _early_stopping([_infonce64(c[3]) for c in checks], patience=3)
+    assert len(checks) == made == 4 and len(training) == 4 and best == 0
+    evaluated, seen = [c for c in calls if not c[0]][-2:]
+    assert torch.equal(evaluated[1], xs[ev]) and est.n_eval == len(ev) == 92
+    assert est.n_train == len(train_idx) == 305 - 92 - 32  # (0.15 x 213 = 31.95: 32 validate)
+    assert all(torch.equal(a, b) for a, b in zip(evaluated[2], checks[best][2], strict=True))
+    assert est.nats == pytest.approx(_infonce64(evaluated[3]), abs=1e-5)
+    # in_sample: the same critic on as many of its training pairs
+    assert torch.equal(seen[1], xs[train_idx[: len(ev)]])
+    assert est.in_sample == pytest.approx(_infonce64(seen[3]), abs=1e-5)
+
+
+def test_estimate_mi_checks_every_check_every_steps_and_at_the_last(monkeypatch):
+    """Checks at steps check_every, 2 check_every, ... and at max_steps; the best of them
+    reports. Every minibatch is drawn from the training pairs alone, with the scaler fitted
+    to them. Reference: the rule by hand, the recorded rows and parameters, and the training
+    rows' own mean and population std."""
+    x, y = correlated_gaussians(300, 2, 1.0, seed=4)
+    est, calls, critic, (ev, val, train_idx), xs = _recorded_estimate(
+        monkeypatch,
+        x,
+        y,
+        lr=1e-2,
+        ema=0.0,
+        check_every=4,
+        max_steps=10,
+        patience=100,
+        batch_size=16,
+        bootstrap=0,
+        permutations=0,
+    )
+    checks = [c for c in calls if not c[0]][:-2]
+    training = [c for c in calls if c[0]]
+    assert len(training) == 10 and len(checks) == 3  # after steps 4, 8 and 10
+    figures = [_infonce64(c[3]) for c in checks]
+    _, best = _early_stopping(figures, patience=100)
+    evaluated = [c for c in calls if not c[0]][-2]
+    assert all(torch.equal(a, b) for a, b in zip(evaluated[2], checks[best][2], strict=True))
+    assert _rows_of(torch.cat([c[1] for c in training]), xs[train_idx])
+    assert all(len(c[1]) == 16 for c in training)
+    torch.testing.assert_close(critic.x_mean, xs[train_idx].mean(0), rtol=0, atol=1e-6)
+    sd = xs[train_idx].double().std(0, unbiased=False)
+    torch.testing.assert_close(critic.x_std.double(), sd + 1e-3 * sd.max(), rtol=1e-5, atol=0)
+
+
+def test_estimate_mi_reports_the_moving_average_of_the_iterates(monkeypatch):
+    """With ``ema`` the validated and reported critic is the exponential moving average of the
+    training iterates: avg_k = ema avg_(k-1) + (1 - ema) theta_k from avg_0 = theta_0.
+    Reference: the average taken by hand in float64 over the recorded iterates."""
+    ema = 0.6
+    x, y = correlated_gaussians(300, 2, 1.0, seed=5)
+    est, calls, critic, _, _ = _recorded_estimate(
+        monkeypatch,
+        x,
+        y,
+        lr=1e-2,
+        ema=ema,
+        check_every=6,
+        max_steps=6,
+        bootstrap=0,
+        permutations=0,
+    )
+    thetas = [c[2] for c in calls if c[0]]  # theta_0 .. theta_5, as each step read them
+    thetas.append([p.detach() for p in critic.parameters()])  # theta_6
+    avg = [p.double() for p in thetas[0]]
+    for theta in thetas[1:]:
+        avg = [ema * a + (1 - ema) * t.double() for a, t in zip(avg, theta, strict=True)]
+    (check, evaluated, _) = [c for c in calls if not c[0]]
+    for got in (check[2], evaluated[2]):
+        for a, b in zip(got, avg, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(evaluated[2][0], thetas[-1][0])  # (not the last iterate)
+
+
+def test_estimate_mi_doubles_its_minibatch_near_ln_batch_up_to_max_batch(monkeypatch):
+    """The minibatch starts at min(batch_size, n_train) and doubles at a check whose figure
+    exceeds ln(batch) - 2, while twice it is at most max_batch and n_train / 16. Reference:
+    the rule applied by hand to the recorded checks, against the recorded minibatch sizes."""
+    x, y = correlated_gaussians(2000, 2, 3.0, seed=6)
+    est, calls, _, _, _ = _recorded_estimate(
+        monkeypatch,
+        x,
+        y,
+        batch_size=4,
+        max_batch=8,
+        lr=3e-3,
+        check_every=3,
+        max_steps=24,
+        patience=100,
+        bootstrap=0,
+        permutations=0,
+    )
+    checks = [c for c in calls if not c[0]][:-2]
+    sizes = [len(c[1]) for c in calls if c[0]]
+    want, bs, capped = [], min(4, est.n_train), False
+    for k in range(24):
+        want.append(bs)
+        if (k + 1) % 3 == 0:
+            v = _infonce64(checks[(k + 1) // 3 - 1][3])
+            if v > math.log(bs) - 2.0 and 2 * bs <= min(8, est.n_train // 16):
+                bs *= 2
+            elif v > math.log(bs) - 2.0:
+                capped = True
+    assert sizes == want and max(sizes) == 8
+    assert capped and 2 * 8 <= est.n_train // 16  # (max_batch, not the training pairs, stopped it)
+    # A batch_size above the training pairs' count draws them all
+    x, y = correlated_gaussians(100, 1, 0.5, seed=7)
+    monkeypatch.undo()
+    est, calls, _, (ev, val, train_idx), _ = _recorded_estimate(
+        monkeypatch, x, y, batch_size=1000, max_steps=2, bootstrap=0, permutations=0
+    )
+    assert est.n_train == len(train_idx) == 100 - 30 - 10
+    assert all(len(c[1]) == est.n_train for c in calls if c[0])
+
+
+def test_estimate_mi_shuffled_is_the_mean_re_paired_bound_and_p_value_its_rank(monkeypatch):
+    """``shuffled`` is the mean bound over the re-pairings, each in the figure's own form (MINE:
+    the baseline form with the figure's c), and ``p_value`` is (1 + #{re-paired >= matched}) /
+    (K + 1). Reference: each re-paired bound by hand from the evaluation scores, counted."""
+    from opacus_mi.estimators import estimate as estimate_module
+
+    seen = []
+
+    def spy(kind, scores, perms, baseline=None):
+        out = permuted_bounds(kind, scores, perms, baseline)
+        seen.append((scores.double(), perms, baseline, out))
+        return out
+
+    monkeypatch.setattr(estimate_module, "permuted_bounds", spy)
+    x, y = correlated_gaussians(200, 1, 0.02, seed=8)  # (little MI: the p-value is no floor)
+    est = estimate_mi(x, y, "mine", max_steps=60, bootstrap=0, permutations=9)
+    (s, perms, c, shuffled), (_, _, c_matched, (matched,)) = seen
+    assert c is not None and c == c_matched
+
+    def by_hand(t: torch.Tensor) -> float:  # baseline_bound: joint - (c - 1) - marginal / e^c
+        off = ~torch.eye(len(t), dtype=torch.bool)
+        return float(t.diagonal().mean() - (c - 1) - t[off].exp().mean() / math.exp(c))
+
+    assert est.nats == pytest.approx(by_hand(s), abs=1e-5)
+    assert float(matched) == pytest.approx(est.nats, abs=1e-5)
+    want = [by_hand(s[:, perm]) for perm in perms]
+    assert len(want) == 9 and shuffled.tolist() == pytest.approx(want, abs=1e-9)
+    assert est.shuffled == pytest.approx(sum(want) / 9, abs=1e-9)
+    assert est.p_value == (1 + sum(v >= float(matched) for v in shuffled.tolist())) / 10
+    assert est.p_value > 0.1
+
+
+def test_estimate_mi_mines_in_sample_figure_takes_the_figures_baseline_form(monkeypatch):
+    """MINE's in-sample figure (the training pairs' side of the interval's high end) is in the
+    held-out figure's own form: the baseline form with c, the critic's log mean e^T over the
+    marginal pairs of its validation pairs, or here (8 of them) of its first 1,024 training
+    pairs; DV on the training pairs would sit above it by Jensen's gap. Reference: c and both
+    figures by hand from the recorded scores."""
+    x, y = correlated_gaussians(800, 2, 3.0, seed=9)
+    est, calls, _, (ev, val, train_idx), xs = _recorded_estimate(
+        monkeypatch, x, y, "mine", max_eval=8, max_steps=200, bootstrap=0, permutations=0
+    )
+    pool, evaluated, seen = [c for c in calls if not c[0]][-3:]
+    assert torch.equal(pool[1], xs[train_idx[:1024]])  # (8 validation pairs: too few for c)
+    assert torch.equal(seen[1], xs[train_idx[:8]])
+
+    def off(t):
+        return t.double()[~torch.eye(len(t), dtype=torch.bool)]
+
+    c = math.log(float(off(pool[3]).exp().mean()))
+
+    def by_hand(t):
+        return float(t.double().diagonal().mean() - (c - 1) - off(t).exp().mean() / math.exp(c))
+
+    assert est.nats == pytest.approx(by_hand(evaluated[3]), abs=1e-5)
+    assert est.in_sample == pytest.approx(by_hand(seen[3]), abs=1e-5)
+    dv = float(seen[3].double().diagonal().mean() - off(seen[3]).exp().mean().log())
+    assert dv - est.in_sample > 0.01  # (the forms differ on these pairs)
+
+
+@pytest.mark.parametrize("n, seed, capped", [(120, 0, False), (100, 1, True)])
+def test_estimate_mi_high_end_takes_the_in_sample_side_up_to_ln_n_eval(n, seed, capped):
+    """The interval's high end is the larger of the held-out high end and the in-sample figure
+    plus the held-out half-width, at most InfoNCE's ceiling ln n_eval. A critic overfit to
+    70-80 training pairs (no early stopping) reads far higher in-sample, so its side decides;
+    on 30 evaluation pairs it passes ln 30, where the high end stops. Reference: the rule on
+    the estimate's own fields, with the side that decides asserted."""
+    x, y = correlated_gaussians(n, 4, 3.0, seed=seed)
+    est = estimate_mi(
+        x,
+        y,
+        "infonce",
+        max_steps=300,
+        check_every=300,
+        ema=0.0,
+        hidden=64,
+        bootstrap=100,
+        permutations=0,
+    )
+    cap, side = math.log(est.n_eval), est.in_sample + (est.heldout_ci_high - est.nats)
+    assert est.heldout_ci_high < est.in_sample < cap
+    assert (side > cap) is capped
+    assert est.ci_high == pytest.approx(cap if capped else side, abs=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ["mine", "infonce"])
+def test_estimate_mi_interval_is_at_the_confidence_asked(monkeypatch, estimator):
+    """``confidence`` sets the interval's level: MINE's percentile bootstrap of its figure in
+    the baseline form (c as the figure's), InfoNCE's Student's t with a delete-one-pair
+    jackknife. Reference at 0.8: each resample's figure by hand from the recorded evaluation
+    scores and resample multiplicities, NumPy's quantiles; InfoNCE's leave-one-out figures by
+    hand and SciPy's t quantile."""
+    import numpy as np
+    from scipy import stats
+
+    from opacus_mi.estimators import estimate as estimate_module
+
+    drawn = []
+
+    def spy(*args, **kwargs):
+        drawn.append(bootstrap_counts(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(estimate_module, "bootstrap_counts", spy)
+    x, y = correlated_gaussians(200, 2, 0.5, seed=10)
+    est, calls, _, _, _ = _recorded_estimate(
+        monkeypatch,
+        x,
+        y,
+        estimator,
+        confidence=0.8,
+        bootstrap=50,
+        permutations=0,
+        max_steps=100,
+    )
+    pool, evaluated = [c for c in calls if not c[0]][-3:-1]
+    s = evaluated[3].double()
+    n = len(s)
+    assert math.isfinite(est.ci_low) and est.n_eval == n == 60
+    if estimator == "mine":
+        off = ~torch.eye(n, dtype=torch.bool)
+        c = math.log(
+            float(pool[3].double()[~torch.eye(len(pool[3]), dtype=torch.bool)].exp().mean())
+        )
+        (counts,) = drawn
+        values = []
+        for w in counts.double():
+            joint = float((w * s.diagonal()).sum()) / n
+            pair_w = (w[:, None] * w[None, :])[off]
+            marginal = float((pair_w * s[off].exp()).sum()) / (n * n - float((w * w).sum()))
+            values.append(joint - (c - 1) - marginal / math.exp(c))
+        want = np.quantile(values, [0.1, 0.9])
+    else:
+        assert not drawn  # (a jackknife: no resamples)
+        keep = [[j for j in range(n) if j != i] for i in range(n)]
+        left_out = [_infonce64(s[k][:, k]) for k in keep]
+        mean = sum(left_out) / n
+        se = math.sqrt((n - 1) / n * sum((v - mean) ** 2 for v in left_out))
+        half = stats.t.ppf(0.9, n - 1) * se
+        want = [est.nats - half, est.nats + half]
+    assert (est.ci_low, est.heldout_ci_high) == pytest.approx(tuple(want), abs=1e-5)
+
+
 @pytest.mark.parametrize("estimator", ["mine", "infonce"])
 def test_estimate_mi_withholds_intervals_from_too_few_evaluation_pairs(estimator):
     """The online estimator's rule: an interval of an e^T bound from at least MIN_CI_PAIRS_EXP
@@ -504,6 +858,61 @@ def test_critic_scores_are_bound_tanh_of_raw_scores():
     with torch.no_grad():
         raw = unbounded.embed_x(x) @ unbounded.embed_y(y).T * unbounded.scale
         assert unbounded.scores(x, y).equal(raw)
+
+
+def test_a_separable_critic_is_the_scaled_inner_product_of_its_standardised_towers():
+    """``T(x, y) = <phi(x), psi(y)> / sqrt(embed)``, each tower an MLP of two ELU hidden
+    layers reading its side standardised by its own mean and std. Reference: the towers
+    applied by hand from their weights in float64 (torch's own ELU), and NumPy's inner
+    products."""
+    import numpy as np
+
+    def tower(layers, v):
+        (a, b, c) = (m for m in layers if isinstance(m, torch.nn.Linear))
+        for i, m in enumerate((a, b, c)):
+            v = v @ m.weight.double().T + m.bias.double()
+            v = torch.nn.functional.elu(v) if i < 2 else v
+        return v.numpy()
+
+    g = torch.Generator().manual_seed(4)
+    embed = 16
+    critic = SeparableCritic(3, 5, hidden=8, embed=embed, bound=None, generator=g)
+    x, y = torch.randn(20, 3, generator=g) * 4 + 1, torch.randn(20, 5, generator=g) * 0.1 - 3
+    critic.fit_scaler(x, y)
+    assert len(critic.phi) == len(critic.psi) == 5
+    with torch.no_grad():
+        phi = tower(critic.phi, (x.double() - x.double().mean(0)) / critic.x_std.double())
+        psi = tower(critic.psi, (y.double() - y.double().mean(0)) / critic.y_std.double())
+        got = critic.scores(x, y).double().numpy()
+    want = np.array([[phi[i] @ psi[j] for j in range(20)] for i in range(20)]) / math.sqrt(embed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_scaler_takes_the_population_moments_of_the_pairs():
+    """The scaler a batch fits is its columns' mean and population std (ddof 0, as the online
+    window's running moments), the std floored at 1e-3 of the side's largest; one row gives
+    a unit std. Reference: NumPy's mean and std, and a float32 window's moments."""
+    import numpy as np
+
+    from opacus_mi.estimators.online import PairWindow
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 4, generator=g) * torch.tensor([1.0, 3.0, 0.01, 100.0]) + 2.0
+    y = torch.randn(12, 2, generator=g) - 1.0
+    critic = SeparableCritic(4, 2, hidden=8, embed=4, generator=g)
+    critic.fit_scaler(x, y)
+    for side, v in (("x", x), ("y", y)):
+        sd = v.numpy().astype(np.float64).std(0, ddof=0)
+        np.testing.assert_allclose(getattr(critic, f"{side}_mean"), v.numpy().mean(0), rtol=1e-6)
+        np.testing.assert_allclose(getattr(critic, f"{side}_std"), sd + 1e-3 * sd.max(), rtol=1e-5)
+    window = PairWindow(12, dtype=torch.float32)
+    window.add(x, y)
+    other = SeparableCritic(4, 2, hidden=8, embed=4, generator=g)
+    other.set_scaler(*window.moments())
+    for name in ("x_mean", "x_std", "y_mean", "y_std"):
+        torch.testing.assert_close(getattr(other, name), getattr(critic, name), rtol=1e-5, atol=0)
+    critic.fit_scaler(x[:1], y[:1])
+    assert torch.equal(critic.x_mean, x[0]) and torch.allclose(critic.x_std, torch.tensor(1.001))
 
 
 def test_estimate_mi_with_a_huge_critic_bound_reads_as_unbounded():

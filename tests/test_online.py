@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -506,3 +507,256 @@ def test_the_constant_critic_reports_unless_the_learned_one_validates_two_se_abo
         assert est.null_selected is null, (new, se)
         figure = est.evaluate(*_rho_pairs(64, data))
         assert (figure.matched == 0.0) is null, (new, se, figure.matched)
+
+
+@pytest.mark.parametrize("kind", ["mine", "nwj", "smile"])
+def test_e_t_intervals_are_made_exactly_where_the_pair_rules_allow(kind):
+    """An interval of an e^T figure needs MIN_CI_PAIRS_EXP (32) pairs, PAIRS_PER_NAT (8) per nat
+    the figure reads, and a figure at most ln n + 2. Each rule is probed alone at its edge:
+    adding a to every matched score moves each bound by exactly a, so the figure is set at will.
+    Reference: the three rules written out here, and the interval bracketing its figure."""
+    from opacus_mi.estimators.online import held_out_figures, interval_withheld
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [  # (n, figure, withheld): which rule decides
+        (31, 1.0, True),  # too few pairs
+        (32, 1.0, False),  # just enough
+        (32, 3.9, False),  # 31.2 < 32 pairs per nat
+        (32, 4.1, True),  # 32.8 > 32, though below ln 32 + 2 = 5.47
+        (64, 5.9, False),  # 47 pairs per nat needed, below ln 64 + 2 = 6.16
+        (64, 6.3, True),  # above ln 64 + 2, though 50 < 64 pairs per nat
+    ]
+    for n, target, withheld in cases:
+        assert withheld == (n < 32 or 8 * target > n or target > math.log(n) + 2)
+        scores = 0.3 * torch.randn(n, n, dtype=torch.float64, generator=gen)
+        scores.diagonal().zero_()
+        scores.diagonal().add_(target - float(bound(kind, scores)))
+        f = held_out_figures(kind, scores, gen, 100)
+        assert float(f[0]) == pytest.approx(target, abs=1e-9)
+        assert bool(interval_withheld(kind, n, target)) is withheld
+        assert bool(f[2:].isnan().all()) is withheld, (n, target)
+        if not withheld:
+            assert float(f[2]) <= target <= float(f[3])
+
+
+def test_a_window_samples_its_own_pairs_whole_and_distinct():
+    """A minibatch is drawn from the window's pairs: each drawn (x, y) is one of its rows with
+    its own partner, read back as the window reads it (offsets added back on both sides), no
+    row twice, and all of them when more are asked for. Reference: a search of the rows."""
+    g = torch.Generator().manual_seed(8)
+    win = PairWindow(40)  # bfloat16 rows less column means: the offsets are far from 0
+    for n in (17, 19, 23):  # wraps the ring
+        win.add(torch.randn(n, 3, generator=g) + 100.0, torch.randn(n, 2, generator=g) - 50.0)
+    rows = torch.cat([win.x, win.y], 1)
+    for ask in (12, 100):
+        x, y = win.sample(ask, torch.Generator().manual_seed(ask))
+        assert x.shape == (min(ask, len(win)), 3) and y.shape == (min(ask, len(win)), 2)
+        where = []
+        for pair in torch.cat([x, y], 1):
+            (hit,) = [i for i in range(len(rows)) if torch.equal(rows[i], pair)]
+            where.append(hit)
+        assert len(set(where)) == len(where)
+
+
+def _ids(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.arange(start, start + n, dtype=torch.float32)[:, None]
+    return torch.cat([ids, torch.randn(n, 2)], 1), torch.cat([ids, torch.randn(n, 2)], 1)
+
+
+def test_a_batch_of_holdout_pairs_is_split_and_every_holdout_th_smaller_one_validates():
+    """A batch of exactly ``holdout`` pairs is split like any larger one (its first pair
+    validates); of the batches smaller than that, the holdout-th, 2 holdout-th, ... go to
+    validation whole. Reference: the pairs' ids, listed by hand."""
+    est = OnlineEstimator("mine", holdout=4, train_every=1, generator=torch.Generator())
+    est.pairs.dtype = est.val.dtype = torch.float32  # ids stored exactly
+    for b in range(5):
+        est.observe(*_ids(4 * b, 4))
+    assert sorted(est.val.x[:, 0].tolist()) == [0.0, 4.0, 8.0, 12.0, 16.0]
+    assert len(est.pairs) == 15
+    small = OnlineEstimator("mine", holdout=4, train_every=1, generator=torch.Generator())
+    small.pairs.dtype = small.val.dtype = torch.float32
+    for b in range(9):
+        small.observe(*_ids(3 * b, 3))
+    # batches 4 and 8 (counted from 1): ids 9-11 and 21-23
+    assert sorted(small.val.x[:, 0].tolist()) == [9.0, 10.0, 11.0, 21.0, 22.0, 23.0]
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_a_window_of_four_pairs_is_worth_a_round_and_gets_one(n):
+    """A round runs once the window holds 4 pairs, as ``worth_training`` (the overhead budget's
+    test) says: the two rules agree at the edge."""
+    est = OnlineEstimator("mine", holdout=0, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+    est.observe(x, x + 0.1)
+    assert est.worth_training is (n >= 4)
+    assert est.updates == (1 if n >= 4 else 0)
+
+
+def test_validation_selects_from_64_pairs_and_the_constant_critic_reports_before():
+    """Until MIN_VALIDATION (64) validation pairs exist the constant critic reports, 0 [0, 0]
+    exactly; the round at which there are 64 validates (MINE's c is then the selected critic's
+    log mean e^T over the validation pairs' marginal pairs). Reference: c recomputed from the
+    critic's scores by NumPy."""
+    from opacus_mi.estimators.online import MIN_VALIDATION
+
+    g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    est = OnlineEstimator("mine", train_every=1, generator=g)
+    for _ in range(3):  # 3 x 16 = 48 validation pairs
+        est.observe(*_rho_pairs(64, data))
+        assert est.ready and est.null_selected and est.baseline is None
+        got = est.evaluate(*_rho_pairs(64, data))
+        assert (got.matched, got.mismatched, got.ci_low, got.ci_high) == (0.0, 0.0, 0.0, 0.0)
+    est.observe(*_rho_pairs(64, data))
+    assert len(est.val) == MIN_VALIDATION and est.baseline is not None
+    est.selected.eval()
+    with torch.no_grad():
+        s = est.selected.scores(est.val.x, est.val.y).double().numpy()
+    off = ~np.eye(len(s), dtype=bool)
+    assert est.baseline == pytest.approx(math.log(float(np.exp(s[off]).mean())), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mine", "infonce"])
+def test_validation_figures_against_brute_force(kind):
+    """``[bound, se, c]`` on the validation pairs: the bound of the critic's scores, the
+    standard error of the mean of the per-pair matched terms (InfoNCE's: T_ii less the log of
+    its row's sum of e^T, over the candidates y_j of x_i), and MINE's c. Reference: loops."""
+    g, data = torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)
+    est = OnlineEstimator(kind, train_every=1, generator=g)
+    for _ in range(5):
+        est.observe(*_rho_pairs(64, data, rho=0.8))
+    critic = est.critic
+    got = est._validation_bound(critic)
+    critic.eval()
+    with torch.no_grad():
+        s = critic.scores(est.val.x, est.val.y).double()
+    n = len(s)
+    if kind == "infonce":
+        terms = [
+            float(s[i, i]) - math.log(sum(math.exp(float(s[i, j])) for j in range(n)))
+            for i in range(n)
+        ]
+        value, c = sum(terms) / n + math.log(n), math.nan
+    else:
+        terms = [float(s[i, i]) for i in range(n)]
+        marg = [math.exp(float(s[i, j])) for i in range(n) for j in range(n) if i != j]
+        c = math.log(sum(marg) / len(marg))
+        value = sum(terms) / n - c
+    mean = sum(terms) / n
+    se = math.sqrt(sum((t - mean) ** 2 for t in terms) / (n - 1) / n)
+    assert float(got[0]) == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert float(got[1]) == pytest.approx(se, rel=1e-5)
+    if kind == "mine":
+        assert float(got[2]) == pytest.approx(c, rel=1e-5, abs=1e-6)
+    else:
+        assert math.isnan(float(got[2]))
+
+
+def test_a_diverged_first_round_leaves_no_reporting_critic_behind():
+    """The reporting critic is copied from the iterate at the first round; when that round
+    diverges the copy (of a non-finite critic) must go with it, else later rounds compare
+    against a NaN figure, never replace it and report NaN."""
+    g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    est = OnlineEstimator("mine", train_every=1, generator=g, hidden=32)
+    est._build(2, 2)
+    with torch.no_grad():
+        next(est.critic.parameters()).fill_(math.nan)
+    assert est.observe(*_rho_pairs(64, data))  # diverged, reset
+    assert est.resets == 1 and est.selected is None and not est.ready
+    for _ in range(12):
+        est.observe(*_rho_pairs(64, data))
+    assert all(torch.isfinite(p).all() for p in est.selected.parameters())
+    figure = est.evaluate(*_rho_pairs(64, data))
+    assert math.isfinite(figure.matched) and math.isfinite(figure.mismatched)
+
+
+def test_a_round_standardises_with_the_windows_own_moments():
+    """Each round sets the critic's scaler from the window's running moments: the mean and
+    (population) std of the pairs it holds, the std floored at 1e-3 of the largest. Reference:
+    torch.mean and torch.std over the window's rows, for tokens far from 0 mean and unit
+    scale (where no scaler and a stale one both differ from it)."""
+    g = torch.Generator().manual_seed(4)
+    est = OnlineEstimator("mine", holdout=0, train_every=1, generator=torch.Generator())
+    for _ in range(3):
+        x = torch.randn(32, 3, generator=g) * torch.tensor([1e-3, 1.0, 50.0]) + 7.0
+        est.observe(x, torch.randn(32, 2, generator=g) * 1e-4 - 2.0)
+    for side, rows in (("x", est.pairs.x), ("y", est.pairs.y)):
+        mean = rows.double().mean(0)
+        std = rows.double().var(0, unbiased=False).sqrt()
+        want = std + 1e-3 * std.max()
+        torch.testing.assert_close(
+            getattr(est.critic, f"{side}_mean").double(), mean, rtol=1e-6, atol=0
+        )
+        torch.testing.assert_close(
+            getattr(est.critic, f"{side}_std").double(), want, rtol=1e-3, atol=0
+        )
+
+
+def test_train_returns_the_last_minibatchs_training_bound():
+    """``train`` returns the bound on the round's last minibatch (for InfoNCE, its own bound):
+    with one step per round, that of the critic as it was, on the minibatch the round draws.
+    Reference: the same draw, replayed from a copy of the generator and the critic."""
+    import copy
+
+    g, data = torch.Generator().manual_seed(6), torch.Generator().manual_seed(7)
+    est = OnlineEstimator("infonce", train_every=1, train_iters=1, batch_size=32, generator=g)
+    for _ in range(10):
+        est.observe(*_rho_pairs(64, data))
+    critic = copy.deepcopy(est.critic)
+    critic.set_scaler(*est.pairs.moments())
+    replay = torch.Generator().set_state(g.get_state())
+    with torch.no_grad():
+        want = float(bound("infonce", critic.scores(*est.pairs.sample(32, replay))))
+    got = est.train()
+    assert want > 0.5
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_evaluate_gives_none_before_a_round_and_for_a_single_pair():
+    """No figure before the critic has trained (a freshly initialised critic's would read
+    as a measurement) nor from one pair (no re-pairing of it)."""
+    g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    est = OnlineEstimator("infonce", warmup=0, train_every=100, holdout=0, generator=g)
+    est.observe(*_rho_pairs(64, data))
+    assert est.critic is not None and est.updates == 0
+    assert est.evaluate(*_rho_pairs(64, data)) is None
+    est.train()
+    assert est.evaluate(*_rho_pairs(64, data)) is not None
+    assert est.evaluate(*_rho_pairs(1, data)) is None
+
+
+def test_a_state_round_trip_keeps_the_small_batch_count_and_the_selection_tally():
+    """A resumed estimator goes on sending every holdout-th small batch to validation as one
+    never stopped would (the count of small batches is part of its state), and keeps its
+    count of rounds that kept the earlier critic. Reference: an uninterrupted run."""
+    g, data = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    batches = [_rho_pairs(3, data) for _ in range(12)]
+    run = OnlineEstimator("mine", train_every=1, generator=g)
+    for x, y in batches[:6]:
+        run.observe(x, y)
+    run.kept_previous = 3  # (a tally a round would have kept)
+    resumed = OnlineEstimator("mine", train_every=1, generator=torch.Generator())
+    resumed.load_state_dict(run.state_dict())
+    assert resumed.kept_previous == 3
+    for x, y in batches[6:]:
+        run.observe(x, y)
+        resumed.observe(x, y)
+    assert len(run.val) == 9 and torch.equal(resumed.val.x, run.val.x)
+
+
+def test_a_batch_estimates_difference_and_a_constant_critics_exact_interval():
+    """``difference`` is matched less mismatched. A record withholds only InfoNCE's interval
+    near ln n: an e^T figure's interval is withheld (or not) where it is made, and the
+    constant critic's 0 [0, 0] is exact at any batch size, 8 pairs included."""
+    from opacus_mi.estimators.online import BatchEstimate
+
+    v = BatchEstimate.of([0.75, 0.25, 0.5, 1.0], 8)
+    assert v.difference == 0.5
+    assert v.shown("mine") == v and v.shown("nwj") == v
+    assert math.isnan(BatchEstimate.of([2.0, 0.0, 1.5, 2.5], 4).shown("infonce").ci_low)
+    g = torch.Generator().manual_seed(5)
+    est = OnlineEstimator("mine", train_every=1, generator=torch.Generator())
+    for _ in range(20):
+        est.observe(torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g))
+    assert est.null_selected
+    got = est.evaluate(torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g))
+    assert (got.matched, got.ci_low, got.ci_high) == (0.0, 0.0, 0.0)
