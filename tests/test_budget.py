@@ -281,14 +281,20 @@ def test_a_tight_budget_measures_few_steps_and_keeps_its_bound(budget_defaults):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_costly_measurement_is_measured_twice_at_startup_not_four_times(budget_defaults, overlap):
+def test_a_costly_measurement_is_measured_twice_at_startup_not_four_times(
+    budget_defaults, overlap, monkeypatch
+):
     """Step 0 is setup, step 1 learns the cost. Inline, step 1's plan knew no cost and said
     'the next step'; with overlap the guess kept the last interval (1) until the worker's plan
     came: steps 2 and 3 were measured too, at 30 training steps each."""
+    # The first intervals are judged for a pause (budget._GAP): on a loaded machine a step
+    # descheduled for 3x the others was one, rightly capping step 1's plan at step 4 ([0, 1, 4]
+    # about one run in ten beside two busy processes). That rule is not what is tested here.
+    monkeypatch.setattr("opacus_mi.budget._GAP", math.inf)
     engine, model, opt, loader = make_private(poisson=False, n=320, batch_size=16)
 
-    def slow(x):
-        time.sleep(0.03)
+    def slow(x):  # ~ 0.1 s / (6% x ~2 ms a step): the next measurement ~800 steps away
+        time.sleep(0.1)
         return x.flatten(1)
 
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, features=slow, overlap=overlap)
