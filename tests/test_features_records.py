@@ -1211,6 +1211,101 @@ def test_detected_needs_the_whole_interval_above_zero_and_both_controls(case):
     assert re.findall(r"\b(yes|no)\b", row) == ["yes" if case == "neither" else "no"], row
 
 
+def _summary_records(nats, key="clipped/infonce"):
+    """Records of one series at steps 0.. (sigma 1, so the private bound per step is 0.5)."""
+    return [
+        LeakageRecord(
+            step, 64, 1.0, 1.0, 0.1, 1.0, 1e-5, mi={key: MIValue(v, v - 0.1, v + 0.1, 64)},
+            mi_bound=1 / (2 * 1.0**2),
+        )
+        for step, v in enumerate(nats)
+    ]  # fmt: skip
+
+
+def test_the_summary_averages_exactly_the_last_records_and_their_shuffled_mean():
+    """'mean of last N' over records[-N:] (scipy's t interval), 'shuffled' the mean of their
+    shuffled figures (not an end of its interval), 'bound/step' 1/(2 sigma^2) on the private
+    rows only. A mutation audit found all three unguarded by the tests that call the report."""
+    from scipy import stats
+
+    from opacus_mi.report import summary_table
+
+    nats = [0.1 * i + 0.05 * (i % 3) for i in range(25)]
+    records = _summary_records(nats)
+    shuffled = [0.02 * (i % 4) for i in range(25)]  # varies: its mean is not its interval's end
+    for r, m in zip(records, shuffled, strict=True):
+        r.mi["clipped/infonce"].mismatched = m
+        r.mi["private/oracle"] = MIValue(0.3, 0.2, 0.4, 64)
+    text = summary_table(records, last=20)
+    assert "mean of last 20 [95% CI]" in text
+    tail = nats[-20:]
+    mean = sum(tail) / 20
+    low, high = stats.t.interval(0.95, 19, loc=mean, scale=stats.sem(tail))
+    cells = _cells(text, "clipped/infonce")
+    assert cells[2] == f"{mean:.3f} [{low:.3f}, {high:.3f}]", cells
+    assert cells[3] == f"{sum(shuffled[-20:]) / 20:.3f}", cells
+    assert cells[-1] == "-" and _cells(text, "private/oracle")[-1] == f"{1 / 2:.3f}"
+
+
+@pytest.mark.parametrize("steps", [None, 7, 8])
+def test_the_summary_title_says_behind_only_when_a_step_came_after_the_last_record(steps):
+    """Records up to step 6: a run of 7 steps ended on its last record ('after step 6'); one of
+    8 measured its last step before the end ('at step 6, the last measured of 8')."""
+    from opacus_mi.report import summary_table
+
+    title = summary_table(_summary_records([0.1] * 7), steps=steps).splitlines()[0]
+    if steps == 8:
+        assert title.startswith("opacus-mi leakage at step 6, the last measured of 8"), title
+    else:
+        assert title.startswith("opacus-mi leakage after step 6 "), title
+
+
+def test_a_learned_series_of_exact_zeros_is_neither_detected_nor_below_zero():
+    """The constant critic's figure, 0 nats every step: its interval over the steps, [0, 0],
+    does not clear 0 ('no'), and it is not an empty bound below 0 either."""
+    from opacus_mi.report import EMPTY_BOUND, summary_table
+
+    text = summary_table(_summary_records([0.0] * 5, key="clipped/mine"))
+    assert re.findall(r"\b(yes|no)\b", " ".join(_cells(text, "clipped/mine"))) == ["no"]
+    assert "below 0" not in text and EMPTY_BOUND not in " ".join(text.split())
+
+
+def test_a_control_in_an_earlier_record_of_the_tail_gets_its_column():
+    """A control critic's figure in any of the averaged records (it reports on some steps):
+    the table has a 'control' column with their mean, not only when the last record has one."""
+    from opacus_mi.report import summary_table
+
+    records = _summary_records([0.2, 0.3, 0.4])
+    records[0].mi["clipped/infonce"].control = 0.06
+    text = summary_table(records)
+    header = next(line for line in text.splitlines() if "view / estimator" in line)
+    assert [c.strip() for c in header.strip("┃").split("┃")][4] == "control"
+    assert _cells(text, "clipped/infonce")[4] == "0.060"
+
+
+def test_infinite_and_missing_figures_keep_their_sign_and_meaning_in_text_and_csv(tmp_path):
+    """-inf (a bound at sigma 0 read from below, a diverged critic) is not +inf in a table or
+    a CSV cell; an epsilon the accountant could not compute reads 'nan', a missing figure '-';
+    an interval around a figure in exponent form gives each end its own form (with the
+    midpoint's places, 1.25e-05's "25e-05" counted as six)."""
+    from opacus_mi.report import (
+        csv_cell,
+        fmt_epsilon,
+        fmt_interval,
+        fmt_number,
+        read_csv_rows,
+        write_csv_rows,
+    )
+
+    inf = math.inf
+    assert (fmt_number(inf), fmt_number(-inf), fmt_number(math.nan)) == ("inf", "-inf", "-")
+    assert (fmt_epsilon(math.nan), fmt_epsilon(2.5)) == ("nan", "2.500")
+    assert fmt_interval(1.25e-5, 1e-5, 1.5e-5) == f"{1.25e-5:.3g} [{1e-5:.3g}, {1.5e-5:.3g}]"
+    assert (csv_cell(inf), csv_cell(-inf), csv_cell(math.nan)) == ("inf", "-inf", "")
+    path = write_csv_rows([{"a": -inf, "b": inf}], tmp_path / "t.csv", ["a", "b"])
+    assert read_csv_rows(path) == [{"a": float("-inf"), "b": float("inf")}]
+
+
 @pytest.mark.parametrize("last", [0, -1, 2.5, True])
 def test_a_summary_over_no_records_is_refused_naming_last(last):
     """``summary(last=0)`` averaged every record (``records[-0:]`` is the whole list), and a
