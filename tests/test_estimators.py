@@ -1511,6 +1511,228 @@ def test_the_oracle_refuses_what_it_cannot_take_by_name():
     assert torch.equal(union_deficits(gram, np.float64(0.5)), union_deficits(gram, 0.5))
 
 
+# Rules of oracle.py a mutation audit found unguarded (each test below fails under its
+# mutation), against closed forms, brute-force loops, NumPy or the documented rule.
+
+
+def test_the_oracle_of_an_empty_batch_is_nan_and_raises_nothing():
+    """A chunk whose every example was dropped leaves a 0 x 0 Gram: no terms, a NaN figure
+    (``OracleResult.nats``), at any noise, not the max of an empty diagonal's error."""
+    for noise in (0.0, 0.5):
+        res = gram_oracle(
+            torch.zeros(0, 0, dtype=torch.float64), noise, generator=torch.Generator()
+        )
+        assert res.batch_size == 0 and res.terms.shape == (0,) and math.isnan(res.nats)
+
+
+def test_noise_free_oracle_counts_exactly_zero_gradients_as_one_release():
+    """Examples whose clipped gradients are exactly zero all release y = 0: at sigma = 0 they
+    share it (the pair's own tolerance is 0 there, so only '<=' lets a zero row match itself
+    and its twin; '<' counted no one, log 0, an infinite term). Reference: the closed form
+    ``ln B - sum_k k ln k / B`` over groups of equal rows."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(6, 10, dtype=torch.float64, generator=gen)
+    g[[1, 4]] = 0.0  # two zero rows: one group of 2, four singletons
+    res = gram_oracle(g @ g.T, 0.0, generator=gen)
+    assert torch.isfinite(res.terms).all()
+    assert res.nats == pytest.approx(math.log(6) - 2 * math.log(2) / 6, rel=1e-12)
+    zeros = gram_oracle(torch.zeros(5, 5, dtype=torch.float64), 0.0, generator=gen)
+    assert torch.equal(zeros.terms, torch.zeros(5, dtype=torch.float64))  # one release: I = 0
+
+
+def test_largest_sq_is_the_grams_largest_diagonal_entry_on_every_path():
+    """``largest_sq`` feeds exceeds_clip: the Gram's largest squared norm (a float on the
+    CPU, a 0-d tensor sync-free), from the noise-free, plain, sync-free and merged (tiny
+    noise, equal rows) paths alike. Reference: the diagonal's max, read directly."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 12, dtype=torch.float64, generator=gen)
+    rows[0] *= 3.0  # the largest norm, not the first nor the smallest
+    rows = rows[[1, 1, 0, 2, 3, 4, 5, 5]]  # equal rows: the merged path at tiny noise
+    gram = rows @ rows.T
+    top = float(gram.diagonal().max())
+    assert top > 2 * float(gram.diagonal().min())
+    for noise, sync_free in ((0.0, False), (0.5, False), (0.5, True), (1e-5, False)):
+        got = gram_oracle(gram, noise, draws=4, generator=gen, sync_free=sync_free).largest_sq
+        assert isinstance(got, torch.Tensor if sync_free else float)
+        assert float(got) == top, (noise, sync_free)
+
+
+def test_merged_draws_come_in_blocks_of_b_times_r_logits_and_score_the_full_posterior():
+    """The merged path's block holds ``BLOCK_LOGITS // (B R)`` draws (its logits are B x R,
+    not B x B). Reference: the normals drawn in those blocks from the same generator, each
+    example scored against all B candidates (equal rows as separate, exactly tied ones) by a
+    log-softmax, one (draw, example) at a time."""
+    from opacus_mi.estimators import oracle
+
+    s = 1e-4
+    gen = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(1, 12, dtype=torch.float64, generator=gen))
+    offsets = s * 0.5 * torch.randn(6, 12, dtype=torch.float64, generator=gen)
+    rows = (base + offsets)[[0, 0, 1, 2, 3, 4, 5, 5]]  # R = 6 candidates for B = 8
+    gram = rows @ rows.T
+    drawn, randn = [], torch.randn
+
+    def spy(size, *args, **kwargs):
+        drawn.append(tuple(size))
+        return randn(size, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "randn", spy)
+        mp.setattr(oracle, "BLOCK_LOGITS", 16 * 48)  # 16 draws at B x R = 48
+        got = gram_oracle(gram, s, draws=50, generator=torch.Generator().manual_seed(1))
+    assert drawn == [(16, 8, 6)] * 3 + [(2, 8, 6)]
+    reps, group = [0, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4, 5, 5]
+    factor = oracle._psd_sqrt_factor(gram[reps][:, reps], False, s)
+    again = torch.Generator().manual_seed(1)
+    eps = torch.cat([randn(size, generator=again) for size in drawn]).double()
+    sq, own = gram.diagonal(), torch.zeros(50, 8, dtype=torch.float64)
+    for d in range(50):
+        for j in range(8):
+            noise_inner = s * (factor @ eps[d, j])[group]  # <s xi_j, g_i> for every candidate
+            logits = (gram[j] + noise_inner - sq / 2) / s**2
+            own[d, j] = torch.log_softmax(logits, 0)[j]
+    torch.testing.assert_close(got.terms, own.mean(0) + math.log(8), rtol=0, atol=1e-6)
+    assert float(own.std(0).max()) > 0.05  # (the normals matter: pairs partly told apart)
+
+
+def test_the_oracles_mc_variance_is_never_negative_for_draws_that_do_not_vary():
+    """All clipped gradients zero (one release for all): every draw scores -ln B, I = 0, and
+    the Monte Carlo variance is 0. Across blocks it is made from sums of squares, whose
+    rounding left it at -3e-16 here unclamped (a negative variance: NaN Monte Carlo error).
+    Reference: the closed form (constant draws)."""
+    from opacus_mi.estimators import oracle
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(oracle, "MIN_BLOCK_DRAWS", 2)
+        mp.setattr(oracle, "BLOCK_LOGITS", 1)
+        res = gram_oracle(
+            torch.zeros(6, 6, dtype=torch.float64), 0.5, draws=3, generator=torch.Generator()
+        )
+    torch.testing.assert_close(res.terms, torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.all(res.mc_var >= 0) and float(res.mc_var.max()) < 1e-12
+
+
+def test_psd_sqrt_factors_eigh_fallback_takes_the_symmetrised_gram():
+    """Cholesky reads one triangle, and so does eigh: where Cholesky fails (indefinite), the
+    fallback factors the symmetrised Gram, as documented, not its lower triangle. Reference:
+    NumPy's eigh of (G + G^T) / 2, negative eigenvalues clamped to 0."""
+    import numpy as np
+
+    from opacus_mi.estimators.oracle import _psd_sqrt_factor
+
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(10, 3, dtype=torch.float64, generator=gen)
+    skew = torch.randn(10, 10, dtype=torch.float64, generator=gen).tril(-1)
+    asym = low @ low.T - 1e-3 * torch.eye(10, dtype=torch.float64) + 1e-4 * skew
+    factor = _psd_sqrt_factor(asym, sync_free=False)
+    a = asym.numpy()
+    vals, vecs = np.linalg.eigh((a + a.T) / 2)
+    ref = (vecs * np.clip(vals, 0, None)) @ vecs.T
+    np.testing.assert_allclose((factor @ factor.T).numpy(), ref, rtol=0, atol=1e-12)
+
+
+def test_union_deficits_take_a_rounded_duplicate_as_a_duplicate():
+    """A float32 GEMM can leave a duplicate pair's inner product a few ulps above their
+    squared norms: a squared distance of -1e-7, whose square root was NaN. It is a distance
+    of 0: the same deficits as the exact Gram's (which the quadrature test checks)."""
+    from opacus_mi.estimators.oracle import union_deficits
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(8, 50, dtype=torch.float64, generator=gen))
+    g[1] = g[0]
+    exact = g @ g.T
+    rounded = exact.clone()
+    rounded[0, 1] = rounded[1, 0] = exact[0, 0] * (1 + 1e-7)
+    got = union_deficits(rounded, 0.3)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, union_deficits(exact, 0.3), rtol=1e-6, atol=0)
+
+
+def test_union_mean_is_the_mean_over_all_rows_and_nan_without_a_union():
+    """The union floor's mean weighs every row alike across a step's chunks (chunks of 3 and
+    9 rows: not the mean of the chunks' means), and is NaN where a chunk has none: no chunks,
+    a Gram gone (None), a noise-free release (noise 0, which union_deficits refuses).
+    Reference: NumPy's mean of the concatenated rows."""
+    import numpy as np
+
+    from opacus_mi.estimators.oracle import union_deficits, union_mean
+
+    gen = torch.Generator().manual_seed(0)
+    chunks = []
+    for b, s in ((3, 0.3), (9, 0.5)):
+        g = torch.nn.functional.normalize(torch.randn(b, 20, dtype=torch.float64, generator=gen))
+        chunks.append((g @ g.T, s))
+    rows = np.concatenate([union_deficits(gram, s).numpy() for gram, s in chunks])
+    assert float(union_mean(chunks)) == pytest.approx(rows.mean(), rel=1e-12)
+    assert abs(rows[:3].mean() - rows[3:].mean()) > 0.1  # (the two means differ)
+    for bad in ([], [chunks[0], None], [chunks[0], (chunks[1][0], 0.0)]):
+        assert math.isnan(float(union_mean(bad)))
+
+
+def test_oracle_interval_floors_at_a_union_of_exactly_union_tight_and_both_paths_agree():
+    """'At most UNION_TIGHT nats' of union takes the floor; and the CPU path
+    (floored_interval, the union made only within UNION_NEAR of ln B) gives the device path's
+    interval (oracle_interval, the union made always) on both sides of UNION_NEAR and at it:
+    records do not depend on where the Gram is. Reference: the documented floor rule."""
+    from opacus_mi.estimators.oracle import (
+        UNION_NEAR,
+        UNION_TIGHT,
+        floored_interval,
+        oracle_interval,
+        union_mean,
+    )
+
+    assert oracle_interval(3.5, 3.4, 3.6, 4.0, UNION_TIGHT) == (3.5, 1.0, 3.6)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(16, 400, dtype=torch.float64, generator=gen))
+    grams = [(g @ g.T, 0.3)]
+    union = float(union_mean(grams))
+    assert union < 0.5
+    log_b = 4.0
+    for mean in (log_b - UNION_NEAR - 0.25, log_b - UNION_NEAR, log_b - UNION_NEAR + 0.25, 3.9):
+        low, high = mean - 0.05, mean + 0.05
+        device = oracle_interval(mean, low, high, log_b, union)
+        assert floored_interval(mean, low, high, log_b, lambda: grams) == device, mean
+        assert device[1] == (low if log_b - mean >= UNION_NEAR else min(low, log_b - union))
+
+
+def test_floored_interval_makes_no_union_far_from_ln_b():
+    """floored_interval forms the union (the semi-oracle's: its clean tokens' Gram, an
+    O(B^2 k) product) only within UNION_NEAR of ln B, where the floor can be used: far from
+    it the Gram callable is not called, and the t interval stands."""
+    from opacus_mi.estimators.oracle import UNION_NEAR, floored_interval
+
+    def no_gram():
+        raise AssertionError("the union was made far from ln B")
+
+    log_b = math.log(64)
+    mean = log_b - UNION_NEAR - 0.1
+    assert floored_interval(mean, mean - 0.2, mean + 0.2, log_b, no_gram) == (
+        mean,
+        mean - 0.2,
+        mean + 0.2,
+    )
+
+
+def test_sync_free_jitter_scales_with_the_largest_norm_not_the_mean():
+    """At sigma = 0.01 the monitor's Gram is float32 (rounded at ~1e-7 of C^2). With 32 of
+    256 examples at the clipping bound and the rest well fit (norms ~1e-4 x), the mean
+    squared norm is 1/8 of the largest: a jitter relative to the mean fell below the float32
+    rounding, Cholesky failed and the oracle read NaN. Relative to the largest, finite, and
+    near the CPU path's figure (whose factor is checked and falls back to eigh)."""
+    from opacus_mi.views import flat_clip, raw_gram, scale_gram
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen) * 50
+    x[32:] *= 1e-4
+    g32 = raw_gram([x[:, None, :]])
+    gram = scale_gram(g32, flat_clip(g32.diagonal().clamp_min(0).sqrt(), 1.0))
+    sync_free = gram_oracle(gram, 0.01, draws=4, generator=gen, sync_free=True)
+    on_cpu = gram_oracle(gram, 0.01, draws=4, generator=gen, sync_free=False)
+    assert math.isfinite(sync_free.nats)
+    assert sync_free.nats == pytest.approx(on_cpu.nats, abs=0.1)
+
+
 def test_estimate_mi_shows_its_options_and_names_a_misspelled_one():
     """help(estimate_mi) showed (x, y, estimator='mine', **kwargs): no option, no default."""
     import inspect

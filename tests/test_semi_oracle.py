@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -314,6 +315,312 @@ def test_a_semi_oracle_saved_on_other_tokens_starts_afresh_with_a_warning(saved_
         warnings.simplefilter("error", RuntimeWarning)
         same.load_state_dict(state)
     assert same.semi_oracle.batches_seen == seen
+
+
+# Rules of semi_oracle.py a mutation audit found unguarded (each test below fails under its
+# mutation), against closed forms, NumPy/SciPy or the documented rule.
+
+
+def _trained_semi(seed: int = 0, *, steps: int = 4, iters: int = 20):
+    """A semi-oracle trained on a linear channel (features of 5 dims, clean tokens of 4),
+    and fresh features and clean tokens of the same channel."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, 5, generator=g)
+    est = SemiOracleEstimator(
+        train_every=1, train_iters=iters, generator=torch.Generator().manual_seed(1)
+    )
+    for _ in range(steps):
+        f = torch.randn(64, 5, generator=g)
+        est.observe(f, f @ w.T + 0.3 * torch.randn(64, 4, generator=g))
+    f = torch.randn(32, 5, generator=g)
+    return est, f, f @ w.T, g
+
+
+def test_semi_oracle_scores_tokens_by_the_exact_gaussian_posterior_over_the_batch():
+    """The held-out figure is InfoNCE with the critic ``log N(t_j; mu(f_i), (s^2 + r^2) I)``:
+    which example made token j, over the batch's candidates i. Reference: SciPy's normal
+    log-density per coordinate (variance s^2 plus the regressor's per-coordinate miss),
+    each token's log posterior over the candidates, averaged, plus ln n."""
+    import numpy as np
+    from scipy import special, stats
+
+    est, f, clean, g = _trained_semi()
+    s = 2.0
+    private = clean + s * torch.randn(clean.shape, generator=g)
+    got = est.evaluate(f, private, s)
+    mu = est.predict(f).double().numpy()
+    sd = np.sqrt(s**2 + est.stats["resid_var"].double().numpy())
+    t = private.double().numpy()
+    loglik = stats.norm.logpdf(t[:, None, :], mu[None, :, :], sd).sum(-1)  # [token j, cand i]
+    posterior = loglik - special.logsumexp(loglik, axis=1, keepdims=True)
+    ref = float(np.mean(np.diag(posterior)) + np.log(len(t)))
+    assert 0.3 < ref < np.log(32) - 0.3, ref  # (neither trivial nor saturated)
+    assert got.n == 32 and got.matched == pytest.approx(ref, abs=1e-9)
+
+
+def test_semi_oracle_evaluates_nothing_it_cannot_score():
+    """None (no figure) before its first training round, on a batch of one (InfoNCE needs
+    two), at a noise-free release (no Gaussian likelihood: s = 0) or on features or tokens of
+    other widths than it learned on; a figure otherwise."""
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(train_every=1, train_iters=2, generator=torch.Generator())
+    f, t = torch.randn(16, 5, generator=g), torch.randn(16, 4, generator=g)
+    est.observe(f[:2], t[:2])  # two pairs: below the four it trains from
+    assert est.updates == 0 and est.evaluate(f, t, 0.5) is None
+    est.observe(f, t)
+    assert est.updates == 1 and est.evaluate(f, t, 0.5) is not None
+    assert est.evaluate(f[:1], t[:1], 0.5) is None
+    assert est.evaluate(f, t, 0.0) is None
+    assert est.evaluate(f[:, :4], t, 0.5) is None and est.evaluate(f, t[:, :3], 0.5) is None
+
+
+def test_constant_features_read_exactly_zero_and_never_reset_the_regressor():
+    """Features constant over the window (a blank input): its floored scale stays positive
+    (0/0 made NaN inputs, a NaN loss and a reset each round), mu(f) is one token for every
+    example, so the posterior over the batch is uniform: I = 0 exactly (the closed form)."""
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(train_every=1, train_iters=5, generator=torch.Generator())
+    f = torch.zeros(32, 5)
+    for _ in range(3):
+        assert est.observe(f, torch.randn(32, 4, generator=g)) is False
+    assert est.updates == 3
+    got = est.evaluate(f[:16], torch.randn(16, 4, generator=g), 0.5)
+    assert got.matched == pytest.approx(0.0, abs=1e-9)
+
+
+def test_floored_std_is_the_population_std_floored_at_a_tenth_of_its_mean():
+    """Reference: NumPy's population std (ddof 0) per column, floored at 0.1 x the mean of
+    the columns' stds plus 1e-12 (so an all-constant window still divides by > 0)."""
+    import numpy as np
+
+    from opacus_mi.estimators.semi_oracle import _floored_std
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(40, 5, dtype=torch.float64, generator=g) * torch.tensor(
+        [1.0, 2.0, 0.01, 0.0, 3.0], dtype=torch.float64
+    )  # one nearly constant column, one constant
+    std = np.std(v.numpy(), axis=0, ddof=0)
+    ref = np.maximum(std, 0.1 * std.mean() + 1e-12)
+    np.testing.assert_allclose(_floored_std(v).numpy(), ref, rtol=1e-12, atol=0)
+    assert ref[2] > std[2] and ref[3] > 0  # (the floor at work)
+    assert float(_floored_std(torch.ones(8, 3, dtype=torch.float64)).min()) == 1e-12
+
+
+def test_an_unseen_outlier_feature_is_clipped_at_ten_window_stds():
+    """Standardised inputs are clipped at +-10 (a new example far outside the window cannot
+    explode mu(f)): a feature 1e4 window stds out predicts as one at exactly 10 stds.
+    Reference: the documented clip, the input moved to mean +- 10 std by hand."""
+    est, f, _, _ = _trained_semi(iters=5)
+    mean, std = est.stats["x_mean"], est.stats["x_std"]
+    far = f[:4].clone()
+    far[:, 0] = mean[0] + 1e4 * std[0]
+    far[:, 1] = mean[1] - 1e4 * std[1]
+    at_ten = far.clone()
+    at_ten[:, 0], at_ten[:, 1] = mean[0] + 10 * std[0], mean[1] - 10 * std[1]
+    torch.testing.assert_close(est.predict(far), est.predict(at_ten), rtol=1e-5, atol=1e-5)
+
+
+def test_resid_var_is_what_the_regressor_misses_per_coordinate():
+    """``r^2`` per coordinate: a token coordinate the features fix (a linear map) is missed
+    by little, one that is pure noise of variance 4 by ~4, not one pooled figure for both.
+    Reference: the channel's own noise variances."""
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(
+        train_every=1, train_iters=20, lr=3e-3, generator=torch.Generator().manual_seed(1)
+    )
+    w = torch.randn(5, generator=g)
+    for _ in range(5):
+        f = torch.randn(128, 5, generator=g)
+        est.observe(f, torch.stack([f @ w, 2.0 * torch.randn(128, generator=g)], 1))
+    r2 = est.stats["resid_var"]
+    assert r2.shape == (2,)
+    assert float(r2[0]) < 0.1 * float(w.pow(2).sum()) and 2.5 < float(r2[1]) < 5.0
+
+
+def test_change_of_basis_carries_the_per_coordinate_miss_over_to_the_new_coordinates():
+    """Tokens re-expressed as ``t' = m t``: the regressor's miss (independent coordinates of
+    variance r^2) has variances ``diag(m diag(r^2) m^T)`` in the new ones (its cross terms
+    left out, as documented). Reference: that matrix product, formed explicitly."""
+    est, _, _, g = _trained_semi(iters=5)
+    r2 = est.stats["resid_var"].clone()
+    assert float(r2.max()) > 2 * float(r2.min())  # (unequal: a rotation moves them)
+    m, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+    est.change_basis(m)
+    ref = torch.diagonal(m @ torch.diag(r2) @ m.T)
+    torch.testing.assert_close(est.stats["resid_var"], ref, rtol=1e-5, atol=1e-7)
+
+
+def test_an_empty_batch_is_not_a_batch_to_the_semi_oracle():
+    """No pairs, no round: an empty batch (every example dropped) leaves the window, the
+    batch count that schedules training and the regressor as they were, even where its
+    token width differs (it is no evidence of a new token space)."""
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(train_every=2, train_iters=2, generator=torch.Generator())
+    est.observe(torch.randn(8, 5, generator=g), torch.randn(8, 4, generator=g))
+    net, window = est.net, est.pairs.y.clone()
+    for width in (4, 3):
+        assert est.observe(torch.zeros(0, 5), torch.zeros(0, width)) is False
+        assert est.batches_seen == 1 and est.updates == 0 and est.dims == (5, 4)
+        assert est.net is net and torch.equal(est.pairs.y, window)
+
+
+def test_new_token_widths_start_a_new_window_and_regressor():
+    """Tokens of another width (a refitted token space of other dims): the regressor is
+    rebuilt for the new widths and the window holds only the new pairs, not rows of both
+    coordinate systems."""
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(train_every=1, train_iters=2, generator=torch.Generator())
+    est.observe(torch.randn(8, 5, generator=g), torch.randn(8, 4, generator=g))
+    assert est.updates == 1
+    f, t = torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g)
+    est.observe(f, t)
+    assert est.dims == (5, 3) and len(est.pairs) == 6
+    torch.testing.assert_close(est.pairs.y, t)
+    assert est.updates == 1  # (the rebuilt regressor's first round)
+
+
+def test_observes_train_argument_overrides_the_schedule_both_ways():
+    """``train=False`` skips a scheduled round, ``train=True`` makes an unscheduled one
+    (the monitor's call); None follows ``train_every``."""
+    g = torch.Generator().manual_seed(0)
+    f, t = torch.randn(8, 5, generator=g), torch.randn(8, 4, generator=g)
+    every = SemiOracleEstimator(train_every=1, train_iters=2, generator=torch.Generator())
+    every.observe(f, t, train=False)
+    assert every.updates == 0
+    every.observe(f, t)
+    assert every.updates == 1
+    rarely = SemiOracleEstimator(train_every=100, train_iters=2, generator=torch.Generator())
+    rarely.observe(f, t)
+    assert rarely.updates == 0
+    rarely.observe(f, t, train=True)
+    assert rarely.updates == 1
+
+
+def test_a_non_finite_training_loss_resets_the_regressor():
+    """A round whose loss is not finite says so (True) and starts a fresh regressor: no
+    round counted, so no figure until it has trained again (not the diverged one's)."""
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(train_every=1, train_iters=2, generator=torch.Generator())
+    f = torch.randn(16, 5, generator=g)
+    assert est.observe(f, torch.randn(16, 4, generator=g)) is False
+    assert est.updates == 1 and est.evaluate(f, torch.randn(16, 4, generator=g), 0.5)
+    net = est.net
+    assert est.observe(f, torch.full((16, 4), math.nan)) is True
+    assert est.updates == 0 and est.net is not net
+    assert est.evaluate(f, torch.randn(16, 4, generator=g), 0.5) is None
+
+
+def test_change_of_basis_starts_adams_moments_afresh():
+    """Adam's moments of the output layer belong to the old coordinates: after a change of
+    basis the optimizer holds no state (as a freshly built one) and steps the same net."""
+    est, _, _, g = _trained_semi(iters=3)
+    assert est.optimizer.state_dict()["state"]  # (moments from training)
+    m, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+    est.change_basis(m)
+    assert est.optimizer.state_dict()["state"] == {}
+    params = [p for group in est.optimizer.param_groups for p in group["params"]]
+    assert len(params) == len(list(est.net.parameters()))
+    assert all(a is b for a, b in zip(params, est.net.parameters(), strict=True))
+
+
+def test_semi_oracle_standardises_by_the_latest_1024_pairs_of_its_window():
+    """Inputs and targets are standardised by the window's latest 1024 pairs (older ones
+    describe a model that has moved on): features by their population std floored, clean
+    tokens by their population std (as change_basis re-expresses them). Reference: NumPy
+    on the rows as observed, 1,280 of them through a larger window."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(train_every=5, train_iters=1, generator=torch.Generator())
+    fs, ts = [], []
+    for step in range(5):  # the feature and token means drift, so older rows differ
+        fs.append(torch.randn(256, 3, generator=g) + step)
+        ts.append(torch.randn(256, 2, generator=g) * (1 + step) - step)
+        est.observe(fs[-1], ts[-1])
+    assert est.updates == 1 and len(est.pairs) == 1280
+    f, t = torch.cat(fs)[-1024:].double().numpy(), torch.cat(ts)[-1024:].double().numpy()
+    x_std = np.std(f, axis=0)
+    s = est.stats
+    np.testing.assert_allclose(s["x_mean"].numpy(), f.mean(0), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(s["x_std"].numpy(), np.maximum(x_std, 0.1 * x_std.mean()), 1e-4)
+    np.testing.assert_allclose(s["y_mean"].numpy(), t.mean(0), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(s["y_std"].numpy(), np.std(t, axis=0), rtol=1e-5)
+
+
+def test_semi_oracle_predicts_clean_tokens_in_token_units_offset_included():
+    """``mu(f)`` is in token units: the standardised output scaled back and its mean added.
+    Reference: the channel itself, tokens ``W f + 10`` (an offset far above their spread)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, generator=g) / 2
+    est = SemiOracleEstimator(
+        train_every=1, train_iters=20, lr=3e-3, generator=torch.Generator().manual_seed(1)
+    )
+    for _ in range(5):
+        f = torch.randn(128, 4, generator=g)
+        est.observe(f, f @ w.T + 10.0)
+    f = torch.randn(64, 4, generator=g)
+    miss = (est.predict(f) - (f @ w.T + 10.0)).abs().mean()
+    assert float(miss) < 0.3, float(miss)
+
+
+def test_change_of_basis_preserves_mu_for_a_window_newer_than_the_last_round():
+    """Pairs observed since the last round (train=False: the window's mean and spread moved)
+    and a basis change that scales as well as rotates: the output layer is re-expressed for
+    the window's new standardisation, so mu(f) is still the same function. Reference: the
+    prediction before, mapped by m."""
+    est, f, _, g = _trained_semi(iters=5)
+    for _ in range(2):
+        est.observe(
+            torch.randn(64, 5, generator=g), 3 * torch.randn(64, 4, generator=g) + 5, train=False
+        )
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+    m = q * torch.tensor([2.0, 0.5, 1.0, 3.0])
+    before = est.predict(f)
+    est.change_basis(m)
+    torch.testing.assert_close(est.predict(f), before @ m.T, atol=1e-4, rtol=1e-4)
+
+
+def test_change_of_basis_of_an_empty_semi_oracle_is_a_no_op():
+    """Nothing observed yet (a refit before the first batch): nothing to map, no error."""
+    est = SemiOracleEstimator(generator=torch.Generator())
+    est.change_basis(torch.eye(4))
+    assert len(est.pairs) == 0 and est.net is None and est.stats == {}
+
+
+def test_train_every_below_one_trains_every_batch():
+    """``train_every`` is at least 1: 0 trains on every batch (not a modulo by zero)."""
+    g = torch.Generator().manual_seed(0)
+    est = SemiOracleEstimator(train_every=0, train_iters=1, generator=torch.Generator())
+    for k in range(3):
+        est.observe(torch.randn(8, 5, generator=g), torch.randn(8, 4, generator=g))
+        assert est.updates == k + 1
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_semi_oracle_states_are_snapshots_in_both_directions():
+    """A saved state is the caller's: neither the estimator it came from training on, nor
+    one it was loaded into training on, changes it (Adam updates its moments in place, the
+    window its buffers). Reference: a deep copy taken when it was saved."""
+    import copy
+
+    est, f, clean, g = _trained_semi(iters=3)
+    state = est.state_dict()
+    frozen = copy.deepcopy(state)
+    est.observe(f, clean)  # the source trains on
+    assert _same_state(state, frozen)
+    other = SemiOracleEstimator(train_every=1, train_iters=3, generator=torch.Generator())
+    other.load_state_dict(state)
+    other.observe(f, clean)  # the loaded one trains on
+    assert _same_state(state, frozen)
 
 
 # Rules of subspace.py a mutation audit found unguarded (each test below fails under its
