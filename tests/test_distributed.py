@@ -551,6 +551,41 @@ def test_a_chunk_crosses_the_gather_whole(own_clipped):
     assert torch.equal(got_clipped, clipped) and torch.equal(got_gram, gram)
 
 
+def test_the_clip_slack_of_each_precision_is_never_below_rounding_of_one_percent():
+    """``half_slack``: 4 ulps of one where that is above CLIP_SLACK (bfloat16), CLIP_SLACK
+    itself where 4 ulps are smaller (float16's 4 * 2**-10 = 0.4%, float32): without the floor
+    float16 would flag a 1.005 C release exceeds_clip. Reference: torch.finfo. A mutation
+    audit found the floor unguarded."""
+    from opacus_mi.chunks import CLIP_SLACK, half_slack
+
+    assert 4 * torch.finfo(torch.float16).eps == 2.0**-8 < CLIP_SLACK
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        assert half_slack(dtype) == CLIP_SLACK, dtype
+    assert half_slack(torch.bfloat16) == 4 * torch.finfo(torch.bfloat16).eps
+
+
+def test_the_wire_format_of_a_drawn_chunk_and_of_a_rank_with_nothing():
+    """A chunk whose private-view draws were made (no ``pending``) unpacks with no draws to
+    make, even though it has clipped tokens: (chunk, None, None, None). A rank with nothing
+    sends its flags (what went wrong there) and no examples. A mutation audit found both
+    unguarded: the clipped tokens handed back as draws to make, the flags dropped."""
+    from opacus_mi.chunks import Chunk, empty_item, pack, unpack
+
+    tokens = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    chunk = Chunk(batch=3, tokens={"clipped": tokens}, flags=["x"])
+    back, clipped, gram, std = unpack(pack(chunk))
+    assert (clipped, gram, std) == (None, None, None)
+    assert torch.equal(back.tokens["clipped"], tokens) and back.flags == ["x"]
+    flags = ["error:RuntimeError"]
+    back, clipped, gram, std = unpack(empty_item(flags))
+    assert (back.batch, back.flags, back.tokens, clipped, gram, std) == (
+        0, flags, {}, None, None, None
+    )  # fmt: skip
+    back.flags.append("more")
+    assert flags == ["error:RuntimeError"]  # (the caller's list is not the chunk's)
+    assert unpack(empty_item())[0].flags == []
+
+
 def test_a_rank_that_stops_makes_the_others_gather_raise_not_record(tmp_path):
     """The gather's failure was taken for a measurement's: rank 0 delivered a record flagged
     error:RuntimeError for a step that never completed, and the user then saw Opacus's vaguer

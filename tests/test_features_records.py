@@ -1180,6 +1180,184 @@ def test_a_step_written_again_replaces_its_earlier_record(tmp_path):
     assert back[-1].mi["private/oracle"].nats == 0.9
 
 
+def _plain_record(step: int = 0, **kwargs) -> LeakageRecord:
+    """A record built by hand (no run needed), as ``as_dict`` would write it."""
+    return LeakageRecord(step, 8, 1.0, 1.0, 0.1, 1.0, 1e-5, **kwargs)
+
+
+def test_an_oracles_ceiling_of_zero_is_its_ceiling_and_one_example_reads_ln_1():
+    """``log_b`` is the oracle's own ceiling where it has one, else ln n. A ceiling of 0 (every
+    physical chunk one example: sum n_i ln n_i / sum n_i = 0) is a ceiling, not a missing one;
+    one example's ceiling is ln 1 = 0, not NaN. Reference: the per-example mean of ln chunk
+    sizes, brute force. A mutation audit found both unguarded."""
+    sizes = [1] * 8  # BatchMemoryManager chunks of one example each
+    ceiling = sum(n * math.log(n) for n in sizes) / sum(sizes)
+    assert MIValue(0.0, 0.0, 0.0, 8, ceiling=ceiling).log_b == 0.0
+    assert MIValue(0.0, 0.0, 0.0, 8).log_b == math.log(8)
+    assert MIValue(0.0, 0.0, 0.0, 1).log_b == 0.0
+    assert math.isnan(MIValue(math.nan, math.nan, math.nan, 0).log_b)
+
+
+def test_a_record_carries_an_earlier_epsilon_only_where_it_names_another_step():
+    """``carries_earlier_epsilon``: the record's epsilon is another step's (a paced PRV value).
+    An older version's record has no ``epsilon_step`` (None): it carries its own. A mutation
+    audit found the None case and an earlier step unguarded."""
+    assert not _plain_record(5).carries_earlier_epsilon  # (older versions: None)
+    assert not _plain_record(5, epsilon_step=5).carries_earlier_epsilon
+    assert _plain_record(5, epsilon_step=3).carries_earlier_epsilon
+    back = LeakageRecord.from_dict(json.loads(json.dumps(_plain_record(5).as_dict())))
+    assert back.epsilon_step is None and not back.carries_earlier_epsilon
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("batch_size", 1.5, "batch_size is 1.5, not an integer"),
+        ("step", True, "step is True, not an integer"),
+        ("epsilon", False, "epsilon is False, not a number"),
+        ("flags", [1], r"flags is \[1\], not a list of strings"),
+        ("mi", {"private/oracle": 3}, "mi is .*, not a mapping of estimates"),
+        ("mi/n", None, r"mi\['private/oracle'\] has \{'n': None\}"),
+        ("mi/nats", True, r"mi\['private/oracle'\] has \{'nats': True\}"),
+        ("mi/ceiling", "high", r"mi\['private/oracle'\] has \{'ceiling': 'high'\}"),
+    ],
+)
+def test_a_record_field_of_the_wrong_type_is_a_type_error_naming_it(field, value, says):
+    """``from_dict``'s promise: a field of the wrong type is a TypeError naming it (a float
+    step count, a boolean where JSON holds a number, a flag that is no string, an estimate
+    that is no mapping or lacks its count). A mutation audit found each of these accepted or
+    failing elsewhere. Reference: a record Python's json module wrote, with one field
+    replaced."""
+    mi = {"private/oracle": MIValue(0.5, 0.25, 0.75, 8)}
+    row = json.loads(json.dumps(_plain_record(2, mi=mi).as_dict()))
+    LeakageRecord.from_dict(copy.deepcopy(row))  # (the row as written loads)
+    if field.startswith("mi/"):
+        row["mi"]["private/oracle"][field.removeprefix("mi/")] = value
+    else:
+        row[field] = value
+    with pytest.raises(TypeError, match=says):
+        LeakageRecord.from_dict(row)
+
+
+def test_an_older_records_null_figure_and_absent_optional_fields_read_as_nan_and_none():
+    """An earlier version wrote a non-finite MI figure as null: it reads back as NaN (as the
+    record's own floats do), and the optional fields a line lacks are None. A mutation audit
+    found the figure's null unguarded (refused as 'not numbers')."""
+    row = json.loads(
+        json.dumps(_plain_record(0, mi={"clipped/infonce": MIValue(1, 0, 2, 8)}).as_dict())
+    )
+    entry = row["mi"]["clipped/infonce"]
+    entry.update(nats=None, ci_low=None, ci_high=None)
+    for optional in ("mismatched", "control", "ceiling", "difference"):
+        del entry[optional]
+    got = LeakageRecord.from_dict(row).mi["clipped/infonce"]
+    assert all(math.isnan(v) for v in (got.nats, got.ci_low, got.ci_high))
+    assert (got.n, got.mismatched, got.control, got.ceiling) == (8, None, None, None)
+
+
+def test_json_safe_reaches_inside_tuples():
+    """A tuple (a pair of interval ends) is a JSON array: its non-finite or NumPy numbers are
+    made safe as a list's are, so strict JSON (``allow_nan=False``) holds it. A mutation audit
+    found tuples left as they were (Infinity written, not JSON)."""
+    import numpy as np
+
+    from opacus_mi.records import json_safe
+
+    value = {"interval": (1, math.inf, np.float64(2.5)), "nested": [(np.int64(3), -math.inf)]}
+    text = json.dumps(json_safe(value), allow_nan=False)
+    assert json.loads(text) == {"interval": [1, "inf", 2.5], "nested": [[3, "-inf"]]}
+
+
+def test_read_jsonl_skips_blank_lines_and_keeps_records_around_torn_ones(tmp_path):
+    """What read_jsonl does with lines besides records: a blank line is nothing (no warning); a
+    file whose only line is torn (a run killed writing its first record) is an empty run with
+    a warning, not 'no line is a leakage record'; several torn lines among records are skipped,
+    each named, and the records kept. A mutation audit found all three unguarded. Reference:
+    the lines written, read with Python's json module."""
+    rows = [
+        _plain_record(s, mi={"private/oracle": MIValue(0.1 * s, 0, 1, 8)}).as_dict()
+        for s in range(3)
+    ]
+    lines = [json.dumps(r) for r in rows]
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n" + lines[0] + "\n\n" + lines[1] + "\n   \n" + lines[2] + "\n\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = read_jsonl(path)
+    assert [r.as_dict() for r in back] == [json.loads(line) for line in lines]
+    path.write_text(lines[0][:30])  # killed while writing its first record
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 line\(s\) .*\(line 1\)"):
+        assert read_jsonl(path) == []
+    path.write_text("\n".join([lines[0], lines[1][:25], lines[1], lines[2][:-3], lines[2]]) + "\n")
+    with pytest.warns(RuntimeWarning, match=r"skipped 2 line\(s\) .*\(line 2, 4\)"):
+        back = read_jsonl(path)
+    assert [r.step for r in back] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", "3", '"step"'])
+def test_a_json_line_that_is_no_object_is_not_a_records_file(tmp_path, line):
+    """Complete JSON that is not an object (an array, a number, a string) names its line as
+    not a leakage record, as an object of other fields does; it escaped as an AttributeError
+    from inside the parse. A mutation audit found it unguarded."""
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(_plain_record(0).as_dict()) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match="line 2: JSON but not a leakage record"):
+        read_jsonl(path)
+
+
+def test_exceedances_count_the_records_with_a_bound_and_sort_by_key():
+    """``exceedances``: per key flagged exceeds_bound, the records that could have been flagged
+    (the key measured against a bound: those without ``mi_bound`` cannot), never fewer than
+    those flagged, and the chance of at least that many flags. Keys come sorted, whatever
+    order the flags arrive in. Reference: the binomial tail summed term by term with
+    math.comb. A mutation audit found the bound condition, the floor and the order
+    unguarded."""
+    from opacus_mi.records import EXCEEDS_RATE, exceedances
+
+    def tail(k: int, n: int) -> float:
+        p = EXCEEDS_RATE
+        return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+    records = []
+    for step in range(10):
+        flags = ["exceeds_bound:private/oracle"] if step in (1, 3) else []
+        if step == 4:  # a flag whose figure the record no longer has
+            flags.append("exceeds_bound:clipped/infonce")
+        mi = {"private/oracle": MIValue(0.05, 0.04, 0.06, 8)}
+        bound = 0.06 if step < 6 else None  # the last 4 have no bound: cannot be flagged
+        records.append(_plain_record(step, mi=mi, mi_bound=bound, flags=flags + ["exceeds_clip"]))
+    got = exceedances(records)
+    assert [(key, k, n) for key, k, n, _ in got] == [
+        ("clipped/infonce", 1, 1),
+        ("private/oracle", 2, 6),
+    ]
+    for key, k, n, p in got:
+        assert p == pytest.approx(tail(k, n), rel=1e-9), key
+
+
+def test_a_superseded_sinks_records_are_left_out_with_one_warning(tmp_path):
+    """Once a newer sink opens the file, an older one writes nothing more and says so once
+    (not at every record of a long run), counting what it left out. Reference: the file's
+    lines, read with Python's json module. A mutation audit found the single warning
+    unguarded."""
+    from opacus_mi.records import JsonlSink
+
+    path = tmp_path / "records.jsonl"
+    old = JsonlSink(path)
+    old(_plain_record(0))
+    new = JsonlSink(path)
+    with pytest.warns(RuntimeWarning) as said:
+        for step in (1, 2, 3):
+            old(_plain_record(step))
+    assert [str(w.message) for w in said if "newer monitor" in str(w.message)] == [
+        str(said[0].message)
+    ] and "step 1 was not written" in str(said[0].message)
+    assert old.left_out == 3
+    new(_plain_record(1))
+    old.close(), new.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1]
+
+
 @pytest.mark.parametrize("case", ["control", "shuffled floor", "neither"])
 def test_detected_needs_the_whole_interval_above_zero_and_both_controls(case):
     """The run summary's 'detected' column, as its note says: the 95% t interval over steps lies

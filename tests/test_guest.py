@@ -951,6 +951,100 @@ def test_a_monitored_model_can_be_saved_and_copied_and_its_copy_is_not_monitored
     torch.testing.assert_close(loaded(x), copied(x))  # (the same weights, taken before training)
 
 
+def test_a_guest_hook_passes_its_functions_result_and_its_copies_do_nothing():
+    """``GuestHook`` is its function as a hook: what the function returns (a forward hook's
+    replacement output) is what torch gets, as with the bare function. A deep copy or a
+    pickle of the module gets a hook that does nothing: the copy's output is the layer's own
+    and the original's function is not called. Reference: the same layer without hooks. A
+    mutation audit found the returned value unguarded (dropped)."""
+    import pickle
+
+    from opacus_mi.hooks import GuestHook
+
+    torch.manual_seed(0)
+    layer, x = nn.Linear(3, 2), torch.randn(4, 3)
+    plain = layer(x)
+    calls = []
+
+    def double(module, args, output):
+        calls.append(module)
+        return output * 2
+
+    layer.register_forward_hook(GuestHook(double))
+    torch.testing.assert_close(layer(x), 2 * plain)
+    assert calls == [layer]
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        torch.testing.assert_close(other(x), plain)
+    assert calls == [layer]
+
+
+def test_a_target_delta_of_make_private_with_epsilon_is_not_left_for_the_next_model(monkeypatch):
+    """make_private_with_epsilon lends its target_delta to the monitor it attaches, for that
+    call only: a later make_private of another model on an engine given no delta is refused
+    as any is (it would have run on the earlier call's delta, unasked). A mutation audit
+    found the reset unguarded."""
+    from conftest import TinyCNN, make_data
+
+    # (Opacus's noise search is not what this is about: seconds on two cores)
+    monkeypatch.setattr("opacus.privacy_engine.get_noise_multiplier", lambda **kw: 1.0)
+    engine = MonitoredPrivacyEngine(accountant="rdp", estimator=None)
+    for k in range(2):
+        torch.manual_seed(k)
+        net = TinyCNN()
+        setup = {
+            "module": net,
+            "optimizer": torch.optim.SGD(net.parameters(), lr=0.1),
+            "data_loader": DataLoader(make_data(32), batch_size=16),
+            "max_grad_norm": 1.0,
+        }
+        if k == 0:
+            engine.make_private_with_epsilon(
+                **setup, target_epsilon=3.0, target_delta=1e-4, epochs=1
+            )
+            assert engine.monitor.delta == 1e-4
+        else:
+            with pytest.raises(ValueError, match="needs delta"):
+                engine.make_private(**setup, noise_multiplier=1.0)
+    assert len(engine.monitors) == 1
+
+
+def test_an_engine_told_fixed_batches_takes_any_false_value_make_private_takes(tmp_path):
+    """MonitoredPrivacyEngine(poisson_sampling=False) with make_private(poisson_sampling=0):
+    Opacus reads 0 as False, so they agree and the run is made private (a comparison of
+    the values themselves refused it as a contradiction). A mutation audit found it
+    unguarded. Reference: the fixed-batch bound, one release per epoch (n/B = 2 steps)."""
+    engine, model, opt, loader = make_private(
+        engine_cls=MonitoredPrivacyEngine, poisson=0, poisson_sampling=False, batch_size=48,
+        delta=1e-5, views=("private",), estimator=None,
+    )  # fmt: skip
+    train(model, opt, loader)
+    assert [r.mi_upper_bound for r in engine.monitor.history] == [0.5, 0.5]
+
+
+def test_a_legacy_format_checkpoint_resumes_the_monitor(tmp_path):
+    """A checkpoint in torch's legacy (non-zip) format cannot be memory-mapped: the monitor's
+    read ahead of Opacus's falls back to an ordinary read, and the run resumes. Reference: the
+    checkpointed monitor's records and the engine's accountant. A mutation audit found the
+    fallback unguarded (the mmap error escaped)."""
+    kwargs = {"delta": 1e-5, "every": 1, "estimator": None, "views": ("private",)}
+
+    def setup():
+        return make_private(engine_cls=MonitoredPrivacyEngine, poisson=False, n=32, **kwargs)
+
+    engine, model, opt, loader = setup()
+    train(model, opt, loader)
+    path = tmp_path / "ckpt.pt"
+    engine.save_checkpoint(path=path, module=model, optimizer=opt)
+    whole = without_timing(engine.monitor.history)
+    torch.save(torch.load(path, weights_only=False), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match="mmap"):
+        torch.load(path, mmap=True, weights_only=False)
+    engine, model, opt, loader = setup()
+    engine.load_checkpoint(path=path, module=model, optimizer=opt)
+    assert without_timing(engine.monitor.history) == whole
+    assert engine.monitor.steps == len(whole) == sum(h[2] for h in engine.accountant.history)
+
+
 def test_a_monitor_is_never_copied_or_pickled_and_training_goes_on():
     """copy.copy(monitor) shared its worker, hooks and JSONL: the copy's detach() shut the
     worker and the next optimizer.step() raised "cannot schedule new futures after shutdown".

@@ -360,6 +360,40 @@ def test_a_ring_grows_as_rows_arrive_and_holds_what_one_made_at_full_size_holds(
     assert all(torch.equal(a, b) for a, b in zip(again.moments(), window.moments(), strict=True))
 
 
+def test_a_rings_edges_no_rows_exactly_full_a_restored_copy_and_doubling_storage():
+    """RowRing at its edges. A ring of no rows is refused; a first add of no rows displaces
+    none (it failed on the storage not yet made); filling the ring exactly displaces none
+    (None, not an empty tensor), the next row displaces the oldest; a restored ring holds a
+    copy (adds wrote into the caller's saved state); storage doubles as rows arrive (one
+    row at a time it grows to the next power of two, up to size: the amortised growth the
+    class promises). Reference: a plain list of rows and the closed form min(size,
+    2**ceil(log2 k)). A mutation audit found each unguarded."""
+    from opacus_mi.ring import RowRing
+
+    with pytest.raises(ValueError, match="positive number of rows"):
+        RowRing(0)
+    ring = RowRing(4)
+    assert ring.add(torch.zeros(0, 2)) is None and len(ring) == 0 and ring.ordered() is None
+    rows = torch.arange(10.0).reshape(5, 2)
+    assert ring.add(rows[:3]) is None
+    assert ring.add(rows[3:4]) is None  # exactly full: nothing displaced
+    assert torch.equal(ring.ordered(), rows[:4])
+    assert torch.equal(ring.add(rows[4:]), rows[:1])  # the oldest leaves
+    saved = ring.buf.clone()
+    restored = RowRing(4)
+    restored.restore(saved, ring.head)
+    restored.add(torch.full((2, 2), -1.0))
+    assert torch.equal(saved, ring.buf)  # the caller's rows untouched
+    assert torch.equal(restored.ordered(), torch.cat([rows[3:5], torch.full((2, 2), -1.0)]))
+    grown, held = RowRing(50), []
+    for k in range(1, 61):
+        row = torch.full((1, 1), float(k))
+        grown.add(row)
+        held = (held + [k])[-50:]
+        assert len(grown.buf) == min(50, 2 ** math.ceil(math.log2(k))), k
+        assert grown.ordered().flatten().tolist() == held
+
+
 def test_a_huge_window_trains_the_critics_on_what_arrives():
     """window=10**9 (more pairs than a run sees): every record failed with error:RuntimeError
     and a torch allocation message (78 GB) that did not name window."""
