@@ -1484,6 +1484,97 @@ def test_infinite_and_missing_figures_keep_their_sign_and_meaning_in_text_and_cs
     assert read_csv_rows(path) == [{"a": float("-inf"), "b": float("inf")}]
 
 
+def test_a_series_with_a_non_finite_figure_averages_the_finite_ones_and_says_how_many():
+    """A NaN figure (a step whose critic diverged) is left out of the mean, which says it
+    averages 2 of the last 3 (NumPy's nanmean and the t interval of the two)."""
+    import numpy as np
+    from scipy import stats
+
+    from opacus_mi.report import summary_table
+
+    nats = [0.2, math.nan, 0.5]
+    text = summary_table(_summary_records(nats))
+    finite = [0.2, 0.5]
+    low, high = stats.t.interval(0.95, 1, loc=np.nanmean(nats), scale=stats.sem(finite))
+    assert (
+        _cells(text, "clipped/infonce")[2]
+        == f"{np.nanmean(nats):.3f} [{low:.3f}, {high:.3f}] (n=2)"
+    )
+
+
+@pytest.mark.parametrize("missing", ["clipped/infonce", "private/semi"])
+def test_a_series_asked_for_without_a_figure_is_given_its_own_reason(missing):
+    """A learned critic waits for pairs in its windows, the semi-oracle for its subspace: each
+    missing series gets its reason, not the other's."""
+    from opacus_mi.report import summary_table
+
+    text = " ".join(
+        summary_table(_summary_records([0.1], key="private/oracle"), expected=[missing]).split()
+    )
+    critic, semi = "windows hold pairs" in text, "fitted its subspace" in text
+    assert f"no figure yet: {missing};" in text
+    assert (critic, semi) == ((True, False) if missing == "clipped/infonce" else (False, True))
+
+
+def test_a_release_above_its_clipping_bound_is_said_first_under_the_table():
+    """An 'exceeds_clip' flag on any record: the summary says, before the other flags, that
+    epsilon and the bounds do not hold there."""
+    from opacus_mi.report import summary_table
+
+    records = _summary_records([0.1, 0.2])
+    records[0].flags.append("exceeds_clip")
+    text = " ".join(summary_table(records).split())
+    said = "Opacus released an example above its clipping bound: epsilon and the bounds do not hold"
+    assert f"flags seen: {said}" in text and "exceeds_clip" in text
+    assert said not in " ".join(summary_table(_summary_records([0.1, 0.2])).split())
+
+
+def test_the_title_gives_an_earlier_steps_epsilon_with_its_step_and_the_epsilon_now():
+    """A record whose epsilon is its own step's says nothing more; one carrying step 3's (paced
+    PRV) says so, with the accountant's epsilon now beside it, or, when a later step was not
+    measured, after that last step."""
+    from opacus_mi.report import summary_table
+
+    records = _summary_records([0.1] * 6)
+    records[-1].epsilon_step = 5  # its own step
+    assert "exact at step" not in summary_table(records, epsilon_now=2.0).splitlines()[0]
+    records[-1].epsilon_step = 3
+    title = summary_table(records, epsilon_now=2.0, steps=6).splitlines()[0]
+    assert "epsilon 1.000 (exact at step 3; 2.000 now) at delta" in title, title
+    title = " ".join(summary_table(records, epsilon_now=2.0, steps=9).split())
+    assert "epsilon 1.000 (exact at step 3) at delta" in title, title
+    assert "; after step 8: epsilon 2.000" in title, title
+
+
+def test_a_figure_is_a_real_number_and_a_blank_csv_cell_is_none(tmp_path):
+    """True is not 1.000 in a table; None is a blank CSV cell (read back as NaN, or as "" in a
+    text column), not the text 'None'; a midpoint of five places gives a zero end five places
+    too (0.00000)."""
+    import csv
+
+    from opacus_mi.report import fmt_interval, fmt_number, read_csv_rows, write_csv_rows
+
+    assert (fmt_number(True), fmt_number("0.5"), fmt_number(0.5)) == ("-", "-", "0.500")
+    assert fmt_interval(0.00125, 0.0, 0.0025) == f"0.00125 [{0:.5f}, {0.0025:.5f}]"
+    path = write_csv_rows([{"a": None, "b": 2}], tmp_path / "t.csv", ["a", "b"])
+    with open(path, newline="") as fh:
+        assert list(csv.DictReader(fh)) == [{"a": "", "b": "2"}]
+    assert math.isnan(read_csv_rows(path)[0]["a"])
+    assert read_csv_rows(path, text_columns=["a"]) == [{"a": "", "b": 2.0}]  # text stays text
+
+
+def test_a_file_is_written_beside_its_target_under_a_hidden_name():
+    """The partial file is a sibling (so the rename over the target stays on one file system,
+    atomic) and hidden (a listing of the run folder mid-write shows no half file)."""
+    from pathlib import Path
+
+    from opacus_mi.report import partial_path
+
+    target = Path("run") / "records.csv"
+    part = partial_path(target)
+    assert part.parent == target.parent and part.name.startswith(".") and part != target
+
+
 @pytest.mark.parametrize("last", [0, -1, 2.5, True])
 def test_a_summary_over_no_records_is_refused_naming_last(last):
     """``summary(last=0)`` averaged every record (``records[-0:]`` is the whole list), and a
