@@ -1442,6 +1442,30 @@ def test_csv_files_are_replaced_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.csv"]  # (no part file left)
 
 
+def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """report.html is a run's last output, and a sweep's --resume keeps a run whose outputs all
+    exist: a stop mid-write left a truncated report, kept as the finished run's. Here the
+    write is cut off halfway by the signal: the last complete report stays, with no part file."""
+    from pathlib import Path
+
+    from opacus_mi.html_report import write_html
+
+    path = write_html(tmp_path, title="first", settings={"sigma": 1.0})
+    first = path.read_text(encoding="utf-8")
+    real = Path.write_text
+
+    def cut_off(self, data, *args, **kwargs):
+        real(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # (the signal, mid-write)
+
+    monkeypatch.setattr(Path, "write_text", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        write_html(tmp_path, title="second", settings={"sigma": 2.0})
+    monkeypatch.undo()
+    assert path.read_text(encoding="utf-8") == first and "<title>first</title>" in first
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # (no part file left)
+
+
 def test_csv_cells_read_back_numpy_floats_and_edited_files_are_refused_by_name(tmp_path):
     """NumPy 2 writes repr(np.float64(3.2)) as "np.float64(3.2)", which read back as NaN; an
     edited sweep.csv (an extra cell, another encoding, a NUL) failed with a TypeError or a codec
