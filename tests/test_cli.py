@@ -90,6 +90,29 @@ def test_run_prints_table_and_writes_files(run_dir):
         assert (out / name).stat().st_size > 0, name
 
 
+def test_records_csv_joins_flags_with_semicolons_and_keeps_series_in_first_seen_order(tmp_path):
+    """records.csv's flags cell holds the flags joined by ';' (',' would split the cell's
+    meaning for readers of the text) and its MI columns follow the order the series were
+    first seen. Reference: Python's csv module reading the file."""
+    import csv as csv_module
+
+    from opacus_mi.records import MI_FIELDS, LeakageRecord, MIValue
+    from opacus_mi.training import write_records_csv
+
+    def record(step, keys, flags):
+        mi = {k: MIValue(nats=0.1 * step, ci_low=0.0, ci_high=0.2, n=8) for k in keys}
+        return LeakageRecord(step, 16, 1.0, 1.0, 0.25, 0.5, 1e-5, mi=mi, flags=flags)
+
+    records = [record(0, ["z/mine"], ["a", "b"]), record(1, ["z/mine", "a/oracle"], [])]
+    path = write_records_csv(records, tmp_path / "records.csv")
+    with open(path, newline="") as fh:
+        rows = list(csv_module.DictReader(fh))
+    assert [r["flags"] for r in rows] == ["a;b", ""]
+    mi_columns = [c for c in rows[0] if "/" in c]
+    assert mi_columns == [f"{k}_{f}" for k in ("z/mine", "a/oracle") for f in MI_FIELDS]
+    assert float(rows[1]["a/oracle_nats"]) == pytest.approx(0.1)
+
+
 def test_run_records_csv_matches_jsonl(run_dir):
     out, _ = run_dir
     records = read_jsonl(out / "records.jsonl")
@@ -149,6 +172,29 @@ def test_rerun_starts_a_fresh_records_file(tmp_path):
     first = len(read_jsonl(out / "records.jsonl"))
     assert _main(argv)[0] == 0
     assert len(read_jsonl(out / "records.jsonl")) == first
+
+
+def test_a_runs_test_accuracy_is_its_last_epochs(tmp_path, monkeypatch):
+    """result.json's and the result's test accuracy is the last epoch's evaluation (the
+    CLI tests' one-epoch runs have no other). Reference: the evaluations themselves, each
+    epoch given its own figure."""
+    from opacus_mi import training
+
+    seen: list[float] = []
+
+    def evaluate(*args, **kwargs):
+        seen.append(0.25 * (len(seen) + 1))
+        return seen[-1]
+
+    monkeypatch.setattr(training, "_evaluate", evaluate)
+    cfg = training.RunConfig(
+        dataset="fake", fake_size=64, epochs=2, batch_size=16, accountant="rdp",
+        estimator=None, out=str(tmp_path / "run"),
+    )  # fmt: skip
+    result = training.train_and_monitor(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert seen == [0.25, 0.5] and saved["accuracy_per_epoch"] == seen
+    assert saved["test_accuracy"] == result.test_accuracy == seen[-1]
 
 
 # ------------------------------------------------------------------------------ sweep
@@ -273,6 +319,8 @@ def test_invalid_values_exit_2(tmp_path, capsys, args, flag):
         # (an unset shell variable's '': it trained on ./cifar-10-batches-py)
         ("data_root", "", "--data-root must be a folder path; got ''"),
         ("overlap", "on", "--overlap on needs --device cpu"),  # (with device="cuda", below)
+        ("delta", 0.0, "--delta must lie strictly between 0 and 1"),
+        ("views", (), r"--views must be one or more of raw, clipped, private; got \[\]"),
     ],
 )
 def test_run_config_names_the_flag_of_a_bad_value(field, value, message):
@@ -303,6 +351,21 @@ def test_run_config_refuses_settings_that_measure_nothing_asked(changes, message
 
     with pytest.raises(ValueError, match=message):
         replace(RunConfig(), **changes).validate()
+
+
+def test_run_config_views_are_a_word_or_words_kept_once_in_order():
+    """--views given as one word is that view (not its letters), and a view given twice is
+    measured once, in the order first given. Reference: an order-keeping loop."""
+    from opacus_mi.training import RunConfig
+
+    assert RunConfig(views="private").validate().view_tuple == ("private",)
+    given = ("private", "clipped", "private", "raw", "clipped")
+    want: list[str] = []
+    for v in given:
+        if v not in want:
+            want.append(v)
+    cfg = RunConfig(views=given).validate()
+    assert cfg.view_tuple == tuple(want) and cfg.as_dict()["views"] == want
 
 
 @pytest.mark.parametrize(
@@ -360,6 +423,23 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_error(tmp_path, capsys, monkeyp
     assert err == "opacus-mi: error: [Errno 32] Broken pipe\n"
 
 
+def test_a_batch_of_every_training_example_is_accepted():
+    """A batch as large as the training set is Opacus's q = 1 (one step an epoch), allowed;
+    one larger is refused. Reference: len(DataLoader) of that batch size is 1."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from opacus_mi.training import RunConfig, preflight
+
+    split = SimpleNamespace(train=list(range(48)))
+    assert len(DataLoader(split.train, batch_size=48)) == 1
+    cfg = RunConfig(dataset="fake", batch_size=48, out=str(Path(os.devnull).parent / "nope"))
+    assert preflight(cfg, split) is split
+    with pytest.raises(ValueError, match="--batch-size 49 exceeds the 48 training examples"):
+        preflight(RunConfig(dataset="fake", batch_size=49, out=cfg.out), split)
+
+
 def test_batch_larger_than_the_data_is_refused(tmp_path, capsys):
     """Opacus takes q = 1 / len(loader): a batch of 2,000 on 1,437 digits silently ran q = 1."""
     rc = cli.main(["run", "--epochs", "1", "--batch-size", "2000", "--out", str(tmp_path / "x")])
@@ -413,6 +493,15 @@ def test_help_gives_one_default_per_flag():
             assert cli.main([command, "--help"]) == 0
         assert "(default: None)" not in text.getvalue()
         assert command == "report" or "(default: " in text.getvalue()
+
+
+def test_config_from_kwargs_takes_run_settings_and_ignores_the_rest():
+    """A sweep builds its runs' configs from keyword arguments holding more than a run's
+    settings. Reference: RunConfig built with its own fields."""
+    from opacus_mi.training import RunConfig, config_from_kwargs
+
+    got = config_from_kwargs(epochs=2, lr=0.25, noise_multipliers=[1, 2], resume=True)
+    assert got == RunConfig(epochs=2, lr=0.25)
 
 
 def test_configs_take_numpy_scalars_as_the_numbers_they_hold():
@@ -639,6 +728,42 @@ def test_report_says_which_run_file_it_could_not_read(run_dir, tmp_path, capsys)
     assert warned[0].startswith(f"opacus-mi: warning: {out / 'config.json'}: not read (")
 
 
+def test_report_renders_a_run_whose_config_json_is_not_an_object(run_dir, tmp_path):
+    """A config.json holding JSON that is no object (an edited one: a list) is read as no
+    config, warned, and the run rendered without it, not an AttributeError. Reference: the
+    file as json reads it, a list."""
+    import shutil
+
+    from opacus_mi.training import rerender_run
+
+    out = tmp_path / "edited"
+    shutil.copytree(run_dir[0], out)
+    (out / "config.json").write_text("[1, 2]", encoding="utf-8")
+    assert isinstance(json.loads((out / "config.json").read_text()), list)
+    with pytest.warns(RuntimeWarning, match=r"config.json: not read \(a JSON list, not an"):
+        summary, files = rerender_run(out)
+    assert "private/oracle" in summary and (out / "report.html") in files
+
+
+def test_outputs_written_without_a_runs_config_are_not_called_unfinished(run_dir, tmp_path):
+    """write_run_outputs for records of one's own loop (no config, no result.json) makes no
+    "not finished" line: that is said of an opacus-mi run's folder (a config) only.
+    Reference: the records of a run, read back with read_jsonl."""
+    from opacus_mi.training import write_run_outputs
+
+    records = read_jsonl(run_dir[0] / "records.jsonl")
+    mine, run = tmp_path / "mine", tmp_path / "run"
+    for folder in (mine, run):
+        folder.mkdir()
+    summary, _ = write_run_outputs(mine, records)
+    assert "not finished" not in summary and "private/oracle" in summary
+    summary, _ = write_run_outputs(run, records, config={"dataset": "fake"})
+    assert (
+        f"not finished: the run has no result.json; its records end at step {records[-1].step}"
+        in (summary)
+    )
+
+
 def test_report_renders_an_edited_result_json_without_a_field_that_is_not_a_number(
     run_dir, tmp_path, capsys
 ):
@@ -737,6 +862,19 @@ def test_run_finishes_where_opacus_prv_cannot_compute_epsilon(tmp_path, capsys):
     rdp = RDPAccountant()
     rdp.history = [(1e-4, records[-1].sample_rate, result["steps"])]
     assert result["epsilon"] == rdp.get_epsilon(result["delta"])
+
+
+def test_report_keeps_counts_of_zero_and_drops_counts_that_are_no_whole_number(tmp_path):
+    """An edited result.json's steps or records that are negative or fractional are left out
+    (warned), a count of 0 (a run stopped before its first step) is kept. Reference: the
+    fields' meaning: a whole number of steps at or above 0."""
+    from opacus_mi.training import _numbers_only
+
+    path = tmp_path / "result.json"
+    assert _numbers_only(path, {"steps": 0, "records": 0}) == {"steps": 0, "records": 0}
+    with pytest.warns(RuntimeWarning, match="steps, records not a whole number"):
+        kept = _numbers_only(path, {"steps": 2.5, "records": -1, "epsilon": 1.0})
+    assert kept == {"epsilon": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -970,6 +1108,104 @@ def test_a_target_epsilon_runs_at_the_noise_opacus_make_private_with_epsilon_pic
     assert run_sigma == optimizer.noise_multiplier
 
 
+def _loader_rate(examples: int, batch_size: int) -> float:
+    """Opacus's sample rate for a loader: make_private takes 1 / len(data_loader)."""
+    from torch.utils.data import DataLoader
+
+    return 1 / len(DataLoader(range(examples), batch_size=batch_size))
+
+
+def test_the_sample_rate_is_one_over_the_loaders_length_where_the_batch_does_not_divide():
+    """The calibration and the refusals use opacus_sample_rate: it must be Opacus's own
+    1 / len(loader), a last short batch counted (the CLI tests' 64 / 16 divides evenly).
+    Reference: torch's DataLoader length, as make_private reads it."""
+    from opacus_mi.training import opacus_sample_rate
+
+    for examples in range(1, 70):
+        for batch_size in (1, 3, 7, 16, 64, 100):
+            want = _loader_rate(examples, batch_size)
+            assert opacus_sample_rate(examples, batch_size) == want, (examples, batch_size)
+
+
+@pytest.mark.parametrize(
+    ("accountant", "epochs", "n_train", "batch_size"), [("rdp", 3, 70, 16), ("gdp", 2, 50, 8)]
+)
+def test_calibrate_noise_is_opacus_get_noise_multiplier_for_the_runs_epochs_and_accountant(
+    accountant, epochs, n_train, batch_size
+):
+    """The CLI tests calibrate one epoch under RDP at an even q: a calibration that dropped
+    the epochs, the accountant or the last short batch passed them. Reference: Opacus's
+    get_noise_multiplier at the loader's sample rate."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from opacus_mi.training import RunConfig, calibrate_noise
+
+    cfg = RunConfig(target_epsilon=2.0, epochs=epochs, batch_size=batch_size, accountant=accountant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (GDP's "experimental" warning)
+        want = get_noise_multiplier(
+            target_epsilon=2.0,
+            target_delta=1e-5,
+            sample_rate=_loader_rate(n_train, batch_size),
+            epochs=epochs,
+            accountant=accountant,
+        )
+        assert calibrate_noise(cfg, n_train=n_train) == want
+
+
+def test_rdp_calibrates_a_target_above_prvs_ceiling():
+    """The ceiling on a target (noise below 0.2) is PRV's alone: RDP calibrates such a target
+    in milliseconds. Reference: Opacus's get_noise_multiplier under RDP."""
+    from dataclasses import replace
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from opacus_mi.training import PRV_CALIBRATION_FLOOR, RunConfig, calibrate_noise
+
+    rdp = RDPAccountant()
+    rdp.history = [(PRV_CALIBRATION_FLOOR, 0.25, 4)]  # (64 examples, batches of 16, one epoch)
+    target = 2 * rdp.get_epsilon(1e-5)
+    cfg = RunConfig(target_epsilon=target, epochs=1, batch_size=16, accountant="rdp")
+    want = get_noise_multiplier(
+        target_epsilon=target, target_delta=1e-5, sample_rate=0.25, epochs=1, accountant="rdp"
+    )
+    assert want < PRV_CALIBRATION_FLOOR
+    assert calibrate_noise(cfg, n_train=64) == want
+    with pytest.raises(ValueError, match="needs a noise multiplier below 0.2"):
+        calibrate_noise(replace(cfg, accountant="prv"), n_train=64)
+
+
+def test_a_target_out_of_rdps_reach_is_judged_over_every_epoch_of_the_run():
+    """The reach of RDP's calibration (its epsilon at Opacus's largest noise) grows with the
+    steps: a target between one epoch's floor and three epochs' is out of reach for a
+    three-epoch run, and so is the floor itself. Reference: Opacus's RDP accountant at
+    2 * MAX_SIGMA over epochs / q steps."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import MAX_SIGMA
+
+    from opacus_mi.training import RunConfig, calibrate_noise
+
+    def floor(steps: int) -> float:
+        rdp = RDPAccountant()
+        rdp.history = [(2 * MAX_SIGMA, 0.25, steps)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return rdp.get_epsilon(1e-5)
+
+    one, three = floor(4), floor(12)  # (64 examples in batches of 16: q = 1/4)
+    assert one < three
+    for target in ((one + three) / 2, three):
+        cfg = RunConfig(target_epsilon=target, epochs=3, batch_size=16, accountant="rdp")
+        with pytest.raises(ValueError, match="out of reach") as raised:
+            calibrate_noise(cfg, n_train=64)
+        assert f"at least {three:.3g} at --delta" in str(raised.value)
+
+
 @pytest.mark.parametrize(
     "accountant, bad, way", [("gdp", "10", "smaller"), ("prv", "1e-09", "larger")]
 )
@@ -1061,6 +1297,46 @@ def test_a_folder_of_someone_elses_files_is_refused_not_cleared(tmp_path, capsys
     rc = cli.main([*argv, "--out", str(out)])
     _assert_one_line_error(rc, capsys.readouterr().err, "--out", f"no earlier opacus-mi {command}")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_counts_as_ours_only_with_every_key_or_column_ours_have(tmp_path):
+    """A config.json or validate.csv marks an earlier opacus-mi output (which a new one may
+    clear) only if it holds every key or column ours always write: a user's config.json with
+    one of those keys, or a CSV with a "step" column, is not ours; a records.jsonl is a run's
+    where its first record reads back. Reference: files written with json and csv, read_jsonl."""
+    import csv as csv_module
+    import warnings
+
+    from opacus_mi.training import csv_header_has, json_keys_are
+
+    keys = frozenset({"dataset", "seed", "delta"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"dataset": "mine", "lr": 0.1}))
+    assert not json_keys_are(keys)(path)
+    path.write_text(json.dumps({"dataset": "x", "seed": 1, "delta": 0.1, "more": 2}))
+    assert json_keys_are(keys)(path)
+    path.write_text(json.dumps(sorted(keys)))
+    assert not json_keys_are(keys)(path)
+    table = tmp_path / "validate.csv"
+    for header, ours in ((["step", "loss"], False), (["setting", "seed", "step", "delta"], True)):
+        with open(table, "w", newline="") as fh:
+            csv_module.writer(fh).writerow(header)
+        assert csv_header_has(frozenset({"setting", "step"}))(table) is ours, header
+    # a records.jsonl marks a run's folder where read_jsonl reads a record from it
+    from opacus_mi.records import LeakageRecord
+    from opacus_mi.training import records_file
+
+    jsonl = tmp_path / "records.jsonl"
+    line = json.dumps(LeakageRecord(0, 16, 1.0, 1.0, 0.25, 0.5, 1e-5).as_dict())
+    for text, ours in ((f"\n{line}\n", True), ('{"step": 0}\n', False)):
+        jsonl.write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                readable = bool(read_jsonl(jsonl))
+            except ValueError:
+                readable = False
+        assert readable is ours and records_file(jsonl) is ours, text
 
 
 def test_a_run_folder_of_an_earlier_version_stopped_before_its_config_is_reused(tmp_path):
@@ -2022,6 +2298,173 @@ def test_run_resume_says_why_a_finished_run_is_not_kept_and_how_a_resumed_one_go
     assert "what was finished is in" in cli._kept(args, later)
     args.resume = False
     assert cli._resumable(args, later) == "" and cli._kept(args, later) == ""
+
+
+def _finished_copy(run_dir, tmp_path):
+    """A copy of the module's finished run, and the RunConfig its config.json holds."""
+    import shutil
+
+    from opacus_mi.training import config_from_kwargs
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir[0], out)
+    config = json.loads((out / "config.json").read_text())
+    return out, config_from_kwargs(**{**config, "views": tuple(config["views"]), "out": str(out)})
+
+
+def test_finished_run_keeps_a_run_of_these_settings_however_it_was_run(run_dir, tmp_path):
+    """--resume keeps a finished run given where and how it ran otherwise (threads, overlap,
+    --out, --tensorboard where its logs are there), not one whose records fall short of
+    result.json's count or whose result.json holds a boolean for a number, nor a run with
+    --tensorboard asked for now and no logs. Reference: the files, read with json."""
+    from dataclasses import replace
+
+    from opacus_mi.training import finished_run
+
+    out, cfg = _finished_copy(run_dir, tmp_path)
+    done, why = finished_run(cfg)
+    assert why == "finished with these settings"
+    result = json.loads((out / "result.json").read_text())
+    assert done.epsilon == result["epsilon"] and len(done.records) == result["records"]
+    for same in ({"threads": 3}, {"overlap": "off"}):
+        assert finished_run(replace(cfg, **same))[1] == "finished with these settings", same
+    done, why = finished_run(replace(cfg, tensorboard=True))
+    assert done is None and "--tensorboard False there, True now" in why
+    events = out / "tensorboard" / "events.out.tfevents.1"
+    events.parent.mkdir()
+    events.write_bytes(b"")
+    assert finished_run(replace(cfg, tensorboard=True))[1] == "finished with these settings"
+    assert finished_run(replace(cfg, lr=0.25))[0] is None
+    jsonl = out / "records.jsonl"
+    lines = jsonl.read_text().splitlines(keepends=True)
+    jsonl.write_text("".join(lines[:-1]))
+    done, why = finished_run(cfg)
+    assert done is None and f"holds {len(lines) - 1} records" in why
+    jsonl.write_text("".join(lines))
+    (out / "mi.png").unlink()  # (a run stopped while its plots were drawn: drawn here)
+    done, why = finished_run(cfg)
+    assert why == "finished with these settings" and (out / "mi.png") in done.files
+    assert (out / "mi.png").is_file()
+    (out / "result.json").write_text(json.dumps({**result, "epsilon": True}))
+    done, why = finished_run(cfg)
+    assert done is None and why == "its result.json holds no number for epsilon"
+    (out / "result.json").unlink()  # (a run stopped before it finished)
+    assert finished_run(cfg) == (None, "its run did not finish (no result.json)")
+
+
+def test_resume_returns_a_kept_runs_table_and_files(run_dir, tmp_path, capsys):
+    """``run --resume`` of a finished run prints the result's summary: a kept run with all
+    its files returned an empty one. Reference: the summary.txt and files on disk."""
+    from opacus_mi.training import RUN_OUTPUTS, train_and_monitor
+
+    out, cfg = _finished_copy(run_dir, tmp_path)
+    done = train_and_monitor(cfg, progress=False, resume=True)
+    assert "kept: finished with these settings" in capsys.readouterr().err
+    assert "private/oracle" in done.summary
+    assert done.summary + "\n" == (out / "summary.txt").read_text()
+    drawn = set(RUN_OUTPUTS) - {"records.jsonl", "config.json", "result.json"}
+    assert {p.name for p in done.files} == drawn
+
+
+def test_resume_keeps_a_target_epsilon_runs_config_as_the_same_setting(tmp_path):
+    """A run given --target-epsilon writes its noise multiplier as null (Opacus calibrates
+    it): --resume must read that config.json as these settings, and another target as
+    other settings. Reference: config.json read with json."""
+    from dataclasses import replace
+
+    from opacus_mi.training import RESUME_IGNORES, RunConfig, _other_settings, _start_run_folder
+
+    cfg = RunConfig(target_epsilon=3.0, out=str(tmp_path))
+    _start_run_folder(tmp_path, cfg)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["noise_multiplier"] is None and config["target_epsilon"] == 3.0
+    assert _other_settings(config, cfg, RESUME_IGNORES) is None
+    assert _other_settings(config, replace(cfg, noise_multiplier=2.0), RESUME_IGNORES) is None
+    why = _other_settings(config, replace(cfg, target_epsilon=4.0), RESUME_IGNORES)
+    assert why == "it ran with other settings (--target-epsilon 3.0 there, 4.0 now)"
+
+
+def test_a_new_run_clears_the_last_runs_checkpoint(tmp_path):
+    """A run started afresh clears the last run's checkpoint.pt (and a partial one): left
+    there, a new run stopped in its first epoch read as resumable from another run's epoch.
+    Reference: the folder's files."""
+    from opacus_mi.report import partial_path
+    from opacus_mi.training import CHECKPOINT, RunConfig, _start_run_folder
+
+    stale = [tmp_path / CHECKPOINT, partial_path(tmp_path / CHECKPOINT)]
+    for path in stale:
+        path.write_bytes(b"the last run's")
+    (tmp_path / "notes.md").write_text("mine")
+    _start_run_folder(tmp_path, RunConfig(out=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.md"]
+
+
+def test_other_settings_names_three_differences_and_a_setting_only_the_folder_has():
+    """The reason a run is trained again names the first three differing flags (sorted) and
+    says there are more; a setting config.json holds that this version has no flag for is a
+    difference too. Reference: the differences made by hand."""
+    from dataclasses import replace
+
+    from opacus_mi.training import RESUME_IGNORES, RunConfig, _as_read_back, _other_settings
+
+    cfg = RunConfig()
+    config = _as_read_back(cfg.as_dict())
+    now = replace(cfg, seed=1, lr=0.25, epochs=2, batch_size=32)
+    assert _other_settings(config, now, RESUME_IGNORES) == (
+        "it ran with other settings (--batch-size 64 there, 32 now, --epochs 8 there, 2 now, "
+        "--lr 0.5 there, 0.25 now, ...)"
+    )
+    now = replace(cfg, seed=1, lr=0.25, epochs=2)
+    assert _other_settings(config, now, RESUME_IGNORES) == (
+        "it ran with other settings (--epochs 8 there, 2 now, --lr 0.5 there, 0.25 now, "
+        "--seed 0 there, 1 now)"
+    )
+    assert _other_settings({**config, "future_flag": 1}, cfg, RESUME_IGNORES) == (
+        "it ran with other settings (--future-flag 1 there, '(unset)' now)"
+    )
+
+
+def _stopped_run_folder(tmp_path, cfg):
+    """A folder as a stopped run leaves it: config.json (as the run writes it) and a
+    checkpoint.pt."""
+    from opacus_mi.training import _start_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _start_run_folder(out, cfg)
+    return out
+
+
+def test_resume_point_needs_the_checkpoints_tensorboard_setting_and_all_its_parts(tmp_path, capsys):
+    """A checkpoint's run goes on with its TensorBoard logs as they began (unlike a finished
+    run's, --tensorboard is compared), and a checkpoint missing a part (here all but the
+    epoch) is trained from the start, said, not a KeyError. Reference: the file torch wrote."""
+    from dataclasses import replace
+
+    from opacus_mi.training import RunConfig, _resume_point
+
+    cfg = RunConfig(dataset="fake", fake_size=64, epochs=2)
+    out = _stopped_run_folder(tmp_path, cfg)
+    torch.save({"epoch": 1}, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert _resume_point(out, replace(cfg, tensorboard=True)) is None
+    assert "(--tensorboard False there, True now)" in capsys.readouterr().err
+    assert _resume_point(out, cfg) is None
+    err = capsys.readouterr().err
+    assert "trained from the start: its checkpoint.pt cannot be read (it has no " in err
+    assert "module_state_dict" in err and "config" in err
+
+
+def test_the_checkpoint_crc_check_passes_a_file_torch_wrote_in_its_legacy_format(tmp_path):
+    """torch.save's legacy (non-zip) format has no CRCs to check: torch.load is its judge.
+    Reference: torch.load reading it back."""
+    from opacus_mi.training import _check_intact
+
+    path = tmp_path / "c.pt"
+    state = {"w": torch.arange(16.0)}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    _check_intact(path)
+    assert torch.equal(torch.load(path)["w"], state["w"])
 
 
 def test_resume_takes_a_data_root_written_otherwise_as_the_same_folder(tmp_path, monkeypatch):
