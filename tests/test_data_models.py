@@ -133,7 +133,8 @@ def test_incomplete_celeba_names_missing_images(tmp_path) -> None:
         "list_landmarks_align_celeba.txt",
     ):
         (base / f).write_text("")
-    with pytest.raises(DataRootError, match="img_align_celeba"):
+    # (named as missing, not only in the layout every such message quotes)
+    with pytest.raises(DataRootError, match=r"missing celeba/img_align_celeba/\)"):
         load_dataset("celeba", data_root=str(tmp_path))
 
 
@@ -249,6 +250,16 @@ def test_build_model_resnet18_single_channel() -> None:
     net.eval()
     with torch.no_grad():
         assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_auto_picks_the_digits_cnn_for_digits_shape_only_and_cnns_need_three_dims() -> None:
+    """DigitsCNN is sized for 1x8x8 digits: any other one-channel image gets SmallCNN. An input
+    shape of another rank than (C, H, W) is refused naming input_shape, a batch dimension too."""
+    assert isinstance(build_model("auto", (1, 28, 28), 10), SmallCNN)
+    for name in ("cnn", "resnet18"):
+        for shape in ((1, 3, 8, 8), (64,)):
+            with pytest.raises(ValueError, match=r"needs an input_shape of \(C, H, W\)"):
+                build_model(name, shape, 10)
 
 
 def test_build_model_unknown_name() -> None:
@@ -435,10 +446,11 @@ def test_a_failed_checksum_names_the_files_and_the_fix_rather_than_a_download(tm
     assert "download each again (every CelebA text file is its own download)" in said
 
 
-def test_a_data_root_for_a_built_in_dataset_is_warned_about(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["digits", "fake"])
+def test_a_data_root_for_a_built_in_dataset_is_warned_about(name, tmp_path) -> None:
     """--dataset digits --data-root /some/cifar ran digits without a word."""
-    with pytest.warns(UserWarning, match=r"--data-root .* is not read: 'digits' is built in"):
-        load_dataset("digits", data_root=str(tmp_path))
+    with pytest.warns(UserWarning, match=rf"--data-root .* is not read: '{name}' is built in"):
+        load_dataset(name, data_root=str(tmp_path))
 
 
 def test_a_data_root_with_a_tilde_is_read_as_torchvision_reads_it(tmp_path, monkeypatch):
@@ -454,10 +466,48 @@ def test_a_data_root_with_a_tilde_is_read_as_torchvision_reads_it(tmp_path, monk
         load_dataset("cifar10", data_root="~")
 
 
-@pytest.mark.parametrize("size", [4.5, "8", True])
+@pytest.mark.parametrize("size", [4.5, "8", True, 3, 0])
 def test_a_fake_size_that_is_no_integer_is_named(size):
+    """Below 4 the test split (a quarter) would hold no example."""
     with pytest.raises(ValueError, match="fake_size must be an integer of at least 4"):
         load_dataset("fake", fake_size=size)
+    assert len(load_dataset("fake", fake_size=4).test) == 1
+
+
+# The header of CelebA's list_attr_celeba.txt, as published with the data set.
+_CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes "
+    "No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling "
+    "Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace "
+    "Wearing_Necktie Young"
+).split()
+
+
+def test_the_celeba_label_is_the_smiling_attribute(tmp_path, monkeypatch):
+    """The label is the "Smiling" column of the official header (torchvision's -1 read as 0),
+    not a neighbour: a CelebA whose only varying attribute is Smiling, read through
+    torchvision's own parser."""
+    import torchvision.datasets.celeba as tv_celeba
+
+    assert len(_CELEBA_ATTRIBUTES) == 40
+    monkeypatch.setattr(tv_celeba, "check_integrity", lambda *a, **k: True)  # tiny stand-ins
+    _tiny_celeba(tmp_path)
+    names = [f"{i + 1:06d}.jpg" for i in range(6)]
+    smiling = [1, -1, -1, 1, 1, -1]
+    rows = "".join(
+        f"{name} "
+        + " ".join(str(smile if a == "Smiling" else -1) for a in _CELEBA_ATTRIBUTES)
+        + "\n"
+        for name, smile in zip(names, smiling, strict=True)
+    )
+    header = " ".join(_CELEBA_ATTRIBUTES)
+    (tmp_path / "celeba" / "list_attr_celeba.txt").write_text(f"6\n{header}\n{rows}")
+    split = load_dataset("celeba", data_root=str(tmp_path))
+    labels = [int(split.train[i][1]) for i in range(len(split.train))]
+    labels += [int(split.test[i][1]) for i in range(len(split.test))]
+    assert labels == [(v + 1) // 2 for v in smiling]
 
 
 def test_a_saved_resnet18_loads_back_and_computes_the_same(tmp_path):
