@@ -331,10 +331,11 @@ def test_estimate_mi_mine_reads_the_baseline_form_on_its_evaluation_pairs(n, max
 
 
 def _recorded_estimate(monkeypatch, x, y, estimator="infonce", **options):
-    """estimate_mi with every critic call recorded: ``(training?, rows of x, parameters,
-    scores)`` (training calls are the ones under autograd), the training critic itself, and
-    the split of the standardised pairs as documented (eval_fraction 0.3, then 15% of the rest
-    validates; the first draw of the seeded generator orders them)."""
+    """estimate_mi with every critic call recorded as ``(training?, rows of x, parameters,
+    scores)``, in order and split in two: the training calls (the ones under autograd) and the
+    scoring calls (checks, then the evaluations); the training critic itself, and the split of
+    the standardised pairs as documented (eval_fraction 0.3, then 15% of the rest validates;
+    the first draw of the seeded generator orders them)."""
     from opacus_mi.estimators import estimate as estimate_module
 
     calls, built = [], []
@@ -359,7 +360,8 @@ def _recorded_estimate(monkeypatch, x, y, estimator="infonce", **options):
     split = perm[:n_eval], perm[n_eval : n_eval + n_val], perm[n_eval + n_val :]
     xs = estimate_module._as_2d_float("x", x)
     (critic,) = built
-    return est, calls, critic, split, xs
+    training, scored = [c for c in calls if c[0]], [c for c in calls if not c[0]]
+    return est, training, scored, critic, split, xs
 
 
 def _infonce64(s: torch.Tensor) -> float:
@@ -401,7 +403,7 @@ def test_estimate_mi_stops_on_its_validation_pairs_and_reports_the_best_checked_
     rate makes every check after the first stale. Reference: the rule applied by hand to the
     recorded checks' figures (InfoNCE by logsumexp in float64) and the recorded parameters."""
     x, y = correlated_gaussians(305, 2, 1.0, seed=3)  # (0.3 x 305 = 91.5: rounded, to 92)
-    est, calls, _, (ev, val, train_idx), xs = _recorded_estimate(
+    est, training, scored, _, (ev, val, train_idx), xs = _recorded_estimate(
         monkeypatch,
         x,
         y,
@@ -413,12 +415,11 @@ def test_estimate_mi_stops_on_its_validation_pairs_and_reports_the_best_checked_
         bootstrap=0,
         permutations=0,
     )
-    checks = [c for c in calls if not c[0]][:-2]  # (then the evaluation and in-sample pairs)
-    training = [c for c in calls if c[0]]
+    checks = scored[:-2]  # (then the evaluation and in-sample pairs)
     assert all(torch.equal(c[1], xs[val]) for c in checks)
     made, best = _early_stopping([_infonce64(c[3]) for c in checks], patience=3)
     assert len(checks) == made == 4 and len(training) == 4 and best == 0
-    evaluated, seen = [c for c in calls if not c[0]][-2:]
+    evaluated, seen = scored[-2:]
     assert torch.equal(evaluated[1], xs[ev]) and est.n_eval == len(ev) == 92
     assert est.n_train == len(train_idx) == 305 - 92 - 32  # (0.15 x 213 = 31.95: 32 validate)
     assert all(torch.equal(a, b) for a, b in zip(evaluated[2], checks[best][2], strict=True))
@@ -434,7 +435,7 @@ def test_estimate_mi_checks_every_check_every_steps_and_at_the_last(monkeypatch)
     to them. Reference: the rule by hand, the recorded rows and parameters, and the training
     rows' own mean and population std."""
     x, y = correlated_gaussians(300, 2, 1.0, seed=4)
-    est, calls, critic, (ev, val, train_idx), xs = _recorded_estimate(
+    est, training, scored, critic, (ev, val, train_idx), xs = _recorded_estimate(
         monkeypatch,
         x,
         y,
@@ -447,12 +448,11 @@ def test_estimate_mi_checks_every_check_every_steps_and_at_the_last(monkeypatch)
         bootstrap=0,
         permutations=0,
     )
-    checks = [c for c in calls if not c[0]][:-2]
-    training = [c for c in calls if c[0]]
+    checks = scored[:-2]
     assert len(training) == 10 and len(checks) == 3  # after steps 4, 8 and 10
     figures = [_infonce64(c[3]) for c in checks]
     _, best = _early_stopping(figures, patience=100)
-    evaluated = [c for c in calls if not c[0]][-2]
+    evaluated = scored[-2]
     assert all(torch.equal(a, b) for a, b in zip(evaluated[2], checks[best][2], strict=True))
     assert _rows_of(torch.cat([c[1] for c in training]), xs[train_idx])
     assert all(len(c[1]) == 16 for c in training)
@@ -467,7 +467,7 @@ def test_estimate_mi_reports_the_moving_average_of_the_iterates(monkeypatch):
     Reference: the average taken by hand in float64 over the recorded iterates."""
     ema = 0.6
     x, y = correlated_gaussians(300, 2, 1.0, seed=5)
-    est, calls, critic, _, _ = _recorded_estimate(
+    est, training, scored, critic, _, _ = _recorded_estimate(
         monkeypatch,
         x,
         y,
@@ -478,12 +478,12 @@ def test_estimate_mi_reports_the_moving_average_of_the_iterates(monkeypatch):
         bootstrap=0,
         permutations=0,
     )
-    thetas = [c[2] for c in calls if c[0]]  # theta_0 .. theta_5, as each step read them
+    thetas = [c[2] for c in training]  # theta_0 .. theta_5, as each step read them
     thetas.append([p.detach() for p in critic.parameters()])  # theta_6
     avg = [p.double() for p in thetas[0]]
     for theta in thetas[1:]:
         avg = [ema * a + (1 - ema) * t.double() for a, t in zip(avg, theta, strict=True)]
-    (check, evaluated, _) = [c for c in calls if not c[0]]
+    (check, evaluated, _) = scored
     for got in (check[2], evaluated[2]):
         for a, b in zip(got, avg, strict=True):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
@@ -495,7 +495,7 @@ def test_estimate_mi_doubles_its_minibatch_near_ln_batch_up_to_max_batch(monkeyp
     exceeds ln(batch) - 2, while twice it is at most max_batch and n_train / 16. Reference:
     the rule applied by hand to the recorded checks, against the recorded minibatch sizes."""
     x, y = correlated_gaussians(2000, 2, 3.0, seed=6)
-    est, calls, _, _, _ = _recorded_estimate(
+    est, training, scored, _, _, _ = _recorded_estimate(
         monkeypatch,
         x,
         y,
@@ -508,8 +508,8 @@ def test_estimate_mi_doubles_its_minibatch_near_ln_batch_up_to_max_batch(monkeyp
         bootstrap=0,
         permutations=0,
     )
-    checks = [c for c in calls if not c[0]][:-2]
-    sizes = [len(c[1]) for c in calls if c[0]]
+    checks = scored[:-2]
+    sizes = [len(c[1]) for c in training]
     want, bs, capped = [], min(4, est.n_train), False
     for k in range(24):
         want.append(bs)
@@ -524,11 +524,11 @@ def test_estimate_mi_doubles_its_minibatch_near_ln_batch_up_to_max_batch(monkeyp
     # A batch_size above the training pairs' count draws them all
     x, y = correlated_gaussians(100, 1, 0.5, seed=7)
     monkeypatch.undo()
-    est, calls, _, (ev, val, train_idx), _ = _recorded_estimate(
+    est, training, scored, _, (ev, val, train_idx), _ = _recorded_estimate(
         monkeypatch, x, y, batch_size=1000, max_steps=2, bootstrap=0, permutations=0
     )
     assert est.n_train == len(train_idx) == 100 - 30 - 10
-    assert all(len(c[1]) == est.n_train for c in calls if c[0])
+    assert all(len(c[1]) == est.n_train for c in training)
 
 
 def test_estimate_mi_shuffled_is_the_mean_re_paired_bound_and_p_value_its_rank(monkeypatch):
@@ -570,10 +570,10 @@ def test_estimate_mi_mines_in_sample_figure_takes_the_figures_baseline_form(monk
     pairs; DV on the training pairs would sit above it by Jensen's gap. Reference: c and both
     figures by hand from the recorded scores."""
     x, y = correlated_gaussians(800, 2, 3.0, seed=9)
-    est, calls, _, (ev, val, train_idx), xs = _recorded_estimate(
+    est, training, scored, _, (ev, val, train_idx), xs = _recorded_estimate(
         monkeypatch, x, y, "mine", max_eval=8, max_steps=200, bootstrap=0, permutations=0
     )
-    pool, evaluated, seen = [c for c in calls if not c[0]][-3:]
+    pool, evaluated, seen = scored[-3:]
     assert torch.equal(pool[1], xs[train_idx[:1024]])  # (8 validation pairs: too few for c)
     assert torch.equal(seen[1], xs[train_idx[:8]])
 
@@ -636,7 +636,7 @@ def test_estimate_mi_interval_is_at_the_confidence_asked(monkeypatch, estimator)
 
     monkeypatch.setattr(estimate_module, "bootstrap_counts", spy)
     x, y = correlated_gaussians(200, 2, 0.5, seed=10)
-    est, calls, _, _, _ = _recorded_estimate(
+    est, training, scored, _, _, _ = _recorded_estimate(
         monkeypatch,
         x,
         y,
@@ -646,7 +646,7 @@ def test_estimate_mi_interval_is_at_the_confidence_asked(monkeypatch, estimator)
         permutations=0,
         max_steps=100,
     )
-    pool, evaluated = [c for c in calls if not c[0]][-3:-1]
+    pool, evaluated = scored[-3:-1]
     s = evaluated[3].double()
     n = len(s)
     assert math.isfinite(est.ci_low) and est.n_eval == n == 60
