@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import write_whole
+from .report import write_text_whole
 
 EXPLANATION = """
 <ul>
@@ -185,5 +185,5 @@ def write_html(
     # Whole or not at all: report.html is a run's last output, and a sweep's --resume keeps a
     # run whose outputs all exist (a stop mid-write left a truncated report kept as finished).
     text = "\n".join(parts) + "\n"
-    write_whole(path, lambda part: part.write_text(text, encoding="utf-8"))
+    write_text_whole(path, text)
     return path

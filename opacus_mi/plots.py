@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .records import LeakageRecord  # noqa: E402
-from .report import is_lower_bound  # noqa: E402
+from .report import is_lower_bound, save_figure  # noqa: E402
 
 
 def _finite(x: Any) -> float:
@@ -48,11 +48,11 @@ def _isolated(ok: list[bool]) -> list[int]:
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:

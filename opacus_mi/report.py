@@ -319,6 +319,21 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
         part.unlink(missing_ok=True)
 
 
+def write_text_whole(path: str | os.PathLike, text: str) -> Path:
+    """``text`` as ``path``'s whole content, through :func:`write_whole`."""
+    path = Path(path)
+    write_whole(path, lambda part: part.write_text(text, encoding="utf-8"))
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **savefig: Any) -> Path:
+    """A matplotlib figure saved through :func:`write_whole`: a stop mid-save leaves the
+    last whole image (the format named, since the part file's suffix is not the image's)."""
+    path = Path(path)
+    write_whole(path, lambda part: fig.savefig(part, format=path.suffix[1:], **savefig))
+    return path
+
+
 def partial_path(path: Path) -> Path:
     """Where :func:`write_whole` writes ``path`` before it is complete (a hidden sibling)."""
     return path.with_name(f".{path.name}.part")

@@ -29,6 +29,7 @@ from .report import (
     read_csv_rows,
     render_table,
     write_csv_rows,
+    write_text_whole,
 )
 from .training import (
     RunConfig,
@@ -339,7 +340,7 @@ def write_sweep_outputs(
             f"\nnot finished: no row for {', '.join(f'{n}/' for n in missing)}; the same "
             "command with --resume goes on"
         )
-    (out / "sweep.txt").write_text(table + "\n", encoding="utf-8")
+    write_text_whole(out / "sweep.txt", table + "\n")
     files.append(out / "sweep.txt")
     image = plot_sweep(rows, out / "sweep.png")
     files.append(image)

@@ -43,7 +43,7 @@ from .checks import (
 from .data import DATASETS
 from .models import MODELS
 from .records import MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
-from .report import csv_cell, partial_path, write_whole
+from .report import csv_cell, partial_path, write_text_whole, write_whole
 from .views import default_views, series_names, unmeasured_views
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
@@ -1199,7 +1199,7 @@ def _tb_record(writer, record: LeakageRecord) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     """Strict JSON, non-finite numbers as records write them ("inf", "nan"): as null, a
     noiseless run's epsilon (inf) read back as missing."""
-    path.write_text(json.dumps(json_safe(obj), indent=2) + "\n", encoding="utf-8")
+    write_text_whole(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 _RECORD_COLUMNS = (
@@ -1237,16 +1237,20 @@ def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike)
     keys = mi_keys(records)
     header = list(_RECORD_COLUMNS) + [f"{k}_{f}" for k in keys for f in MI_FIELDS] + ["flags"]
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for r in records:
-            row: list[Any] = [csv_cell(getattr(r, c)) for c in _RECORD_COLUMNS]
-            for k in keys:
-                v = r.mi.get(k)
-                row += [csv_cell(None if v is None else getattr(v, f)) for f in MI_FIELDS]
-            row.append(";".join(r.flags))
-            w.writerow(row)
+
+    def write(part: Path) -> None:
+        with open(part, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            for r in records:
+                row: list[Any] = [csv_cell(getattr(r, c)) for c in _RECORD_COLUMNS]
+                for k in keys:
+                    v = r.mi.get(k)
+                    row += [csv_cell(None if v is None else getattr(v, f)) for f in MI_FIELDS]
+                row.append(";".join(r.flags))
+                w.writerow(row)
+
+    write_whole(path, write)
     return path
 
 
@@ -1329,7 +1333,7 @@ def write_run_outputs(
         resume = " (--resume goes on from its latest epoch)" if (out / CHECKPOINT).is_file() else ""
         items = {"not finished": f"the run has no result.json{last}{resume}", **items}
     summary = "\n".join([table] + [f"{k}: {v}" for k, v in items.items()])
-    (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
+    write_text_whole(out / "summary.txt", summary + "\n")
     files.append(out / "summary.txt")
     final = None
     if done.get("steps") and done.get("epsilon") is not None:

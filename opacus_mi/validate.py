@@ -59,7 +59,15 @@ from .checks import (
     require_seed,
 )
 from .records import json_safe
-from .report import fmt_interval, fmt_number, read_csv_rows, render_table, write_csv_rows
+from .report import (
+    fmt_interval,
+    fmt_number,
+    read_csv_rows,
+    render_table,
+    save_figure,
+    write_csv_rows,
+    write_text_whole,
+)
 
 VALIDATE_DATASETS: tuple[str, ...] = ("digits", "cifar10")
 DEFAULT_NOISE: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
@@ -386,7 +394,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidateResult:
                     f.write(note + "\n")
             else:
                 note = f"stopped after {len(rows)} of the grid's {grid} settings"
-                txt.write_text(f"{grid_table(rows)}\n{note}\n", encoding="utf-8")
+                write_text_whole(txt, f"{grid_table(rows)}\n{note}\n")
                 # Its settings and the grid's size, for `report`: without them it rendered the
                 # finished settings as a whole grid of that size, with an empty config.
                 summary = {"config": cfg.as_dict(), "settings": len(rows), "grid": grid}
@@ -953,7 +961,7 @@ def write_outputs(
         )
     text = "\n".join(lines)
     # (Before the plots: a stop while they are drawn keeps the whole grid's text.)
-    (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
+    write_text_whole(out / "validate.txt", text + "\n")
     files.append(out / "validate.txt")
     files.append(plot_validate(rows, correlations, out / "validate.png"))
     if extras and extras.get("recon"):
@@ -970,7 +978,7 @@ def write_outputs(
     files.append(_write_summary(out, summary))
     if wall_seconds is not None:  # (the text without it is the one a stop above keeps)
         text += f"\nwall time: {wall_seconds:.1f} s"
-        (out / "validate.txt").write_text(text + "\n", encoding="utf-8")
+        write_text_whole(out / "validate.txt", text + "\n")
     return text, files
 
 
@@ -978,8 +986,7 @@ def _write_summary(out: Path, summary: dict[str, Any]) -> Path:
     """``validate.json``. Strict JSON: an undefined correlation (NaN) is written "nan", as
     records write it."""
     text = json.dumps(json_safe(summary), indent=2, default=str)
-    (out / "validate.json").write_text(text + "\n", encoding="utf-8")
-    return out / "validate.json"
+    return write_text_whole(out / "validate.json", text + "\n")
 
 
 def rerender_validate(out: str | os.PathLike) -> tuple[str, list[Path]]:
@@ -1152,10 +1159,10 @@ def plot_validate(
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_reconstructions(examples: list[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -1195,7 +1202,7 @@ def plot_reconstructions(examples: list[dict[str, Any]], path: str | os.PathLike
                     )
     fig.suptitle("Inverting Gradients reconstructions of the attacked inputs", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

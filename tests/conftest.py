@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import io
+import os
 import warnings
 
 import pytest
@@ -180,3 +184,48 @@ def fail_estimate_at(monitor, call: int) -> None:
 @pytest.fixture
 def private_setup():
     return make_private
+
+
+def writes_cut_off(folder, at: int) -> tuple[contextlib.AbstractContextManager, list[str]]:
+    """Open files in ``folder`` as usual, but let the ``at``-th one opened for writing (from 1;
+    0: none) take half of its first write and then stop, as Ctrl-C would mid-write. Patches
+    ``open`` and ``io.open``, through which Python's writers, csv, pathlib and Pillow's PNG
+    encoder (matplotlib's savefig) all go. Returns the patch and the names opened for writing."""
+    folder, opened = os.path.realpath(folder), []
+    real = builtins.open
+
+    class HalfThenStop:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, data):
+            self._fh.write(data[: len(data) // 2])
+            self._fh.flush()
+            raise KeyboardInterrupt  # (the signal, mid-write)
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._fh.__exit__(*exc)
+
+    def cutting(file, mode="r", *args, **kwargs):
+        fh = real(file, mode, *args, **kwargs)
+        path = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+        if any(m in mode for m in "wax") and os.path.dirname(os.path.realpath(path)) == folder:
+            opened.append(os.path.basename(path))
+            if len(opened) == at:
+                return HalfThenStop(fh)
+        return fh
+
+    @contextlib.contextmanager
+    def patch():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(builtins, "open", cutting)
+            mp.setattr(io, "open", cutting)
+            yield
+
+    return patch(), opened

@@ -872,6 +872,34 @@ def test_a_stopped_validate_keeps_its_finished_rows(tmp_path, monkeypatch, where
     assert (out / "validate.txt").read_text(encoding="utf-8") == f"{V.grid_table(rows)}\n{note}\n"
 
 
+def test_a_validate_stopped_mid_write_leaves_each_file_whole(tmp_path):
+    """validate.txt, validate.json and the PNGs were written in place: a stop mid-write left a
+    torn file. Each write of `report`'s re-render is cut off halfway in turn: every file stays
+    a complete one, the text at most without its wall time (written again once the JSON is)."""
+    from conftest import writes_cut_off
+
+    from opacus_mi.validate import rerender_validate
+
+    out = tmp_path / "v"
+    assert _main([*TINY_VALIDATE, "--noise-multipliers", "0", "0.1", "--out", str(out)])[0] == 0
+    rerender_validate(out)
+    whole = {p.name: p.read_bytes() for p in out.iterdir()}
+    text = whole["validate.txt"]
+    before_wall = text[: text.rindex(b"wall time")]
+    patch, opened = writes_cut_off(out, at=0)
+    with patch:
+        rerender_validate(out)
+    assert len(opened) >= 4  # (text, plot, JSON, text again)
+    for at in range(1, len(opened) + 1):
+        patch, cut = writes_cut_off(out, at)
+        with patch, pytest.raises(KeyboardInterrupt):
+            rerender_validate(out)
+        now = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert now.keys() == whole.keys(), cut[-1]
+        for name, data in now.items():
+            assert data == whole[name] or (name, data) == ("validate.txt", before_wall), cut[-1]
+
+
 def test_a_validate_stopped_while_drawing_its_plots_keeps_the_whole_grids_text(
     tmp_path, monkeypatch
 ):

@@ -1742,6 +1742,55 @@ def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # (no part file left)
 
 
+@pytest.mark.parametrize("kind", ["run", "sweep"])
+def test_a_stop_mid_write_leaves_each_output_whole(tmp_path, monkeypatch, kind):
+    """summary.txt, records.csv, result.json, the PNGs and sweep.txt were written in place, so
+    a stop mid-write (Ctrl-C, SIGTERM) left a torn file beside the others. Here the same
+    outputs are written again and each file in turn is cut off halfway through its first
+    write: the stop reaches the caller and every file is byte for byte the last complete one,
+    no part file."""
+    from types import SimpleNamespace
+
+    from conftest import writes_cut_off
+
+    from opacus_mi import html_report
+    from opacus_mi.records import LeakageRecord, MIValue
+    from opacus_mi.sweep import write_sweep_outputs
+    from opacus_mi.training import _write_json, write_run_outputs
+
+    monkeypatch.setattr(html_report, "time", SimpleNamespace(strftime=lambda _: "then"))
+    records = [
+        LeakageRecord(step=i, batch_size=16, noise_multiplier=1.0, max_grad_norm=1.0,
+                      sample_rate=0.25, epsilon=0.5 * (i + 1), delta=1e-5, epsilon_step=i,
+                      mi={"private/oracle": MIValue(0.2 + 0.1 * i, 0.1, 0.4 + 0.1 * i, 16)})
+        for i in range(3)
+    ]  # fmt: skip
+    rows = [{"setting": f"sigma_{s}", "noise_multiplier": s, "epsilon": 4.0 / s,
+             "clipped_mi": 0.4 / s, "clipped_ci_low": 0.3 / s, "clipped_ci_high": 0.5 / s}
+            for s in (1, 2)]  # fmt: skip
+    results = {"epsilon": 1.5, "delta": 1e-5, "noise_multiplier": 1.0, "steps": 3}
+
+    def write():
+        if kind == "run":
+            _write_json(tmp_path / "result.json", results)
+            outputs = write_run_outputs(tmp_path, records, config={"dataset": "x"}, results=results)
+            return outputs[0], [*outputs[1], tmp_path / "result.json"]
+        return write_sweep_outputs(tmp_path, rows, settings={"estimator": "none"})
+
+    _, files = write()
+    whole = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(whole) == sorted(p.name for p in files) and len(whole) >= 4
+    patch, opened = writes_cut_off(tmp_path, at=0)
+    with patch:
+        write()
+    assert len(opened) == len(whole)  # (each output opened once: each is cut off below)
+    for at in range(1, len(whole) + 1):
+        patch, opened = writes_cut_off(tmp_path, at)
+        with patch, pytest.raises(KeyboardInterrupt):
+            write()
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == whole, opened[-1]
+
+
 def test_csv_cells_read_back_numpy_floats_and_edited_files_are_refused_by_name(tmp_path):
     """NumPy 2 writes repr(np.float64(3.2)) as "np.float64(3.2)", which read back as NaN; an
     edited sweep.csv (an extra cell, another encoding, a NUL) failed with a TypeError or a codec
