@@ -961,6 +961,28 @@ def test_epsilon_plot_puts_each_exact_value_at_its_own_step(tmp_path, monkeypatc
     assert seen[1].tolist() == [[0, 0.5], [3, 0.9], [7, 1.3]]
 
 
+def test_epsilon_plot_ignores_an_earlier_final_and_notes_only_a_wholly_infinite_curve(
+    tmp_path, monkeypatch
+):
+    """The closing epsilon only extends the curve (one at an earlier step than a record's
+    exact value would put a stale point into it), and 'no finite epsilon' is said only when
+    no point is finite: a first step at inf (one step of a tiny sigma under PRV) is not all."""
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+    records = [_epsilon_record(s, 0.5 + s, s) for s in range(5)]
+    plots.plot_epsilon(records, tmp_path / "epsilon.png", final=(2, 9.0))
+    assert seen[0].get_lines()[0].get_xydata().tolist() == [[s, 0.5 + s] for s in range(5)]
+    records[0].epsilon = math.inf
+    plots.plot_epsilon(records, tmp_path / "epsilon.png")
+    assert not any("no finite epsilon" in t.get_text() for t in seen[1].texts)
+    for r in records:
+        r.epsilon = math.inf
+    plots.plot_epsilon(records, tmp_path / "epsilon.png")
+    assert any("no finite epsilon" in t.get_text() for t in seen[2].texts)
+
+
 def test_sweep_plot_names_the_runs_it_cannot_place(tmp_path, monkeypatch):
     """A sweep run without a finite epsilon (Opacus's PRV failed: NaN) was dropped from both
     panels without a word; now the figure names it."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,73 @@ def test_report_html_is_self_contained(run_dir):
     assert "private/oracle" in html
     assert "1/(2 sigma^2)" in html
     assert "<script" not in html and 'src="http' not in html
+
+
+class _Page(HTMLParser):
+    """What a browser shows of a page: each element's text, by tag, and the images' sources."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.open, self.text, self.images = [], {}, []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.open.append(tag)
+        self.text.setdefault(tag, []).append("")
+        if tag == "img":
+            self.images.append(dict(attrs))
+            self.open.pop()  # (a void element)
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop() != tag:
+            pass
+
+    def handle_data(self, data):
+        if self.open:
+            self.text[self.open[-1]][-1] += data
+
+
+def test_the_report_page_shows_each_part_as_given_and_only_the_parts_given(tmp_path):
+    """write_html's parts read back through Python's own HTML parser: a title, table, setting
+    or file name holding <, & or a quote shows as written (escaped, never read as markup), None
+    as '-', a list as its items; a Results or Settings section only when there is one; 'No
+    table.' only without either table; each image whole as a base64 PNG data URI."""
+    import base64
+
+    from opacus_mi.html_report import EXPLANATION, sweep_explanation, write_html
+
+    image = tmp_path / 'a "b" <c>.png'
+    image.write_bytes(bytes(range(256)) * 3)
+    title, table = 'MI <b>&</b> "eps"', "view  <private/oracle> & 'ln B'"
+    settings = {"views": ["clipped", "private"], "seed": None, "note": "<i>x</i> & y"}
+    path = write_html(tmp_path, title=title, settings=settings, table=table, images=[image],
+                      results={"epsilon": "<1"}, explanation="<p>mine</p>")  # fmt: skip
+    page = _Page(path.read_text(encoding="utf-8"))
+    assert page.text["title"] == [title] and page.text["h1"] == [title]
+    assert page.text["pre"] == [table] and "No table." not in page.text.get("p", [])
+    assert page.text["h2"] == [
+        "Results", "Leakage summary", "What the columns mean", "Plots", "Settings"
+    ]  # fmt: skip
+    cells = dict(zip(page.text["th"], page.text["td"], strict=True))
+    assert cells == {"epsilon": "<1", "views": "clipped, private", "seed": "-",
+                     "note": "<i>x</i> & y"}  # fmt: skip
+    assert page.text["figcaption"] == [image.name] and page.images[0]["alt"] == image.name
+    prefix, _, data = page.images[0]["src"].partition(",")
+    assert prefix == "data:image/png;base64" and base64.b64decode(data) == image.read_bytes()
+    assert page.text["p"] == ["mine"] and "Units." not in path.read_text(encoding="utf-8")
+    assert "Units." in EXPLANATION  # (the default the argument replaced)
+
+    # Neither results nor settings nor images: no sections for them; a trusted table as is.
+    path = write_html(tmp_path, title="t", settings={}, results={}, table_html="<em>rows</em>")
+    page = _Page(path.read_text(encoding="utf-8"))
+    assert page.text["h2"] == ["Leakage summary", "What the columns mean"]
+    assert page.text["em"] == ["rows"] and "No table." not in page.text.get("p", [])
+    assert "Units." in page.text["b"]  # (the default explanation)
+    page = _Page(write_html(tmp_path, title="t", settings={}).read_text(encoding="utf-8"))
+    assert "No table." in page.text["p"]
+    # A sweep's estimator, read from its folder's settings, is text too.
+    notes = _Page(sweep_explanation("<b>mine</b>"))
+    assert "the learned critic's (<b>mine</b>) held-out lower bound" in "".join(notes.text["li"])
 
 
 def test_report_subcommand_rerenders_a_run(run_dir):

@@ -2098,6 +2098,130 @@ def test_mi_plot_shows_isolated_figures_and_the_oracles_own_ceiling(tmp_path, mo
     assert "ln B (InfoNCE / oracle ceiling)" in labels and not any("chunks" in x for x in labels)
 
 
+def _plot_record(step, nats, lo, hi, *, batch=16, sigma=1.0, key="private/oracle", **kw):
+    """A record of one series for the plots: its figure, interval, batch and bound."""
+    mi = {} if nats is None else {key: MIValue(nats, lo, hi, max(batch, 1), **kw)}
+    bound = None if sigma is None else (math.inf if sigma == 0 else 1 / (2 * sigma * sigma))
+    return LeakageRecord(
+        step=step, batch_size=batch, noise_multiplier=sigma or 0.0, max_grad_norm=1.0,
+        sample_rate=0.1, epsilon=1.0, delta=1e-5, mi=mi, mi_bound=bound,
+    )  # fmt: skip
+
+
+def test_mi_plot_draws_each_line_only_where_it_has_values(tmp_path, monkeypatch):
+    """An interval with one end unknown beside a whole one hid the whole one's bar; sigma 0's
+    infinite bound was listed in the legend with no line; one record's bound and ln B are
+    marks, not invisible lines of one point; an empty batch (B = 0) put ln B at 0; a run
+    partly under BatchMemoryManager lost the oracle's own ceiling; the title called the
+    oracle an estimate among the learned rows."""
+    from matplotlib.collections import LineCollection
+
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+    nan = math.nan
+
+    def bars(ax):
+        return [tuple(map(float, seg[:, 0])) + tuple(map(float, seg[:, 1]))
+                for c in ax.collections if isinstance(c, LineCollection)
+                for seg in c.get_segments()]  # fmt: skip
+
+    records = [_plot_record(0, 0.3, 0.1, nan), _plot_record(1, 0.4, 0.2, 0.6),
+               _plot_record(2, 0.5, 0.3, nan)]  # fmt: skip
+    plots.plot_mi(records, tmp_path / "mi.png")
+    assert bars(seen.pop()) == [(1.0, 1.0, 0.2, 0.6)]  # (a band needs both ends on two steps)
+
+    plots.plot_mi([_plot_record(s, 0.3, 0.2, 0.4, sigma=0) for s in range(3)], "unused.png")
+    labels = [ln.get_label() for ln in seen.pop().get_lines()]
+    assert not any("bound/step" in label for label in labels)
+
+    plots.plot_mi([_plot_record(0, 0.3, 0.2, 0.4)], "unused.png")
+    lines = {ln.get_label(): ln for ln in seen.pop().get_lines()}
+    assert lines["private view bound/step 1/(2 sigma^2)"].get_marker() == "_"
+    assert lines["ln B (InfoNCE / oracle ceiling)"].get_marker() == "_"
+
+    records = [_plot_record(0, 0.3, 0.2, 0.4), _plot_record(1, None, nan, nan, batch=0),
+               _plot_record(2, 0.3, 0.2, 0.4, batch=8)]  # fmt: skip
+    plots.plot_mi(records, "unused.png")
+    lines = {ln.get_label(): ln for ln in seen.pop().get_lines()}
+    ln_b = lines["ln B (InfoNCE / oracle ceiling)"].get_xydata().tolist()
+    assert ln_b == [[0, math.log(16)], [2, math.log(8)]]
+
+    chunked = [_plot_record(0, 0.3, 0.2, 0.4, batch=32, ceiling=math.log(32)),
+               _plot_record(1, 0.3, 0.2, 0.4, batch=32, ceiling=math.log(8))]  # fmt: skip
+    plots.plot_mi(chunked, "unused.png")
+    lines = {ln.get_label(): ln for ln in seen.pop().get_lines()}
+    ceiling = lines["oracle ceiling (mean ln of its chunks' sizes)"].get_ydata().tolist()
+    assert ceiling == [math.log(32), math.log(8)]
+
+    record = _plot_record(0, 0.3, 0.2, 0.4)
+    record.mi["clipped/smile"] = MIValue(0.1, 0.0, 0.2, 16)
+    plots.plot_mi([record], "unused.png")
+    title = seen.pop().get_title()
+    assert "smile: an estimate" in title and "oracle: an estimate" not in title
+
+
+def test_mi_plot_keeps_ln_b_and_a_near_bound_in_view_and_cuts_at_a_quarter_of_the_top(
+    tmp_path, monkeypatch
+):
+    """The y range: ln B always in view (estimates of 0.05 nats put the axis top at 0.1 and
+    the ln B line above it); the bound in view unless above twice the largest figure (then
+    noted); values below -max(1, top / 4) cut off with a note."""
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes[0]))
+
+    def axis(records):
+        plots.plot_mi(records, "unused.png")
+        ax = seen.pop()
+        return ax.get_ylim(), " ".join(t.get_text() for t in ax.texts)
+
+    (_, top), _ = axis([_plot_record(s, 0.05, 0.04, 0.06, sigma=None) for s in range(3)])
+    assert top > math.log(16)
+    for sigma, kept in ((0.25, False), (0.35, True)):  # bounds 8 and 4.1 nats, ln 16 = 2.77
+        (_, top), notes = axis([_plot_record(s, 0.3, 0.2, 0.4, sigma=sigma) for s in range(3)])
+        bound = 1 / (2 * sigma**2)
+        assert (top >= bound) == kept and ("above the axis" in notes) == (not kept)
+        assert kept or f"bound/step {bound:.4g} nats" in notes
+    records = [_plot_record(s, 5.0, 4.9, 5.1, batch=256, sigma=None) for s in range(3)]
+    records[1].mi["private/oracle"].nats = -10.0
+    (low, _), notes = axis(records)
+    top = math.log(256)  # (the largest value: ln B)
+    assert low == pytest.approx(-top / 4) and f"axis cut at {-top / 4:.2f} nats" in notes
+
+
+def test_sweep_plot_orders_and_scales_by_finite_positive_epsilons(tmp_path, monkeypatch):
+    """The raw view's column (opt-in) gets its own series; accuracy and the bound are lines
+    along increasing epsilon through the rows that have one (rows come in sigma's order, or
+    any order from a hand-edited sweep.csv); an epsilon of 0 does not make the axes log."""
+    from opacus_mi import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(fig.axes))
+    nan = math.nan
+    rows = [
+        {"setting": "b", "epsilon": 2.0, "test_accuracy": 0.8, "bound_per_step": 0.3,
+         "oracle_mi": 0.2, "raw_mi": 0.9, "raw_ci_low": 0.8, "raw_ci_high": 1.0},
+        {"setting": "a", "epsilon": 1.0, "test_accuracy": 0.6, "bound_per_step": 0.1,
+         "oracle_mi": 0.1, "raw_mi": 0.7, "raw_ci_low": 0.6, "raw_ci_high": 0.8},
+        {"setting": "c", "epsilon": 3.0, "test_accuracy": 0.9, "bound_per_step": 0.5,
+         "oracle_mi": 0.3, "raw_mi": 1.1, "raw_ci_low": 1.0, "raw_ci_high": 1.2},
+        {"setting": "d", "epsilon": nan, "test_accuracy": 0.95, "bound_per_step": 9.0},
+    ]  # fmt: skip
+    plots.plot_sweep(rows, tmp_path / "sweep.png")
+    ax_mi, ax_acc = seen.pop()
+    lines = {ln.get_label(): ln.get_xydata().tolist() for ln in ax_mi.get_lines()}
+    assert lines["raw (learned)"] == [[1.0, 0.7], [2.0, 0.9], [3.0, 1.1]]
+    assert lines["bound/step 1/(2 sigma^2)"] == [[1.0, 0.1], [2.0, 0.3], [3.0, 0.5]]
+    assert ax_acc.get_lines()[0].get_xydata().tolist() == [[1.0, 0.6], [2.0, 0.8], [3.0, 0.9]]
+    assert ax_mi.get_xscale() == ax_acc.get_xscale() == "linear"  # (3 < 10 x 1)
+    rows[3]["epsilon"] = 0.0  # (a setting of no steps, or sigma beyond the accountant's grid)
+    plots.plot_sweep(rows, tmp_path / "sweep.png")
+    assert [ax.get_xscale() for ax in seen.pop()] == ["linear", "linear"]
+
+
 def test_a_learned_row_below_zero_is_said_to_be_an_empty_bound_not_a_measurement():
     """From a review: at sigma 4 early in training a critic that validated above 0 read
     confidently below 0 on the next steps' pairs (raw/mine -0.99 [-1.48, -0.50] as the mean of
