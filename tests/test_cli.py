@@ -718,6 +718,100 @@ def test_learning_flags_stay_with_the_semi_oracle_but_a_token_encoder_does_not(t
         _config(build_parser().parse_args([*argv, "--tokenizer", "transformer"]))
 
 
+_FLAG_OF_FIELD = {  # each RunConfig field: the run flags that set it, and the value they give
+    "dataset": (["--dataset", "fake"], "fake"),
+    "data_root": (["--dataset", "cifar10", "--data-root", "d"], "d"),
+    "model": (["--model", "mlp"], "mlp"),
+    "epochs": (["--epochs", "3"], 3),
+    "batch_size": (["--batch-size", "32"], 32),
+    "lr": (["--lr", "0.125"], 0.125),
+    "noise_multiplier": (["--noise-multiplier", "2.5"], 2.5),
+    "target_epsilon": (["--target-epsilon", "3.5"], 3.5),
+    "max_grad_norm": (["--max-grad-norm", "0.75"], 0.75),
+    "delta": (["--delta", "1e-6"], 1e-6),
+    "accountant": (["--accountant", "rdp"], "rdp"),
+    "exact_epsilon": (["--exact-epsilon"], True),
+    "estimator": (["--estimator", "infonce"], "infonce"),
+    "views": (["--views", "private", "raw"], ("private", "raw")),
+    "token_dim": (["--token-dim", "24"], 24),
+    "every": (["--every", "3"], 3),
+    "train_every": (["--train-every", "5"], 5),
+    "train_iters": (["--train-iters", "7"], 7),
+    "control": (["--control"], True),
+    "semi_oracle": (["--semi-oracle"], True),
+    "tokenizer": (["--tokenizer", "autoencoder"], "autoencoder"),
+    "device": (["--device", "cpu:0"], "cpu:0"),
+    "seed": (["--seed", "11"], 11),
+    "out": (["--out", "elsewhere"], "elsewhere"),
+    "tensorboard": (["--tensorboard"], True),
+    "fake_size": (["--dataset", "fake", "--fake-size", "40"], 40),
+    "threads": (["--threads", "2"], 2),
+    "overlap": (["--overlap", "off"], "off"),
+}
+
+
+def test_each_run_flag_sets_its_own_run_config_field_and_no_other():
+    """`_config` copies 28 flags into RunConfig by hand: one copied into the wrong field, or
+    left at its default, was accepted and ignored. Each field (RunConfig's own list) is set by
+    its flag to a value none of the defaults has, and every other field keeps its default."""
+    import dataclasses
+
+    from opacus_mi.cli import _config, build_parser
+    from opacus_mi.training import RunConfig
+
+    fields = [f.name for f in dataclasses.fields(RunConfig)]
+    assert sorted(_FLAG_OF_FIELD) == sorted(fields)  # (a new field gets its line here)
+    parser = build_parser()
+    default = _config(parser.parse_args(["run"]))
+    assert default == RunConfig().validate()
+    for name, (flags, value) in _FLAG_OF_FIELD.items():
+        cfg = _config(parser.parse_args(["run", *flags]))
+        assert getattr(default, name) != value and getattr(cfg, name) == value, name
+        changed = {f for f in fields if getattr(cfg, f) != getattr(default, f)}
+        assert changed == {name} | ({"dataset"} if "--dataset" in flags else set()), name
+
+
+def test_each_validate_flag_sets_its_own_validate_config_field_and_no_other(monkeypatch):
+    """The same for `validate`, whose flags are a subset of ValidateConfig's fields (the rest
+    are the library's): each sets its field and no other."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from opacus_mi import validate
+    from opacus_mi.validate import ValidateConfig
+
+    seen = []
+
+    def run_validate(cfg, progress=True):
+        seen.append(cfg)
+        return SimpleNamespace(text="", out_dir=Path(cfg.out), files=[])
+
+    monkeypatch.setattr(validate, "run_validate", run_validate)
+    flags = {
+        "dataset": (["--dataset", "cifar10", "--data-root", "d"], "cifar10"),
+        "data_root": (["--dataset", "cifar10", "--data-root", "d"], "d"),
+        "out": (["--out", "elsewhere"], "elsewhere"),
+        "seed": (["--seed", "11"], 11),
+        "noise_multipliers": (["--noise-multipliers", "0.5", "3"], (0.5, 3.0)),
+        "batch_sizes": (["--batch-sizes", "2", "4"], (2, 4)),
+        "stages": (["--stages", "0", "7"], (0, 7)),
+        "restarts": (["--restarts", "3"], 3),
+        "iters": (["--iters", "9"], 9),
+        "images": (["--images", "5"], 5),
+        "candidates": (["--candidates", "40"], 40),
+    }
+    assert cli.main(["validate"]) == 0
+    default = seen.pop()
+    assert default == ValidateConfig()
+    for name, (argv, value) in flags.items():
+        assert cli.main(["validate", *argv]) == 0, name
+        cfg = seen.pop()
+        assert getattr(default, name) != value and getattr(cfg, name) == value, name
+        changed = {f.name for f in dataclasses.fields(ValidateConfig)
+                   if getattr(cfg, f.name) != getattr(default, f.name)}  # fmt: skip
+        assert changed == {name} | ({"dataset", "data_root"} if "--dataset" in argv else set())
+
+
 def test_progress_bar_redraws_rarely_off_a_terminal(tmp_path, monkeypatch):
     """Written to a file, the bar drew 56 lines in a 69-step run."""
     import tqdm.auto
