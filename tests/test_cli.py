@@ -491,6 +491,19 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_error(tmp_path, capsys, monkeyp
     assert err == "opacus-mi: error: [Errno 32] Broken pipe\n"
 
 
+def test_an_error_of_several_lines_is_said_on_one(tmp_path, capsys, monkeypatch):
+    """Each error is one `opacus-mi: error:` line, as argparse's are (a log reader or `grep`
+    sees it whole), whatever the message's own line breaks and indentation."""
+
+    def report(args):
+        raise ValueError("OUTDIR 'x': the first part\n    and  the second\t")
+
+    monkeypatch.setattr(cli, "_cmd_report", report)
+    rc = cli.main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "opacus-mi: error: OUTDIR 'x': the first part and the second\n"
+
+
 def test_a_batch_of_every_training_example_is_accepted():
     """A batch as large as the training set is Opacus's q = 1 (one step an epoch), allowed;
     one larger is refused. Reference: len(DataLoader) of that batch size is 1."""
