@@ -95,6 +95,12 @@ def test_a_percentage_given_as_the_budget_is_warned_about(private_setup):
     engine, model, opt, _ = private_setup()
     with pytest.warns(UserWarning, match=r"take 600% .* for 6% pass budget=0.06"):
         LeakageMonitor(engine, model, opt, delta=1e-5, budget=6, every=None).detach()
+    # From 2 on (200%, two percent meant): warned; below it, a loose budget taken as given.
+    with pytest.warns(UserWarning, match=r"take 200% .* for 2% pass budget=0.02"):
+        LeakageMonitor(engine, model, opt, delta=1e-5, budget=2, every=None).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LeakageMonitor(engine, model, opt, delta=1e-5, budget=1.5, every=None).detach()
 
 
 @pytest.mark.parametrize("name", ["every", "train_every"])
@@ -119,6 +125,7 @@ def test_budget_is_validated_on_a_fixed_schedule_too(private_setup):
         ("oracle_draws", 2.5, "oracle_draws must be a positive integer"),  # was no figure
         ("train_iters", 0, "train_iters must be a positive integer"),  # never trained
         ("window", 1, "window must be an integer >= 4"),  # never trained
+        ("window", 3, "window must be an integer >= 4"),  # (the least it trains on is 4)
         ("seed", "x", "seed must be an integer"),  # was torch's RuntimeError
         ("seed", 2**64, "seed must be an integer from -2\\*\\*63 to 2\\*\\*64 - 1"),  # overflow
         ("semi_oracle", "yes", "semi_oracle must be True or False"),
@@ -742,6 +749,25 @@ def test_summary_says_what_the_budget_let_the_monitor_do(budget_defaults):
         f"{mixed.estimators['clipped'].updates + mixed.estimators['private'].updates} critic "
         f"rounds; critic time {share:.1%} of the training loop's."
     )
+
+
+def test_the_note_counts_critic_rounds_only_where_the_budget_schedules_them(private_setup):
+    """Measured under the budget, the note speaks of the critics' rounds only when the budget
+    scheduled them too (``train_every=None``); with ``train_every`` fixed they are not what
+    the budget let the monitor do. Reference: the critics' own update counts."""
+    for train_every in (None, 2):
+        engine, model, opt, loader = private_setup(n=64)
+        monitor = LeakageMonitor(
+            engine, model, opt, delta=1e-5, every=None, train_every=train_every
+        )
+        train(model, opt, loader, epochs=1)
+        note = monitor.schedule_note()
+        rounds = sum(e.updates for e in monitor.estimators.values())
+        assert note.startswith("schedule: overhead budget 6% - measured "), note
+        assert ("critic rounds" in note) == (train_every is None), note
+        if train_every is None:
+            assert f", {rounds} critic rounds; " in note
+        monitor.detach()
 
 
 def test_on_a_fixed_every_the_budgeted_critics_get_all_of_the_budget(private_setup):

@@ -46,6 +46,32 @@ def test_control_critic_sees_the_same_rows_re_paired():
     assert "control" in monitor.summary()
 
 
+def test_without_a_control_critic_no_figure_carries_a_control():
+    """``MIValue.control`` is the control critic's figure, or None where there is none: a
+    monitor without ``control`` gave every learned figure a NaN control, which reads as a
+    control that failed (and is written to the JSONL as one)."""
+    engine, model, opt, loader = make_private(poisson=False, n=128)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    train(model, opt, loader, epochs=2, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    monitor.detach()
+    values = [v for r in monitor.history for v in r.mi.values()]
+    assert any(key.endswith("/mine") for r in monitor.history for key in r.mi)
+    assert values and all(v.control is None for v in values)
+
+
+def test_a_batch_of_two_is_re_paired_and_its_figures_carry_a_control():
+    """Two examples are the fewest a random cycle re-pairs (a swap): every learned figure of
+    such a batch still has its control beside it."""
+    engine, model, opt, loader = make_private(poisson=False, batch_size=2, n=24)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, train_every=1, control=True, views=("clipped",)
+    )
+    train(model, opt, loader)
+    monitor.detach()
+    values = [r.mi["clipped/mine"] for r in monitor.history if "clipped/mine" in r.mi]
+    assert values and all(v.n == 2 and v.control is not None for v in values)
+
+
 def test_control_keeps_training_bit_identical_and_round_trips():
     def run(monitored: bool, split: bool = False):
         engine, model, opt, loader = make_private(poisson=False, n=128)

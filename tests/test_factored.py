@@ -1422,6 +1422,29 @@ def test_ghost_clipping_warns_of_an_embedding_scaled_by_frequency(mode, scaled):
     assert len(said) == (1 if scaled and mode == "ghost" else 0), said
 
 
+def test_the_ghost_release_warnings_name_exactly_the_trained_layers_that_release_more():
+    """Each warning at attach names a kind of layer present, trained and clipped by Opacus's
+    sampler: an EmbeddingBag (repeated ids), not a plain Embedding; a reflect-padded conv only
+    while it trains (frozen, Opacus neither clips nor releases it). Reference: the layers
+    each model is built from."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from opacus_mi.monitor import _ghost_release_warnings
+
+    def keys(net):
+        return [
+            key for key, _ in _ghost_release_warnings(GradSampleModuleFastGradientClipping(net))
+        ]
+
+    head = nn.Linear(4, 3)
+    assert keys(nn.Sequential(nn.EmbeddingBag(13, 4), head)) == ["ghost:embedding_bag"]
+    assert keys(nn.Sequential(nn.Embedding(13, 4), nn.Flatten(), head)) == []
+    for frozen in (False, True):
+        conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect").requires_grad_(not frozen)
+        padded = nn.Sequential(conv, nn.Flatten(), nn.Linear(50, 3))
+        assert keys(padded) == ([] if frozen else ["ghost:padding_mode"])
+
+
 def test_ghost_wrap_criterion_judges_a_function_by_the_loss_it_returns():
     """From a review: under ghost clipping wrap_criterion refused every callable but Opacus's
     loss object as 'a plain loss', a function around that loss (``crit(out.logits, y)``) and

@@ -90,18 +90,23 @@ def _one_hot_reference(labels: torch.Tensor, classes: int) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("wraps", [1, 2])
 @pytest.mark.parametrize("ignore", [-100, 3])
-def test_labels_the_loss_ignores_are_all_zero_one_hot_rows(ignore):
+def test_labels_the_loss_ignores_are_all_zero_one_hot_rows(ignore, wraps):
     """CrossEntropyLoss(ignore_index=-100) labels: index_select failed on -100, so every record
     was flagged features_error and the learned critics skipped every step. An ignore_index
-    past the outputs (255 in segmentation; 3 here) is the loss's to ignore too."""
+    past the outputs (255 in segmentation; 3 here) is the loss's to ignore too. A monitor's
+    wrapper wrapped again reads the loss's ignore_index through it (as under ghost clipping,
+    through Opacus's loss wrapper)."""
     x, y = make_data(48).tensors
     y[::5] = ignore
     engine, model, opt, loader = make_private(
         poisson=False, data=torch.utils.data.TensorDataset(x, y)
     )
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator="mine", train_every=1)
-    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss(ignore_index=ignore))
+    criterion = nn.CrossEntropyLoss(ignore_index=ignore)
+    for _ in range(wraps):
+        criterion = monitor.wrap_criterion(criterion)
     got = _capture_features(monitor, model, opt, loader, criterion)
     monitor.flush()  # (an overlap worker's last step)
     labels = [yb for _, yb in loader]
@@ -275,6 +280,23 @@ def test_jsonl_sink_appends_and_flushes_every_record(tmp_path, overlap):
         assert {"step", "epsilon", "mi", "noise_multiplier", "monitor_seconds"} <= d.keys()
 
 
+def test_the_jsonl_gets_each_record_before_the_sinks_and_its_folders_are_made(tmp_path):
+    """The JSONL is the first sink (a user sink that raises, Ctrl-C say, cannot keep a record
+    out of it), and a path in folders not yet made is made, as the sink itself makes them.
+    Reference: the file's line count as each user sink is called."""
+    path = tmp_path / "runs" / "a" / "records.jsonl"
+    engine, model, opt, loader = make_private(poisson=False)
+    on_disk = []
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator=None, jsonl=path, overlap=False,
+        sinks=lambda r: on_disk.append((r.step, len(path.read_text().splitlines()))),
+    )  # fmt: skip
+    train(model, opt, loader)
+    monitor.detach()
+    assert on_disk == [(i, i + 1) for i in range(len(loader))]
+    assert [r.step for r in read_jsonl(path)] == list(range(len(loader)))
+
+
 def test_record_contents_and_summary():
     engine, model, opt, loader = make_private(poisson=False, noise=0.5, clip=2.0)
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
@@ -305,6 +327,21 @@ def test_record_contents_and_summary():
     assert f"any one example has leaked <= {r.mi_upper_bound:.4g} nats over the run" in one
     assert "MI accountant's figure is over the run so far" in one
     assert "not a bound on these rows" in one
+
+
+def test_a_record_has_the_per_step_channel_bound_only_when_it_measures_the_private_view():
+    """``mi_bound`` bounds the private view's figures (a Gaussian channel, 1 / (2 sigma^2)
+    nats); without that view no figure is under it and the record carries none, while the
+    whole-run bound, of the training itself, is there either way."""
+    for views, bound in ((("raw", "clipped"), None), (("private",), 1 / (2 * 0.5**2))):
+        engine, model, opt, loader = make_private(poisson=False, noise=0.5)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, views=views, train_every=1)
+        train(model, opt, loader)
+        monitor.detach()
+        for r in monitor.history:
+            assert r.mi_bound == bound
+            whole = mi_upper_bound(0.5, r.sample_rate, r.step + 1, poisson_sampling=False)
+            assert r.mi_upper_bound == whole
 
 
 def _cells(text: str, key: str) -> list[str]:
@@ -398,6 +435,24 @@ def test_a_misspelled_series_and_a_detached_monitors_criterion_say_so():
         warnings.simplefilter("error")
         fresh = first.wrap_criterion(nn.CrossEntropyLoss())
         fresh(model(x), y)
+
+
+def test_a_detached_monitors_criterion_says_so_once_not_at_every_call():
+    """The warning that a criterion's monitor is detached is said once per wrapper: under an
+    "always" filter (pytest's, a notebook's) a loop said it at every batch."""
+    engine, model, opt, loader = make_private(poisson=False)
+    first = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    criterion = first.wrap_criterion(nn.CrossEntropyLoss())
+    first.detach()
+    second = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    x, y = next(iter(loader))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            criterion(model(x), y)
+    said = [w for w in caught if "wrapped by a monitor that is detached" in str(w.message)]
+    assert len(said) == 1
+    second.detach()
 
 
 def test_a_criterion_wrapped_twice_records_its_labels_once_and_says_nothing():
@@ -596,6 +651,31 @@ def test_a_state_kept_in_memory_is_a_snapshot_and_loads_into_its_own_copy():
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
+def test_an_earlier_versions_state_without_own_step_resumes_every_on_its_steps():
+    """A state saved before ``own_step`` was: the monitor's own step count is its steps, so a
+    run resumed mid-schedule (every=2, saved after 3 steps) measures the steps the
+    uninterrupted run measures. Reference: that run's record steps."""
+
+    def run(split: bool) -> list[int]:
+        engine, model, opt, loader = make_private(poisson=False)
+        kwargs = {"delta": 1e-5, "every": 2, "estimator": None}
+        monitor = LeakageMonitor(engine, model, opt, **kwargs)
+        for i, (x, y) in enumerate(loader):
+            if split and i == 3:
+                state = monitor.state_dict()
+                del state["own_step"]  # (an earlier version's)
+                monitor.detach()
+                monitor = LeakageMonitor(engine, model, opt, **kwargs)
+                monitor.load_state_dict(state)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        monitor.detach()
+        return [r.step for r in monitor.history]
+
+    assert run(split=True) == run(split=False) == [0, 2, 4]
+
+
 def test_schedule_note_after_a_resume_counts_the_whole_run():
     """A monitor attached after the accountant was restored, then given the checkpoint: the
     note said 'measured 30 of 10 steps' (the checkpoint's records over the steps since attach)."""
@@ -610,6 +690,9 @@ def test_schedule_note_after_a_resume_counts_the_whole_run():
     train(model, opt, loader)
     note = second.schedule_note()
     assert f"measured {second.record_count} of {2 * len(loader)} steps" in note, note
+    # (its time share is this process's, since the resume; the first monitor's, of no resume)
+    assert f"training loop's since the resume at step {len(loader)} (" in note, note
+    assert "since the resume" not in first.schedule_note()
 
 
 def test_an_accountant_loaded_after_attach_numbers_the_records_and_not_the_note():
@@ -799,6 +882,40 @@ def test_a_state_of_another_input_size_or_delta_says_so():
         assert all("features_width_changed" in r.flags for r in monitor.history[-2:])
 
 
+def test_a_width_change_after_a_resumed_step_is_the_inputs_not_the_states():
+    """Only the first step after a load can find the state's critics of another width; once
+    a step of their width was measured, a later change is the inputs' (varying shape) and
+    said as such. Reference: the widths fed (36, then 20)."""
+    width = [36]
+
+    def features(x):
+        return x.flatten(1)[:, : width[0]]
+
+    def monitor_of(engine, model, opt):
+        return LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, features=features)
+
+    engine, model, opt, loader = make_private(poisson=False)
+    first = monitor_of(engine, model, opt)
+    train(model, opt, loader)
+    state = first.state_dict()
+    first.detach()
+    resumed = monitor_of(engine, model, opt)
+    resumed.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (x, y) in enumerate(loader):
+            width[0] = 36 if i < 2 else 20
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        resumed.flush()
+    said = [str(w.message) for w in caught]
+    assert any("features changed width (36 -> 20 per example)" in m for m in said), said
+    assert not any("monitor state loaded" in m for m in said), said
+    resumed.detach()
+    assert [bool(r.flags) for r in resumed.history[-6:]] == [False] * 2 + [True] * 4
+
+
 @pytest.mark.parametrize(
     "other, says",
     [
@@ -847,6 +964,39 @@ def test_a_checkpoint_loads_only_into_a_monitor_with_its_settings(other, says):
     if "seed" in other or "features" in other:
         fresh.load_state_dict(state)
         assert fresh.steps == len(loader) and len(fresh.history) == len(loader)
+
+
+def test_a_checkpoint_without_settings_is_refused_by_its_critics_views_kind_and_tokens():
+    """An earlier version's state saved no settings: its critics themselves say what they are
+    for (their views, kind and token encoder, a state older still none: sketch tokens), and
+    a monitor of other ones refuses it, naming the argument, before anything changes.
+    Reference: the settings of the monitor that saved it."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    train(model, opt, loader)
+    state = monitor.state_dict()
+    monitor.detach()
+    del state["settings"]  # (an earlier version's)
+    for est_state in state["estimators"].values():
+        est_state.pop("token_encoder")  # (older still: sketch tokens, never named)
+    cases = [
+        ({"views": ("private",)}, "critics are for views ['clipped', 'private'], this monitor's "
+         "for ['private']: create it with the same views"),
+        ({"estimator": "infonce"}, "clipped critic was saved with kind='mine', this monitor's "
+         "has 'infonce': create the monitor with estimator='mine'"),
+        ({"tokenizer": "autoencoder"}, "clipped critic was saved with token_encoder='sketch', "
+         "this monitor's has 'autoencoder': create the monitor with tokenizer='sketch'"),
+    ]  # fmt: skip
+    for other, says in cases:
+        fresh = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1, **other)
+        with pytest.raises(ValueError, match=re.escape(says)):
+            fresh.load_state_dict(state)
+        assert fresh.steps == len(loader) and not fresh.history  # untouched
+        fresh.detach()
+    same = LeakageMonitor(engine, model, opt, delta=1e-5, train_every=1)
+    same.load_state_dict(state)
+    assert same.steps == len(loader) and len(same.history) == len(loader)
+    same.detach()
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -1928,6 +2078,40 @@ def test_a_step_whose_measurement_fails_still_gets_a_flagged_record():
     assert all(not r.flags and r.mi for i, r in enumerate(history) if i != 1)
 
 
+def test_a_chunk_whose_measurement_fails_is_flagged_as_the_error_not_as_an_empty_batch():
+    """A chunk that failed to measure counts no examples (batch 0) but was no empty batch: its
+    record says the error alone, and the steps around it are measured as ever. Reference: the
+    same run without the failure."""
+
+    def run(fail: bool):
+        engine, model, opt, loader = make_private(poisson=False)
+        monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+        measure, calls = monitor._measure_chunk, []
+
+        def failing(taken):
+            calls.append(1)
+            if fail and len(calls) == 2:
+                raise RuntimeError("injected")
+            return measure(taken)
+
+        monitor._measure_chunk = failing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(model, opt, loader)
+        monitor.detach()
+        return monitor.history
+
+    clean, failed = run(False), run(True)
+    assert failed[1].flags == ["error:RuntimeError"] and not failed[1].mi
+    assert failed[1].batch_size == 0 and clean[1].batch_size == 16
+    assert failed[1].epsilon == clean[1].epsilon
+    assert len(failed) == len(clean) == 6
+    for i, (got, ref) in enumerate(zip(failed, clean, strict=True)):
+        if i != 1:
+            assert got.flags == ref.flags == [] and got.batch_size == ref.batch_size
+            assert "private/oracle" in got.mi
+
+
 def test_plots_show_lone_points_small_sigma_and_infinite_epsilon(tmp_path, monkeypatch):
     """Three figures that drew nothing useful: a series of one record (a line of one point and
     a band of one point are invisible), a run at small sigma (the 200-nat bound set the axis,
@@ -2860,6 +3044,33 @@ def test_the_bound_check_reads_the_oracles_monte_carlo_width_at_its_own_df():
     expected = EXCEEDS_RATE * draws  # 100, Poisson sd 10
     assert abs(flagged - expected) < 4 * expected**0.5, (flagged, expected)
     assert read_off > 8 * expected  # (what the record's interval alone gives: ~0.6%)
+
+
+def test_a_monitors_oracle_is_checked_against_its_bound_with_its_own_wider_margin(monkeypatch):
+    """The monitor hands the bound check the oracle's own 99.9% half-width (see the test
+    above), not the record's 95% interval to read one off: wider than that interval's lower
+    half at every record. Reference: each record's displayed interval."""
+    import opacus_mi.monitor as monitor_module
+
+    checked = []
+    exceeds = monitor_module._exceeds
+    monkeypatch.setattr(
+        monitor_module,
+        "_exceeds",
+        lambda value, bound, margin=None: (
+            checked.append((value, margin)),
+            exceeds(value, bound, margin),
+        )[1],
+    )
+    engine, model, opt, loader = make_private(poisson=False, noise=0.7)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    train(model, opt, loader)
+    monitor.detach()
+    assert len(checked) == len(monitor.history) == len(loader)
+    for (value, margin), record in zip(checked, monitor.history, strict=True):
+        oracle = record.mi["private/oracle"]
+        assert value.nats == oracle.nats and margin is not None
+        assert margin > oracle.nats - oracle.ci_low > 0
 
 
 def test_a_runs_bound_flags_are_called_a_bug_only_beyond_chance():

@@ -27,7 +27,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from opacus_mi import LeakageMonitor, MonitoredPrivacyEngine
+from opacus_mi import LeakageMonitor, MonitoredPrivacyEngine, read_jsonl
 from opacus_mi.report import summary_table
 
 
@@ -177,6 +177,27 @@ def test_an_epsilon_prv_cannot_afford_is_rdps_and_one_that_fails_is_nan(monkeypa
         assert math.isnan(r.epsilon) and "epsilon_failed" in r.flags
         assert 0 < r.mi["private/oracle"].nats <= math.log(r.batch_size) + 1e-9
     assert "epsilon nan" in monitor.summary()
+
+
+def test_a_failed_record_says_its_epsilon_is_rdps_where_prv_cannot_afford_it():
+    """A step whose measurement failed still gets its record with its epsilon: where PRV's
+    grid would be too large, RDP's for the same history, flagged epsilon_rdp beside the error
+    as the step's measured neighbours are. Reference: Opacus's RDP accountant."""
+    from conftest import fail_estimate_at
+    from opacus.accountants import RDPAccountant
+
+    engine, model, opt, loader = make_private(accountant="prv", noise=1e-4, poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
+    fail_estimate_at(monitor, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(model, opt, loader)
+    monitor.detach()
+    failed = monitor.history[1]
+    assert failed.flags == ["error:RuntimeError", "epsilon_rdp"] and not failed.mi
+    rdp = RDPAccountant()
+    rdp.history = [(1e-4, failed.sample_rate, 2)]
+    assert failed.epsilon == rdp.get_epsilon(1e-5) and failed.epsilon_step == 1
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -388,6 +409,25 @@ def test_accountant_hook_untouched_and_detach_restores_optimizer(own_zero_grad):
     assert monitor.steps == steps  # detached: sees nothing more
     assert len(engine.accountant.history) and engine.get_epsilon(1e-5) > 0
     assert len(zeroed) == (2 * len(loader) if own_zero_grad else 0)
+
+
+def test_a_second_detach_changes_nothing_and_the_summary_keeps_the_run_it_saw(tmp_path):
+    """detach() lets go once: called again after training went on without the monitor, its
+    summary still speaks of the run it saw (not of the accountant's later steps), and the
+    JSONL it held was closed at the first. Reference: the summary right after the first
+    detach, and the records the JSONL holds."""
+    path = tmp_path / "r.jsonl"
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, jsonl=path)
+    jsonl = monitor.sinks[0]
+    train(model, opt, loader)
+    monitor.detach()
+    assert jsonl._fh.closed  # (nothing more is written there: the handle goes with it)
+    said = monitor.summary()
+    train(model, opt, loader)  # the accountant goes on, the monitor sees none of it
+    monitor.detach()
+    assert monitor.summary() == said and not monitor.attached
+    assert [r.step for r in read_jsonl(path)] == list(range(len(loader)))
 
 
 def test_every_monitors_one_step_in_n():
@@ -831,6 +871,8 @@ def test_attach_errors_name_the_argument():
         LeakageMonitor(engine, model, torch.optim.SGD(model.parameters(), lr=0.1), delta=1e-5)
     with pytest.raises(TypeError, match="module"):
         LeakageMonitor(engine, model._module, opt, delta=1e-5)
+    with pytest.raises(TypeError, match="engine must be the opacus.PrivacyEngine .* got object"):
+        LeakageMonitor(object(), model, opt, delta=1e-5)
     # make_private(wrap_model=False) returns hooks, not the module: the fix is the default
     net = nn.Linear(4, 2)
     hooks, hook_opt, _ = PrivacyEngine().make_private(
@@ -860,9 +902,11 @@ def test_attach_errors_name_the_argument():
         LeakageMonitor(engine, model, other_opt, delta=1e-5)
     for kwargs, word in [
         ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, r"delta must be a float in \(0, 1\)"),  # delta=1 promises nothing
         ({"delta": 1e-5, "every": 0}, "every"),
         ({"delta": 1e-5, "token_dim": -3}, "token_dim"),
         ({"delta": 1e-5, "views": ("noisy",)}, "views"),
+        ({"delta": 1e-5, "views": ()}, "views must be a non-empty subset"),  # nothing to measure
         ({"delta": 1e-5, "estimator": "kde"}, "estimator"),
         ({"delta": 1e-5, "features": ["no_such_layer"]}, "no_such_layer"),
     ]:
@@ -1319,6 +1363,11 @@ def test_a_checkpoint_of_other_monitor_settings_is_refused_before_anything_loads
         ("record_count", lambda st: st.update(record_count=-1), "-1 is negative"),
         ("record_count", lambda st: st.update(record_count=math.inf), "inf is not a whole"),
         ("epsilon", lambda st: st["epsilon"].update(value="x"), "value 'x' is not a number"),
+        (
+            "epsilon",
+            lambda st: st["epsilon"].update(history=[e[:2] for e in st["epsilon"]["history"]]),
+            "is not \\(noise, rate, steps\\) entries",
+        ),
         ("delta", lambda st: st.update(delta="1e-5x"), "delta '1e-5x' is not a number"),
     ],
 )

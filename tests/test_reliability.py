@@ -47,6 +47,31 @@ def test_nan_per_sample_gradient_is_flagged_excluded_and_warned_once():
     assert "nonfinite_grad_sample" in r2.flags and not r2.mi  # nothing finite left to measure
 
 
+def test_a_flag_of_several_chunks_of_one_step_is_on_its_record_once():
+    """A logical step of four physical chunks (BatchMemoryManager), two of them with a NaN
+    example: the record says ``nonfinite_grad_sample`` once, and measures the 30 finite
+    examples. Reference: the examples spoiled by hand."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    engine, model, opt, loader = make_private(poisson=False, batch_size=32, n=32)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=opt) as mm:
+            for chunk, (x, y) in enumerate(mm):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                if chunk in (1, 2):
+                    with torch.no_grad():
+                        model._module.fc.weight.grad_sample[3, 0, 0] = float("nan")
+                opt.step()
+    monitor.detach()
+    (record,) = monitor.history
+    assert record.chunks == 4 and record.batch_size == 32
+    assert record.flags == ["nonfinite_grad_sample"]
+    assert record.mi["private/oracle"].n == 30
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_a_float64_model_keeps_examples_whose_squared_norms_pass_float32s_range(mode):
     """Norms of ~4e20 are finite in float64 and Opacus clips them as usual; the monitor's
@@ -242,6 +267,36 @@ def test_diverging_critic_is_reset_and_flagged_not_propagated():
     assert "critic_reset:clipped" in flags
     later = [r.mi["clipped/mine"].nats for r in monitor.history[6:] if "clipped/mine" in r.mi]
     assert later and all(v == v for v in later)  # finite again after the reset
+
+
+def test_a_diverging_control_critic_is_reset_and_said_without_flagging_the_records():
+    """The control critic measures the estimator's own bias: its reset is said (once), but the
+    records' figures, the main critic's, are not flagged ``critic_reset`` for it. Reference:
+    the poisoned critic is the control's, and it is the one rebuilt."""
+    engine, model, opt, loader = make_private(poisson=False, n=160)
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, views=("clipped",), train_every=1, control=True
+    )
+    ctrl = monitor.controls["clipped"]
+    poisoned = {"done": False}
+
+    def poison():
+        monitor.flush()  # no critic update in flight on an overlap worker while we write
+        if ctrl.critic is not None and not poisoned["done"] and monitor.steps == 3:
+            with torch.no_grad():
+                next(ctrl.critic.parameters()).fill_(float("nan"))
+            poisoned["done"] = True
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, loader, epochs=2, after_step=poison)
+        monitor.flush()
+    said = [str(w.message) for w in caught]
+    assert poisoned["done"] and ctrl.resets >= 1 and monitor.estimators["clipped"].resets == 0
+    assert sum("the clipped-view control critic was reset" in m for m in said) == 1
+    assert not any("diverged" in m for m in said)
+    assert not any(f.startswith("critic_reset") for r in monitor.history for f in r.flags)
+    monitor.detach()
 
 
 def test_checkpoint_resume_gives_identical_following_records(tmp_path):
@@ -650,3 +705,22 @@ def test_a_collected_monitors_last_warnings_leave_the_warning_filters_alone(monk
     # (both from where the finaliser was called, as warn's stacklevel puts it: here)
     assert seen == [("opacus-mi: raised", True, __file__), ("opacus-mi: said", True, __file__)]
     assert warnings.filters is filters
+
+
+def test_a_collected_monitors_pending_records_are_written_in_order_and_its_file_closed(tmp_path):
+    """The finaliser of a monitor collected with records still undelivered writes each to its
+    JSONL, in order, and closes the file (its handle was held until the sink itself went).
+    Reference: the records handed over, read back with read_jsonl."""
+    from collections import deque
+
+    from opacus_mi import LeakageRecord
+    from opacus_mi.monitor import _deliver_rest
+    from opacus_mi.records import JsonlSink
+
+    path = tmp_path / "r.jsonl"
+    sink = JsonlSink(path)
+    records = [LeakageRecord(step, 16, 1.0, 1.0, 0.1, 0.5, 1e-5) for step in range(3)]
+    done = deque(records)
+    _deliver_rest(done, sink, deque())
+    assert not done and sink._fh.closed
+    assert [r.step for r in read_jsonl(path)] == [0, 1, 2]

@@ -315,6 +315,14 @@ def test_a_semi_oracle_saved_on_other_tokens_starts_afresh_with_a_warning(saved_
         warnings.simplefilter("error", RuntimeWarning)
         same.load_state_dict(state)
     assert same.semi_oracle.batches_seen == seen
+    # An earlier version's state, without the setting: its saved subspace (or none) says
+    # which tokens its semi-oracle learned on, and it continues as before too.
+    del state["settings"]["semi_tokens"]
+    earlier = LeakageMonitor(*make_private(mode=saved_mode)[:3], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        earlier.load_state_dict(state)
+    assert earlier.semi_oracle.batches_seen == seen
 
 
 # Rules of semi_oracle.py a mutation audit found unguarded (each test below fails under its

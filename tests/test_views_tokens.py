@@ -359,6 +359,65 @@ def test_the_private_view_is_drawn_with_the_noise_of_its_own_step_under_adaptive
     assert drawn == pytest.approx([c / math.sqrt(0.75) for c in bounds], rel=1e-12)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_semi_oracle_scores_each_step_with_the_noise_of_its_own_step(overlap):
+    """Adaptive clipping moves C every step: the semi-oracle scores each step's private tokens
+    with that step's release std (sigma_eff C at its pre_step), not the optimizer's C by the
+    time the record is made. Reference: C read before each step, as in the test above."""
+    import math
+
+    from opacus_mi import LeakageMonitor
+
+    engine, model, opt, loader = make_private(
+        clipping="adaptive", noise=1.0, poisson=False, private_kwargs=_ADAPTIVE
+    )
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator=None, semi_oracle=True, overlap=overlap
+    )
+    step, scored, bounds = monitor._semi_oracle_step, [], []
+    monitor._semi_oracle_step = lambda record, usable, std, train: (
+        scored.append(std),
+        step(record, usable, std, train),
+    )[1]
+    criterion = torch.nn.CrossEntropyLoss()
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        bounds.append(float(opt.max_grad_norm))
+        opt.step()
+    monitor.detach()
+    assert len(set(bounds)) > 3  # C did move
+    assert len(scored) == len(bounds)
+    assert scored == pytest.approx([c / math.sqrt(0.75) for c in bounds], rel=1e-12)
+
+
+def test_the_private_tokens_are_the_clipped_tokens_plus_noise_of_the_release_std():
+    """The private view's token is the clipped one plus isotropic Gaussian noise of the std
+    Opacus releases with (sigma C; the sketch is orthonormal, so the noise keeps its std).
+    Reference: the empirical std of the difference over every token entry of the run, against
+    sigma C = 3 (chi-square: within 5% at thousands of entries)."""
+    from opacus_mi import LeakageMonitor
+
+    engine, model, opt, loader = make_private(noise=2.0, clip=1.5, poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, views=("clipped", "private"))
+    privatise, diffs = monitor._privatise, []
+
+    def spy(chunk, clipped, gram, std):
+        privatise(chunk, clipped, gram, std)
+        diffs.append((chunk.tokens["private"] - clipped).double().flatten())
+
+    monitor._privatise = spy
+    for x, y in loader:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    monitor.detach()
+    noise = torch.cat(diffs)
+    assert len(diffs) == len(loader) and noise.numel() > 5000
+    assert noise.std().item() == pytest.approx(2.0 * 1.5, rel=0.05)
+    assert abs(noise.mean().item()) < 4 * 3.0 / noise.numel() ** 0.5
+
+
 def test_ghost_adaptive_clippings_private_view_has_the_noise_opacus_adds():
     """Opacus's ghost-clipping adaptive clipping (``PrivacyEngineAdaptiveClipping``) sets each
     backward a noise multiplier larger than sigma (its noisy unclipped count takes a share),
