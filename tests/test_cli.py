@@ -2011,6 +2011,35 @@ def test_the_sweep_table_tells_settings_apart_as_their_folders_do():
     ]
 
 
+def test_a_stopped_command_that_wrote_nothing_to_render_names_no_folder(tmp_path):
+    """A run stopped after its config.json but before its first record, and a validate
+    before its first setting's text (or with an earlier validate's), have nothing for
+    `report` to render: no "what was finished is in OUT" for them."""
+    import argparse
+    import time
+
+    now = time.time_ns()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}", encoding="utf-8")
+    args = argparse.Namespace(command="run", out=str(out))
+    assert cli._kept(args, now) == ""
+    (out / "records.jsonl").write_text("", encoding="utf-8")
+    assert "what was finished is in" in cli._kept(args, now)
+
+    grid = tmp_path / "validate"
+    grid.mkdir()
+    args = argparse.Namespace(command="validate", out=str(grid))
+    assert cli._kept(args, now) == ""
+    (grid / "validate.txt").write_text("the grid\n", encoding="utf-8")
+    os.utime(grid / "validate.txt", ns=(1, 1))  # an earlier validate's
+    assert cli._kept(args, now) == ""
+    os.utime(grid / "validate.txt")
+    assert cli._kept(args, now) == (
+        f"; what was finished is in {grid} (`opacus-mi report {grid}` renders it)"
+    )
+
+
 def test_a_stopped_command_names_no_earlier_commands_results_as_its_own(run_dir, tmp_path):
     """A run stopped before it started writing (in Opacus's calibration, say) said "what was
     finished is in OUT" of the previous run's files; a sweep likewise of an earlier sweep's."""
