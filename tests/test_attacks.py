@@ -1414,3 +1414,406 @@ def test_validate_stops_at_a_diverged_checkpoint_and_names_the_learning_rate(tmp
     )
     with pytest.raises(ValueError, match=r"training diverged by step 4: .* Lower --lr \(1e\+30"):
         run_validate(cfg, progress=False)
+
+
+def test_validate_config_edges_and_the_flag_each_refusal_names():
+    """ValidateConfig's documented limits at their edges, each refusal naming its flag: a
+    bootstrap of exactly MIN_BOOTSTRAP and 2 candidates are enough, 0 restarts / images /
+    batch size and a clip norm of 0 are not; grids come back sorted, and a bool is not a
+    batch size. A mutation audit found each unguarded."""
+    from dataclasses import replace
+
+    from opacus_mi.validate import MIN_BOOTSTRAP, ValidateConfig
+
+    base = ValidateConfig()
+    assert replace(base, bootstrap=MIN_BOOTSTRAP).validate().bootstrap == MIN_BOOTSTRAP
+    assert replace(base, candidates=2).validate().candidates == 2
+    for field, value, message in [
+        ("bootstrap", MIN_BOOTSTRAP - 1, "--bootstrap must be 0"),
+        ("restarts", 0, "--restarts must be an integer >= 1; got 0"),
+        ("images", 0, "--images must be an integer >= 1; got 0"),
+        ("batch_sizes", (0, 4), "--batch-sizes values must be finite numbers >= 1; got 0"),
+        ("batch_sizes", (True,), "--batch-sizes values must be integers >= 1; got True"),
+        ("stages", (-1,), "--stages values must be finite numbers >= 0; got -1"),
+        ("max_grad_norm", 0.0, "--max-grad-norm must be a positive"),
+        ("noise_multipliers", (0.0, -1e-3), "--noise-multipliers values must be finite"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            replace(base, **{field: value}).validate()
+    cfg = replace(
+        base, noise_multipliers=(0.1, 0, 1e-3), batch_sizes=(16, 1, 4), stages=3
+    ).validate()
+    assert cfg.noise_multipliers == (0.0, 1e-3, 0.1) and cfg.batch_sizes == (1, 4, 16)
+    assert cfg.stages == (3,)
+    # sorted before their names are compared: 0.1 and 0.1000001 apart, 0.2 between them
+    with pytest.raises(ValueError, match="--noise-multipliers 0.1 and 0.1000001"):
+        replace(base, noise_multipliers=(0.1, 0.2, 0.1000001)).validate()
+
+
+def test_validate_pool_and_pixel_bounds():
+    """The candidate pool is the training set's first ``count`` examples, from a
+    TensorDataset or any indexable one (CIFAR-10's); the pixel bounds are the pool's
+    per-channel min and max, or for CIFAR-10 where pixels 0 and 1 land after its
+    normalisation (x - mean) / std. Reference: torchvision's Normalize and NumPy."""
+    from torch.utils.data import TensorDataset
+    from torchvision import transforms
+
+    from opacus_mi.data import _CIFAR10_MEAN, _CIFAR10_STD
+    from opacus_mi.validate import _pixel_bounds, _pool
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, 4, 5, generator=g)
+    y = torch.arange(10) % 3
+    for dataset in (TensorDataset(x, y), [(x[i], int(y[i])) for i in range(10)]):
+        px, py = _pool(dataset, 6)
+        assert torch.equal(px, x[:6]) and torch.equal(py, y[:6]) and py.dtype == torch.long
+    lo, hi = _pixel_bounds("digits", x)
+    flat = x.permute(1, 0, 2, 3).reshape(3, -1).numpy()
+    np.testing.assert_allclose(lo.numpy(), flat.min(axis=1))
+    np.testing.assert_allclose(hi.numpy(), flat.max(axis=1))
+    normalise = transforms.Normalize(_CIFAR10_MEAN, _CIFAR10_STD)
+    lo, hi = _pixel_bounds("cifar10", x)
+    torch.testing.assert_close(lo, normalise(torch.zeros(3, 1, 1)).reshape(3))
+    torch.testing.assert_close(hi, normalise(torch.ones(3, 1, 1)).reshape(3))
+
+
+def test_validate_accuracy_is_the_fraction_of_test_examples_classified_right():
+    """The test accuracy column: over several DataLoader batches (1,100 examples, batches of
+    512), and NaN for an empty test set. Reference: a NumPy argmax over the same logits."""
+    from torch.utils.data import TensorDataset
+
+    from opacus_mi.validate import _accuracy
+
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Linear(5, 4)
+    x, y = torch.randn(1100, 5, generator=g), torch.randint(0, 4, (1100,), generator=g)
+    with torch.no_grad():
+        logits = model(x).numpy()
+    expected = float(np.mean(logits.argmax(axis=1) == y.numpy()))
+    assert 0.1 < expected < 0.9
+    assert _accuracy(model, TensorDataset(x, y)) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(_accuracy(model, TensorDataset(x[:0], y[:0])))
+
+
+def test_validate_checkpoints_are_the_weights_after_each_stages_number_of_steps():
+    """Stage k is the model after exactly k DP-SGD steps (stage 0: before any), and training
+    stops at the last stage, mid-epoch here (the progress bar counts its steps). Reference:
+    the same Opacus training written out, from the same seed, its weights after every step."""
+    import copy
+    import types
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from opacus_mi.validate import ValidateConfig, _train_checkpoints
+
+    g = torch.Generator().manual_seed(2)
+    train = TensorDataset(
+        torch.randn(40, 1, 2, 2, generator=g), torch.randint(0, 3, (40,), generator=g)
+    )
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    initial = copy.deepcopy(model.state_dict())
+    cfg = ValidateConfig(stages=(0, 2, 5), train_batch_size=4, lr=0.5).validate()
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    torch.manual_seed(11)
+    snaps = _train_checkpoints(cfg, types.SimpleNamespace(train=train), model, bar)
+    assert sorted(snaps) == [0, 2, 5] and bar.n == 5
+
+    ref = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    ref.load_state_dict(initial)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    loader = DataLoader(train, batch_size=4, shuffle=True)
+    private, opt, loader = PrivacyEngine(accountant="rdp").make_private(
+        module=ref, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
+    torch.manual_seed(11)
+    after = [copy.deepcopy(ref.state_dict())]
+    while len(after) <= 5:
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(private(x), y).backward()
+            opt.step()
+            after.append(copy.deepcopy(ref.state_dict()))
+            if len(after) > 5:
+                break
+    for k in (0, 2, 5):
+        for name, value in snaps[k].items():
+            torch.testing.assert_close(value, after[k][name], rtol=0, atol=0)
+    assert not torch.equal(snaps[2]["1.weight"], snaps[5]["1.weight"])
+
+
+def test_validate_row_columns_from_the_attacks_results():
+    """Each validate.csv column from what it is documented to be: the oracle's 95% interval
+    MI +- 1.96 se, ln n, the channel bound 1 / (2 sigma^2), the noise std sigma C, top-B and
+    top-1 re-identification apart, the MIA's AUC and TPR apart, IG's and DLG's scores apart;
+    floats kept to 8 significant digits (validate.csv's correlations are then the reported
+    ones). A mutation audit found several columns unguarded."""
+    from opacus_mi.validate import _row
+
+    ident = A.IdentificationResult(
+        mi=1.234567891234, mi_se=0.1, accuracy=0.25, accuracy_top_b=0.625, candidates=64,
+        draws=128, calibration=(1.0, 0.0),
+    )  # fmt: skip
+    mia = A.MembershipResult(auc=0.75, tpr_at_1pct_fpr=0.125, balanced_accuracy=0.5)
+    row = _row(
+        step=60, b=4, s=0.5, c=2.0, ident=ident, fano=0.4, mia=mia, mi_pixels=3.5,
+        ig=(20.5, 0.75), dlg=(15.25, 0.375), base=9.5, lg_psnr=12.5, label_acc=math.nan,
+        images=8, test_acc=0.875,
+    )  # fmt: skip
+    assert tuple(row) == COLUMNS
+    assert row["setting"] == "step60_B4_sigma0.5"
+    assert (row["step"], row["batch_size"], row["noise_multiplier"]) == (60, 4, 0.5)
+    assert row["noise_std"] == 1.0 and row["channel_bound"] == pytest.approx(1 / (2 * 0.5**2))
+    assert row["mi_oracle"] == pytest.approx(1.234567891234, rel=5e-8)
+    assert row["mi_oracle"] != 1.234567891234  # (8 significant digits, not 13)
+    assert row["mi_oracle_ci_low"] == pytest.approx(1.234567891234 - 0.196, rel=1e-7)
+    assert row["mi_oracle_ci_high"] == pytest.approx(1.234567891234 + 0.196, rel=1e-7)
+    assert row["ln_candidates"] == pytest.approx(math.log(64), rel=1e-8)
+    assert (row["reid_acc"], row["reid_top1"], row["fano_bound"]) == (0.625, 0.25, 0.4)
+    assert (row["mia_auc"], row["mia_tpr_at_1pct_fpr"]) == (0.75, 0.125)
+    assert (row["ig_psnr"], row["ig_ssim"], row["dlg_psnr"], row["dlg_ssim"]) == (
+        20.5, 0.75, 15.25, 0.375,
+    )  # fmt: skip
+    assert (row["psnr_mean_image"], row["psnr_linear_gauss"], row["mi_pixels"]) == (9.5, 12.5, 3.5)
+    assert (row["images"], row["test_accuracy"], row["candidates"]) == (8, 0.875, 64)
+    assert math.isnan(row["label_acc"])
+    # fano_ok: the Wilson lower limit of 0.625 over 128 draws (0.54) against the ceiling at
+    # the MI's upper limit, (1.43 + ln 2) / ln(64 / 4) = 0.77
+    low = stats.binomtest(80, 128).proportion_ci(method="wilson").low
+    assert row["fano_ok"] == int(low <= (1.234567891234 + 0.196 + math.log(2)) / math.log(16))
+
+
+def test_the_fano_line_names_a_point_value_crossing_only_when_it_is_above_the_ceiling():
+    """A re-id accuracy equal to Fano's ceiling does not cross it (the inequality is <=)."""
+    from opacus_mi.validate import _fano_line
+
+    rows = [{"setting": "s", "reid_acc": 0.5, "fano_bound": 0.5, "fano_ok": 1}]
+    assert "cross" not in _fano_line(rows)
+    rows[0]["reid_acc"] = 0.5000001
+    assert _fano_line(rows).endswith("; the point values cross it in s")
+
+
+def test_validate_plot_places_infinite_mi_to_the_right_of_every_finite_one():
+    """An infinite MI (noise-free pixels at B = 1) is drawn at 3x the largest finite value
+    and marked; -inf and NaN are not; with only zero or negative finite values it sits at 1,
+    with none at 3 (as if the largest were 1)."""
+    from opacus_mi.validate import _plot_x
+
+    xs, is_inf, at = _plot_x([0.5, math.inf, 2.0, -math.inf, math.nan])
+    assert at == 6.0 and is_inf.tolist() == [False, True, False, False, False]
+    assert xs[:3].tolist() == [0.5, 6.0, 2.0] and xs[3] == -math.inf and math.isnan(xs[4])
+    for values, where in (([math.inf], 3.0), ([math.inf, 0.0], 1.0), ([math.inf, -2.0], 1.0)):
+        xs, is_inf, at = _plot_x(values)
+        assert at == where and xs[0] == where and is_inf[0]
+
+
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
+def test_validate_rows_come_from_each_settings_own_attacks(tmp_path, monkeypatch):
+    """Each row's columns from that setting's (B, sigma C) attacks: the identification and
+    membership attacks and the pixel MI at the row's batch size and noise std sigma C (C = 2
+    here), the pixel MI averaged over the attacked inputs, Fano's ceiling for B guesses, the
+    linear-Gaussian PSNR from the pixel posteriors' mean variance in [0, 1] pixels, the
+    mean-image baseline's PSNR in [0, 1] pixels; at B = 1 the inversions get iDLG's labels
+    (here made wrong on purpose), at B > 1 the true ones; reconstructions.png shows the
+    smallest B. References: closed forms over the spied inputs and outputs."""
+    from opacus_mi import validate as V
+
+    seen = {"ident": {}, "mia": {}, "pix": {}, "inputs": [], "labels": [], "shown": []}
+    identify, membership = A.CandidateChannel.identify, A.CandidateChannel.membership
+    pixel_information, release, invert = A.pixel_information, A.private_release, A.dlg
+
+    def spy_identify(self, b, noise_std, gen, **kw):
+        seen["ident"][b, noise_std] = identify(self, b, noise_std, gen, **kw)
+        return seen["ident"][b, noise_std]
+
+    def spy_membership(self, b, noise_std, gen, **kw):
+        seen["mia"][b, noise_std] = membership(self, b, noise_std, gen, **kw)
+        return seen["mia"][b, noise_std]
+
+    def spy_pixels(pm, channel, b, noise_std):
+        m, v = pixel_information(pm, channel, b, noise_std)
+        seen["pix"].setdefault((b, noise_std), []).append((m, v))
+        return m, v
+
+    def spy_release(gf, x, y, **kw):
+        seen["inputs"].append((x.clone(), y.clone()))
+        return release(gf, x, y, **kw)
+
+    def spy_dlg(gf, targets, labels, **kw):
+        seen["labels"].append(labels.clone())
+        return invert(gf, targets, labels, **kw)
+
+    def wrong_label(t, gf, layer=None):
+        return 7
+
+    monkeypatch.setattr(A.CandidateChannel, "identify", spy_identify)
+    monkeypatch.setattr(A.CandidateChannel, "membership", spy_membership)
+    monkeypatch.setattr(A, "pixel_information", spy_pixels)
+    monkeypatch.setattr(A, "private_release", spy_release)
+    monkeypatch.setattr(A, "dlg", spy_dlg)
+    monkeypatch.setattr(A, "recover_label", wrong_label)
+    monkeypatch.setattr(V, "plot_reconstructions", lambda ex, path: seen["shown"].extend(ex))
+    cfg = _tiny_validate(
+        out=str(tmp_path / "val"), stages=(0,), batch_sizes=(1, 2), images=2, candidates=8,
+        noise_multipliers=(0.0, 0.5), max_grad_norm=2.0,
+    )  # fmt: skip
+    rows = V.run_validate(cfg, progress=False).rows
+    assert [(r["batch_size"], r["noise_multiplier"]) for r in rows] == [
+        (1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5),
+    ]  # fmt: skip
+    x_pool = load_dataset("digits").train.tensors[0][:8]
+    lo, hi = float(x_pool.min()), float(x_pool.max())
+    for r in rows:
+        b, key = r["batch_size"], (r["batch_size"], 2.0 * r["noise_multiplier"])
+        assert r["noise_std"] == key[1]
+        ident, mia = seen["ident"][key], seen["mia"][key]
+        assert r["mi_oracle"] == pytest.approx(ident.mi, rel=1e-7)
+        assert (r["reid_acc"], r["mia_auc"]) == pytest.approx((ident.accuracy_top_b, mia.auc))
+        fano = min(1.0, (ident.mi + math.log(2)) / math.log(8 / b))
+        assert r["fano_bound"] == pytest.approx(fano, rel=1e-7)
+        pix = seen["pix"][key]
+        assert len(pix) == 2 and r["mi_pixels"] == pytest.approx(np.mean([m for m, _ in pix]))
+        mse = float(np.mean([v.numpy() for _, v in pix])) / (hi - lo) ** 2
+        lg = math.inf if mse == 0 else 10 * math.log10(1 / mse)
+        assert r["psnr_linear_gauss"] == pytest.approx(lg, rel=1e-7)
+        calls = [x for x, _ in seen["inputs"] if len(x) == b][: 2 // b]  # sigma 0's batches
+        truth = (torch.cat(calls).double() - lo) / (hi - lo)
+        mean = (x_pool.mean(dim=0).double() - lo) / (hi - lo)
+        mse_each = ((truth - mean) ** 2).mean(dim=(1, 2, 3)).numpy()
+        base = float(np.mean(np.minimum(10 * np.log10(1 / mse_each), V.PSNR_CAP)))
+        assert r["psnr_mean_image"] == pytest.approx(base, rel=1e-6)
+    assert math.isinf(rows[0]["psnr_linear_gauss"]) and math.isfinite(rows[1]["psnr_linear_gauss"])
+    truth_b1 = torch.stack([y for x, y in seen["inputs"] if len(x) == 1]).reshape(-1)
+    hits = (truth_b1 == 7).double().reshape(2, 2).mean(dim=1)  # (noise levels x inputs)
+    assert [r["label_acc"] for r in rows[:2]] == hits.tolist()
+    b1_labels, b2_labels = seen["labels"]
+    assert b1_labels.reshape(-1).tolist() == [7] * 4
+    truth_b2 = torch.cat([y for x, y in seen["inputs"] if len(x) == 2])
+    assert b2_labels.reshape(-1).tolist() == truth_b2.tolist()
+    assert [e["batch_size"] for e in seen["shown"]] == [1]
+
+
+def _synthetic_validate_rows(n: int = 6):
+    """validate.csv rows of ``n`` settings (B = 1, 4) from made-up attack results."""
+    from opacus_mi.validate import _row
+
+    rows, shuffled = [], (3, 1, 4, 0, 5, 2)  # (IG's PSNR not monotone in the MI)
+    for k in range(n):
+        b, s = (1, 4)[k % 2], 0.01 * (k + 1)
+        ident = A.IdentificationResult(0.4 * k, 0.05, 0.1 * k, 0.12 * k, 64, 128, (1.0, 0.0))
+        mia = A.MembershipResult(0.5 + 0.05 * k, 0.02 * k, 0.5)
+        row = _row(
+            step=0, b=b, s=s, c=1.0, ident=ident, mia=mia, mi_pixels=0.7 * k + 0.1 * b,
+            fano=A.fano_accuracy_bound(0.4 * k, 64, b), ig=(10.0 + shuffled[k], 0.1 * k),
+            dlg=(9.0 + k, 0.05 * k), base=8.5 + k, lg_psnr=11.0 + k, label_acc=1.0,
+            images=4, test_acc=0.5,
+        )  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def test_validate_outputs_say_what_the_rows_hold_and_report_renders_them_as_written(tmp_path):
+    """write_outputs from made-up rows: validate.json's fano_holds is whether every setting's
+    fano_ok holds, a finished grid (grid = its rows) is not "stopped", the baseline line is the
+    mean-image PSNR, the left-out line comes before the verdict, the correlation table names
+    the grid's settings; `report` (rerender_validate) recomputes correlations.csv with the
+    run's own bootstrap and seed from validate.json. Reference: the rows and the first
+    write's files. A mutation audit found each unguarded."""
+    from opacus_mi import validate as V
+
+    rows = _synthetic_validate_rows()
+    rows[3]["mi_oracle"] = math.nan
+    config = {"bootstrap": 50, "seed": 3}
+    corr = V.compute_correlations(rows, resamples=50, seed=3)
+    text, _ = V.write_outputs(tmp_path, rows, corr, config=config, grid=len(rows))
+    summary = json.loads((tmp_path / "validate.json").read_text(encoding="utf-8"))
+    assert summary["fano_holds"] is all(r["fano_ok"] for r in rows) is True
+    assert (summary["settings"], summary["grid"]) == (6, 6) and "stopped after" not in text
+    assert "baseline: predicting the mean training image scores 8.5 dB PSNR (B = 1" in text
+    assert "over the 6 settings" in text
+    left = text.index("left out of the correlations with a NaN: step0_B4_sigma0.04 (MI oracle")
+    assert left < text.index("inversion PSNR (Inverting Gradients): rho >= 0.8")
+    written = (tmp_path / "correlations.csv").read_bytes()
+    assert V.rerender_validate(tmp_path)[0] == text
+    assert (tmp_path / "correlations.csv").read_bytes() == written
+    rows[4]["fano_ok"] = 0
+    V.write_outputs(tmp_path, rows, corr, config=config, grid=9)
+    summary = json.loads((tmp_path / "validate.json").read_text(encoding="utf-8"))
+    assert summary["fano_holds"] is False and (summary["settings"], summary["grid"]) == (6, 9)
+
+
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
+def test_validate_candidates_default_to_every_digits_training_image(tmp_path, monkeypatch):
+    """Without --candidates the identification pool is the whole digits training split (the
+    documented 1,437 images), not CIFAR-10's 512; checked where the pool is drawn, before any
+    training. Reference: the length of load_dataset('digits').train."""
+    from opacus_mi import validate as V
+
+    drawn = []
+
+    def stop(dataset, count):
+        drawn.append(count)
+        raise RuntimeError("pool drawn")
+
+    monkeypatch.setattr(V, "_pool", stop)
+    with pytest.raises(RuntimeError, match="pool drawn"):
+        V.run_validate(_tiny_validate(out=str(tmp_path / "v"), stages=(0,)), progress=False)
+    assert drawn == [len(load_dataset("digits").train)] == [1437]
+    assert not (tmp_path / "v").exists()
+
+
+def test_the_grid_table_shows_each_column_from_its_own_field():
+    """validate.txt's grid table: each column from its own validate.csv field (IG SSIM is IG's,
+    not DLG's), at the documented precision; a pixel MI of 100 nats or more as a whole number.
+    Reference: each field formatted by the tables' formatter (fmt_number)."""
+    from opacus_mi.report import fmt_interval, fmt_number
+    from opacus_mi.validate import grid_table
+
+    rows = _synthetic_validate_rows(2)
+    rows[1]["mi_pixels"] = 1234.5678
+    lines = [x for x in grid_table(rows, width=250).splitlines() if x.startswith("│ ")]
+    for row, line in zip(rows, lines, strict=True):
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        mi = fmt_interval(row["mi_oracle"], row["mi_oracle_ci_low"], row["mi_oracle_ci_high"], 2)
+        want = [str(row["step"]), str(row["batch_size"]), f"{row['noise_multiplier']:g}", mi]
+        want += [fmt_number(row["mi_pixels"], 1) if row["mi_pixels"] < 100 else "1235"]
+        want += [fmt_number(row[k], d) for k, d in [("reid_acc", 2), ("fano_bound", 2),
+                 ("mia_auc", 3), ("ig_psnr", 1), ("dlg_psnr", 1), ("ig_ssim", 2),
+                 ("label_acc", 2)]]  # fmt: skip
+        assert cells == want
+
+
+@pytest.mark.filterwarnings("ignore:a grid of .* too small for a correlation verdict")
+def test_a_validate_stopped_before_its_text_is_written_keeps_the_grids_table(tmp_path, monkeypatch):
+    """A stop after the correlations but before validate.txt is written (here in the
+    correlation table) keeps the finished grid's table and its size, not a lone "stopped while
+    writing the plots" note (that is for a text already whole). Also: --images 3 at B = 2 is
+    attacked as ceil(3 / 2) = 2 whole batches, 4 inputs. `report` refuses a validate.csv
+    with no rows by name."""
+    from opacus_mi import validate as V
+
+    def stops(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(V, "correlation_table", stops)
+    out = tmp_path / "val"
+    cfg = _tiny_validate(out=str(out), stages=(0,), batch_sizes=(2,), images=3, candidates=8)
+    with pytest.raises(KeyboardInterrupt):
+        V.run_validate(cfg, progress=False)
+    rows = read_validate_csv(out / "validate.csv")
+    assert [r["images"] for r in rows] == [4]
+    text = (out / "validate.txt").read_text(encoding="utf-8")
+    assert text == f"{V.grid_table(rows)}\nstopped after 1 of the grid's 1 settings\n"
+    summary = json.loads((out / "validate.json").read_text(encoding="utf-8"))
+    assert (summary["settings"], summary["grid"]) == (1, 1)
+    (out / "validate.csv").write_text(",".join(COLUMNS) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="its validate.csv has no settings to render"):
+        V.rerender_validate(out)

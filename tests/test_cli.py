@@ -476,6 +476,39 @@ def test_a_sweep_stopped_by_a_diverged_setting_says_which_and_what_it_kept(tmp_p
     assert rc == 2 and "no setting had finished before it" in capsys.readouterr().err
 
 
+def test_a_setting_that_fails_after_its_row_is_not_counted_finished(tmp_path, monkeypatch):
+    """A setting whose run fails after its row was written (in its plots, say) is not one of
+    the settings "finished before it"; the earlier sweep's table, plot and report are gone once
+    the new sweep starts (they would be rendered over these runs), its config is the new one."""
+    from opacus_mi import sweep as sweep_module
+    from opacus_mi.sweep import read_sweep_csv, run_sweep
+    from opacus_mi.training import RunConfig
+
+    out = tmp_path / "s"
+    base = RunConfig(
+        dataset="fake", fake_size=64, epochs=1, batch_size=16, accountant="rdp", estimator=None,
+        out=str(out),
+    )  # fmt: skip
+    run_sweep(base, noise_multipliers=[1.0], progress=False)
+    assert {"sweep.txt", "sweep.png", "report.html"} <= {p.name for p in out.iterdir()}
+    train = sweep_module.train_and_monitor
+
+    def fails_after_its_row(cfg, **kwargs):
+        train(cfg, **kwargs)
+        raise ValueError("its plots failed")
+
+    monkeypatch.setattr(sweep_module, "train_and_monitor", fails_after_its_row)
+    with pytest.raises(ValueError) as err:
+        run_sweep(base, noise_multipliers=[1.0, 2.0], progress=False)
+    assert str(err.value) == (
+        "sigma_1/: its plots failed. The sweep stopped there: no setting had finished before it"
+    )
+    assert [r["setting"] for r in read_sweep_csv(out / "sweep.csv")] == ["sigma_1"]
+    assert not {"sweep.txt", "sweep.png", "report.html"} & {p.name for p in out.iterdir()}
+    swept = json.loads((out / "sweep_config.json").read_text(encoding="utf-8"))["swept"]
+    assert swept == "--noise-multipliers 1 2"
+
+
 def test_a_broken_pipe_that_is_not_stdouts_is_an_error(tmp_path, capsys, monkeypatch):
     """Only a gone stdout reader ends a command silently (141): a pipe or socket the command
     itself writes that breaks is an error, said as any other, and stdout's text is kept."""
@@ -869,6 +902,28 @@ def test_parse_errors_exit_2(argv, capsys):
 def test_sweep_rejects_bad_values(tmp_path, capsys):
     rc = cli.main(["sweep", "--noise-multipliers", "1", "-2", *TINY, "--out", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "--noise-multipliers")
+
+
+def test_sweep_refuses_each_bad_grid_by_name_before_writing(tmp_path):
+    """Every sweep value must be a positive finite number (a noise multiplier or target epsilon
+    of 0 was the edge), distinct (an exact repeat named as such, not as a folder clash), and
+    exactly one kind of grid is given; all refused before --out is made."""
+    from opacus_mi.sweep import run_sweep
+    from opacus_mi.training import RunConfig
+
+    out = tmp_path / "s"
+    base = RunConfig(dataset="fake", fake_size=64, epochs=1, batch_size=16, out=str(out))
+    for kwargs, message in [
+        ({"noise_multipliers": [1.0, 0.0]}, "--noise-multipliers values must be positive finite"),
+        ({"target_epsilons": [0]}, "--target-epsilons values must be positive finite numbers"),
+        ({"noise_multipliers": [2.0, 1.0, 2.0]}, r"--noise-multipliers values must be distinct"),
+        ({"target_epsilons": [3.0, 3.0]}, r"--target-epsilons values must be distinct"),
+        ({"noise_multipliers": [1.0], "target_epsilons": [1.0]}, "give exactly one of"),
+        ({}, "give exactly one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run_sweep(base, progress=False, **kwargs)
+        assert not out.exists()
 
 
 def test_report_names_a_torn_line_in_one_warning_line(run_dir, tmp_path, capsys):
@@ -1763,11 +1818,13 @@ def test_a_sweep_row_bounds_any_noise(tmp_path, sigma, bound):
     assert sweep_row(result, setting="s", target_epsilon=None)["bound_per_step"] == bound
 
 
-@pytest.mark.parametrize("low, high, named", [(-0.2, 0.3, False), (-1.4, -0.5, True)])
+@pytest.mark.parametrize(
+    "low, high, named", [(-0.2, 0.3, False), (-1.4, -0.5, True), (-0.5, 0.0, False)]
+)
 def test_the_sweep_names_a_figure_below_zero_only_when_its_whole_interval_is(low, high, named):
     """The sweep table's 'below 0, an empty lower bound' note is for a learned figure whose whole
     95% interval lies under 0 (the run summary's rule); one straddling 0 is a figure like any
-    other (a mutation audit found the interval's ends interchangeable)."""
+    other (a mutation audit found the interval's ends interchangeable), as is one reaching 0."""
     from opacus_mi.sweep import sweep_table
 
     row = {
@@ -1991,6 +2048,50 @@ def test_csv_cells_read_back_numpy_floats_and_edited_files_are_refused_by_name(t
     path.write_bytes("setting,epsilon\ncaf\u00e9,2\n".encode("latin-1"))
     with pytest.raises(ValueError, match="sweep.csv is not UTF-8 text"):
         read_csv_rows(path, text_columns=("setting",))
+
+
+def test_a_target_sweeps_row_keeps_its_target_and_sweep_csv_reads_back_as_written(tmp_path):
+    """sweep_row's target_epsilon is the run's target (NaN for a noise sweep), beside the
+    epsilon it reached, and the table shows it; sweep.csv reads back as written, its setting
+    and out columns as text. References: the RunResults' own fields and 1 / (2 sigma^2)."""
+    from opacus_mi import sweep as S
+    from opacus_mi.training import RunResult
+
+    runs = [
+        (2.5, RunResult([], 2.4999, 0.75, 1.5, tmp_path / "eps_2.5", noise_multiplier=0.8)),
+        (None, RunResult([], 1.25, 0.5, 2.0, tmp_path / "sigma_2", noise_multiplier=2.0)),
+    ]
+    rows = [S.sweep_row(r, setting=r.out_dir.name, target_epsilon=t) for t, r in runs]
+    assert rows[0]["target_epsilon"] == 2.5 and math.isnan(rows[1]["target_epsilon"])
+    for (_, r), row in zip(runs, rows, strict=True):
+        assert (row["setting"], row["out"]) == (r.out_dir.name, str(r.out_dir))
+        assert (row["epsilon"], row["test_accuracy"], row["wall_seconds"]) == (
+            r.epsilon, r.test_accuracy, r.wall_seconds,
+        )  # fmt: skip
+        assert row["bound_per_step"] == pytest.approx(1 / (2 * r.noise_multiplier**2))
+    back = S.read_sweep_csv(S.write_sweep_csv(rows, tmp_path / "sweep.csv"))
+    for row, got in zip(rows, back, strict=True):
+        assert tuple(got) == S.SWEEP_COLUMNS
+        for k in S.SWEEP_COLUMNS:
+            assert got[k] == row[k] or (math.isnan(got[k]) and math.isnan(row[k])), k
+    table = S.sweep_table(rows[:1], width=200).splitlines()
+    assert [c.strip() for c in table[2].split("┃")[1:4]] == ["noise", "target eps", "epsilon"]
+    line = next(x for x in table if x.startswith("│ ") and x.split("│")[1].strip() == "0.8")
+    assert [c.strip() for c in line.split("│")[1:4]] == ["0.8", "2.5", "2.500"]
+
+
+def test_the_sweep_table_shows_a_figure_not_measured_as_a_dash():
+    """A run without a learned critic (--estimator none) has no clipped figure: its cell is
+    "-", not an interval of dashes, beside the oracle's interval (fmt_interval's form)."""
+    from opacus_mi.report import fmt_interval
+    from opacus_mi.sweep import sweep_table
+
+    row = {"noise_multiplier": 1.0, "epsilon": 2.0, "test_accuracy": 0.5, "oracle_mi": 0.25,
+           "oracle_ci_low": 0.125, "oracle_ci_high": 0.375, "clipped_mi": math.nan,
+           "clipped_ci_low": math.nan, "clipped_ci_high": math.nan}  # fmt: skip
+    line = next(x for x in sweep_table([row], width=200).splitlines() if x.startswith("│ "))
+    cells = [c.strip() for c in line.split("│")[1:-1]]
+    assert cells[3:5] == [fmt_interval(0.25, 0.125, 0.375), "-"]
 
 
 def test_the_sweep_table_tells_settings_apart_as_their_folders_do():
@@ -2276,6 +2377,25 @@ def test_a_stopped_sweep_says_how_to_go_on(tmp_path):
     assert "the same command with --resume goes on from there" in cli._resumable(args, 0)
     assert cli._resumable(args, time.time_ns() + 10**10) == ""  # an earlier sweep's
     assert cli._resumable(argparse.Namespace(command="run", out=str(out)), 0) == ""
+
+
+def test_a_stopped_sweeps_table_keeps_its_finished_rows_and_names_the_rest(tmp_path):
+    """A sweep stopped after sigma_1 of sigma_1, sigma_2: sweep.txt is the finished rows' table
+    followed by the runs with no row (an entry that is not a name is left out). Reference:
+    sweep_table of the same rows."""
+    from opacus_mi.sweep import sweep_table, write_sweep_outputs
+
+    row = {
+        "setting": "sigma_1", "noise_multiplier": 1.0, "epsilon": 2.0, "test_accuracy": 0.5,
+        "oracle_mi": 0.01, "oracle_ci_low": 0.0, "oracle_ci_high": 0.02,
+        "bound_per_step": 0.5, "wall_seconds": 1.0, "out": str(tmp_path / "sigma_1"),
+    }  # fmt: skip
+    settings = {"runs": ["sigma_1", "sigma_2", 3]}
+    text, _ = write_sweep_outputs(tmp_path, [row], settings=settings)
+    assert text == sweep_table([row]) + (
+        "\nnot finished: no row for sigma_2/; the same command with --resume goes on"
+    )
+    assert (tmp_path / "sweep.txt").read_text(encoding="utf-8") == text + "\n"
 
 
 def test_a_sweep_row_holds_each_views_learned_figure_and_the_table_a_measured_raw_view():
