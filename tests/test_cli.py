@@ -524,6 +524,33 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_error(tmp_path, capsys, monkeyp
     assert err == "opacus-mi: error: [Errno 32] Broken pipe\n"
 
 
+def test_a_warning_is_one_line_naming_another_librarys_file_from_its_package():
+    """The monitor's own warnings (which start with "opacus-mi: ") are said once prefixed,
+    not "opacus-mi: warning: opacus-mi: ..."; another library's name their file from its
+    package on (numpy/...), or in full outside site-packages, and opacus_mi's own none."""
+    site = "/venv/lib/python3.11/site-packages/numpy/lib/_methods.py"
+    cases = [
+        ("opacus-mi: the critic was reset", "/venv/x/opacus_mi/monitor.py", "the critic was reset"),
+        ("Mean of empty slice", site, "Mean of empty slice (from numpy/lib/_methods.py:7)"),
+        ("odd", "/home/me/tool.py", "odd (from /home/me/tool.py:7)"),
+        ("a message of ours", "/venv/x/opacus_mi/budget.py", "a message of ours"),
+    ]  # fmt: skip
+    for message, filename, said in cases:
+        out = io.StringIO()
+        cli._show_warning(message, RuntimeWarning, filename, 7, file=out)
+        assert out.getvalue() == f"opacus-mi: warning: {said}\n", message
+
+
+def test_report_of_a_path_that_is_no_folder_says_so(tmp_path, capsys):
+    """`report` given a run's file, or a folder that does not exist, says that it wants the
+    folder (not that the folder lacks a records.jsonl)."""
+    run_file = tmp_path / "records.jsonl"
+    run_file.write_text("", encoding="utf-8")
+    for path in (run_file, tmp_path / "missing"):
+        rc = cli.main(["report", str(path)])
+        _assert_one_line_error(rc, capsys.readouterr().err, f"OUTDIR {str(path)!r} is not a folder")
+
+
 def test_an_error_of_several_lines_is_said_on_one(tmp_path, capsys, monkeypatch):
     """Each error is one `opacus-mi: error:` line, as argparse's are (a log reader or `grep`
     sees it whole), whatever the message's own line breaks and indentation."""
@@ -714,8 +741,18 @@ def test_missing_data_root(tmp_path, capsys):
     [
         # each was accepted and changed nothing, without a word (the data set's warning was
         # a UserWarning, which the CLI hides as Opacus's and torch's chatter)
-        (["run", "--dataset", "digits", "--data-root", "/my/cifar"], "--data-root is read only"),
-        (["validate", "--data-root", "/my/cifar"], "--data-root is read only"),
+        (
+            ["run", "--dataset", "digits", "--data-root", "/my/cifar"],
+            "--data-root is read only for --dataset cifar10 or celeba ('digits' is built in)",
+        ),
+        (  # (validate reads no CelebA)
+            ["validate", "--data-root", "/my/cifar"],
+            "--data-root is read only for --dataset cifar10 ('digits' is built in)",
+        ),
+        (
+            ["sweep", "--noise-multipliers", "1", "--dataset", "fake", "--data-root", "d"],
+            "('fake' is built in)",
+        ),
         (["run", "--dataset", "digits", "--fake-size", "50"], "--fake-size sizes --dataset fake"),
         (["run", "--accountant", "rdp", "--exact-epsilon"], "--exact-epsilon: with --accountant"),
         (
@@ -1709,7 +1746,8 @@ def test_console_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "private/oracle" in proc.stdout and "epsilon" in proc.stdout
-    assert "Warning" not in proc.stderr, proc.stderr  # Opacus's chatter is filtered
+    # Opacus's and torch's chatter is filtered (Python's form, and ours for what got through)
+    assert "Warning" not in proc.stderr and "warning" not in proc.stderr, proc.stderr
     assert (out / "report.html").is_file()
 
     # Its reader gone before it printed (`| head -c 0`): the files are written, and the exit
