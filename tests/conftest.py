@@ -6,6 +6,7 @@ import builtins
 import contextlib
 import io
 import os
+import sys
 import warnings
 
 import pytest
@@ -32,6 +33,16 @@ def fixed_schedule(monkeypatch):
     defaults = LeakageMonitor.__init__.__kwdefaults__
     monkeypatch.setitem(defaults, "every", 1)
     monkeypatch.setitem(defaults, "train_every", 8)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Close the figures a test left open (the plot tests spy on ``plots._save``, which would
+    close them): pyplot keeps each until closed and warns past 20 in one process."""
+    yield
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")
 
 
 class ReusedRelu(nn.Module):
