@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -248,19 +249,25 @@ def test_a_non_finite_oracle_is_flagged(monkeypatch):
     assert all("estimate_nonfinite:private/oracle" in r.flags for r in monitor.history)
 
 
-def test_diverging_critic_is_reset_and_flagged_not_propagated():
-    engine, model, opt, loader = make_private(poisson=False, n=160)
-    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, views=("clipped",), train_every=1)
-    est = monitor.estimators["clipped"]
+def _poison_at_step_3(monitor, estimator) -> tuple[Callable[[], None], dict]:
+    """An ``after_step`` that fills the estimator's critic with NaN once, after step 3, and
+    the record of whether it did."""
     poisoned = {"done": False}
 
     def poison():
         monitor.flush()  # no critic update in flight on an overlap worker while we write
-        if est.critic is not None and not poisoned["done"] and monitor.steps == 3:
+        if estimator.critic is not None and not poisoned["done"] and monitor.steps == 3:
             with torch.no_grad():
-                next(est.critic.parameters()).fill_(float("nan"))
+                next(estimator.critic.parameters()).fill_(float("nan"))
             poisoned["done"] = True
 
+    return poison, poisoned
+
+
+def test_diverging_critic_is_reset_and_flagged_not_propagated():
+    engine, model, opt, loader = make_private(poisson=False, n=160)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, views=("clipped",), train_every=1)
+    poison, _ = _poison_at_step_3(monitor, monitor.estimators["clipped"])
     with pytest.warns(RuntimeWarning, match="diverged"):
         train(model, opt, loader, epochs=2, after_step=poison)
     flags = [f for r in monitor.history for f in r.flags]
@@ -278,15 +285,7 @@ def test_a_diverging_control_critic_is_reset_and_said_without_flagging_the_recor
         engine, model, opt, delta=1e-5, views=("clipped",), train_every=1, control=True
     )
     ctrl = monitor.controls["clipped"]
-    poisoned = {"done": False}
-
-    def poison():
-        monitor.flush()  # no critic update in flight on an overlap worker while we write
-        if ctrl.critic is not None and not poisoned["done"] and monitor.steps == 3:
-            with torch.no_grad():
-                next(ctrl.critic.parameters()).fill_(float("nan"))
-            poisoned["done"] = True
-
+    poison, poisoned = _poison_at_step_3(monitor, ctrl)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, opt, loader, epochs=2, after_step=poison)

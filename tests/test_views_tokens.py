@@ -337,6 +337,18 @@ def test_fsdp_ghost_clipping_releases_sigma_c_even_with_an_adjusted_multiplier(t
         dist.destroy_process_group()
 
 
+def _train_reading_the_clip_bound(model, opt, loader) -> list[float]:
+    """One epoch, the optimizer's clip bound C read before each step (adaptive clipping
+    moves it at every step)."""
+    bounds, criterion = [], torch.nn.CrossEntropyLoss()
+    for x, y in loader:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        bounds.append(float(opt.max_grad_norm))
+        opt.step()
+    return bounds
+
+
 def test_the_private_view_is_drawn_with_the_noise_of_its_own_step_under_adaptive_clipping():
     """Adaptive clipping moves C every step: each step's private view and oracle use that step's
     release std (sigma_eff C at its pre_step), not sigma C and not a later step's C."""
@@ -348,13 +360,8 @@ def test_the_private_view_is_drawn_with_the_noise_of_its_own_step_under_adaptive
         clipping="adaptive", noise=1.0, poisson=False, private_kwargs=_ADAPTIVE
     )
     monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, overlap=False)
-    drawn, bounds = _spy_noise_std(monitor), []
-    criterion = torch.nn.CrossEntropyLoss()
-    for x, y in loader:
-        opt.zero_grad()
-        criterion(model(x), y).backward()
-        bounds.append(float(opt.max_grad_norm))
-        opt.step()
+    drawn = _spy_noise_std(monitor)
+    bounds = _train_reading_the_clip_bound(model, opt, loader)
     assert len(set(bounds)) > 3  # C did move
     assert drawn == pytest.approx([c / math.sqrt(0.75) for c in bounds], rel=1e-12)
 
@@ -374,17 +381,12 @@ def test_the_semi_oracle_scores_each_step_with_the_noise_of_its_own_step(overlap
     monitor = LeakageMonitor(
         engine, model, opt, delta=1e-5, estimator=None, semi_oracle=True, overlap=overlap
     )
-    step, scored, bounds = monitor._semi_oracle_step, [], []
+    step, scored = monitor._semi_oracle_step, []
     monitor._semi_oracle_step = lambda record, usable, std, train: (
         scored.append(std),
         step(record, usable, std, train),
     )[1]
-    criterion = torch.nn.CrossEntropyLoss()
-    for x, y in loader:
-        opt.zero_grad()
-        criterion(model(x), y).backward()
-        bounds.append(float(opt.max_grad_norm))
-        opt.step()
+    bounds = _train_reading_the_clip_bound(model, opt, loader)
     monitor.detach()
     assert len(set(bounds)) > 3  # C did move
     assert len(scored) == len(bounds)
