@@ -184,6 +184,5 @@ def write_html(
     path = out / filename
     # Whole or not at all: report.html is a run's last output, and a sweep's --resume keeps a
     # run whose outputs all exist (a stop mid-write left a truncated report kept as finished).
-    text = "\n".join(parts) + "\n"
-    write_text_whole(path, text)
+    write_text_whole(path, "\n".join(parts) + "\n")
     return path

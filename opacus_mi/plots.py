@@ -49,10 +49,7 @@ def _isolated(ok: list[bool]) -> list[int]:
 
 def _save(fig, path: str | os.PathLike) -> Path:
     fig.tight_layout()
-    try:
-        return save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_mi(records: Sequence[LeakageRecord], path: str | os.PathLike) -> Path:

@@ -327,10 +327,16 @@ def write_text_whole(path: str | os.PathLike, text: str) -> Path:
 
 
 def save_figure(fig: Any, path: str | os.PathLike, **savefig: Any) -> Path:
-    """A matplotlib figure saved through :func:`write_whole`: a stop mid-save leaves the
-    last whole image (the format named, since the part file's suffix is not the image's)."""
+    """A matplotlib figure saved through :func:`write_whole` (a stop mid-save leaves the
+    last whole image; the format named, since the part file's suffix is not the image's),
+    then closed, saved or not: pyplot keeps every figure until it is."""
+    import matplotlib.pyplot as plt  # (loaded already: the figure is pyplot's)
+
     path = Path(path)
-    write_whole(path, lambda part: fig.savefig(part, format=path.suffix[1:], **savefig))
+    try:
+        write_whole(path, lambda part: fig.savefig(part, format=path.suffix[1:], **savefig))
+    finally:
+        plt.close(fig)
     return path
 
 

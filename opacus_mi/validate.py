@@ -1159,10 +1159,7 @@ def plot_validate(
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    try:
-        return save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_reconstructions(examples: list[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -1202,7 +1199,4 @@ def plot_reconstructions(examples: list[dict[str, Any]], path: str | os.PathLike
                     )
     fig.suptitle("Inverting Gradients reconstructions of the attacked inputs", fontsize=9)
     fig.tight_layout()
-    try:
-        return save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, dpi=110)
