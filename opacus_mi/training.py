@@ -43,7 +43,7 @@ from .checks import (
 from .data import DATASETS
 from .models import MODELS
 from .records import MI_FIELDS, LeakageRecord, float_of, json_safe, read_jsonl
-from .report import csv_cell, partial_path, write_text_whole, write_whole
+from .report import partial_path, write_csv_rows, write_text_whole, write_whole
 from .views import default_views, series_names, unmeasured_views
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp")
@@ -1236,22 +1236,14 @@ def write_records_csv(records: Sequence[LeakageRecord], path: str | os.PathLike)
     """
     keys = mi_keys(records)
     header = list(_RECORD_COLUMNS) + [f"{k}_{f}" for k in keys for f in MI_FIELDS] + ["flags"]
-    path = Path(path)
 
-    def write(part: Path) -> None:
-        with open(part, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            for r in records:
-                row: list[Any] = [csv_cell(getattr(r, c)) for c in _RECORD_COLUMNS]
-                for k in keys:
-                    v = r.mi.get(k)
-                    row += [csv_cell(None if v is None else getattr(v, f)) for f in MI_FIELDS]
-                row.append(";".join(r.flags))
-                w.writerow(row)
+    def row(r: LeakageRecord) -> dict[str, Any]:  # (a series the record lacks: blank cells)
+        cells = {c: getattr(r, c) for c in _RECORD_COLUMNS}
+        for k, v in r.mi.items():
+            cells.update({f"{k}_{f}": getattr(v, f) for f in MI_FIELDS})
+        return {**cells, "flags": ";".join(r.flags)}
 
-    write_whole(path, write)
-    return path
+    return write_csv_rows((row(r) for r in records), path, header)
 
 
 def _settings_for_html(config: dict[str, Any] | None) -> dict[str, Any]:
