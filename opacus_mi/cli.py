@@ -589,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, TypeError) as err:
             return _error(err)
         except PermissionError as err:
-            return _error(f"permission denied: {err}")
+            return _error(_permission_denied(err))
         except BrokenPipeError as err:
             if not _stdout_gone():  # a pipe or socket the command wrote: an error
                 return _error(err)
@@ -608,6 +608,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{PROG}: {what}{_kept(args, started)}{_resumable(args, started)}", file=sys.stderr
             )
             return status
+
+
+def _permission_denied(err: PermissionError) -> str:
+    """A refused file named once, with the fix ("[Errno 13] Permission denied: 'x'" said
+    neither, and our prefix said "permission denied" twice)."""
+    if err.filename is None:
+        return str(err)
+    where = repr(str(err.filename))
+    if err.filename2 is not None:
+        where += f" -> {str(err.filename2)!r}"
+    reason = (err.strerror or "permission denied").lower()
+    return (
+        f"{reason}: {where}; give yourself access to it (chmod u+rw, or u+rwx for a folder) "
+        "or pass another path"
+    )
 
 
 def _kept(args: argparse.Namespace, started: int) -> str:

@@ -2245,6 +2245,33 @@ def test_an_output_folder_that_cannot_be_opened_is_named(tmp_path, capsys, monke
     _assert_one_line_error(rc, capsys.readouterr().err, "--out", "Permission denied", "chmod")
 
 
+def test_a_file_the_run_may_not_write_is_named_once_with_the_fix(tmp_path, capsys, monkeypatch):
+    """A PermissionError from a file inside --out (summary.txt here) printed
+    "permission denied: [Errno 13] Permission denied: '...'": the reason twice, no fix.
+    Reference: the error Python itself raises, its filename and strerror."""
+    import builtins
+    import io
+
+    out = tmp_path / "run"
+    real = builtins.open
+    refused = {}
+
+    def refusing(path, *args, **kwargs):
+        if "summary.txt" in Path(str(path)).name:
+            refused["err"] = PermissionError(13, "Permission denied", str(path))
+            raise refused["err"]
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    monkeypatch.setattr(io, "open", refusing)  # (pathlib's write_text opens through io.open)
+    rc = cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)])
+    err = capsys.readouterr().err
+    path = refused["err"].filename
+    _assert_one_line_error(rc, err, f"permission denied: {path!r}", "chmod u+rw", "another path")
+    assert err.lower().count("permission denied") == 1, err
+    assert "[Errno" not in err, err
+
+
 def test_a_ctrl_c_while_the_cli_imports_torch_ends_as_an_interrupt(monkeypatch, capsys):
     """The CLI's imports (torch, Opacus: 2.5-4 s here) came before its Ctrl-C handler: an
     interrupt in them printed a traceback through the import and died of SIGINT. Reference:
