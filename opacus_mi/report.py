@@ -315,6 +315,10 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     try:
         write(part)
         os.replace(part, path)
+    except OSError as err:  # (a refused or full folder: the file asked for named, not ".x.part")
+        if err.filename is None or Path(err.filename) != part or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err  # (PermissionError for 13)
     finally:
         part.unlink(missing_ok=True)
 

@@ -2266,7 +2266,8 @@ def test_a_file_the_run_may_not_write_is_named_once_with_the_fix(tmp_path, capsy
     monkeypatch.setattr(io, "open", refusing)  # (pathlib's write_text opens through io.open)
     rc = cli.main(["run", *TINY, "--estimator", "none", "--out", str(out)])
     err = capsys.readouterr().err
-    path = refused["err"].filename
+    assert refused["err"].filename == str(out / ".summary.txt.part")  # (refused: its part file)
+    path = str(out / "summary.txt")  # (named: the file asked for)
     _assert_one_line_error(rc, err, f"permission denied: {path!r}", "chmod u+rw", "another path")
     assert err.lower().count("permission denied") == 1, err
     assert "[Errno" not in err, err

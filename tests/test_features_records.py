@@ -9,6 +9,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -1723,6 +1724,48 @@ def test_a_file_is_written_beside_its_target_under_a_hidden_name():
     target = Path("run") / "records.csv"
     part = partial_path(target)
     assert part.parent == target.parent and part.name.startswith(".") and part != target
+
+
+def test_a_refused_write_names_the_file_asked_for_not_its_part(tmp_path, monkeypatch):
+    """A folder that refuses new files failed on the hidden ``.summary.txt.part``, the name
+    the CLI then printed. Reference: the OSError the open itself raised (its errno, reason)."""
+    import io
+
+    from opacus_mi.report import partial_path, write_text_whole, write_whole
+
+    target = tmp_path / "summary.txt"
+    real, raised = io.open, []
+
+    def refusing(path, *args, **kwargs):
+        if Path(str(path)) == partial_path(target):
+            raised.append(PermissionError(13, "Permission denied", str(path)))
+            raise raised[-1]
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", refusing)
+    with pytest.raises(PermissionError) as caught:
+        write_text_whole(target, "x")
+    assert (caught.value.errno, caught.value.strerror) == (raised[0].errno, raised[0].strerror)
+    assert caught.value.filename == str(target) and caught.value.__cause__ is raised[0]
+    monkeypatch.setattr(io, "open", real)
+    full = OSError(28, "No space left on device", str(partial_path(target)))
+
+    def fails(part):
+        part.write_text("half")
+        raise full
+
+    with pytest.raises(OSError, match="No space left") as caught:
+        write_whole(target, fails)
+    assert caught.value.errno == 28 and caught.value.filename == str(target)
+    assert not target.exists() and not partial_path(target).exists()
+    other = OSError(5, "Input/output error", str(tmp_path / "elsewhere"))
+
+    def elsewhere(part):
+        raise other
+
+    with pytest.raises(OSError) as caught:
+        write_whole(target, elsewhere)
+    assert caught.value is other  # (an error about another file passes unchanged)
 
 
 @pytest.mark.parametrize("last", [0, -1, 2.5, True])
