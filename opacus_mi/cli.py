@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -588,8 +589,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(err)
         except (ValueError, TypeError) as err:
             return _error(err)
-        except PermissionError as err:
-            return _error(_permission_denied(err))
         except BrokenPipeError as err:
             if not _stdout_gone():  # a pipe or socket the command wrote: an error
                 return _error(err)
@@ -598,8 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # interpreter's last flush says it again).
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141  # (128 + SIGPIPE)
-        except OSError as err:
-            return _error(err)
+        except OSError as err:  # (a refused file, a full disk)
+            return _error(_os_error(err))
         except KeyboardInterrupt as stop:
             what, status = (
                 ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
@@ -610,19 +609,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
 
 
-def _permission_denied(err: PermissionError) -> str:
-    """A refused file named once, with the fix ("[Errno 13] Permission denied: 'x'" said
-    neither, and our prefix said "permission denied" twice)."""
-    if err.filename is None:
+_FIXES = {
+    errno.EACCES: "give yourself access to it (chmod u+rw, or u+rwx for a folder) or pass "
+    "another path",
+    errno.EPERM: "give yourself access to it (chmod u+rw, or u+rwx for a folder) or pass "
+    "another path",
+    errno.ENOSPC: "free some space there or pass a path on another disk",
+    errno.EDQUOT: "free some of your quota there or pass a path on another disk",
+    errno.EROFS: "pass a path on a writable file system",
+}
+
+
+def _os_error(err: OSError) -> str:
+    """A file the OS refused, named once with the fix where one is known ("[Errno 28] No
+    space left on device: 'x'" said neither, and a refusal read "permission denied: [Errno
+    13] Permission denied: 'x'")."""
+    if err.filename is None or err.strerror is None:
         return str(err)
     where = repr(str(err.filename))
     if err.filename2 is not None:
         where += f" -> {str(err.filename2)!r}"
-    reason = (err.strerror or "permission denied").lower()
-    return (
-        f"{reason}: {where}; give yourself access to it (chmod u+rw, or u+rwx for a folder) "
-        "or pass another path"
-    )
+    fix = _FIXES.get(err.errno)
+    return f"{err.strerror[:1].lower()}{err.strerror[1:]}: {where}" + (f"; {fix}" if fix else "")
 
 
 def _kept(args: argparse.Namespace, started: int) -> str:

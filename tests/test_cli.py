@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -2245,12 +2246,18 @@ def test_an_output_folder_that_cannot_be_opened_is_named(tmp_path, capsys, monke
     _assert_one_line_error(rc, capsys.readouterr().err, "--out", "Permission denied", "chmod")
 
 
-def test_a_file_the_run_may_not_write_is_named_once_with_the_fix(tmp_path, capsys, monkeypatch):
-    """A PermissionError from a file inside --out (summary.txt here) printed
-    "permission denied: [Errno 13] Permission denied: '...'": the reason twice, no fix.
-    Reference: the error Python itself raises, its filename and strerror."""
+@pytest.mark.parametrize(
+    "code, fix",
+    [(errno.EACCES, "chmod u+rw"), (errno.ENOSPC, "free some space there"), (errno.EIO, None)],
+)
+def test_a_file_the_run_may_not_write_is_named_once_with_the_fix(
+    tmp_path, capsys, monkeypatch, code, fix
+):
+    """An OSError from a file inside --out (summary.txt here) printed Python's "[Errno 28] No
+    space left on device: '...'" (or "permission denied: [Errno 13] Permission denied: '...'",
+    the reason twice) and no fix. Reference: the OS's own reason for the errno
+    (``os.strerror``) and the file the run was asked to write."""
     import builtins
-    import io
 
     out = tmp_path / "run"
     real = builtins.open
@@ -2258,7 +2265,7 @@ def test_a_file_the_run_may_not_write_is_named_once_with_the_fix(tmp_path, capsy
 
     def refusing(path, *args, **kwargs):
         if "summary.txt" in Path(str(path)).name:
-            refused["err"] = PermissionError(13, "Permission denied", str(path))
+            refused["err"] = OSError(code, os.strerror(code), str(path))
             raise refused["err"]
         return real(path, *args, **kwargs)
 
@@ -2268,9 +2275,10 @@ def test_a_file_the_run_may_not_write_is_named_once_with_the_fix(tmp_path, capsy
     err = capsys.readouterr().err
     assert refused["err"].filename == str(out / ".summary.txt.part")  # (refused: its part file)
     path = str(out / "summary.txt")  # (named: the file asked for)
-    _assert_one_line_error(rc, err, f"permission denied: {path!r}", "chmod u+rw", "another path")
-    assert err.lower().count("permission denied") == 1, err
-    assert "[Errno" not in err, err
+    reason = os.strerror(code).lower()
+    _assert_one_line_error(rc, err, f"error: {reason}: {path!r}", *([fix] if fix else []))
+    assert err.lower().count(reason) == 1 and "[Errno" not in err, err
+    assert fix is not None or err.rstrip().endswith(f"{path!r}"), err  # (no fix made up)
 
 
 def test_a_ctrl_c_while_the_cli_imports_torch_ends_as_an_interrupt(monkeypatch, capsys):
