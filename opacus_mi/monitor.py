@@ -567,6 +567,8 @@ class LeakageMonitor:
     ):
         _check_attach(engine, module, optimizer)
         self._warned: set[str] = set()
+        # Per sink (by id): its name, the records it missed and its first error (see _deliver).
+        self._missed: dict[int, list] = {}
         self.distributed = should_gather(distributed, optimizer)
         self.rank = dist_rank()  # (0 without a process group)
         self._ranks = world_size()  # (1 without one; see _speaker)
@@ -1047,6 +1049,7 @@ class LeakageMonitor:
     def _detach(self) -> None:
         try:
             self.flush()  # (its last warnings may raise, under an error filter: detached still)
+            self._say_missed()
         finally:
             if self._worker is not None:
                 self._worker.close()
@@ -1055,6 +1058,19 @@ class LeakageMonitor:
                 # (A sink detaching: once the record it got is delivered. Records an interrupt
                 # left undelivered keep it open: the exit flush or the finaliser writes them.)
                 self._jsonl.close()
+
+    def _say_missed(self) -> None:
+        """How many records each failing sink missed: after its first failure's warning (said
+        once a run), a full disk's later losses were silent."""
+        missed, self._missed = self._missed, {}
+        if self.distributed and self.rank != 0:  # (rank 0 alone calls the sinks)
+            return
+        for name, count, first in missed.values():
+            say(
+                f"{self._speaker(True)}: {count} record{'s' if count != 1 else ''} did not reach "
+                f"{name} (its first error: {first!r}); they reached history (as max_history "
+                "keeps it) and the other sinks"
+            )
 
     def request_stop(self) -> None:
         """Detach every rank's monitor at the next monitored step (DPDDP: the request travels
@@ -1728,9 +1744,13 @@ class LeakageMonitor:
                             # (It has had the record: a warning raised by an error filter
                             # stops this delivery, and the next must not call it again.)
                             self._sent += 1
+                            missed = self._missed.setdefault(id(sink), [_sink_name(sink), 0, exc])
+                            missed[1] += 1
                             self._warn_once(
                                 f"sink:{type(exc).__name__}",
-                                f"a record sink failed: {exc!r} (the record stays in history)",
+                                f"a record sink failed: {exc!r} ({missed[0]}; the record stays "
+                                "in history, and the records it misses are counted when the "
+                                "monitor detaches)",
                                 shared=True,
                             )
                             continue
@@ -3155,8 +3175,17 @@ def _flush_at_exit(ref: weakref.ref) -> None:
             with warnings.catch_warnings():
                 _said_not_raised()
                 monitor.flush()
+                monitor._say_missed()  # (a monitor never detached)
         except Exception:  # exiting: nothing left to protect
             pass
+
+
+def _sink_name(sink: Callable) -> str:
+    """A sink as a warning names it: the JSONL by its file, a callable by its qualified name."""
+    if isinstance(sink, JsonlSink):
+        return f"the records file {str(sink.path)!r}"
+    name = getattr(sink, "__qualname__", None) or type(sink).__qualname__
+    return f"sink {name}"
 
 
 def _deliver_rest(done: deque, jsonl: JsonlSink | None, said: deque) -> None:

@@ -339,6 +339,63 @@ def test_a_warning_a_step_kept_is_said_when_the_monitor_is_collected(detach_in_s
     assert sum("a record sink failed: OSError('disk full')" in str(w.message) for w in seen) == 1
 
 
+@pytest.mark.parametrize("how", ["detach", "exit"])
+def test_the_records_a_failing_sink_missed_are_counted(how, tmp_path, monkeypatch):
+    """A failing sink was warned of once a run (per error type), so a full disk's later losses
+    went unsaid: records.jsonl missing most of a run read as a short run. When the monitor lets
+    go (detach, or the interpreter's exit for one never detached) each failing sink's count is
+    said, the JSONL named by its file. Reference: the failures the sinks themselves raised."""
+    import weakref
+
+    from opacus_mi.monitor import _flush_at_exit
+    from opacus_mi.records import JsonlSink
+
+    engine, model, opt, loader = make_private(poisson=False, noise=0.7)
+    failed = {"jsonl": 0, "mine": 0}
+    write = JsonlSink.__call__
+
+    def full_disk(self, record):
+        if record.step % 2:
+            failed["jsonl"] += 1
+            raise OSError(28, "No space left on device")
+        return write(self, record)
+
+    def flaky_sink(record):
+        if record.step >= 2:
+            failed["mine"] += 1
+            raise ValueError("bad record")
+
+    monkeypatch.setattr(JsonlSink, "__call__", full_disk)
+    path = tmp_path / "records.jsonl"
+    monitor = LeakageMonitor(
+        engine, model, opt, delta=1e-5, estimator=None, every=1, jsonl=path, sinks=[flaky_sink]
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(model, opt, loader)
+        if how == "detach":
+            monitor.detach()
+        else:
+            _flush_at_exit(weakref.ref(monitor))
+    said = [str(w.message) for w in seen]
+    steps = [r.step for r in monitor.history]
+    assert failed["jsonl"] == sum(s % 2 for s in steps) >= 2
+    assert failed["mine"] == sum(s >= 2 for s in steps) >= 2
+    assert [r.step for r in read_jsonl(path)] == [s for s in steps if not s % 2]
+    jsonl_line = (
+        f"{failed['jsonl']} records did not reach the records file {str(path)!r} "
+        "(its first error: OSError(28, 'No space left on device'))"
+    )
+    mine_line = f"{failed['mine']} records did not reach sink {flaky_sink.__qualname__} "
+    assert sum(jsonl_line in m for m in said) == 1, said
+    assert sum(mine_line in m for m in said) == 1, said
+    assert sum("a record sink failed: OSError" in m and str(path) in m for m in said) == 1
+    said_before = len(seen)
+    monitor.detach()  # (said once: counted from the last saying)
+    _flush_at_exit(weakref.ref(monitor))
+    assert not [w for w in seen[said_before:] if "did not reach" in str(w.message)]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_detach_inside_a_step_lets_go_at_its_end(overlap, tmp_path):
     """detach() from a user's step hook (inside Opacus's pre_step, after the accountant's
