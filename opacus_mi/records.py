@@ -6,6 +6,8 @@ and can be re-read by ``opacus-mi report``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -203,9 +205,7 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike, *, fsync: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
-        if self._fh.tell() and not _ends_with_newline(self.path):
-            self._fh.write("\n")  # a killed run's torn last line: resume on a line of our own
+        self._fh = self._open()
         self.fsync = fsync
         self._key = os.path.realpath(self.path)
         self._serial = _NEWEST[self._key] = next(_SERIALS)
@@ -226,6 +226,8 @@ class JsonlSink:
                 )
             return
         line = json.dumps(record.as_dict()) + "\n"
+        if self._fh is None:  # (a failed write's reopening failed too: once more)
+            self._fh = self._open()
         if record is self._writing and self._fh.tell() != self._writing_at:
             # A delivery an interrupt cut short, resumed: the line went out before it landed.
             self._fh.flush()
@@ -234,13 +236,39 @@ class JsonlSink:
             return
         self._writing_at = self._fh.tell()  # (first: an interrupt between the two rewrites)
         self._writing = record
-        self._fh.write(line)
-        self._fh.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(line)
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+        except OSError:
+            self._undo(self._writing_at)
+            raise
+
+    def _open(self) -> io.TextIOWrapper:
+        fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+        if fh.tell() and not _ends_with_newline(self.path):
+            fh.write("\n")  # a killed run's torn last line: resume on a line of our own
+        return fh
+
+    def _undo(self, at: int) -> None:
+        """The file as it was before a write that failed (a full disk, a file size limit): the
+        line's unwritten rest, kept in the buffer, landed with the next record's flush once
+        there was room, and its written part stayed as a torn line if none came; so a record
+        whose write raised was in the file or not, by chance. Now it is not, and the file holds
+        whole lines only."""
+        fh, self._fh = self._fh, None
+        with contextlib.suppress(OSError, ValueError):
+            fh.buffer.raw.close()  # (the buffer dropped unwritten: closing would flush it)
+            fh.close()
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, at)
+        with contextlib.suppress(OSError):
+            self._fh = self._open()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[LeakageRecord]:

@@ -7,6 +7,9 @@ import itertools
 import json
 import math
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -1257,6 +1260,65 @@ def test_records_files_of_a_resumed_run_an_old_version_or_another_kind(tmp_path)
     path.write_text("step,epsilon\n0,1.5\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no line is a leakage record"):
         read_jsonl(path)
+
+
+def test_a_record_whose_write_failed_is_not_in_the_jsonl_and_its_lines_stay_whole(tmp_path):
+    """A full disk mid-line: the line's written part stayed as a torn line, and its unwritten
+    rest, kept in the file's buffer, landed with the next record's flush once there was room,
+    so a record whose write raised was in the file or not by chance, and the monitor's count
+    of records missed could be wrong. The OS refuses the writes here (a child process under a
+    file size limit: EFBIG, as ENOSPC, after a short write); reference: which writes raised."""
+    script = textwrap.dedent(
+        """
+        import json, resource, signal, sys
+        from opacus_mi.records import JsonlSink, LeakageRecord
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit: EFBIG)
+        sink = JsonlSink(sys.argv[1])
+        outcomes = []
+        for step in range(1, 9):
+            if step == 3:  # room for the first two lines and part of the third only
+                room = int(sys.argv[2])
+                resource.setrlimit(resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
+            if step == 6:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+            record = LeakageRecord(step, 64, 1.0, 1.0, 0.01, 0.5 * step, 1e-5, flags=["x" * 300])
+            try:
+                sink(record)
+                outcomes.append((step, "ok"))
+            except OSError as err:
+                outcomes.append((step, err.errno))
+        sink.close()
+        print(json.dumps(outcomes))
+        """
+    )
+    import errno
+
+    from opacus_mi.records import LeakageRecord
+
+    one = len(
+        json.dumps(LeakageRecord(1, 64, 1.0, 1.0, 0.01, 0.5, 1e-5, flags=["x" * 300]).as_dict())
+    )
+    path = tmp_path / "records.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(2 * (one + 1) + one // 2)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    outcomes = json.loads(done.stdout)
+    assert outcomes[:2] == [[1, "ok"], [2, "ok"]] and outcomes[5:] == [
+        [6, "ok"],
+        [7, "ok"],
+        [8, "ok"],
+    ]
+    assert [o for _, o in outcomes[2:5]] == [errno.EFBIG] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no torn line to skip)
+        back = read_jsonl(path)
+    assert [r.step for r in back] == [s for s, o in outcomes if o == "ok"]
+    assert path.read_text(encoding="utf-8").count("\n") == 5
 
 
 def test_non_finite_figures_survive_the_jsonl_round_trip(tmp_path):
