@@ -6,7 +6,8 @@ Subcommands:
   writes records, CSV, plots and ``report.html`` into ``--out``.
 * ``opacus-mi sweep --noise-multipliers 0.5 1 2 4`` (or ``--target-epsilons``): one run per
   setting in ``<out>/sigma_<v>/`` (``eps_<v>/``) plus ``sweep.csv``, ``sweep.png`` and a report.
-* ``opacus-mi report OUTDIR``: re-render a run (``records.jsonl``) or sweep (``sweep.csv``).
+* ``opacus-mi report OUTDIR``: re-render a run (``records.jsonl``), sweep (``sweep.csv``) or
+  validate (``validate.csv``).
 * ``opacus-mi validate``: check the measured MI against real attacks (gradient inversion,
   re-identification, membership inference) over noise, batch size and training stage; writes
   ``validate.csv``, ``correlations.csv``, tables and plots into ``--out``.
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
-        help="re-render the tables, plots and report.html of a run, sweep or validate folder",
+        help="re-render the tables, plots and report.html of a run or sweep folder (a validate "
+        "folder: its table, plot, correlations and validate.json)",
         description="Re-render from OUTDIR/records.jsonl (a run), OUTDIR/sweep.csv (a sweep) or "
         "OUTDIR/validate.csv (a validate).",
     )
@@ -358,8 +360,8 @@ def _refuse_unused(args: argparse.Namespace) -> None:
             "it, or pass --dataset fake"
         )
     if getattr(args, "estimator", None) == "none":
-        # The semi-oracle learns from tokens too, but reads the sketch's (or its subspace's):
-        # a token encoder is for the learned critics alone.
+        # The semi-oracle learns from tokens too, its own (a gradient subspace's, or the
+        # sketch's under ghost clipping or DPDDP): a token encoder is for the learned critics.
         semi = getattr(args, "semi_oracle", False)
         unused = ("tokenizer",) if semi else _LEARNING_FLAGS
         given = [f"--{n}".replace("_", "-") for n in unused if getattr(args, n) is not None]
@@ -367,7 +369,7 @@ def _refuse_unused(args: argparse.Namespace) -> None:
             what = "no critic is learnt" if semi else "nothing is learnt"
             raise ValueError(
                 f"{' '.join(given)}: with --estimator none {what} (the private view's Gram "
-                "oracle needs no tokens, the semi-oracle reads the sketch's), so these set "
+                "oracle needs no tokens, the semi-oracle makes its own), so these set "
                 "nothing; drop them, or pick an estimator, e.g. --estimator mine"
             )
 
