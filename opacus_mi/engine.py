@@ -121,7 +121,9 @@ class MonitoredPrivacyEngine(PrivacyEngine):
         if misplaced:
             # Opacus would pass them on to the DPOptimizer, which ignores unknown keywords.
             raise TypeError(
-                f"{', '.join(map(repr, misplaced))} configure the monitor, not make_private: "
+                f"{', '.join(map(repr, misplaced))} "
+                f"{'configures' if len(misplaced) == 1 else 'configure'} the monitor, not "
+                "make_private: "
                 f"pass them to MonitoredPrivacyEngine({misplaced[0]}=...)"
             )
         if kwargs.get("wrap_model", True) is False:

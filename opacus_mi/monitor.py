@@ -1138,6 +1138,17 @@ class LeakageMonitor:
         with neither would take it from each batch's largest label, and a batch without the
         top class would change the features' width, which the critics cannot follow.
         """
+        if isinstance(criterion, type) or not callable(criterion):
+            # (Accepted, these failed at the first loss, in a message naming neither.)
+            got = (
+                f"the class {criterion.__name__}"
+                if isinstance(criterion, type)
+                else (f"{type(criterion).__name__} {criterion!r}")
+            )
+            raise TypeError(
+                f"wrap_criterion's criterion is {got}, not a loss: pass a callable "
+                "(logits, labels) -> loss, e.g. monitor.wrap_criterion(nn.CrossEntropyLoss())"
+            )
         num_classes = python_number(num_classes)
         if num_classes is not None and not is_int_at_least(num_classes, 2):
             raise ValueError(

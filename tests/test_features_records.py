@@ -3265,6 +3265,25 @@ def test_wrap_criterion_names_a_bad_num_classes(bad):
     monitor.detach()
 
 
+@pytest.mark.parametrize(
+    "bad, said",
+    [(nn.CrossEntropyLoss, "the class CrossEntropyLoss"), ("ce", "str 'ce'"), (None, "NoneType")],
+)
+def test_wrap_criterion_refuses_what_is_not_a_loss_by_name(bad, said):
+    """The loss class itself (brackets forgotten) or a name was accepted and failed at the
+    first loss ("Boolean value of Tensor ... is ambiguous", "'str' object is not callable"),
+    naming neither wrap_criterion nor the fix; the monitor and the model are left as they were."""
+    engine, model, opt, loader = make_private()
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
+    with pytest.raises(
+        TypeError, match=rf"wrap_criterion's criterion is {said}.*CrossEntropyLoss\(\)"
+    ):
+        monitor.wrap_criterion(bad)
+    train(model, opt, loader, criterion=monitor.wrap_criterion(nn.CrossEntropyLoss()))
+    assert monitor.history and not any(r.flags for r in monitor.history)
+    monitor.detach()
+
+
 def test_a_wrappers_classes_reach_a_wrapper_around_it():
     """A monitor's wrapper (num_classes=3) wrapped again, by the same monitor or a notebook's
     next one: the outer wrapper, which records the labels, read only its own num_classes or the

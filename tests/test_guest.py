@@ -620,6 +620,8 @@ def test_drop_in_engine_refuses_monitor_options_given_to_make_private():
             delta=1e-5,
             private_kwargs={"every": 1, "jsonl": "x.jsonl"},
         )
+    with pytest.raises(TypeError, match=r"^'every' configures the monitor.*\(every="):
+        make_private(engine_cls=MonitoredPrivacyEngine, delta=1e-5, private_kwargs={"every": 2})
 
 
 def _two_models(engine, *, n: int, batch_size: int) -> list[tuple]:
