@@ -2688,6 +2688,9 @@ class LeakageMonitor:
             epsilon_now=now,
             steps=steps,
             mi_bound_now=bound,
+            # (a short run's table showed only the oracle, and nothing said why the critics'
+            # rows were missing: the CLI's summary said "no figure yet", this did not)
+            expected=series_names(self.views, self.estimator, self.semi_oracle is not None),
         )
 
     def schedule_note(self) -> str | None:

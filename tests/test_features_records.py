@@ -535,6 +535,30 @@ def test_the_summary_names_the_series_asked_for_that_have_no_figure(tmp_path):
     assert "no figure yet" in (tmp_path / "report.html").read_text()
 
 
+def test_the_monitors_own_summary_names_its_series_without_a_figure():
+    """``monitor.summary()`` (the two-line snippet's table) showed private/oracle alone after a
+    short run, and nothing said the critics had no figure yet: the CLI's summary said so, the
+    API's did not. Reference: the series the history holds (``keys()``) against those the
+    monitor's settings report."""
+    engine, model, opt, loader = make_private(poisson=False)
+    monitor = LeakageMonitor(engine, model, opt, delta=1e-5, every=1, semi_oracle=True)
+    criterion = monitor.wrap_criterion(nn.CrossEntropyLoss())
+    x, y = next(iter(loader))
+    opt.zero_grad()
+    criterion(model(x), y).backward()
+    opt.step()
+    asked = ["clipped/mine", "private/mine", "private/oracle", "private/semi"]
+    missing = [k for k in asked if k not in monitor.keys()]
+    assert "private/oracle" in monitor.keys() and missing  # (one step: no critic figure yet)
+    assert f"no figure yet: {', '.join(missing)};" in monitor.summary()
+    monitor.detach()
+    engine, model, opt, loader = make_private(poisson=False)
+    oracle = LeakageMonitor(engine, model, opt, delta=1e-5, estimator=None, every=1)
+    train(model, opt, loader)
+    assert oracle.keys() == ["private/oracle"] and "no figure yet" not in oracle.summary()
+    oracle.detach()
+
+
 def test_an_intervals_ends_are_given_to_its_midpoints_places():
     """The sweep's sigma-4 oracle cell read 0.015 [0.00915, 0.021]: each figure by its own rule,
     one end to more places than the figure it brackets. The ends now take the midpoint's
