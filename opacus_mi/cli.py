@@ -444,6 +444,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     )
     print(table)
     out = Path(cfg.out)
+    files = [*files, out / "sweep_config.json"]  # (written first, not by the render)
     print(f"files written to {out}/: " + ", ".join(f.name for f in files))
     print("runs: " + ", ".join(f"{r['setting']}/" for r in rows))
     return 0

@@ -286,6 +286,10 @@ def test_sweep_writes_rows_and_noise_lowers_epsilon(sweep_dir):
     assert "<b>wall s.</b>" in page and "<b>shuffled.</b>" not in page
     assert "<b>shuffled.</b>" in (out / "sigma_2/report.html").read_text()
     assert "without a learned estimator" in page  # (this sweep's --estimator none)
+    # every file the sweep wrote at its top, as the console line names them (not its runs')
+    said = next(ln for ln in stdout.splitlines() if ln.startswith("files written to"))
+    written = {p.name for p in out.iterdir() if p.is_file()}
+    assert sorted(said.partition("/: ")[2].split(", ")) == sorted(written)
 
 
 @pytest.mark.parametrize(
