@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-multiplier",
         type=float,
         default=_DEFAULTS.noise_multiplier,
-        help="noise multiplier sigma",
+        help="noise multiplier sigma (0 = no noise: a non-private baseline, epsilon inf)",
     )
     noise.add_argument(
         "--target-epsilon",
@@ -221,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid = sweep.add_mutually_exclusive_group(required=True)
     grid.add_argument(
-        "--noise-multipliers", type=float, nargs="+", metavar="SIGMA", help="noise multipliers"
+        "--noise-multipliers",
+        type=float,
+        nargs="+",
+        metavar="SIGMA",
+        help="noise multipliers (0 = no noise: a non-private baseline, epsilon inf)",
     )
     grid.add_argument(
         "--target-epsilons", type=float, nargs="+", metavar="EPS", help="target epsilons"

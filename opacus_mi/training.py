@@ -125,8 +125,13 @@ class RunConfig:
             )
         require_learning_rate("lr", self.lr)
         require_positive("max_grad_norm", self.max_grad_norm)
-        if self.target_epsilon is None:
-            require_positive("noise_multiplier", self.noise_multiplier)
+        if self.target_epsilon is None:  # (0: no noise, a non-private baseline, epsilon inf)
+            sigma = self.noise_multiplier
+            if not is_finite_number(sigma) or sigma < 0:
+                raise ValueError(
+                    f"{flag('noise_multiplier')} must be a finite number >= 0 (0: no noise, a "
+                    f"non-private baseline); got {sigma!r}"
+                )
         else:
             require_positive("target_epsilon", self.target_epsilon)
         if not is_finite_number(self.delta) or not 0.0 < float(self.delta) < 1.0:

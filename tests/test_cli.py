@@ -941,22 +941,58 @@ def test_parse_errors_exit_2(argv, capsys):
     assert "Traceback" not in err and "error:" in err
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_noiseless_run_is_the_non_private_baseline(tmp_path, accountant):
+    """``--noise-multiplier 0`` was refused ("must be a positive finite number") though the
+    library, the plots and ``validate`` take sigma = 0 as the non-private baseline. Reference:
+    Opacus's own accountant at sigma 0 (RDP: inf), the Gaussian channel's 1/(2 sigma^2) and the
+    oracle's ceiling ln B (distinct gradients); the folder re-renders and ``--resume`` keeps it."""
+    from opacus.accountants import RDPAccountant
+
+    from opacus_mi.records import read_jsonl
+
+    out = tmp_path / "baseline"
+    tiny = [*TINY[: TINY.index("--accountant")], "--accountant", accountant, "--no-progress"]
+    argv = ["run", *tiny, "--noise-multiplier", "0", "--estimator", "none", "--out", str(out)]
+    rc, stdout, stderr = _main(argv)
+    assert rc == 0, stderr
+    rdp = RDPAccountant()
+    rdp.step(noise_multiplier=0.0, sample_rate=16 / 64)
+    assert rdp.get_epsilon(1e-5) == math.inf
+    result = json.loads((out / "result.json").read_text())
+    assert result["noise_multiplier"] == 0 and float(result["epsilon"]) == math.inf
+    records = read_jsonl(out / "records.jsonl")
+    assert records and all(r.noise_multiplier == 0 and r.epsilon == math.inf for r in records)
+    assert all(r.mi_bound == math.inf for r in records)
+    full = [r for r in records if r.batch_size > 1]
+    assert full and all(
+        r.mi["private/oracle"].nats == pytest.approx(math.log(r.batch_size), abs=1e-6) for r in full
+    )
+    assert "epsilon: inf" in stdout and "(noise multiplier 0)" in stdout
+    rc, _, stderr = _main(["report", str(out)])
+    assert rc == 0, stderr
+    rc, _, stderr = _main([*argv, "--resume"])
+    assert rc == 0 and "kept: finished with these settings" in stderr, stderr
+
+
 def test_sweep_rejects_bad_values(tmp_path, capsys):
     rc = cli.main(["sweep", "--noise-multipliers", "1", "-2", *TINY, "--out", str(tmp_path)])
     _assert_one_line_error(rc, capsys.readouterr().err, "--noise-multipliers")
 
 
 def test_sweep_refuses_each_bad_grid_by_name_before_writing(tmp_path):
-    """Every sweep value must be a positive finite number (a noise multiplier or target epsilon
-    of 0 was the edge), distinct (an exact repeat named as such, not as a folder clash), and
-    exactly one kind of grid is given; all refused before --out is made."""
+    """Every sweep value must be finite, a target epsilon positive and a noise multiplier >= 0
+    (0, no noise, is the non-private baseline; a target epsilon of 0 is the edge), distinct (an
+    exact repeat named as such, not as a folder clash), and exactly one kind of grid is given;
+    all refused before --out is made."""
     from opacus_mi.sweep import run_sweep
     from opacus_mi.training import RunConfig
 
     out = tmp_path / "s"
     base = RunConfig(dataset="fake", fake_size=64, epochs=1, batch_size=16, out=str(out))
     for kwargs, message in [
-        ({"noise_multipliers": [1.0, 0.0]}, "--noise-multipliers values must be positive finite"),
+        ({"noise_multipliers": [1.0, -1e-9]}, r"--noise-multipliers values must be finite num"),
+        ({"noise_multipliers": [0.0, math.inf]}, r"must be finite numbers >= 0 \(0: no noise\)"),
         ({"target_epsilons": [0]}, "--target-epsilons values must be positive finite numbers"),
         ({"noise_multipliers": [2.0, 1.0, 2.0]}, r"--noise-multipliers values must be distinct"),
         ({"target_epsilons": [3.0, 3.0]}, r"--target-epsilons values must be distinct"),
