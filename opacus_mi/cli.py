@@ -616,11 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
 
 
+_ACCESS = "give yourself access to it (chmod u+rw, or u+rwx for a folder) or pass another path"
 _FIXES = {
-    errno.EACCES: "give yourself access to it (chmod u+rw, or u+rwx for a folder) or pass "
-    "another path",
-    errno.EPERM: "give yourself access to it (chmod u+rw, or u+rwx for a folder) or pass "
-    "another path",
+    errno.EACCES: _ACCESS,
+    errno.EPERM: _ACCESS,
     errno.ENOSPC: "free some space there or pass a path on another disk",
     errno.EDQUOT: "free some of your quota there or pass a path on another disk",
     errno.EROFS: "pass a path on a writable file system",

@@ -1068,8 +1068,8 @@ class LeakageMonitor:
         for name, count, first in missed.values():
             say(
                 f"{self._speaker(True)}: {count} record{'s' if count != 1 else ''} did not reach "
-                f"{name} (its first error: {first!r}); they reached history (as max_history "
-                "keeps it) and the other sinks"
+                f"{name} (its first error: {first!r}); they are in history (as max_history "
+                "keeps it)"
             )
 
     def request_stop(self) -> None:

@@ -147,10 +147,10 @@ def run_sweep(
     flag = "--noise-multipliers" if noise_multipliers is not None else "--target-epsilons"
     if not values:
         raise ValueError(f"{flag} needs at least one value")
-    for v in values:  # (a noise multiplier of 0: the non-private baseline, epsilon inf)
-        floor = 0 if noise_multipliers is not None else math.ulp(0)
-        if not is_finite_number(v) or float(v) < floor:
-            what = "finite numbers >= 0 (0: no noise)" if floor == 0 else "positive finite numbers"
+    noise = noise_multipliers is not None  # (a noise multiplier of 0: the non-private baseline)
+    for v in values:
+        if not is_finite_number(v) or (float(v) < 0 if noise else float(v) <= 0):
+            what = "finite numbers >= 0 (0: no noise)" if noise else "positive finite numbers"
             raise ValueError(f"{flag} values must be {what}; got {v!r}")
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} values must be distinct; got {values!r}")
